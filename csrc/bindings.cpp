@@ -1,0 +1,206 @@
+// bindings.cpp — pybind11 module cluster._native: converts types, releases the GIL around
+// long calls, documents every def, and decides nothing. The typed public surface is
+// cluster/cache.py; this module is private.
+#include "cache-core.h"
+#include "llama-glue.h"
+#include "routing-trace.h"
+#include "telemetry.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+py::array_t<T> to_array(const std::vector<T> & values, std::vector<py::ssize_t> shape) {
+    py::array_t<T> out(shape);
+    std::copy(values.begin(), values.end(), out.mutable_data());
+    return out;
+}
+
+py::dict counters_dict(const cache_counters & counters) {
+    py::dict out;
+    for (const auto & field : cache_counters_fields()) { out[py::str(field.first)] = counters.*(field.second); }
+    return out;
+}
+
+py::dict plan_dict(const cache_plan & plan) {
+    py::dict out;
+    out["evict"] = plan.evict;
+    out["load"] = plan.load;
+    return out;
+}
+
+py::tuple warmth_arrays(const cache_policy & policy) {
+    std::vector<uint8_t> resident;
+    std::vector<float> heat;
+    policy.warmth(resident, heat);
+    const std::vector<py::ssize_t> shape{policy.n_layers(), policy.n_experts()};
+    return py::make_tuple(to_array(resident, shape), to_array(heat, shape));
+}
+
+py::array_t<uint64_t> counts_array(const cache_policy & policy) {
+    return to_array(policy.expert_counts(), {policy.n_layers(), policy.n_experts()});
+}
+
+py::dict trace_dict(const routing_trace & trace) {
+    py::dict out;
+    out["kind"] = to_array(trace.kind, {py::ssize_t(trace.kind.size())});
+    out["layer"] = to_array(trace.layer, {py::ssize_t(trace.layer.size())});
+    out["n_tokens"] = to_array(trace.n_tokens, {py::ssize_t(trace.n_tokens.size())});
+    out["n_ids"] = to_array(trace.n_ids, {py::ssize_t(trace.n_ids.size())});
+    out["ids"] = to_array(trace.ids, {py::ssize_t(trace.ids.size())});
+    out["n_dropped"] = trace.n_dropped;
+    return out;
+}
+
+template <typename T>
+std::vector<T> from_array(const py::array_t<T, py::array::c_style | py::array::forcecast> & a) {
+    return std::vector<T>(a.data(), a.data() + a.size());
+}
+
+routing_trace trace_from(const py::dict & d) {
+    using i32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+    routing_trace trace;
+    trace.kind = from_array(py::array_t<uint8_t, py::array::c_style | py::array::forcecast>(d["kind"]));
+    trace.layer = from_array(i32(d["layer"]));
+    trace.n_tokens = from_array(i32(d["n_tokens"]));
+    trace.n_ids = from_array(i32(d["n_ids"]));
+    trace.ids = from_array(i32(d["ids"]));
+    return trace;
+}
+
+} // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "Native expert cache (private; use cluster.cache).";
+    m.attr("__version__") = SNIPER_VERSION;
+    m.attr("PAGE_SIZE") = residency_page_size();
+
+    py::class_<cache_config>(m, "CacheConfig", "Knobs of the cache policy (see csrc/cache-core.h).")
+        .def(py::init<>())
+        .def_readwrite("budget_bytes", &cache_config::budget_bytes)
+        .def_readwrite("probation_fraction", &cache_config::probation_fraction)
+        .def_readwrite("heat_half_life_steps", &cache_config::heat_half_life_steps)
+        .def_readwrite("prefill_weight", &cache_config::prefill_weight)
+        .def_readwrite("layer_floor_fraction", &cache_config::layer_floor_fraction)
+        .def_property("eviction",
+            [](const cache_config & c) { return std::string(cache_eviction_name(c.eviction)); },
+            [](cache_config & c, const std::string & name) { c.eviction = cache_eviction_from_name(name); })
+        .def_readwrite("prefetch", &cache_config::prefetch)
+        .def("validate", &cache_config::validate, "Raises ValueError naming the first bad field.");
+
+    py::class_<expert_cache_params>(m, "ExpertCacheParams", "Knobs of the attached cache (see csrc/llama-glue.h).")
+        .def(py::init<>())
+        .def_readwrite("cache", &expert_cache_params::cache)
+        .def_readwrite("n_io_threads", &expert_cache_params::n_io_threads)
+        .def_readwrite("predict", &expert_cache_params::predict)
+        .def_readwrite("predict_max_rows", &expert_cache_params::predict_max_rows)
+        .def_readwrite("record_trace", &expert_cache_params::record_trace)
+        .def_readwrite("trace_max_events", &expert_cache_params::trace_max_events)
+        .def_readwrite("trace_max_ids", &expert_cache_params::trace_max_ids)
+        .def("validate", &expert_cache_params::validate, "Raises ValueError naming the first bad field.");
+
+    py::class_<expert_layout>(m, "ExpertLayout", "Where every expert's bytes are in a GGUF file.")
+        .def_readonly("path", &expert_layout::path)
+        .def_readonly("arch", &expert_layout::arch)
+        .def_readonly("n_layers", &expert_layout::n_layers)
+        .def_readonly("n_experts", &expert_layout::n_experts)
+        .def_readonly("n_experts_used", &expert_layout::n_experts_used)
+        .def_readonly("n_embd", &expert_layout::n_embd)
+        .def_readonly("file_size", &expert_layout::file_size)
+        .def_readonly("expert_bytes", &expert_layout::expert_bytes)
+        .def_readonly("non_expert_bytes", &expert_layout::non_expert_bytes)
+        .def_readonly("page_size", &expert_layout::page_size)
+        .def_readonly("expert_tensors", &expert_layout::expert_tensors)
+        .def_property_readonly("unit_bytes",
+            [](const expert_layout & l) { return to_array(l.unit_bytes, {l.n_layers, l.n_experts}); },
+            "Page-rounded footprint of every (layer, expert), shape [n_layers, n_experts].")
+        .def("unit_slices",
+            [](const expert_layout & l, int layer, int expert) {
+                if (layer < 0 || layer >= l.n_layers || expert < 0 || expert >= l.n_experts) {
+                    throw py::index_error("no unit (" + std::to_string(layer) + ", " + std::to_string(expert) + ")");
+                }
+                py::list out;
+                for (const expert_slice & s : l.slices[size_t(layer) * size_t(l.n_experts) + size_t(expert)]) {
+                    out.append(py::make_tuple(s.range.offset, s.range.size, s.head_owner, s.tail_owner));
+                }
+                return out;
+            },
+            py::arg("layer"), py::arg("expert"),
+            "[(file_offset, size, head_owner, tail_owner)] of one expert; owners: unit id, -1 none, -2 non-expert data.");
+
+    m.def("discover_layout", &expert_layout_discover, py::arg("path"), py::call_guard<py::gil_scoped_release>(),
+          "Reads a GGUF header and returns its ExpertLayout; RuntimeError says what is wrong with the file.");
+
+    py::class_<cache_policy>(m, "CachePolicy", "The policy core alone, for trace replay and simulation.")
+        .def(py::init([](int n_layers, int n_experts,
+                         py::array_t<uint64_t, py::array::c_style | py::array::forcecast> unit_bytes,
+                         const cache_config & config, int min_units_resident) {
+                 return new cache_policy(n_layers, n_experts, from_array(unit_bytes), config, min_units_resident);
+             }),
+             py::arg("n_layers"), py::arg("n_experts"), py::arg("unit_bytes"), py::arg("config"),
+             py::arg("min_units_resident"))
+        .def("access",
+            [](cache_policy & p, int layer, py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids) {
+                if (ids.ndim() != 2) { throw py::value_error("ids must be 2-D [n_tokens, k]"); }
+                cache_plan plan;
+                p.access(layer, ids.data(), int(ids.shape(0)), int(ids.shape(1)), plan);
+                return plan_dict(plan);
+            },
+            py::arg("layer"), py::arg("ids"), "One layer's top-k ids [n_tokens, k]; returns {'evict', 'load'}.")
+        .def("predict",
+            [](cache_policy & p, int layer, py::array_t<int32_t, py::array::c_style | py::array::forcecast> experts) {
+                cache_plan plan;
+                p.predict(layer, experts.data(), int(experts.size()), plan);
+                return plan_dict(plan);
+            },
+            py::arg("layer"), py::arg("experts"), "Predicted experts of layer's next access; returns the prefetch plan.")
+        .def("settle", [](cache_policy & p) { cache_plan plan; p.settle(plan); return plan_dict(plan); },
+             "Ends the access in progress and trims to the budget; returns the plan.")
+        .def("is_resident", &cache_policy::is_resident, py::arg("unit"))
+        .def_property_readonly("resident_bytes", &cache_policy::resident_bytes)
+        .def("counters", [](const cache_policy & p) { return counters_dict(p.counters()); })
+        .def("reset_counters", &cache_policy::reset_counters)
+        .def("warmth", &warmth_arrays, "(resident uint8 [L, E], heat float32 [L, E]).")
+        .def("expert_counts", &counts_array, "Selections per (layer, expert), uint64 [L, E].");
+
+    m.def("replay",
+          [](cache_policy & policy, const py::dict & trace) {
+              routing_trace t = trace_from(trace);
+              py::gil_scoped_release release;
+              routing_trace_replay(t, policy);
+          },
+          py::arg("policy"), py::arg("trace"),
+          "Feeds a trace dict {kind, layer, n_tokens, n_ids, ids} through a CachePolicy, then settles it.");
+
+    py::class_<expert_cache>(m, "ExpertCache", "The cache attached to a llama.cpp context through cb_eval.")
+        .def(py::init<expert_layout, const expert_cache_params &>(), py::arg("layout"), py::arg("params"))
+        .def("attach", &expert_cache::attach, py::call_guard<py::gil_scoped_release>(),
+             "Finds llama.cpp's mapping of the model and establishes the budget; call after the model loaded.")
+        .def_property_readonly("attached", &expert_cache::attached)
+        .def_property_readonly("callback_address",
+            [](const expert_cache &) { return reinterpret_cast<uintptr_t>(&expert_cache::eval_callback); },
+            "Address of the ggml_backend_sched_eval_callback to put in llama_context_params.cb_eval.")
+        .def_property_readonly("user_data_address",
+            [](expert_cache & c) { return reinterpret_cast<uintptr_t>(&c); },
+            "Value for llama_context_params.cb_eval_user_data (this cache; must outlive the context).")
+        .def("settle", &expert_cache::settle, py::call_guard<py::gil_scoped_release>(),
+             "Waits for reads in flight and trims to the budget.")
+        .def("counters", [](const expert_cache & c) { return counters_dict(c.policy().counters()); })
+        .def("reset_counters", [](expert_cache & c) { c.policy().reset_counters(); })
+        .def("warmth", [](const expert_cache & c) { return warmth_arrays(c.policy()); })
+        .def("expert_counts", [](const expert_cache & c) { return counts_array(c.policy()); })
+        .def_property_readonly("resident_bytes", [](const expert_cache & c) { return c.policy().resident_bytes(); },
+             "Footprint the policy holds resident.")
+        .def_property_readonly("budget_bytes", [](const expert_cache & c) { return c.policy().config().budget_bytes; })
+        .def("measured_resident_bytes", &expert_cache::measured_resident_bytes, py::call_guard<py::gil_scoped_release>(),
+             "Expert bytes actually in memory (mincore).")
+        .def("reconcile", &expert_cache::reconcile, py::call_guard<py::gil_scoped_release>(),
+             "Forgets units whose pages the kernel reclaimed; returns how many.")
+        .def("take_trace", [](expert_cache & c) { return trace_dict(c.take_trace()); },
+             "Moves the routing trace recorded so far out: {kind, layer, n_tokens, n_ids, ids, n_dropped}.");
+}

@@ -1,0 +1,314 @@
+// cache-core.cpp — policy core of the expert cache (see cache-core.h for the algorithm).
+#include "cache-core.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+namespace {
+
+constexpr double NEG_INF = -std::numeric_limits<double>::infinity();
+
+// log2(2^a + 2^b) without overflow.
+double log2_add(double a, double b) {
+    if (a == NEG_INF) { return b; }
+    if (b == NEG_INF) { return a; }
+    const double hi = std::max(a, b);
+    const double lo = std::min(a, b);
+    return hi + std::log2(1.0 + std::exp2(lo - hi));
+}
+
+void require(bool ok, const std::string & message) {
+    if (!ok) { throw std::invalid_argument(message); }
+}
+
+} // namespace
+
+void cache_config::validate() const {
+    require(budget_bytes > 0, "budget_bytes must be > 0");
+    require(probation_fraction >= 0.01 && probation_fraction <= 0.9,
+            "probation_fraction must be in [0.01, 0.9], got " + std::to_string(probation_fraction));
+    require(heat_half_life_steps > 0.0 && std::isfinite(heat_half_life_steps),
+            "heat_half_life_steps must be a finite number > 0, got " + std::to_string(heat_half_life_steps));
+    require(prefill_weight >= 0.0 && prefill_weight <= 1.0,
+            "prefill_weight must be in [0, 1], got " + std::to_string(prefill_weight));
+    require(layer_floor_fraction >= 0.0 && layer_floor_fraction <= 1.0,
+            "layer_floor_fraction must be in [0, 1], got " + std::to_string(layer_floor_fraction));
+    require(eviction == CACHE_EVICTION_SCAN_RESISTANT || eviction == CACHE_EVICTION_LRU,
+            "eviction must be scan_resistant or lru");
+}
+
+const char * cache_eviction_name(cache_eviction eviction) {
+    switch (eviction) {
+        case CACHE_EVICTION_SCAN_RESISTANT: return "scan_resistant";
+        case CACHE_EVICTION_LRU:            return "lru";
+    }
+    return "unknown";
+}
+
+cache_eviction cache_eviction_from_name(const std::string & name) {
+    if (name == "scan_resistant") { return CACHE_EVICTION_SCAN_RESISTANT; }
+    if (name == "lru")            { return CACHE_EVICTION_LRU; }
+    throw std::invalid_argument("unknown eviction policy '" + name + "' (expected scan_resistant or lru)");
+}
+
+cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> unit_bytes,
+                           const cache_config & config, int min_units_resident)
+    : n_layers_(n_layers), n_experts_(n_experts), unit_bytes_(std::move(unit_bytes)), config_(config) {
+    require(n_layers > 0, "n_layers must be > 0, got " + std::to_string(n_layers));
+    require(n_experts > 0, "n_experts must be > 0, got " + std::to_string(n_experts));
+    const size_t n_units = size_t(n_layers) * size_t(n_experts);
+    require(unit_bytes_.size() == n_units,
+            "unit_bytes has " + std::to_string(unit_bytes_.size()) + " entries, expected n_layers * n_experts = " +
+            std::to_string(n_units));
+    config_.validate();
+    require(min_units_resident >= 0 && min_units_resident <= n_experts,
+            "min_units_resident must be in [0, n_experts], got " + std::to_string(min_units_resident));
+
+    // A decode step pins the top-k units of one layer: the budget must hold the largest k.
+    for (int il = 0; il < n_layers; ++il) {
+        std::vector<uint64_t> sizes(unit_bytes_.begin() + size_t(il) * n_experts,
+                                    unit_bytes_.begin() + size_t(il + 1) * n_experts);
+        std::sort(sizes.rbegin(), sizes.rend());
+        uint64_t need = 0;
+        for (int i = 0; i < min_units_resident; ++i) { need += sizes[i]; }
+        require(config_.budget_bytes >= need,
+                "budget_bytes=" + std::to_string(config_.budget_bytes) + " is smaller than the " +
+                std::to_string(min_units_resident) + " largest experts of layer " + std::to_string(il) + " (" +
+                std::to_string(need) + " bytes) that one decode step selects");
+    }
+
+    segment_.assign(n_units, CACHE_SEGMENT_ABSENT);
+    heat_log2_.assign(n_units, NEG_INF);
+    pins_.assign(n_units, 0);
+    in_access_.assign(n_units, 0);
+    prefetched_.assign(n_units, 0);
+    probation_pos_.assign(n_units, probation_.end());
+    layer_bytes_.assign(size_t(n_layers), 0);
+    expert_counts_.assign(n_units, 0);
+    predicted_.assign(size_t(n_layers), {});
+    selected_scratch_.assign(size_t(n_experts), 0);
+    access_units_.reserve(size_t(n_experts));
+}
+
+void cache_policy::reset_counters() {
+    counters_ = cache_counters{};
+    std::fill(expert_counts_.begin(), expert_counts_.end(), 0);
+}
+
+void cache_policy::end_access() {
+    for (int32_t u : access_units_) { in_access_[u] = 0; }
+    access_units_.clear();
+}
+
+void cache_policy::insert(int32_t unit, cache_segment segment) {
+    segment_[unit] = segment;
+    layer_bytes_[size_t(unit / n_experts_)] += unit_bytes_[unit];
+    if (segment == CACHE_SEGMENT_PROBATION) {
+        probation_pos_[unit] = probation_.insert(probation_.end(), unit);
+        bytes_probation_ += unit_bytes_[unit];
+    } else {
+        protected_.insert({heat_log2_[unit], unit});
+        bytes_protected_ += unit_bytes_[unit];
+    }
+}
+
+void cache_policy::remove(int32_t unit) {
+    const cache_segment segment = segment_[unit];
+    if (segment == CACHE_SEGMENT_ABSENT) { return; }
+    layer_bytes_[size_t(unit / n_experts_)] -= unit_bytes_[unit];
+    if (segment == CACHE_SEGMENT_PROBATION) {
+        probation_.erase(probation_pos_[unit]);
+        probation_pos_[unit] = probation_.end();
+        bytes_probation_ -= unit_bytes_[unit];
+    } else {
+        protected_.erase({heat_log2_[unit], unit});
+        bytes_protected_ -= unit_bytes_[unit];
+    }
+    segment_[unit] = CACHE_SEGMENT_ABSENT;
+    prefetched_[unit] = 0;
+}
+
+// Adds one access worth of heat and applies the segment rule (decode → PROTECTED).
+void cache_policy::touch(int32_t unit, bool decode) {
+    const double weight = decode ? 1.0 : config_.prefill_weight;
+    const bool was_protected = segment_[unit] == CACHE_SEGMENT_PROTECTED;
+    if (was_protected) { protected_.erase({heat_log2_[unit], unit}); }
+    if (weight > 0.0) {
+        heat_log2_[unit] = log2_add(heat_log2_[unit], now_ / config_.heat_half_life_steps + std::log2(weight));
+    }
+    if (config_.eviction == CACHE_EVICTION_LRU) {
+        if (segment_[unit] == CACHE_SEGMENT_PROBATION) {
+            probation_.splice(probation_.end(), probation_, probation_pos_[unit]);
+        }
+        return;
+    }
+    if (was_protected) {
+        protected_.insert({heat_log2_[unit], unit});
+    } else if (decode && segment_[unit] == CACHE_SEGMENT_PROBATION) {
+        remove(unit);
+        insert(unit, CACHE_SEGMENT_PROTECTED);
+    }
+}
+
+int32_t cache_policy::pick_victim(bool probation_only, bool respect_floor) const {
+    auto first_in_probation = [&]() -> int32_t {
+        for (int32_t u : probation_) {
+            if (evictable(u)) { return u; }
+        }
+        return -1;
+    };
+    if (config_.eviction == CACHE_EVICTION_LRU) { return first_in_probation(); }
+
+    const double budget = double(config_.budget_bytes);
+    const double floor_bytes = config_.layer_floor_fraction * budget / n_layers_;
+    auto coldest_protected = [&]() -> int32_t {
+        for (const auto & entry : protected_) {
+            const int32_t u = entry.second;
+            if (!evictable(u)) { continue; }
+            if (respect_floor && double(layer_bytes_[size_t(u / n_experts_)] - unit_bytes_[u]) < floor_bytes) {
+                continue;
+            }
+            return u;
+        }
+        return -1;
+    };
+    const bool probation_over = double(bytes_probation_) > config_.probation_fraction * budget;
+    if (probation_only) { return first_in_probation(); }
+    if (probation_over) {
+        const int32_t u = first_in_probation();
+        return u >= 0 ? u : coldest_protected();
+    }
+    const int32_t u = coldest_protected();
+    return u >= 0 ? u : first_in_probation();
+}
+
+bool cache_policy::make_room(uint64_t need, bool probation_only, cache_plan & plan) {
+    while (resident_bytes() + need > config_.budget_bytes) {
+        int32_t victim = pick_victim(probation_only, /*respect_floor*/ true);
+        if (victim < 0) { victim = pick_victim(probation_only, /*respect_floor*/ false); }
+        if (victim < 0) { return false; }
+        counters_.n_evictions++;
+        counters_.bytes_evicted += unit_bytes_[victim];
+        remove(victim);
+        plan.evict.push_back(victim);
+    }
+    return true;
+}
+
+void cache_policy::score_prediction(int layer) {
+    std::vector<int32_t> & predicted = predicted_[size_t(layer)];
+    if (predicted.empty()) { return; }
+    counters_.n_predicted += predicted.size();
+    for (int32_t e : predicted) { counters_.n_predicted_correct += selected_scratch_[size_t(e)]; }
+    for (int32_t u : access_units_) { (void) u; counters_.n_selected_predicted++; }
+    predicted.clear();
+}
+
+void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, cache_plan & plan) {
+    plan.clear();
+    end_access();
+    if (layer < 0 || layer >= n_layers_ || n_tokens <= 0 || k <= 0) {
+        counters_.n_invalid_ids += uint64_t(std::max(0, n_tokens)) * uint64_t(std::max(0, k));
+        return;
+    }
+    // A new ubatch starts when the layer index does not increase (DESIGN.md: the last layer
+    // sees fewer tokens, so the phase is fixed by the ubatch's first access).
+    if (layer <= last_layer_ || last_layer_ < 0) {
+        now_ += 1.0;
+        counters_.n_steps++;
+        step_decode_ = n_tokens == 1;
+        (step_decode_ ? counters_.n_tokens_decode : counters_.n_tokens_prefill) += uint64_t(n_tokens);
+    }
+    last_layer_ = layer;
+    const bool decode = step_decode_;
+
+    const int32_t base = int32_t(layer) * n_experts_;
+    for (int i = 0; i < n_tokens * k; ++i) {
+        const int32_t e = ids[i];
+        if (e < 0 || e >= n_experts_) { counters_.n_invalid_ids++; continue; }
+        expert_counts_[size_t(base + e)]++;
+        if (!selected_scratch_[size_t(e)]) {
+            selected_scratch_[size_t(e)] = 1;
+            access_units_.push_back(base + e);
+        }
+    }
+    score_prediction(layer);
+
+    uint64_t need = 0;
+    for (int32_t u : access_units_) {
+        in_access_[u] = 1;
+        selected_scratch_[size_t(u - base)] = 0;
+        if (is_resident(u)) {
+            (decode ? counters_.n_hits_decode : counters_.n_hits_prefill)++;
+            if (prefetched_[u]) { counters_.n_prefetch_used++; prefetched_[u] = 0; }
+            touch(u, decode);
+        } else {
+            (decode ? counters_.n_misses_decode : counters_.n_misses_prefill)++;
+            (decode ? counters_.bytes_read_decode : counters_.bytes_read_prefill) += unit_bytes_[u];
+            need += unit_bytes_[u];
+            plan.load.push_back(u);
+        }
+    }
+    // A prefill streams through PROBATION: while PROBATION is over its share, the units it
+    // brings in may only displace PROBATION units (transiently exceeding the budget if all
+    // of them are pinned), never the decode working set.
+    const bool probation_over = double(bytes_probation_) >= config_.probation_fraction * double(config_.budget_bytes);
+    const bool scan = !decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT && probation_over;
+    make_room(need, scan, plan);
+    for (int32_t u : plan.load) {
+        insert(u, decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT ? CACHE_SEGMENT_PROTECTED
+                                                                              : CACHE_SEGMENT_PROBATION);
+        touch(u, decode);
+    }
+}
+
+void cache_policy::predict(int layer, const int32_t * experts, int n, cache_plan & plan) {
+    plan.clear();
+    if (layer < 0 || layer >= n_layers_) { return; }
+    std::vector<int32_t> & predicted = predicted_[size_t(layer)];
+    predicted.clear();
+    for (int i = 0; i < n; ++i) {
+        if (experts[i] >= 0 && experts[i] < n_experts_) { predicted.push_back(experts[i]); }
+    }
+    if (!config_.prefetch) { return; }
+    const int32_t base = int32_t(layer) * n_experts_;
+    for (int32_t e : predicted) {
+        const int32_t u = base + e;
+        if (is_resident(u)) { continue; }
+        if (!make_room(unit_bytes_[u], /*probation_only*/ true, plan)) { break; }
+        insert(u, CACHE_SEGMENT_PROBATION);
+        prefetched_[u] = 1;
+        counters_.n_prefetch_issued++;
+        counters_.bytes_prefetched += unit_bytes_[u];
+        (step_decode_ ? counters_.bytes_read_decode : counters_.bytes_read_prefill) += unit_bytes_[u];
+        plan.load.push_back(u);
+    }
+}
+
+void cache_policy::settle(cache_plan & plan) {
+    plan.clear();
+    end_access();
+    make_room(0, /*probation_only*/ false, plan);
+}
+
+bool cache_policy::admit_resident(int32_t unit) {
+    if (is_resident(unit)) { return true; }
+    if (resident_bytes() + unit_bytes_[unit] > config_.budget_bytes) { return false; }
+    insert(unit, CACHE_SEGMENT_PROBATION);
+    return true;
+}
+
+void cache_policy::forget(int32_t unit) { remove(unit); }
+
+void cache_policy::warmth(std::vector<uint8_t> & resident, std::vector<float> & heat) const {
+    const size_t n_units = segment_.size();
+    resident.resize(n_units);
+    heat.resize(n_units);
+    const double now_log2 = now_ / config_.heat_half_life_steps;
+    for (size_t u = 0; u < n_units; ++u) {
+        resident[u] = segment_[u] != CACHE_SEGMENT_ABSENT;
+        heat[u] = heat_log2_[u] == NEG_INF ? 0.0f : float(std::exp2(heat_log2_[u] - now_log2));
+    }
+}

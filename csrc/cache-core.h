@@ -1,0 +1,184 @@
+// cache-core.h — policy core of the expert cache: which (layer, expert) units are resident.
+//
+// Pure decisions, no I/O: std + nothing else (no Python, no ggml/llama). The llama.cpp glue
+// (llama-glue.h) and trace replay (routing-trace.h) drive it the same way, so a recorded
+// routing trace reproduces exactly the decisions made while the model ran.
+//
+// Unit: all weight bytes of one expert of one layer (gate, up, down slices together), keyed
+// by id = layer * n_experts + expert. Each unit has a footprint in bytes (its byte ranges
+// rounded out to whole pages, so the resident footprint can never exceed the budget).
+//
+// Algorithm (CACHE_EVICTION_SCAN_RESISTANT, the default) — a 2Q/ARC-style split with
+// frequency-aware ordering:
+//   * Every access is one layer's top-k selection for one evaluated ubatch. A ubatch of one
+//     token is a DECODE access; more than one token is PREFILL (DESIGN.md: a prompt of a few
+//     hundred tokens touches 65-80 % of each layer's experts, so a prefill is a scan).
+//   * heat(u) = sum over accesses of weight * 2^-(now - t_access) / half_life, with weight 1 for
+//     decode and `prefill_weight` for prefill. Stored as its log2 with the clock folded in
+//     (key = log2 sum 2^(t/half_life)), so ordering by key never needs re-sorting as time passes.
+//   * Segments: units brought in by a prefill or a prefetch enter PROBATION (FIFO). A decode
+//     access moves a unit to PROTECTED (ordered by heat). Victims come from PROBATION while it
+//     holds more than `probation_fraction` of the budget (or PROTECTED is exhausted), else the
+//     coldest PROTECTED unit; so a prefill streams through PROBATION without flushing the
+//     decode working set.
+//   * Per-layer fairness: a layer holding less than `layer_floor_fraction` of its fair share
+//     (budget / n_layers) loses no PROTECTED unit while another layer can give one up.
+//   * The units of the access in progress are pinned, as are units with I/O in flight; a
+//     selection larger than the budget (a big prefill layer) is admitted and trimmed by the
+//     following accesses or by `settle()`.
+//   * Prefetch (`predict`) only ever evicts PROBATION units: speculation never costs the hot set.
+// CACHE_EVICTION_LRU: one recency list, no segments, no heat — the baseline to beat.
+//
+// Knobs (cache_config):
+//   budget_bytes          bytes of expert footprint allowed resident           > 0, required
+//   probation_fraction    target share of the budget for PROBATION            [0.01, 0.9], 0.25
+//   heat_half_life_steps  half-life of heat, in steps (one step = one ubatch)  > 0, 64
+//   prefill_weight        heat of a prefill access relative to a decode one    [0, 1], 0.25
+//   layer_floor_fraction  protected share of a layer's fair share              [0, 1], 0.5
+//   eviction              CACHE_EVICTION_SCAN_RESISTANT | CACHE_EVICTION_LRU
+//   prefetch              act on predictions (they are scored either way)      true
+#pragma once
+
+#include "telemetry.h"
+
+#include <cstdint>
+#include <list>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+enum cache_eviction {
+    CACHE_EVICTION_SCAN_RESISTANT = 0,
+    CACHE_EVICTION_LRU            = 1,
+};
+
+struct cache_config {
+    uint64_t       budget_bytes         = 0;
+    double         probation_fraction   = 0.25;
+    double         heat_half_life_steps = 64.0;
+    double         prefill_weight       = 0.25;
+    double         layer_floor_fraction = 0.5;
+    cache_eviction eviction             = CACHE_EVICTION_SCAN_RESISTANT;
+    bool           prefetch             = true;
+
+    // Throws std::invalid_argument naming the first bad field.
+    void validate() const;
+};
+
+// What the caller must do after an access or a prediction, in this order:
+// drop `evict`, then read `load`. Ids are unit ids. Reused between calls (no allocation
+// once the vectors have grown to the largest selection).
+struct cache_plan {
+    std::vector<int32_t> evict;
+    std::vector<int32_t> load;
+    void clear() { evict.clear(); load.clear(); }
+};
+
+enum cache_segment : uint8_t {
+    CACHE_SEGMENT_ABSENT    = 0,
+    CACHE_SEGMENT_PROBATION = 1,
+    CACHE_SEGMENT_PROTECTED = 2,
+};
+
+class cache_policy {
+public:
+    // unit_bytes: footprint of every unit, size n_layers * n_experts (0 for an expert the
+    // file does not have). Throws std::invalid_argument if the shape or config is bad, or if
+    // the budget cannot hold `min_units_resident` units of the largest layer (the top-k of
+    // one decode step must fit).
+    cache_policy(int n_layers, int n_experts, std::vector<uint64_t> unit_bytes,
+                 const cache_config & config, int min_units_resident);
+
+    // One layer's selection for one ubatch: ids is [n_tokens x k] row-major (token-major),
+    // values in [0, n_experts); out-of-range ids are counted in telemetry and ignored.
+    // Fills plan with the units to drop and the missing units to read (demand).
+    void access(int layer, const int32_t * ids, int n_tokens, int k, cache_plan & plan);
+
+    // A prediction of the experts the next access of `layer` will select (unique ids). Scored
+    // against that access (precision / recall); when config.prefetch, fills plan with
+    // predicted units to read ahead and PROBATION units to drop for them.
+    void predict(int layer, const int32_t * experts, int n, cache_plan & plan);
+
+    // Units with I/O in flight must not be dropped: pin on submit, unpin on completion.
+    void pin(int32_t unit)   { pins_[unit]++; }
+    void unpin(int32_t unit) { if (pins_[unit] > 0) pins_[unit]--; }
+
+    // Ends the current access (unpins its units) and drops units until within budget.
+    void settle(cache_plan & plan);
+
+    // Marks units as resident without an access (establishing the budget at attach time:
+    // pages already in memory). Returns false once the budget is full (unit not admitted).
+    bool admit_resident(int32_t unit);
+
+    // A unit left memory behind the policy's back (e.g. the kernel reclaimed it).
+    void forget(int32_t unit);
+
+    int  n_layers()  const { return n_layers_; }
+    int  n_experts() const { return n_experts_; }
+    bool is_resident(int32_t unit) const { return segment_[unit] != CACHE_SEGMENT_ABSENT; }
+    uint64_t unit_bytes(int32_t unit) const { return unit_bytes_[unit]; }
+    uint64_t resident_bytes() const { return bytes_probation_ + bytes_protected_; }
+    // Units selected by the access in progress (unique), until the next access or settle().
+    const std::vector<int32_t> & access_units() const { return access_units_; }
+    const cache_config &   config()   const { return config_; }
+    const cache_counters & counters() const { return counters_; }
+    void reset_counters();
+
+    // Snapshot for the warmth report: resident flag and current heat of every unit.
+    void warmth(std::vector<uint8_t> & resident, std::vector<float> & heat) const;
+
+    // Selections per unit over every token evaluated (prompt and generated), [L x E].
+    const std::vector<uint64_t> & expert_counts() const { return expert_counts_; }
+
+private:
+    struct heat_key_less {
+        bool operator()(const std::pair<double, int32_t> & a, const std::pair<double, int32_t> & b) const {
+            return a.first != b.first ? a.first < b.first : a.second < b.second;
+        }
+    };
+    using heat_set = std::set<std::pair<double, int32_t>, heat_key_less>;
+
+    void touch(int32_t unit, bool decode);
+    void insert(int32_t unit, cache_segment segment);
+    void remove(int32_t unit);
+    bool make_room(uint64_t need, bool probation_only, cache_plan & plan);
+    int32_t pick_victim(bool probation_only, bool respect_floor) const;
+    bool evictable(int32_t unit) const { return pins_[unit] == 0 && !in_access_[unit]; }
+    void end_access();
+    void score_prediction(int layer);
+
+    int n_layers_;
+    int n_experts_;
+    std::vector<uint64_t> unit_bytes_;
+    cache_config config_;
+    cache_counters counters_;
+
+    double now_ = 0.0;                     // steps, advanced once per ubatch (at its first access)
+    int last_layer_ = -1;
+    bool step_decode_ = false;             // phase of the ubatch in progress
+
+    std::vector<cache_segment> segment_;   // [units]
+    std::vector<double> heat_log2_;        // [units] log2 of sum 2^(t/half_life)
+    std::vector<uint32_t> pins_;           // [units]
+    std::vector<uint8_t> in_access_;       // [units] selected by the access in progress
+    std::vector<uint8_t> prefetched_;      // [units] read ahead, not yet used
+    std::vector<int32_t> access_units_;    // units of the access in progress
+    std::vector<uint64_t> layer_bytes_;    // [layers] resident bytes per layer
+    std::vector<uint64_t> expert_counts_;  // [units]
+
+    std::list<int32_t> probation_;         // FIFO, front = oldest (LRU mode: the single list)
+    std::vector<std::list<int32_t>::iterator> probation_pos_;
+    heat_set protected_;
+    uint64_t bytes_probation_ = 0;
+    uint64_t bytes_protected_ = 0;
+
+    // prediction scoring: predicted experts of each layer, waiting for its next access
+    std::vector<std::vector<int32_t>> predicted_;   // [layers]
+    std::vector<uint8_t> selected_scratch_;         // [experts]
+};
+
+// Name of an eviction policy as used by configs, CLIs and reports ("scan_resistant", "lru").
+const char * cache_eviction_name(cache_eviction eviction);
+// Inverse of cache_eviction_name; throws std::invalid_argument for an unknown name.
+cache_eviction cache_eviction_from_name(const std::string & name);

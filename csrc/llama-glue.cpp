@@ -1,0 +1,449 @@
+// llama-glue.cpp — discovery, eval callback and prefetch of the expert cache (see llama-glue.h).
+#include "llama-glue.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "gguf.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <stdexcept>
+#include <string>
+
+#include <sys/stat.h>
+
+namespace {
+
+constexpr char TOPK_PREFIX[]   = "ffn_moe_topk-";    // llama-graph.cpp build_moe_ffn: cb(.., "ffn_moe_topk", il)
+constexpr char LOGITS_PREFIX[] = "ffn_moe_logits-";  // cb(logits, "ffn_moe_logits", il): gate_inp x cur
+
+bool has_prefix(const char * name, const char * prefix, size_t n) { return std::strncmp(name, prefix, n) == 0; }
+
+// "<prefix><int>" → int, or -1.
+int parse_layer(const char * name, size_t prefix_len) {
+    const char * p = name + prefix_len;
+    if (*p < '0' || *p > '9') { return -1; }
+    int value = 0;
+    for (; *p >= '0' && *p <= '9'; ++p) { value = value * 10 + (*p - '0'); }
+    return *p == '\0' ? value : -1;
+}
+
+// "blk.<il>.<rest>" → il and rest, or -1.
+int parse_block(const std::string & name, std::string & rest) {
+    if (name.compare(0, 4, "blk.") != 0) { return -1; }
+    const size_t dot = name.find('.', 4);
+    if (dot == std::string::npos || dot == 4) { return -1; }
+    int il = 0;
+    for (size_t i = 4; i < dot; ++i) {
+        if (name[i] < '0' || name[i] > '9') { return -1; }
+        il = il * 10 + (name[i] - '0');
+    }
+    rest = name.substr(dot + 1);
+    return il;
+}
+
+struct gguf_handle {
+    gguf_context * ctx = nullptr;
+    ~gguf_handle() { if (ctx) { gguf_free(ctx); } }
+};
+
+int64_t get_int_key(const gguf_context * ctx, const std::string & key, int64_t fallback) {
+    const int64_t id = gguf_find_key(ctx, key.c_str());
+    if (id < 0) { return fallback; }
+    switch (gguf_get_kv_type(ctx, id)) {
+        case GGUF_TYPE_UINT8:  return gguf_get_val_u8(ctx, id);
+        case GGUF_TYPE_INT8:   return gguf_get_val_i8(ctx, id);
+        case GGUF_TYPE_UINT16: return gguf_get_val_u16(ctx, id);
+        case GGUF_TYPE_INT16:  return gguf_get_val_i16(ctx, id);
+        case GGUF_TYPE_UINT32: return gguf_get_val_u32(ctx, id);
+        case GGUF_TYPE_INT32:  return gguf_get_val_i32(ctx, id);
+        case GGUF_TYPE_UINT64: return int64_t(gguf_get_val_u64(ctx, id));
+        case GGUF_TYPE_INT64:  return gguf_get_val_i64(ctx, id);
+        default:               return fallback;
+    }
+}
+
+bool is_host(const ggml_tensor * t) {
+    return t->data != nullptr && (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer));
+}
+
+// The router input of the MoE block whose top-k node is `topk`: src[1] of the
+// `ffn_moe_logits-<il>` mat-mul among its ancestors (topk → argsort → probs → logits).
+const ggml_tensor * find_router_input(const ggml_tensor * topk) {
+    const ggml_tensor * queue[16];
+    int head = 0, tail = 0;
+    queue[tail++] = topk;
+    while (head < tail) {
+        const ggml_tensor * t = queue[head++];
+        if (t->op == GGML_OP_MUL_MAT && has_prefix(t->name, LOGITS_PREFIX, sizeof(LOGITS_PREFIX) - 1)) {
+            return t->src[1];
+        }
+        for (int i = 0; i < GGML_MAX_SRC && t->src[i] != nullptr && tail < 16; ++i) { queue[tail++] = t->src[i]; }
+    }
+    return nullptr;
+}
+
+} // namespace
+
+expert_layout expert_layout_discover(const std::string & path) {
+    struct stat st {};
+    if (stat(path.c_str(), &st) != 0) {
+        throw std::runtime_error("model file not found: '" + path + "'");
+    }
+    if (!S_ISREG(st.st_mode)) {
+        throw std::runtime_error("model path is not a regular file: '" + path + "'");
+    }
+    gguf_handle gguf;
+    gguf.ctx = gguf_init_from_file(path.c_str(), gguf_init_params{/*no_alloc*/ true, /*ctx*/ nullptr});
+    if (gguf.ctx == nullptr) {
+        throw std::runtime_error("not a valid GGUF file: '" + path + "' (ggml's gguf reader rejected its header)");
+    }
+    const gguf_context * ctx = gguf.ctx;
+
+    expert_layout layout;
+    layout.path = path;
+    layout.file_size = uint64_t(st.st_size);
+    layout.page_size = residency_page_size();
+    const int64_t arch_id = gguf_find_key(ctx, "general.architecture");
+    if (arch_id < 0 || gguf_get_kv_type(ctx, arch_id) != GGUF_TYPE_STRING) {
+        throw std::runtime_error("GGUF file '" + path + "' has no general.architecture");
+    }
+    layout.arch = gguf_get_val_str(ctx, arch_id);
+    const std::string &arch = layout.arch;
+    layout.n_layers = int(get_int_key(ctx, arch + ".block_count", 0));
+    layout.n_experts = int(get_int_key(ctx, arch + ".expert_count", 0));
+    layout.n_experts_used = int(get_int_key(ctx, arch + ".expert_used_count", 0));
+    layout.n_embd = get_int_key(ctx, arch + ".embedding_length", 0);
+    if (layout.n_experts <= 0) {
+        throw std::runtime_error("dense model: '" + path + "' (" + arch + ") has no " + arch +
+                                 ".expert_count; the expert cache needs a Mixture-of-Experts GGUF");
+    }
+    if (layout.n_layers <= 0 || layout.n_experts_used <= 0 || layout.n_experts_used > layout.n_experts) {
+        throw std::runtime_error("GGUF file '" + path + "' has inconsistent MoE hyper-parameters: block_count=" +
+                                 std::to_string(layout.n_layers) + " expert_count=" + std::to_string(layout.n_experts) +
+                                 " expert_used_count=" + std::to_string(layout.n_experts_used));
+    }
+
+    const uint64_t data_offset = gguf_get_data_offset(ctx);
+    const int64_t n_tensors = gguf_get_n_tensors(ctx);
+    const size_t n_units = size_t(layout.n_layers) * size_t(layout.n_experts);
+    layout.slices.assign(n_units, {});
+    layout.unit_bytes.assign(n_units, 0);
+    layout.routers.assign(size_t(layout.n_layers), router_tensor{});
+
+    // Every tensor's extent, to find which pages hold something other than expert slices.
+    struct extent { uint64_t first, last; int32_t unit; };  // unit -2: non-expert
+    std::vector<extent> extents;
+    extents.reserve(size_t(n_tensors) * 4);
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        const std::string name = gguf_get_tensor_name(ctx, i);
+        const uint64_t offset = data_offset + gguf_get_tensor_offset(ctx, i);
+        const uint64_t size = gguf_get_tensor_size(ctx, i);
+        if (offset + size > layout.file_size) {
+            throw std::runtime_error("truncated GGUF file '" + path + "': tensor '" + name + "' ends at byte " +
+                                     std::to_string(offset + size) + " but the file has " +
+                                     std::to_string(layout.file_size) + " bytes");
+        }
+        const int64_t * ne = gguf_get_tensor_ne(ctx, i);
+        int n_dims = GGML_MAX_DIMS;
+        while (n_dims > 1 && ne[n_dims - 1] == 1) { --n_dims; }
+
+        std::string rest;
+        const int il = parse_block(name, rest);
+        const bool is_expert = il >= 0 && rest.find("_exps.") != std::string::npos;
+        if (il >= 0 && rest == "ffn_gate_inp.weight" && il < layout.n_layers) {
+            layout.routers[size_t(il)] = router_tensor{offset, int32_t(gguf_get_tensor_type(ctx, i)), ne[0], ne[1]};
+        }
+        if (!is_expert) {
+            extents.push_back({offset, offset + size, -2});
+            continue;
+        }
+        if (il >= layout.n_layers || ne[n_dims - 1] != layout.n_experts || size % uint64_t(layout.n_experts) != 0) {
+            throw std::runtime_error("expert tensor '" + name + "' in '" + path + "' does not have " +
+                                     std::to_string(layout.n_experts) + " experts in its outermost dimension (layer " +
+                                     std::to_string(il) + " of " + std::to_string(layout.n_layers) + ")");
+        }
+        layout.expert_tensors.push_back(name);
+        const uint64_t per_expert = size / uint64_t(layout.n_experts);  // nb[n_dims-1]
+        for (int e = 0; e < layout.n_experts; ++e) {
+            const int32_t unit = int32_t(il) * layout.n_experts + e;
+            expert_slice slice;
+            slice.range = byte_range{offset + uint64_t(e) * per_expert, per_expert};
+            layout.slices[size_t(unit)].push_back(slice);
+            extents.push_back({slice.range.offset, slice.range.offset + per_expert, unit});
+            layout.expert_bytes += per_expert;
+        }
+    }
+    if (layout.expert_tensors.empty()) {
+        throw std::runtime_error("dense model: '" + path + "' declares " + std::to_string(layout.n_experts) +
+                                 " experts but has no blk.*.*_exps tensors");
+    }
+
+    // Boundary pages: who else lives on the first / last page of each slice.
+    const uint64_t ps = layout.page_size;
+    std::sort(extents.begin(), extents.end(), [](const extent & a, const extent & b) { return a.first < b.first; });
+    // GGUF header and padding are "non-expert" too: anything on a page not covered by slices.
+    std::map<std::pair<int32_t, uint64_t>, size_t> slice_index;  // (unit, offset) → index in slices[unit]
+    for (size_t u = 0; u < n_units; ++u) {
+        for (size_t s = 0; s < layout.slices[u].size(); ++s) {
+            slice_index[{int32_t(u), layout.slices[u][s].range.offset}] = s;
+        }
+    }
+    uint64_t expert_pages_exclusive = 0;  // pages that hold only expert bytes
+    for (size_t x = 0; x < extents.size(); ++x) {
+        const extent & cur = extents[x];
+        if (cur.unit < 0) { continue; }
+        expert_slice & slice = layout.slices[size_t(cur.unit)][slice_index[{cur.unit, cur.first}]];
+        const uint64_t head_page = cur.first / ps;
+        const uint64_t tail_page = (cur.last - 1) / ps;
+        if (cur.first % ps != 0) {
+            // whatever precedes in the file shares the head page
+            slice.head_owner = -2;
+            if (x > 0 && extents[x - 1].unit >= 0 && extents[x - 1].last > head_page * ps &&
+                extents[x - 1].first / ps < head_page && extents[x - 1].last == cur.first) {
+                slice.head_owner = extents[x - 1].unit;
+            }
+        }
+        if (cur.last % ps != 0) {
+            slice.tail_owner = -2;
+            if (x + 1 < extents.size() && extents[x + 1].unit >= 0 && extents[x + 1].first == cur.last &&
+                (extents[x + 1].last - 1) / ps > tail_page) {
+                slice.tail_owner = extents[x + 1].unit;
+            }
+        }
+        const uint64_t first_full = (cur.first + ps - 1) / ps;
+        const uint64_t end_full = cur.last / ps;
+        if (end_full > first_full) { expert_pages_exclusive += end_full - first_full; }
+        layout.unit_bytes[size_t(cur.unit)] += (tail_page - head_page + 1) * ps;
+    }
+    const uint64_t file_pages = (layout.file_size + ps - 1) / ps;
+    layout.non_expert_bytes = (file_pages - expert_pages_exclusive) * ps;
+    return layout;
+}
+
+void expert_cache_params::validate() const {
+    cache.validate();
+    if (n_io_threads < 0 || n_io_threads > 64) {
+        throw std::invalid_argument("n_io_threads must be in [0, 64], got " + std::to_string(n_io_threads));
+    }
+    if (predict_max_rows < 1 || predict_max_rows > 4096) {
+        throw std::invalid_argument("predict_max_rows must be in [1, 4096], got " + std::to_string(predict_max_rows));
+    }
+}
+
+static cache_config checked(const expert_cache_params & params) {
+    params.validate();
+    cache_config config = params.cache;
+    if (params.n_io_threads == 0) { config.prefetch = false; }  // nobody to read ahead
+    return config;
+}
+
+expert_cache::expert_cache(expert_layout layout, const expert_cache_params & params)
+    : layout_(std::move(layout)),
+      params_(params),
+      policy_(layout_.n_layers, layout_.n_experts, layout_.unit_bytes, checked(params), layout_.n_experts_used) {
+    if (params_.record_trace) { trace_.reserve(params_.trace_max_events, params_.trace_max_ids); }
+    logits_.resize(size_t(layout_.n_experts));
+    order_.resize(size_t(layout_.n_experts));
+    predicted_mask_.assign(size_t(layout_.n_experts), 0);
+    predicted_.reserve(size_t(layout_.n_experts));
+    in_flight_.reserve(size_t(layout_.n_experts) * 4);
+}
+
+expert_cache::~expert_cache() {
+    io_.reset();  // join the readers before the mapping bookkeeping goes
+    residency_.reset();
+}
+
+void expert_cache::attach() {
+    if (residency_) { return; }
+    residency_ = std::make_unique<file_residency>(layout_.path);
+
+    // Establish the budget (DESIGN.md: llama.cpp reads the whole file at load): keep units
+    // that are fully resident, spread across layers, while the budget allows; drop the rest.
+    const int n_layers = layout_.n_layers, n_experts = layout_.n_experts;
+    std::vector<int32_t> dropped;
+    for (int e = 0; e < n_experts; ++e) {
+        for (int il = 0; il < n_layers; ++il) {
+            const int32_t u = il * n_experts + e;
+            if (layout_.unit_bytes[size_t(u)] == 0) { continue; }
+            uint64_t resident = 0;
+            for (const expert_slice & s : layout_.slices[size_t(u)]) { resident += residency_->resident_bytes(s.range); }
+            if (resident < layout_.unit_bytes[size_t(u)] || !policy_.admit_resident(u)) { dropped.push_back(u); }
+        }
+    }
+    drop_units(dropped);
+
+    // Routers for prediction: point into the mapping (F32) or keep a dequantised copy.
+    router_rows_.assign(size_t(n_layers), nullptr);
+    router_owned_.assign(size_t(n_layers), {});
+    for (int il = 0; il < n_layers; ++il) {
+        const router_tensor & r = layout_.routers[size_t(il)];
+        if (r.offset == 0 || r.n_embd != layout_.n_embd || r.n_rows != n_experts) { continue; }
+        const void * data = residency_->address_of(r.offset);
+        if (data == nullptr) { continue; }
+        if (r.type == GGML_TYPE_F32) {
+            router_rows_[size_t(il)] = static_cast<const float *>(data);
+            continue;
+        }
+        const ggml_type_traits * traits = ggml_get_type_traits(ggml_type(r.type));
+        if (traits == nullptr || traits->to_float == nullptr) { continue; }
+        router_owned_[size_t(il)].resize(size_t(r.n_embd * r.n_rows));
+        traits->to_float(data, router_owned_[size_t(il)].data(), r.n_embd * r.n_rows);
+        router_rows_[size_t(il)] = router_owned_[size_t(il)].data();
+    }
+
+    io_ = std::make_unique<io_pool>(size_t(n_layers) * size_t(n_experts), params_.n_io_threads,
+                                    [this](int32_t unit) { read_unit(unit); });
+}
+
+void expert_cache::read_unit(int32_t unit) {
+    for (const expert_slice & s : layout_.slices[size_t(unit)]) { residency_->load(s.range); }
+}
+
+void expert_cache::drop_units(const std::vector<int32_t> & units) {
+    for (int32_t u : units) {
+        for (const expert_slice & s : layout_.slices[size_t(u)]) {
+            const bool keep_head = s.head_owner == -2 || (s.head_owner >= 0 && policy_.is_resident(s.head_owner));
+            const bool keep_tail = s.tail_owner == -2 || (s.tail_owner >= 0 && policy_.is_resident(s.tail_owner));
+            residency_->drop(s.range, keep_head, keep_tail);
+        }
+    }
+}
+
+void expert_cache::reap_reads() {
+    for (size_t i = 0; i < in_flight_.size();) {
+        if (io_->idle(in_flight_[i])) {
+            policy_.unpin(in_flight_[i]);
+            in_flight_[i] = in_flight_.back();
+            in_flight_.pop_back();
+        } else {
+            ++i;
+        }
+    }
+}
+
+bool expert_cache::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
+    if (!has_prefix(t->name, TOPK_PREFIX, sizeof(TOPK_PREFIX) - 1)) {
+        return !ask;  // "no" to every other node; never cancel the graph
+    }
+    if (ask) { return true; }
+    auto * self = static_cast<expert_cache *>(user_data);
+    const int layer = parse_layer(t->name, sizeof(TOPK_PREFIX) - 1);
+    if (self->residency_ && layer >= 0 && layer < self->layout_.n_layers && t->type == GGML_TYPE_I32 && is_host(t)) {
+        self->on_topk(t, layer);
+    }
+    return true;
+}
+
+void expert_cache::on_topk(const ggml_tensor * t, int layer) {
+    const int k = int(t->ne[0]);         // [n_expert_used, n_tokens] I32 view
+    const int n_tokens = int(t->ne[1]);
+    if (k <= 0 || n_tokens <= 0) { return; }
+    if (ids_.size() < size_t(n_tokens) * size_t(k)) { ids_.resize(size_t(n_tokens) * size_t(k)); }
+    const char * data = static_cast<const char *>(t->data);
+    for (int i = 0; i < n_tokens; ++i) {
+        for (int j = 0; j < k; ++j) {
+            ids_[size_t(i) * size_t(k) + size_t(j)] = *reinterpret_cast<const int32_t *>(data + size_t(i) * t->nb[1] + size_t(j) * t->nb[0]);
+        }
+    }
+    if (params_.record_trace) { trace_.append(TRACE_EVENT_ACCESS, layer, n_tokens, ids_.data(), n_tokens * k); }
+
+    reap_reads();
+    policy_.access(layer, ids_.data(), n_tokens, k, plan_);
+    drop_units(plan_.evict);
+    for (int32_t u : policy_.access_units()) {
+        if (!io_->idle(u)) { io_->wait(u); }  // read ahead and still in flight
+    }
+    io_->read_now(plan_.load.data(), plan_.load.size());
+
+    if (params_.predict && layer + 1 < layout_.n_layers && router_rows_[size_t(layer + 1)] != nullptr) {
+        predict_next(t, layer);
+    }
+}
+
+void expert_cache::predict_next(const ggml_tensor * topk, int layer) {
+    const ggml_tensor * x = find_router_input(topk);
+    const int64_t n_embd = layout_.n_embd;
+    if (x == nullptr || x->type != GGML_TYPE_F32 || x->ne[0] != n_embd || !is_host(x)) { return; }
+    const int n_experts = layout_.n_experts;
+    const int k = layout_.n_experts_used;
+    const float * w = router_rows_[size_t(layer + 1)];  // [n_experts x n_embd]
+
+    const int64_t n_rows = x->ne[1];
+    const int64_t stride = std::max<int64_t>(1, (n_rows + params_.predict_max_rows - 1) / params_.predict_max_rows);
+    predicted_.clear();
+    for (int64_t r = n_rows - 1; r >= 0; r -= stride) {  // always include the last row
+        const float * row = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + size_t(r) * x->nb[1]);
+        for (int e = 0; e < n_experts; ++e) {
+            const float * we = w + size_t(e) * size_t(n_embd);
+            float dot = 0.0f;
+            for (int64_t i = 0; i < n_embd; ++i) { dot += we[i] * row[i]; }
+            logits_[size_t(e)] = dot;
+            order_[size_t(e)] = e;
+        }
+        std::partial_sort(order_.begin(), order_.begin() + k, order_.end(),
+                          [this](int32_t a, int32_t b) { return logits_[size_t(a)] > logits_[size_t(b)]; });
+        for (int i = 0; i < k; ++i) {
+            const int32_t e = order_[size_t(i)];
+            if (!predicted_mask_[size_t(e)]) { predicted_mask_[size_t(e)] = 1; predicted_.push_back(e); }
+        }
+    }
+    for (int32_t e : predicted_) { predicted_mask_[size_t(e)] = 0; }
+    if (params_.record_trace) {
+        trace_.append(TRACE_EVENT_PREDICT, layer + 1, 1, predicted_.data(), int32_t(predicted_.size()));
+    }
+
+    policy_.predict(layer + 1, predicted_.data(), int(predicted_.size()), plan_);
+    drop_units(plan_.evict);
+    for (int32_t u : plan_.load) {
+        policy_.pin(u);
+        if (io_->read_ahead(u)) {
+            in_flight_.push_back(u);
+        } else {
+            policy_.unpin(u);
+            read_unit(u);  // busy unit: read it here rather than leave the policy wrong
+        }
+    }
+}
+
+void expert_cache::settle() {
+    if (!residency_) { return; }
+    for (int32_t u : in_flight_) { io_->wait(u); }
+    reap_reads();
+    policy_.settle(plan_);
+    drop_units(plan_.evict);
+}
+
+routing_trace expert_cache::take_trace() {
+    routing_trace out;
+    std::swap(out, trace_);
+    if (params_.record_trace) { trace_.reserve(params_.trace_max_events, params_.trace_max_ids); }
+    return out;
+}
+
+uint64_t expert_cache::measured_resident_bytes() const {
+    if (!residency_) { return 0; }
+    uint64_t bytes = 0;
+    for (const auto & unit_slices : layout_.slices) {
+        for (const expert_slice & s : unit_slices) { bytes += residency_->resident_bytes(s.range); }
+    }
+    return bytes;
+}
+
+int expert_cache::reconcile() {
+    if (!residency_) { return 0; }
+    int n = 0;
+    const int32_t n_units = int32_t(layout_.slices.size());
+    for (int32_t u = 0; u < n_units; ++u) {
+        if (!policy_.is_resident(u) || !io_->idle(u)) { continue; }
+        uint64_t resident = 0;
+        for (const expert_slice & s : layout_.slices[size_t(u)]) { resident += residency_->resident_bytes(s.range); }
+        if (resident < layout_.unit_bytes[size_t(u)] / 2) {
+            policy_.forget(u);
+            n++;
+        }
+    }
+    return n;
+}

@@ -1,0 +1,145 @@
+// llama-glue.h — the expert cache attached to llama.cpp (the only file that sees ggml/llama).
+//
+// Three jobs:
+//   1. Discovery (expert_layout_discover): reads the GGUF header with ggml's own gguf reader
+//      and finds every expert's byte ranges: each tensor `blk.<il>.*_exps.*` whose outermost
+//      dimension is the expert count (separate ffn_gate/up/down_exps, merged ffn_gate_up_exps,
+//      their biases and scales alike) is cut into n_expert equal, contiguous slices
+//      (DESIGN.md: expert e is data + e*nb[2] .. + nb[2]). Boundary pages shared with a
+//      neighbour are recorded so that dropping one expert never drops its neighbour's bytes.
+//   2. The eval callback (expert_cache::eval_callback), installed as
+//      llama_context_params.cb_eval. It answers "yes" only to `ffn_moe_topk-<il>` nodes,
+//      after a cheap name check, and reads the ids only in the ask=false call (after the
+//      node was computed), through the view's nb[] strides. Then: the policy decides hits,
+//      misses and victims; victims are dropped; misses are read with large parallel reads
+//      before the layer's expert matmuls run.
+//   3. Prediction and prefetch: the router input of layer il (the `ffn_moe_logits-<il>`
+//      mat-mul's src[1], still alive because the expert mat-muls consume it next) is
+//      multiplied by layer il+1's router (`ffn_gate_inp`), its top-k is the prediction for
+//      layer il+1, and the predicted missing experts are read on the I/O pool while layer
+//      il computes. Every prediction is scored (precision / recall) by the policy.
+// Hot path rules: no allocation once scratch buffers have grown, no Python, no logging, no
+// exceptions; the only lock is the I/O pool's queue, taken only when there is I/O to do.
+#pragma once
+
+#include "cache-core.h"
+#include "io-pool.h"
+#include "residency.h"
+#include "routing-trace.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct ggml_tensor;
+
+// One expert's slice of one tensor, and who shares its boundary pages.
+struct expert_slice {
+    byte_range range;            // file offsets
+    int32_t head_owner = -1;     // unit sharing the first page; -1 none (page aligned), -2 non-expert data
+    int32_t tail_owner = -1;     // unit sharing the last page;  -1 none, -2 non-expert data
+};
+
+// A layer's router matrix (ffn_gate_inp), used to predict that layer's experts.
+struct router_tensor {
+    uint64_t offset = 0;  // file offset of the data; 0 = the layer has no router
+    int32_t  type   = 0;  // ggml_type
+    int64_t  n_embd = 0;  // ne[0]
+    int64_t  n_rows = 0;  // ne[1] = n_expert
+};
+
+struct expert_layout {
+    std::string path;
+    std::string arch;
+    int n_layers       = 0;   // {arch}.block_count
+    int n_experts      = 0;   // {arch}.expert_count
+    int n_experts_used = 0;   // {arch}.expert_used_count (top-k)
+    int64_t n_embd     = 0;   // {arch}.embedding_length
+    uint64_t file_size        = 0;
+    uint64_t expert_bytes     = 0;  // bytes of all expert slices
+    uint64_t non_expert_bytes = 0;  // bytes of the file's pages that hold no expert slice
+    size_t page_size = 0;
+    std::vector<std::string> expert_tensors;         // names of the tensors cut per expert
+    std::vector<std::vector<expert_slice>> slices;   // [unit] its slices
+    std::vector<uint64_t> unit_bytes;                // [unit] page-rounded footprint
+    std::vector<router_tensor> routers;              // [layer]
+};
+
+// Reads the GGUF header of `path` and returns its expert layout. Throws std::runtime_error
+// with a specific message for: a missing file, a file llama.cpp's gguf reader rejects, a
+// truncated file (a tensor ending past the end), a dense model (no expert_count / no expert
+// tensors), inconsistent expert tensors.
+expert_layout expert_layout_discover(const std::string & path);
+
+struct expert_cache_params {
+    cache_config cache;
+    int    n_io_threads     = 2;        // I/O pool threads, [0, 64]; 0 disables prefetch
+    bool   predict          = true;     // score (and, with cache.prefetch, act on) predictions
+    int    predict_max_rows = 32;       // rows of a prefill ubatch the predictor samples, [1, 4096]
+    bool   record_trace     = true;     // keep a routing trace (see take_trace)
+    size_t trace_max_events = 1 << 20;  // reservation of the trace (events)
+    size_t trace_max_ids    = 1 << 24;  // reservation of the trace (ids)
+
+    // Throws std::invalid_argument naming the first bad field.
+    void validate() const;
+};
+
+class expert_cache {
+public:
+    // Builds the policy for `layout`; nothing is touched until attach(). Throws
+    // std::invalid_argument for bad params or a budget below one decode step's experts.
+    expert_cache(expert_layout layout, const expert_cache_params & params);
+    ~expert_cache();
+    expert_cache(const expert_cache &) = delete;
+    expert_cache & operator=(const expert_cache &) = delete;
+
+    // Call once llama.cpp has mapped the model: finds the mapping, keeps the experts already
+    // resident up to the budget (spread over layers) and drops the rest from the page cache,
+    // prepares the routers for prediction and starts the I/O threads.
+    void attach();
+    bool attached() const { return residency_ != nullptr; }
+
+    // ggml_backend_sched_eval_callback; user_data is the expert_cache. Must outlive the context.
+    static bool eval_callback(ggml_tensor * t, bool ask, void * user_data);
+
+    // Waits for reads in flight, ends the access in progress and trims to the budget.
+    void settle();
+
+    const cache_policy & policy() const { return policy_; }
+    cache_policy & policy() { return policy_; }
+    const expert_layout & layout() const { return layout_; }
+    const expert_cache_params & params() const { return params_; }
+    // Moves the routing trace recorded so far out (the cache keeps recording into a new one).
+    routing_trace take_trace();
+    // Bytes of expert slices resident in memory now, measured with mincore.
+    uint64_t measured_resident_bytes() const;
+    // Units the policy believes resident whose pages the kernel took away, found by mincore
+    // and handed back to the policy (forget). Returns how many.
+    int reconcile();
+
+private:
+    void on_topk(const ggml_tensor * t, int layer);
+    void predict_next(const ggml_tensor * topk, int layer);
+    void drop_units(const std::vector<int32_t> & units);
+    void read_unit(int32_t unit);
+    void reap_reads();
+
+    expert_layout layout_;
+    expert_cache_params params_;
+    cache_policy policy_;
+    routing_trace trace_;
+    std::unique_ptr<file_residency> residency_;
+    std::unique_ptr<io_pool> io_;                     // destroyed before residency_
+    std::vector<const float *> router_rows_;          // [layer] [n_experts x n_embd] or nullptr
+    std::vector<std::vector<float>> router_owned_;    // dequantised routers (non-F32 files)
+
+    // scratch, grown outside the steady state only
+    cache_plan plan_;
+    std::vector<int32_t> ids_;          // [n_tokens x k] of the current top-k node
+    std::vector<int32_t> in_flight_;    // units read ahead, pinned until their read ends
+    std::vector<float> logits_;         // [n_experts]
+    std::vector<int32_t> order_;        // [n_experts]
+    std::vector<uint8_t> predicted_mask_;
+    std::vector<int32_t> predicted_;
+};

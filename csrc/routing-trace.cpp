@@ -1,0 +1,75 @@
+// routing-trace.cpp — recording and replay of routing traces (see routing-trace.h).
+#include "routing-trace.h"
+
+#include <stdexcept>
+#include <string>
+
+void routing_trace::reserve(size_t max_events, size_t max_ids) {
+    kind.reserve(max_events);
+    layer.reserve(max_events);
+    n_tokens.reserve(max_events);
+    n_ids.reserve(max_events);
+    ids.reserve(max_ids);
+}
+
+bool routing_trace::append(trace_event_kind event_kind, int32_t event_layer, int32_t event_n_tokens,
+                           const int32_t * event_ids, int32_t event_n_ids) {
+    if (kind.size() == kind.capacity() || ids.size() + size_t(event_n_ids) > ids.capacity()) {
+        n_dropped++;
+        return false;
+    }
+    kind.push_back(event_kind);
+    layer.push_back(event_layer);
+    n_tokens.push_back(event_n_tokens);
+    n_ids.push_back(event_n_ids);
+    ids.insert(ids.end(), event_ids, event_ids + event_n_ids);
+    return true;
+}
+
+void routing_trace::clear() {
+    kind.clear();
+    layer.clear();
+    n_tokens.clear();
+    n_ids.clear();
+    ids.clear();
+    n_dropped = 0;
+}
+
+void routing_trace_replay(const routing_trace & trace, cache_policy & policy) {
+    const size_t n_events = trace.kind.size();
+    if (trace.layer.size() != n_events || trace.n_tokens.size() != n_events || trace.n_ids.size() != n_events) {
+        throw std::invalid_argument("trace arrays kind/layer/n_tokens/n_ids must have the same length");
+    }
+    size_t total = 0;
+    for (size_t i = 0; i < n_events; ++i) {
+        if (trace.n_ids[i] < 0 || trace.n_tokens[i] <= 0) {
+            throw std::invalid_argument("trace event " + std::to_string(i) + ": n_ids must be >= 0 and n_tokens > 0");
+        }
+        if (trace.kind[i] == TRACE_EVENT_ACCESS && trace.n_ids[i] % trace.n_tokens[i] != 0) {
+            throw std::invalid_argument("trace event " + std::to_string(i) + ": n_ids " + std::to_string(trace.n_ids[i]) +
+                                        " is not a multiple of n_tokens " + std::to_string(trace.n_tokens[i]));
+        }
+        if (trace.kind[i] != TRACE_EVENT_ACCESS && trace.kind[i] != TRACE_EVENT_PREDICT) {
+            throw std::invalid_argument("trace event " + std::to_string(i) + ": unknown kind " + std::to_string(trace.kind[i]));
+        }
+        total += size_t(trace.n_ids[i]);
+    }
+    if (total != trace.ids.size()) {
+        throw std::invalid_argument("trace ids has " + std::to_string(trace.ids.size()) +
+                                    " entries but the events account for " + std::to_string(total));
+    }
+
+    cache_plan plan;
+    size_t offset = 0;
+    for (size_t i = 0; i < n_events; ++i) {
+        const int32_t * ids = trace.ids.data() + offset;
+        if (trace.kind[i] == TRACE_EVENT_ACCESS) {
+            const int32_t k = trace.n_tokens[i] > 0 ? trace.n_ids[i] / trace.n_tokens[i] : 0;
+            policy.access(trace.layer[i], ids, trace.n_tokens[i], k, plan);
+        } else {
+            policy.predict(trace.layer[i], ids, trace.n_ids[i], plan);
+        }
+        offset += size_t(trace.n_ids[i]);
+    }
+    policy.settle(plan);
+}

@@ -1,0 +1,40 @@
+// telemetry.h — counters of the expert cache, one spelling per field.
+//
+// The same names are used as keys of the Python stats dict, of the msgpack warmth report's
+// "counters" map and in docs/benchmarks.md; `cache_counters_fields` is the single list.
+// Phase: DECODE = a ubatch of one token, PREFILL = a ubatch of more than one.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+enum cache_phase {
+    CACHE_PHASE_PREFILL = 0,
+    CACHE_PHASE_DECODE  = 1,
+};
+
+struct cache_counters {
+    uint64_t n_steps              = 0;  // ubatches evaluated
+    uint64_t n_hits_prefill       = 0;  // selected units already resident (or being read ahead)
+    uint64_t n_misses_prefill     = 0;  // selected units read on demand
+    uint64_t n_hits_decode        = 0;
+    uint64_t n_misses_decode      = 0;
+    uint64_t bytes_read_prefill   = 0;  // footprint bytes read (demand + prefetch) during prefill
+    uint64_t bytes_read_decode    = 0;
+    uint64_t bytes_prefetched     = 0;  // of which read ahead on a prediction
+    uint64_t n_evictions          = 0;
+    uint64_t bytes_evicted        = 0;
+    uint64_t n_prefetch_issued    = 0;  // units read ahead
+    uint64_t n_prefetch_used      = 0;  // ... then selected before being dropped
+    uint64_t n_predicted          = 0;  // (layer, expert) pairs predicted and scored
+    uint64_t n_predicted_correct  = 0;  // ... that the next access of that layer selected
+    uint64_t n_selected_predicted = 0;  // selections of accesses that had a prediction
+    uint64_t n_invalid_ids        = 0;  // ids outside [0, n_experts): ignored
+    uint64_t n_tokens_prefill     = 0;  // tokens evaluated in prefill ubatches (layer 0)
+    uint64_t n_tokens_decode      = 0;  // tokens evaluated one at a time (layer 0)
+};
+
+// (name, pointer-to-member) for every counter, in declaration order.
+const std::vector<std::pair<std::string, uint64_t cache_counters::*>> & cache_counters_fields();
