@@ -1,0 +1,271 @@
+"""Typed surface of the native expert cache (``cluster._native`` is private).
+
+Mirrors the C++ config structs as frozen dataclasses with the same field names, and wraps
+the policy core (for trace replay and simulation) and the routing trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+import llama_cpp  # noqa: F401  (loads libggml-base before the extension that links it)
+
+from cluster import _native
+from cluster.errors import InvalidParameterError, ModelFileError
+
+PAGE_SIZE: int = _native.PAGE_SIZE
+EVICTION_POLICIES: tuple[str, ...] = ("scan_resistant", "lru")
+ExpertLayout = _native.ExpertLayout
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Knobs of the cache policy; see ``csrc/cache-core.h`` for the algorithm and ranges.
+
+    Attributes:
+        budget_bytes: bytes of expert footprint allowed resident.
+        probation_fraction: share of the budget for units brought in by prefill or prefetch.
+        heat_half_life_steps: half-life of an expert's heat, in evaluated ubatches.
+        prefill_weight: heat of a prefill access relative to a decode access.
+        layer_floor_fraction: share of a layer's fair budget that other layers cannot take.
+        eviction: ``scan_resistant`` (default) or ``lru`` (the baseline).
+        prefetch: read predicted experts ahead (predictions are scored either way).
+    """
+
+    budget_bytes: int
+    probation_fraction: float = 0.25
+    heat_half_life_steps: float = 64.0
+    prefill_weight: float = 0.25
+    layer_floor_fraction: float = 0.5
+    eviction: str = "scan_resistant"
+    prefetch: bool = True
+
+    def to_native(self) -> _native.CacheConfig:
+        if not isinstance(self.budget_bytes, (int, np.integer)) or isinstance(self.budget_bytes, bool):
+            raise InvalidParameterError(f"budget_bytes must be an integer, got {self.budget_bytes!r}")
+        if self.budget_bytes <= 0:
+            raise InvalidParameterError(f"budget_bytes must be > 0, got {self.budget_bytes}")
+        if self.eviction not in EVICTION_POLICIES:
+            raise InvalidParameterError(f"eviction must be one of {EVICTION_POLICIES}, got {self.eviction!r}")
+        native = _native.CacheConfig()
+        for name, value in asdict(self).items():
+            setattr(native, name, value)
+        try:
+            native.validate()
+        except ValueError as exc:
+            raise InvalidParameterError(str(exc)) from None
+        return native
+
+
+@dataclass(frozen=True)
+class ExpertCacheParams:
+    """Knobs of the cache attached to llama.cpp; see ``csrc/llama-glue.h``."""
+
+    cache: CacheConfig
+    n_io_threads: int = 2
+    predict: bool = True
+    predict_max_rows: int = 32
+    record_trace: bool = True
+    trace_max_events: int = 1 << 20
+    trace_max_ids: int = 1 << 24
+
+    def to_native(self) -> _native.ExpertCacheParams:
+        native = _native.ExpertCacheParams()
+        native.cache = self.cache.to_native()
+        for name in ("n_io_threads", "predict", "predict_max_rows", "record_trace", "trace_max_events", "trace_max_ids"):
+            setattr(native, name, getattr(self, name))
+        try:
+            native.validate()
+        except ValueError as exc:
+            raise InvalidParameterError(str(exc)) from None
+        return native
+
+
+def discover_layout(path: str) -> ExpertLayout:
+    """Reads a GGUF header and returns where every expert's bytes are.
+
+    Raises:
+        ModelFileError: missing, corrupt or truncated file, or a dense (non-MoE) model.
+    """
+    try:
+        return _native.discover_layout(str(path))
+    except RuntimeError as exc:
+        raise ModelFileError(str(exc)) from None
+
+
+TRACE_ACCESS = 0
+TRACE_PREDICT = 1
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    """What every MoE layer selected, in evaluation order (see ``csrc/routing-trace.h``).
+
+    Attributes:
+        kind: per event, ``TRACE_ACCESS`` (a layer's top-k for one ubatch) or ``TRACE_PREDICT``.
+        layer: per event, the layer.
+        n_tokens: per event, tokens of the ubatch (rows of the top-k; 1 for predictions).
+        n_ids: per event, ids stored.
+        ids: all ids, events back to back (ACCESS: ``[n_tokens, k]`` row-major).
+        n_dropped: events lost because the recording reservation was full.
+    """
+
+    kind: np.ndarray
+    layer: np.ndarray
+    n_tokens: np.ndarray
+    n_ids: np.ndarray
+    ids: np.ndarray
+    n_dropped: int = 0
+
+    @classmethod
+    def from_native(cls, d: dict[str, Any]) -> "RoutingTrace":
+        return cls(
+            kind=np.asarray(d["kind"], dtype=np.uint8),
+            layer=np.asarray(d["layer"], dtype=np.int32),
+            n_tokens=np.asarray(d["n_tokens"], dtype=np.int32),
+            n_ids=np.asarray(d["n_ids"], dtype=np.int32),
+            ids=np.asarray(d["ids"], dtype=np.int32),
+            n_dropped=int(d.get("n_dropped", 0)),
+        )
+
+    @classmethod
+    def concat(cls, traces: list["RoutingTrace"]) -> "RoutingTrace":
+        if not traces:
+            empty = np.zeros(0, dtype=np.int32)
+            return cls(np.zeros(0, dtype=np.uint8), empty, empty, empty, empty)
+        return cls(
+            kind=np.concatenate([t.kind for t in traces]),
+            layer=np.concatenate([t.layer for t in traces]),
+            n_tokens=np.concatenate([t.n_tokens for t in traces]),
+            n_ids=np.concatenate([t.n_ids for t in traces]),
+            ids=np.concatenate([t.ids for t in traces]),
+            n_dropped=sum(t.n_dropped for t in traces),
+        )
+
+    def to_native(self) -> dict[str, np.ndarray]:
+        return {"kind": self.kind, "layer": self.layer, "n_tokens": self.n_tokens, "n_ids": self.n_ids, "ids": self.ids}
+
+    def __len__(self) -> int:
+        return int(self.kind.shape[0])
+
+    def events(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yields ``(kind, layer, ids)``; ACCESS ids are ``[n_tokens, k]``, PREDICT ids 1-D."""
+        offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
+        for i in range(len(self)):
+            ids = self.ids[offsets[i] : offsets[i + 1]]
+            if self.kind[i] == TRACE_ACCESS:
+                ids = ids.reshape(int(self.n_tokens[i]), -1)
+            yield int(self.kind[i]), int(self.layer[i]), ids
+
+    def expert_counts(self, n_layers: int, n_experts: int) -> np.ndarray:
+        """Selections per (layer, expert) over every token of every ACCESS event."""
+        counts = np.zeros((n_layers, n_experts), dtype=np.int64)
+        for kind, layer, ids in self.events():
+            if kind == TRACE_ACCESS:
+                np.add.at(counts[layer], ids.ravel(), 1)
+        return counts
+
+    def decode_steps(self) -> list[dict[int, np.ndarray]]:
+        """Per single-token ubatch, ``{layer: ids}``: the decode part of the trace."""
+        steps: list[dict[int, np.ndarray]] = []
+        last_layer = None
+        current: dict[int, np.ndarray] = {}
+        decode = False
+        for kind, layer, ids in self.events():
+            if kind != TRACE_ACCESS:
+                continue
+            if last_layer is None or layer <= last_layer:
+                if decode and current:
+                    steps.append(current)
+                current, decode = {}, ids.shape[0] == 1
+            current[layer] = ids
+            last_layer = layer
+        if decode and current:
+            steps.append(current)
+        return steps
+
+
+def reuse_rate(trace: RoutingTrace) -> float:
+    """Next-token expert reuse: mean over layers and consecutive decode tokens of |S_t ∩ S_t-1| / k."""
+    steps = trace.decode_steps()
+    total, n = 0.0, 0
+    for prev, cur in zip(steps, steps[1:]):
+        for layer, ids in cur.items():
+            if layer in prev:
+                a, b = set(prev[layer].ravel().tolist()), set(ids.ravel().tolist())
+                total += len(a & b) / max(1, len(b))
+                n += 1
+    return total / n if n else float("nan")
+
+
+@dataclass
+class CachePolicy:
+    """The native policy core alone: replays traces exactly as the eval callback drives it."""
+
+    n_layers: int
+    n_experts: int
+    unit_bytes: np.ndarray
+    config: CacheConfig
+    min_units_resident: int = 1
+    _native: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self._native = _native.CachePolicy(
+                self.n_layers, self.n_experts, np.asarray(self.unit_bytes, dtype=np.uint64).ravel(),
+                self.config.to_native(), self.min_units_resident,
+            )
+        except ValueError as exc:
+            raise InvalidParameterError(str(exc)) from None
+
+    def access(self, layer: int, ids: np.ndarray) -> dict[str, list[int]]:
+        return self._native.access(layer, np.atleast_2d(np.asarray(ids, dtype=np.int32)))
+
+    def predict(self, layer: int, experts: np.ndarray) -> dict[str, list[int]]:
+        return self._native.predict(layer, np.asarray(experts, dtype=np.int32))
+
+    def settle(self) -> dict[str, list[int]]:
+        return self._native.settle()
+
+    def replay(self, trace: RoutingTrace) -> None:
+        _native.replay(self._native, trace.to_native())
+
+    def is_resident(self, layer: int, expert: int) -> bool:
+        return self._native.is_resident(layer * self.n_experts + expert)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self._native.resident_bytes
+
+    def counters(self) -> dict[str, int]:
+        return self._native.counters()
+
+    def warmth(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._native.warmth()
+
+    def expert_counts(self) -> np.ndarray:
+        return self._native.expert_counts()
+
+
+def derived_stats(counters: dict[str, int]) -> dict[str, float]:
+    """Rates computed from raw counters (one definition, used by engine, CLI and benchmarks)."""
+    hits = counters["n_hits_prefill"] + counters["n_hits_decode"]
+    misses = counters["n_misses_prefill"] + counters["n_misses_decode"]
+    decode = counters["n_hits_decode"] + counters["n_misses_decode"]
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    return {
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": ratio(hits, hits + misses),
+        "decode_hit_rate": ratio(counters["n_hits_decode"], decode),
+        "bytes_read": counters["bytes_read_prefill"] + counters["bytes_read_decode"],
+        "prefetch_precision": ratio(counters["n_predicted_correct"], counters["n_predicted"]),
+        "prefetch_recall": ratio(counters["n_predicted_correct"], counters["n_selected_predicted"]),
+        "prefetch_used_fraction": ratio(counters["n_prefetch_used"], counters["n_prefetch_issued"]),
+    }

@@ -1,0 +1,452 @@
+"""Single-node MoE engine: one llama.cpp model and context with the native expert cache attached.
+
+The model is loaded with llama-cpp-python's low-level API so the context parameters can carry
+``cb_eval`` (the high-level ``Llama`` class cannot). Weights stay in llama.cpp's file mapping
+(mmap, no repacking into private buffers), which is what the cache manages page by page.
+Lifetimes follow ``llama_cpp/_internals.py``: one ExitStack; the context is freed before the
+cache and the callback it points to; ``close()`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import math
+import os
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from typing import Generator, Sequence
+
+import numpy as np
+
+import llama_cpp
+from llama_cpp import _internals
+
+from cluster import warmth as warmth_report
+from cluster.cache import (
+    CacheConfig,
+    ExpertCacheParams,
+    RoutingTrace,
+    derived_stats,
+    discover_layout,
+)
+from cluster import _native
+from cluster.errors import (
+    CacheBudgetError,
+    EngineClosedError,
+    InvalidParameterError,
+    ModelFileError,
+    PromptTooLongError,
+)
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run one model on one node.
+
+    Attributes:
+        model_path: a GGUF Mixture-of-Experts model.
+        cache_bytes: expert-cache budget in bytes; None runs plain llama.cpp (no callback).
+        n_ctx: context window in tokens.
+        n_threads: compute threads (default: all cores).
+        n_batch: prompt tokens per llama_decode call (and per ubatch).
+        cache: policy knobs other than the budget (its budget_bytes is replaced by cache_bytes).
+        n_io_threads: I/O threads that read experts (0: no prefetch).
+        predict: predict and prefetch the next layer's experts.
+        verbose: let llama.cpp log to stderr.
+    """
+
+    model_path: str
+    cache_bytes: int | None = None
+    n_ctx: int = 2048
+    n_threads: int | None = None
+    n_batch: int = 512
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(budget_bytes=1))
+    n_io_threads: int = 2
+    predict: bool = True
+    verbose: bool = False
+
+    def validate(self) -> None:
+        def positive_int(name: str, value: object, upper: int) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= upper:
+                raise InvalidParameterError(f"{name} must be an integer in [1, {upper}], got {value!r}")
+
+        positive_int("n_ctx", self.n_ctx, 1 << 20)
+        positive_int("n_batch", self.n_batch, 1 << 16)
+        if self.n_threads is not None:
+            positive_int("n_threads", self.n_threads, 1024)
+        if self.cache_bytes is not None:
+            if not isinstance(self.cache_bytes, (int, np.integer)) or isinstance(self.cache_bytes, bool):
+                raise InvalidParameterError(f"cache_bytes must be an integer number of bytes or None, got {self.cache_bytes!r}")
+            if self.cache_bytes <= 0:
+                raise CacheBudgetError(f"cache_bytes must be > 0, got {self.cache_bytes}")
+        if not isinstance(self.n_io_threads, int) or not 0 <= self.n_io_threads <= 64:
+            raise InvalidParameterError(f"n_io_threads must be an integer in [0, 64], got {self.n_io_threads!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's decoding parameters (validated by ``validate``)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def validate(self, n_ctx: int) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or not 1 <= self.max_tokens <= n_ctx:
+            raise InvalidParameterError(f"max_tokens must be an integer in [1, {n_ctx}] (the context), got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise InvalidParameterError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) \
+                or not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidParameterError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise InvalidParameterError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 16:
+            raise InvalidParameterError(f"stop must be at most 16 non-empty strings, got {self.stop!r}")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Result of one request.
+
+    Attributes:
+        text: generated text (stop string excluded).
+        tokens: generated token ids.
+        n_prompt_tokens: tokens of the prompt (BOS included).
+        finish_reason: ``stop`` (end-of-generation token or stop string) or ``length``.
+        prefill_s, decode_s: wall time of prompt processing and of the generation loop.
+        cache: cache counters of this request alone, with derived rates (empty without a cache).
+        expert_counts: selections per (layer, expert) over every token evaluated by this
+            request (prompt and fed-back generated tokens); None without a cache.
+        trace: this request's routing trace; None without a cache.
+    """
+
+    text: str
+    tokens: tuple[int, ...]
+    n_prompt_tokens: int
+    finish_reason: str
+    prefill_s: float
+    decode_s: float
+    cache: dict[str, float] = field(default_factory=dict)
+    expert_counts: np.ndarray | None = None
+    trace: RoutingTrace | None = None
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Generated tokens per second of the generation loop (the first token comes from prefill)."""
+        steps = max(0, self.n_generated - 1)
+        return steps / self.decode_s if self.decode_s > 0 and steps else float("nan")
+
+
+class MoEEngine:
+    """llama.cpp plus the native expert cache, serving one request at a time.
+
+    Example:
+        >>> engine = MoEEngine("model.gguf", cache_bytes=512 << 20)
+        >>> engine.generate("hello", max_tokens=16).text
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str], cache_bytes: int | None = None, *,
+                 n_ctx: int = 2048, n_threads: int | None = None, **kwargs: object) -> None:
+        self.config = EngineConfig(model_path=os.fspath(model_path), cache_bytes=cache_bytes,
+                                   n_ctx=n_ctx, n_threads=n_threads, **kwargs)  # type: ignore[arg-type]
+        self._lock = threading.Lock()
+        self._stack = ExitStack()
+        self._closed = False
+        try:
+            self._open()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "MoEEngine":
+        return cls(config.model_path, config.cache_bytes, n_ctx=config.n_ctx, n_threads=config.n_threads,
+                   n_batch=config.n_batch, cache=config.cache, n_io_threads=config.n_io_threads,
+                   predict=config.predict, verbose=config.verbose)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        cfg = self.config
+        cfg.validate()
+        if not os.path.exists(cfg.model_path):
+            raise ModelFileError(f"model file not found: '{cfg.model_path}'")
+        self.layout = discover_layout(cfg.model_path)  # corrupt, truncated or dense → ModelFileError
+
+        self._native_cache = None
+        if cfg.cache_bytes is not None:
+            params = ExpertCacheParams(cache=replace(cfg.cache, budget_bytes=int(cfg.cache_bytes)),
+                                       n_io_threads=cfg.n_io_threads, predict=cfg.predict)
+            native_params = params.to_native()
+            try:
+                self._native_cache = _native.ExpertCache(self.layout, native_params)
+            except ValueError as exc:
+                raise CacheBudgetError(f"cache budget of {cfg.cache_bytes} bytes does not work for "
+                                       f"'{cfg.model_path}': {exc}") from None
+
+        _quiet_llama_logs(cfg.verbose)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP  # weights stay in the file mapping
+        mparams.lazy_mode = 0                               # LLAMA_LAZY_MODE_OFF
+        mparams.use_extra_bufts = False                     # no repacked private copies (DESIGN.md)
+        try:
+            self._model = _internals.LlamaModel(path_model=cfg.model_path, params=mparams, verbose=cfg.verbose)
+        except ValueError as exc:
+            raise ModelFileError(f"llama.cpp could not load '{cfg.model_path}': {exc}") from None
+        self._stack.callback(self._model.close)
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = cfg.n_ctx
+        cparams.n_batch = cfg.n_batch
+        cparams.n_ubatch = cfg.n_batch
+        threads = cfg.n_threads or os.cpu_count() or 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        if self._native_cache is not None:
+            self._native_cache.attach()
+            self._cb_eval = llama_cpp.ggml_backend_sched_eval_callback(self._native_cache.callback_address)
+            cparams.cb_eval = self._cb_eval
+            cparams.cb_eval_user_data = ctypes.c_void_p(self._native_cache.user_data_address)
+        try:
+            self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=cfg.verbose)
+        except ValueError as exc:
+            raise InvalidParameterError(f"llama.cpp could not create a context with n_ctx={cfg.n_ctx}, "
+                                        f"n_batch={cfg.n_batch}: {exc}") from None
+        self._stack.callback(self._ctx.close)  # runs before the model's close (LIFO)
+        self._batch = _internals.LlamaBatch(n_tokens=cfg.n_batch, embd=0, n_seq_max=1, verbose=cfg.verbose)
+        self._stack.callback(self._batch.close)
+        self._vocab = self._model.vocab
+        self._add_bos = bool(self._model.add_bos_token())
+        self.n_ctx = self._ctx.n_ctx()
+        self.last_generation: Generation | None = None
+
+    def close(self) -> None:
+        """Frees context, model and cache; safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stack.close()
+            self._native_cache = None
+
+    def __enter__(self) -> "MoEEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def has_cache(self) -> bool:
+        return self._native_cache is not None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+
+    def cache_stats(self) -> dict[str, float]:
+        """Cumulative cache counters since load, derived rates, budget and resident bytes."""
+        self._check_open()
+        if self._native_cache is None:
+            return {}
+        with self._lock:
+            counters = self._native_cache.counters()
+            stats: dict[str, float] = dict(counters)
+            stats.update(derived_stats(counters))
+            stats["resident_bytes"] = self._native_cache.resident_bytes
+            stats["budget_bytes"] = self._native_cache.budget_bytes
+            return stats
+
+    def measured_resident_bytes(self) -> int:
+        """Expert bytes of the model actually in memory now (mincore), cache or not."""
+        self._check_open()
+        if self._native_cache is None:
+            raise InvalidParameterError("measured_resident_bytes needs the expert cache (cache_bytes set)")
+        with self._lock:
+            return self._native_cache.measured_resident_bytes()
+
+    def warmth(self) -> bytes:
+        """The warmth report (msgpack, see ``cluster.warmth``)."""
+        self._check_open()
+        if self._native_cache is None:
+            raise InvalidParameterError("a warmth report needs the expert cache (cache_bytes set)")
+        with self._lock:
+            resident, heat = self._native_cache.warmth()
+            return warmth_report.encode(resident, heat, budget_bytes=self._native_cache.budget_bytes,
+                                        resident_bytes=self._native_cache.resident_bytes,
+                                        counters=self._native_cache.counters())
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop: Sequence[str] = ()) -> Generation:
+        """Generates a completion and returns it with timings, cache statistics and trace."""
+        stream = self.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed, stop=stop)
+        while True:
+            try:
+                next(stream)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0, stop: Sequence[str] = ()) -> Generator[str, None, Generation]:
+        """Yields text pieces as they are generated; the generator returns the ``Generation``.
+
+        Parameters are checked before anything runs: bad ones raise ``InvalidParameterError``,
+        a prompt that does not fit raises ``PromptTooLongError``.
+        """
+        self._check_open()
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidParameterError(f"prompt must be a non-empty string, got {prompt!r}")
+        if isinstance(stop, str):
+            stop = (stop,)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop=tuple(stop))
+        params.validate(self.n_ctx)
+        tokens = self.tokenize(prompt)
+        if len(tokens) >= self.n_ctx:
+            raise PromptTooLongError(f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
+                                     f"(at least one more is needed to generate)")
+        return self._run(tokens, params)
+
+    def _run(self, prompt_tokens: list[int], params: SamplingParams) -> Generator[str, None, Generation]:
+        with self._lock:
+            self._check_open()
+            cache = self._native_cache
+            if cache is not None:
+                cache.take_trace()
+                counters_before = cache.counters()
+                counts_before = cache.expert_counts()
+            sampler = self._make_sampler(params)
+            try:
+                llama_cpp.llama_memory_clear(self._ctx.memory, True)
+                t0 = time.perf_counter()
+                self._decode(prompt_tokens, n_past=0)
+                prefill_s = time.perf_counter() - t0
+
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                generated: list[int] = []
+                text, emitted = "", 0
+                hold = max((len(s) for s in params.stop), default=1) - 1
+                finish = "length"
+                t1 = time.perf_counter()
+                n_past = len(prompt_tokens)
+                while len(generated) < params.max_tokens:
+                    token = llama_cpp.llama_sampler_sample(sampler.sampler, self._ctx.ctx, -1)
+                    if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                        finish = "stop"
+                        break
+                    generated.append(token)
+                    text += decoder.decode(self._piece(token))
+                    cut = _find_stop(text, params.stop)
+                    if cut is not None:
+                        text, finish = text[:cut], "stop"
+                        break
+                    safe = len(text) - hold if params.stop else len(text)
+                    if safe > emitted:
+                        yield text[emitted:safe]
+                        emitted = safe
+                    if len(generated) == params.max_tokens or n_past >= self.n_ctx:
+                        break
+                    self._decode([token], n_past=n_past)
+                    n_past += 1
+                if finish == "length":
+                    text += decoder.decode(b"", final=True)
+                decode_s = time.perf_counter() - t1
+                if len(text) > emitted:
+                    yield text[emitted:]
+            finally:
+                sampler.close()
+                if cache is not None:
+                    cache.settle()
+
+            stats: dict[str, float] = {}
+            counts = trace = None
+            if cache is not None:
+                after = cache.counters()
+                delta = {k: after[k] - counters_before[k] for k in after}
+                stats = dict(delta)
+                stats.update(derived_stats(delta))
+                stats["resident_bytes"] = cache.resident_bytes
+                stats["budget_bytes"] = cache.budget_bytes
+                counts = cache.expert_counts() - counts_before
+                trace = RoutingTrace.from_native(cache.take_trace())
+            result = Generation(text=text, tokens=tuple(generated), n_prompt_tokens=len(prompt_tokens),
+                                finish_reason=finish, prefill_s=prefill_s, decode_s=decode_s, cache=stats,
+                                expert_counts=counts, trace=trace)
+            self.last_generation = result
+            return result
+
+    def _decode(self, tokens: list[int], n_past: int) -> None:
+        step = self.config.n_batch
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start:start + step]
+            self._batch.set_batch(chunk, n_past=n_past + start, logits_all=False)
+            rc = llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc} at position {n_past + start}")
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes of one token (llama_token_to_piece; the buffer grows for long pieces)."""
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, False)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+    def _make_sampler(self, params: SamplingParams) -> _internals.LlamaSampler:
+        sampler = _internals.LlamaSampler()
+        if params.temperature == 0.0:
+            sampler.add_greedy()
+        else:
+            if params.top_p < 1.0:
+                sampler.add_top_p(params.top_p, 1)
+            sampler.add_temp(params.temperature)
+            sampler.add_dist(params.seed)
+        return sampler
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("the engine was closed")
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Index where the earliest stop string starts in ``text``, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+_LOG_CALLBACK = None
+
+
+def _quiet_llama_logs(verbose: bool) -> None:
+    """Routes llama.cpp's log to nowhere unless verbose (the callback must stay referenced)."""
+    global _LOG_CALLBACK
+    if verbose or _LOG_CALLBACK is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def _silent(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        return None
+
+    _LOG_CALLBACK = _silent
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
