@@ -37,7 +37,7 @@ class CacheConfig:
 
     budget_bytes: int
     probation_fraction: float = 0.25
-    heat_half_life_steps: float = 64.0
+    heat_half_life_steps: float = 8.0
     prefill_weight: float = 0.25
     layer_floor_fraction: float = 0.5
     eviction: str = "scan_resistant"

@@ -277,7 +277,7 @@ void cache_policy::predict(int layer, const int32_t * experts, int n, cache_plan
     for (int32_t e : predicted) {
         const int32_t u = base + e;
         if (is_resident(u)) { continue; }
-        if (!make_room(unit_bytes_[u], /*probation_only*/ true, plan)) { break; }
+        if (!make_room(unit_bytes_[u], /*probation_only*/ false, plan)) { break; }
         insert(u, CACHE_SEGMENT_PROBATION);
         prefetched_[u] = 1;
         counters_.n_prefetch_issued++;

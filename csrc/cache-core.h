@@ -26,13 +26,14 @@
 //   * The units of the access in progress are pinned, as are units with I/O in flight; a
 //     selection larger than the budget (a big prefill layer) is admitted and trimmed by the
 //     following accesses or by `settle()`.
-//   * Prefetch (`predict`) only ever evicts PROBATION units: speculation never costs the hot set.
+//   * Prefetch (`predict`) reads predicted units into PROBATION, evicting by the same rule as a
+//     decode miss (a prediction is right about as often as a decode access is repeated).
 // CACHE_EVICTION_LRU: one recency list, no segments, no heat — the baseline to beat.
 //
 // Knobs (cache_config):
 //   budget_bytes          bytes of expert footprint allowed resident           > 0, required
 //   probation_fraction    target share of the budget for PROBATION            [0.01, 0.9], 0.25
-//   heat_half_life_steps  half-life of heat, in steps (one step = one ubatch)  > 0, 64
+//   heat_half_life_steps  half-life of heat, in steps (one step = one ubatch)  > 0, 8
 //   prefill_weight        heat of a prefill access relative to a decode one    [0, 1], 0.25
 //   layer_floor_fraction  protected share of a layer's fair share              [0, 1], 0.5
 //   eviction              CACHE_EVICTION_SCAN_RESISTANT | CACHE_EVICTION_LRU
@@ -56,7 +57,7 @@ enum cache_eviction {
 struct cache_config {
     uint64_t       budget_bytes         = 0;
     double         probation_fraction   = 0.25;
-    double         heat_half_life_steps = 64.0;
+    double         heat_half_life_steps = 8.0;
     double         prefill_weight       = 0.25;
     double         layer_floor_fraction = 0.5;
     cache_eviction eviction             = CACHE_EVICTION_SCAN_RESISTANT;

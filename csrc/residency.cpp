@@ -68,6 +68,8 @@ file_residency::file_residency(const std::string & path) : page_size_(residency_
         throw std::runtime_error("cannot stat model file '" + path + "': " + err);
     }
     file_size_ = uint64_t(st.st_size);
+    // Dirty pages (a model just written) cannot be dropped: write them back first.
+    fdatasync(fd_);
     char resolved[PATH_MAX];
     const std::string real_path = realpath(path.c_str(), resolved) ? std::string(resolved) : std::string();
     segments_ = residency_find_mapping(uint64_t(st.st_dev), uint64_t(st.st_ino), real_path);

@@ -1,0 +1,1 @@
+"""Benchmarks: engine overhead, bounded memory, cache policy (and, later, routing)."""

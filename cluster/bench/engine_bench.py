@@ -1,0 +1,331 @@
+"""``python -m cluster bench engine``: overhead, bounded memory and cache-policy benchmarks.
+
+Every figure in the report comes from this run:
+  * overhead — the same model twice in one process, no memory pressure, generations
+    alternated side by side: decode tok/s with the cache (budget >= model) / without.
+  * bounded memory — child processes under a cgroup memory limit of 50 % of the model file,
+    the file's page cache dropped before each run: plain llama.cpp (mmap) vs the engine with
+    the cache under the same limit, and the engine with no limit; disk bytes read per token
+    (prefill and decode separately) from /proc/self/io.
+  * policy — routing traces recorded from the model, replayed through the policy core at
+    budgets of 10 %..100 % of the expert bytes: scan_resistant vs lru vs the best static set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster import synth
+from cluster.bench import memlimit
+from cluster.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
+from cluster.cli import MIB, default_model
+
+BUDGET_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    max_tokens: int
+    topic: int
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _prompts(model_path: str, n: int, *, n_words: int, preamble_words: int = 0, seed: int = 0,
+             topic_order: list[int] | None = None) -> list[tuple[str, int]]:
+    """Topic prompts (a mixed-topic preamble first when preamble_words > 0)."""
+    try:
+        topics = synth.read_topics(model_path)
+    except ValueError:
+        return [(f"Question {i}: explain how experts are routed in a mixture of experts model.", 0) for i in range(n)]
+    order = topic_order or [i % len(topics) for i in range(n)]
+    out = []
+    for i, t in enumerate(order[:n]):
+        text = ""
+        if preamble_words:
+            per = max(1, preamble_words // len(topics))
+            text = synth.mixed_prompt(topics, list(range(len(topics))), per, seed=seed + 1000 + i)
+        text += synth.topic_prompt(topics, t % len(topics), n_words, seed=seed + i)
+        out.append((text, t))
+    return out
+
+
+# -- overhead ------------------------------------------------------------------------------
+
+def bench_overhead(model_path: str, *, pairs: int, max_tokens: int, progress: bool) -> dict[str, Any]:
+    from cluster.engine import MoEEngine
+
+    layout = discover_layout(model_path)
+    budget = int(layout.unit_bytes.sum() * 1.05)
+    prompt = _prompts(model_path, 1, n_words=32)[0][0]
+    with MoEEngine(model_path, None, n_ctx=1024) as plain, MoEEngine(model_path, budget, n_ctx=1024) as cached:
+        engines = {"plain": plain, "cache": cached}
+        for engine in engines.values():  # warm-up: page cache, thread pools
+            engine.generate(prompt, max_tokens=8)
+        samples: dict[str, list[float]] = {"plain": [], "cache": []}
+        texts = set()
+        for i in range(pairs):
+            order = ("plain", "cache") if i % 2 == 0 else ("cache", "plain")
+            for name in order:
+                gen = engines[name].generate(prompt, max_tokens=max_tokens)
+                samples[name].append(gen.decode_tok_s)
+                texts.add(gen.text)
+            _log(progress, f"  overhead pair {i + 1}/{pairs}: plain {samples['plain'][-1]:.1f} tok/s, "
+                           f"cache {samples['cache'][-1]:.1f} tok/s")
+        stats = cached.cache_stats()
+    ratios = [c / p for c, p in zip(samples["cache"], samples["plain"])]
+    return {
+        "pairs": pairs,
+        "max_tokens": max_tokens,
+        "budget_bytes": budget,
+        "plain_tok_s": samples["plain"],
+        "cache_tok_s": samples["cache"],
+        "ratio_median": statistics.median(ratios),
+        "ratio_of_medians": statistics.median(samples["cache"]) / statistics.median(samples["plain"]),
+        "ratios": ratios,
+        "same_text": len(texts) == 1,
+        "cache_hit_rate": stats["hit_rate"],
+    }
+
+
+# -- bounded memory ------------------------------------------------------------------------
+
+def _run_worker(spec: dict[str, Any], limit: memlimit.MemoryLimit | None, timeout_s: float) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+        spec_path = f.name
+    argv = [sys.executable, "-m", "cluster.bench.worker", spec_path]
+    env = dict(os.environ)
+    t0 = time.perf_counter()
+    try:
+        if limit is None:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
+        else:
+            proc = limit.run(argv, timeout_s=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s", "wall_s": time.perf_counter() - t0}
+    finally:
+        os.unlink(spec_path)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}", "wall_s": time.perf_counter() - t0}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t0
+    if limit is not None:
+        result["cgroup_peak_bytes"] = limit.peak_bytes()
+    return result
+
+
+def _summarise_run(run: dict[str, Any]) -> dict[str, Any]:
+    if "error" in run:
+        return run
+    reqs = run["requests"]
+    n_prompt = sum(r["n_prompt_tokens"] for r in reqs)
+    n_gen = sum(r["n_generated"] for r in reqs)
+    decode_steps = sum(max(0, r["n_generated"] - 1) for r in reqs)
+    decode_s = sum(r["decode_s"] for r in reqs)
+    out = {
+        "load_s": run["load_s"],
+        "prefill_s": sum(r["prefill_s"] for r in reqs),
+        "decode_tok_s": decode_steps / decode_s if decode_s > 0 else float("nan"),
+        "n_prompt_tokens": n_prompt,
+        "n_generated": n_gen,
+        "prefill_read_bytes_per_token": sum(r["prefill_read_bytes"] for r in reqs) / max(1, n_prompt),
+        "decode_read_bytes_per_token": sum(r["decode_read_bytes"] for r in reqs) / max(1, decode_steps),
+        "rss_anon_bytes": run["rss_anon_bytes"],
+        "wall_s": run["wall_s"],
+        "texts": [r["text"] for r in reqs],
+    }
+    if run.get("cgroup_peak_bytes") is not None:
+        out["cgroup_peak_bytes"] = run["cgroup_peak_bytes"]
+    if run.get("cache_stats"):
+        c = run["cache_stats"]
+        out["cache_decode_hit_rate"] = c["decode_hit_rate"]
+        out["cache_bytes_read_decode_per_token"] = c["bytes_read_decode"] / max(1, c["n_tokens_decode"])
+        out["cache_bytes_read_prefill_per_token"] = c["bytes_read_prefill"] / max(1, c["n_tokens_prefill"])
+        out["prefetch_precision"] = c["prefetch_precision"]
+        out["budget_bytes"] = c["budget_bytes"]
+    return out
+
+
+def bench_bounded(model_path: str, *, n_requests: int, max_tokens: int, progress: bool,
+                  limit_fraction: float = 0.5, timeout_s: float = 1500.0) -> dict[str, Any]:
+    reason = memlimit.unavailable_reason()
+    if reason:
+        return {"skipped": reason}
+    layout = discover_layout(model_path)
+    file_size = os.path.getsize(model_path)
+    limit_bytes = int(limit_fraction * file_size)
+    requests = [{"prompt": p, "max_tokens": max_tokens}
+                for p, _ in _prompts(model_path, n_requests, n_words=48, preamble_words=96)]
+    base = {"model": model_path, "requests": requests, "n_ctx": 1024}
+
+    _log(progress, "  bounded memory: engine with cache, no limit")
+    memlimit.drop_page_cache(model_path)
+    unlimited = _run_worker({**base, "cache_bytes": int(layout.unit_bytes.sum() * 1.05)}, None, timeout_s)
+    if "error" in unlimited:
+        return {"error": f"unlimited run failed: {unlimited['error']}"}
+    # Budget under the limit: what is left once non-expert pages, the process's anonymous
+    # memory (measured by the unlimited run) and a safety margin are counted.
+    margin = 64 * MIB + limit_bytes // 20
+    budget = limit_bytes - layout.non_expert_bytes - unlimited["rss_anon_bytes"] - margin
+    if budget <= 0:
+        return {"skipped": f"a {limit_bytes / MIB:.0f} MiB limit leaves no room for experts"}
+    runs = {"cache_unlimited": _summarise_run(unlimited)}
+    with memlimit.MemoryLimit("sniper-bench", limit_bytes) as limit:
+        for name, cache_bytes in (("plain_limited", None), ("cache_limited", int(budget))):
+            _log(progress, f"  bounded memory: {name} (limit {limit_bytes / MIB:.0f} MiB)")
+            memlimit.drop_page_cache(model_path)
+            runs[name] = _summarise_run(_run_worker({**base, "cache_bytes": cache_bytes}, limit, timeout_s))
+    ok = all("error" not in r for r in runs.values())
+    result: dict[str, Any] = {
+        "limit_bytes": limit_bytes,
+        "file_bytes": file_size,
+        "cache_budget_bytes": int(budget),
+        "n_requests": n_requests,
+        "max_tokens": max_tokens,
+        "runs": runs,
+    }
+    if ok:
+        result["speedup_vs_plain"] = runs["cache_limited"]["decode_tok_s"] / runs["plain_limited"]["decode_tok_s"]
+        result["fraction_of_unlimited"] = runs["cache_limited"]["decode_tok_s"] / runs["cache_unlimited"]["decode_tok_s"]
+        result["same_text"] = runs["cache_limited"]["texts"] == runs["plain_limited"]["texts"] == runs["cache_unlimited"]["texts"]
+    return result
+
+
+# -- policy --------------------------------------------------------------------------------
+
+def record_traces(model_path: str, workloads: dict[str, list[tuple[str, int]]], max_tokens: int,
+                  progress: bool) -> tuple[dict[str, RoutingTrace], dict[str, dict[str, float]]]:
+    """Runs each workload on an engine with the whole model resident and keeps its routing trace."""
+    from cluster.engine import MoEEngine
+
+    layout = discover_layout(model_path)
+    traces, live = {}, {}
+    with MoEEngine(model_path, int(layout.unit_bytes.sum() * 1.05), n_ctx=2048) as engine:
+        for name, prompts in workloads.items():
+            parts = []
+            for prompt, _ in prompts:
+                gen = engine.generate(prompt, max_tokens=max_tokens)
+                parts.append(gen.trace)
+            traces[name] = RoutingTrace.concat(parts)
+            stats = engine.cache_stats()
+            live[name] = {"prefetch_precision": stats["prefetch_precision"], "prefetch_recall": stats["prefetch_recall"]}
+            _log(progress, f"  recorded {name}: {len(traces[name])} events")
+    return traces, live
+
+
+def static_best(trace: RoutingTrace, unit_bytes: np.ndarray, budget: int) -> dict[str, float]:
+    """The best static set for ``budget``: most-selected decode units, chosen knowing the whole trace."""
+    n_layers, n_experts = unit_bytes.shape
+    counts = np.zeros((n_layers, n_experts), dtype=np.int64)
+    n_tokens = 0
+    for step in trace.decode_steps():
+        n_tokens += 1
+        for layer, ids in step.items():
+            np.add.at(counts[layer], np.unique(ids), 1)
+    flat, sizes = counts.ravel(), unit_bytes.ravel()
+    chosen = np.zeros(flat.shape, dtype=bool)
+    used = 0
+    for u in np.argsort(-flat, kind="stable"):
+        if flat[u] == 0 or used + sizes[u] > budget:
+            continue
+        chosen[u] = True
+        used += int(sizes[u])
+    total = flat.sum()
+    hit = flat[chosen].sum()
+    miss_bytes = (flat[~chosen] * sizes[~chosen]).sum()
+    return {"decode_hit_rate": float(hit / total) if total else float("nan"),
+            "decode_bytes_read_per_token": float(miss_bytes / max(1, n_tokens))}
+
+
+def replay_policy(trace: RoutingTrace, unit_bytes: np.ndarray, n_experts_used: int, budget: int,
+                  eviction: str) -> dict[str, float]:
+    n_layers, n_experts = unit_bytes.shape
+    policy = CachePolicy(n_layers, n_experts, unit_bytes, CacheConfig(budget_bytes=budget, eviction=eviction),
+                         n_experts_used)
+    policy.replay(trace)
+    c = policy.counters()
+    decode = c["n_hits_decode"] + c["n_misses_decode"]
+    return {"decode_hit_rate": c["n_hits_decode"] / decode if decode else float("nan"),
+            "decode_bytes_read_per_token": c["bytes_read_decode"] / max(1, c["n_tokens_decode"]),
+            "prefetch_used_fraction": c["n_prefetch_used"] / max(1, c["n_prefetch_issued"])}
+
+
+def bench_policy(model_path: str, *, n_requests: int, max_tokens: int, progress: bool) -> dict[str, Any]:
+    layout = discover_layout(model_path)
+    unit_bytes = np.asarray(layout.unit_bytes, dtype=np.int64)
+    footprint = int(unit_bytes.sum())
+    # chat: one conversation's turns after another (what a node sees when the router keeps a
+    # conversation on it), each turn re-reading a long mixed-topic preamble (a prefill scan).
+    # interleaved: two conversations alternate, two turns each, then the next two; no preamble.
+    half = max(1, n_requests // 2)
+    sequential = [i // half for i in range(n_requests)]
+    interleaved = [t for pair in range(0, half, 2) for t in (pair, pair + 1, pair, pair + 1)][:n_requests]
+    workloads = {
+        "chat": _prompts(model_path, n_requests, n_words=24, preamble_words=160, topic_order=sequential),
+        "interleaved": _prompts(model_path, n_requests, n_words=48, topic_order=interleaved),
+    }
+    traces, live = record_traces(model_path, workloads, max_tokens, progress)
+    result: dict[str, Any] = {"budget_fractions": list(BUDGET_FRACTIONS), "workloads": {}}
+    for name, trace in traces.items():
+        rows = []
+        for fraction in BUDGET_FRACTIONS:
+            budget = int(fraction * footprint)
+            try:
+                row = {"fraction": fraction,
+                       "scan_resistant": replay_policy(trace, unit_bytes, layout.n_experts_used, budget, "scan_resistant"),
+                       "lru": replay_policy(trace, unit_bytes, layout.n_experts_used, budget, "lru"),
+                       "static_best": static_best(trace, unit_bytes, budget)}
+            except ValueError as exc:  # budget below one decode step
+                row = {"fraction": fraction, "error": str(exc)}
+            rows.append(row)
+        result["workloads"][name] = {"rows": rows, **live[name],
+                                     "n_decode_tokens": len(trace.decode_steps()), "n_events": len(trace)}
+    return result
+
+
+# -- report --------------------------------------------------------------------------------
+
+def run_engine_bench(model: str | None, out_dir: Path, *, quick: bool = False, progress: bool = True) -> dict[str, Any]:
+    model_path = model or str(default_model("bench", progress=progress))
+    layout = discover_layout(model_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    result: dict[str, Any] = {
+        "command": "python -m cluster bench engine" + (f" --model {model}" if model else "") + (" --quick" if quick else ""),
+        "started": started,
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+                    "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
+        "model": {"path": model_path, "arch": layout.arch, "n_layers": layout.n_layers, "n_experts": layout.n_experts,
+                  "n_experts_used": layout.n_experts_used, "file_bytes": layout.file_size,
+                  "expert_bytes": layout.expert_bytes, "non_expert_bytes": layout.non_expert_bytes},
+    }
+    _log(progress, "overhead (no memory pressure, alternated side by side)")
+    result["overhead"] = bench_overhead(model_path, pairs=3 if quick else 6, max_tokens=16 if quick else 48,
+                                        progress=progress)
+    _log(progress, "bounded memory (cgroup limit = 50 % of the model file, page cache dropped)")
+    result["bounded_memory"] = bench_bounded(model_path, n_requests=2 if quick else 3,
+                                             max_tokens=16 if quick else 48, progress=progress)
+    _log(progress, "policy (recorded traces replayed at budgets 10-100 %)")
+    result["policy"] = bench_policy(model_path, n_requests=4 if quick else 8, max_tokens=24 if quick else 64,
+                                    progress=progress)
+    from cluster.bench.report import write_engine_report
+
+    result["report"] = str(write_engine_report(result, out_dir))
+    return result

@@ -1,0 +1,168 @@
+"""Writes benchmark results as docs/benchmarks.md, PNG plots and the raw JSON.
+
+Only numbers present in the result dict are written: the report is a rendering of one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MIB = 1 << 20
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _plot_policy(policy: dict[str, Any], path: Path) -> None:
+    workloads = policy["workloads"]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
+    for ax, (name, data) in zip(axes[0], workloads.items()):
+        rows = [r for r in data["rows"] if "error" not in r]
+        xs = [100 * r["fraction"] for r in rows]
+        for key, label in (("scan_resistant", "scan_resistant (ours)"), ("lru", "LRU"), ("static_best", "best static set")):
+            ax.plot(xs, [100 * r[key]["decode_hit_rate"] for r in rows], marker="o", label=label)
+        ax.set_title(f"workload: {name}")
+        ax.set_xlabel("budget (% of expert bytes)")
+        ax.set_ylabel("decode hit rate (%)")
+        ax.set_ylim(0, 101)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_bounded(bounded: dict[str, Any], path: Path) -> None:
+    runs = bounded["runs"]
+    names = [n for n in ("plain_limited", "cache_limited", "cache_unlimited") if "error" not in runs.get(n, {"error": 1})]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].bar(names, [runs[n]["decode_tok_s"] for n in names], color=["#c44", "#4a4", "#48c"][: len(names)])
+    axes[0].set_ylabel("decode tok/s")
+    axes[0].set_title(f"limit {bounded['limit_bytes'] / MIB:.0f} MiB = 50 % of the model")
+    width = 0.38
+    xs = range(len(names))
+    axes[1].bar([x - width / 2 for x in xs], [runs[n]["prefill_read_bytes_per_token"] / MIB for n in names], width,
+                label="prefill")
+    axes[1].bar([x + width / 2 for x in xs], [runs[n]["decode_read_bytes_per_token"] / MIB for n in names], width,
+                label="decode")
+    axes[1].set_xticks(list(xs), names)
+    axes[1].set_ylabel("MiB read from disk per token")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench-engine.json").write_text(json.dumps(result, indent=1, default=float))
+    m, model = result["machine"], result["model"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Produced by `{result['command']}` on {result['started']} "
+        f"({m['cpus']} CPUs, {m['mem_total_bytes'] / (1 << 30):.0f} GiB, Linux {m['kernel']}). "
+        "Raw numbers: `bench-engine.json`. Timings are ratios of runs made side by side in this one run.",
+        "",
+        f"Model: `{model['path']}` — {model['arch']}, {model['n_layers']} layers × {model['n_experts']} experts "
+        f"(top-{model['n_experts_used']}), file {model['file_bytes'] / MIB:.0f} MiB, experts "
+        f"{model['expert_bytes'] / MIB:.0f} MiB, non-expert pages {model['non_expert_bytes'] / MIB:.0f} MiB.",
+        "",
+        "## Engine overhead (no memory pressure)",
+        "",
+    ]
+    o = result["overhead"]
+    lines += [
+        f"Two engines on the same model in one process, generations alternated ({o['pairs']} pairs, "
+        f"{o['max_tokens']} tokens each); the cache's budget covers the whole model.",
+        "",
+        "| | decode tok/s (median) |",
+        "|---|---|",
+        f"| plain llama.cpp | {_fmt(sorted(o['plain_tok_s'])[len(o['plain_tok_s']) // 2], 1)} |",
+        f"| with expert cache | {_fmt(sorted(o['cache_tok_s'])[len(o['cache_tok_s']) // 2], 1)} |",
+        "",
+        f"**Ratio with/without cache: {_fmt(o['ratio_median'], 3)}** (median of per-pair ratios; "
+        f"ratio of medians {_fmt(o['ratio_of_medians'], 3)}). Same text both ways: {o['same_text']}.",
+        "",
+        "## Bounded memory",
+        "",
+    ]
+    b = result["bounded_memory"]
+    if "skipped" in b or "error" in b:
+        lines += [f"Not measured: {b.get('skipped') or b.get('error')}.", ""]
+    else:
+        lines += [
+            f"Each run is a fresh process; the model file's page cache is dropped first. Limited runs are "
+            f"in a cgroup with memory limit {b['limit_bytes'] / MIB:.0f} MiB (50 % of the "
+            f"{b['file_bytes'] / MIB:.0f} MiB file; page cache counts). The cache's budget under the limit is "
+            f"{b['cache_budget_bytes'] / MIB:.0f} MiB (limit − non-expert pages − the process's anonymous memory − margin). "
+            f"Workload: {b['n_requests']} requests (mixed-topic preamble + topic question), {b['max_tokens']} tokens each.",
+            "",
+            "| run | load s | prefill s | decode tok/s | disk MiB/token prefill | disk MiB/token decode | cache decode hit rate |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in b["runs"].items():
+            if "error" in r:
+                lines.append(f"| {name} | failed: {r['error']} | | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {_fmt(r['load_s'], 1)} | {_fmt(r['prefill_s'], 1)} | {_fmt(r['decode_tok_s'], 2)} | "
+                f"{_fmt(r['prefill_read_bytes_per_token'] / MIB, 2)} | {_fmt(r['decode_read_bytes_per_token'] / MIB, 2)} | "
+                f"{_fmt(r.get('cache_decode_hit_rate'), 3)} |")
+        if "speedup_vs_plain" in b:
+            lines += [
+                "",
+                f"**Cache under the limit vs plain mmap under the limit: {_fmt(b['speedup_vs_plain'], 2)}× decode tok/s.** "
+                f"**Cache under the limit vs the same engine with no limit: {_fmt(b['fraction_of_unlimited'], 2)}×.** "
+                f"Identical text in all three runs: {b['same_text']}.",
+            ]
+        _plot_bounded(b, out_dir / "bounded_memory.png")
+        lines += ["", "![bounded memory](bounded_memory.png)", ""]
+    p = result["policy"]
+    lines += [
+        "## Cache policy (trace replay)",
+        "",
+        "Routing traces recorded from the model, replayed through the policy core (the same code the "
+        "eval callback drives) at each budget. `chat`: one conversation's turns after another (what a node "
+        "sees when the router keeps a conversation on it), each turn starting with a long mixed-topic preamble "
+        "(a prefill that touches most experts) before the topic question. `interleaved`: two conversations of "
+        "topic words alternate, two turns each, no preamble. Hit rate counts selected experts already resident "
+        "(read on demand or by the prefetcher); bytes read include prefetches. The best static set is an "
+        "oracle that knows the whole trace.",
+        "",
+    ]
+    for name, data in p["workloads"].items():
+        lines += [
+            f"### Workload `{name}` ({data['n_decode_tokens']} decode tokens; live prefetch precision "
+            f"{_fmt(data['prefetch_precision'], 3)}, recall {_fmt(data['prefetch_recall'], 3)})",
+            "",
+            "| budget | ours: hit rate | ours: MiB read/token | LRU: hit rate | LRU: MiB read/token | best static: hit rate | best static: MiB read/token |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in data["rows"]:
+            if "error" in r:
+                lines.append(f"| {100 * r['fraction']:.0f} % | {r['error']} | | | | | |")
+                continue
+            cells = []
+            for key in ("scan_resistant", "lru", "static_best"):
+                cells += [_fmt(r[key]["decode_hit_rate"], 3), _fmt(r[key]["decode_bytes_read_per_token"] / MIB, 2)]
+            lines.append(f"| {100 * r['fraction']:.0f} % | " + " | ".join(cells) + " |")
+        lines.append("")
+    _plot_policy(p, out_dir / "policy_hit_rate.png")
+    lines += ["![policy hit rate](policy_hit_rate.png)", ""]
+    path = out_dir / "benchmarks.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,230 @@
+"""Command line: ``python -m cluster`` / ``sniper`` — synth, run, demo and bench subcommands.
+
+Every subcommand validates its arguments up front and exits with status 2 and a one-line
+message naming the bad input (no stack trace) when the input is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from cluster.errors import SniperError  # noqa: E402
+
+MIB = 1 << 20
+DEFAULT_MODEL_DIR = Path(os.environ.get("SNIPER_MODEL_DIR", "models"))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def default_model(preset: str = "demo", *, progress: bool = True) -> Path:
+    """Path of the generated default model for ``preset``, synthesising it the first time."""
+    from cluster import synth
+
+    path = DEFAULT_MODEL_DIR / f"{preset}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synth.synthesize(path, synth.PRESETS[preset], progress=progress)
+    return path
+
+
+# -- synth ---------------------------------------------------------------------------------
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from cluster import synth
+
+    config = synth.config_from_args(
+        args.preset, layers=args.layers, experts=args.experts, top_k=args.top_k, dim=args.dim, ff=args.ff,
+        dtype=args.dtype, arch=args.arch, specialization=args.specialization, seed=args.seed)
+    info = synth.synthesize(args.out, config, progress=not args.quiet)
+    result: dict[str, Any] = {"path": str(info.path), "n_bytes": info.n_bytes, "expert_bytes": info.expert_bytes,
+                              "config": json.loads(json.dumps(config.__dict__))}
+    if config.n_experts > 0 and not args.no_report:
+        from cluster.bench.routing_stats import measure_reuse
+
+        result.update(measure_reuse(str(info.path), progress=not args.quiet))
+    _emit(result, args.json, _synth_summary)
+    return 0
+
+
+def _synth_summary(r: dict[str, Any]) -> str:
+    text = f"wrote {r['path']}: {r['n_bytes'] / MIB:.1f} MiB, experts {r['expert_bytes'] / MIB:.1f} MiB"
+    if "reuse_rate" in r:
+        text += (f"\nnext-token expert reuse: {100 * r['reuse_rate']:.1f} % (chance {100 * r['chance_reuse']:.1f} %),"
+                 f" decode selections in the hottest 40 % of experts: {100 * r['top40_coverage']:.1f} %")
+    return text
+
+
+# -- run -----------------------------------------------------------------------------------
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cluster.engine import MoEEngine
+
+    model = args.model or str(default_model("demo", progress=not args.json))
+    cache_bytes = None if args.no_cache else (args.cache_mb * MIB if args.cache_mb else _whole_model_budget(model))
+    with MoEEngine(model, cache_bytes, n_ctx=args.ctx, n_threads=args.threads) as engine:
+        gen = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed)
+        result: dict[str, Any] = {
+            "text": gen.text,
+            "n_prompt_tokens": gen.n_prompt_tokens,
+            "n_generated": gen.n_generated,
+            "finish_reason": gen.finish_reason,
+            "prefill_s": gen.prefill_s,
+            "decode_tok_s": _finite(gen.decode_tok_s),
+            "cache": None,
+            "expert_counts": None,
+        }
+        if engine.has_cache:
+            keys = ("hits", "misses", "hit_rate", "bytes_read", "resident_bytes", "budget_bytes",
+                    "prefetch_precision", "prefetch_recall", "n_evictions", "bytes_prefetched")
+            result["cache"] = {k: _finite(gen.cache[k]) for k in keys}
+            result["expert_counts"] = gen.expert_counts.tolist()
+    _emit(result, args.json, _run_summary)
+    return 0
+
+
+def _whole_model_budget(model: str) -> int:
+    from cluster.cache import discover_layout
+
+    return int(discover_layout(model).unit_bytes.sum())
+
+
+def _run_summary(r: dict[str, Any]) -> str:
+    lines = [r["text"], "",
+             f"{r['n_prompt_tokens']} prompt tokens, {r['n_generated']} generated ({r['finish_reason']}), "
+             f"decode {r['decode_tok_s'] or 0:.1f} tok/s"]
+    if r["cache"]:
+        c = r["cache"]
+        lines.append(f"cache: {c['hits']} hits, {c['misses']} misses, {c['bytes_read'] / MIB:.1f} MiB read, "
+                     f"resident {c['resident_bytes'] / MIB:.1f}/{c['budget_bytes'] / MIB:.1f} MiB, "
+                     f"prefetch precision {c['prefetch_precision'] or 0:.2f} recall {c['prefetch_recall'] or 0:.2f}")
+    return "\n".join(lines)
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import run_demo
+
+    return run_demo(model=args.model, cache_mb=args.cache_mb, n_requests=args.requests)
+
+
+# -- bench ---------------------------------------------------------------------------------
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "engine":
+        from cluster.bench.engine_bench import run_engine_bench
+
+        result = run_engine_bench(model=args.model, out_dir=Path(args.out), quick=args.quick,
+                                  progress=not args.json)
+        _emit(result, args.json, lambda r: f"wrote {r['report']}")
+        return 0
+    raise SystemExit(f"unknown bench suite {args.suite!r}")
+
+
+# -- plumbing ------------------------------------------------------------------------------
+
+def _finite(value: float | int) -> float | int | None:
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def _emit(result: dict[str, Any], as_json: bool, summary: Callable[[dict[str, Any]], str]) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(summary(result))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a deterministic synthetic MoE GGUF")
+    p.add_argument("out", help="output .gguf path")
+    p.add_argument("--preset", choices=("tiny", "demo", "bench"), default="tiny")
+    p.add_argument("--layers", type=_positive_int)
+    p.add_argument("--experts", type=int, help="experts per layer (0: a dense model)")
+    p.add_argument("--top-k", type=_positive_int)
+    p.add_argument("--dim", type=_positive_int)
+    p.add_argument("--ff", type=_positive_int)
+    p.add_argument("--dtype", choices=("f16", "q8_0"))
+    p.add_argument("--arch", choices=("llama", "qwen3moe"))
+    p.add_argument("--specialization", help="number >= 0, or 'realistic'")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-report", action="store_true", help="skip measuring the routing statistics")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("run", help="generate once on this machine and print text and cache statistics")
+    p.add_argument("--model", help="GGUF MoE model (default: the generated demo model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=_positive_int, default=64)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--cache-mb", type=_positive_int, help="expert cache budget in MiB (default: whole model)")
+    budget.add_argument("--no-cache", action="store_true", help="plain llama.cpp, no expert cache")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--ctx", type=_positive_int, default=2048)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="the quick-start job: generate the demo model and serve a few requests")
+    p.add_argument("--model")
+    p.add_argument("--cache-mb", type=_positive_int)
+    p.add_argument("--requests", type=_positive_int, default=6)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md)")
+    p.add_argument("suite", choices=("engine",))
+    p.add_argument("--model", help="GGUF MoE model (default: the generated bench model)")
+    p.add_argument("--out", default="docs", help="directory for benchmarks.md, plots and JSON")
+    p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (SniperError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
