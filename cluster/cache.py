@@ -168,6 +168,49 @@ class RoutingTrace:
                 np.add.at(counts[layer], ids.ravel(), 1)
         return counts
 
+    def _ubatches(self) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """ACCESS events grouped by ubatch (a new ubatch starts when the layer does not increase)."""
+        current: list[tuple[int, np.ndarray]] = []
+        for kind, layer, ids in self.events():
+            if kind != TRACE_ACCESS:
+                continue
+            if current and layer <= current[-1][0]:
+                yield current
+                current = []
+            current.append((layer, ids))
+        if current:
+            yield current
+
+    def split_prefill(self, n_prefill_tokens: int, n_layers: int, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per prefilled token its experts, and the decode selections.
+
+        Returns:
+            prompt_experts: int32 ``[n_prefill_tokens, L, k]``, -1 where a layer did not see the
+                token (llama.cpp's last layer keeps only the rows whose logits are needed).
+            decode_counts: int64 ``[L, E]`` selections of the ubatches after the prefill.
+        """
+        k = 0
+        for kind, _, ids in self.events():
+            if kind == TRACE_ACCESS:
+                k = ids.shape[1]
+                break
+        prompt = np.full((n_prefill_tokens, n_layers, max(k, 1)), -1, dtype=np.int32)
+        decode = np.zeros((n_layers, n_experts), dtype=np.int64)
+        offset = 0
+        for ubatch in self._ubatches():
+            n = ubatch[0][1].shape[0]
+            if offset < n_prefill_tokens:
+                for layer, ids in ubatch:
+                    rows = ids.shape[0]
+                    end = min(offset + n, n_prefill_tokens)
+                    start = max(offset, end - rows)  # fewer rows: the last tokens of the ubatch
+                    prompt[start:end, layer, :] = ids[rows - (end - start):]
+                offset += n
+            else:
+                for layer, ids in ubatch:
+                    np.add.at(decode[layer], ids.ravel(), 1)
+        return prompt, decode
+
     def decode_steps(self) -> list[dict[int, np.ndarray]]:
         """Per single-token ubatch, ``{layer: ids}``: the decode part of the trace."""
         steps: list[dict[int, np.ndarray]] = []

@@ -134,6 +134,98 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(model=args.model, cache_mb=args.cache_mb, n_requests=args.requests)
 
 
+# -- cluster -------------------------------------------------------------------------------
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cluster import deploy
+
+    model = args.model or str(default_model("demo").resolve())
+    if args.local_nodes:
+        address = deploy.start_local_cluster(args.local_nodes)
+        print(f"started a local Ray cluster of {args.local_nodes} nodes at {address}", file=sys.stderr)
+    deploy.connect(args.address, args.namespace)
+    n_nodes = args.nodes or args.local_nodes or 1
+    cache_bytes = None if args.no_cache else (args.cache_mb * MIB if args.cache_mb else _whole_model_budget(model))
+    info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
+                         max_queue=args.max_queue,
+                         memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
+    _emit(info, args.json, lambda r: f"serving {model} on {len(r['nodes'])} nodes, policy {r['policy']}")
+    return 0
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from cluster.client import Client
+
+    return Client.connect(args.address, args.namespace)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.stream:
+        for piece in client.stream(args.text, max_tokens=args.max_tokens, temperature=args.temperature,
+                                   seed=args.seed, session_id=args.session):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    done = client.generate(args.text, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                           session_id=args.session)
+    result = {"text": done.text, "node": done.node, "finish_reason": done.finish_reason, "usage": done.usage,
+              "routing": done.routing}
+    _emit(result, args.json, lambda r: f"{r['text']}\n[{r['node']}, {r['usage']['completion_tokens']} tokens]")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    status = client.status()
+    if args.plot:
+        from cluster.status_plot import plot_heat
+
+        plot_heat(client.heat(), args.plot)
+    _emit(_jsonable(status), args.json, _status_table)
+    return 0
+
+
+def _status_table(status: dict[str, Any]) -> str:
+    def pct(value: Any) -> str:
+        return "-" if value is None or value != value else f"{100 * value:.0f}%"
+
+    rows = [f"policy: {status['policy']}   decisions: {status['decisions']}",
+            f"{'node':16} {'alive':5} {'load':>4} {'served':>6} {'hit rate':>8} {'warm':>6} {'MiB read':>9} {'sessions':>8}"]
+    for n in status["nodes"]:
+        read = "-" if n["bytes_read"] is None else f"{n['bytes_read'] / MIB:.0f}"
+        rows.append(f"{n['name']:16} {str(n['alive']):5} {n['load']:>4} {n['served']:>6} {pct(n['hit_rate']):>8} "
+                    f"{pct(n['warm_fraction']):>6} {read:>9} {n['sessions']:>8}")
+    p = status.get("prediction") or {}
+    if p.get("n"):
+        rows.append(f"expert-demand prediction over {p['n']} requests: precision {pct(p['precision'])}, recall {pct(p['recall'])}")
+    return "\n".join(rows)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def _cmd_shutdown(args: argparse.Namespace) -> int:
+    from cluster import deploy
+
+    try:
+        deploy.connect(args.address, args.namespace)
+        removed = deploy.shutdown(args.namespace)
+    except ConnectionError:
+        removed = []
+    if args.stop_local:
+        deploy.stop_local_cluster()
+    _emit({"removed": removed}, args.json, lambda r: f"removed {', '.join(r['removed']) or 'nothing'}")
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------------------
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -204,6 +296,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=_positive_int, default=6)
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("serve", help="start node actors and the router on a Ray cluster (detached)")
+    p.add_argument("--model", help="GGUF MoE model (default: the generated demo model)")
+    p.add_argument("--nodes", type=_positive_int, help="node actors, one per Ray node (default: --local-nodes or 1)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--cache-mb", type=_positive_int, help="expert cache budget per node in MiB")
+    budget.add_argument("--no-cache", action="store_true")
+    p.add_argument("--policy", default="warmth", help="warmth (default), least_loaded, round_robin, random")
+    p.add_argument("--local-nodes", type=_positive_int, help="first start a local Ray cluster of N nodes on loopback")
+    p.add_argument("--node-memory-mb", type=_positive_int, help="cgroup memory limit of each node actor (root)")
+    p.add_argument("--max-queue", type=_positive_int, default=8)
+    _cluster_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("generate", help="send one request to the running deployment")
+    p.add_argument("text")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--session")
+    p.add_argument("--max-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    _cluster_args(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("status", help="where requests went and how warm each node is")
+    p.add_argument("--plot", help="write a per-node expert-warmth heat map (PNG)")
+    _cluster_args(p)
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("shutdown", help="remove the deployment")
+    p.add_argument("--stop-local", action="store_true", help="also stop the local Ray cluster started by serve")
+    _cluster_args(p)
+    p.set_defaults(func=_cmd_shutdown)
+
     p = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md)")
     p.add_argument("suite", choices=("engine",))
     p.add_argument("--model", help="GGUF MoE model (default: the generated bench model)")
@@ -212,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: the local one)")
+    p.add_argument("--namespace", default="sniper")
+    p.add_argument("--json", action="store_true")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -127,6 +127,7 @@ class Generation:
         expert_counts: selections per (layer, expert) over every token evaluated by this
             request (prompt and fed-back generated tokens); None without a cache.
         trace: this request's routing trace; None without a cache.
+        n_reused_tokens: prompt tokens whose KV state was already in the context (not prefilled).
     """
 
     text: str
@@ -138,6 +139,7 @@ class Generation:
     cache: dict[str, float] = field(default_factory=dict)
     expert_counts: np.ndarray | None = None
     trace: RoutingTrace | None = None
+    n_reused_tokens: int = 0
 
     @property
     def n_generated(self) -> int:
@@ -234,6 +236,8 @@ class MoEEngine:
         self._vocab = self._model.vocab
         self._add_bos = bool(self._model.add_bos_token())
         self.n_ctx = self._ctx.n_ctx()
+        self._n_batch = min(cfg.n_batch, llama_cpp.llama_n_batch(self._ctx.ctx), llama_cpp.llama_n_ubatch(self._ctx.ctx))
+        self._ctx_tokens: list[int] = []
         self.last_generation: Generation | None = None
 
     def close(self) -> None:
@@ -335,10 +339,11 @@ class MoEEngine:
                 counters_before = cache.counters()
                 counts_before = cache.expert_counts()
             sampler = self._make_sampler(params)
+            completed = False
             try:
-                llama_cpp.llama_memory_clear(self._ctx.memory, True)
                 t0 = time.perf_counter()
-                self._decode(prompt_tokens, n_past=0)
+                n_reused = self._reuse_prefix(prompt_tokens)
+                self._decode(prompt_tokens[n_reused:], n_past=n_reused)
                 prefill_s = time.perf_counter() - t0
 
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -347,7 +352,6 @@ class MoEEngine:
                 hold = max((len(s) for s in params.stop), default=1) - 1
                 finish = "length"
                 t1 = time.perf_counter()
-                n_past = len(prompt_tokens)
                 while len(generated) < params.max_tokens:
                     token = llama_cpp.llama_sampler_sample(sampler.sampler, self._ctx.ctx, -1)
                     if llama_cpp.llama_vocab_is_eog(self._vocab, token):
@@ -363,17 +367,19 @@ class MoEEngine:
                     if safe > emitted:
                         yield text[emitted:safe]
                         emitted = safe
-                    if len(generated) == params.max_tokens or n_past >= self.n_ctx:
+                    if len(generated) == params.max_tokens or len(self._ctx_tokens) >= self.n_ctx:
                         break
-                    self._decode([token], n_past=n_past)
-                    n_past += 1
+                    self._decode([token], n_past=len(self._ctx_tokens))
                 if finish == "length":
                     text += decoder.decode(b"", final=True)
                 decode_s = time.perf_counter() - t1
                 if len(text) > emitted:
                     yield text[emitted:]
+                completed = True
             finally:
                 sampler.close()
+                if not completed:  # abandoned or failed mid-way: the KV state is not worth keeping
+                    self._forget_context()
                 if cache is not None:
                     cache.settle()
 
@@ -390,18 +396,64 @@ class MoEEngine:
                 trace = RoutingTrace.from_native(cache.take_trace())
             result = Generation(text=text, tokens=tuple(generated), n_prompt_tokens=len(prompt_tokens),
                                 finish_reason=finish, prefill_s=prefill_s, decode_s=decode_s, cache=stats,
-                                expert_counts=counts, trace=trace)
+                                expert_counts=counts, trace=trace, n_reused_tokens=n_reused)
             self.last_generation = result
             return result
 
+    # -- KV state: prefix reuse and saved sessions ----------------------------------------------
+
+    @property
+    def context_tokens(self) -> tuple[int, ...]:
+        """Tokens whose KV state the context holds now (the last request's prompt and answer)."""
+        return tuple(self._ctx_tokens)
+
+    def _reuse_prefix(self, prompt_tokens: list[int]) -> int:
+        """Keeps the KV of the longest common prefix with the context; returns its length."""
+        held = self._ctx_tokens
+        n = 0
+        limit = min(len(held), len(prompt_tokens) - 1)  # at least one token must be evaluated
+        while n < limit and held[n] == prompt_tokens[n]:
+            n += 1
+        if n == 0 or not llama_cpp.llama_memory_seq_rm(self._ctx.memory, 0, n, -1):
+            llama_cpp.llama_memory_clear(self._ctx.memory, True)
+            n = 0
+        self._ctx_tokens = list(prompt_tokens[:n])
+        return n
+
+    def _forget_context(self) -> None:
+        llama_cpp.llama_memory_clear(self._ctx.memory, True)
+        self._ctx_tokens = []
+
+    def save_state(self) -> tuple[tuple[int, ...], bytes]:
+        """The context's tokens and KV state, to restore later with ``load_state``."""
+        self._check_open()
+        with self._lock:
+            size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, 0)
+            buf = (ctypes.c_uint8 * size)()
+            written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, buf, size, 0)
+            return tuple(self._ctx_tokens), bytes(buf[:written])
+
+    def load_state(self, tokens: Sequence[int], state: bytes) -> bool:
+        """Restores a state from ``save_state``; False (and an empty context) if llama.cpp refuses it."""
+        self._check_open()
+        with self._lock:
+            llama_cpp.llama_memory_clear(self._ctx.memory, True)
+            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            if not state or llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), 0) == 0:
+                self._ctx_tokens = []
+                return False
+            self._ctx_tokens = list(tokens)
+            return True
+
     def _decode(self, tokens: list[int], n_past: int) -> None:
-        step = self.config.n_batch
+        step = self._n_batch  # what the context accepts (llama.cpp may lower the requested size)
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]
             self._batch.set_batch(chunk, n_past=n_past + start, logits_all=False)
             rc = llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc} at position {n_past + start}")
+            self._ctx_tokens.extend(chunk)
 
     def _piece(self, token: int) -> bytes:
         """The bytes of one token (llama_token_to_piece; the buffer grows for long pieces)."""

@@ -65,12 +65,13 @@ class MemoryLimit:
             (self.path / "memory.swap.max").write_text("0")
             self._peak_file = "memory.peak"
 
-    def _enter_cgroup(self) -> None:
+    def enter(self) -> None:
+        """Moves the calling process into the cgroup (pages it faults in from now on count)."""
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
     def run(self, argv: Sequence[str], timeout_s: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Runs ``argv`` in the cgroup; raises subprocess.TimeoutExpired past ``timeout_s``."""
-        return subprocess.run(list(argv), preexec_fn=self._enter_cgroup, capture_output=True, text=True,
+        return subprocess.run(list(argv), preexec_fn=self.enter, capture_output=True, text=True,
                               timeout=timeout_s, env=env)
 
     def peak_bytes(self) -> int:

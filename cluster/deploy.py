@@ -1,0 +1,170 @@
+"""Starting and stopping a deployment on a Ray cluster: local clusters, node actors, the router.
+
+``start_local_cluster`` runs ``ray start`` processes on loopback (one head, N-1 workers: N
+Ray nodes on this machine). ``deploy`` places one node actor per Ray node (a STRICT_SPREAD
+placement group: two never share a node) and the router; all are named and detached, so
+they keep serving after the command that created them returns. ``shutdown`` removes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+from cluster.errors import InvalidParameterError, SniperError
+from cluster.node import NAMESPACE, ROUTER_NAME, NodeConfig, NodeServer, node_name
+
+PLACEMENT_GROUP = "sniper-nodes"
+LOCAL_CLUSTER_FILE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "sniper-local-cluster.json")
+
+
+def loopback_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray on 127.0.0.1 (DESIGN.md)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def start_local_cluster(n_nodes: int, cpus_per_node: int = 2, memory_per_node: int | None = None) -> str:
+    """Starts N Ray nodes on loopback; returns the address ("127.0.0.1:port")."""
+    if n_nodes < 1:
+        raise InvalidParameterError(f"--local-nodes must be >= 1, got {n_nodes}")
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--disable-usage-stats"]
+    if memory_per_node:
+        common.append(f"--memory={memory_per_node}")
+    env = loopback_env()
+    subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                   check=True, capture_output=True, env=env)
+    for _ in range(n_nodes - 1):
+        subprocess.run([_ray_cli(), "start", f"--address={address}", *common], check=True, capture_output=True, env=env)
+    with open(LOCAL_CLUSTER_FILE, "w") as f:
+        json.dump({"address": address, "n_nodes": n_nodes}, f)
+    return address
+
+
+def stop_local_cluster() -> None:
+    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=loopback_env())
+    if os.path.exists(LOCAL_CLUSTER_FILE):
+        os.unlink(LOCAL_CLUSTER_FILE)
+
+
+def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None and os.path.exists(LOCAL_CLUSTER_FILE) and not os.environ.get("RAY_ADDRESS"):
+        with open(LOCAL_CLUSTER_FILE) as f:
+            address = json.load(f)["address"]
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(address=address or "auto", namespace=namespace, logging_level="ERROR", log_to_driver=False)
+
+
+class NodeActor(NodeServer):
+    """Ray shell of NodeServer: reports go to the named router actor."""
+
+    def __init__(self, node_id: str, config: NodeConfig, namespace: str) -> None:
+        self._namespace = namespace
+        self._router = None
+        super().__init__(node_id, config, report_sink=self._to_router)
+
+    def _to_router(self, report: Any) -> None:
+        import ray
+
+        if self._router is None:
+            self._router = ray.get_actor(ROUTER_NAME, namespace=self._namespace)
+        try:
+            self._router.report.remote(report)
+        except Exception:
+            self._router = None
+            raise
+
+
+def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: str = "warmth",
+           namespace: str = NAMESPACE, n_ctx: int = 2048, max_queue: int = 8,
+           memory_limit_bytes: int | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Creates the router and ``n_nodes`` node actors (one per Ray node) and waits until they serve."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from cluster.router import RouterActor
+    from cluster.routing import POLICY_NAMES
+
+    if policy not in POLICY_NAMES:
+        raise InvalidParameterError(f"unknown policy {policy!r}; expected one of {', '.join(POLICY_NAMES)}")
+    if not os.path.isfile(model_path):
+        raise InvalidParameterError(f"model file not found: '{model_path}'")
+    model_path = os.path.abspath(model_path)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if n_nodes < 1 or n_nodes > len(alive):
+        raise InvalidParameterError(f"--nodes {n_nodes}: the Ray cluster has {len(alive)} live nodes "
+                                    f"(one node actor per Ray node)")
+    try:
+        ray.get_actor(ROUTER_NAME, namespace=namespace)
+        raise SniperError(f"a deployment already runs in namespace '{namespace}' (use shutdown first)")
+    except ValueError:
+        pass
+    router = ray.remote(RouterActor).options(
+        name=ROUTER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_concurrency=1000,
+        num_cpus=0).remote(model_path, policy, namespace)
+    ray.get(router.ping.remote(), timeout=timeout_s)
+    pg = placement_group([{"CPU": 1}] * n_nodes, strategy="STRICT_SPREAD", name=PLACEMENT_GROUP,
+                         lifetime="detached")
+    ray.get(pg.ready(), timeout=timeout_s)
+    config = NodeConfig(model_path=model_path, cache_bytes=cache_bytes, n_ctx=n_ctx, max_queue=max_queue,
+                        memory_limit_bytes=memory_limit_bytes)
+    handles = []
+    for i in range(n_nodes):
+        handles.append(ray.remote(NodeActor).options(
+            name=node_name(i), namespace=namespace, lifetime="detached", max_restarts=0,
+            max_concurrency=max_queue + 4, num_cpus=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(node_name(i), config, namespace))
+    ready = ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # the router knows a node once its first report arrived
+        status = ray.get(router.status.remote())
+        if sum(1 for n in status["nodes"] if n["alive"]) >= n_nodes:
+            break
+        time.sleep(0.2)
+    return {"router": ROUTER_NAME, "nodes": ready, "policy": policy, "config": asdict(config)}
+
+
+def shutdown(namespace: str = NAMESPACE) -> list[str]:
+    """Kills the router and every node actor of the namespace; returns what was removed."""
+    import ray
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    removed = []
+    for name in [ROUTER_NAME] + [node_name(i) for i in range(256)]:
+        try:
+            handle = ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            if name != ROUTER_NAME and not name.endswith("-0"):
+                continue
+            continue
+        ray.kill(handle, no_restart=True)
+        removed.append(name)
+    try:
+        remove_placement_group(get_placement_group(PLACEMENT_GROUP))
+    except Exception:
+        pass
+    return removed

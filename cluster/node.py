@@ -1,0 +1,283 @@
+"""Node actor: one per Ray node, hosting an MoEEngine with the expert cache.
+
+``NodeServer`` is a plain class (tests drive it without Ray); ``NodeActor`` is its Ray shell.
+A node:
+  * serves one request at a time on its engine, with a bounded number waiting (``max_queue``);
+    a request beyond that is refused at once with ``OverloadedError``;
+  * keeps the KV state of recent conversations (``session_bytes``, least recently used out), so
+    a conversation's next turn prefills only its new tokens; any request also reuses the
+    longest common prefix with what the context holds;
+  * streams text pieces, and stops generating when the caller cancels;
+  * reports load, health, its warmth report (msgpack), the prefixes it holds and each
+    request's routing trace to the router after every request and on a heartbeat.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from cluster.engine import MoEEngine
+from cluster.errors import InvalidParameterError, SniperError
+from cluster.routing.base import RoutingTraceSummary
+from cluster.routing.warmth import prefix_hashes
+
+NAMESPACE = "sniper"
+ROUTER_NAME = "sniper-router"
+
+
+def node_name(index: int) -> str:
+    return f"sniper-node-{index}"
+
+
+class OverloadedError(SniperError, RuntimeError):
+    """Every queue that could take the request is full; retry later."""
+
+
+class NodeFailedError(SniperError, RuntimeError):
+    """The node serving a stream died after it had sent text."""
+
+
+class NoNodesError(SniperError, RuntimeError):
+    """No live node is registered with the router."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One node's settings.
+
+    Attributes:
+        model_path: GGUF MoE model (every node of a deployment serves the same one).
+        cache_bytes: expert-cache budget (None: plain llama.cpp).
+        n_ctx: context window.
+        n_threads: compute threads (default: the cores Ray gives the node's process).
+        max_queue: requests running or waiting at once.
+        session_bytes: bytes of saved conversation KV states kept.
+        heartbeat_s: seconds between reports when idle.
+        memory_limit_bytes: if set, the node puts its own process under a cgroup memory limit
+            of this size before loading (emulates a RAM-limited machine; needs root).
+    """
+
+    model_path: str
+    cache_bytes: int | None = None
+    n_ctx: int = 2048
+    n_threads: int | None = None
+    max_queue: int = 8
+    session_bytes: int = 64 << 20
+    heartbeat_s: float = 1.0
+    memory_limit_bytes: int | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.max_queue, int) or self.max_queue < 1:
+            raise InvalidParameterError(f"max_queue must be an integer >= 1, got {self.max_queue!r}")
+        if self.session_bytes < 0:
+            raise InvalidParameterError(f"session_bytes must be >= 0, got {self.session_bytes}")
+        if not self.heartbeat_s > 0:
+            raise InvalidParameterError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What a node tells the router (after every request and on every heartbeat)."""
+
+    node_id: str
+    load: int
+    capacity: int
+    healthy: bool
+    warmth: bytes | None
+    prefixes: tuple[str, ...]
+    sessions: tuple[str, ...]
+    stats: dict[str, float]
+    sent_at: float
+    request_id: str | None = None
+    summary: RoutingTraceSummary | None = None
+
+
+@dataclass
+class _Session:
+    tokens: tuple[int, ...]
+    state: bytes
+
+
+class NodeServer:
+    """The node's logic without Ray. ``report_sink`` receives every NodeReport."""
+
+    def __init__(self, node_id: str, config: NodeConfig, report_sink: Any = None) -> None:
+        config.validate()
+        self.node_id = node_id
+        self.config = config
+        if config.memory_limit_bytes:
+            from cluster.bench.memlimit import MemoryLimit
+
+            self._limit = MemoryLimit(f"sniper-{node_id}", config.memory_limit_bytes)
+            self._limit.enter()
+        self.engine = MoEEngine(config.model_path, config.cache_bytes, n_ctx=config.n_ctx, n_threads=config.n_threads)
+        self.report_sink = report_sink
+        self._admit = threading.Lock()
+        self._serve_lock = threading.Lock()
+        self._n_active = 0
+        self._cancelled: set[str] = set()
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._session_bytes = 0
+        self._current_session: str | None = None
+        self._served = 0
+        self._generated = 0
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"{node_id}-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Yields ``{"text": piece}`` items, then ``{"done": True, ...usage...}``.
+
+        Raises OverloadedError at once if ``max_queue`` requests are already here.
+        """
+        with self._admit:
+            if self._n_active >= self.config.max_queue:
+                raise OverloadedError(f"{self.node_id} has {self._n_active} requests (max_queue "
+                                      f"{self.config.max_queue})")
+            self._n_active += 1
+        request_id = request.get("request_id") or uuid.uuid4().hex
+        try:
+            yield from self._serve(request_id, request)
+        finally:
+            with self._admit:
+                self._n_active -= 1
+                self._cancelled.discard(request_id)
+
+    def _serve(self, request_id: str, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        session = request.get("session_id")
+        params = {k: request[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if k in request}
+        with self._serve_lock:  # one request at a time; the threads waiting here are the queue
+            yield from self._generate(request_id, session, request["prompt"], params)
+
+    def _generate(self, request_id: str, session: str | None, prompt: str,
+                  params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        self._switch_session(session)
+        pieces = self.engine.stream(prompt, **params)
+        n_pieces = 0
+        try:
+            while True:
+                if request_id in self._cancelled:
+                    pieces.close()
+                    yield {"cancelled": True, "node": self.node_id}
+                    return
+                try:
+                    piece = next(pieces)
+                except StopIteration as done:
+                    gen = done.value
+                    break
+                n_pieces += 1
+                yield {"text": piece}
+        except BaseException:
+            pieces.close()
+            raise
+        self._current_session = session
+        if session is not None:
+            self._save_session(session)
+        self._served += 1
+        self._generated += gen.n_generated
+        summary = None
+        if gen.trace is not None:
+            layout = self.engine.layout
+            n_prefilled = gen.n_prompt_tokens - gen.n_reused_tokens
+            prompt_experts, decode_counts = gen.trace.split_prefill(n_prefilled, layout.n_layers, layout.n_experts)
+            tokens = self.engine.context_tokens[gen.n_reused_tokens:gen.n_prompt_tokens]
+            summary = RoutingTraceSummary(tokens=tuple(tokens), prompt_experts=prompt_experts,
+                                          decode_counts=decode_counts)
+        self._send_report(request_id, summary)
+        yield {
+            "done": True,
+            "node": self.node_id,
+            "finish_reason": gen.finish_reason,
+            "usage": {"prompt_tokens": gen.n_prompt_tokens, "completion_tokens": gen.n_generated,
+                      "reused_prompt_tokens": gen.n_reused_tokens},
+            "timing": {"prefill_s": gen.prefill_s, "decode_s": gen.decode_s},
+            "cache": {k: v for k, v in gen.cache.items() if k in ("hits", "misses", "bytes_read", "decode_hit_rate",
+                                                                   "prefetch_precision", "prefetch_recall",
+                                                                   "bytes_read_prefill", "bytes_read_decode",
+                                                                   "n_tokens_prefill", "n_tokens_decode")},
+            "decode_counts": None if summary is None else summary.decode_counts,
+            "prompt_experts": None if summary is None else summary.prompt_experts,
+        }
+
+    def cancel(self, request_id: str) -> None:
+        """Stops a running request at its next token (the caller went away)."""
+        with self._admit:
+            self._cancelled.add(request_id)
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def _switch_session(self, session: str | None) -> None:
+        if session == self._current_session:
+            return
+        if self._current_session is not None and self._current_session not in self._sessions:
+            self._save_session(self._current_session)
+        saved = self._sessions.get(session) if session is not None else None
+        if saved is not None:
+            self._sessions.move_to_end(session)
+            self.engine.load_state(saved.tokens, saved.state)
+        self._current_session = session
+
+    def _save_session(self, session: str) -> None:
+        tokens, state = self.engine.save_state()
+        old = self._sessions.pop(session, None)
+        if old is not None:
+            self._session_bytes -= len(old.state)
+        if len(state) > self.config.session_bytes:
+            return
+        self._sessions[session] = _Session(tokens, state)
+        self._session_bytes += len(state)
+        while self._session_bytes > self.config.session_bytes:
+            _, evicted = self._sessions.popitem(last=False)
+            self._session_bytes -= len(evicted.state)
+
+    # -- reports -------------------------------------------------------------------------
+
+    def report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> NodeReport:
+        engine = self.engine
+        held = [engine.context_tokens] + [s.tokens for s in self._sessions.values()]
+        prefixes = tuple(sorted({h for tokens in held for h in prefix_hashes(tokens)}))
+        stats: dict[str, float] = {"served": self._served, "generated_tokens": self._generated,
+                                   "session_bytes": self._session_bytes}
+        warmth = None
+        if engine.has_cache:
+            cache = engine.cache_stats()
+            stats.update({k: cache[k] for k in ("hits", "misses", "hit_rate", "decode_hit_rate", "bytes_read",
+                                                  "bytes_read_prefill", "bytes_read_decode", "n_tokens_prefill",
+                                                  "n_tokens_decode", "resident_bytes", "budget_bytes",
+                                                  "prefetch_precision", "prefetch_recall")})
+            warmth = engine.warmth()
+        return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
+                          warmth=warmth, prefixes=prefixes, sessions=tuple(self._sessions), stats=stats,
+                          sent_at=time.time(), request_id=request_id, summary=summary)
+
+    def _send_report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> None:
+        if self.report_sink is None:
+            return
+        try:
+            self.report_sink(self.report(request_id, summary))
+        except Exception:  # the router may be restarting; the next heartbeat tries again
+            pass
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_s):
+            if self._serve_lock.locked():
+                continue  # busy: the report after the request will do
+            self._send_report()
+
+    def ready(self) -> dict[str, Any]:
+        layout = self.engine.layout
+        return {"node": self.node_id, "pid": os.getpid(), "n_layers": layout.n_layers, "n_experts": layout.n_experts}
+
+    def close(self) -> None:
+        self._stop.set()
+        self.engine.close()

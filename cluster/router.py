@@ -1,0 +1,259 @@
+"""Router actor: picks a node per request with a routing policy and proxies its stream.
+
+``RouterCore`` (plain class) holds what the router knows — live nodes, their last reports,
+the requests it has in flight per node — and asks the policy to rank nodes. ``RouterActor``
+(named, detached ``sniper-router``, restartable) is the async Ray shell that dispatches
+to node actors, retries elsewhere when a node dies before sending any text, ends a stream that
+had started with ``NodeFailedError`` naming the node and the cause, refuses at once with
+``OverloadedError`` when every live node is at capacity, and rebuilds its state from the nodes'
+reports after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import numpy as np
+
+from cluster.node import NodeFailedError, NodeReport, NoNodesError, OverloadedError
+from cluster.routing import NodeView, RouteRequest, make_policy
+from cluster.routing.warmth import WarmthPolicy
+from cluster.warmth import Warmth, WarmthFormatError, decode as decode_warmth
+
+NODE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class NodeState:
+    node_id: str
+    capacity: int
+    last_report: NodeReport | None = None
+    warmth: Warmth | None = None
+    in_flight: int = 0
+    alive: bool = True
+    last_seen: float = field(default_factory=time.monotonic)
+    served: int = 0
+
+
+class RouterCore:
+    """Routing state and decisions, without Ray (the actor feeds it reports and outcomes)."""
+
+    def __init__(self, policy: str = "warmth", clock: Any = time.monotonic, **policy_knobs: Any) -> None:
+        self.policy = make_policy(policy, clock=clock, **policy_knobs)
+        self.clock = clock
+        self.nodes: dict[str, NodeState] = {}
+        self.decisions: Counter[str] = Counter()
+        self.predictions: list[tuple[float, float]] = []  # (precision, recall) per request
+
+    def on_report(self, report: NodeReport) -> None:
+        node = self.nodes.get(report.node_id)
+        if node is None:
+            node = self.nodes[report.node_id] = NodeState(report.node_id, report.capacity)
+            self.policy.on_node_added(report.node_id)
+        node.alive = report.healthy
+        node.capacity = report.capacity
+        node.last_report = report
+        node.last_seen = self.clock()
+        if report.warmth is not None:
+            try:
+                node.warmth = decode_warmth(report.warmth)
+            except WarmthFormatError:
+                node.warmth = None
+        if isinstance(self.policy, WarmthPolicy):
+            self.policy.set_node_prefixes(report.node_id, report.prefixes)
+        if report.summary is not None:
+            self.policy.on_report(report.node_id, report.summary)
+            self._score_prediction(report)
+
+    def _score_prediction(self, report: NodeReport) -> None:
+        predicted = getattr(self.policy, "predicted", {}).pop(report.request_id, None)
+        if predicted is None or report.summary is None:
+            return
+        actual = np.zeros_like(predicted)
+        experts = report.summary.prompt_experts
+        for layer in range(min(actual.shape[0], experts.shape[1] if experts.ndim == 3 else 0)):
+            ids = experts[:, layer, :].ravel()
+            actual[layer, ids[ids >= 0]] = True
+        tp = float((predicted & actual).sum())
+        precision = tp / predicted.sum() if predicted.sum() else float("nan")
+        recall = tp / actual.sum() if actual.sum() else float("nan")
+        self.predictions.append((precision, recall))
+        del self.predictions[:-1000]
+
+    def mark_dead(self, node_id: str) -> None:
+        node = self.nodes.get(node_id)
+        if node is not None and node.alive:
+            node.alive = False
+            self.policy.on_node_removed(node_id)
+
+    def live_nodes(self) -> list[NodeState]:
+        now = self.clock()
+        for node in self.nodes.values():
+            if node.alive and now - node.last_seen > NODE_TIMEOUT_S:
+                self.mark_dead(node.node_id)
+        return [n for n in self.nodes.values() if n.alive]
+
+    def view(self, node: NodeState) -> NodeView:
+        return NodeView(node_id=node.node_id, load=node.in_flight, capacity=node.capacity,
+                        resident=node.warmth.resident if node.warmth else None,
+                        heat=node.warmth.heat if node.warmth else None,
+                        sessions=frozenset(node.last_report.sessions) if node.last_report else frozenset())
+
+    def choose(self, request: RouteRequest, exclude: set[str]) -> list[str]:
+        """Ranked node ids; raises NoNodesError / OverloadedError when nothing can take it."""
+        live = [n for n in self.live_nodes() if n.node_id not in exclude]
+        if not live:
+            raise NoNodesError("no live node is registered with the router" +
+                               (f" (tried {', '.join(sorted(exclude))})" if exclude else ""))
+        with_room = [self.view(n) for n in live if n.in_flight < n.capacity]
+        if not with_room:
+            self.decisions[f"{self.policy.name}:overloaded"] += 1
+            raise OverloadedError(f"all {len(live)} live nodes are at capacity "
+                                  f"({', '.join(f'{n.node_id} {n.in_flight}/{n.capacity}' for n in live)}); retry later")
+        ranked = self.policy.choose(request, with_room)
+        explained = self.policy.explain()
+        self.decisions[f"{self.policy.name}:{'fallback' if 'fallback' in explained else 'ranked'}"] += 1
+        return ranked
+
+    def status(self) -> dict[str, Any]:
+        nodes = []
+        for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
+            stats = node.last_report.stats if node.last_report else {}
+            nodes.append({
+                "name": node.node_id,
+                "alive": node.alive,
+                "load": node.in_flight,
+                "capacity": node.capacity,
+                "served": node.served,
+                "hit_rate": stats.get("hit_rate"),
+                "decode_hit_rate": stats.get("decode_hit_rate"),
+                "bytes_read": stats.get("bytes_read"),
+                "generated_tokens": stats.get("generated_tokens"),
+                "warm_fraction": node.warmth.warm_fraction() if node.warmth else None,
+                "resident_bytes": stats.get("resident_bytes"),
+                "budget_bytes": stats.get("budget_bytes"),
+                "sessions": len(node.last_report.sessions) if node.last_report else 0,
+            })
+        precision = [p for p, _ in self.predictions if p == p]
+        recall = [r for _, r in self.predictions if r == r]
+        return {
+            "policy": self.policy.name,
+            "nodes": nodes,
+            "decisions": dict(self.decisions),
+            "prediction": {"n": len(self.predictions),
+                           "precision": float(np.mean(precision)) if precision else None,
+                           "recall": float(np.mean(recall)) if recall else None},
+        }
+
+    def heat(self) -> dict[str, np.ndarray]:
+        return {n.node_id: n.warmth.heat for n in self.nodes.values() if n.warmth is not None}
+
+
+class RouterActor:
+    """Async Ray actor around RouterCore. Create with ``ray.remote(RouterActor).options(...)``."""
+
+    def __init__(self, model_path: str, policy: str = "warmth", namespace: str = "sniper") -> None:
+        from cluster.tokenizer import Tokenizer
+
+        self.core = RouterCore(policy)
+        self.tokenizer = Tokenizer(model_path)
+        self.namespace = namespace
+        self.handles: dict[str, Any] = {}
+
+    async def report(self, report: NodeReport) -> None:
+        self.core.on_report(report)
+
+    def _handle(self, node_id: str) -> Any:
+        import ray
+
+        handle = self.handles.get(node_id)
+        if handle is None:
+            handle = self.handles[node_id] = ray.get_actor(node_id, namespace=self.namespace)
+        return handle
+
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Routes and streams one request: ``{"text"}`` items, then ``{"done", "node", ...}``."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        request = dict(request)
+        request.setdefault("request_id", uuid.uuid4().hex)
+        tokens = tuple(self.tokenizer.tokenize(request["prompt"]))
+        route = RouteRequest(request_id=request["request_id"], tokens=tokens, session_id=request.get("session_id"))
+        tried: set[str] = set()
+        while True:
+            ranked = self.core.choose(route, tried)
+            node_id = ranked[0]
+            node = self.core.nodes[node_id]
+            self.core.policy.on_routed(route, node_id)
+            node.in_flight += 1
+            sent = 0
+            try:
+                handle = self._handle(node_id)
+                gen = handle.stream.options(num_returns="streaming").remote(request)
+                try:
+                    async for ref in gen:
+                        item = await ref
+                        if "text" in item:
+                            sent += 1
+                        if item.get("done"):
+                            node.served += 1
+                            item["routing"] = {"policy": self.core.policy.name, "attempts": len(tried) + 1,
+                                               **{k: v for k, v in self.core.policy.explain().items()
+                                                  if k in ("fallback", "matched_tokens")}}
+                        yield item
+                except (asyncio.CancelledError, GeneratorExit):
+                    handle.cancel.remote(request["request_id"])
+                    raise
+                return
+            except (ActorDiedError, ActorUnavailableError, RayActorError, ValueError) as exc:
+                if isinstance(exc, ValueError) and "Failed to look up actor" not in str(exc):
+                    raise
+                self.core.mark_dead(node_id)
+                self.handles.pop(node_id, None)
+                tried.add(node_id)
+                if sent:
+                    raise NodeFailedError(f"{node_id} died after streaming {sent} pieces: "
+                                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+            except Exception as exc:  # the node refused (overloaded) or failed before text
+                if _is_overloaded(exc) and not sent:
+                    tried.add(node_id)
+                    continue
+                raise
+            finally:
+                node.in_flight -= 1
+
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        text = []
+        async for item in self.stream(request):
+            if "text" in item:
+                text.append(item["text"])
+            elif item.get("done"):
+                return {"text": "".join(text), **{k: v for k, v in item.items() if k not in ("done",)}}
+        raise NodeFailedError("the stream ended without a final message")
+
+    async def status(self) -> dict[str, Any]:
+        return self.core.status()
+
+    async def heat(self) -> dict[str, np.ndarray]:
+        return self.core.heat()
+
+    async def set_policy(self, policy: str) -> str:
+        old_nodes = list(self.core.nodes.values())
+        self.core = RouterCore(policy)
+        for node in old_nodes:
+            if node.last_report is not None:
+                self.core.on_report(node.last_report)
+        return self.core.policy.name
+
+    async def ping(self) -> str:
+        return "ok"
+
+
+def _is_overloaded(exc: BaseException) -> bool:
+    cause = getattr(exc, "cause", None)
+    return isinstance(exc, OverloadedError) or isinstance(cause, OverloadedError) or "OverloadedError" in str(exc)[:300]

@@ -1,0 +1,119 @@
+"""The routing-policy contract: ``choose`` ranks nodes; hooks learn from what happened.
+
+A policy only decides. The router actor owns the plumbing (node handles, retries, load
+accounting, metrics) and calls the hooks; the policy never imports ray or asyncio, and its
+clock and random generator are injected so tests replay decisions synchronously.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What the router knows about a request before dispatch.
+
+    Attributes:
+        request_id: unique id.
+        tokens: the prompt's token ids (the conversation so far for a session's turn).
+        session_id: the conversation, if the caller named one.
+    """
+
+    request_id: str
+    tokens: tuple[int, ...]
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node as the policy sees it (read-only).
+
+    Attributes:
+        node_id: the node actor's name (``sniper-node-<i>``).
+        load: requests queued or running there, as the router counts them.
+        capacity: the most requests the node accepts at once (queue included).
+        resident: bool ``[L, E]`` experts resident in its cache (None before its first report).
+        heat: float ``[L, E]`` recency-weighted selections (None before its first report).
+        sessions: conversations whose KV state the node holds.
+    """
+
+    node_id: str
+    load: int
+    capacity: int
+    resident: np.ndarray | None = None
+    heat: np.ndarray | None = None
+    sessions: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def has_room(self) -> bool:
+        return self.load < self.capacity
+
+
+@dataclass(frozen=True)
+class RoutingTraceSummary:
+    """What a node reports about one served request, for the policies to learn from.
+
+    Attributes:
+        tokens: the prompt tokens that were prefilled (in order).
+        prompt_experts: int ``[n_tokens, L, k]`` experts each prefilled token chose per layer
+            (-1 where a layer did not see the token).
+        decode_counts: int ``[L, E]`` selections during decoding.
+    """
+
+    tokens: tuple[int, ...]
+    prompt_experts: np.ndarray
+    decode_counts: np.ndarray
+
+
+class RoutingPolicy(ABC):
+    """Ranks nodes for a request. Subclasses set ``name`` and implement ``choose``.
+
+    Args:
+        rng: random generator for tie-breaking (injected for reproducible tests).
+        clock: seconds, monotonic (injected for tests).
+    """
+
+    name: str = "base"
+
+    def __init__(self, *, rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rng = rng or random.Random()
+        self.clock = clock
+
+    @abstractmethod
+    def choose(self, request: RouteRequest, nodes: Sequence[NodeView]) -> list[str]:
+        """Node ids to try, best first. ``nodes`` holds only live nodes with room; never empty."""
+
+    def explain(self) -> dict[str, object]:
+        """Why the last ``choose`` decided as it did (for the routing trace); {} if nothing to say."""
+        return {}
+
+    # Hooks: no-ops unless a policy needs them.
+    def on_routed(self, request: RouteRequest, node_id: str) -> None:
+        """The request was dispatched to ``node_id``."""
+
+    def on_report(self, node_id: str, summary: RoutingTraceSummary) -> None:
+        """``node_id`` finished a request; ``summary`` says which experts it used."""
+
+    def on_node_added(self, node_id: str) -> None:
+        """A node joined."""
+
+    def on_node_removed(self, node_id: str) -> None:
+        """A node died or left."""
+
+    def _shuffled(self, node_ids: Sequence[str]) -> list[str]:
+        out = list(node_ids)
+        self.rng.shuffle(out)
+        return out
+
+    def least_loaded(self, nodes: Sequence[NodeView]) -> list[str]:
+        """Nodes by load, ties broken by the RNG (never by list position)."""
+        shuffled = self._shuffled([n.node_id for n in nodes])
+        load = {n.node_id: n.load for n in nodes}
+        return sorted(shuffled, key=lambda node_id: load[node_id])
