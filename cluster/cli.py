@@ -131,7 +131,8 @@ def _run_summary(r: dict[str, Any]) -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
 
-    return run_demo(model=args.model, cache_mb=args.cache_mb, n_requests=args.requests)
+    return run_demo(model=args.model, cache_mb=args.cache_mb, n_requests=args.requests, n_nodes=args.nodes,
+                    policy=args.policy, keep=args.keep)
 
 
 # -- cluster -------------------------------------------------------------------------------
@@ -229,12 +230,70 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
 # -- bench ---------------------------------------------------------------------------------
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    only = {"routing": ("prompts", "node_memory_mb", "decision_cost"), "simulate": ("traces", "save_traces")}
+    for suite, names in only.items():
+        given = [n for n in names if getattr(args, n) not in (None, False)]
+        if given and args.suite != suite:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
+    shared = ("nodes", "cache_mb", "policies", "requests", "rate", "max_tokens", "seed")
+    given = [n for n in shared if getattr(args, n) is not None]
     if args.suite == "engine":
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench routing' and 'bench simulate'")
         from cluster.bench.engine_bench import run_engine_bench
 
         result = run_engine_bench(model=args.model, out_dir=Path(args.out), quick=args.quick,
                                   progress=not args.json)
         _emit(result, args.json, lambda r: f"wrote {r['report']}")
+        return 0
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+
+    def _routing_summary(r: dict[str, Any]) -> str:
+        rows = [f"{'policy':13} {'hit rate':>8} {'MiB/token':>9} {'tok/s':>7} {'p50 s':>6} {'p99 s':>6} {'errors':>6}"]
+        for name, p in r["policies"].items():
+            rows.append(f"{name:13} {100 * (p['hit_rate'] or 0):7.1f}% {(p['bytes_read_per_token'] or 0) / MIB:9.3f} "
+                        f"{p['tok_s'] or 0:7.1f} {p['p50_latency_s'] or 0:6.2f} {p['p99_latency_s'] or 0:6.2f} "
+                        f"{p['errors']:6}")
+        if r.get("decision_cost"):
+            rows.append(_decision_cost_summary(r))
+        if r.get("report"):
+            rows.append(f"wrote {r['report']}")
+        return "\n".join(rows)
+
+    def _decision_cost_summary(r: dict[str, Any]) -> str:
+        d = r["decision_cost"]
+        return (f"router decision at {d['n_nodes']} nodes x {d['n_layers']} layers x {d['n_experts']} experts: "
+                f"p50 {d['p50_ms']:.3f} ms, p99 {d['p99_ms']:.3f} ms, {d['decisions_per_s']:.1f} decisions/s "
+                f"(target p99 <= {d['targets']['p99_ms_max']:g} ms, >= {d['targets']['decisions_per_s_min']:g}/s: "
+                f"{'met' if d['targets']['met'] else 'not met'})")
+
+    policies = [p for p in (args.policies or "").split(",") if p]
+    if args.suite == "routing":
+        from cluster.bench import routing_bench
+
+        if args.decision_cost:
+            result = routing_bench.run_decision_cost(quick=args.quick)
+            _emit(_jsonable(result), args.json, _decision_cost_summary)
+            return 0
+        result = routing_bench.run_routing_bench(
+            args.model, Path(args.out), prompts=args.prompts, n_nodes=args.nodes or 3, cache_mb=args.cache_mb,
+            node_memory_mb=args.node_memory_mb, policies=policies or routing_bench.DEFAULT_POLICIES,
+            n_requests=args.requests, rate=args.rate, max_tokens=args.max_tokens, seed=args.seed or 0,
+            quick=args.quick, progress=not args.json)
+        _emit(_jsonable(result), args.json, _routing_summary)
+        return 0
+    if args.suite == "simulate":
+        from cluster.bench.simulate import run_simulate_bench
+
+        if args.model and args.traces:
+            raise ValueError("--model and --traces exclude each other (traces already name their model)")
+        result = run_simulate_bench(
+            args.model, Path(args.out), traces_path=args.traces, save_traces=args.save_traces,
+            n_nodes=args.nodes or 256, policies=policies, n_requests=args.requests, rate=args.rate,
+            cache_mb=args.cache_mb, max_tokens=args.max_tokens, seed=args.seed or 0, quick=args.quick,
+            progress=not args.json)
+        _emit(_jsonable(result), args.json, _routing_summary)
         return 0
     raise SystemExit(f"unknown bench suite {args.suite!r}")
 
@@ -290,10 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("demo", help="the quick-start job: generate the demo model and serve a few requests")
+    p = sub.add_parser("demo", help="the quick-start job: a local Ray cluster serving the demo model")
     p.add_argument("--model")
-    p.add_argument("--cache-mb", type=_positive_int)
-    p.add_argument("--requests", type=_positive_int, default=6)
+    p.add_argument("--cache-mb", type=_positive_int, help="expert cache budget per node (default: 40 %% of experts)")
+    p.add_argument("--requests", type=_positive_int, default=12)
+    p.add_argument("--nodes", type=_positive_int, default=3)
+    p.add_argument("--policy", default="warmth")
+    p.add_argument("--keep", action="store_true", help="leave the cluster serving (stop it with: shutdown --stop-local)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("serve", help="start node actors and the router on a Ray cluster (detached)")
@@ -329,12 +391,28 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(p)
     p.set_defaults(func=_cmd_shutdown)
 
-    p = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md)")
-    p.add_argument("suite", choices=("engine",))
-    p.add_argument("--model", help="GGUF MoE model (default: the generated bench model)")
-    p.add_argument("--out", default="docs", help="directory for benchmarks.md, plots and JSON")
+    p = sub.add_parser("bench", help="benchmarks (engine: docs/benchmarks.md; routing: docs/routing.md; "
+                                      "simulate: docs/simulation.md)")
+    p.add_argument("suite", choices=("engine", "routing", "simulate"))
+    p.add_argument("--model", help="GGUF MoE model (default: the generated bench / demo / tiny model)")
+    p.add_argument("--out", default="docs", help="directory for the report, plots and JSON")
     p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")
     p.add_argument("--json", action="store_true")
+    routing = p.add_argument_group("routing and simulate")
+    routing.add_argument("--nodes", type=_positive_int, help="nodes (routing: Ray nodes, default 3; simulate: 256)")
+    routing.add_argument("--cache-mb", type=_positive_int, help="expert-cache budget per node (default: a third of "
+                                                                "the model's expert bytes)")
+    routing.add_argument("--policies", help="comma-separated routing policies (default warmth,least_loaded,round_robin)")
+    routing.add_argument("--requests", type=_positive_int, help="requests in the workload")
+    routing.add_argument("--rate", type=_non_negative_float, help="Poisson arrival rate, requests per second")
+    routing.add_argument("--max-tokens", type=_positive_int, help="tokens generated per request at most")
+    routing.add_argument("--seed", type=int, help="workload seed (default 0)")
+    routing.add_argument("--prompts", help="routing: JSONL workload {prompt, session?, domain?} per line")
+    routing.add_argument("--node-memory-mb", type=_positive_int, help="routing: cgroup memory limit per node actor")
+    routing.add_argument("--decision-cost", action="store_true",
+                         help="routing: only measure RouterCore.choose at 64 nodes x 48 layers x 128 experts")
+    routing.add_argument("--traces", help="simulate: replay traces saved by --save-traces instead of recording")
+    routing.add_argument("--save-traces", help="simulate: write the recorded traces here (.npz)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

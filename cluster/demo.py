@@ -1,52 +1,74 @@
-"""The quick-start job: a generated MoE model served on this node with the expert cache.
+"""The quick-start job: a local 3-node Ray cluster serving the generated demo model.
 
-Generates the default ``demo`` model on first use, then serves a mixed-topic batch of
-requests with a cache budget well below the model's expert bytes, printing each answer and
-the cache's behaviour, so the whole path (synth → llama.cpp → cache) runs for real.
+Generates the default ``demo`` MoE model on first use, starts Ray nodes on loopback, deploys
+one node actor per Ray node (each with the native expert cache at a budget well below the
+model's expert bytes) and the warmth-aware router, sends a mixed-topic batch of multi-turn
+conversations concurrently, and prints where each request went, the status table (load, hit
+rate, warmth per node) and where each topic's requests landed. Everything it started is
+stopped at the end unless ``keep`` is set.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
-from cluster import synth
+from cluster import deploy, synth
 from cluster.cache import discover_layout
-from cluster.cli import MIB, default_model
-from cluster.engine import MoEEngine
+from cluster.cli import MIB, _status_table, default_model
 
 
-def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: int = 6) -> int:
-    path = model or str(default_model("demo"))
+def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: int = 12, n_nodes: int = 3,
+             policy: str = "warmth", keep: bool = False) -> int:
+    path = str(model or default_model("demo").resolve())
     layout = discover_layout(path)
     footprint = int(layout.unit_bytes.sum())
     budget = cache_mb * MIB if cache_mb else int(0.4 * footprint)
     try:
         topics = synth.read_topics(path)
-        prompts = [synth.topic_prompt(topics, i % len(topics), 24, seed=i) for i in range(n_requests)]
     except ValueError:
-        prompts = [f"Request {i}: tell me about mixtures of experts." for i in range(n_requests)]
-
+        topics = [["mixture", "of", "experts"]]
+    n_topics = min(len(topics), n_nodes)
     print(f"model {path}: {layout.arch}, {layout.n_layers} layers x {layout.n_experts} experts "
-          f"(top-{layout.n_experts_used}), experts {footprint / MIB:.0f} MiB, cache budget {budget / MIB:.0f} MiB")
+          f"(top-{layout.n_experts_used}), experts {footprint / MIB:.0f} MiB; cache budget per node {budget / MIB:.0f} MiB")
+
     t0 = time.perf_counter()
-    with MoEEngine(path, budget, n_ctx=1024) as engine:
-        print(f"loaded in {time.perf_counter() - t0:.1f} s\n")
-        for i, prompt in enumerate(prompts):
-            gen = engine.generate(prompt, max_tokens=32)
-            c = gen.cache
-            print(f"[{i}] prompt: {prompt.strip()[:60]}...")
-            print(f"    answer: {gen.text.strip()[:100]}")
-            print(f"    {gen.n_generated} tokens at {gen.decode_tok_s:.1f} tok/s | decode hit rate "
-                  f"{100 * c['decode_hit_rate']:.0f} % | read {c['bytes_read'] / MIB:.1f} MiB | "
-                  f"prefetch precision {100 * c['prefetch_precision']:.0f} % recall {100 * c['prefetch_recall']:.0f} %")
-        stats = engine.cache_stats()
-        measured = engine.measured_resident_bytes()
-    print(f"\ncache totals: {stats['hits']} hits, {stats['misses']} misses (hit rate {100 * stats['hit_rate']:.1f} %), "
-          f"{stats['bytes_read'] / MIB:.0f} MiB read, {stats['n_evictions']} evictions")
-    print(f"resident experts: {stats['resident_bytes'] / MIB:.1f} MiB held, {measured / MIB:.1f} MiB measured "
-          f"in memory (mincore), budget {stats['budget_bytes'] / MIB:.1f} MiB")
-    if measured > stats["budget_bytes"]:
-        print("error: resident expert bytes exceed the budget", file=sys.stderr)
-        return 1
-    return 0
+    address = deploy.start_local_cluster(n_nodes)
+    try:
+        deploy.connect(address)
+        deploy.deploy(path, n_nodes, cache_bytes=budget, policy=policy)
+        print(f"local Ray cluster of {n_nodes} nodes at {address}, node actors and router ready in "
+              f"{time.perf_counter() - t0:.1f} s (policy {policy})\n")
+        from cluster.client import Client
+
+        client = Client.connect(address)
+        # Conversations: one per topic, turns sent in rounds; each round's turns run concurrently.
+        turns = max(1, n_requests // n_topics)
+        history = {t: "" for t in range(n_topics)}
+        where: dict[int, Counter[str]] = defaultdict(Counter)
+        with ThreadPoolExecutor(max_workers=n_topics) as pool:
+            for turn in range(turns):
+                prompts = {t: history[t] + synth.topic_prompt(topics, t, 16, seed=100 * turn + t) for t in range(n_topics)}
+                futures = {t: pool.submit(client.generate, prompts[t], max_tokens=24, session_id=f"conversation-{t}")
+                           for t in range(n_topics)}
+                for t, future in futures.items():
+                    done = future.result()
+                    history[t] = prompts[t] + done.text
+                    where[t][done.node] += 1
+                    cache = done.cache
+                    print(f"turn {turn} topic {t} -> {done.node}: {done.text.strip()[:48]!r} "
+                          f"({done.usage['completion_tokens']} tokens, {done.usage['reused_prompt_tokens']} prompt "
+                          f"tokens reused, decode hit rate {100 * cache.get('decode_hit_rate', float('nan')):.0f} %)")
+        print()
+        print(_status_table(client.status()))
+        print("\nwhere each topic's requests went:")
+        for t in range(n_topics):
+            print(f"  topic {t}: " + ", ".join(f"{node} x{n}" for node, n in sorted(where[t].items())))
+        return 0
+    finally:
+        if not keep:
+            deploy.shutdown()
+            deploy.stop_local_cluster()
+        print(f"\ndone in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

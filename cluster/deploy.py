@@ -50,10 +50,19 @@ def start_local_cluster(n_nodes: int, cpus_per_node: int = 2, memory_per_node: i
     if memory_per_node:
         common.append(f"--memory={memory_per_node}")
     env = loopback_env()
-    subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                   check=True, capture_output=True, env=env)
+    proc = subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SniperError(f"could not start a Ray head node on {address}: {proc.stderr.strip()[-400:]}")
+    # `ray start --address` refuses to add a node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0;
+    # the explicit --node-ip-address keeps the worker nodes on loopback all the same.
+    worker_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     for _ in range(n_nodes - 1):
-        subprocess.run([_ray_cli(), "start", f"--address={address}", *common], check=True, capture_output=True, env=env)
+        proc = subprocess.run([_ray_cli(), "start", f"--address={address}", *common], capture_output=True,
+                              text=True, env=worker_env)
+        if proc.returncode != 0:
+            stop_local_cluster()
+            raise SniperError(f"could not add a Ray node to {address}: {proc.stderr.strip()[-400:]}")
     with open(LOCAL_CLUSTER_FILE, "w") as f:
         json.dump({"address": address, "n_nodes": n_nodes}, f)
     return address

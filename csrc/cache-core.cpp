@@ -279,12 +279,15 @@ void cache_policy::predict(int layer, const int32_t * experts, int n, cache_plan
         if (is_resident(u)) { continue; }
         if (!make_room(unit_bytes_[u], /*probation_only*/ false, plan)) { break; }
         insert(u, CACHE_SEGMENT_PROBATION);
+        in_access_[u] = 1;  // not a victim for the rest of this prediction (it is in plan.load)
         prefetched_[u] = 1;
         counters_.n_prefetch_issued++;
         counters_.bytes_prefetched += unit_bytes_[u];
         (step_decode_ ? counters_.bytes_read_decode : counters_.bytes_read_prefill) += unit_bytes_[u];
         plan.load.push_back(u);
     }
+    for (int32_t u : plan.load) { in_access_[u] = 0; }
+    for (int32_t u : access_units_) { in_access_[u] = 1; }  // the access in progress stays pinned
 }
 
 void cache_policy::settle(cache_plan & plan) {

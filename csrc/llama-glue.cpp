@@ -294,6 +294,29 @@ void expert_cache::attach() {
         router_rows_[size_t(il)] = router_owned_[size_t(il)].data();
     }
 
+    // Pages that hold expert bytes and nothing else, merged: what measured_resident_bytes counts.
+    const uint64_t ps = layout_.page_size;
+    std::vector<std::pair<uint64_t, uint64_t>> pages;  // [first, last) page indices
+    for (const auto & unit_slices : layout_.slices) {
+        for (const expert_slice & s : unit_slices) {
+            uint64_t first = s.range.offset / ps;
+            uint64_t last = (s.range.offset + s.range.size + ps - 1) / ps;
+            if (s.head_owner == -2) { first++; }
+            if (s.tail_owner == -2) { last--; }
+            if (last > first) { pages.emplace_back(first, last); }
+        }
+    }
+    std::sort(pages.begin(), pages.end());
+    expert_pages_.clear();
+    for (const auto & p : pages) {
+        if (!expert_pages_.empty() && p.first * ps <= expert_pages_.back().offset + expert_pages_.back().size) {
+            byte_range & back = expert_pages_.back();
+            back.size = std::max(back.offset + back.size, p.second * ps) - back.offset;
+        } else {
+            expert_pages_.push_back(byte_range{p.first * ps, (p.second - p.first) * ps});
+        }
+    }
+
     io_ = std::make_unique<io_pool>(size_t(n_layers) * size_t(n_experts), params_.n_io_threads,
                                     [this](int32_t unit) { read_unit(unit); });
 }
@@ -426,9 +449,7 @@ routing_trace expert_cache::take_trace() {
 uint64_t expert_cache::measured_resident_bytes() const {
     if (!residency_) { return 0; }
     uint64_t bytes = 0;
-    for (const auto & unit_slices : layout_.slices) {
-        for (const expert_slice & s : unit_slices) { bytes += residency_->resident_bytes(s.range); }
-    }
+    for (const byte_range & r : expert_pages_) { bytes += residency_->resident_bytes(r); }
     return bytes;
 }
 

@@ -112,7 +112,7 @@ public:
     const expert_cache_params & params() const { return params_; }
     // Moves the routing trace recorded so far out (the cache keeps recording into a new one).
     routing_trace take_trace();
-    // Bytes of expert slices resident in memory now, measured with mincore.
+    // Bytes of pages holding only expert data resident in memory now (mincore, each page once).
     uint64_t measured_resident_bytes() const;
     // Units the policy believes resident whose pages the kernel took away, found by mincore
     // and handed back to the policy (forget). Returns how many.
@@ -133,6 +133,7 @@ private:
     std::unique_ptr<io_pool> io_;                     // destroyed before residency_
     std::vector<const float *> router_rows_;          // [layer] [n_experts x n_embd] or nullptr
     std::vector<std::vector<float>> router_owned_;    // dequantised routers (non-F32 files)
+    std::vector<byte_range> expert_pages_;            // merged pages holding only expert bytes
 
     // scratch, grown outside the steady state only
     cache_plan plan_;

@@ -78,6 +78,12 @@ file_residency::file_residency(const std::string & path) : page_size_(residency_
         throw std::runtime_error("model file '" + path + "' is not memory-mapped by this process "
                                  "(load it with use_mmap=true before attaching the expert cache)");
     }
+    // Without this, every fault or populate reads ~128 KiB around it and brings evicted
+    // neighbours back: the cache decides what is read, not the kernel's read-around.
+    for (const mapping_segment & seg : segments_) {
+        madvise(reinterpret_cast<void *>(seg.address), seg.size, MADV_RANDOM);
+    }
+    posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);
 }
 
 file_residency::~file_residency() {
@@ -127,16 +133,21 @@ uint64_t file_residency::load(const byte_range & range) const {
 }
 
 void file_residency::drop(const byte_range & range, bool keep_head, bool keep_tail) const {
+    // The whole page-rounded range goes, boundary pages included: a page left mapped would pin
+    // its whole large folio (several pages of this range) in the page cache. Boundary pages a
+    // neighbour still needs are read back afterwards, one page each.
     const uint64_t ps = page_size_;
-    uint64_t first = range.offset / ps * ps;
-    uint64_t last = (range.offset + range.size + ps - 1) / ps * ps;
-    if (keep_head && range.offset % ps != 0) { first += ps; }
-    if (keep_tail && (range.offset + range.size) % ps != 0) { last -= ps; }
+    const uint64_t first = range.offset / ps * ps;
+    const uint64_t last = (range.offset + range.size + ps - 1) / ps * ps;
     if (last <= first) { return; }
     for_each_mapped(first, last, [&](char * address, uint64_t, uint64_t size) {
         madvise(address, size, MADV_DONTNEED);
     });
     posix_fadvise(fd_, off_t(first), off_t(last - first), POSIX_FADV_DONTNEED);
+    const bool head = keep_head && range.offset % ps != 0;
+    const bool tail = keep_tail && (range.offset + range.size) % ps != 0;
+    if (head) { load(byte_range{first, 1}); }
+    if (tail && !(head && last - ps == first)) { load(byte_range{last - ps, 1}); }
 }
 
 uint64_t file_residency::resident_bytes(const byte_range & range) const {

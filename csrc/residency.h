@@ -43,8 +43,8 @@ public:
 
     // Reads the pages of `range` into memory. Returns the bytes requested (page-rounded).
     uint64_t load(const byte_range & range) const;
-    // Drops the pages of `range`; the first/last page is kept when keep_head/keep_tail and the
-    // range does not start/end on a page boundary (the page is shared with a neighbour).
+    // Drops the pages of `range`; the first/last page is read back when keep_head/keep_tail and
+    // the range does not start/end on a page boundary (the page is shared with a neighbour).
     void drop(const byte_range & range, bool keep_head, bool keep_tail) const;
     // Bytes of `range`'s pages resident in this process's mapping (mincore).
     uint64_t resident_bytes(const byte_range & range) const;

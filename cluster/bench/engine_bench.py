@@ -32,6 +32,7 @@ from cluster.bench import memlimit
 from cluster.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.cli import MIB, default_model
 
+LIBRARY_BYTES = 64 * MIB  # page cache of Python, numpy and llama.cpp's libraries in the limited process
 BUDGET_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
@@ -181,9 +182,12 @@ def bench_bounded(model_path: str, *, n_requests: int, max_tokens: int, progress
     if "error" in unlimited:
         return {"error": f"unlimited run failed: {unlimited['error']}"}
     # Budget under the limit: what is left once non-expert pages, the process's anonymous
-    # memory (measured by the unlimited run) and a safety margin are counted.
-    margin = 64 * MIB + limit_bytes // 20
-    budget = limit_bytes - layout.non_expert_bytes - unlimited["rss_anon_bytes"] - margin
+    # memory (measured by the unlimited run), its code and libraries (LIBRARY_BYTES), the
+    # largest layer (a prefill may hold one layer's selection on top of the budget while it
+    # computes) and a 5 % margin are counted.
+    largest_layer = int(np.asarray(layout.unit_bytes).sum(axis=1).max())
+    budget = (limit_bytes - layout.non_expert_bytes - unlimited["rss_anon_bytes"] - LIBRARY_BYTES
+              - largest_layer - limit_bytes // 20)
     if budget <= 0:
         return {"skipped": f"a {limit_bytes / MIB:.0f} MiB limit leaves no room for experts"}
     runs = {"cache_unlimited": _summarise_run(unlimited)}

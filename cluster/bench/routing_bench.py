@@ -1,0 +1,466 @@
+"""``python -m cluster bench routing``: routing policies compared on a real local Ray cluster.
+
+Every figure in the report comes from this run:
+  * live comparison — for each policy, a fresh Ray cluster of N nodes on 127.0.0.1
+    (``ray.cluster_utils.Cluster``), the deployment (router + one node actor per Ray node,
+    ``cluster.deploy``), then the same workload (``cluster.bench.workload``: same
+    conversations, same arrival times) sent concurrently from this process with
+    ``Client.agenerate``. A conversation's next turn is sent at its arrival time or when its
+    previous turn finished, whichever is later, and carries the conversation so far — the
+    earlier prompts and the answers this deployment gave. The cluster is torn down after
+    each policy. Expert bytes read come from the nodes' cache counters (``Client.status``)
+    and the per-request cache counters (``Completion.cache``).
+  * decision cost — ``RouterCore.choose`` (the real router core and policy, no Ray) at
+    64 nodes x 48 layers x 128 experts with synthetic warmth reports and an affinity trained
+    from routing-trace summaries; latency per decision and a cProfile of where it goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import os
+import pstats
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN.md); read when ray is imported
+
+from cluster.bench.workload import Workload, conversation_prompt, for_model  # noqa: E402
+
+DEFAULT_POLICIES = ("warmth", "least_loaded", "round_robin")
+DECISION_TARGET_P99_MS = 1.0
+DECISION_TARGET_PER_S = 5000.0
+REQUEST_TIMEOUT_S = 300.0
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+# -- a local Ray cluster -------------------------------------------------------------------
+
+class LocalRayCluster:
+    """N Ray nodes on 127.0.0.1 in this machine (``ray.cluster_utils.Cluster``), torn down on exit.
+
+    Only the processes this object started are stopped (never ``ray stop``, which would end
+    every Ray cluster on the machine). Ray records the newest cluster's address for
+    ``ray.init(address="auto")``; the previous record is put back, so other clusters on the
+    machine keep being found.
+    """
+
+    def __init__(self, n_nodes: int, *, cpus_per_node: int = 1, object_store_bytes: int = 80 << 20) -> None:
+        if n_nodes < 1:
+            raise ValueError(f"n_nodes must be >= 1, got {n_nodes}")
+        self.n_nodes = n_nodes
+        self.cpus_per_node = cpus_per_node
+        self.object_store_bytes = object_store_bytes
+        self._cluster: Any = None
+
+    @property
+    def address(self) -> str:
+        return self._cluster.address
+
+    def __enter__(self) -> "LocalRayCluster":
+        from ray._private import ray_constants
+        from ray._private.utils import read_ray_address, write_ray_address
+        from ray.cluster_utils import Cluster
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            raise RuntimeError("ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set, so its nodes "
+                               "would not bind to 127.0.0.1; import cluster.bench.routing_bench (or set the variable) "
+                               "before ray")
+        previous = read_ray_address()
+        args = {"num_cpus": self.cpus_per_node, "node_ip_address": "127.0.0.1",
+                "object_store_memory": self.object_store_bytes}
+        try:
+            self._cluster = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False})
+            for _ in range(self.n_nodes - 1):
+                self._cluster.add_node(**args)
+            self._cluster.wait_for_nodes()
+        except BaseException:
+            self.__exit__()
+            raise
+        finally:
+            if previous:
+                write_ray_address(previous)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if self._cluster is not None:
+            self._cluster.shutdown()
+            self._cluster = None
+
+
+def _remove_node_cgroups(nodes: Sequence[dict[str, Any]]) -> None:
+    """Removes the memory cgroups the node actors created (NodeServer leaves them behind)."""
+    from cluster.bench import memlimit
+
+    for node in nodes:
+        for root in (memlimit.V1_ROOT, memlimit.V2_ROOT):
+            path = root / f"sniper-{node['node']}-{node['pid']}"  # MemoryLimit's name, see NodeServer
+            for _ in range(20):
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # the actor's process is still exiting
+                    time.sleep(0.1)
+
+
+# -- one policy on a live cluster ----------------------------------------------------------
+
+async def _drive(client: Any, workload: Workload, max_tokens: int) -> list[dict[str, Any]]:
+    """Sends the workload (conversations concurrently, turns in order); one outcome per turn."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    outcomes: list[dict[str, Any]] = []
+
+    async def conversation(turns: list[Any]) -> None:
+        history: list[tuple[str, str]] = []
+        for turn in turns:
+            delay = turn.arrival_s - (loop.time() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            prompt = conversation_prompt(history, turn.prompt)
+            sent = loop.time() - t0
+            outcome: dict[str, Any] = {"conversation": turn.conversation, "turn": turn.index, "sent_s": sent}
+            try:
+                done = await asyncio.wait_for(
+                    client.agenerate(prompt, max_tokens=max_tokens, session_id=turn.conversation), REQUEST_TIMEOUT_S)
+            except Exception as exc:  # counted as an error; the conversation goes on without an answer
+                outcome.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                               done_s=loop.time() - t0)
+                history.append((turn.prompt, ""))
+            else:
+                outcome.update(done_s=loop.time() - t0, node=done.node, text=done.text, usage=dict(done.usage),
+                               cache=dict(done.cache), routing=dict(done.routing))
+                history.append((turn.prompt, done.text))
+            outcomes.append(outcome)
+
+    await asyncio.gather(*(conversation(turns) for turns in workload.conversations().values()))
+    return outcomes
+
+
+def _node_totals(status: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {n["name"]: {"bytes_read": n["bytes_read"] or 0, "generated_tokens": n["generated_tokens"] or 0}
+            for n in status["nodes"]}
+
+
+def _await_reports(client: Any, before: dict[str, dict[str, float]], generated: int,
+                   timeout_s: float = 15.0) -> dict[str, Any]:
+    """The router's status once every node's report counts the run's generated tokens."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.status()
+        after = _node_totals(status)
+        seen = sum(after[n]["generated_tokens"] - before.get(n, {}).get("generated_tokens", 0) for n in after)
+        if seen >= generated or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any],
+                   wall_s: float) -> dict[str, Any]:
+    """Per-policy metrics of a live run (see the module docstring for where each comes from)."""
+    ok = [o for o in outcomes if "error" not in o]
+    generated = sum(o["usage"]["completion_tokens"] for o in ok)
+
+    def total(key: str) -> float:
+        return float(sum(o["cache"].get(key, 0) or 0 for o in ok))
+
+    start, end = _node_totals(before), _node_totals(after)
+    node_bytes = sum(end[n]["bytes_read"] - start.get(n, {}).get("bytes_read", 0) for n in end)
+    hits, misses = total("hits"), total("misses")
+    n_decode = total("n_tokens_decode")
+    decode_hit = sum((o["cache"].get("decode_hit_rate") or 0) * o["cache"].get("n_tokens_decode", 0) for o in ok
+                     if o["cache"].get("decode_hit_rate") == o["cache"].get("decode_hit_rate"))
+    latencies = [o["done_s"] - o["sent_s"] for o in ok]
+    prompt_tokens = sum(o["usage"]["prompt_tokens"] for o in ok)
+    reused = sum(o["usage"].get("reused_prompt_tokens", 0) for o in ok)
+    prediction = after.get("prediction") or {}
+    errors = [o["error"] for o in outcomes if "error" in o]
+    return {
+        "n_requests": len(outcomes),
+        "hit_rate": hits / (hits + misses) if hits + misses else None,
+        "decode_hit_rate": decode_hit / n_decode if n_decode else None,
+        "bytes_read_per_token": node_bytes / generated if generated else None,
+        "bytes_read_per_token_prefill": (total("bytes_read_prefill") / total("n_tokens_prefill")
+                                         if total("n_tokens_prefill") else None),
+        "bytes_read_per_token_decode": total("bytes_read_decode") / n_decode if n_decode else None,
+        "bytes_read_nodes": node_bytes,
+        "bytes_read_requests": total("bytes_read_prefill") + total("bytes_read_decode"),
+        "generated_tokens": generated,
+        "tok_s": generated / wall_s if wall_s > 0 else None,
+        "wall_s": wall_s,
+        "p50_latency_s": float(np.percentile(latencies, 50)) if latencies else None,
+        "p99_latency_s": float(np.percentile(latencies, 99)) if latencies else None,
+        "reused_prompt_fraction": reused / prompt_tokens if prompt_tokens else None,
+        "requests_per_node": dict(sorted(Counter(o["node"] for o in ok).items())),
+        "prediction_precision": prediction.get("precision"),
+        "prediction_recall": prediction.get("recall"),
+        "decisions": after.get("decisions", {}),
+        "errors": len(errors),
+        "error_examples": sorted(set(errors))[:5],
+    }
+
+
+def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int, cache_bytes: int,
+               memory_limit_bytes: int | None, max_tokens: int, progress: bool) -> tuple[dict[str, Any], list[str]]:
+    """One policy on a fresh local cluster; returns its metrics and the answers (turn order)."""
+    from cluster import deploy
+    from cluster.client import Client
+    from cluster.node import NAMESPACE
+
+    t_setup = time.perf_counter()
+    nodes: list[dict[str, Any]] = []
+    with LocalRayCluster(n_nodes) as cluster:
+        deploy.connect(cluster.address, NAMESPACE)
+        try:
+            info = deploy.deploy(model_path, n_nodes, cache_bytes=cache_bytes, policy=policy,
+                                 memory_limit_bytes=memory_limit_bytes)
+            nodes = info["nodes"]
+            client = Client.connect(cluster.address, NAMESPACE)
+            before = client.status()
+            setup_s = time.perf_counter() - t_setup
+            _log(progress, f"  {policy}: {n_nodes} nodes ready in {setup_s:.0f} s; sending {len(workload.turns)} requests")
+            t0 = time.perf_counter()
+            outcomes = asyncio.run(_drive(client, workload, max_tokens))
+            wall_s = max((o["done_s"] for o in outcomes), default=0.0) - min((o["sent_s"] for o in outcomes), default=0.0)
+            generated = sum(o["usage"]["completion_tokens"] for o in outcomes if "error" not in o)
+            after = _await_reports(client, _node_totals(before), generated)
+            _log(progress, f"  {policy}: done in {time.perf_counter() - t0:.0f} s")
+            deploy.shutdown(NAMESPACE)
+        finally:
+            if memory_limit_bytes:
+                _remove_node_cgroups(nodes)
+    result = summarise_live(outcomes, before, after, wall_s)
+    result["setup_s"] = setup_s
+    order = {(t.conversation, t.index): i for i, t in enumerate(workload.turns)}
+    answers = [""] * len(workload.turns)
+    for o in outcomes:
+        answers[order[(o["conversation"], o["turn"])]] = o.get("text", "")
+    return result, answers
+
+
+# -- decision cost -------------------------------------------------------------------------
+
+def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: int = 128, k: int = 8,
+                          n_topics: int = 8, prompt_tokens: int = 128, n_train: int = 128, n_decisions: int = 200,
+                          max_seconds: float = 30.0, profile: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Latency of ``RouterCore.choose`` with the warmth policy on a synthetic fleet.
+
+    Setup: a vocabulary of ``n_topics`` x 256 token ids; each topic owns 2k experts per layer
+    and its tokens pick 3/4 of their k experts there. Every node reports a warmth (encoded by
+    ``cluster.warmth.encode``: one topic's experts plus a random third of the rest resident)
+    and the prefix hashes of two conversations it holds; ``n_train`` routing-trace summaries
+    train the token affinity through ``RouterCore.on_report``. Each request is a
+    ``prompt_tokens``-token prompt of one topic; half continue a conversation some node holds.
+    All nodes have equal load, so every one is a candidate (the policy's worst case). The
+    router's clock is frozen so no node times out while measuring.
+
+    Returns:
+        p50/p99/mean milliseconds per decision, decisions per second (1 / mean), whether the
+        targets (p99 <= 1 ms, >= 5000/s) are met, and the top functions of a cProfile run.
+    """
+    from cluster.node import NodeReport, node_name
+    from cluster.router import RouterCore
+    from cluster.routing.base import RouteRequest, RoutingTraceSummary
+    from cluster.routing.warmth import prefix_hashes
+    from cluster.warmth import encode
+
+    rng = np.random.default_rng(seed)
+    vocab = 256
+    groups = np.stack([np.stack([rng.permutation(n_experts)[: 2 * k] for _ in range(n_layers)])
+                       for _ in range(n_topics)])  # [topic, layer, 2k]
+
+    def topic_tokens(topic: int, n: int) -> list[int]:
+        return [int(1000 + topic * vocab + t) for t in rng.integers(0, vocab, size=n)]
+
+    outside = np.stack([np.stack([np.setdiff1d(np.arange(n_experts), groups[t, layer]) for layer in range(n_layers)])
+                        for t in range(n_topics)])  # [topic, layer, E - 2k]
+    inside = (3 * k) // 4
+
+    def experts_of(topic: int, n_tokens: int) -> np.ndarray:  # [n, L, k], distinct per (token, layer)
+        own = np.argsort(rng.random((n_tokens, n_layers, groups.shape[2])), axis=2)[:, :, :inside]
+        rest = np.argsort(rng.random((n_tokens, n_layers, outside.shape[2])), axis=2)[:, :, : k - inside]
+        layers = np.arange(n_layers)[None, :, None]
+        return np.concatenate([groups[topic][layers, own], outside[topic][layers, rest]], axis=2).astype(np.int32)
+
+    core = RouterCore("warmth", clock=lambda: 0.0, rng=random.Random(seed))
+    held: dict[str, list[list[int]]] = {}
+    for i in range(n_nodes):
+        topic = i % n_topics
+        resident = rng.random((n_layers, n_experts)) < 1 / 3
+        for layer in range(n_layers):
+            resident[layer, groups[topic, layer]] = True
+        heat = np.where(resident, rng.random((n_layers, n_experts)) * 8, 0.0)
+        held[node_name(i)] = [[1] + topic_tokens(topic, prompt_tokens) for _ in range(2)]
+        prefixes = tuple(sorted({h for tokens in held[node_name(i)] for h in prefix_hashes(tokens)}))
+        core.on_report(NodeReport(node_id=node_name(i), load=0, capacity=8, healthy=True,
+                                  warmth=encode(resident, heat), prefixes=prefixes, sessions=(), stats={}, sent_at=0.0))
+    for j in range(n_train):
+        topic = j % n_topics
+        tokens = topic_tokens(topic, 64)
+        decode = np.zeros((n_layers, n_experts), dtype=np.int64)
+        summary = RoutingTraceSummary(tokens=tuple(tokens), prompt_experts=experts_of(topic, len(tokens)),
+                                      decode_counts=decode)
+        node_id = node_name(j % n_nodes)
+        last = core.nodes[node_id].last_report
+        core.on_report(NodeReport(node_id=node_id, load=0, capacity=8, healthy=True, warmth=last.warmth,
+                                  prefixes=last.prefixes, sessions=(), stats={}, sent_at=0.0,
+                                  request_id=f"train{j}", summary=summary))
+
+    def request(j: int) -> RouteRequest:
+        if j % 2:  # continue a held conversation
+            node_id = node_name(int(rng.integers(n_nodes)))
+            base = held[node_id][0]
+            topic = (base[1] - 1000) // vocab
+            tokens = base + topic_tokens(topic, max(1, prompt_tokens // 4))
+        else:
+            tokens = [1] + topic_tokens(int(rng.integers(n_topics)), prompt_tokens)
+        return RouteRequest(request_id=f"q{j}", tokens=tuple(tokens), session_id=None)
+
+    for j in range(3):  # warm-up
+        core.choose(request(j), set())
+    times: list[float] = []
+    started = time.perf_counter()
+    for j in range(n_decisions):
+        route = request(j)
+        t0 = time.perf_counter()
+        core.choose(route, set())
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - started > max_seconds and len(times) >= 20:
+            break
+    ms = np.array(times) * 1e3
+    result: dict[str, Any] = {
+        "n_nodes": n_nodes, "n_layers": n_layers, "n_experts": n_experts, "k": k, "prompt_tokens": prompt_tokens,
+        "affinity_tokens": len(core.policy.affinity), "n_decisions": len(times),
+        "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+        "decisions_per_s": float(len(times) / sum(times)),
+        "targets": {"p99_ms_max": DECISION_TARGET_P99_MS, "decisions_per_s_min": DECISION_TARGET_PER_S},
+    }
+    result["targets"]["met"] = (result["p99_ms"] <= DECISION_TARGET_P99_MS
+                                and result["decisions_per_s"] >= DECISION_TARGET_PER_S)
+    if profile:
+        profiler = cProfile.Profile()
+        n_profiled = max(5, min(50, len(times) // 2))
+        routes = [request(j) for j in range(n_profiled)]
+        profiler.enable()
+        for route in routes:
+            core.choose(route, set())
+        profiler.disable()
+        result["profile"] = _profile_rows(profiler, n_profiled)
+    return result
+
+
+def _profile_rows(profiler: cProfile.Profile, n_calls: int, top: int = 12) -> dict[str, Any]:
+    """The functions with the most own time, per decision."""
+    stats = pstats.Stats(profiler)
+    total = stats.total_tt
+    rows = []
+    for (filename, line, name), (_, ncalls, tottime, cumtime, _) in sorted(
+            stats.stats.items(), key=lambda item: -item[1][2])[:top]:
+        where = f"{Path(filename).parent.name}/{Path(filename).name}:{line}" if line else filename
+        rows.append({"function": f"{where}({name})", "calls_per_decision": ncalls / n_calls,
+                     "own_ms_per_decision": 1e3 * tottime / n_calls, "cum_ms_per_decision": 1e3 * cumtime / n_calls,
+                     "own_share": tottime / total if total else None})
+    return {"n_decisions": n_calls, "ms_per_decision": 1e3 * total / n_calls, "top_own_time": rows}
+
+
+# -- the benchmark -------------------------------------------------------------------------
+
+def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str | None = None, n_nodes: int = 3,
+                      cache_mb: int | None = None, node_memory_mb: int | None = None,
+                      policies: Sequence[str] = DEFAULT_POLICIES, n_requests: int | None = None,
+                      rate: float | None = None, max_tokens: int | None = None, seed: int = 0, quick: bool = False,
+                      progress: bool = True) -> dict[str, Any]:
+    """The live comparison and the decision cost; writes docs/routing.md when ``out_dir`` is set."""
+    from cluster.bench import memlimit
+    from cluster.cache import discover_layout
+    from cluster.cli import MIB, default_model
+    from cluster.routing import POLICY_NAMES
+
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown or not policies:
+        raise ValueError(f"--policies {','.join(policies)}: expected a comma-separated list of {', '.join(POLICY_NAMES)}")
+    if node_memory_mb:
+        reason = memlimit.unavailable_reason()
+        if reason:
+            raise ValueError(f"--node-memory-mb needs a cgroup memory limit per node, but {reason}")
+    model_path = os.path.abspath(model or str(default_model("demo", progress=progress)))
+    layout = discover_layout(model_path)
+    expert_bytes = int(np.asarray(layout.unit_bytes, dtype=np.int64).sum())
+    cache_bytes = cache_mb * MIB if cache_mb else expert_bytes // 3
+    n_requests = n_requests or (12 if quick else 48)
+    rate = rate if rate is not None else (1.0 if quick else 0.75)
+    max_tokens = max_tokens or (16 if quick else 32)
+    workload = for_model(model_path, prompts, n_requests, rate=rate, seed=seed, max_open=max(4, n_nodes))
+
+    command = ["python -m cluster bench routing"]
+    for flag, value in (("--model", model), ("--prompts", prompts), ("--nodes", n_nodes), ("--cache-mb", cache_mb),
+                        ("--node-memory-mb", node_memory_mb), ("--policies", ",".join(policies)),
+                        ("--requests", n_requests), ("--rate", f"{rate:g}"), ("--max-tokens", max_tokens),
+                        ("--seed", seed)):
+        if value is not None:
+            command.append(f"{flag} {value}")
+    if quick:
+        command.append("--quick")
+    result: dict[str, Any] = {
+        "command": " ".join(command),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0]},
+        "model": {"path": model_path, "arch": layout.arch, "n_layers": layout.n_layers, "n_experts": layout.n_experts,
+                  "n_experts_used": layout.n_experts_used, "file_bytes": layout.file_size, "expert_bytes": expert_bytes},
+        "workload": {**workload.describe(), "max_tokens": max_tokens},
+        "cluster": {"nodes": n_nodes, "cache_bytes_per_node": cache_bytes,
+                    "node_memory_limit_bytes": node_memory_mb * MIB if node_memory_mb else None},
+        "policies": {},
+    }
+    answers: dict[str, list[str]] = {}
+    for policy in policies:
+        _log(progress, f"policy {policy}: fresh {n_nodes}-node Ray cluster on 127.0.0.1")
+        metrics, answers[policy] = run_policy(model_path, policy, workload, n_nodes=n_nodes, cache_bytes=cache_bytes,
+                                              memory_limit_bytes=node_memory_mb * MIB if node_memory_mb else None,
+                                              max_tokens=max_tokens, progress=progress)
+        result["policies"][policy] = metrics
+        _log(progress, f"  {policy}: hit rate {_pct(metrics['hit_rate'])}, "
+                       f"{(metrics['bytes_read_per_token'] or 0) / MIB:.2f} MiB read/token, "
+                       f"{metrics['tok_s'] or 0:.1f} tok/s, p99 {metrics['p99_latency_s'] or 0:.2f} s, "
+                       f"{metrics['errors']} errors")
+    result["same_answers"] = len({tuple(a) for a in answers.values()}) == 1
+    from cluster.bench.routing_report import targets
+
+    result["targets"] = targets(result["policies"])
+    _log(progress, "decision cost: RouterCore.choose at 64 nodes x 48 layers x 128 experts")
+    result["decision_cost"] = measure_decision_cost(n_decisions=40 if quick else 200,
+                                                    max_seconds=10.0 if quick else 30.0)
+    if out_dir is not None:
+        from cluster.bench.routing_report import write_routing_report
+
+        result["report"] = str(write_routing_report(result, out_dir))
+    return result
+
+
+def run_decision_cost(*, quick: bool = False) -> dict[str, Any]:
+    """``bench routing --decision-cost``: the decision-cost measurement alone (no Ray, no report)."""
+    return {"command": "python -m cluster bench routing --decision-cost" + (" --quick" if quick else ""),
+            "decision_cost": measure_decision_cost(n_decisions=40 if quick else 200,
+                                                   max_seconds=10.0 if quick else 30.0)}
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+

@@ -1,0 +1,122 @@
+"""Session fixtures: seeded synthetic models (cluster.synth) and bad-file helpers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/observer.py, tests/pagecache.py
+
+from cluster import synth
+from cluster.cache import discover_layout
+
+
+def _write_model(directory: Path, name: str, config: synth.SynthConfig) -> Path:
+    path = directory / name
+    synth.synthesize(path, config, progress=False)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages: POSIX_FADV_DONTNEED cannot drop dirty ones
+    finally:
+        os.close(fd)
+    return path
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir: Path) -> Path:
+    """The `tiny` preset (llama, 4 layers, 32 experts, top-4), seed 0."""
+    return _write_model(models_dir, "tiny.gguf", synth.PRESETS["tiny"])
+
+
+@pytest.fixture(scope="session")
+def tiny_layout(tiny_model: Path):
+    return discover_layout(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def tiny_topics(tiny_model: Path) -> list[list[str]]:
+    return synth.read_topics(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def qwen_model(models_dir: Path) -> Path:
+    """The tiny shape with architecture qwen3moe."""
+    return _write_model(models_dir, "tiny-qwen3moe.gguf", synth.config_from_args("tiny", arch="qwen3moe"))
+
+
+@pytest.fixture(scope="session")
+def dense_model(models_dir: Path) -> Path:
+    """The tiny shape without experts (dense llama)."""
+    return _write_model(models_dir, "tiny-dense.gguf", synth.config_from_args("tiny", experts=0))
+
+
+@pytest.fixture(scope="session")
+def merged_model(models_dir: Path) -> Path:
+    """The tiny shape with one merged ffn_gate_up_exps tensor per layer (discovery only)."""
+    return _write_model(models_dir, "tiny-merged.gguf", synth.config_from_args("tiny", merged_gate_up=True))
+
+
+@pytest.fixture()
+def private_tiny_model(tiny_model: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny model (its own inode and page cache) that no other test maps."""
+    path = tmp_path / "private-tiny.gguf"
+    shutil.copyfile(tiny_model, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bad_model_files(tiny_model: Path, models_dir: Path) -> dict[str, Path]:
+    """Files that are not loadable models, by kind: truncated, header_only, random, bad_magic, empty."""
+    return {
+        "truncated": truncated_copy(tiny_model, models_dir / "truncated.gguf", 0.6),
+        "header_only": truncated_copy(tiny_model, models_dir / "header-only.gguf", 0.001),
+        "random": corrupt_file(models_dir / "random.gguf", "random"),
+        "bad_magic": corrupt_file(models_dir / "bad-magic.gguf", "bad_magic", tiny_model),
+        "empty": corrupt_file(models_dir / "empty.gguf", "empty"),
+    }
+
+
+def truncated_copy(src: Path, dst: Path, keep_fraction: float = 0.6) -> Path:
+    """Copies the first `keep_fraction` of `src` to `dst` (header intact, tensor data cut)."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: int(len(data) * keep_fraction)])
+    return Path(dst)
+
+
+def corrupt_file(dst: Path, kind: str = "random", src: Path | None = None) -> Path:
+    """Writes a file that is not a GGUF model.
+
+    kind: "random" (1 MiB of seeded random bytes), "bad_magic" (a copy of `src` whose first four
+    bytes are not "GGUF"), "empty" (zero bytes).
+    """
+    dst = Path(dst)
+    if kind == "random":
+        dst.write_bytes(np.random.default_rng(1234).integers(0, 256, size=1 << 20, dtype=np.uint8).tobytes())
+    elif kind == "bad_magic":
+        assert src is not None
+        data = bytearray(Path(src).read_bytes())
+        data[:4] = b"FUGG"
+        dst.write_bytes(bytes(data))
+    elif kind == "empty":
+        dst.write_bytes(b"")
+    else:
+        raise ValueError(f"unknown corruption kind {kind!r}")
+    return dst

@@ -1,0 +1,180 @@
+"""Page residency of expert units (checked with an independent mincore) and byte-range discovery."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pagecache
+import pytest
+
+from cluster import synth, warmth
+from cluster.cache import discover_layout
+from cluster.engine import MoEEngine
+
+PS = pagecache.PAGE_SIZE
+
+
+def inner_pages(offset: int, size: int) -> slice:
+    """Pages that lie entirely inside [offset, offset + size): no neighbour shares them."""
+    return slice((offset + PS - 1) // PS, (offset + size) // PS)
+
+
+def all_pages(offset: int, size: int) -> slice:
+    return slice(offset // PS, (offset + size + PS - 1) // PS)
+
+
+def unit_page_residency(path: Path, layout) -> dict[str, np.ndarray]:
+    """Per unit: (resident inner pages, inner pages, resident pages of its whole span, pages of its span)."""
+    pages = pagecache.resident_pages(path)
+    out = {key: np.zeros((layout.n_layers, layout.n_experts), dtype=np.int64)
+           for key in ("inner_resident", "inner", "span_resident", "span")}
+    for layer in range(layout.n_layers):
+        for expert in range(layout.n_experts):
+            for offset, size, _, _ in layout.unit_slices(layer, expert):
+                inner, span = pages[inner_pages(offset, size)], pages[all_pages(offset, size)]
+                out["inner_resident"][layer, expert] += int(inner.sum())
+                out["inner"][layer, expert] += inner.size
+                out["span_resident"][layer, expert] += int(span.sum())
+                out["span"][layer, expert] += span.size
+    return out
+
+
+@pytest.fixture()
+def small_budget_engine(private_tiny_model: Path) -> Iterator[tuple[MoEEngine, Path, object]]:
+    """A 25 % budget engine on a model copy nothing else maps, loaded from a cold page cache."""
+    layout = discover_layout(str(private_tiny_model))
+    pagecache.drop_file(private_tiny_model)
+    with MoEEngine(private_tiny_model, int(0.25 * layout.expert_bytes), n_ctx=256, n_threads=2) as engine:
+        yield engine, private_tiny_model, layout
+
+
+def _generate(engine: MoEEngine, path: Path) -> None:
+    topics = synth.read_topics(path)
+    result = engine.generate(synth.mixed_prompt(topics, [3, 1, 0], 4, seed=5), max_tokens=24)
+    assert result.cache["n_evictions"] > 0
+
+
+def _report(engine: MoEEngine) -> np.ndarray:
+    resident = warmth.decode(engine.warmth()).resident
+    assert resident.any() and not resident.all()
+    return resident
+
+
+def _assert_non_resident_units_hold_no_inner_pages(path: Path, layout, resident: np.ndarray, when: str) -> None:
+    pages = unit_page_residency(path, layout)
+    absent = ~resident
+    # "almost no": a unit the policy dropped may keep at most a tenth of its inner pages
+    leaky = absent & (pages["inner_resident"] > pages["inner"] // 10)
+    offenders = [(int(l), int(e), int(pages["inner_resident"][l, e]), int(pages["inner"][l, e]))
+                 for l, e in np.argwhere(leaky)]
+    assert not offenders, (
+        f"{when}: {len(offenders)} of {int(absent.sum())} units reported non-resident still have inner pages in "
+        f"the page cache ({int(pages['inner_resident'][absent].sum())} of {int(pages['inner'][absent].sum())} "
+        f"inner pages); (layer, expert, resident, inner) first: {offenders[:6]}")
+
+
+def test_units_dropped_at_attach_have_no_resident_inner_pages(small_budget_engine) -> None:
+    engine, path, layout = small_budget_engine
+    _assert_non_resident_units_hold_no_inner_pages(path, layout, _report(engine), "after load")
+
+
+def test_eviction_really_drops_the_pages_of_units_reported_non_resident(small_budget_engine) -> None:
+    engine, path, layout = small_budget_engine
+    _generate(engine, path)
+    _assert_non_resident_units_hold_no_inner_pages(path, layout, _report(engine), "after generate")
+
+
+def test_units_reported_resident_are_fully_resident(small_budget_engine) -> None:
+    engine, path, layout = small_budget_engine
+    for when in ("after load", "after generate"):
+        if when == "after generate":
+            _generate(engine, path)
+        resident = _report(engine)
+        pages = unit_page_residency(path, layout)
+        np.testing.assert_array_equal(pages["span_resident"][resident], pages["span"][resident], err_msg=when)
+
+
+# -- discovery -----------------------------------------------------------------------------
+
+
+def _exps_tensors(path: Path) -> list[gguf.ReaderTensor]:
+    return [t for t in gguf.GGUFReader(path).tensors if "_exps." in t.name]
+
+
+def test_expert_bytes_equal_the_sizes_of_all_exps_tensors(tiny_model: Path, tiny_layout) -> None:
+    tensors = _exps_tensors(tiny_model)
+    assert sorted(tiny_layout.expert_tensors) == sorted(t.name for t in tensors)
+    assert tiny_layout.expert_bytes == sum(int(t.n_bytes) for t in tensors)
+    assert tiny_layout.file_size == tiny_model.stat().st_size
+    assert tiny_layout.page_size == PS
+    config = synth.read_config(tiny_model)
+    assert (tiny_layout.arch, tiny_layout.n_layers, tiny_layout.n_experts, tiny_layout.n_experts_used,
+            tiny_layout.n_embd) == (config.arch, config.n_layers, config.n_experts, config.n_experts_used,
+                                    config.n_embd)
+
+
+def test_expert_e_is_the_eth_equal_slice_of_every_exps_tensor_of_its_layer(tiny_model: Path, tiny_layout) -> None:
+    layout = tiny_layout
+    by_layer: dict[int, list[gguf.ReaderTensor]] = {}
+    for t in _exps_tensors(tiny_model):
+        by_layer.setdefault(int(t.name.split(".")[1]), []).append(t)
+    assert sorted(by_layer) == list(range(layout.n_layers))
+    for layer, tensors in by_layer.items():
+        for expert in range(layout.n_experts):
+            want = sorted((int(t.data_offset) + expert * (int(t.n_bytes) // layout.n_experts),
+                           int(t.n_bytes) // layout.n_experts) for t in tensors)
+            got = sorted((offset, size) for offset, size, _, _ in layout.unit_slices(layer, expert))
+            assert got == want, f"unit ({layer}, {expert})"
+
+
+def test_unit_footprint_is_its_slices_rounded_out_to_whole_pages(tiny_layout) -> None:
+    layout = tiny_layout
+    for layer in range(layout.n_layers):
+        for expert in range(layout.n_experts):
+            want = sum((all_pages(o, s).stop - all_pages(o, s).start) * PS for o, s, _, _ in
+                       layout.unit_slices(layer, expert))
+            assert int(layout.unit_bytes[layer, expert]) == want
+
+
+def test_boundary_page_owners_name_the_neighbouring_unit(tiny_model: Path, tiny_layout) -> None:
+    layout = tiny_layout
+    starts, ends = {}, {}
+    for layer in range(layout.n_layers):
+        for expert in range(layout.n_experts):
+            for offset, size, _, _ in layout.unit_slices(layer, expert):
+                starts[offset] = layer * layout.n_experts + expert
+                ends[offset + size] = layer * layout.n_experts + expert
+    for layer in range(layout.n_layers):
+        for expert in range(layout.n_experts):
+            for offset, size, head, tail in layout.unit_slices(layer, expert):
+                want_head = -1 if offset % PS == 0 else ends.get(offset, -2)
+                want_tail = -1 if (offset + size) % PS == 0 else starts.get(offset + size, -2)
+                assert (head, tail) == (want_head, want_tail), f"unit ({layer}, {expert}) slice at {offset}"
+
+
+def test_merged_gate_up_tensor_is_discovered_with_twice_the_gate_slice(merged_model: Path, tiny_layout) -> None:
+    layout = discover_layout(str(merged_model))
+    names = set(layout.expert_tensors)
+    assert {f"blk.{l}.ffn_gate_up_exps.weight" for l in range(layout.n_layers)} <= names
+    assert not any("ffn_gate_exps" in n or "ffn_up_exps" in n for n in names)
+    assert layout.expert_bytes == sum(int(t.n_bytes) for t in _exps_tensors(merged_model))
+    assert layout.expert_bytes == tiny_layout.expert_bytes
+    gate_up = {t.name: t for t in _exps_tensors(merged_model)}["blk.0.ffn_gate_up_exps.weight"]
+    merged_slice = [s for s in layout.unit_slices(0, 3) if s[0] == int(gate_up.data_offset) + 3 * s[1]]
+    assert len(merged_slice) == 1
+    separate = {t.name: t for t in _exps_tensors(Path(tiny_layout.path))}["blk.0.ffn_gate_exps.weight"]
+    gate_slice = [s for s in tiny_layout.unit_slices(0, 3) if s[0] == int(separate.data_offset) + 3 * s[1]]
+    assert len(gate_slice) == 1
+    assert merged_slice[0][1] == 2 * gate_slice[0][1]
+    assert len(layout.unit_slices(0, 3)) == 2 and len(tiny_layout.unit_slices(0, 3)) == 3
+
+
+def test_qwen3moe_file_is_discovered_like_llama(qwen_model: Path, tiny_layout) -> None:
+    layout = discover_layout(str(qwen_model))
+    assert layout.arch == "qwen3moe"
+    assert (layout.n_layers, layout.n_experts, layout.n_experts_used) == (
+        tiny_layout.n_layers, tiny_layout.n_experts, tiny_layout.n_experts_used)
+    assert layout.expert_bytes == sum(int(t.n_bytes) for t in _exps_tensors(qwen_model))
