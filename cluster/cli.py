@@ -148,7 +148,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     n_nodes = args.nodes or args.local_nodes or 1
     cache_bytes = None if args.no_cache else (args.cache_mb * MIB if args.cache_mb else _whole_model_budget(model))
     info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
-                         max_queue=args.max_queue,
+                         max_queue=args.max_queue, n_threads=args.threads,
                          memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
     _emit(info, args.json, lambda r: f"serving {model} on {len(r['nodes'])} nodes, policy {r['policy']}")
     return 0
@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-nodes", type=_positive_int, help="first start a local Ray cluster of N nodes on loopback")
     p.add_argument("--node-memory-mb", type=_positive_int, help="cgroup memory limit of each node actor (root)")
     p.add_argument("--max-queue", type=_positive_int, default=8)
+    p.add_argument("--threads", type=_positive_int, help="compute threads per node (default: all cores)")
     _cluster_args(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -402,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--nodes", type=_positive_int, help="nodes (routing: Ray nodes, default 3; simulate: 256)")
     routing.add_argument("--cache-mb", type=_positive_int, help="expert-cache budget per node (default: a third of "
                                                                 "the model's expert bytes)")
-    routing.add_argument("--policies", help="comma-separated routing policies (default warmth,least_loaded,round_robin)")
+    routing.add_argument("--policies",
+                         help="comma-separated routing policies (default warmth,least_loaded,round_robin)")
     routing.add_argument("--requests", type=_positive_int, help="requests in the workload")
     routing.add_argument("--rate", type=_non_negative_float, help="Poisson arrival rate, requests per second")
     routing.add_argument("--max-tokens", type=_positive_int, help="tokens generated per request at most")

@@ -38,7 +38,7 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
     address = deploy.start_local_cluster(n_nodes)
     try:
         deploy.connect(address)
-        deploy.deploy(path, n_nodes, cache_bytes=budget, policy=policy)
+        deploy.deploy(path, n_nodes, cache_bytes=budget, policy=policy, n_threads=1)
         print(f"local Ray cluster of {n_nodes} nodes at {address}, node actors and router ready in "
               f"{time.perf_counter() - t0:.1f} s (policy {policy})\n")
         from cluster.client import Client

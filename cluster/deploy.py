@@ -1,7 +1,6 @@
 """Starting and stopping a deployment on a Ray cluster: local clusters, node actors, the router.
 
-``start_local_cluster`` runs ``ray start`` processes on loopback (one head, N-1 workers: N
-Ray nodes on this machine). ``deploy`` places one node actor per Ray node (a STRICT_SPREAD
+``start_local_cluster`` starts N Ray nodes on loopback in a daemon (``cluster.local_cluster``). ``deploy`` places one node actor per Ray node (a STRICT_SPREAD
 placement group: two never share a node) and the router; all are named and detached, so
 they keep serving after the command that created them returns. ``shutdown`` removes them.
 """
@@ -10,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -30,48 +29,43 @@ def loopback_env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_cli() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def start_local_cluster(n_nodes: int, cpus_per_node: int = 2, memory_per_node: int | None = None) -> str:
-    """Starts N Ray nodes on loopback; returns the address ("127.0.0.1:port")."""
+def start_local_cluster(n_nodes: int, cpus_per_node: int = 2, timeout_s: float = 180.0) -> str:
+    """Starts N Ray nodes on loopback in a daemon (cluster.local_cluster); returns the address."""
     if n_nodes < 1:
         raise InvalidParameterError(f"--local-nodes must be >= 1, got {n_nodes}")
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--disable-usage-stats"]
-    if memory_per_node:
-        common.append(f"--memory={memory_per_node}")
-    env = loopback_env()
-    proc = subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SniperError(f"could not start a Ray head node on {address}: {proc.stderr.strip()[-400:]}")
-    # `ray start --address` refuses to add a node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0;
-    # the explicit --node-ip-address keeps the worker nodes on loopback all the same.
-    worker_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-    for _ in range(n_nodes - 1):
-        proc = subprocess.run([_ray_cli(), "start", f"--address={address}", *common], capture_output=True,
-                              text=True, env=worker_env)
-        if proc.returncode != 0:
-            stop_local_cluster()
-            raise SniperError(f"could not add a Ray node to {address}: {proc.stderr.strip()[-400:]}")
-    with open(LOCAL_CLUSTER_FILE, "w") as f:
-        json.dump({"address": address, "n_nodes": n_nodes}, f)
-    return address
-
-
-def stop_local_cluster() -> None:
-    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=loopback_env())
     if os.path.exists(LOCAL_CLUSTER_FILE):
+        raise SniperError(f"a local cluster is already running ({LOCAL_CLUSTER_FILE}); "
+                          f"stop it with: python -m cluster shutdown --stop-local")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", str(n_nodes), LOCAL_CLUSTER_FILE,
+                             str(cpus_per_node)], env=loopback_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(LOCAL_CLUSTER_FILE):
+        if proc.poll() is not None:
+            raise SniperError(f"the local Ray cluster failed to start: {proc.stderr.read()[-400:]}")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise SniperError(f"the local Ray cluster did not start within {timeout_s:.0f} s")
+        time.sleep(0.2)
+    with open(LOCAL_CLUSTER_FILE) as f:
+        return json.load(f)["address"]
+
+
+def stop_local_cluster(timeout_s: float = 60.0) -> bool:
+    """Stops the local cluster started by start_local_cluster; False if none was running."""
+    if not os.path.exists(LOCAL_CLUSTER_FILE):
+        return False
+    with open(LOCAL_CLUSTER_FILE) as f:
+        pid = json.load(f)["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
         os.unlink(LOCAL_CLUSTER_FILE)
+        return False
+    deadline = time.monotonic() + timeout_s
+    while os.path.exists(LOCAL_CLUSTER_FILE) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return True
 
 
 def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
@@ -82,7 +76,12 @@ def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
     if address is None and os.path.exists(LOCAL_CLUSTER_FILE) and not os.environ.get("RAY_ADDRESS"):
         with open(LOCAL_CLUSTER_FILE) as f:
             address = json.load(f)["address"]
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    if address and address.startswith("127.") and ray_constants.ENABLE_RAY_CLUSTER:
+        raise SniperError("ray was imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset or 1, so it would "
+                          "replace 127.0.0.1 by this machine's outward address; import cluster before ray "
+                          "or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0")
     ray.init(address=address or "auto", namespace=namespace, logging_level="ERROR", log_to_driver=False)
 
 
@@ -108,7 +107,8 @@ class NodeActor(NodeServer):
 
 def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: str = "warmth",
            namespace: str = NAMESPACE, n_ctx: int = 2048, max_queue: int = 8,
-           memory_limit_bytes: int | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
+           memory_limit_bytes: int | None = None, n_threads: int | None = None,
+           timeout_s: float = 300.0) -> dict[str, Any]:
     """Creates the router and ``n_nodes`` node actors (one per Ray node) and waits until they serve."""
     import ray
     from ray.util.placement_group import placement_group
@@ -135,11 +135,11 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: st
         name=ROUTER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_concurrency=1000,
         num_cpus=0).remote(model_path, policy, namespace)
     ray.get(router.ping.remote(), timeout=timeout_s)
-    pg = placement_group([{"CPU": 1}] * n_nodes, strategy="STRICT_SPREAD", name=PLACEMENT_GROUP,
+    pg = placement_group([{"CPU": 1}] * n_nodes, strategy="STRICT_SPREAD", name=f"{PLACEMENT_GROUP}-{namespace}",
                          lifetime="detached")
     ray.get(pg.ready(), timeout=timeout_s)
     config = NodeConfig(model_path=model_path, cache_bytes=cache_bytes, n_ctx=n_ctx, max_queue=max_queue,
-                        memory_limit_bytes=memory_limit_bytes)
+                        memory_limit_bytes=memory_limit_bytes, n_threads=n_threads)
     handles = []
     for i in range(n_nodes):
         handles.append(ray.remote(NodeActor).options(
@@ -167,13 +167,11 @@ def shutdown(namespace: str = NAMESPACE) -> list[str]:
         try:
             handle = ray.get_actor(name, namespace=namespace)
         except ValueError:
-            if name != ROUTER_NAME and not name.endswith("-0"):
-                continue
             continue
         ray.kill(handle, no_restart=True)
         removed.append(name)
     try:
-        remove_placement_group(get_placement_group(PLACEMENT_GROUP))
+        remove_placement_group(get_placement_group(f"{PLACEMENT_GROUP}-{namespace}"))
     except Exception:
         pass
     return removed

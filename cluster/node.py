@@ -91,8 +91,8 @@ class NodeReport:
     load: int
     capacity: int
     healthy: bool
-    warmth: bytes | None
-    prefixes: tuple[str, ...]
+    warmth: bytes | None  # None: unchanged since the last report (a busy node's heartbeat)
+    prefixes: tuple[str, ...] | None  # None: unchanged
     sessions: tuple[str, ...]
     stats: dict[str, float]
     sent_at: float
@@ -271,8 +271,19 @@ class NodeServer:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.config.heartbeat_s):
             if self._serve_lock.locked():
-                continue  # busy: the report after the request will do
-            self._send_report()
+                self._send_busy_report()  # the engine is busy: load and liveness only
+            else:
+                self._send_report()
+
+    def _send_busy_report(self) -> None:
+        if self.report_sink is None:
+            return
+        try:
+            self.report_sink(NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue,
+                                        healthy=True, warmth=None, prefixes=None, sessions=tuple(self._sessions),
+                                        stats={}, sent_at=time.time()))
+        except Exception:
+            pass
 
     def ready(self) -> dict[str, Any]:
         layout = self.engine.layout

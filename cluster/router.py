@@ -38,6 +38,10 @@ class NodeState:
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
     served: int = 0
+    resident: np.ndarray | None = None  # float32 [L, E] from the last warmth report
+    stats: dict[str, float] = field(default_factory=dict)  # from the last full report
+    view_key: tuple[int, ...] = ()
+    view: NodeView | None = None
 
 
 class RouterCore:
@@ -59,12 +63,15 @@ class RouterCore:
         node.capacity = report.capacity
         node.last_report = report
         node.last_seen = self.clock()
-        if report.warmth is not None:
+        if report.stats:
+            node.stats = report.stats
+        if report.warmth is not None:  # a busy node's heartbeat carries no warmth: keep the last one
             try:
                 node.warmth = decode_warmth(report.warmth)
+                node.resident = node.warmth.resident.astype(np.float32)
             except WarmthFormatError:
-                node.warmth = None
-        if isinstance(self.policy, WarmthPolicy):
+                node.warmth = node.resident = None
+        if isinstance(self.policy, WarmthPolicy) and report.prefixes is not None:
             self.policy.set_node_prefixes(report.node_id, report.prefixes)
         if report.summary is not None:
             self.policy.on_report(report.node_id, report.summary)
@@ -93,14 +100,20 @@ class RouterCore:
 
     def live_nodes(self) -> list[NodeState]:
         now = self.clock()
-        for node in self.nodes.values():
-            if node.alive and now - node.last_seen > NODE_TIMEOUT_S:
+        for node in self.nodes.values():  # a node serving our requests is busy, not silent
+            if node.alive and node.in_flight == 0 and now - node.last_seen > NODE_TIMEOUT_S:
                 self.mark_dead(node.node_id)
         return [n for n in self.nodes.values() if n.alive]
 
     def view(self, node: NodeState) -> NodeView:
+        key = (node.in_flight, node.capacity, id(node.last_report), id(node.resident))
+        if node.view_key != key:  # rebuilt only when something the policy sees changed
+            node.view_key, node.view = key, self._build_view(node)
+        return node.view
+
+    def _build_view(self, node: NodeState) -> NodeView:
         return NodeView(node_id=node.node_id, load=node.in_flight, capacity=node.capacity,
-                        resident=node.warmth.resident if node.warmth else None,
+                        resident=node.resident,
                         heat=node.warmth.heat if node.warmth else None,
                         sessions=frozenset(node.last_report.sessions) if node.last_report else frozenset())
 
@@ -123,7 +136,7 @@ class RouterCore:
     def status(self) -> dict[str, Any]:
         nodes = []
         for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
-            stats = node.last_report.stats if node.last_report else {}
+            stats = node.stats
             nodes.append({
                 "name": node.node_id,
                 "alive": node.alive,

@@ -70,14 +70,15 @@ class LocalRayCluster:
 
     def __enter__(self) -> "LocalRayCluster":
         from ray._private import ray_constants
-        from ray._private.utils import read_ray_address, write_ray_address
+        from ray._private.utils import get_ray_address_file
         from ray.cluster_utils import Cluster
 
         if ray_constants.ENABLE_RAY_CLUSTER:
             raise RuntimeError("ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set, so its nodes "
                                "would not bind to 127.0.0.1; import cluster.bench.routing_bench (or set the variable) "
                                "before ray")
-        previous = read_ray_address()
+        address_file = Path(get_ray_address_file(None))
+        previous = address_file.read_text() if address_file.is_file() else None
         args = {"num_cpus": self.cpus_per_node, "node_ip_address": "127.0.0.1",
                 "object_store_memory": self.object_store_bytes}
         try:
@@ -89,8 +90,8 @@ class LocalRayCluster:
             self.__exit__()
             raise
         finally:
-            if previous:
-                write_ray_address(previous)
+            if previous is not None:
+                address_file.write_text(previous)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -235,10 +236,12 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
             client = Client.connect(cluster.address, NAMESPACE)
             before = client.status()
             setup_s = time.perf_counter() - t_setup
-            _log(progress, f"  {policy}: {n_nodes} nodes ready in {setup_s:.0f} s; sending {len(workload.turns)} requests")
+            _log(progress, f"  {policy}: {n_nodes} nodes ready in {setup_s:.0f} s; "
+                           f"sending {len(workload.turns)} requests")
             t0 = time.perf_counter()
             outcomes = asyncio.run(_drive(client, workload, max_tokens))
-            wall_s = max((o["done_s"] for o in outcomes), default=0.0) - min((o["sent_s"] for o in outcomes), default=0.0)
+            wall_s = (max((o["done_s"] for o in outcomes), default=0.0)
+                      - min((o["sent_s"] for o in outcomes), default=0.0))
             generated = sum(o["usage"]["completion_tokens"] for o in outcomes if "error" not in o)
             after = _await_reports(client, _node_totals(before), generated)
             _log(progress, f"  {policy}: done in {time.perf_counter() - t0:.0f} s")
@@ -395,7 +398,8 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
 
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown or not policies:
-        raise ValueError(f"--policies {','.join(policies)}: expected a comma-separated list of {', '.join(POLICY_NAMES)}")
+        raise ValueError(f"--policies {','.join(policies)}: expected a comma-separated list of "
+                         f"{', '.join(POLICY_NAMES)}")
     if node_memory_mb:
         reason = memlimit.unavailable_reason()
         if reason:
@@ -422,8 +426,9 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
         "command": " ".join(command),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0]},
-        "model": {"path": model_path, "arch": layout.arch, "n_layers": layout.n_layers, "n_experts": layout.n_experts,
-                  "n_experts_used": layout.n_experts_used, "file_bytes": layout.file_size, "expert_bytes": expert_bytes},
+        "model": {"path": model_path, "arch": layout.arch, "n_layers": layout.n_layers,
+                  "n_experts": layout.n_experts, "n_experts_used": layout.n_experts_used,
+                  "file_bytes": layout.file_size, "expert_bytes": expert_bytes},
         "workload": {**workload.describe(), "max_tokens": max_tokens},
         "cluster": {"nodes": n_nodes, "cache_bytes_per_node": cache_bytes,
                     "node_memory_limit_bytes": node_memory_mb * MIB if node_memory_mb else None},

@@ -35,8 +35,8 @@ def targets(policies: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | 
         if baseline not in policies:
             continue
         for name, metrics in policies.items():
-            if name == baseline:
-                continue
+            if name == baseline or (name in BASELINES and BASELINES.index(name) < BASELINES.index(baseline)):
+                continue  # a baseline against itself, or the same pair the other way round
             out[f"{name}_vs_{baseline}"] = {key: _ratio(metrics.get(key), policies[baseline].get(key))
                                             for key in RATIO_KEYS}
     return out
@@ -134,10 +134,12 @@ def write_routing_report(result: dict[str, Any], out_dir: Path) -> Path:
         f"Model: `{Path(m['path']).name}` — {m['arch']}, {m['n_layers']} layers × {m['n_experts']} experts "
         f"(top-{m['n_experts_used']}), experts {m['expert_bytes'] / MIB:.0f} MiB.",
         "",
-        f"Cluster: for each policy a fresh Ray cluster of {c['nodes']} nodes on 127.0.0.1 (`ray.cluster_utils.Cluster`), "
+        f"Cluster: for each policy a fresh Ray cluster of {c['nodes']} nodes on 127.0.0.1 "
+        "(`ray.cluster_utils.Cluster`), "
         f"one node actor per node, expert-cache budget {c['cache_bytes_per_node'] / MIB:.0f} MiB per node "
         f"({100 * c['cache_bytes_per_node'] / m['expert_bytes']:.0f} % of the expert bytes)"
-        + (f", each node actor under a cgroup memory limit of {limit / MIB:.0f} MiB" if limit else "") + "; torn down after.",
+        + (f", each node actor under a cgroup memory limit of {limit / MIB:.0f} MiB" if limit else "")
+        + "; torn down after.",
         "",
         f"Workload ({w['source']}): {w['n_requests']} requests in {w['n_conversations']} conversations "
         f"(turns per conversation: {', '.join(f'{n}: {k}' for n, k in w['turns_per_conversation'].items())}), "
@@ -218,7 +220,8 @@ def write_simulate_report(result: dict[str, Any], out_dir: Path) -> Path:
         f"experts, top-{m['n_experts_used']}) with llama.cpp: {w['n_requests']} conversation turns "
         f"({w.get('n_conversations', 'n/a')} conversations), each served from an empty context. Then, per policy, "
         f"{result['nodes']} simulated nodes, each with the real expert-cache policy core (`CachePolicy`, budget "
-        f"{result['cache_bytes_per_node'] / MIB:.2f} MiB = {100 * result['cache_bytes_per_node'] / m['expert_bytes']:.0f} % "
+        f"{result['cache_bytes_per_node'] / MIB:.2f} MiB = "
+        f"{100 * result['cache_bytes_per_node'] / m['expert_bytes']:.0f} % "
         "of the expert bytes), routed by the real `RouterCore` and policy from the nodes' warmth reports, prefixes and "
         "routing-trace summaries. A node reuses a conversation's KV state as a live node does and replays only the "
         f"prompt tokens it has to prefill. Poisson arrivals at {w['rate_per_s']:g}/s; a conversation's next turn "

@@ -146,7 +146,8 @@ class TraceSet:
                 arrays = {k: data[k] for k in data.files}
             meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
         except Exception as exc:  # zip, npy and JSON errors all mean "not a trace set"
-            raise ValueError(f"'{path}' is not a trace set written by --save-traces: {type(exc).__name__}: {exc}") from None
+            raise ValueError(f"'{path}' is not a trace set written by --save-traces: "
+                             f"{type(exc).__name__}: {exc}") from None
         if meta.get("version") != TRACE_FORMAT_VERSION:
             raise ValueError(f"'{path}': trace set version {meta.get('version')!r}, expected {TRACE_FORMAT_VERSION}")
 
@@ -369,7 +370,8 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
     by_conv: dict[str, list[int]] = {}
     for i, r in enumerate(traces.turns):
         by_conv.setdefault(r.turn.conversation, []).append(i)
-    next_of = {i: (turns[j + 1] if j + 1 < len(turns) else None) for turns in by_conv.values() for j, i in enumerate(turns)}
+    next_of = {i: (turns[j + 1] if j + 1 < len(turns) else None)  # a conversation's next turn
+               for turns in by_conv.values() for j, i in enumerate(turns)}
     events: list[tuple[float, int, str, Any]] = []
     seq = 0
 

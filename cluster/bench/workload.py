@@ -126,7 +126,8 @@ def parse_jsonl(lines: Iterable[str], source: str = "<jsonl>") -> list[dict[str,
             raise ValueError(f"{where}: expected a JSON object with a \"prompt\", got {type(obj).__name__}")
         unknown = sorted(set(obj) - set(JSONL_KEYS))
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(JSONL_KEYS)}")
+            raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"expected {', '.join(JSONL_KEYS)}")
         prompt = obj.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{where}: \"prompt\" must be a non-empty string, got {prompt!r}")
@@ -157,7 +158,7 @@ def load_jsonl(path: str | os.PathLike[str], *, rate: float, seed: int = 0) -> W
         records = parse_jsonl(f, str(path))
     arrivals = poisson_arrivals(len(records), rate, seed)
     turns, counts = [], {}
-    for i, (record, arrival) in enumerate(zip(records, arrivals)):
+    for i, (record, arrival) in enumerate(zip(records, arrivals, strict=True)):
         conversation = record["session"] if record["session"] is not None else f"line{i + 1}"
         index = counts.get(conversation, 0)
         counts[conversation] = index + 1

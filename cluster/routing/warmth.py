@@ -19,7 +19,9 @@ Procedure, per request:
 
 Knobs: load_slack (requests, >= 0, default 1), expected_decode_tokens (>= 0, 32),
 prefill_token_cost (expert loads per prefilled token, >= 0, 0.05), max_tokens_tracked
-(affinity table size, LRU, 8192).
+(affinity table size, LRU, 8192). The demand of a long prompt is estimated from an even
+sample of at most 32 of its distinct known tokens, their counts scaled to stand for all (this
+bounds the cost of a decision).
 """
 
 from __future__ import annotations
@@ -49,63 +51,104 @@ def prefix_hashes(tokens: Sequence[int], block: int = PREFIX_BLOCK, max_blocks: 
 
 
 class TokenAffinity:
-    """Per token id: selections per (layer, expert) seen when the token was prefilled."""
+    """Per token id: how often each (layer, expert) was selected when the token was prefilled.
 
-    def __init__(self, max_tokens: int = 8192) -> None:
+    Rows live in two growing tables (selection probability and its log1p(-p)) so a request's
+    demand is one gather and one vector-matrix product, whatever the number of nodes.
+    """
+
+    def __init__(self, max_tokens: int = 8192, max_demand_tokens: int = 32) -> None:
         self.max_tokens = max_tokens
+        self.max_demand_tokens = max_demand_tokens
         self.shape: tuple[int, int] | None = None
-        self._counts: OrderedDict[int, np.ndarray] = OrderedDict()  # token -> float32 [L, E]
-        self._seen: dict[int, int] = {}
+        self._row: OrderedDict[int, int] = OrderedDict()  # token -> table row, least recently learned first
+        self._counts = np.zeros((0, 0), dtype=np.float32)  # [rows, L*E] selections
+        self._seen = np.zeros(0, dtype=np.float32)  # [rows] times prefilled
+        self._prob = np.zeros((0, 0), dtype=np.float32)  # [rows, L*E] counts / seen
+        self._log_miss = np.zeros((0, 0), dtype=np.float32)  # [rows, L*E] log(1 - prob)
+
+    def _reset(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+        self._row.clear()
+        width = shape[0] * shape[1]
+        self._counts = np.zeros((0, width), dtype=np.float32)
+        self._seen = np.zeros(0, dtype=np.float32)
+        self._prob = np.zeros((0, width), dtype=np.float32)
+        self._log_miss = np.zeros((0, width), dtype=np.float32)
+
+    def _row_of(self, token: int) -> int:
+        row = self._row.get(token)
+        if row is not None:
+            self._row.move_to_end(token)
+            return row
+        if len(self._row) >= self.max_tokens:  # reuse the least recently learned token's row
+            _, row = self._row.popitem(last=False)
+            self._counts[row] = 0.0
+            self._seen[row] = 0.0
+        else:
+            row = len(self._row)
+            if row >= self._counts.shape[0]:
+                grow = max(64, self._counts.shape[0])
+                width = self._counts.shape[1]
+                self._counts = np.vstack([self._counts, np.zeros((grow, width), dtype=np.float32)])
+                self._prob = np.vstack([self._prob, np.zeros((grow, width), dtype=np.float32)])
+                self._log_miss = np.vstack([self._log_miss, np.zeros((grow, width), dtype=np.float32)])
+                self._seen = np.concatenate([self._seen, np.zeros(grow, dtype=np.float32)])
+        self._row[token] = row
+        return row
 
     def learn(self, summary: RoutingTraceSummary) -> None:
         experts = summary.prompt_experts  # [n, L, k]
-        if experts.ndim != 3 or experts.shape[0] != len(summary.tokens):
+        if experts.ndim != 3 or experts.shape[0] != len(summary.tokens) or summary.decode_counts.ndim != 2:
             return
-        n_layers = experts.shape[1]
-        n_experts = summary.decode_counts.shape[1] if summary.decode_counts.ndim == 2 else int(experts.max()) + 1
+        n_layers, n_experts = summary.decode_counts.shape
         if self.shape != (n_layers, n_experts):
-            self.shape = (n_layers, n_experts)
-            self._counts.clear()
-            self._seen.clear()
-        layers = np.arange(n_layers)[:, None]
-        for token, chosen in zip(summary.tokens, experts):
-            counts = self._counts.get(token)
-            if counts is None:
-                counts = np.zeros(self.shape, dtype=np.float32)
-                self._counts[token] = counts
-                self._seen[token] = 0
-            valid = chosen >= 0
-            np.add.at(counts, (np.broadcast_to(layers, chosen.shape)[valid], chosen[valid]), 1.0)
-            self._seen[token] += 1
-            self._counts.move_to_end(token)
-        while len(self._counts) > self.max_tokens:
-            token, _ = self._counts.popitem(last=False)
-            self._seen.pop(token, None)
+            self._reset((n_layers, n_experts))
+        flat = np.where(experts >= 0, experts + (np.arange(n_layers) * n_experts)[None, :, None], -1)
+        touched = set()
+        for token, chosen in zip(summary.tokens, flat):
+            row = self._row_of(int(token))
+            ids = chosen[chosen >= 0]
+            np.add.at(self._counts[row], ids, 1.0)
+            self._seen[row] += 1.0
+            touched.add(row)
+        rows = np.fromiter(touched, dtype=np.int64)
+        self._prob[rows] = np.clip(self._counts[rows] / self._seen[rows, None], 0.0, 0.999)
+        self._log_miss[rows] = np.log1p(-self._prob[rows])
+
+    def _rows(self, tokens: Sequence[int], max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Table rows of the known tokens and how often each occurs; with ``max_rows``, an even
+        sample of the distinct tokens whose occurrence counts are scaled to stand for all."""
+        counts = Counter(tokens)
+        known = [(self._row[t], n) for t, n in counts.items() if t in self._row]
+        if not known:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        total = sum(n for _, n in known)
+        if max_rows is not None and len(known) > max_rows:
+            step = len(known) / max_rows
+            known = [known[int(i * step)] for i in range(max_rows)]
+        rows, times = zip(*known)
+        times_arr = np.asarray(times, dtype=np.float32)
+        return np.asarray(rows, dtype=np.int64), times_arr * (total / times_arr.sum())
 
     def selection_probability(self, tokens: Sequence[int]) -> tuple[np.ndarray | None, int]:
-        """P[(l, e) selected by at least one of tokens], and how many tokens were known."""
+        """P[(l, e) selected by at least one of tokens] (flat, [L*E]), and how many tokens were known."""
         if self.shape is None:
             return None, 0
-        log_miss = np.zeros(self.shape, dtype=np.float64)
-        known = 0
-        for token, times in Counter(tokens).items():
-            counts = self._counts.get(token)
-            if counts is None:
-                continue
-            known += 1
-            p = np.clip(counts / max(1, self._seen[token]), 0.0, 0.999)
-            log_miss += times * np.log1p(-p)  # each occurrence is another draw
-        return 1.0 - np.exp(log_miss), known
+        rows, times = self._rows(tokens, self.max_demand_tokens)
+        if rows.size == 0:
+            return np.zeros(self.shape[0] * self.shape[1], dtype=np.float32), 0
+        return 1.0 - np.exp(times @ self._log_miss[rows]), int(rows.size)  # each occurrence is a draw
 
     def mean_selection(self, tokens: Sequence[int]) -> np.ndarray | None:
-        """Average per-token selection probability over the known tokens (the topic's experts)."""
+        """Average per-token selection probability over the known tokens (flat, [L*E])."""
         if self.shape is None:
             return None
-        rows = [self._counts[t] / max(1, self._seen[t]) for t in tokens if t in self._counts]
-        return np.mean(rows, axis=0) if rows else None
+        rows, _ = self._rows(tokens)
+        return self._prob[rows].mean(axis=0) if rows.size else None
 
     def __len__(self) -> int:
-        return len(self._counts)
+        return len(self._row)
 
 
 class WarmthPolicy(RoutingPolicy):
@@ -123,6 +166,8 @@ class WarmthPolicy(RoutingPolicy):
         self.node_prefixes: dict[str, set[str]] = {}
         self._last: dict[str, object] = {}
         self.predicted: dict[str, np.ndarray] = {}  # request_id -> bool [L, E] predicted experts
+        self._resident_key: tuple[int, ...] = ()
+        self._resident: np.ndarray | None = None
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -154,44 +199,53 @@ class WarmthPolicy(RoutingPolicy):
         min_load = min(n.load for n in nodes)
         candidates = [n for n in nodes if n.load <= min_load + self.load_slack]
         decode_p = self.affinity.mean_selection(tokens[-DECODE_CONTEXT:])
-        costs: dict[str, float] = {}
-        matched_by_node: dict[str, int] = {}
-        knows_anything = False
-        demand_full = None
-        for node in candidates:
-            matched = min(self._matched_tokens(node.node_id, hashes), max(0, len(tokens) - 1))
-            matched_by_node[node.node_id] = matched
-            to_prefill = tokens[matched:]
-            p_prefill, known = self.affinity.selection_probability(to_prefill)
-            if matched == 0:
-                demand_full = p_prefill
-            resident = node.resident.astype(np.float64) if node.resident is not None else None
-            cost = self.prefill_token_cost * len(to_prefill)
-            if known or matched:
-                knows_anything = True
-            if p_prefill is not None and resident is not None and p_prefill.shape == resident.shape:
-                cost += float((p_prefill * (1.0 - resident)).sum())
+        demand: dict[int, tuple[np.ndarray | None, int]] = {}  # matched tokens -> (P[selected], known)
+        matched = [min(self._matched_tokens(n.node_id, hashes), max(0, len(tokens) - 1)) for n in candidates]
+        for m in set(matched):  # usually one computation per request, not per node
+            demand[m] = self.affinity.selection_probability(tokens[m:])
+        knows_anything = any(m > 0 or demand[m][1] > 0 for m in matched)
+        costs_arr = self.prefill_token_cost * (len(tokens) - np.asarray(matched, dtype=np.float64))
+        resident = self._resident_matrix(candidates)
+        for m, (p_prefill, _) in demand.items():
+            if p_prefill is None:
+                continue
+            rows = np.asarray([i for i, mm in enumerate(matched) if mm == m])
+            if resident is not None and resident.shape[1] == p_prefill.size:
+                expected = float(p_prefill.sum()) - resident @ p_prefill  # expected prefill loads, per node
                 if decode_p is not None:
-                    cost += self.expected_decode_tokens * float((decode_p * (1.0 - resident)).sum())
-            elif p_prefill is not None:
-                cost += float(p_prefill.sum())
-            costs[node.node_id] = cost
-        if demand_full is not None:
-            self.predicted[request.request_id] = demand_full > 0.5
+                    expected = expected + self.expected_decode_tokens * (float(decode_p.sum()) - resident @ decode_p)
+                costs_arr[rows] += expected[rows]
+            else:
+                costs_arr[rows] += float(p_prefill.sum())
+        costs = {n.node_id: float(c) for n, c in zip(candidates, costs_arr)}
+        matched_by_node = {n.node_id: m for n, m in zip(candidates, matched)}
+        full = demand.get(0) or self.affinity.selection_probability(tokens)
+        if full[0] is not None and full[1] > 0 and self.affinity.shape is not None:
+            self.predicted[request.request_id] = (full[0] > 0.5).reshape(self.affinity.shape)
             if len(self.predicted) > 4096:
                 self.predicted.pop(next(iter(self.predicted)))
         if not knows_anything:
-            self._last = {"fallback": "least_loaded", "reason": "no affinity, prefix or warmth known"}
-            ranked = self.least_loaded(nodes)
-            return ranked
+            self._last = {"fallback": "least_loaded", "reason": "no affinity or prefix known for this prompt"}
+            return self.least_loaded(nodes)
         best = min(costs.values())
         tolerance = 0.01 * max(1.0, abs(best))
         top = [node_id for node_id, c in costs.items() if c <= best + tolerance]
         winner = self.rng.choice(sorted(top))
         rest = sorted((n for n in costs if n != winner), key=lambda n: costs[n])
-        others = [n for n in self.least_loaded(nodes) if n not in costs]
+        others = [n for n in self.least_loaded(nodes) if n not in costs] if len(costs) < len(nodes) else []
         self._last = {"costs": costs, "matched_tokens": matched_by_node, "candidates": len(candidates)}
         return [winner, *rest, *others]
+
+    def _resident_matrix(self, nodes: Sequence[NodeView]) -> np.ndarray | None:
+        """[nodes, L*E] residency of the candidates, rebuilt only when a report changed it."""
+        arrays = [n.resident for n in nodes]
+        if any(a is None for a in arrays) or len({a.size for a in arrays}) != 1:  # type: ignore[union-attr]
+            return None
+        key = tuple(id(a) for a in arrays)
+        if key != self._resident_key:
+            self._resident_key = key
+            self._resident = np.stack([a.reshape(-1) for a in arrays]).astype(np.float32)  # type: ignore[union-attr]
+        return self._resident
 
     def explain(self) -> dict[str, object]:
         return dict(self._last)
