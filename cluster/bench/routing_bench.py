@@ -230,8 +230,9 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
     with LocalRayCluster(n_nodes) as cluster:
         deploy.connect(cluster.address, NAMESPACE)
         try:
+            # one compute thread per node: the simulated nodes share this machine's cores
             info = deploy.deploy(model_path, n_nodes, cache_bytes=cache_bytes, policy=policy,
-                                 memory_limit_bytes=memory_limit_bytes)
+                                 memory_limit_bytes=memory_limit_bytes, n_threads=1)
             nodes = info["nodes"]
             client = Client.connect(cluster.address, NAMESPACE)
             before = client.status()

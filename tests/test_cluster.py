@@ -1,0 +1,179 @@
+"""End-to-end tests of the Ray deployment on a real local 3-node cluster (loopback)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from cluster import deploy, synth  # noqa: E402
+from cluster.client import Client  # noqa: E402
+from cluster.errors import InvalidParameterError, PromptTooLongError  # noqa: E402
+from cluster.node import NodeFailedError, OverloadedError, node_name  # noqa: E402
+
+N_NODES = 3
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    for _ in range(N_NODES - 1):
+        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="sniper", logging_level="ERROR", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture()
+def deployment(ray_cluster, tiny_model, tiny_layout, request):
+    """A fresh deployment per test, in its own namespace."""
+    namespace = f"t-{request.node.name[:40]}".replace("[", "-").replace("]", "")
+    knobs = getattr(request, "param", {})
+    budget = int(0.4 * tiny_layout.unit_bytes.sum())
+    deploy.deploy(str(tiny_model), N_NODES, cache_bytes=budget, namespace=namespace, n_threads=1, n_ctx=512, **knobs)
+    yield Client(ray.get_actor("sniper-router", namespace=namespace)), namespace
+    deploy.shutdown(namespace)
+
+
+def test_client_generate_stream_and_status_end_to_end(deployment, tiny_topics):
+    client, _ = deployment
+    prompt = synth.topic_prompt(tiny_topics, 0, 12, seed=1)
+    done = client.generate(prompt, max_tokens=8)
+    assert done.text.strip() and done.node.startswith("sniper-node-")
+    assert done.usage["completion_tokens"] == 8 and done.finish_reason == "length"
+    assert "".join(client.stream(prompt, max_tokens=8)) == done.text
+    status = client.status()
+    assert status["policy"] == "warmth"
+    assert sorted(n["name"] for n in status["nodes"]) == [node_name(i) for i in range(N_NODES)]
+    assert sum(n["served"] for n in status["nodes"]) == 2
+
+
+def test_conversations_stay_on_the_node_that_holds_their_state(deployment, tiny_topics):
+    client, _ = deployment
+    history = {t: "" for t in range(N_NODES)}
+    nodes: dict[int, list[str]] = {t: [] for t in range(N_NODES)}
+    reused: dict[int, list[int]] = {t: [] for t in range(N_NODES)}
+    with ThreadPoolExecutor(N_NODES) as pool:
+        for turn in range(3):
+            prompts = {t: history[t] + synth.topic_prompt(tiny_topics, t, 12, seed=10 * turn + t) for t in history}
+            futures = {t: pool.submit(client.generate, prompts[t], max_tokens=8, session_id=f"c{t}") for t in history}
+            for t, future in futures.items():
+                done = future.result(timeout=120)
+                history[t] = prompts[t] + done.text
+                nodes[t].append(done.node)
+                reused[t].append(done.usage["reused_prompt_tokens"])
+    for t in history:
+        assert len(set(nodes[t][1:])) == 1 and nodes[t][1] == nodes[t][2], nodes
+        assert min(reused[t][1:]) > 8, reused  # the history was not prefilled again
+
+
+def test_bad_parameters_get_clear_errors(deployment, tiny_topics):
+    client, _ = deployment
+    with pytest.raises(InvalidParameterError, match="max_tokens"):
+        client.generate("x", max_tokens=0)
+    with pytest.raises(InvalidParameterError, match="temperature"):
+        client.generate("x", temperature=-1.0)
+    with pytest.raises(InvalidParameterError, match="prompt"):
+        client.generate("")
+    with pytest.raises(PromptTooLongError, match="context"):
+        client.generate(synth.topic_prompt(tiny_topics, 0, 600, seed=1), max_tokens=4)
+    assert client.generate(synth.topic_prompt(tiny_topics, 1, 8, seed=2), max_tokens=4).text
+
+
+@pytest.mark.parametrize("deployment", [{"max_queue": 1}], indirect=True)
+def test_overload_is_refused_at_once_and_nothing_hangs(deployment, tiny_topics):
+    client, _ = deployment
+    prompt = synth.topic_prompt(tiny_topics, 2, 12, seed=3)
+
+    def call(i: int) -> str:
+        try:
+            client.generate(prompt, max_tokens=48, seed=i)
+            return "ok"
+        except OverloadedError as exc:
+            assert "capacity" in str(exc) or "max_queue" in str(exc)
+            return "overloaded"
+
+    with ThreadPoolExecutor(12) as pool:
+        outcomes = list(pool.map(call, range(12), timeout=180))
+    assert outcomes.count("ok") >= N_NODES
+    assert outcomes.count("overloaded") >= 1
+
+
+def test_node_killed_during_a_burst_loses_no_request(deployment, tiny_topics):
+    client, namespace = deployment
+    prompt = synth.topic_prompt(tiny_topics, 3, 12, seed=4)
+    victim = ray.get_actor(node_name(1), namespace=namespace)
+
+    def call(i: int) -> str:
+        try:
+            done = client.generate(prompt, max_tokens=300, seed=i)
+            assert done.usage["completion_tokens"] == 300
+            return "ok"
+        except NodeFailedError as exc:
+            assert node_name(1) in str(exc)
+            return "failed-after-text"
+
+    timer = threading.Timer(0.5, lambda: ray.kill(victim, no_restart=True))
+    timer.start()
+    with ThreadPoolExecutor(9) as pool:
+        outcomes = list(pool.map(call, range(9), timeout=240))
+    timer.join()
+    assert set(outcomes) <= {"ok", "failed-after-text"}
+    assert outcomes.count("ok") >= 6
+    deadline = time.monotonic() + 15  # a dead node is noticed on use or after 5 s without reports
+    while {n["name"]: n["alive"] for n in client.status()["nodes"]}[node_name(1)]:
+        assert time.monotonic() < deadline, "the router still lists the killed node as alive"
+        time.sleep(0.5)
+
+
+def test_router_killed_comes_back_and_rebuilds_state_from_reports(deployment, tiny_topics):
+    client, namespace = deployment
+    prompt = synth.topic_prompt(tiny_topics, 0, 8, seed=5)
+    client.generate(prompt, max_tokens=4)
+    ray.kill(ray.get_actor("sniper-router", namespace=namespace), no_restart=False)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            status = client.status()
+            if sum(n["alive"] for n in status["nodes"]) == N_NODES:
+                break
+        except ray.exceptions.RayActorError:
+            pass
+        assert time.monotonic() < deadline, "the router did not come back with every node"
+        time.sleep(0.5)
+    assert client.generate(prompt, max_tokens=4).text
+
+
+def test_cli_generate_and_status_against_the_running_deployment(deployment, ray_cluster, tiny_topics):
+    import json
+    import subprocess
+    import sys
+
+    _, namespace = deployment
+    common = ["--address", ray_cluster.address, "--namespace", namespace, "--json"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    prompt = synth.topic_prompt(tiny_topics, 1, 8, seed=6)
+    out = subprocess.run([sys.executable, "-m", "cluster", "generate", prompt, "--max-tokens", "6", *common],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["text"] and result["usage"]["completion_tokens"] == 6
+    out = subprocess.run([sys.executable, "-m", "cluster", "status", *common], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(status["nodes"]) == N_NODES and sum(n["served"] for n in status["nodes"]) == 1
+    bad = subprocess.run([sys.executable, "-m", "cluster", "generate", "x", "--max-tokens", "0", *common],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "positive integer" in bad.stderr
