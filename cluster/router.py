@@ -53,6 +53,7 @@ class RouterCore:
         self.nodes: dict[str, NodeState] = {}
         self.decisions: Counter[str] = Counter()
         self.predictions: list[tuple[float, float]] = []  # (precision, recall) per request
+        self.started_at = time.time()
 
     def on_report(self, report: NodeReport) -> None:
         node = self.nodes.get(report.node_id)
@@ -156,6 +157,7 @@ class RouterCore:
         recall = [r for _, r in self.predictions if r == r]
         return {
             "policy": self.policy.name,
+            "started_at": self.started_at,
             "nodes": nodes,
             "decisions": dict(self.decisions),
             "prediction": {"n": len(self.predictions),

@@ -9,6 +9,7 @@
 namespace {
 
 constexpr double NEG_INF = -std::numeric_limits<double>::infinity();
+constexpr double POS_INF = std::numeric_limits<double>::infinity();
 
 // log2(2^a + 2^b) without overflow.
 double log2_add(double a, double b) {
@@ -152,7 +153,7 @@ void cache_policy::touch(int32_t unit, bool decode) {
     }
 }
 
-int32_t cache_policy::pick_victim(bool probation_only, bool respect_floor) const {
+int32_t cache_policy::pick_victim(double max_heat_log2, bool respect_floor) const {
     auto first_in_probation = [&]() -> int32_t {
         for (int32_t u : probation_) {
             if (evictable(u)) { return u; }
@@ -165,6 +166,7 @@ int32_t cache_policy::pick_victim(bool probation_only, bool respect_floor) const
     const double floor_bytes = config_.layer_floor_fraction * budget / n_layers_;
     auto coldest_protected = [&]() -> int32_t {
         for (const auto & entry : protected_) {
+            if (entry.first >= max_heat_log2) { return -1; }  // ordered by heat: none colder follows
             const int32_t u = entry.second;
             if (!evictable(u)) { continue; }
             if (respect_floor && double(layer_bytes_[size_t(u / n_experts_)] - unit_bytes_[u]) < floor_bytes) {
@@ -175,7 +177,6 @@ int32_t cache_policy::pick_victim(bool probation_only, bool respect_floor) const
         return -1;
     };
     const bool probation_over = double(bytes_probation_) > config_.probation_fraction * budget;
-    if (probation_only) { return first_in_probation(); }
     if (probation_over) {
         const int32_t u = first_in_probation();
         return u >= 0 ? u : coldest_protected();
@@ -184,10 +185,10 @@ int32_t cache_policy::pick_victim(bool probation_only, bool respect_floor) const
     return u >= 0 ? u : first_in_probation();
 }
 
-bool cache_policy::make_room(uint64_t need, bool probation_only, cache_plan & plan) {
+bool cache_policy::make_room(uint64_t need, double max_heat_log2, cache_plan & plan) {
     while (resident_bytes() + need > config_.budget_bytes) {
-        int32_t victim = pick_victim(probation_only, /*respect_floor*/ true);
-        if (victim < 0) { victim = pick_victim(probation_only, /*respect_floor*/ false); }
+        int32_t victim = pick_victim(max_heat_log2, /*respect_floor*/ true);
+        if (victim < 0) { victim = pick_victim(max_heat_log2, /*respect_floor*/ false); }
         if (victim < 0) { return false; }
         counters_.n_evictions++;
         counters_.bytes_evicted += unit_bytes_[victim];
@@ -256,7 +257,7 @@ void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, c
     // of them are pinned), never the decode working set.
     const bool probation_over = double(bytes_probation_) >= config_.probation_fraction * double(config_.budget_bytes);
     const bool scan = !decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT && probation_over;
-    make_room(need, scan, plan);
+    make_room(need, scan ? NEG_INF : POS_INF, plan);
     for (int32_t u : plan.load) {
         insert(u, decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT ? CACHE_SEGMENT_PROTECTED
                                                                               : CACHE_SEGMENT_PROBATION);
@@ -277,7 +278,9 @@ void cache_policy::predict(int layer, const int32_t * experts, int n, cache_plan
     for (int32_t e : predicted) {
         const int32_t u = base + e;
         if (is_resident(u)) { continue; }
-        if (!make_room(unit_bytes_[u], /*probation_only*/ false, plan)) { break; }
+        // a speculative read may displace PROBATION units and PROTECTED units gone cold (heat
+        // below one access), never the working set
+        if (!make_room(unit_bytes_[u], now_ / config_.heat_half_life_steps, plan)) { break; }
         insert(u, CACHE_SEGMENT_PROBATION);
         in_access_[u] = 1;  // not a victim for the rest of this prediction (it is in plan.load)
         prefetched_[u] = 1;
@@ -293,7 +296,7 @@ void cache_policy::predict(int layer, const int32_t * experts, int n, cache_plan
 void cache_policy::settle(cache_plan & plan) {
     plan.clear();
     end_access();
-    make_room(0, /*probation_only*/ false, plan);
+    make_room(0, POS_INF, plan);
 }
 
 bool cache_policy::admit_resident(int32_t unit) {

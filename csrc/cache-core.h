@@ -26,8 +26,8 @@
 //   * The units of the access in progress are pinned, as are units with I/O in flight; a
 //     selection larger than the budget (a big prefill layer) is admitted and trimmed by the
 //     following accesses or by `settle()`.
-//   * Prefetch (`predict`) reads predicted units into PROBATION, evicting by the same rule as a
-//     decode miss (a prediction is right about as often as a decode access is repeated).
+//   * Prefetch (`predict`) reads predicted units into PROBATION; it may displace PROBATION units
+//     and PROTECTED units gone cold (heat below one access), never the working set.
 // CACHE_EVICTION_LRU: one recency list, no segments, no heat — the baseline to beat.
 //
 // Knobs (cache_config):
@@ -143,8 +143,10 @@ private:
     void touch(int32_t unit, bool decode);
     void insert(int32_t unit, cache_segment segment);
     void remove(int32_t unit);
-    bool make_room(uint64_t need, bool probation_only, cache_plan & plan);
-    int32_t pick_victim(bool probation_only, bool respect_floor) const;
+    // Drops victims until `need` more bytes fit. PROTECTED units with heat_log2 >= max_heat_log2
+    // are not eligible (-inf: PROBATION only; +inf: any). False if nothing could be dropped.
+    bool make_room(uint64_t need, double max_heat_log2, cache_plan & plan);
+    int32_t pick_victim(double max_heat_log2, bool respect_floor) const;
     bool evictable(int32_t unit) const { return pins_[unit] == 0 && !in_access_[unit]; }
     void end_access();
     void score_prediction(int layer);

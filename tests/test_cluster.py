@@ -141,15 +141,16 @@ def test_router_killed_comes_back_and_rebuilds_state_from_reports(deployment, ti
     client, namespace = deployment
     prompt = synth.topic_prompt(tiny_topics, 0, 8, seed=5)
     client.generate(prompt, max_tokens=4)
+    first_start = client.status()["started_at"]
     ray.kill(ray.get_actor("sniper-router", namespace=namespace), no_restart=False)
     deadline = time.monotonic() + 60
     while True:
         try:
             status = client.status()
-            if sum(n["alive"] for n in status["nodes"]) == N_NODES:
+            if status["started_at"] != first_start and sum(n["alive"] for n in status["nodes"]) == N_NODES:
                 break
-        except ray.exceptions.RayActorError:
-            pass
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass  # restarting
         assert time.monotonic() < deadline, "the router did not come back with every node"
         time.sleep(0.5)
     assert client.generate(prompt, max_tokens=4).text
