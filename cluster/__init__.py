@@ -10,3 +10,11 @@ import os as _os
 _os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: `from cluster import Client` without importing Ray eagerly
+    if name == "Client":
+        from cluster.client import Client
+
+        return Client
+    raise AttributeError(f"module 'cluster' has no attribute {name!r}")

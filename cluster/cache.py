@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-import numpy as np
-
 import llama_cpp  # noqa: F401  (loads libggml-base before the extension that links it)
+import numpy as np
 
 from cluster import _native
 from cluster.errors import InvalidParameterError, ModelFileError

@@ -19,11 +19,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Generator, Sequence
 
-import numpy as np
-
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals
 
+from cluster import _native
 from cluster import warmth as warmth_report
 from cluster.cache import (
     CacheConfig,
@@ -32,7 +32,6 @@ from cluster.cache import (
     derived_stats,
     discover_layout,
 )
-from cluster import _native
 from cluster.errors import (
     CacheBudgetError,
     EngineClosedError,

@@ -19,10 +19,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
-
-import numpy as np
 
 from cluster.engine import MoEEngine
 from cluster.errors import InvalidParameterError, SniperError

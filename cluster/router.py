@@ -23,7 +23,8 @@ import numpy as np
 from cluster.node import NodeFailedError, NodeReport, NoNodesError, OverloadedError
 from cluster.routing import NodeView, RouteRequest, make_policy
 from cluster.routing.warmth import WarmthPolicy
-from cluster.warmth import Warmth, WarmthFormatError, decode as decode_warmth
+from cluster.warmth import Warmth, WarmthFormatError
+from cluster.warmth import decode as decode_warmth
 
 NODE_TIMEOUT_S = 5.0
 

@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from cluster.bench.memlimit import drop_page_cache
+
 PAGE_SIZE = mmap.PAGESIZE
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -50,9 +52,4 @@ def resident_bytes(path: str | os.PathLike[str]) -> int:
 
 def drop_file(path: str | os.PathLike[str]) -> None:
     """Writes the file back and drops it from the page cache (pages mapped elsewhere stay)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_page_cache(path)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cluster import synth
-from cluster.bench import memlimit
+from cluster.bench import log_progress, memlimit
 from cluster.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.cli import MIB, default_model
 
@@ -42,10 +42,6 @@ class Request:
     max_tokens: int
     topic: int
 
-
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _prompts(model_path: str, n: int, *, n_words: int, preamble_words: int = 0, seed: int = 0,
@@ -87,7 +83,7 @@ def bench_overhead(model_path: str, *, pairs: int, max_tokens: int, progress: bo
                 gen = engines[name].generate(prompt, max_tokens=max_tokens)
                 samples[name].append(gen.decode_tok_s)
                 texts.add(gen.text)
-            _log(progress, f"  overhead pair {i + 1}/{pairs}: plain {samples['plain'][-1]:.1f} tok/s, "
+            log_progress(progress, f"  overhead pair {i + 1}/{pairs}: plain {samples['plain'][-1]:.1f} tok/s, "
                            f"cache {samples['cache'][-1]:.1f} tok/s")
         stats = cached.cache_stats()
     ratios = [c / p for c, p in zip(samples["cache"], samples["plain"])]
@@ -176,7 +172,7 @@ def bench_bounded(model_path: str, *, n_requests: int, max_tokens: int, progress
                 for p, _ in _prompts(model_path, n_requests, n_words=48, preamble_words=96)]
     base = {"model": model_path, "requests": requests, "n_ctx": 1024}
 
-    _log(progress, "  bounded memory: engine with cache, no limit")
+    log_progress(progress, "  bounded memory: engine with cache, no limit")
     memlimit.drop_page_cache(model_path)
     unlimited = _run_worker({**base, "cache_bytes": int(layout.unit_bytes.sum() * 1.05)}, None, timeout_s)
     if "error" in unlimited:
@@ -193,7 +189,7 @@ def bench_bounded(model_path: str, *, n_requests: int, max_tokens: int, progress
     runs = {"cache_unlimited": _summarise_run(unlimited)}
     with memlimit.MemoryLimit("sniper-bench", limit_bytes) as limit:
         for name, cache_bytes in (("plain_limited", None), ("cache_limited", int(budget))):
-            _log(progress, f"  bounded memory: {name} (limit {limit_bytes / MIB:.0f} MiB)")
+            log_progress(progress, f"  bounded memory: {name} (limit {limit_bytes / MIB:.0f} MiB)")
             memlimit.drop_page_cache(model_path)
             runs[name] = _summarise_run(_run_worker({**base, "cache_bytes": cache_bytes}, limit, timeout_s))
     ok = all("error" not in r for r in runs.values())
@@ -230,7 +226,7 @@ def record_traces(model_path: str, workloads: dict[str, list[tuple[str, int]]], 
             traces[name] = RoutingTrace.concat(parts)
             stats = engine.cache_stats()
             live[name] = {"prefetch_precision": stats["prefetch_precision"], "prefetch_recall": stats["prefetch_recall"]}
-            _log(progress, f"  recorded {name}: {len(traces[name])} events")
+            log_progress(progress, f"  recorded {name}: {len(traces[name])} events")
     return traces, live
 
 
@@ -320,13 +316,13 @@ def run_engine_bench(model: str | None, out_dir: Path, *, quick: bool = False, p
                   "n_experts_used": layout.n_experts_used, "file_bytes": layout.file_size,
                   "expert_bytes": layout.expert_bytes, "non_expert_bytes": layout.non_expert_bytes},
     }
-    _log(progress, "overhead (no memory pressure, alternated side by side)")
+    log_progress(progress, "overhead (no memory pressure, alternated side by side)")
     result["overhead"] = bench_overhead(model_path, pairs=3 if quick else 6, max_tokens=16 if quick else 48,
                                         progress=progress)
-    _log(progress, "bounded memory (cgroup limit = 50 % of the model file, page cache dropped)")
+    log_progress(progress, "bounded memory (cgroup limit = 50 % of the model file, page cache dropped)")
     result["bounded_memory"] = bench_bounded(model_path, n_requests=2 if quick else 3,
                                              max_tokens=16 if quick else 48, progress=progress)
-    _log(progress, "policy (recorded traces replayed at budgets 10-100 %)")
+    log_progress(progress, "policy (recorded traces replayed at budgets 10-100 %)")
     result["policy"] = bench_policy(model_path, n_requests=4 if quick else 8, max_tokens=24 if quick else 64,
                                     progress=progress)
     from cluster.bench.report import write_engine_report

@@ -22,7 +22,6 @@ import cProfile
 import os
 import pstats
 import random
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN.md); read when ray is imported
 
+from cluster.bench import log_progress
 from cluster.bench.workload import Workload, conversation_prompt, for_model  # noqa: E402
 
 DEFAULT_POLICIES = ("warmth", "least_loaded", "round_robin")
@@ -39,10 +39,6 @@ DECISION_TARGET_P99_MS = 1.0
 DECISION_TARGET_PER_S = 5000.0
 REQUEST_TIMEOUT_S = 300.0
 
-
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)
 
 
 # -- a local Ray cluster -------------------------------------------------------------------
@@ -237,7 +233,7 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
             client = Client.connect(cluster.address, NAMESPACE)
             before = client.status()
             setup_s = time.perf_counter() - t_setup
-            _log(progress, f"  {policy}: {n_nodes} nodes ready in {setup_s:.0f} s; "
+            log_progress(progress, f"  {policy}: {n_nodes} nodes ready in {setup_s:.0f} s; "
                            f"sending {len(workload.turns)} requests")
             t0 = time.perf_counter()
             outcomes = asyncio.run(_drive(client, workload, max_tokens))
@@ -245,7 +241,7 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
                       - min((o["sent_s"] for o in outcomes), default=0.0))
             generated = sum(o["usage"]["completion_tokens"] for o in outcomes if "error" not in o)
             after = _await_reports(client, _node_totals(before), generated)
-            _log(progress, f"  {policy}: done in {time.perf_counter() - t0:.0f} s")
+            log_progress(progress, f"  {policy}: done in {time.perf_counter() - t0:.0f} s")
             deploy.shutdown(NAMESPACE)
         finally:
             if memory_limit_bytes:
@@ -437,12 +433,12 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
     }
     answers: dict[str, list[str]] = {}
     for policy in policies:
-        _log(progress, f"policy {policy}: fresh {n_nodes}-node Ray cluster on 127.0.0.1")
+        log_progress(progress, f"policy {policy}: fresh {n_nodes}-node Ray cluster on 127.0.0.1")
         metrics, answers[policy] = run_policy(model_path, policy, workload, n_nodes=n_nodes, cache_bytes=cache_bytes,
                                               memory_limit_bytes=node_memory_mb * MIB if node_memory_mb else None,
                                               max_tokens=max_tokens, progress=progress)
         result["policies"][policy] = metrics
-        _log(progress, f"  {policy}: hit rate {_pct(metrics['hit_rate'])}, "
+        log_progress(progress, f"  {policy}: hit rate {_pct(metrics['hit_rate'])}, "
                        f"{(metrics['bytes_read_per_token'] or 0) / MIB:.2f} MiB read/token, "
                        f"{metrics['tok_s'] or 0:.1f} tok/s, p99 {metrics['p99_latency_s'] or 0:.2f} s, "
                        f"{metrics['errors']} errors")
@@ -450,7 +446,7 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
     from cluster.bench.routing_report import targets
 
     result["targets"] = targets(result["policies"])
-    _log(progress, "decision cost: RouterCore.choose at 64 nodes x 48 layers x 128 experts")
+    log_progress(progress, "decision cost: RouterCore.choose at 64 nodes x 48 layers x 128 experts")
     result["decision_cost"] = measure_decision_cost(n_decisions=40 if quick else 200,
                                                     max_seconds=10.0 if quick else 30.0)
     if out_dir is not None:

@@ -30,7 +30,6 @@ import heapq
 import json
 import os
 import random
-import sys
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cluster.bench import log_progress
 from cluster.bench.workload import Turn, Workload, conversation_prompt, for_model, poisson_arrivals
 from cluster.cache import TRACE_ACCESS, CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.node import NodeReport, OverloadedError, node_name
@@ -51,10 +51,6 @@ HEARTBEAT_S = 1.0
 RETRY_S = 0.05
 TRACE_FORMAT_VERSION = 1
 
-
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -202,7 +198,7 @@ def record_traces(model_path: str, workload: Workload, *, max_tokens: int, progr
             recorded.append(RecordedTurn(turn, tuple(engine.tokenize(prompt)), engine.context_tokens,
                                          gen.n_generated, gen.trace))
             if progress and (i + 1) % 256 == 0:
-                _log(progress, f"  recorded {i + 1}/{len(workload.turns)} turns ({time.perf_counter() - t0:.0f} s)")
+                log_progress(progress, f"  recorded {i + 1}/{len(workload.turns)} turns ({time.perf_counter() - t0:.0f} s)")
     return TraceSet(model_path, layout.n_layers, layout.n_experts, layout.n_experts_used,
                     np.asarray(layout.unit_bytes, dtype=np.uint64), tuple(recorded),
                     {**workload.describe(), "max_tokens": max_tokens, "n_recorded": len(recorded)})
@@ -510,16 +506,16 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
         rate = 0.5 * n_nodes
     command = ["python -m cluster bench simulate", f"--nodes {n_nodes}"]
     if traces_path:
-        _log(progress, f"loading traces from {traces_path}")
+        log_progress(progress, f"loading traces from {traces_path}")
         traces = TraceSet.load(traces_path).head(n_requests)
         command.append(f"--traces {traces_path}")
     else:
         model_path = model or str(default_model("tiny", progress=progress))
         workload = for_model(model_path, None, n_requests, rate=rate, seed=seed, max_open=max(4, n_nodes))
-        _log(progress, f"recording {len(workload.turns)} turns from {model_path} (llama.cpp, once)")
+        log_progress(progress, f"recording {len(workload.turns)} turns from {model_path} (llama.cpp, once)")
         t0 = time.perf_counter()
         traces = record_traces(model_path, workload, max_tokens=max_tokens, progress=progress)
-        _log(progress, f"  recorded in {time.perf_counter() - t0:.0f} s")
+        log_progress(progress, f"  recorded in {time.perf_counter() - t0:.0f} s")
         if model:
             command.append(f"--model {model}")
         if save_traces:
@@ -547,13 +543,13 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
         "policies": {},
     }
     for policy in policies:
-        _log(progress, f"simulating {policy} on {n_nodes} nodes")
+        log_progress(progress, f"simulating {policy} on {n_nodes} nodes")
         t0 = time.perf_counter()
         r = simulate(traces, policy, n_nodes=n_nodes, cache_bytes=cache_bytes, service=service, arrivals=arrivals,
                      seed=seed)
         r["wall_s"] = time.perf_counter() - t0
         result["policies"][policy] = r
-        _log(progress, f"  hit rate {r['hit_rate']:.3f}, {r['bytes_read_per_token'] / MIB:.2f} MiB read/token, "
+        log_progress(progress, f"  hit rate {r['hit_rate']:.3f}, {r['bytes_read_per_token'] / MIB:.2f} MiB read/token, "
                        f"p99 latency {r['p99_latency_s']:.2f} s ({r['wall_s']:.0f} s wall)")
     from cluster.bench.routing_report import targets, write_simulate_report
 

@@ -41,7 +41,6 @@ def main(spec_path: str) -> int:
     for req in spec["requests"]:
         io_a = _read_bytes()
         t_a = time.perf_counter()
-        first_piece_at = None
         pieces = engine.stream(req["prompt"], max_tokens=req["max_tokens"])
         # prefill ends when the first piece arrives; disk reads split there
         io_b = None
@@ -49,7 +48,7 @@ def main(spec_path: str) -> int:
             while True:
                 next(pieces)
                 if io_b is None:
-                    io_b, first_piece_at = _read_bytes(), time.perf_counter()
+                    io_b = _read_bytes()
         except StopIteration as done:
             gen = done.value
         io_c = _read_bytes()
