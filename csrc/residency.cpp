@@ -83,6 +83,7 @@ file_residency::file_residency(const std::string & path) : page_size_(residency_
     for (const mapping_segment & seg : segments_) {
         madvise(reinterpret_cast<void *>(seg.address), seg.size, MADV_RANDOM);
     }
+    // Our own reads fetch exactly the requested range, in large requests, and nothing beyond.
     posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);
 }
 
@@ -111,22 +112,25 @@ const void * file_residency::address_of(uint64_t file_offset) const {
 }
 
 uint64_t file_residency::load(const byte_range & range) const {
+    // Two steps: pread the range in 1 MiB requests (large sequential reads into the page cache:
+    // the mapping is MADV_RANDOM, so faulting it in would read page by page), then map the
+    // now-cached pages with MADV_POPULATE_READ (minor faults only, no 4 KiB fault later inside
+    // the matrix multiply).
     const uint64_t ps = page_size_;
     const uint64_t first = range.offset / ps * ps;
     const uint64_t last = std::min((range.offset + range.size + ps - 1) / ps * ps, (file_size_ + ps - 1) / ps * ps);
+    thread_local std::vector<char> scratch(1 << 20);
+    for (uint64_t done = first; done < last;) {
+        const size_t chunk = size_t(std::min<uint64_t>(scratch.size(), last - done));
+        const ssize_t got = pread(fd_, scratch.data(), chunk, off_t(done));
+        if (got <= 0) { break; }
+        done += uint64_t(got);
+    }
     uint64_t bytes = 0;
-    for_each_mapped(first, last, [&](char * address, uint64_t offset, uint64_t size) {
+    for_each_mapped(first, last, [&](char * address, uint64_t, uint64_t size) {
         bytes += size;
         if (madvise(address, size, MADV_POPULATE_READ) == 0) { return; }
-        // Kernels before 5.14: read through the page cache in large chunks, then touch.
-        thread_local std::vector<char> scratch(1 << 20);
-        for (uint64_t done = 0; done < size;) {
-            const size_t chunk = size_t(std::min<uint64_t>(scratch.size(), size - done));
-            const ssize_t got = pread(fd_, scratch.data(), chunk, off_t(offset + done));
-            if (got <= 0) { break; }
-            done += uint64_t(got);
-        }
-        volatile char sink = 0;
+        volatile char sink = 0;  // kernels before 5.14: touch each page
         for (uint64_t i = 0; i < size; i += ps) { sink = sink + address[i]; }
     });
     return bytes;

@@ -2,9 +2,10 @@
 //
 // Works on byte ranges of the file (offsets, not addresses) and on the process's existing
 // mapping of that file (made by someone else — llama.cpp — and found in /proc/self/maps):
-//   load   : MADV_POPULATE_READ over the range's whole pages: one large read per range,
-//            no 4 KiB faults later inside the matrix multiply; falls back to pread into a
-//            scratch buffer on kernels without it.
+//   load   : pread of the range's whole pages in 1 MiB requests (large reads into the page
+//            cache), then MADV_POPULATE_READ to map them: no 4 KiB faults later inside the
+//            matrix multiply. The mapping is set MADV_RANDOM so that nothing else (a fault's
+//            read-around) brings evicted experts back.
 //   drop   : MADV_DONTNEED on the mapping, then POSIX_FADV_DONTNEED on the file range, so the
 //            pages really leave the page cache (DESIGN.md "budget"); boundary pages shared with
 //            a neighbour that must stay can be kept.

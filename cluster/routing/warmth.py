@@ -164,6 +164,7 @@ class WarmthPolicy(RoutingPolicy):
         self.prefill_token_cost = prefill_token_cost
         self.affinity = TokenAffinity(max_tokens_tracked)
         self.node_prefixes: dict[str, set[str]] = {}
+        self.prefix_holders: dict[str, set[str]] = {}  # prefix hash -> nodes holding it
         self._last: dict[str, object] = {}
         self.predicted: dict[str, np.ndarray] = {}  # request_id -> bool [L, E] predicted experts
         self._resident_key: tuple[int, ...] = ()
@@ -175,22 +176,31 @@ class WarmthPolicy(RoutingPolicy):
         self.affinity.learn(summary)
 
     def set_node_prefixes(self, node_id: str, hashes: Sequence[str]) -> None:
-        self.node_prefixes[node_id] = set(hashes)
+        new = set(hashes)
+        old = self.node_prefixes.get(node_id, set())
+        for h in old - new:
+            holders = self.prefix_holders.get(h)
+            if holders is not None:
+                holders.discard(node_id)
+                if not holders:
+                    del self.prefix_holders[h]
+        for h in new - old:
+            self.prefix_holders.setdefault(h, set()).add(node_id)
+        self.node_prefixes[node_id] = new
 
     def on_node_removed(self, node_id: str) -> None:
+        self.set_node_prefixes(node_id, ())
         self.node_prefixes.pop(node_id, None)
 
     # -- decision ------------------------------------------------------------------------
 
-    def _matched_tokens(self, node_id: str, hashes: list[str]) -> int:
-        held = self.node_prefixes.get(node_id)
-        if not held:
-            return 0
-        matched = 0
+    def _matched_tokens(self, hashes: list[str]) -> dict[str, int]:
+        """Per node holding any of them, the tokens of the longest prefix it holds (hashes are
+        cumulative, so holding block i means holding blocks 0..i)."""
+        matched: dict[str, int] = {}
         for i, h in enumerate(hashes):
-            if h not in held:
-                break
-            matched = (i + 1) * PREFIX_BLOCK
+            for node_id in self.prefix_holders.get(h, ()):
+                matched[node_id] = (i + 1) * PREFIX_BLOCK
         return matched
 
     def choose(self, request: RouteRequest, nodes: Sequence[NodeView]) -> list[str]:
@@ -200,7 +210,8 @@ class WarmthPolicy(RoutingPolicy):
         candidates = [n for n in nodes if n.load <= min_load + self.load_slack]
         decode_p = self.affinity.mean_selection(tokens[-DECODE_CONTEXT:])
         demand: dict[int, tuple[np.ndarray | None, int]] = {}  # matched tokens -> (P[selected], known)
-        matched = [min(self._matched_tokens(n.node_id, hashes), max(0, len(tokens) - 1)) for n in candidates]
+        held = self._matched_tokens(hashes)
+        matched = [min(held.get(n.node_id, 0), max(0, len(tokens) - 1)) for n in candidates]
         for m in set(matched):  # usually one computation per request, not per node
             demand[m] = self.affinity.selection_probability(tokens[m:])
         knows_anything = any(m > 0 or demand[m][1] > 0 for m in matched)
