@@ -240,6 +240,9 @@ void expert_cache_params::validate() const {
     if (n_io_threads < 0 || n_io_threads > 64) {
         throw std::invalid_argument("n_io_threads must be in [0, 64], got " + std::to_string(n_io_threads));
     }
+    if (predict_layers_ahead < 1 || predict_layers_ahead > 8) {
+        throw std::invalid_argument("predict_layers_ahead must be in [1, 8], got " + std::to_string(predict_layers_ahead));
+    }
     if (predict_max_rows < 1 || predict_max_rows > 4096) {
         throw std::invalid_argument("predict_max_rows must be in [1, 4096], got " + std::to_string(predict_max_rows));
     }
@@ -257,6 +260,9 @@ expert_cache::expert_cache(expert_layout layout, const expert_cache_params & par
       params_(params),
       policy_(layout_.n_layers, layout_.n_experts, layout_.unit_bytes, checked(params), layout_.n_experts_used) {
     if (params_.record_trace) { trace_.reserve(params_.trace_max_events, params_.trace_max_ids); }
+    uint64_t footprint = 0;
+    for (uint64_t b : layout_.unit_bytes) { footprint += b; }
+    all_fit_ = footprint <= params_.cache.budget_bytes;
     logits_.resize(size_t(layout_.n_experts));
     order_.resize(size_t(layout_.n_experts));
     predicted_mask_.assign(size_t(layout_.n_experts), 0);
@@ -394,18 +400,22 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
     }
     io_->read_now(plan_.load.data(), plan_.load.size());
 
-    if (params_.predict && layer + 1 < layout_.n_layers && router_rows_[size_t(layer + 1)] != nullptr) {
-        predict_next(t, layer);
+    if (!params_.predict || layer + 1 >= layout_.n_layers) { return; }
+    const ggml_tensor * x = find_router_input(t);
+    if (x == nullptr || x->type != GGML_TYPE_F32 || x->ne[0] != layout_.n_embd || !is_host(x)) { return; }
+    // Layers further ahead give their reads more time to land; when the whole model fits in
+    // the budget nothing can miss, and only the next layer is predicted (to keep scoring).
+    const int ahead = all_fit_ ? 1 : params_.predict_layers_ahead;
+    for (int target = layer + 1; target <= std::min(layer + ahead, layout_.n_layers - 1); ++target) {
+        if (router_rows_[size_t(target)] != nullptr) { predict_layer(x, target); }
     }
 }
 
-void expert_cache::predict_next(const ggml_tensor * topk, int layer) {
-    const ggml_tensor * x = find_router_input(topk);
+void expert_cache::predict_layer(const ggml_tensor * x, int target) {
     const int64_t n_embd = layout_.n_embd;
-    if (x == nullptr || x->type != GGML_TYPE_F32 || x->ne[0] != n_embd || !is_host(x)) { return; }
     const int n_experts = layout_.n_experts;
     const int k = layout_.n_experts_used;
-    const float * w = router_rows_[size_t(layer + 1)];  // [n_experts x n_embd]
+    const float * w = router_rows_[size_t(target)];  // [n_experts x n_embd]
 
     const int64_t n_rows = x->ne[1];
     const int64_t stride = std::max<int64_t>(1, (n_rows + params_.predict_max_rows - 1) / params_.predict_max_rows);
@@ -425,10 +435,10 @@ void expert_cache::predict_next(const ggml_tensor * topk, int layer) {
     }
     for (int32_t e : predicted_) { predicted_mask_[size_t(e)] = 0; }
     if (params_.record_trace) {
-        trace_.append(TRACE_EVENT_PREDICT, layer + 1, 1, predicted_.data(), int32_t(predicted_.size()));
+        trace_.append(TRACE_EVENT_PREDICT, target, 1, predicted_.data(), int32_t(predicted_.size()));
     }
 
-    policy_.predict(layer + 1, predicted_.data(), int(predicted_.size()), plan_);
+    policy_.predict(target, predicted_.data(), int(predicted_.size()), plan_);
     drop_units(plan_.evict);
     for (int32_t u : plan_.load) {
         policy_.pin(u);

@@ -15,9 +15,10 @@
 //      before the layer's expert matmuls run.
 //   3. Prediction and prefetch: the router input of layer il (the `ffn_moe_logits-<il>`
 //      mat-mul's src[1], still alive because the expert mat-muls consume it next) is
-//      multiplied by layer il+1's router (`ffn_gate_inp`), its top-k is the prediction for
-//      layer il+1, and the predicted missing experts are read on the I/O pool while layer
-//      il computes. Every prediction is scored (precision / recall) by the policy.
+//      multiplied by the routers (`ffn_gate_inp`) of layers il+1 .. il+predict_layers_ahead;
+//      each top-k is the prediction for that layer, and the predicted missing experts are read
+//      on the I/O pool while layer il computes. A layer's latest prediction is the one scored
+//      (precision / recall) against its access.
 // Hot path rules: no allocation once scratch buffers have grown, no Python, no logging, no
 // exceptions; the only lock is the I/O pool's queue, taken only when there is I/O to do.
 #pragma once
@@ -77,6 +78,7 @@ struct expert_cache_params {
     int    n_io_threads     = 2;        // I/O pool threads, [0, 64]; 0 disables prefetch
     bool   predict          = true;     // score (and, with cache.prefetch, act on) predictions
     int    predict_max_rows = 32;       // rows of a prefill ubatch the predictor samples, [1, 4096]
+    int    predict_layers_ahead = 3;    // layers predicted (and read ahead) from each top-k, [1, 8]
     bool   record_trace     = true;     // keep a routing trace (see take_trace)
     size_t trace_max_events = 1 << 20;  // reservation of the trace (events)
     size_t trace_max_ids    = 1 << 24;  // reservation of the trace (ids)
@@ -120,7 +122,7 @@ public:
 
 private:
     void on_topk(const ggml_tensor * t, int layer);
-    void predict_next(const ggml_tensor * topk, int layer);
+    void predict_layer(const ggml_tensor * router_input, int target_layer);
     void drop_units(const std::vector<int32_t> & units);
     void read_unit(int32_t unit);
     void reap_reads();
@@ -134,6 +136,7 @@ private:
     std::vector<const float *> router_rows_;          // [layer] [n_experts x n_embd] or nullptr
     std::vector<std::vector<float>> router_owned_;    // dequantised routers (non-F32 files)
     std::vector<byte_range> expert_pages_;            // merged pages holding only expert bytes
+    bool all_fit_ = false;                            // the budget holds every expert
 
     // scratch, grown outside the steady state only
     cache_plan plan_;
