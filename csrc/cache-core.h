@@ -98,7 +98,8 @@ public:
 
     // A prediction of the experts the next access of `layer` will select (unique ids). Scored
     // against that access (precision / recall); when config.prefetch, fills plan with
-    // predicted units to read ahead and PROBATION units to drop for them.
+    // predicted units to read ahead and the units to drop for them (PROBATION units and
+    // PROTECTED units gone cold, never the working set).
     void predict(int layer, const int32_t * experts, int n, cache_plan & plan);
 
     // Units with I/O in flight must not be dropped: pin on submit, unpin on completion.
