@@ -183,11 +183,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         from cluster.status_plot import plot_heat
 
         plot_heat(client.heat(), args.plot)
-    _emit(_jsonable(status), args.json, _status_table)
+    _emit(_jsonable(status), args.json, status_table)
     return 0
 
 
-def _status_table(status: dict[str, Any]) -> str:
+def status_table(status: dict[str, Any]) -> str:
+    """The status table printed by ``status`` and the demo."""
     def pct(value: Any) -> str:
         return "-" if value is None or value != value else f"{100 * value:.0f}%"
 

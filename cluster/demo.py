@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cluster import deploy, synth
 from cluster.cache import discover_layout
-from cluster.cli import MIB, _status_table, default_model
+from cluster.cli import MIB, default_model, status_table
 
 
 def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: int = 12, n_nodes: int = 3,
@@ -62,7 +62,7 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
                           f"({done.usage['completion_tokens']} tokens, {done.usage['reused_prompt_tokens']} prompt "
                           f"tokens reused, decode hit rate {100 * cache.get('decode_hit_rate', float('nan')):.0f} %)")
         print()
-        print(_status_table(client.status()))
+        print(status_table(client.status()))
         print("\nwhere each topic's requests went:")
         for t in range(n_topics):
             print(f"  topic {t}: " + ", ".join(f"{node} x{n}" for node, n in sorted(where[t].items())))

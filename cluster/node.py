@@ -161,7 +161,6 @@ class NodeServer:
                   params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         self._switch_session(session)
         pieces = self.engine.stream(prompt, **params)
-        n_pieces = 0
         try:
             while True:
                 if request_id in self._cancelled:
@@ -173,7 +172,6 @@ class NodeServer:
                 except StopIteration as done:
                     gen = done.value
                     break
-                n_pieces += 1
                 yield {"text": piece}
         except BaseException:
             pieces.close()

@@ -22,7 +22,6 @@ import numpy as np
 
 from cluster.node import NodeFailedError, NodeReport, NoNodesError, OverloadedError
 from cluster.routing import NodeView, RouteRequest, make_policy
-from cluster.routing.warmth import WarmthPolicy
 from cluster.warmth import Warmth, WarmthFormatError
 from cluster.warmth import decode as decode_warmth
 
@@ -73,14 +72,14 @@ class RouterCore:
                 node.resident = node.warmth.resident.astype(np.float32)
             except WarmthFormatError:
                 node.warmth = node.resident = None
-        if isinstance(self.policy, WarmthPolicy) and report.prefixes is not None:
-            self.policy.set_node_prefixes(report.node_id, report.prefixes)
+        if report.prefixes is not None:
+            self.policy.on_prefixes(report.node_id, report.prefixes)
         if report.summary is not None:
             self.policy.on_report(report.node_id, report.summary)
             self._score_prediction(report)
 
     def _score_prediction(self, report: NodeReport) -> None:
-        predicted = getattr(self.policy, "predicted", {}).pop(report.request_id, None)
+        predicted = self.policy.pop_prediction(report.request_id) if report.request_id else None
         if predicted is None or report.summary is None:
             return
         actual = np.zeros_like(predicted)

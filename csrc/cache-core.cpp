@@ -203,7 +203,7 @@ void cache_policy::score_prediction(int layer) {
     if (predicted.empty()) { return; }
     counters_.n_predicted += predicted.size();
     for (int32_t e : predicted) { counters_.n_predicted_correct += selected_scratch_[size_t(e)]; }
-    for (int32_t u : access_units_) { (void) u; counters_.n_selected_predicted++; }
+    counters_.n_selected_predicted += access_units_.size();
     predicted.clear();
 }
 

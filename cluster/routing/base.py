@@ -107,6 +107,13 @@ class RoutingPolicy(ABC):
     def on_node_removed(self, node_id: str) -> None:
         """A node died or left."""
 
+    def on_prefixes(self, node_id: str, hashes: Sequence[str]) -> None:
+        """``node_id`` now holds the KV state of these prefixes (``prefix_hashes`` of its contexts)."""
+
+    def pop_prediction(self, request_id: str) -> np.ndarray | None:
+        """The bool ``[L, E]`` experts this policy predicted for the request, if it predicted any."""
+        return None
+
     def _shuffled(self, node_ids: Sequence[str]) -> list[str]:
         out = list(node_ids)
         self.rng.shuffle(out)

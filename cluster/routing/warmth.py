@@ -175,7 +175,7 @@ class WarmthPolicy(RoutingPolicy):
     def on_report(self, node_id: str, summary: RoutingTraceSummary) -> None:
         self.affinity.learn(summary)
 
-    def set_node_prefixes(self, node_id: str, hashes: Sequence[str]) -> None:
+    def on_prefixes(self, node_id: str, hashes: Sequence[str]) -> None:
         new = set(hashes)
         old = self.node_prefixes.get(node_id, set())
         for h in old - new:
@@ -189,10 +189,13 @@ class WarmthPolicy(RoutingPolicy):
         self.node_prefixes[node_id] = new
 
     def on_node_removed(self, node_id: str) -> None:
-        self.set_node_prefixes(node_id, ())
+        self.on_prefixes(node_id, ())
         self.node_prefixes.pop(node_id, None)
 
     # -- decision ------------------------------------------------------------------------
+
+    def pop_prediction(self, request_id: str) -> np.ndarray | None:
+        return self.predicted.pop(request_id, None)
 
     def _matched_tokens(self, hashes: list[str]) -> dict[str, int]:
         """Per node holding any of them, the tokens of the longest prefix it holds (hashes are
