@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return _positive_int(value)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"error: ${name}: {exc}") from None
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -150,7 +160,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
                          max_queue=args.max_queue, n_threads=args.threads,
                          memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
-    _emit(info, args.json, lambda r: f"serving {model} on {len(r['nodes'])} nodes, policy {r['policy']}")
+    if args.http:
+        from cluster.gateway import GatewayConfig, start_http
+        from cluster.openai_api import Limits
+
+        limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
+        info["http"] = start_http(GatewayConfig(namespace=args.namespace, api_key=args.api_key, limits=limits),
+                                  args.http_host, args.http_port)
+        info["api_key"] = "required" if args.api_key else "none"
+    _emit(info, args.json, lambda r: f"serving {model} on {len(r['nodes'])} nodes, policy {r['policy']}"
+                                     + (f"; OpenAI-compatible API at {r['http']}/v1 (API key: {r['api_key']})"
+                                        if "http" in r else ""))
     return 0
 
 
@@ -360,16 +380,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("serve", help="start node actors and the router on a Ray cluster (detached)")
-    p.add_argument("--model", help="GGUF MoE model (default: the generated demo model)")
+    p.add_argument("--model", default=os.environ.get("SNIPER_MODEL"),
+                   help="GGUF MoE model (default: $SNIPER_MODEL, else the generated demo model)")
     p.add_argument("--nodes", type=_positive_int, help="node actors, one per Ray node (default: --local-nodes or 1)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--cache-mb", type=_positive_int, help="expert cache budget per node in MiB")
+    budget.add_argument("--cache-mb", type=_positive_int, default=_env_int("SNIPER_CACHE_MB"),
+                        help="expert cache budget per node in MiB (default: $SNIPER_CACHE_MB, else the whole model)")
     budget.add_argument("--no-cache", action="store_true")
     p.add_argument("--policy", default="warmth", help="warmth (default), least_loaded, round_robin, random")
     p.add_argument("--local-nodes", type=_positive_int, help="first start a local Ray cluster of N nodes on loopback")
     p.add_argument("--node-memory-mb", type=_positive_int, help="cgroup memory limit of each node actor (root)")
     p.add_argument("--max-queue", type=_positive_int, default=8)
     p.add_argument("--threads", type=_positive_int, help="compute threads per node (default: all cores)")
+    http = p.add_argument_group("HTTP gateway (OpenAI-compatible, Ray Serve)")
+    http.add_argument("--http", action="store_true", help="also serve the HTTP API")
+    http.add_argument("--http-host", default="127.0.0.1")
+    http.add_argument("--http-port", type=_positive_int, default=8000)
+    http.add_argument("--api-key", default=os.environ.get("SNIPER_API_KEY") or None,
+                      help="require 'Authorization: Bearer KEY' on /v1/ (default: $SNIPER_API_KEY)")
+    http.add_argument("--max-tokens-limit", type=_positive_int, default=512, help="largest max_tokens a request may ask")
+    http.add_argument("--max-prompt-tokens", type=_positive_int, default=1536, help="longest prompt accepted, in tokens")
     _cluster_args(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -422,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: the local one)")
-    p.add_argument("--namespace", default="sniper")
+    p.add_argument("--namespace", default=os.environ.get("SNIPER_NAMESPACE", "sniper"))
     p.add_argument("--json", action="store_true")
 
 

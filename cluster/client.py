@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
-from cluster.errors import InvalidParameterError
+from cluster.errors import InvalidParameterError, SniperError
 from cluster.node import NAMESPACE, ROUTER_NAME, NodeFailedError, NoNodesError, OverloadedError
 
 
@@ -25,7 +26,7 @@ class Completion:
 
 
 def _request(prompt: str, max_tokens: int, temperature: float, top_p: float, seed: int,
-             session_id: str | None, stop: tuple[str, ...]) -> dict[str, Any]:
+             session_id: str | None, stop: tuple[str, ...], max_prompt_tokens: int | None = None) -> dict[str, Any]:
     if not isinstance(prompt, str) or not prompt:
         raise InvalidParameterError(f"prompt must be a non-empty string, got {prompt!r}")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -38,14 +39,19 @@ def _request(prompt: str, max_tokens: int, temperature: float, top_p: float, see
         raise InvalidParameterError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if session_id is not None and (not isinstance(session_id, str) or not session_id):
         raise InvalidParameterError(f"session_id must be a non-empty string or None, got {session_id!r}")
-    return {"request_id": uuid.uuid4().hex, "prompt": prompt, "max_tokens": max_tokens, "temperature": float(temperature),
-            "top_p": float(top_p), "seed": seed, "session_id": session_id, "stop": tuple(stop)}
+    if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+        raise InvalidParameterError(f"max_prompt_tokens must be an integer >= 1 or None, got {max_prompt_tokens!r}")
+    request = {"request_id": uuid.uuid4().hex, "prompt": prompt, "max_tokens": max_tokens, "temperature": float(temperature),
+               "top_p": float(top_p), "seed": seed, "session_id": session_id, "stop": tuple(stop)}
+    if max_prompt_tokens is not None:
+        request["max_prompt_tokens"] = max_prompt_tokens
+    return request
 
 
 def _unwrap(exc: BaseException) -> BaseException:
     """The router's own error (overloaded, node failed, no nodes, bad input) from Ray's wrapper."""
     cause = getattr(exc, "cause", None)
-    if isinstance(cause, (OverloadedError, NodeFailedError, NoNodesError, InvalidParameterError, ValueError)):
+    if isinstance(cause, (OverloadedError, NodeFailedError, NoNodesError, SniperError, ValueError)):
         return cause
     return exc
 
@@ -90,18 +96,24 @@ class Client:
 
     def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                seed: int = 0, session_id: str | None = None, stop: tuple[str, ...] = ()) -> Iterator[str]:
-        """Yields text pieces as the node produces them."""
+        """Yields text pieces as the node produces them; closing the iterator cancels the request."""
         import ray
 
         request = _request(prompt, max_tokens, temperature, top_p, seed, session_id, stop)
         gen = self._router.stream.options(num_returns="streaming").remote(request)
+        finished = False
         try:
             for ref in gen:
                 item = ray.get(ref)
+                finished = bool(item.get("done"))
                 if "text" in item:
                     yield item["text"]
         except ray.exceptions.RayTaskError as exc:
+            finished = True
             raise _unwrap(exc) from None
+        finally:
+            if not finished:
+                ray.cancel(gen)
 
     def status(self) -> dict[str, Any]:
         import ray
@@ -127,17 +139,34 @@ class Client:
 
     async def astream(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                       seed: int = 0, session_id: str | None = None, stop: tuple[str, ...] = ()) -> AsyncIterator[str]:
+        async for item in self.aevents(prompt, max_tokens, temperature, top_p, seed, session_id, stop):
+            if "text" in item:
+                yield item["text"]
+
+    async def aevents(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                      seed: int = 0, session_id: str | None = None, stop: tuple[str, ...] = (),
+                      max_prompt_tokens: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The router's stream: ``{"text"}`` pieces, then ``{"done": True, "node", "usage", "finish_reason", ...}``.
+
+        Closing or cancelling the iteration cancels the request on its node.
+        """
         import ray
 
-        request = _request(prompt, max_tokens, temperature, top_p, seed, session_id, stop)
+        request = _request(prompt, max_tokens, temperature, top_p, seed, session_id, stop, max_prompt_tokens)
         gen = self._router.stream.options(num_returns="streaming").remote(request)
+        finished = False
         try:
             async for ref in gen:
                 item = await ref
-                if "text" in item:
-                    yield item["text"]
+                finished = bool(item.get("done"))
+                yield item
         except ray.exceptions.RayTaskError as exc:
+            finished = True
             raise _unwrap(exc) from None
+        finally:
+            if not finished:  # the caller went away (or was cancelled) before the end
+                ray.cancel(gen)
+                await asyncio.sleep(0)
 
     async def astatus(self) -> dict[str, Any]:
         return await self._router.status.remote()

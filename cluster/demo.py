@@ -35,7 +35,7 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
           f"(top-{layout.n_experts_used}), experts {footprint / MIB:.0f} MiB; cache budget per node {budget / MIB:.0f} MiB")
 
     t0 = time.perf_counter()
-    address = deploy.start_local_cluster(n_nodes)
+    address = deploy.start_local_cluster(n_nodes, dashboard_port=deploy.DASHBOARD_PORT if keep else 0)
     try:
         deploy.connect(address)
         deploy.deploy(path, n_nodes, cache_bytes=budget, policy=policy, n_threads=1)

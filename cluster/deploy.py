@@ -29,15 +29,23 @@ def loopback_env() -> dict[str, str]:
     return env
 
 
-def start_local_cluster(n_nodes: int, cpus_per_node: int = 2, timeout_s: float = 180.0) -> str:
-    """Starts N Ray nodes on loopback in a daemon (cluster.local_cluster); returns the address."""
+DASHBOARD_PORT = 8265
+
+
+def start_local_cluster(n_nodes: int, cpus_per_node: int = 2, timeout_s: float = 180.0,
+                        dashboard_port: int = DASHBOARD_PORT) -> str:
+    """Starts N Ray nodes on loopback in a daemon (cluster.local_cluster); returns the address.
+
+    The head runs Ray's dashboard and job server on 127.0.0.1:``dashboard_port`` (0: none), so
+    ``ray job submit --address http://127.0.0.1:8265`` works against it.
+    """
     if n_nodes < 1:
         raise InvalidParameterError(f"--local-nodes must be >= 1, got {n_nodes}")
     if os.path.exists(LOCAL_CLUSTER_FILE):
         raise SniperError(f"a local cluster is already running ({LOCAL_CLUSTER_FILE}); "
                           f"stop it with: python -m cluster shutdown --stop-local")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", str(n_nodes), LOCAL_CLUSTER_FILE,
-                             str(cpus_per_node)], env=loopback_env(), start_new_session=True,
+                             str(cpus_per_node), str(dashboard_port)], env=loopback_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(LOCAL_CLUSTER_FILE):
@@ -158,11 +166,13 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: st
 
 
 def shutdown(namespace: str = NAMESPACE) -> list[str]:
-    """Kills the router and every node actor of the namespace; returns what was removed."""
+    """Removes the HTTP gateway, the router and every node actor of the namespace; returns what was removed."""
     import ray
     from ray.util.placement_group import get_placement_group, remove_placement_group
 
-    removed = []
+    from cluster.gateway import app_name, stop_http
+
+    removed = [f"serve application '{app_name(namespace)}'"] if stop_http(namespace) else []
     for name in [ROUTER_NAME] + [node_name(i) for i in range(256)]:
         try:
             handle = ray.get_actor(name, namespace=namespace)

@@ -12,6 +12,7 @@ reports after a restart.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections import Counter
@@ -20,6 +21,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
+from cluster.errors import PromptTooLongError
 from cluster.node import NodeFailedError, NodeReport, NoNodesError, OverloadedError
 from cluster.routing import NodeView, RouteRequest, make_policy
 from cluster.warmth import Warmth, WarmthFormatError
@@ -122,6 +124,7 @@ class RouterCore:
         """Ranked node ids; raises NoNodesError / OverloadedError when nothing can take it."""
         live = [n for n in self.live_nodes() if n.node_id not in exclude]
         if not live:
+            self.decisions[f"{self.policy.name}:no_nodes"] += 1
             raise NoNodesError("no live node is registered with the router" +
                                (f" (tried {', '.join(sorted(exclude))})" if exclude else ""))
         with_room = [self.view(n) for n in live if n.in_flight < n.capacity]
@@ -135,6 +138,7 @@ class RouterCore:
         return ranked
 
     def status(self) -> dict[str, Any]:
+        self.live_nodes()  # a node silent for NODE_TIMEOUT_S shows as dead
         nodes = []
         for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
             stats = node.stats
@@ -176,6 +180,7 @@ class RouterActor:
         from cluster.tokenizer import Tokenizer
 
         self.core = RouterCore(policy)
+        self.model_path = model_path
         self.tokenizer = Tokenizer(model_path)
         self.namespace = namespace
         self.handles: dict[str, Any] = {}
@@ -198,6 +203,9 @@ class RouterActor:
         request = dict(request)
         request.setdefault("request_id", uuid.uuid4().hex)
         tokens = tuple(self.tokenizer.tokenize(request["prompt"]))
+        limit = request.pop("max_prompt_tokens", None)
+        if limit is not None and len(tokens) > limit:
+            raise PromptTooLongError(f"the prompt is {len(tokens)} tokens; this endpoint accepts at most {limit}")
         route = RouteRequest(request_id=request["request_id"], tokens=tokens, session_id=request.get("session_id"))
         tried: set[str] = set()
         while True:
@@ -252,7 +260,7 @@ class RouterActor:
         raise NodeFailedError("the stream ended without a final message")
 
     async def status(self) -> dict[str, Any]:
-        return self.core.status()
+        return {"model": os.path.basename(self.model_path).removesuffix(".gguf"), **self.core.status()}
 
     async def heat(self) -> dict[str, np.ndarray]:
         return self.core.heat()

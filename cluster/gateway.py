@@ -1,0 +1,338 @@
+"""HTTP gateway: an OpenAI-compatible Ray Serve application in front of the router actor.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events
+with ``stream: true``), ``GET /v1/models``, ``GET /health`` (200 only while the router and at
+least one node are live), ``GET /metrics`` (Prometheus). With an API key configured, every
+``/v1/`` request must carry ``Authorization: Bearer KEY`` or gets 401 before anything is
+routed; ``/health`` and ``/metrics`` stay open for probes and scrapers. Errors are OpenAI
+error bodies (400/401/404/413/429/503), never stack traces.
+
+``start_http`` runs it from the ``serve --http`` command; ``build_app`` is the import path
+for Serve configs and KubeRay's RayService (``cluster.gateway:build_app``), and creates the
+deployment (router + node actors) first when it is given a model.
+"""
+
+
+import asyncio
+import hmac
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from cluster.errors import InvalidParameterError
+from cluster.metrics import GatewayMetrics
+from cluster.node import NAMESPACE, ROUTER_NAME, NoNodesError
+from cluster.openai_api import (
+    APIError,
+    Generation,
+    Limits,
+    chunk,
+    error_from_exception,
+    models_list,
+    parse_chat,
+    parse_completion,
+    response,
+)
+
+APP_NAME = "sniper"  # the Serve application of the default namespace (``app_name``)
+API_KEY_ENV = "SNIPER_API_KEY"
+STATUS_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Settings of the gateway; ``api_key`` None means: read ``SNIPER_API_KEY`` in the replica."""
+
+    namespace: str = NAMESPACE
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+async def _first_event(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        raise APIError(503, "the router closed the stream before the first message", type="service_unavailable") from None
+
+
+def _sse_data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+# Serve pickles the FastAPI app when the class below is decorated: everything its methods use
+# must already be defined here.
+api = FastAPI(title="Expert Sniper Cluster", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status,
+                        headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(api)
+class Gateway:
+    """One replica of the HTTP front end; every generation goes through the router actor."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.api_key = config.api_key if config.api_key is not None else os.environ.get(API_KEY_ENV) or None
+        self.metrics = GatewayMetrics()
+        self._client: Any = None
+        self._model: str | None = None
+        self._started = int(time.time())
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def _router_client(self) -> Any:
+        """The client handle, found lazily (the router may start after the gateway)."""
+        if self._client is None:
+            import ray
+
+            from cluster.client import Client
+
+            try:
+                self._client = Client(ray.get_actor(ROUTER_NAME, namespace=self.config.namespace))
+            except ValueError:
+                raise NoNodesError(f"the router '{ROUTER_NAME}' is not running in namespace "
+                                   f"'{self.config.namespace}'") from None
+        return self._client
+
+    async def _status(self) -> dict[str, Any]:
+        client = await self._router_client()
+        try:
+            status = await asyncio.wait_for(client.astatus(), STATUS_TIMEOUT_S)
+        except Exception:
+            self._client = None  # found again next time (the router may have restarted)
+            raise
+        self._model = status.get("model") or self._model
+        return status
+
+    async def _model_name(self) -> str:
+        if self._model is None:
+            await self._status()
+        assert self._model is not None
+        return self._model
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def _json_body(self, request: Request) -> Any:
+        limit = self.config.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                           code="request_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+
+    # -- generation --------------------------------------------------------------------------
+
+    async def _generate(self, request: Request, endpoint: str, parse: Any) -> Response:
+        started = time.monotonic()
+        status_code, events, streaming = 499, None, False  # 499: the caller went away
+        self.metrics.in_progress.inc()
+        try:
+            self._authorize(request)
+            body = await self._json_body(request)
+            gen: Generation = parse(body, self.config.limits, await self._model_name())
+            client = await self._router_client()
+            events = client.aevents(gen.prompt, **gen.client_kwargs(), max_prompt_tokens=self.config.limits.max_prompt_tokens)
+            first = await _first_event(events)  # errors before any text keep their HTTP status
+            if gen.stream:
+                streaming = True
+                return StreamingResponse(self._sse(gen, endpoint, started, first, events), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            text, final = [], first
+            if "text" in first:
+                self.metrics.first_token.labels(endpoint).observe(time.monotonic() - started)
+                text.append(first["text"])
+                async for item in events:
+                    if "text" in item:
+                        text.append(item["text"])
+                    elif item.get("done"):
+                        final = item
+            self._count_tokens(final)
+            status_code = 200
+            return JSONResponse(response(gen, "".join(text), final["finish_reason"], final["usage"], final["node"]))
+        except Exception as exc:
+            error = error_from_exception(exc)
+            status_code = error.status
+            raise error from None
+        finally:
+            if not streaming:
+                if events is not None:
+                    await events.aclose()
+                self._finish(endpoint, status_code, started)
+
+    async def _sse(self, gen: Generation, endpoint: str, started: float, first: dict[str, Any],
+                   events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+        status_code = 499  # unless the stream reaches its end or an error
+        try:
+            item, is_first = first, True
+            while True:
+                if "text" in item:
+                    if is_first:
+                        self.metrics.first_token.labels(endpoint).observe(time.monotonic() - started)
+                    yield _sse_data(chunk(gen, item["text"], first=is_first))
+                    is_first = False
+                elif item.get("done"):
+                    self._count_tokens(item)
+                    status_code = 200
+                    yield _sse_data(chunk(gen, None, item["finish_reason"], node=item["node"]))
+                    if gen.include_usage:
+                        yield _sse_data(chunk(gen, usage=item["usage"]))
+                    yield "data: [DONE]\n\n"
+                    return
+                item = await events.__anext__()
+        except StopAsyncIteration:
+            status_code = 503
+            yield _sse_data(APIError(503, "the stream ended without a final message", type="service_unavailable").body())
+        except Exception as exc:  # a node died after sending text: the stream ends with the cause
+            error = error_from_exception(exc)
+            status_code = error.status
+            yield _sse_data(error.body())
+        finally:
+            await events.aclose()  # a caller that went away cancels the request on its node
+            self._finish(endpoint, status_code, started)
+
+    def _count_tokens(self, final: dict[str, Any]) -> None:
+        self.metrics.prompt_tokens.inc(final["usage"].get("prompt_tokens", 0))
+        self.metrics.generated_tokens.inc(final["usage"].get("completion_tokens", 0))
+
+    def _finish(self, endpoint: str, status_code: int, started: float) -> None:
+        self.metrics.in_progress.dec()
+        self.metrics.requests.labels(endpoint, str(status_code)).inc()
+        self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+
+    # -- routes --------------------------------------------------------------------------------
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "/v1/completions", parse_completion)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "/v1/chat/completions", parse_chat)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        try:
+            return JSONResponse(models_list(await self._model_name(), self._started))
+        except Exception as exc:
+            raise error_from_exception(exc) from None
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        try:
+            status = await self._status()
+        except Exception as exc:
+            return JSONResponse({"status": "unavailable", "reason": f"router: {type(exc).__name__}: {exc}"[:300]},
+                                status_code=503)
+        live = [n["name"] for n in status["nodes"] if n["alive"]]
+        body = {"status": "ok" if live else "unavailable", "policy": status["policy"], "nodes": live}
+        if not live:
+            body["reason"] = "no live node is registered with the router"
+        return JSONResponse(body, status_code=200 if live else 503)
+
+    @api.get("/metrics")
+    async def metrics_endpoint(self) -> Response:
+        try:
+            status = await self._status()
+        except Exception:
+            status = None
+        return Response(self.metrics.exposition(status), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+def app_name(namespace: str) -> str:
+    return APP_NAME if namespace == NAMESPACE else f"{APP_NAME}-{namespace}"
+
+
+def gateway_app(config: GatewayConfig) -> Any:
+    return Gateway.bind(config)
+
+
+def start_http(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Starts Serve's HTTP proxy on the head node only (local nodes share one host) and the gateway."""
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+    serve.run(gateway_app(config), name=app_name(config.namespace), route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def stop_http(namespace: str = NAMESPACE) -> bool:
+    """Removes the gateway of ``namespace`` (and Serve, if nothing else runs on it); False if absent."""
+    import ray
+
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    except ValueError:
+        return False
+    name = app_name(namespace)
+    apps = serve.status().applications
+    if name not in apps:
+        return False
+    if set(apps) == {name}:
+        serve.shutdown()
+    else:
+        serve.delete(name)
+    return True
+
+
+BUILD_ARGS = ("model", "nodes", "cache_mb", "policy", "namespace", "api_key", "max_tokens_limit",
+              "max_prompt_tokens", "max_body_bytes")
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve application builder (``import_path: cluster.gateway:build_app``).
+
+    With ``model``, it first deploys the router and ``nodes`` node actors unless the namespace
+    already has a router; without, it fronts an existing deployment.
+    """
+    unknown = sorted(set(args) - set(BUILD_ARGS))
+    if unknown:
+        raise InvalidParameterError(f"unknown gateway argument(s) {', '.join(unknown)}; expected {', '.join(BUILD_ARGS)}")
+    namespace = str(args.get("namespace", NAMESPACE))
+    limits = Limits(**{name: int(args[key]) for key, name in (("max_tokens_limit", "max_tokens"),
+                                                               ("max_prompt_tokens", "max_prompt_tokens"),
+                                                               ("max_body_bytes", "max_body_bytes")) if key in args})
+    if "model" in args:
+        _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)), args.get("cache_mb"),
+                           str(args.get("policy", "warmth")), namespace)
+    return gateway_app(GatewayConfig(namespace=namespace, api_key=args.get("api_key"), limits=limits))
+
+
+def _ensure_deployment(model: str, nodes: int, cache_mb: Any, policy: str, namespace: str) -> None:
+    import ray
+
+    from cluster import deploy
+
+    deploy.connect(None, namespace)
+    try:
+        ray.get_actor(ROUTER_NAME, namespace=namespace)
+        return
+    except ValueError:
+        pass
+    deploy.deploy(model, nodes, cache_bytes=int(cache_mb) << 20 if cache_mb else None, policy=policy, namespace=namespace)

@@ -1,0 +1,104 @@
+"""Prometheus metrics of the HTTP gateway: its own request counters plus the router's view.
+
+The gateway counts what it sees (requests by endpoint and status, latency, time to first
+token, tokens); at each scrape the router's status — per-node queue depth, expert hit rate,
+bytes read, warmth, routing decisions by policy and outcome, prediction quality — is
+exposed alongside, read fresh, so a scrape always shows the cluster as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class GatewayMetrics:
+    """The gateway's registry; ``exposition(status)`` renders it with the router's status."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("sniper_http_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("sniper_request_duration_seconds", "Time from request to last byte",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.first_token = Histogram("sniper_time_to_first_token_seconds", "Time from request to the first text piece",
+                                     ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("sniper_prompt_tokens", "Prompt tokens of completed requests", registry=r)
+        self.generated_tokens = Counter("sniper_generated_tokens", "Tokens generated for completed requests", registry=r)
+        self.in_progress = Gauge("sniper_http_requests_in_progress", "Generation requests being served", registry=r)
+        self._status: dict[str, Any] | None = None
+        r.register(_RouterStatusCollector(lambda: self._status))
+
+    def exposition(self, status: dict[str, Any] | None) -> bytes:
+        """Prometheus text format; ``status`` is the router's (None when it cannot be reached)."""
+        self._status = status
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._status = None
+
+
+class _RouterStatusCollector:
+    """Turns one router status into metric families (nothing when there is no status)."""
+
+    def __init__(self, status: Any) -> None:
+        self._status = status
+
+    def describe(self) -> list[Metric]:
+        return []  # families depend on the status; never registered twice
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status()
+        up = GaugeMetricFamily("sniper_router_up", "1 when the router answered this scrape")
+        up.add_metric([], 0.0 if status is None else 1.0)
+        yield up
+        if status is None:
+            return
+        yield from _node_families(status.get("nodes", []))
+        decisions = CounterMetricFamily("sniper_routing_decisions", "Routing decisions by policy and outcome",
+                                        labels=["policy", "outcome"])
+        for key, count in sorted(status.get("decisions", {}).items()):
+            policy, _, outcome = key.partition(":")
+            decisions.add_metric([policy, outcome or "ranked"], float(count))
+        yield decisions
+        prediction = status.get("prediction") or {}
+        for name in ("precision", "recall"):
+            family = GaugeMetricFamily(f"sniper_routing_prediction_{name}",
+                                       f"Mean {name} of predicted vs actual experts per request")
+            if prediction.get(name) is not None:
+                family.add_metric([], float(prediction[name]))
+            yield family
+
+
+_NODE_GAUGES = {  # status field -> (metric, help)
+    "alive": ("sniper_node_alive", "1 while the node reports"),
+    "load": ("sniper_node_queue_depth", "Requests running or queued on the node"),
+    "capacity": ("sniper_node_queue_capacity", "Requests the node accepts at once"),
+    "hit_rate": ("sniper_node_expert_hit_rate", "Expert-cache hit rate since the node started"),
+    "decode_hit_rate": ("sniper_node_expert_decode_hit_rate", "Expert-cache hit rate of decode steps"),
+    "warm_fraction": ("sniper_node_warm_fraction", "Fraction of all experts resident in the node's cache"),
+    "resident_bytes": ("sniper_node_resident_bytes", "Expert bytes resident in the cache"),
+    "budget_bytes": ("sniper_node_budget_bytes", "Expert-cache budget"),
+    "sessions": ("sniper_node_sessions", "Conversation KV states kept"),
+}
+_NODE_COUNTERS = {
+    "served": ("sniper_node_requests", "Requests served by the node"),
+    "bytes_read": ("sniper_node_expert_bytes_read", "Expert bytes read from storage"),
+    "generated_tokens": ("sniper_node_generated_tokens", "Tokens generated by the node"),
+}
+
+
+def _node_families(nodes: list[dict[str, Any]]) -> Iterator[Metric]:
+    for fields, family_type in ((_NODE_GAUGES, GaugeMetricFamily), (_NODE_COUNTERS, CounterMetricFamily)):
+        for key, (name, help_text) in fields.items():
+            family = family_type(name, help_text, labels=["node"])
+            for node in nodes:
+                value = node.get(key)
+                if value is not None and value == value:
+                    family.add_metric([node["name"]], float(value))
+            yield family

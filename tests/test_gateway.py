@@ -1,0 +1,250 @@
+"""The OpenAI-compatible HTTP gateway on a real 2-node Ray cluster (loopback), with Ray Serve.
+
+Driven with the official ``openai`` client (streaming included) and with raw HTTP for the
+error cases; the metrics endpoint is scraped while requests run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import openai  # noqa: E402
+import ray  # noqa: E402
+import requests  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from cluster import deploy, synth  # noqa: E402
+from cluster.gateway import GatewayConfig, start_http, stop_http  # noqa: E402
+from cluster.node import node_name  # noqa: E402
+from cluster.openai_api import Limits  # noqa: E402
+
+N_NODES = 2
+API_KEY = "test-key-123"
+NAMESPACE = "gateway-test"
+MAX_PROMPT_TOKENS = 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_model, tiny_layout):
+    """A deployment (max_queue 1 per node, so overload is easy to reach) behind the HTTP gateway."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    for _ in range(N_NODES - 1):
+        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    try:
+        deploy.deploy(str(tiny_model), N_NODES, cache_bytes=int(0.4 * tiny_layout.unit_bytes.sum()), namespace=NAMESPACE,
+                      n_threads=1, n_ctx=512, max_queue=1)
+        limits = Limits(max_body_bytes=64 << 10, max_prompt_tokens=MAX_PROMPT_TOKENS, max_tokens=256)
+        url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=API_KEY, limits=limits), "127.0.0.1", _free_port())
+        yield url
+    finally:
+        deploy.shutdown(NAMESPACE)
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_name(tiny_model) -> str:
+    return os.path.basename(str(tiny_model)).removesuffix(".gguf")
+
+
+def _openai(url: str, key: str = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _status() -> dict:
+    return ray.get(ray.get_actor("sniper-router", namespace=NAMESPACE).status.remote())
+
+
+def _metrics(url: str) -> dict[str, dict[tuple, float]]:
+    out: dict[str, dict[tuple, float]] = {}
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def test_health_and_models(gateway, model_name):
+    health = requests.get(f"{gateway}/health", timeout=30)
+    assert health.status_code == 200 and sorted(health.json()["nodes"]) == [node_name(i) for i in range(N_NODES)]
+    assert [m.id for m in _openai(gateway).models.list()] == [model_name]
+
+
+def test_completions_with_the_openai_client_streaming_and_not(gateway, model_name, tiny_topics):
+    client = _openai(gateway)
+    prompt = synth.topic_prompt(tiny_topics, 0, 10, seed=4)
+    done = client.completions.create(model=model_name, prompt=prompt, max_tokens=8, temperature=0, seed=1)
+    assert done.object == "text_completion" and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 8 and done.usage.total_tokens == done.usage.prompt_tokens + 8
+    assert done.system_fingerprint.startswith("sniper-node-") and done.choices[0].text
+    pieces, finish = [], None
+    for part in client.completions.create(model=model_name, prompt=prompt, max_tokens=8, temperature=0, seed=1,
+                                          stream=True):
+        pieces.append(part.choices[0].text)
+        finish = part.choices[0].finish_reason or finish
+    assert "".join(pieces) == done.choices[0].text and finish == "length"
+
+
+def test_chat_completions_with_the_openai_client_streaming_and_not(gateway, model_name, tiny_topics):
+    client = _openai(gateway)
+    messages = [{"role": "system", "content": "answer briefly"},
+                {"role": "user", "content": synth.topic_prompt(tiny_topics, 1, 10, seed=5)}]
+    done = client.chat.completions.create(model=model_name, messages=messages, max_tokens=6, temperature=0, seed=2)
+    assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
+    assert done.choices[0].message.content and done.usage.completion_tokens == 6
+    stream = client.chat.completions.create(model=model_name, messages=messages, max_tokens=6, temperature=0, seed=2,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == done.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_api_key_is_required_and_a_refused_request_reaches_no_node(gateway, model_name):
+    before = _status()
+    with pytest.raises(openai.AuthenticationError):
+        _openai(gateway, key="wrong").completions.create(model=model_name, prompt="hello", max_tokens=4)
+    for headers in ({}, {"Authorization": "Basic " + API_KEY}, {"Authorization": "Bearer " + API_KEY + "x"}):
+        r = requests.post(f"{gateway}/v1/completions", json={"model": model_name, "prompt": "hi"}, headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert requests.get(f"{gateway}/v1/models", timeout=30).status_code == 401
+    after = _status()
+    assert after["decisions"] == before["decisions"]
+    assert [n["served"] for n in after["nodes"]] == [n["served"] for n in before["nodes"]]
+
+
+def _post(url: str, body, **kwargs) -> requests.Response:
+    headers = {"Authorization": f"Bearer {API_KEY}", **kwargs.pop("headers", {})}
+    if not isinstance(body, dict):  # raw bytes, or an iterator (sent chunked, without Content-Length)
+        return requests.post(f"{url}/v1/completions", data=body, headers=headers, timeout=60, **kwargs)
+    return requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60, **kwargs)
+
+
+def test_errors_are_openai_error_bodies(gateway, model_name):
+    cases = [
+        (b"{not json", 400, None),
+        ({"model": model_name, "prompt": "hi", "max_tokens": 257}, 400, "max_tokens"),
+        ({"model": model_name, "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+        ({"model": model_name}, 400, "prompt"),
+        ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+        ({"model": model_name, "prompt": "hi", "n": 3}, 400, "n"),
+    ]
+    for body, status, param in cases:
+        r = _post(gateway, body)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert error["message"] and error["param"] == param and "Traceback" not in r.text
+
+
+def test_body_and_prompt_limits(gateway, model_name):
+    huge = json.dumps({"model": model_name, "prompt": "word " * 20000})
+    r = _post(gateway, huge)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunked = _post(gateway, iter([huge.encode()]))  # no Content-Length: the limit holds while reading
+    assert chunked.status_code == 413
+    long_prompt = " ".join(["alpha beta gamma"] * 40)
+    r = _post(gateway, {"model": model_name, "prompt": long_prompt, "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert f"at most {MAX_PROMPT_TOKENS}" in r.json()["error"]["message"]
+
+
+def test_overload_is_429_and_nothing_hangs(gateway, model_name, tiny_topics):
+    prompt = synth.topic_prompt(tiny_topics, 0, 8, seed=9)
+
+    def one(i: int) -> int:
+        return _post(gateway, {"model": model_name, "prompt": prompt, "max_tokens": 256, "seed": i}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(one, range(8), timeout=180))
+    assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= N_NODES, codes
+    r = _post(gateway, {"model": model_name, "prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 200  # capacity is back once the burst ends
+
+
+def test_metrics_scraped_during_load(gateway, model_name, tiny_topics):
+    before = _metrics(gateway)
+    ok_key = (("endpoint", "/v1/completions"), ("status", "200"))
+    ok_before = before.get("sniper_http_requests_total", {}).get(ok_key, 0)
+    results: list[int] = []
+
+    def load() -> None:
+        for i in range(3):
+            prompt = synth.topic_prompt(tiny_topics, i % 2, 8, seed=20 + i)
+            results.append(_post(gateway, {"model": model_name, "prompt": prompt, "max_tokens": 128, "seed": i}).status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(N_NODES)]
+    for w in workers:
+        w.start()
+    busy_seen = 0
+    while any(w.is_alive() for w in workers):
+        m = _metrics(gateway)
+        busy_seen = max(busy_seen, sum(m.get("sniper_node_queue_depth", {}).values()),
+                        m.get("sniper_http_requests_in_progress", {}).get((), 0))
+        time.sleep(0.05)
+    for w in workers:
+        w.join()
+    after = _metrics(gateway)
+    assert busy_seen >= 1
+    assert after["sniper_http_requests_total"][ok_key] - ok_before == results.count(200) >= 1
+    assert after["sniper_generated_tokens_total"][()] >= before.get("sniper_generated_tokens_total", {}).get((), 0) + 128
+    served = after["sniper_node_requests_total"]
+    assert sorted(dict(k)["node"] for k in served) == [node_name(i) for i in range(N_NODES)]
+    assert sum(after["sniper_node_expert_bytes_read_total"].values()) > 0
+    assert all(0 <= v <= 1 for v in after["sniper_node_expert_hit_rate"].values())
+    decisions = after["sniper_routing_decisions_total"]
+    assert all(dict(k)["policy"] == "warmth" for k in decisions) and sum(decisions.values()) >= 6
+    assert after["sniper_request_duration_seconds_count"][(("endpoint", "/v1/completions"),)] >= 6
+
+
+def test_a_caller_that_goes_away_cancels_its_request_on_the_node(gateway, model_name, tiny_topics):
+    def generated() -> float:
+        return sum(n["generated_tokens"] or 0 for n in _status()["nodes"])
+
+    time.sleep(1.5)  # reports of earlier requests are in
+    start = generated()
+    body = {"model": model_name, "prompt": synth.topic_prompt(tiny_topics, 0, 8, seed=31), "max_tokens": 256,
+            "stream": True}
+    with requests.post(f"{gateway}/v1/completions", json=body, timeout=60, stream=True,
+                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200
+        assert next(r.iter_lines()).startswith(b"data: ")  # the first piece arrived; the caller leaves
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(n["load"] for n in _status()["nodes"]):
+        time.sleep(0.1)
+    time.sleep(2.0)  # the node's report of the cancelled request
+    assert not any(n["load"] for n in _status()["nodes"])
+    assert generated() - start < 256
+
+
+def test_health_is_503_and_requests_are_503_when_no_node_is_live(gateway, model_name):
+    for i in range(N_NODES):
+        ray.kill(ray.get_actor(node_name(i), namespace=NAMESPACE), no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and requests.get(f"{gateway}/health", timeout=30).status_code == 200:
+        time.sleep(0.25)
+    health = requests.get(f"{gateway}/health", timeout=30)
+    assert health.status_code == 503 and health.json()["status"] == "unavailable"
+    r = _post(gateway, {"model": model_name, "prompt": "hello", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    assert stop_http(NAMESPACE)
