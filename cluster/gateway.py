@@ -301,7 +301,7 @@ def stop_http(namespace: str = NAMESPACE) -> bool:
     return True
 
 
-BUILD_ARGS = ("model", "nodes", "cache_mb", "policy", "namespace", "api_key", "max_tokens_limit",
+BUILD_ARGS = ("model", "nodes", "cache_mb", "threads", "policy", "namespace", "api_key", "max_tokens_limit",
               "max_prompt_tokens", "max_body_bytes")
 
 
@@ -319,12 +319,12 @@ def build_app(args: dict[str, Any]) -> Any:
                                                                ("max_prompt_tokens", "max_prompt_tokens"),
                                                                ("max_body_bytes", "max_body_bytes")) if key in args})
     if "model" in args:
-        _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)), args.get("cache_mb"),
+        _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)), args.get("cache_mb"), args.get("threads"),
                            str(args.get("policy", "warmth")), namespace)
     return gateway_app(GatewayConfig(namespace=namespace, api_key=args.get("api_key"), limits=limits))
 
 
-def _ensure_deployment(model: str, nodes: int, cache_mb: Any, policy: str, namespace: str) -> None:
+def _ensure_deployment(model: str, nodes: int, cache_mb: Any, threads: Any, policy: str, namespace: str) -> None:
     import ray
 
     from cluster import deploy
@@ -335,4 +335,5 @@ def _ensure_deployment(model: str, nodes: int, cache_mb: Any, policy: str, names
         return
     except ValueError:
         pass
-    deploy.deploy(model, nodes, cache_bytes=int(cache_mb) << 20 if cache_mb else None, policy=policy, namespace=namespace)
+    deploy.deploy(model, nodes, cache_bytes=int(cache_mb) << 20 if cache_mb else None, policy=policy, namespace=namespace,
+                  n_threads=int(threads) if threads else None)

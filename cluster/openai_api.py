@@ -29,15 +29,18 @@ class Limits:
         max_prompt_tokens: prompts longer than this (in the model's tokens) get 400; the node's
             context is a second, hard limit.
         max_tokens: the largest ``max_tokens`` a request may ask for (400 above it).
-        default_max_tokens: used when a request gives no ``max_tokens``.
+        default_max_tokens: used when a request gives no ``max_tokens`` (default: 16, or
+            ``max_tokens`` if that is lower).
     """
 
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
-    default_max_tokens: int = 16
+    default_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.default_max_tokens is None and isinstance(self.max_tokens, int):
+            object.__setattr__(self, "default_max_tokens", min(16, self.max_tokens))
         for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "default_max_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
-from cluster.gateway import GatewayConfig, start_http, stop_http  # noqa: E402
+from cluster.errors import InvalidParameterError  # noqa: E402
+from cluster.gateway import GatewayConfig, build_app, start_http, stop_http  # noqa: E402
 from cluster.node import node_name  # noqa: E402
 from cluster.openai_api import Limits  # noqa: E402
 
@@ -235,6 +239,58 @@ def test_a_caller_that_goes_away_cancels_its_request_on_the_node(gateway, model_
     time.sleep(2.0)  # the node's report of the cancelled request
     assert not any(n["load"] for n in _status()["nodes"])
     assert generated() - start < 256
+
+
+def _readme_http_section() -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("## HTTP (OpenAI-compatible)")
+    return readme[start:readme.index("\n## ", start + 1)]
+
+
+def _as_tested(text: str, url: str, model: str) -> str:
+    return text.replace("http://127.0.0.1:8000", url).replace('"demo"', f'"{model}"')
+
+
+def test_readme_curl_and_openai_examples_work(gateway, model_name):
+    section = _readme_http_section()
+    curls = [line for line in section.splitlines() if line.startswith("curl ")]
+    assert len(curls) == 4
+    env = {**os.environ, "SNIPER_API_KEY": API_KEY}
+    outputs = [subprocess.run(["bash", "-c", _as_tested(c, gateway, model_name)], env=env, capture_output=True,
+                              text=True, timeout=120, check=True).stdout for c in curls]
+    completion, chat_stream, health, metrics = outputs
+    assert json.loads(completion)["usage"]["completion_tokens"] == 16
+    events = [line[len("data: "):] for line in chat_stream.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[0])["object"] == "chat.completion.chunk"
+    assert json.loads(health)["status"] == "ok" and "sniper_node_expert_hit_rate" in metrics
+    python_block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = subprocess.run([sys.executable, "-c", _as_tested(python_block, gateway, model_name)], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0 and "sniper-node-" in printed.stdout, printed.stderr[-2000:]
+
+
+def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model, model_name):
+    """``cluster.gateway:build_app`` with the string arguments a Serve config passes."""
+    from ray import serve
+
+    with pytest.raises(InvalidParameterError, match="modell"):
+        build_app({"modell": "x"})
+    args = {"model": str(tiny_model), "nodes": "2", "cache_mb": "4", "threads": "1", "namespace": "gateway-build", "api_key": "k2",
+            "max_tokens_limit": "8"}
+    try:
+        serve.run(build_app(args), name="sniper-build", route_prefix="/build")
+        url = f"{gateway}/build"
+        assert requests.get(f"{url}/health", timeout=30).json()["nodes"] == [node_name(0), node_name(1)]
+        body = {"model": model_name, "prompt": "hello", "max_tokens": 8}
+        assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+        r = requests.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k2"}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        r = requests.post(f"{url}/v1/completions", json={**body, "max_tokens": 9}, headers={"Authorization": "Bearer k2"},
+                          timeout=60)
+        assert r.status_code == 400
+    finally:
+        serve.delete("sniper-build")
+        deploy.shutdown("gateway-build")
 
 
 def test_health_is_503_and_requests_are_503_when_no_node_is_live(gateway, model_name):
