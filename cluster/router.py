@@ -28,6 +28,7 @@ from cluster.warmth import Warmth, WarmthFormatError
 from cluster.warmth import decode as decode_warmth
 
 NODE_TIMEOUT_S = 5.0
+SWEEP_INTERVAL_S = 0.25  # how often silent nodes are looked for (timeouts are seconds long)
 
 
 @dataclass
@@ -42,8 +43,7 @@ class NodeState:
     served: int = 0
     resident: np.ndarray | None = None  # float32 [L, E] from the last warmth report
     stats: dict[str, float] = field(default_factory=dict)  # from the last full report
-    view_key: tuple[int, ...] = ()
-    view: NodeView | None = None
+    view: NodeView | None = None  # what the policy sees; None: rebuild (something changed)
 
 
 class RouterCore:
@@ -56,6 +56,8 @@ class RouterCore:
         self.decisions: Counter[str] = Counter()
         self.predictions: list[tuple[float, float]] = []  # (precision, recall) per request
         self.started_at = time.time()
+        self._room: list[NodeView] | None = None  # views of the live nodes with room; None: rebuild
+        self._last_sweep: float | None = None
 
     def on_report(self, report: NodeReport) -> None:
         node = self.nodes.get(report.node_id)
@@ -66,6 +68,7 @@ class RouterCore:
         node.capacity = report.capacity
         node.last_report = report
         node.last_seen = self.clock()
+        self._changed(node)
         if report.stats:
             node.stats = report.stats
         if report.warmth is not None:  # a busy node's heartbeat carries no warmth: keep the last one
@@ -99,20 +102,49 @@ class RouterCore:
         node = self.nodes.get(node_id)
         if node is not None and node.alive:
             node.alive = False
+            self._changed(node)
             self.policy.on_node_removed(node_id)
 
-    def live_nodes(self) -> list[NodeState]:
+    def acquire(self, node_id: str) -> NodeState:
+        """A request was dispatched to the node."""
+        node = self.nodes[node_id]
+        node.in_flight += 1
+        self._changed(node)
+        return node
+
+    def release(self, node_id: str) -> None:
+        """A request dispatched to the node ended (however)."""
+        node = self.nodes[node_id]
+        node.in_flight -= 1
+        self._changed(node)
+
+    def _changed(self, node: NodeState) -> None:
+        node.view = None
+        self._room = None
+
+    def _sweep(self, force: bool = False) -> None:
         now = self.clock()
+        if not force and self._last_sweep is not None and now - self._last_sweep < SWEEP_INTERVAL_S:
+            return
+        self._last_sweep = now
         for node in self.nodes.values():  # a node serving our requests is busy, not silent
             if node.alive and node.in_flight == 0 and now - node.last_seen > NODE_TIMEOUT_S:
                 self.mark_dead(node.node_id)
+
+    def live_nodes(self) -> list[NodeState]:
+        self._sweep(force=True)
         return [n for n in self.nodes.values() if n.alive]
 
     def view(self, node: NodeState) -> NodeView:
-        key = (node.in_flight, node.capacity, id(node.last_report), id(node.resident))
-        if node.view_key != key:  # rebuilt only when something the policy sees changed
-            node.view_key, node.view = key, self._build_view(node)
+        if node.view is None:  # rebuilt only when something the policy sees changed
+            node.view = self._build_view(node)
         return node.view
+
+    def _with_room(self) -> list[NodeView]:
+        self._sweep()
+        if self._room is None:
+            self._room = [n.view or self.view(n) for n in self.nodes.values() if n.alive and n.in_flight < n.capacity]
+        return self._room
 
     def _build_view(self, node: NodeState) -> NodeView:
         return NodeView(node_id=node.node_id, load=node.in_flight, capacity=node.capacity,
@@ -122,19 +154,20 @@ class RouterCore:
 
     def choose(self, request: RouteRequest, exclude: set[str]) -> list[str]:
         """Ranked node ids; raises NoNodesError / OverloadedError when nothing can take it."""
-        live = [n for n in self.live_nodes() if n.node_id not in exclude]
-        if not live:
-            self.decisions[f"{self.policy.name}:no_nodes"] += 1
-            raise NoNodesError("no live node is registered with the router" +
-                               (f" (tried {', '.join(sorted(exclude))})" if exclude else ""))
-        with_room = [self.view(n) for n in live if n.in_flight < n.capacity]
+        with_room = self._with_room()
+        if exclude:
+            with_room = [v for v in with_room if v.node_id not in exclude]
         if not with_room:
+            live = [n for n in self.live_nodes() if n.node_id not in exclude]
+            if not live:
+                self.decisions[f"{self.policy.name}:no_nodes"] += 1
+                raise NoNodesError("no live node is registered with the router" +
+                                   (f" (tried {', '.join(sorted(exclude))})" if exclude else ""))
             self.decisions[f"{self.policy.name}:overloaded"] += 1
             raise OverloadedError(f"all {len(live)} live nodes are at capacity "
                                   f"({', '.join(f'{n.node_id} {n.in_flight}/{n.capacity}' for n in live)}); retry later")
         ranked = self.policy.choose(request, with_room)
-        explained = self.policy.explain()
-        self.decisions[f"{self.policy.name}:{'fallback' if 'fallback' in explained else 'ranked'}"] += 1
+        self.decisions[f"{self.policy.name}:{'fallback' if self.policy.fell_back() else 'ranked'}"] += 1
         return ranked
 
     def status(self) -> dict[str, Any]:
@@ -211,9 +244,8 @@ class RouterActor:
         while True:
             ranked = self.core.choose(route, tried)
             node_id = ranked[0]
-            node = self.core.nodes[node_id]
+            node = self.core.acquire(node_id)
             self.core.policy.on_routed(route, node_id)
-            node.in_flight += 1
             sent = 0
             try:
                 handle = self._handle(node_id)
@@ -248,7 +280,7 @@ class RouterActor:
                     continue
                 raise
             finally:
-                node.in_flight -= 1
+                self.core.release(node_id)
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         text = []

@@ -2,6 +2,7 @@
 // long calls, documents every def, and decides nothing. The typed public surface is
 // cluster/cache.py; this module is private.
 #include "cache-core.h"
+#include "demand.h"
 #include "llama-glue.h"
 #include "routing-trace.h"
 #include "telemetry.h"
@@ -168,6 +169,39 @@ PYBIND11_MODULE(_native, m) {
         .def("reset_counters", &cache_policy::reset_counters)
         .def("warmth", &warmth_arrays, "(resident uint8 [L, E], heat float32 [L, E]).")
         .def("expert_counts", &counts_array, "Selections per (layer, expert), uint64 [L, E].");
+
+    using f32_in = py::array_t<float, py::array::c_style | py::array::forcecast>;
+    m.def("weighted_row_sum_bf16",
+          [](const py::array_t<uint16_t, py::array::c_style> & table,
+             const py::array_t<int64_t, py::array::c_style | py::array::forcecast> & rows, const f32_in & weights) {
+              if (table.ndim() != 2 || rows.ndim() != 1 || weights.ndim() != 1 || rows.size() != weights.size()) {
+                  throw py::value_error("expected table [n, width] uint16, rows [m] and weights [m]");
+              }
+              const int64_t n_table = table.shape(0);
+              const int64_t * r = rows.data();
+              for (py::ssize_t i = 0; i < rows.size(); ++i) {
+                  if (r[i] < 0 || r[i] >= n_table) {
+                      throw py::index_error("row " + std::to_string(r[i]) + " is outside the table of " +
+                                            std::to_string(n_table) + " rows");
+                  }
+              }
+              py::array_t<float> out(table.shape(1));
+              {
+                  py::gil_scoped_release release;
+                  weighted_row_sum_bf16(table.data(), static_cast<size_t>(table.shape(1)), r, weights.data(),
+                                        static_cast<size_t>(rows.size()), out.mutable_data());
+              }
+              return out;
+          },
+          py::arg("table"), py::arg("rows"), py::arg("weights"),
+          "sum_i weights[i] * table[rows[i]] over a bfloat16 table (uint16 [n, width]); float32 [width].");
+    m.def("to_bf16",
+          [](const f32_in & values) {
+              py::array_t<uint16_t> out(std::vector<py::ssize_t>(values.shape(), values.shape() + values.ndim()));
+              floats_to_bf16(values.data(), static_cast<size_t>(values.size()), out.mutable_data());
+              return out;
+          },
+          py::arg("values"), "bfloat16 bits (uint16, same shape) nearest to float32 values.");
 
     m.def("replay",
           [](cache_policy & policy, const py::dict & trace) {

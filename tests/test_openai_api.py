@@ -8,8 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.errors import InvalidParameterError, PromptTooLongError
 from cluster.metrics import GatewayMetrics
 from cluster.node import NodeFailedError, NoNodesError, OverloadedError
-from cluster.openai_api import APIError, Limits, chat_prompt, chunk, error_from_exception, parse_chat, parse_completion, \
-    response
+from cluster.openai_api import APIError, Limits, chat_prompt, chunk, error_from_exception, parse_chat, parse_completion, response
 
 LIMITS = Limits(max_tokens=64, default_max_tokens=16)
 

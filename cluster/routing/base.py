@@ -94,6 +94,10 @@ class RoutingPolicy(ABC):
         """Why the last ``choose`` decided as it did (for the routing trace); {} if nothing to say."""
         return {}
 
+    def fell_back(self) -> bool:
+        """Whether the last ``choose`` fell back to a default order for lack of knowledge."""
+        return "fallback" in self.explain()
+
     # Hooks: no-ops unless a policy needs them.
     def on_routed(self, request: RouteRequest, node_id: str) -> None:
         """The request was dispatched to ``node_id``."""

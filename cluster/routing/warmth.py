@@ -27,11 +27,13 @@ bounds the cost of a decision).
 from __future__ import annotations
 
 import hashlib
-from collections import Counter, OrderedDict
+import operator
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
 
+from cluster._native import to_bf16, weighted_row_sum_bf16
 from cluster.routing.base import NodeView, RouteRequest, RoutingPolicy, RoutingTraceSummary
 
 PREFIX_BLOCK = 32
@@ -53,8 +55,10 @@ def prefix_hashes(tokens: Sequence[int], block: int = PREFIX_BLOCK, max_blocks: 
 class TokenAffinity:
     """Per token id: how often each (layer, expert) was selected when the token was prefilled.
 
-    Rows live in two growing tables (selection probability and its log1p(-p)) so a request's
-    demand is one gather and one vector-matrix product, whatever the number of nodes.
+    Rows live in growing tables — the selection probability and its log1p(-p), stored as
+    bfloat16 — and a token id → row lookup array, so a request's demand is one vectorised
+    lookup and one native pass over the chosen rows (``weighted_row_sum_bf16``), whatever the
+    number of nodes.
     """
 
     def __init__(self, max_tokens: int = 8192, max_demand_tokens: int = 32) -> None:
@@ -62,19 +66,21 @@ class TokenAffinity:
         self.max_demand_tokens = max_demand_tokens
         self.shape: tuple[int, int] | None = None
         self._row: OrderedDict[int, int] = OrderedDict()  # token -> table row, least recently learned first
+        self._lookup = np.full(0, -1, dtype=np.int64)  # token id -> table row, -1: unknown
         self._counts = np.zeros((0, 0), dtype=np.float32)  # [rows, L*E] selections
         self._seen = np.zeros(0, dtype=np.float32)  # [rows] times prefilled
-        self._prob = np.zeros((0, 0), dtype=np.float32)  # [rows, L*E] counts / seen
-        self._log_miss = np.zeros((0, 0), dtype=np.float32)  # [rows, L*E] log(1 - prob)
+        self._prob = np.zeros((0, 0), dtype=np.uint16)  # [rows, L*E] counts / seen, bfloat16
+        self._log_miss = np.zeros((0, 0), dtype=np.uint16)  # [rows, L*E] log(1 - prob), bfloat16
 
     def _reset(self, shape: tuple[int, int]) -> None:
         self.shape = shape
         self._row.clear()
+        self._lookup[:] = -1
         width = shape[0] * shape[1]
         self._counts = np.zeros((0, width), dtype=np.float32)
         self._seen = np.zeros(0, dtype=np.float32)
-        self._prob = np.zeros((0, width), dtype=np.float32)
-        self._log_miss = np.zeros((0, width), dtype=np.float32)
+        self._prob = np.zeros((0, width), dtype=np.uint16)
+        self._log_miss = np.zeros((0, width), dtype=np.uint16)
 
     def _row_of(self, token: int) -> int:
         row = self._row.get(token)
@@ -82,7 +88,8 @@ class TokenAffinity:
             self._row.move_to_end(token)
             return row
         if len(self._row) >= self.max_tokens:  # reuse the least recently learned token's row
-            _, row = self._row.popitem(last=False)
+            old, row = self._row.popitem(last=False)
+            self._lookup[old] = -1
             self._counts[row] = 0.0
             self._seen[row] = 0.0
         else:
@@ -91,10 +98,15 @@ class TokenAffinity:
                 grow = max(64, self._counts.shape[0])
                 width = self._counts.shape[1]
                 self._counts = np.vstack([self._counts, np.zeros((grow, width), dtype=np.float32)])
-                self._prob = np.vstack([self._prob, np.zeros((grow, width), dtype=np.float32)])
-                self._log_miss = np.vstack([self._log_miss, np.zeros((grow, width), dtype=np.float32)])
+                self._prob = np.vstack([self._prob, np.zeros((grow, width), dtype=np.uint16)])
+                self._log_miss = np.vstack([self._log_miss, np.zeros((grow, width), dtype=np.uint16)])
                 self._seen = np.concatenate([self._seen, np.zeros(grow, dtype=np.float32)])
+        if token + 1 >= self._lookup.size:  # the last entry stays -1 (rows_of clips unknown ids to it)
+            grown = np.full(max(token + 2, 2 * self._lookup.size, 1024), -1, dtype=np.int64)
+            grown[: self._lookup.size] = self._lookup
+            self._lookup = grown
         self._row[token] = row
+        self._lookup[token] = row
         return row
 
     def learn(self, summary: RoutingTraceSummary) -> None:
@@ -107,45 +119,62 @@ class TokenAffinity:
         flat = np.where(experts >= 0, experts + (np.arange(n_layers) * n_experts)[None, :, None], -1)
         touched = set()
         for token, chosen in zip(summary.tokens, flat):
+            if token < 0:
+                continue
             row = self._row_of(int(token))
             ids = chosen[chosen >= 0]
             np.add.at(self._counts[row], ids, 1.0)
             self._seen[row] += 1.0
             touched.add(row)
+        if not touched:
+            return
         rows = np.fromiter(touched, dtype=np.int64)
-        self._prob[rows] = np.clip(self._counts[rows] / self._seen[rows, None], 0.0, 0.999)
-        self._log_miss[rows] = np.log1p(-self._prob[rows])
+        prob = np.clip(self._counts[rows] / self._seen[rows, None], 0.0, 0.999)
+        self._prob[rows] = to_bf16(prob)
+        self._log_miss[rows] = to_bf16(np.log1p(-prob))
 
-    def _rows(self, tokens: Sequence[int], max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Table rows of the known tokens and how often each occurs; with ``max_rows``, an even
-        sample of the distinct tokens whose occurrence counts are scaled to stand for all."""
-        counts = Counter(tokens)
-        known = [(self._row[t], n) for t, n in counts.items() if t in self._row]
-        if not known:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        total = sum(n for _, n in known)
-        if max_rows is not None and len(known) > max_rows:
-            step = len(known) / max_rows
-            known = [known[int(i * step)] for i in range(max_rows)]
-        rows, times = zip(*known)
-        times_arr = np.asarray(times, dtype=np.float32)
-        return np.asarray(rows, dtype=np.int64), times_arr * (total / times_arr.sum())
+    def rows_of(self, tokens: Sequence[int]) -> np.ndarray:
+        """The table row of every token (-1 where the token is unknown), in order."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        if self._lookup.size == 0:
+            return np.full(ids.size, -1, dtype=np.int64)
+        return self._lookup.take(np.minimum(ids, self._lookup.size - 1))  # the last entry is never a row
 
-    def selection_probability(self, tokens: Sequence[int]) -> tuple[np.ndarray | None, int]:
-        """P[(l, e) selected by at least one of tokens] (flat, [L*E]), and how many tokens were known."""
+    def _distinct(self, rows: np.ndarray, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct known rows and how often each occurs; with ``max_rows``, an even sample of
+        them whose occurrence counts are scaled to stand for all."""
+        rows = rows[rows >= 0]
+        if rows.size == 0:
+            return rows, np.zeros(0, dtype=np.float32)
+        counts = np.bincount(rows)
+        distinct = np.flatnonzero(counts)
+        times = counts[distinct].astype(np.float32)
+        if max_rows is not None and distinct.size > max_rows:
+            pick = (np.arange(max_rows) * (distinct.size / max_rows)).astype(np.int64)
+            distinct, kept = distinct[pick], times[pick]
+            return distinct, kept * np.float32(rows.size / kept.sum())
+        return distinct, times
+
+    def selection_probability(self, tokens: Sequence[int] | None = None, *,
+                              rows: np.ndarray | None = None) -> tuple[np.ndarray | None, int]:
+        """P[(l, e) selected by at least one of the tokens] (flat, [L*E]), and how many distinct
+        tokens were known. Give ``tokens``, or their ``rows`` (``rows_of``)."""
         if self.shape is None:
             return None, 0
-        rows, times = self._rows(tokens, self.max_demand_tokens)
-        if rows.size == 0:
+        distinct, times = self._distinct(self.rows_of(tokens) if rows is None else rows, self.max_demand_tokens)
+        if distinct.size == 0:
             return np.zeros(self.shape[0] * self.shape[1], dtype=np.float32), 0
-        return 1.0 - np.exp(times @ self._log_miss[rows]), int(rows.size)  # each occurrence is a draw
+        log_miss = weighted_row_sum_bf16(self._log_miss, distinct, times)  # each occurrence is a draw
+        return 1.0 - np.exp(log_miss), int(distinct.size)
 
-    def mean_selection(self, tokens: Sequence[int]) -> np.ndarray | None:
-        """Average per-token selection probability over the known tokens (flat, [L*E])."""
+    def mean_selection(self, tokens: Sequence[int] | None = None, *, rows: np.ndarray | None = None) -> np.ndarray | None:
+        """Average per-token selection probability over the distinct known tokens (flat, [L*E])."""
         if self.shape is None:
             return None
-        rows, _ = self._rows(tokens)
-        return self._prob[rows].mean(axis=0) if rows.size else None
+        distinct, _ = self._distinct(self.rows_of(tokens) if rows is None else rows)
+        if distinct.size == 0:
+            return None
+        return weighted_row_sum_bf16(self._prob, distinct, np.full(distinct.size, 1.0 / distinct.size, dtype=np.float32))
 
     def __len__(self) -> int:
         return len(self._row)
@@ -167,8 +196,11 @@ class WarmthPolicy(RoutingPolicy):
         self.prefix_holders: dict[str, set[str]] = {}  # prefix hash -> nodes holding it
         self._last: dict[str, object] = {}
         self.predicted: dict[str, np.ndarray] = {}  # request_id -> bool [L, E] predicted experts
-        self._resident_key: tuple[int, ...] = ()
-        self._resident: np.ndarray | None = None
+        self._matrix = np.zeros((0, 0), dtype=np.float32)  # residency rows of the nodes seen
+        self._node_row: dict[str, int] = {}
+        self._row_source: list[np.ndarray | None] = []  # the array each row was copied from
+        self._rows_arrays: list[np.ndarray | None] = []  # the last call's arrays, and its answer
+        self._rows_value: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -207,33 +239,43 @@ class WarmthPolicy(RoutingPolicy):
         return matched
 
     def choose(self, request: RouteRequest, nodes: Sequence[NodeView]) -> list[str]:
-        tokens = list(request.tokens)
-        hashes = prefix_hashes(tokens)
-        min_load = min(n.load for n in nodes)
-        candidates = [n for n in nodes if n.load <= min_load + self.load_slack]
-        decode_p = self.affinity.mean_selection(tokens[-DECODE_CONTEXT:])
-        demand: dict[int, tuple[np.ndarray | None, int]] = {}  # matched tokens -> (P[selected], known)
-        held = self._matched_tokens(hashes)
-        matched = [min(held.get(n.node_id, 0), max(0, len(tokens) - 1)) for n in candidates]
-        for m in set(matched):  # usually one computation per request, not per node
-            demand[m] = self.affinity.selection_probability(tokens[m:])
-        knows_anything = any(m > 0 or demand[m][1] > 0 for m in matched)
-        costs_arr = self.prefill_token_cost * (len(tokens) - np.asarray(matched, dtype=np.float64))
-        resident = self._resident_matrix(candidates)
+        tokens = request.tokens
+        n_tokens = len(tokens)
+        loads = [n.load for n in nodes]
+        ceiling = min(loads) + self.load_slack
+        candidates = [i for i, load in enumerate(loads) if load <= ceiling]
+        matched = np.zeros(len(nodes), dtype=np.int64)  # prompt tokens each node holds the KV state of
+        held = self._matched_tokens(prefix_hashes(tokens))
+        groups: dict[int, list[int]] = {0: candidates}  # matched tokens -> candidates; usually one group
+        if held:
+            index = {n.node_id: i for i, n in enumerate(nodes)}
+            for node_id, m in held.items():
+                if node_id in index:
+                    matched[index[node_id]] = min(m, max(0, n_tokens - 1))
+            groups = {}
+            for i in candidates:
+                groups.setdefault(int(matched[i]), []).append(i)
+        rows = self.affinity.rows_of(tokens)  # one lookup serves every estimate below
+        decode_p = self.affinity.mean_selection(rows=rows[-DECODE_CONTEXT:])
+        demand = {m: self.affinity.selection_probability(rows=rows[m:]) for m in groups}
+        knows_anything = any(m > 0 or known > 0 for m, (_, known) in demand.items())
+        costs = self.prefill_token_cost * (n_tokens - matched).astype(np.float64)
+        residency = self._resident_rows(nodes)
         for m, (p_prefill, _) in demand.items():
             if p_prefill is None:
                 continue
-            rows = np.asarray([i for i, mm in enumerate(matched) if mm == m])
-            if resident is not None and resident.shape[1] == p_prefill.size:
-                expected = float(p_prefill.sum()) - resident @ p_prefill  # expected prefill loads, per node
-                if decode_p is not None:
-                    expected = expected + self.expected_decode_tokens * (float(decode_p.sum()) - resident @ decode_p)
-                costs_arr[rows] += expected[rows]
+            members = groups[m]
+            if residency is None or residency[0].shape[1] != p_prefill.size:
+                costs[members] += float(p_prefill.sum())
+                continue
+            # expected loads = sum(w) - resident . w, with w the prefill plus the decode demand
+            matrix, node_rows = residency
+            w = p_prefill if decode_p is None else p_prefill + np.float32(self.expected_decode_tokens) * decode_p
+            if 4 * len(members) >= len(nodes):
+                costs[members] += float(w.sum()) - (matrix @ w)[node_rows[members]]
             else:
-                costs_arr[rows] += float(p_prefill.sum())
-        costs = {n.node_id: float(c) for n, c in zip(candidates, costs_arr)}
-        matched_by_node = {n.node_id: m for n, m in zip(candidates, matched)}
-        full = demand.get(0) or self.affinity.selection_probability(tokens)
+                costs[members] += float(w.sum()) - matrix[node_rows[members]] @ w
+        full = demand[0] if 0 in demand else self.affinity.selection_probability(rows=rows)
         if full[0] is not None and full[1] > 0 and self.affinity.shape is not None:
             self.predicted[request.request_id] = (full[0] > 0.5).reshape(self.affinity.shape)
             if len(self.predicted) > 4096:
@@ -241,25 +283,58 @@ class WarmthPolicy(RoutingPolicy):
         if not knows_anything:
             self._last = {"fallback": "least_loaded", "reason": "no affinity or prefix known for this prompt"}
             return self.least_loaded(nodes)
-        best = min(costs.values())
-        tolerance = 0.01 * max(1.0, abs(best))
-        top = [node_id for node_id, c in costs.items() if c <= best + tolerance]
-        winner = self.rng.choice(sorted(top))
-        rest = sorted((n for n in costs if n != winner), key=lambda n: costs[n])
-        others = [n for n in self.least_loaded(nodes) if n not in costs] if len(costs) < len(nodes) else []
-        self._last = {"costs": costs, "matched_tokens": matched_by_node, "candidates": len(candidates)}
-        return [winner, *rest, *others]
+        cand_costs = costs[candidates]
+        cand_ids = [nodes[i].node_id for i in candidates]
+        best = float(cand_costs.min())
+        top = np.flatnonzero(cand_costs <= best + 0.01 * max(1.0, abs(best))).tolist()
+        winner = self.rng.choice(sorted(cand_ids[j] for j in top))
+        ranked = [winner] + [cand_ids[j] for j in np.argsort(cand_costs, kind="stable").tolist() if cand_ids[j] != winner]
+        if len(candidates) < len(nodes):  # then the busier nodes, least loaded first
+            chosen = set(candidates)
+            ranked += [nodes[i].node_id for i in sorted(range(len(nodes)), key=loads.__getitem__) if i not in chosen]
+        self._last = {"nodes": nodes, "candidates": candidates, "costs": cand_costs, "matched": matched}
+        return ranked
 
-    def _resident_matrix(self, nodes: Sequence[NodeView]) -> np.ndarray | None:
-        """[nodes, L*E] residency of the candidates, rebuilt only when a report changed it."""
+    def _resident_rows(self, nodes: Sequence[NodeView]) -> tuple[np.ndarray, np.ndarray] | None:
+        """A ``[rows, L*E]`` matrix of the residency of every node seen, and each node's row in it.
+
+        A node's row is copied again only when its view carries a new ``resident`` array (a new
+        warmth report), so a decision costs one matrix-vector product, not a matrix build.
+        """
         arrays = [n.resident for n in nodes]
-        if any(a is None for a in arrays) or len({a.size for a in arrays}) != 1:  # type: ignore[union-attr]
+        if len(arrays) == len(self._rows_arrays) and all(map(operator.is_, arrays, self._rows_arrays)):
+            return self._rows_value  # the same arrays as last time (held here, so never a reused id)
+        self._rows_arrays, self._rows_value = arrays, None
+        width = None if arrays[0] is None else arrays[0].size
+        if width is None or any(a is None or a.size != width for a in arrays):
             return None
-        key = tuple(id(a) for a in arrays)
-        if key != self._resident_key:
-            self._resident_key = key
-            self._resident = np.stack([a.reshape(-1) for a in arrays]).astype(np.float32)  # type: ignore[union-attr]
-        return self._resident
+        if self._matrix.shape[1] != width:
+            self._matrix = np.zeros((0, width), dtype=np.float32)
+            self._node_row.clear()
+            self._row_source.clear()
+        rows = np.empty(len(nodes), dtype=np.int64)
+        for i, node in enumerate(nodes):
+            row = self._node_row.get(node.node_id)
+            if row is None:
+                row = self._node_row[node.node_id] = len(self._row_source)
+                self._row_source.append(None)
+                if row >= self._matrix.shape[0]:
+                    self._matrix = np.vstack([self._matrix, np.zeros((max(8, row), width), dtype=np.float32)])
+            if self._row_source[row] is not node.resident:
+                self._matrix[row] = node.resident.reshape(-1)
+                self._row_source[row] = node.resident
+            rows[i] = row
+        self._rows_value = (self._matrix[: len(self._row_source)], rows)
+        return self._rows_value
 
     def explain(self) -> dict[str, object]:
-        return dict(self._last)
+        last = self._last
+        if "costs" not in last:
+            return dict(last)
+        nodes, candidates = last["nodes"], last["candidates"]
+        return {"costs": {nodes[i].node_id: float(c) for i, c in zip(candidates, last["costs"])},
+                "matched_tokens": {nodes[i].node_id: int(last["matched"][i]) for i in candidates},
+                "candidates": len(candidates)}
+
+    def fell_back(self) -> bool:
+        return "fallback" in self._last

@@ -1,0 +1,148 @@
+"""Routing policies and the router core, driven synchronously (no Ray): each rule of ``warmth``."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from cluster.node import NodeReport, NoNodesError, OverloadedError
+from cluster.router import RouterCore
+from cluster.routing import POLICY_NAMES, NodeView, RouteRequest, make_policy
+from cluster.routing.base import RoutingTraceSummary
+from cluster.routing.warmth import PREFIX_BLOCK, WarmthPolicy, prefix_hashes
+from cluster.warmth import encode
+
+L, E, K = 4, 16, 2
+TOPIC_EXPERTS = {0: [0, 1, 2, 3], 1: [8, 9, 10, 11]}  # per layer, the experts each topic's tokens choose
+TOPIC_TOKENS = {0: list(range(100, 140)), 1: list(range(200, 240))}
+
+
+def summary_for(topic: int, tokens: list[int], rng: np.random.Generator) -> RoutingTraceSummary:
+    experts = np.stack([[rng.choice(TOPIC_EXPERTS[topic], K, replace=False) for _ in range(L)] for _ in tokens])
+    decode = np.zeros((L, E), dtype=np.int64)
+    decode[:, TOPIC_EXPERTS[topic]] = 3
+    return RoutingTraceSummary(tokens=tuple(tokens), prompt_experts=experts.astype(np.int32), decode_counts=decode)
+
+
+def resident_for(topic: int | None) -> np.ndarray:
+    resident = np.zeros((L, E), dtype=np.float32)
+    if topic is not None:
+        resident[:, TOPIC_EXPERTS[topic]] = 1.0
+    return resident
+
+
+def view(node_id: str, load: int = 0, topic: int | None = None, capacity: int = 8) -> NodeView:
+    return NodeView(node_id=node_id, load=load, capacity=capacity, resident=resident_for(topic))
+
+
+def trained_policy(seed: int = 0, **knobs) -> WarmthPolicy:
+    policy = WarmthPolicy(rng=random.Random(seed), **knobs)
+    rng = np.random.default_rng(seed)
+    for topic, tokens in TOPIC_TOKENS.items():
+        for _ in range(4):
+            policy.on_report("trainer", summary_for(topic, tokens, rng))
+    return policy
+
+
+def request(topic: int, n: int = 24, rid: str = "r", offset: int = 0) -> RouteRequest:
+    tokens = TOPIC_TOKENS[topic]
+    return RouteRequest(request_id=rid, tokens=tuple(tokens[(offset + i) % len(tokens)] for i in range(n)))
+
+
+def test_every_policy_is_registered_and_ranks_every_node():
+    nodes = [view(f"n{i}", load=i % 2) for i in range(4)]
+    for name in POLICY_NAMES:
+        ranked = make_policy(name, rng=random.Random(0)).choose(request(0), nodes)
+        assert sorted(ranked) == sorted(n.node_id for n in nodes), name
+
+
+def test_knowing_nothing_falls_back_to_least_loaded_explicitly():
+    policy = WarmthPolicy(rng=random.Random(0))
+    ranked = policy.choose(request(0), [view("a", load=2), view("b", load=0), view("c", load=1)])
+    assert ranked == ["b", "c", "a"] and policy.explain()["fallback"] == "least_loaded"
+
+
+def test_a_topic_goes_to_the_node_whose_cache_holds_its_experts():
+    policy = trained_policy()
+    nodes = [view("cold"), view("warm0", topic=0), view("warm1", topic=1)]
+    assert policy.choose(request(0, rid="a"), nodes)[0] == "warm0"
+    assert policy.choose(request(1, rid="b"), nodes)[0] == "warm1"
+    costs = policy.explain()["costs"]
+    assert costs["warm1"] < costs["warm0"] and costs["warm1"] < costs["cold"]
+
+
+def test_prediction_names_the_topic_experts():
+    policy = trained_policy()
+    policy.choose(request(1, rid="p"), [view("a", topic=0), view("b", topic=1)])
+    predicted = policy.pop_prediction("p")
+    assert predicted.shape == (L, E)
+    assert set(np.flatnonzero(predicted[0])) == set(TOPIC_EXPERTS[1])
+    assert policy.pop_prediction("p") is None
+
+
+def test_load_slack_keeps_a_busy_warm_node_out():
+    policy = trained_policy(load_slack=1)
+    warm_busy, cold_idle = view("warm", load=3, topic=0), view("cold", load=0)
+    assert policy.choose(request(0), [warm_busy, cold_idle])[0] == "cold"
+    warm_slightly_busy = view("warm", load=1, topic=0)
+    assert policy.choose(request(0), [warm_slightly_busy, cold_idle])[0] == "warm"
+
+
+def test_a_node_holding_the_conversation_prefix_wins_over_equal_warmth():
+    policy = trained_policy()
+    req = request(0, n=4 * PREFIX_BLOCK)
+    policy.on_prefixes("holder", prefix_hashes(req.tokens[: 3 * PREFIX_BLOCK]))
+    nodes = [view("other", topic=0), view("holder", topic=0)]
+    assert policy.choose(req, nodes)[0] == "holder"
+    assert policy.explain()["matched_tokens"] == {"other": 0, "holder": 3 * PREFIX_BLOCK}
+    policy.on_node_removed("holder")
+    assert policy.prefix_holders == {}
+
+
+def test_ties_do_not_always_go_to_the_same_node():
+    policy = trained_policy(seed=3)
+    nodes = [view(f"n{i}", topic=0) for i in range(4)]
+    winners = Counter(policy.choose(request(0, rid=str(i)), nodes)[0] for i in range(200))
+    assert len(winners) == 4 and min(winners.values()) > 20, winners
+
+
+def test_demand_of_a_long_prompt_is_estimated_from_a_bounded_sample():
+    policy = trained_policy()
+    long_request = RouteRequest("long", tokens=tuple(TOPIC_TOKENS[0] * 20 + TOPIC_TOKENS[1]))
+    p, known = policy.affinity.selection_probability(long_request.tokens)
+    assert known == policy.affinity.max_demand_tokens
+    assert p.shape == (L * E,) and np.all((0 <= p) & (p <= 1))
+
+
+def _report(node_id: str, topic: int | None, load: int = 0, capacity: int = 2, **extra) -> NodeReport:
+    resident = resident_for(topic).astype(bool)
+    warmth = encode(resident, resident.astype(np.float32))
+    return NodeReport(node_id=node_id, load=load, capacity=capacity, healthy=True, warmth=warmth, prefixes=(),
+                      sessions=(), stats={}, sent_at=0.0, **extra)
+
+
+def test_router_core_routes_refuses_and_times_out_silent_nodes():
+    now = [0.0]
+    core = RouterCore("warmth", clock=lambda: now[0])
+    with pytest.raises(NoNodesError):
+        core.choose(request(0), set())
+    core.on_report(_report("a", 0))
+    core.on_report(_report("b", 1))
+    rng = np.random.default_rng(0)
+    core.on_report(_report("b", 1, request_id="x", summary=summary_for(1, TOPIC_TOKENS[1], rng)))
+    assert core.choose(request(1), set())[0] == "b"
+    for node_id in ("a", "b", "a", "b"):
+        core.acquire(node_id)
+    with pytest.raises(OverloadedError, match="at capacity"):
+        core.choose(request(1), set())
+    for node_id in ("a", "b", "a", "b"):
+        core.release(node_id)
+    assert core.choose(request(1), {"b"}) == ["a"]  # excluded after a failed attempt
+    now[0] = 100.0  # both silent for longer than NODE_TIMEOUT_S
+    assert [n["alive"] for n in core.status()["nodes"]] == [False, False]
+    assert core.status()["decisions"] == {"warmth:ranked": 2, "warmth:overloaded": 1, "warmth:no_nodes": 1}
+    with pytest.raises(NoNodesError):
+        core.choose(request(1), set())
