@@ -75,7 +75,8 @@ class ExpertCacheParams:
     def to_native(self) -> _native.ExpertCacheParams:
         native = _native.ExpertCacheParams()
         native.cache = self.cache.to_native()
-        for name in ("n_io_threads", "predict", "predict_max_rows", "predict_layers_ahead", "record_trace", "trace_max_events", "trace_max_ids"):
+        for name in ("n_io_threads", "predict", "predict_max_rows", "predict_layers_ahead", "record_trace",
+                     "trace_max_events", "trace_max_ids"):
             setattr(native, name, getattr(self, name))
         try:
             native.validate()

@@ -1,6 +1,7 @@
 """Starting and stopping a deployment on a Ray cluster: local clusters, node actors, the router.
 
-``start_local_cluster`` starts N Ray nodes on loopback in a daemon (``cluster.local_cluster``). ``deploy`` places one node actor per Ray node (a STRICT_SPREAD
+``start_local_cluster`` starts N Ray nodes on loopback in a daemon (``cluster.local_cluster``).
+``deploy`` places one node actor per Ray node (a STRICT_SPREAD
 placement group: two never share a node) and the router; all are named and detached, so
 they keep serving after the command that created them returns. ``shutdown`` removes them.
 """

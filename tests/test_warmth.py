@@ -174,7 +174,8 @@ def test_decoding_msgpack_of_random_maps_raises_only_warmth_format_error(obj: di
         "budget_bytes": st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats(),
         "resident_bytes": st.integers(min_value=-5, max_value=2**64 - 1),
         "counters": st.dictionaries(st.text(max_size=5), st.integers(min_value=-(2**63), max_value=2**64 - 1)
-                                    | st.text(max_size=2), max_size=3) | st.lists(st.integers(min_value=-5, max_value=5), max_size=2),
+                                    | st.text(max_size=2), max_size=3)
+        | st.lists(st.integers(min_value=-5, max_value=5), max_size=2),
     })
 )
 def test_decoding_near_valid_reports_raises_only_warmth_format_error(obj: dict[str, object]) -> None:

@@ -108,7 +108,8 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
             f"Each run is a fresh process; the model file's page cache is dropped first. Limited runs are "
             f"in a cgroup with memory limit {b['limit_bytes'] / MIB:.0f} MiB (50 % of the "
             f"{b['file_bytes'] / MIB:.0f} MiB file; page cache counts). The cache's budget under the limit is "
-            f"{b['cache_budget_bytes'] / MIB:.0f} MiB (limit − non-expert pages − the process's anonymous memory − its libraries − the largest layer, which a prefill may add while it computes − 5 % margin). "
+            f"{b['cache_budget_bytes'] / MIB:.0f} MiB (limit − non-expert pages − the process's anonymous memory − its libraries − "
+            "the largest layer, which a prefill may add while it computes − 5 % margin). "
             f"Workload: {b['n_requests']} requests (mixed-topic preamble + topic question), {b['max_tokens']} tokens each.",
             "",
             "| run | load s | prefill s | decode tok/s | disk MiB/token prefill | disk MiB/token decode | cache decode hit rate |",
@@ -149,7 +150,8 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
             f"### Workload `{name}` ({data['n_decode_tokens']} decode tokens; live prefetch precision "
             f"{_fmt(data['prefetch_precision'], 3)}, recall {_fmt(data['prefetch_recall'], 3)})",
             "",
-            "| budget | ours: hit rate | ours: MiB read/token | LRU: hit rate | LRU: MiB read/token | best static: hit rate | best static: MiB read/token |",
+            "| budget | ours: hit rate | ours: MiB read/token | LRU: hit rate | LRU: MiB read/token "
+            "| best static: hit rate | best static: MiB read/token |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in data["rows"]:
