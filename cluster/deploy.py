@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from cluster.errors import InvalidParameterError, SniperError
@@ -117,8 +117,12 @@ class NodeActor(NodeServer):
 def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: str = "warmth",
            namespace: str = NAMESPACE, n_ctx: int = 2048, max_queue: int = 8,
            memory_limit_bytes: int | None = None, n_threads: int | None = None,
-           timeout_s: float = 300.0) -> dict[str, Any]:
-    """Creates the router and ``n_nodes`` node actors (one per Ray node) and waits until they serve."""
+           node_model_paths: list[str] | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Creates the router and ``n_nodes`` node actors (one per Ray node) and waits until they serve.
+
+    ``node_model_paths`` gives each node its own copy of the model (identical bytes): simulated
+    nodes on one machine then have separate page caches, as separate machines would.
+    """
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -130,6 +134,9 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: st
         raise InvalidParameterError(f"unknown policy {policy!r}; expected one of {', '.join(POLICY_NAMES)}")
     if not os.path.isfile(model_path):
         raise InvalidParameterError(f"model file not found: '{model_path}'")
+    if node_model_paths is not None and (len(node_model_paths) != n_nodes
+                                         or not all(os.path.isfile(p) for p in node_model_paths)):
+        raise InvalidParameterError(f"node_model_paths must name {n_nodes} existing files, got {node_model_paths!r}")
     model_path = os.path.abspath(model_path)
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if n_nodes < 1 or n_nodes > len(alive):
@@ -151,11 +158,12 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: st
                         memory_limit_bytes=memory_limit_bytes, n_threads=n_threads)
     handles = []
     for i in range(n_nodes):
+        node_config = config if node_model_paths is None else replace(config, model_path=os.path.abspath(node_model_paths[i]))
         handles.append(ray.remote(NodeActor).options(
             name=node_name(i), namespace=namespace, lifetime="detached", max_restarts=0,
             max_concurrency=max_queue + 4, num_cpus=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(node_name(i), config, namespace))
+        ).remote(node_name(i), node_config, namespace))
     ready = ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:  # the router knows a node once its first report arrived

@@ -18,14 +18,17 @@ Every figure in the report comes from this run:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import cProfile
 import os
 import pstats
 import random
+import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -215,9 +218,15 @@ def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after
 
 
 def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int, cache_bytes: int,
-               memory_limit_bytes: int | None, max_tokens: int, progress: bool) -> tuple[dict[str, Any], list[str]]:
-    """One policy on a fresh local cluster; returns its metrics and the answers (turn order)."""
+               memory_limit_bytes: int | None, max_tokens: int, progress: bool,
+               node_model_paths: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """One policy on a fresh local cluster; returns its metrics and the answers (turn order).
+
+    With ``node_model_paths`` each node reads its own copy of the model, whose page cache is
+    dropped first: every policy starts cold, and no node is served from pages another read.
+    """
     from cluster import deploy
+    from cluster.bench import memlimit
     from cluster.client import Client
     from cluster.node import NAMESPACE
 
@@ -227,8 +236,10 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
         deploy.connect(cluster.address, NAMESPACE)
         try:
             # one compute thread per node: the simulated nodes share this machine's cores
+            for path in node_model_paths or ():
+                memlimit.drop_page_cache(path)
             info = deploy.deploy(model_path, n_nodes, cache_bytes=cache_bytes, policy=policy,
-                                 memory_limit_bytes=memory_limit_bytes, n_threads=1)
+                                 memory_limit_bytes=memory_limit_bytes, n_threads=1, node_model_paths=node_model_paths)
             nodes = info["nodes"]
             client = Client.connect(cluster.address, NAMESPACE)
             before = client.status()
@@ -253,6 +264,22 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
     for o in outcomes:
         answers[order[(o["conversation"], o["turn"])]] = o.get("text", "")
     return result, answers
+
+
+@contextlib.contextmanager
+def _node_copies(model_path: str, n_nodes: int) -> Iterator[list[str] | None]:
+    """``n_nodes`` copies of the model next to it (none for 0), removed afterwards."""
+    if n_nodes == 0:
+        yield None
+        return
+    directory = tempfile.mkdtemp(prefix="sniper-node-models-", dir=os.path.dirname(model_path))
+    try:
+        paths = []
+        for i in range(n_nodes):
+            paths.append(shutil.copyfile(model_path, os.path.join(directory, f"node-{i}.gguf")))
+        yield paths
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # -- decision cost -------------------------------------------------------------------------
@@ -444,16 +471,18 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
         "policies": {},
     }
     answers: dict[str, list[str]] = {}
-    for policy in policies:
-        log_progress(progress, f"policy {policy}: fresh {n_nodes}-node Ray cluster on 127.0.0.1")
-        metrics, answers[policy] = run_policy(model_path, policy, workload, n_nodes=n_nodes, cache_bytes=cache_bytes,
-                                              memory_limit_bytes=node_memory_mb * MIB if node_memory_mb else None,
-                                              max_tokens=max_tokens, progress=progress)
-        result["policies"][policy] = metrics
-        log_progress(progress, f"  {policy}: hit rate {_pct(metrics['hit_rate'])}, "
-                       f"{(metrics['bytes_read_per_token'] or 0) / MIB:.2f} MiB read/token, "
-                       f"{metrics['tok_s'] or 0:.1f} tok/s, p99 {metrics['p99_latency_s'] or 0:.2f} s, "
-                       f"{metrics['errors']} errors")
+    with _node_copies(model_path, n_nodes if node_memory_mb else 0) as copies:
+        for policy in policies:
+            log_progress(progress, f"policy {policy}: fresh {n_nodes}-node Ray cluster on 127.0.0.1")
+            metrics, answers[policy] = run_policy(
+                model_path, policy, workload, n_nodes=n_nodes, cache_bytes=cache_bytes,
+                memory_limit_bytes=node_memory_mb * MIB if node_memory_mb else None, max_tokens=max_tokens,
+                progress=progress, node_model_paths=copies)
+            result["policies"][policy] = metrics
+            log_progress(progress, f"  {policy}: hit rate {_pct(metrics['hit_rate'])}, "
+                           f"{(metrics['bytes_read_per_token'] or 0) / MIB:.2f} MiB read/token, "
+                           f"{metrics['tok_s'] or 0:.1f} tok/s, p99 {metrics['p99_latency_s'] or 0:.2f} s, "
+                           f"{metrics['errors']} errors")
     result["same_answers"] = len({tuple(a) for a in answers.values()}) == 1
     from cluster.bench.routing_report import targets
 
