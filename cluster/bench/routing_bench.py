@@ -386,6 +386,7 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
     ms = np.array(times) * 1e3
     result: dict[str, Any] = {
         "n_nodes": n_nodes, "n_layers": n_layers, "n_experts": n_experts, "k": k, "prompt_tokens": prompt_tokens,
+        "n_in_flight": n_in_flight,
         "affinity_tokens": len(core.policy.affinity), "n_decisions": len(times),
         "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
         "decisions_per_s": float(len(times) / sum(times)),

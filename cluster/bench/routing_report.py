@@ -138,7 +138,8 @@ def write_routing_report(result: dict[str, Any], out_dir: Path) -> Path:
         "(`ray.cluster_utils.Cluster`), "
         f"one node actor per node, expert-cache budget {c['cache_bytes_per_node'] / MIB:.0f} MiB per node "
         f"({100 * c['cache_bytes_per_node'] / m['expert_bytes']:.0f} % of the expert bytes)"
-        + (f", each node actor under a cgroup memory limit of {limit / MIB:.0f} MiB" if limit else "")
+        + (f", each node actor under a cgroup memory limit of {limit / MIB:.0f} MiB and reading its own copy of "
+           "the model file (separate page caches, as on separate machines; dropped before each policy)" if limit else "")
         + "; torn down after.",
         "",
         f"Workload ({w['source']}): {w['n_requests']} requests in {w['n_conversations']} conversations "
@@ -182,7 +183,9 @@ def write_routing_report(result: dict[str, Any], out_dir: Path) -> Path:
             f"`RouterCore.choose` with the warmth policy, no Ray: {d['n_nodes']} nodes × {d['n_layers']} layers × "
             f"{d['n_experts']} experts (top-{d['k']}), warmth reports encoded by `cluster.warmth`, an affinity of "
             f"{d['affinity_tokens']} tokens learned from routing-trace summaries, {d['prompt_tokens']}-token prompts, "
-            f"every node a candidate (equal loads); {d['n_decisions']} decisions.",
+            f"half of them continuing a conversation some node holds; after each decision the chosen node's "
+            f"load goes up and the oldest of {d.get('n_in_flight', 16)} requests in flight ends, as in service; "
+            f"{d['n_decisions']} decisions.",
             "",
             "| p50 ms | p99 ms | decisions/s | target | met |",
             "|---|---|---|---|---|",
