@@ -18,6 +18,8 @@ import hmac
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -25,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from cluster.errors import InvalidParameterError
+from cluster.errors import InvalidParameterError, SniperError
 from cluster.metrics import GatewayMetrics
 from cluster.node import NAMESPACE, ROUTER_NAME, NoNodesError
 from cluster.openai_api import (
@@ -275,11 +277,29 @@ def gateway_app(config: GatewayConfig) -> Any:
     return Gateway.bind(config)
 
 
-def start_http(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Starts Serve's HTTP proxy on the head node only (local nodes share one host) and the gateway."""
+def start_http(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 60.0) -> str:
+    """Starts Serve's HTTP proxy on the head node only (local nodes share one host) and the gateway.
+
+    Returns once ``/health`` answers on ``host:port``; a Serve instance already running with
+    other HTTP options (Serve keeps its first ones) or a port taken by another program is
+    reported instead of leaving the gateway unreachable.
+    """
     serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     serve.run(gateway_app(config), name=app_name(config.namespace), route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    probe = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/health"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(probe, timeout=5):
+                return url
+        except urllib.error.HTTPError:
+            return url  # the gateway answered (503 while no node is live yet)
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise SniperError(f"the gateway does not answer at {url} ({exc}); if Serve was already running with "
+                                  f"other HTTP options, remove it first: python -m cluster shutdown") from None
+            time.sleep(0.5)
 
 
 def stop_http(namespace: str = NAMESPACE) -> bool:

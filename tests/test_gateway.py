@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
-from cluster.errors import InvalidParameterError  # noqa: E402
+from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
 from cluster.gateway import GatewayConfig, build_app, start_http, stop_http  # noqa: E402
 from cluster.node import node_name  # noqa: E402
 from cluster.openai_api import Limits  # noqa: E402
@@ -267,6 +267,14 @@ def test_readme_curl_and_openai_examples_work(gateway, model_name):
     printed = subprocess.run([sys.executable, "-c", _as_tested(python_block, gateway, model_name)], env=env,
                              capture_output=True, text=True, timeout=120)
     assert printed.returncode == 0 and "sniper-node-" in printed.stdout, printed.stderr[-2000:]
+
+
+def test_asking_for_another_port_while_serve_runs_is_a_clear_error(gateway):
+    config = GatewayConfig(namespace=NAMESPACE, api_key=API_KEY,
+                           limits=Limits(max_body_bytes=64 << 10, max_prompt_tokens=MAX_PROMPT_TOKENS, max_tokens=256))
+    with pytest.raises(SniperError, match="does not answer at http://127.0.0.1:.*shutdown"):
+        start_http(config, "127.0.0.1", _free_port(), timeout_s=3)
+    assert requests.get(f"{gateway}/health", timeout=30).status_code == 200  # the running gateway is untouched
 
 
 def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model, model_name):
