@@ -18,6 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 MIB = 1 << 20
 
 
+ROUTING_POINTER = ("The cluster's benchmarks have their own reports: `routing.md` (`bench routing`: routing policies "
+                   "on a live local cluster, and the router's decision cost), `routing-memlimit/routing.md` (the same "
+                   "with memory-limited nodes on this model) and `simulation.md` (`bench simulate`: 256 nodes).")
+
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -76,6 +80,8 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
         f"Produced by `{result['command']}` on {result['started']} "
         f"({m['cpus']} CPUs, {m['mem_total_bytes'] / (1 << 30):.0f} GiB, Linux {m['kernel']}). "
         "Raw numbers: `bench-engine.json`. Timings are ratios of runs made side by side in this one run.",
+        "",
+        ROUTING_POINTER,
         "",
         f"Model: `{model['path']}` — {model['arch']}, {model['n_layers']} layers × {model['n_experts']} experts "
         f"(top-{model['n_experts_used']}), file {model['file_bytes'] / MIB:.0f} MiB, experts "
