@@ -3,6 +3,14 @@
 
 #include <cstring>
 
+// The loops below are compiled twice on x86-64 — for AVX2 and for the baseline — and the
+// loader picks the variant the CPU supports (GCC/Clang function multiversioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SNIPER_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SNIPER_VECTOR_CLONES
+#endif
+
 namespace {
 
 inline float bf16_to_float(uint16_t bits) {
@@ -14,6 +22,7 @@ inline float bf16_to_float(uint16_t bits) {
 
 }  // namespace
 
+SNIPER_VECTOR_CLONES
 void weighted_row_sum_bf16(const uint16_t * table, size_t width, const int64_t * rows, const float * weights,
                            size_t n_rows, float * out) {
     float * __restrict acc = out;
