@@ -47,10 +47,12 @@ def job_server(tmp_path_factory):
         proc.wait(timeout=120)
 
 
-def submit(dashboard: str, *args: str) -> tuple[int, str]:
-    """Runs `ray job submit --working-dir <repo> -- python -m cluster ARGS`; returns (status, job output)."""
+def submit(dashboard: str, *args: str, runtime_env: str | None = None) -> tuple[int, str]:
+    """Runs `ray job submit --working-dir <repo> -- python -m cluster ARGS` (or with ``--runtime-env FILE``
+    from the repo root); returns (status, job output)."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    cmd = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(REPO), "--", "python", "-m", "cluster", *args]
+    upload = ["--runtime-env", runtime_env] if runtime_env else ["--working-dir", str(REPO)]
+    cmd = [RAY, "job", "submit", "--address", dashboard, *upload, "--", "python", "-m", "cluster", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     return done.returncode, done.stdout + done.stderr
 
@@ -79,7 +81,7 @@ def test_serve_generate_status_shutdown_as_ray_jobs(job_server, tiny_model):
                      "--namespace", "jobs")
     assert rc == 0 and done["text"].strip() in out, out[-3000:]  # same greedy text, streamed
 
-    rc, out = submit(job_server, "status", "--namespace", "jobs", "--json")
+    rc, out = submit(job_server, "status", "--namespace", "jobs", "--json", runtime_env="ray_configs/runtime_env.yaml")
     assert rc == 0, out[-3000:]
     status = _json_line(out)
     assert sum(n["served"] for n in status["nodes"]) == 2 and all(n["alive"] for n in status["nodes"])
