@@ -37,7 +37,7 @@ class NodeState:
     capacity: int
     last_report: NodeReport | None = None
     warmth: Warmth | None = None
-    in_flight: int = 0
+    in_flight: int = 0  # change only through RouterCore.acquire / release (they refresh the views)
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
     served: int = 0

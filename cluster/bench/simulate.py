@@ -333,7 +333,7 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
 
 def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, service: ServiceModel = ServiceModel(),
              arrivals: Sequence[float] | None = None, capacity: int = 8, max_sessions: int = 64,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, policy_knobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Serves the recorded turns on ``n_nodes`` simulated nodes routed by ``policy``.
 
     Args:
@@ -346,6 +346,7 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
         capacity: requests a node accepts at once (NodeConfig.max_queue).
         max_sessions: saved conversations per node.
         seed: the policy's random generator (ties).
+        policy_knobs: keyword arguments of the policy (e.g. ``load_slack`` for warmth).
 
     Returns:
         The same per-policy metrics as the live benchmark, in simulated time, plus
@@ -357,7 +358,7 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
     if len(arrivals) != len(traces.turns):
         raise ValueError(f"{len(arrivals)} arrival times for {len(traces.turns)} turns")
     now = 0.0
-    core = RouterCore(policy, clock=lambda: now, rng=random.Random(seed))
+    core = RouterCore(policy, clock=lambda: now, rng=random.Random(seed), **(policy_knobs or {}))
     nodes = {node_name(i): SimNode(node_name(i), traces, cache_bytes, capacity=capacity, max_sessions=max_sessions)
              for i in range(n_nodes)}
     for node in nodes.values():
@@ -414,7 +415,7 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
             decision_s.append(time.perf_counter() - t0)
             node_id = ranked[0]
             core.policy.on_routed(route, node_id)
-            core.nodes[node_id].in_flight += 1
+            core.acquire(node_id)
             node = nodes[node_id]
             node.queue.append((index, request_id, now))
             if not node.busy:
@@ -422,8 +423,8 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
         else:
             node_id, index, request_id, served = payload
             node = nodes[node_id]
+            core.release(node_id)
             state = core.nodes[node_id]
-            state.in_flight -= 1
             state.served += 1
             node.busy = False
             core.on_report(node.report(now, state.in_flight, request_id, served["summary"]))

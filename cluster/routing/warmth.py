@@ -13,11 +13,14 @@ Procedure, per request:
   3. Cost per node, in expert loads: expected prefill misses + expected decode misses
      (demand on experts not resident there) + ``prefill_token_cost`` per token to prefill.
   4. Balance: only nodes whose load is within ``load_slack`` of the least-loaded live node are
-     candidates (decided per request); the cheapest wins, ties (within 1 %) go to the RNG.
+     candidates (decided per request); the cheapest wins, ties (within 1 %) go to the RNG. The
+     default slack is 0: waiting behind one request costs more than the expert loads and the
+     prefill a warmer node would save (docs/simulation.md: at 256 nodes a slack of 1 gave 1.7x
+     the p99 latency of least_loaded, a slack of 0 about 1x, with fewer bytes read).
   5. Knowing nothing (no affinity for any prompt token, no prefix match, no warmth report):
      least loaded, explicitly.
 
-Knobs: load_slack (requests, >= 0, default 1), expected_decode_tokens (>= 0, 32),
+Knobs: load_slack (requests, >= 0, default 0), expected_decode_tokens (>= 0, 32),
 prefill_token_cost (expert loads per prefilled token, >= 0, 0.05), max_tokens_tracked
 (affinity table size, LRU, 8192). The demand of a long prompt is estimated from an even
 sample of at most 32 of its distinct known tokens, their counts scaled to stand for all (this
@@ -183,7 +186,7 @@ class TokenAffinity:
 class WarmthPolicy(RoutingPolicy):
     name = "warmth"
 
-    def __init__(self, *, load_slack: int = 1, expected_decode_tokens: int = 32, prefill_token_cost: float = 0.05,
+    def __init__(self, *, load_slack: int = 0, expected_decode_tokens: int = 32, prefill_token_cost: float = 0.05,
                  max_tokens_tracked: int = 8192, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if load_slack < 0 or expected_decode_tokens < 0 or prefill_token_cost < 0:
@@ -242,16 +245,18 @@ class WarmthPolicy(RoutingPolicy):
         tokens = request.tokens
         n_tokens = len(tokens)
         loads = [n.load for n in nodes]
-        ceiling = min(loads) + self.load_slack
-        candidates = [i for i, load in enumerate(loads) if load <= ceiling]
+        least = min(loads)
         matched = np.zeros(len(nodes), dtype=np.int64)  # prompt tokens each node holds the KV state of
         held = self._matched_tokens(prefix_hashes(tokens))
-        groups: dict[int, list[int]] = {0: candidates}  # matched tokens -> candidates; usually one group
         if held:
             index = {n.node_id: i for i, n in enumerate(nodes)}
             for node_id, m in held.items():
                 if node_id in index:
                     matched[index[node_id]] = min(m, max(0, n_tokens - 1))
+        ceiling = least + self.load_slack
+        candidates = [i for i, load in enumerate(loads) if load <= ceiling]
+        groups: dict[int, list[int]] = {0: candidates}  # matched tokens -> candidates; usually one group
+        if held:
             groups = {}
             for i in candidates:
                 groups.setdefault(int(matched[i]), []).append(i)
