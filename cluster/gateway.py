@@ -12,6 +12,7 @@ for Serve configs and KubeRay's RayService (``cluster.gateway:build_app``), and 
 deployment (router + node actors) first when it is given a model.
 """
 
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations at run time.
 
 import asyncio
 import hmac
@@ -120,7 +121,8 @@ class Gateway:
     async def _model_name(self) -> str:
         if self._model is None:
             await self._status()
-        assert self._model is not None
+        if self._model is None:
+            raise NoNodesError("the router did not say which model it serves")
         return self._model
 
     def _authorize(self, request: Request) -> None:
