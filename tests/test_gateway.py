@@ -301,9 +301,19 @@ def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model,
         deploy.shutdown("gateway-build")
 
 
-def test_health_is_503_and_requests_are_503_when_no_node_is_live(gateway, model_name):
-    for i in range(N_NODES):
-        ray.kill(ray.get_actor(node_name(i), namespace=NAMESPACE), no_restart=True)
+def test_nodes_dying_end_a_started_stream_with_an_error_then_health_is_503(gateway, model_name, tiny_topics):
+    body = {"model": model_name, "prompt": synth.topic_prompt(tiny_topics, 0, 8, seed=41), "max_tokens": 256,
+            "stream": True}
+    with requests.post(f"{gateway}/v1/completions", json=body, timeout=60, stream=True,
+                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith(b"data: {")  # text is flowing: now every node dies
+        for i in range(N_NODES):
+            ray.kill(ray.get_actor(node_name(i), namespace=NAMESPACE), no_restart=True)
+        events = [line[len(b"data: "):] for line in lines if line.startswith(b"data: ")]
+    assert events and events[-1] != b"[DONE]"
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "node_failed" and "sniper-node-" in error["message"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and requests.get(f"{gateway}/health", timeout=30).status_code == 200:
         time.sleep(0.25)
