@@ -1,6 +1,21 @@
-"""Benchmarks: engine overhead, bounded memory, cache policy (and, later, routing)."""
+"""Benchmarks: engine (overhead, bounded memory, cache policy), routing on a live cluster, simulation."""
 
 import sys
+from typing import Any, Sequence
+
+
+def command_line(suite: str, flags: Sequence[tuple[str, Any]]) -> str:
+    """The command that reproduces a run: ``python -m cluster bench SUITE`` and its flags, in order.
+
+    A flag whose value is None or False is left out; True stands for a flag without a value.
+    """
+    words = [f"python -m cluster bench {suite}"]
+    for flag, value in flags:
+        if value is True:
+            words.append(flag)
+        elif value is not None and value is not False:
+            words.append(f"{flag} {value}")
+    return " ".join(words)
 
 
 def log_progress(progress: bool, message: str) -> None:

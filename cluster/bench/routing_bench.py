@@ -34,7 +34,7 @@ import numpy as np
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN.md); read when ray is imported
 
-from cluster.bench import log_progress
+from cluster.bench import command_line, log_progress
 from cluster.bench.workload import Workload, conversation_prompt, for_model  # noqa: E402
 
 DEFAULT_POLICIES = ("warmth", "least_loaded", "round_robin")
@@ -450,17 +450,12 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
     max_tokens = max_tokens or (16 if quick else 32)
     workload = for_model(model_path, prompts, n_requests, rate=rate, seed=seed, max_open=max(4, n_nodes))
 
-    command = ["python -m cluster bench routing"]
-    for flag, value in (("--model", model), ("--prompts", prompts), ("--nodes", n_nodes), ("--cache-mb", cache_mb),
-                        ("--node-memory-mb", node_memory_mb), ("--policies", ",".join(policies)),
-                        ("--requests", n_requests), ("--rate", f"{rate:g}"), ("--max-tokens", max_tokens),
-                        ("--seed", seed)):
-        if value is not None:
-            command.append(f"{flag} {value}")
-    if quick:
-        command.append("--quick")
+    command = command_line("routing", [
+        ("--model", model), ("--prompts", prompts), ("--nodes", n_nodes), ("--cache-mb", cache_mb),
+        ("--node-memory-mb", node_memory_mb), ("--policies", ",".join(policies)), ("--requests", n_requests),
+        ("--rate", f"{rate:g}"), ("--max-tokens", max_tokens), ("--seed", seed), ("--quick", quick)])
     result: dict[str, Any] = {
-        "command": " ".join(command),
+        "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0]},
         "model": {"path": model_path, "arch": layout.arch, "n_layers": layout.n_layers,
@@ -500,7 +495,7 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
 
 def run_decision_cost(*, quick: bool = False) -> dict[str, Any]:
     """``bench routing --decision-cost``: the decision-cost measurement alone (no Ray, no report)."""
-    return {"command": "python -m cluster bench routing --decision-cost" + (" --quick" if quick else ""),
+    return {"command": command_line("routing", [("--decision-cost", True), ("--quick", quick)]),
             "decision_cost": measure_decision_cost(n_decisions=40 if quick else 200,
                                                    max_seconds=10.0 if quick else 30.0)}
 

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cluster.bench import log_progress
+from cluster.bench import command_line, log_progress
 from cluster.bench.workload import Turn, Workload, conversation_prompt, for_model, poisson_arrivals
 from cluster.cache import TRACE_ACCESS, CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.node import NodeReport, OverloadedError, node_name
@@ -505,11 +505,9 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
     service = ServiceModel()
     if rate is None:  # about a third of the cluster's service capacity
         rate = 0.5 * n_nodes
-    command = ["python -m cluster bench simulate", f"--nodes {n_nodes}"]
     if traces_path:
         log_progress(progress, f"loading traces from {traces_path}")
         traces = TraceSet.load(traces_path).head(n_requests)
-        command.append(f"--traces {traces_path}")
     else:
         model_path = model or str(default_model("tiny", progress=progress))
         workload = for_model(model_path, None, n_requests, rate=rate, seed=seed, max_open=max(4, n_nodes))
@@ -517,21 +515,18 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
         t0 = time.perf_counter()
         traces = record_traces(model_path, workload, max_tokens=max_tokens, progress=progress)
         log_progress(progress, f"  recorded in {time.perf_counter() - t0:.0f} s")
-        if model:
-            command.append(f"--model {model}")
         if save_traces:
             traces.save(save_traces)
-            command.append(f"--save-traces {save_traces}")
     arrivals = poisson_arrivals(len(traces.turns), rate, seed)
     unit_bytes = np.asarray(traces.unit_bytes, dtype=np.int64)
     cache_bytes = cache_mb * MIB if cache_mb else int(unit_bytes.sum()) // 3
-    command += [f"--policies {','.join(policies)}", f"--requests {n_requests}", f"--rate {rate:g}"]
-    if cache_mb:
-        command.append(f"--cache-mb {cache_mb}")
-    if quick:
-        command.append("--quick")
+    recorded = traces_path is None
+    command = command_line("simulate", [
+        ("--nodes", n_nodes), ("--traces", traces_path), ("--model", model if recorded else None),
+        ("--save-traces", save_traces if recorded else None), ("--policies", ",".join(policies)),
+        ("--requests", n_requests), ("--rate", f"{rate:g}"), ("--cache-mb", cache_mb or None), ("--quick", quick)])
     result: dict[str, Any] = {
-        "command": " ".join(command),
+        "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "model": {"path": traces.model, "n_layers": traces.n_layers, "n_experts": traces.n_experts,
                   "n_experts_used": traces.n_experts_used, "expert_bytes": int(unit_bytes.sum())},
