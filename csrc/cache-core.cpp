@@ -64,6 +64,7 @@ cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> un
             "unit_bytes has " + std::to_string(unit_bytes_.size()) + " entries, expected n_layers * n_experts = " +
             std::to_string(n_units));
     config_.validate();
+    prefill_weight_log2_ = config_.prefill_weight > 0.0 ? std::log2(config_.prefill_weight) : 0.0;
     require(min_units_resident >= 0 && min_units_resident <= n_experts,
             "min_units_resident must be in [0, n_experts], got " + std::to_string(min_units_resident));
 
@@ -133,11 +134,12 @@ void cache_policy::remove(int32_t unit) {
 
 // Adds one access worth of heat and applies the segment rule (decode → PROTECTED).
 void cache_policy::touch(int32_t unit, bool decode) {
-    const double weight = decode ? 1.0 : config_.prefill_weight;
     const bool was_protected = segment_[unit] == CACHE_SEGMENT_PROTECTED;
-    if (was_protected) { protected_.erase({heat_log2_[unit], unit}); }
-    if (weight > 0.0) {
-        heat_log2_[unit] = log2_add(heat_log2_[unit], now_ / config_.heat_half_life_steps + std::log2(weight));
+    heat_set::node_type node;  // a protected unit is re-filed under its new heat in the same set node
+    if (was_protected) { node = protected_.extract({heat_log2_[unit], unit}); }
+    if (decode || config_.prefill_weight > 0.0) {
+        const double weight_log2 = decode ? 0.0 : prefill_weight_log2_;
+        heat_log2_[unit] = log2_add(heat_log2_[unit], now_ / config_.heat_half_life_steps + weight_log2);
     }
     if (config_.eviction == CACHE_EVICTION_LRU) {
         if (segment_[unit] == CACHE_SEGMENT_PROBATION) {
@@ -146,7 +148,8 @@ void cache_policy::touch(int32_t unit, bool decode) {
         return;
     }
     if (was_protected) {
-        protected_.insert({heat_log2_[unit], unit});
+        node.value().first = heat_log2_[unit];
+        protected_.insert(std::move(node));
     } else if (decode && segment_[unit] == CACHE_SEGMENT_PROBATION) {
         remove(unit);
         insert(unit, CACHE_SEGMENT_PROTECTED);

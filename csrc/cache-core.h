@@ -174,6 +174,7 @@ private:
     std::list<int32_t> probation_;         // FIFO, front = oldest (LRU mode: the single list)
     std::vector<std::list<int32_t>::iterator> probation_pos_;
     heat_set protected_;
+    double prefill_weight_log2_ = 0.0;     // log2(config_.prefill_weight), used when it is > 0
     uint64_t bytes_probation_ = 0;
     uint64_t bytes_protected_ = 0;
 

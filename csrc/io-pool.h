@@ -40,7 +40,6 @@ public:
     // Returns once `unit` has no read pending (reading it here if nobody has started).
     void wait(int32_t unit);
     bool idle(int32_t unit) const { return state_[size_t(unit)].load(std::memory_order_acquire) == IO_STATE_IDLE; }
-    int n_threads() const { return int(threads_.size()); }
 
 private:
     bool claim(int32_t unit);

@@ -287,9 +287,9 @@ void expert_cache::attach() {
         for (int il = 0; il < n_layers; ++il) {
             const int32_t u = il * n_experts + e;
             if (layout_.unit_bytes[size_t(u)] == 0) { continue; }
-            uint64_t resident = 0;
-            for (const expert_slice & s : layout_.slices[size_t(u)]) { resident += residency_->resident_bytes(s.range); }
-            if (resident < layout_.unit_bytes[size_t(u)] || !policy_.admit_resident(u)) { dropped.push_back(u); }
+            if (unit_resident_bytes(u) < layout_.unit_bytes[size_t(u)] || !policy_.admit_resident(u)) {
+                dropped.push_back(u);
+            }
         }
     }
     drop_units(dropped);
@@ -473,15 +473,19 @@ uint64_t expert_cache::measured_resident_bytes() const {
     return bytes;
 }
 
+uint64_t expert_cache::unit_resident_bytes(int32_t unit) const {
+    uint64_t resident = 0;
+    for (const expert_slice & s : layout_.slices[size_t(unit)]) { resident += residency_->resident_bytes(s.range); }
+    return resident;
+}
+
 int expert_cache::reconcile() {
     if (!residency_) { return 0; }
     int n = 0;
     const int32_t n_units = int32_t(layout_.slices.size());
     for (int32_t u = 0; u < n_units; ++u) {
         if (!policy_.is_resident(u) || !io_->idle(u)) { continue; }
-        uint64_t resident = 0;
-        for (const expert_slice & s : layout_.slices[size_t(u)]) { resident += residency_->resident_bytes(s.range); }
-        if (resident < layout_.unit_bytes[size_t(u)] / 2) {
+        if (unit_resident_bytes(u) < layout_.unit_bytes[size_t(u)] / 2) {
             policy_.forget(u);
             n++;
         }

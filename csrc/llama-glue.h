@@ -110,8 +110,6 @@ public:
 
     const cache_policy & policy() const { return policy_; }
     cache_policy & policy() { return policy_; }
-    const expert_layout & layout() const { return layout_; }
-    const expert_cache_params & params() const { return params_; }
     // Moves the routing trace recorded so far out (the cache keeps recording into a new one).
     routing_trace take_trace();
     // Bytes of pages holding only expert data resident in memory now (mincore, each page once).
@@ -124,6 +122,7 @@ private:
     void on_topk(const ggml_tensor * t, int layer);
     void predict_layer(const ggml_tensor * router_input, int target_layer);
     void drop_units(const std::vector<int32_t> & units);
+    uint64_t unit_resident_bytes(int32_t unit) const;  // bytes of the unit's slices in the page cache
     void read_unit(int32_t unit);
     void reap_reads();
 

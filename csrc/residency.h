@@ -53,8 +53,6 @@ public:
     // Address of a file offset in the mapping, or nullptr if that offset is not mapped.
     const void * address_of(uint64_t file_offset) const;
 
-    size_t page_size() const { return page_size_; }
-    const std::vector<mapping_segment> & segments() const { return segments_; }
 
 private:
     // Calls fn(address, file_offset, size) for each mapped, page-aligned piece of [first, last).

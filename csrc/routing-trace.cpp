@@ -26,15 +26,6 @@ bool routing_trace::append(trace_event_kind event_kind, int32_t event_layer, int
     return true;
 }
 
-void routing_trace::clear() {
-    kind.clear();
-    layer.clear();
-    n_tokens.clear();
-    n_ids.clear();
-    ids.clear();
-    n_dropped = 0;
-}
-
 void routing_trace_replay(const routing_trace & trace, cache_policy & policy) {
     const size_t n_events = trace.kind.size();
     if (trace.layer.size() != n_events || trace.n_tokens.size() != n_events || trace.n_ids.size() != n_events) {

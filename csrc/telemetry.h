@@ -10,11 +10,6 @@
 #include <utility>
 #include <vector>
 
-enum cache_phase {
-    CACHE_PHASE_PREFILL = 0,
-    CACHE_PHASE_DECODE  = 1,
-};
-
 struct cache_counters {
     uint64_t n_steps              = 0;  // ubatches evaluated
     uint64_t n_hits_prefill       = 0;  // selected units already resident (or being read ahead)
