@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ MIB = 1 << 20
 
 ROUTING_POINTER = ("The cluster's benchmarks have their own reports: `routing.md` (`bench routing`: routing policies "
                    "on a live local cluster, and the router's decision cost), `routing-memlimit/routing.md` (the same "
-                   "with memory-limited nodes on this model) and `simulation.md` (`bench simulate`: 256 nodes).")
+                   "with memory-limited nodes) and `simulation.md` (`bench simulate`: many simulated nodes).")
 
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -97,8 +98,8 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
         "",
         "| | decode tok/s (median) |",
         "|---|---|",
-        f"| plain llama.cpp | {_fmt(sorted(o['plain_tok_s'])[len(o['plain_tok_s']) // 2], 1)} |",
-        f"| with expert cache | {_fmt(sorted(o['cache_tok_s'])[len(o['cache_tok_s']) // 2], 1)} |",
+        f"| plain llama.cpp | {_fmt(statistics.median(o['plain_tok_s']), 1)} |",
+        f"| with expert cache | {_fmt(statistics.median(o['cache_tok_s']), 1)} |",
         "",
         f"**Ratio with/without cache: {_fmt(o['ratio_median'], 3)}** (median of per-pair ratios; "
         f"ratio of medians {_fmt(o['ratio_of_medians'], 3)}). Same text both ways: {o['same_text']}.",
