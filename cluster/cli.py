@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from cluster.bench import DEFAULT_OUT  # noqa: E402
 from cluster.errors import SniperError  # noqa: E402
 
 MIB = 1 << 20
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "simulate: docs/simulation.md)")
     p.add_argument("suite", choices=("engine", "routing", "simulate"))
     p.add_argument("--model", help="GGUF MoE model (default: the generated bench / demo / tiny model)")
-    p.add_argument("--out", default="docs", help="directory for the report, plots and JSON")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, plots and JSON")
     p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")
     p.add_argument("--json", action="store_true")
     routing = p.add_argument_group("routing and simulate")

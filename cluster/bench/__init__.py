@@ -1,7 +1,15 @@
 """Benchmarks: engine (overhead, bounded memory, cache policy), routing on a live cluster, simulation."""
 
 import sys
+from pathlib import Path
 from typing import Any, Sequence
+
+DEFAULT_OUT = Path("docs")  # where `bench` writes its reports unless --out says otherwise
+
+
+def out_flag(out_dir: Path | str | None) -> str | None:
+    """The value of --out in a reproducing command (None for the default)."""
+    return None if out_dir is None or Path(out_dir) == DEFAULT_OUT else str(out_dir)
 
 
 def command_line(suite: str, flags: Sequence[tuple[str, Any]]) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cluster import synth
-from cluster.bench import command_line, log_progress, memlimit
+from cluster.bench import command_line, log_progress, memlimit, out_flag
 from cluster.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.cli import MIB, default_model
 
@@ -308,7 +308,7 @@ def run_engine_bench(model: str | None, out_dir: Path, *, quick: bool = False, p
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     result: dict[str, Any] = {
-        "command": command_line("engine", [("--model", model), ("--quick", quick)]),
+        "command": command_line("engine", [("--model", model), ("--out", out_flag(out_dir)), ("--quick", quick)]),
         "started": started,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                     "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},

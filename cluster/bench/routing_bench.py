@@ -34,7 +34,7 @@ import numpy as np
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN.md); read when ray is imported
 
-from cluster.bench import command_line, log_progress
+from cluster.bench import command_line, log_progress, out_flag
 from cluster.bench.workload import Workload, conversation_prompt, for_model  # noqa: E402
 
 DEFAULT_POLICIES = ("warmth", "least_loaded", "round_robin")
@@ -453,7 +453,7 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
     command = command_line("routing", [
         ("--model", model), ("--prompts", prompts), ("--nodes", n_nodes), ("--cache-mb", cache_mb),
         ("--node-memory-mb", node_memory_mb), ("--policies", ",".join(policies)), ("--requests", n_requests),
-        ("--rate", f"{rate:g}"), ("--max-tokens", max_tokens), ("--seed", seed), ("--quick", quick)])
+        ("--rate", f"{rate:g}"), ("--max-tokens", max_tokens), ("--seed", seed), ("--out", out_flag(out_dir)), ("--quick", quick)])
     result: dict[str, Any] = {
         "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cluster.bench import command_line, log_progress
+from cluster.bench import command_line, log_progress, out_flag
 from cluster.bench.workload import Turn, Workload, conversation_prompt, for_model, poisson_arrivals
 from cluster.cache import TRACE_ACCESS, CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.node import NodeReport, OverloadedError, node_name
@@ -524,7 +524,8 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
     command = command_line("simulate", [
         ("--nodes", n_nodes), ("--traces", traces_path), ("--model", model if recorded else None),
         ("--save-traces", save_traces if recorded else None), ("--policies", ",".join(policies)),
-        ("--requests", n_requests), ("--rate", f"{rate:g}"), ("--cache-mb", cache_mb or None), ("--quick", quick)])
+        ("--requests", n_requests), ("--rate", f"{rate:g}"), ("--cache-mb", cache_mb or None),
+        ("--max-tokens", max_tokens if recorded else None), ("--seed", seed), ("--out", out_flag(out_dir)), ("--quick", quick)])
     result: dict[str, Any] = {
         "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
