@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +35,13 @@ LIBRARY_BYTES = 64 * MIB  # page cache of Python, numpy and llama.cpp's librarie
 BUDGET_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
-@dataclass(frozen=True)
-class Request:
-    prompt: str
-    max_tokens: int
-    topic: int
-
-
-
 def _prompts(model_path: str, n: int, *, n_words: int, preamble_words: int = 0, seed: int = 0,
-             topic_order: list[int] | None = None) -> list[tuple[str, int]]:
+             topic_order: list[int] | None = None) -> list[str]:
     """Topic prompts (a mixed-topic preamble first when preamble_words > 0)."""
     try:
         topics = synth.read_topics(model_path)
     except ValueError:
-        return [(f"Question {i}: explain how experts are routed in a mixture of experts model.", 0) for i in range(n)]
+        return [f"Question {i}: explain how experts are routed in a mixture of experts model." for i in range(n)]
     order = topic_order or [i % len(topics) for i in range(n)]
     out = []
     for i, t in enumerate(order[:n]):
@@ -59,7 +50,7 @@ def _prompts(model_path: str, n: int, *, n_words: int, preamble_words: int = 0, 
             per = max(1, preamble_words // len(topics))
             text = synth.mixed_prompt(topics, list(range(len(topics))), per, seed=seed + 1000 + i)
         text += synth.topic_prompt(topics, t % len(topics), n_words, seed=seed + i)
-        out.append((text, t))
+        out.append(text)
     return out
 
 
@@ -70,7 +61,7 @@ def bench_overhead(model_path: str, *, pairs: int, max_tokens: int, progress: bo
 
     layout = discover_layout(model_path)
     budget = int(layout.unit_bytes.sum() * 1.05)
-    prompt = _prompts(model_path, 1, n_words=32)[0][0]
+    prompt = _prompts(model_path, 1, n_words=32)[0]
     with MoEEngine(model_path, None, n_ctx=1024) as plain, MoEEngine(model_path, budget, n_ctx=1024) as cached:
         engines = {"plain": plain, "cache": cached}
         for engine in engines.values():  # warm-up: page cache, thread pools
@@ -169,7 +160,7 @@ def bench_bounded(model_path: str, *, n_requests: int, max_tokens: int, progress
     file_size = os.path.getsize(model_path)
     limit_bytes = int(limit_fraction * file_size)
     requests = [{"prompt": p, "max_tokens": max_tokens}
-                for p, _ in _prompts(model_path, n_requests, n_words=48, preamble_words=96)]
+                for p in _prompts(model_path, n_requests, n_words=48, preamble_words=96)]
     base = {"model": model_path, "requests": requests, "n_ctx": 1024}
 
     log_progress(progress, "  bounded memory: engine with cache, no limit")
@@ -210,7 +201,7 @@ def bench_bounded(model_path: str, *, n_requests: int, max_tokens: int, progress
 
 # -- policy --------------------------------------------------------------------------------
 
-def record_traces(model_path: str, workloads: dict[str, list[tuple[str, int]]], max_tokens: int,
+def record_traces(model_path: str, workloads: dict[str, list[str]], max_tokens: int,
                   progress: bool) -> tuple[dict[str, RoutingTrace], dict[str, dict[str, float]]]:
     """Runs each workload on an engine with the whole model resident and keeps its routing trace."""
     from cluster.engine import MoEEngine
@@ -220,7 +211,7 @@ def record_traces(model_path: str, workloads: dict[str, list[tuple[str, int]]], 
     with MoEEngine(model_path, int(layout.unit_bytes.sum() * 1.05), n_ctx=2048) as engine:
         for name, prompts in workloads.items():
             parts = []
-            for prompt, _ in prompts:
+            for prompt in prompts:
                 gen = engine.generate(prompt, max_tokens=max_tokens)
                 parts.append(gen.trace)
             traces[name] = RoutingTrace.concat(parts)

@@ -429,6 +429,7 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
                       progress: bool = True) -> dict[str, Any]:
     """The live comparison and the decision cost; writes docs/routing.md when ``out_dir`` is set."""
     from cluster.bench import memlimit
+    from cluster.bench.routing_report import _pct, targets, write_routing_report
     from cluster.cache import discover_layout
     from cluster.cli import MIB, default_model
     from cluster.routing import POLICY_NAMES
@@ -445,6 +446,7 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
     layout = discover_layout(model_path)
     expert_bytes = int(np.asarray(layout.unit_bytes, dtype=np.int64).sum())
     cache_bytes = cache_mb * MIB if cache_mb else expert_bytes // 3
+    memory_limit = node_memory_mb * MIB if node_memory_mb else None
     n_requests = n_requests or (12 if quick else 48)
     rate = rate if rate is not None else (1.0 if quick else 0.75)
     max_tokens = max_tokens or (16 if quick else 32)
@@ -462,8 +464,7 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
                   "n_experts": layout.n_experts, "n_experts_used": layout.n_experts_used,
                   "file_bytes": layout.file_size, "expert_bytes": expert_bytes},
         "workload": {**workload.describe(), "max_tokens": max_tokens},
-        "cluster": {"nodes": n_nodes, "cache_bytes_per_node": cache_bytes,
-                    "node_memory_limit_bytes": node_memory_mb * MIB if node_memory_mb else None},
+        "cluster": {"nodes": n_nodes, "cache_bytes_per_node": cache_bytes, "node_memory_limit_bytes": memory_limit},
         "policies": {},
     }
     answers: dict[str, list[str]] = {}
@@ -472,7 +473,7 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
             log_progress(progress, f"policy {policy}: fresh {n_nodes}-node Ray cluster on 127.0.0.1")
             metrics, answers[policy] = run_policy(
                 model_path, policy, workload, n_nodes=n_nodes, cache_bytes=cache_bytes,
-                memory_limit_bytes=node_memory_mb * MIB if node_memory_mb else None, max_tokens=max_tokens,
+                memory_limit_bytes=memory_limit, max_tokens=max_tokens,
                 progress=progress, node_model_paths=copies)
             result["policies"][policy] = metrics
             log_progress(progress, f"  {policy}: hit rate {_pct(metrics['hit_rate'])}, "
@@ -480,15 +481,10 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
                            f"{metrics['tok_s'] or 0:.1f} tok/s, p99 {metrics['p99_latency_s'] or 0:.2f} s, "
                            f"{metrics['errors']} errors")
     result["same_answers"] = len({tuple(a) for a in answers.values()}) == 1
-    from cluster.bench.routing_report import targets
-
     result["targets"] = targets(result["policies"])
     log_progress(progress, "decision cost: RouterCore.choose at 64 nodes x 48 layers x 128 experts")
-    result["decision_cost"] = measure_decision_cost(n_decisions=40 if quick else 200,
-                                                    max_seconds=10.0 if quick else 30.0)
+    result["decision_cost"] = run_decision_cost(quick=quick)["decision_cost"]
     if out_dir is not None:
-        from cluster.bench.routing_report import write_routing_report
-
         result["report"] = str(write_routing_report(result, out_dir))
     return result
 
@@ -498,8 +494,3 @@ def run_decision_cost(*, quick: bool = False) -> dict[str, Any]:
     return {"command": command_line("routing", [("--decision-cost", True), ("--quick", quick)]),
             "decision_cost": measure_decision_cost(n_decisions=40 if quick else 200,
                                                    max_seconds=10.0 if quick else 30.0)}
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f} %"
-

@@ -14,9 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cluster.bench.report import _fmt  # noqa: E402
+from cluster.bench.report import MIB, _fmt  # noqa: E402
 
-MIB = 1 << 20
 KIB = 1 << 10
 BASELINES = ("round_robin", "least_loaded")
 RATIO_KEYS = ("bytes_read_per_token", "hit_rate", "tok_s", "p99_latency_s")

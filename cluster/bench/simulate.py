@@ -268,7 +268,7 @@ class SimNode:
         self.context: tuple[int, ...] = ()
         self.current_session: str | None = None
         self.sessions: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self.queue: deque[tuple[int, str, float]] = deque()  # (turn index, request id, arrival)
+        self.queue: deque[tuple[int, str]] = deque()  # (turn index, request id)
         self.busy = False
         self.last_report_s = -1e9
         self._warmth: bytes | None = None
@@ -386,7 +386,7 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
     n_retries = 0
 
     def start(node: SimNode) -> None:
-        index, request_id, _ = node.queue.popleft()
+        index, request_id = node.queue.popleft()
         node.busy = True
         served = node.serve(traces.turns[index])
         c = served["counters"]
@@ -417,7 +417,7 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
             core.policy.on_routed(route, node_id)
             core.acquire(node_id)
             node = nodes[node_id]
-            node.queue.append((index, request_id, now))
+            node.queue.append((index, request_id))
             if not node.busy:
                 start(node)
         else:
@@ -440,7 +440,7 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
                 push(max(now, arrivals[following]), "arrive", following)
 
     status = core.status()
-    result = _summarise(outcomes, status, n_errors=0)
+    result = _summarise(outcomes, status)
     result.update({
         "n_nodes": n_nodes,
         "cache_bytes": int(cache_bytes),
@@ -454,7 +454,7 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
     return result
 
 
-def _summarise(outcomes: list[dict[str, Any]], status: dict[str, Any], n_errors: int) -> dict[str, Any]:
+def _summarise(outcomes: list[dict[str, Any]], status: dict[str, Any]) -> dict[str, Any]:
     """Per-policy metrics from per-request cache counters (shared shape with the live benchmark)."""
     def total(key: str) -> int:
         return int(sum(o[key] for o in outcomes))
@@ -487,7 +487,7 @@ def _summarise(outcomes: list[dict[str, Any]], status: dict[str, Any], n_errors:
         "prediction_precision": prediction.get("precision"),
         "prediction_recall": prediction.get("recall"),
         "decisions": status.get("decisions", {}),
-        "errors": n_errors,
+        "errors": 0,  # a simulated node never fails
     }
 
 
