@@ -17,7 +17,7 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Generator, Sequence
+from typing import Any, Generator, Sequence
 
 import llama_cpp
 import numpy as np
@@ -172,12 +172,6 @@ class MoEEngine:
             self._stack.close()
             raise
 
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> "MoEEngine":
-        return cls(config.model_path, config.cache_bytes, n_ctx=config.n_ctx, n_threads=config.n_threads,
-                   n_batch=config.n_batch, cache=config.cache, n_io_threads=config.n_io_threads,
-                   predict=config.predict, verbose=config.verbose)
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _open(self) -> None:
@@ -237,7 +231,6 @@ class MoEEngine:
         self.n_ctx = self._ctx.n_ctx()
         self._n_batch = min(cfg.n_batch, llama_cpp.llama_n_batch(self._ctx.ctx), llama_cpp.llama_n_ubatch(self._ctx.ctx))
         self._ctx_tokens: list[int] = []
-        self.last_generation: Generation | None = None
 
     def close(self) -> None:
         """Frees context, model and cache; safe to call twice."""
@@ -269,12 +262,7 @@ class MoEEngine:
         if self._native_cache is None:
             return {}
         with self._lock:
-            counters = self._native_cache.counters()
-            stats: dict[str, float] = dict(counters)
-            stats.update(derived_stats(counters))
-            stats["resident_bytes"] = self._native_cache.resident_bytes
-            stats["budget_bytes"] = self._native_cache.budget_bytes
-            return stats
+            return _cache_stats(self._native_cache, self._native_cache.counters())
 
     def measured_resident_bytes(self) -> int:
         """Expert bytes of the model actually in memory now (mincore), cache or not."""
@@ -357,8 +345,9 @@ class MoEEngine:
                         finish = "stop"
                         break
                     generated.append(token)
+                    start = max(0, len(text) - hold)  # a stop string that began earlier would have ended the loop
                     text += decoder.decode(self._piece(token))
-                    cut = _find_stop(text, params.stop)
+                    cut = _find_stop(text, params.stop, start)
                     if cut is not None:
                         text, finish = text[:cut], "stop"
                         break
@@ -386,17 +375,12 @@ class MoEEngine:
             counts = trace = None
             if cache is not None:
                 after = cache.counters()
-                delta = {k: after[k] - counters_before[k] for k in after}
-                stats = dict(delta)
-                stats.update(derived_stats(delta))
-                stats["resident_bytes"] = cache.resident_bytes
-                stats["budget_bytes"] = cache.budget_bytes
+                stats = _cache_stats(cache, {k: after[k] - counters_before[k] for k in after})
                 counts = cache.expert_counts() - counts_before
                 trace = RoutingTrace.from_native(cache.take_trace())
             result = Generation(text=text, tokens=tuple(generated), n_prompt_tokens=len(prompt_tokens),
                                 finish_reason=finish, prefill_s=prefill_s, decode_s=decode_s, cache=stats,
                                 expert_counts=counts, trace=trace, n_reused_tokens=n_reused)
-            self.last_generation = result
             return result
 
     # -- KV state: prefix reuse and saved sessions ----------------------------------------------
@@ -480,10 +464,19 @@ class MoEEngine:
             raise EngineClosedError("the engine was closed")
 
 
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index where the earliest stop string starts in ``text``, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+    """Index where the earliest stop string starts in ``text[start:]``, or None."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else None
+
+
+def _cache_stats(cache: Any, counters: dict[str, int]) -> dict[str, float]:
+    """Counters, the rates derived from them, and the cache's resident and budget bytes."""
+    stats: dict[str, float] = dict(counters)
+    stats.update(derived_stats(counters))
+    stats["resident_bytes"] = cache.resident_bytes
+    stats["budget_bytes"] = cache.budget_bytes
+    return stats
 
 
 _LOG_CALLBACK = None

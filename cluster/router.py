@@ -37,6 +37,7 @@ class NodeState:
     capacity: int
     last_report: NodeReport | None = None
     warmth: Warmth | None = None
+    warmth_bytes: bytes | None = None  # the report ``warmth`` was decoded from
     in_flight: int = 0  # change only through RouterCore.acquire / release (they refresh the views)
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
@@ -71,7 +72,9 @@ class RouterCore:
         self._changed(node)
         if report.stats:
             node.stats = report.stats
-        if report.warmth is not None:  # a busy node's heartbeat carries no warmth: keep the last one
+        # a busy node's heartbeat carries no warmth, an idle one the same bytes again: keep the decoded one
+        if report.warmth is not None and report.warmth != node.warmth_bytes:
+            node.warmth_bytes = report.warmth
             try:
                 node.warmth = decode_warmth(report.warmth)
                 node.resident = node.warmth.resident.astype(np.float32)
@@ -243,6 +246,7 @@ class RouterActor:
         tried: set[str] = set()
         while True:
             ranked = self.core.choose(route, tried)
+            why = {k: v for k, v in self.core.policy.explain().items() if k in ("fallback", "matched_tokens")}
             node_id = ranked[0]
             node = self.core.acquire(node_id)
             self.core.policy.on_routed(route, node_id)
@@ -257,9 +261,7 @@ class RouterActor:
                             sent += 1
                         if item.get("done"):
                             node.served += 1
-                            item["routing"] = {"policy": self.core.policy.name, "attempts": len(tried) + 1,
-                                               **{k: v for k, v in self.core.policy.explain().items()
-                                                  if k in ("fallback", "matched_tokens")}}
+                            item["routing"] = {"policy": self.core.policy.name, "attempts": len(tried) + 1, **why}
                         yield item
                 except (asyncio.CancelledError, GeneratorExit):
                     handle.cancel.remote(request["request_id"])

@@ -51,10 +51,6 @@ class NodeView:
     heat: np.ndarray | None = None
     sessions: frozenset[str] = field(default_factory=frozenset)
 
-    @property
-    def has_room(self) -> bool:
-        return self.load < self.capacity
-
 
 @dataclass(frozen=True)
 class RoutingTraceSummary:
@@ -85,6 +81,7 @@ class RoutingPolicy(ABC):
     def __init__(self, *, rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.rng = rng or random.Random()
         self.clock = clock
+        self._last: dict[str, object] = {}  # what the last ``choose`` found; {"fallback": ...} when it fell back
 
     @abstractmethod
     def choose(self, request: RouteRequest, nodes: Sequence[NodeView]) -> list[str]:
@@ -92,11 +89,11 @@ class RoutingPolicy(ABC):
 
     def explain(self) -> dict[str, object]:
         """Why the last ``choose`` decided as it did (for the routing trace); {} if nothing to say."""
-        return {}
+        return dict(self._last)
 
     def fell_back(self) -> bool:
         """Whether the last ``choose`` fell back to a default order for lack of knowledge."""
-        return "fallback" in self.explain()
+        return "fallback" in self._last
 
     # Hooks: no-ops unless a policy needs them.
     def on_routed(self, request: RouteRequest, node_id: str) -> None:

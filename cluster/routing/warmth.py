@@ -197,7 +197,6 @@ class WarmthPolicy(RoutingPolicy):
         self.affinity = TokenAffinity(max_tokens_tracked)
         self.node_prefixes: dict[str, set[str]] = {}
         self.prefix_holders: dict[str, set[str]] = {}  # prefix hash -> nodes holding it
-        self._last: dict[str, object] = {}
         self.predicted: dict[str, np.ndarray] = {}  # request_id -> bool [L, E] predicted experts
         self._matrix = np.zeros((0, 0), dtype=np.float32)  # residency rows of the nodes seen
         self._node_row: dict[str, int] = {}
@@ -340,6 +339,3 @@ class WarmthPolicy(RoutingPolicy):
         return {"costs": {nodes[i].node_id: float(c) for i, c in zip(candidates, last["costs"])},
                 "matched_tokens": {nodes[i].node_id: int(last["matched"][i]) for i in candidates},
                 "candidates": len(candidates)}
-
-    def fell_back(self) -> bool:
-        return "fallback" in self._last
