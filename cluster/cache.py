@@ -214,22 +214,7 @@ class RoutingTrace:
 
     def decode_steps(self) -> list[dict[int, np.ndarray]]:
         """Per single-token ubatch, ``{layer: ids}``: the decode part of the trace."""
-        steps: list[dict[int, np.ndarray]] = []
-        last_layer = None
-        current: dict[int, np.ndarray] = {}
-        decode = False
-        for kind, layer, ids in self.events():
-            if kind != TRACE_ACCESS:
-                continue
-            if last_layer is None or layer <= last_layer:
-                if decode and current:
-                    steps.append(current)
-                current, decode = {}, ids.shape[0] == 1
-            current[layer] = ids
-            last_layer = layer
-        if decode and current:
-            steps.append(current)
-        return steps
+        return [dict(ubatch) for ubatch in self._ubatches() if ubatch[0][1].shape[0] == 1]
 
 
 def reuse_rate(trace: RoutingTrace) -> float:

@@ -73,7 +73,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         dtype=args.dtype, arch=args.arch, specialization=args.specialization, seed=args.seed)
     info = synth.synthesize(args.out, config, progress=not args.quiet)
     result: dict[str, Any] = {"path": str(info.path), "n_bytes": info.n_bytes, "expert_bytes": info.expert_bytes,
-                              "config": json.loads(json.dumps(config.__dict__))}
+                              "config": json.loads(config.to_json())}
     if config.n_experts > 0 and not args.no_report:
         from cluster.bench.routing_stats import measure_reuse
 
@@ -96,7 +96,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cluster.engine import MoEEngine
 
     model = args.model or str(default_model("demo", progress=not args.json))
-    cache_bytes = None if args.no_cache else (args.cache_mb * MIB if args.cache_mb else _whole_model_budget(model))
+    cache_bytes = _cache_budget(args, model)
     with MoEEngine(model, cache_bytes, n_ctx=args.ctx, n_threads=args.threads) as engine:
         gen = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
@@ -106,20 +106,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "n_generated": gen.n_generated,
             "finish_reason": gen.finish_reason,
             "prefill_s": gen.prefill_s,
-            "decode_tok_s": _finite(gen.decode_tok_s),
+            "decode_tok_s": gen.decode_tok_s,
             "cache": None,
             "expert_counts": None,
         }
         if engine.has_cache:
             keys = ("hits", "misses", "hit_rate", "bytes_read", "resident_bytes", "budget_bytes",
                     "prefetch_precision", "prefetch_recall", "n_evictions", "bytes_prefetched")
-            result["cache"] = {k: _finite(gen.cache[k]) for k in keys}
+            result["cache"] = {k: gen.cache[k] for k in keys}
             result["expert_counts"] = gen.expert_counts.tolist()
-    _emit(result, args.json, _run_summary)
+    _emit(_jsonable(result), args.json, _run_summary)
     return 0
 
 
-def _whole_model_budget(model: str) -> int:
+def _cache_budget(args: argparse.Namespace, model: str) -> int | None:
+    """--no-cache: None; --cache-mb: that; else room for every expert of the model."""
+    if args.no_cache:
+        return None
+    if args.cache_mb:
+        return args.cache_mb * MIB
     from cluster.cache import discover_layout
 
     return int(discover_layout(model).unit_bytes.sum())
@@ -157,7 +162,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"started a local Ray cluster of {args.local_nodes} nodes at {address}", file=sys.stderr)
     deploy.connect(args.address, args.namespace)
     n_nodes = args.nodes or args.local_nodes or 1
-    cache_bytes = None if args.no_cache else (args.cache_mb * MIB if args.cache_mb else _whole_model_budget(model))
+    cache_bytes = _cache_budget(args, model)
     info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
                          max_queue=args.max_queue, n_threads=args.threads,
                          memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
@@ -321,12 +326,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- plumbing ------------------------------------------------------------------------------
-
-def _finite(value: float | int) -> float | int | None:
-    if isinstance(value, float) and value != value:
-        return None
-    return value
-
 
 def _emit(result: dict[str, Any], as_json: bool, summary: Callable[[dict[str, Any]], str]) -> None:
     if as_json:

@@ -102,6 +102,7 @@ class NodeReport:
 class _Session:
     tokens: tuple[int, ...]
     state: bytes
+    prefixes: frozenset[str]  # prefix_hashes(tokens), reported with every report
 
 
 class NodeServer:
@@ -230,7 +231,7 @@ class NodeServer:
             self._session_bytes -= len(old.state)
         if len(state) > self.config.session_bytes:
             return
-        self._sessions[session] = _Session(tokens, state)
+        self._sessions[session] = _Session(tokens, state, frozenset(prefix_hashes(tokens)))
         self._session_bytes += len(state)
         while self._session_bytes > self.config.session_bytes:
             _, evicted = self._sessions.popitem(last=False)
@@ -240,8 +241,7 @@ class NodeServer:
 
     def report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> NodeReport:
         engine = self.engine
-        held = [engine.context_tokens] + [s.tokens for s in self._sessions.values()]
-        prefixes = tuple(sorted({h for tokens in held for h in prefix_hashes(tokens)}))
+        prefixes = tuple(sorted(set(prefix_hashes(engine.context_tokens)).union(*(s.prefixes for s in self._sessions.values()))))
         stats: dict[str, float] = {"served": self._served, "generated_tokens": self._generated,
                                    "session_bytes": self._session_bytes}
         warmth = None
@@ -257,10 +257,12 @@ class NodeServer:
                           sent_at=time.time(), request_id=request_id, summary=summary)
 
     def _send_report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> None:
-        if self.report_sink is None:
-            return
+        if self.report_sink is not None:
+            self._send(self.report(request_id, summary))
+
+    def _send(self, report: NodeReport) -> None:
         try:
-            self.report_sink(self.report(request_id, summary))
+            self.report_sink(report)
         except Exception:  # the router may be restarting; the next heartbeat tries again
             pass
 
@@ -272,14 +274,10 @@ class NodeServer:
                 self._send_report()
 
     def _send_busy_report(self) -> None:
-        if self.report_sink is None:
-            return
-        try:
-            self.report_sink(NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue,
-                                        healthy=True, warmth=None, prefixes=None, sessions=tuple(self._sessions),
-                                        stats={}, sent_at=time.time()))
-        except Exception:
-            pass
+        if self.report_sink is not None:
+            self._send(NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue,
+                                  healthy=True, warmth=None, prefixes=None, sessions=tuple(self._sessions),
+                                  stats={}, sent_at=time.time()))
 
     def ready(self) -> dict[str, Any]:
         layout = self.engine.layout
