@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <map>
 #include <stdexcept>
 #include <string>
 
@@ -146,7 +145,7 @@ expert_layout expert_layout_discover(const std::string & path) {
     layout.routers.assign(size_t(layout.n_layers), router_tensor{});
 
     // Every tensor's extent, to find which pages hold something other than expert slices.
-    struct extent { uint64_t first, last; int32_t unit; };  // unit -2: non-expert
+    struct extent { uint64_t first, last; int32_t unit; size_t slice; };  // unit -2: non-expert; slice: index in slices[unit]
     std::vector<extent> extents;
     extents.reserve(size_t(n_tensors) * 4);
     for (int64_t i = 0; i < n_tensors; ++i) {
@@ -169,7 +168,7 @@ expert_layout expert_layout_discover(const std::string & path) {
             layout.routers[size_t(il)] = router_tensor{offset, int32_t(gguf_get_tensor_type(ctx, i)), ne[0], ne[1]};
         }
         if (!is_expert) {
-            extents.push_back({offset, offset + size, -2});
+            extents.push_back({offset, offset + size, -2, 0});
             continue;
         }
         if (il >= layout.n_layers || ne[n_dims - 1] != layout.n_experts || size % uint64_t(layout.n_experts) != 0) {
@@ -183,8 +182,8 @@ expert_layout expert_layout_discover(const std::string & path) {
             const int32_t unit = int32_t(il) * layout.n_experts + e;
             expert_slice slice;
             slice.range = byte_range{offset + uint64_t(e) * per_expert, per_expert};
+            extents.push_back({slice.range.offset, slice.range.offset + per_expert, unit, layout.slices[size_t(unit)].size()});
             layout.slices[size_t(unit)].push_back(slice);
-            extents.push_back({slice.range.offset, slice.range.offset + per_expert, unit});
             layout.expert_bytes += per_expert;
         }
     }
@@ -197,17 +196,11 @@ expert_layout expert_layout_discover(const std::string & path) {
     const uint64_t ps = layout.page_size;
     std::sort(extents.begin(), extents.end(), [](const extent & a, const extent & b) { return a.first < b.first; });
     // GGUF header and padding are "non-expert" too: anything on a page not covered by slices.
-    std::map<std::pair<int32_t, uint64_t>, size_t> slice_index;  // (unit, offset) → index in slices[unit]
-    for (size_t u = 0; u < n_units; ++u) {
-        for (size_t s = 0; s < layout.slices[u].size(); ++s) {
-            slice_index[{int32_t(u), layout.slices[u][s].range.offset}] = s;
-        }
-    }
     uint64_t expert_pages_exclusive = 0;  // pages that hold only expert bytes
     for (size_t x = 0; x < extents.size(); ++x) {
         const extent & cur = extents[x];
         if (cur.unit < 0) { continue; }
-        expert_slice & slice = layout.slices[size_t(cur.unit)][slice_index[{cur.unit, cur.first}]];
+        expert_slice & slice = layout.slices[size_t(cur.unit)][cur.slice];
         const uint64_t head_page = cur.first / ps;
         const uint64_t tail_page = (cur.last - 1) / ps;
         if (cur.first % ps != 0) {
