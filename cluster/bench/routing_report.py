@@ -224,7 +224,8 @@ def write_simulate_report(result: dict[str, Any], out_dir: Path) -> Path:
         f"{result['nodes']} simulated nodes, each with the real expert-cache policy core (`CachePolicy`, budget "
         f"{result['cache_bytes_per_node'] / MIB:.2f} MiB = "
         f"{100 * result['cache_bytes_per_node'] / m['expert_bytes']:.0f} % "
-        "of the expert bytes in whole pages), routed by the real `RouterCore` and policy from the nodes' warmth reports, prefixes and "
+        "of the expert bytes in whole pages), routed by the real `RouterCore` and policy from the nodes' warmth "
+        "reports, prefixes and "
         "routing-trace summaries. A node reuses a conversation's KV state as a live node does and replays only the "
         f"prompt tokens it has to prefill. Poisson arrivals at {w['rate_per_s']:g}/s; a conversation's next turn "
         "waits for the previous one.",
