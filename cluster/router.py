@@ -42,7 +42,8 @@ class NodeState:
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
     served: int = 0
-    resident: np.ndarray | None = None  # float32 [L, E] from the last warmth report
+    resident: np.ndarray | None = None  # bool [L, E] from the last warmth report
+    sessions: frozenset[str] = frozenset()  # from the last report
     stats: dict[str, float] = field(default_factory=dict)  # from the last full report
     view: NodeView | None = None  # what the policy sees; None: rebuild (something changed)
 
@@ -57,7 +58,8 @@ class RouterCore:
         self.decisions: Counter[str] = Counter()
         self.predictions: list[tuple[float, float]] = []  # (precision, recall) per request
         self.started_at = time.time()
-        self._room: list[NodeView] | None = None  # views of the live nodes with room; None: rebuild
+        self._room: dict[str, NodeView] = {}  # views of the live nodes with room (as of the last decision)
+        self._stale: set[str] = set()  # nodes changed since: their entry in _room is redone at the next decision
         self._last_sweep: float | None = None
 
     def on_report(self, report: NodeReport) -> None:
@@ -68,6 +70,7 @@ class RouterCore:
         node.alive = report.healthy
         node.capacity = report.capacity
         node.last_report = report
+        node.sessions = frozenset(report.sessions)
         node.last_seen = self.clock()
         self._changed(node)
         if report.stats:
@@ -77,7 +80,7 @@ class RouterCore:
             node.warmth_bytes = report.warmth
             try:
                 node.warmth = decode_warmth(report.warmth)
-                node.resident = node.warmth.resident.astype(np.float32)
+                node.resident = node.warmth.resident
             except WarmthFormatError:
                 node.warmth = node.resident = None
         if report.prefixes is not None:
@@ -123,7 +126,7 @@ class RouterCore:
 
     def _changed(self, node: NodeState) -> None:
         node.view = None
-        self._room = None
+        self._stale.add(node.node_id)
 
     def _sweep(self, force: bool = False) -> None:
         now = self.clock()
@@ -145,15 +148,20 @@ class RouterCore:
 
     def _with_room(self) -> list[NodeView]:
         self._sweep()
-        if self._room is None:
-            self._room = [n.view or self.view(n) for n in self.nodes.values() if n.alive and n.in_flight < n.capacity]
-        return self._room
+        for node_id in self._stale:  # usually the one or two nodes a request started or ended on
+            node = self.nodes[node_id]
+            if node.alive and node.in_flight < node.capacity:
+                self._room[node_id] = self.view(node)
+            else:
+                self._room.pop(node_id, None)
+        self._stale.clear()
+        return list(self._room.values())
 
     def _build_view(self, node: NodeState) -> NodeView:
         return NodeView(node_id=node.node_id, load=node.in_flight, capacity=node.capacity,
                         resident=node.resident,
                         heat=node.warmth.heat if node.warmth else None,
-                        sessions=frozenset(node.last_report.sessions) if node.last_report else frozenset())
+                        sessions=node.sessions)
 
     def choose(self, request: RouteRequest, exclude: set[str]) -> list[str]:
         """Ranked node ids; raises NoNodesError / OverloadedError when nothing can take it."""

@@ -112,9 +112,11 @@ def test_ties_do_not_always_go_to_the_same_node():
 def test_demand_of_a_long_prompt_is_estimated_from_a_bounded_sample():
     policy = trained_policy()
     long_request = RouteRequest("long", tokens=tuple(TOPIC_TOKENS[0] * 20 + TOPIC_TOKENS[1]))
-    p, known = policy.affinity.selection_probability(long_request.tokens)
-    assert known == policy.affinity.max_demand_tokens
-    assert p.shape == (L * E,) and np.all((0 <= p) & (p <= 1))
+    demand = policy.affinity.demand(policy.affinity.rows_of(long_request.tokens), [0, len(TOPIC_TOKENS[0]) * 20])
+    distinct = len(set(TOPIC_TOKENS[0] + TOPIC_TOKENS[1]))
+    assert distinct > policy.affinity.max_demand_tokens
+    assert demand.known.tolist() == [distinct, len(set(TOPIC_TOKENS[1]))]
+    assert demand.prefill.shape == (2, L * E) and np.all((0 <= demand.prefill) & (demand.prefill <= 1))
 
 
 def _report(node_id: str, topic: int | None, load: int = 0, capacity: int = 2, **extra) -> NodeReport:

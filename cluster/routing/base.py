@@ -39,7 +39,7 @@ class NodeView:
         node_id: the node actor's name (``sniper-node-<i>``).
         load: requests queued or running there, as the router counts them.
         capacity: the most requests the node accepts at once (queue included).
-        resident: ``[L, E]`` 1.0 where the expert is resident in its cache (None before its first report).
+        resident: ``[L, E]`` true (nonzero) where the expert is resident in its cache (None before its first report).
         heat: float ``[L, E]`` recency-weighted selections (None before its first report).
         sessions: conversations whose KV state the node holds.
     """

@@ -32,36 +32,53 @@ from __future__ import annotations
 import hashlib
 import operator
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from cluster._native import to_bf16, weighted_row_sum_bf16
+from cluster._native import affinity_encode, expected_loads, request_demand
 from cluster.routing.base import NodeView, RouteRequest, RoutingPolicy, RoutingTraceSummary
 
 PREFIX_BLOCK = 32
 DECODE_CONTEXT = 16
 
 
-def prefix_hashes(tokens: Sequence[int], block: int = PREFIX_BLOCK, max_blocks: int = 256) -> list[str]:
+def prefix_hashes(tokens: Sequence[int] | np.ndarray, block: int = PREFIX_BLOCK, max_blocks: int = 256) -> list[str]:
     """Cumulative hashes of tokens[:block], tokens[:2*block], ... (one rule, used by nodes and router)."""
+    n_full = min(len(tokens) // block, max_blocks)
+    data = np.asarray(tokens[: n_full * block], dtype=np.int64).tobytes()
+    step = block * 8
     out: list[str] = []
     h = hashlib.blake2b(digest_size=8)
-    n_full = min(len(tokens) // block, max_blocks)
-    arr = np.asarray(tokens[: n_full * block], dtype=np.int64)
-    for i in range(n_full):
-        h.update(arr[i * block:(i + 1) * block].tobytes())
-        out.append(h.copy().hexdigest())
+    for i in range(0, n_full * step, step):
+        h.update(data[i:i + step])
+        out.append(h.hexdigest())
     return out
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What a prompt would make a node's cache load (``TokenAffinity.demand``).
+
+    Attributes:
+        prefill: float32 ``[starts, L*E]`` P(expert selected while prefilling the prompt from each start).
+        known: int64 ``[starts]`` distinct tokens of each suffix the affinity knows.
+        decode: float32 ``[L*E]`` mean selection probability of the prompt's last tokens (None: none known).
+    """
+
+    prefill: np.ndarray
+    known: np.ndarray
+    decode: np.ndarray | None
 
 
 class TokenAffinity:
     """Per token id: how often each (layer, expert) was selected when the token was prefilled.
 
-    Rows live in growing tables — the selection probability and its log1p(-p), stored as
-    bfloat16 — and a token id → row lookup array, so a request's demand is one vectorised
-    lookup and one native pass over the chosen rows (``weighted_row_sum_bf16``), whatever the
-    number of nodes.
+    Rows live in growing tables — the selection probability and -log(1 - p), one byte each,
+    square-root companded (``csrc/demand.h``) — and a token id → row lookup array, so a request's demand is one vectorised
+    lookup and one native pass over the chosen rows (``request_demand``), whatever the number
+    of nodes.
     """
 
     def __init__(self, max_tokens: int = 8192, max_demand_tokens: int = 32) -> None:
@@ -72,8 +89,8 @@ class TokenAffinity:
         self._lookup = np.full(0, -1, dtype=np.int64)  # token id -> table row, -1: unknown
         self._counts = np.zeros((0, 0), dtype=np.float32)  # [rows, L*E] selections
         self._seen = np.zeros(0, dtype=np.float32)  # [rows] times prefilled
-        self._prob = np.zeros((0, 0), dtype=np.uint16)  # [rows, L*E] counts / seen, bfloat16
-        self._log_miss = np.zeros((0, 0), dtype=np.uint16)  # [rows, L*E] log(1 - prob), bfloat16
+        self._prob = np.zeros((0, 0), dtype=np.uint8)  # [rows, L*E] codes of counts / seen
+        self._log_miss = np.zeros((0, 0), dtype=np.uint8)  # [rows, L*E] codes of -log(1 - counts / seen)
 
     def _reset(self, shape: tuple[int, int]) -> None:
         self.shape = shape
@@ -82,8 +99,8 @@ class TokenAffinity:
         width = shape[0] * shape[1]
         self._counts = np.zeros((0, width), dtype=np.float32)
         self._seen = np.zeros(0, dtype=np.float32)
-        self._prob = np.zeros((0, width), dtype=np.uint16)
-        self._log_miss = np.zeros((0, width), dtype=np.uint16)
+        self._prob = np.zeros((0, width), dtype=np.uint8)
+        self._log_miss = np.zeros((0, width), dtype=np.uint8)
 
     def _row_of(self, token: int) -> int:
         row = self._row.get(token)
@@ -101,8 +118,8 @@ class TokenAffinity:
                 grow = max(64, self._counts.shape[0])
                 width = self._counts.shape[1]
                 self._counts = np.vstack([self._counts, np.zeros((grow, width), dtype=np.float32)])
-                self._prob = np.vstack([self._prob, np.zeros((grow, width), dtype=np.uint16)])
-                self._log_miss = np.vstack([self._log_miss, np.zeros((grow, width), dtype=np.uint16)])
+                self._prob = np.vstack([self._prob, np.zeros((grow, width), dtype=np.uint8)])
+                self._log_miss = np.vstack([self._log_miss, np.zeros((grow, width), dtype=np.uint8)])
                 self._seen = np.concatenate([self._seen, np.zeros(grow, dtype=np.float32)])
         if token + 1 >= self._lookup.size:  # the last entry stays -1 (rows_of clips unknown ids to it)
             grown = np.full(max(token + 2, 2 * self._lookup.size, 1024), -1, dtype=np.int64)
@@ -132,9 +149,7 @@ class TokenAffinity:
         if not touched:
             return
         rows = np.fromiter(touched, dtype=np.int64)
-        prob = np.clip(self._counts[rows] / self._seen[rows, None], 0.0, 0.999)
-        self._prob[rows] = to_bf16(prob)
-        self._log_miss[rows] = to_bf16(np.log1p(-prob))
+        self._prob[rows], self._log_miss[rows] = affinity_encode(self._counts[rows] / self._seen[rows, None])
 
     def rows_of(self, tokens: Sequence[int]) -> np.ndarray:
         """The table row of every token (-1 where the token is unknown), in order."""
@@ -143,41 +158,16 @@ class TokenAffinity:
             return np.full(ids.size, -1, dtype=np.int64)
         return self._lookup.take(np.minimum(ids, self._lookup.size - 1))  # the last entry is never a row
 
-    def _distinct(self, rows: np.ndarray, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The distinct known rows and how often each occurs; with ``max_rows``, an even sample of
-        them whose occurrence counts are scaled to stand for all."""
-        rows = rows[rows >= 0]
-        if rows.size == 0:
-            return rows, np.zeros(0, dtype=np.float32)
-        counts = np.bincount(rows)
-        distinct = np.flatnonzero(counts)
-        times = counts[distinct].astype(np.float32)
-        if max_rows is not None and distinct.size > max_rows:
-            pick = (np.arange(max_rows) * (distinct.size / max_rows)).astype(np.int64)
-            distinct, kept = distinct[pick], times[pick]
-            return distinct, kept * np.float32(rows.size / kept.sum())
-        return distinct, times
-
-    def selection_probability(self, tokens: Sequence[int] | None = None, *,
-                              rows: np.ndarray | None = None) -> tuple[np.ndarray | None, int]:
-        """P[(l, e) selected by at least one of the tokens] (flat, [L*E]), and how many distinct
-        tokens were known. Give ``tokens``, or their ``rows`` (``rows_of``)."""
-        if self.shape is None:
-            return None, 0
-        distinct, times = self._distinct(self.rows_of(tokens) if rows is None else rows, self.max_demand_tokens)
-        if distinct.size == 0:
-            return np.zeros(self.shape[0] * self.shape[1], dtype=np.float32), 0
-        log_miss = weighted_row_sum_bf16(self._log_miss, distinct, times)  # each occurrence is a draw
-        return 1.0 - np.exp(log_miss), int(distinct.size)
-
-    def mean_selection(self, tokens: Sequence[int] | None = None, *, rows: np.ndarray | None = None) -> np.ndarray | None:
-        """Average per-token selection probability over the distinct known tokens (flat, [L*E])."""
+    def demand(self, rows: np.ndarray, starts: Sequence[int] | np.ndarray = (0,)) -> Demand | None:
+        """The expert demand of a prompt whose tokens have these ``rows`` (``rows_of``), for each
+        way of serving it: the prefill of ``rows[start:]`` for every start, and the decode that
+        follows (``csrc/demand.h``). None until a trace has been learned."""
         if self.shape is None:
             return None
-        distinct, _ = self._distinct(self.rows_of(tokens) if rows is None else rows)
-        if distinct.size == 0:
-            return None
-        return weighted_row_sum_bf16(self._prob, distinct, np.full(distinct.size, 1.0 / distinct.size, dtype=np.float32))
+        prefill, known, decode, n_decode_known = request_demand(
+            self._log_miss, self._prob, rows, np.asarray(starts, dtype=np.int64), self.max_demand_tokens,
+            DECODE_CONTEXT)
+        return Demand(prefill, known, decode if n_decode_known else None)
 
     def __len__(self) -> int:
         return len(self._row)
@@ -197,8 +187,9 @@ class WarmthPolicy(RoutingPolicy):
         self.affinity = TokenAffinity(max_tokens_tracked)
         self.node_prefixes: dict[str, set[str]] = {}
         self.prefix_holders: dict[str, set[str]] = {}  # prefix hash -> nodes holding it
-        self.predicted: dict[str, np.ndarray] = {}  # request_id -> bool [L, E] predicted experts
-        self._matrix = np.zeros((0, 0), dtype=np.float32)  # residency rows of the nodes seen
+        self.predicted: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}  # request_id -> (demand, (L, E))
+        self._matrix = np.zeros((0, 0), dtype=np.uint8)  # residency bits of the nodes seen, a row each
+        self._width = 0  # experts per residency row
         self._node_row: dict[str, int] = {}
         self._row_source: list[np.ndarray | None] = []  # the array each row was copied from
         self._rows_arrays: list[np.ndarray | None] = []  # the last call's arrays, and its answer
@@ -229,81 +220,70 @@ class WarmthPolicy(RoutingPolicy):
     # -- decision ------------------------------------------------------------------------
 
     def pop_prediction(self, request_id: str) -> np.ndarray | None:
-        return self.predicted.pop(request_id, None)
-
-    def _matched_tokens(self, hashes: list[str]) -> dict[str, int]:
-        """Per node holding any of them, the tokens of the longest prefix it holds (hashes are
-        cumulative, so holding block i means holding blocks 0..i)."""
-        matched: dict[str, int] = {}
-        for i, h in enumerate(hashes):
-            for node_id in self.prefix_holders.get(h, ()):
-                matched[node_id] = (i + 1) * PREFIX_BLOCK
-        return matched
+        demand = self.predicted.pop(request_id, None)  # thresholded only when it is scored
+        return None if demand is None else (demand[0] > 0.5).reshape(demand[1])
 
     def choose(self, request: RouteRequest, nodes: Sequence[NodeView]) -> list[str]:
-        tokens = request.tokens
-        n_tokens = len(tokens)
+        tokens = np.asarray(request.tokens, dtype=np.int64)
+        n_tokens = tokens.size
         loads = [n.load for n in nodes]
-        least = min(loads)
-        matched = np.zeros(len(nodes), dtype=np.int64)  # prompt tokens each node holds the KV state of
-        held = self._matched_tokens(prefix_hashes(tokens))
-        if held:
-            index = {n.node_id: i for i, n in enumerate(nodes)}
-            for node_id, m in held.items():
-                if node_id in index:
-                    matched[index[node_id]] = min(m, max(0, n_tokens - 1))
-        ceiling = least + self.load_slack
-        candidates = [i for i, load in enumerate(loads) if load <= ceiling]
-        groups: dict[int, list[int]] = {0: candidates}  # matched tokens -> candidates; usually one group
-        if held:
-            groups = {}
-            for i in candidates:
-                groups.setdefault(int(matched[i]), []).append(i)
-        rows = self.affinity.rows_of(tokens)  # one lookup serves every estimate below
-        decode_p = self.affinity.mean_selection(rows=rows[-DECODE_CONTEXT:])
-        demand = {m: self.affinity.selection_probability(rows=rows[m:]) for m in groups}
-        knows_anything = any(m > 0 or known > 0 for m, (_, known) in demand.items())
+        ceiling = min(loads) + self.load_slack
+        candidates = np.array([i for i, load in enumerate(loads) if load <= ceiling], dtype=np.int64)
+        matched = self._matched_tokens(prefix_hashes(tokens), nodes, candidates, n_tokens)
+        if matched is None:  # nobody holds a prefix of it: every candidate would prefill all of it
+            starts, group_of = [0], np.zeros(candidates.size, dtype=np.int64)
+            matched = group_of
+        else:  # candidates that hold the same prefix prefill the same suffix
+            starts = sorted(set(matched.tolist()))
+            group_of = np.searchsorted(starts, matched)
+        demand = self.affinity.demand(self.affinity.rows_of(tokens), starts)
         costs = self.prefill_token_cost * (n_tokens - matched).astype(np.float64)
-        residency = self._resident_rows(nodes)
-        for m, (p_prefill, _) in demand.items():
-            if p_prefill is None:
-                continue
-            members = groups[m]
-            if residency is None or residency[0].shape[1] != p_prefill.size:
-                costs[members] += float(p_prefill.sum())
-                continue
-            # expected loads = sum(w) - resident . w, with w the prefill plus the decode demand
-            matrix, node_rows = residency
-            w = p_prefill if decode_p is None else p_prefill + np.float32(self.expected_decode_tokens) * decode_p
-            if 4 * len(members) >= len(nodes):
-                costs[members] += float(w.sum()) - (matrix @ w)[node_rows[members]]
-            else:
-                costs[members] += float(w.sum()) - matrix[node_rows[members]] @ w
-        full = demand[0] if 0 in demand else self.affinity.selection_probability(rows=rows)
-        if full[0] is not None and full[1] > 0 and self.affinity.shape is not None:
-            self.predicted[request.request_id] = (full[0] > 0.5).reshape(self.affinity.shape)
-            if len(self.predicted) > 4096:
-                self.predicted.pop(next(iter(self.predicted)))
-        if not knows_anything:
+        if demand is not None:
+            residency = self._resident_rows(nodes)
+            if residency is not None and self._width == demand.prefill.shape[1]:
+                matrix, node_rows = residency
+                decode = demand.decode if demand.decode is not None else np.zeros_like(demand.prefill[0])
+                costs += expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, decode,
+                                        float(self.expected_decode_tokens))
+            else:  # no warmth known: the prefill's expected loads, as if nothing were resident
+                costs += demand.prefill.sum(axis=1, dtype=np.float64)[group_of]
+        if starts[-1] == 0 and (demand is None or demand.known[0] == 0):
             self._last = {"fallback": "least_loaded", "reason": "no affinity or prefix known for this prompt"}
             return self.least_loaded(nodes)
-        cand_costs = costs[candidates]
-        cand_ids = [nodes[i].node_id for i in candidates]
-        best = float(cand_costs.min())
-        top = np.flatnonzero(cand_costs <= best + 0.01 * max(1.0, abs(best))).tolist()
-        winner = self.rng.choice(sorted(cand_ids[j] for j in top))
-        ranked = [winner] + [cand_ids[j] for j in np.argsort(cand_costs, kind="stable").tolist() if cand_ids[j] != winner]
-        if len(candidates) < len(nodes):  # then the busier nodes, least loaded first
-            chosen = set(candidates)
-            ranked += [nodes[i].node_id for i in sorted(range(len(nodes)), key=loads.__getitem__) if i not in chosen]
-        self._last = {"nodes": nodes, "candidates": candidates, "costs": cand_costs, "matched": matched}
-        return ranked
+        best = costs.min()
+        top = np.flatnonzero(costs <= best + 0.01 * max(1.0, abs(best))).tolist()
+        j_winner = top[0] if len(top) == 1 else self.rng.choice(sorted(top, key=lambda j: nodes[candidates[j]].node_id))
+        if demand is not None and demand.known[group_of[j_winner]] > 0:  # the experts the winner's prefill needs
+            self.predicted[request.request_id] = (demand.prefill[group_of[j_winner]], self.affinity.shape)
+            if len(self.predicted) > 4096:
+                self.predicted.pop(next(iter(self.predicted)))
+        self._last = {"nodes": nodes, "candidates": candidates, "costs": costs, "matched": matched}
+        return [nodes[int(candidates[j_winner])].node_id]
+
+    def _matched_tokens(self, hashes: list[str], nodes: Sequence[NodeView], candidates: np.ndarray,
+                        n_tokens: int) -> np.ndarray | None:
+        """Per candidate, the prompt tokens whose KV state it holds: the longest prefix it holds
+        (hashes are cumulative, so holding block i means holding blocks 0..i), less the last
+        token, which is always prefilled. None when no node holds any."""
+        held: dict[str, int] = {}
+        for i, h in enumerate(hashes):
+            for node_id in self.prefix_holders.get(h, ()):
+                held[node_id] = (i + 1) * PREFIX_BLOCK
+        if not held:
+            return None
+        index = {nodes[i].node_id: j for j, i in enumerate(candidates.tolist())}
+        matched = np.zeros(candidates.size, dtype=np.int64)
+        for node_id, m in held.items():
+            if node_id in index:
+                matched[index[node_id]] = min(m, max(0, n_tokens - 1))
+        return matched
 
     def _resident_rows(self, nodes: Sequence[NodeView]) -> tuple[np.ndarray, np.ndarray] | None:
-        """A ``[rows, L*E]`` matrix of the residency of every node seen, and each node's row in it.
+        """The residency of every node seen, one row of bits each (``csrc/demand.h``), and each
+        node's row; None unless every node has reported a residency of one width.
 
-        A node's row is copied again only when its view carries a new ``resident`` array (a new
-        warmth report), so a decision costs one matrix-vector product, not a matrix build.
+        A node's row is packed again only when its view carries a new ``resident`` array (a new
+        warmth report), so a decision reads the matrix, it does not build it.
         """
         arrays = [n.resident for n in nodes]
         if len(arrays) == len(self._rows_arrays) and all(map(operator.is_, arrays, self._rows_arrays)):
@@ -312,8 +292,9 @@ class WarmthPolicy(RoutingPolicy):
         width = None if arrays[0] is None else arrays[0].size
         if width is None or any(a is None or a.size != width for a in arrays):
             return None
-        if self._matrix.shape[1] != width:
-            self._matrix = np.zeros((0, width), dtype=np.float32)
+        if self._width != width:
+            self._width = width
+            self._matrix = np.zeros((0, (width + 7) // 8), dtype=np.uint8)
             self._node_row.clear()
             self._row_source.clear()
         rows = np.empty(len(nodes), dtype=np.int64)
@@ -323,9 +304,9 @@ class WarmthPolicy(RoutingPolicy):
                 row = self._node_row[node.node_id] = len(self._row_source)
                 self._row_source.append(None)
                 if row >= self._matrix.shape[0]:
-                    self._matrix = np.vstack([self._matrix, np.zeros((max(8, row), width), dtype=np.float32)])
+                    self._matrix = np.vstack([self._matrix, np.zeros((max(8, row), self._matrix.shape[1]), np.uint8)])
             if self._row_source[row] is not node.resident:
-                self._matrix[row] = node.resident.reshape(-1)
+                self._matrix[row] = np.packbits(node.resident.reshape(-1) != 0, bitorder="little")
                 self._row_source[row] = node.resident
             rows[i] = row
         self._rows_value = (self._matrix[: len(self._row_source)], rows)
@@ -337,5 +318,5 @@ class WarmthPolicy(RoutingPolicy):
             return dict(last)
         nodes, candidates = last["nodes"], last["candidates"]
         return {"costs": {nodes[i].node_id: float(c) for i, c in zip(candidates, last["costs"])},
-                "matched_tokens": {nodes[i].node_id: int(last["matched"][i]) for i in candidates},
+                "matched_tokens": {nodes[i].node_id: int(m) for i, m in zip(candidates, last["matched"])},
                 "candidates": len(candidates)}
