@@ -2,7 +2,7 @@
 //
 // The two loops a decision spends its time in (summing table rows, and a node's resident
 // demand) are written out with AVX2 intrinsics on x86-64 and chosen at run time; elsewhere,
-// or on CPUs without AVX2 and FMA, plain loops compute the same sums (the row sums exactly:
+// or on CPUs without AVX2, plain loops compute the same sums (the row sums exactly:
 // they are integer).
 #include "demand.h"
 
@@ -50,7 +50,7 @@ float resident_sum_portable(const uint8_t * bits, const float * w, size_t begin,
     return total;
 }
 
-// -- AVX2 + FMA ----------------------------------------------------------------------------
+// -- AVX2 ----------------------------------------------------------------------------------
 
 #if SNIPER_HAVE_AVX2_PATH
 // Integer arithmetic, two rows per multiply-add: a code is at most 127, so its square fits a
@@ -99,7 +99,7 @@ void weighted_square_sum_avx2(const uint8_t * table, size_t width, const int64_t
     }
 }
 
-__attribute__((target("avx2,fma")))
+__attribute__((target("avx2")))
 float resident_sum_avx2(const uint8_t * bits, const float * w, size_t n) {
     // 32 experts a pass: their 32 bits go to every lane, each lane shifts its own bit to the
     // sign (lane j of quarter q holds expert 8q + j), and the sign picks w or 0.
@@ -128,19 +128,18 @@ float resident_sum_avx2(const uint8_t * bits, const float * w, size_t n) {
     return total;
 }
 
-// Whether to take the AVX2 loops: the CPU has AVX2 and FMA, and SNIPER_NO_AVX2 is not set
+// Whether to take the AVX2 loops: the CPU has AVX2 and SNIPER_NO_AVX2 is not set
 // (the tests set it to check the portable loops against them).
-bool cpu_has_avx2_fma() {
-    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                            std::getenv("SNIPER_NO_AVX2") == nullptr;
-    return has;
+bool use_avx2() {
+    static const bool use = __builtin_cpu_supports("avx2") && std::getenv("SNIPER_NO_AVX2") == nullptr;
+    return use;
 }
 #endif
 
 void weighted_square_sum(const uint8_t * table, size_t width, const int64_t * rows, const int16_t * counts,
                          size_t n_rows, int32_t * out) {
 #if SNIPER_HAVE_AVX2_PATH
-    if (cpu_has_avx2_fma()) {
+    if (use_avx2()) {
         weighted_square_sum_avx2(table, width, rows, counts, n_rows, out);
         return;
     }
@@ -150,7 +149,7 @@ void weighted_square_sum(const uint8_t * table, size_t width, const int64_t * ro
 
 float resident_sum(const uint8_t * bits, const float * w, size_t n) {
 #if SNIPER_HAVE_AVX2_PATH
-    if (cpu_has_avx2_fma()) {
+    if (use_avx2()) {
         return resident_sum_avx2(bits, w, n);
     }
 #endif

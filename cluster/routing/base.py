@@ -85,7 +85,11 @@ class RoutingPolicy(ABC):
 
     @abstractmethod
     def choose(self, request: RouteRequest, nodes: Sequence[NodeView]) -> list[str]:
-        """Node ids to try, best first. ``nodes`` holds only live nodes with room; never empty."""
+        """Node ids best first, at least one; ``nodes`` holds only live nodes with room (never empty).
+
+        The router dispatches to the first; if that node dies or refuses before sending text, it
+        asks again without it, so a policy may stop after its choice instead of ranking every node.
+        """
 
     def explain(self) -> dict[str, object]:
         """Why the last ``choose`` decided as it did (for the routing trace); {} if nothing to say."""
