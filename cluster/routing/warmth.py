@@ -64,12 +64,12 @@ class Demand:
     Attributes:
         prefill: float32 ``[starts, L*E]`` P(expert selected while prefilling the prompt from each start).
         known: int64 ``[starts]`` distinct tokens of each suffix the affinity knows.
-        decode: float32 ``[L*E]`` mean selection probability of the prompt's last tokens (None: none known).
+        decode: float32 ``[L*E]`` mean selection probability of the prompt's last tokens (0 if none is known).
     """
 
     prefill: np.ndarray
     known: np.ndarray
-    decode: np.ndarray | None
+    decode: np.ndarray
 
 
 class TokenAffinity:
@@ -164,10 +164,9 @@ class TokenAffinity:
         follows (``csrc/demand.h``). None until a trace has been learned."""
         if self.shape is None:
             return None
-        prefill, known, decode, n_decode_known = request_demand(
-            self._log_miss, self._prob, rows, np.asarray(starts, dtype=np.int64), self.max_demand_tokens,
-            DECODE_CONTEXT)
-        return Demand(prefill, known, decode if n_decode_known else None)
+        prefill, known, decode, _ = request_demand(self._log_miss, self._prob, rows, np.asarray(starts, dtype=np.int64),
+                                                   self.max_demand_tokens, DECODE_CONTEXT)
+        return Demand(prefill, known, decode)
 
     def __len__(self) -> int:
         return len(self._row)
@@ -242,8 +241,7 @@ class WarmthPolicy(RoutingPolicy):
             residency = self._resident_rows(nodes)
             if residency is not None and self._width == demand.prefill.shape[1]:
                 matrix, node_rows = residency
-                decode = demand.decode if demand.decode is not None else np.zeros_like(demand.prefill[0])
-                costs += expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, decode,
+                costs += expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, demand.decode,
                                         float(self.expected_decode_tokens))
             else:  # no warmth known: the prefill's expected loads, as if nothing were resident
                 costs += demand.prefill.sum(axis=1, dtype=np.float64)[group_of]
