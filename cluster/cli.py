@@ -292,6 +292,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         d = r["decision_cost"]
         return (f"router decision at {d['n_nodes']} nodes x {d['n_layers']} layers x {d['n_experts']} experts: "
                 f"p50 {d['p50_ms']:.3f} ms, p99 {d['p99_ms']:.3f} ms, {d['decisions_per_s']:.1f} decisions/s "
+                f"(median of rounds: {', '.join(f'{x:.0f}' for x in d.get('round_decisions_per_s', []))}) "
                 f"(target p99 <= {d['targets']['p99_ms_max']:g} ms, >= {d['targets']['decisions_per_s_min']:g}/s: "
                 f"{'met' if d['targets']['met'] else 'not met'})")
 

@@ -184,8 +184,11 @@ def write_routing_report(result: dict[str, Any], out_dir: Path) -> Path:
             f"{d['affinity_tokens']} tokens learned from routing-trace summaries, {d['prompt_tokens']}-token prompts, "
             f"half of them continuing a conversation some node holds; after each decision the chosen node's "
             f"load goes up and the oldest of {d.get('n_in_flight', 16)} requests in flight ends, as in service; "
-            f"{d['n_decisions']} decisions.",
+            f"{d['n_decisions']} decisions in {d.get('n_rounds', 1)} rounds a second apart.",
             "",
+            *([f"Decisions/s of each round: {', '.join(_fmt(x, 0) for x in d['round_decisions_per_s'])} "
+               "(the machine is shared: a round runs as fast as its neighbours let it). The table gives the median "
+               "round; p50 and p99 are over all decisions.", ""] if d.get("round_decisions_per_s") else []),
             "| p50 ms | p99 ms | decisions/s | target | met |",
             "|---|---|---|---|---|",
             f"| {_fmt(d['p50_ms'], 3)} | {_fmt(d['p99_ms'], 3)} | {_fmt(d['decisions_per_s'], 1)} | "
