@@ -186,7 +186,7 @@ class WarmthPolicy(RoutingPolicy):
         self.affinity = TokenAffinity(max_tokens_tracked)
         self.node_prefixes: dict[str, set[str]] = {}
         self.prefix_holders: dict[str, set[str]] = {}  # prefix hash -> nodes holding it
-        self.predicted: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}  # request_id -> (demand, (L, E))
+        self.predicted: dict[str, np.ndarray] = {}  # request_id -> packed bits of the [L*E] experts predicted
         self._matrix = np.zeros((0, 0), dtype=np.uint8)  # residency bits of the nodes seen, a row each
         self._width = 0  # experts per residency row
         self._node_row: dict[str, int] = {}
@@ -219,8 +219,11 @@ class WarmthPolicy(RoutingPolicy):
     # -- decision ------------------------------------------------------------------------
 
     def pop_prediction(self, request_id: str) -> np.ndarray | None:
-        demand = self.predicted.pop(request_id, None)  # thresholded only when it is scored
-        return None if demand is None else (demand[0] > 0.5).reshape(demand[1])
+        bits = self.predicted.pop(request_id, None)
+        if bits is None or self.affinity.shape is None:
+            return None
+        n_layers, n_experts = self.affinity.shape
+        return np.unpackbits(bits, count=n_layers * n_experts).astype(bool).reshape(n_layers, n_experts)
 
     def choose(self, request: RouteRequest, nodes: Sequence[NodeView]) -> list[str]:
         tokens = np.asarray(request.tokens, dtype=np.int64)
@@ -252,7 +255,7 @@ class WarmthPolicy(RoutingPolicy):
         top = np.flatnonzero(costs <= best + 0.01 * max(1.0, abs(best))).tolist()
         j_winner = top[0] if len(top) == 1 else self.rng.choice(sorted(top, key=lambda j: nodes[candidates[j]].node_id))
         if demand is not None and demand.known[group_of[j_winner]] > 0:  # the experts the winner's prefill needs
-            self.predicted[request.request_id] = (demand.prefill[group_of[j_winner]], self.affinity.shape)
+            self.predicted[request.request_id] = np.packbits(demand.prefill[group_of[j_winner]] > 0.5)
             if len(self.predicted) > 4096:
                 self.predicted.pop(next(iter(self.predicted)))
         self._last = {"nodes": nodes, "candidates": candidates, "costs": costs, "matched": matched}
