@@ -22,9 +22,9 @@ Procedure, per request:
 
 Knobs: load_slack (requests, >= 0, default 0), expected_decode_tokens (>= 0, 32),
 prefill_token_cost (expert loads per prefilled token, >= 0, 0.05), max_tokens_tracked
-(affinity table size, LRU, 8192). The demand of a long prompt is estimated from an even
-sample of at most 32 of its distinct known tokens, their counts scaled to stand for all (this
-bounds the cost of a decision).
+(affinity table size, LRU, 8192), max_demand_tokens (>= 1, 32): the demand of a long prompt is
+estimated from an even sample of at most this many of its distinct known tokens, their counts
+scaled to stand for all (this bounds the cost of a decision).
 """
 
 from __future__ import annotations
@@ -176,14 +176,16 @@ class WarmthPolicy(RoutingPolicy):
     name = "warmth"
 
     def __init__(self, *, load_slack: int = 0, expected_decode_tokens: int = 32, prefill_token_cost: float = 0.05,
-                 max_tokens_tracked: int = 8192, **kwargs: Any) -> None:
+                 max_tokens_tracked: int = 8192, max_demand_tokens: int = 32, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if load_slack < 0 or expected_decode_tokens < 0 or prefill_token_cost < 0:
             raise ValueError("load_slack, expected_decode_tokens and prefill_token_cost must be >= 0")
+        if max_demand_tokens < 1:
+            raise ValueError(f"max_demand_tokens must be >= 1, got {max_demand_tokens}")
         self.load_slack = load_slack
         self.expected_decode_tokens = expected_decode_tokens
         self.prefill_token_cost = prefill_token_cost
-        self.affinity = TokenAffinity(max_tokens_tracked)
+        self.affinity = TokenAffinity(max_tokens_tracked, max_demand_tokens)
         self.node_prefixes: dict[str, set[str]] = {}
         self.prefix_holders: dict[str, set[str]] = {}  # prefix hash -> nodes holding it
         self.predicted: dict[str, np.ndarray] = {}  # request_id -> packed bits of the [L*E] experts predicted
