@@ -9,7 +9,10 @@ A node:
     longest common prefix with what the context holds;
   * streams text pieces, and stops generating when the caller cancels;
   * reports load, health, its warmth report (msgpack), the prefixes it holds and each
-    request's routing trace to the router after every request and on a heartbeat.
+    request's routing trace to the router after every request and on a heartbeat;
+  * keeps the routing traces of its recent requests (``RECENT_TRACE_TOKENS`` prefilled tokens)
+    and sends them again when asked (``resend_traces``): a restarted router learns its token
+    affinity back from them instead of starting from nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -28,6 +31,7 @@ from cluster.routing.base import RoutingTraceSummary
 from cluster.routing.warmth import prefix_hashes
 
 NAMESPACE = "sniper"
+RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a node keeps for a restarted router
 ROUTER_NAME = "sniper-router"
 
 
@@ -128,6 +132,9 @@ class NodeServer:
         self._current_session: str | None = None
         self._served = 0
         self._generated = 0
+        self._recent_traces: deque[RoutingTraceSummary] = deque()  # oldest first
+        self._recent_tokens = 0
+        self._recent_lock = threading.Lock()
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"{node_id}-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -190,6 +197,7 @@ class NodeServer:
             tokens = self.engine.context_tokens[gen.n_reused_tokens:gen.n_prompt_tokens]
             summary = RoutingTraceSummary(tokens=tuple(tokens), prompt_experts=prompt_experts,
                                           decode_counts=decode_counts)
+            self._remember_trace(summary)
         self._send_report(request_id, summary)
         yield {
             "done": True,
@@ -238,6 +246,26 @@ class NodeServer:
             self._session_bytes -= len(evicted.state)
 
     # -- reports -------------------------------------------------------------------------
+
+    def _remember_trace(self, summary: RoutingTraceSummary) -> None:
+        with self._recent_lock:
+            self._recent_traces.append(summary)
+            self._recent_tokens += len(summary.tokens)
+            while self._recent_tokens > RECENT_TRACE_TOKENS and len(self._recent_traces) > 1:
+                self._recent_tokens -= len(self._recent_traces.popleft().tokens)
+
+    def resend_traces(self) -> int:
+        """Sends the routing-trace summaries of recent requests again, oldest first (the router
+        asks when it hears from this node for the first time, which after a restart is how it
+        learns its affinity back). Returns how many were sent."""
+        with self._recent_lock:
+            traces = list(self._recent_traces)
+        for summary in traces:
+            if self.report_sink is not None:
+                self._send(NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue,
+                                      healthy=True, warmth=None, prefixes=None, sessions=tuple(self._sessions),
+                                      stats={}, sent_at=time.time(), summary=summary))
+        return len(traces)
 
     def report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> NodeReport:
         engine = self.engine

@@ -205,6 +205,7 @@ class RouterCore:
         recall = [r for _, r in self.predictions if r == r]
         return {
             "policy": self.policy.name,
+            "policy_state": self.policy.state(),
             "started_at": self.started_at,
             "nodes": nodes,
             "decisions": dict(self.decisions),
@@ -230,7 +231,13 @@ class RouterActor:
         self.handles: dict[str, Any] = {}
 
     async def report(self, report: NodeReport) -> None:
+        first = report.node_id not in self.core.nodes
         self.core.on_report(report)
+        if first:  # after a restart this router knows no affinity: the node sends what it served recently
+            try:
+                self._handle(report.node_id).resend_traces.remote()
+            except Exception:  # gone again: there is nothing to learn from it
+                self.handles.pop(report.node_id, None)
 
     def _handle(self, node_id: str) -> Any:
         import ray

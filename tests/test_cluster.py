@@ -153,6 +153,11 @@ def test_router_killed_comes_back_and_rebuilds_state_from_reports(deployment, ti
             pass  # restarting
         assert time.monotonic() < deadline, "the router did not come back with every node"
         time.sleep(0.5)
+    while status["policy_state"].get("affinity_tokens", 0) == 0:  # taught back by the nodes, no request needed
+        assert time.monotonic() < deadline, f"the restarted router learned no affinity: {status['policy_state']}"
+        time.sleep(0.5)
+        status = client.status()
+    assert status["decisions"] == {}  # nothing was routed by this incarnation: it learned from the nodes' traces
     assert client.generate(prompt, max_tokens=4).text
 
 

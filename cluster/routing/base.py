@@ -95,6 +95,10 @@ class RoutingPolicy(ABC):
         """Why the last ``choose`` decided as it did (for the routing trace); {} if nothing to say."""
         return dict(self._last)
 
+    def state(self) -> dict[str, object]:
+        """What the policy has learned, in numbers (for ``status``); {} if it learns nothing."""
+        return {}
+
     def fell_back(self) -> bool:
         """Whether the last ``choose`` fell back to a default order for lack of knowledge."""
         return "fallback" in self._last

@@ -315,6 +315,9 @@ class WarmthPolicy(RoutingPolicy):
         self._rows_value = (self._matrix[: len(self._row_source)], rows)
         return self._rows_value
 
+    def state(self) -> dict[str, object]:
+        return {"affinity_tokens": len(self.affinity), "prefixes_held": len(self.prefix_holders)}
+
     def explain(self) -> dict[str, object]:
         last = self._last
         if "costs" not in last:
