@@ -184,7 +184,7 @@ def write_routing_report(result: dict[str, Any], out_dir: Path) -> Path:
             f"{d['affinity_tokens']} tokens learned from routing-trace summaries, {d['prompt_tokens']}-token prompts, "
             f"half of them continuing a conversation some node holds; after each decision the chosen node's "
             f"load goes up and the oldest of {d.get('n_in_flight', 16)} requests in flight ends, as in service; "
-            f"{d['n_decisions']} decisions in {d.get('n_rounds', 1)} rounds a second apart.",
+            f"{d['n_decisions']} decisions in {d.get('n_rounds', 1)} rounds, back to back.",
             "",
             *([f"Decisions/s of each round: {', '.join(_fmt(x, 0) for x in d['round_decisions_per_s'])} "
                "(the machine is shared: a round runs as fast as its neighbours let it). The table gives the median "
