@@ -9,9 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cluster._native import (AFFINITY_CODE_MAX, AFFINITY_LOG_MISS_RANGE, AFFINITY_MAX_PROB, affinity_encode,
-                             expected_loads, request_demand)
+from cluster._native import (
+    AFFINITY_CODE_MAX,
+    AFFINITY_LOG_MISS_RANGE,
+    AFFINITY_MAX_PROB,
+    affinity_encode,
+    expected_loads,
+    request_demand,
+)
 
 
 def decoded(codes: np.ndarray, value_range: float) -> np.ndarray:
