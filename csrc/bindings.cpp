@@ -205,10 +205,14 @@ PYBIND11_MODULE(_native, m) {
               out.prefill = prefill.mutable_data();
               out.known = known.mutable_data();
               out.decode = decode.mutable_data();
+              demand_request request;
+              request.token_rows = rows;
+              request.n_tokens = static_cast<size_t>(token_rows.size());
+              request.starts = starts.data();
+              request.n_groups = static_cast<size_t>(n_groups);
               {
                   py::gil_scoped_release release;
-                  request_demand(tables, rows, static_cast<size_t>(token_rows.size()), starts.data(),
-                                 static_cast<size_t>(n_groups), params, out);
+                  request_demand(tables, request, params, out);
               }
               return py::make_tuple(prefill, known, decode, out.n_decode_known);
           },
@@ -235,12 +239,16 @@ PYBIND11_MODULE(_native, m) {
               matrix.bits = residency.data();
               matrix.n_rows = static_cast<size_t>(residency.shape(0));
               matrix.width = static_cast<size_t>(prefill.shape(1));
+              demand_in demand;
+              demand.prefill = prefill.data();
+              demand.n_groups = static_cast<size_t>(prefill.shape(0));
+              demand.decode = decode.data();
+              demand.decode_steps = decode_steps;
               py::array_t<double> out(node_rows.size());
               {
                   py::gil_scoped_release release;
-                  expected_loads(matrix, node_rows.data(), node_groups.data(), static_cast<size_t>(node_rows.size()),
-                                 prefill.data(), static_cast<size_t>(prefill.shape(0)), decode.data(), decode_steps,
-                                 out.mutable_data());
+                  expected_loads(matrix, demand, node_rows.data(), node_groups.data(),
+                                 static_cast<size_t>(node_rows.size()), out.mutable_data());
               }
               return out;
           },

@@ -302,13 +302,15 @@ void affinity_encode(const float * prob, size_t n, uint8_t * prob_codes, uint8_t
     }
 }
 
-void request_demand(const affinity_tables & tables, const int64_t * token_rows, size_t n_tokens,
-                    const int64_t * starts, size_t n_groups, const demand_params & params, demand_out & out) {
+void request_demand(const affinity_tables & tables, const demand_request & request, const demand_params & params,
+                    demand_out & out) {
     const size_t width = tables.width;
+    const int64_t * token_rows = request.token_rows;
+    const size_t n_tokens = request.n_tokens;
     std::vector<int64_t> distinct, counts;
     std::vector<int32_t> scratch;
-    for (size_t g = 0; g < n_groups; ++g) {
-        const size_t start = std::min(static_cast<size_t>(std::max<int64_t>(0, starts[g])), n_tokens);
+    for (size_t g = 0; g < request.n_groups; ++g) {
+        const size_t start = std::min(static_cast<size_t>(std::max<int64_t>(0, request.starts[g])), n_tokens);
         distinct_rows(token_rows + start, n_tokens - start, distinct, counts);
         out.known[g] = static_cast<int64_t>(distinct.size());
         const double scale = sample_rows(distinct, counts, std::max<size_t>(1, params.max_sampled));
@@ -328,23 +330,23 @@ void request_demand(const affinity_tables & tables, const int64_t * token_rows, 
     }
 }
 
-void expected_loads(const residency_matrix & residency, const int64_t * node_rows, const int64_t * node_groups,
-                    size_t n_nodes, const float * prefill, size_t n_groups, const float * decode, float decode_steps,
-                    double * out) {
+void expected_loads(const residency_matrix & residency, const demand_in & demand, const int64_t * node_rows,
+                    const int64_t * node_groups, size_t n_nodes, double * out) {
     const size_t width = residency.width;
-    std::vector<float> demand(n_groups * width);  // w of each group
-    std::vector<float> total(n_groups);
-    for (size_t g = 0; g < n_groups; ++g) {
-        float * w = demand.data() + g * width;
-        const float * p = prefill + g * width;
+    std::vector<float> weights(demand.n_groups * width);  // w of each group
+    std::vector<float> total(demand.n_groups);
+    for (size_t g = 0; g < demand.n_groups; ++g) {
+        float * __restrict w = weights.data() + g * width;
+        const float * __restrict p = demand.prefill + g * width;
+        const float * __restrict q = demand.decode;
         for (size_t d = 0; d < width; ++d) {
-            w[d] = p[d] + decode_steps * decode[d];
+            w[d] = p[d] + demand.decode_steps * q[d];
         }
         total[g] = sum_of(w, width);
     }
     for (size_t i = 0; i < n_nodes; ++i) {
         const size_t g = static_cast<size_t>(node_groups[i]);
         const uint8_t * bits = residency.bits + static_cast<size_t>(node_rows[i]) * residency_row_bytes(width);
-        out[i] = total[g] - resident_sum(bits, demand.data() + g * width, width);
+        out[i] = total[g] - resident_sum(bits, weights.data() + g * width, width);
     }
 }

@@ -55,10 +55,17 @@ struct demand_out {
     int64_t n_decode_known = 0;  // distinct known tokens among them
 };
 
-// Steps 1 and 2. token_rows[i] is the table row of prompt token i, or -1; every other value
-// must be < tables.n_rows (the caller checks). Starts past the end mean an empty suffix.
-void request_demand(const affinity_tables & tables, const int64_t * token_rows, size_t n_tokens,
-                    const int64_t * starts, size_t n_groups, const demand_params & params, demand_out & out);
+// A prompt as the affinity sees it, and the ways of serving it; read during the call only.
+struct demand_request {
+    const int64_t * token_rows = nullptr;  // [n_tokens]: table row of each prompt token, -1 if unknown
+    size_t n_tokens = 0;
+    const int64_t * starts = nullptr;      // [n_groups]: first token each group prefills (past the end: none)
+    size_t n_groups = 0;
+};
+
+// Steps 1 and 2. Every token row other than -1 must be < tables.n_rows (the caller checks).
+void request_demand(const affinity_tables & tables, const demand_request & request, const demand_params & params,
+                    demand_out & out);
 
 // Residency of the nodes the router knows: one row of bits per node, expert d resident where
 // bit d % 8 of byte d / 8 is set (numpy.packbits(..., bitorder="little") of the [L*E] flags).
@@ -71,9 +78,16 @@ struct residency_matrix {
 
 constexpr size_t residency_row_bytes(size_t width) { return (width + 7) / 8; }
 
+// A request's demand as request_demand wrote it; read during the call only.
+struct demand_in {
+    const float * prefill = nullptr;  // [n_groups, width]
+    size_t n_groups = 0;
+    const float * decode = nullptr;   // [width]
+    float decode_steps = 0.0f;        // tokens the request is expected to decode (>= 0)
+};
+
 // Step 3 for n_nodes nodes: node i is row node_rows[i] of the matrix and prefills group
-// node_groups[i] of `prefill` ([n_groups, width]); out[i] = its expected expert loads.
-// Rows and groups must be in range (the caller checks).
-void expected_loads(const residency_matrix & residency, const int64_t * node_rows, const int64_t * node_groups,
-                    size_t n_nodes, const float * prefill, size_t n_groups, const float * decode, float decode_steps,
-                    double * out);
+// node_groups[i] of the demand; out[i] = its expected expert loads. Rows and groups must be
+// in range (the caller checks).
+void expected_loads(const residency_matrix & residency, const demand_in & demand, const int64_t * node_rows,
+                    const int64_t * node_groups, size_t n_nodes, double * out);
