@@ -287,18 +287,44 @@ float sum_of(const float * w, size_t n) {
     return total;
 }
 
-uint8_t code_of(float value, float range) {
-    const float unit = std::min(1.0f, std::max(0.0f, value / range));  // NaN -> 0
-    return static_cast<uint8_t>(std::lround(static_cast<float>(CODE_MAX) * std::sqrt(unit)));
+// round(127 * sqrt(value / range)), value / range clipped to [0, 1] (NaN as 0).
+inline uint8_t code_of(float value, float range) {
+    float unit = value / range;
+    unit = unit > 0.0f ? unit : 0.0f;  // NaN compares false: 0
+    unit = unit < 1.0f ? unit : 1.0f;
+    return static_cast<uint8_t>(static_cast<int32_t>(static_cast<float>(CODE_MAX) * std::sqrt(unit) + 0.5f));
+}
+
+// -log(x) for x in [1 - AFFINITY_MAX_PROB, 1], absolute error below 1e-6, written so the
+// compiler vectorises a loop of it: x = m * 2^e with m in [sqrt(1/2), sqrt(2)), and
+// log m = 2 atanh(t), t = (m - 1) / (m + 1), |t| < 0.172, by its series to t^9.
+inline float neg_log(float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    int32_t exponent = static_cast<int32_t>(bits >> 23) - 127;
+    const uint32_t mantissa_bits = (bits & 0x007fffffu) | 0x3f800000u;  // m in [1, 2)
+    float m;
+    std::memcpy(&m, &mantissa_bits, sizeof(m));
+    const bool high = m > 1.41421356f;
+    m = high ? 0.5f * m : m;
+    exponent = high ? exponent + 1 : exponent;
+    const float t = (m - 1.0f) / (m + 1.0f);
+    const float t2 = t * t;
+    const float log_m = 2.0f * t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
+    return -(static_cast<float>(exponent) * 0.693147180559945309f + log_m);
 }
 
 }  // namespace
 
+#if SNIPER_HAVE_AVX2_PATH && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 void affinity_encode(const float * prob, size_t n, uint8_t * prob_codes, uint8_t * log_miss_codes) {
     for (size_t i = 0; i < n; ++i) {
-        const float p = std::min(AFFINITY_MAX_PROB, std::max(0.0f, prob[i]));  // NaN -> 0
+        float p = prob[i] > 0.0f ? prob[i] : 0.0f;  // NaN compares false: 0
+        p = p < AFFINITY_MAX_PROB ? p : AFFINITY_MAX_PROB;
         prob_codes[i] = code_of(p, 1.0f);
-        log_miss_codes[i] = code_of(-std::log1p(-p), AFFINITY_LOG_MISS_RANGE);
+        log_miss_codes[i] = code_of(neg_log(1.0f - p), AFFINITY_LOG_MISS_RANGE);
     }
 }
 

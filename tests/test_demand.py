@@ -60,6 +60,18 @@ def test_affinity_codes_keep_small_probabilities_fine_and_clip_the_rest() -> Non
     assert prob[5] == prob[6] and log_miss[5] == log_miss[6] > 0  # 1.0 is clipped like AFFINITY_MAX_PROB
 
 
+def test_affinity_codes_are_the_rounded_companded_values() -> None:
+    p = np.concatenate([np.random.default_rng(2).random(200_000), np.linspace(0, 1, 10_001)]).astype(np.float32)
+    prob, log_miss = affinity_encode(p)
+    clipped = np.clip(p.astype(np.float64), 0.0, AFFINITY_MAX_PROB)
+    exact_prob = AFFINITY_CODE_MAX * np.sqrt(clipped)
+    exact_miss = AFFINITY_CODE_MAX * np.sqrt(-np.log1p(-clipped) / AFFINITY_LOG_MISS_RANGE)
+    for codes, exact in ((prob, exact_prob), (log_miss, exact_miss)):
+        off = np.abs(codes.astype(np.float64) - np.round(exact))
+        assert off.max() <= 1  # the vectorised log and sqrt round differently only at a half-way point
+        assert np.all(np.abs(exact[off > 0] % 1.0 - 0.5) < 1e-3)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_request_demand_matches_the_numpy_statement(seed: int) -> None:
     rng = np.random.default_rng(seed)

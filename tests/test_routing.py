@@ -12,7 +12,7 @@ from cluster.node import NodeReport, NoNodesError, OverloadedError
 from cluster.router import RouterCore
 from cluster.routing import POLICY_NAMES, NodeView, RouteRequest, make_policy
 from cluster.routing.base import RoutingTraceSummary
-from cluster.routing.warmth import PREFIX_BLOCK, WarmthPolicy, prefix_hashes
+from cluster.routing.warmth import PREFIX_BLOCK, TokenAffinity, WarmthPolicy, prefix_hashes
 from cluster.warmth import encode
 
 L, E, K = 4, 16, 2
@@ -148,3 +148,18 @@ def test_router_core_routes_refuses_and_times_out_silent_nodes():
     assert core.status()["decisions"] == {"warmth:ranked": 2, "warmth:overloaded": 1, "warmth:no_nodes": 1}
     with pytest.raises(NoNodesError):
         core.choose(request(1), set())
+
+
+def test_affinity_learns_selection_frequencies_per_token_and_layer():
+    affinity = TokenAffinity(max_tokens=16)
+    no_decode = np.zeros((2, 4), dtype=np.int64)
+    # token 7 twice: layer 0 picks experts (0, 1) then (0, 2); layer 1 picks (3, -1) then nothing (-1, -1)
+    experts = np.array([[[0, 1], [3, -1]], [[0, 2], [-1, -1]]], dtype=np.int32)
+    affinity.learn(RoutingTraceSummary(tokens=(7, 7), prompt_experts=experts, decode_counts=no_decode))
+    affinity.learn(RoutingTraceSummary(tokens=(-1, 9), prompt_experts=experts, decode_counts=no_decode))
+    demand = affinity.demand(affinity.rows_of([7]), [0])
+    p = demand.prefill[0].reshape(2, 4)
+    np.testing.assert_allclose(p, [[0.99, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.5]], atol=0.01)
+    assert demand.known.tolist() == [1] and len(affinity) == 2  # token -1 is not learned
+    p9 = affinity.demand(affinity.rows_of([9]), [0]).prefill[0].reshape(2, 4)
+    np.testing.assert_allclose(p9, [[0.99, 0.0, 0.99, 0.0], [0.0, 0.0, 0.0, 0.0]], atol=0.01)

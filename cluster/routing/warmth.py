@@ -136,19 +136,20 @@ class TokenAffinity:
         n_layers, n_experts = summary.decode_counts.shape
         if self.shape != (n_layers, n_experts):
             self._reset((n_layers, n_experts))
-        flat = np.where(experts >= 0, experts + (np.arange(n_layers) * n_experts)[None, :, None], -1)
-        touched = set()
-        for token, chosen in zip(summary.tokens, flat):
-            if token < 0:
-                continue
-            row = self._row_of(int(token))
-            ids = chosen[chosen >= 0]
-            np.add.at(self._counts[row], ids, 1.0)
-            self._seen[row] += 1.0
-            touched.add(row)
-        if not touched:
+        tokens = np.asarray(summary.tokens, dtype=np.int64)
+        known = np.flatnonzero(tokens >= 0)
+        if known.size == 0:
             return
-        rows = np.fromiter(touched, dtype=np.int64)
+        token_rows = np.array([self._row_of(int(tokens[i])) for i in known], dtype=np.int64)
+        kept = self._lookup[tokens[known]] == token_rows  # a row a later token of this summary took over is its own
+        known, token_rows = known[kept], token_rows[kept]
+        rows, local = np.unique(token_rows, return_inverse=True)  # the table rows touched; each token's among them
+        width = n_layers * n_experts
+        chosen = experts[known] + (np.arange(n_layers) * n_experts)[None, :, None]  # [n, L, k] flat (layer, expert)
+        picked = experts[known] >= 0
+        cells = (local[:, None, None] * width + chosen)[picked]
+        self._counts[rows] += np.bincount(cells, minlength=rows.size * width).reshape(rows.size, width)
+        self._seen[rows] += np.bincount(local, minlength=rows.size)
         self._prob[rows], self._log_miss[rows] = affinity_encode(self._counts[rows] / self._seen[rows, None])
 
     def rows_of(self, tokens: Sequence[int]) -> np.ndarray:
