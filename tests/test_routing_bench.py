@@ -182,6 +182,7 @@ def test_decision_cost_returns_sane_numbers_at_small_scale() -> None:
     r = routing_bench.measure_decision_cost(n_nodes=6, n_layers=4, n_experts=16, k=2, n_topics=2, prompt_tokens=40,
                                             n_train=8, n_decisions=25, n_rounds=3, round_gap_s=0.0)
     assert r["n_decisions"] == 75 and r["n_rounds"] == 3 and r["affinity_tokens"] > 0
+    assert r["learn_ms_per_report"] > 0 and r["learn_tokens_per_report"] == 64
     assert 0 < r["p50_ms"] <= r["p99_ms"]
     rates = r["round_decisions_per_s"]
     assert len(rates) == 3 and r["decisions_per_s"] == sorted(rates)[1]  # the median round

@@ -189,6 +189,9 @@ def write_routing_report(result: dict[str, Any], out_dir: Path) -> Path:
             *([f"Decisions/s of each round: {', '.join(_fmt(x, 0) for x in d['round_decisions_per_s'])} "
                "(the machine is shared: a round runs as fast as its neighbours let it). The table gives the median "
                "round; p50 and p99 are over all decisions.", ""] if d.get("round_decisions_per_s") else []),
+            *([f"Learning from a report (`RouterCore.on_report` with the routing-trace summary of a "
+               f"{d['learn_tokens_per_report']}-token prefill): {_fmt(d['learn_ms_per_report'], 2)} ms.", ""]
+              if d.get("learn_ms_per_report") is not None else []),
             "| p50 ms | p99 ms | decisions/s | target | met |",
             "|---|---|---|---|---|",
             f"| {_fmt(d['p50_ms'], 3)} | {_fmt(d['p99_ms'], 3)} | {_fmt(d['decisions_per_s'], 1)} | "
