@@ -28,6 +28,7 @@ WARMTH_VERSION = 1
 HEAT_OCTAVES = 16
 MAX_LAYERS = 4096
 MAX_EXPERTS = 65536
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _KEYS = {"v", "n_layers", "n_experts", "resident", "heat", "heat_max", "budget_bytes", "resident_bytes", "counters"}
 
 
@@ -122,7 +123,8 @@ def decode(data: bytes) -> Warmth:
     _check(isinstance(heat, bytes) and len(heat) == n_units, f"heat must be {n_units} bytes")
     heat_max = obj["heat_max"]
     _check(isinstance(heat_max, (int, float)) and not isinstance(heat_max, bool)
-           and math.isfinite(heat_max) and heat_max >= 0, "heat_max must be a finite number >= 0")
+           and math.isfinite(heat_max) and 0 <= heat_max <= _FLOAT32_MAX,
+           f"heat_max must be a number in [0, {_FLOAT32_MAX:.3g}] (heat is float32)")
     for key in ("budget_bytes", "resident_bytes"):
         _check(_is_int(obj[key]) and obj[key] >= 0, f"{key} must be an int >= 0")
     counters = obj["counters"]

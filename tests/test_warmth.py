@@ -111,6 +111,7 @@ def test_unknown_key_is_rejected() -> None:
     ({"n_layers": -1}, "n_layers"),
     ({"heat_max": float("nan")}, "heat_max"),
     ({"heat_max": -1.0}, "heat_max"),
+    ({"heat_max": 1e39}, "heat_max"),  # finite, but beyond float32
     ({"budget_bytes": -5}, "budget_bytes"),
     ({"counters": {"n_steps": "many"}}, "counters"),
     ({"resident": "text, not bytes"}, "resident"),
