@@ -94,7 +94,7 @@ class NodeReport:
     capacity: int
     healthy: bool
     warmth: bytes | None  # None: unchanged since the last report (a busy node's heartbeat)
-    prefixes: tuple[str, ...] | None  # None: unchanged
+    prefixes: tuple[int, ...] | None  # None: unchanged
     sessions: tuple[str, ...]
     stats: dict[str, float]
     sent_at: float
@@ -106,7 +106,7 @@ class NodeReport:
 class _Session:
     tokens: tuple[int, ...]
     state: bytes
-    prefixes: frozenset[str]  # prefix_hashes(tokens), reported with every report
+    prefixes: frozenset[int]  # prefix_hashes(tokens), reported with every report
 
 
 class NodeServer:

@@ -4,6 +4,7 @@
 #include "cache-core.h"
 #include "demand.h"
 #include "llama-glue.h"
+#include "prefix-hash.h"
 #include "routing-trace.h"
 #include "telemetry.h"
 
@@ -255,6 +256,18 @@ PYBIND11_MODULE(_native, m) {
           py::arg("residency"), py::arg("node_rows"), py::arg("node_groups"), py::arg("prefill"), py::arg("decode"),
           py::arg("decode_steps"),
           "Expected expert loads per node (demand.h): float64 [n].");
+    m.def("prefix_hashes",
+          [](const i64_in & tokens, size_t block, size_t max_blocks) {
+              if (tokens.ndim() != 1 || block < 1) {
+                  throw py::value_error("expected tokens [n] and block >= 1");
+              }
+              const size_t n_blocks = std::min(static_cast<size_t>(tokens.size()) / block, max_blocks);
+              py::array_t<uint64_t> out(static_cast<py::ssize_t>(n_blocks));
+              prefix_hashes(tokens.data(), static_cast<size_t>(tokens.size()), block, max_blocks, out.mutable_data());
+              return out;
+          },
+          py::arg("tokens"), py::arg("block"), py::arg("max_blocks"),
+          "Cumulative hashes of the whole blocks of a token sequence (prefix-hash.h): uint64 [n_blocks].");
     m.def("affinity_encode",
           [](const f32_in & prob) {
               const std::vector<py::ssize_t> shape(prob.shape(), prob.shape() + prob.ndim());

@@ -163,3 +163,21 @@ def test_affinity_learns_selection_frequencies_per_token_and_layer():
     assert demand.known.tolist() == [1] and len(affinity) == 2  # token -1 is not learned
     p9 = affinity.demand(affinity.rows_of([9]), [0]).prefill[0].reshape(2, 4)
     np.testing.assert_allclose(p9, [[0.99, 0.0, 0.99, 0.0], [0.0, 0.0, 0.0, 0.0]], atol=0.01)
+
+
+def test_prefix_hashes_are_cumulative_deterministic_and_order_sensitive():
+    import subprocess
+    import sys
+
+    tokens = list(range(1000, 1000 + 5 * PREFIX_BLOCK + 7))
+    hashes = prefix_hashes(tokens)
+    assert len(hashes) == 5 and len(set(hashes)) == 5  # whole blocks only
+    assert prefix_hashes(tokens[: 3 * PREFIX_BLOCK]) == hashes[:3]  # a prefix's hashes are a prefix of them
+    swapped = tokens[:]
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    assert not set(prefix_hashes(swapped)) & set(hashes)  # a change anywhere before a block changes its hash
+    assert prefix_hashes(tokens, max_blocks=2) == hashes[:2] and prefix_hashes(tokens[:PREFIX_BLOCK - 1]) == []
+    other_process = subprocess.run(  # nodes and router hash in different processes (and machines)
+        [sys.executable, "-c", f"from cluster.routing.warmth import prefix_hashes; print(prefix_hashes({tokens!r}))"],
+        capture_output=True, text=True, check=True).stdout
+    assert other_process.strip() == str(hashes)

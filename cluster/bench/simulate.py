@@ -272,7 +272,7 @@ class SimNode:
         self.busy = False
         self.last_report_s = -1e9
         self._warmth: bytes | None = None
-        self._prefixes: tuple[str, ...] | None = None
+        self._prefixes: tuple[int, ...] | None = None
 
     def _reused_tokens(self, tokens: Sequence[int], session: str | None) -> int:
         """NodeServer._switch_session, then MoEEngine._reuse_prefix."""

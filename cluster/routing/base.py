@@ -116,7 +116,7 @@ class RoutingPolicy(ABC):
     def on_node_removed(self, node_id: str) -> None:
         """A node died or left."""
 
-    def on_prefixes(self, node_id: str, hashes: Sequence[str]) -> None:
+    def on_prefixes(self, node_id: str, hashes: Sequence[int]) -> None:
         """``node_id`` now holds the KV state of these prefixes (``prefix_hashes`` of its contexts)."""
 
     def pop_prediction(self, request_id: str) -> np.ndarray | None:

@@ -29,7 +29,6 @@ scaled to stand for all (this bounds the cost of a decision).
 
 from __future__ import annotations
 
-import hashlib
 import operator
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,23 +37,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from cluster._native import affinity_encode, expected_loads, request_demand
+from cluster._native import prefix_hashes as native_prefix_hashes
 from cluster.routing.base import NodeView, RouteRequest, RoutingPolicy, RoutingTraceSummary
 
 PREFIX_BLOCK = 32
 DECODE_CONTEXT = 16
 
 
-def prefix_hashes(tokens: Sequence[int] | np.ndarray, block: int = PREFIX_BLOCK, max_blocks: int = 256) -> list[str]:
-    """Cumulative hashes of tokens[:block], tokens[:2*block], ... (one rule, used by nodes and router)."""
-    n_full = min(len(tokens) // block, max_blocks)
-    data = np.asarray(tokens[: n_full * block], dtype=np.int64).tobytes()
-    step = block * 8
-    out: list[str] = []
-    h = hashlib.blake2b(digest_size=8)
-    for i in range(0, n_full * step, step):
-        h.update(data[i:i + step])
-        out.append(h.hexdigest())
-    return out
+def prefix_hashes(tokens: Sequence[int] | np.ndarray, block: int = PREFIX_BLOCK, max_blocks: int = 256) -> list[int]:
+    """Cumulative hashes of tokens[:block], tokens[:2*block], ... (one rule, used by nodes and router;
+    ``csrc/prefix-hash.h``)."""
+    return native_prefix_hashes(np.asarray(tokens, dtype=np.int64), block, max_blocks).tolist()
 
 
 @dataclass(frozen=True)
@@ -187,8 +180,8 @@ class WarmthPolicy(RoutingPolicy):
         self.expected_decode_tokens = expected_decode_tokens
         self.prefill_token_cost = prefill_token_cost
         self.affinity = TokenAffinity(max_tokens_tracked, max_demand_tokens)
-        self.node_prefixes: dict[str, set[str]] = {}
-        self.prefix_holders: dict[str, set[str]] = {}  # prefix hash -> nodes holding it
+        self.node_prefixes: dict[str, set[int]] = {}
+        self.prefix_holders: dict[int, set[str]] = {}  # prefix hash -> nodes holding it
         self.predicted: dict[str, np.ndarray] = {}  # request_id -> packed bits of the [L*E] experts predicted
         self._matrix = np.zeros((0, 0), dtype=np.uint8)  # residency bits of the nodes seen, a row each
         self._width = 0  # experts per residency row
@@ -202,7 +195,7 @@ class WarmthPolicy(RoutingPolicy):
     def on_report(self, node_id: str, summary: RoutingTraceSummary) -> None:
         self.affinity.learn(summary)
 
-    def on_prefixes(self, node_id: str, hashes: Sequence[str]) -> None:
+    def on_prefixes(self, node_id: str, hashes: Sequence[int]) -> None:
         new = set(hashes)
         old = self.node_prefixes.get(node_id, set())
         for h in old - new:
@@ -264,7 +257,7 @@ class WarmthPolicy(RoutingPolicy):
         self._last = {"nodes": nodes, "candidates": candidates, "costs": costs, "matched": matched}
         return [nodes[int(candidates[j_winner])].node_id]
 
-    def _matched_tokens(self, hashes: list[str], nodes: Sequence[NodeView], candidates: np.ndarray,
+    def _matched_tokens(self, hashes: list[int], nodes: Sequence[NodeView], candidates: np.ndarray,
                         n_tokens: int) -> np.ndarray | None:
         """Per candidate, the prompt tokens whose KV state it holds: the longest prefix it holds
         (hashes are cumulative, so holding block i means holding blocks 0..i), less the last
