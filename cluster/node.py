@@ -260,11 +260,9 @@ class NodeServer:
         learns its affinity back). Returns how many were sent."""
         with self._recent_lock:
             traces = list(self._recent_traces)
-        for summary in traces:
-            if self.report_sink is not None:
-                self._send(NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue,
-                                      healthy=True, warmth=None, prefixes=None, sessions=tuple(self._sessions),
-                                      stats={}, sent_at=time.time(), summary=summary))
+        if self.report_sink is not None:
+            for summary in traces:
+                self._send(self._light_report(summary))
         return len(traces)
 
     def report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> NodeReport:
@@ -303,9 +301,13 @@ class NodeServer:
 
     def _send_busy_report(self) -> None:
         if self.report_sink is not None:
-            self._send(NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue,
-                                  healthy=True, warmth=None, prefixes=None, sessions=tuple(self._sessions),
-                                  stats={}, sent_at=time.time()))
+            self._send(self._light_report())
+
+    def _light_report(self, summary: RoutingTraceSummary | None = None) -> NodeReport:
+        """Load and liveness, and a routing-trace summary if given; warmth and prefixes unchanged."""
+        return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
+                          warmth=None, prefixes=None, sessions=tuple(self._sessions), stats={}, sent_at=time.time(),
+                          summary=summary)
 
     def ready(self) -> dict[str, Any]:
         layout = self.engine.layout

@@ -38,14 +38,13 @@ class NodeState:
     last_report: NodeReport | None = None
     warmth: Warmth | None = None
     warmth_bytes: bytes | None = None  # the report ``warmth`` was decoded from
-    in_flight: int = 0  # change only through RouterCore.acquire / release (they refresh the views)
+    in_flight: int = 0  # change only through RouterCore.acquire / release (they mark the view stale)
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
     served: int = 0
     resident: np.ndarray | None = None  # bool [L, E] from the last warmth report
     sessions: frozenset[str] = frozenset()  # from the last report
     stats: dict[str, float] = field(default_factory=dict)  # from the last full report
-    view: NodeView | None = None  # what the policy sees; None: rebuild (something changed)
 
 
 class RouterCore:
@@ -125,7 +124,6 @@ class RouterCore:
         self._changed(node)
 
     def _changed(self, node: NodeState) -> None:
-        node.view = None
         self._stale.add(node.node_id)
 
     def _sweep(self, force: bool = False) -> None:
@@ -141,17 +139,12 @@ class RouterCore:
         self._sweep(force=True)
         return [n for n in self.nodes.values() if n.alive]
 
-    def view(self, node: NodeState) -> NodeView:
-        if node.view is None:  # rebuilt only when something the policy sees changed
-            node.view = self._build_view(node)
-        return node.view
-
     def _with_room(self) -> list[NodeView]:
         self._sweep()
         for node_id in self._stale:  # usually the one or two nodes a request started or ended on
             node = self.nodes[node_id]
-            if node.alive and node.in_flight < node.capacity:
-                self._room[node_id] = self.view(node)
+            if node.alive and node.in_flight < node.capacity:  # a view is rebuilt only when its node changed
+                self._room[node_id] = self._build_view(node)
             else:
                 self._room.pop(node_id, None)
         self._stale.clear()

@@ -53,7 +53,6 @@ public:
     // Address of a file offset in the mapping, or nullptr if that offset is not mapped.
     const void * address_of(uint64_t file_offset) const;
 
-
 private:
     // Calls fn(address, file_offset, size) for each mapped, page-aligned piece of [first, last).
     template <typename Fn> void for_each_mapped(uint64_t first, uint64_t last, Fn && fn) const;

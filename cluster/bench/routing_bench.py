@@ -287,7 +287,7 @@ def _node_copies(model_path: str, n_nodes: int) -> Iterator[list[str] | None]:
 def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: int = 128, k: int = 8,
                           n_topics: int = 8, prompt_tokens: int = 128, n_train: int = 128, train_tokens: int = 64,
                           n_decisions: int = 200,
-                          n_rounds: int = 5, round_gap_s: float = 0.0, n_in_flight: int = 16,
+                          n_rounds: int = 5, n_in_flight: int = 16,
                           max_seconds: float = 30.0, profile: bool = True, seed: int = 0) -> dict[str, Any]:
     """Latency of ``RouterCore.choose`` with the warmth policy on a synthetic fleet.
 
@@ -304,11 +304,10 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
     nodes, most nodes are within the load slack: close to the policy's worst case. The
     router's clock is frozen so no node times out while measuring.
 
-    The decisions are timed in ``n_rounds`` rounds of ``n_decisions``, back to back by default
-    (a router at thousands of decisions a second never idles between them; on this VM an idle
-    gap lets the next round start on a slowed-down CPU): on a shared machine the speed of a
-    round depends on what its neighbours do at that moment, so every round's rate is reported,
-    and the median round is the figure.
+    The decisions are timed in ``n_rounds`` rounds of ``n_decisions``, back to back (a router
+    at thousands of decisions a second never idles between them): on a shared machine the
+    speed of a round depends on what its neighbours do at that moment, so every round's rate
+    is reported, and the median round is the figure.
 
     Returns:
         p50/p99/mean milliseconds per decision over all rounds, decisions per second (of the
@@ -388,9 +387,7 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
         decide(request(j))
     rounds: list[list[float]] = []
     started = time.perf_counter()
-    for r in range(n_rounds):
-        if r:
-            time.sleep(round_gap_s)
+    for _ in range(n_rounds):
         times: list[float] = []
         for j in range(n_decisions):
             route = request(j)

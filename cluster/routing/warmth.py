@@ -69,9 +69,9 @@ class TokenAffinity:
     """Per token id: how often each (layer, expert) was selected when the token was prefilled.
 
     Rows live in growing tables — the selection probability and -log(1 - p), one byte each,
-    square-root companded (``csrc/demand.h``) — and a token id → row lookup array, so a request's demand is one vectorised
-    lookup and one native pass over the chosen rows (``request_demand``), whatever the number
-    of nodes.
+    square-root companded (``csrc/demand.h``) — and a token id → row lookup array, so a
+    request's demand is one vectorised lookup and one native pass over the chosen rows
+    (``request_demand``), whatever the number of nodes.
     """
 
     def __init__(self, max_tokens: int = 8192, max_demand_tokens: int = 32) -> None:
