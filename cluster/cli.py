@@ -227,6 +227,11 @@ def status_table(status: dict[str, Any]) -> str:
     p = status.get("prediction") or {}
     if p.get("n"):
         rows.append(f"expert-demand prediction over {p['n']} requests: precision {pct(p['precision'])}, recall {pct(p['recall'])}")
+    a = status.get("decision_audit") or {}
+    if a.get("n"):
+        rows.append(f"decisions vs warmth over {a['n']} requests: the serving node held {pct(a['served_coverage'])} of the "
+                    f"experts they selected (best node {pct(a['best_coverage'])}, average {pct(a['mean_coverage'])}); "
+                    f"warmest node chosen in {pct(a['warmest_share'])} of {a['n_choices']} choices")
     return "\n".join(rows)
 
 

@@ -2,7 +2,8 @@
 
 The gateway counts what it sees (requests by endpoint and status, latency, time to first
 token, tokens); at each scrape the router's status — per-node queue depth, expert hit rate,
-bytes read, warmth, routing decisions by policy and outcome, prediction quality — is
+bytes read, warmth, routing decisions by policy and outcome, prediction quality, decisions
+checked against the nodes' warmth — is
 exposed alongside, read fresh, so a scrape always shows the cluster as it is.
 """
 
@@ -72,6 +73,15 @@ class _RouterStatusCollector:
                                        f"Mean {name} of predicted vs actual experts per request")
             if prediction.get(name) is not None:
                 family.add_metric([], float(prediction[name]))
+            yield family
+        audit = status.get("decision_audit") or {}
+        for name, help_ in (("served_coverage", "Mean share of a request's expert selections resident on the node "
+                                                "that served it when the router decided"),
+                            ("best_coverage", "The same on the warmest candidate node"),
+                            ("warmest_share", "Share of decisions that chose the warmest candidate node")):
+            family = GaugeMetricFamily(f"sniper_routing_audit_{name}", help_)
+            if audit.get(name) is not None:
+                family.add_metric([], float(audit[name]))
             yield family
 
 

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
+from cluster.decision_audit import DecisionAudit
 from cluster.errors import PromptTooLongError
 from cluster.node import NodeFailedError, NodeReport, NoNodesError, OverloadedError
 from cluster.routing import NodeView, RouteRequest, make_policy
@@ -56,6 +57,7 @@ class RouterCore:
         self.nodes: dict[str, NodeState] = {}
         self.decisions: Counter[str] = Counter()
         self.predictions: list[tuple[float, float]] = []  # (precision, recall) per request
+        self.audit = DecisionAudit()  # decisions checked against the candidates' warmth, once the requests report
         self.started_at = time.time()
         self._room: dict[str, NodeView] = {}  # views of the live nodes with room (as of the last decision)
         self._stale: set[str] = set()  # nodes changed since: their entry in _room is redone at the next decision
@@ -87,6 +89,8 @@ class RouterCore:
         if report.summary is not None:
             self.policy.on_report(report.node_id, report.summary)
             self._score_prediction(report)
+            if report.request_id:
+                self.audit.on_report(report.request_id, report.node_id, report.summary)
 
     def _score_prediction(self, report: NodeReport) -> None:
         predicted = self.policy.pop_prediction(report.request_id) if report.request_id else None
@@ -171,7 +175,8 @@ class RouterCore:
             raise OverloadedError(f"all {len(live)} live nodes are at capacity "
                                   f"({', '.join(f'{n.node_id} {n.in_flight}/{n.capacity}' for n in live)}); retry later")
         ranked = self.policy.choose(request, with_room)
-        self.decisions[f"{self.policy.name}:{'fallback' if self.policy.fell_back() else 'ranked'}"] += 1
+        self.audit.on_decision(request.request_id, with_room)
+        self.decisions[f"{self.policy.name}:{self.policy.decision_kind()}"] += 1
         return ranked
 
     def status(self) -> dict[str, Any]:
@@ -205,6 +210,7 @@ class RouterCore:
             "prediction": {"n": len(self.predictions),
                            "precision": float(np.mean(precision)) if precision else None,
                            "recall": float(np.mean(recall)) if recall else None},
+            "decision_audit": self.audit.summary(),
         }
 
     def heat(self) -> dict[str, np.ndarray]:

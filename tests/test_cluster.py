@@ -78,6 +78,35 @@ def test_conversations_stay_on_the_node_that_holds_their_state(deployment, tiny_
         assert min(reused[t][1:]) > 8, reused  # the history was not prefilled again
 
 
+def test_requests_of_a_topic_go_to_the_node_warm_for_it(deployment, tiny_topics):
+    """Checked against the nodes' real warmth: the experts each request then selected, and the
+    residency every node reported when the router decided (``decision_audit``)."""
+    client, _ = deployment
+    topics = range(N_NODES)
+
+    def burst(seed: int) -> dict[int, list[str]]:
+        served: dict[int, list[str]] = {t: [] for t in topics}
+        for round_ in range(3):
+            for t in topics:  # one at a time: every node has room, warmth alone decides
+                prompt = synth.topic_prompt(tiny_topics, t, 16, seed=seed + 10 * round_ + t)
+                served[t].append(client.generate(prompt, max_tokens=6).node)
+        return served
+
+    burst(seed=100)  # nodes warm up on what they serve; the router learns the topics' experts
+    before = client.status()["decision_audit"]
+    served = burst(seed=200)
+    after = client.status()["decision_audit"]
+    n = after["n"] - before["n"]
+    assert n == 3 * N_NODES, (before, after)
+    warmest = round(after["warmest_share"] * after["n_choices"] - before["warmest_share"] * before["n_choices"])
+    served_cov = (after["served_coverage"] * after["n"] - before["served_coverage"] * before["n"]) / n
+    mean_cov = (after["mean_coverage"] * after["n"] - before["mean_coverage"] * before["n"]) / n
+    assert warmest >= n - 1, (warmest, n, served)  # the warmest node for the experts it then used, all but once at most
+    assert served_cov > mean_cov + 0.1, (served_cov, mean_cov)
+    assert all(len(set(nodes)) == 1 for nodes in served.values()), served  # a warm topic stays put
+    assert len({nodes[0] for nodes in served.values()}) == N_NODES, served  # idle nodes were not left cold
+
+
 def test_bad_parameters_get_clear_errors(deployment, tiny_topics):
     client, _ = deployment
     with pytest.raises(InvalidParameterError, match="max_tokens"):

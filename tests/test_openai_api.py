@@ -118,7 +118,9 @@ def test_metrics_exposition_includes_router_status():
     status = {"nodes": [{"name": "a", "alive": True, "load": 2, "capacity": 8, "served": 5, "hit_rate": 0.75,
                          "decode_hit_rate": None, "bytes_read": 1024, "generated_tokens": 40, "warm_fraction": 0.5,
                          "resident_bytes": 10, "budget_bytes": 20, "sessions": 1}],
-              "decisions": {"warmth:ranked": 4, "warmth:overloaded": 1}, "prediction": {"precision": 0.9, "recall": None}}
+              "decisions": {"warmth:ranked": 4, "warmth:overloaded": 1}, "prediction": {"precision": 0.9, "recall": None},
+              "decision_audit": {"n": 4, "served_coverage": 0.8, "best_coverage": 0.85, "mean_coverage": 0.4,
+                                 "n_choices": 4, "warmest_share": 0.75}}
     f = _families(metrics.exposition(status))
     assert f["sniper_http_requests_total"][(("endpoint", "/v1/completions"), ("status", "200"))] == 3
     assert f["sniper_request_duration_seconds_count"][(("endpoint", "/v1/completions"),)] == 1
@@ -129,5 +131,6 @@ def test_metrics_exposition_includes_router_status():
     assert "sniper_node_expert_decode_hit_rate" not in f  # unknown values are left out, not zero
     assert f["sniper_routing_decisions_total"][(("outcome", "overloaded"), ("policy", "warmth"))] == 1
     assert f["sniper_routing_prediction_precision"][()] == 0.9 and "sniper_routing_prediction_recall" not in f
+    assert f["sniper_routing_audit_served_coverage"][()] == 0.8 and f["sniper_routing_audit_warmest_share"][()] == 0.75
     down = _families(metrics.exposition(None))
     assert down["sniper_router_up"][()] == 0 and "sniper_node_queue_depth" not in down

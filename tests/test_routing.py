@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from cluster.decision_audit import MAX_PENDING, DecisionAudit, selection_counts
 from cluster.node import NodeReport, NoNodesError, OverloadedError
 from cluster.router import RouterCore
 from cluster.routing import POLICY_NAMES, NodeView, RouteRequest, make_policy
@@ -52,17 +53,54 @@ def request(topic: int, n: int = 24, rid: str = "r", offset: int = 0) -> RouteRe
     return RouteRequest(request_id=rid, tokens=tuple(tokens[(offset + i) % len(tokens)] for i in range(n)))
 
 
-def test_every_policy_is_registered_and_ranks_every_node():
+def test_every_policy_is_registered_and_chooses_among_the_nodes_given():
     nodes = [view(f"n{i}", load=i % 2) for i in range(4)]
     for name in POLICY_NAMES:
         ranked = make_policy(name, rng=random.Random(0)).choose(request(0), nodes)
-        assert sorted(ranked) == sorted(n.node_id for n in nodes), name
+        assert ranked and len(set(ranked)) == len(ranked) and set(ranked) <= {n.node_id for n in nodes}, name
+        if name != "warmth":  # the baselines rank every node; warmth names its choice (base.RoutingPolicy.choose)
+            assert sorted(ranked) == sorted(n.node_id for n in nodes), name
 
 
 def test_knowing_nothing_falls_back_to_least_loaded_explicitly():
     policy = WarmthPolicy(rng=random.Random(0))
     ranked = policy.choose(request(0), [view("a", load=2), view("b", load=0), view("c", load=1)])
-    assert ranked == ["b", "c", "a"] and policy.explain()["fallback"] == "least_loaded"
+    assert ranked == ["b"] and policy.explain()["fallback"] == "least_loaded"
+    assert policy.decision_kind() == "fallback"
+
+
+def test_knowing_nothing_prefers_the_least_loaded_node_used_least_lately():
+    now = [0.0]
+    policy = WarmthPolicy(rng=random.Random(0), clock=lambda: now[0], recent_half_life_s=10.0)
+    nodes = [view("a"), view("b"), view("c", load=1)]
+    for _ in range(3):
+        policy.on_routed(request(0), "a")
+    assert {policy.choose(request(0), nodes)[0] for _ in range(20)} == {"b"}
+    now[0] = 60.0  # six half-lives later "a" is as unused as "b": ties go to the RNG
+    assert {policy.choose(request(0), nodes)[0] for _ in range(40)} == {"a", "b"}
+
+
+def test_a_request_warm_nowhere_goes_to_the_node_used_least_lately():
+    now = [0.0]
+    policy = trained_policy()
+    policy.clock = lambda: now[0]
+    nodes = [view("a", topic=0), view("b"), view("c")]
+    policy.on_routed(request(0), "a")
+    policy.on_routed(request(1), "b")
+    assert policy.choose(request(0), nodes) == ["a"] and policy.decision_kind() == "ranked"  # warm there
+    assert policy.choose(request(1), nodes) == ["c"] and policy.decision_kind() == "spread"  # not "a": warm for other work
+    assert policy.explain()["spread"] and policy.explain()["coverage"]["a"] < 0.1
+    policy.on_routed(request(1), "c")
+    nodes = [view("a", topic=0), view("b", topic=1), view("c")]
+    assert policy.choose(request(1), nodes) == ["b"]  # once warm somewhere, it goes there
+    mostly_new = RouteRequest("m", tokens=tuple(TOPIC_TOKENS[0][:4]) + tuple(range(5000, 5020)))
+    assert policy.choose(mostly_new, nodes) == ["a"] and policy.decision_kind() == "spread"  # 20 of 24 tokens never seen:
+    policy.on_routed(request(0), "a")  # ... cold everywhere, so the node used least lately (then the cheapest)
+    assert policy.choose(mostly_new, nodes) in (["b"], ["c"]) and policy.decision_kind() == "spread"
+    blind = trained_policy(warm_margin=0)  # spreading off: the cheapest node, whatever it is warm for
+    assert {blind.choose(request(1, rid=f"x{i}"), [view("a", topic=0), view("c")])[0] for i in range(30)} == {"a", "c"}
+    with pytest.raises(ValueError, match="warm_margin"):
+        WarmthPolicy(warm_margin=1.5)
 
 
 def test_a_topic_goes_to_the_node_whose_cache_holds_its_experts():
@@ -145,7 +183,8 @@ def test_router_core_routes_refuses_and_times_out_silent_nodes():
     assert core.choose(request(1), {"b"}) == ["a"]  # excluded after a failed attempt
     now[0] = 100.0  # both silent for longer than NODE_TIMEOUT_S
     assert [n["alive"] for n in core.status()["nodes"]] == [False, False]
-    assert core.status()["decisions"] == {"warmth:ranked": 2, "warmth:overloaded": 1, "warmth:no_nodes": 1}
+    assert core.status()["decisions"] == {"warmth:ranked": 1, "warmth:spread": 1,  # "a" holds the other topic
+                                          "warmth:overloaded": 1, "warmth:no_nodes": 1}
     with pytest.raises(NoNodesError):
         core.choose(request(1), set())
 
@@ -181,3 +220,55 @@ def test_prefix_hashes_are_cumulative_deterministic_and_order_sensitive():
         [sys.executable, "-c", f"from cluster.routing.warmth import prefix_hashes; print(prefix_hashes({tokens!r}))"],
         capture_output=True, text=True, check=True).stdout
     assert other_process.strip() == str(hashes)
+
+
+def test_decision_audit_scores_the_served_node_against_every_candidates_warmth():
+    audit = DecisionAudit()
+    half = resident_for(None)
+    half[:, TOPIC_EXPERTS[1][:2]] = 1.0  # holds half of topic 1's experts
+    audit.on_decision("r1", [view("cold"), view("warm", topic=1), NodeView("half", 0, 8, resident=half)])
+    summary = summary_for(1, TOPIC_TOKENS[1][:10], np.random.default_rng(0))
+    counts = selection_counts(summary, (L, E))
+    assert counts.sum() == 10 * L * K + 3 * 4 * L  # prefill selections + decode counts
+    share_half = counts[:, TOPIC_EXPERTS[1][:2]].sum() / counts.sum()
+    scored = audit.on_report("r1", "half", summary)
+    assert scored is not None and not scored.warmest and scored.n_candidates == 3
+    assert scored.served == pytest.approx(share_half) and scored.best == 1.0
+    assert scored.mean == pytest.approx((0.0 + 1.0 + share_half) / 3)
+    assert audit.on_report("r1", "half", summary) is None  # scored once
+    audit.on_decision("r2", [view("cold"), view("warm", topic=1)])
+    audit.on_decision("r2", [view("cold")])  # a retry after "warm" failed replaces the decision
+    assert audit.on_report("r2", "warm", summary) is None  # not a candidate of the decision that stands
+    audit.on_decision("r3", [view("warm", topic=1), view("cold")])
+    assert audit.on_report("r3", "warm", summary).warmest
+    s = audit.summary()
+    assert s["n"] == 2 and s["n_choices"] == 2 and s["warmest_share"] == 0.5
+    assert s["served_coverage"] == pytest.approx((share_half + 1.0) / 2) and s["best_coverage"] == 1.0
+
+
+def test_decision_audit_keeps_a_bounded_number_of_pending_decisions():
+    audit = DecisionAudit()
+    for i in range(MAX_PENDING + 10):
+        audit.on_decision(f"r{i}", [view("a", topic=0)])
+    summary = summary_for(0, TOPIC_TOKENS[0][:4], np.random.default_rng(0))
+    assert audit.on_report("r0", "a", summary) is None  # the oldest were dropped
+    assert audit.on_report(f"r{MAX_PENDING + 9}", "a", summary).served == 1.0
+    audit.on_decision("blind", [NodeView("a", 0, 8)])  # no warmth report yet: nothing to check against
+    assert audit.on_report("blind", "a", summary) is None
+
+
+def test_router_status_reports_how_warm_the_chosen_nodes_were():
+    core = RouterCore("warmth")
+    rng = np.random.default_rng(0)
+    core.on_report(_report("a", 0))
+    core.on_report(_report("b", 1))
+    core.on_report(_report("b", 1, request_id="learn", summary=summary_for(1, TOPIC_TOKENS[1], rng)))
+    core.on_report(_report("a", 0, request_id="learn0", summary=summary_for(0, TOPIC_TOKENS[0], rng)))
+    for i, topic in enumerate([0, 1, 1, 0]):
+        rid = f"q{i}"
+        node = core.choose(request(topic, rid=rid), set())[0]
+        core.on_report(_report(node, topic if node == "ab"[topic] else 1 - topic, request_id=rid,
+                               summary=summary_for(topic, TOPIC_TOKENS[topic], rng)))
+    audit = core.status()["decision_audit"]
+    assert audit["n"] == 4 and audit["warmest_share"] == 1.0 and audit["served_coverage"] == 1.0
+    assert audit["mean_coverage"] == pytest.approx(0.5)

@@ -211,6 +211,7 @@ def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after
         "requests_per_node": dict(sorted(Counter(o["node"] for o in ok).items())),
         "prediction_precision": prediction.get("precision"),
         "prediction_recall": prediction.get("recall"),
+        "decision_audit": after.get("decision_audit"),
         "decisions": after.get("decisions", {}),
         "errors": len(errors),
         "error_examples": sorted(set(errors))[:5],

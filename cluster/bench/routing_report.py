@@ -106,6 +106,27 @@ def _policy_table(policies: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _audit_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
+    """The decisions checked against the nodes' warmth (``cluster.decision_audit``), one row per policy."""
+    audited = {name: p.get("decision_audit") or {} for name, p in policies.items()}
+    if not any(a.get("n") for a in audited.values()):
+        return []
+    lines = [
+        "Decisions checked against the nodes' warmth (`status()[\"decision_audit\"]`): for every request, the share of "
+        "the expert selections it then made (prefill and decode) whose expert was resident, by the nodes' last reports "
+        "when the router decided, on the node that served it, on the best candidate and on an average candidate; and "
+        "how often the served node was the warmest (requests with more than one candidate).",
+        "",
+        "| policy | requests checked | served node | best candidate | average candidate | warmest node chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, a in audited.items():
+        if a.get("n"):
+            lines.append(f"| {name} | {a['n']} | {_pct(a['served_coverage'])} | {_pct(a['best_coverage'])} | "
+                         f"{_pct(a['mean_coverage'])} | {_pct(a['warmest_share'])} of {a['n_choices']} |")
+    return lines + [""]
+
+
 def _targets_lines(result: dict[str, Any]) -> list[str]:
     t = result["targets"]
     if not t:
@@ -164,6 +185,7 @@ def write_routing_report(result: dict[str, Any], out_dir: Path) -> Path:
             f"{name} {', '.join(f'{_short(n)}: {k}' for n, k in p['requests_per_node'].items())}"
             for name, p in policies.items()) + ".",
         "",
+        *_audit_lines(policies),
         "Ratios (policy ÷ baseline; below 1 is better for bytes and latency, above 1 for hit rate and tok/s):",
         "",
         *_targets_lines(result),
@@ -249,6 +271,7 @@ def write_simulate_report(result: dict[str, Any], out_dir: Path) -> Path:
             f"{name} p50 {_fmt(p['decision_us_p50'], 0)} µs, p99 {_fmt(p['decision_us_p99'], 0)} µs"
             for name, p in policies.items()) + ".",
         "",
+        *_audit_lines(policies),
         "Ratios (policy ÷ baseline):",
         "",
         *_targets_lines(result),

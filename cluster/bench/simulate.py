@@ -486,6 +486,7 @@ def _summarise(outcomes: list[dict[str, Any]], status: dict[str, Any]) -> dict[s
                         "cv": float(counts.std() / counts.mean()) if counts.size and counts.mean() else None},
         "prediction_precision": prediction.get("precision"),
         "prediction_recall": prediction.get("recall"),
+        "decision_audit": status.get("decision_audit"),
         "decisions": status.get("decisions", {}),
         "errors": 0,  # a simulated node never fails
     }

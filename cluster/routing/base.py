@@ -103,6 +103,10 @@ class RoutingPolicy(ABC):
         """Whether the last ``choose`` fell back to a default order for lack of knowledge."""
         return "fallback" in self._last
 
+    def decision_kind(self) -> str:
+        """How the last ``choose`` decided, as the router counts decisions: "fallback" or "ranked"."""
+        return "fallback" if self.fell_back() else "ranked"
+
     # Hooks: no-ops unless a policy needs them.
     def on_routed(self, request: RouteRequest, node_id: str) -> None:
         """The request was dispatched to ``node_id``."""
@@ -124,7 +128,8 @@ class RoutingPolicy(ABC):
         return None
 
     def _shuffled(self, node_ids: Sequence[str]) -> list[str]:
-        out = list(node_ids)
+        """A random order that depends on the RNG only (not on the order given: same seed, same order)."""
+        out = sorted(node_ids)
         self.rng.shuffle(out)
         return out
 

@@ -17,14 +17,22 @@ Procedure, per request:
      default slack is 0: waiting behind one request costs more than the expert loads and the
      prefill a warmer node would save (docs/simulation.md: at 256 nodes a slack of 1 gave 1.7x
      the p99 latency of least_loaded, a slack of 0 about 1x, with fewer bytes read).
-  5. Knowing nothing (no affinity for any prompt token, no prefix match, no warmth report):
-     least loaded, explicitly.
+  5. Spread: when no candidate holds a prefix of the request and none is warm for it — the share
+     of its expected demand resident there (times the share of its tokens the affinity knows)
+     is below chance (the node's resident share f) + ``warm_margin`` * (1 - f) everywhere — the
+     candidate routed to least lately takes it (then the cheapest, then the RNG). Sending it to
+     the node warm for *other* work would evict that work's experts while an idler node could
+     become the request's home; without this rule a few nodes end up holding every topic while
+     others stay cold (docs/simulation.md).
+  6. Knowing nothing (no affinity for any prompt token, no prefix match, no warmth report):
+     the least-loaded node, the one routed to least lately among equals, explicitly.
 
 Knobs: load_slack (requests, >= 0, default 0), expected_decode_tokens (>= 0, 32),
 prefill_token_cost (expert loads per prefilled token, >= 0, 0.05), max_tokens_tracked
 (affinity table size, LRU, 8192), max_demand_tokens (>= 1, 32): the demand of a long prompt is
 estimated from an even sample of at most this many of its distinct known tokens, their counts
-scaled to stand for all (this bounds the cost of a decision).
+scaled to stand for all (this bounds the cost of a decision); warm_margin ([0, 1], 0.25; 0 turns
+spreading off), recent_half_life_s (> 0, 30): how fast "routed lately" forgets.
 """
 
 from __future__ import annotations
@@ -170,13 +178,20 @@ class WarmthPolicy(RoutingPolicy):
     name = "warmth"
 
     def __init__(self, *, load_slack: int = 0, expected_decode_tokens: int = 32, prefill_token_cost: float = 0.05,
-                 max_tokens_tracked: int = 8192, max_demand_tokens: int = 32, **kwargs: Any) -> None:
+                 max_tokens_tracked: int = 8192, max_demand_tokens: int = 32, warm_margin: float = 0.25,
+                 recent_half_life_s: float = 30.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if load_slack < 0 or expected_decode_tokens < 0 or prefill_token_cost < 0:
             raise ValueError("load_slack, expected_decode_tokens and prefill_token_cost must be >= 0")
         if max_demand_tokens < 1:
             raise ValueError(f"max_demand_tokens must be >= 1, got {max_demand_tokens}")
+        if not 0 <= warm_margin <= 1 or recent_half_life_s <= 0:
+            raise ValueError(f"warm_margin must be in [0, 1] and recent_half_life_s > 0, got {warm_margin}, "
+                             f"{recent_half_life_s}")
         self.load_slack = load_slack
+        self.warm_margin = warm_margin
+        self.recent_half_life_s = recent_half_life_s
+        self._recent: dict[str, tuple[float, float]] = {}  # node -> (recent use, when last updated)
         self.expected_decode_tokens = expected_decode_tokens
         self.prefill_token_cost = prefill_token_cost
         self.affinity = TokenAffinity(max_tokens_tracked, max_demand_tokens)
@@ -187,6 +202,7 @@ class WarmthPolicy(RoutingPolicy):
         self._width = 0  # experts per residency row
         self._node_row: dict[str, int] = {}
         self._row_source: list[np.ndarray | None] = []  # the array each row was copied from
+        self._row_fill = np.zeros(0, dtype=np.float64)  # share of the experts resident, per row
         self._rows_arrays: list[np.ndarray | None] = []  # the last call's arrays, and its answer
         self._rows_value: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -221,6 +237,15 @@ class WarmthPolicy(RoutingPolicy):
         n_layers, n_experts = self.affinity.shape
         return np.unpackbits(bits, count=n_layers * n_experts).astype(bool).reshape(n_layers, n_experts)
 
+    def on_routed(self, request: RouteRequest, node_id: str) -> None:
+        now = self.clock()
+        self._recent[node_id] = (self._recent_use(node_id, now) + 1.0, now)
+
+    def _recent_use(self, node_id: str, now: float) -> float:
+        """Requests routed to the node lately, each weighing 2^-(age / recent_half_life_s)."""
+        count, at = self._recent.get(node_id, (0.0, now))
+        return count * 2.0 ** (-(now - at) / self.recent_half_life_s)
+
     def choose(self, request: RouteRequest, nodes: Sequence[NodeView]) -> list[str]:
         tokens = np.asarray(request.tokens, dtype=np.int64)
         n_tokens = tokens.size
@@ -234,28 +259,72 @@ class WarmthPolicy(RoutingPolicy):
         else:  # candidates that hold the same prefix prefill the same suffix
             starts = sorted(set(matched.tolist()))
             group_of = np.searchsorted(starts, matched)
-        demand = self.affinity.demand(self.affinity.rows_of(tokens), starts)
+        rows = self.affinity.rows_of(tokens)
+        demand = self.affinity.demand(rows, starts)
         costs = self.prefill_token_cost * (n_tokens - matched).astype(np.float64)
+        coverage, cold = None, False
         if demand is not None:
             residency = self._resident_rows(nodes)
             if residency is not None and self._width == demand.prefill.shape[1]:
                 matrix, node_rows = residency
-                costs += expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, demand.decode,
+                misses = expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, demand.decode,
                                         float(self.expected_decode_tokens))
+                costs += misses
+                if starts[-1] == 0 and self.warm_margin > 0:  # one suffix for all: is any node warm for it?
+                    coverage, cold = self._coverage(demand, rows, misses, node_rows[candidates])
             else:  # no warmth known: the prefill's expected loads, as if nothing were resident
                 costs += demand.prefill.sum(axis=1, dtype=np.float64)[group_of]
         if starts[-1] == 0 and (demand is None or demand.known[0] == 0):
             self._last = {"fallback": "least_loaded", "reason": "no affinity or prefix known for this prompt"}
-            return self.least_loaded(nodes)
-        best = costs.min()
-        top = np.flatnonzero(costs <= best + 0.01 * max(1.0, abs(best))).tolist()
-        j_winner = top[0] if len(top) == 1 else self.rng.choice(sorted(top, key=lambda j: nodes[candidates[j]].node_id))
+            least = candidates[np.array(loads)[candidates] == min(loads)]
+            return [nodes[int(least[self._least_used(nodes, least, np.zeros(least.size))])].node_id]
+        if cold:  # warm nowhere: claim the node used least lately rather than crowd one warm for other work
+            j_winner = self._least_used(nodes, candidates, costs)
+        else:
+            best = costs.min()
+            top = np.flatnonzero(costs <= best + 0.01 * max(1.0, abs(best))).tolist()
+            j_winner = top[0] if len(top) == 1 else \
+                self.rng.choice(sorted(top, key=lambda j: nodes[candidates[j]].node_id))
         if demand is not None and demand.known[group_of[j_winner]] > 0:  # the experts the winner's prefill needs
             self.predicted[request.request_id] = np.packbits(demand.prefill[group_of[j_winner]] > 0.5)
             if len(self.predicted) > 4096:
                 self.predicted.pop(next(iter(self.predicted)))
-        self._last = {"nodes": nodes, "candidates": candidates, "costs": costs, "matched": matched}
+        self._last = {"nodes": nodes, "candidates": candidates, "costs": costs, "matched": matched,
+                      "coverage": coverage, "spread": cold}
         return [nodes[int(candidates[j_winner])].node_id]
+
+    def _coverage(self, demand: Demand, rows: np.ndarray, misses: np.ndarray,
+                  node_rows: np.ndarray) -> tuple[np.ndarray | None, bool]:
+        """Whether no candidate is warm for the request, and then each one's coverage (else None).
+
+        Coverage: the share of the request's expected demand resident on the node, scaled by the
+        share of its tokens the affinity knows (a token never seen is warm nowhere). Warm: coverage
+        at least chance (the node's resident share f) + ``warm_margin`` * (1 - f). The node with
+        the fewest expected misses is checked first; usually it is warm and nothing else is computed.
+        """
+        total = float(demand.prefill[0].sum(dtype=np.float64)
+                      + self.expected_decode_tokens * demand.decode.sum(dtype=np.float64))
+        if total <= 0:
+            return None, False
+        known = np.count_nonzero(rows >= 0) / max(1, rows.size)
+        j = int(np.argmin(misses))
+        chance = float(self._row_fill[node_rows[j]])
+        if (1.0 - float(misses[j]) / total) * known >= chance + self.warm_margin * (1.0 - chance):
+            return None, False
+        coverage = (1.0 - misses / total) * known
+        chance = self._row_fill[node_rows]
+        cold = not bool(np.any(coverage >= chance + self.warm_margin * (1.0 - chance)))
+        return coverage, cold
+
+    def _least_used(self, nodes: Sequence[NodeView], candidates: np.ndarray, costs: np.ndarray) -> int:
+        """Index into candidates of the one routed to least lately (within half a request), then the
+        cheapest, then the RNG's pick."""
+        now = self.clock()
+        recent = np.array([self._recent_use(nodes[i].node_id, now) for i in candidates.tolist()])
+        pool = np.flatnonzero(recent <= recent.min() + 0.5)
+        if pool.size > 1 and np.ptp(costs[pool]) == 0:
+            return int(self.rng.choice(sorted(pool.tolist(), key=lambda j: nodes[candidates[j]].node_id)))
+        return int(pool[np.argmin(costs[pool])])
 
     def _matched_tokens(self, hashes: list[int], nodes: Sequence[NodeView], candidates: np.ndarray,
                         n_tokens: int) -> np.ndarray | None:
@@ -294,6 +363,7 @@ class WarmthPolicy(RoutingPolicy):
             self._matrix = np.zeros((0, (width + 7) // 8), dtype=np.uint8)
             self._node_row.clear()
             self._row_source.clear()
+            self._row_fill = np.zeros(0, dtype=np.float64)
         rows = np.empty(len(nodes), dtype=np.int64)
         for i, node in enumerate(nodes):
             row = self._node_row.get(node.node_id)
@@ -302,8 +372,11 @@ class WarmthPolicy(RoutingPolicy):
                 self._row_source.append(None)
                 if row >= self._matrix.shape[0]:
                     self._matrix = np.vstack([self._matrix, np.zeros((max(8, row), self._matrix.shape[1]), np.uint8)])
+                    self._row_fill = np.concatenate([self._row_fill, np.zeros(self._matrix.shape[0] - self._row_fill.size)])
             if self._row_source[row] is not node.resident:
-                self._matrix[row] = np.packbits(node.resident.reshape(-1) != 0, bitorder="little")
+                flags = node.resident.reshape(-1) != 0
+                self._matrix[row] = np.packbits(flags, bitorder="little")
+                self._row_fill[row] = np.count_nonzero(flags) / width
                 self._row_source[row] = node.resident
             rows[i] = row
         self._rows_value = (self._matrix[: len(self._row_source)], rows)
@@ -312,6 +385,10 @@ class WarmthPolicy(RoutingPolicy):
     def state(self) -> dict[str, object]:
         return {"affinity_tokens": len(self.affinity), "prefixes_held": len(self.prefix_holders)}
 
+    def decision_kind(self) -> str:
+        """"spread" when no node was warm for the request and the least used one took it."""
+        return "spread" if self._last.get("spread") else super().decision_kind()
+
     def explain(self) -> dict[str, object]:
         last = self._last
         if "costs" not in last:
@@ -319,4 +396,7 @@ class WarmthPolicy(RoutingPolicy):
         nodes, candidates = last["nodes"], last["candidates"]
         return {"costs": {nodes[i].node_id: float(c) for i, c in zip(candidates, last["costs"])},
                 "matched_tokens": {nodes[i].node_id: int(m) for i, m in zip(candidates, last["matched"])},
-                "candidates": len(candidates)}
+                "candidates": len(candidates),
+                **({"coverage": {nodes[i].node_id: float(c) for i, c in zip(candidates, last["coverage"])}}
+                   if last["coverage"] is not None else {}),
+                **({"spread": True} if last["spread"] else {})}

@@ -1,0 +1,117 @@
+"""Checks each routing decision against the nodes' warmth, in hindsight.
+
+At a decision the router keeps the resident-expert map each candidate node last reported.
+When the serving node reports which experts the request then selected (its routing-trace
+summary: prefill and decode), the audit scores every candidate by *coverage*: the share of
+those selections whose expert was resident there when the router decided, i.e. the hit rate
+the request would have started with on that node. Comparing the node that served with the
+best candidate shows whether the router sent the request where the experts it needed were
+warm, for any policy, with the nodes' own reports as the ground truth.
+
+Coverage ignores what a node would have done differently had it served the request (a node
+holding the conversation prefills only the new turn; a cache adapts during the request), so a
+policy may rightly trade a little coverage for a held session or a lighter load.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from cluster.routing.base import NodeView, RoutingTraceSummary
+
+MAX_PENDING = 4096  # decisions waiting for their report; the oldest are dropped (requests that never reported)
+MAX_SCORED = 1000  # scored decisions kept for the averages
+TIE = 1e-9
+
+
+@dataclass(frozen=True)
+class AuditedDecision:
+    """One request's coverage on the node that served it and on the other candidates.
+
+    Attributes:
+        served: coverage on the node that served the request.
+        best: the highest coverage among the candidates.
+        mean: the mean coverage over the candidates (what a blind choice gets on average).
+        n_candidates: nodes with room and a warmth report when the router decided.
+    """
+
+    served: float
+    best: float
+    mean: float
+    n_candidates: int
+
+    @property
+    def warmest(self) -> bool:
+        return self.served >= self.best - TIE
+
+
+class DecisionAudit:
+    """Keeps candidates' resident maps per decision and scores them when the request reports."""
+
+    def __init__(self) -> None:
+        self._pending: OrderedDict[str, Sequence[NodeView]] = OrderedDict()
+        self.scored: list[AuditedDecision] = []
+
+    def on_decision(self, request_id: str, candidates: Sequence[NodeView]) -> None:
+        """The router chose among ``candidates`` (a retry replaces the earlier decision).
+
+        Only the sequence is kept (views are frozen, and a report replaces a node's resident
+        map rather than changing it), so a decision costs no copy."""
+        self._pending.pop(request_id, None)
+        self._pending[request_id] = candidates
+        if len(self._pending) > MAX_PENDING:
+            self._pending.popitem(last=False)
+
+    def on_report(self, request_id: str, node_id: str, summary: RoutingTraceSummary) -> AuditedDecision | None:
+        """``node_id`` served the request; scores the decision if one is pending and it was a candidate
+        with a resident map."""
+        views = self._pending.pop(request_id, None)
+        candidates = {v.node_id: v.resident for v in views or () if v.resident is not None}
+        if node_id not in candidates:
+            return None
+        counts = selection_counts(summary, candidates[node_id].shape)
+        total = counts.sum()
+        if total == 0:
+            return None
+        coverage = {n: float(counts[r.astype(bool)].sum() / total) for n, r in candidates.items() if r.shape == counts.shape}
+        values = list(coverage.values())
+        scored = AuditedDecision(served=coverage[node_id], best=max(values), mean=float(np.mean(values)),
+                                 n_candidates=len(values))
+        self.scored.append(scored)
+        del self.scored[:-MAX_SCORED]
+        return scored
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Averages over the scored decisions; ``warmest`` counts only decisions with a choice to make."""
+        scored = self.scored
+        choices = [d for d in scored if d.n_candidates > 1]
+
+        def mean(values: list[float]) -> float | None:
+            return float(np.mean(values)) if values else None
+
+        return {"n": len(scored),
+                "served_coverage": mean([d.served for d in scored]),
+                "best_coverage": mean([d.best for d in scored]),
+                "mean_coverage": mean([d.mean for d in scored]),
+                "n_choices": len(choices),
+                "warmest_share": mean([float(d.warmest) for d in choices])}
+
+
+def selection_counts(summary: RoutingTraceSummary, shape: tuple[int, ...]) -> np.ndarray:
+    """Selections per (layer, expert) in a request: its prefilled tokens' and its decoding's, ``[L, E]``."""
+    n_layers, n_experts = shape
+    counts = np.zeros(n_layers * n_experts, dtype=np.int64)
+    experts = summary.prompt_experts
+    if experts.ndim == 3 and experts.size:
+        layers = min(n_layers, experts.shape[1])
+        ids = experts[:, :layers, :]
+        units = ids + (np.arange(layers, dtype=ids.dtype) * n_experts)[None, :, None]
+        counts += np.bincount(units[(ids >= 0) & (ids < n_experts)], minlength=counts.size)[:counts.size]
+    decode = np.asarray(summary.decode_counts)
+    if decode.shape == shape:
+        counts += decode.reshape(-1).astype(np.int64)
+    return counts.reshape(shape)
