@@ -125,9 +125,9 @@ def _cache_budget(args: argparse.Namespace, model: str) -> int | None:
         return None
     if args.cache_mb:
         return args.cache_mb * MIB
-    from cluster.cache import discover_layout
+    from cluster.deploy import whole_model_budget
 
-    return int(discover_layout(model).unit_bytes.sum())
+    return whole_model_budget(model)
 
 
 def _run_summary(r: dict[str, Any]) -> str:
@@ -229,9 +229,12 @@ def status_table(status: dict[str, Any]) -> str:
         rows.append(f"expert-demand prediction over {p['n']} requests: precision {pct(p['precision'])}, recall {pct(p['recall'])}")
     a = status.get("decision_audit") or {}
     if a.get("n"):
+        from cluster.decision_audit import WARMEST_TOLERANCE
+
         rows.append(f"decisions vs warmth over {a['n']} requests: the serving node held {pct(a['served_coverage'])} of the "
                     f"experts they selected (best node {pct(a['best_coverage'])}, average {pct(a['mean_coverage'])}); "
-                    f"warmest node chosen in {pct(a['warmest_share'])} of {a['n_choices']} choices")
+                    f"warmest node (within {100 * WARMEST_TOLERANCE:.0f} points) chosen in {pct(a['warmest_share'])} "
+                    f"of {a['n_choices']} choices")
     return "\n".join(rows)
 
 

@@ -25,7 +25,8 @@ from cluster.routing.base import NodeView, RoutingTraceSummary
 
 MAX_PENDING = 4096  # decisions waiting for their report; the oldest are dropped (requests that never reported)
 MAX_SCORED = 1000  # scored decisions kept for the averages
-TIE = 1e-9
+WARMEST_TOLERANCE = 0.05  # a served coverage this close to the best counts as the warmest choice (many nodes can be
+# warm for the same work, their coverages a point or two apart)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class AuditedDecision:
 
     @property
     def warmest(self) -> bool:
-        return self.served >= self.best - TIE
+        """The served node's coverage was within WARMEST_TOLERANCE of the best candidate's."""
+        return self.served >= self.best - WARMEST_TOLERANCE
 
 
 class DecisionAudit:
@@ -86,7 +88,8 @@ class DecisionAudit:
         return scored
 
     def summary(self) -> dict[str, float | int | None]:
-        """Averages over the scored decisions; ``warmest`` counts only decisions with a choice to make."""
+        """Averages over the last MAX_SCORED scored decisions; ``warmest_share`` counts only decisions
+        with a choice to make."""
         scored = self.scored
         choices = [d for d in scored if d.n_candidates > 1]
 

@@ -114,6 +114,13 @@ class NodeActor(NodeServer):
             raise
 
 
+def whole_model_budget(model_path: str) -> int:
+    """An expert-cache budget that holds every expert of the model: the budget when none is given."""
+    from cluster.cache import discover_layout
+
+    return int(discover_layout(model_path).unit_bytes.sum())
+
+
 def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: str = "warmth",
            namespace: str = NAMESPACE, n_ctx: int = 2048, max_queue: int = 8,
            memory_limit_bytes: int | None = None, n_threads: int | None = None,

@@ -341,12 +341,16 @@ def build_app(args: dict[str, Any]) -> Any:
                                                                ("max_prompt_tokens", "max_prompt_tokens"),
                                                                ("max_body_bytes", "max_body_bytes")) if key in args})
     if "model" in args:
-        _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)), args.get("cache_mb"), args.get("threads"),
-                           str(args.get("policy", "warmth")), namespace)
+        cache_mb = args.get("cache_mb") or os.environ.get("SNIPER_CACHE_MB")  # as `serve --cache-mb`
+        if cache_mb is not None and (not str(cache_mb).isdigit() or int(cache_mb) < 1):
+            raise InvalidParameterError(f"cache_mb must be a positive integer (MiB), got {cache_mb!r}")
+        _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)), int(cache_mb) if cache_mb else None,
+                           args.get("threads"), str(args.get("policy", "warmth")), namespace)
     return gateway_app(GatewayConfig(namespace=namespace, api_key=args.get("api_key"), limits=limits))
 
 
-def _ensure_deployment(model: str, nodes: int, cache_mb: Any, threads: Any, policy: str, namespace: str) -> None:
+def _ensure_deployment(model: str, nodes: int, cache_mb: int | None, threads: Any, policy: str, namespace: str) -> None:
+    """Deploys unless the namespace has a router; no ``cache_mb``: a budget that holds the whole model."""
     import ray
 
     from cluster import deploy
@@ -357,5 +361,6 @@ def _ensure_deployment(model: str, nodes: int, cache_mb: Any, threads: Any, poli
         return
     except ValueError:
         pass
-    deploy.deploy(model, nodes, cache_bytes=int(cache_mb) << 20 if cache_mb else None, policy=policy, namespace=namespace,
+    cache_bytes = cache_mb << 20 if cache_mb is not None else deploy.whole_model_budget(model)
+    deploy.deploy(model, nodes, cache_bytes=cache_bytes, policy=policy, namespace=namespace,
                   n_threads=int(threads) if threads else None)

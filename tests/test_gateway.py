@@ -29,7 +29,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from cluster import deploy, synth  # noqa: E402
 from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
 from cluster.gateway import GatewayConfig, build_app, start_http, stop_http  # noqa: E402
-from cluster.node import node_name  # noqa: E402
+from cluster.node import ROUTER_NAME, node_name  # noqa: E402
 from cluster.openai_api import Limits  # noqa: E402
 
 N_NODES = 2
@@ -283,8 +283,10 @@ def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model,
 
     with pytest.raises(InvalidParameterError, match="modell"):
         build_app({"modell": "x"})
-    args = {"model": str(tiny_model), "nodes": "2", "cache_mb": "4", "threads": "1", "namespace": "gateway-build", "api_key": "k2",
-            "max_tokens_limit": "8"}
+    with pytest.raises(InvalidParameterError, match="cache_mb must be a positive integer"):
+        build_app({"model": str(tiny_model), "cache_mb": "lots"})
+    args = {"model": str(tiny_model), "nodes": "2", "threads": "1", "namespace": "gateway-build", "api_key": "k2",
+            "max_tokens_limit": "8"}  # no cache_mb: as `serve`, a budget that holds the whole model
     try:
         serve.run(build_app(args), name="sniper-build", route_prefix="/build")
         url = f"{gateway}/build"
@@ -296,6 +298,9 @@ def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model,
         r = requests.post(f"{url}/v1/completions", json={**body, "max_tokens": 9}, headers={"Authorization": "Bearer k2"},
                           timeout=60)
         assert r.status_code == 400
+        status = ray.get(ray.get_actor(ROUTER_NAME, namespace="gateway-build").status.remote(), timeout=30)
+        served = [n for n in status["nodes"] if n["served"]]
+        assert served and {n["budget_bytes"] for n in served} == {deploy.whole_model_budget(str(tiny_model))}
     finally:
         serve.delete("sniper-build")
         deploy.shutdown("gateway-build")

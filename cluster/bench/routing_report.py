@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cluster.bench.report import MIB, _fmt  # noqa: E402
+from cluster.decision_audit import WARMEST_TOLERANCE  # noqa: E402
 
 KIB = 1 << 10
 BASELINES = ("round_robin", "least_loaded")
@@ -115,7 +116,8 @@ def _audit_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
         "Decisions checked against the nodes' warmth (`status()[\"decision_audit\"]`): for every request, the share of "
         "the expert selections it then made (prefill and decode) whose expert was resident, by the nodes' last reports "
         "when the router decided, on the node that served it, on the best candidate and on an average candidate; and "
-        "how often the served node was the warmest (requests with more than one candidate).",
+        f"how often the served node was the warmest, within {100 * WARMEST_TOLERANCE:.0f} points of the best (requests "
+        "with more than one candidate).",
         "",
         "| policy | requests checked | served node | best candidate | average candidate | warmest node chosen |",
         "|---|---|---|---|---|---|",
