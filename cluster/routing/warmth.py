@@ -227,6 +227,7 @@ class WarmthPolicy(RoutingPolicy):
     def on_node_removed(self, node_id: str) -> None:
         self.on_prefixes(node_id, ())
         self.node_prefixes.pop(node_id, None)
+        self._recent.pop(node_id, None)
 
     # -- decision ------------------------------------------------------------------------
 
