@@ -52,7 +52,7 @@ class AuditedDecision:
 
 
 class DecisionAudit:
-    """Keeps candidates' resident maps per decision and scores them when the request reports."""
+    """Keeps each decision's candidates and scores them when the request reports what it selected."""
 
     def __init__(self) -> None:
         self._pending: OrderedDict[str, Sequence[NodeView]] = OrderedDict()
