@@ -243,3 +243,13 @@ def test_model_without_topics_needs_a_prompts_file(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(ValueError, match="pass --prompts FILE.jsonl"):
         workload.for_model(str(path), None, 4, rate=1.0)
+
+
+def test_static_oracle_floor_shrinks_with_the_budget_and_names_every_domain(traces: simulate.TraceSet) -> None:
+    total = int(np.asarray(traces.unit_bytes, dtype=np.int64).sum())
+    floors = [simulate.static_oracle_floor(traces, budget) for budget in (0, total // 4, total // 2, total)]
+    assert floors[0]["decode_miss_rate"] == 1.0 and floors[-1]["decode_miss_rate"] == 0.0
+    rates = [f["decode_miss_rate"] for f in floors]
+    assert rates == sorted(rates, reverse=True) and 0 < rates[1] < 1
+    assert set(floors[1]["by_domain"]) == {t.turn.domain for t in traces.turns}
+    assert floors[1]["n_domains"] == len(floors[1]["by_domain"]) >= 2

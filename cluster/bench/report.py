@@ -22,7 +22,9 @@ MIB = 1 << 20
 ROUTING_POINTER = ("The cluster's benchmarks have their own reports: `routing.md` (`bench routing`: routing policies "
                    "on a live local cluster, and the router's decision cost), `routing-memlimit/routing.md` (the same "
                    "with memory-limited nodes), `routing-spec0/routing.md` (the same on a model whose routing ignores "
-                   "topics) and `simulation.md` (`bench simulate`: many simulated nodes).")
+                   "topics), `simulation.md` (`bench simulate`: many simulated nodes) and "
+                   "`simulation-demo3/simulation.md` (the live demo setting, simulated, with the decode-miss floor of a "
+                   "hindsight oracle).")
 
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -492,6 +492,35 @@ def _summarise(outcomes: list[dict[str, Any]], status: dict[str, Any]) -> dict[s
     }
 
 
+def static_oracle_floor(traces: TraceSet, cache_bytes: int) -> dict[str, Any] | None:
+    """The decode misses no routing could avoid with caches of ``cache_bytes``, on the best of terms.
+
+    Each domain gets a node of its own whose cache holds, chosen in hindsight, the units its
+    decode steps selected most (as many as fit the budget): a static cache that knows the whole
+    trace. The share of decode selections outside those units is a floor for a policy's decode
+    miss rate when domains share nothing; None when the turns carry no domain.
+    """
+    unit_bytes = np.asarray(traces.unit_bytes, dtype=np.int64).reshape(-1)
+    by_domain: dict[str, np.ndarray] = {}
+    for recorded in traces.turns:
+        domain = recorded.turn.domain
+        if domain is None:
+            return None
+        _, decode = recorded.trace.split_prefill(len(recorded.tokens), traces.n_layers, traces.n_experts)
+        by_domain[domain] = by_domain.get(domain, 0) + np.asarray(decode, dtype=np.int64).reshape(-1)
+    misses: dict[str, float] = {}
+    total_missed = total = 0
+    for domain, counts in sorted(by_domain.items()):
+        order = np.argsort(-counts, kind="stable")
+        held = order[np.cumsum(unit_bytes[order]) <= cache_bytes]
+        missed = int(counts.sum() - counts[held].sum())
+        misses[domain] = missed / counts.sum() if counts.sum() else 0.0
+        total_missed += missed
+        total += int(counts.sum())
+    return {"decode_miss_rate": total_missed / total if total else None, "by_domain": misses,
+            "n_domains": len(by_domain)}
+
+
 def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: str | None = None,
                        save_traces: str | None = None, n_nodes: int = 256, policies: Sequence[str] = (),
                        n_requests: int | None = None, rate: float | None = None, cache_mb: int | None = None,
@@ -539,6 +568,7 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
         "nodes": n_nodes,
         "cache_bytes_per_node": cache_bytes,
         "policies": {},
+        "static_oracle": static_oracle_floor(traces, cache_bytes),
     }
     for policy in policies:
         log_progress(progress, f"simulating {policy} on {n_nodes} nodes")
