@@ -341,10 +341,10 @@ def build_app(args: dict[str, Any]) -> Any:
                                                                ("max_prompt_tokens", "max_prompt_tokens"),
                                                                ("max_body_bytes", "max_body_bytes")) if key in args})
     if "model" in args:
-        cache_mb = args.get("cache_mb") or os.environ.get("SNIPER_CACHE_MB")  # as `serve --cache-mb`
+        cache_mb = args["cache_mb"] if "cache_mb" in args else os.environ.get("SNIPER_CACHE_MB") or None  # as `serve`
         if cache_mb is not None and (not str(cache_mb).isdigit() or int(cache_mb) < 1):
             raise InvalidParameterError(f"cache_mb must be a positive integer (MiB), got {cache_mb!r}")
-        _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)), int(cache_mb) if cache_mb else None,
+        _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)), None if cache_mb is None else int(cache_mb),
                            args.get("threads"), str(args.get("policy", "warmth")), namespace)
     return gateway_app(GatewayConfig(namespace=namespace, api_key=args.get("api_key"), limits=limits))
 

@@ -283,8 +283,9 @@ def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model,
 
     with pytest.raises(InvalidParameterError, match="modell"):
         build_app({"modell": "x"})
-    with pytest.raises(InvalidParameterError, match="cache_mb must be a positive integer"):
-        build_app({"model": str(tiny_model), "cache_mb": "lots"})
+    for bad in ("lots", 0, "-3"):
+        with pytest.raises(InvalidParameterError, match="cache_mb must be a positive integer"):
+            build_app({"model": str(tiny_model), "cache_mb": bad})
     args = {"model": str(tiny_model), "nodes": "2", "threads": "1", "namespace": "gateway-build", "api_key": "k2",
             "max_tokens_limit": "8"}  # no cache_mb: as `serve`, a budget that holds the whole model
     try:
