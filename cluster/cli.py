@@ -265,7 +265,7 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
 # -- bench ---------------------------------------------------------------------------------
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    only = {"routing": ("prompts", "node_memory_mb", "decision_cost"), "simulate": ("traces", "save_traces")}
+    only = {"routing": ("prompts", "node_memory_mb", "decision_cost"), "simulate": ("traces", "save_traces", "warmth_knob")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
@@ -328,10 +328,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             args.model, Path(args.out), traces_path=args.traces, save_traces=args.save_traces,
             n_nodes=args.nodes or 256, policies=policies, n_requests=args.requests, rate=args.rate,
             cache_mb=args.cache_mb, max_tokens=args.max_tokens, seed=args.seed or 0, quick=args.quick,
-            progress=not args.json)
+            warmth_knobs=_warmth_knobs(args.warmth_knob or []), progress=not args.json)
         _emit(_jsonable(result), args.json, _routing_summary)
         return 0
     raise SystemExit(f"unknown bench suite {args.suite!r}")
+
+
+def _warmth_knobs(pairs: Sequence[str]) -> dict[str, float]:
+    """``NAME=VALUE`` pairs as warmth-policy keyword arguments, checked by building the policy once."""
+    from cluster.routing.warmth import WarmthPolicy
+
+    knobs: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            number = float(value) if sep else None
+        except ValueError:
+            number = None
+        if number is None or not name:
+            raise ValueError(f"--warmth-knob takes NAME=NUMBER, got {pair!r}")
+        knobs[name] = int(number) if number.is_integer() and "." not in value else number
+    import inspect
+
+    names = [n for n, p in inspect.signature(WarmthPolicy).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(knobs) - set(names))
+    if unknown:
+        raise ValueError(f"--warmth-knob: unknown knob {unknown[0]!r}; the warmth policy has {', '.join(names)}")
+    WarmthPolicy(**knobs)  # its own checks of the values (ValueError)
+    return knobs
 
 
 # -- plumbing ------------------------------------------------------------------------------
@@ -455,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="routing: only measure RouterCore.choose at 64 nodes x 48 layers x 128 experts")
     routing.add_argument("--traces", help="simulate: replay traces saved by --save-traces instead of recording")
     routing.add_argument("--save-traces", help="simulate: write the recorded traces here (.npz)")
+    routing.add_argument("--warmth-knob", action="append", metavar="NAME=VALUE",
+                         help="simulate: a knob of the warmth policy (cluster/routing/warmth.py), e.g. warm_margin=0; "
+                              "repeatable")
     p.set_defaults(func=_cmd_bench)
     return parser
 

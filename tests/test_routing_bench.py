@@ -226,6 +226,10 @@ def test_summarise_live_counts_bytes_from_nodes_and_requests() -> None:
     (["bench", "simulate", "--prompts", "w.jsonl"], "--prompts is a flag of 'bench routing'"),
     (["bench", "routing", "--traces", "t.npz"], "--traces is a flag of 'bench simulate'"),
     (["bench", "routing", "--policies", "warmth,nearest"], "expected a comma-separated list"),
+    (["bench", "routing", "--warmth-knob", "warm_margin=0"], "--warmth-knob is a flag of 'bench simulate'"),
+    (["bench", "simulate", "--warmth-knob", "bogus=1"], "unknown knob 'bogus'"),
+    (["bench", "simulate", "--warmth-knob", "warm_margin=2"], "warm_margin must be in [0, 1]"),
+    (["bench", "simulate", "--warmth-knob", "warm_margin"], "takes NAME=NUMBER"),
 ])
 def test_bench_cli_refuses_flags_of_another_suite(argv: list[str], message: str,
                                                   capsys: pytest.CaptureFixture[str], tiny_model: Path) -> None:
@@ -253,3 +257,17 @@ def test_static_oracle_floor_shrinks_with_the_budget_and_names_every_domain(trac
     assert rates == sorted(rates, reverse=True) and 0 < rates[1] < 1
     assert set(floors[1]["by_domain"]) == {t.turn.domain for t in traces.turns}
     assert floors[1]["n_domains"] == len(floors[1]["by_domain"]) >= 2
+
+
+def test_simulate_bench_passes_warmth_knobs_to_the_warmth_policy_only(traces: simulate.TraceSet, tmp_path: Path) -> None:
+    path = tmp_path / "traces.npz"
+    traces.save(path)
+    runs = {margin: simulate.run_simulate_bench(None, None, traces_path=str(path), n_nodes=4,
+                                                policies=["warmth", "least_loaded"], rate=4.0, progress=False,
+                                                warmth_knobs=None if margin is None else {"warm_margin": margin})
+            for margin in (None, 0)}
+    default, off = runs[None], runs[0]
+    assert default["policies"]["warmth"]["decisions"].get("warmth:spread", 0) > 0  # new topics spread over idle nodes
+    assert "warmth:spread" not in off["policies"]["warmth"]["decisions"]  # the rule is off
+    assert off["warmth_knobs"] == {"warm_margin": 0} and "--warmth-knob warm_margin=0" in off["command"]
+    assert off["policies"]["least_loaded"]["hit_rate"] == default["policies"]["least_loaded"]["hit_rate"]  # untouched

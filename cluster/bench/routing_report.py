@@ -258,7 +258,10 @@ def write_simulate_report(result: dict[str, Any], out_dir: Path) -> Path:
         "reports, prefixes and "
         "routing-trace summaries. A node reuses a conversation's KV state as a live node does and replays only the "
         f"prompt tokens it has to prefill. Poisson arrivals at {w['rate_per_s']:g}/s; a conversation's next turn "
-        "waits for the previous one.",
+        "waits for the previous one."
+        + (" Warmth policy knobs changed from their defaults: "
+           + ", ".join(f"`{k}={v}`" for k, v in result["warmth_knobs"].items()) + "."
+           if result.get("warmth_knobs") else ""),
         "",
         f"Service-time model (simulated seconds a request occupies its node, one request at a time): "
         f"{s['prefill_s_per_token'] * 1e3:g} ms per prefilled token + {s['decode_s_per_token'] * 1e3:g} ms per "

@@ -525,8 +525,11 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
                        save_traces: str | None = None, n_nodes: int = 256, policies: Sequence[str] = (),
                        n_requests: int | None = None, rate: float | None = None, cache_mb: int | None = None,
                        max_tokens: int | None = None, seed: int = 0, quick: bool = False,
-                       progress: bool = True) -> dict[str, Any]:
-    """Records (or loads) traces, simulates each policy on ``n_nodes`` nodes, writes the report."""
+                       warmth_knobs: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Records (or loads) traces, simulates each policy on ``n_nodes`` nodes, writes the report.
+
+    ``warmth_knobs`` are keyword arguments of the warmth policy (the other policies have none).
+    """
     from cluster.cli import MIB, default_model
 
     policies = list(policies) or ["warmth", "least_loaded", "round_robin"]
@@ -555,7 +558,8 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
         ("--nodes", n_nodes), ("--traces", traces_path), ("--model", model if recorded else None),
         ("--save-traces", save_traces if recorded else None), ("--policies", ",".join(policies)),
         ("--requests", n_requests), ("--rate", f"{rate:g}"), ("--cache-mb", cache_mb or None),
-        ("--max-tokens", max_tokens if recorded else None), ("--seed", seed), ("--out", out_flag(out_dir)), ("--quick", quick)])
+        ("--max-tokens", max_tokens if recorded else None), ("--seed", seed), ("--out", out_flag(out_dir)), ("--quick", quick),
+        *(("--warmth-knob", f"{k}={v}") for k, v in (warmth_knobs or {}).items())])
     result: dict[str, Any] = {
         "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -567,6 +571,7 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
                           "read_bytes_per_s": service.read_bytes_per_s},
         "nodes": n_nodes,
         "cache_bytes_per_node": cache_bytes,
+        "warmth_knobs": dict(warmth_knobs or {}),
         "policies": {},
         "static_oracle": static_oracle_floor(traces, cache_bytes),
     }
@@ -574,7 +579,7 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
         log_progress(progress, f"simulating {policy} on {n_nodes} nodes")
         t0 = time.perf_counter()
         r = simulate(traces, policy, n_nodes=n_nodes, cache_bytes=cache_bytes, service=service, arrivals=arrivals,
-                     seed=seed)
+                     seed=seed, policy_knobs=warmth_knobs if policy == "warmth" else None)
         r["wall_s"] = time.perf_counter() - t0
         result["policies"][policy] = r
         log_progress(progress, f"  hit rate {r['hit_rate']:.3f}, {r['bytes_read_per_token'] / MIB:.2f} MiB read/token, "

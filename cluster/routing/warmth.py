@@ -23,7 +23,7 @@ Procedure, per request:
      candidate routed to least lately takes it (then the cheapest, then the RNG). Sending it to
      the node warm for *other* work would evict that work's experts while an idler node could
      become the request's home; without this rule a few nodes end up holding every topic while
-     others stay cold (docs/simulation.md).
+     others stay cold (compare ``bench simulate`` with ``--warmth-knob warm_margin=0``).
   6. Knowing nothing (no affinity for any prompt token, no prefix match, no warmth report):
      the least-loaded node, the one routed to least lately among equals, explicitly.
 
