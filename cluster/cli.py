@@ -7,6 +7,7 @@ message naming the bad input (no stack trace) when the input is wrong.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -348,8 +349,6 @@ def _warmth_knobs(pairs: Sequence[str]) -> dict[str, float]:
         if number is None or not name:
             raise ValueError(f"--warmth-knob takes NAME=NUMBER, got {pair!r}")
         knobs[name] = int(number) if number.is_integer() and "." not in value else number
-    import inspect
-
     names = [n for n, p in inspect.signature(WarmthPolicy).parameters.items() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(knobs) - set(names))
     if unknown:

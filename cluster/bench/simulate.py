@@ -497,8 +497,9 @@ def static_oracle_floor(traces: TraceSet, cache_bytes: int) -> dict[str, Any] | 
 
     Each domain gets a node of its own whose cache holds, chosen in hindsight, the units its
     decode steps selected most (as many as fit the budget): a static cache that knows the whole
-    trace. The share of decode selections outside those units is a floor for a policy's decode
-    miss rate when domains share nothing; None when the turns carry no domain.
+    trace. The share of decode selections outside those units bounds what routing alone can
+    achieve with static caches (a cache that adapts within a conversation, with read-ahead counted
+    as hits, can go a little below it); None when the turns carry no domain.
     """
     unit_bytes = np.asarray(traces.unit_bytes, dtype=np.int64).reshape(-1)
     by_domain: dict[str, np.ndarray] = {}
