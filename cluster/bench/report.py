@@ -22,7 +22,8 @@ MIB = 1 << 20
 ROUTING_POINTER = ("The cluster's benchmarks have their own reports: `routing.md` (`bench routing`: routing policies "
                    "on a live local cluster, and the router's decision cost), `routing-memlimit/routing.md` (the same "
                    "with memory-limited nodes), `routing-spec0/routing.md` (the same on a model whose routing ignores "
-                   "topics), `simulation.md` (`bench simulate`: many simulated nodes) and "
+                   "topics), `routing-6nodes/routing.md` (the demo on 6 nodes), `simulation.md` (`bench simulate`: "
+                   "many simulated nodes) and "
                    "`simulation-demo3/simulation.md` (the live demo setting, simulated, with the decode-miss floor of a "
                    "hindsight oracle).")
 
