@@ -246,16 +246,17 @@ PYBIND11_MODULE(_native, m) {
               demand.decode = decode.data();
               demand.decode_steps = decode_steps;
               py::array_t<double> out(node_rows.size());
+              py::array_t<double> totals(prefill.shape(0));
               {
                   py::gil_scoped_release release;
                   expected_loads(matrix, demand, node_rows.data(), node_groups.data(),
-                                 static_cast<size_t>(node_rows.size()), out.mutable_data());
+                                 static_cast<size_t>(node_rows.size()), out.mutable_data(), totals.mutable_data());
               }
-              return out;
+              return py::make_tuple(out, totals);
           },
           py::arg("residency"), py::arg("node_rows"), py::arg("node_groups"), py::arg("prefill"), py::arg("decode"),
           py::arg("decode_steps"),
-          "Expected expert loads per node (demand.h): float64 [n].");
+          "Expected expert loads (demand.h): (per node float64 [n], per group with nothing resident float64 [g]).");
     m.def("prefix_hashes",
           [](const i64_in & tokens, size_t block, size_t max_blocks) {
               if (tokens.ndim() != 1 || block < 1) {

@@ -357,7 +357,7 @@ void request_demand(const affinity_tables & tables, const demand_request & reque
 }
 
 void expected_loads(const residency_matrix & residency, const demand_in & demand, const int64_t * node_rows,
-                    const int64_t * node_groups, size_t n_nodes, double * out) {
+                    const int64_t * node_groups, size_t n_nodes, double * out, double * totals) {
     const size_t width = residency.width;
     std::vector<float> weights(demand.n_groups * width);  // w of each group
     std::vector<float> total(demand.n_groups);
@@ -369,6 +369,7 @@ void expected_loads(const residency_matrix & residency, const demand_in & demand
             w[d] = p[d] + demand.decode_steps * q[d];
         }
         total[g] = sum_of(w, width);
+        totals[g] = total[g];
     }
     for (size_t i = 0; i < n_nodes; ++i) {
         const size_t g = static_cast<size_t>(node_groups[i]);

@@ -87,7 +87,8 @@ struct demand_in {
 };
 
 // Step 3 for n_nodes nodes: node i is row node_rows[i] of the matrix and prefills group
-// node_groups[i] of the demand; out[i] = its expected expert loads. Rows and groups must be
+// node_groups[i] of the demand; out[i] = its expected expert loads. totals[g] = the loads of
+// group g with nothing resident (its whole demand), for every group. Rows and groups must be
 // in range (the caller checks).
 void expected_loads(const residency_matrix & residency, const demand_in & demand, const int64_t * node_rows,
-                    const int64_t * node_groups, size_t n_nodes, double * out);
+                    const int64_t * node_groups, size_t n_nodes, double * out, double * totals);

@@ -110,9 +110,10 @@ def test_expected_loads_are_the_demand_on_experts_not_resident() -> None:
     decode = rng.random(width).astype(np.float32)
     node_rows, node_groups = np.array([4, 0, 2, 2]), np.array([0, 1, 1, 0])
     bits = np.packbits(residency, axis=1, bitorder="little")
-    got = expected_loads(bits, node_rows, node_groups, prefill, decode, 32.0)
+    got, totals = expected_loads(bits, node_rows, node_groups, prefill, decode, 32.0)
     w = prefill[node_groups] + 32.0 * decode
     np.testing.assert_allclose(got, (w * (1 - residency[node_rows])).sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(totals, (prefill + 32.0 * decode).sum(axis=1), rtol=1e-5)
 
 
 def test_out_of_range_inputs_are_refused_with_the_reason() -> None:
@@ -150,7 +151,7 @@ import numpy as np
 from cluster._native import expected_loads, request_demand
 z = np.load({str(tmp_path / "inputs.npz")!r})
 prefill, known, decode, _ = request_demand(z["log_miss"], z["prob"], z["rows"], np.array([0, 150]), 32, 16)
-loads = expected_loads(z["bits"], np.array([0, 5, 2]), np.array([1, 0, 1]), prefill, decode, 32.0)
+loads, _ = expected_loads(z["bits"], np.array([0, 5, 2]), np.array([1, 0, 1]), prefill, decode, 32.0)
 np.savez({str(tmp_path / "out")!r} + "-" + __import__("sys").argv[1], prefill=prefill, decode=decode, loads=loads)
 """
     for variant, env in (("vector", {}), ("portable", {"SNIPER_NO_AVX2": "1"})):

@@ -268,11 +268,11 @@ class WarmthPolicy(RoutingPolicy):
             residency = self._resident_rows(nodes)
             if residency is not None and self._width == demand.prefill.shape[1]:
                 matrix, node_rows = residency
-                misses = expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, demand.decode,
-                                        float(self.expected_decode_tokens))
+                misses, totals = expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, demand.decode,
+                                                float(self.expected_decode_tokens))
                 costs += misses
                 if starts[-1] == 0 and self.warm_margin > 0:  # one suffix for all: is any node warm for it?
-                    coverage, cold = self._coverage(demand, rows, misses, node_rows[candidates])
+                    coverage, cold = self._coverage(float(totals[0]), rows, misses, node_rows[candidates])
             else:  # no warmth known: the prefill's expected loads, as if nothing were resident
                 costs += demand.prefill.sum(axis=1, dtype=np.float64)[group_of]
         if starts[-1] == 0 and (demand is None or demand.known[0] == 0):
@@ -284,8 +284,7 @@ class WarmthPolicy(RoutingPolicy):
         else:
             best = costs.min()
             top = np.flatnonzero(costs <= best + 0.01 * max(1.0, abs(best))).tolist()
-            j_winner = top[0] if len(top) == 1 else \
-                self.rng.choice(sorted(top, key=lambda j: nodes[candidates[j]].node_id))
+            j_winner = top[0] if len(top) == 1 else self._pick(nodes, candidates, top)
         if demand is not None and demand.known[group_of[j_winner]] > 0:  # the experts the winner's prefill needs
             self.predicted[request.request_id] = np.packbits(demand.prefill[group_of[j_winner]] > 0.5)
             if len(self.predicted) > 4096:
@@ -294,17 +293,16 @@ class WarmthPolicy(RoutingPolicy):
                       "coverage": coverage, "spread": cold}
         return [nodes[int(candidates[j_winner])].node_id]
 
-    def _coverage(self, demand: Demand, rows: np.ndarray, misses: np.ndarray,
+    def _coverage(self, total: float, rows: np.ndarray, misses: np.ndarray,
                   node_rows: np.ndarray) -> tuple[np.ndarray | None, bool]:
         """Whether no candidate is warm for the request, and then each one's coverage (else None).
 
-        Coverage: the share of the request's expected demand resident on the node, scaled by the
-        share of its tokens the affinity knows (a token never seen is warm nowhere). Warm: coverage
-        at least chance (the node's resident share f) + ``warm_margin`` * (1 - f). The node with
-        the fewest expected misses is checked first; usually it is warm and nothing else is computed.
+        Coverage: the share of the request's expected demand (``total`` loads, with nothing
+        resident) that is resident on the node, scaled by the share of its tokens the affinity
+        knows (a token never seen is warm nowhere). Warm: coverage at least chance (the node's
+        resident share f) + ``warm_margin`` * (1 - f). The node with the fewest expected misses
+        is checked first; usually it is warm and nothing else is computed.
         """
-        total = float(demand.prefill[0].sum(dtype=np.float64)
-                      + self.expected_decode_tokens * demand.decode.sum(dtype=np.float64))
         if total <= 0:
             return None, False
         known = np.count_nonzero(rows >= 0) / max(1, rows.size)
@@ -324,8 +322,12 @@ class WarmthPolicy(RoutingPolicy):
         recent = np.array([self._recent_use(nodes[i].node_id, now) for i in candidates.tolist()])
         pool = np.flatnonzero(recent <= recent.min() + 0.5)
         if pool.size > 1 and np.ptp(costs[pool]) == 0:
-            return int(self.rng.choice(sorted(pool.tolist(), key=lambda j: nodes[candidates[j]].node_id)))
+            return self._pick(nodes, candidates, pool.tolist())
         return int(pool[np.argmin(costs[pool])])
+
+    def _pick(self, nodes: Sequence[NodeView], candidates: np.ndarray, tied: list[int]) -> int:
+        """The RNG's pick among tied candidates, in node-name order (so a seed decides, not list order)."""
+        return int(self.rng.choice(sorted(tied, key=lambda j: nodes[candidates[j]].node_id)))
 
     def _matched_tokens(self, hashes: list[int], nodes: Sequence[NodeView], candidates: np.ndarray,
                         n_tokens: int) -> np.ndarray | None:
