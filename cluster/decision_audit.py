@@ -75,7 +75,7 @@ class DecisionAudit:
         candidates = {v.node_id: v.resident for v in views or () if v.resident is not None}
         if node_id not in candidates:
             return None
-        counts = selection_counts(summary, candidates[node_id].shape)
+        counts = summary.selections(candidates[node_id].shape)
         total = counts.sum()
         if total == 0:
             return None
@@ -102,19 +102,3 @@ class DecisionAudit:
                 "mean_coverage": mean([d.mean for d in scored]),
                 "n_choices": len(choices),
                 "warmest_share": mean([float(d.warmest) for d in choices])}
-
-
-def selection_counts(summary: RoutingTraceSummary, shape: tuple[int, ...]) -> np.ndarray:
-    """Selections per (layer, expert) in a request: its prefilled tokens' and its decoding's, ``[L, E]``."""
-    n_layers, n_experts = shape
-    counts = np.zeros(n_layers * n_experts, dtype=np.int64)
-    experts = summary.prompt_experts
-    if experts.ndim == 3 and experts.size:
-        layers = min(n_layers, experts.shape[1])
-        ids = experts[:, :layers, :]
-        units = ids + (np.arange(layers, dtype=ids.dtype) * n_experts)[None, :, None]
-        counts += np.bincount(units[(ids >= 0) & (ids < n_experts)], minlength=counts.size)[:counts.size]
-    decode = np.asarray(summary.decode_counts)
-    if decode.shape == shape:
-        counts += decode.reshape(-1).astype(np.int64)
-    return counts.reshape(shape)

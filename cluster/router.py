@@ -96,11 +96,7 @@ class RouterCore:
         predicted = self.policy.pop_prediction(report.request_id) if report.request_id else None
         if predicted is None or report.summary is None:
             return
-        actual = np.zeros_like(predicted)
-        experts = report.summary.prompt_experts
-        for layer in range(min(actual.shape[0], experts.shape[1] if experts.ndim == 3 else 0)):
-            ids = experts[:, layer, :].ravel()
-            actual[layer, ids[ids >= 0]] = True
+        actual = report.summary.selections(predicted.shape, decode=False) > 0
         tp = float((predicted & actual).sum())
         precision = tp / predicted.sum() if predicted.sum() else float("nan")
         recall = tp / actual.sum() if actual.sum() else float("nan")

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cluster.decision_audit import MAX_PENDING, DecisionAudit, selection_counts
+from cluster.decision_audit import MAX_PENDING, DecisionAudit
 from cluster.node import NodeReport, NoNodesError, OverloadedError
 from cluster.router import RouterCore
 from cluster.routing import POLICY_NAMES, NodeView, RouteRequest, make_policy
@@ -228,7 +228,7 @@ def test_decision_audit_scores_the_served_node_against_every_candidates_warmth()
     half[:, TOPIC_EXPERTS[1][:2]] = 1.0  # holds half of topic 1's experts
     audit.on_decision("r1", [view("cold"), view("warm", topic=1), NodeView("half", 0, 8, resident=half)])
     summary = summary_for(1, TOPIC_TOKENS[1][:10], np.random.default_rng(0))
-    counts = selection_counts(summary, (L, E))
+    counts = summary.selections((L, E))
     assert counts.sum() == 10 * L * K + 3 * 4 * L  # prefill selections + decode counts
     share_half = counts[:, TOPIC_EXPERTS[1][:2]].sum() / counts.sum()
     scored = audit.on_report("r1", "half", summary)

@@ -67,6 +67,22 @@ class RoutingTraceSummary:
     prompt_experts: np.ndarray
     decode_counts: np.ndarray
 
+    def selections(self, shape: tuple[int, int], decode: bool = True) -> np.ndarray:
+        """Selections per (layer, expert), int64 ``shape`` ``[L, E]``: the prefilled tokens', and with
+        ``decode`` the decoding's too (ids outside the shape are left out)."""
+        n_layers, n_experts = shape
+        counts = np.zeros(n_layers * n_experts, dtype=np.int64)
+        experts = self.prompt_experts
+        if experts.ndim == 3 and experts.size:
+            layers = min(n_layers, experts.shape[1])
+            ids = experts[:, :layers, :]
+            units = ids + (np.arange(layers, dtype=ids.dtype) * n_experts)[None, :, None]
+            counts += np.bincount(units[(ids >= 0) & (ids < n_experts)], minlength=counts.size)[:counts.size]
+        decoded = np.asarray(self.decode_counts)
+        if decode and decoded.shape == shape:
+            counts += decoded.reshape(-1).astype(np.int64)
+        return counts.reshape(shape)
+
 
 class RoutingPolicy(ABC):
     """Ranks nodes for a request. Subclasses set ``name`` and implement ``choose``.
