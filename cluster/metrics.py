@@ -67,22 +67,24 @@ class _RouterStatusCollector:
             policy, _, outcome = key.partition(":")
             decisions.add_metric([policy, outcome or "ranked"], float(count))
         yield decisions
-        prediction = status.get("prediction") or {}
-        for name in ("precision", "recall"):
-            family = GaugeMetricFamily(f"sniper_routing_prediction_{name}",
-                                       f"Mean {name} of predicted vs actual experts per request")
-            if prediction.get(name) is not None:
-                family.add_metric([], float(prediction[name]))
+        for section, name, metric, help_ in _ROUTER_GAUGES:
+            family = GaugeMetricFamily(metric, help_)
+            value = (status.get(section) or {}).get(name)
+            if value is not None:
+                family.add_metric([], float(value))
             yield family
-        audit = status.get("decision_audit") or {}
-        for name, help_ in (("served_coverage", "Mean share of a request's expert selections resident on the node "
-                                                "that served it when the router decided"),
-                            ("best_coverage", "The same on the warmest candidate node"),
-                            ("warmest_share", "Share of decisions that chose the warmest candidate node")):
-            family = GaugeMetricFamily(f"sniper_routing_audit_{name}", help_)
-            if audit.get(name) is not None:
-                family.add_metric([], float(audit[name]))
-            yield family
+
+
+_ROUTER_GAUGES = (  # (status section, field, metric, help); unknown values are left out
+    ("prediction", "precision", "sniper_routing_prediction_precision",
+     "Mean precision of predicted vs actual experts per request"),
+    ("prediction", "recall", "sniper_routing_prediction_recall", "Mean recall of predicted vs actual experts per request"),
+    ("decision_audit", "served_coverage", "sniper_routing_audit_served_coverage",
+     "Mean share of a request's expert selections resident on the node that served it when the router decided"),
+    ("decision_audit", "best_coverage", "sniper_routing_audit_best_coverage", "The same on the warmest candidate node"),
+    ("decision_audit", "warmest_share", "sniper_routing_audit_warmest_share",
+     "Share of decisions that chose the warmest candidate node"),
+)
 
 
 _NODE_GAUGES = {  # status field -> (metric, help)

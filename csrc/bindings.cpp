@@ -262,7 +262,7 @@ PYBIND11_MODULE(_native, m) {
               if (tokens.ndim() != 1 || block < 1) {
                   throw py::value_error("expected tokens [n] and block >= 1");
               }
-              const size_t n_blocks = std::min(static_cast<size_t>(tokens.size()) / block, max_blocks);
+              const size_t n_blocks = prefix_hash_count(static_cast<size_t>(tokens.size()), block, max_blocks);
               py::array_t<uint64_t> out(static_cast<py::ssize_t>(n_blocks));
               prefix_hashes(tokens.data(), static_cast<size_t>(tokens.size()), block, max_blocks, out.mutable_data());
               return out;

@@ -1,8 +1,6 @@
 // prefix-hash.cpp — see prefix-hash.h.
 #include "prefix-hash.h"
 
-#include <algorithm>
-
 namespace {
 
 constexpr uint64_t PREFIX_HASH_SEED = 0x243f6a8885a308d3ull;  // the first digits of pi: any fixed value
@@ -16,7 +14,7 @@ inline uint64_t splitmix64_finalise(uint64_t z) {
 }  // namespace
 
 size_t prefix_hashes(const int64_t * tokens, size_t n_tokens, size_t block, size_t max_blocks, uint64_t * out) {
-    const size_t n_blocks = std::min(n_tokens / block, max_blocks);
+    const size_t n_blocks = prefix_hash_count(n_tokens, block, max_blocks);
     uint64_t state = PREFIX_HASH_SEED;
     for (size_t i = 0; i < n_blocks; ++i) {
         for (size_t t = i * block; t < (i + 1) * block; ++t) {

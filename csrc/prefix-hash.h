@@ -11,5 +11,10 @@
 #include <cstddef>
 #include <cstdint>
 
-// Writes min(n_tokens / block, max_blocks) hashes to out and returns how many. block >= 1.
+// How many hashes prefix_hashes writes: one per whole block, at most max_blocks. block >= 1.
+inline size_t prefix_hash_count(size_t n_tokens, size_t block, size_t max_blocks) {
+    return n_tokens / block < max_blocks ? n_tokens / block : max_blocks;
+}
+
+// Writes prefix_hash_count(n_tokens, block, max_blocks) hashes to out and returns how many.
 size_t prefix_hashes(const int64_t * tokens, size_t n_tokens, size_t block, size_t max_blocks, uint64_t * out);

@@ -15,8 +15,9 @@ Procedure, per request:
   4. Balance: only nodes whose load is within ``load_slack`` of the least-loaded live node are
      candidates (decided per request); the cheapest wins, ties (within 1 %) go to the RNG. The
      default slack is 0: waiting behind one request costs more than the expert loads and the
-     prefill a warmer node would save (docs/simulation.md: at 256 nodes a slack of 1 gave 1.7x
-     the p99 latency of least_loaded, a slack of 0 about 1x, with fewer bytes read).
+     prefill a warmer node would save (the docs/simulation.md command with ``--warmth-knob
+     load_slack=1``: 1.64x the p99 latency of least_loaded and 0.150 MiB read per token, where a
+     slack of 0 gives 0.99x and 0.154 MiB).
   5. Spread: when no candidate holds a prefix of the request and none is warm for it — the share
      of its expected demand resident there (times the share of its tokens the affinity knows)
      is below chance (the node's resident share f) + ``warm_margin`` * (1 - f) everywhere — the
