@@ -124,11 +124,9 @@ def _cache_budget(args: argparse.Namespace, model: str) -> int | None:
     """--no-cache: None; --cache-mb: that; else room for every expert of the model."""
     if args.no_cache:
         return None
-    if args.cache_mb:
-        return args.cache_mb * MIB
-    from cluster.deploy import whole_model_budget
+    from cluster.deploy import cache_budget
 
-    return whole_model_budget(model)
+    return cache_budget(model, args.cache_mb)
 
 
 def _run_summary(r: dict[str, Any]) -> str:

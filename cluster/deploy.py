@@ -121,6 +121,11 @@ def whole_model_budget(model_path: str) -> int:
     return int(discover_layout(model_path).unit_bytes.sum())
 
 
+def cache_budget(model_path: str, cache_mb: int | None) -> int:
+    """The expert-cache budget per node in bytes: ``cache_mb`` MiB, or the whole model's when None."""
+    return cache_mb << 20 if cache_mb else whole_model_budget(model_path)
+
+
 def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: str = "warmth",
            namespace: str = NAMESPACE, n_ctx: int = 2048, max_queue: int = 8,
            memory_limit_bytes: int | None = None, n_threads: int | None = None,

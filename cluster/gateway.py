@@ -361,6 +361,5 @@ def _ensure_deployment(model: str, nodes: int, cache_mb: int | None, threads: An
         return
     except ValueError:
         pass
-    cache_bytes = cache_mb << 20 if cache_mb is not None else deploy.whole_model_budget(model)
-    deploy.deploy(model, nodes, cache_bytes=cache_bytes, policy=policy, namespace=namespace,
+    deploy.deploy(model, nodes, cache_bytes=deploy.cache_budget(model, cache_mb), policy=policy, namespace=namespace,
                   n_threads=int(threads) if threads else None)
