@@ -3,7 +3,9 @@
 ``start_local_cluster`` starts N Ray nodes on loopback in a daemon (``cluster.local_cluster``).
 ``deploy`` places one node actor per Ray node (a STRICT_SPREAD
 placement group: two never share a node) and the router; all are named and detached, so
-they keep serving after the command that created them returns. ``shutdown`` removes them.
+they keep serving after the command that created them returns, and restartable: a node or
+router process that dies is started again (a node comes back cold, with a new ``started_at``,
+and the router counts it in ``restarts``). ``shutdown`` removes them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from cluster.errors import InvalidParameterError, SniperError
 from cluster.node import NAMESPACE, ROUTER_NAME, NodeConfig, NodeServer, node_name
 
 PLACEMENT_GROUP = "sniper-nodes"
+NODE_MAX_RESTARTS = -1  # a node process that dies (OOM kill, crash) is started again, in its own bundle
 LOCAL_CLUSTER_FILE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "sniper-local-cluster.json")
 
 
@@ -172,7 +175,7 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: st
     for i in range(n_nodes):
         node_config = config if node_model_paths is None else replace(config, model_path=os.path.abspath(node_model_paths[i]))
         handles.append(ray.remote(NodeActor).options(
-            name=node_name(i), namespace=namespace, lifetime="detached", max_restarts=0,
+            name=node_name(i), namespace=namespace, lifetime="detached", max_restarts=NODE_MAX_RESTARTS,
             max_concurrency=max_queue + 4, num_cpus=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
         ).remote(node_name(i), node_config, namespace))

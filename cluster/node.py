@@ -100,6 +100,7 @@ class NodeReport:
     sent_at: float
     request_id: str | None = None
     summary: RoutingTraceSummary | None = None
+    started_at: float = 0.0  # when this node process started: a new value means the node was restarted
 
 
 @dataclass
@@ -116,6 +117,7 @@ class NodeServer:
         config.validate()
         self.node_id = node_id
         self.config = config
+        self.started_at = time.time()
         if config.memory_limit_bytes:
             from cluster.bench.memlimit import MemoryLimit
 
@@ -280,7 +282,7 @@ class NodeServer:
             warmth = engine.warmth()
         return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
                           warmth=warmth, prefixes=prefixes, sessions=tuple(self._sessions), stats=stats,
-                          sent_at=time.time(), request_id=request_id, summary=summary)
+                          sent_at=time.time(), request_id=request_id, summary=summary, started_at=self.started_at)
 
     def _send_report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> None:
         if self.report_sink is not None:
@@ -307,7 +309,7 @@ class NodeServer:
         """Load and liveness, and a routing-trace summary if given; warmth and prefixes unchanged."""
         return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
                           warmth=None, prefixes=None, sessions=tuple(self._sessions), stats={}, sent_at=time.time(),
-                          summary=summary)
+                          summary=summary, started_at=self.started_at)
 
     def ready(self) -> dict[str, Any]:
         layout = self.engine.layout

@@ -29,6 +29,7 @@ from cluster.warmth import Warmth, WarmthFormatError
 from cluster.warmth import decode as decode_warmth
 
 NODE_TIMEOUT_S = 5.0
+CUMULATIVE_STATS = ("hits", "misses", "bytes_read", "generated_tokens")  # counters kept across a node's restarts
 SWEEP_INTERVAL_S = 0.25  # how often silent nodes are looked for (timeouts are seconds long)
 
 
@@ -43,9 +44,17 @@ class NodeState:
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
     served: int = 0
+    started_at: float = 0.0  # the node process's start time, from its reports
+    restarts: int = 0  # new node processes seen since this router first heard from the node
     resident: np.ndarray | None = None  # bool [L, E] from the last warmth report
     sessions: frozenset[str] = frozenset()  # from the last report
     stats: dict[str, float] = field(default_factory=dict)  # from the last full report
+    carried: dict[str, float] = field(default_factory=dict)  # CUMULATIVE_STATS of the node's earlier processes
+
+    def total(self, key: str) -> float | None:
+        """A CUMULATIVE_STATS counter over every process this node has had (None: never reported)."""
+        now = self.stats.get(key)
+        return None if now is None and key not in self.carried else (now or 0) + self.carried.get(key, 0)
 
 
 class RouterCore:
@@ -66,8 +75,13 @@ class RouterCore:
     def on_report(self, report: NodeReport) -> None:
         node = self.nodes.get(report.node_id)
         if node is None:
-            node = self.nodes[report.node_id] = NodeState(report.node_id, report.capacity)
+            node = self.nodes[report.node_id] = NodeState(report.node_id, report.capacity, started_at=report.started_at)
             self.policy.on_node_added(report.node_id)
+        else:
+            if report.started_at != node.started_at:
+                self._forget_process(node, report.started_at)
+            if not node.alive and report.healthy:  # back: a restarted process, or a silence that ended
+                self.policy.on_node_added(report.node_id)
         node.alive = report.healthy
         node.capacity = report.capacity
         node.last_report = report
@@ -102,6 +116,16 @@ class RouterCore:
         recall = tp / actual.sum() if actual.sum() else float("nan")
         self.predictions.append((precision, recall))
         del self.predictions[:-1000]
+
+    def _forget_process(self, node: NodeState, started_at: float) -> None:
+        """The node runs a new process: what the old one held (warmth, KV prefixes) is gone, its
+        counters are carried so that the node's totals stay cumulative."""
+        self.mark_dead(node.node_id)
+        node.restarts += 1
+        node.started_at = started_at
+        node.carried = {key: node.total(key) or 0 for key in CUMULATIVE_STATS}
+        node.stats = {}
+        node.warmth = node.warmth_bytes = node.resident = None
 
     def mark_dead(self, node_id: str) -> None:
         node = self.nodes.get(node_id)
@@ -180,16 +204,18 @@ class RouterCore:
         nodes = []
         for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
             stats = node.stats
+            hits, misses = node.total("hits"), node.total("misses")
             nodes.append({
                 "name": node.node_id,
                 "alive": node.alive,
                 "load": node.in_flight,
                 "capacity": node.capacity,
                 "served": node.served,
-                "hit_rate": stats.get("hit_rate"),
-                "decode_hit_rate": stats.get("decode_hit_rate"),
-                "bytes_read": stats.get("bytes_read"),
-                "generated_tokens": stats.get("generated_tokens"),
+                "restarts": node.restarts,
+                "hit_rate": hits / (hits + misses) if hits is not None and misses is not None and hits + misses else None,
+                "decode_hit_rate": stats.get("decode_hit_rate"),  # of the current process
+                "bytes_read": node.total("bytes_read"),
+                "generated_tokens": node.total("generated_tokens"),
                 "warm_fraction": node.warmth.warm_fraction() if node.warmth else None,
                 "resident_bytes": stats.get("resident_bytes"),
                 "budget_bytes": stats.get("budget_bytes"),

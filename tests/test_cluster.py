@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -164,6 +165,41 @@ def test_node_killed_during_a_burst_loses_no_request(deployment, tiny_topics):
     while {n["name"]: n["alive"] for n in client.status()["nodes"]}[node_name(1)]:
         assert time.monotonic() < deadline, "the router still lists the killed node as alive"
         time.sleep(0.5)
+
+
+@pytest.mark.parametrize("deployment", [{"policy": "round_robin"}], indirect=True)
+def test_a_node_process_killed_during_a_burst_is_restarted_and_serves_again(deployment, tiny_topics):
+    """A crash (SIGKILL of the node's process, as the kernel's OOM killer would) loses no request,
+    and the node comes back: a new process, counted by the router, cold, taking requests again."""
+    client, namespace = deployment
+    victim = ray.get_actor(node_name(1), namespace=namespace)
+    pid = ray.get(victim.ready.remote(), timeout=30)["pid"]
+    prompt = synth.topic_prompt(tiny_topics, 2, 12, seed=7)
+
+    def call(i: int) -> str:
+        try:
+            assert client.generate(prompt, max_tokens=200, seed=i).usage["completion_tokens"] == 200
+            return "ok"
+        except NodeFailedError as exc:
+            assert node_name(1) in str(exc)
+            return "failed-after-text"
+
+    timer = threading.Timer(0.5, lambda: os.kill(pid, signal.SIGKILL))
+    timer.start()
+    with ThreadPoolExecutor(9) as pool:
+        outcomes = list(pool.map(call, range(9), timeout=240))
+    timer.join()
+    assert set(outcomes) <= {"ok", "failed-after-text"} and outcomes.count("ok") >= 6
+    deadline = time.monotonic() + 120
+    while True:
+        node = {n["name"]: n for n in client.status()["nodes"]}[node_name(1)]
+        if node["alive"] and node["restarts"] == 1:
+            break
+        assert time.monotonic() < deadline, f"the killed node did not come back: {node}"
+        time.sleep(0.5)
+    assert ray.get(victim.ready.remote(), timeout=60)["pid"] != pid
+    served = [client.generate(prompt, max_tokens=4).node for _ in range(N_NODES)]
+    assert sorted(served) == [node_name(i) for i in range(N_NODES)]  # round_robin: the new process takes its turn
 
 
 def test_router_killed_comes_back_and_rebuilds_state_from_reports(deployment, tiny_topics):

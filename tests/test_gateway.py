@@ -292,7 +292,7 @@ def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model,
         serve.run(build_app(args), name="sniper-build", route_prefix="/build")
         url = f"{gateway}/build"
         assert requests.get(f"{url}/health", timeout=30).json()["nodes"] == [node_name(0), node_name(1)]
-        body = {"model": model_name, "prompt": "hello", "max_tokens": 8}
+        body = {"model": model_name, "prompt": "hello", "max_tokens": 8, "temperature": 0}  # greedy: never EOS first
         assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
         r = requests.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k2"}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8

@@ -272,3 +272,24 @@ def test_router_status_reports_how_warm_the_chosen_nodes_were():
     audit = core.status()["decision_audit"]
     assert audit["n"] == 4 and audit["warmest_share"] == 1.0 and audit["served_coverage"] == 1.0
     assert audit["mean_coverage"] == pytest.approx(0.5)
+
+
+def test_a_restarted_node_counts_once_comes_back_cold_and_keeps_its_totals():
+    core = RouterCore("warmth")
+    prefix = prefix_hashes(TOPIC_TOKENS[0])
+    stats = {"hits": 90, "misses": 10, "bytes_read": 1000, "generated_tokens": 50}
+    core.on_report(NodeReport(**{**vars(_report("a", 0, started_at=1.0)), "prefixes": tuple(prefix), "stats": stats}))
+    core.on_report(_report("b", None, started_at=1.0))
+    assert core.policy.prefix_holders[prefix[0]] == {"a"}
+    # a's process died and a new one reports: a busy heartbeat first (no warmth, no prefixes, no stats)
+    core.on_report(NodeReport(**{**vars(_report("a", None, started_at=2.0)), "warmth": None, "prefixes": None}))
+    a = next(n for n in core.status()["nodes"] if n["name"] == "a")
+    assert a["alive"] and a["restarts"] == 1 and a["warm_fraction"] is None  # the old process's warmth is gone
+    assert prefix[0] not in core.policy.prefix_holders  # and so are the KV states it held
+    assert a["bytes_read"] == 1000 and a["generated_tokens"] == 50 and a["hit_rate"] == pytest.approx(0.9)
+    later = {"hits": 5, "misses": 5, "bytes_read": 300, "generated_tokens": 7}
+    core.on_report(NodeReport(**{**vars(_report("a", 0, started_at=2.0)), "stats": later}))
+    core.on_report(NodeReport(**{**vars(_report("a", 0, started_at=2.0)), "stats": later}))  # same process again
+    a = next(n for n in core.status()["nodes"] if n["name"] == "a")
+    assert a["restarts"] == 1 and a["bytes_read"] == 1300 and a["generated_tokens"] == 57
+    assert a["hit_rate"] == pytest.approx(95 / 110) and a["warm_fraction"] > 0
