@@ -105,6 +105,11 @@ class NodeActor(NodeServer):
         self._router = None
         super().__init__(node_id, config, report_sink=self._to_router)
 
+    def ready(self) -> dict[str, Any]:
+        import ray
+
+        return {**super().ready(), "ray_node_id": ray.get_runtime_context().get_node_id()}
+
     def _to_router(self, report: Any) -> None:
         import ray
 
