@@ -13,7 +13,7 @@ import llama_cpp  # noqa: F401  (loads libggml-base before the extension that li
 import numpy as np
 
 from cluster import _native
-from cluster.errors import InvalidParameterError, ModelFileError
+from cluster.errors import CacheBudgetError, InvalidParameterError, ModelFileError
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 EVICTION_POLICIES: tuple[str, ...] = ("scan_resistant", "lru")
@@ -298,3 +298,14 @@ def derived_stats(counters: dict[str, int]) -> dict[str, float]:
         "prefetch_recall": ratio(counters["n_predicted_correct"], counters["n_selected_predicted"]),
         "prefetch_used_fraction": ratio(counters["n_prefetch_used"], counters["n_prefetch_issued"]),
     }
+
+
+def check_budget(layout: ExpertLayout, budget_bytes: int) -> None:
+    """Raises CacheBudgetError unless the policy core takes ``budget_bytes`` for this model: the
+    budget must hold each layer's largest top-k experts, which one decode step pins at once.
+    The engine's cache applies the same rule; this checks it without loading the model."""
+    try:
+        CachePolicy(layout.n_layers, layout.n_experts, layout.unit_bytes, CacheConfig(budget_bytes=budget_bytes),
+                    min_units_resident=layout.n_experts_used)
+    except InvalidParameterError as exc:
+        raise CacheBudgetError(f"a cache budget of {budget_bytes} bytes cannot work for this model: {exc}") from None

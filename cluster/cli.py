@@ -7,12 +7,13 @@ message naming the bad input (no stack trace) when the input is wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -79,7 +80,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         from cluster.bench.routing_stats import measure_reuse
 
         result.update(measure_reuse(str(info.path), progress=not args.quiet))
-    _emit(result, args.json, _synth_summary)
+    _emit(result, args, _synth_summary)
     return 0
 
 
@@ -116,7 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     "prefetch_precision", "prefetch_recall", "n_evictions", "bytes_prefetched")
             result["cache"] = {k: gen.cache[k] for k in keys}
             result["expert_counts"] = gen.expert_counts.tolist()
-    _emit(_jsonable(result), args.json, _run_summary)
+    _emit(_jsonable(result), args, _run_summary)
     return 0
 
 
@@ -156,15 +157,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from cluster import deploy
 
     model = args.model or str(default_model("demo").resolve())
+    cache_bytes = _cache_budget(args, model)
+    deploy.check_model(model, cache_bytes)  # before a local cluster starts for nothing
     if args.local_nodes:
         address = deploy.start_local_cluster(args.local_nodes)
         print(f"started a local Ray cluster of {args.local_nodes} nodes at {address}", file=sys.stderr)
-    deploy.connect(args.address, args.namespace)
-    n_nodes = args.nodes or args.local_nodes or 1
-    cache_bytes = _cache_budget(args, model)
-    info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
-                         max_queue=args.max_queue, n_threads=args.threads,
-                         memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
+    try:
+        deploy.connect(args.address, args.namespace)
+        n_nodes = args.nodes or args.local_nodes or 1
+        info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
+                             max_queue=args.max_queue, n_threads=args.threads,
+                             memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
+    except BaseException:
+        if args.local_nodes:  # the cluster this command started serves nothing: stop it
+            deploy.stop_local_cluster()
+        raise
     if args.http:
         from cluster.gateway import GatewayConfig, start_http
         from cluster.openai_api import Limits
@@ -173,7 +180,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         info["http"] = start_http(GatewayConfig(namespace=args.namespace, api_key=args.api_key, limits=limits),
                                   args.http_host, args.http_port)
         info["api_key"] = "required" if args.api_key else "none"
-    _emit(info, args.json, lambda r: f"serving {model} on {len(r['nodes'])} nodes, policy {r['policy']}"
+    _emit(info, args, lambda r: f"serving {model} on {len(r['nodes'])} nodes, policy {r['policy']}"
                                      + (f"; OpenAI-compatible API at {r['http']}/v1 (API key: {r['api_key']})"
                                         if "http" in r else ""))
     return 0
@@ -190,14 +197,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.stream:
         for piece in client.stream(args.text, max_tokens=args.max_tokens, temperature=args.temperature,
                                    seed=args.seed, session_id=args.session):
-            print(piece, end="", flush=True)
-        print()
+            print(piece, end="", flush=True, file=args.result_stream)
+        print(file=args.result_stream)
         return 0
     done = client.generate(args.text, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                            session_id=args.session)
     result = {"text": done.text, "node": done.node, "finish_reason": done.finish_reason, "usage": done.usage,
               "routing": done.routing}
-    _emit(result, args.json, lambda r: f"{r['text']}\n[{r['node']}, {r['usage']['completion_tokens']} tokens]")
+    _emit(result, args, lambda r: f"{r['text']}\n[{r['node']}, {r['usage']['completion_tokens']} tokens]")
     return 0
 
 
@@ -208,7 +215,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         from cluster.status_plot import plot_heat
 
         plot_heat(client.heat(), args.plot)
-    _emit(_jsonable(status), args.json, status_table)
+    _emit(_jsonable(status), args, status_table)
     return 0
 
 
@@ -218,7 +225,8 @@ def status_table(status: dict[str, Any]) -> str:
         return "-" if value is None or value != value else f"{100 * value:.0f}%"
 
     rows = [f"policy: {status['policy']}   decisions: {status['decisions']}",
-            f"{'node':16} {'alive':5} {'load':>4} {'served':>6} {'hit rate':>8} {'warm':>6} {'MiB read':>9} {'sessions':>8} {'restarts':>8}"]
+            f"{'node':16} {'alive':5} {'load':>4} {'served':>6} {'hit rate':>8} {'warm':>6} {'MiB read':>9} {'sessions':>8} "
+            f"{'restarts':>8}"]
     for n in status["nodes"]:
         read = "-" if n["bytes_read"] is None else f"{n['bytes_read'] / MIB:.0f}"
         rows.append(f"{n['name']:16} {str(n['alive']):5} {n['load']:>4} {n['served']:>6} {pct(n['hit_rate']):>8} "
@@ -257,14 +265,15 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
         removed = []
     if args.stop_local:
         deploy.stop_local_cluster()
-    _emit({"removed": removed}, args.json, lambda r: f"removed {', '.join(r['removed']) or 'nothing'}")
+    _emit({"removed": removed}, args, lambda r: f"removed {', '.join(r['removed']) or 'nothing'}")
     return 0
 
 
 # -- bench ---------------------------------------------------------------------------------
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    only = {"routing": ("prompts", "node_memory_mb", "decision_cost"), "simulate": ("traces", "save_traces", "warmth_knob")}
+    only = {"routing": ("prompts", "node_memory_mb", "decision_cost", "kill_node_after"),
+            "simulate": ("traces", "save_traces", "warmth_knob")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
@@ -278,7 +287,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         result = run_engine_bench(model=args.model, out_dir=Path(args.out), quick=args.quick,
                                   progress=not args.json)
-        _emit(result, args.json, lambda r: f"wrote {r['report']}")
+        _emit(result, args, lambda r: f"wrote {r['report']}")
         return 0
     if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
@@ -309,14 +318,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         if args.decision_cost:
             result = routing_bench.run_decision_cost(quick=args.quick)
-            _emit(_jsonable(result), args.json, _decision_cost_summary)
+            _emit(_jsonable(result), args, _decision_cost_summary)
             return 0
         result = routing_bench.run_routing_bench(
             args.model, Path(args.out), prompts=args.prompts, n_nodes=args.nodes or 3, cache_mb=args.cache_mb,
             node_memory_mb=args.node_memory_mb, policies=policies or routing_bench.DEFAULT_POLICIES,
             n_requests=args.requests, rate=args.rate, max_tokens=args.max_tokens, seed=args.seed or 0,
-            quick=args.quick, progress=not args.json)
-        _emit(_jsonable(result), args.json, _routing_summary)
+            quick=args.quick, kill_node_after_s=args.kill_node_after, progress=not args.json)
+        _emit(_jsonable(result), args, _routing_summary)
         return 0
     if args.suite == "simulate":
         from cluster.bench.simulate import run_simulate_bench
@@ -328,7 +337,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             n_nodes=args.nodes or 256, policies=policies, n_requests=args.requests, rate=args.rate,
             cache_mb=args.cache_mb, max_tokens=args.max_tokens, seed=args.seed or 0, quick=args.quick,
             warmth_knobs=_warmth_knobs(args.warmth_knob or []), progress=not args.json)
-        _emit(_jsonable(result), args.json, _routing_summary)
+        _emit(_jsonable(result), args, _routing_summary)
         return 0
     raise SystemExit(f"unknown bench suite {args.suite!r}")
 
@@ -357,16 +366,21 @@ def _warmth_knobs(pairs: Sequence[str]) -> dict[str, float]:
 
 # -- plumbing ------------------------------------------------------------------------------
 
-def _emit(result: dict[str, Any], as_json: bool, summary: Callable[[dict[str, Any]], str]) -> None:
-    if as_json:
-        print(json.dumps(result))
-    else:
-        print(summary(result))
+def _emit(result: dict[str, Any], args: argparse.Namespace, summary: Callable[[dict[str, Any]], str]) -> None:
+    """The command's result on standard output: one line of JSON with --json, else its summary."""
+    print(json.dumps(result) if args.json else summary(result), file=args.result_stream)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line, as every other bad input does (not the whole usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m cluster", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("synth", help="write a deterministic synthetic MoE GGUF")
     p.add_argument("out", help="output .gguf path")
@@ -472,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--seed", type=int, help="workload seed (default 0)")
     routing.add_argument("--prompts", help="routing: JSONL workload {prompt, session?, domain?} per line")
     routing.add_argument("--node-memory-mb", type=_positive_int, help="routing: cgroup memory limit per node actor")
+    routing.add_argument("--kill-node-after", type=_non_negative_float, metavar="SECONDS",
+                         help="routing: SIGKILL the last node actor's process this long into each policy's run "
+                              "(failure injection; the report says what it cost)")
     routing.add_argument("--decision-cost", action="store_true",
                          help="routing: only measure RouterCore.choose at 64 nodes x 48 layers x 128 experts")
     routing.add_argument("--traces", help="simulate: replay traces saved by --save-traces instead of recording")
@@ -492,8 +509,14 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.result_stream = sys.stdout
+    if not hasattr(args, "json"):
+        args.json = False
     try:
-        return int(args.func(args) or 0)
+        # with --json, standard output carries the JSON alone: anything else printed there (Ray
+        # prints worker deaths on it, for one) goes to standard error
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            return int(args.func(args) or 0)
     except (SniperError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -145,14 +145,17 @@ class Client:
 
     async def aevents(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                       seed: int = 0, session_id: str | None = None, stop: tuple[str, ...] = (),
-                      max_prompt_tokens: int | None = None) -> AsyncIterator[dict[str, Any]]:
+                      max_prompt_tokens: int | None = None, restartable: bool = False) -> AsyncIterator[dict[str, Any]]:
         """The router's stream: ``{"text"}`` pieces, then ``{"done": True, "node", "usage", "finish_reason", ...}``.
 
-        Closing or cancelling the iteration cancels the request on its node.
+        ``restartable``: the caller shows nothing before the end, so a node that dies mid-way has
+        the request started again on another node; a ``{"restart": node}`` item then voids the
+        text received so far. Closing or cancelling the iteration cancels the request on its node.
         """
         import ray
 
         request = _request(prompt, max_tokens, temperature, top_p, seed, session_id, stop, max_prompt_tokens)
+        request["restartable"] = restartable
         gen = self._router.stream.options(num_returns="streaming").remote(request)
         finished = False
         try:

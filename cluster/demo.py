@@ -26,6 +26,7 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
     layout = discover_layout(path)
     footprint = int(layout.unit_bytes.sum())
     budget = cache_mb * MIB if cache_mb else int(0.4 * footprint)
+    deploy.check_model(path, budget)  # before a local cluster starts for nothing
     try:
         topics = synth.read_topics(path)
     except ValueError:

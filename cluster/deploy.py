@@ -134,6 +134,17 @@ def cache_budget(model_path: str, cache_mb: int | None) -> int:
     return cache_mb << 20 if cache_mb else whole_model_budget(model_path)
 
 
+def check_model(model_path: str, cache_bytes: int | None) -> None:
+    """What ``deploy`` checks before it starts anything: the file is a readable MoE GGUF
+    (ModelFileError: missing, corrupt, truncated, dense) and the budget can work for it
+    (CacheBudgetError)."""
+    from cluster.cache import check_budget, discover_layout
+
+    layout = discover_layout(model_path)
+    if cache_bytes is not None:
+        check_budget(layout, cache_bytes)
+
+
 def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: str = "warmth",
            namespace: str = NAMESPACE, n_ctx: int = 2048, max_queue: int = 8,
            memory_limit_bytes: int | None = None, n_threads: int | None = None,
@@ -167,31 +178,46 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: st
         raise SniperError(f"a deployment already runs in namespace '{namespace}' (use shutdown first)")
     except ValueError:
         pass
-    router = ray.remote(RouterActor).options(
-        name=ROUTER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_concurrency=1000,
-        num_cpus=0).remote(model_path, policy, namespace)
-    ray.get(router.ping.remote(), timeout=timeout_s)
-    pg = placement_group([{"CPU": 1}] * n_nodes, strategy="STRICT_SPREAD", name=f"{PLACEMENT_GROUP}-{namespace}",
-                         lifetime="detached")
-    ray.get(pg.ready(), timeout=timeout_s)
+    check_model(model_path, cache_bytes)
     config = NodeConfig(model_path=model_path, cache_bytes=cache_bytes, n_ctx=n_ctx, max_queue=max_queue,
                         memory_limit_bytes=memory_limit_bytes, n_threads=n_threads)
-    handles = []
-    for i in range(n_nodes):
-        node_config = config if node_model_paths is None else replace(config, model_path=os.path.abspath(node_model_paths[i]))
-        handles.append(ray.remote(NodeActor).options(
-            name=node_name(i), namespace=namespace, lifetime="detached", max_restarts=NODE_MAX_RESTARTS,
-            max_concurrency=max_queue + 4, num_cpus=1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(node_name(i), node_config, namespace))
-    ready = ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:  # the router knows a node once its first report arrived
-        status = ray.get(router.status.remote())
-        if sum(1 for n in status["nodes"] if n["alive"]) >= n_nodes:
-            break
-        time.sleep(0.2)
+    config.validate()
+    try:
+        router = ray.remote(RouterActor).options(
+            name=ROUTER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_concurrency=1000,
+            num_cpus=0).remote(model_path, policy, namespace)
+        ray.get(router.ping.remote(), timeout=timeout_s)
+        pg = placement_group([{"CPU": 1}] * n_nodes, strategy="STRICT_SPREAD", name=f"{PLACEMENT_GROUP}-{namespace}",
+                             lifetime="detached")
+        ray.get(pg.ready(), timeout=timeout_s)
+        handles = []
+        for i in range(n_nodes):
+            node_config = config if node_model_paths is None else replace(config, model_path=os.path.abspath(node_model_paths[i]))
+            handles.append(ray.remote(NodeActor).options(
+                name=node_name(i), namespace=namespace, lifetime="detached", max_restarts=NODE_MAX_RESTARTS,
+                max_concurrency=max_queue + 4, num_cpus=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            ).remote(node_name(i), node_config, namespace))
+        ready = ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:  # the router knows a node once its first report arrived
+            status = ray.get(router.status.remote())
+            if sum(1 for n in status["nodes"] if n["alive"]) >= n_nodes:
+                break
+            time.sleep(0.2)
+    except BaseException as exc:  # nothing is left half-deployed
+        shutdown(namespace)
+        if isinstance(exc, ray.exceptions.RayError):
+            raise SniperError(f"the deployment in namespace '{namespace}' did not start: {_cause(exc)}") from None
+        raise
     return {"router": ROUTER_NAME, "nodes": ready, "policy": policy, "config": asdict(config)}
+
+
+def _cause(exc: BaseException) -> str:
+    """The line of a Ray error that says what went wrong (an actor's constructor raising, a timeout)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return (named or lines or [type(exc).__name__])[-1][:400]
 
 
 def shutdown(namespace: str = NAMESPACE) -> list[str]:

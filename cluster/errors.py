@@ -12,7 +12,7 @@ class ModelFileError(SniperError, ValueError):
 
 
 class CacheBudgetError(SniperError, ValueError):
-    """The expert-cache budget cannot work for this model (e.g. smaller than one decode step's experts)."""
+    """The expert-cache budget cannot work for this model (it cannot hold one layer's largest top-k experts)."""
 
 
 class InvalidParameterError(SniperError, ValueError):

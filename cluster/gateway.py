@@ -161,7 +161,8 @@ class Gateway:
             body = await self._json_body(request)
             gen: Generation = parse(body, self.config.limits, await self._model_name())
             client = await self._router_client()
-            events = client.aevents(gen.prompt, **gen.client_kwargs(), max_prompt_tokens=self.config.limits.max_prompt_tokens)
+            events = client.aevents(gen.prompt, **gen.client_kwargs(), max_prompt_tokens=self.config.limits.max_prompt_tokens,
+                                    restartable=not gen.stream)  # an answer sent whole can start again elsewhere
             first = await _first_event(events)  # errors before any text keep their HTTP status
             if gen.stream:
                 streaming = True
@@ -174,6 +175,8 @@ class Gateway:
                 async for item in events:
                     if "text" in item:
                         text.append(item["text"])
+                    elif "restart" in item:  # its node died: the text so far is void
+                        text.clear()
                     elif item.get("done"):
                         final = item
             self._count_tokens(final)

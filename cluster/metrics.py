@@ -92,7 +92,7 @@ _NODE_GAUGES = {  # status field -> (metric, help)
     "load": ("sniper_node_queue_depth", "Requests running or queued on the node"),
     "capacity": ("sniper_node_queue_capacity", "Requests the node accepts at once"),
     "hit_rate": ("sniper_node_expert_hit_rate", "Expert-cache hit rate since the router first heard from the node"),
-    "decode_hit_rate": ("sniper_node_expert_decode_hit_rate", "Expert-cache hit rate of decode steps since the node process started"),
+    "decode_hit_rate": ("sniper_node_expert_decode_hit_rate", "Decode-step hit rate of the node's current process"),
     "warm_fraction": ("sniper_node_warm_fraction", "Fraction of all experts resident in the node's cache"),
     "resident_bytes": ("sniper_node_resident_bytes", "Expert bytes resident in the cache"),
     "budget_bytes": ("sniper_node_budget_bytes", "Expert-cache budget"),

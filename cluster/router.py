@@ -269,11 +269,19 @@ class RouterActor:
         return handle
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Routes and streams one request: ``{"text"}`` items, then ``{"done", "node", ...}``."""
+        """Routes and streams one request: ``{"text"}`` items, then ``{"done", "node", ...}``.
+
+        A node that dies before sending text has the request sent to another node. One that dies
+        after sending text ends the stream with ``NodeFailedError``, unless the request is
+        ``restartable`` (its caller shows nothing before the end: ``generate``, the HTTP
+        gateway's non-streaming answers): then it starts again on another node, announced by a
+        ``{"restart": node, "reason"}`` item after which the text so far is void.
+        """
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         request = dict(request)
         request.setdefault("request_id", uuid.uuid4().hex)
+        restartable = bool(request.pop("restartable", False))
         tokens = tuple(self.tokenizer.tokenize(request["prompt"]))
         limit = request.pop("max_prompt_tokens", None)
         if limit is not None and len(tokens) > limit:
@@ -286,7 +294,7 @@ class RouterActor:
             node_id = ranked[0]
             node = self.core.acquire(node_id)
             self.core.policy.on_routed(route, node_id)
-            sent = 0
+            sent, restart = 0, None
             try:
                 handle = self._handle(node_id)
                 gen = handle.stream.options(num_returns="streaming").remote(request)
@@ -310,8 +318,11 @@ class RouterActor:
                 self.handles.pop(node_id, None)
                 tried.add(node_id)
                 if sent:
-                    raise NodeFailedError(f"{node_id} died after streaming {sent} pieces: "
-                                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+                    reason = (f"{node_id} died after streaming {sent} pieces: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                    if not restartable:
+                        raise NodeFailedError(reason) from None
+                    restart = {"restart": node_id, "reason": reason}
             except Exception as exc:  # the node refused (overloaded) or failed before text
                 if _is_overloaded(exc) and not sent:
                     tried.add(node_id)
@@ -319,12 +330,17 @@ class RouterActor:
                 raise
             finally:
                 self.core.release(node_id)
+            if restart is not None:
+                yield restart
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        text = []
-        async for item in self.stream(request):
+        """The whole answer at once; a node that dies mid-way costs a restart elsewhere, not an error."""
+        text: list[str] = []
+        async for item in self.stream({**request, "restartable": True}):
             if "text" in item:
                 text.append(item["text"])
+            elif "restart" in item:
+                text.clear()
             elif item.get("done"):
                 return {"text": "".join(text), **{k: v for k, v in item.items() if k not in ("done",)}}
         raise NodeFailedError("the stream ended without a final message")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,12 +12,13 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
+from bursts import burst_with_a_failure  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
 from cluster.client import Client  # noqa: E402
-from cluster.errors import InvalidParameterError, PromptTooLongError  # noqa: E402
-from cluster.node import NodeFailedError, OverloadedError, node_name  # noqa: E402
+from cluster.errors import CacheBudgetError, InvalidParameterError, PromptTooLongError, SniperError  # noqa: E402
+from cluster.node import OverloadedError, node_name  # noqa: E402
 
 N_NODES = 3
 
@@ -144,22 +144,7 @@ def test_node_killed_during_a_burst_loses_no_request(deployment, tiny_topics):
     client, namespace = deployment
     prompt = synth.topic_prompt(tiny_topics, 3, 12, seed=4)
     victim = ray.get_actor(node_name(1), namespace=namespace)
-
-    def call(i: int) -> str:
-        try:
-            done = client.generate(prompt, max_tokens=300, seed=i)
-            assert done.usage["completion_tokens"] == 300
-            return "ok"
-        except NodeFailedError as exc:
-            assert node_name(1) in str(exc)
-            return "failed-after-text"
-
-    timer = threading.Timer(0.5, lambda: ray.kill(victim, no_restart=True))
-    timer.start()
-    with ThreadPoolExecutor(9) as pool:
-        outcomes = list(pool.map(call, range(9), timeout=240))
-    timer.join()
-    assert set(outcomes) <= {"ok", "failed-after-text"}
+    outcomes = burst_with_a_failure(client, prompt, node_name(1), lambda: ray.kill(victim, no_restart=True))
     assert outcomes.count("ok") >= 6
     deadline = time.monotonic() + 15  # a dead node is noticed on use or after 5 s without reports
     while {n["name"]: n["alive"] for n in client.status()["nodes"]}[node_name(1)]:
@@ -175,21 +160,8 @@ def test_a_node_process_killed_during_a_burst_is_restarted_and_serves_again(depl
     victim = ray.get_actor(node_name(1), namespace=namespace)
     pid = ray.get(victim.ready.remote(), timeout=30)["pid"]
     prompt = synth.topic_prompt(tiny_topics, 2, 12, seed=7)
-
-    def call(i: int) -> str:
-        try:
-            assert client.generate(prompt, max_tokens=200, seed=i).usage["completion_tokens"] == 200
-            return "ok"
-        except NodeFailedError as exc:
-            assert node_name(1) in str(exc)
-            return "failed-after-text"
-
-    timer = threading.Timer(0.5, lambda: os.kill(pid, signal.SIGKILL))
-    timer.start()
-    with ThreadPoolExecutor(9) as pool:
-        outcomes = list(pool.map(call, range(9), timeout=240))
-    timer.join()
-    assert set(outcomes) <= {"ok", "failed-after-text"} and outcomes.count("ok") >= 6
+    outcomes = burst_with_a_failure(client, prompt, node_name(1), lambda: os.kill(pid, signal.SIGKILL))
+    assert outcomes.count("ok") >= 6
     deadline = time.monotonic() + 120
     while True:
         node = {n["name"]: n for n in client.status()["nodes"]}[node_name(1)]
@@ -248,3 +220,24 @@ def test_cli_generate_and_status_against_the_running_deployment(deployment, ray_
     bad = subprocess.run([sys.executable, "-m", "cluster", "generate", "x", "--max-tokens", "0", *common],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "positive integer" in bad.stderr
+
+
+def test_a_deployment_that_cannot_start_says_why_and_leaves_nothing_behind(ray_cluster, tiny_model, bad_model_files):
+    namespace = "t-cannot-start"
+    with pytest.raises(CacheBudgetError, match="largest experts of layer"):  # checked before anything starts
+        deploy.deploy(str(tiny_model), N_NODES, cache_bytes=4096, namespace=namespace)
+    with pytest.raises(InvalidParameterError, match="max_queue"):
+        deploy.deploy(str(tiny_model), N_NODES, cache_bytes=None, namespace=namespace, max_queue=0)
+    broken = [str(tiny_model)] * (N_NODES - 1) + [str(bad_model_files["truncated"])]  # one node's copy is damaged
+    with pytest.raises(SniperError, match=f"did not start: .*{bad_model_files['truncated'].name}"):
+        deploy.deploy(str(tiny_model), N_NODES, cache_bytes=None, namespace=namespace, n_threads=1, n_ctx=512,
+                      node_model_paths=broken)
+    deadline = time.monotonic() + 30
+    for name in ["sniper-router"] + [node_name(i) for i in range(N_NODES)]:
+        while True:
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                break
+            assert time.monotonic() < deadline, f"{name} was left behind"
+            time.sleep(0.2)

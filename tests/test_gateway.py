@@ -307,6 +307,29 @@ def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model,
         deploy.shutdown("gateway-build")
 
 
+def test_a_node_dying_mid_answer_costs_a_restart_elsewhere_not_an_error(gateway, model_name, tiny_topics):
+    """A non-streaming answer is sent whole, so the caller has seen nothing when its node dies:
+    the request starts again on the other node and the caller gets the full answer."""
+    body = {"model": model_name, "prompt": synth.topic_prompt(tiny_topics, 2, 8, seed=43), "max_tokens": 256,
+            "temperature": 0}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_post, gateway, body)
+        deadline = time.monotonic() + 30
+        while not (busy := [n["name"] for n in _status()["nodes"] if n["load"]]):
+            assert time.monotonic() < deadline and not answer.done(), "the request never reached a node"
+            time.sleep(0.02)
+        time.sleep(0.3)  # text is flowing from the node to the router
+        ray.kill(ray.get_actor(busy[0], namespace=NAMESPACE), no_restart=False)  # a crash: Ray starts it again
+        r = answer.result(timeout=120)
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert done["usage"]["completion_tokens"] == 256 and done["system_fingerprint"] != busy[0]
+    deadline = time.monotonic() + 120  # the crashed node is back before the tests that follow
+    while not all(n["alive"] for n in _status()["nodes"]):
+        assert time.monotonic() < deadline, "the crashed node did not come back"
+        time.sleep(0.5)
+
+
 def test_nodes_dying_end_a_started_stream_with_an_error_then_health_is_503(gateway, model_name, tiny_topics):
     body = {"model": model_name, "prompt": synth.topic_prompt(tiny_topics, 0, 8, seed=41), "max_tokens": 256,
             "stream": True}

@@ -5,20 +5,19 @@ node actor back (its placement-group bundle is rescheduled there)."""
 from __future__ import annotations
 
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
+from bursts import burst_with_a_failure  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
 from cluster.client import Client  # noqa: E402
-from cluster.node import NodeFailedError, node_name  # noqa: E402
+from cluster.node import node_name  # noqa: E402
 
 N_NODES = 3
 NAMESPACE = "node-loss"
@@ -52,21 +51,8 @@ def test_a_ray_node_lost_during_a_burst_loses_no_request_and_its_replacement_ser
         victim = next(r["node"] for r in info["nodes"] if r["ray_node_id"] in workers)  # not the head's
         ray_node = workers[next(r["ray_node_id"] for r in info["nodes"] if r["node"] == victim)]
         prompt = synth.topic_prompt(tiny_topics, 1, 12, seed=8)
-
-        def call(i: int) -> str:
-            try:
-                assert client.generate(prompt, max_tokens=200, seed=i).usage["completion_tokens"] == 200
-                return "ok"
-            except NodeFailedError as exc:
-                assert victim in str(exc)
-                return "failed-after-text"
-
-        timer = threading.Timer(0.5, lambda: cluster.remove_node(ray_node, allow_graceful=False))
-        timer.start()
-        with ThreadPoolExecutor(9) as pool:
-            outcomes = list(pool.map(call, range(9), timeout=240))
-        timer.join()
-        assert set(outcomes) <= {"ok", "failed-after-text"} and outcomes.count("ok") >= 6
+        outcomes = burst_with_a_failure(client, prompt, victim, lambda: cluster.remove_node(ray_node, allow_graceful=False))
+        assert outcomes.count("ok") >= 6
         deadline = time.monotonic() + 30
         while _node(client, victim)["alive"]:
             assert time.monotonic() < deadline, "the router still lists the lost node as alive"

@@ -212,13 +212,14 @@ def test_summarise_live_counts_bytes_from_nodes_and_requests() -> None:
              "n_tokens_decode": 4, "decode_hit_rate": 0.5}
     ok = {"sent_s": 0.0, "done_s": 1.0, "node": "n0", "usage": {"completion_tokens": 4, "prompt_tokens": 10,
                                                                 "reused_prompt_tokens": 5}, "cache": cache}
-    outcomes = [ok, dict(ok, node="n1", done_s=3.0), dict(ok, done_s=2.0), {"sent_s": 0.0, "done_s": 0.1, "error": "X"}]
+    outcomes = [ok, dict(ok, node="n1", done_s=3.0, routing={"attempts": 2}), dict(ok, done_s=2.0),
+                {"sent_s": 0.0, "done_s": 0.1, "error": "X"}]
     r = routing_bench.summarise_live(outcomes, before, after, wall_s=3.0)
     assert r["bytes_read_per_token"] == 600 / 12 and r["bytes_read_requests"] == 600
     assert r["bytes_read_per_token_prefill"] == 10 and r["bytes_read_per_token_decode"] == 25
     assert r["hit_rate"] == 0.75 and r["decode_hit_rate"] == 0.5 and r["reused_prompt_fraction"] == 0.5
     assert r["tok_s"] == 4 and r["requests_per_node"] == {"n0": 2, "n1": 1} and r["errors"] == 1
-    assert r["p50_latency_s"] == 2.0 and r["prediction_precision"] == 0.5
+    assert r["p50_latency_s"] == 2.0 and r["prediction_precision"] == 0.5 and r["retried_requests"] == 1
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -271,3 +272,21 @@ def test_simulate_bench_passes_warmth_knobs_to_the_warmth_policy_only(traces: si
     assert "warmth:spread" not in off["policies"]["warmth"]["decisions"]  # the rule is off
     assert off["warmth_knobs"] == {"warm_margin": 0} and "--warmth-knob warm_margin=0" in off["command"]
     assert off["policies"]["least_loaded"]["hit_rate"] == default["policies"]["least_loaded"]["hit_rate"]  # untouched
+
+
+def test_live_bench_with_a_node_killed_mid_run_loses_nothing_and_reports_it(tiny_model: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench routing`` as an evaluator runs it, with a failure injected under load: one policy on
+    a live 3-node cluster, the last node's process killed 1 s in."""
+    out = tmp_path / "report"
+    argv = ["bench", "routing", "--model", str(tiny_model), "--policies", "warmth", "--requests", "12", "--rate", "4",
+            "--max-tokens", "48", "--kill-node-after", "1", "--quick", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    warmth = result["policies"]["warmth"]
+    assert warmth["errors"] == 0 and warmth["n_requests"] == 12 and warmth["generated_tokens"] > 0
+    crash = warmth["node_crash"]
+    assert crash["node"] == "sniper-node-2" and crash["killed"] and crash["back_after_s"] is not None
+    assert "--kill-node-after 1" in result["command"]
+    report = (out / "routing.md").read_text()
+    assert "Failure injected (`--kill-node-after 1`)" in report and "| warmth | True |" in report

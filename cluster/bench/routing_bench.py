@@ -9,7 +9,9 @@ Every figure in the report comes from this run:
     previous turn finished, whichever is later, and carries the conversation so far — the
     earlier prompts and the answers this deployment gave. The cluster is torn down after
     each policy. Expert bytes read come from the nodes' cache counters (``Client.status``)
-    and the per-request cache counters (``Completion.cache``).
+    and the per-request cache counters (``Completion.cache``). With ``--kill-node-after S``
+    the last node actor's process is killed (SIGKILL) S seconds into every policy's run
+    (``NodeCrash``): the report then says what the failure cost.
   * decision cost — ``RouterCore.choose`` (the real router core and policy, no Ray) at
     64 nodes x 48 layers x 128 experts with synthetic warmth reports and an affinity trained
     from routing-trace summaries; latency per decision and a cProfile of where it goes.
@@ -24,7 +26,9 @@ import os
 import pstats
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -103,6 +107,15 @@ class LocalRayCluster:
             self._cluster = None
 
 
+def ray_get_ready(node: str) -> dict[str, Any]:
+    """``NodeActor.ready()`` of a node of the bench's deployment (its current process)."""
+    import ray
+
+    from cluster.node import NAMESPACE
+
+    return ray.get(ray.get_actor(node, namespace=NAMESPACE).ready.remote(), timeout=60)
+
+
 def _remove_node_cgroups(nodes: Sequence[dict[str, Any]]) -> None:
     """Removes the memory cgroups the node actors created (NodeServer leaves them behind)."""
     from cluster.bench import memlimit
@@ -121,6 +134,47 @@ def _remove_node_cgroups(nodes: Sequence[dict[str, Any]]) -> None:
 
 
 # -- one policy on a live cluster ----------------------------------------------------------
+
+class NodeCrash:
+    """A node actor's process killed with SIGKILL ``after_s`` seconds into a run, as a crash or the
+    kernel's OOM killer would end it; then how long until the router had the node back (Ray starts
+    a new process in its place, ``cluster.deploy``)."""
+
+    def __init__(self, node: dict[str, Any], after_s: float) -> None:
+        self.node = node  # NodeActor.ready() of the victim: name and pid
+        self.after_s = after_s
+        self.killed_at: float | None = None
+        self._timer = threading.Timer(after_s, self._kill)
+
+    def _kill(self) -> None:
+        try:
+            os.kill(self.node["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.killed_at = time.monotonic()
+
+    def start(self) -> None:
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        self._timer.join()
+
+    def outcome(self, client: Any, timeout_s: float = 120.0) -> dict[str, Any]:
+        """What happened: killed or not (the run may end first), and when the new process was back."""
+        out: dict[str, Any] = {"node": self.node["node"], "after_s": self.after_s, "killed": self.killed_at is not None,
+                               "back_after_s": None}
+        if self.killed_at is None:
+            return out
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            node = {n["name"]: n for n in client.status()["nodes"]}.get(self.node["node"], {})
+            if node.get("alive") and node.get("restarts", 0) >= 1:
+                out["back_after_s"] = time.monotonic() - self.killed_at
+                break
+            time.sleep(0.2)
+        return out
+
 
 async def _drive(client: Any, workload: Workload, max_tokens: int) -> list[dict[str, Any]]:
     """Sends the workload (conversations concurrently, turns in order); one outcome per turn."""
@@ -213,6 +267,7 @@ def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after
         "prediction_recall": prediction.get("recall"),
         "decision_audit": after.get("decision_audit"),
         "decisions": after.get("decisions", {}),
+        "retried_requests": sum(1 for o in ok if o.get("routing", {}).get("attempts", 1) > 1),
         "errors": len(errors),
         "error_examples": sorted(set(errors))[:5],
     }
@@ -220,11 +275,13 @@ def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after
 
 def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int, cache_bytes: int,
                memory_limit_bytes: int | None, max_tokens: int, progress: bool,
-               node_model_paths: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+               node_model_paths: list[str] | None = None,
+               kill_node_after_s: float | None = None) -> tuple[dict[str, Any], list[str]]:
     """One policy on a fresh local cluster; returns its metrics and the answers (turn order).
 
     With ``node_model_paths`` each node reads its own copy of the model, whose page cache is
     dropped first: every policy starts cold, and no node is served from pages another read.
+    With ``kill_node_after_s`` the last node's process is killed that long into the run.
     """
     from cluster import deploy
     from cluster.bench import memlimit
@@ -233,6 +290,7 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
 
     t_setup = time.perf_counter()
     nodes: list[dict[str, Any]] = []
+    failure: dict[str, Any] | None = None
     with LocalRayCluster(n_nodes) as cluster:
         deploy.connect(cluster.address, NAMESPACE)
         try:
@@ -247,11 +305,23 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
             setup_s = time.perf_counter() - t_setup
             log_progress(progress, f"  {policy}: {n_nodes} nodes ready in {setup_s:.0f} s; "
                            f"sending {len(workload.turns)} requests")
+            crash = NodeCrash(nodes[-1], kill_node_after_s) if kill_node_after_s is not None else None
             t0 = time.perf_counter()
+            if crash is not None:
+                crash.start()
             outcomes = asyncio.run(_drive(client, workload, max_tokens))
             wall_s = (max((o["done_s"] for o in outcomes), default=0.0)
                       - min((o["sent_s"] for o in outcomes), default=0.0))
             generated = sum(o["usage"]["completion_tokens"] for o in outcomes if "error" not in o)
+            if crash is not None:
+                crash.cancel()
+                failure = crash.outcome(client)
+                if failure["back_after_s"] is not None:  # the new process made a cgroup of its own too
+                    nodes = [*nodes, ray_get_ready(nodes[-1]["node"])]
+                log_progress(progress, f"  {policy}: {failure['node']} killed {kill_node_after_s:g} s in: "
+                               + ("run ended first" if not failure["killed"] else
+                                  f"back after {failure['back_after_s']:.1f} s" if failure["back_after_s"] is not None
+                                  else "not back"))
             after = _await_reports(client, _node_totals(before), generated)
             log_progress(progress, f"  {policy}: done in {time.perf_counter() - t0:.0f} s")
             deploy.shutdown(NAMESPACE)
@@ -260,6 +330,8 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
                 _remove_node_cgroups(nodes)
     result = summarise_live(outcomes, before, after, wall_s)
     result["setup_s"] = setup_s
+    if failure is not None:
+        result["node_crash"] = failure
     order = {(t.conversation, t.index): i for i, t in enumerate(workload.turns)}
     answers = [""] * len(workload.turns)
     for o in outcomes:
@@ -445,11 +517,11 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
                       cache_mb: int | None = None, node_memory_mb: int | None = None,
                       policies: Sequence[str] = DEFAULT_POLICIES, n_requests: int | None = None,
                       rate: float | None = None, max_tokens: int | None = None, seed: int = 0, quick: bool = False,
-                      progress: bool = True) -> dict[str, Any]:
+                      kill_node_after_s: float | None = None, progress: bool = True) -> dict[str, Any]:
     """The live comparison and the decision cost; writes docs/routing.md when ``out_dir`` is set."""
     from cluster.bench import memlimit
     from cluster.bench.routing_report import _pct, targets, write_routing_report
-    from cluster.cache import discover_layout
+    from cluster.cache import check_budget, discover_layout
     from cluster.cli import MIB, default_model
     from cluster.routing import POLICY_NAMES
 
@@ -465,6 +537,7 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
     layout = discover_layout(model_path)
     expert_bytes = int(np.asarray(layout.unit_bytes, dtype=np.int64).sum())
     cache_bytes = cache_mb * MIB if cache_mb else expert_bytes // 3
+    check_budget(layout, cache_bytes)  # before any cluster starts
     memory_limit = node_memory_mb * MIB if node_memory_mb else None
     n_requests = n_requests or (12 if quick else 48)
     rate = rate if rate is not None else (1.0 if quick else 0.75)
@@ -474,7 +547,9 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
     command = command_line("routing", [
         ("--model", model), ("--prompts", prompts), ("--nodes", n_nodes), ("--cache-mb", cache_mb),
         ("--node-memory-mb", node_memory_mb), ("--policies", ",".join(policies)), ("--requests", n_requests),
-        ("--rate", f"{rate:g}"), ("--max-tokens", max_tokens), ("--seed", seed), ("--out", out_flag(out_dir)), ("--quick", quick)])
+        ("--rate", f"{rate:g}"), ("--max-tokens", max_tokens), ("--seed", seed),
+        ("--kill-node-after", None if kill_node_after_s is None else f"{kill_node_after_s:g}"),
+        ("--out", out_flag(out_dir)), ("--quick", quick)])
     result: dict[str, Any] = {
         "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -496,7 +571,7 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
             metrics, answers[policy] = run_policy(
                 model_path, policy, workload, n_nodes=n_nodes, cache_bytes=cache_bytes,
                 memory_limit_bytes=memory_limit, max_tokens=max_tokens,
-                progress=progress, node_model_paths=copies)
+                progress=progress, node_model_paths=copies, kill_node_after_s=kill_node_after_s)
             result["policies"][policy] = metrics
             log_progress(progress, f"  {policy}: hit rate {_pct(metrics['hit_rate'])}, "
                            f"{(metrics['bytes_read_per_token'] or 0) / MIB:.2f} MiB read/token, "

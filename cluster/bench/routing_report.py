@@ -129,6 +129,26 @@ def _audit_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _crash_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
+    """What the failure injected by ``--kill-node-after`` cost each policy's run."""
+    crashes = {name: p["node_crash"] for name, p in policies.items() if p.get("node_crash")}
+    if not crashes:
+        return []
+    first = next(iter(crashes.values()))
+    lines = [f"Failure injected (`--kill-node-after {first['after_s']:g}`): in each policy's run, the process of "
+             f"`{first['node']}` was killed with SIGKILL {first['after_s']:g} s after the run started (as a crash or the "
+             "kernel's OOM killer would end it). Back: when the router had the node again, a new process reporting. "
+             "Requests restarted or retried: answers started again on another node after their node died "
+             "(the caller had seen nothing).", "",
+             "| policy | killed | back after s | requests restarted or retried | errors |", "|---|---|---|---|---|"]
+    for name, c in crashes.items():
+        back = "run ended first" if not c["killed"] else _fmt(c["back_after_s"], 1) if c["back_after_s"] is not None \
+            else "not within 120 s"
+        lines.append(f"| {name} | {c['killed']} | {back} | {policies[name]['retried_requests']} | "
+                     f"{policies[name]['errors']} |")
+    return lines + [""]
+
+
 def _targets_lines(result: dict[str, Any]) -> list[str]:
     t = result["targets"]
     if not t:
@@ -187,6 +207,7 @@ def write_routing_report(result: dict[str, Any], out_dir: Path) -> Path:
             f"{name} {', '.join(f'{_short(n)}: {k}' for n, k in p['requests_per_node'].items())}"
             for name, p in policies.items()) + ".",
         "",
+        *_crash_lines(policies),
         *_audit_lines(policies),
         "Ratios (policy ÷ baseline; below 1 is better for bytes and latency, above 1 for hit rate and tok/s):",
         "",

@@ -1,0 +1,44 @@
+"""A burst of concurrent requests with a failure injected in the middle (the node tests share it)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from cluster.client import Client
+from cluster.node import NodeFailedError
+
+N_REQUESTS = 9
+MAX_TOKENS = 200
+
+
+def burst_with_a_failure(client: Client, prompt: str, victim: str, fail: Callable[[], None],
+                         after_s: float = 0.5) -> list[str]:
+    """Sends N_REQUESTS greedy requests at once, whole answers (``generate``) and streams in turn,
+    and calls ``fail`` ``after_s`` seconds in. Every whole answer must come back complete and
+    identical to the answer of a quiet moment (a node dying under it costs a restart
+    elsewhere); a stream ends complete or with ``NodeFailedError`` naming ``victim``. Returns
+    each request's outcome: "ok" or "failed-after-text"."""
+    expected = client.generate(prompt, max_tokens=MAX_TOKENS)
+    assert expected.usage["completion_tokens"] == MAX_TOKENS
+
+    def call(i: int) -> str:
+        if i % 2 == 0:
+            done = client.generate(prompt, max_tokens=MAX_TOKENS, seed=i)
+            assert done.usage["completion_tokens"] == MAX_TOKENS and done.text == expected.text
+            return "ok"
+        try:
+            assert "".join(client.stream(prompt, max_tokens=MAX_TOKENS, seed=i)) == expected.text
+            return "ok"
+        except NodeFailedError as exc:
+            assert victim in str(exc)
+            return "failed-after-text"
+
+    timer = threading.Timer(after_s, fail)
+    timer.start()
+    with ThreadPoolExecutor(N_REQUESTS) as pool:
+        outcomes = list(pool.map(call, range(N_REQUESTS), timeout=240))
+    timer.join()
+    assert set(outcomes) <= {"ok", "failed-after-text"}
+    return outcomes
