@@ -2,7 +2,7 @@
 
 ``start_local_cluster`` starts N Ray nodes on loopback in a daemon (``cluster.local_cluster``).
 ``deploy`` places one node actor per Ray node (a STRICT_SPREAD
-placement group: two never share a node) and the router; all are named and detached, so
+placement group: two never share a node) and the router on the head node; all are named and detached, so
 they keep serving after the command that created them returns, and restartable: a node or
 router process that dies is started again (a node comes back cold, with a new ``started_at``,
 and the router counts it in ``restarts``). ``shutdown`` removes them.
@@ -23,6 +23,7 @@ from cluster.errors import InvalidParameterError, SniperError
 from cluster.node import NAMESPACE, ROUTER_NAME, NodeConfig, NodeServer, node_name
 
 PLACEMENT_GROUP = "sniper-nodes"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
 NODE_MAX_RESTARTS = -1  # a node process that dies (OOM kill, crash) is started again, in its own bundle
 LOCAL_CLUSTER_FILE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "sniper-local-cluster.json")
 
@@ -183,9 +184,9 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: st
                         memory_limit_bytes=memory_limit_bytes, n_threads=n_threads)
     config.validate()
     try:
-        router = ray.remote(RouterActor).options(
+        router = ray.remote(RouterActor).options(  # on the head: it outlives any worker node
             name=ROUTER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_concurrency=1000,
-            num_cpus=0).remote(model_path, policy, namespace)
+            num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001}).remote(model_path, policy, namespace)
         ray.get(router.ping.remote(), timeout=timeout_s)
         pg = placement_group([{"CPU": 1}] * n_nodes, strategy="STRICT_SPREAD", name=f"{PLACEMENT_GROUP}-{namespace}",
                              lifetime="detached")

@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 from bursts import burst_with_a_failure  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from local_ray import loopback_cluster  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
 from cluster.client import Client  # noqa: E402
@@ -25,15 +25,8 @@ N_NODES = 3
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
-                                                            "include_dashboard": False})
-    for _ in range(N_NODES - 1):
-        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace="sniper", logging_level="ERROR", log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with loopback_cluster(N_NODES, "sniper") as cluster:
+        yield cluster
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 from bursts import burst_with_a_failure  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from local_ray import NODE_ARGS, loopback_cluster  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
 from cluster.client import Client  # noqa: E402
@@ -25,15 +25,8 @@ NAMESPACE = "node-loss"
 
 @pytest.fixture()
 def cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
-                                                            "include_dashboard": False})
-    for _ in range(N_NODES - 1):
-        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with loopback_cluster(N_NODES, NAMESPACE) as cluster:
+        yield cluster
 
 
 def _node(client: Client, name: str) -> dict:
@@ -50,6 +43,7 @@ def test_a_ray_node_lost_during_a_burst_loses_no_request_and_its_replacement_ser
         workers = {n.node_id: n for n in cluster.worker_nodes}
         victim = next(r["node"] for r in info["nodes"] if r["ray_node_id"] in workers)  # not the head's
         ray_node = workers[next(r["ray_node_id"] for r in info["nodes"] if r["node"] == victim)]
+        router_started = client.status()["started_at"]
         prompt = synth.topic_prompt(tiny_topics, 1, 12, seed=8)
         outcomes = burst_with_a_failure(client, prompt, victim, lambda: cluster.remove_node(ray_node, allow_graceful=False))
         assert outcomes.count("ok") >= 6
@@ -59,8 +53,9 @@ def test_a_ray_node_lost_during_a_burst_loses_no_request_and_its_replacement_ser
             time.sleep(0.5)
         served = {client.generate(prompt, max_tokens=4).node for _ in range(N_NODES)}
         assert victim not in served and len(served) == N_NODES - 1
+        assert client.status()["started_at"] == router_started  # the router lives on the head: it never went away
 
-        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")  # a machine joins in the lost one's place
+        cluster.add_node(**NODE_ARGS)  # a machine joins in the lost one's place
         deadline = time.monotonic() + 180
         while not (node := _node(client, victim))["alive"]:
             assert time.monotonic() < deadline, f"the node actor did not come back on the new node: {node}"
