@@ -137,43 +137,44 @@ def _remove_node_cgroups(nodes: Sequence[dict[str, Any]]) -> None:
 
 class NodeCrash:
     """A node actor's process killed with SIGKILL ``after_s`` seconds into a run, as a crash or the
-    kernel's OOM killer would end it; then how long until the router had the node back (Ray starts
-    a new process in its place, ``cluster.deploy``)."""
+    kernel's OOM killer would end it; then, watched while the run goes on, how long until the
+    router had the node back (Ray starts a new process in its place, ``cluster.deploy``)."""
 
-    def __init__(self, node: dict[str, Any], after_s: float) -> None:
+    def __init__(self, client: Any, node: dict[str, Any], after_s: float, timeout_s: float = 120.0) -> None:
+        self.client = client
         self.node = node  # NodeActor.ready() of the victim: name and pid
         self.after_s = after_s
+        self.timeout_s = timeout_s
         self.killed_at: float | None = None
-        self._timer = threading.Timer(after_s, self._kill)
+        self.back_at: float | None = None
+        self._run_over = threading.Event()
+        self._thread = threading.Thread(target=self._crash_and_watch, name="node-crash", daemon=True)
 
-    def _kill(self) -> None:
+    def start(self) -> None:
+        self._thread.start()
+
+    def _crash_and_watch(self) -> None:
+        if self._run_over.wait(self.after_s):  # the run ended first
+            return
         try:
             os.kill(self.node["pid"], signal.SIGKILL)
         except ProcessLookupError:
             return
         self.killed_at = time.monotonic()
-
-    def start(self) -> None:
-        self._timer.start()
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-        self._timer.join()
-
-    def outcome(self, client: Any, timeout_s: float = 120.0) -> dict[str, Any]:
-        """What happened: killed or not (the run may end first), and when the new process was back."""
-        out: dict[str, Any] = {"node": self.node["node"], "after_s": self.after_s, "killed": self.killed_at is not None,
-                               "back_after_s": None}
-        if self.killed_at is None:
-            return out
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            node = {n["name"]: n for n in client.status()["nodes"]}.get(self.node["node"], {})
+        while time.monotonic() < self.killed_at + self.timeout_s:
+            node = {n["name"]: n for n in self.client.status()["nodes"]}.get(self.node["node"], {})
             if node.get("alive") and node.get("restarts", 0) >= 1:
-                out["back_after_s"] = time.monotonic() - self.killed_at
-                break
-            time.sleep(0.2)
-        return out
+                self.back_at = time.monotonic()
+                return
+            time.sleep(0.1)
+
+    def outcome(self) -> dict[str, Any]:
+        """Once the run is over: killed or not, and when the new process was back (None: not within the timeout)."""
+        self._run_over.set()
+        self._thread.join()
+        back = None if self.killed_at is None or self.back_at is None else self.back_at - self.killed_at
+        return {"node": self.node["node"], "after_s": self.after_s, "killed": self.killed_at is not None,
+                "back_after_s": back}
 
 
 async def _drive(client: Any, workload: Workload, max_tokens: int) -> list[dict[str, Any]]:
@@ -305,7 +306,7 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
             setup_s = time.perf_counter() - t_setup
             log_progress(progress, f"  {policy}: {n_nodes} nodes ready in {setup_s:.0f} s; "
                            f"sending {len(workload.turns)} requests")
-            crash = NodeCrash(nodes[-1], kill_node_after_s) if kill_node_after_s is not None else None
+            crash = NodeCrash(client, nodes[-1], kill_node_after_s) if kill_node_after_s is not None else None
             t0 = time.perf_counter()
             if crash is not None:
                 crash.start()
@@ -314,8 +315,7 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
                       - min((o["sent_s"] for o in outcomes), default=0.0))
             generated = sum(o["usage"]["completion_tokens"] for o in outcomes if "error" not in o)
             if crash is not None:
-                crash.cancel()
-                failure = crash.outcome(client)
+                failure = crash.outcome()
                 if failure["back_after_s"] is not None:  # the new process made a cgroup of its own too
                     nodes = [*nodes, ray_get_ready(nodes[-1]["node"])]
                 log_progress(progress, f"  {policy}: {failure['node']} killed {kill_node_after_s:g} s in: "
