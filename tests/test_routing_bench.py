@@ -9,6 +9,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from foreign_models import write_foreign_model
 
 from cluster import synth
 from cluster.bench import routing_bench, simulate, workload
@@ -274,17 +275,23 @@ def test_simulate_bench_passes_warmth_knobs_to_the_warmth_policy_only(traces: si
     assert off["policies"]["least_loaded"]["hit_rate"] == default["policies"]["least_loaded"]["hit_rate"]  # untouched
 
 
-def test_live_bench_with_a_node_killed_mid_run_loses_nothing_and_reports_it(tiny_model: Path, tmp_path: Path,
-                                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """``bench routing`` as an evaluator runs it, with a failure injected under load: one policy on
-    a live 3-node cluster, the last node's process killed 1 s in."""
+def test_live_bench_on_a_foreign_model_with_a_node_killed_mid_run_loses_nothing(tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench routing`` as an evaluator runs it: a model of an architecture the project never
+    wrote (deepseek, dense first layer, shared experts), English multi-turn prompts from a JSONL
+    file, one policy on a live 3-node cluster, and the last node's process killed 1 s in."""
+    model = write_foreign_model(tmp_path / "deepseek.gguf", "deepseek")
+    turns = ["Tell me about the weather in the mountains.", "And what about the coast?", "Thank you, one more thing."]
+    prompts = _write_lines(tmp_path / "prompts.jsonl", [json.dumps({"prompt": turns[i % 3], "session": f"c{i // 3}"})
+                                                        for i in range(12)])
     out = tmp_path / "report"
-    argv = ["bench", "routing", "--model", str(tiny_model), "--policies", "warmth", "--requests", "12", "--rate", "4",
-            "--max-tokens", "48", "--kill-node-after", "1", "--quick", "--out", str(out), "--json"]
+    argv = ["bench", "routing", "--model", str(model), "--prompts", str(prompts), "--policies", "warmth",
+            "--rate", "4", "--max-tokens", "48", "--kill-node-after", "1", "--quick", "--out", str(out), "--json"]
     assert main(argv) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone, whatever Ray prints
     warmth = result["policies"]["warmth"]
     assert warmth["errors"] == 0 and warmth["n_requests"] == 12 and warmth["generated_tokens"] > 0
+    assert result["model"]["arch"] == "deepseek" and result["workload"]["n_conversations"] == 4
     crash = warmth["node_crash"]
     assert crash["node"] == "sniper-node-2" and crash["killed"] and crash["back_after_s"] is not None
     assert "--kill-node-after 1" in result["command"]
