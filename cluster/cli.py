@@ -380,6 +380,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m cluster", description=__doc__.splitlines()[0])
+    parser.set_defaults(json=False)  # commands without --json print their summary
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("synth", help="write a deterministic synthetic MoE GGUF")
@@ -510,8 +511,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.result_stream = sys.stdout
-    if not hasattr(args, "json"):
-        args.json = False
     try:
         # with --json, standard output carries the JSON alone: anything else printed there (Ray
         # prints worker deaths on it, for one) goes to standard error

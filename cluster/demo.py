@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from cluster import deploy, synth
-from cluster.cache import discover_layout
+from cluster.cache import check_budget, discover_layout
 from cluster.cli import MIB, default_model, status_table
 
 
@@ -26,7 +26,7 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
     layout = discover_layout(path)
     footprint = int(layout.unit_bytes.sum())
     budget = cache_mb * MIB if cache_mb else int(0.4 * footprint)
-    deploy.check_model(path, budget)  # before a local cluster starts for nothing
+    check_budget(layout, budget)  # before a local cluster starts for nothing
     try:
         topics = synth.read_topics(path)
     except ValueError:

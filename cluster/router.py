@@ -56,6 +56,11 @@ class NodeState:
         now = self.stats.get(key)
         return None if now is None and key not in self.carried else (now or 0) + self.carried.get(key, 0)
 
+    def hit_rate(self) -> float | None:
+        """Expert-cache hit rate over every process this node has had."""
+        hits, misses = self.total("hits"), self.total("misses")
+        return hits / (hits + misses) if hits is not None and misses is not None and hits + misses else None
+
 
 class RouterCore:
     """Routing state and decisions, without Ray (the actor feeds it reports and outcomes)."""
@@ -204,7 +209,6 @@ class RouterCore:
         nodes = []
         for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
             stats = node.stats
-            hits, misses = node.total("hits"), node.total("misses")
             nodes.append({
                 "name": node.node_id,
                 "alive": node.alive,
@@ -212,7 +216,7 @@ class RouterCore:
                 "capacity": node.capacity,
                 "served": node.served,
                 "restarts": node.restarts,
-                "hit_rate": hits / (hits + misses) if hits is not None and misses is not None and hits + misses else None,
+                "hit_rate": node.hit_rate(),
                 "decode_hit_rate": stats.get("decode_hit_rate"),  # of the current process
                 "bytes_read": node.total("bytes_read"),
                 "generated_tokens": node.total("generated_tokens"),

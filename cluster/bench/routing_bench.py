@@ -107,15 +107,6 @@ class LocalRayCluster:
             self._cluster = None
 
 
-def ray_get_ready(node: str) -> dict[str, Any]:
-    """``NodeActor.ready()`` of a node of the bench's deployment (its current process)."""
-    import ray
-
-    from cluster.node import NAMESPACE
-
-    return ray.get(ray.get_actor(node, namespace=NAMESPACE).ready.remote(), timeout=60)
-
-
 def _remove_node_cgroups(nodes: Sequence[dict[str, Any]]) -> None:
     """Removes the memory cgroups the node actors created (NodeServer leaves them behind)."""
     from cluster.bench import memlimit
@@ -174,7 +165,15 @@ class NodeCrash:
         self._thread.join()
         back = None if self.killed_at is None or self.back_at is None else self.back_at - self.killed_at
         return {"node": self.node["node"], "after_s": self.after_s, "killed": self.killed_at is not None,
-                "back_after_s": back}
+                "back_after_s": back, "timeout_s": self.timeout_s}
+
+    def new_process(self) -> dict[str, Any]:
+        """``NodeActor.ready()`` of the process that took the killed one's place."""
+        import ray
+
+        from cluster.node import NAMESPACE
+
+        return ray.get(ray.get_actor(self.node["node"], namespace=NAMESPACE).ready.remote(), timeout=60)
 
 
 async def _drive(client: Any, workload: Workload, max_tokens: int) -> list[dict[str, Any]]:
@@ -317,7 +316,7 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
             if crash is not None:
                 failure = crash.outcome()
                 if failure["back_after_s"] is not None:  # the new process made a cgroup of its own too
-                    nodes = [*nodes, ray_get_ready(nodes[-1]["node"])]
+                    nodes = [*nodes, crash.new_process()]
                 log_progress(progress, f"  {policy}: {failure['node']} killed {kill_node_after_s:g} s in: "
                                + ("run ended first" if not failure["killed"] else
                                   f"back after {failure['back_after_s']:.1f} s" if failure["back_after_s"] is not None

@@ -143,7 +143,7 @@ def _crash_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
              "| policy | killed | back after s | requests restarted or retried | errors |", "|---|---|---|---|---|"]
     for name, c in crashes.items():
         back = "run ended first" if not c["killed"] else _fmt(c["back_after_s"], 1) if c["back_after_s"] is not None \
-            else "not within 120 s"
+            else f"not within {c['timeout_s']:g} s"
         lines.append(f"| {name} | {c['killed']} | {back} | {policies[name]['retried_requests']} | "
                      f"{policies[name]['errors']} |")
     return lines + [""]
