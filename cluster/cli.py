@@ -21,6 +21,7 @@ from cluster.bench import DEFAULT_OUT  # noqa: E402
 from cluster.errors import SniperError  # noqa: E402
 
 MIB = 1 << 20
+MAX_CACHE_MB = 1 << 30  # 1 PiB: anything larger is a typo, not a machine
 DEFAULT_MODEL_DIR = Path(os.environ.get("SNIPER_MODEL_DIR", "models"))
 
 
@@ -32,6 +33,26 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _cache_mb(text: str) -> int | str:
+    """``--cache-mb``: MiB (a positive integer, at most what a machine could hold) or ``auto``."""
+    if text == "auto":
+        return "auto"
+    value = _positive_int(text)
+    if value > MAX_CACHE_MB:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_CACHE_MB} MiB (1 PiB) or 'auto', got {value}")
+    return value
+
+
+def _env_cache_mb(name: str) -> int | str | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return _cache_mb(value)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"error: ${name}: {exc}") from None
 
 
 def _env_int(name: str) -> int | None:
@@ -100,6 +121,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     model = args.model or str(default_model("demo", progress=not args.json))
     cache_bytes = _cache_budget(args, model)
     with MoEEngine(model, cache_bytes, n_ctx=args.ctx, n_threads=args.threads) as engine:
+        if engine.auto_budget is not None:
+            print(engine.auto_budget.explain(), file=sys.stderr)
         gen = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
         result: dict[str, Any] = {
@@ -405,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=_positive_int, default=64)
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--cache-mb", type=_positive_int, help="expert cache budget in MiB (default: whole model)")
+    budget.add_argument("--cache-mb", type=_cache_mb,
+                        help="expert cache budget in MiB, or 'auto' (from the memory this machine or cgroup has; "
+                             "default: whole model)")
     budget.add_argument("--no-cache", action="store_true", help="plain llama.cpp, no expert cache")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -429,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF MoE model (default: $SNIPER_MODEL, else the generated demo model)")
     p.add_argument("--nodes", type=_positive_int, help="node actors, one per Ray node (default: --local-nodes or 1)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--cache-mb", type=_positive_int, default=_env_int("SNIPER_CACHE_MB"),
-                        help="expert cache budget per node in MiB (default: $SNIPER_CACHE_MB, else the whole model)")
+    budget.add_argument("--cache-mb", type=_cache_mb, default=_env_cache_mb("SNIPER_CACHE_MB"),
+                        help="expert cache budget per node in MiB, or 'auto' (from each node's memory or cgroup "
+                             "limit; default: $SNIPER_CACHE_MB, else the whole model)")
     budget.add_argument("--no-cache", action="store_true")
     p.add_argument("--policy", default="warmth", help="warmth (default), least_loaded, round_robin, random")
     p.add_argument("--local-nodes", type=_positive_int, help="first start a local Ray cluster of N nodes on loopback")

@@ -25,6 +25,7 @@ import numpy as np
 from llama_cpp import _internals
 
 from cluster import _native, node_memory
+from cluster.node_memory import AUTO
 from cluster import warmth as warmth_report
 from cluster.cache import (
     CacheConfig,
@@ -42,7 +43,6 @@ from cluster.errors import (
 )
 
 MAX_SEED = 2**32 - 1
-AUTO = "auto"  # cache_bytes derived from the memory the node has (cluster.node_memory)
 log = logging.getLogger(__name__)
 
 
@@ -288,11 +288,13 @@ class MoEEngine:
         return self._model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
 
     def cache_stats(self) -> dict[str, float]:
-        """Cumulative cache counters since load, derived rates, budget and resident bytes."""
+        """Cumulative cache counters since load, derived rates, budget and resident bytes (after
+        reconciling the cache with what the kernel really holds)."""
         self._check_open()
         if self._native_cache is None:
             return {}
         with self._lock:
+            self._native_cache.reconcile()
             return _cache_stats(self._native_cache, self._native_cache.counters())
 
     def measured_resident_bytes(self) -> int:
@@ -309,6 +311,7 @@ class MoEEngine:
         if self._native_cache is None:
             raise InvalidParameterError("a warmth report needs the expert cache (cache_bytes set)")
         with self._lock:
+            self._native_cache.reconcile()
             resident, heat = self._native_cache.warmth()
             return warmth_report.encode(resident, heat, budget_bytes=self._native_cache.budget_bytes,
                                         resident_bytes=self._native_cache.resident_bytes,

@@ -30,6 +30,7 @@ import numpy as np
 
 from cluster.errors import CacheBudgetError
 
+AUTO = "auto"  # the value of cache_bytes / --cache-mb that asks for auto_budget
 MIB = 1 << 20
 MARGIN_BYTES = 32 * MIB
 MARGIN_FRACTION = 0.05
