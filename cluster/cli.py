@@ -75,6 +75,12 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def synth_presets() -> list[str]:
+    from cluster import synth
+
+    return list(synth.PRESETS)
+
+
 def default_model(preset: str = "demo", *, progress: bool = True) -> Path:
     """Path of the generated default model for ``preset``, synthesising it the first time."""
     from cluster import synth
@@ -408,13 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a deterministic synthetic MoE GGUF")
     p.add_argument("out", help="output .gguf path")
-    p.add_argument("--preset", choices=("tiny", "demo", "bench"), default="tiny")
+    p.add_argument("--preset", choices=tuple(synth_presets()), default="tiny")
     p.add_argument("--layers", type=_positive_int)
     p.add_argument("--experts", type=int, help="experts per layer (0: a dense model)")
     p.add_argument("--top-k", type=_positive_int)
     p.add_argument("--dim", type=_positive_int)
     p.add_argument("--ff", type=_positive_int)
-    p.add_argument("--dtype", choices=("f16", "q8_0"))
+    p.add_argument("--dtype", choices=("f16", "q8_0", "q4_k"))
     p.add_argument("--arch", choices=("llama", "qwen3moe"))
     p.add_argument("--specialization", help="number >= 0, or 'realistic'")
     p.add_argument("--seed", type=int)

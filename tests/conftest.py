@@ -54,6 +54,12 @@ def bench_model(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def large_model(models_dir: Path) -> Path:
+    """The `large` preset (Qwen3-30B-A3B's expert shapes in Q4_K, 9 layers, ~3.1 GB), seed 0."""
+    return _write_model(models_dir, "large.gguf", synth.PRESETS["large"])
+
+
+@pytest.fixture(scope="session")
 def tiny_layout(tiny_model: Path):
     return discover_layout(str(tiny_model))
 

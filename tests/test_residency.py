@@ -113,7 +113,7 @@ def _topic_prompt(path: Path) -> str:
     return synth.mixed_prompt(topics, [0, 1], 6, seed=3) + synth.topic_prompt(topics, 2, 12, seed=4)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "demo", "bench"])
+@pytest.mark.parametrize("preset", ["tiny", "demo", "bench", "large"])
 def test_the_model_file_holds_no_more_than_budget_and_non_expert_pages_after_load_during_and_after_generation(
         request: pytest.FixtureRequest, preset: str, tmp_path: Path) -> None:
     """Measured independently (our own mapping + mincore), from a cold page cache. llama.cpp's
