@@ -6,6 +6,7 @@
 #include "gguf.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -81,6 +82,11 @@ const ggml_tensor * find_router_input(const ggml_tensor * topk) {
         for (int i = 0; i < GGML_MAX_SRC && t->src[i] != nullptr && tail < 16; ++i) { queue[tail++] = t->src[i]; }
     }
     return nullptr;
+}
+
+uint64_t now_ns() {
+    return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count());
 }
 
 // Dot product with 8 independent partial sums, so the compiler can vectorise it without
@@ -473,6 +479,7 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
     const int k = int(t->ne[0]);         // [n_expert_used, n_tokens] I32 view
     const int n_tokens = int(t->ne[1]);
     if (k <= 0 || n_tokens <= 0) { return; }
+    const uint64_t t0 = now_ns();
     if (ids_.size() < size_t(n_tokens) * size_t(k)) { ids_.resize(size_t(n_tokens) * size_t(k)); }
     const char * data = static_cast<const char *>(t->data);
     for (int i = 0; i < n_tokens; ++i) {
@@ -484,21 +491,38 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
 
     reap_reads();
     policy_.access(layer, ids_.data(), n_tokens, k, plan_);
+    uint64_t t1 = now_ns();
     drop_units(plan_.evict);
+    uint64_t t2 = now_ns();
+    io_counters_.ns_drop += t2 - t1;
     for (int32_t u : policy_.access_units()) {
         if (!io_->idle(u)) { io_->wait(u); }  // read ahead and still in flight
     }
+    t1 = now_ns();
+    io_counters_.ns_prefetch_wait += t1 - t2;
     io_->read_now(plan_.load.data(), plan_.load.size());
+    t2 = now_ns();
+    io_counters_.ns_demand_read += t2 - t1;
 
-    if (!params_.predict || layer + 1 >= layout_.n_layers) { return; }
-    const ggml_tensor * x = find_router_input(t);
-    if (x == nullptr || x->type != GGML_TYPE_F32 || x->ne[0] != layout_.n_embd || !is_host(x)) { return; }
-    // Layers further ahead give their reads more time to land. A layer whose experts are all
-    // resident has nothing to read ahead: it is not predicted (when the whole model fits, the
-    // callback does no prediction work at all).
-    for (int target = layer + 1; target <= std::min(layer + params_.predict_layers_ahead, layout_.n_layers - 1); ++target) {
-        if (router_rows_[size_t(target)] != nullptr && !policy_.layer_all_resident(target)) { predict_layer(x, target); }
+    if (params_.predict && layer + 1 < layout_.n_layers) {
+        const ggml_tensor * x = find_router_input(t);
+        if (x != nullptr && x->type == GGML_TYPE_F32 && x->ne[0] == layout_.n_embd && is_host(x)) {
+            // Layers further ahead give their reads more time to land. A layer whose experts are
+            // all resident has nothing to read ahead: it is not predicted (when the whole model
+            // fits, the callback does no prediction work at all).
+            const int last = std::min(layer + params_.predict_layers_ahead, layout_.n_layers - 1);
+            for (int target = layer + 1; target <= last; ++target) {
+                if (router_rows_[size_t(target)] != nullptr &&
+                    (params_.predict_resident_layers || !policy_.layer_all_resident(target))) {
+                    predict_layer(x, target);
+                }
+            }
+        }
+        t1 = now_ns();
+        io_counters_.ns_predict += t1 - t2;
+        t2 = t1;
     }
+    io_counters_.ns_callback += t2 - t0;
 }
 
 void expert_cache::predict_layer(const ggml_tensor * x, int target) {

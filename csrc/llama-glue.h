@@ -89,6 +89,9 @@ struct expert_cache_params {
     bool   predict          = true;     // score (and, with cache.prefetch, act on) predictions
     int    predict_max_rows = 32;       // rows of a prefill ubatch the predictor samples, [1, 4096]
     int    predict_layers_ahead = 3;    // layers predicted (and read ahead) from each top-k, [1, 8]
+    bool   predict_resident_layers = false;  // also predict layers whose experts are all resident
+                                             // (nothing to read: only scores and PREDICT trace events,
+                                             // for traces recorded to be replayed at smaller budgets)
     bool   record_trace     = true;     // keep a routing trace (see take_trace)
     size_t trace_max_events = 1 << 20;  // reservation of the trace (events)
     size_t trace_max_ids    = 1 << 24;  // reservation of the trace (ids)
