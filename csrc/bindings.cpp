@@ -316,7 +316,8 @@ PYBIND11_MODULE(_native, m) {
         .def("counters",
              [](const expert_cache & c) {
                  py::dict out = counters_dict(c.policy().counters());
-                 for (const auto & field : residency_counters_fields()) { out[py::str(field.first)] = c.io_counters().*(field.second); }
+                 const residency_counters io = c.io_counters();
+                 for (const auto & field : residency_counters_fields()) { out[py::str(field.first)] = io.*(field.second); }
                  return out;
              },
              "Policy counters and residency counters (folio splits, units the kernel reclaimed), one dict.")
