@@ -16,7 +16,7 @@ from cluster import _native
 from cluster.errors import CacheBudgetError, InvalidParameterError, ModelFileError
 
 PAGE_SIZE: int = _native.PAGE_SIZE
-EVICTION_POLICIES: tuple[str, ...] = ("scan_resistant", "lru")
+EVICTION_POLICIES: tuple[str, ...] = ("scan_resistant", "lru", "lfu")
 ExpertLayout = _native.ExpertLayout
 
 
@@ -30,7 +30,8 @@ class CacheConfig:
         heat_half_life_steps: half-life of an expert's heat, in evaluated ubatches.
         prefill_weight: heat of a prefill access relative to a decode access.
         layer_floor_fraction: share of a layer's fair budget that other layers cannot take.
-        eviction: ``scan_resistant`` (default) or ``lru`` (the baseline).
+        eviction: ``scan_resistant`` (default), ``lru`` (the baseline) or ``lfu`` (frequency with
+            ageing: heat alone, a reference point).
         prefetch: read predicted experts ahead (predictions are scored either way).
     """
 
@@ -171,7 +172,7 @@ class RoutingTrace:
                 np.add.at(counts[layer], ids.ravel(), 1)
         return counts
 
-    def _ubatches(self) -> Iterator[list[tuple[int, np.ndarray]]]:
+    def ubatches(self) -> Iterator[list[tuple[int, np.ndarray]]]:
         """ACCESS events grouped by ubatch (a new ubatch starts when the layer does not increase)."""
         current: list[tuple[int, np.ndarray]] = []
         for kind, layer, ids in self.events():
@@ -200,7 +201,7 @@ class RoutingTrace:
         prompt = np.full((n_prefill_tokens, n_layers, max(k, 1)), -1, dtype=np.int32)
         decode = np.zeros((n_layers, n_experts), dtype=np.int64)
         offset = 0
-        for ubatch in self._ubatches():
+        for ubatch in self.ubatches():
             n = ubatch[0][1].shape[0]
             if offset < n_prefill_tokens:
                 for layer, ids in ubatch:
@@ -214,9 +215,28 @@ class RoutingTrace:
                     np.add.at(decode[layer], ids.ravel(), 1)
         return prompt, decode
 
+    def select(self, *, decode_only: bool = False, predictions: bool = True) -> "RoutingTrace":
+        """The same trace without its prefill ubatches (``decode_only``) and/or its PREDICT events."""
+        keep = np.ones(len(self), dtype=bool)
+        last_layer, decode = None, False
+        for i in range(len(self)):
+            if self.kind[i] == TRACE_ACCESS:
+                if last_layer is None or self.layer[i] <= last_layer:  # a new ubatch (as ubatches())
+                    decode = int(self.n_tokens[i]) == 1
+                last_layer = int(self.layer[i])
+            elif not predictions:
+                keep[i] = False
+            if decode_only and not decode:
+                keep[i] = False
+        offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
+        ids = np.concatenate([self.ids[offsets[i]:offsets[i + 1]] for i in np.flatnonzero(keep)]) if keep.any() \
+            else np.zeros(0, dtype=np.int32)
+        return RoutingTrace(kind=self.kind[keep], layer=self.layer[keep], n_tokens=self.n_tokens[keep],
+                            n_ids=self.n_ids[keep], ids=ids.astype(np.int32), n_dropped=self.n_dropped)
+
     def decode_steps(self) -> list[dict[int, np.ndarray]]:
         """Per single-token ubatch, ``{layer: ids}``: the decode part of the trace."""
-        return [dict(ubatch) for ubatch in self._ubatches() if ubatch[0][1].shape[0] == 1]
+        return [dict(ubatch) for ubatch in self.ubatches() if ubatch[0][1].shape[0] == 1]
 
 
 def reuse_rate(trace: RoutingTrace) -> float:

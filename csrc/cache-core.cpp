@@ -37,14 +37,15 @@ void cache_config::validate() const {
             "prefill_weight must be in [0, 1], got " + std::to_string(prefill_weight));
     require(layer_floor_fraction >= 0.0 && layer_floor_fraction <= 1.0,
             "layer_floor_fraction must be in [0, 1], got " + std::to_string(layer_floor_fraction));
-    require(eviction == CACHE_EVICTION_SCAN_RESISTANT || eviction == CACHE_EVICTION_LRU,
-            "eviction must be scan_resistant or lru");
+    require(eviction == CACHE_EVICTION_SCAN_RESISTANT || eviction == CACHE_EVICTION_LRU || eviction == CACHE_EVICTION_LFU,
+            "eviction must be scan_resistant, lru or lfu");
 }
 
 const char * cache_eviction_name(cache_eviction eviction) {
     switch (eviction) {
         case CACHE_EVICTION_SCAN_RESISTANT: return "scan_resistant";
         case CACHE_EVICTION_LRU:            return "lru";
+        case CACHE_EVICTION_LFU:            return "lfu";
     }
     return "unknown";
 }
@@ -52,7 +53,8 @@ const char * cache_eviction_name(cache_eviction eviction) {
 cache_eviction cache_eviction_from_name(const std::string & name) {
     if (name == "scan_resistant") { return CACHE_EVICTION_SCAN_RESISTANT; }
     if (name == "lru")            { return CACHE_EVICTION_LRU; }
-    throw std::invalid_argument("unknown eviction policy '" + name + "' (expected scan_resistant or lru)");
+    if (name == "lfu")            { return CACHE_EVICTION_LFU; }
+    throw std::invalid_argument("unknown eviction policy '" + name + "' (expected scan_resistant, lru or lfu)");
 }
 
 cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> unit_bytes,
@@ -166,8 +168,9 @@ void cache_policy::touch(int32_t unit, bool decode) {
     const bool was_protected = segment_[unit] == CACHE_SEGMENT_PROTECTED;
     heat_set::node_type node;  // a protected unit is re-filed under its new heat in the same set node
     if (was_protected) { node = protected_.extract({heat_log2_[unit], unit}); }
-    if (decode || config_.prefill_weight > 0.0) {
-        const double weight_log2 = decode ? 0.0 : prefill_weight_log2_;
+    const bool lfu = config_.eviction == CACHE_EVICTION_LFU;
+    if (decode || lfu || config_.prefill_weight > 0.0) {
+        const double weight_log2 = decode || lfu ? 0.0 : prefill_weight_log2_;
         heat_log2_[unit] = log2_add(heat_log2_[unit], now_ / config_.heat_half_life_steps + weight_log2);
     }
     if (config_.eviction == CACHE_EVICTION_LRU) {
@@ -179,7 +182,7 @@ void cache_policy::touch(int32_t unit, bool decode) {
     if (was_protected) {
         node.value().first = heat_log2_[unit];
         protected_.insert(std::move(node));
-    } else if (decode && segment_[unit] == CACHE_SEGMENT_PROBATION) {
+    } else if ((decode || lfu) && segment_[unit] == CACHE_SEGMENT_PROBATION) {
         remove(unit);
         insert(unit, CACHE_SEGMENT_PROTECTED);
     }
@@ -195,6 +198,7 @@ int32_t cache_policy::pick_victim(double max_heat_log2, bool respect_floor) cons
     if (config_.eviction == CACHE_EVICTION_LRU) { return first_in_probation(); }
 
     const double budget = double(config_.budget_bytes);
+    if (config_.eviction == CACHE_EVICTION_LFU) { respect_floor = false; }  // no per-layer floor
     const double floor_bytes = config_.layer_floor_fraction * budget / n_layers_;
     auto coldest_protected = [&]() -> int32_t {
         for (const auto & entry : protected_) {
@@ -208,6 +212,10 @@ int32_t cache_policy::pick_victim(double max_heat_log2, bool respect_floor) cons
         }
         return -1;
     };
+    if (config_.eviction == CACHE_EVICTION_LFU) {  // PROBATION holds only units never accessed (heat 0)
+        const int32_t u = first_in_probation();
+        return u >= 0 ? u : coldest_protected();
+    }
     const bool probation_over = double(bytes_probation_) > config_.probation_fraction * budget;
     if (probation_over) {
         const int32_t u = first_in_probation();
@@ -291,8 +299,9 @@ void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, c
     const bool scan = !decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT && probation_over;
     make_room(need, scan ? NEG_INF : POS_INF, plan);
     for (int32_t u : plan.load) {
-        insert(u, decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT ? CACHE_SEGMENT_PROTECTED
-                                                                              : CACHE_SEGMENT_PROBATION);
+        const bool protect = config_.eviction == CACHE_EVICTION_LFU ||
+                             (decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT);
+        insert(u, protect ? CACHE_SEGMENT_PROTECTED : CACHE_SEGMENT_PROBATION);
         touch(u, decode);
     }
 }

@@ -29,6 +29,8 @@
 //   * Prefetch (`predict`) reads predicted units into PROBATION; it may displace PROBATION units
 //     and PROTECTED units gone cold (heat below one access), never the working set.
 // CACHE_EVICTION_LRU: one recency list, no segments, no heat — the baseline to beat.
+// CACHE_EVICTION_LFU: frequency with ageing — every unit ordered by heat (each access weighs 1,
+// prefill or decode), no segments, no per-layer floor; the coldest goes. A reference point.
 //
 // Knobs (cache_config):
 //   budget_bytes          bytes of expert footprint allowed resident           > 0, required
@@ -36,7 +38,7 @@
 //   heat_half_life_steps  half-life of heat, in steps (one step = one ubatch)  > 0, 8
 //   prefill_weight        heat of a prefill access relative to a decode one    [0, 1], 0.25
 //   layer_floor_fraction  protected share of a layer's fair share              [0, 1], 0.5
-//   eviction              CACHE_EVICTION_SCAN_RESISTANT | CACHE_EVICTION_LRU
+//   eviction              CACHE_EVICTION_SCAN_RESISTANT | CACHE_EVICTION_LRU | CACHE_EVICTION_LFU
 //   prefetch              act on predictions (they are scored either way)      true
 #pragma once
 
@@ -52,6 +54,7 @@
 enum cache_eviction {
     CACHE_EVICTION_SCAN_RESISTANT = 0,
     CACHE_EVICTION_LRU            = 1,
+    CACHE_EVICTION_LFU            = 2,
 };
 
 struct cache_config {

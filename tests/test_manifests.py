@@ -491,7 +491,7 @@ def test_pod_mounts_the_model_read_only_and_names_the_cache(template: dict[str, 
     assert shm["medium"] == "Memory"
     env = env_of(container)
     assert env["SNIPER_MODEL"].startswith(MODEL_MOUNT + "/") and env["SNIPER_MODEL"].endswith(".gguf")
-    assert int(env["SNIPER_CACHE_MB"]) > 0 and env["SNIPER_NAMESPACE"] == "sniper"
+    assert (env["SNIPER_CACHE_MB"] == "auto" or int(env["SNIPER_CACHE_MB"]) > 0) and env["SNIPER_NAMESPACE"] == "sniper"
     assert env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0", "pods reach each other over real IPs, not loopback"
 
 
@@ -506,9 +506,13 @@ def test_pod_resources_cover_cache_budget_and_object_store(doc: dict[str, Any]) 
         shm = [v["emptyDir"] for v in template["spec"]["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
         assert quantity(shm[0]["sizeLimit"]) >= store, f"{name}: /dev/shm smaller than the object store"
     worker = ray_container(workers(doc)["template"])
-    cache_bytes = int(env_of(worker)["SNIPER_CACHE_MB"]) * MIB
-    assert quantity(worker["resources"]["limits"]["memory"]) >= cache_bytes + GIB, \
-        "worker memory limit below cache budget + 1 GiB (see the sizing rule in k8s/raycluster.yaml)"
+    cache_mb = env_of(worker)["SNIPER_CACHE_MB"]
+    limit = quantity(worker["resources"]["limits"]["memory"])
+    if cache_mb == "auto":  # the budget is derived from this limit: leave room for a cache beside ~2 GiB of the rest
+        assert limit >= 4 * GIB, "worker memory limit too small to give an auto budget room (k8s/raycluster.yaml)"
+    else:
+        assert limit >= int(cache_mb) * MIB + GIB, \
+            "worker memory limit below cache budget + 1 GiB (see the sizing rule in k8s/raycluster.yaml)"
 
 
 def test_quantity_parser() -> None:
@@ -591,7 +595,7 @@ def test_serve_config_deploys_the_gateway(doc: dict[str, Any]) -> None:
     assert args["policy"] in POLICY_NAMES
     worker = ray_container(workers(doc)["template"])
     assert args["model"] == env_of(worker)["SNIPER_MODEL"]
-    assert args["cache_mb"] == int(env_of(worker)["SNIPER_CACHE_MB"])
+    assert str(args["cache_mb"]) == env_of(worker)["SNIPER_CACHE_MB"]
     assert 1 <= args["nodes"] <= workers(doc)["replicas"], "one node actor per worker pod"
     assert config["http_options"]["port"] == SERVE_PORT
 
@@ -672,7 +676,7 @@ def test_rayjob_entrypoint_is_a_valid_cluster_command(doc: dict[str, Any]) -> No
     assert serves, "the job deploys the service"
     for args in serves:
         assert args.model == env["SNIPER_MODEL"]
-        assert args.cache_mb == int(env["SNIPER_CACHE_MB"]), "an explicit budget: the default is the whole model"
+        assert str(args.cache_mb) == env["SNIPER_CACHE_MB"], "an explicit budget (or auto): the default is the whole model"
         assert 1 <= args.nodes <= workers(doc)["replicas"], "one node actor per worker pod"
         assert args.threads == quantity(worker["resources"]["limits"]["cpu"]), "compute threads = the pod's CPUs"
         assert args.namespace == env["SNIPER_NAMESPACE"]

@@ -28,11 +28,12 @@ import numpy as np
 
 from cluster import synth
 from cluster.bench import command_line, log_progress, memlimit, out_flag
+from cluster.bench import offline
 from cluster.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
+from cluster.errors import InvalidParameterError
 from cluster.cli import MIB, default_model
 
 LIBRARY_BYTES = 64 * MIB  # page cache of Python, numpy and llama.cpp's libraries in the limited process
-BUDGET_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
 def _prompts(model_path: str, n: int, *, n_words: int, preamble_words: int = 0, seed: int = 0,
@@ -299,47 +300,62 @@ def record_traces(model_path: str, workloads: dict[str, list[str]], max_tokens: 
     return traces, live
 
 
-def static_best(trace: RoutingTrace, unit_bytes: np.ndarray, budget: int) -> dict[str, float]:
-    """The best static set for ``budget``: most-selected decode units, chosen knowing the whole trace."""
-    n_layers, n_experts = unit_bytes.shape
-    counts = np.zeros((n_layers, n_experts), dtype=np.int64)
-    n_tokens = 0
-    for step in trace.decode_steps():
-        n_tokens += 1
-        for layer, ids in step.items():
-            np.add.at(counts[layer], np.unique(ids), 1)
-    flat, sizes = counts.ravel(), unit_bytes.ravel()
-    chosen = np.zeros(flat.shape, dtype=bool)
-    used = 0
-    for u in np.argsort(-flat, kind="stable"):
-        if flat[u] == 0 or used + sizes[u] > budget:
-            continue
-        chosen[u] = True
-        used += int(sizes[u])
-    total = flat.sum()
-    hit = flat[chosen].sum()
-    miss_bytes = (flat[~chosen] * sizes[~chosen]).sum()
-    return {"decode_hit_rate": float(hit / total) if total else float("nan"),
-            "decode_bytes_read_per_token": float(miss_bytes / max(1, n_tokens))}
-
-
 def replay_policy(trace: RoutingTrace, unit_bytes: np.ndarray, n_experts_used: int, budget: int,
                   eviction: str) -> dict[str, float]:
+    """The policy core (the code the eval callback drives) over a recorded trace."""
     n_layers, n_experts = unit_bytes.shape
     policy = CachePolicy(n_layers, n_experts, unit_bytes, CacheConfig(budget_bytes=budget, eviction=eviction),
                          n_experts_used)
     policy.replay(trace)
     c = policy.counters()
     decode = c["n_hits_decode"] + c["n_misses_decode"]
-    return {"decode_hit_rate": c["n_hits_decode"] / decode if decode else float("nan"),
+    hits, misses = c["n_hits_decode"] + c["n_hits_prefill"], c["n_misses_decode"] + c["n_misses_prefill"]
+    return {"hit_rate": hits / max(1, hits + misses),
+            "decode_hit_rate": c["n_hits_decode"] / decode if decode else float("nan"),
             "decode_bytes_read_per_token": c["bytes_read_decode"] / max(1, c["n_tokens_decode"]),
             "prefetch_used_fraction": c["n_prefetch_used"] / max(1, c["n_prefetch_issued"])}
+
+
+POLICY_BUDGETS = (0.1, 0.2, 1 / 3, 0.4, 0.5, 0.6, 0.8)
+ONLINE_POLICIES = ("scan_resistant", "lru", "lfu")
+
+
+def policy_table(trace: RoutingTrace, unit_bytes: np.ndarray, n_experts_used: int,
+                 fractions: tuple[float, ...] = POLICY_BUDGETS) -> dict[str, Any]:
+    """Every policy at every budget, in two views of the trace: ``decode`` (the decode ubatches
+    alone, as if the prompts had been prefilled elsewhere) and ``request`` (prefill and decode as
+    they came). Online policies replay without the predictor's events (eviction alone), and ours
+    once more with them (``scan_resistant+prefetch``: reads ahead count as bytes, used ones as hits);
+    MIN and the best static set know the whole trace."""
+    n_layers, n_experts = unit_bytes.shape
+    footprint = int(unit_bytes.sum())
+    views: dict[str, Any] = {}
+    for view, decode_only in (("decode", True), ("request", False)):
+        with_predictions = trace.select(decode_only=decode_only)
+        bare = with_predictions.select(predictions=False)
+        sequence = offline.accesses(bare, n_experts)
+        rows = []
+        for fraction in fractions:
+            budget = int(fraction * footprint)
+            try:
+                row: dict[str, Any] = {"fraction": fraction}
+                for eviction in ONLINE_POLICIES:
+                    row[eviction] = replay_policy(bare, unit_bytes, n_experts_used, budget, eviction)
+                row["scan_resistant+prefetch"] = replay_policy(with_predictions, unit_bytes, n_experts_used, budget,
+                                                               "scan_resistant")
+            except InvalidParameterError as exc:  # budget below one decode step
+                rows.append({"fraction": fraction, "error": str(exc)})
+                continue
+            row["min"] = offline.belady_min(sequence, unit_bytes, budget, n_layers)
+            row["static_best"] = offline.static_best(sequence, unit_bytes, budget, n_layers)
+            rows.append(row)
+        views[view] = {"rows": rows, "n_decode_tokens": len(bare.decode_steps())}
+    return views
 
 
 def bench_policy(model_path: str, *, n_requests: int, max_tokens: int, progress: bool) -> dict[str, Any]:
     layout = discover_layout(model_path)
     unit_bytes = np.asarray(layout.unit_bytes, dtype=np.int64)
-    footprint = int(unit_bytes.sum())
     # chat: one conversation's turns after another (what a node sees when the router keeps a
     # conversation on it), each turn re-reading a long mixed-topic preamble (a prefill scan).
     # interleaved: two conversations alternate, two turns each, then the next two; no preamble.
@@ -351,20 +367,9 @@ def bench_policy(model_path: str, *, n_requests: int, max_tokens: int, progress:
         "interleaved": _prompts(model_path, n_requests, n_words=48, topic_order=interleaved),
     }
     traces, live = record_traces(model_path, workloads, max_tokens, progress)
-    result: dict[str, Any] = {"budget_fractions": list(BUDGET_FRACTIONS), "workloads": {}}
+    result: dict[str, Any] = {"budget_fractions": list(POLICY_BUDGETS), "workloads": {}}
     for name, trace in traces.items():
-        rows = []
-        for fraction in BUDGET_FRACTIONS:
-            budget = int(fraction * footprint)
-            try:
-                row = {"fraction": fraction,
-                       "scan_resistant": replay_policy(trace, unit_bytes, layout.n_experts_used, budget, "scan_resistant"),
-                       "lru": replay_policy(trace, unit_bytes, layout.n_experts_used, budget, "lru"),
-                       "static_best": static_best(trace, unit_bytes, budget)}
-            except ValueError as exc:  # budget below one decode step
-                row = {"fraction": fraction, "error": str(exc)}
-            rows.append(row)
-        result["workloads"][name] = {"rows": rows, **live[name],
+        result["workloads"][name] = {"views": policy_table(trace, unit_bytes, layout.n_experts_used), **live[name],
                                      "n_decode_tokens": len(trace.decode_steps()), "n_events": len(trace)}
     return result
 

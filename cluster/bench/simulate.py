@@ -221,7 +221,7 @@ def trim_prefill(trace: RoutingTrace, n_prompt: int, n_skip: int) -> RoutingTrac
     for i in range(len(trace)):
         if trace.kind[i] == TRACE_ACCESS:
             layer = int(trace.layer[i])
-            if last_layer is None or layer <= last_layer:  # a new ubatch (see RoutingTrace._ubatches)
+            if last_layer is None or layer <= last_layer:  # a new ubatch (see RoutingTrace.ubatches)
                 ubatch_start += ubatch_n
                 ubatch_n = int(trace.n_tokens[i])
             last_layer = layer
