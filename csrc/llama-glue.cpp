@@ -6,6 +6,8 @@
 #include "gguf.h"
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 #include <atomic>
 #include <mutex>
 #include <chrono>
@@ -104,6 +106,47 @@ float dot_f32(const float * a, const float * b, int64_t n) {
     return sum;
 }
 
+// What makes llama.cpp abort or allocate absurdly at load, refused with the key and its value
+// (issue 11): counts beyond llama.cpp's own limits, and floating-point hyper-parameters that are
+// not finite (a NaN rms epsilon aborts inside ggml) or, for epsilons, not positive.
+constexpr int64_t MAX_LAYERS  = 512;   // LLAMA_MAX_LAYERS, src/llama-hparams.h
+constexpr int64_t MAX_EXPERTS = 1024;  // LLAMA_MAX_EXPERTS, src/llama-hparams.h
+constexpr int64_t MAX_WIDTH   = 1 << 20;
+
+void check_hparams(const gguf_context * ctx, const std::string & path) {
+    const std::string arch = gguf_get_val_str(ctx, gguf_find_key(ctx, "general.architecture"));
+    const struct { const char * key; int64_t lo, hi; } counts[] = {
+        {".block_count", 1, MAX_LAYERS},          {".expert_count", 0, MAX_EXPERTS},
+        {".expert_used_count", 0, MAX_EXPERTS},   {".embedding_length", 1, MAX_WIDTH},
+        {".feed_forward_length", 0, 16 * MAX_WIDTH}, {".expert_feed_forward_length", 0, 16 * MAX_WIDTH},
+        {".attention.head_count", 1, 1 << 16},    {".attention.head_count_kv", 0, 1 << 16},
+        {".context_length", 1, int64_t(1) << 32},
+    };
+    for (const auto & c : counts) {
+        const std::string key = arch + c.key;
+        if (gguf_find_key(ctx, key.c_str()) < 0) { continue; }
+        const int64_t value = get_int_key(ctx, key, INT64_MIN);
+        if (value != INT64_MIN && (value < c.lo || value > c.hi)) {
+            throw std::runtime_error("GGUF file '" + path + "' has " + key + "=" + std::to_string(value) +
+                                     ", outside [" + std::to_string(c.lo) + ", " + std::to_string(c.hi) +
+                                     "] (llama.cpp would refuse or allocate absurdly)");
+        }
+    }
+    const int64_t n_kv = gguf_get_n_kv(ctx);
+    for (int64_t i = 0; i < n_kv; ++i) {
+        const gguf_type type = gguf_get_kv_type(ctx, i);
+        if (type != GGUF_TYPE_FLOAT32 && type != GGUF_TYPE_FLOAT64) { continue; }
+        const std::string key = gguf_get_key(ctx, i);
+        const double value = type == GGUF_TYPE_FLOAT32 ? double(gguf_get_val_f32(ctx, i)) : gguf_get_val_f64(ctx, i);
+        const bool epsilon = key.size() >= 7 && key.compare(key.size() - 7, 7, "epsilon") == 0;
+        if (!std::isfinite(value) || (epsilon && value <= 0.0)) {
+            throw std::runtime_error("GGUF file '" + path + "' has " + key + "=" + std::to_string(value) +
+                                     (epsilon ? ", expected a finite number > 0" : ", expected a finite number") +
+                                     " (llama.cpp would abort)");
+        }
+    }
+}
+
 } // namespace
 
 expert_layout expert_layout_discover(const std::string & path) {
@@ -131,6 +174,7 @@ expert_layout expert_layout_discover(const std::string & path) {
     }
     layout.arch = gguf_get_val_str(ctx, arch_id);
     const std::string &arch = layout.arch;
+    check_hparams(ctx, path);
     layout.n_layers = int(get_int_key(ctx, arch + ".block_count", 0));
     layout.n_experts = int(get_int_key(ctx, arch + ".expert_count", 0));
     layout.n_experts_used = int(get_int_key(ctx, arch + ".expert_used_count", 0));

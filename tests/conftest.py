@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -102,14 +103,32 @@ def private_tiny_model(tiny_model: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def bad_model_files(tiny_model: Path, models_dir: Path) -> dict[str, Path]:
-    """Files that are not loadable models, by kind: truncated, header_only, random, bad_magic, empty."""
+    """Files that are not loadable models, by kind: truncated, header_only, random, bad_magic, empty, and
+    headers that would make llama.cpp abort or allocate absurdly: nan_epsilon, huge_block_count,
+    huge_expert_count."""
     return {
+        "nan_epsilon": patched_copy(tiny_model, models_dir / "nan-epsilon.gguf",
+                                    "llama.attention.layer_norm_rms_epsilon", "<f", float("nan")),
+        "huge_block_count": patched_copy(tiny_model, models_dir / "huge-blocks.gguf", "llama.block_count", "<I", 0x7F7F7F7F),
+        "huge_expert_count": patched_copy(tiny_model, models_dir / "huge-experts.gguf", "llama.expert_count", "<I",
+                                          0x7F7F7F7F),
         "truncated": truncated_copy(tiny_model, models_dir / "truncated.gguf", 0.6),
         "header_only": truncated_copy(tiny_model, models_dir / "header-only.gguf", 0.001),
         "random": corrupt_file(models_dir / "random.gguf", "random"),
         "bad_magic": corrupt_file(models_dir / "bad-magic.gguf", "bad_magic", tiny_model),
         "empty": corrupt_file(models_dir / "empty.gguf", "empty"),
     }
+
+
+def patched_copy(src: Path, dst: Path, key: str, fmt: str, value: float | int) -> Path:
+    """A copy of `src` whose scalar metadata value `key` is `value` (packed with struct `fmt`): the
+    value follows the key's bytes and its 4-byte type in the GGUF header."""
+    data = bytearray(Path(src).read_bytes())
+    at = data.find(key.encode()) + len(key) + 4
+    assert at > len(key) + 4, f"{key} not in {src}"
+    data[at:at + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)
 
 
 def truncated_copy(src: Path, dst: Path, keep_fraction: float = 0.6) -> Path:

@@ -214,6 +214,9 @@ def test_measured_resident_bytes_stay_within_budget_after_generate(residency_eng
     ("bad_magic", "not a valid GGUF"),
     ("empty", "not a valid GGUF"),
     ("dense", "dense model"),
+    ("nan_epsilon", "layer_norm_rms_epsilon=nan, expected a finite number > 0"),
+    ("huge_block_count", "block_count=2139062143, outside"),
+    ("huge_expert_count", "expert_count=2139062143, outside"),
 ])
 @pytest.mark.parametrize("with_cache", [True, False])
 def test_unusable_model_file_raises_model_file_error_naming_the_problem(
