@@ -35,6 +35,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in [1, 65535], got {value}")
+    return value
+
+
 def _cache_mb(text: str) -> int | str:
     """``--cache-mb``: MiB (a positive integer, at most what a machine could hold) or ``auto``."""
     if text == "auto":
@@ -183,13 +190,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # -- cluster -------------------------------------------------------------------------------
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from cluster import deploy
+    from cluster import deploy, local_cluster
 
     model = args.model or str(default_model("demo").resolve())
     cache_bytes = _cache_budget(args, model)
     deploy.check_model(model, cache_bytes)  # before a local cluster starts for nothing
     if args.local_nodes:
-        address = deploy.start_local_cluster(args.local_nodes)
+        address = local_cluster.start(args.local_nodes)
         print(f"started a local Ray cluster of {args.local_nodes} nodes at {address}", file=sys.stderr)
     try:
         deploy.connect(args.address, args.namespace)
@@ -199,7 +206,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                              memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
     except BaseException:
         if args.local_nodes:  # the cluster this command started serves nothing: stop it
-            deploy.stop_local_cluster()
+            local_cluster.stop()
         raise
     if args.http:
         from cluster.gateway import GatewayConfig, start_http
@@ -285,15 +292,20 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _cmd_shutdown(args: argparse.Namespace) -> int:
-    from cluster import deploy
+    from cluster import deploy, local_cluster
 
     try:
         deploy.connect(args.address, args.namespace)
         removed = deploy.shutdown(args.namespace)
-    except ConnectionError:
+    except (ConnectionError, SniperError) as exc:  # nothing answers: there is no deployment to remove
+        print(f"no deployment removed: {exc}", file=sys.stderr)
         removed = []
     if args.stop_local:
-        deploy.stop_local_cluster()
+        if local_cluster.stop():
+            removed.append("the local Ray cluster")
+    elif local_cluster.state(announce=False) is not None:
+        print("the local Ray cluster is still running (stop it with: python -m cluster shutdown --stop-local)",
+              file=sys.stderr)
     _emit({"removed": removed}, args, lambda r: f"removed {', '.join(r['removed']) or 'nothing'}")
     return 0
 
@@ -472,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     http = p.add_argument_group("HTTP gateway (OpenAI-compatible, Ray Serve)")
     http.add_argument("--http", action="store_true", help="also serve the HTTP API")
     http.add_argument("--http-host", default="127.0.0.1")
-    http.add_argument("--http-port", type=_positive_int, default=8000)
+    http.add_argument("--http-port", type=_port, default=8000)
     http.add_argument("--api-key", default=os.environ.get("SNIPER_API_KEY") or None,
                       help="require 'Authorization: Bearer KEY' on /v1/ (default: $SNIPER_API_KEY)")
     http.add_argument("--max-tokens-limit", type=_positive_int, default=512, help="largest max_tokens a request may ask")
@@ -552,6 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("interrupted (what this command had started is removed)", file=sys.stderr)
         return 130
 
 

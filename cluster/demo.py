@@ -15,7 +15,7 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-from cluster import deploy, synth
+from cluster import deploy, local_cluster, synth
 from cluster.cache import check_budget, discover_layout
 from cluster.cli import MIB, default_model, status_table
 
@@ -36,7 +36,7 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
           f"(top-{layout.n_experts_used}), experts {footprint / MIB:.0f} MiB; cache budget per node {budget / MIB:.0f} MiB")
 
     t0 = time.perf_counter()
-    address = deploy.start_local_cluster(n_nodes, dashboard_port=deploy.DASHBOARD_PORT if keep else 0)
+    address = local_cluster.start(n_nodes, dashboard_port=local_cluster.DASHBOARD_PORT if keep else 0)
     try:
         deploy.connect(address)
         deploy.deploy(path, n_nodes, cache_bytes=budget, policy=policy, n_threads=1)
@@ -71,5 +71,5 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
     finally:
         if not keep:
             deploy.shutdown()
-            deploy.stop_local_cluster()
+            local_cluster.stop()
         print(f"\ndone in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Starting and stopping a deployment on a Ray cluster: local clusters, node actors, the router.
 
-``start_local_cluster`` starts N Ray nodes on loopback in a daemon (``cluster.local_cluster``).
+``connect`` joins a Ray cluster (the local one ``cluster.local_cluster`` started, by default).
 ``deploy`` places one node actor per Ray node (a STRICT_SPREAD
 placement group: two never share a node) and the router on the head node; all are named and detached, so
 they keep serving after the command that created them returns, and restartable: a node or
@@ -10,15 +10,12 @@ and the router counts it in ``restarts``). ``shutdown`` removes them.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import asdict, replace
 from typing import Any
 
+from cluster import local_cluster
 from cluster.errors import InvalidParameterError, SniperError
 from cluster.node import NAMESPACE, ROUTER_NAME, NodeConfig, NodeServer, node_name
 from cluster.node_memory import AUTO
@@ -26,60 +23,32 @@ from cluster.node_memory import AUTO
 PLACEMENT_GROUP = "sniper-nodes"
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
 NODE_MAX_RESTARTS = -1  # a node process that dies (OOM kill, crash) is started again, in its own bundle
-LOCAL_CLUSTER_FILE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "sniper-local-cluster.json")
 
 
-def loopback_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray on 127.0.0.1 (DESIGN.md)
-    return env
+RAY_CURRENT_CLUSTER = "/tmp/ray/ray_current_cluster"  # where `ray start` / ray.init record the last cluster's address
 
 
-DASHBOARD_PORT = 8265
-
-
-def start_local_cluster(n_nodes: int, cpus_per_node: int = 2, timeout_s: float = 180.0,
-                        dashboard_port: int = DASHBOARD_PORT) -> str:
-    """Starts N Ray nodes on loopback in a daemon (cluster.local_cluster); returns the address.
-
-    The head runs Ray's dashboard and job server on 127.0.0.1:``dashboard_port`` (0: none), so
-    ``ray job submit --address http://127.0.0.1:8265`` works against it.
-    """
-    if n_nodes < 1:
-        raise InvalidParameterError(f"--local-nodes must be >= 1, got {n_nodes}")
-    if os.path.exists(LOCAL_CLUSTER_FILE):
-        raise SniperError(f"a local cluster is already running ({LOCAL_CLUSTER_FILE}); "
-                          f"stop it with: python -m cluster shutdown --stop-local")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", str(n_nodes), LOCAL_CLUSTER_FILE,
-                             str(cpus_per_node), str(dashboard_port)], env=loopback_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(LOCAL_CLUSTER_FILE):
-        if proc.poll() is not None:
-            raise SniperError(f"the local Ray cluster failed to start: {proc.stderr.read()[-400:]}")
-        if time.monotonic() > deadline:
-            proc.terminate()
-            raise SniperError(f"the local Ray cluster did not start within {timeout_s:.0f} s")
-        time.sleep(0.2)
-    with open(LOCAL_CLUSTER_FILE) as f:
-        return json.load(f)["address"]
-
-
-def stop_local_cluster(timeout_s: float = 60.0) -> bool:
-    """Stops the local cluster started by start_local_cluster; False if none was running."""
-    if not os.path.exists(LOCAL_CLUSTER_FILE):
-        return False
-    with open(LOCAL_CLUSTER_FILE) as f:
-        pid = json.load(f)["pid"]
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        os.unlink(LOCAL_CLUSTER_FILE)
-        return False
-    deadline = time.monotonic() + timeout_s
-    while os.path.exists(LOCAL_CLUSTER_FILE) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return True
+def resolve_address(address: str | None) -> str:
+    """The GCS address to join: ``address``; else the running local cluster; else $RAY_ADDRESS; else
+    the cluster Ray last started on this machine. It must answer, or this says so in one line
+    (ray.init would wait for minutes on an address nobody listens at)."""
+    where = "--address"
+    if address is None:
+        running = local_cluster.state()
+        if running is not None:
+            address, where = running.address, f"the local cluster ({local_cluster.STATE_FILE})"
+        elif os.environ.get("RAY_ADDRESS"):
+            address, where = os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
+        elif os.path.exists(RAY_CURRENT_CLUSTER):
+            with open(RAY_CURRENT_CLUSTER) as f:
+                address, where = f.read().strip(), RAY_CURRENT_CLUSTER
+        else:
+            raise SniperError("no Ray cluster is running here; start one with: python -m cluster serve --local-nodes N")
+    bare = address.removeprefix("ray://").removeprefix("http://")
+    if ":" not in bare or not local_cluster.answers(bare):
+        raise SniperError(f"no Ray cluster answers at {address} (from {where}); start one with: "
+                          f"python -m cluster serve --local-nodes N")
+    return address
 
 
 def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
@@ -87,16 +56,14 @@ def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
 
     if ray.is_initialized():
         return
-    if address is None and os.path.exists(LOCAL_CLUSTER_FILE) and not os.environ.get("RAY_ADDRESS"):
-        with open(LOCAL_CLUSTER_FILE) as f:
-            address = json.load(f)["address"]
+    address = resolve_address(address)
     from ray._private import ray_constants
 
-    if address and address.startswith("127.") and ray_constants.ENABLE_RAY_CLUSTER:
+    if address.startswith("127.") and ray_constants.ENABLE_RAY_CLUSTER:
         raise SniperError("ray was imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset or 1, so it would "
                           "replace 127.0.0.1 by this machine's outward address; import cluster before ray "
                           "or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0")
-    ray.init(address=address or "auto", namespace=namespace, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
 
 
 class NodeActor(NodeServer):

@@ -1,0 +1,118 @@
+"""The local cluster's life: a daemon killed under it, interrupted start-ups, nothing to connect to.
+
+Every command runs as a user would run it (``python -m cluster ...`` in a subprocess) against a
+state file of its own (``SNIPER_LOCAL_CLUSTER_FILE``), and must answer in one line, quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import local_cluster
+
+
+def _env(state: Path) -> dict[str, str]:
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "SNIPER_LOCAL_CLUSTER_FILE": str(state),
+            "RAY_ADDRESS": ""}
+
+
+def _cli(state: Path, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster", *args], env=_env(state), capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def _daemons(state: Path) -> list[int]:
+    """Local-cluster daemons started for this state file."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"cluster.local_cluster" in cmdline and str(state).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _wait_gone(state: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _daemons(state) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _daemons(state), "the local-cluster daemon is still running"
+
+
+def test_a_daemon_killed_with_sigkill_leaves_a_state_the_next_command_cleans(tmp_path: Path) -> None:
+    state = tmp_path / "cluster.json"
+    daemon = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", "1", str(state), "1", "0"],
+                              env=_env(state), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, "the local cluster did not start"
+            time.sleep(0.2)
+        address = json.loads(state.read_text())["address"]
+        os.killpg(daemon.pid, signal.SIGKILL)  # the daemon and what it started
+        daemon.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while local_cluster.answers(address) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert state.exists(), "the state file a killed daemon leaves behind"
+
+        started = time.monotonic()
+        done = _cli(state, "generate", "hello", timeout_s=60)
+        assert done.returncode == 2 and time.monotonic() - started < 30
+        lines = done.stderr.strip().splitlines()
+        assert lines[0].startswith("removed the state of a local Ray cluster that is gone") and len(lines) == 2, lines
+        assert lines[1].startswith("error: no Ray cluster") and not state.exists()
+
+        done = _cli(state, "shutdown", "--stop-local", timeout_s=60)  # the documented way out, on a clean state now
+        assert done.returncode == 0 and "Traceback" not in done.stderr
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+
+
+def test_an_address_nobody_listens_at_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    state = tmp_path / "cluster.json"
+    for args in (["generate", "hi", "--address", "127.0.0.1:1"], ["status", "--address", "127.0.0.1:1"],
+                 ["status"], ["generate", "hi"]):
+        started = time.monotonic()
+        done = _cli(state, *args, timeout_s=60)
+        assert done.returncode == 2 and time.monotonic() - started < 30, (args, done.stderr[-500:])
+        assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: no Ray cluster"), done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_start_up_interrupted_by_a_signal_removes_what_it_started(tmp_path: Path, tiny_model: Path, sig: int) -> None:
+    state = tmp_path / "cluster.json"
+    serve = subprocess.Popen([sys.executable, "-m", "cluster", "serve", "--model", str(tiny_model), "--local-nodes", "3",
+                              "--threads", "1"], env=_env(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 60
+    while not _daemons(state) and time.monotonic() < deadline:  # the daemon is adding nodes
+        time.sleep(0.1)
+    assert _daemons(state), "serve --local-nodes started no daemon"
+    time.sleep(1.0)
+    serve.send_signal(sig)
+    _, err = serve.communicate(timeout=120)
+    assert serve.returncode in (130, 143, 2, -sig), err[-1000:]
+    _wait_gone(state)
+    assert not state.exists()
+
+
+def test_a_local_cluster_this_machine_cannot_hold_is_refused_before_anything_starts() -> None:
+    with pytest.raises(ValueError, match="1 to 32 nodes"):
+        local_cluster.check_nodes(100)
+    with pytest.raises(ValueError, match="MiB available"):
+        local_cluster.check_nodes(2, node_bytes=1 << 50)
+    local_cluster.check_nodes(3)
