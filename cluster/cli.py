@@ -22,7 +22,9 @@ from cluster.errors import SniperError  # noqa: E402
 
 MIB = 1 << 20
 MAX_CACHE_MB = 1 << 30  # 1 PiB: anything larger is a typo, not a machine
-DEFAULT_MODEL_DIR = Path(os.environ.get("SNIPER_MODEL_DIR", "models"))
+# generated default models: $SNIPER_MODEL_DIR, else the user's cache (never the current directory)
+DEFAULT_MODEL_DIR = Path(os.environ.get("SNIPER_MODEL_DIR")
+                         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expert-sniper" / "models")
 
 
 def _positive_int(text: str) -> int:

@@ -324,7 +324,7 @@ def synthesize(path: str | os.PathLike[str], config: SynthConfig, *, progress: b
     largest tensor.
 
     Args:
-        path: destination GGUF file; its directory must exist.
+        path: destination GGUF file (its directory is created if needed).
         config: what to write; validated first.
         progress: show a tqdm progress bar (bytes written) on stderr.
 
@@ -333,6 +333,7 @@ def synthesize(path: str | os.PathLike[str], config: SynthConfig, *, progress: b
     """
     config.validate()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     plan = _Plan(config)
     tmp = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(tmp, config.arch)
