@@ -54,22 +54,13 @@ def _cache_mb(text: str) -> int | str:
     return value
 
 
-def _env_cache_mb(name: str) -> int | str | None:
+def _env(name: str, parse: Callable[[str], Any]) -> Any:
+    """An environment variable's value as a flag's default, parsed as the flag is (None if unset)."""
     value = os.environ.get(name)
     if not value:
         return None
     try:
-        return _cache_mb(value)
-    except argparse.ArgumentTypeError as exc:
-        raise SystemExit(f"error: ${name}: {exc}") from None
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if not value:
-        return None
-    try:
-        return _positive_int(value)
+        return parse(value)
     except argparse.ArgumentTypeError as exc:
         raise SystemExit(f"error: ${name}: {exc}") from None
 
@@ -474,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF MoE model (default: $SNIPER_MODEL, else the generated demo model)")
     p.add_argument("--nodes", type=_positive_int, help="node actors, one per Ray node (default: --local-nodes or 1)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--cache-mb", type=_cache_mb, default=_env_cache_mb("SNIPER_CACHE_MB"),
+    budget.add_argument("--cache-mb", type=_cache_mb, default=_env("SNIPER_CACHE_MB", _cache_mb),
                         help="expert cache budget per node in MiB, or 'auto' (from each node's memory or cgroup "
                              "limit; default: $SNIPER_CACHE_MB, else the whole model)")
     budget.add_argument("--no-cache", action="store_true")
