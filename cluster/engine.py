@@ -221,8 +221,8 @@ class MoEEngine:
                 raise CacheBudgetError(f"cache budget of {cfg.cache_bytes} bytes does not work for "
                                        f"'{cfg.model_path}': {exc}") from None
 
-        if self._native_cache is not None and (cfg.auto_budget or cfg.cache_bytes < int(self.layout.unit_bytes.sum())):
-            self._native_cache.preload()  # experts will be dropped: small page-cache folios (csrc/residency.h)
+        if self._native_cache is not None:  # preload when experts will be dropped: small page-cache folios
+            self._native_cache.before_load(cfg.auto_budget or cfg.cache_bytes < int(self.layout.unit_bytes.sum()))
         _quiet_llama_logs(cfg.verbose)
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
@@ -235,6 +235,9 @@ class MoEEngine:
         except ValueError as exc:
             raise ModelFileError(f"llama.cpp could not load '{cfg.model_path}': {exc}") from None
         self._stack.callback(self._model.close)
+        # the cache goes after the context that calls it and before the model whose mapping it
+        # drops pages of (its I/O threads finish their queued drops while the mapping exists)
+        self._stack.callback(self._release_cache)
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = cfg.n_ctx
@@ -270,6 +273,9 @@ class MoEEngine:
         self.n_ctx = self._ctx.n_ctx()
         self._n_batch = min(cfg.n_batch, llama_cpp.llama_n_batch(self._ctx.ctx), llama_cpp.llama_n_ubatch(self._ctx.ctx))
         self._ctx_tokens: list[int] = []
+
+    def _release_cache(self) -> None:
+        self._native_cache = None
 
     def close(self) -> None:
         """Frees context, model and cache; safe to call twice."""

@@ -300,8 +300,9 @@ PYBIND11_MODULE(_native, m) {
 
     py::class_<expert_cache>(m, "ExpertCache", "The cache attached to a llama.cpp context through cb_eval.")
         .def(py::init<expert_layout, const expert_cache_params &>(), py::arg("layout"), py::arg("params"))
-        .def("preload", &expert_cache::preload, py::call_guard<py::gil_scoped_release>(),
-             "Before llama.cpp loads the model: the file into the page cache as small folios (a budget below the experts).")
+        .def("before_load", &expert_cache::before_load, py::arg("preload"), py::call_guard<py::gil_scoped_release>(),
+             "Just before llama.cpp loads the model: notes other mappings of the file; preload: the file into the "
+             "page cache as small folios (a budget below the experts).")
         .def("attach", &expert_cache::attach, py::call_guard<py::gil_scoped_release>(),
              "Finds llama.cpp's mapping of the model and establishes the budget; call after the model loaded.")
         .def_property_readonly("attached", &expert_cache::attached)

@@ -336,13 +336,15 @@ static void for_each_unit_spread(int n_layers, int n_experts, Fn && fn) {
     }
 }
 
-void expert_cache::preload() {
-    if (!residency_) { residency_preload(layout_.path); }
+void expert_cache::before_load(bool preload) {
+    if (residency_) { return; }
+    mappings_before_load_ = residency_mappings_of(layout_.path);
+    if (preload) { residency_preload(layout_.path); }
 }
 
 void expert_cache::attach() {
     if (residency_) { return; }
-    residency_ = std::make_unique<file_residency>(layout_.path);
+    residency_ = std::make_unique<file_residency>(layout_.path, mappings_before_load_);
 
     // Establish the budget (DESIGN.md: llama.cpp reads the whole file at load): keep units that
     // are fully resident, spread over layers, while the budget allows; drop the rest.

@@ -111,12 +111,14 @@ public:
     expert_cache(const expert_cache &) = delete;
     expert_cache & operator=(const expert_cache &) = delete;
 
-    // Call before llama.cpp maps the model when experts will be dropped (a budget below the
-    // model's experts): puts the whole file in the page cache as small folios (see
-    // residency_preload), which llama.cpp's load then finds there instead of reading it in large
-    // folios; every later drop is then exact. Without it, attach() and drops split large folios
-    // where they must (a block dropped whole and the pages still needed read back).
-    void preload();
+    // Call just before llama.cpp loads the model: remembers the mappings of the file this process
+    // already has (another engine's), so that attach() manages only the one this load makes. With
+    // `preload` (experts will be dropped: a budget below the model's experts), also puts the whole
+    // file in the page cache as small folios (see residency_preload), which llama.cpp's load then
+    // finds there instead of reading it in large folios; every later drop is then exact. Without
+    // it, attach() and drops split large folios where they must (a block dropped whole and the
+    // pages still needed read back).
+    void before_load(bool preload);
 
     // Call once llama.cpp has mapped the model: finds the mapping, keeps the experts already
     // resident up to the budget (spread over layers) and drops the rest from the page cache —
@@ -185,6 +187,7 @@ private:
     std::vector<std::vector<float>> router_owned_;    // dequantised routers (non-F32 files)
     std::vector<byte_range> expert_pages_;            // merged pages holding only expert bytes
     uint64_t footprint_bytes_ = 0;                    // sum of unit_bytes
+    std::vector<mapping_segment> mappings_before_load_;  // other engines' mappings of the file
     residency_counters io_counters_;  // ns_* change on the compute thread only, the rest under split_mutex_
     mutable std::mutex split_mutex_;
     // The policy's residency, readable from I/O threads (the policy itself is the compute

@@ -25,7 +25,7 @@ size_t residency_page_size() {
     return page_size;
 }
 
-std::vector<mapping_segment> residency_find_mapping(uint64_t device, uint64_t inode, const std::string & real_path) {
+static std::vector<mapping_segment> find_mapping(uint64_t device, uint64_t inode, const std::string & real_path) {
     std::vector<mapping_segment> segments;
     std::ifstream maps("/proc/self/maps");
     std::string line;
@@ -74,7 +74,16 @@ uint64_t residency_preload(const std::string & path) {
     return size;
 }
 
-file_residency::file_residency(const std::string & path) : page_size_(residency_page_size()) {
+std::vector<mapping_segment> residency_mappings_of(const std::string & path) {
+    struct stat st {};
+    if (stat(path.c_str(), &st) != 0) { return {}; }
+    char resolved[PATH_MAX];
+    const std::string real_path = realpath(path.c_str(), resolved) ? std::string(resolved) : std::string();
+    return find_mapping(uint64_t(st.st_dev), uint64_t(st.st_ino), real_path);
+}
+
+file_residency::file_residency(const std::string & path, const std::vector<mapping_segment> & before)
+    : page_size_(residency_page_size()) {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd_ < 0) {
         throw std::runtime_error("cannot open model file '" + path + "': " + std::strerror(errno));
@@ -91,10 +100,15 @@ file_residency::file_residency(const std::string & path) : page_size_(residency_
     fdatasync(fd_);
     char resolved[PATH_MAX];
     const std::string real_path = realpath(path.c_str(), resolved) ? std::string(resolved) : std::string();
-    segments_ = residency_find_mapping(uint64_t(st.st_dev), uint64_t(st.st_ino), real_path);
+    for (const mapping_segment & seg : find_mapping(uint64_t(st.st_dev), uint64_t(st.st_ino), real_path)) {
+        const bool earlier = std::any_of(before.begin(), before.end(), [&](const mapping_segment & b) {
+            return seg.address < b.address + b.size && b.address < seg.address + seg.size;
+        });
+        if (!earlier) { segments_.push_back(seg); }  // this load's mapping, not another engine's
+    }
     if (segments_.empty()) {
         ::close(fd_);
-        throw std::runtime_error("model file '" + path + "' is not memory-mapped by this process "
+        throw std::runtime_error("model file '" + path + "' is not memory-mapped by this load "
                                  "(load it with use_mmap=true before attaching the expert cache)");
     }
     // Without this, every fault or populate reads ~128 KiB around it and brings evicted

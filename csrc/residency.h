@@ -39,9 +39,10 @@ size_t residency_page_size();
 
 class file_residency {
 public:
-    // Opens `path` read-only (for fadvise / readahead) and finds its mapping in /proc/self/maps.
-    // Throws std::runtime_error if the file cannot be opened or is not mapped by this process.
-    explicit file_residency(const std::string & path);
+    // Opens `path` read-only (for fadvise / readahead) and finds its mapping in /proc/self/maps,
+    // leaving out the mappings in `before` (made before this model's load: another engine's).
+    // Throws std::runtime_error if the file cannot be opened or has no other mapping here.
+    file_residency(const std::string & path, const std::vector<mapping_segment> & before);
     ~file_residency();
     file_residency(const file_residency &) = delete;
     file_residency & operator=(const file_residency &) = delete;
@@ -81,6 +82,7 @@ private:
 // size. Throws std::runtime_error if the file cannot be opened.
 uint64_t residency_preload(const std::string & path);
 
-// Finds the mapping of a file in /proc/self/maps by device and inode (or by its resolved path,
-// for file systems such as overlayfs that report the backing inode there).
-std::vector<mapping_segment> residency_find_mapping(uint64_t device, uint64_t inode, const std::string & real_path);
+// The mappings of a file in this process (/proc/self/maps, by device and inode or by its
+// resolved path, for file systems such as overlayfs that report the backing inode there), sorted
+// by file offset; empty if the file cannot be read or is not mapped.
+std::vector<mapping_segment> residency_mappings_of(const std::string & path);

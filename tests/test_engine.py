@@ -85,6 +85,26 @@ def test_greedy_text_is_identical_with_and_without_the_cache_under_evictions(
     assert got[0].cache["n_evictions"] > 0
 
 
+def test_a_cache_beside_another_engine_on_the_same_file_manages_only_its_own_mapping(
+        tiny_model: Path, tiny_layout, tiny_topics: list[list[str]]) -> None:
+    """Two engines on one file in one process (the overhead benchmark does this): the cached one
+    must find the mapping its own load made, not count the other's pages as its own (which kept it
+    from admitting any expert) or drop pages from under the other engine."""
+    prompt = synth.topic_prompt(tiny_topics, 1, 8, seed=2)
+    budget = budget_fraction(tiny_layout, 0.4)
+    with open_engine(tiny_model) as plain:
+        want = plain.generate(prompt, max_tokens=24)
+        with open_engine(tiny_model, budget) as cached:
+            assert cached.cache_stats()["resident_bytes"] >= 0.8 * budget, "the experts its load read were kept"
+            got = cached.generate(prompt, max_tokens=24)
+            full = discover_layout(str(tiny_model)).unit_bytes.sum()
+            with open_engine(tiny_model, int(full)) as everything:
+                assert warmth.decode(everything.warmth()).resident.all()
+                everything.generate(prompt, max_tokens=8)
+                assert everything.cache_stats()["n_predicted"] == 0, "every layer is resident: nothing to predict"
+        assert plain.generate(prompt, max_tokens=24).text == want.text == got.text
+
+
 # -- (b) routing counts against an independent observer ------------------------------------
 
 
