@@ -9,8 +9,8 @@ from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
 from cluster.chat import ChatMessage, ChatPrompt
 from cluster.errors import InvalidParameterError, SniperError
-from cluster.sampling import SamplingParams, TokenLogprob
 from cluster.node import NAMESPACE, ROUTER_NAME, NodeFailedError, NoNodesError, OverloadedError
+from cluster.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)

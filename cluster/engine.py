@@ -42,6 +42,7 @@ from cluster.errors import (
 from cluster.sampling import LOGIT_BIAS_BAN, SamplingParamError, SamplingParams, TokenLogprob, TopLogprob
 from cluster.tokenizer import Tokenizer
 
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to run one model on one node.

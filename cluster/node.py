@@ -28,8 +28,8 @@ from typing import Any, Iterator
 from cluster.engine import MoEEngine
 from cluster.errors import InvalidParameterError, SniperError
 from cluster.routing.base import RoutingTraceSummary
-from cluster.sampling import SamplingParams
 from cluster.routing.warmth import prefix_hashes
+from cluster.sampling import SamplingParams
 
 NAMESPACE = "sniper"
 RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a node keeps for a restarted router

@@ -21,6 +21,7 @@ from cluster.chat import (
 )
 from cluster.engine import MoEEngine
 from cluster.errors import ChatTemplateError
+from cluster.openai_api import error_from_exception
 from cluster.sampling import SamplingParams
 from cluster.tokenizer import Tokenizer
 
@@ -71,6 +72,15 @@ def test_tools_are_refused_by_a_template_that_cannot_take_them_and_without_a_tem
         with pytest.raises(ChatTemplateError, match="'tools' cannot be used") as info:
             template.render(chat(ChatMessage("user", "x"), tools=(TOOL,)))
         assert info.value.param == "tools"
+
+
+def test_a_model_whose_template_cannot_take_tools_refuses_them_with_a_400_naming_tools(llama3_model: Path):
+    renderer = ChatRenderer(Tokenizer.load(str(llama3_model)))  # as the router renders
+    assert renderer.origin == "model" and not renderer.supports_tools
+    with pytest.raises(ChatTemplateError) as info:
+        renderer.render(chat(ChatMessage("user", "x"), tools=(TOOL,)))
+    error = error_from_exception(info.value)
+    assert (error.status, error.param) == (400, "tools") and "<tool_call>" in error.message
 
 
 def test_a_template_that_raises_is_a_chat_template_error_naming_the_problem():

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.errors import InvalidParameterError, PromptTooLongError
+from cluster.chat import ChatMessage, ChatPrompt, ToolCall
+from cluster.errors import ChatTemplateError, InvalidParameterError, PromptTooLongError
 from cluster.metrics import GatewayMetrics
 from cluster.node import NodeFailedError, NoNodesError, OverloadedError
-from cluster.chat import ChatMessage, ChatPrompt, ToolCall
-from cluster.errors import ChatTemplateError
 from cluster.openai_api import (
     APIError,
     Limits,
@@ -193,7 +192,8 @@ def test_response_and_chunks_follow_the_openai_shapes():
     c = chat(stream=True, stream_options={"include_usage": True})
     stream = StreamChunks(c)
     first, second = stream.piece(0, "a"), stream.piece(0, "b")
-    assert first[0]["object"] == "chat.completion.chunk" and first[0]["choices"][0]["delta"] == {"role": "assistant", "content": "a"}
+    assert first[0]["object"] == "chat.completion.chunk"
+    assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": "a"}
     assert second[0]["choices"][0]["delta"] == {"content": "b"}
     last, usage_chunk = stream.end({"node": "n", "finish_reason": "stop", "usage": usage,
                                     "choices": [{"index": 0, "finish_reason": "stop"}]})
