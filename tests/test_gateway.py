@@ -251,14 +251,15 @@ def _as_tested(text: str, url: str, model: str) -> str:
 def test_readme_curl_and_openai_examples_work(gateway, model_name):
     section = _readme_http_section()
     curls = [line for line in section.splitlines() if line.startswith("curl ")]
-    assert len(curls) == 4
+    assert len(curls) == 5
     env = {**os.environ, "SNIPER_API_KEY": API_KEY}
     outputs = [subprocess.run(["bash", "-c", _as_tested(c, gateway, model_name)], env=env, capture_output=True,
                               text=True, timeout=120, check=True).stdout for c in curls]
-    completion, chat_stream, health, metrics = outputs
+    completion, chat_stream, tokenized, health, metrics = outputs
     assert json.loads(completion)["usage"]["completion_tokens"] == 16
     events = [line[len("data: "):] for line in chat_stream.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and json.loads(events[0])["object"] == "chat.completion.chunk"
+    assert "".join(t["piece"] for t in json.loads(tokenized)["tokens"]) == " kalo meni"
     assert json.loads(health)["status"] == "ok" and "sniper_node_expert_hit_rate" in metrics
     python_block = section.split("```python\n", 1)[1].split("```", 1)[0]
     printed = subprocess.run([sys.executable, "-c", _as_tested(python_block, gateway, model_name)], env=env,
