@@ -5,6 +5,12 @@ The model is loaded with llama-cpp-python's low-level API so the context paramet
 (mmap, no repacking into private buffers), which is what the cache manages page by page.
 Lifetimes follow ``llama_cpp/_internals.py``: one ExitStack; the context is freed before the
 cache and the callback it points to; ``close()`` is idempotent.
+
+Decoding follows a ``SamplingParams`` (``cluster.sampling``) with llama.cpp's own sampler chain
+(logit bias, penalties, grammar, top-k/top-p/min-p, temperature, a seeded draw, or greedy);
+generation ends on every end-of-generation token of the vocabulary, on the request's stop
+tokens and stop strings (none of which reach the text), or at ``max_tokens``. Token
+log-probabilities are the log-softmax of the logits llama.cpp computed for each sampled position.
 """
 
 from __future__ import annotations

@@ -3,7 +3,11 @@
 ``NodeServer`` is a plain class (tests drive it without Ray); ``NodeActor`` is its Ray shell.
 A node:
   * serves one request at a time on its engine, with a bounded number waiting (``max_queue``);
-    a request beyond that is refused at once with ``OverloadedError``;
+    a request beyond that is refused at once with ``OverloadedError``; a request's ``n``
+    choices are generated one after the other (each reuses the prompt's KV state), its pieces
+    tagged with their choice's ``index``;
+  * tokenizes the prompt as the router did: a chat rendering (``special``) with its special
+    tokens parsed;
   * keeps the KV state of recent conversations (``session_bytes``, least recently used out), so
     a conversation's next turn prefills only its new tokens; any request also reuses the
     longest common prefix with what the context holds;

@@ -195,3 +195,29 @@ def test_generation_stops_on_the_end_of_turn_token_and_never_shows_it(chatml_eng
     assert chatml_engine.generate(rendered.text, params, special=True).n_generated == 3
     stopped = chatml_engine.generate(rendered.text, params.updated(stop_token_ids=(im_start,)), special=True)
     assert (stopped.text, stopped.n_generated, stopped.finish_reason) == ("", 0, "stop")
+
+
+def test_an_override_replaces_the_models_template_and_is_checked_before_anything_starts(
+        tiny_model: Path, chatml_model: Path, tmp_path: Path) -> None:
+    from cluster.deploy import check_model, read_chat_template
+    from cluster.errors import InvalidParameterError
+    from cluster.gateway import build_app
+
+    override = ChatRenderer(Tokenizer.load(str(chatml_model)), "{{ messages[0].content }}")
+    assert override.origin == "override" and override.end_of_turn_ids == ()
+    assert override.render(chat(ChatMessage("user", "hi"))).text == "hi"
+    plain = ChatRenderer(Tokenizer.load(str(tiny_model)), CHATML_TEMPLATE)  # ChatML text, but no such tokens here
+    assert plain.origin == "override" and plain.end_of_turn_ids == ()  # <|im_end|> is not one control token
+    assert ChatRenderer(Tokenizer.load(str(tiny_model))).origin == "none"
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages[0].content }}")
+    assert read_chat_template(str(path)) == "{{ messages[0].content }}" and read_chat_template(None) is None
+    for bad in (tmp_path / "missing.jinja", tmp_path / "empty.jinja"):
+        if bad.name == "empty.jinja":
+            bad.write_text("  \n")
+        with pytest.raises(InvalidParameterError, match=f"--chat-template: .*{bad.name}"):
+            read_chat_template(str(bad))
+    with pytest.raises(ChatTemplateError, match="override chat template does not compile"):
+        check_model(str(chatml_model), None, "{% if %}")
+    with pytest.raises(InvalidParameterError, match="give model too"):
+        build_app({"chat_template": str(path)})
