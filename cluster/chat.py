@@ -231,11 +231,21 @@ class ChatRenderer:
     rendering) with the token ids that end an assistant turn in it."""
 
     def __init__(self, tokenizer: VocabularyLike, override: str | None = None) -> None:
+        """Raises ChatTemplateError if ``override`` does not compile. A model's own template
+        that does not compile does not stop the deployment (completions still work): chat
+        requests are then refused with that error, which suggests an override."""
         source = override if override is not None else tokenizer.chat_template()
-        origin = "override" if override is not None else "model" if source is not None else "none"
-        self.template = ChatTemplate.create(source, origin, tokenizer.bos_text, tokenizer.eos_text)
-        self.origin = self.template.origin
-        self.supports_tools = self.template.supports_tools
+        origin: TemplateOrigin = "override" if override is not None else "model" if source is not None else "none"
+        self.origin = origin
+        self.broken: ChatTemplateError | None = None
+        try:
+            self.template = ChatTemplate.create(source, origin, tokenizer.bos_text, tokenizer.eos_text)
+        except ChatTemplateError as exc:
+            if override is not None:
+                raise
+            self.broken = ChatTemplateError(f"{exc}; serve --chat-template FILE can replace it", param="messages")
+            self.template = ChatTemplate.create(None, "none")
+        self.supports_tools = self.broken is None and self.template.supports_tools
         end = self.template.end_of_turn()
         ids = tokenizer.tokenize(end, special=True, add_special=False) if end else []
         self.end_of_turn_ids: tuple[int, ...] = (ids[0],) if len(ids) == 1 and tokenizer.is_control(ids[0]) else ()
@@ -243,6 +253,8 @@ class ChatRenderer:
     def render(self, chat: ChatPrompt) -> RenderedChat:
         if not isinstance(chat, ChatPrompt):
             raise InvalidParameterError(f"chat must be a ChatPrompt, got {type(chat).__name__}", param="messages")
+        if self.broken is not None:
+            raise self.broken
         return self.template.render(chat)
 
     def with_end_of_turn(self, params: SamplingParams) -> SamplingParams:

@@ -209,6 +209,15 @@ def test_an_override_replaces_the_models_template_and_is_checked_before_anything
     plain = ChatRenderer(Tokenizer.load(str(tiny_model)), CHATML_TEMPLATE)  # ChatML text, but no such tokens here
     assert plain.origin == "override" and plain.end_of_turn_ids == ()  # <|im_end|> is not one control token
     assert ChatRenderer(Tokenizer.load(str(tiny_model))).origin == "none"
+
+    data = chatml_model.read_bytes()  # the same model, its template broken in place (same length: a valid GGUF)
+    assert data.count(b"{%- endfor -%}") == 3  # all in the template
+    broken_model = tmp_path / "broken-template.gguf"
+    broken_model.write_bytes(data.replace(b"{%- endfor -%}", b"{%- endfox -%}"))
+    broken = ChatRenderer(Tokenizer.load(str(broken_model)))  # a model whose own template does not compile
+    assert broken.origin == "model" and not broken.supports_tools
+    with pytest.raises(ChatTemplateError, match="model chat template does not compile.*endfox.*--chat-template FILE"):
+        broken.render(chat(ChatMessage("user", "hi")))
     path = tmp_path / "t.jinja"
     path.write_text("{{ messages[0].content }}")
     assert read_chat_template(str(path)) == "{{ messages[0].content }}" and read_chat_template(None) is None
