@@ -18,6 +18,7 @@ from typing import Any, Callable, NoReturn, Sequence
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from cluster.bench import DEFAULT_OUT  # noqa: E402
+from cluster.cli_sampling import add_sampling_flags, logprob_json, params_from_flags  # noqa: E402
 from cluster.errors import SniperError  # noqa: E402
 
 MIB = 1 << 20
@@ -100,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cluster.deploy import read_chat_template
     from cluster.engine import MoEEngine
 
-    params = _sampling_params(args)
+    params = params_from_flags(args)
     override = read_chat_template(args.chat_template)
     if override is not None and not args.chat:
         raise ValueError("--chat-template renders a conversation: add --chat")
@@ -130,7 +131,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if len(gens) > 1:
             result["choices"] = [{"index": i, "text": g.text, "finish_reason": g.finish_reason} for i, g in enumerate(gens)]
         if params.logprobs:
-            result["logprobs"] = [_logprob_json(e) for e in gen.logprobs or ()]
+            result["logprobs"] = [logprob_json(e) for e in gen.logprobs or ()]
         if engine.has_cache:
             keys = ("hits", "misses", "hit_rate", "bytes_read", "resident_bytes", "budget_bytes",
                     "prefetch_precision", "prefetch_recall", "n_evictions", "bytes_prefetched")
@@ -138,73 +139,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
             result["expert_counts"] = gen.expert_counts.tolist()
     _emit(_jsonable(result), args, _run_summary)
     return 0
-
-
-def _logprob_json(entry: Any) -> dict[str, Any]:
-    """A TokenLogprob as JSON: token id, text, log-probability and the alternatives."""
-    def text(piece: bytes) -> str:
-        return piece.decode("utf-8", errors="backslashreplace")
-
-    return {"token": entry.token, "text": text(entry.piece), "logprob": entry.logprob,
-            "top": [{"token": t.token, "text": text(t.piece), "logprob": t.logprob} for t in entry.top]}
-
-
-# -- sampling flags (run, generate) -----------------------------------------------------------
-
-_SAMPLING_FLAGS = {  # SamplingParams field -> its flag; bounds are SamplingParams.validate's
-    "max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
-    "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "presence_penalty": "--presence-penalty",
-    "frequency_penalty": "--frequency-penalty", "penalty_last_n": "--repeat-last-n", "logit_bias": "--logit-bias",
-    "seed": "--seed", "stop": "--stop", "n": "--n", "top_logprobs": "--logprobs", "logprobs": "--logprobs",
-    "grammar": "--grammar",
-}
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (bounds as in cluster/sampling.py)")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 (default): off")
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repeat-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--repeat-last-n", type=int, default=64, help="generated tokens the penalties look at")
-    g.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN=BIAS", help="repeatable; -100 bans")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop", action="append", default=[], help="a stop string; repeatable (at most 4)")
-    g.add_argument("--n", type=int, default=1, help="choices")
-    g.add_argument("--logprobs", type=int, metavar="N", help="token log-probabilities, with the N likeliest alternatives")
-    structured = g.add_mutually_exclusive_group()
-    structured.add_argument("--grammar", metavar="FILE", help="a GBNF grammar the output must follow")
-    structured.add_argument("--json-schema", metavar="FILE", help="a JSON schema the output must validate against")
-
-
-def _sampling_params(args: argparse.Namespace) -> Any:
-    """SamplingParams from the flags; a bad value is reported under its flag."""
-    from cluster.sampling import SamplingParamError, SamplingParams, parse_logit_bias
-
-    grammar = None
-    if args.grammar:
-        grammar = Path(args.grammar).read_text(encoding="utf-8")
-    elif args.json_schema:
-        from cluster.grammar import json_schema_grammar
-
-        try:
-            schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--json-schema: {args.json_schema} is not JSON: {exc}") from None
-        grammar = json_schema_grammar(schema, param="--json-schema")
-    try:
-        return SamplingParams.create(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            min_p=args.min_p, repeat_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
-            frequency_penalty=args.frequency_penalty, penalty_last_n=args.repeat_last_n,
-            logit_bias=parse_logit_bias(args.logit_bias), seed=args.seed, stop=tuple(args.stop), n=args.n,
-            logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0, grammar=grammar)
-    except SamplingParamError as exc:
-        raise ValueError(f"{_SAMPLING_FLAGS.get(exc.field, exc.field)} must be {exc.expected}, got {exc.value!r}") from None
 
 
 def _cache_budget(args: argparse.Namespace, model: str) -> int | None:
@@ -283,7 +217,7 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _cmd_generate(args: argparse.Namespace) -> int:
     from cluster.chat import ChatMessage, ChatPrompt
 
-    params = _sampling_params(args)
+    params = params_from_flags(args)
     client = _client(args)
     prompt = ChatPrompt((ChatMessage("user", args.text),)) if args.chat else args.text
     if args.stream:
@@ -297,7 +231,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if len(done.choices) > 1:
         result["choices"] = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason} for c in done.choices]
     if params.logprobs:
-        result["logprobs"] = [_logprob_json(e) for e in done.choices[0].logprobs]
+        result["logprobs"] = [logprob_json(e) for e in done.choices[0].logprobs]
     if done.chat_template is not None:
         result["chat_template"] = done.chat_template
     _emit(result, args, lambda r: "\n---\n".join(c["text"] for c in r.get("choices", [r]))
@@ -507,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--cache-mb", type=_positive_int, help="expert cache budget in MiB (default: whole model)")
     budget.add_argument("--no-cache", action="store_true", help="plain llama.cpp, no expert cache")
-    _sampling_args(p)
+    add_sampling_flags(p)
     p.add_argument("--threads", type=_positive_int)
     p.add_argument("--ctx", type=_positive_int, default=2048)
     p.add_argument("--json", action="store_true")
@@ -553,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="the text is a user turn, rendered with the chat template")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--session")
-    _sampling_args(p)
+    add_sampling_flags(p)
     _cluster_args(p)
     p.set_defaults(func=_cmd_generate)
 
