@@ -406,6 +406,8 @@ class RouterActor:
                        with_pieces: bool = False) -> list[Any]:
         """Token ids of ``text`` (with ``with_pieces``: ``{"id", "piece"}`` per token, the piece a
         string, or its bytes as a list when they are not whole UTF-8 characters)."""
+        if not isinstance(text, str):
+            raise InvalidParameterError(f"content must be a string, got {type(text).__name__}", param="content")
         tokens = self.tokenizer.tokenize(text, special=parse_special, add_special=add_special)
         if not with_pieces:
             return tokens

@@ -222,3 +222,27 @@ def test_tokenize_and_detokenize_as_llama_server_has_them(gateway, tokenizer):
     assert back.json() == {"content": "<|im_start|>user\nhi"}
     bad = requests.post(f"{gateway}/detokenize", json={"tokens": [10**9]}, headers=headers, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_the_python_client_chats_renders_and_tokenizes(gateway, model, tokenizer, words):
+    import ray
+
+    from cluster.chat import ChatMessage
+    from cluster.client import Client
+    from cluster.node import ROUTER_NAME
+    from cluster.sampling import SamplingParams
+
+    client = Client(ray.get_actor(ROUTER_NAME, namespace=NAMESPACE))
+    messages = [ChatMessage("user", " ".join(words[1][:3]))]
+    rendered = client.render(messages)
+    assert rendered["origin"] == "model" and rendered["text"].endswith("<|im_start|>assistant\n")
+    assert rendered["tokens"] == tokenizer.tokenize(rendered["text"], special=True)
+    done = client.chat(messages, SamplingParams(max_tokens=6, temperature=1.0, seed=4, n=2, logprobs=True))
+    assert done.chat_template == "model" and [c.index for c in done.choices] == [0, 1]
+    assert done.usage["prompt_tokens"] == len(rendered["tokens"]) and done.usage["completion_tokens"] == 12
+    assert done.text == done.choices[0].text and len(done.choices[1].logprobs) == 6
+    full = client.generate(" ".join(words[1][:3]), max_tokens=12)
+    stop = full.text.split(" ")[3]  # a word of the answer, given as one string: one stop string
+    cut = client.generate(" ".join(words[1][:3]), max_tokens=12, stop=stop)
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    assert client.detokenize(client.tokenize("<|im_end|>")) == "<|im_end|>"
