@@ -22,6 +22,7 @@ from cluster.cli_sampling import add_sampling_flags, logprob_json, params_from_f
 from cluster.errors import SniperError  # noqa: E402
 
 MIB = 1 << 20
+MAX_CACHE_MB = 1 << 30  # 1 PiB: anything larger is a typo, not a machine
 DEFAULT_MODEL_DIR = Path(os.environ.get("SNIPER_MODEL_DIR", "models"))
 
 
@@ -33,6 +34,26 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _cache_mb(text: str) -> int | str:
+    """``--cache-mb``: MiB (a positive integer, at most what a machine could hold) or ``auto``."""
+    if text == "auto":
+        return "auto"
+    value = _positive_int(text)
+    if value > MAX_CACHE_MB:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_CACHE_MB} MiB (1 PiB) or 'auto', got {value}")
+    return value
+
+
+def _env_cache_mb(name: str) -> int | str | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return _cache_mb(value)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"error: ${name}: {exc}") from None
 
 
 def _env_int(name: str) -> int | None:
@@ -53,6 +74,12 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0.0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
+
+
+def synth_presets() -> list[str]:
+    from cluster import synth
+
+    return list(synth.PRESETS)
 
 
 def default_model(preset: str = "demo", *, progress: bool = True) -> Path:
@@ -108,6 +135,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     model = args.model or str(default_model("demo", progress=not args.json))
     cache_bytes = _cache_budget(args, model)
     with MoEEngine(model, cache_bytes, n_ctx=args.ctx, n_threads=args.threads) as engine:
+        if engine.auto_budget is not None:
+            print(engine.auto_budget.explain(), file=sys.stderr)
         prompt, special, origin = args.prompt, False, None
         if args.chat:  # the prompt is one user turn, rendered as the router renders chat requests
             renderer = ChatRenderer(engine.tokenizer, override)
@@ -416,13 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a deterministic synthetic MoE GGUF")
     p.add_argument("out", help="output .gguf path")
-    p.add_argument("--preset", choices=("tiny", "demo", "bench"), default="tiny")
+    p.add_argument("--preset", choices=tuple(synth_presets()), default="tiny")
     p.add_argument("--layers", type=_positive_int)
     p.add_argument("--experts", type=int, help="experts per layer (0: a dense model)")
     p.add_argument("--top-k", type=_positive_int)
     p.add_argument("--dim", type=_positive_int)
     p.add_argument("--ff", type=_positive_int)
-    p.add_argument("--dtype", choices=("f16", "q8_0"))
+    p.add_argument("--dtype", choices=("f16", "q8_0", "q4_k"))
     p.add_argument("--arch", choices=("llama", "qwen3moe"))
     p.add_argument("--specialization", help="number >= 0, or 'realistic'")
     p.add_argument("--seed", type=int)
@@ -439,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="the prompt is a user turn, rendered with the chat template")
     p.add_argument("--chat-template", metavar="FILE", help="with --chat: this Jinja template instead of the model's")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--cache-mb", type=_positive_int, help="expert cache budget in MiB (default: whole model)")
+    budget.add_argument("--cache-mb", type=_cache_mb,
+                        help="expert cache budget in MiB, or 'auto' (from the memory this machine or cgroup has; "
+                             "default: whole model)")
     budget.add_argument("--no-cache", action="store_true", help="plain llama.cpp, no expert cache")
     add_sampling_flags(p)
     p.add_argument("--threads", type=_positive_int)
@@ -461,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF MoE model (default: $SNIPER_MODEL, else the generated demo model)")
     p.add_argument("--nodes", type=_positive_int, help="node actors, one per Ray node (default: --local-nodes or 1)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--cache-mb", type=_positive_int, default=_env_int("SNIPER_CACHE_MB"),
-                        help="expert cache budget per node in MiB (default: $SNIPER_CACHE_MB, else the whole model)")
+    budget.add_argument("--cache-mb", type=_cache_mb, default=_env_cache_mb("SNIPER_CACHE_MB"),
+                        help="expert cache budget per node in MiB, or 'auto' (from each node's memory or cgroup "
+                             "limit; default: $SNIPER_CACHE_MB, else the whole model)")
     budget.add_argument("--no-cache", action="store_true")
     p.add_argument("--policy", default="warmth", help="warmth (default), least_loaded, round_robin, random")
     p.add_argument("--local-nodes", type=_positive_int, help="first start a local Ray cluster of N nodes on loopback")

@@ -21,6 +21,7 @@ from typing import Any
 
 from cluster.errors import InvalidParameterError, SniperError
 from cluster.node import NAMESPACE, ROUTER_NAME, NodeConfig, NodeServer, node_name
+from cluster.node_memory import AUTO
 
 PLACEMENT_GROUP = "sniper-nodes"
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
@@ -130,20 +131,24 @@ def whole_model_budget(model_path: str) -> int:
     return int(discover_layout(model_path).unit_bytes.sum())
 
 
-def cache_budget(model_path: str, cache_mb: int | None) -> int:
-    """The expert-cache budget per node in bytes: ``cache_mb`` MiB, or the whole model's when None."""
+def cache_budget(model_path: str, cache_mb: int | str | None) -> int | str:
+    """The expert-cache budget per node: ``cache_mb`` MiB in bytes, ``"auto"`` (each node derives
+    it from its memory, ``cluster.node_memory``), or the whole model's when None."""
+    if cache_mb == AUTO:
+        return AUTO
     return cache_mb << 20 if cache_mb else whole_model_budget(model_path)
 
 
-def check_model(model_path: str, cache_bytes: int | None, chat_template: str | None = None) -> None:
+def check_model(model_path: str, cache_bytes: int | str | None, chat_template: str | None = None) -> None:
     """What ``deploy`` checks before it starts anything: the file is a readable MoE GGUF
     (ModelFileError: missing, corrupt, truncated, dense), the budget can work for it
-    (CacheBudgetError) and an overriding chat template compiles (ChatTemplateError)."""
+    (CacheBudgetError; an ``"auto"`` budget is derived and checked on each node) and an
+    overriding chat template compiles (ChatTemplateError)."""
     from cluster.cache import check_budget, discover_layout
     from cluster.chat import ChatTemplate
 
     layout = discover_layout(model_path)
-    if cache_bytes is not None:
+    if cache_bytes is not None and cache_bytes != AUTO:
         check_budget(layout, cache_bytes)
     if chat_template is not None:
         ChatTemplate.create(chat_template, "override")
@@ -163,7 +168,7 @@ def read_chat_template(path: str | None) -> str | None:
     return text
 
 
-def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: str = "warmth",
+def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, policy: str = "warmth",
            namespace: str = NAMESPACE, n_ctx: int = 2048, max_queue: int = 8,
            memory_limit_bytes: int | None = None, n_threads: int | None = None,
            node_model_paths: list[str] | None = None, chat_template: str | None = None,
@@ -199,8 +204,12 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | None, policy: st
     except ValueError:
         pass
     check_model(model_path, cache_bytes, chat_template)
+    # an "auto" budget on a machine that several node actors share (a local cluster): each plans
+    # for its part of the machine's memory
+    hosts = {n.get("NodeManagerAddress") for n in alive}
     config = NodeConfig(model_path=model_path, cache_bytes=cache_bytes, n_ctx=n_ctx, max_queue=max_queue,
-                        memory_limit_bytes=memory_limit_bytes, n_threads=n_threads)
+                        memory_limit_bytes=memory_limit_bytes, n_threads=n_threads,
+                        memory_share=1.0 / n_nodes if len(hosts) == 1 else 1.0)
     config.validate()
     try:
         router = ray.remote(RouterActor).options(  # on the head: it outlives any worker node

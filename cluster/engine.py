@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import logging
 import math
 import os
 import threading
@@ -29,7 +30,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
-from cluster import _native
+from cluster import _native, node_memory
+from cluster.node_memory import AUTO
 from cluster import warmth as warmth_report
 from cluster.cache import (
     CacheConfig,
@@ -48,6 +50,8 @@ from cluster.errors import (
 from cluster.sampling import LOGIT_BIAS_BAN, SamplingParamError, SamplingParams, TokenLogprob, TopLogprob
 from cluster.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -55,25 +59,34 @@ class EngineConfig:
 
     Attributes:
         model_path: a GGUF Mixture-of-Experts model.
-        cache_bytes: expert-cache budget in bytes; None runs plain llama.cpp (no callback).
+        cache_bytes: expert-cache budget in bytes; ``"auto"``: derived from the memory the node
+            has once the model is loaded (``cluster.node_memory``); None runs plain llama.cpp
+            (no callback).
         n_ctx: context window in tokens.
         n_threads: compute threads (default: all cores).
         n_batch: prompt tokens per llama_decode call (and per ubatch).
         cache: policy knobs other than the budget (its budget_bytes is replaced by cache_bytes).
         n_io_threads: I/O threads that read experts (0: no prefetch).
         predict: predict and prefetch the next layer's experts.
+        memory_share: with ``cache_bytes="auto"`` and no cgroup limit, the fraction of the
+            machine's available memory this engine plans for (several engines on one machine).
         verbose: let llama.cpp log to stderr.
     """
 
     model_path: str
-    cache_bytes: int | None = None
+    cache_bytes: int | str | None = None
     n_ctx: int = 2048
     n_threads: int | None = None
     n_batch: int = 512
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(budget_bytes=1))
     n_io_threads: int = 2
     predict: bool = True
+    memory_share: float = 1.0
     verbose: bool = False
+
+    @property
+    def auto_budget(self) -> bool:
+        return isinstance(self.cache_bytes, str) and self.cache_bytes == AUTO
 
     def validate(self) -> None:
         def positive_int(name: str, value: object, upper: int) -> None:
@@ -84,11 +97,17 @@ class EngineConfig:
         positive_int("n_batch", self.n_batch, 1 << 16)
         if self.n_threads is not None:
             positive_int("n_threads", self.n_threads, 1024)
-        if self.cache_bytes is not None:
+        if isinstance(self.cache_bytes, str) and self.cache_bytes != AUTO:
+            raise InvalidParameterError(f"cache_bytes must be an integer number of bytes, '{AUTO}' or None, "
+                                        f"got {self.cache_bytes!r}")
+        if self.cache_bytes is not None and not self.auto_budget:
             if not isinstance(self.cache_bytes, (int, np.integer)) or isinstance(self.cache_bytes, bool):
-                raise InvalidParameterError(f"cache_bytes must be an integer number of bytes or None, got {self.cache_bytes!r}")
+                raise InvalidParameterError(f"cache_bytes must be an integer number of bytes, 'auto' or None, "
+                                            f"got {self.cache_bytes!r}")
             if self.cache_bytes <= 0:
                 raise CacheBudgetError(f"cache_bytes must be > 0, got {self.cache_bytes}")
+        if not isinstance(self.memory_share, (int, float)) or not 0.0 < self.memory_share <= 1.0:
+            raise InvalidParameterError(f"memory_share must be a number in (0, 1], got {self.memory_share!r}")
         if not isinstance(self.n_io_threads, int) or not 0 <= self.n_io_threads <= 64:
             raise InvalidParameterError(f"n_io_threads must be an integer in [0, 64], got {self.n_io_threads!r}")
 
@@ -152,7 +171,7 @@ class MoEEngine:
         >>> engine.generate("hello", max_tokens=16).text
     """
 
-    def __init__(self, model_path: str | os.PathLike[str], cache_bytes: int | None = None, *,
+    def __init__(self, model_path: str | os.PathLike[str], cache_bytes: int | str | None = None, *,
                  n_ctx: int = 2048, n_threads: int | None = None, **kwargs: object) -> None:
         self.config = EngineConfig(model_path=os.fspath(model_path), cache_bytes=cache_bytes,
                                    n_ctx=n_ctx, n_threads=n_threads, **kwargs)  # type: ignore[arg-type]
@@ -175,8 +194,11 @@ class MoEEngine:
         self.layout = discover_layout(cfg.model_path)  # corrupt, truncated or dense → ModelFileError
 
         self._native_cache = None
+        self.auto_budget: node_memory.AutoBudget | None = None  # how an "auto" budget was derived
         if cfg.cache_bytes is not None:
-            params = ExpertCacheParams(cache=replace(cfg.cache, budget_bytes=int(cfg.cache_bytes)),
+            footprint = int(self.layout.unit_bytes.sum())
+            budget = footprint if cfg.auto_budget else int(cfg.cache_bytes)  # auto: set once loaded
+            params = ExpertCacheParams(cache=replace(cfg.cache, budget_bytes=budget),
                                        n_io_threads=cfg.n_io_threads, predict=cfg.predict)
             native_params = params.to_native()
             try:
@@ -185,6 +207,8 @@ class MoEEngine:
                 raise CacheBudgetError(f"cache budget of {cfg.cache_bytes} bytes does not work for "
                                        f"'{cfg.model_path}': {exc}") from None
 
+        if self._native_cache is not None and (cfg.auto_budget or cfg.cache_bytes < int(self.layout.unit_bytes.sum())):
+            self._native_cache.preload()  # experts will be dropped: small page-cache folios (csrc/residency.h)
         _quiet_llama_logs(cfg.verbose)
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
@@ -207,7 +231,6 @@ class MoEEngine:
         cparams.n_threads_batch = threads
         cparams.no_perf = True
         if self._native_cache is not None:
-            self._native_cache.attach()
             self._cb_eval = llama_cpp.ggml_backend_sched_eval_callback(self._native_cache.callback_address)
             cparams.cb_eval = self._cb_eval
             cparams.cb_eval_user_data = ctypes.c_void_p(self._native_cache.user_data_address)
@@ -217,6 +240,15 @@ class MoEEngine:
             raise InvalidParameterError(f"llama.cpp could not create a context with n_ctx={cfg.n_ctx}, "
                                         f"n_batch={cfg.n_batch}: {exc}") from None
         self._stack.callback(self._ctx.close)  # runs before the model's close (LIFO)
+        if self._native_cache is not None:  # the model is mapped and the context's memory allocated
+            if cfg.auto_budget:
+                self.auto_budget = node_memory.auto_budget(
+                    cfg.model_path, non_expert_bytes=self.layout.non_expert_bytes,
+                    footprint_bytes=int(self.layout.unit_bytes.sum()), min_bytes=_native.min_budget(self.layout),
+                    share=cfg.memory_share)
+                log.info("%s", self.auto_budget.explain())
+                self._native_cache.set_budget(self.auto_budget.budget_bytes)
+            self._native_cache.attach()
         self._batch = _internals.LlamaBatch(n_tokens=cfg.n_batch, embd=0, n_seq_max=1, verbose=cfg.verbose)
         self._stack.callback(self._batch.close)
         self._vocab = self._model.vocab
@@ -253,11 +285,13 @@ class MoEEngine:
         return self.tokenizer.tokenize(text, special=special)
 
     def cache_stats(self) -> dict[str, float]:
-        """Cumulative cache counters since load, derived rates, budget and resident bytes."""
+        """Cumulative cache counters since load, derived rates, budget and resident bytes (after
+        reconciling the cache with what the kernel really holds)."""
         self._check_open()
         if self._native_cache is None:
             return {}
         with self._lock:
+            self._native_cache.reconcile()
             return _cache_stats(self._native_cache, self._native_cache.counters())
 
     def measured_resident_bytes(self) -> int:
@@ -274,6 +308,7 @@ class MoEEngine:
         if self._native_cache is None:
             raise InvalidParameterError("a warmth report needs the expert cache (cache_bytes set)")
         with self._lock:
+            self._native_cache.reconcile()
             resident, heat = self._native_cache.warmth()
             return warmth_report.encode(resident, heat, budget_bytes=self._native_cache.budget_bytes,
                                         resident_bytes=self._native_cache.resident_bytes,

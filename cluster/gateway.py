@@ -33,6 +33,7 @@ from ray import serve
 from cluster.errors import InvalidParameterError, SniperError
 from cluster.metrics import GatewayMetrics
 from cluster.node import NAMESPACE, ROUTER_NAME, NoNodesError
+from cluster.node_memory import AUTO
 from cluster.openai_api import (
     APIError,
     APIRequest,
@@ -399,17 +400,18 @@ def build_app(args: dict[str, Any]) -> Any:
                                     param="chat_template")
     if "model" in args:
         cache_mb = args["cache_mb"] if "cache_mb" in args else os.environ.get("SNIPER_CACHE_MB") or None  # as `serve`
-        if cache_mb is not None and (not str(cache_mb).isdigit() or int(cache_mb) < 1):
-            raise InvalidParameterError(f"cache_mb must be a positive integer (MiB), got {cache_mb!r}")
+        if cache_mb is not None and str(cache_mb) != AUTO and (not str(cache_mb).isdigit() or int(cache_mb) < 1):
+            raise InvalidParameterError(f"cache_mb must be a positive integer (MiB) or '{AUTO}', got {cache_mb!r}")
         from cluster.deploy import read_chat_template
 
-        _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)), None if cache_mb is None else int(cache_mb),
+        _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)),
+                           None if cache_mb is None else AUTO if str(cache_mb) == AUTO else int(cache_mb),
                            args.get("threads"), str(args.get("policy", "warmth")), namespace,
                            read_chat_template(args.get("chat_template")))
     return gateway_app(GatewayConfig(namespace=namespace, api_key=args.get("api_key"), limits=limits))
 
 
-def _ensure_deployment(model: str, nodes: int, cache_mb: int | None, threads: Any, policy: str, namespace: str,
+def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threads: Any, policy: str, namespace: str,
                        chat_template: str | None = None) -> None:
     """Deploys unless the namespace has a router; no ``cache_mb``: a budget that holds the whole model."""
     import ray

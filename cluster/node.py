@@ -22,6 +22,7 @@ A node:
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import uuid
@@ -62,7 +63,8 @@ class NodeConfig:
 
     Attributes:
         model_path: GGUF MoE model (every node of a deployment serves the same one).
-        cache_bytes: expert-cache budget (None: plain llama.cpp).
+        cache_bytes: expert-cache budget in bytes, ``"auto"`` (derived from the node's memory once
+            the model is loaded) or None (plain llama.cpp).
         n_ctx: context window.
         n_threads: compute threads (default: the cores Ray gives the node's process).
         max_queue: requests running or waiting at once.
@@ -70,16 +72,19 @@ class NodeConfig:
         heartbeat_s: seconds between reports when idle.
         memory_limit_bytes: if set, the node puts its own process under a cgroup memory limit
             of this size before loading (emulates a RAM-limited machine; needs root).
+        memory_share: with an ``"auto"`` budget and no cgroup limit, the fraction of the
+            machine's available memory this node plans for (node actors sharing a machine).
     """
 
     model_path: str
-    cache_bytes: int | None = None
+    cache_bytes: int | str | None = None
     n_ctx: int = 2048
     n_threads: int | None = None
     max_queue: int = 8
     session_bytes: int = 64 << 20
     heartbeat_s: float = 1.0
     memory_limit_bytes: int | None = None
+    memory_share: float = 1.0
 
     def validate(self) -> None:
         if not isinstance(self.max_queue, int) or self.max_queue < 1:
@@ -142,7 +147,10 @@ class NodeServer:
 
             self._limit = MemoryLimit(f"sniper-{node_id}", config.memory_limit_bytes)
             self._limit.enter()
-        self.engine = MoEEngine(config.model_path, config.cache_bytes, n_ctx=config.n_ctx, n_threads=config.n_threads)
+        self.engine = MoEEngine(config.model_path, config.cache_bytes, n_ctx=config.n_ctx, n_threads=config.n_threads,
+                                memory_share=config.memory_share)
+        if self.engine.auto_budget is not None:
+            print(f"{node_id}: {self.engine.auto_budget.explain()}", file=sys.stderr, flush=True)  # the node's log
         self.report_sink = report_sink
         self._admit = threading.Lock()
         self._serve_lock = threading.Lock()
@@ -345,7 +353,9 @@ class NodeServer:
 
     def ready(self) -> dict[str, Any]:
         layout = self.engine.layout
-        return {"node": self.node_id, "pid": os.getpid(), "n_layers": layout.n_layers, "n_experts": layout.n_experts}
+        budget = self.engine.auto_budget
+        return {"node": self.node_id, "pid": os.getpid(), "n_layers": layout.n_layers, "n_experts": layout.n_experts,
+                "cache_budget": budget.explain() if budget is not None else None}
 
     def close(self) -> None:
         self._stop.set()

@@ -83,8 +83,10 @@ BOS_TEXT = "<|bos|>"
 EOS_TEXT = "<|eos|>"
 
 _ARCHS = ("llama", "qwen3moe")
-_DTYPES = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
-_FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+_DTYPES = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+           "q4_k": gguf.GGMLQuantizationType.Q4_K}
+_FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+               "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 _RMS_EPS = {"llama": 1e-5, "qwen3moe": 1e-6}
 _ROPE_FREQ_BASE = 10000.0
 _MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS in src/llama-hparams.h
@@ -118,8 +120,9 @@ class SynthConfig:
         n_ff: feed-forward width of one expert (of the dense FFN when n_experts is 0).
         n_head: attention heads; n_embd / n_head is the head size.
         n_head_kv: key/value heads (grouped-query attention); divides n_head.
-        dtype: "f16" or "q8_0" for expert and attention matrices. Norms and ffn_gate_inp stay
-            F32 (as llama.cpp's converters keep them); token_embd and output stay F16.
+        dtype: "f16", "q8_0" or "q4_k" (a K-quant, as most published GGUFs use) for expert and
+            attention matrices. Norms and ffn_gate_inp stay F32 (as llama.cpp's converters keep
+            them); token_embd and output stay F16.
         specialization: router-logit boost, in standard deviations of the random router term,
             that a topic word gives its topic's experts; 0 makes routing unrelated to topics.
         n_topics: number of topics (vocabulary groups with their own expert groups).
@@ -198,12 +201,12 @@ class SynthConfig:
             raise bad("n_ff", ">= 1")
         if self.dtype not in _DTYPES:
             raise bad("dtype", f"one of {', '.join(_DTYPES)}")
-        if self.dtype == "q8_0":
-            block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+        if self.dtype != "f16":  # quantised rows are whole blocks
+            block = gguf.GGML_QUANT_SIZES[_DTYPES[self.dtype]][0]
             if self.n_embd % block != 0:
-                raise bad("n_embd", f"a multiple of {block} for dtype q8_0")
+                raise bad("n_embd", f"a multiple of {block} for dtype {self.dtype}")
             if self.n_ff % block != 0:
-                raise bad("n_ff", f"a multiple of {block} for dtype q8_0")
+                raise bad("n_ff", f"a multiple of {block} for dtype {self.dtype}")
         if not isinstance(self.specialization, (int, float)) or isinstance(self.specialization, bool) \
                 or not math.isfinite(self.specialization) or self.specialization < 0:
             raise bad("specialization", "a finite number >= 0")
@@ -263,6 +266,11 @@ PRESETS: dict[str, SynthConfig] = {
     # ~1.8 GB: benchmarks under a memory limit.
     "bench": SynthConfig(arch="qwen3moe", n_layers=12, n_experts=128, n_experts_used=8, n_embd=512, n_ff=384,
                          n_head=8, n_head_kv=4, n_topics=8, words_per_topic=32),
+    # ~3.1 GB: Qwen3-30B-A3B's expert shapes (hidden 2048, expert FFN 768, 128 experts, top-8,
+    # 32 query heads over 4 KV heads) in Q4_K, with as many layers as fit about 3 GB: an expert
+    # is 2.5 MiB, as in the published model's Q4_K_M file.
+    "large": SynthConfig(arch="qwen3moe", n_layers=9, n_experts=128, n_experts_used=8, n_embd=2048, n_ff=768,
+                         n_head=32, n_head_kv=4, dtype="q4_k", n_topics=8, words_per_topic=32),
 }
 
 
@@ -622,14 +630,45 @@ class _Plan:
         self._add(name, (size,), gguf.GGMLQuantizationType.F32, lambda: np.ones(size))
 
     def _matrix(self, name: str, shape: tuple[int, ...], std: float) -> None:
-        """N(0, std^2) weights in the config's dtype, drawn from the tensor's own stream."""
+        """Weights of mean 0 and deviation std in the config's dtype, from the tensor's own stream:
+        N(0, std^2), or for q4_k uniform 4-bit codes written as Q4_K blocks directly."""
         seed = self.config.seed
+        if self.config.dtype == "q4_k":
+            self._add_q4_k(name, shape, std)
+            return
 
         def make() -> np.ndarray:
             x = _rng(seed, name).standard_normal(shape, dtype=np.float32)
             x *= np.float32(std)
             return x
         self._add(name, shape, _DTYPES[self.config.dtype], make)
+
+    def _add_q4_k(self, name: str, shape: tuple[int, ...], std: float) -> None:
+        """A Q4_K tensor written block by block (gguf has no Q4_K quantiser; ggml-common.h
+        block_q4_K: f16 d, f16 dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes of
+        4-bit codes q for 256 weights w = d*scale*q - dmin*min). Every sub-block gets scale =
+        min = 32 and dmin = 7.5 d, so w = 32 d (q - 7.5): uniform codes give mean 0 and
+        deviation 32 d * 4.61 (the deviation of 0..15), and d is set for `std`."""
+        qtype = gguf.GGMLQuantizationType.Q4_K
+        block_weights, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+        n_blocks = int(np.prod(shape)) // block_weights
+        d = np.float16(std / (32 * math.sqrt((16 * 16 - 1) / 12)))
+        header = np.zeros(16, dtype=np.uint8)  # d, dmin, scales[12]
+        header[0:4] = np.array([d, np.float16(7.5 * float(d))], dtype=np.float16).view(np.uint8)
+        # scales[0..3]: scale of sub-blocks 0-3 (low 6 bits) and the top 2 bits of sub-blocks 4-7's
+        # scale; scales[4..7]: the same for mins; scales[8..11]: low 4 bits of 4-7's scale / min.
+        # 160 = 0b10_100000: 32 for sub-blocks 0-3, and 0b10 << 4 = 32 for sub-blocks 4-7.
+        header[4:12] = 160
+        seed = self.config.seed
+
+        def produce() -> np.ndarray:
+            out = np.empty((n_blocks, block_bytes), dtype=np.uint8)
+            out[:, :16] = header
+            out[:, 16:] = _rng(seed, name).integers(0, 256, size=(n_blocks, block_bytes - 16), dtype=np.uint8)
+            return out.reshape(byte_shape)
+        nbytes = n_blocks * block_bytes
+        self.tensors.append(_TensorSpec(name, tuple(byte_shape), np.dtype(np.uint8), qtype, nbytes, produce))
 
     def _plan_tensors(self) -> None:
         c = self.config

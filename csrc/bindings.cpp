@@ -136,6 +136,11 @@ PYBIND11_MODULE(_native, m) {
             py::arg("layer"), py::arg("expert"),
             "[(file_offset, size, head_owner, tail_owner)] of one expert; owners: unit id, -1 none, -2 non-expert data.");
 
+    m.def("min_budget",
+          [](const expert_layout & layout) {
+              return cache_min_budget(layout.unit_bytes, layout.n_layers, layout.n_experts, layout.n_experts_used);
+          },
+          py::arg("layout"), "The least expert-cache budget for this model: one decode step's largest top-k of a layer.");
     m.def("discover_layout", &expert_layout_discover, py::arg("path"), py::call_guard<py::gil_scoped_release>(),
           "Reads a GGUF header and returns its ExpertLayout; RuntimeError says what is wrong with the file.");
 
@@ -294,6 +299,8 @@ PYBIND11_MODULE(_native, m) {
 
     py::class_<expert_cache>(m, "ExpertCache", "The cache attached to a llama.cpp context through cb_eval.")
         .def(py::init<expert_layout, const expert_cache_params &>(), py::arg("layout"), py::arg("params"))
+        .def("preload", &expert_cache::preload, py::call_guard<py::gil_scoped_release>(),
+             "Before llama.cpp loads the model: the file into the page cache as small folios (a budget below the experts).")
         .def("attach", &expert_cache::attach, py::call_guard<py::gil_scoped_release>(),
              "Finds llama.cpp's mapping of the model and establishes the budget; call after the model loaded.")
         .def_property_readonly("attached", &expert_cache::attached)
@@ -305,7 +312,15 @@ PYBIND11_MODULE(_native, m) {
             "Value for llama_context_params.cb_eval_user_data (this cache; must outlive the context).")
         .def("settle", &expert_cache::settle, py::call_guard<py::gil_scoped_release>(),
              "Waits for reads in flight and trims to the budget.")
-        .def("counters", [](const expert_cache & c) { return counters_dict(c.policy().counters()); })
+        .def("counters",
+             [](const expert_cache & c) {
+                 py::dict out = counters_dict(c.policy().counters());
+                 for (const auto & field : residency_counters_fields()) { out[py::str(field.first)] = c.io_counters().*(field.second); }
+                 return out;
+             },
+             "Policy counters and residency counters (folio splits, units the kernel reclaimed), one dict.")
+        .def("set_budget", &expert_cache::set_budget, py::arg("budget_bytes"), py::call_guard<py::gil_scoped_release>(),
+             "Changes the budget (drops units at once if it shrank); ValueError if it cannot hold one decode step.")
         .def("reset_counters", [](expert_cache & c) { c.policy().reset_counters(); })
         .def("warmth", [](const expert_cache & c) { return warmth_arrays(c.policy()); })
         .def("expert_counts", [](const expert_cache & c) { return counts_array(c.policy()); })
@@ -315,7 +330,7 @@ PYBIND11_MODULE(_native, m) {
         .def("measured_resident_bytes", &expert_cache::measured_resident_bytes, py::call_guard<py::gil_scoped_release>(),
              "Expert bytes actually in memory (mincore).")
         .def("reconcile", &expert_cache::reconcile, py::call_guard<py::gil_scoped_release>(),
-             "Forgets units whose pages the kernel reclaimed; returns how many.")
+             "Forgets units of which the kernel reclaimed more than a page (and drops the rest of them); returns how many.")
         .def("take_trace", [](expert_cache & c) { return trace_dict(c.take_trace()); },
              "Moves the routing trace recorded so far out: {kind, layer, n_tokens, n_ids, ids, n_dropped}.");
 }

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <stdexcept>
 
@@ -68,18 +69,8 @@ cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> un
     require(min_units_resident >= 0 && min_units_resident <= n_experts,
             "min_units_resident must be in [0, n_experts], got " + std::to_string(min_units_resident));
 
-    // A decode step pins the top-k units of one layer: the budget must hold the largest k.
-    for (int il = 0; il < n_layers; ++il) {
-        std::vector<uint64_t> sizes(unit_bytes_.begin() + size_t(il) * n_experts,
-                                    unit_bytes_.begin() + size_t(il + 1) * n_experts);
-        std::sort(sizes.rbegin(), sizes.rend());
-        uint64_t need = 0;
-        for (int i = 0; i < min_units_resident; ++i) { need += sizes[i]; }
-        require(config_.budget_bytes >= need,
-                "budget_bytes=" + std::to_string(config_.budget_bytes) + " is smaller than the " +
-                std::to_string(min_units_resident) + " largest experts of layer " + std::to_string(il) + " (" +
-                std::to_string(need) + " bytes) that one decode step selects");
-    }
+    min_units_resident_ = min_units_resident;
+    check_budget(config_.budget_bytes);
 
     segment_.assign(n_units, CACHE_SEGMENT_ABSENT);
     heat_log2_.assign(n_units, NEG_INF);
@@ -88,10 +79,43 @@ cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> un
     prefetched_.assign(n_units, 0);
     probation_pos_.assign(n_units, probation_.end());
     layer_bytes_.assign(size_t(n_layers), 0);
+    layer_footprint_.assign(size_t(n_layers), 0);
+    for (size_t u = 0; u < n_units; ++u) { layer_footprint_[u / size_t(n_experts)] += unit_bytes_[u]; }
     expert_counts_.assign(n_units, 0);
     predicted_.assign(size_t(n_layers), {});
     selected_scratch_.assign(size_t(n_experts), 0);
     access_units_.reserve(size_t(n_experts));
+}
+
+uint64_t cache_min_budget(const std::vector<uint64_t> & unit_bytes, int n_layers, int n_experts, int min_units_resident) {
+    uint64_t most = 0;
+    for (int il = 0; il < n_layers; ++il) {
+        std::vector<uint64_t> sizes(unit_bytes.begin() + size_t(il) * size_t(n_experts),
+                                    unit_bytes.begin() + size_t(il + 1) * size_t(n_experts));
+        const int k = std::min(min_units_resident, n_experts);
+        std::partial_sort(sizes.begin(), sizes.begin() + k, sizes.end(), std::greater<uint64_t>());
+        uint64_t need = 0;
+        for (int i = 0; i < k; ++i) { need += sizes[size_t(i)]; }
+        most = std::max(most, need);
+    }
+    return most;
+}
+
+// A decode step pins the top-k units of one layer: the budget must hold the largest k.
+void cache_policy::check_budget(uint64_t budget_bytes) const {
+    require(budget_bytes > 0, "budget_bytes must be > 0");
+    const uint64_t need = cache_min_budget(unit_bytes_, n_layers_, n_experts_, min_units_resident_);
+    require(budget_bytes >= need,
+            "budget_bytes=" + std::to_string(budget_bytes) + " is smaller than the " +
+            std::to_string(min_units_resident_) + " largest experts of a layer (" + std::to_string(need) +
+            " bytes) that one decode step selects");
+}
+
+void cache_policy::set_budget(uint64_t budget_bytes, cache_plan & plan) {
+    plan.clear();
+    check_budget(budget_bytes);
+    config_.budget_bytes = budget_bytes;
+    make_room(0, POS_INF, plan);
 }
 
 void cache_policy::reset_counters() {

@@ -116,11 +116,18 @@ public:
     // A unit left memory behind the policy's back (e.g. the kernel reclaimed it).
     void forget(int32_t unit);
 
+    // A new budget; fills plan with the units to drop if it shrank (pinned units stay, and are
+    // trimmed by later accesses). Throws std::invalid_argument, as the constructor does, if
+    // it cannot hold the `min_units_resident` largest units of a layer.
+    void set_budget(uint64_t budget_bytes, cache_plan & plan);
+
     int  n_layers()  const { return n_layers_; }
     int  n_experts() const { return n_experts_; }
     bool is_resident(int32_t unit) const { return segment_[unit] != CACHE_SEGMENT_ABSENT; }
     uint64_t unit_bytes(int32_t unit) const { return unit_bytes_[unit]; }
     uint64_t resident_bytes() const { return bytes_probation_ + bytes_protected_; }
+    // Every unit of the layer is resident (nothing to predict or prefetch there).
+    bool layer_all_resident(int layer) const { return layer_bytes_[size_t(layer)] == layer_footprint_[size_t(layer)]; }
     // Units selected by the access in progress (unique), until the next access or settle().
     const std::vector<int32_t> & access_units() const { return access_units_; }
     const cache_config &   config()   const { return config_; }
@@ -151,6 +158,7 @@ private:
     bool evictable(int32_t unit) const { return pins_[unit] == 0 && !in_access_[unit]; }
     void end_access();
     void score_prediction(int layer);
+    void check_budget(uint64_t budget_bytes) const;
 
     int n_layers_;
     int n_experts_;
@@ -169,6 +177,8 @@ private:
     std::vector<uint8_t> prefetched_;      // [units] read ahead, not yet used
     std::vector<int32_t> access_units_;    // units of the access in progress
     std::vector<uint64_t> layer_bytes_;    // [layers] resident bytes per layer
+    std::vector<uint64_t> layer_footprint_;  // [layers] bytes of all the layer's units
+    int min_units_resident_ = 0;
     std::vector<uint64_t> expert_counts_;  // [units]
 
     std::list<int32_t> probation_;         // FIFO, front = oldest (LRU mode: the single list)
@@ -182,6 +192,10 @@ private:
     std::vector<std::vector<int32_t>> predicted_;   // [layers]
     std::vector<uint8_t> selected_scratch_;         // [experts]
 };
+
+// The least budget a policy accepts: the largest sum of `min_units_resident` units of one layer
+// (one decode step pins a layer's top-k at once).
+uint64_t cache_min_budget(const std::vector<uint64_t> & unit_bytes, int n_layers, int n_experts, int min_units_resident);
 
 // Name of an eviction policy as used by configs, CLIs and reports ("scan_resistant", "lru").
 const char * cache_eviction_name(cache_eviction eviction);

@@ -23,7 +23,11 @@ bool io_pool::claim(int32_t unit) {
 
 void io_pool::run(int32_t unit) {
     read_(unit);
-    state_[size_t(unit)].store(IO_STATE_IDLE, std::memory_order_release);
+    {
+        std::lock_guard<std::mutex> lock(done_mutex_);  // a waiter checks the state under this lock
+        state_[size_t(unit)].store(IO_STATE_IDLE, std::memory_order_release);
+    }
+    done_.notify_all();
 }
 
 void io_pool::worker() {
@@ -84,5 +88,6 @@ void io_pool::wait(int32_t unit) {
         run(unit);
         return;
     }
-    while (!idle(unit)) { std::this_thread::yield(); }
+    std::unique_lock<std::mutex> lock(done_mutex_);
+    done_.wait(lock, [&] { return idle(unit); });
 }

@@ -37,7 +37,8 @@ public:
     void read_now(const int32_t * units, size_t n);
     // Queues a background read; returns false if there is no pool or the unit is busy.
     bool read_ahead(int32_t unit);
-    // Returns once `unit` has no read pending (reading it here if nobody has started).
+    // Returns once `unit` has no read pending (reading it here if nobody has started; else
+    // sleeping until the reader is done).
     void wait(int32_t unit);
     bool idle(int32_t unit) const { return state_[size_t(unit)].load(std::memory_order_acquire) == IO_STATE_IDLE; }
 
@@ -50,6 +51,8 @@ private:
     std::unique_ptr<std::atomic<uint8_t>[]> state_;
     std::mutex mutex_;
     std::condition_variable wake_;
+    std::mutex done_mutex_;            // guards the RUNNING -> IDLE transition for waiters
+    std::condition_variable done_;
     std::deque<int32_t> demand_;
     std::deque<int32_t> ahead_;
     bool stop_ = false;

@@ -225,6 +225,12 @@ expert_layout expert_layout_discover(const std::string & path) {
     }
     const uint64_t file_pages = (layout.file_size + ps - 1) / ps;
     layout.non_expert_bytes = (file_pages - expert_pages_exclusive) * ps;
+
+    layout.extents.reserve(extents.size() + 1);
+    layout.extents.push_back(file_extent{0, data_offset, FILE_EXTENT_NON_EXPERT});  // GGUF header and metadata
+    for (const extent & x : extents) {
+        if (x.last > x.first) { layout.extents.push_back(file_extent{x.first, x.last, x.unit < 0 ? FILE_EXTENT_NON_EXPERT : x.unit}); }
+    }
     return layout;
 }
 
@@ -253,10 +259,8 @@ expert_cache::expert_cache(expert_layout layout, const expert_cache_params & par
       params_(params),
       policy_(layout_.n_layers, layout_.n_experts, layout_.unit_bytes, checked(params), layout_.n_experts_used) {
     if (params_.record_trace) { trace_.reserve(params_.trace_max_events, params_.trace_max_ids); }
-    uint64_t footprint = 0;
-    for (uint64_t b : layout_.unit_bytes) { footprint += b; }
-    all_fit_ = footprint <= params_.cache.budget_bytes;
-    logits_.resize(size_t(layout_.n_experts));
+    predict_rows_.reserve(size_t(params_.predict_max_rows));
+    predict_logits_.resize(size_t(params_.predict_max_rows) * size_t(layout_.n_experts));
     order_.resize(size_t(layout_.n_experts));
     predicted_mask_.assign(size_t(layout_.n_experts), 0);
     predicted_.reserve(size_t(layout_.n_experts));
@@ -268,26 +272,46 @@ expert_cache::~expert_cache() {
     residency_.reset();
 }
 
+// Admission order at load: experts 0, 1, ... of every layer in turn (spread over layers).
+template <typename Fn>
+static void for_each_unit_spread(int n_layers, int n_experts, Fn && fn) {
+    for (int e = 0; e < n_experts; ++e) {
+        for (int il = 0; il < n_layers; ++il) { fn(int32_t(il * n_experts + e)); }
+    }
+}
+
+void expert_cache::preload() {
+    if (!residency_) { residency_preload(layout_.path); }
+}
+
 void expert_cache::attach() {
     if (residency_) { return; }
     residency_ = std::make_unique<file_residency>(layout_.path);
 
-    // Establish the budget (DESIGN.md: llama.cpp reads the whole file at load): keep units
-    // that are fully resident, spread across layers, while the budget allows; drop the rest.
-    const int n_layers = layout_.n_layers, n_experts = layout_.n_experts;
-    std::vector<int32_t> dropped;
-    for (int e = 0; e < n_experts; ++e) {
-        for (int il = 0; il < n_layers; ++il) {
-            const int32_t u = il * n_experts + e;
-            if (layout_.unit_bytes[size_t(u)] == 0) { continue; }
-            if (unit_resident_bytes(u) < layout_.unit_bytes[size_t(u)] || !policy_.admit_resident(u)) {
-                dropped.push_back(u);
-            }
+    // Establish the budget (DESIGN.md: llama.cpp reads the whole file at load): keep units that
+    // are fully resident, spread over layers, while the budget allows; drop the rest.
+    for_each_unit_spread(layout_.n_layers, layout_.n_experts, [&](int32_t u) {
+        if (layout_.unit_bytes[size_t(u)] > 0 && unit_resident_bytes(u) == layout_.unit_bytes[size_t(u)]) {
+            policy_.admit_resident(u);
         }
+    });
+    // Every page nothing needs goes, in maximal runs (one call per run, so whole large folios
+    // inside a run go too); then the folios that straddle a kept page are split.
+    std::vector<uint8_t> needed;
+    needed_pages(0, residency_->n_pages(), needed);
+    for (uint64_t p = 0; p < needed.size();) {
+        if (needed[p]) { ++p; continue; }
+        uint64_t end = p;
+        while (end < needed.size() && !needed[end]) { ++end; }
+        residency_->drop_pages(p, end);
+        p = end;
     }
-    drop_units(dropped);
+    std::vector<uint64_t> stray;
+    stray_pages(0, residency_->n_pages(), stray);
+    split_folios(std::move(stray));
 
     // Routers for prediction: point into the mapping (F32) or keep a dequantised copy.
+    const int n_layers = layout_.n_layers, n_experts = layout_.n_experts;
     router_rows_.assign(size_t(n_layers), nullptr);
     router_owned_.assign(size_t(n_layers), {});
     for (int il = 0; il < n_layers; ++il) {
@@ -333,17 +357,90 @@ void expert_cache::attach() {
                                     [this](int32_t unit) { read_unit(unit); });
 }
 
+void expert_cache::needed_pages(uint64_t first, uint64_t end, std::vector<uint8_t> & needed) const {
+    const uint64_t ps = layout_.page_size;
+    needed.assign(size_t(end > first ? end - first : 0), 0);
+    if (end <= first) { return; }
+    // the first extent that ends after the range starts (extents are sorted and disjoint)
+    auto it = std::upper_bound(layout_.extents.begin(), layout_.extents.end(), first * ps,
+                               [](uint64_t offset, const file_extent & x) { return offset < x.last; });
+    for (; it != layout_.extents.end() && it->first < end * ps; ++it) {
+        if (it->unit != FILE_EXTENT_NON_EXPERT && !policy_.is_resident(it->unit)) { continue; }
+        const uint64_t lo = std::max(it->first / ps, first);
+        const uint64_t hi = std::min((it->last + ps - 1) / ps, end);
+        for (uint64_t p = lo; p < hi; ++p) { needed[size_t(p - first)] = 1; }
+    }
+}
+
+void expert_cache::stray_pages(uint64_t first, uint64_t end, std::vector<uint64_t> & out) const {
+    std::vector<uint8_t> needed, resident;
+    needed_pages(first, end, needed);
+    residency_->resident_pages(first, end, resident);
+    for (size_t i = 0; i < needed.size(); ++i) {
+        if (resident[i] && !needed[i]) { out.push_back(first + i); }
+    }
+}
+
+void expert_cache::split_folios(std::vector<uint64_t> pages) {
+    const uint64_t ps = layout_.page_size;
+    std::vector<uint8_t> needed;
+    for (uint64_t block_bytes = 2u << 20; !pages.empty() && block_bytes <= (64u << 20); block_bytes *= 2) {
+        const uint64_t block = std::max<uint64_t>(1, block_bytes / ps);  // pages
+        std::vector<uint64_t> blocks;
+        for (uint64_t p : pages) {
+            if (blocks.empty() || blocks.back() != p / block) { blocks.push_back(p / block); }
+        }
+        std::vector<uint64_t> left;
+        for (uint64_t b : blocks) {
+            const uint64_t first = b * block, end = std::min(first + block, residency_->n_pages());
+            residency_->drop_pages(first, end);
+            io_counters_.n_folio_splits++;
+            needed_pages(first, end, needed);
+            for (uint64_t p = first; p < end;) {
+                if (!needed[size_t(p - first)]) { ++p; continue; }
+                uint64_t run_end = p;
+                while (run_end < end && needed[size_t(run_end - first)]) { ++run_end; }
+                io_counters_.bytes_split_reread += residency_->load_pages(p, run_end);
+                p = run_end;
+            }
+            stray_pages(first, end, left);
+        }
+        pages.swap(left);
+    }
+}
+
 void expert_cache::read_unit(int32_t unit) {
     for (const expert_slice & s : layout_.slices[size_t(unit)]) { residency_->load(s.range); }
 }
 
 void expert_cache::drop_units(const std::vector<int32_t> & units) {
+    if (units.empty()) { return; }
+    // The pages of each slice; a boundary page that a resident neighbour or non-expert data
+    // shares stays (it belongs to that neighbour's footprint). Checked afterwards: a page left
+    // behind sits in a large folio that reaches beyond the slice, which split_folios divides.
+    const uint64_t ps = layout_.page_size;
+    stray_scratch_.clear();
     for (int32_t u : units) {
         for (const expert_slice & s : layout_.slices[size_t(u)]) {
-            const bool keep_head = s.head_owner == -2 || (s.head_owner >= 0 && policy_.is_resident(s.head_owner));
-            const bool keep_tail = s.tail_owner == -2 || (s.tail_owner >= 0 && policy_.is_resident(s.tail_owner));
-            residency_->drop(s.range, keep_head, keep_tail);
+            uint64_t first = s.range.offset / ps;
+            uint64_t end = (s.range.offset + s.range.size + ps - 1) / ps;
+            needed_pages(first, first + 1, pages_scratch_);
+            if (pages_scratch_[0]) { first++; }
+            if (end > first) {
+                needed_pages(end - 1, end, pages_scratch_);
+                if (pages_scratch_[0]) { end--; }
+            }
+            if (end <= first) { continue; }
+            residency_->drop_pages(first, end);
+            residency_->resident_pages(first, end, pages_scratch_);
+            for (size_t i = 0; i < pages_scratch_.size(); ++i) {
+                if (pages_scratch_[i]) { stray_scratch_.push_back(first + i); }
+            }
         }
+    }
+    if (!stray_scratch_.empty()) {
+        std::sort(stray_scratch_.begin(), stray_scratch_.end());
+        split_folios(stray_scratch_);
     }
 }
 
@@ -396,11 +493,11 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
     if (!params_.predict || layer + 1 >= layout_.n_layers) { return; }
     const ggml_tensor * x = find_router_input(t);
     if (x == nullptr || x->type != GGML_TYPE_F32 || x->ne[0] != layout_.n_embd || !is_host(x)) { return; }
-    // Layers further ahead give their reads more time to land; when the whole model fits in
-    // the budget nothing can miss, and only the next layer is predicted (to keep scoring).
-    const int ahead = all_fit_ ? 1 : params_.predict_layers_ahead;
-    for (int target = layer + 1; target <= std::min(layer + ahead, layout_.n_layers - 1); ++target) {
-        if (router_rows_[size_t(target)] != nullptr) { predict_layer(x, target); }
+    // Layers further ahead give their reads more time to land. A layer whose experts are all
+    // resident has nothing to read ahead: it is not predicted (when the whole model fits, the
+    // callback does no prediction work at all).
+    for (int target = layer + 1; target <= std::min(layer + params_.predict_layers_ahead, layout_.n_layers - 1); ++target) {
+        if (router_rows_[size_t(target)] != nullptr && !policy_.layer_all_resident(target)) { predict_layer(x, target); }
     }
 }
 
@@ -410,17 +507,27 @@ void expert_cache::predict_layer(const ggml_tensor * x, int target) {
     const int k = layout_.n_experts_used;
     const float * w = router_rows_[size_t(target)];  // [n_experts x n_embd]
 
+    // The sampled rows of the router input [n_embd x n_rows]: at most predict_max_rows, evenly
+    // spaced, always including the last one.
     const int64_t n_rows = x->ne[1];
     const int64_t stride = std::max<int64_t>(1, (n_rows + params_.predict_max_rows - 1) / params_.predict_max_rows);
+    predict_rows_.clear();
+    for (int64_t r = n_rows - 1; r >= 0; r -= stride) {
+        predict_rows_.push_back(reinterpret_cast<const float *>(static_cast<const char *>(x->data) + size_t(r) * x->nb[1]));
+    }
+    // logits [rows x n_experts]: each router row is streamed once for all sampled rows
+    const size_t rows = predict_rows_.size();
+    if (predict_logits_.size() < rows * size_t(n_experts)) { predict_logits_.resize(rows * size_t(n_experts)); }
+    for (int e = 0; e < n_experts; ++e) {
+        const float * we = w + size_t(e) * size_t(n_embd);
+        for (size_t r = 0; r < rows; ++r) { predict_logits_[r * size_t(n_experts) + size_t(e)] = dot_f32(we, predict_rows_[r], n_embd); }
+    }
     predicted_.clear();
-    for (int64_t r = n_rows - 1; r >= 0; r -= stride) {  // always include the last row
-        const float * row = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + size_t(r) * x->nb[1]);
-        for (int e = 0; e < n_experts; ++e) {
-            logits_[size_t(e)] = dot_f32(w + size_t(e) * size_t(n_embd), row, n_embd);
-            order_[size_t(e)] = e;
-        }
+    for (size_t r = 0; r < rows; ++r) {
+        const float * logits = predict_logits_.data() + r * size_t(n_experts);
+        for (int e = 0; e < n_experts; ++e) { order_[size_t(e)] = e; }
         std::partial_sort(order_.begin(), order_.begin() + k, order_.end(),
-                          [this](int32_t a, int32_t b) { return logits_[size_t(a)] > logits_[size_t(b)]; });
+                          [logits](int32_t a, int32_t b) { return logits[a] > logits[b]; });
         for (int i = 0; i < k; ++i) {
             const int32_t e = order_[size_t(i)];
             if (!predicted_mask_[size_t(e)]) { predicted_mask_[size_t(e)] = 1; predicted_.push_back(e); }
@@ -434,13 +541,9 @@ void expert_cache::predict_layer(const ggml_tensor * x, int target) {
     policy_.predict(target, predicted_.data(), int(predicted_.size()), plan_);
     drop_units(plan_.evict);
     for (int32_t u : plan_.load) {
-        policy_.pin(u);
-        if (io_->read_ahead(u)) {
-            in_flight_.push_back(u);
-        } else {
-            policy_.unpin(u);
-            read_unit(u);  // busy unit: read it here rather than leave the policy wrong
-        }
+        policy_.pin(u);         // unpinned by reap_reads once its read ended
+        io_->read_ahead(u);     // false: a read of it is already queued or running
+        in_flight_.push_back(u);
     }
 }
 
@@ -450,6 +553,7 @@ void expert_cache::settle() {
     reap_reads();
     policy_.settle(plan_);
     drop_units(plan_.evict);
+    reconcile();
 }
 
 routing_trace expert_cache::take_trace() {
@@ -474,14 +578,22 @@ uint64_t expert_cache::unit_resident_bytes(int32_t unit) const {
 
 int expert_cache::reconcile() {
     if (!residency_) { return 0; }
-    int n = 0;
+    const uint64_t ps = layout_.page_size;
+    std::vector<int32_t> lost;
     const int32_t n_units = int32_t(layout_.slices.size());
     for (int32_t u = 0; u < n_units; ++u) {
         if (!policy_.is_resident(u) || !io_->idle(u)) { continue; }
-        if (unit_resident_bytes(u) < layout_.unit_bytes[size_t(u)] / 2) {
+        if (unit_resident_bytes(u) + ps < layout_.unit_bytes[size_t(u)]) {  // more than one page gone
             policy_.forget(u);
-            n++;
+            lost.push_back(u);
         }
     }
-    return n;
+    drop_units(lost);  // the rest of their pages: a unit is resident whole or not at all
+    io_counters_.n_units_reclaimed += lost.size();
+    return int(lost.size());
+}
+
+void expert_cache::set_budget(uint64_t budget_bytes) {
+    policy_.set_budget(budget_bytes, plan_);
+    if (residency_) { drop_units(plan_.evict); }
 }

@@ -42,6 +42,15 @@ struct expert_slice {
     int32_t tail_owner = -1;     // unit sharing the last page;  -1 none, -2 non-expert data
 };
 
+// A byte range of the file and what lives there: one expert slice (unit >= 0) or anything
+// else llama.cpp needs (FILE_EXTENT_NON_EXPERT: the GGUF header, attention, norms, ...).
+constexpr int32_t FILE_EXTENT_NON_EXPERT = -2;
+struct file_extent {
+    uint64_t first = 0;  // file offset of the first byte
+    uint64_t last  = 0;  // file offset one past the last byte
+    int32_t  unit  = FILE_EXTENT_NON_EXPERT;
+};
+
 // A layer's router matrix (ffn_gate_inp), used to predict that layer's experts.
 struct router_tensor {
     uint64_t offset = 0;  // file offset of the data; 0 = the layer has no router
@@ -65,6 +74,7 @@ struct expert_layout {
     std::vector<std::vector<expert_slice>> slices;   // [unit] its slices
     std::vector<uint64_t> unit_bytes;                // [unit] page-rounded footprint
     std::vector<router_tensor> routers;              // [layer]
+    std::vector<file_extent> extents;                // every tensor's bytes and the header, sorted, disjoint
 };
 
 // Reads the GGUF header of `path` and returns its expert layout. Throws std::runtime_error
@@ -96,17 +106,31 @@ public:
     expert_cache(const expert_cache &) = delete;
     expert_cache & operator=(const expert_cache &) = delete;
 
+    // Call before llama.cpp maps the model when experts will be dropped (a budget below the
+    // model's experts): puts the whole file in the page cache as small folios (see
+    // residency_preload), which llama.cpp's load then finds there instead of reading it in large
+    // folios; every later drop is then exact. Without it, attach() and drops split large folios
+    // where they must (a block dropped whole and the pages still needed read back).
+    void preload();
+
     // Call once llama.cpp has mapped the model: finds the mapping, keeps the experts already
-    // resident up to the budget (spread over layers) and drops the rest from the page cache,
-    // prepares the routers for prediction and starts the I/O threads.
+    // resident up to the budget (spread over layers) and drops the rest from the page cache —
+    // splitting the large folios llama.cpp's load read them into where a drop needs it, so the
+    // page cache really holds budget + non-expert pages afterwards —, prepares the routers for
+    // prediction and starts the I/O threads.
     void attach();
     bool attached() const { return residency_ != nullptr; }
 
     // ggml_backend_sched_eval_callback; user_data is the expert_cache. Must outlive the context.
     static bool eval_callback(ggml_tensor * t, bool ask, void * user_data);
 
-    // Waits for reads in flight, ends the access in progress and trims to the budget.
+    // Waits for reads in flight, ends the access in progress, trims to the budget and
+    // reconciles the policy with the kernel (see reconcile).
     void settle();
+
+    // Changes the budget (e.g. one derived from the memory the node has, before attach); drops
+    // units at once if it shrank. Throws std::invalid_argument as the constructor does.
+    void set_budget(uint64_t budget_bytes);
 
     const cache_policy & policy() const { return policy_; }
     cache_policy & policy() { return policy_; }
@@ -114,14 +138,25 @@ public:
     routing_trace take_trace();
     // Bytes of pages holding only expert data resident in memory now (mincore, each page once).
     uint64_t measured_resident_bytes() const;
-    // Units the policy believes resident whose pages the kernel took away, found by mincore
-    // and handed back to the policy (forget). Returns how many.
+    // Units the policy believes resident of which the kernel took more than one page (memory
+    // pressure, another process): the policy forgets them and what is left of their pages is
+    // dropped, so that the policy's view (cache stats, warmth report) agrees with mincore within
+    // one page per unit. Runs between steps only (no access in progress). Returns how many.
     int reconcile();
+    const residency_counters & io_counters() const { return io_counters_; }
 
 private:
     void on_topk(const ggml_tensor * t, int layer);
     void predict_layer(const ggml_tensor * router_input, int target_layer);
     void drop_units(const std::vector<int32_t> & units);
+    // needed[i] = 1 if page first + i holds non-expert bytes or bytes of a resident unit.
+    void needed_pages(uint64_t first, uint64_t end, std::vector<uint8_t> & needed) const;
+    // Pages of [first, end) that are resident although no resident unit or non-expert data
+    // needs them: what a drop left behind (a large folio straddling its edge).
+    void stray_pages(uint64_t first, uint64_t end, std::vector<uint64_t> & out) const;
+    // Drops the aligned blocks holding `pages` whole, then reads back what in them is needed
+    // (as small folios); doubles the block size while some page stays (up to 64 MiB).
+    void split_folios(std::vector<uint64_t> pages);
     uint64_t unit_resident_bytes(int32_t unit) const;  // bytes of the unit's slices in the page cache
     void read_unit(int32_t unit);
     void reap_reads();
@@ -135,14 +170,18 @@ private:
     std::vector<const float *> router_rows_;          // [layer] [n_experts x n_embd] or nullptr
     std::vector<std::vector<float>> router_owned_;    // dequantised routers (non-F32 files)
     std::vector<byte_range> expert_pages_;            // merged pages holding only expert bytes
-    bool all_fit_ = false;                            // the budget holds every expert
+    uint64_t footprint_bytes_ = 0;                    // sum of unit_bytes
+    residency_counters io_counters_;
 
     // scratch, grown outside the steady state only
     cache_plan plan_;
     std::vector<int32_t> ids_;          // [n_tokens x k] of the current top-k node
     std::vector<int32_t> in_flight_;    // units read ahead, pinned until their read ends
-    std::vector<float> logits_;         // [n_experts]
     std::vector<int32_t> order_;        // [n_experts]
     std::vector<uint8_t> predicted_mask_;
     std::vector<int32_t> predicted_;
+    std::vector<const float *> predict_rows_;  // sampled rows of the router input
+    std::vector<float> predict_logits_;        // [rows x n_experts]
+    std::vector<uint8_t> pages_scratch_;
+    std::vector<uint64_t> stray_scratch_;
 };

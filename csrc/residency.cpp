@@ -56,6 +56,24 @@ std::vector<mapping_segment> residency_find_mapping(uint64_t device, uint64_t in
     return segments;
 }
 
+uint64_t residency_preload(const std::string & path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        throw std::runtime_error("cannot open model file '" + path + "': " + std::strerror(errno));
+    }
+    struct stat st {};
+    const uint64_t size = fstat(fd, &st) == 0 ? uint64_t(st.st_size) : 0;
+    fdatasync(fd);                                   // dirty pages cannot be dropped
+    posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);      // exactly these pages, nothing around them
+    constexpr uint64_t CHUNK = 8u << 20;
+    for (uint64_t off = 0; off < size; off += CHUNK) {
+        readahead(fd, off64_t(off), size_t(std::min<uint64_t>(CHUNK, size - off)));
+    }
+    ::close(fd);
+    return size;
+}
+
 file_residency::file_residency(const std::string & path) : page_size_(residency_page_size()) {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd_ < 0) {
@@ -68,6 +86,7 @@ file_residency::file_residency(const std::string & path) : page_size_(residency_
         throw std::runtime_error("cannot stat model file '" + path + "': " + err);
     }
     file_size_ = uint64_t(st.st_size);
+    n_pages_ = (file_size_ + page_size_ - 1) / page_size_;
     // Dirty pages (a model just written) cannot be dropped: write them back first.
     fdatasync(fd_);
     char resolved[PATH_MAX];
@@ -83,7 +102,8 @@ file_residency::file_residency(const std::string & path) : page_size_(residency_
     for (const mapping_segment & seg : segments_) {
         madvise(reinterpret_cast<void *>(seg.address), seg.size, MADV_RANDOM);
     }
-    // Our own reads fetch exactly the requested range, in large requests, and nothing beyond.
+    // Our own reads fetch exactly the requested range, and nothing beyond (llama.cpp's load set
+    // the file POSIX_FADV_SEQUENTIAL on its own descriptor; that one is closed after load).
     posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);
 }
 
@@ -111,23 +131,28 @@ const void * file_residency::address_of(uint64_t file_offset) const {
     return nullptr;
 }
 
-uint64_t file_residency::load(const byte_range & range) const {
-    // Two steps: pread the range in 1 MiB requests (large sequential reads into the page cache:
-    // the mapping is MADV_RANDOM, so faulting it in would read page by page), then map the
-    // now-cached pages with MADV_POPULATE_READ (minor faults only, no 4 KiB fault later inside
-    // the matrix multiply).
+uint64_t file_residency::load_pages(uint64_t first, uint64_t end) const {
+    // Two steps: readahead(2) puts the pages in the page cache in large requests without a
+    // copy (and as single-page folios, which later drop exactly); MADV_POPULATE_READ then maps
+    // them (minor faults only, no 4 KiB fault later inside the matrix multiply).
     const uint64_t ps = page_size_;
-    const uint64_t first = range.offset / ps * ps;
-    const uint64_t last = std::min((range.offset + range.size + ps - 1) / ps * ps, (file_size_ + ps - 1) / ps * ps);
-    thread_local std::vector<char> scratch(1 << 20);
-    for (uint64_t done = first; done < last;) {
-        const size_t chunk = size_t(std::min<uint64_t>(scratch.size(), last - done));
-        const ssize_t got = pread(fd_, scratch.data(), chunk, off_t(done));
-        if (got <= 0) { break; }
-        done += uint64_t(got);
+    end = std::min(end, n_pages_);
+    if (end <= first) { return 0; }
+    constexpr uint64_t CHUNK = 8u << 20;  // bytes per readahead call
+    for (uint64_t off = first * ps; off < end * ps; off += CHUNK) {
+        const size_t len = size_t(std::min<uint64_t>(CHUNK, end * ps - off));
+        if (readahead(fd_, off64_t(off), len) != 0) {  // a file system without readahead: read it
+            thread_local std::vector<char> scratch(1 << 20);
+            for (uint64_t done = off; done < off + len;) {
+                const ssize_t got = pread(fd_, scratch.data(), size_t(std::min<uint64_t>(scratch.size(), off + len - done)),
+                                          off_t(done));
+                if (got <= 0) { break; }
+                done += uint64_t(got);
+            }
+        }
     }
     uint64_t bytes = 0;
-    for_each_mapped(first, last, [&](char * address, uint64_t, uint64_t size) {
+    for_each_mapped(first * ps, end * ps, [&](char * address, uint64_t, uint64_t size) {
         bytes += size;
         if (madvise(address, size, MADV_POPULATE_READ) == 0) { return; }
         volatile char sink = 0;  // kernels before 5.14: touch each page
@@ -136,22 +161,31 @@ uint64_t file_residency::load(const byte_range & range) const {
     return bytes;
 }
 
-void file_residency::drop(const byte_range & range, bool keep_head, bool keep_tail) const {
-    // The whole page-rounded range goes, boundary pages included: a page left mapped would pin
-    // its whole large folio (several pages of this range) in the page cache. Boundary pages a
-    // neighbour still needs are read back afterwards, one page each.
+uint64_t file_residency::load(const byte_range & range) const {
     const uint64_t ps = page_size_;
-    const uint64_t first = range.offset / ps * ps;
-    const uint64_t last = (range.offset + range.size + ps - 1) / ps * ps;
-    if (last <= first) { return; }
-    for_each_mapped(first, last, [&](char * address, uint64_t, uint64_t size) {
+    return load_pages(range.offset / ps, (range.offset + range.size + ps - 1) / ps);
+}
+
+void file_residency::drop_pages(uint64_t first, uint64_t end) const {
+    const uint64_t ps = page_size_;
+    end = std::min(end, n_pages_);
+    if (end <= first) { return; }
+    for_each_mapped(first * ps, end * ps, [&](char * address, uint64_t, uint64_t size) {
         madvise(address, size, MADV_DONTNEED);
     });
-    posix_fadvise(fd_, off_t(first), off_t(last - first), POSIX_FADV_DONTNEED);
-    const bool head = keep_head && range.offset % ps != 0;
-    const bool tail = keep_tail && (range.offset + range.size) % ps != 0;
-    if (head) { load(byte_range{first, 1}); }
-    if (tail && !(head && last - ps == first)) { load(byte_range{last - ps, 1}); }
+    posix_fadvise(fd_, off_t(first * ps), off_t((end - first) * ps), POSIX_FADV_DONTNEED);
+}
+
+void file_residency::resident_pages(uint64_t first, uint64_t end, std::vector<uint8_t> & out) const {
+    const uint64_t ps = page_size_;
+    end = std::min(end, n_pages_);
+    out.assign(size_t(end > first ? end - first : 0), 0);
+    if (end <= first) { return; }
+    for_each_mapped(first * ps, end * ps, [&](char * address, uint64_t offset, uint64_t size) {
+        unsigned char * vec = out.data() + (offset / ps - first);
+        if (mincore(address, size, vec) != 0) { return; }
+        for (uint64_t i = 0; i < (size + ps - 1) / ps; ++i) { vec[i] &= 1; }
+    });
 }
 
 uint64_t file_residency::resident_bytes(const byte_range & range) const {

@@ -24,3 +24,12 @@ const std::vector<std::pair<std::string, uint64_t cache_counters::*>> & cache_co
     };
     return fields;
 }
+
+const std::vector<std::pair<std::string, uint64_t residency_counters::*>> & residency_counters_fields() {
+    static const std::vector<std::pair<std::string, uint64_t residency_counters::*>> fields = {
+        {"n_folio_splits",     &residency_counters::n_folio_splits},
+        {"bytes_split_reread", &residency_counters::bytes_split_reread},
+        {"n_units_reclaimed",  &residency_counters::n_units_reclaimed},
+    };
+    return fields;
+}

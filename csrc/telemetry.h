@@ -33,3 +33,14 @@ struct cache_counters {
 
 // (name, pointer-to-member) for every counter, in declaration order.
 const std::vector<std::pair<std::string, uint64_t cache_counters::*>> & cache_counters_fields();
+
+// What the page-level side of the cache did (llama-glue): the kernel's view of residency
+// brought in line with the policy's.
+struct residency_counters {
+    uint64_t n_folio_splits     = 0;  // aligned blocks dropped whole and partly read back, because a
+                                      // large page-cache folio straddled a drop (DESIGN.md, page cache)
+    uint64_t bytes_split_reread = 0;  // bytes read back by those splits (pages that had to stay)
+    uint64_t n_units_reclaimed  = 0;  // resident units whose pages the kernel took (found by reconcile)
+};
+
+const std::vector<std::pair<std::string, uint64_t residency_counters::*>> & residency_counters_fields();

@@ -42,6 +42,24 @@ def tiny_model(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_model(models_dir: Path) -> Path:
+    """The `demo` preset (llama, 8 layers, 32 experts, top-4, ~150 MB), seed 0."""
+    return _write_model(models_dir, "demo.gguf", synth.PRESETS["demo"])
+
+
+@pytest.fixture(scope="session")
+def bench_model(models_dir: Path) -> Path:
+    """The `bench` preset (qwen3moe, 12 layers, 128 experts, top-8, ~1.8 GB), seed 0."""
+    return _write_model(models_dir, "bench.gguf", synth.PRESETS["bench"])
+
+
+@pytest.fixture(scope="session")
+def large_model(models_dir: Path) -> Path:
+    """The `large` preset (Qwen3-30B-A3B's expert shapes in Q4_K, 9 layers, ~3.1 GB), seed 0."""
+    return _write_model(models_dir, "large.gguf", synth.PRESETS["large"])
+
+
+@pytest.fixture(scope="session")
 def tiny_layout(tiny_model: Path):
     return discover_layout(str(tiny_model))
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,10 +17,12 @@ import pagecache
 import pytest
 
 from cluster import synth, warmth
+from cluster.bench import memlimit
 from cluster.cache import discover_layout
 from cluster.engine import MoEEngine
 
 PS = pagecache.PAGE_SIZE
+MIB = 1 << 20
 
 
 def inner_pages(offset: int, size: int) -> slice:
@@ -95,6 +103,102 @@ def test_units_reported_resident_are_fully_resident(small_budget_engine) -> None
         resident = _report(engine)
         pages = unit_page_residency(path, layout)
         np.testing.assert_array_equal(pages["span_resident"][resident], pages["span"][resident], err_msg=when)
+
+
+# -- the budget in the page cache (large folios) -----------------------------------------------
+
+
+def _topic_prompt(path: Path) -> str:
+    topics = synth.read_topics(path)
+    return synth.mixed_prompt(topics, [0, 1], 6, seed=3) + synth.topic_prompt(topics, 2, 12, seed=4)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "bench", "large"])
+def test_the_model_file_holds_no_more_than_budget_and_non_expert_pages_after_load_during_and_after_generation(
+        request: pytest.FixtureRequest, preset: str, tmp_path: Path) -> None:
+    """Measured independently (our own mapping + mincore), from a cold page cache. llama.cpp's
+    load reads the whole file; this kernel caches it in large folios that a drop of one expert
+    slice cannot split (DESIGN.md, page cache): the budget must hold anyway."""
+    path = request.getfixturevalue(f"{preset}_model")
+    if preset == "tiny":  # other tests map the tiny model; this one needs a file nobody else maps
+        path = Path(shutil.copyfile(path, tmp_path / "tiny.gguf"))
+    layout = discover_layout(str(path))
+    budget = int(0.3 * layout.unit_bytes.sum())
+    bound = budget + layout.non_expert_bytes
+    pagecache.drop_file(path)
+    seen = {}
+    with MoEEngine(path, budget, n_ctx=512, n_threads=2) as engine:
+        seen["after load"] = pagecache.resident_bytes(path)
+        kept = engine.cache_stats()["resident_bytes"]
+        pieces = engine.stream(_topic_prompt(path), max_tokens=24)
+        for i, _ in enumerate(pieces):
+            if i == 8:  # decode steps have trimmed what the prefill's last layer may have added
+                seen["during decode"] = pagecache.resident_bytes(path)
+        seen["after generation"] = pagecache.resident_bytes(path)
+        stats = engine.cache_stats()
+    seen["after close"] = pagecache.resident_bytes(path)
+    assert "during decode" in seen, "the generation ended before its ninth piece"
+    over = {when: f"{b / MIB:.1f} MiB" for when, b in seen.items() if b > bound}
+    assert not over, (f"{preset}: page cache of the model above budget {budget / MIB:.1f} MiB + non-expert pages "
+                      f"{layout.non_expert_bytes / MIB:.1f} MiB: {over} (all: {seen})")
+    assert stats["n_evictions"] > 0 and stats["resident_bytes"] <= budget
+    assert kept >= 0.8 * budget, "the budget is used, not just respected: what the load read is kept up to it"
+
+
+def test_cache_view_agrees_with_mincore_after_the_kernel_reclaims_expert_pages(demo_model: Path, tmp_path: Path) -> None:
+    """Real pressure: the engine runs in a child under a cgroup limit; once it has generated,
+    the limit is lowered below what it holds and the kernel reclaims pages. The cache's stats and
+    warmth report must then agree with mincore within one page per unit."""
+    reason = memlimit.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    path = Path(shutil.copyfile(demo_model, tmp_path / "demo.gguf"))
+    layout = discover_layout(str(path))
+    budget = int(0.5 * layout.unit_bytes.sum())
+    pagecache.drop_file(path)
+    child = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        import pagecache
+        from cluster import warmth
+        from cluster.engine import MoEEngine
+        path = {str(path)!r}
+        engine = MoEEngine(path, {budget}, n_ctx=256, n_threads=2)
+        engine.generate({_topic_prompt(path)!r}, max_tokens=16)
+        before = engine.cache_stats()["resident_bytes"]
+        print("ready", flush=True)
+        sys.stdin.readline()  # the parent lowers the limit meanwhile
+        stats = engine.cache_stats()
+        resident = warmth.decode(engine.warmth()).resident
+        pages = pagecache.resident_pages(path)
+        rows = []
+        for layer in range(engine.layout.n_layers):
+            for expert in range(engine.layout.n_experts):
+                held = span = 0
+                for offset, size, _, _ in engine.layout.unit_slices(layer, expert):
+                    inner = pages[(offset + pagecache.PAGE_SIZE - 1) // pagecache.PAGE_SIZE:(offset + size) // pagecache.PAGE_SIZE]
+                    held += int(inner.sum())
+                    span += inner.size
+                rows.append([bool(resident[layer, expert]), held, span])
+        print(json.dumps({{"before": before, "after": stats["resident_bytes"], "reclaimed": stats["n_units_reclaimed"],
+                          "units": rows}}), flush=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    with memlimit.MemoryLimit("sniper-reclaim-test", 4 << 30) as limit:
+        proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, preexec_fn=limit.enter)
+        try:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-2000:]
+            limit.set_limit(limit.usage_bytes() - budget // 2)  # the kernel must give back half the budget's pages
+            out, err = proc.communicate("go\n", timeout=120)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["reclaimed"] > 0 and result["after"] < result["before"], result | {"units": "..."}
+    wrong = [(i, r) for i, r in enumerate(result["units"])
+             if (r[0] and r[1] < r[2] - 1) or (not r[0] and r[1] > 1)]
+    assert not wrong, f"{len(wrong)} units where the warmth report and mincore disagree by more than a page: {wrong[:8]}"
 
 
 # -- discovery -----------------------------------------------------------------------------

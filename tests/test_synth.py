@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from cluster import synth
+from cluster.cache import discover_layout
+from cluster.engine import MoEEngine
 
 TINY = synth.PRESETS["tiny"]
 
@@ -358,3 +360,35 @@ def test_a_chat_template_adds_control_tokens_after_bos_eos_and_leaves_plain_mode
     assert int(fields["tokenizer.ggml.eot_token_id"].parts[-1][0]) == tokens.index("<|eot_id|>")
     assert synth.read_config(info.path).chat_template == "llama3"
     assert "tokenizer.chat_template" not in gguf.GGUFReader(tiny.path).fields  # no template asked: none written
+
+
+def test_q4_k_weights_are_valid_blocks_with_the_planned_mean_and_deviation(tmp_path: Path) -> None:
+    """gguf has no Q4_K quantiser, so synth writes the blocks itself: gguf's own dequantiser must
+    read them back as zero-mean weights of the deviation the float dtypes would have, and
+    llama.cpp must run the model (the K-quant layout the `large` preset uses)."""
+    config = synth.config_from_args("tiny", dim=256, ff=256, dtype="q4_k", arch="qwen3moe", layers=2)
+    path = tmp_path / "q4k.gguf"
+    synth.synthesize(path, config, progress=False)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    gate = tensors["blk.0.ffn_gate_exps.weight"]
+    assert gate.tensor_type == gguf.GGMLQuantizationType.Q4_K
+    w = gguf.quants.dequantize(np.asarray(gate.data), gguf.GGMLQuantizationType.Q4_K)
+    assert w.shape == (config.n_experts, config.n_ff, config.n_embd)
+    assert abs(float(w.mean())) < 0.02 * float(w.std())
+    assert float(w.std()) == pytest.approx(1 / np.sqrt(config.n_embd), rel=0.02)
+    layout = discover_layout(str(path))
+    assert layout.expert_bytes == sum(int(t.n_bytes) for name, t in tensors.items() if "_exps." in name)
+    with MoEEngine(path, int(0.5 * layout.unit_bytes.sum()), n_ctx=128, n_threads=2) as engine:
+        topics = synth.read_topics(path)
+        gen = engine.generate(synth.topic_prompt(topics, 0, 8, seed=1), max_tokens=8)
+    assert gen.n_generated == 8 and gen.cache["hits"] + gen.cache["misses"] > 0
+
+
+def test_large_preset_has_qwen3_30b_a3b_expert_shapes_in_a_k_quant() -> None:
+    large = synth.PRESETS["large"]
+    assert (large.arch, large.n_embd, large.n_ff, large.n_experts, large.n_experts_used) == ("qwen3moe", 2048, 768, 128, 8)
+    assert large.n_head > large.n_head_kv and large.dtype == "q4_k"
+    block_weights, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_K]
+    expert_bytes = 3 * large.n_embd * large.n_ff // block_weights * block_bytes
+    assert expert_bytes == 2_654_208  # 2.5 MiB, as in a Q4_K_M file of the published model
+    assert 2.5e9 < large.n_layers * large.n_experts * expert_bytes < 3.5e9

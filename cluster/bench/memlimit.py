@@ -56,14 +56,14 @@ class MemoryLimit:
         if (V1_ROOT / "memory.limit_in_bytes").exists():
             self.path = V1_ROOT / f"{name}-{os.getpid()}"
             self.path.mkdir(exist_ok=True)
-            (self.path / "memory.limit_in_bytes").write_text(str(self.limit_bytes))
-            self._peak_file = "memory.max_usage_in_bytes"
+            self._limit_file, self._usage_file, self._peak_file = \
+                "memory.limit_in_bytes", "memory.usage_in_bytes", "memory.max_usage_in_bytes"
         else:
             self.path = V2_ROOT / f"{name}-{os.getpid()}"
             self.path.mkdir(exist_ok=True)
-            (self.path / "memory.max").write_text(str(self.limit_bytes))
             (self.path / "memory.swap.max").write_text("0")
-            self._peak_file = "memory.peak"
+            self._limit_file, self._usage_file, self._peak_file = "memory.max", "memory.current", "memory.peak"
+        self.set_limit(self.limit_bytes)
 
     def enter(self) -> None:
         """Moves the calling process into the cgroup (pages it faults in from now on count)."""
@@ -73,6 +73,15 @@ class MemoryLimit:
         """Runs ``argv`` in the cgroup; raises subprocess.TimeoutExpired past ``timeout_s``."""
         return subprocess.run(list(argv), preexec_fn=self.enter, capture_output=True, text=True,
                               timeout=timeout_s, env=env)
+
+    def set_limit(self, limit_bytes: int) -> None:
+        """Changes the limit; lowering it makes the kernel reclaim the cgroup's pages at once."""
+        self.limit_bytes = int(limit_bytes)
+        (self.path / self._limit_file).write_text(str(self.limit_bytes))
+
+    def usage_bytes(self) -> int:
+        """What the cgroup is charged now (anonymous memory and page cache)."""
+        return int((self.path / self._usage_file).read_text())
 
     def peak_bytes(self) -> int:
         try:
