@@ -68,6 +68,7 @@ class ExpertCacheParams:
     predict: bool = True
     predict_max_rows: int = 32
     predict_layers_ahead: int = 3
+    predict_resident_layers: bool = False
     record_trace: bool = True
     trace_max_events: int = 1 << 20
     trace_max_ids: int = 1 << 24
@@ -75,7 +76,8 @@ class ExpertCacheParams:
     def to_native(self) -> _native.ExpertCacheParams:
         native = _native.ExpertCacheParams()
         native.cache = self.cache.to_native()
-        for name in ("n_io_threads", "predict", "predict_max_rows", "predict_layers_ahead", "record_trace",
+        for name in ("n_io_threads", "predict", "predict_max_rows", "predict_layers_ahead", "predict_resident_layers",
+                     "record_trace",
                      "trace_max_events", "trace_max_ids"):
             setattr(native, name, getattr(self, name))
         try:

@@ -67,9 +67,13 @@ class EngineConfig:
         n_batch: prompt tokens per llama_decode call (and per ubatch).
         cache: policy knobs other than the budget (its budget_bytes is replaced by cache_bytes).
         n_io_threads: I/O threads that read experts (0: no prefetch).
-        predict: predict and prefetch the next layer's experts.
+        predict: predict and prefetch the next layers' experts ``True``; ``"always"``: also
+            predict layers whose experts are all resident (nothing to read, but predictions are
+            scored and recorded in the trace: for traces replayed at smaller budgets).
         memory_share: with ``cache_bytes="auto"`` and no cgroup limit, the fraction of the
             machine's available memory this engine plans for (several engines on one machine).
+        memory_reserve: with ``cache_bytes="auto"``, bytes the process will allocate after load
+            (a node's saved conversation states) that the budget must leave free.
         verbose: let llama.cpp log to stderr.
     """
 
@@ -80,8 +84,9 @@ class EngineConfig:
     n_batch: int = 512
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(budget_bytes=1))
     n_io_threads: int = 2
-    predict: bool = True
+    predict: bool | str = True
     memory_share: float = 1.0
+    memory_reserve: int = 0
     verbose: bool = False
 
     @property
@@ -106,6 +111,8 @@ class EngineConfig:
                                             f"got {self.cache_bytes!r}")
             if self.cache_bytes <= 0:
                 raise CacheBudgetError(f"cache_bytes must be > 0, got {self.cache_bytes}")
+        if self.predict not in (True, False, "always"):
+            raise InvalidParameterError(f"predict must be True, False or 'always', got {self.predict!r}")
         if not isinstance(self.memory_share, (int, float)) or not 0.0 < self.memory_share <= 1.0:
             raise InvalidParameterError(f"memory_share must be a number in (0, 1], got {self.memory_share!r}")
         if not isinstance(self.n_io_threads, int) or not 0 <= self.n_io_threads <= 64:
@@ -199,7 +206,8 @@ class MoEEngine:
             footprint = int(self.layout.unit_bytes.sum())
             budget = footprint if cfg.auto_budget else int(cfg.cache_bytes)  # auto: set once loaded
             params = ExpertCacheParams(cache=replace(cfg.cache, budget_bytes=budget),
-                                       n_io_threads=cfg.n_io_threads, predict=cfg.predict)
+                                       n_io_threads=cfg.n_io_threads, predict=bool(cfg.predict),
+                                       predict_resident_layers=cfg.predict == "always")
             native_params = params.to_native()
             try:
                 self._native_cache = _native.ExpertCache(self.layout, native_params)
@@ -245,7 +253,7 @@ class MoEEngine:
                 self.auto_budget = node_memory.auto_budget(
                     cfg.model_path, non_expert_bytes=self.layout.non_expert_bytes,
                     footprint_bytes=int(self.layout.unit_bytes.sum()), min_bytes=_native.min_budget(self.layout),
-                    share=cfg.memory_share)
+                    share=cfg.memory_share, reserve_bytes=cfg.memory_reserve)
                 log.info("%s", self.auto_budget.explain())
                 self._native_cache.set_budget(self.auto_budget.budget_bytes)
             self._native_cache.attach()

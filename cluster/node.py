@@ -148,7 +148,7 @@ class NodeServer:
             self._limit = MemoryLimit(f"sniper-{node_id}", config.memory_limit_bytes)
             self._limit.enter()
         self.engine = MoEEngine(config.model_path, config.cache_bytes, n_ctx=config.n_ctx, n_threads=config.n_threads,
-                                memory_share=config.memory_share)
+                                memory_share=config.memory_share, memory_reserve=config.session_bytes)
         if self.engine.auto_budget is not None:
             print(f"{node_id}: {self.engine.auto_budget.explain()}", file=sys.stderr, flush=True)  # the node's log
         self.report_sink = report_sink

@@ -7,14 +7,15 @@ the mapping itself needs (the model's non-expert pages, KV, libraries) and the n
 too small wastes hits. ``auto_budget`` is measured once the model is loaded and the context
 created, so the process's own memory (KV cache, compute buffers, Python) is already counted:
 
-    cgroup:     budget = limit - (usage - model pages in the page cache) - non-expert pages - margin
-    no cgroup:  budget = available * share - non-expert pages - margin
+    cgroup:     budget = limit - (usage - model pages in the page cache) - non-expert pages - reserve - margin
+    no cgroup:  budget = available * share - non-expert pages - reserve - margin
 
 ``usage - model pages`` is everything else charged to the cgroup (every process's anonymous
 memory, libraries). ``available`` (MemAvailable) already counts the model's cached pages as
-reclaimable; ``share`` divides a machine that several node actors share. ``margin`` =
-32 MiB + 5 % of the memory considered. The result is capped at what holds every expert and
-must hold one decode step (``CacheBudgetError`` otherwise).
+reclaimable; ``share`` divides a machine that several node actors share. ``reserve`` is memory
+the process will allocate later (a node's saved conversation KV states). ``margin`` = 16 MiB +
+5 % of the memory considered, at most 1 GiB more. The result is capped at what holds every
+expert and must hold one decode step (``CacheBudgetError`` otherwise).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from cluster.errors import CacheBudgetError
 
 AUTO = "auto"  # the value of cache_bytes / --cache-mb that asks for auto_budget
 MIB = 1 << 20
-MARGIN_BYTES = 32 * MIB
+MARGIN_BYTES = 16 * MIB
 MARGIN_FRACTION = 0.05
+MARGIN_MAX_BYTES = 1 << 30
 _UNLIMITED = 1 << 60  # cgroup v1 writes 2**63 - 4096 for "no limit"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -136,6 +138,7 @@ class AutoBudget:
     memory_bytes: int  # the cgroup limit, or available memory x share
     other_bytes: int  # memory already used by everything but the model's pages (cgroup case; 0 otherwise)
     non_expert_bytes: int
+    reserve_bytes: int  # memory the process will allocate later
     margin_bytes: int
     footprint_bytes: int  # what holds every expert (the cap)
 
@@ -144,13 +147,16 @@ class AutoBudget:
         terms = f"{self.source} {self.memory_bytes / MIB:.0f} MiB"
         if self.other_bytes:
             terms += f" - other memory {self.other_bytes / MIB:.0f} MiB"
-        terms += f" - non-expert pages {self.non_expert_bytes / MIB:.0f} MiB - margin {self.margin_bytes / MIB:.0f} MiB"
+        terms += f" - non-expert pages {self.non_expert_bytes / MIB:.0f} MiB"
+        if self.reserve_bytes:
+            terms += f" - reserved {self.reserve_bytes / MIB:.0f} MiB"
+        terms += f" - margin {self.margin_bytes / MIB:.0f} MiB"
         capped = " (capped: every expert fits)" if self.budget_bytes == self.footprint_bytes else ""
         return f"auto cache budget {self.budget_bytes / MIB:.0f} MiB = {terms}{capped}"
 
 
 def auto_budget(model_path: str, *, non_expert_bytes: int, footprint_bytes: int, min_bytes: int,
-                share: float = 1.0) -> AutoBudget:
+                share: float = 1.0, reserve_bytes: int = 0) -> AutoBudget:
     """The expert budget for this process now (call it after the model is loaded and the context made).
 
     Args:
@@ -160,12 +166,15 @@ def auto_budget(model_path: str, *, non_expert_bytes: int, footprint_bytes: int,
         min_bytes: the least budget that works (one decode step's experts).
         share: fraction of the machine's available memory this node may plan for when no cgroup
             limit applies (several node actors on one machine), in (0, 1].
+        reserve_bytes: memory the process will allocate after this call (>= 0).
 
     Raises:
         CacheBudgetError: the memory left is less than ``min_bytes``.
     """
     if not 0.0 < share <= 1.0:
         raise ValueError(f"share must be in (0, 1], got {share!r}")
+    if reserve_bytes < 0:
+        raise ValueError(f"reserve_bytes must be >= 0, got {reserve_bytes!r}")
     cgroup = cgroup_memory()
     if cgroup is not None:
         memory = cgroup.limit_bytes
@@ -175,11 +184,12 @@ def auto_budget(model_path: str, *, non_expert_bytes: int, footprint_bytes: int,
         memory = int(mem_available_bytes() * share)
         other = 0
         source = "available memory" + (f" x {share:g}" if share < 1.0 else "")
-    margin = MARGIN_BYTES + int(MARGIN_FRACTION * memory)
-    raw = memory - other - non_expert_bytes - margin
+    margin = MARGIN_BYTES + min(MARGIN_MAX_BYTES, int(MARGIN_FRACTION * memory))
+    raw = memory - other - non_expert_bytes - reserve_bytes - margin
     budget = min(raw, footprint_bytes)
     result = AutoBudget(budget_bytes=max(budget, 0), source=source, memory_bytes=memory, other_bytes=other,
-                        non_expert_bytes=non_expert_bytes, margin_bytes=margin, footprint_bytes=footprint_bytes)
+                        non_expert_bytes=non_expert_bytes, reserve_bytes=reserve_bytes, margin_bytes=margin,
+                        footprint_bytes=footprint_bytes)
     if budget < min_bytes:
         raise CacheBudgetError(f"{result.explain()}: less than one decode step's experts ({min_bytes / MIB:.1f} MiB); "
                                f"give the node more memory or a smaller model")

@@ -102,6 +102,7 @@ PYBIND11_MODULE(_native, m) {
         .def_readwrite("predict", &expert_cache_params::predict)
         .def_readwrite("predict_max_rows", &expert_cache_params::predict_max_rows)
         .def_readwrite("predict_layers_ahead", &expert_cache_params::predict_layers_ahead)
+        .def_readwrite("predict_resident_layers", &expert_cache_params::predict_resident_layers)
         .def_readwrite("record_trace", &expert_cache_params::record_trace)
         .def_readwrite("trace_max_events", &expert_cache_params::trace_max_events)
         .def_readwrite("trace_max_ids", &expert_cache_params::trace_max_ids)
@@ -315,7 +316,8 @@ PYBIND11_MODULE(_native, m) {
         .def("counters",
              [](const expert_cache & c) {
                  py::dict out = counters_dict(c.policy().counters());
-                 for (const auto & field : residency_counters_fields()) { out[py::str(field.first)] = c.io_counters().*(field.second); }
+                 const residency_counters io = c.io_counters();
+                 for (const auto & field : residency_counters_fields()) { out[py::str(field.first)] = io.*(field.second); }
                  return out;
              },
              "Policy counters and residency counters (folio splits, units the kernel reclaimed), one dict.")

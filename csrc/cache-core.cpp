@@ -87,7 +87,8 @@ cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> un
     access_units_.reserve(size_t(n_experts));
 }
 
-uint64_t cache_min_budget(const std::vector<uint64_t> & unit_bytes, int n_layers, int n_experts, int min_units_resident) {
+uint64_t cache_min_budget(const std::vector<uint64_t> & unit_bytes, int n_layers, int n_experts, int min_units_resident,
+                          int * layer) {
     uint64_t most = 0;
     for (int il = 0; il < n_layers; ++il) {
         std::vector<uint64_t> sizes(unit_bytes.begin() + size_t(il) * size_t(n_experts),
@@ -96,7 +97,10 @@ uint64_t cache_min_budget(const std::vector<uint64_t> & unit_bytes, int n_layers
         std::partial_sort(sizes.begin(), sizes.begin() + k, sizes.end(), std::greater<uint64_t>());
         uint64_t need = 0;
         for (int i = 0; i < k; ++i) { need += sizes[size_t(i)]; }
-        most = std::max(most, need);
+        if (need > most || il == 0) {
+            most = need;
+            if (layer != nullptr) { *layer = il; }
+        }
     }
     return most;
 }
@@ -104,11 +108,12 @@ uint64_t cache_min_budget(const std::vector<uint64_t> & unit_bytes, int n_layers
 // A decode step pins the top-k units of one layer: the budget must hold the largest k.
 void cache_policy::check_budget(uint64_t budget_bytes) const {
     require(budget_bytes > 0, "budget_bytes must be > 0");
-    const uint64_t need = cache_min_budget(unit_bytes_, n_layers_, n_experts_, min_units_resident_);
+    int layer = 0;
+    const uint64_t need = cache_min_budget(unit_bytes_, n_layers_, n_experts_, min_units_resident_, &layer);
     require(budget_bytes >= need,
             "budget_bytes=" + std::to_string(budget_bytes) + " is smaller than the " +
-            std::to_string(min_units_resident_) + " largest experts of a layer (" + std::to_string(need) +
-            " bytes) that one decode step selects");
+            std::to_string(min_units_resident_) + " largest experts of layer " + std::to_string(layer) + " (" +
+            std::to_string(need) + " bytes) that one decode step selects");
 }
 
 void cache_policy::set_budget(uint64_t budget_bytes, cache_plan & plan) {

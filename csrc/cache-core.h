@@ -194,8 +194,9 @@ private:
 };
 
 // The least budget a policy accepts: the largest sum of `min_units_resident` units of one layer
-// (one decode step pins a layer's top-k at once).
-uint64_t cache_min_budget(const std::vector<uint64_t> & unit_bytes, int n_layers, int n_experts, int min_units_resident);
+// (one decode step pins a layer's top-k at once); `layer`, if given, receives that layer.
+uint64_t cache_min_budget(const std::vector<uint64_t> & unit_bytes, int n_layers, int n_experts, int min_units_resident,
+                          int * layer = nullptr);
 
 // Name of an eviction policy as used by configs, CLIs and reports ("scan_resistant", "lru").
 const char * cache_eviction_name(cache_eviction eviction);

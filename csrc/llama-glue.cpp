@@ -6,6 +6,9 @@
 #include "gguf.h"
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -81,6 +84,11 @@ const ggml_tensor * find_router_input(const ggml_tensor * topk) {
         for (int i = 0; i < GGML_MAX_SRC && t->src[i] != nullptr && tail < 16; ++i) { queue[tail++] = t->src[i]; }
     }
     return nullptr;
+}
+
+uint64_t now_ns() {
+    return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count());
 }
 
 // Dot product with 8 independent partial sums, so the compiler can vectorise it without
@@ -259,6 +267,10 @@ expert_cache::expert_cache(expert_layout layout, const expert_cache_params & par
       params_(params),
       policy_(layout_.n_layers, layout_.n_experts, layout_.unit_bytes, checked(params), layout_.n_experts_used) {
     if (params_.record_trace) { trace_.reserve(params_.trace_max_events, params_.trace_max_ids); }
+    const size_t n_units = size_t(layout_.n_layers) * size_t(layout_.n_experts);
+    resident_.reset(new std::atomic<uint8_t>[n_units]);
+    for (size_t u = 0; u < n_units; ++u) { resident_[u].store(0, std::memory_order_relaxed); }
+    drops_pending_.reserve(n_units);
     predict_rows_.reserve(size_t(params_.predict_max_rows));
     predict_logits_.resize(size_t(params_.predict_max_rows) * size_t(layout_.n_experts));
     order_.resize(size_t(layout_.n_experts));
@@ -291,8 +303,9 @@ void expert_cache::attach() {
     // Establish the budget (DESIGN.md: llama.cpp reads the whole file at load): keep units that
     // are fully resident, spread over layers, while the budget allows; drop the rest.
     for_each_unit_spread(layout_.n_layers, layout_.n_experts, [&](int32_t u) {
-        if (layout_.unit_bytes[size_t(u)] > 0 && unit_resident_bytes(u) == layout_.unit_bytes[size_t(u)]) {
-            policy_.admit_resident(u);
+        if (layout_.unit_bytes[size_t(u)] > 0 && unit_resident_bytes(u) == layout_.unit_bytes[size_t(u)] &&
+            policy_.admit_resident(u)) {
+            resident_[size_t(u)].store(1, std::memory_order_release);
         }
     });
     // Every page nothing needs goes, in maximal runs (one call per run, so whole large folios
@@ -354,7 +367,7 @@ void expert_cache::attach() {
     }
 
     io_ = std::make_unique<io_pool>(size_t(n_layers) * size_t(n_experts), params_.n_io_threads,
-                                    [this](int32_t unit) { read_unit(unit); });
+                                    [this](int32_t unit) { read_unit(unit); }, [this](int32_t unit) { drop_unit(unit); });
 }
 
 void expert_cache::needed_pages(uint64_t first, uint64_t end, std::vector<uint8_t> & needed) const {
@@ -365,7 +378,7 @@ void expert_cache::needed_pages(uint64_t first, uint64_t end, std::vector<uint8_
     auto it = std::upper_bound(layout_.extents.begin(), layout_.extents.end(), first * ps,
                                [](uint64_t offset, const file_extent & x) { return offset < x.last; });
     for (; it != layout_.extents.end() && it->first < end * ps; ++it) {
-        if (it->unit != FILE_EXTENT_NON_EXPERT && !policy_.is_resident(it->unit)) { continue; }
+        if (it->unit != FILE_EXTENT_NON_EXPERT && !resident_[size_t(it->unit)].load(std::memory_order_acquire)) { continue; }
         const uint64_t lo = std::max(it->first / ps, first);
         const uint64_t hi = std::min((it->last + ps - 1) / ps, end);
         for (uint64_t p = lo; p < hi; ++p) { needed[size_t(p - first)] = 1; }
@@ -382,6 +395,7 @@ void expert_cache::stray_pages(uint64_t first, uint64_t end, std::vector<uint64_
 }
 
 void expert_cache::split_folios(std::vector<uint64_t> pages) {
+    std::lock_guard<std::mutex> lock(split_mutex_);  // drops run on I/O threads too
     const uint64_t ps = layout_.page_size;
     std::vector<uint8_t> needed;
     for (uint64_t block_bytes = 2u << 20; !pages.empty() && block_bytes <= (64u << 20); block_bytes *= 2) {
@@ -413,35 +427,53 @@ void expert_cache::read_unit(int32_t unit) {
     for (const expert_slice & s : layout_.slices[size_t(unit)]) { residency_->load(s.range); }
 }
 
-void expert_cache::drop_units(const std::vector<int32_t> & units) {
-    if (units.empty()) { return; }
+void expert_cache::drop_unit(int32_t unit) {
     // The pages of each slice; a boundary page that a resident neighbour or non-expert data
     // shares stays (it belongs to that neighbour's footprint). Checked afterwards: a page left
     // behind sits in a large folio that reaches beyond the slice, which split_folios divides.
+    // Runs on an I/O thread (or the caller): residency is read from the mirror, not the policy.
     const uint64_t ps = layout_.page_size;
-    stray_scratch_.clear();
-    for (int32_t u : units) {
-        for (const expert_slice & s : layout_.slices[size_t(u)]) {
-            uint64_t first = s.range.offset / ps;
-            uint64_t end = (s.range.offset + s.range.size + ps - 1) / ps;
-            needed_pages(first, first + 1, pages_scratch_);
-            if (pages_scratch_[0]) { first++; }
-            if (end > first) {
-                needed_pages(end - 1, end, pages_scratch_);
-                if (pages_scratch_[0]) { end--; }
-            }
-            if (end <= first) { continue; }
-            residency_->drop_pages(first, end);
-            residency_->resident_pages(first, end, pages_scratch_);
-            for (size_t i = 0; i < pages_scratch_.size(); ++i) {
-                if (pages_scratch_[i]) { stray_scratch_.push_back(first + i); }
-            }
+    thread_local std::vector<uint8_t> pages;
+    thread_local std::vector<uint64_t> stray;
+    stray.clear();
+    for (const expert_slice & s : layout_.slices[size_t(unit)]) {
+        uint64_t first = s.range.offset / ps;
+        uint64_t end = (s.range.offset + s.range.size + ps - 1) / ps;
+        needed_pages(first, first + 1, pages);
+        if (pages[0]) { first++; }
+        if (end > first) {
+            needed_pages(end - 1, end, pages);
+            if (pages[0]) { end--; }
+        }
+        if (end <= first) { continue; }
+        residency_->drop_pages(first, end);
+        residency_->resident_pages(first, end, pages);
+        for (size_t i = 0; i < pages.size(); ++i) {
+            if (pages[i]) { stray.push_back(first + i); }
         }
     }
-    if (!stray_scratch_.empty()) {
-        std::sort(stray_scratch_.begin(), stray_scratch_.end());
-        split_folios(stray_scratch_);
+    if (!stray.empty()) { split_folios(stray); }
+}
+
+void expert_cache::drop_units(const std::vector<int32_t> & units) {
+    for (int32_t u : units) {
+        if (io_) {
+            io_->drop_later(u);  // off the compute thread; a read of u before it runs cancels it
+            drops_pending_.push_back(u);
+        } else {
+            drop_unit(u);
+        }
     }
+}
+
+void expert_cache::flush_drops() {
+    for (int32_t u : drops_pending_) { io_->wait(u); }
+    drops_pending_.clear();
+}
+
+void expert_cache::mark(const cache_plan & plan) {
+    for (int32_t u : plan.evict) { resident_[size_t(u)].store(0, std::memory_order_release); }
+    for (int32_t u : plan.load) { resident_[size_t(u)].store(1, std::memory_order_release); }
 }
 
 void expert_cache::reap_reads() {
@@ -473,6 +505,7 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
     const int k = int(t->ne[0]);         // [n_expert_used, n_tokens] I32 view
     const int n_tokens = int(t->ne[1]);
     if (k <= 0 || n_tokens <= 0) { return; }
+    const uint64_t t0 = now_ns();
     if (ids_.size() < size_t(n_tokens) * size_t(k)) { ids_.resize(size_t(n_tokens) * size_t(k)); }
     const char * data = static_cast<const char *>(t->data);
     for (int i = 0; i < n_tokens; ++i) {
@@ -484,21 +517,39 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
 
     reap_reads();
     policy_.access(layer, ids_.data(), n_tokens, k, plan_);
+    mark(plan_);
+    uint64_t t1 = now_ns();
     drop_units(plan_.evict);
+    uint64_t t2 = now_ns();
+    io_counters_.ns_drop += t2 - t1;
     for (int32_t u : policy_.access_units()) {
         if (!io_->idle(u)) { io_->wait(u); }  // read ahead and still in flight
     }
+    t1 = now_ns();
+    io_counters_.ns_prefetch_wait += t1 - t2;
     io_->read_now(plan_.load.data(), plan_.load.size());
+    t2 = now_ns();
+    io_counters_.ns_demand_read += t2 - t1;
 
-    if (!params_.predict || layer + 1 >= layout_.n_layers) { return; }
-    const ggml_tensor * x = find_router_input(t);
-    if (x == nullptr || x->type != GGML_TYPE_F32 || x->ne[0] != layout_.n_embd || !is_host(x)) { return; }
-    // Layers further ahead give their reads more time to land. A layer whose experts are all
-    // resident has nothing to read ahead: it is not predicted (when the whole model fits, the
-    // callback does no prediction work at all).
-    for (int target = layer + 1; target <= std::min(layer + params_.predict_layers_ahead, layout_.n_layers - 1); ++target) {
-        if (router_rows_[size_t(target)] != nullptr && !policy_.layer_all_resident(target)) { predict_layer(x, target); }
+    if (params_.predict && layer + 1 < layout_.n_layers) {
+        const ggml_tensor * x = find_router_input(t);
+        if (x != nullptr && x->type == GGML_TYPE_F32 && x->ne[0] == layout_.n_embd && is_host(x)) {
+            // Layers further ahead give their reads more time to land. A layer whose experts are
+            // all resident has nothing to read ahead: it is not predicted (when the whole model
+            // fits, the callback does no prediction work at all).
+            const int last = std::min(layer + params_.predict_layers_ahead, layout_.n_layers - 1);
+            for (int target = layer + 1; target <= last; ++target) {
+                if (router_rows_[size_t(target)] != nullptr &&
+                    (params_.predict_resident_layers || !policy_.layer_all_resident(target))) {
+                    predict_layer(x, target);
+                }
+            }
+        }
+        t1 = now_ns();
+        io_counters_.ns_predict += t1 - t2;
+        t2 = t1;
     }
+    io_counters_.ns_callback += t2 - t0;
 }
 
 void expert_cache::predict_layer(const ggml_tensor * x, int target) {
@@ -539,6 +590,7 @@ void expert_cache::predict_layer(const ggml_tensor * x, int target) {
     }
 
     policy_.predict(target, predicted_.data(), int(predicted_.size()), plan_);
+    mark(plan_);
     drop_units(plan_.evict);
     for (int32_t u : plan_.load) {
         policy_.pin(u);         // unpinned by reap_reads once its read ended
@@ -552,7 +604,9 @@ void expert_cache::settle() {
     for (int32_t u : in_flight_) { io_->wait(u); }
     reap_reads();
     policy_.settle(plan_);
+    mark(plan_);
     drop_units(plan_.evict);
+    flush_drops();
     reconcile();
 }
 
@@ -585,15 +639,22 @@ int expert_cache::reconcile() {
         if (!policy_.is_resident(u) || !io_->idle(u)) { continue; }
         if (unit_resident_bytes(u) + ps < layout_.unit_bytes[size_t(u)]) {  // more than one page gone
             policy_.forget(u);
+            resident_[size_t(u)].store(0, std::memory_order_release);
             lost.push_back(u);
         }
     }
     drop_units(lost);  // the rest of their pages: a unit is resident whole or not at all
+    flush_drops();
+    std::lock_guard<std::mutex> lock(split_mutex_);
     io_counters_.n_units_reclaimed += lost.size();
     return int(lost.size());
 }
 
 void expert_cache::set_budget(uint64_t budget_bytes) {
     policy_.set_budget(budget_bytes, plan_);
-    if (residency_) { drop_units(plan_.evict); }
+    mark(plan_);
+    if (residency_) {
+        drop_units(plan_.evict);
+        flush_drops();
+    }
 }

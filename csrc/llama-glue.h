@@ -28,8 +28,10 @@
 #include "residency.h"
 #include "routing-trace.h"
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -89,6 +91,9 @@ struct expert_cache_params {
     bool   predict          = true;     // score (and, with cache.prefetch, act on) predictions
     int    predict_max_rows = 32;       // rows of a prefill ubatch the predictor samples, [1, 4096]
     int    predict_layers_ahead = 3;    // layers predicted (and read ahead) from each top-k, [1, 8]
+    bool   predict_resident_layers = false;  // also predict layers whose experts are all resident
+                                             // (nothing to read: only scores and PREDICT trace events,
+                                             // for traces recorded to be replayed at smaller budgets)
     bool   record_trace     = true;     // keep a routing trace (see take_trace)
     size_t trace_max_events = 1 << 20;  // reservation of the trace (events)
     size_t trace_max_ids    = 1 << 24;  // reservation of the trace (ids)
@@ -143,12 +148,21 @@ public:
     // dropped, so that the policy's view (cache stats, warmth report) agrees with mincore within
     // one page per unit. Runs between steps only (no access in progress). Returns how many.
     int reconcile();
-    const residency_counters & io_counters() const { return io_counters_; }
+    residency_counters io_counters() const {
+        std::lock_guard<std::mutex> lock(split_mutex_);
+        return io_counters_;
+    }
 
 private:
     void on_topk(const ggml_tensor * t, int layer);
     void predict_layer(const ggml_tensor * router_input, int target_layer);
+    // Drops units' pages off the compute thread (io_pool::drop_later); flush_drops waits for them.
     void drop_units(const std::vector<int32_t> & units);
+    void flush_drops();
+    // Drops one unit's pages now (any thread).
+    void drop_unit(int32_t unit);
+    // Mirrors a plan into resident_ (evict -> 0, load -> 1).
+    void mark(const cache_plan & plan);
     // needed[i] = 1 if page first + i holds non-expert bytes or bytes of a resident unit.
     void needed_pages(uint64_t first, uint64_t end, std::vector<uint8_t> & needed) const;
     // Pages of [first, end) that are resident although no resident unit or non-expert data
@@ -171,7 +185,12 @@ private:
     std::vector<std::vector<float>> router_owned_;    // dequantised routers (non-F32 files)
     std::vector<byte_range> expert_pages_;            // merged pages holding only expert bytes
     uint64_t footprint_bytes_ = 0;                    // sum of unit_bytes
-    residency_counters io_counters_;
+    residency_counters io_counters_;  // ns_* change on the compute thread only, the rest under split_mutex_
+    mutable std::mutex split_mutex_;
+    // The policy's residency, readable from I/O threads (the policy itself is the compute
+    // thread's): what needed_pages and drops consult.
+    std::unique_ptr<std::atomic<uint8_t>[]> resident_;
+    std::vector<int32_t> drops_pending_;              // drops queued since the last flush
 
     // scratch, grown outside the steady state only
     cache_plan plan_;
@@ -182,6 +201,4 @@ private:
     std::vector<int32_t> predicted_;
     std::vector<const float *> predict_rows_;  // sampled rows of the router input
     std::vector<float> predict_logits_;        // [rows x n_experts]
-    std::vector<uint8_t> pages_scratch_;
-    std::vector<uint64_t> stray_scratch_;
 };

@@ -41,6 +41,12 @@ struct residency_counters {
                                       // large page-cache folio straddled a drop (DESIGN.md, page cache)
     uint64_t bytes_split_reread = 0;  // bytes read back by those splits (pages that had to stay)
     uint64_t n_units_reclaimed  = 0;  // resident units whose pages the kernel took (found by reconcile)
+    // where the eval callback's time goes (nanoseconds, steady clock), to set against decode time
+    uint64_t ns_callback        = 0;  // all of on_topk (what follows are parts of it)
+    uint64_t ns_demand_read     = 0;  // reading missing experts before the layer can compute
+    uint64_t ns_prefetch_wait   = 0;  // waiting for experts read ahead that were still in flight
+    uint64_t ns_drop            = 0;  // dropping evicted experts' pages
+    uint64_t ns_predict         = 0;  // the next-layer predictor and queueing its reads
 };
 
 const std::vector<std::pair<std::string, uint64_t residency_counters::*>> & residency_counters_fields();

@@ -73,6 +73,10 @@ def test_auto_budget_without_a_cgroup_limit_takes_its_share_of_available_memory(
                                    min_bytes=1, share=0.5)
     assert 0 < half.budget_bytes < whole.budget_bytes < node_memory.mem_available_bytes()
     assert whole.budget_bytes == whole.memory_bytes - whole.non_expert_bytes - whole.margin_bytes
+    reserved = node_memory.auto_budget(str(tiny_model), non_expert_bytes=layout.non_expert_bytes,
+                                       footprint_bytes=footprint, min_bytes=1, reserve_bytes=64 * MIB)
+    assert abs(whole.budget_bytes - reserved.budget_bytes - 64 * MIB) < 16 * MIB  # available memory moves a little
+    assert "reserved 64 MiB" in reserved.explain()
     assert "available memory" in whole.explain() and "x 0.5" in half.explain()
     capped = node_memory.auto_budget(str(tiny_model), non_expert_bytes=layout.non_expert_bytes,
                                      footprint_bytes=int(layout.unit_bytes.sum()), min_bytes=1)

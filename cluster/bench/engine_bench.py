@@ -67,17 +67,25 @@ def bench_overhead(model_path: str, *, pairs: int, max_tokens: int, progress: bo
         for engine in engines.values():  # warm-up: page cache, thread pools
             engine.generate(prompt, max_tokens=8)
         samples: dict[str, list[float]] = {"plain": [], "cache": []}
+        decode_s: dict[str, float] = {"plain": 0.0, "cache": 0.0}
+        decode_steps: dict[str, int] = {"plain": 0, "cache": 0}
         texts = set()
+        before = cached.cache_stats()
         for i in range(pairs):
             order = ("plain", "cache") if i % 2 == 0 else ("cache", "plain")
             for name in order:
                 gen = engines[name].generate(prompt, max_tokens=max_tokens)
                 samples[name].append(gen.decode_tok_s)
+                decode_s[name] += gen.decode_s
+                decode_steps[name] += max(0, gen.n_generated - 1)
                 texts.add(gen.text)
             log_progress(progress, f"  overhead pair {i + 1}/{pairs}: plain {samples['plain'][-1]:.1f} tok/s, "
                            f"cache {samples['cache'][-1]:.1f} tok/s")
-        stats = cached.cache_stats()
+        after = cached.cache_stats()
     ratios = [c / p for c, p in zip(samples["cache"], samples["plain"])]
+    steps = after["n_steps"] - before["n_steps"]  # ubatches: one prefill + one per decode token
+    per_step_ms = {key: (after[key] - before[key]) / 1e6 / max(1, steps)
+                   for key in ("ns_callback", "ns_predict", "ns_demand_read", "ns_prefetch_wait", "ns_drop")}
     return {
         "pairs": pairs,
         "max_tokens": max_tokens,
@@ -88,7 +96,12 @@ def bench_overhead(model_path: str, *, pairs: int, max_tokens: int, progress: bo
         "ratio_of_medians": statistics.median(samples["cache"]) / statistics.median(samples["plain"]),
         "ratios": ratios,
         "same_text": len(texts) == 1,
-        "cache_hit_rate": stats["hit_rate"],
+        "cache_hit_rate": after["hit_rate"],
+        # where the cache's time goes, per evaluated step (milliseconds), against the time of a
+        # plain step; the rest of the difference is the graph splits the callback causes
+        "callback_ms_per_step": per_step_ms,
+        "plain_ms_per_step": 1e3 * decode_s["plain"] / max(1, decode_steps["plain"]),
+        "cache_ms_per_step": 1e3 * decode_s["cache"] / max(1, decode_steps["cache"]),
     }
 
 
@@ -111,7 +124,9 @@ def _run_worker(spec: dict[str, Any], limit: memlimit.MemoryLimit | None, timeou
     finally:
         os.unlink(spec_path)
     if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}", "wall_s": time.perf_counter() - t0}
+        killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+        return {"error": f"exit {proc.returncode}{killed}: {proc.stderr.strip()[-500:]}",
+                "wall_s": time.perf_counter() - t0}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - t0
     if limit is not None:
@@ -141,6 +156,8 @@ def _summarise_run(run: dict[str, Any]) -> dict[str, Any]:
     }
     if run.get("cgroup_peak_bytes") is not None:
         out["cgroup_peak_bytes"] = run["cgroup_peak_bytes"]
+    if run.get("auto_budget"):
+        out["auto_budget"] = run["auto_budget"]
     if run.get("cache_stats"):
         c = run["cache_stats"]
         out["cache_decode_hit_rate"] = c["decode_hit_rate"]
@@ -151,52 +168,113 @@ def _summarise_run(run: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def disk_read_bandwidth(path: str, max_bytes: int = 1 << 30) -> float:
+    """Bytes per second of a cold sequential read of (the first GiB of) ``path``: the disk's bound."""
+    memlimit.drop_page_cache(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0, done = time.perf_counter(), 0
+        while done < max_bytes:
+            chunk = os.read(fd, 8 << 20)
+            if not chunk:
+                break
+            done += len(chunk)
+        seconds = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    memlimit.drop_page_cache(path)
+    return done / seconds if seconds > 0 else float("nan")
+
+
+def _workload(model_path: str, n_requests: int, max_tokens: int) -> list[dict[str, Any]]:
+    return [{"prompt": p, "max_tokens": max_tokens}
+            for p in _prompts(model_path, n_requests, n_words=48, preamble_words=96)]
+
+
+def _limited_run(spec: dict[str, Any], limit_bytes: int, timeout_s: float) -> dict[str, Any]:
+    memlimit.drop_page_cache(spec["model"])
+    with memlimit.MemoryLimit("sniper-bench", limit_bytes) as limit:
+        return _summarise_run(_run_worker(spec, limit, timeout_s))
+
+
 def bench_bounded(model_path: str, *, n_requests: int, max_tokens: int, progress: bool,
                   limit_fraction: float = 0.5, timeout_s: float = 1500.0) -> dict[str, Any]:
     reason = memlimit.unavailable_reason()
     if reason:
         return {"skipped": reason}
-    layout = discover_layout(model_path)
     file_size = os.path.getsize(model_path)
     limit_bytes = int(limit_fraction * file_size)
-    requests = [{"prompt": p, "max_tokens": max_tokens}
-                for p in _prompts(model_path, n_requests, n_words=48, preamble_words=96)]
-    base = {"model": model_path, "requests": requests, "n_ctx": 1024}
+    base = {"model": model_path, "requests": _workload(model_path, n_requests, max_tokens), "n_ctx": 1024}
+    layout = discover_layout(model_path)
 
+    log_progress(progress, "  bounded memory: disk bandwidth (cold sequential read)")
+    bandwidth = disk_read_bandwidth(model_path)
     log_progress(progress, "  bounded memory: engine with cache, no limit")
     memlimit.drop_page_cache(model_path)
     unlimited = _run_worker({**base, "cache_bytes": int(layout.unit_bytes.sum() * 1.05)}, None, timeout_s)
     if "error" in unlimited:
         return {"error": f"unlimited run failed: {unlimited['error']}"}
-    # Budget under the limit: what is left once non-expert pages, the process's anonymous
-    # memory (measured by the unlimited run), its code and libraries (LIBRARY_BYTES), the
-    # largest layer (a prefill may hold one layer's selection on top of the budget while it
-    # computes) and a 5 % margin are counted.
-    largest_layer = int(np.asarray(layout.unit_bytes).sum(axis=1).max())
-    budget = (limit_bytes - layout.non_expert_bytes - unlimited["rss_anon_bytes"] - LIBRARY_BYTES
-              - largest_layer - limit_bytes // 20)
-    if budget <= 0:
-        return {"skipped": f"a {limit_bytes / MIB:.0f} MiB limit leaves no room for experts"}
     runs = {"cache_unlimited": _summarise_run(unlimited)}
-    with memlimit.MemoryLimit("sniper-bench", limit_bytes) as limit:
-        for name, cache_bytes in (("plain_limited", None), ("cache_limited", int(budget))):
-            log_progress(progress, f"  bounded memory: {name} (limit {limit_bytes / MIB:.0f} MiB)")
-            memlimit.drop_page_cache(model_path)
-            runs[name] = _summarise_run(_run_worker({**base, "cache_bytes": cache_bytes}, limit, timeout_s))
+    for name, cache_bytes in (("plain_limited", None), ("cache_limited", "auto")):
+        log_progress(progress, f"  bounded memory: {name} (limit {limit_bytes / MIB:.0f} MiB)")
+        runs[name] = _limited_run({**base, "cache_bytes": cache_bytes}, limit_bytes, timeout_s)
     ok = all("error" not in r for r in runs.values())
     result: dict[str, Any] = {
         "limit_bytes": limit_bytes,
         "file_bytes": file_size,
-        "cache_budget_bytes": int(budget),
+        "disk_bytes_per_s": bandwidth,
         "n_requests": n_requests,
         "max_tokens": max_tokens,
         "runs": runs,
     }
     if ok:
-        result["speedup_vs_plain"] = runs["cache_limited"]["decode_tok_s"] / runs["plain_limited"]["decode_tok_s"]
-        result["fraction_of_unlimited"] = runs["cache_limited"]["decode_tok_s"] / runs["cache_unlimited"]["decode_tok_s"]
-        result["same_text"] = runs["cache_limited"]["texts"] == runs["plain_limited"]["texts"] == runs["cache_unlimited"]["texts"]
+        limited = runs["cache_limited"]
+        result["cache_budget_bytes"] = limited.get("budget_bytes")
+        result["auto_budget"] = limited.get("auto_budget")
+        result["speedup_vs_plain"] = limited["decode_tok_s"] / runs["plain_limited"]["decode_tok_s"]
+        result["fraction_of_unlimited"] = limited["decode_tok_s"] / runs["cache_unlimited"]["decode_tok_s"]
+        # the disk's bound on decode speed at the bytes this run read per decoded token
+        per_token = limited["decode_read_bytes_per_token"]
+        result["disk_bound_tok_s"] = bandwidth / per_token if per_token > 0 else float("inf")
+        result["same_text"] = limited["texts"] == runs["plain_limited"]["texts"] == runs["cache_unlimited"]["texts"]
     return result
+
+
+AUTO_SWEEP_LIMITS = (0.3, 0.5, 0.7)  # cgroup limits, as fractions of the model file
+AUTO_SWEEP_BUDGETS = (0.15, 0.3, 0.45, 0.6, 0.75)  # manual budgets, as fractions of the limit
+
+
+def bench_auto_budget(model_path: str, *, n_requests: int, max_tokens: int, progress: bool,
+                      timeout_s: float = 1500.0) -> dict[str, Any]:
+    """``cache_bytes="auto"`` against a sweep of manual budgets under cgroup limits of 30/50/70 %
+    of the model: decode tok/s, and whether the process survived (the OOM killer)."""
+    reason = memlimit.unavailable_reason()
+    if reason:
+        return {"skipped": reason}
+    layout = discover_layout(model_path)
+    footprint = int(layout.unit_bytes.sum())
+    from cluster import _native
+
+    floor = int(_native.min_budget(layout))
+    base = {"model": model_path, "requests": _workload(model_path, n_requests, max_tokens), "n_ctx": 1024}
+    limits = []
+    for fraction in AUTO_SWEEP_LIMITS:
+        limit_bytes = int(fraction * layout.file_size)
+        rows = []
+        for b in AUTO_SWEEP_BUDGETS:
+            budget = min(footprint, max(floor, int(b * limit_bytes)))
+            log_progress(progress, f"  auto budget: limit {100 * fraction:.0f} %, manual budget {budget / MIB:.0f} MiB")
+            rows.append({"budget_bytes": budget, **_limited_run({**base, "cache_bytes": budget}, limit_bytes, timeout_s)})
+        log_progress(progress, f"  auto budget: limit {100 * fraction:.0f} %, auto")
+        auto = _limited_run({**base, "cache_bytes": "auto"}, limit_bytes, timeout_s)
+        ok = [r for r in rows if "error" not in r]
+        best = max(ok, key=lambda r: r["decode_tok_s"], default=None)
+        entry: dict[str, Any] = {"limit_fraction": fraction, "limit_bytes": limit_bytes, "manual": rows, "auto": auto}
+        if best is not None and "error" not in auto:
+            entry["best_manual_budget_bytes"] = best["budget_bytes"]
+            entry["auto_vs_best"] = auto["decode_tok_s"] / best["decode_tok_s"]
+        limits.append(entry)
+    return {"budget_fractions_of_limit": list(AUTO_SWEEP_BUDGETS), "limits": limits}
 
 
 # -- policy --------------------------------------------------------------------------------
@@ -208,7 +286,7 @@ def record_traces(model_path: str, workloads: dict[str, list[str]], max_tokens: 
 
     layout = discover_layout(model_path)
     traces, live = {}, {}
-    with MoEEngine(model_path, int(layout.unit_bytes.sum() * 1.05), n_ctx=2048) as engine:
+    with MoEEngine(model_path, int(layout.unit_bytes.sum() * 1.05), n_ctx=2048, predict="always") as engine:
         for name, prompts in workloads.items():
             parts = []
             for prompt in prompts:
@@ -308,11 +386,14 @@ def run_engine_bench(model: str | None, out_dir: Path, *, quick: bool = False, p
                   "expert_bytes": layout.expert_bytes, "non_expert_bytes": layout.non_expert_bytes},
     }
     log_progress(progress, "overhead (no memory pressure, alternated side by side)")
-    result["overhead"] = bench_overhead(model_path, pairs=3 if quick else 6, max_tokens=16 if quick else 48,
+    result["overhead"] = bench_overhead(model_path, pairs=3 if quick else 7, max_tokens=16 if quick else 64,
                                         progress=progress)
     log_progress(progress, "bounded memory (cgroup limit = 50 % of the model file, page cache dropped)")
     result["bounded_memory"] = bench_bounded(model_path, n_requests=2 if quick else 3,
                                              max_tokens=16 if quick else 48, progress=progress)
+    if not quick:
+        log_progress(progress, "auto budget (cgroup limits of 30/50/70 % of the model, manual budgets swept)")
+        result["auto_budget"] = bench_auto_budget(model_path, n_requests=2, max_tokens=48, progress=progress)
     log_progress(progress, "policy (recorded traces replayed at budgets 10-100 %)")
     result["policy"] = bench_policy(model_path, n_requests=4 if quick else 8, max_tokens=24 if quick else 64,
                                     progress=progress)

@@ -108,9 +108,19 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
         f"**Ratio with/without cache: {_fmt(o['ratio_median'], 3)}** (median of per-pair ratios; "
         f"ratio of medians {_fmt(o['ratio_of_medians'], 3)}). Same text both ways: {o['same_text']}.",
         "",
-        "## Bounded memory",
-        "",
     ]
+    if "callback_ms_per_step" in o:
+        c = o["callback_ms_per_step"]
+        lines += [
+            "Where the time goes, per decode step: plain llama.cpp "
+            f"{_fmt(o['plain_ms_per_step'], 3)} ms, with the cache {_fmt(o['cache_ms_per_step'], 3)} ms; of that, the "
+            f"eval callback's own work (reading the top-k ids, the policy, the trace) {_fmt(c['ns_callback'], 4)} ms, "
+            f"of which the next-layer predictor {_fmt(c['ns_predict'], 4)} ms (it skips layers whose experts are all "
+            "resident). The rest of the difference is the graph split at each top-k node (the scheduler computes "
+            "the nodes up to it, synchronises, then calls back).",
+            "",
+        ]
+    lines += ["## Bounded memory", ""]
     b = result["bounded_memory"]
     if "skipped" in b or "error" in b:
         lines += [f"Not measured: {b.get('skipped') or b.get('error')}.", ""]
@@ -119,9 +129,9 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
             f"Each run is a fresh process; the model file's page cache is dropped first. Limited runs are "
             f"in a cgroup with memory limit {b['limit_bytes'] / MIB:.0f} MiB (50 % of the "
             f"{b['file_bytes'] / MIB:.0f} MiB file; page cache counts). The cache's budget under the limit is "
-            f"{b['cache_budget_bytes'] / MIB:.0f} MiB (limit − non-expert pages − the process's anonymous memory − its libraries − "
-            "the largest layer, which a prefill may add while it computes − 5 % margin). "
-            f"Workload: {b['n_requests']} requests (mixed-topic preamble + topic question), {b['max_tokens']} tokens each.",
+            f"`--cache-mb auto`: {b.get('auto_budget') or 'n/a'}. "
+            f"Workload: {b['n_requests']} requests (mixed-topic preamble + topic question), {b['max_tokens']} tokens each. "
+            f"Disk: {_fmt(b['disk_bytes_per_s'] / MIB, 0)} MiB/s (cold sequential read of the model file).",
             "",
             "| run | load s | prefill s | decode tok/s | disk MiB/token prefill | disk MiB/token decode | cache decode hit rate |",
             "|---|---|---|---|---|---|---|",
@@ -139,10 +149,36 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
                 "",
                 f"**Cache under the limit vs plain mmap under the limit: {_fmt(b['speedup_vs_plain'], 2)}× decode tok/s.** "
                 f"**Cache under the limit vs the same engine with no limit: {_fmt(b['fraction_of_unlimited'], 2)}×.** "
-                f"Identical text in all three runs: {b['same_text']}.",
+                f"Identical text in all three runs: {b['same_text']}. At the disk bytes it read per decoded token, the "
+                f"disk alone allows {_fmt(b['disk_bound_tok_s'], 1)} tok/s (bandwidth ÷ bytes per token).",
             ]
         _plot_bounded(b, out_dir / "bounded_memory.png")
         lines += ["", "![bounded memory](bounded_memory.png)", ""]
+    a = result.get("auto_budget")
+    if a is not None:
+        lines += ["## `--cache-mb auto` against manual budgets", ""]
+        if "skipped" in a:
+            lines += [f"Not measured: {a['skipped']}.", ""]
+        else:
+            lines += [
+                "Each run a fresh process under a cgroup memory limit (page cache dropped first); the manual budgets are "
+                f"{', '.join(f'{100 * f:.0f} %' for f in a['budget_fractions_of_limit'])} of the limit (at least one "
+                "decode step, at most every expert). Decode tok/s; `killed` is a run the kernel's OOM killer ended.",
+                "",
+                "| limit | " + " | ".join(f"manual {100 * f:.0f} %" for f in a["budget_fractions_of_limit"])
+                + " | auto | auto ÷ best manual |",
+                "|---|" + "---|" * (len(a["budget_fractions_of_limit"]) + 2),
+            ]
+            for entry in a["limits"]:
+                def cell(run: dict[str, Any]) -> str:
+                    if "error" in run:
+                        return "killed" if "out of memory" in run["error"] else "failed"
+                    return f"{_fmt(run['decode_tok_s'], 1)} ({run['budget_bytes'] / MIB:.0f} MiB)"
+                lines.append(f"| {100 * entry['limit_fraction']:.0f} % ({entry['limit_bytes'] / MIB:.0f} MiB) | "
+                             + " | ".join(cell(r) for r in entry["manual"]) + f" | {cell(entry['auto'])} | "
+                             f"{_fmt(entry.get('auto_vs_best'), 2)} |")
+            lines += ["", "Auto's reasoning in each run: " + "; ".join(
+                f"{100 * e['limit_fraction']:.0f} %: {e['auto'].get('auto_budget', 'n/a')}" for e in a["limits"]), ""]
     p = result["policy"]
     lines += [
         "## Cache policy (trace replay)",

@@ -182,7 +182,7 @@ def record_traces(model_path: str, workload: Workload, *, max_tokens: int, progr
     recorded = []
     t0 = time.perf_counter()
     # one thread: a trace does not depend on it, and spinning threads on a busy machine cost more than they give
-    with MoEEngine(model_path, int(layout.unit_bytes.sum() * 1.05), n_ctx=2048, n_threads=1) as engine:
+    with MoEEngine(model_path, int(layout.unit_bytes.sum() * 1.05), n_ctx=2048, n_threads=1, predict="always") as engine:
         for i, turn in enumerate(workload.turns):
             if turn.conversation in ended:
                 continue

@@ -1,7 +1,7 @@
 """Benchmark child: loads one engine, serves a workload, prints one JSON line of measurements.
 
 Run as ``python -m cluster.bench.worker SPEC.json``; the spec gives model, cache budget
-(null: plain llama.cpp) and requests. Disk reads come from /proc/self/io (``read_bytes``:
+(bytes, "auto", or null: plain llama.cpp) and requests. Disk reads come from /proc/self/io (``read_bytes``:
 bytes this process made the kernel fetch from storage, page faults of the mapping included).
 """
 
@@ -60,7 +60,8 @@ def main(spec_path: str) -> int:
             "text": gen.text,
         })
     result = {**load, "requests": requests, "rss_anon_bytes": _rss_anon(),
-              "cache_stats": engine.cache_stats() if engine.has_cache else None}
+              "cache_stats": engine.cache_stats() if engine.has_cache else None,
+              "auto_budget": engine.auto_budget.explain() if engine.auto_budget is not None else None}
     engine.close()
     print(json.dumps(result, default=float))
     return 0
