@@ -18,6 +18,7 @@ from typing import Any, Callable, NoReturn, Sequence
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from cluster.bench import DEFAULT_OUT  # noqa: E402
+from cluster.cli_sampling import add_sampling_flags, logprob_json, params_from_flags  # noqa: E402
 from cluster.errors import SniperError  # noqa: E402
 
 MIB = 1 << 20
@@ -99,7 +100,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     config = synth.config_from_args(
         args.preset, layers=args.layers, experts=args.experts, top_k=args.top_k, dim=args.dim, ff=args.ff,
-        dtype=args.dtype, arch=args.arch, specialization=args.specialization, seed=args.seed)
+        dtype=args.dtype, arch=args.arch, specialization=args.specialization, seed=args.seed,
+        chat_template=args.chat_template)
     info = synth.synthesize(args.out, config, progress=not args.quiet)
     result: dict[str, Any] = {"path": str(info.path), "n_bytes": info.n_bytes, "expert_bytes": info.expert_bytes,
                               "config": json.loads(config.to_json())}
@@ -122,15 +124,27 @@ def _synth_summary(r: dict[str, Any]) -> str:
 # -- run -----------------------------------------------------------------------------------
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from cluster.chat import ChatMessage, ChatPrompt, ChatRenderer
+    from cluster.deploy import read_chat_template
     from cluster.engine import MoEEngine
 
+    params = params_from_flags(args)
+    override = read_chat_template(args.chat_template)
+    if override is not None and not args.chat:
+        raise ValueError("--chat-template renders a conversation: add --chat")
     model = args.model or str(default_model("demo", progress=not args.json))
     cache_bytes = _cache_budget(args, model)
     with MoEEngine(model, cache_bytes, n_ctx=args.ctx, n_threads=args.threads) as engine:
         if engine.auto_budget is not None:
             print(engine.auto_budget.explain(), file=sys.stderr)
-        gen = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
+        prompt, special, origin = args.prompt, False, None
+        if args.chat:  # the prompt is one user turn, rendered as the router renders chat requests
+            renderer = ChatRenderer(engine.tokenizer, override)
+            rendered = renderer.render(ChatPrompt((ChatMessage("user", args.prompt),)))
+            prompt, special, origin = rendered.text, rendered.special, rendered.origin
+            params = renderer.with_end_of_turn(params)
+        gens = [engine.generate(prompt, choice, special=special) for choice in params.choices()]
+        gen = gens[0]
         result: dict[str, Any] = {
             "text": gen.text,
             "n_prompt_tokens": gen.n_prompt_tokens,
@@ -141,6 +155,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "cache": None,
             "expert_counts": None,
         }
+        if args.chat:
+            result["chat_template"] = origin
+        if len(gens) > 1:
+            result["choices"] = [{"index": i, "text": g.text, "finish_reason": g.finish_reason} for i, g in enumerate(gens)]
+        if params.logprobs:
+            result["logprobs"] = [logprob_json(e) for e in gen.logprobs or ()]
         if engine.has_cache:
             keys = ("hits", "misses", "hit_rate", "bytes_read", "resident_bytes", "budget_bytes",
                     "prefetch_precision", "prefetch_recall", "n_evictions", "bytes_prefetched")
@@ -160,7 +180,8 @@ def _cache_budget(args: argparse.Namespace, model: str) -> int | None:
 
 
 def _run_summary(r: dict[str, Any]) -> str:
-    lines = [r["text"], "",
+    texts = [c["text"] for c in r["choices"]] if "choices" in r else [r["text"]]
+    lines = ["\n---\n".join(texts), "",
              f"{r['n_prompt_tokens']} prompt tokens, {r['n_generated']} generated ({r['finish_reason']}), "
              f"decode {r['decode_tok_s'] or 0:.1f} tok/s"]
     if r["cache"]:
@@ -187,7 +208,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     model = args.model or str(default_model("demo").resolve())
     cache_bytes = _cache_budget(args, model)
-    deploy.check_model(model, cache_bytes)  # before a local cluster starts for nothing
+    chat_template = deploy.read_chat_template(args.chat_template)
+    deploy.check_model(model, cache_bytes, chat_template)  # before a local cluster starts for nothing
     if args.local_nodes:
         address = local_cluster.start(args.local_nodes)
         print(f"started a local Ray cluster of {args.local_nodes} nodes at {address}", file=sys.stderr)
@@ -195,7 +217,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         deploy.connect(args.address, args.namespace)
         n_nodes = args.nodes or args.local_nodes or 1
         info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
-                             max_queue=args.max_queue, n_threads=args.threads,
+                             max_queue=args.max_queue, n_threads=args.threads, chat_template=chat_template,
                              memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
     except BaseException:
         if args.local_nodes:  # the cluster this command started serves nothing: stop it
@@ -222,18 +244,27 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from cluster.chat import ChatMessage, ChatPrompt
+
+    params = params_from_flags(args)
     client = _client(args)
+    prompt = ChatPrompt((ChatMessage("user", args.text),)) if args.chat else args.text
     if args.stream:
-        for piece in client.stream(args.text, max_tokens=args.max_tokens, temperature=args.temperature,
-                                   seed=args.seed, session_id=args.session):
+        for piece in client.stream(prompt, params, session_id=args.session):
             print(piece, end="", flush=True, file=args.result_stream)
         print(file=args.result_stream)
         return 0
-    done = client.generate(args.text, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                           session_id=args.session)
-    result = {"text": done.text, "node": done.node, "finish_reason": done.finish_reason, "usage": done.usage,
-              "routing": done.routing}
-    _emit(result, args, lambda r: f"{r['text']}\n[{r['node']}, {r['usage']['completion_tokens']} tokens]")
+    done = client.generate(prompt, params, session_id=args.session)
+    result: dict[str, Any] = {"text": done.text, "node": done.node, "finish_reason": done.finish_reason,
+                              "usage": done.usage, "routing": done.routing}
+    if len(done.choices) > 1:
+        result["choices"] = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason} for c in done.choices]
+    if params.logprobs:
+        result["logprobs"] = [logprob_json(e) for e in done.choices[0].logprobs]
+    if done.chat_template is not None:
+        result["chat_template"] = done.chat_template
+    _emit(result, args, lambda r: "\n---\n".join(c["text"] for c in r.get("choices", [r]))
+          + f"\n[{r['node']}, {r['usage']['completion_tokens']} tokens]")
     return 0
 
 
@@ -429,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=("llama", "qwen3moe"))
     p.add_argument("--specialization", help="number >= 0, or 'realistic'")
     p.add_argument("--seed", type=int)
+    p.add_argument("--chat-template", choices=("chatml", "llama3"),
+                   help="write this chat format's template and control tokens (a synthetic chat model)")
     p.add_argument("--no-report", action="store_true", help="skip measuring the routing statistics")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -437,15 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="generate once on this machine and print text and cache statistics")
     p.add_argument("--model", help="GGUF MoE model (default: the generated demo model)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=_positive_int, default=64)
+    p.add_argument("--chat", action="store_true", help="the prompt is a user turn, rendered with the chat template")
+    p.add_argument("--chat-template", metavar="FILE", help="with --chat: this Jinja template instead of the model's")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--cache-mb", type=_cache_mb,
                         help="expert cache budget in MiB, or 'auto' (from the memory this machine or cgroup has; "
                              "default: whole model)")
     budget.add_argument("--no-cache", action="store_true", help="plain llama.cpp, no expert cache")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(p)
     p.add_argument("--threads", type=_positive_int)
     p.add_argument("--ctx", type=_positive_int, default=2048)
     p.add_argument("--json", action="store_true")
@@ -482,16 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="require 'Authorization: Bearer KEY' on /v1/ (default: $SNIPER_API_KEY)")
     http.add_argument("--max-tokens-limit", type=_positive_int, default=512, help="largest max_tokens a request may ask")
     http.add_argument("--max-prompt-tokens", type=_positive_int, default=1536, help="longest prompt accepted, in tokens")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="render chat requests with this Jinja template instead of the model's own")
     _cluster_args(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("generate", help="send one request to the running deployment")
     p.add_argument("text")
+    p.add_argument("--chat", action="store_true", help="the text is a user turn, rendered with the chat template")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--session")
-    p.add_argument("--max-tokens", type=_positive_int, default=64)
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(p)
     _cluster_args(p)
     p.set_defaults(func=_cmd_generate)
 

@@ -106,25 +106,45 @@ def cache_budget(model_path: str, cache_mb: int | str | None) -> int | str:
     return cache_mb << 20 if cache_mb else whole_model_budget(model_path)
 
 
-def check_model(model_path: str, cache_bytes: int | str | None) -> None:
+def check_model(model_path: str, cache_bytes: int | str | None, chat_template: str | None = None) -> None:
     """What ``deploy`` checks before it starts anything: the file is a readable MoE GGUF
-    (ModelFileError: missing, corrupt, truncated, dense) and the budget can work for it
-    (CacheBudgetError; an ``"auto"`` budget is derived and checked on each node)."""
+    (ModelFileError: missing, corrupt, truncated, dense), the budget can work for it
+    (CacheBudgetError; an ``"auto"`` budget is derived and checked on each node) and an
+    overriding chat template compiles (ChatTemplateError)."""
     from cluster.cache import check_budget, discover_layout
+    from cluster.chat import ChatTemplate
 
     layout = discover_layout(model_path)
     if cache_bytes is not None and cache_bytes != AUTO:
         check_budget(layout, cache_bytes)
+    if chat_template is not None:
+        ChatTemplate.create(chat_template, "override")
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """The text of a ``--chat-template FILE`` (None: none given); a missing or empty file is an error."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise InvalidParameterError(f"--chat-template: cannot read '{path}': {exc.strerror}", param="chat_template") from None
+    if not text.strip():
+        raise InvalidParameterError(f"--chat-template: '{path}' is empty", param="chat_template")
+    return text
 
 
 def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, policy: str = "warmth",
            namespace: str = NAMESPACE, n_ctx: int = 2048, max_queue: int = 8,
            memory_limit_bytes: int | None = None, n_threads: int | None = None,
-           node_model_paths: list[str] | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
+           node_model_paths: list[str] | None = None, chat_template: str | None = None,
+           timeout_s: float = 300.0) -> dict[str, Any]:
     """Creates the router and ``n_nodes`` node actors (one per Ray node) and waits until they serve.
 
     ``node_model_paths`` gives each node its own copy of the model (identical bytes): simulated
     nodes on one machine then have separate page caches, as separate machines would.
+    ``chat_template`` (Jinja text) replaces the model's own for chat requests (the router renders them).
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -150,7 +170,7 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
         raise SniperError(f"a deployment already runs in namespace '{namespace}' (use shutdown first)")
     except ValueError:
         pass
-    check_model(model_path, cache_bytes)
+    check_model(model_path, cache_bytes, chat_template)
     # an "auto" budget on a machine that several node actors share (a local cluster): each plans
     # for its part of the machine's memory
     hosts = {n.get("NodeManagerAddress") for n in alive}
@@ -161,7 +181,7 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
     try:
         router = ray.remote(RouterActor).options(  # on the head: it outlives any worker node
             name=ROUTER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_concurrency=1000,
-            num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001}).remote(model_path, policy, namespace)
+            num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001}).remote(model_path, policy, namespace, chat_template)
         ray.get(router.ping.remote(), timeout=timeout_s)
         pg = placement_group([{"CPU": 1}] * n_nodes, strategy="STRICT_SPREAD", name=f"{PLACEMENT_GROUP}-{namespace}",
                              lifetime="detached")
@@ -186,7 +206,8 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
         if isinstance(exc, ray.exceptions.RayError):
             raise SniperError(f"the deployment in namespace '{namespace}' did not start: {_cause(exc)}") from None
         raise
-    return {"router": ROUTER_NAME, "nodes": ready, "policy": policy, "config": asdict(config)}
+    return {"router": ROUTER_NAME, "nodes": ready, "policy": policy, "config": asdict(config),
+            "chat_template": "override" if chat_template is not None else "model"}
 
 
 def _cause(exc: BaseException) -> str:

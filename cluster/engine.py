@@ -5,6 +5,12 @@ The model is loaded with llama-cpp-python's low-level API so the context paramet
 (mmap, no repacking into private buffers), which is what the cache manages page by page.
 Lifetimes follow ``llama_cpp/_internals.py``: one ExitStack; the context is freed before the
 cache and the callback it points to; ``close()`` is idempotent.
+
+Decoding follows a ``SamplingParams`` (``cluster.sampling``) with llama.cpp's own sampler chain
+(logit bias, penalties, grammar, top-k/top-p/min-p, temperature, a seeded draw, or greedy);
+generation ends on every end-of-generation token of the vocabulary, on the request's stop
+tokens and stop strings (none of which reach the text), or at ``max_tokens``. Token
+log-probabilities are the log-softmax of the logits llama.cpp computed for each sampled position.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from cluster.errors import (
     ModelFileError,
     PromptTooLongError,
 )
+from cluster.sampling import LOGIT_BIAS_BAN, SamplingParamError, SamplingParams, TokenLogprob, TopLogprob
+from cluster.tokenizer import Tokenizer
 
-MAX_SEED = 2**32 - 1
 log = logging.getLogger(__name__)
 
 
@@ -113,28 +120,12 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """One request's decoding parameters (validated by ``validate``)."""
+class Piece:
+    """A piece of a generation as it streams: its text and, when asked for, the
+    log-probabilities of the tokens whose text starts in it."""
 
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-
-    def validate(self, n_ctx: int) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or not 1 <= self.max_tokens <= n_ctx:
-            raise InvalidParameterError(f"max_tokens must be an integer in [1, {n_ctx}] (the context), got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
-            raise InvalidParameterError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) \
-                or not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise InvalidParameterError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
-            raise InvalidParameterError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
-        if not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 16:
-            raise InvalidParameterError(f"stop must be at most 16 non-empty strings, got {self.stop!r}")
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,15 +134,17 @@ class Generation:
 
     Attributes:
         text: generated text (stop string excluded).
-        tokens: generated token ids.
+        tokens: generated token ids (an end-of-generation or stop token excluded).
         n_prompt_tokens: tokens of the prompt (BOS included).
-        finish_reason: ``stop`` (end-of-generation token or stop string) or ``length``.
+        finish_reason: ``stop`` (an end-of-generation token, a stop token or a stop string
+            ended it) or ``length`` (``max_tokens`` or the context ended it), as OpenAI defines them.
         prefill_s, decode_s: wall time of prompt processing and of the generation loop.
         cache: cache counters of this request alone, with derived rates (empty without a cache).
         expert_counts: selections per (layer, expert) over every token evaluated by this
             request (prompt and fed-back generated tokens); None without a cache.
         trace: this request's routing trace; None without a cache.
         n_reused_tokens: prompt tokens whose KV state was already in the context (not prefilled).
+        logprobs: with ``SamplingParams.logprobs``, one entry per token of ``text``.
     """
 
     text: str
@@ -164,6 +157,7 @@ class Generation:
     expert_counts: np.ndarray | None = None
     trace: RoutingTrace | None = None
     n_reused_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def n_generated(self) -> int:
@@ -269,7 +263,8 @@ class MoEEngine:
         self._batch = _internals.LlamaBatch(n_tokens=cfg.n_batch, embd=0, n_seq_max=1, verbose=cfg.verbose)
         self._stack.callback(self._batch.close)
         self._vocab = self._model.vocab
-        self._add_bos = bool(self._model.add_bos_token())
+        self.tokenizer = Tokenizer(self._model)
+        self._broken_utf8: list[int] | None = None
         self.n_ctx = self._ctx.n_ctx()
         self._n_batch = min(cfg.n_batch, llama_cpp.llama_n_batch(self._ctx.ctx), llama_cpp.llama_n_ubatch(self._ctx.ctx))
         self._ctx_tokens: list[int] = []
@@ -298,8 +293,10 @@ class MoEEngine:
     def has_cache(self) -> bool:
         return self._native_cache is not None
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """The prompt tokens the engine evaluates for ``text`` (``cluster.tokenizer`` rules)."""
+        self._check_open()
+        return self.tokenizer.tokenize(text, special=special)
 
     def cache_stats(self) -> dict[str, float]:
         """Cumulative cache counters since load, derived rates, budget and resident bytes (after
@@ -333,39 +330,73 @@ class MoEEngine:
 
     # -- generation --------------------------------------------------------------------------
 
-    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop: Sequence[str] = ()) -> Generation:
-        """Generates a completion and returns it with timings, cache statistics and trace."""
-        stream = self.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                             seed=seed, stop=stop)
+    def generate(self, prompt: str, params: SamplingParams | None = None, *, special: bool = False,
+                 **fields: Any) -> Generation:
+        """Generates a completion and returns it with timings, cache statistics and trace.
+
+        Args:
+            prompt: the prompt text.
+            params: decoding options (default ``SamplingParams()``); ``fields`` override some
+                of them by name (``max_tokens=8``).
+            special: the prompt is a chat rendering: special-token texts are parsed as tokens
+                (see ``cluster.tokenizer``).
+        """
+        pieces = self.pieces(prompt, params, special=special, **fields)
         while True:
             try:
-                next(stream)
+                next(pieces)
             except StopIteration as done:
                 return done.value
 
-    def stream(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int = 0, stop: Sequence[str] = ()) -> Generator[str, None, Generation]:
+    def stream(self, prompt: str, params: SamplingParams | None = None, *, special: bool = False,
+               **fields: Any) -> Generator[str, None, Generation]:
         """Yields text pieces as they are generated; the generator returns the ``Generation``.
 
         Parameters are checked before anything runs: bad ones raise ``InvalidParameterError``,
         a prompt that does not fit raises ``PromptTooLongError``.
         """
+        pieces = self.pieces(prompt, params, special=special, **fields)
+        return self._texts(pieces)
+
+    @staticmethod
+    def _texts(pieces: Generator[Piece, None, Generation]) -> Generator[str, None, Generation]:
+        try:
+            while True:
+                try:
+                    piece = next(pieces)
+                except StopIteration as done:
+                    return done.value
+                if piece.text:
+                    yield piece.text
+        finally:
+            pieces.close()
+
+    def pieces(self, prompt: str, params: SamplingParams | None = None, *, special: bool = False,
+               **fields: Any) -> Generator[Piece, None, Generation]:
+        """As ``stream``, with each piece's token log-probabilities (``params.logprobs``).
+
+        One choice per call: ``SamplingParams.choices()`` gives the params of each of ``n``.
+        """
         self._check_open()
         if not isinstance(prompt, str) or not prompt:
-            raise InvalidParameterError(f"prompt must be a non-empty string, got {prompt!r}")
-        if isinstance(stop, str):
-            stop = (stop,)
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                stop=tuple(stop))
-        params.validate(self.n_ctx)
-        tokens = self.tokenize(prompt)
+            raise InvalidParameterError(f"prompt must be a non-empty string, got {prompt!r}", param="prompt")
+        params = (params or SamplingParams()).updated(**fields) if fields else (params or SamplingParams())
+        params.validate()
+        if params.max_tokens > self.n_ctx:
+            raise SamplingParamError("max_tokens", f"at most {self.n_ctx} (the context)", params.max_tokens)
+        if params.n != 1:
+            raise SamplingParamError("n", "1 here (the engine makes one choice per call; see SamplingParams.choices)",
+                                     params.n)
+        params.check_vocabulary(self.tokenizer.n_vocab)
+        tokens = self.tokenizer.tokenize(prompt, special=special)
         if len(tokens) >= self.n_ctx:
             raise PromptTooLongError(f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
                                      f"(at least one more is needed to generate)")
-        return self._run(tokens, params)
+        sampler = self._make_sampler(params)  # a grammar llama.cpp refuses is an error before anything runs
+        return self._run(tokens, params, sampler)
 
-    def _run(self, prompt_tokens: list[int], params: SamplingParams) -> Generator[str, None, Generation]:
+    def _run(self, prompt_tokens: list[int], params: SamplingParams,
+             sampler: _internals.LlamaSampler) -> Generator[Piece, None, Generation]:
         with self._lock:
             self._check_open()
             cache = self._native_cache
@@ -373,7 +404,6 @@ class MoEEngine:
                 cache.take_trace()
                 counters_before = cache.counters()
                 counts_before = cache.expert_counts()
-            sampler = self._make_sampler(params)
             completed = False
             try:
                 t0 = time.perf_counter()
@@ -382,35 +412,43 @@ class MoEEngine:
                 prefill_s = time.perf_counter() - t0
 
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                stop_ids = frozenset(params.stop_token_ids)
                 generated: list[int] = []
+                logprobs: list[TokenLogprob] = []  # of generated tokens, in order
+                n_sent = 0  # logprobs entries already sent with a piece
                 text, emitted = "", 0
                 hold = max((len(s) for s in params.stop), default=1) - 1
-                finish = "length"
+                finish, cut = "length", None
                 t1 = time.perf_counter()
                 while len(generated) < params.max_tokens:
                     token = llama_cpp.llama_sampler_sample(sampler.sampler, self._ctx.ctx, -1)
-                    if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    if self.tokenizer.is_eog(token) or token in stop_ids:
                         finish = "stop"
                         break
+                    if params.logprobs:
+                        logprobs.append(self._logprob(token, len(text), params.top_logprobs))
                     generated.append(token)
                     start = max(0, len(text) - hold)  # a stop string that began earlier would have ended the loop
-                    text += decoder.decode(self._piece(token))
+                    text += decoder.decode(self.tokenizer.piece(token))
                     cut = _find_stop(text, params.stop, start)
                     if cut is not None:
                         text, finish = text[:cut], "stop"
                         break
                     safe = len(text) - hold if params.stop else len(text)
                     if safe > emitted:
-                        yield text[emitted:safe]
-                        emitted = safe
+                        n_ready = _count_before(logprobs, n_sent, safe)
+                        yield Piece(text[emitted:safe], tuple(logprobs[n_sent:n_ready]))
+                        emitted, n_sent = safe, n_ready
                     if len(generated) == params.max_tokens or len(self._ctx_tokens) >= self.n_ctx:
                         break
                     self._decode([token], n_past=len(self._ctx_tokens))
                 if finish == "length":
                     text += decoder.decode(b"", final=True)
                 decode_s = time.perf_counter() - t1
-                if len(text) > emitted:
-                    yield text[emitted:]
+                if cut is not None:  # tokens that began inside the cut-off stop string are not in the text
+                    logprobs = logprobs[:_count_before(logprobs, n_sent, cut)]
+                if len(text) > emitted or len(logprobs) > n_sent:
+                    yield Piece(text[emitted:], tuple(logprobs[n_sent:]))
                 completed = True
             finally:
                 sampler.close()
@@ -428,7 +466,8 @@ class MoEEngine:
                 trace = RoutingTrace.from_native(cache.take_trace())
             result = Generation(text=text, tokens=tuple(generated), n_prompt_tokens=len(prompt_tokens),
                                 finish_reason=finish, prefill_s=prefill_s, decode_s=decode_s, cache=stats,
-                                expert_counts=counts, trace=trace, n_reused_tokens=n_reused)
+                                expert_counts=counts, trace=trace, n_reused_tokens=n_reused,
+                                logprobs=tuple(logprobs) if params.logprobs else None)
             return result
 
     # -- KV state: prefix reuse and saved sessions ----------------------------------------------
@@ -486,30 +525,89 @@ class MoEEngine:
                 raise RuntimeError(f"llama_decode failed with code {rc} at position {n_past + start}")
             self._ctx_tokens.extend(chunk)
 
-    def _piece(self, token: int) -> bytes:
-        """The bytes of one token (llama_token_to_piece; the buffer grows for long pieces)."""
-        size = 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, False)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n
-
     def _make_sampler(self, params: SamplingParams) -> _internals.LlamaSampler:
+        """llama.cpp's sampler chain for ``params``, in llama.cpp's own order: logit bias,
+        penalties, grammar, then greedy, or top-k, top-p, min-p, temperature and a seeded draw."""
+        n_vocab = self.tokenizer.n_vocab
         sampler = _internals.LlamaSampler()
-        if params.temperature == 0.0:
-            sampler.add_greedy()
-        else:
-            if params.top_p < 1.0:
-                sampler.add_top_p(params.top_p, 1)
-            sampler.add_temp(params.temperature)
-            sampler.add_dist(params.seed)
+        try:
+            bias = {t: -math.inf if b <= LOGIT_BIAS_BAN else b for t, b in params.logit_bias}
+            if params.grammar is not None:  # see _broken_utf8_tokens
+                bias.update(dict.fromkeys(self._broken_utf8_tokens(), -math.inf))
+            if bias:
+                sampler.add_logit_bias(n_vocab, bias)
+            if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+                sampler.add_penalties(n_vocab, params.penalty_last_n, params.repeat_penalty,
+                                      params.frequency_penalty, params.presence_penalty)
+            if params.grammar is not None:
+                grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
+                if not grammar:
+                    raise SamplingParamError("grammar", "a GBNF grammar llama.cpp can parse, with a 'root' rule",
+                                             params.grammar[:200])
+                llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
+            if params.greedy:
+                sampler.add_greedy()
+            else:
+                if params.top_k > 0:
+                    sampler.add_top_k(params.top_k)
+                if params.top_p < 1.0:
+                    sampler.add_top_p(params.top_p, 1)
+                if params.min_p > 0.0:
+                    sampler.add_min_p(params.min_p, 1)
+                sampler.add_temp(params.temperature)
+                sampler.add_dist(params.seed)
+        except BaseException:
+            sampler.close()
+            raise
         return sampler
+
+    def _broken_utf8_tokens(self) -> list[int]:
+        """Tokens whose bytes are not whole UTF-8 characters (byte-level vocabularies have them).
+
+        llama.cpp's grammar sampler reads text as code points and decodes some invalid byte
+        sequences (overlong forms, surrogates) to code points it accepts, which a JSON parser
+        later reads as several replacement characters: a string the grammar bounded to 12
+        characters comes out longer. Under a grammar these tokens are banned, so the output is
+        valid UTF-8 and means to the parser what it meant to the grammar. (A character the
+        vocabulary has only in pieces can still be written as a JSON \\u escape.)
+        """
+        if self._broken_utf8 is None:
+            broken = []
+            for token in range(self.tokenizer.n_vocab):
+                try:
+                    self.tokenizer.piece(token).decode("utf-8")
+                except UnicodeDecodeError:
+                    broken.append(token)
+            self._broken_utf8 = broken
+        return self._broken_utf8
+
+    def _logprob(self, token: int, offset: int, n_top: int) -> TokenLogprob:
+        """The sampled token's log-probability: log-softmax of the logits llama.cpp computed for
+        the position (before any sampler changed them), and the ``n_top`` most likely tokens."""
+        n_vocab = self.tokenizer.n_vocab
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1), shape=(n_vocab,))
+        logits = logits.astype(np.float64)
+        top = logits.max()
+        log_z = top + math.log(float(np.exp(logits - top).sum()))
+        alternatives: tuple[TopLogprob, ...] = ()
+        if n_top:
+            best = np.argpartition(-logits, min(n_top, n_vocab) - 1)[:n_top]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            alternatives = tuple(TopLogprob(int(t), self.tokenizer.piece(int(t)), float(logits[t] - log_z)) for t in best)
+        return TokenLogprob(token=token, piece=self.tokenizer.piece(token), logprob=float(logits[token] - log_z),
+                            offset=offset, top=alternatives)
 
     def _check_open(self) -> None:
         if self._closed:
             raise EngineClosedError("the engine was closed")
+
+
+def _count_before(entries: list[TokenLogprob], start: int, end: int) -> int:
+    """Index after the last of ``entries[start:]`` whose text starts before character ``end``."""
+    n = start
+    while n < len(entries) and entries[n].offset < end:
+        n += 1
+    return n
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:

@@ -16,7 +16,24 @@ class CacheBudgetError(SniperError, ValueError):
 
 
 class InvalidParameterError(SniperError, ValueError):
-    """A request or configuration parameter is out of range or of the wrong type."""
+    """A request or configuration parameter is out of range or of the wrong type.
+
+    Attributes:
+        param: the name of the bad parameter, when one can be named (the HTTP layer reports it
+            as the error's ``param``).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[object, ...]:  # crosses Ray's process boundaries with its param
+        return (type(self), (str(self), self.param))
+
+
+class ChatTemplateError(InvalidParameterError):
+    """A conversation cannot be rendered with the chat template (the template raised, or the
+    model has no template for what was asked, such as tools)."""
 
 
 class PromptTooLongError(SniperError, ValueError):

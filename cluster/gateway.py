@@ -1,11 +1,13 @@
 """HTTP gateway: an OpenAI-compatible Ray Serve application in front of the router actor.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events
-with ``stream: true``), ``GET /v1/models``, ``GET /health`` (200 only while the router and at
+with ``stream: true``; chat answers carry ``X-Chat-Template: model|override|none``, which
+template rendered the conversation), ``GET /v1/models``, ``POST /tokenize`` and
+``POST /detokenize`` (llama-server's), ``GET /health`` (200 only while the router and at
 least one node are live), ``GET /metrics`` (Prometheus). With an API key configured, every
-``/v1/`` request must carry ``Authorization: Bearer KEY`` or gets 401 before anything is
-routed; ``/health`` and ``/metrics`` stay open for probes and scrapers. Errors are OpenAI
-error bodies (400/401/404/413/429/503), never stack traces.
+``/v1/``, ``/tokenize`` and ``/detokenize`` request must carry ``Authorization: Bearer KEY``
+or gets 401 before anything is routed; ``/health`` and ``/metrics`` stay open for probes and
+scrapers. Errors are OpenAI error bodies (400/401/404/413/429/503), never stack traces.
 
 ``start_http`` runs it from the ``serve --http`` command; ``build_app`` is the import path
 for Serve configs and KubeRay's RayService (``cluster.gateway:build_app``), and creates the
@@ -34,15 +36,16 @@ from cluster.node import NAMESPACE, ROUTER_NAME, NoNodesError
 from cluster.node_memory import AUTO
 from cluster.openai_api import (
     APIError,
-    Generation,
+    APIRequest,
     Limits,
-    chunk,
     error_from_exception,
     models_list,
     parse_chat,
     parse_completion,
-    response,
+    parse_detokenize,
+    parse_tokenize,
 )
+from cluster.openai_responses import FinishedChoice, StreamChunks, response
 
 APP_NAME = "sniper"  # the Serve application of the default namespace (``app_name``)
 API_KEY_ENV = "SNIPER_API_KEY"
@@ -58,11 +61,21 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
 
 
-async def _first_event(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+async def _first_event(events: AsyncIterator[dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
+    """The stream's first piece (or its end), and the chat template's origin the router
+    announces before it (None for a completion)."""
+    template = None
     try:
-        return await events.__anext__()
+        item = await events.__anext__()
+        if "chat_template" in item and "done" not in item:
+            template = item["chat_template"]
+            item = await events.__anext__()
+        return item, template
     except StopAsyncIteration:
         raise APIError(503, "the router closed the stream before the first message", type="service_unavailable") from None
+
+
+CHAT_TEMPLATE_HEADER = "X-Chat-Template"  # chat answers: model, override or none (plain role: content lines)
 
 
 def _sse_data(payload: dict[str, Any]) -> str:
@@ -160,29 +173,42 @@ class Gateway:
         try:
             self._authorize(request)
             body = await self._json_body(request)
-            gen: Generation = parse(body, self.config.limits, await self._model_name())
+            req: APIRequest = parse(body, self.config.limits, await self._model_name())
             client = await self._router_client()
-            events = client.aevents(gen.prompt, **gen.client_kwargs(), max_prompt_tokens=self.config.limits.max_prompt_tokens,
-                                    restartable=not gen.stream)  # an answer sent whole can start again elsewhere
-            first = await _first_event(events)  # errors before any text keep their HTTP status
-            if gen.stream:
+            events = client.aevents(req.prompt, req.params, session_id=req.session_id,
+                                    max_prompt_tokens=self.config.limits.max_prompt_tokens,
+                                    restartable=not req.stream)  # an answer sent whole can start again elsewhere
+            first, template = await _first_event(events)  # errors before any text keep their HTTP status
+            headers = {CHAT_TEMPLATE_HEADER: template} if template else {}
+            if req.stream:
                 streaming = True
-                return StreamingResponse(self._sse(gen, endpoint, started, first, events), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            text, final = [], first
-            if "text" in first:
-                self.metrics.first_token.labels(endpoint).observe(time.monotonic() - started)
-                text.append(first["text"])
-                async for item in events:
-                    if "text" in item:
-                        text.append(item["text"])
-                    elif "restart" in item:  # its node died: the text so far is void
-                        text.clear()
-                    elif item.get("done"):
-                        final = item
-            self._count_tokens(final)
+                return StreamingResponse(self._sse(req, endpoint, started, first, events), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+            texts: dict[int, list[str]] = {}
+            logprobs: dict[int, list[Any]] = {}
+            item, timed = first, False
+            while True:
+                if "text" in item:
+                    if not timed:
+                        self.metrics.first_token.labels(endpoint).observe(time.monotonic() - started)
+                        timed = True
+                    texts.setdefault(item.get("index", 0), []).append(item["text"])
+                    logprobs.setdefault(item.get("index", 0), []).extend(item.get("logprobs", ()))
+                elif "restart" in item:  # its node died: the text so far is void
+                    texts.clear()
+                    logprobs.clear()
+                elif item.get("done"):
+                    break
+                item = await events.__anext__()
+            self._count_tokens(item)
+            choices = [FinishedChoice(c["index"], "".join(texts.get(c["index"], [])), c["finish_reason"],
+                                      tuple(logprobs.get(c["index"], []))) for c in item["choices"]]
             status_code = 200
-            return JSONResponse(response(gen, "".join(text), final["finish_reason"], final["usage"], final["node"]))
+            return JSONResponse(response(req, choices, item["usage"], item["node"]), headers=headers)
+        except StopAsyncIteration:
+            error = APIError(503, "the stream ended without a final message", type="service_unavailable")
+            status_code = error.status
+            raise error from None
         except Exception as exc:
             error = error_from_exception(exc)
             status_code = error.status
@@ -193,23 +219,24 @@ class Gateway:
                     await events.aclose()
                 self._finish(endpoint, status_code, started)
 
-    async def _sse(self, gen: Generation, endpoint: str, started: float, first: dict[str, Any],
+    async def _sse(self, req: APIRequest, endpoint: str, started: float, first: dict[str, Any],
                    events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
         status_code = 499  # unless the stream reaches its end or an error
+        chunks = StreamChunks(req)
         try:
-            item, is_first = first, True
+            item, timed = first, False
             while True:
                 if "text" in item:
-                    if is_first:
+                    if not timed:
                         self.metrics.first_token.labels(endpoint).observe(time.monotonic() - started)
-                    yield _sse_data(chunk(gen, item["text"], first=is_first))
-                    is_first = False
+                        timed = True
+                    for body in chunks.piece(item.get("index", 0), item["text"], item.get("logprobs", ())):
+                        yield _sse_data(body)
                 elif item.get("done"):
                     self._count_tokens(item)
                     status_code = 200
-                    yield _sse_data(chunk(gen, None, item["finish_reason"], node=item["node"]))
-                    if gen.include_usage:
-                        yield _sse_data(chunk(gen, usage=item["usage"]))
+                    for body in chunks.end(item):
+                        yield _sse_data(body)
                     yield "data: [DONE]\n\n"
                     return
                 item = await events.__anext__()
@@ -242,6 +269,29 @@ class Gateway:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, "/v1/chat/completions", parse_chat)
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """llama-server's ``/tokenize``: ``{"tokens": [ids]}``, or ``[{"id", "piece"}]`` with ``with_pieces``."""
+        self._authorize(request)
+        try:
+            spec = parse_tokenize(await self._json_body(request))
+            client = await self._router_client()
+            tokens = await client.atokenize(spec.content, spec.add_special, spec.parse_special, spec.with_pieces)
+            return JSONResponse({"tokens": tokens})
+        except Exception as exc:
+            raise error_from_exception(exc) from None
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        """llama-server's ``/detokenize``: ``{"content": text}`` of ``{"tokens": [ids]}``."""
+        self._authorize(request)
+        try:
+            tokens = parse_detokenize(await self._json_body(request))
+            client = await self._router_client()
+            return JSONResponse({"content": await client.adetokenize(tokens)})
+        except Exception as exc:
+            raise error_from_exception(exc) from None
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -328,14 +378,15 @@ def stop_http(namespace: str = NAMESPACE) -> bool:
 
 
 BUILD_ARGS = ("model", "nodes", "cache_mb", "threads", "policy", "namespace", "api_key", "max_tokens_limit",
-              "max_prompt_tokens", "max_body_bytes")
+              "max_prompt_tokens", "max_body_bytes", "chat_template")
 
 
 def build_app(args: dict[str, Any]) -> Any:
     """Serve application builder (``import_path: cluster.gateway:build_app``).
 
     With ``model``, it first deploys the router and ``nodes`` node actors unless the namespace
-    already has a router; without, it fronts an existing deployment.
+    already has a router; without, it fronts an existing deployment. ``chat_template`` (a Jinja
+    file) overrides the model's template in the deployment it creates, so it needs ``model``.
     """
     unknown = sorted(set(args) - set(BUILD_ARGS))
     if unknown:
@@ -344,17 +395,24 @@ def build_app(args: dict[str, Any]) -> Any:
     limits = Limits(**{name: int(args[key]) for key, name in (("max_tokens_limit", "max_tokens"),
                                                                ("max_prompt_tokens", "max_prompt_tokens"),
                                                                ("max_body_bytes", "max_body_bytes")) if key in args})
+    if "chat_template" in args and "model" not in args:
+        raise InvalidParameterError("chat_template is a setting of the deployment build_app creates: give model too",
+                                    param="chat_template")
     if "model" in args:
         cache_mb = args["cache_mb"] if "cache_mb" in args else os.environ.get("SNIPER_CACHE_MB") or None  # as `serve`
         if cache_mb is not None and str(cache_mb) != AUTO and (not str(cache_mb).isdigit() or int(cache_mb) < 1):
             raise InvalidParameterError(f"cache_mb must be a positive integer (MiB) or '{AUTO}', got {cache_mb!r}")
+        from cluster.deploy import read_chat_template
+
         _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)),
                            None if cache_mb is None else AUTO if str(cache_mb) == AUTO else int(cache_mb),
-                           args.get("threads"), str(args.get("policy", "warmth")), namespace)
+                           args.get("threads"), str(args.get("policy", "warmth")), namespace,
+                           read_chat_template(args.get("chat_template")))
     return gateway_app(GatewayConfig(namespace=namespace, api_key=args.get("api_key"), limits=limits))
 
 
-def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threads: Any, policy: str, namespace: str) -> None:
+def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threads: Any, policy: str, namespace: str,
+                       chat_template: str | None = None) -> None:
     """Deploys unless the namespace has a router; no ``cache_mb``: a budget that holds the whole model."""
     import ray
 
@@ -367,4 +425,4 @@ def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threa
     except ValueError:
         pass
     deploy.deploy(model, nodes, cache_bytes=deploy.cache_budget(model, cache_mb), policy=policy, namespace=namespace,
-                  n_threads=int(threads) if threads else None)
+                  n_threads=int(threads) if threads else None, chat_template=chat_template)

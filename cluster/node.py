@@ -3,7 +3,11 @@
 ``NodeServer`` is a plain class (tests drive it without Ray); ``NodeActor`` is its Ray shell.
 A node:
   * serves one request at a time on its engine, with a bounded number waiting (``max_queue``);
-    a request beyond that is refused at once with ``OverloadedError``;
+    a request beyond that is refused at once with ``OverloadedError``; a request's ``n``
+    choices are generated one after the other (each reuses the prompt's KV state), its pieces
+    tagged with their choice's ``index``;
+  * tokenizes the prompt as the router did: a chat rendering (``special``) with its special
+    tokens parsed;
   * keeps the KV state of recent conversations (``session_bytes``, least recently used out), so
     a conversation's next turn prefills only its new tokens; any request also reuses the
     longest common prefix with what the context holds;
@@ -30,6 +34,7 @@ from cluster.engine import MoEEngine
 from cluster.errors import InvalidParameterError, SniperError
 from cluster.routing.base import RoutingTraceSummary
 from cluster.routing.warmth import prefix_hashes
+from cluster.sampling import SamplingParams
 
 NAMESPACE = "sniper"
 RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a node keeps for a restarted router
@@ -115,6 +120,20 @@ class _Session:
     prefixes: frozenset[int]  # prefix_hashes(tokens), reported with every report
 
 
+_ADDITIVE_CACHE_STATS = ("hits", "misses", "bytes_read", "bytes_read_prefill", "bytes_read_decode", "n_tokens_prefill",
+                         "n_tokens_decode")
+_RATE_CACHE_STATS = ("decode_hit_rate", "prefetch_precision", "prefetch_recall")
+
+
+def _request_cache_stats(gens: list[Any]) -> dict[str, float]:
+    """A request's cache counters over all its choices (rates: of its first choice)."""
+    if not gens[0].cache:
+        return {}
+    stats = {k: sum(g.cache[k] for g in gens) for k in _ADDITIVE_CACHE_STATS if k in gens[0].cache}
+    stats.update({k: gens[0].cache[k] for k in _RATE_CACHE_STATS if k in gens[0].cache})
+    return stats
+
+
 class NodeServer:
     """The node's logic without Ray. ``report_sink`` receives every NodeReport."""
 
@@ -171,55 +190,68 @@ class NodeServer:
 
     def _serve(self, request_id: str, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         session = request.get("session_id")
-        params = {k: request[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if k in request}
+        params = request.get("params") or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameterError(f"params must be SamplingParams, got {type(params).__name__}", param="params")
         with self._serve_lock:  # one request at a time; the threads waiting here are the queue
-            yield from self._generate(request_id, session, request["prompt"], params)
+            yield from self._generate(request_id, session, request["prompt"], params, bool(request.get("special")))
 
-    def _generate(self, request_id: str, session: str | None, prompt: str,
-                  params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _generate(self, request_id: str, session: str | None, prompt: str, params: SamplingParams,
+                  special: bool) -> Iterator[dict[str, Any]]:
+        """The request's ``n`` choices one after the other (each reuses the prompt's KV state):
+        ``{"text", "index", "logprobs"?}`` items, then the ``done`` item with every choice's end."""
         self._switch_session(session)
-        pieces = self.engine.stream(prompt, **params)
-        try:
-            while True:
-                if request_id in self._cancelled:
-                    pieces.close()
-                    yield {"cancelled": True, "node": self.node_id}
-                    return
-                try:
-                    piece = next(pieces)
-                except StopIteration as done:
-                    gen = done.value
-                    break
-                yield {"text": piece}
-        except BaseException:
-            pieces.close()
-            raise
+        params.validate()
+        gens = []
+        for index, choice in enumerate(params.choices()):
+            pieces = self.engine.pieces(prompt, choice, special=special)
+            try:
+                while True:
+                    if request_id in self._cancelled:
+                        pieces.close()
+                        yield {"cancelled": True, "node": self.node_id}
+                        return
+                    try:
+                        piece = next(pieces)
+                    except StopIteration as done:
+                        gens.append(done.value)
+                        break
+                    item: dict[str, Any] = {"text": piece.text, "index": index}
+                    if params.logprobs:
+                        item["logprobs"] = piece.logprobs
+                    yield item
+            except BaseException:
+                pieces.close()
+                raise
         self._current_session = session
         if session is not None:
             self._save_session(session)
+        first = gens[0]
+        n_generated = sum(g.n_generated for g in gens)
         self._served += 1
-        self._generated += gen.n_generated
+        self._generated += n_generated
         summary = None
-        if gen.trace is not None:
+        if first.trace is not None:
             layout = self.engine.layout
-            n_prefilled = gen.n_prompt_tokens - gen.n_reused_tokens
-            prompt_experts, decode_counts = gen.trace.split_prefill(n_prefilled, layout.n_layers, layout.n_experts)
-            tokens = self.engine.context_tokens[gen.n_reused_tokens:gen.n_prompt_tokens]
-            summary = RoutingTraceSummary(tokens=tuple(tokens), prompt_experts=prompt_experts,
-                                          decode_counts=decode_counts)
+            n_prefilled = first.n_prompt_tokens - first.n_reused_tokens
+            prompt_experts, decode_counts = first.trace.split_prefill(n_prefilled, layout.n_layers, layout.n_experts)
+            for later in gens[1:]:  # the other choices decoded on the same prompt
+                decode_counts = decode_counts + later.trace.split_prefill(
+                    later.n_prompt_tokens - later.n_reused_tokens, layout.n_layers, layout.n_experts)[1]
+            tokens = tuple(self.engine.context_tokens[first.n_reused_tokens:first.n_prompt_tokens])
+            summary = RoutingTraceSummary(tokens=tokens, prompt_experts=prompt_experts, decode_counts=decode_counts)
             self._remember_trace(summary)
         self._send_report(request_id, summary)
         yield {
             "done": True,
             "node": self.node_id,
-            "finish_reason": gen.finish_reason,
-            "usage": {"prompt_tokens": gen.n_prompt_tokens, "completion_tokens": gen.n_generated,
-                      "reused_prompt_tokens": gen.n_reused_tokens},
-            "timing": {"prefill_s": gen.prefill_s, "decode_s": gen.decode_s},
-            "cache": {k: v for k, v in gen.cache.items() if k in ("hits", "misses", "bytes_read", "decode_hit_rate",
-                                                                   "prefetch_precision", "prefetch_recall",
-                                                                   "bytes_read_prefill", "bytes_read_decode",
-                                                                   "n_tokens_prefill", "n_tokens_decode")},
+            "finish_reason": first.finish_reason,
+            "choices": [{"index": i, "finish_reason": g.finish_reason, "completion_tokens": g.n_generated}
+                        for i, g in enumerate(gens)],
+            "usage": {"prompt_tokens": first.n_prompt_tokens, "completion_tokens": n_generated,
+                      "reused_prompt_tokens": first.n_reused_tokens},
+            "timing": {"prefill_s": first.prefill_s, "decode_s": sum(g.decode_s for g in gens)},
+            "cache": _request_cache_stats(gens),
             "decode_counts": None if summary is None else summary.decode_counts,
             "prompt_experts": None if summary is None else summary.prompt_experts,
         }

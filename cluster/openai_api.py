@@ -1,23 +1,34 @@
-"""The OpenAI wire format: request bodies in, response bodies and stream chunks out, errors.
+"""The OpenAI wire format, requests side: request bodies in, ``APIRequest`` out, errors.
 
 Pure functions and dataclasses, no Ray and no web framework, so the gateway stays a thin
 shell and every rule here is tested directly. ``parse_completion`` / ``parse_chat`` turn a
-decoded JSON body into a ``Generation`` (the router's request plus what the response needs)
-or raise ``APIError`` carrying the HTTP status and an OpenAI-style error body.
+decoded JSON body into an ``APIRequest`` (the prompt or conversation, ``SamplingParams``, and
+what the response must echo) or raise ``APIError`` carrying the HTTP status and an
+OpenAI-style error body naming the field. Sampling options are bounded in one place,
+``cluster.sampling``; this module maps wire fields onto them (``max_completion_tokens`` onto
+``max_tokens``, completions' ``logprobs: N`` onto ``logprobs`` + ``top_logprobs``, ...) and
+reports their errors under the wire name. ``response_format`` and forced ``tool_choice``
+become grammars (``cluster.grammar``). Responses and stream chunks are in
+``cluster.openai_responses``. ``parse_tokenize`` / ``parse_detokenize`` read llama-server's
+``/tokenize`` and ``/detokenize`` bodies.
 """
 
 from __future__ import annotations
 
-import math
+import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from cluster.chat import ROLES, ChatMessage, ChatPrompt, ToolCall
 from cluster.errors import InvalidParameterError, PromptTooLongError
+from cluster.grammar import json_object_grammar, json_schema_grammar, tool_call_grammar
 from cluster.node import NodeFailedError, NoNodesError, OverloadedError
+from cluster.sampling import MAX_SEED, SamplingParamError, SamplingParams
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = (*ROLES, "developer")  # "developer" is OpenAI's newer name for system
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,9 @@ def error_from_exception(exc: BaseException) -> APIError:
     message = str(exc) or type(exc).__name__
     if isinstance(exc, PromptTooLongError):
         return APIError(400, message, param="prompt", code="context_length_exceeded")
-    if isinstance(exc, (InvalidParameterError, ValueError)):
+    if isinstance(exc, InvalidParameterError):
+        return APIError(400, message, param=exc.param)
+    if isinstance(exc, ValueError):
         return APIError(400, message)
     if isinstance(exc, OverloadedError):
         return APIError(429, message, type="rate_limit_error", code="overloaded")
@@ -84,39 +97,48 @@ def error_from_exception(exc: BaseException) -> APIError:
 
 
 @dataclass(frozen=True)
-class Generation:
-    """One parsed request: what goes to the router and what the response must echo."""
+class APIRequest:
+    """One parsed request: what goes to the router and what the response must echo.
 
-    kind: str  # "completion" or "chat"
+    Attributes:
+        kind: ``completion`` or ``chat``.
+        model: the served model's name.
+        prompt: the completion prompt, or the conversation (rendered by the router).
+        params: the decoding options, validated.
+        stream: answer with server-sent events.
+        include_usage: ``stream_options.include_usage``.
+        session_id: keeps a conversation's turns on one node (``session_id`` or ``user``).
+        echo: completions: the prompt is prepended to each choice's text.
+        parse_tools: chat with tools: ``<tool_call>`` blocks in the answer become ``tool_calls``.
+    """
+
+    kind: Literal["completion", "chat"]
     model: str
-    prompt: str
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    stop: tuple[str, ...]
+    prompt: str | ChatPrompt
+    params: SamplingParams
     stream: bool
     include_usage: bool
     session_id: str | None
     echo: bool = False
+    parse_tools: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``Client.generate`` / ``Client.aevents``."""
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "seed": self.seed, "session_id": self.session_id, "stop": self.stop}
 
 
 # -- parsing -------------------------------------------------------------------------------
 
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
-           "user", "session_id", "presence_penalty", "frequency_penalty", "logit_bias"}
+_EXTENSIONS = {"top_k": "top_k", "min_p": "min_p", "repeat_penalty": "repeat_penalty",
+               "repetition_penalty": "repeat_penalty", "repeat_last_n": "penalty_last_n", "grammar": "grammar",
+               "stop_token_ids": "stop_token_ids"}
+"""Fields outside OpenAI's API that llama-server or vLLM accept, and the SamplingParams field each sets."""
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n", "user",
+           "session_id", "presence_penalty", "frequency_penalty", "logit_bias", *_EXTENSIONS}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "logprobs", "suffix"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
+                          "tool_choice", "parallel_tool_calls", "store", "service_tier"}
 
 
-def parse_completion(body: Any, limits: Limits, model: str) -> Generation:
+def parse_completion(body: Any, limits: Limits, model: str) -> APIRequest:
     """``POST /v1/completions``: ``prompt`` is a string (or a list holding one string)."""
     body = _object(body, _COMPLETION_FIELDS)
     prompt = body.get("prompt")
@@ -124,50 +146,199 @@ def parse_completion(body: Any, limits: Limits, model: str) -> Generation:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise APIError(400, "'prompt' must be a non-empty string (one prompt per request)", param="prompt")
-    _unsupported(body, {"best_of": 1, "logprobs": None, "suffix": None})
+    _unsupported(body, {"best_of": 1, "suffix": None})
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise APIError(400, f"'echo' must be a boolean, got {echo!r}", param="echo")
-    return _generation("completion", body, prompt, limits, model, echo=echo)
+    sampling: dict[str, tuple[str, Any]] = {}  # SamplingParams field -> (wire name, value)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        if not isinstance(logprobs, int) or isinstance(logprobs, bool):
+            raise APIError(400, f"'logprobs' must be an integer (alternatives per token) or null, got {logprobs!r}",
+                           param="logprobs")
+        if echo:
+            raise APIError(400, "'logprobs' with 'echo' (log-probabilities of the prompt) is not supported", param="echo")
+        sampling["logprobs"] = ("logprobs", True)
+        sampling["top_logprobs"] = ("logprobs", logprobs)
+    return _request("completion", body, prompt, sampling, limits, model, echo=echo)
 
 
-def parse_chat(body: Any, limits: Limits, model: str) -> Generation:
-    """``POST /v1/chat/completions``: the messages are rendered with ``chat_prompt``."""
+def parse_chat(body: Any, limits: Limits, model: str) -> APIRequest:
+    """``POST /v1/chat/completions``: the conversation goes to the router, which renders it with
+    the model's chat template; ``tools``, ``tool_choice`` and ``response_format`` are read here."""
     body = _object(body, _CHAT_FIELDS)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-            raise APIError(400, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}", param=f"messages[{i}].role")
-        content = message.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
-        elif not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
-                           param=f"messages[{i}].content")
-    _unsupported(body, {"logprobs": False, "top_logprobs": None, "response_format": None})
+    messages = _messages(body.get("messages"))
+    tools = _tools(body.get("tools"))
+    choice = _tool_choice(body.get("tool_choice"), tools)
+    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
+        raise APIError(400, "'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
+    _unsupported(body, {"store": False})
+    if body.get("service_tier") not in (None, "auto", "default"):
+        raise APIError(400, "'service_tier' must be 'auto' or 'default' (one tier here)", param="service_tier")
+    sampling: dict[str, tuple[str, Any]] = {}
     if "max_completion_tokens" in body:
         if "max_tokens" in body:
             raise APIError(400, "give 'max_tokens' or 'max_completion_tokens', not both", param="max_completion_tokens")
-        body = {**body, "max_tokens": body["max_completion_tokens"]}
-    return _generation("chat", body, chat_prompt(messages), limits, model)
+        sampling["max_tokens"] = ("max_completion_tokens", body["max_completion_tokens"])
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        sampling["logprobs"] = ("logprobs", logprobs)
+    if body.get("top_logprobs") is not None:
+        if logprobs is not True:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        sampling["top_logprobs"] = ("top_logprobs", body["top_logprobs"])
+    grammar = _response_format(body.get("response_format"))
+    if choice not in ("none", "auto"):
+        if grammar is not None:
+            raise APIError(400, "'response_format' and a forced 'tool_choice' exclude each other", param="tool_choice")
+        named = [t for t in tools if choice == "required" or t["function"]["name"] == choice]
+        grammar = ("tool_choice", _grammar(lambda: tool_call_grammar(named), "tool_choice"))
+    if grammar is not None:
+        sampling["grammar"] = grammar
+    rendered_tools = tools if choice != "none" else []
+    prompt = ChatPrompt(messages, tools=tuple(json.dumps(t, ensure_ascii=False) for t in rendered_tools))
+    return _request("chat", body, prompt, sampling, limits, model, parse_tools=bool(rendered_tools))
 
 
-def chat_prompt(messages: list[dict[str, Any]]) -> str:
-    """Renders a conversation as plain text: ``role: content`` lines, then ``assistant:``.
+def _messages(raw: Any) -> tuple[ChatMessage, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    messages = []
+    for i, message in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise APIError(400, f"{where}.role must be one of {', '.join(CHAT_ROLES)}", param=f"{where}.role")
+        role = "system" if message["role"] == "developer" else message["role"]
+        known = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
+        unknown = sorted(set(message) - known)
+        if unknown:
+            raise APIError(400, f"{where}: unrecognized field '{unknown[0]}'", param=f"{where}.{unknown[0]}")
+        content = _content(message.get("content"), where, optional=role == "assistant" and bool(message.get("tool_calls")))
+        calls = _message_tool_calls(message.get("tool_calls"), where) if role == "assistant" else ()
+        if role != "assistant" and message.get("tool_calls") is not None:
+            raise APIError(400, f"{where}.tool_calls: only assistant messages make tool calls", param=f"{where}.tool_calls")
+        call_id = message.get("tool_call_id")
+        if role == "tool":
+            if not isinstance(call_id, str) or not call_id:
+                raise APIError(400, f"{where}.tool_call_id: a tool message must say which call it answers",
+                               param=f"{where}.tool_call_id")
+        elif call_id is not None:
+            raise APIError(400, f"{where}.tool_call_id: only tool messages answer calls", param=f"{where}.tool_call_id")
+        name = message.get("name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise APIError(400, f"{where}.name must be a non-empty string", param=f"{where}.name")
+        messages.append(ChatMessage(role=role, content=content, tool_calls=calls, tool_call_id=call_id, name=name))
+    return tuple(messages)
 
-    The same history always renders to the same prefix, so a conversation's next turn reuses
-    the KV state its node kept (and the router sees the shared prefix).
-    """
-    lines = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            content = "".join(part["text"] for part in content)
-        lines.append(f"{message['role']}: {content}\n")
-    return "".join(lines) + "assistant:"
+
+def _content(content: Any, where: str, optional: bool) -> str | None:
+    if content is None and optional:
+        return None
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise APIError(400, f"{where}.content: only text parts are supported", param=f"{where}.content")
+        return "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise APIError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
+    return content
+
+
+def _message_tool_calls(raw: Any, where: str) -> tuple[ToolCall, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise APIError(400, f"{where}.tool_calls must be a list", param=f"{where}.tool_calls")
+    calls = []
+    for j, call in enumerate(raw):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function" \
+                or not isinstance(function.get("name"), str) or not function["name"]:
+            raise APIError(400, f"{at} must be {{id, type: 'function', function: {{name, arguments}}}}", param=at)
+        arguments = function.get("arguments", "{}")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else None
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise APIError(400, f"{at}.function.arguments must be a JSON object in a string", param=f"{at}.function.arguments")
+        call_id = call.get("id") or f"call_{j}"
+        if not isinstance(call_id, str):
+            raise APIError(400, f"{at}.id must be a string", param=f"{at}.id")
+        calls.append(ToolCall(id=call_id, name=function["name"], arguments=arguments))
+    return tuple(calls)
+
+
+def _tools(raw: Any) -> list[dict[str, Any]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise APIError(400, "'tools' must be a non-empty list of function tools", param="tools")
+    tools, names = [], set()
+    for i, tool in enumerate(raw):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise APIError(400, f"tools[{i}] must be {{type: 'function', function: {{name, description?, parameters?}}}}",
+                           param=f"tools[{i}]")
+        name = function.get("name")
+        if not isinstance(name, str) or not name or name in names:
+            raise APIError(400, f"tools[{i}].function.name must be a non-empty string, unique among the tools",
+                           param=f"tools[{i}].function.name")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object",
+                           param=f"tools[{i}].function.parameters")
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise APIError(400, f"tools[{i}].function.description must be a string", param=f"tools[{i}].function.description")
+        names.add(name)
+        entry = {"name": name, **({"description": description} if description else {}), "parameters": parameters}
+        tools.append({"type": "function", "function": entry})
+    return tools
+
+
+def _tool_choice(raw: Any, tools: list[dict[str, Any]]) -> str:
+    """``none``, ``auto``, ``required`` or the name of the function that must be called."""
+    if raw is None:
+        return "auto" if tools else "none"
+    if not tools and raw != "none":
+        raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+    if raw in ("none", "auto", "required"):
+        return raw
+    function = raw.get("function") if isinstance(raw, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(raw, dict) or raw.get("type") != "function" or not isinstance(name, str):
+        raise APIError(400, "'tool_choice' must be 'none', 'auto', 'required' or {type: 'function', function: {name}}",
+                       param="tool_choice")
+    if name not in {t["function"]["name"] for t in tools}:
+        raise APIError(400, f"'tool_choice' names the function '{name}', which is not among 'tools'", param="tool_choice")
+    return name
+
+
+def _response_format(raw: Any) -> tuple[str, str] | None:
+    """The grammar a ``response_format`` asks for (None for text), as (wire name, GBNF)."""
+    if raw is None:
+        return None
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "response_format", json_object_grammar()
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(schema, dict):
+            raise APIError(400, "'response_format' json_schema must be {name, schema: {...}, strict?}",
+                           param="response_format")
+        return "response_format", _grammar(lambda: json_schema_grammar(schema), "response_format")
+    raise APIError(400, "'response_format' type must be 'text', 'json_object' or 'json_schema'", param="response_format")
+
+
+def _grammar(build: Any, param: str) -> str:
+    try:
+        return build()
+    except InvalidParameterError as exc:
+        raise APIError(400, str(exc), param=param) from None
 
 
 def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
@@ -186,40 +357,32 @@ def _unsupported(body: dict[str, Any], neutral: dict[str, Any]) -> None:
             raise APIError(400, f"'{name}' is not supported by this server (only {value!r})", param=name)
 
 
-def _generation(kind: str, body: dict[str, Any], prompt: str, limits: Limits, model: str, echo: bool = False) -> Generation:
+def _request(kind: Literal["completion", "chat"], body: dict[str, Any], prompt: str | ChatPrompt,
+             sampling: dict[str, tuple[str, Any]], limits: Limits, model: str, echo: bool = False,
+             parse_tools: bool = False) -> APIRequest:
     requested = body.get("model")
     if not isinstance(requested, str) or not requested:
         raise APIError(400, "'model' is required (see GET /v1/models)", param="model")
     if requested != model:
         raise APIError(404, f"the model '{requested}' does not exist; this server serves '{model}'",
                        param="model", code="model_not_found")
-    n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise APIError(400, f"'n' must be 1 (one choice per request), got {n!r}", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise APIError(400, f"'{name}' is not supported by this server (only 0)", param=name)
-    if body.get("logit_bias") not in (None, {}):
-        raise APIError(400, "'logit_bias' is not supported by this server", param="logit_bias")
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = limits.default_max_tokens
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limits.max_tokens:
-        raise APIError(400, f"'max_tokens' must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}",
-                       param="max_tokens")
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0:
-        raise APIError(400, "'top_p' must be in (0, 1]", param="top_p")
-    seed = body.get("seed")
-    if seed is None:
-        seed = uuid.uuid4().int % (1 << 32)
-    elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 32:
-        raise APIError(400, f"'seed' must be an integer in [0, 2**32), got {seed!r}", param="seed")
-    stop = body.get("stop")
-    stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", param="stop")
+    for wire in ("max_tokens", "temperature", "top_p", "seed", "stop", "n", "presence_penalty", "frequency_penalty"):
+        if body.get(wire) is not None:
+            sampling[wire] = (wire, body[wire])
+    for wire, name in _EXTENSIONS.items():
+        if body.get(wire) is not None:
+            if name in sampling:
+                raise APIError(400, f"'{wire}' and '{sampling[name][0]}' exclude each other", param=wire)
+            sampling[name] = (wire, body[wire])
+    if body.get("logit_bias") is not None:
+        sampling["logit_bias"] = ("logit_bias", _logit_bias(body["logit_bias"]))
+    sampling.setdefault("max_tokens", ("max_tokens", limits.default_max_tokens))
+    sampling.setdefault("temperature", ("temperature", 1.0))  # OpenAI's default: sampled
+    sampling.setdefault("seed", ("seed", secrets.randbelow(MAX_SEED + 1)))
+    params = sampling_params(sampling)
+    wire, max_tokens = sampling["max_tokens"]
+    if max_tokens > limits.max_tokens:
+        raise APIError(400, f"'{wire}' must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}", param=wire)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, f"'stream' must be a boolean, got {stream!r}", param="stream")
@@ -229,67 +392,66 @@ def _generation(kind: str, body: dict[str, Any], prompt: str, limits: Limits, mo
     session_id = body.get("session_id", body.get("user"))
     if session_id is not None and (not isinstance(session_id, str) or not session_id or len(session_id) > 256):
         raise APIError(400, "'session_id' / 'user' must be a non-empty string of at most 256 characters", param="session_id")
-    return Generation(kind=kind, model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-                      top_p=top_p, seed=seed, stop=tuple(stop), stream=stream,
-                      include_usage=bool((options or {}).get("include_usage", False)), session_id=session_id, echo=echo)
+    return APIRequest(kind=kind, model=model, prompt=prompt, params=params, stream=stream,
+                      include_usage=bool((options or {}).get("include_usage", False)), session_id=session_id,
+                      echo=echo, parse_tools=parse_tools)
 
 
-def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not low <= value <= high:
-        raise APIError(400, f"'{name}' must be a number in [{low:g}, {high:g}], got {value!r}", param=name)
-    return float(value)
+def sampling_params(sampling: dict[str, tuple[str, Any]]) -> SamplingParams:
+    """SamplingParams from (wire name, value) per field; a bad value is a 400 naming the wire field."""
+    try:
+        return SamplingParams.create(**{name: value for name, (_, value) in sampling.items()})
+    except SamplingParamError as exc:
+        wire = sampling.get(exc.field, (exc.field, None))[0]
+        raise APIError(400, f"'{wire}' must be {exc.expected}, got {exc.value!r}", param=wire) from None
+    except TypeError as exc:  # a value of a type the params cannot even hold
+        raise APIError(400, f"bad sampling parameter: {exc}") from None
 
 
-# -- responses -----------------------------------------------------------------------------
-
-def _usage(usage: dict[str, int]) -> dict[str, int]:
-    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _object_name(gen: Generation, chunk: bool) -> str:
-    if gen.kind == "chat":
-        return "chat.completion.chunk" if chunk else "chat.completion"
-    return "text_completion"
-
-
-def _id(gen: Generation) -> str:
-    return ("chatcmpl-" if gen.kind == "chat" else "cmpl-") + gen.id
+def _logit_bias(raw: Any) -> dict[int, Any]:
+    """OpenAI's ``{"token id": bias}`` with the ids as integers (their range is checked by the router)."""
+    if not isinstance(raw, dict):
+        raise APIError(400, f"'logit_bias' must be an object mapping token ids to biases, got {raw!r}", param="logit_bias")
+    bias = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"'logit_bias' keys must be token ids (integers), got {key!r}", param="logit_bias") from None
+        bias[token] = value
+    return bias
 
 
-def response(gen: Generation, text: str, finish_reason: str, usage: dict[str, int], node: str) -> dict[str, Any]:
-    """The non-streaming body; ``system_fingerprint`` names the node that served it."""
-    if gen.kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "logprobs": None, "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": (gen.prompt + text) if gen.echo else text, "logprobs": None,
-                  "finish_reason": finish_reason}
-    return {"id": _id(gen), "object": _object_name(gen, chunk=False), "created": gen.created, "model": gen.model,
-            "system_fingerprint": node, "choices": [choice], "usage": _usage(usage)}
+# -- tokenizer endpoints (llama-server's) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """``POST /tokenize``: ``content``, ``add_special`` (BOS, default false), ``parse_special``
+    (special-token texts become tokens, default true), ``with_pieces`` (default false)."""
+
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
 
 
-def chunk(gen: Generation, text: str | None = None, finish_reason: str | None = None, *, first: bool = False,
-          usage: dict[str, int] | None = None, node: str | None = None) -> dict[str, Any]:
-    """One stream chunk: a text delta, the final one with ``finish_reason``, or the usage-only one."""
-    choices: list[dict[str, Any]] = []
-    if usage is None:
-        if gen.kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else \
-                ({"content": text} if text else {})
-            choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-        else:
-            choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
-    body: dict[str, Any] = {"id": _id(gen), "object": _object_name(gen, chunk=True), "created": gen.created,
-                            "model": gen.model, "choices": choices}
-    if node is not None:
-        body["system_fingerprint"] = node
-    if usage is not None:
-        body["usage"] = _usage(usage)
-    return body
+def parse_tokenize(body: Any) -> TokenizeRequest:
+    body = _object(body, {"content", "add_special", "parse_special", "with_pieces"})
+    if not isinstance(body.get("content"), str):
+        raise APIError(400, "'content' must be a string", param="content")
+    for name in ("add_special", "parse_special", "with_pieces"):
+        if name in body and not isinstance(body[name], bool):
+            raise APIError(400, f"'{name}' must be a boolean, got {body[name]!r}", param=name)
+    return TokenizeRequest(**body)
+
+
+def parse_detokenize(body: Any) -> list[int]:
+    """``POST /detokenize``: ``tokens``, a list of token ids."""
+    body = _object(body, {"tokens"})
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise APIError(400, "'tokens' must be a list of token ids (integers)", param="tokens")
+    return tokens
 
 
 def models_list(model: str, created: int) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """Router actor: picks a node per request with a routing policy and proxies its stream.
 
+It also renders chat requests with the model's chat template (``ChatRenderer``): the router
+holds the model's vocabulary already (it tokenizes every prompt to route it), so the prompt
+text it sends on is tokenized by the same rule here and on the node, special tokens parsed.
+
 ``RouterCore`` (plain class) holds what the router knows — live nodes, their last reports,
 the requests it has in flight per node — and asks the policy to rank nodes. ``RouterActor``
 (named, detached ``sniper-router``, restartable) is the async Ray shell that dispatches
@@ -21,10 +25,12 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
+from cluster.chat import ChatPrompt, ChatRenderer
 from cluster.decision_audit import DecisionAudit
-from cluster.errors import PromptTooLongError
+from cluster.errors import InvalidParameterError, PromptTooLongError
 from cluster.node import NodeFailedError, NodeReport, NoNodesError, OverloadedError
 from cluster.routing import NodeView, RouteRequest, make_policy
+from cluster.sampling import SamplingParams
 from cluster.warmth import Warmth, WarmthFormatError
 from cluster.warmth import decode as decode_warmth
 
@@ -246,12 +252,14 @@ class RouterCore:
 class RouterActor:
     """Async Ray actor around RouterCore. Create with ``ray.remote(RouterActor).options(...)``."""
 
-    def __init__(self, model_path: str, policy: str = "warmth", namespace: str = "sniper") -> None:
+    def __init__(self, model_path: str, policy: str = "warmth", namespace: str = "sniper",
+                 chat_template: str | None = None) -> None:
         from cluster.tokenizer import Tokenizer
 
         self.core = RouterCore(policy)
         self.model_path = model_path
-        self.tokenizer = Tokenizer(model_path)
+        self.tokenizer = Tokenizer.load(model_path)
+        self.chat = ChatRenderer(self.tokenizer, chat_template)
         self.namespace = namespace
         self.handles: dict[str, Any] = {}
 
@@ -273,7 +281,11 @@ class RouterActor:
         return handle
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Routes and streams one request: ``{"text"}`` items, then ``{"done", "node", ...}``.
+        """Routes and streams one request: ``{"text", "index"}`` items, then ``{"done", "node", ...}``.
+
+        A chat request (``chat``: a ``ChatPrompt``) is rendered here with the deployment's chat
+        template and sent on as prompt text flagged ``special``; its stream starts with
+        ``{"chat_template": origin}``.
 
         A node that dies before sending text has the request sent to another node. One that dies
         after sending text ends the stream with ``NodeFailedError``, unless the request is
@@ -286,11 +298,14 @@ class RouterActor:
         request = dict(request)
         request.setdefault("request_id", uuid.uuid4().hex)
         restartable = bool(request.pop("restartable", False))
-        tokens = tuple(self.tokenizer.tokenize(request["prompt"]))
+        template = self._prepare(request)
+        tokens = tuple(self.tokenizer.tokenize(request["prompt"], special=bool(request.get("special"))))
         limit = request.pop("max_prompt_tokens", None)
         if limit is not None and len(tokens) > limit:
             raise PromptTooLongError(f"the prompt is {len(tokens)} tokens; this endpoint accepts at most {limit}")
         route = RouteRequest(request_id=request["request_id"], tokens=tokens, session_id=request.get("session_id"))
+        if template is not None:  # announced first: an HTTP answer's headers say which template rendered it
+            yield {"chat_template": template}
         tried: set[str] = set()
         while True:
             ranked = self.core.choose(route, tried)
@@ -310,6 +325,8 @@ class RouterActor:
                         if item.get("done"):
                             node.served += 1
                             item["routing"] = {"policy": self.core.policy.name, "attempts": len(tried) + 1, **why}
+                            if template is not None:
+                                item["chat_template"] = template
                         yield item
                 except (asyncio.CancelledError, GeneratorExit):
                     handle.cancel.remote(request["request_id"])
@@ -337,20 +354,79 @@ class RouterActor:
             if restart is not None:
                 yield restart
 
+    def _prepare(self, request: dict[str, Any]) -> str | None:
+        """Checks the sampling params against the vocabulary and renders a chat request
+        (``chat``: a ``ChatPrompt``) into its prompt text, flagged ``special`` so node and router
+        tokenize it with special tokens parsed. Returns the template's origin for a chat request."""
+        params = request.get("params") or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameterError(f"params must be SamplingParams, got {type(params).__name__}", param="params")
+        params.validate()
+        params.check_vocabulary(self.tokenizer.n_vocab)
+        chat = request.pop("chat", None)
+        if chat is None:
+            request["params"] = params
+            return None
+        rendered = self.chat.render(chat)
+        request["prompt"] = rendered.text
+        request["special"] = rendered.special
+        request["params"] = self.chat.with_end_of_turn(params)
+        return rendered.origin
+
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The whole answer at once; a node that dies mid-way costs a restart elsewhere, not an error."""
-        text: list[str] = []
+        """The whole answer at once; a node that dies mid-way costs a restart elsewhere, not an error.
+
+        ``text`` is the first choice's; ``choices`` has every choice's text, finish reason and
+        (with ``logprobs``) token log-probabilities.
+        """
+        texts: dict[int, list[str]] = {}
+        logprobs: dict[int, list[Any]] = {}
         async for item in self.stream({**request, "restartable": True}):
             if "text" in item:
-                text.append(item["text"])
+                index = item.get("index", 0)
+                texts.setdefault(index, []).append(item["text"])
+                logprobs.setdefault(index, []).extend(item.get("logprobs", ()))
             elif "restart" in item:
-                text.clear()
+                texts.clear()
+                logprobs.clear()
             elif item.get("done"):
-                return {"text": "".join(text), **{k: v for k, v in item.items() if k not in ("done",)}}
+                choices = [{**c, "text": "".join(texts.get(c["index"], [])),
+                            "logprobs": tuple(logprobs.get(c["index"], ()))} for c in item["choices"]]
+                return {"text": choices[0]["text"], **{k: v for k, v in item.items() if k not in ("done", "choices")},
+                        "choices": choices}
         raise NodeFailedError("the stream ended without a final message")
 
+    async def render(self, chat: ChatPrompt) -> dict[str, Any]:
+        """A conversation's prompt as the nodes would evaluate it: its text, token ids and template origin."""
+        rendered = self.chat.render(chat)
+        return {"text": rendered.text, "origin": rendered.origin,
+                "tokens": self.tokenizer.tokenize(rendered.text, special=rendered.special)}
+
+    async def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True,
+                       with_pieces: bool = False) -> list[Any]:
+        """Token ids of ``text`` (with ``with_pieces``: ``{"id", "piece"}`` per token, the piece a
+        string, or its bytes as a list when they are not whole UTF-8 characters)."""
+        if not isinstance(text, str):
+            raise InvalidParameterError(f"content must be a string, got {type(text).__name__}", param="content")
+        tokens = self.tokenizer.tokenize(text, special=parse_special, add_special=add_special)
+        if not with_pieces:
+            return tokens
+        out = []
+        for token in tokens:
+            piece = self.tokenizer.piece(token, special=True)
+            try:
+                out.append({"id": token, "piece": piece.decode("utf-8")})
+            except UnicodeDecodeError:
+                out.append({"id": token, "piece": list(piece)})
+        return out
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids (control tokens written out); ids outside the vocabulary are an error."""
+        return self.tokenizer.detokenize(tokens, special=True)
+
     async def status(self) -> dict[str, Any]:
-        return {"model": os.path.basename(self.model_path).removesuffix(".gguf"), **self.core.status()}
+        return {"model": os.path.basename(self.model_path).removesuffix(".gguf"), "chat_template": self.chat.origin,
+                "chat_tools": self.chat.supports_tools, **self.core.status()}
 
     async def heat(self) -> dict[str, np.ndarray]:
         return self.core.heat()

@@ -4,8 +4,10 @@ Nothing can be downloaded on the project's machines (DESIGN.md, "Models"), so te
 benchmarks run on these files; llama.cpp (llama-cpp-python 0.3.36) loads and runs them.
 
 * Tokenizer: byte-level GPT-2 BPE (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer "default"):
-  the 256 byte tokens, `<|bos|>`/`<|eos|>` (CONTROL), and n_topics x words_per_topic
-  pseudo-words such as " kalo", each one token reached by a merge chain ("Ġ k", "Ġk a", ...).
+  the 256 byte tokens, `<|bos|>`/`<|eos|>` (CONTROL), a chat format's control tokens when
+  `chat_template` asks for one (`<|im_start|>`, `<|im_end|>`, ...: see `cluster.chat`), and
+  n_topics x words_per_topic pseudo-words such as " kalo", each one token reached by a merge
+  chain ("Ġ k", "Ġk a", ...).
 * Routing follows topics. Topic t has a direction d_t, a coordinate axis of the residual stream
   (orthonormal, and no BLAS rounding enters the file). Word v of topic t embeds as
   ``s d_t + w_v`` with w_v a unit vector orthogonal to every d_t; other tokens embed as w_v.
@@ -44,6 +46,8 @@ from typing import Any
 
 import gguf
 import numpy as np
+
+from cluster.chat import SYNTH_TEMPLATES
 
 __all__ = [
     "PRESETS",
@@ -99,7 +103,8 @@ _VOWELS = "aeiou"
 _SPACE_MARK = "Ġ"  # GPT-2 byte-to-unicode spelling of b" "
 
 _ALIASES = {"layers": "n_layers", "experts": "n_experts", "top_k": "n_experts_used", "dim": "n_embd", "ff": "n_ff",
-            "dtype": "dtype", "arch": "arch", "specialization": "specialization", "seed": "seed"}  # CLI name -> field
+            "dtype": "dtype", "arch": "arch", "specialization": "specialization", "seed": "seed",
+            "chat_template": "chat_template"}  # CLI name -> field
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,11 @@ class SynthConfig:
         n_topics: number of topics (vocabulary groups with their own expert groups).
         words_per_topic: single-token words per topic (at least 2, so decoding moves on).
         n_ctx_train: `context_length` written to the file.
+        chat_template: "" (none), or a chat format of `cluster.chat.SYNTH_TEMPLATES` ("chatml",
+            "llama3"): its Jinja template goes into `tokenizer.chat_template` and its control
+            tokens into the vocabulary (CONTROL type, after <|bos|>/<|eos|>), with
+            `tokenizer.ggml.eot_token_id` set to its end-of-turn token (and the BOS id to its own
+            BOS token when it writes one, as Llama 3's <|begin_of_text|>).
         merged_gate_up: write one `ffn_gate_up_exps` tensor [n_embd, 2*n_ff, n_experts] (gate
             rows first) instead of ffn_gate_exps and ffn_up_exps. llama and qwen3moe in this
             llama.cpp refuse that layout ("tensor 'blk.0.ffn_up_exps.weight' not found"); it
@@ -145,6 +155,7 @@ class SynthConfig:
     n_ctx_train: int = 4096
     merged_gate_up: bool = False
     seed: int = 0
+    chat_template: str = ""
 
     def validate(self) -> None:
         """Checks that llama.cpp can load the model this config describes.
@@ -209,6 +220,8 @@ class SynthConfig:
             raise bad("n_ctx_train", ">= 1")
         if not isinstance(self.merged_gate_up, bool):
             raise bad("merged_gate_up", "a bool")
+        if self.chat_template != "" and self.chat_template not in SYNTH_TEMPLATES:
+            raise bad("chat_template", f"'' or one of {', '.join(SYNTH_TEMPLATES)}")
         if self.seed < 0:
             raise bad("seed", ">= 0")
 
@@ -437,6 +450,7 @@ class _Vocab:
     topic_ids: list[list[int]]  # token id of each topic word
     bos_id: int
     eos_id: int
+    eot_id: int | None = None  # the chat format's end-of-turn token
 
 
 @dataclass(frozen=True)
@@ -507,6 +521,15 @@ def _build_vocab(config: SynthConfig) -> _Vocab:
     bos_id, eos_id = len(tokens), len(tokens) + 1
     tokens += [BOS_TEXT, EOS_TEXT]
     types += [control, control]
+    eot_id = None
+    if config.chat_template:
+        _, controls, end_of_turn, own_bos = SYNTH_TEMPLATES[config.chat_template]
+        first = len(tokens)
+        tokens += list(controls)
+        types += [control] * len(controls)
+        eot_id = first + controls.index(end_of_turn)
+        if own_bos is not None:
+            bos_id = first + controls.index(own_bos)
     topic_words = _topic_words(config)
     spelled = [[_SPACE_MARK + w for w in words] for words in topic_words]
     whole = {w for words in spelled for w in words}
@@ -525,7 +548,7 @@ def _build_vocab(config: SynthConfig) -> _Vocab:
         types += [normal] * len(words)
     merge_list = [f"{a} {b}" for a, b in sorted(merges, key=lambda m: (len(m[0]) + len(m[1]), m))]
     return _Vocab(tokens=tokens, token_types=types, merges=merge_list, topic_words=topic_words,
-                  topic_ids=topic_ids, bos_id=bos_id, eos_id=eos_id)
+                  topic_ids=topic_ids, bos_id=bos_id, eos_id=eos_id, eot_id=eot_id)
 
 
 class _Plan:
@@ -721,6 +744,9 @@ def _add_metadata(writer: gguf.GGUFWriter, config: SynthConfig, vocab: _Vocab) -
     writer.add_bos_token_id(vocab.bos_id)
     writer.add_eos_token_id(vocab.eos_id)
     writer.add_add_bos_token(True)
+    if c.chat_template:
+        writer.add_eot_token_id(vocab.eot_id)
+        writer.add_chat_template(SYNTH_TEMPLATES[c.chat_template][0])
     writer.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
     writer.add_string(KEY_CONFIG, c.to_json())
     writer.add_array(KEY_TOPICS, [" ".join(words) for words in vocab.topic_words])

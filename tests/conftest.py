@@ -88,6 +88,18 @@ def merged_model(models_dir: Path) -> Path:
     return _write_model(models_dir, "tiny-merged.gguf", synth.config_from_args("tiny", merged_gate_up=True))
 
 
+@pytest.fixture(scope="session")
+def chatml_model(models_dir: Path) -> Path:
+    """The tiny shape with a ChatML template and its control tokens (a synthetic chat model)."""
+    return _write_model(models_dir, "tiny-chatml.gguf", synth.config_from_args("tiny", chat_template="chatml"))
+
+
+@pytest.fixture(scope="session")
+def llama3_model(models_dir: Path) -> Path:
+    """The tiny shape with a Llama-3-style header template (its BOS is <|begin_of_text|>)."""
+    return _write_model(models_dir, "tiny-llama3.gguf", synth.config_from_args("tiny", chat_template="llama3"))
+
+
 @pytest.fixture()
 def private_tiny_model(tiny_model: Path, tmp_path: Path) -> Path:
     """A copy of the tiny model (its own inode and page cache) that no other test maps."""

@@ -212,7 +212,7 @@ def test_cli_generate_and_status_against_the_running_deployment(deployment, ray_
     assert len(status["nodes"]) == N_NODES and sum(n["served"] for n in status["nodes"]) == 1
     bad = subprocess.run([sys.executable, "-m", "cluster", "generate", "x", "--max-tokens", "0", *common],
                          capture_output=True, text=True, env=env, timeout=60)
-    assert bad.returncode == 2 and "positive integer" in bad.stderr
+    assert bad.returncode == 2 and "--max-tokens must be an integer >= 1, got 0" in bad.stderr
 
 
 def test_a_deployment_that_cannot_start_says_why_and_leaves_nothing_behind(ray_cluster, tiny_model, bad_model_files):

@@ -16,7 +16,7 @@ import pytest
 
 from cluster import synth, warmth
 from cluster.cache import discover_layout
-from cluster.engine import Generation, MoEEngine
+from cluster.engine import Generation, MoEEngine, Piece
 from cluster.errors import (
     CacheBudgetError,
     EngineClosedError,
@@ -24,6 +24,7 @@ from cluster.errors import (
     ModelFileError,
     PromptTooLongError,
 )
+from cluster.sampling import SamplingParams
 
 N_CTX = 256  # llama.cpp pads the context to a multiple of 256: ask for what we get
 N_THREADS = 2  # engines and observer alike: the same numerics
@@ -441,3 +442,101 @@ def test_prefetch_scores_are_fractions_and_warmth_matches_cache_stats(tiny_model
     assert report.counters == {name: stats[name] for name in report.counters} and report.counters
     # heat is recency-weighted selections: warm exactly where this (only) request selected
     np.testing.assert_array_equal(report.heat > 0, result.expert_counts > 0)
+
+
+# -- (g) sampling options and log-probabilities, through llama.cpp's sampler chain ----------
+
+
+def _engine_pieces(engine: MoEEngine, prompt: str, params: SamplingParams) -> tuple[list[Piece], Generation]:
+    gen = engine.pieces(prompt, params)
+    pieces: list[Piece] = []
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as done:
+            return pieces, done.value
+
+
+def test_the_same_seed_gives_the_same_text_and_other_seeds_other_texts(cached_engine: MoEEngine,
+                                                                        tiny_topics: list[list[str]]) -> None:
+    prompt = synth.topic_prompt(tiny_topics, 2, 4, seed=3)
+    texts = [cached_engine.generate(prompt, max_tokens=16, temperature=1.5, seed=seed).text for seed in range(4)]
+    again = [cached_engine.generate(prompt, max_tokens=16, temperature=1.5, seed=seed).text for seed in range(4)]
+    assert texts == again
+    assert len(set(texts)) >= 3
+
+
+def test_top_k_1_and_min_p_1_keep_only_the_likeliest_token(cached_engine: MoEEngine, tiny_topics: list[list[str]]) -> None:
+    prompt = synth.topic_prompt(tiny_topics, 0, 4, seed=4)
+    greedy = cached_engine.generate(prompt, max_tokens=16)
+    hot = [cached_engine.generate(prompt, max_tokens=16, temperature=2.0, seed=seed) for seed in range(3)]
+    assert any(g.tokens != greedy.tokens for g in hot)  # sampling this hot does leave the greedy path
+    for narrowed in ({"top_k": 1}, {"min_p": 1.0}):
+        for seed in range(3):
+            assert cached_engine.generate(prompt, max_tokens=16, temperature=2.0, seed=seed, **narrowed).tokens == greedy.tokens
+
+
+def test_a_logit_bias_of_minus_100_removes_a_token_the_greedy_answer_uses(cached_engine: MoEEngine,
+                                                                          tiny_topics: list[list[str]]) -> None:
+    prompt = synth.topic_prompt(tiny_topics, 1, 4, seed=5)
+    greedy = cached_engine.generate(prompt, max_tokens=12)
+    banned = greedy.tokens[3]
+    without = cached_engine.generate(prompt, max_tokens=12, logit_bias={banned: -100})
+    assert banned not in without.tokens and without.tokens[:3] == greedy.tokens[:3]
+    favoured = greedy.tokens[-1]
+    assert cached_engine.generate(prompt, max_tokens=3, logit_bias={favoured: 100}).tokens == (favoured,) * 3
+    with pytest.raises(InvalidParameterError, match="logit_bias"):
+        cached_engine.generate(prompt, max_tokens=3, logit_bias={cached_engine.tokenizer.n_vocab: 1.0})
+
+
+@pytest.mark.parametrize("penalty", [{"repeat_penalty": 3.0}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0}])
+def test_penalties_stop_a_favoured_token_from_repeating(cached_engine: MoEEngine, tiny_topics: list[list[str]],
+                                                        penalty: dict[str, float]) -> None:
+    word = tiny_topics[0][0]
+    prompt = synth.topic_prompt(tiny_topics, 3, 4, seed=6) + " " + word  # the model would go on to the next word
+    favoured = cached_engine.tokenizer.tokenize(" " + word, add_special=False)[0]
+    bias = {favoured: 6.5}  # enough to repeat the prompt's last word every step, by less than a penalty takes away
+    assert cached_engine.generate(prompt, max_tokens=20, logit_bias=bias).tokens == (favoured,) * 20
+    penalised = cached_engine.generate(prompt, max_tokens=20, logit_bias=bias, **penalty)
+    assert 1 <= penalised.tokens.count(favoured) <= 10
+    assert penalised.tokens[0] == favoured  # generated tokens are penalised, the prompt's are not
+    forgetful = cached_engine.generate(prompt, max_tokens=20, logit_bias=bias, penalty_last_n=1, **penalty)
+    assert forgetful.tokens.count(favoured) > penalised.tokens.count(favoured)  # a 1-token window forgets sooner
+
+
+def test_logprobs_are_the_log_softmax_of_the_position_and_line_up_with_the_text(
+        cached_engine: MoEEngine, tiny_topics: list[list[str]]) -> None:
+    prompt = synth.topic_prompt(tiny_topics, 0, 5, seed=7)
+    pieces, gen = _engine_pieces(cached_engine, prompt, SamplingParams(max_tokens=12, logprobs=True, top_logprobs=3))
+    entries = gen.logprobs
+    assert entries is not None and len(entries) == gen.n_generated == 12
+    assert [e for p in pieces for e in p.logprobs] == list(entries)  # streamed with the pieces they start in
+    for entry in entries:
+        assert entry.top[0].token == entry.token and entry.top[0].logprob == pytest.approx(entry.logprob)  # greedy
+        assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
+        assert entry.logprob <= 0 and sum(math.exp(t.logprob) for t in entry.top) <= 1 + 1e-9
+        piece = entry.piece.decode("utf-8")
+        assert gen.text[entry.offset:entry.offset + len(piece)] == piece
+    sampled = cached_engine.generate(prompt, max_tokens=12, temperature=1.5, seed=1, logprobs=True)
+    assert all(not e.top for e in sampled.logprobs) and any(e.logprob < entries[0].logprob for e in sampled.logprobs)
+    assert cached_engine.generate(prompt, max_tokens=3).logprobs is None
+
+
+def test_logprobs_stop_where_a_stop_string_cuts_the_text(cached_engine: MoEEngine, tiny_topics: list[list[str]]) -> None:
+    prompt = synth.topic_prompt(tiny_topics, 1, 5, seed=9)
+    full = cached_engine.generate(prompt, max_tokens=20)
+    stop = " " + full.text.split(" ")[5]
+    cut = cached_engine.generate(prompt, max_tokens=20, stop=stop, logprobs=True)
+    assert cut.finish_reason == "stop" and len(cut.logprobs) == 4 < cut.n_generated
+    assert b"".join(e.piece for e in cut.logprobs).decode() == cut.text
+
+
+def test_each_choice_has_its_own_seed_and_the_engine_makes_one_per_call(cached_engine: MoEEngine,
+                                                                       tiny_topics: list[list[str]]) -> None:
+    prompt = synth.topic_prompt(tiny_topics, 2, 4, seed=8)
+    params = SamplingParams(max_tokens=12, temperature=1.5, seed=42, n=3)
+    texts = [cached_engine.generate(prompt, choice).text for choice in params.choices()]
+    assert len(set(texts)) == 3
+    assert texts[0] == cached_engine.generate(prompt, params.updated(n=1)).text  # choice 0 keeps the request's seed
+    with pytest.raises(InvalidParameterError, match="n must be 1 here"):
+        cached_engine.generate(prompt, params)

@@ -292,6 +292,7 @@ def test_read_topics_rejects_a_gguf_without_topic_metadata(tmp_path: Path) -> No
     ({"n_layers": 0}, "n_layers"),
     ({"n_experts": 0, "n_experts_used": 0, "merged_gate_up": True}, "merged_gate_up"),
     ({"seed": -1}, "seed"),
+    ({"chat_template": "vicuna"}, "chat_template"),
 ])
 def test_validate_rejects_bad_config_naming_the_field(changes: dict[str, object], field: str) -> None:
     config = dataclasses.replace(TINY, **changes)
@@ -339,6 +340,26 @@ def test_config_from_args_rejects_unknown_preset_override_and_bad_values() -> No
         synth.config_from_args("tiny", specialization="very")
     with pytest.raises(ValueError, match=r"SynthConfig\.n_experts_used="):
         synth.config_from_args("tiny", top_k=64)
+
+
+def test_a_chat_template_adds_control_tokens_after_bos_eos_and_leaves_plain_models_unchanged(
+        tiny: synth.SynthInfo, tmp_path: Path) -> None:
+    from cluster.chat import SYNTH_TEMPLATES
+    from cluster.cli import build_parser
+
+    args = build_parser().parse_args(["synth", str(tmp_path / "c.gguf"), "--chat-template", "llama3"])
+    config = synth.config_from_args(args.preset, chat_template=args.chat_template)
+    info = synth.synthesize(tmp_path / "c.gguf", config, progress=False)
+    fields = gguf.GGUFReader(info.path).fields
+    tokens = [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in fields["tokenizer.ggml.tokens"].data]
+    controls = SYNTH_TEMPLATES["llama3"][1]
+    assert tokens[256:258 + len(controls)] == [synth.BOS_TEXT, synth.EOS_TEXT, *controls]
+    types = fields["tokenizer.ggml.token_type"]
+    assert {int(types.parts[i][0]) for i in types.data[256:258 + len(controls)]} == {int(gguf.TokenType.CONTROL)}
+    assert int(fields["tokenizer.ggml.bos_token_id"].parts[-1][0]) == tokens.index("<|begin_of_text|>")
+    assert int(fields["tokenizer.ggml.eot_token_id"].parts[-1][0]) == tokens.index("<|eot_id|>")
+    assert synth.read_config(info.path).chat_template == "llama3"
+    assert "tokenizer.chat_template" not in gguf.GGUFReader(tiny.path).fields  # no template asked: none written
 
 
 def test_q4_k_weights_are_valid_blocks_with_the_planned_mean_and_deviation(tmp_path: Path) -> None:

@@ -1,0 +1,367 @@
+"""Chat rendering: a conversation turned into the prompt text the model was trained on.
+
+Published chat models carry their own template (GGUF ``tokenizer.chat_template``, Jinja) that
+wraps each turn in control tokens such as ``<|im_start|>`` / ``<|im_end|>``. ``ChatTemplate``
+renders a ``ChatPrompt`` with it in a sandboxed Jinja environment
+(``jinja2.sandbox.ImmutableSandboxedEnvironment``) with the variables and helpers templates
+use: ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``tools`` (when
+given), ``raise_exception(message)``, ``strftime_now(format)`` and a JSON ``tojson`` filter.
+The text it produces is tokenized with special tokens parsed (``cluster.tokenizer``).
+
+A model without a template keeps the plain rendering (``role: content`` lines, then
+``assistant:``), and says so: ``ChatTemplate.origin`` is ``model``, ``override`` (a template
+given by the operator, ``serve --chat-template FILE``) or ``none``.
+
+``ChatRenderer`` picks the template a deployment uses (an override, else the model's) and
+finds the token that ends an assistant turn in it, on which generation stops.
+
+A template's own failure (it raises, it uses something the sandbox forbids, a variable it
+needs is missing) is a ``ChatTemplateError`` naming the problem: the caller's conversation is
+what the template refused, so the HTTP layer answers 400.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal, Protocol, Sequence
+
+import jinja2
+import jinja2.meta
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from cluster.errors import ChatTemplateError, InvalidParameterError
+from cluster.sampling import SamplingParams
+
+ROLES = ("system", "user", "assistant", "tool")
+TemplateOrigin = Literal["model", "override", "none"]
+HERMES_TOOL_CALL_TAG = "<tool_call>"  # the tool-call format parsed back (cluster.tool_calls)
+_SENTINEL = "\u2063SNIPER-END-OF-TURN-PROBE\u2063"  # an answer no template rewrites
+
+
+class VocabularyLike(Protocol):
+    """What rendering needs of a tokenizer (``cluster.tokenizer.Tokenizer`` has it)."""
+
+    bos_text: str
+    eos_text: str
+
+    def chat_template(self) -> str | None: ...
+
+    def tokenize(self, text: str, special: bool = False, add_special: bool = True) -> list[int]: ...
+
+    def is_control(self, token: int) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant turn made.
+
+    Attributes:
+        id: the call's id (``call_...``), which the tool's answer refers to.
+        name: the function's name.
+        arguments: the arguments as a JSON object in text (OpenAI's wire form).
+    """
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation.
+
+    Attributes:
+        role: ``system``, ``user``, ``assistant`` or ``tool``.
+        content: the text (None: an assistant turn made only of tool calls).
+        tool_calls: the calls an assistant turn made.
+        tool_call_id: for a ``tool`` turn: which call it answers.
+        name: an optional participant or function name.
+    """
+
+    role: str
+    content: str | None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as templates read it (HF / OpenAI dict shape, absent fields left out;
+        tool-call arguments as objects, which templates serialise with ``tojson``)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content if self.content is not None else ""}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation to render, and the tools the model may call.
+
+    Attributes:
+        messages: the turns so far.
+        tools: function tools in OpenAI's JSON shape (``{"type": "function", "function":
+            {"name", "description", "parameters"}}``), serialised as JSON text so the prompt
+            stays immutable; empty: no tools.
+        add_generation_prompt: end with the opening of an assistant turn.
+    """
+
+    messages: tuple[ChatMessage, ...]
+    tools: tuple[str, ...] = ()
+    add_generation_prompt: bool = True
+
+    def tools_for_template(self) -> list[dict[str, Any]] | None:
+        return [json.loads(t) for t in self.tools] or None
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """A conversation rendered: the prompt text and how it was made.
+
+    Attributes:
+        text: the prompt.
+        origin: which template made it (``model``, ``override`` or ``none``: plain rendering).
+        special: the text holds special-token texts to be parsed as tokens.
+        end_of_turn: the template's end-of-turn text (``<|im_end|>``), if it has one.
+    """
+
+    text: str
+    origin: TemplateOrigin
+    special: bool
+    end_of_turn: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A compiled chat template (or the plain rendering when ``source`` is None).
+
+    Build with ``ChatTemplate.create``; a template that does not compile is refused there.
+    """
+
+    source: str | None
+    origin: TemplateOrigin
+    bos_token: str = ""
+    eos_token: str = ""
+    _compiled: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def create(cls, source: str | None, origin: TemplateOrigin, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+        """Compiles ``source``; None (or origin ``none``) is the plain rendering.
+
+        Raises:
+            ChatTemplateError: the template does not compile (its line and the parser's message).
+        """
+        if source is None or origin == "none":
+            return cls(None, "none", bos_token, eos_token)
+        try:
+            compiled = _environment().from_string(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ChatTemplateError(f"the {origin} chat template does not compile: line {exc.lineno}: {exc.message}",
+                                    param="messages") from None
+        return cls(source, origin, bos_token, eos_token, compiled)
+
+    @property
+    def supports_tools(self) -> bool:
+        """The template reads ``tools`` and writes the Hermes ``<tool_call>`` format this
+        service parses back (``cluster.tool_calls``)."""
+        if self.source is None or HERMES_TOOL_CALL_TAG not in self.source:
+            return False
+        return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(self.source))
+
+    def render(self, prompt: ChatPrompt) -> RenderedChat:
+        """The prompt text of a conversation.
+
+        Raises:
+            ChatTemplateError: tools asked of a template that cannot take them, or the template
+                failed on this conversation (the message says how).
+        """
+        if prompt.tools and not self.supports_tools:
+            what = "the model has no chat template" if self.source is None else \
+                "the chat template does not take tools in the <tool_call> format this server parses"
+            raise ChatTemplateError(f"'tools' cannot be used with this model: {what}", param="tools")
+        if self._compiled is None:
+            return RenderedChat(plain_prompt(prompt.messages), "none", special=False)
+        text = self._render(prompt.messages, prompt.tools_for_template(), prompt.add_generation_prompt)
+        return RenderedChat(text, self.origin, special=True, end_of_turn=self.end_of_turn())
+
+    def _render(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None,
+                add_generation_prompt: bool) -> str:
+        variables: dict[str, Any] = {"messages": [m.for_template() for m in messages],
+                                     "add_generation_prompt": add_generation_prompt,
+                                     "bos_token": self.bos_token, "eos_token": self.eos_token}
+        if tools:
+            variables["tools"] = tools
+        try:
+            return self._compiled.render(**variables)
+        except _TemplateRaised as exc:
+            raise ChatTemplateError(f"the {self.origin} chat template refused the conversation: {exc}",
+                                    param="messages") from None
+        except Exception as exc:  # undefined values, sandbox violations, and whatever a template's code raises
+            raise ChatTemplateError(f"the {self.origin} chat template failed on the conversation: "
+                                    f"{type(exc).__name__}: {exc}", param="messages") from None
+
+    def end_of_turn(self) -> str | None:
+        """The text the template writes right after an assistant's answer, up to the first
+        whitespace (``<|im_end|>``, ``<|eot_id|>``); None if it writes nothing there or cannot
+        render a one-turn exchange. The router stops generation on it when it is a control token."""
+        if self._compiled is None:
+            return None
+        probe = (ChatMessage("user", "hi"), ChatMessage("assistant", _SENTINEL))
+        try:
+            text = self._render(probe, None, add_generation_prompt=False)
+        except ChatTemplateError:
+            return None
+        at = text.find(_SENTINEL)
+        if at < 0:
+            return None
+        after = text[at + len(_SENTINEL):].split(maxsplit=1)
+        return after[0] if after else None
+
+
+class ChatRenderer:
+    """The deployment's chat template (an override, else the model's own, else the plain
+    rendering) with the token ids that end an assistant turn in it."""
+
+    def __init__(self, tokenizer: VocabularyLike, override: str | None = None) -> None:
+        """Raises ChatTemplateError if ``override`` does not compile. A model's own template
+        that does not compile does not stop the deployment (completions still work): chat
+        requests are then refused with that error, which suggests an override."""
+        source = override if override is not None else tokenizer.chat_template()
+        origin: TemplateOrigin = "override" if override is not None else "model" if source is not None else "none"
+        self.origin = origin
+        self.broken: ChatTemplateError | None = None
+        try:
+            self.template = ChatTemplate.create(source, origin, tokenizer.bos_text, tokenizer.eos_text)
+        except ChatTemplateError as exc:
+            if override is not None:
+                raise
+            self.broken = ChatTemplateError(f"{exc}; serve --chat-template FILE can replace it", param="messages")
+            self.template = ChatTemplate.create(None, "none")
+        self.supports_tools = self.broken is None and self.template.supports_tools
+        end = self.template.end_of_turn()
+        ids = tokenizer.tokenize(end, special=True, add_special=False) if end else []
+        self.end_of_turn_ids: tuple[int, ...] = (ids[0],) if len(ids) == 1 and tokenizer.is_control(ids[0]) else ()
+
+    def render(self, chat: ChatPrompt) -> RenderedChat:
+        if not isinstance(chat, ChatPrompt):
+            raise InvalidParameterError(f"chat must be a ChatPrompt, got {type(chat).__name__}", param="messages")
+        if self.broken is not None:
+            raise self.broken
+        return self.template.render(chat)
+
+    def with_end_of_turn(self, params: SamplingParams) -> SamplingParams:
+        """``params`` that also stop on the template's end-of-turn token."""
+        extra = tuple(t for t in self.end_of_turn_ids if t not in params.stop_token_ids)
+        return replace(params, stop_token_ids=params.stop_token_ids + extra) if extra else params
+
+
+def plain_prompt(messages: Sequence[ChatMessage]) -> str:
+    """The rendering for models without a template: ``role: content`` lines, then ``assistant:``.
+
+    The same history always renders to the same prefix, so a conversation's next turn reuses
+    the KV state its node kept (and the router sees the shared prefix).
+    """
+    return "".join(f"{m.role}: {m.content or ''}\n" for m in messages) + "assistant:"
+
+
+class _TemplateRaised(Exception):
+    """``raise_exception`` called by a template."""
+
+
+def _raise_exception(message: str) -> None:
+    raise _TemplateRaised(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """JSON as templates expect it (Jinja's own ``tojson`` escapes HTML characters)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols],
+                                        undefined=jinja2.Undefined, autoescape=False)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson
+    return env
+
+
+# -- templates written into synthetic chat models (cluster.synth) --------------------------------
+
+CHATML_TEMPLATE = (
+    "{%- if messages and messages[0].role == 'system' -%}\n"
+    "    {%- set system = messages[0].content -%}\n"
+    "    {%- set turns = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set system = '' -%}\n"
+    "    {%- set turns = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- if tools -%}\n"
+    "    {{- '<|im_start|>system\\n' -}}\n"
+    "    {%- if system -%}{{- system + '\\n\\n' -}}{%- endif -%}\n"
+    "    {{- 'Functions you may call, one JSON signature per line:\\n<tools>\\n' -}}\n"
+    "    {%- for tool in tools -%}{{- tool | tojson -}}{{- '\\n' -}}{%- endfor -%}\n"
+    "    {{- '</tools>\\nTo call one, answer with <tool_call>\\n{\"name\": NAME, \"arguments\": OBJECT}\\n</tool_call>'"
+    " + '<|im_end|>\\n' -}}\n"
+    "{%- elif system -%}\n"
+    "    {{- '<|im_start|>system\\n' + system + '<|im_end|>\\n' -}}\n"
+    "{%- endif -%}\n"
+    "{%- set state = namespace(called=false) -%}\n"
+    "{%- for message in turns -%}\n"
+    "    {%- if message.role == 'user' or message.role == 'system' -%}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}\n"
+    "        {%- set state.called = false -%}\n"
+    "    {%- elif message.role == 'assistant' -%}\n"
+    "        {{- '<|im_start|>assistant\\n' + message.content -}}\n"
+    "        {%- for call in message.tool_calls or [] -%}\n"
+    "            {%- if message.content or not loop.first -%}{{- '\\n' -}}{%- endif -%}\n"
+    "            {{- '<tool_call>\\n{\"name\": ' + call.function.name | tojson + ', \"arguments\": '"
+    " + call.function.arguments | tojson + '}\\n</tool_call>' -}}\n"
+    "        {%- endfor -%}\n"
+    "        {{- '<|im_end|>\\n' -}}\n"
+    "        {%- set state.called = (message.tool_calls or []) | length > 0 -%}\n"
+    "    {%- elif message.role == 'tool' -%}\n"
+    "        {%- if not state.called -%}\n"
+    "            {{- raise_exception('a tool result must follow an assistant turn that called a tool') -}}\n"
+    "        {%- endif -%}\n"
+    "        {{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' -}}\n"
+    "    {%- else -%}\n"
+    "        {{- raise_exception('ChatML turns are system, user, assistant or tool, not ' + message.role) -}}\n"
+    "    {%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}\n"
+)
+"""A ChatML template (Qwen / Hermes turn format) with Hermes-style tools, written for this project."""
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token -}}\n"
+    "{%- for message in messages -%}\n"
+    "    {%- if message.role not in ['system', 'user', 'assistant'] -%}\n"
+    "        {{- raise_exception('this template has no ' + message.role + ' turns (system, user, assistant)') -}}\n"
+    "    {%- endif -%}\n"
+    "    {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' + message.content | trim + '<|eot_id|>' -}}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}\n"
+)
+"""A Llama-3-style header template (no tools), written for this project."""
+
+SYNTH_TEMPLATES: dict[str, tuple[str, tuple[str, ...], str, str | None]] = {
+    # name: (template, its control tokens, end-of-turn token, BOS token it writes itself or None)
+    "chatml": (CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>"), "<|im_end|>", None),
+    "llama3": (LLAMA3_TEMPLATE, ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+               "<|eot_id|>", "<|begin_of_text|>"),
+}
+"""Chat formats ``cluster.synth`` can write into a synthetic model (``--chat-template NAME``)."""

@@ -1,0 +1,183 @@
+"""The OpenAI wire format, responses side: answer bodies and server-sent-event chunks.
+
+Pure functions, no Ray and no web framework. ``response`` builds a whole answer from the
+choices the router returned; ``StreamChunks`` turns the router's stream (pieces tagged with
+their choice ``index``, then the ``done`` item) into OpenAI's chunks, choice by choice:
+
+* text as ``delta.content`` (chat) or ``text`` (completions), the first chat chunk of a choice
+  with ``role: assistant``;
+* ``logprobs`` in OpenAI's shapes: completions' legacy ``{tokens, token_logprobs,
+  top_logprobs, text_offset}``, chat's ``{content: [{token, logprob, bytes, top_logprobs}]}``;
+* with tools, ``<tool_call>`` blocks (``cluster.tool_calls``) as ``delta.tool_calls``: a chunk
+  with the call's index, id, type and name, then one with its arguments; the choice then
+  finishes with ``finish_reason: tool_calls``;
+* the last chunk of each choice carries its ``finish_reason`` (and ``system_fingerprint``, the
+  node that served it), then the usage chunk when ``stream_options.include_usage`` asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from cluster.openai_api import APIRequest
+from cluster.sampling import TokenLogprob
+from cluster.tool_calls import ParsedCall, ToolCallStream, split_tool_calls
+
+
+@dataclass(frozen=True)
+class FinishedChoice:
+    """One choice as the router returned it: text, why it ended, token log-probabilities."""
+
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+def usage_body(usage: dict[str, int]) -> dict[str, int]:
+    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _object_name(req: APIRequest, chunk: bool) -> str:
+    if req.kind == "chat":
+        return "chat.completion.chunk" if chunk else "chat.completion"
+    return "text_completion"
+
+
+def response_id(req: APIRequest) -> str:
+    return ("chatcmpl-" if req.kind == "chat" else "cmpl-") + req.id
+
+
+def _token_text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="backslashreplace")  # part of a character shows as its bytes
+
+
+def logprobs_body(req: APIRequest, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+    """Log-probabilities of some tokens in the endpoint's shape; None when not asked for."""
+    if not req.params.logprobs:
+        return None
+    if req.kind == "chat":
+        return {"content": [{"token": _token_text(e.piece), "logprob": e.logprob, "bytes": list(e.piece),
+                             "top_logprobs": [{"token": _token_text(t.piece), "logprob": t.logprob, "bytes": list(t.piece)}
+                                              for t in e.top]} for e in entries],
+                "refusal": None}
+    return {"tokens": [_token_text(e.piece) for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_token_text(t.piece): t.logprob for t in e.top} for e in entries]
+            if req.params.top_logprobs else None,
+            "text_offset": [e.offset for e in entries]}
+
+
+def _tool_call_body(call: ParsedCall, index: int) -> dict[str, Any]:
+    return {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def response(req: APIRequest, choices: Sequence[FinishedChoice], usage: dict[str, int], node: str) -> dict[str, Any]:
+    """The non-streaming body; ``system_fingerprint`` names the node that served it."""
+    bodies = []
+    for choice in sorted(choices, key=lambda c: c.index):
+        logprobs = logprobs_body(req, choice.logprobs)
+        if req.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+            finish = choice.finish_reason
+            if req.parse_tools:
+                content, calls = split_tool_calls(choice.text)
+                if calls:
+                    message = {"role": "assistant", "content": content.strip() or None,
+                               "tool_calls": [{k: v for k, v in _tool_call_body(c, i).items() if k != "index"}
+                                              for i, c in enumerate(calls)]}
+                    finish = "tool_calls" if finish == "stop" else finish
+            bodies.append({"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+        else:
+            text = (req.prompt + choice.text) if req.echo and isinstance(req.prompt, str) else choice.text
+            bodies.append({"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason})
+    return {"id": response_id(req), "object": _object_name(req, chunk=False), "created": req.created, "model": req.model,
+            "system_fingerprint": node, "choices": bodies, "usage": usage_body(usage)}
+
+
+def chunk(req: APIRequest, choices: list[dict[str, Any]], *, usage: dict[str, int] | None = None,
+          node: str | None = None) -> dict[str, Any]:
+    """One stream chunk around ``choices`` (empty for the usage-only chunk)."""
+    body: dict[str, Any] = {"id": response_id(req), "object": _object_name(req, chunk=True), "created": req.created,
+                            "model": req.model, "choices": choices}
+    if node is not None:
+        body["system_fingerprint"] = node
+    if usage is not None:
+        body["usage"] = usage_body(usage)
+    return body
+
+
+@dataclass
+class _ChoiceStream:
+    """What the stream has sent of one choice so far."""
+
+    started: bool = False
+    tools: ToolCallStream | None = None
+    n_calls: int = 0
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class StreamChunks:
+    """The chunks of one streamed request, built from the router's items (see the module docstring)."""
+
+    def __init__(self, req: APIRequest) -> None:
+        self.req = req
+        self._choices: dict[int, _ChoiceStream] = {}
+
+    def _state(self, index: int) -> _ChoiceStream:
+        state = self._choices.get(index)
+        if state is None:
+            state = self._choices[index] = _ChoiceStream(tools=ToolCallStream() if self.req.parse_tools else None)
+        return state
+
+    def piece(self, index: int, text: str, logprobs: Sequence[TokenLogprob] = ()) -> list[dict[str, Any]]:
+        """Chunks for a piece of choice ``index`` (none while a tool call or a possible tag is held)."""
+        state = self._state(index)
+        state.pending_logprobs.extend(logprobs)
+        if state.tools is None:
+            return [self._delta(index, state, {"content": text} if self.req.kind == "chat" else {"text": text})] \
+                if text or state.pending_logprobs else []
+        return [c for event in state.tools.feed(text) for c in self._event(index, state, event)]
+
+    def end(self, done: dict[str, Any]) -> list[dict[str, Any]]:
+        """The last chunk of every choice (what a tool parser still held, then ``finish_reason``),
+        and the usage chunk if asked."""
+        out: list[dict[str, Any]] = []
+        for choice in sorted(done.get("choices") or [{"index": 0, "finish_reason": done["finish_reason"]}],
+                             key=lambda c: c["index"]):
+            index = choice["index"]
+            state = self._state(index)
+            finish = choice["finish_reason"]
+            if state.tools is not None:
+                out += [c for event in state.tools.finish() for c in self._event(index, state, event)]
+                if state.n_calls and finish == "stop":
+                    finish = "tool_calls"
+            out.append(self._delta(index, state, {}, finish_reason=finish, node=done["node"]))
+        if self.req.include_usage:
+            out.append(chunk(self.req, [], usage=done["usage"]))
+        return out
+
+    def _event(self, index: int, state: _ChoiceStream, event: str | ParsedCall) -> list[dict[str, Any]]:
+        if isinstance(event, str):
+            return [self._delta(index, state, {"content": event})] if event else []
+        call = _tool_call_body(event, state.n_calls)
+        state.n_calls += 1
+        opening = {**call, "function": {"name": event.name, "arguments": ""}}
+        arguments = {"index": call["index"], "function": {"arguments": event.arguments}}
+        return [self._delta(index, state, {"tool_calls": [opening]}), self._delta(index, state, {"tool_calls": [arguments]})]
+
+    def _delta(self, index: int, state: _ChoiceStream, delta: dict[str, Any], finish_reason: str | None = None,
+               node: str | None = None) -> dict[str, Any]:
+        logprobs = logprobs_body(self.req, state.pending_logprobs)
+        state.pending_logprobs = []
+        if self.req.kind == "chat":
+            if not state.started:
+                delta = {"role": "assistant", **({"content": ""} if "content" not in delta and "tool_calls" not in delta
+                                                 else {}), **delta}
+            body: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        else:
+            body = {"index": index, "text": delta.get("text", ""), "logprobs": logprobs, "finish_reason": finish_reason}
+        state.started = True
+        return chunk(self.req, [body], node=node)
