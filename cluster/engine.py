@@ -31,7 +31,6 @@ import numpy as np
 from llama_cpp import _internals
 
 from cluster import _native, node_memory
-from cluster.node_memory import AUTO
 from cluster import warmth as warmth_report
 from cluster.cache import (
     CacheConfig,
@@ -47,6 +46,7 @@ from cluster.errors import (
     ModelFileError,
     PromptTooLongError,
 )
+from cluster.node_memory import AUTO
 from cluster.sampling import LOGIT_BIAS_BAN, SamplingParamError, SamplingParams, TokenLogprob, TopLogprob
 from cluster.tokenizer import Tokenizer
 

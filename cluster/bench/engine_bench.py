@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 
 from cluster import synth
-from cluster.bench import command_line, log_progress, memlimit, out_flag
-from cluster.bench import offline
+from cluster.bench import command_line, log_progress, memlimit, offline, out_flag
 from cluster.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
-from cluster.errors import InvalidParameterError
 from cluster.cli import MIB, default_model
+from cluster.errors import InvalidParameterError
 
 LIBRARY_BYTES = 64 * MIB  # page cache of Python, numpy and llama.cpp's libraries in the limited process
 

@@ -80,10 +80,11 @@ def policy_lines(policy: dict[str, Any]) -> list[str]:
                     third = r
             if third is not None:
                 ours, lru, best = third["scan_resistant"], third["lru"], third["min"]
+                bytes_ratio = ours["decode_bytes_read_per_token"] / max(1, lru["decode_bytes_read_per_token"])
                 lines += ["", f"At a one-third budget: ours − LRU = "
                           f"{100 * (ours['decode_hit_rate'] - lru['decode_hit_rate']):+.1f} points of decode hit rate, "
-                          f"bytes per decoded token {_fmt(ours['decode_bytes_read_per_token'] / max(1, lru['decode_bytes_read_per_token']), 2)}× "
-                          f"LRU's; MIN − ours = {100 * (best['decode_hit_rate'] - ours['decode_hit_rate']):+.1f} points."]
+                          f"bytes per decoded token {_fmt(bytes_ratio, 2)}× LRU's; "
+                          f"MIN − ours = {100 * (best['decode_hit_rate'] - ours['decode_hit_rate']):+.1f} points."]
             lines.append("")
     return lines
 
