@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
@@ -204,37 +205,58 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # -- cluster -------------------------------------------------------------------------------
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    """Starts everything or nothing: whatever fails or is interrupted (SIGINT, SIGTERM) after the
+    checks removes what this command had started (the gateway, the deployment, the local cluster)."""
     from cluster import deploy, local_cluster
+    from cluster.routing import POLICY_NAMES
 
+    if args.policy not in POLICY_NAMES:  # before a local cluster starts for nothing
+        raise ValueError(f"--policy {args.policy!r}: expected one of {', '.join(POLICY_NAMES)}")
     model = args.model or str(default_model("demo").resolve())
     cache_bytes = _cache_budget(args, model)
     chat_template = deploy.read_chat_template(args.chat_template)
-    deploy.check_model(model, cache_bytes, chat_template)  # before a local cluster starts for nothing
-    if args.local_nodes:
-        address = local_cluster.start(args.local_nodes)
-        print(f"started a local Ray cluster of {args.local_nodes} nodes at {address}", file=sys.stderr)
+    deploy.check_model(model, cache_bytes, chat_template)
+    started: list[str] = []
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if args.local_nodes:
+            address = local_cluster.start(args.local_nodes)
+            started.append("local")
+            print(f"started a local Ray cluster of {args.local_nodes} nodes at {address}", file=sys.stderr)
         deploy.connect(args.address, args.namespace)
+        if args.http:
+            from cluster.gateway import check_route_free
+
+            check_route_free(args.namespace)
         n_nodes = args.nodes or args.local_nodes or 1
         info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
                              max_queue=args.max_queue, n_threads=args.threads, chat_template=chat_template,
                              memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
+        started.append("deployment")  # deploy removes what it started itself when it fails
+        if args.http:
+            from cluster.gateway import GatewayConfig, start_http
+            from cluster.openai_api import Limits
+
+            limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
+            info["http"] = start_http(GatewayConfig(namespace=args.namespace, api_key=args.api_key, limits=limits),
+                                      args.http_host, args.http_port)
+            info["api_key"] = "required" if args.api_key else "none"
     except BaseException:
-        if args.local_nodes:  # the cluster this command started serves nothing: stop it
+        if "deployment" in started and "local" not in started:  # a local cluster goes whole, below
+            deploy.shutdown(args.namespace)
+        if "local" in started:
             local_cluster.stop()
         raise
-    if args.http:
-        from cluster.gateway import GatewayConfig, start_http
-        from cluster.openai_api import Limits
-
-        limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
-        info["http"] = start_http(GatewayConfig(namespace=args.namespace, api_key=args.api_key, limits=limits),
-                                  args.http_host, args.http_port)
-        info["api_key"] = "required" if args.api_key else "none"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _emit(info, args, lambda r: f"serving {model} on {len(r['nodes'])} nodes, policy {r['policy']}"
                                      + (f"; OpenAI-compatible API at {r['http']}/v1 (API key: {r['api_key']})"
                                         if "http" in r else ""))
     return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -28,6 +28,8 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from ray import serve
 
 from cluster.errors import InvalidParameterError, SniperError
@@ -59,6 +61,9 @@ class GatewayConfig:
     namespace: str = NAMESPACE
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
+    # the replica's internal gRPC server listens on its Ray node's address instead of every
+    # interface (Ray Serve binds it to [::]); False where Serve's own options decide (RayService)
+    grpc_on_node_address: bool = True
 
 
 async def _first_event(events: AsyncIterator[dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
@@ -75,6 +80,10 @@ async def _first_event(events: AsyncIterator[dict[str, Any]]) -> tuple[dict[str,
         raise APIError(503, "the router closed the stream before the first message", type="service_unavailable") from None
 
 
+class CallerGone(Exception):
+    """The HTTP client went away before its request was read (counted as 499, nothing to answer)."""
+
+
 CHAT_TEMPLATE_HEADER = "X-Chat-Template"  # chat answers: model, override or none (plain role: content lines)
 
 
@@ -84,13 +93,57 @@ def _sse_data(payload: dict[str, Any]) -> str:
 
 # Serve pickles the FastAPI app when the class below is decorated: everything its methods use
 # must already be defined here.
-api = FastAPI(title="Expert Sniper Cluster", docs_url=None, redoc_url=None)
+api = FastAPI(title="Expert Sniper Cluster", docs_url=None, redoc_url=None, openapi_url=None)
+api.state.api_key = None
 
 
 @api.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status,
                         headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths and methods answer as OpenAI errors; under /v1/ only with the key (an
+    unauthenticated caller learns nothing about what exists)."""
+    key = request.app.state.api_key
+    if key is not None and request.url.path.startswith("/v1/") and not _authorized(request, key):
+        return await _api_error(request, _unauthorized())
+    message = "unknown path" if exc.status_code == 404 else exc.detail
+    return await _api_error(request, APIError(exc.status_code, f"{request.method} {request.url.path}: {message}",
+                                              code="not_found" if exc.status_code == 404 else None))
+
+
+def _unauthorized() -> APIError:
+    return APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+def _authorized(request: Request, key: str) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _bind_internal_grpc_to_node_address() -> None:
+    """Ray Serve binds each replica's inter-deployment gRPC server to [::] (every interface,
+    plaintext; ray/serve/_private/replica.py, ``_on_initialized``). Called from the replica's
+    constructor, before that runs, this makes it listen on the address the Ray node uses, which
+    on a loopback cluster is 127.0.0.1."""
+    import ray
+    from ray.serve._private import replica
+
+    host = ray.util.get_node_ip_address()
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "sniper_bound", False):
+        return
+
+    def bound(server: Any, address: str) -> int:
+        if address.startswith("[::]:"):
+            address = f"{host}:{address.rsplit(':', 1)[1]}"
+        return original(server, address)
+
+    bound.sniper_bound = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = bound
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
@@ -101,6 +154,9 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.api_key = config.api_key if config.api_key is not None else os.environ.get(API_KEY_ENV) or None
+        api.state.api_key = self.api_key  # for the handler of unknown paths
+        if config.grpc_on_node_address:
+            _bind_internal_grpc_to_node_address()
         self.metrics = GatewayMetrics()
         self._client: Any = None
         self._model: str | None = None
@@ -140,29 +196,44 @@ class Gateway:
         return self._model
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+        if self.api_key is not None and not _authorized(request, self.api_key):
+            raise _unauthorized()
 
     async def _json_body(self, request: Request) -> Any:
-        limit = self.config.limits.max_body_bytes
+        limits = self.config.limits
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limits.max_body_bytes} bytes",
                            code="request_too_large")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+
+        async def read() -> bytearray:
+            body = bytearray()
+            async for part in request.stream():
+                body += part
+                if len(body) > limits.max_body_bytes:
+                    raise APIError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes",
+                                   code="request_too_large")
+            return body
+
+        try:
+            body = await asyncio.wait_for(read(), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body was not received within {limits.body_timeout_s:g} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:
+            raise CallerGone() from None
         try:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise APIError(400, "the request body is JSON nested too deeply") from None
+
+    @api.get("/openapi.json")
+    async def openapi(self, request: Request) -> Response:
+        """The API's description, for those who hold the key."""
+        self._authorize(request)
+        return JSONResponse(api.openapi())
 
     # -- generation --------------------------------------------------------------------------
 
@@ -209,6 +280,9 @@ class Gateway:
             error = APIError(503, "the stream ended without a final message", type="service_unavailable")
             status_code = error.status
             raise error from None
+        except CallerGone:
+            status_code = 499  # the client went away while sending its request: nobody to answer
+            return Response(status_code=499)
         except Exception as exc:
             error = error_from_exception(exc)
             status_code = error.status
@@ -308,11 +382,15 @@ class Gateway:
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "reason": f"router: {type(exc).__name__}: {exc}"[:300]},
                                 status_code=503)
-        live = [n["name"] for n in status["nodes"] if n["alive"]]
-        body = {"status": "ok" if live else "unavailable", "policy": status["policy"], "nodes": live}
+        live = [n for n in status["nodes"] if n["alive"]]
+        healthy = [n["name"] for n in live if not n.get("crash_looping")]
+        body = {"status": "ok" if healthy else "unavailable", "policy": status["policy"], "nodes": healthy}
         if not live:
             body["reason"] = "no live node is registered with the router"
-        return JSONResponse(body, status_code=200 if live else 503)
+        elif not healthy:
+            body["reason"] = ("every node is crash-looping (its process was replaced repeatedly within minutes): "
+                              + ", ".join(f"{n['name']} ({n['restarts']} restarts)" for n in live))
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     @api.get("/metrics")
     async def metrics_endpoint(self) -> Response:
@@ -340,6 +418,7 @@ def start_http(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8000,
     other HTTP options (Serve keeps its first ones) or a port taken by another program is
     reported instead of leaving the gateway unreachable.
     """
+    check_route_free(config.namespace)
     serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     serve.run(gateway_app(config), name=app_name(config.namespace), route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
@@ -356,6 +435,21 @@ def start_http(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8000,
                 raise SniperError(f"the gateway does not answer at {url} ({exc}); if Serve was already running with "
                                   f"other HTTP options, remove it first: python -m cluster shutdown") from None
             time.sleep(0.5)
+
+
+def check_route_free(namespace: str) -> None:
+    """Serve routes by path prefix and every gateway answers at ``/``: a second namespace's gateway
+    cannot join a running one (Serve would refuse it only after the deployment had started)."""
+    import ray
+
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    except ValueError:
+        return  # Serve is not running
+    for other in serve.status().applications:
+        if other != app_name(namespace):
+            raise SniperError(f"another Serve application ('{other}') already answers at '/' on this Ray cluster; "
+                              f"remove it first (python -m cluster shutdown --namespace ...) or serve without --http")
 
 
 def stop_http(namespace: str = NAMESPACE) -> bool:

@@ -42,12 +42,15 @@ class Limits:
         max_tokens: the largest ``max_tokens`` a request may ask for (400 above it).
         default_max_tokens: used when a request gives no ``max_tokens`` (default: 16, or
             ``max_tokens`` if that is lower).
+        body_timeout_s: a request body not received whole within this many seconds gets 408
+            (a client that sends less than its Content-Length does not hold a connection).
     """
 
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
     default_max_tokens: int | None = None
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.default_max_tokens is None and isinstance(self.max_tokens, int):
@@ -56,6 +59,8 @@ class Limits:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.body_timeout_s, (int, float)) or not 0 < self.body_timeout_s <= 3600:
+            raise InvalidParameterError(f"body_timeout_s must be a number in (0, 3600], got {self.body_timeout_s!r}")
         if self.default_max_tokens > self.max_tokens:
             raise InvalidParameterError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens ({self.max_tokens})")
 

@@ -37,6 +37,8 @@ from cluster.warmth import decode as decode_warmth
 NODE_TIMEOUT_S = 5.0
 CUMULATIVE_STATS = ("hits", "misses", "bytes_read", "generated_tokens")  # counters kept across a node's restarts
 SWEEP_INTERVAL_S = 0.25  # how often silent nodes are looked for (timeouts are seconds long)
+CRASH_LOOP_RESTARTS = 3  # a node whose process was replaced this many times ...
+CRASH_LOOP_WINDOW_S = 120.0  # ... within this many seconds is crash-looping (reported; /health says 503 if all are)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class NodeState:
     served: int = 0
     started_at: float = 0.0  # the node process's start time, from its reports
     restarts: int = 0  # new node processes seen since this router first heard from the node
+    restart_times: list[float] = field(default_factory=list)  # when (router clock) the latest ones were seen
     resident: np.ndarray | None = None  # bool [L, E] from the last warmth report
     sessions: frozenset[str] = frozenset()  # from the last report
     stats: dict[str, float] = field(default_factory=dict)  # from the last full report
@@ -133,6 +136,7 @@ class RouterCore:
         counters are carried so that the node's totals stay cumulative."""
         self.mark_dead(node.node_id)
         node.restarts += 1
+        node.restart_times = [*node.restart_times[-(CRASH_LOOP_RESTARTS - 1):], self.clock()]
         node.started_at = started_at
         node.carried = {key: node.total(key) or 0 for key in CUMULATIVE_STATS}
         node.stats = {}
@@ -222,6 +226,7 @@ class RouterCore:
                 "capacity": node.capacity,
                 "served": node.served,
                 "restarts": node.restarts,
+                "crash_looping": self._crash_looping(node),
                 "hit_rate": node.hit_rate(),
                 "decode_hit_rate": stats.get("decode_hit_rate"),  # of the current process
                 "bytes_read": node.total("bytes_read"),
@@ -244,6 +249,10 @@ class RouterCore:
                            "recall": float(np.mean(recall)) if recall else None},
             "decision_audit": self.audit.summary(),
         }
+
+    def _crash_looping(self, node: NodeState) -> bool:
+        recent = [t for t in node.restart_times if self.clock() - t <= CRASH_LOOP_WINDOW_S]
+        return len(recent) >= CRASH_LOOP_RESTARTS
 
     def heat(self) -> dict[str, np.ndarray]:
         return {n.node_id: n.warmth.heat for n in self.nodes.values() if n.warmth is not None}

@@ -36,6 +36,7 @@ N_NODES = 2
 API_KEY = "test-key-123"
 NAMESPACE = "gateway-test"
 MAX_PROMPT_TOKENS = 64
+BODY_TIMEOUT_S = 3.0
 
 
 def _free_port() -> int:
@@ -51,7 +52,8 @@ def gateway(tiny_model, tiny_layout):
         try:
             deploy.deploy(str(tiny_model), N_NODES, cache_bytes=int(0.4 * tiny_layout.unit_bytes.sum()),
                           namespace=NAMESPACE, n_threads=1, n_ctx=512, max_queue=1)
-            limits = Limits(max_body_bytes=64 << 10, max_prompt_tokens=MAX_PROMPT_TOKENS, max_tokens=256)
+            limits = Limits(max_body_bytes=64 << 10, max_prompt_tokens=MAX_PROMPT_TOKENS, max_tokens=256,
+                            body_timeout_s=BODY_TIMEOUT_S)
             url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=API_KEY, limits=limits), "127.0.0.1",
                              _free_port())
             yield url
@@ -156,6 +158,119 @@ def test_errors_are_openai_error_bodies(gateway, model_name):
         assert r.status_code == status, (body, r.text)
         error = r.json()["error"]
         assert error["message"] and error["param"] == param and "Traceback" not in r.text
+
+
+def test_unknown_paths_and_the_api_description_are_behind_the_key_as_openai_errors(gateway):
+    for path in ("/v1/embeddings", "/v1/does/not/exist", "/openapi.json"):
+        r = requests.get(f"{gateway}{path}", timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = requests.get(f"{gateway}/v1/embeddings", headers=auth, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["message"].startswith("GET /v1/embeddings")
+    r = requests.get(f"{gateway}/v1/completions", headers=auth, timeout=30)  # a known path, the wrong method
+    assert r.status_code == 405 and "error" in r.json() and "detail" not in r.json()
+    for path in ("/docs", "/redoc", "/nothing"):
+        r = requests.get(f"{gateway}{path}", timeout=30)
+        assert r.status_code == 404 and "error" in r.json(), (path, r.text)
+    r = requests.get(f"{gateway}/openapi.json", headers=auth, timeout=30)
+    assert r.status_code == 200 and "/v1/chat/completions" in r.json()["paths"]
+
+
+def test_json_nested_too_deeply_is_a_400(gateway):
+    r = _post(gateway, b"[" * 30_000 + b"]" * 30_000)  # 60 kB, under the body limit of the fixture
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+
+
+def _raw_request(url: str, head_only_body: bytes, declared: int) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n".encode() + head_only_body)
+    return sock
+
+
+def test_a_body_shorter_than_its_content_length_times_out_with_408(gateway):
+    started = time.monotonic()
+    sock = _raw_request(gateway, b'{"model": "x"', declared=200)
+    try:
+        answer = sock.recv(65536).decode()
+    finally:
+        sock.close()
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert BODY_TIMEOUT_S <= time.monotonic() - started < BODY_TIMEOUT_S + 20
+
+
+def test_a_client_gone_mid_upload_is_counted_as_499_not_500(gateway):
+    before = _metrics(gateway).get("sniper_http_requests_total", {})
+    sock = _raw_request(gateway, b'{"model": "x", "prompt": "a', declared=500)
+    time.sleep(0.5)
+    sock.close()
+    key_499 = (("endpoint", "/v1/completions"), ("status", "499"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = _metrics(gateway).get("sniper_http_requests_total", {})
+        if after.get(key_499, 0) > before.get(key_499, 0):
+            break
+        time.sleep(0.5)
+    assert after.get(key_499, 0) == before.get(key_499, 0) + 1
+    key_500 = (("endpoint", "/v1/completions"), ("status", "500"))
+    assert after.get(key_500, 0) == before.get(key_500, 0)
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _listening(pids: set[int]) -> list[tuple[int, str]]:
+    """(pid, local address) of every listening TCP socket the processes hold."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:
+            continue
+    out = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            addr_hex = fields[1].split(":")[0]
+            raw = bytes.fromhex(addr_hex)
+            if v6:
+                words = [raw[i:i + 4][::-1] for i in range(0, 16, 4)]
+                addr = socket.inet_ntop(socket.AF_INET6, b"".join(words))
+            else:
+                addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            out.append((inodes[fields[9]], addr))
+    return out
+
+
+def test_every_listener_of_the_deployment_is_on_loopback(gateway):
+    """Read from the kernel: every listening socket of this process and everything it started (Ray's
+    processes, the node actors, the router, Serve's proxy and the gateway's replica)."""
+    listeners = _listening(_descendants(os.getpid()))
+    assert len(listeners) > 5, listeners  # Ray's services, the proxy, the replicas: all seen
+    exposed = [(pid, addr) for pid, addr in listeners
+               if not (addr.startswith("127.") or addr in ("::1", "::ffff:127.0.0.1") or addr.startswith("::ffff:127."))]
+    details = [(pid, addr, Path(f"/proc/{pid}/cmdline").read_bytes()[:80]) for pid, addr in exposed]
+    assert not exposed, f"listening beyond loopback: {details}"
 
 
 def test_body_and_prompt_limits(gateway, model_name):
