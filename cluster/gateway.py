@@ -28,9 +28,9 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from ray import serve
 
 from cluster.errors import InvalidParameterError, SniperError
 from cluster.metrics import GatewayMetrics
