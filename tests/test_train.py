@@ -103,7 +103,7 @@ def test_load_balancing_loss_is_one_when_routing_is_uniform() -> None:
     cfg = MoEConfig(n_embd=16, n_expert=8, n_expert_used=2, n_ff_exp=8)
     moe = MoE(cfg)
     torch.nn.init.zeros_(moe.router.weight)  # every probability 1/8, whichever experts top-k picks
-    for p in (moe.w_gate, moe.w_up, moe.w_down):
+    for p in (moe.w_gate_up, moe.w_down):
         torch.nn.init.normal_(p)
     _, routing = moe(torch.randn(3, 16))
     assert routing.selected.shape == (3, 2)

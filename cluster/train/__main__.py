@@ -41,9 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("tokenizer")
     g.add_argument("--vocab-size", type=int, default=8192, help="(default: %(default)s)")
     g = p.add_argument_group("train")
-    g.add_argument("--steps", type=int, default=3000, help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=20, help="sequences per step (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=1400, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=10, help="sequences per step (default: %(default)s)")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=100, help="(default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations (default: %(default)s)")
     g.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss weight (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g.add_argument("--n-ctx", type=int, default=256, help="(default: %(default)s)")
@@ -69,8 +71,8 @@ def _train_config(args: argparse.Namespace, n_vocab: int):
     model = MoEConfig(n_vocab=n_vocab, n_ctx=args.n_ctx, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
                       n_head_kv=args.n_head_kv, head_dim=args.head_dim, n_expert=args.n_expert,
                       n_expert_used=args.n_expert_used, n_ff_exp=args.n_ff_exp)
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, aux_coef=args.aux_coef, seed=args.seed,
-                       threads=args.threads, model=model)
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                       eval_every=args.eval_every, aux_coef=args.aux_coef, seed=args.seed, threads=args.threads, model=model)
 
 
 def run_stage(stage: str, args: argparse.Namespace) -> int:

@@ -67,11 +67,11 @@ class TrainConfig:
         model: the model's shapes.
     """
 
-    steps: int = 3000
-    batch_size: int = 20
+    steps: int = 1400
+    batch_size: int = 10
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 150
+    warmup_steps: int = 100
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
