@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("tokenizer")
     g.add_argument("--vocab-size", type=int, default=8192, help="(default: %(default)s)")
     g = p.add_argument_group("train")
-    g.add_argument("--steps", type=int, default=1400, help="(default: %(default)s)")
+    g.add_argument("--steps", type=int, default=2000, help="(default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=10, help="sequences per step (default: %(default)s)")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     g.add_argument("--warmup-steps", type=int, default=100, help="(default: %(default)s)")

@@ -67,7 +67,7 @@ class TrainConfig:
         model: the model's shapes.
     """
 
-    steps: int = 1400
+    steps: int = 2000
     batch_size: int = 10
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
