@@ -12,9 +12,14 @@ cache with logits for every position. Per domain the report gives:
 
 It also checks the tokenizers: the held-out documents tokenized by `tokenizers` (training) and
 by llama.cpp (the GGUF's vocabulary, merges and `qwen2` pre-tokenizer), as the fraction of
-documents tokenized identically and of tokens in them. llama.cpp computes F16 matrix products
-with activations rounded to F16, so small logit differences are expected; the acceptance bar
-is argmax agreement >= `min_agreement` over all positions.
+documents tokenized identically and of tokens in them. And it checks the experts: the top-k
+sets llama.cpp selects (read by the project's own engine, `cluster.engine`, while it prefills
+the start of each domain's first held-out document and decodes greedily) against the sets the
+PyTorch model selects on the same tokens (`experts`: the share of identical sets and the mean
+overlap |S_llama ∩ S_torch| / k). llama.cpp computes F16 matrix products with activations
+rounded to F16, so small logit differences are expected (and a near-tie between two experts
+can go either way); the acceptance bar is argmax agreement >= `min_agreement` over all
+positions.
 """
 
 from __future__ import annotations
@@ -72,8 +77,67 @@ def _tokenizer_agreement(llm, tok, out_dir: Path, max_docs: int) -> dict:
     return report
 
 
+def _decode_steps(trace, n_layer: int) -> list[list[np.ndarray]]:
+    """The ACCESS events after the prompt, grouped per decoded token: [token][layer] -> ids [k]."""
+    from cluster.cache import TRACE_ACCESS
+
+    steps: list[list[np.ndarray]] = []
+    for kind, layer, ids in trace.events():
+        if kind != TRACE_ACCESS:
+            continue
+        if layer == 0:
+            steps.append([])
+        steps[-1].append(ids)
+    return steps
+
+
+def _expert_agreement(model: MoETransformer, gguf_path: Path, prompts: dict[str, str], max_tokens: int,
+                      threads: int) -> dict:
+    """Top-k sets llama.cpp selected (read by the project's engine) against PyTorch's, per domain.
+
+    Each prompt is prefilled and `max_tokens` tokens are decoded greedily by `cluster.engine`
+    (with a cache budget holding the whole model, so nothing is evicted); PyTorch then runs the
+    same tokens (prompt with BOS, then every generated token fed back). Compared: every prompt
+    token in every layer but the last (llama.cpp's last layer keeps only the rows whose logits it
+    needs), the last prompt token in the last layer, and every decode step in every layer.
+    """
+    from cluster.engine import MoEEngine
+
+    n_layer, k = model.cfg.n_layer, model.cfg.n_expert_used
+    report = {}
+    for domain, prompt in prompts.items():
+        with MoEEngine(gguf_path, cache_bytes=2 * gguf_path.stat().st_size, n_ctx=model.cfg.n_ctx, n_threads=threads,
+                       n_batch=model.cfg.n_ctx, predict=False) as engine:  # a fresh context: no reused prefix
+            gen = engine.generate(prompt, max_tokens=max_tokens, temperature=0.0)
+            prompt_ids = engine.tokenize(prompt)
+        n_fed = len(gen.tokens) if gen.finish_reason == "stop" else len(gen.tokens) - 1  # the last one is not decoded
+        fed = [*prompt_ids, *gen.tokens[:n_fed]]
+        with torch.no_grad():
+            routing = model(torch.tensor([fed])).routing
+        ours = np.stack([r.selected.numpy() for r in routing], axis=1)  # [T, L, k] (batch of one)
+        prefill, _ = gen.trace.split_prefill(len(prompt_ids), n_layer, model.cfg.n_expert)  # [P, L, k], -1 unseen
+        theirs = [(t, layer, prefill[t, layer]) for t in range(len(prompt_ids)) for layer in range(n_layer)
+                  if prefill[t, layer, 0] >= 0]
+        decode_steps = _decode_steps(gen.trace, n_layer)[1:]  # the first group is the prompt's ubatch
+        if len(decode_steps) != n_fed:
+            raise RuntimeError(f"{domain}: {len(decode_steps)} decode steps in llama.cpp's trace, expected {n_fed}")
+        theirs += [(len(prompt_ids) + s, layer, ids[0]) for s, step in enumerate(decode_steps)
+                   for layer, ids in enumerate(step)]
+        same = [set(ours[t, layer].tolist()) == set(ids.tolist()) for t, layer, ids in theirs]
+        overlap = [len(set(ours[t, layer].tolist()) & set(ids.tolist())) / k for t, layer, ids in theirs]
+        report[domain] = {"prompt_tokens": len(prompt_ids), "decoded_tokens": n_fed, "selections": len(theirs),
+                          "identical_sets": round(float(np.mean(same)), 5), "mean_overlap": round(float(np.mean(overlap)), 5)}
+    return report
+
+
+def _prompt(text: str, max_chars: int = 300) -> str:
+    """The whole lines of `text` within its first `max_chars` characters (at least one line)."""
+    head = text[:max_chars]
+    return head[: head.rfind("\n") + 1] if "\n" in head else head
+
+
 def verify(out_dir: Path, gguf_path: Path, n_windows: int = 16, min_agreement: float = 0.99, threads: int = 2,
-           max_docs: int = 50, log: Callable[[str], None] = print) -> dict:
+           max_docs: int = 50, expert_tokens: int = 32, log: Callable[[str], None] = print) -> dict:
     """Runs the comparison and writes `out_dir/verify.json`.
 
     Args:
@@ -83,6 +147,7 @@ def verify(out_dir: Path, gguf_path: Path, n_windows: int = 16, min_agreement: f
         min_agreement: the acceptance bar on argmax agreement over all positions.
         threads: compute threads for torch and llama.cpp.
         max_docs: held-out documents per domain in the tokenizer check.
+        expert_tokens: tokens decoded per domain in the expert-selection check.
         log: receives one line per domain.
 
     Returns:
@@ -132,6 +197,10 @@ def verify(out_dir: Path, gguf_path: Path, n_windows: int = 16, min_agreement: f
         tokenizer = _tokenizer_agreement(llm, tok, out_dir, max_docs)
     finally:
         llm.close()
+    prompts = {d: _prompt(read_documents(out_dir / "work", d, "heldout")[0].text) for d in DOMAINS}
+    experts = _expert_agreement(model, gguf_path, prompts, expert_tokens, threads)
+    for domain, entry in experts.items():
+        log(f"verify experts {domain}: {json.dumps(entry)}")
     agreement = agree_all / positions_all
     report = {
         "gguf": str(gguf_path),
@@ -141,6 +210,7 @@ def verify(out_dir: Path, gguf_path: Path, n_windows: int = 16, min_agreement: f
         "min_agreement": min_agreement,
         "passed": agreement >= min_agreement,
         "domains": domains,
+        "experts": experts,
         "tokenizer": tokenizer,
     }
     with open(out_dir / VERIFY_FILE, "w", encoding="utf-8") as f:
