@@ -4,7 +4,7 @@ Stages, in the order `all` runs them (each reads what the previous ones wrote un
 
 | stage | reads | writes |
 | --- | --- | --- |
-| `corpus` | files on this machine | `DIR/work/corpus/` |
+| `corpus` | files on this machine | `DIR/work/corpus/`, `DIR/corpus-manifest.json` |
 | `tokenizer` | the corpus' training split | `DIR/tokenizer.json` |
 | `train` | corpus, tokenizer | `DIR/work/tokens/`, `DIR/work/checkpoints/last.pt`, `DIR/train-log.jsonl` |
 | `export` | checkpoint, tokenizer | `DIR/moe-5domains.gguf` (or `--gguf`) |
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from cluster.train.corpus import CorpusConfig
 
 DEFAULT_OUT = Path("trained")
+CORPUS_MANIFEST = "corpus-manifest.json"
 STAGES = ("corpus", "tokenizer", "train", "export", "verify", "routing")
 
 
@@ -95,6 +97,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> int:
         from cluster.train.corpus import build_corpus
 
         build_corpus(work, CorpusConfig(train_bytes=args.train_bytes, heldout_bytes=args.heldout_bytes))
+        shutil.copyfile(work / "corpus" / "manifest.json", out / CORPUS_MANIFEST)
     elif stage == "tokenizer":
         from cluster.train.tokenizer import TokenizerConfig, train_tokenizer
 
