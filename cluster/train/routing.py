@@ -17,6 +17,10 @@ on one node: a trace of shape [n_steps, n_layer, k] per domain. From those trace
   (evicts the expert used farthest in the future), over each domain's trace with the cache
   kept across windows; every access counts, the first misses included. Experts selected in
   the current step are never evicted for one another (the step needs all of them).
+
+`mixed` repeats these on one trace that takes the windows round robin over the domains (a
+node whose requests change topic every n_ctx tokens); its `top_third_mass` is then the
+concentration of all domains together.
 """
 
 from __future__ import annotations
@@ -147,8 +151,10 @@ def routing_report(out_dir: Path, gguf_path: Path, n_windows: int = 16, threads:
     bos = int(load_tokenizer(out_dir / TOKENIZER_FILE).token_to_id(BOS))
     streams = load_streams(out_dir / "work", "heldout")
     windows = {d: heldout_windows(s, n_windows, model.cfg.n_ctx, bos)[0] for d, s in streams.items()}
-    report = {"gguf": str(gguf_path), "windows_per_domain": n_windows,
-              **summarise(collect_traces(model, windows), model.cfg.n_expert)}
+    traces = collect_traces(model, windows)
+    mixed = np.stack([traces[d][w] for w in range(n_windows) for d in traces])  # windows round robin over domains
+    report = {"gguf": str(gguf_path), "windows_per_domain": n_windows, **summarise(traces, model.cfg.n_expert),
+              "mixed": summarise({"mixed": mixed}, model.cfg.n_expert)["domains"]["mixed"]}
     with open(out_dir / ROUTING_FILE, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
         f.write("\n")

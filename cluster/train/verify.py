@@ -8,7 +8,9 @@ cache with logits for every position. Per domain the report gives:
 
 * `argmax_agreement`: the fraction of positions where both pick the same next token;
 * `bits_per_token_torch` / `bits_per_token_llama`: mean -log2 p(target) under each;
-* `max_abs_logit_diff`: the largest logit difference seen.
+* `max_abs_logit_diff`: the largest logit difference seen;
+* `max_top2_margin_where_argmax_differs`: where the two argmaxes differ, the largest gap between
+  PyTorch's two best logits (small: the disagreements are near-ties).
 
 It also checks the tokenizers: the held-out documents tokenized by `tokenizers` (training) and
 by llama.cpp (the GGUF's vocabulary, merges and `qwen2` pre-tokenizer), as the fraction of
@@ -173,13 +175,17 @@ def verify(out_dir: Path, gguf_path: Path, n_windows: int = 16, min_agreement: f
             with torch.no_grad():
                 torch_logits = model(torch.from_numpy(x)).logits.numpy()
             agree = 0
-            max_diff = 0.0
+            max_diff = max_margin = 0.0
             bits_torch = bits_llama = 0.0
             for i in range(x.shape[0]):
                 llm.reset()
                 llm.eval(x[i].tolist())
                 llama_logits = np.array(llm.scores[:n_ctx], dtype=np.float32)
-                agree += int((llama_logits.argmax(-1) == torch_logits[i].argmax(-1)).sum())
+                differ = llama_logits.argmax(-1) != torch_logits[i].argmax(-1)
+                agree += int((~differ).sum())
+                if differ.any():  # how close PyTorch's own top two were where the two sides disagree
+                    top2 = np.sort(torch_logits[i][differ], axis=-1)[:, -2:]
+                    max_margin = max(max_margin, float((top2[:, 1] - top2[:, 0]).max()))
                 max_diff = max(max_diff, float(np.abs(llama_logits - torch_logits[i]).max()))
                 bits_torch += _bits(torch_logits[i], y[i])
                 bits_llama += _bits(llama_logits, y[i])
@@ -190,6 +196,7 @@ def verify(out_dir: Path, gguf_path: Path, n_windows: int = 16, min_agreement: f
                 "bits_per_token_torch": round(bits_torch / x.shape[0], 4),
                 "bits_per_token_llama": round(bits_llama / x.shape[0], 4),
                 "max_abs_logit_diff": round(max_diff, 4),
+                "max_top2_margin_where_argmax_differs": round(max_margin, 4),
             }
             agree_all += agree
             positions_all += positions
