@@ -30,7 +30,12 @@ from pathlib import Path
 # before torch loads its OpenMP runtime; an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from typing import TYPE_CHECKING
+
 from cluster.train.corpus import CorpusConfig
+
+if TYPE_CHECKING:  # torch stays unimported until a stage needs it
+    from cluster.train.train import TrainConfig
 
 DEFAULT_OUT = Path("trained")
 CORPUS_MANIFEST = "corpus-manifest.json"
@@ -73,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train_config(args: argparse.Namespace, n_vocab: int):
+def _train_config(args: argparse.Namespace, n_vocab: int) -> TrainConfig:
     from cluster.train.model import MoEConfig
     from cluster.train.train import TrainConfig
 

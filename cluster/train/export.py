@@ -21,6 +21,7 @@ decisions stay exact to the float32 model), no `output.weight` (tied: llama.cpp 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
     reader = gguf.GGUFReader(str(path))
 
-    def value(key: str):
+    def value(key: str) -> Any:
         field = reader.get_field(key)
         if field is None:
             raise ValueError(f"'{path}' lacks the key {key}")

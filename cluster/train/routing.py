@@ -28,8 +28,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # the simulations need numpy only; torch is imported where the model runs
+    from cluster.train.model import MoETransformer
 
 ROUTING_FILE = "routing.json"
 BUDGETS: tuple[float, ...] = (0.1, 0.2, 1 / 3, 0.4, 0.5)
@@ -80,7 +84,7 @@ def simulate_min(trace: np.ndarray, capacity: int) -> float:
     return hits / accesses
 
 
-def collect_traces(model, windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def collect_traces(model: MoETransformer, windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per domain, the selected experts [n_windows, n_ctx, n_layer, k] of the model on its windows."""
     import torch
 

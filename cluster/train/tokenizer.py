@@ -20,8 +20,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster.train.corpus import DOMAINS, read_documents
+
+if TYPE_CHECKING:  # tokenizers is imported where it is used: importing this module must not need it
+    from tokenizers import Tokenizer
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -68,7 +72,7 @@ def _interleaved_documents(work_dir: Path) -> Iterator[str]:
                 yield docs[i].text
 
 
-def new_tokenizer():  # -> tokenizers.Tokenizer (not annotated: tokenizers is optional)
+def new_tokenizer() -> Tokenizer:
     """An untrained tokenizer with the pipeline described in the module docstring."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -108,7 +112,7 @@ def train_tokenizer(work_dir: Path, path: Path, config: TokenizerConfig = Tokeni
     return path
 
 
-def load_tokenizer(path: Path):  # -> tokenizers.Tokenizer
+def load_tokenizer(path: Path) -> Tokenizer:
     """The tokenizer saved by train_tokenizer.
 
     Raises:

@@ -30,7 +30,9 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import llama_cpp
 import numpy as np
 import torch
 
@@ -39,6 +41,11 @@ from cluster.train.data import heldout_windows, load_streams
 from cluster.train.export import read_gguf
 from cluster.train.model import MoEConfig, MoETransformer
 from cluster.train.tokenizer import BOS, load_tokenizer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from cluster.cache import RoutingTrace
 
 VERIFY_FILE = "verify.json"
 
@@ -62,7 +69,7 @@ def _bits(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(-logp[np.arange(targets.shape[0]), targets].mean() / math.log(2))
 
 
-def _tokenizer_agreement(llm, tok, out_dir: Path, max_docs: int) -> dict:
+def _tokenizer_agreement(llm: llama_cpp.Llama, tok: Tokenizer, out_dir: Path, max_docs: int) -> dict:
     report = {}
     for domain in DOMAINS:
         docs = read_documents(out_dir / "work", domain, "heldout")[:max_docs]
@@ -79,8 +86,11 @@ def _tokenizer_agreement(llm, tok, out_dir: Path, max_docs: int) -> dict:
     return report
 
 
-def _decode_steps(trace, n_layer: int) -> list[list[np.ndarray]]:
-    """The ACCESS events after the prompt, grouped per decoded token: [token][layer] -> ids [k]."""
+def _decode_steps(trace: RoutingTrace) -> list[list[np.ndarray]]:
+    """ACCESS events grouped per ubatch, a group starting at layer 0: [group][layer] -> ids [n_tokens, k].
+
+    With the prompt in one ubatch, group 0 is the prompt and group i the i-th decoded token.
+    """
     from cluster.cache import TRACE_ACCESS
 
     steps: list[list[np.ndarray]] = []
@@ -120,7 +130,7 @@ def _expert_agreement(model: MoETransformer, gguf_path: Path, prompts: dict[str,
         prefill, _ = gen.trace.split_prefill(len(prompt_ids), n_layer, model.cfg.n_expert)  # [P, L, k], -1 unseen
         theirs = [(t, layer, prefill[t, layer]) for t in range(len(prompt_ids)) for layer in range(n_layer)
                   if prefill[t, layer, 0] >= 0]
-        decode_steps = _decode_steps(gen.trace, n_layer)[1:]  # the first group is the prompt's ubatch
+        decode_steps = _decode_steps(gen.trace)[1:]  # the first group is the prompt's ubatch
         if len(decode_steps) != n_fed:
             raise RuntimeError(f"{domain}: {len(decode_steps)} decode steps in llama.cpp's trace, expected {n_fed}")
         theirs += [(len(prompt_ids) + s, layer, ids[0]) for s, step in enumerate(decode_steps)
@@ -155,8 +165,6 @@ def verify(out_dir: Path, gguf_path: Path, n_windows: int = 16, min_agreement: f
     Returns:
         The report (also written), with `passed` = agreement >= min_agreement.
     """
-    import llama_cpp
-
     from cluster.train.tokenizer import TOKENIZER_FILE
 
     torch.set_num_threads(threads)
