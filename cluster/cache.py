@@ -36,9 +36,9 @@ class CacheConfig:
     """
 
     budget_bytes: int
-    probation_fraction: float = 0.25
-    heat_half_life_steps: float = 8.0
-    prefill_weight: float = 0.25
+    probation_fraction: float = 0.1
+    heat_half_life_steps: float = 2.0
+    prefill_weight: float = 1.0
     layer_floor_fraction: float = 0.5
     eviction: str = "scan_resistant"
     prefetch: bool = True
