@@ -359,12 +359,14 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
 # -- bench ---------------------------------------------------------------------------------
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    only = {"routing": ("prompts", "node_memory_mb", "decision_cost", "kill_node_after"),
+    only = {"routing": ("node_memory_mb", "decision_cost", "kill_node_after"),
             "simulate": ("traces", "save_traces", "warmth_knob")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
+    if args.prompts and args.suite == "simulate":
+        raise ValueError("--prompts is a flag of 'bench engine' and 'bench routing', not 'bench simulate'")
     shared = ("nodes", "cache_mb", "policies", "requests", "rate", "max_tokens", "seed")
     given = [n for n in shared if getattr(args, n) is not None]
     if args.suite == "engine":
@@ -372,7 +374,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench routing' and 'bench simulate'")
         from cluster.bench.engine_bench import run_engine_bench
 
-        result = run_engine_bench(model=args.model, out_dir=Path(args.out), quick=args.quick,
+        result = run_engine_bench(model=args.model, out_dir=Path(args.out), prompts=args.prompts, quick=args.quick,
                                   progress=not args.json)
         _emit(result, args, lambda r: f"wrote {r['report']}")
         return 0
@@ -577,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--rate", type=_non_negative_float, help="Poisson arrival rate, requests per second")
     routing.add_argument("--max-tokens", type=_positive_int, help="tokens generated per request at most")
     routing.add_argument("--seed", type=int, help="workload seed (default 0)")
-    routing.add_argument("--prompts", help="routing: JSONL workload {prompt, session?, domain?} per line")
+    routing.add_argument("--prompts", help="engine and routing: JSONL workload {prompt, session?, domain?} per line "
+                                           "(a trained model's: python -m cluster.train prompts --out trained)")
     routing.add_argument("--node-memory-mb", type=_positive_int, help="routing: cgroup memory limit per node actor")
     routing.add_argument("--kill-node-after", type=_non_negative_float, metavar="SECONDS",
                          help="routing: SIGKILL the last node actor's process this long into each policy's run "

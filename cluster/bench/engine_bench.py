@@ -21,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cluster import synth
-from cluster.bench import command_line, log_progress, memlimit, offline, out_flag
+from cluster.bench import command_line, log_progress, memlimit, offline, out_flag, workload
 from cluster.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.cli import MIB, default_model
 from cluster.errors import InvalidParameterError
@@ -54,14 +55,57 @@ def _prompts(model_path: str, n: int, *, n_words: int, preamble_words: int = 0, 
     return out
 
 
+@dataclass(frozen=True)
+class Workloads:
+    """The prompts of one engine benchmark run: synthetic topic prompts, or a JSONL workload's.
+
+    ``policy`` holds each policy-table workload as its requests in order, each request the
+    conversation so far (earlier turns and the answers they got, filled in as the run goes)
+    then the new turn: ``(conversation, prompt)`` pairs."""
+
+    single: list[str]  # standalone prompts (overhead, bounded memory)
+    policy: dict[str, list[tuple[str, str]]]
+    source: str
+
+
+def workloads(model_path: str, prompts: str | None, n_requests: int) -> Workloads:
+    """``prompts`` (a JSONL workload, ``cluster.bench.workload``) or the synthetic topic prompts.
+
+    From a JSONL file: ``chat`` takes each conversation's turns one after another (what a node
+    sees when the router keeps a conversation on it); ``interleaved`` takes them in file order
+    (conversations alternate, as arrivals would interleave them on one node).
+    """
+    if prompts:
+        with open(prompts, encoding="utf-8") as f:
+            records = workload.parse_jsonl(f, prompts)
+        turns = [(r["session"] or f"line-{i}", r["prompt"]) for i, r in enumerate(records)]
+        grouped: dict[str, list[tuple[str, str]]] = {}
+        for turn in turns:
+            grouped.setdefault(turn[0], []).append(turn)
+        chat = [t for conversation in grouped.values() for t in conversation]
+        return Workloads(single=[p for _, p in turns[:n_requests]], source=prompts,
+                         policy={"chat": chat, "interleaved": turns})
+    # chat: one conversation's turns after another, each turn re-reading a long mixed-topic
+    # preamble (a prefill scan). interleaved: two conversations alternate, two turns each, then
+    # the next two; no preamble. Each request is standalone (its own conversation).
+    half = max(1, n_requests // 2)
+    sequential = [i // half for i in range(n_requests)]
+    interleaved = [t for pair in range(0, half, 2) for t in (pair, pair + 1, pair, pair + 1)][:n_requests]
+    chat = _prompts(model_path, n_requests, n_words=24, preamble_words=160, topic_order=sequential)
+    mixed = _prompts(model_path, n_requests, n_words=48, topic_order=interleaved)
+    return Workloads(single=_prompts(model_path, n_requests, n_words=48, preamble_words=96),
+                     policy={"chat": [(f"c{i}", p) for i, p in enumerate(chat)],
+                             "interleaved": [(f"i{i}", p) for i, p in enumerate(mixed)]},
+                     source="synthetic topic prompts")
+
+
 # -- overhead ------------------------------------------------------------------------------
 
-def bench_overhead(model_path: str, *, pairs: int, max_tokens: int, progress: bool) -> dict[str, Any]:
+def bench_overhead(model_path: str, prompt: str, *, pairs: int, max_tokens: int, progress: bool) -> dict[str, Any]:
     from cluster.engine import MoEEngine
 
     layout = discover_layout(model_path)
     budget = int(layout.unit_bytes.sum() * 1.05)
-    prompt = _prompts(model_path, 1, n_words=32)[0]
     with MoEEngine(model_path, None, n_ctx=1024) as plain, MoEEngine(model_path, budget, n_ctx=1024) as cached:
         engines = {"plain": plain, "cache": cached}
         for engine in engines.values():  # warm-up: page cache, thread pools
@@ -186,9 +230,8 @@ def disk_read_bandwidth(path: str, max_bytes: int = 1 << 30) -> float:
     return done / seconds if seconds > 0 else float("nan")
 
 
-def _workload(model_path: str, n_requests: int, max_tokens: int) -> list[dict[str, Any]]:
-    return [{"prompt": p, "max_tokens": max_tokens}
-            for p in _prompts(model_path, n_requests, n_words=48, preamble_words=96)]
+def _requests(prompts: list[str], max_tokens: int) -> list[dict[str, Any]]:
+    return [{"prompt": p, "max_tokens": max_tokens} for p in prompts]
 
 
 def _limited_run(spec: dict[str, Any], limit_bytes: int, timeout_s: float) -> dict[str, Any]:
@@ -197,14 +240,14 @@ def _limited_run(spec: dict[str, Any], limit_bytes: int, timeout_s: float) -> di
         return _summarise_run(_run_worker(spec, limit, timeout_s))
 
 
-def bench_bounded(model_path: str, *, n_requests: int, max_tokens: int, progress: bool,
+def bench_bounded(model_path: str, prompts: list[str], *, max_tokens: int, progress: bool,
                   limit_fraction: float = 0.5, timeout_s: float = 1500.0) -> dict[str, Any]:
     reason = memlimit.unavailable_reason()
     if reason:
         return {"skipped": reason}
     file_size = os.path.getsize(model_path)
     limit_bytes = int(limit_fraction * file_size)
-    base = {"model": model_path, "requests": _workload(model_path, n_requests, max_tokens), "n_ctx": 1024}
+    base = {"model": model_path, "requests": _requests(prompts, max_tokens), "n_ctx": 1024}
     layout = discover_layout(model_path)
 
     log_progress(progress, "  bounded memory: disk bandwidth (cold sequential read)")
@@ -223,7 +266,7 @@ def bench_bounded(model_path: str, *, n_requests: int, max_tokens: int, progress
         "limit_bytes": limit_bytes,
         "file_bytes": file_size,
         "disk_bytes_per_s": bandwidth,
-        "n_requests": n_requests,
+        "n_requests": len(prompts),
         "max_tokens": max_tokens,
         "runs": runs,
     }
@@ -244,7 +287,7 @@ AUTO_SWEEP_LIMITS = (0.3, 0.5, 0.7)  # cgroup limits, as fractions of the model 
 AUTO_SWEEP_BUDGETS = (0.15, 0.3, 0.45, 0.6, 0.75)  # manual budgets, as fractions of the limit
 
 
-def bench_auto_budget(model_path: str, *, n_requests: int, max_tokens: int, progress: bool,
+def bench_auto_budget(model_path: str, prompts: list[str], *, max_tokens: int, progress: bool,
                       timeout_s: float = 1500.0) -> dict[str, Any]:
     """``cache_bytes="auto"`` against a sweep of manual budgets under cgroup limits of 30/50/70 %
     of the model: decode tok/s, and whether the process survived (the OOM killer)."""
@@ -256,7 +299,7 @@ def bench_auto_budget(model_path: str, *, n_requests: int, max_tokens: int, prog
     from cluster import _native
 
     floor = int(_native.min_budget(layout))
-    base = {"model": model_path, "requests": _workload(model_path, n_requests, max_tokens), "n_ctx": 1024}
+    base = {"model": model_path, "requests": _requests(prompts, max_tokens), "n_ctx": 1024}
     limits = []
     for fraction in AUTO_SWEEP_LIMITS:
         limit_bytes = int(fraction * layout.file_size)
@@ -279,18 +322,21 @@ def bench_auto_budget(model_path: str, *, n_requests: int, max_tokens: int, prog
 
 # -- policy --------------------------------------------------------------------------------
 
-def record_traces(model_path: str, workloads: dict[str, list[str]], max_tokens: int,
+def record_traces(model_path: str, workloads: dict[str, list[tuple[str, str]]], max_tokens: int,
                   progress: bool) -> tuple[dict[str, RoutingTrace], dict[str, dict[str, float]]]:
-    """Runs each workload on an engine with the whole model resident and keeps its routing trace."""
+    """Runs each workload on an engine with the whole model resident and keeps its routing trace.
+    A request is its conversation so far (earlier turns and their answers) then the new turn."""
     from cluster.engine import MoEEngine
 
     layout = discover_layout(model_path)
     traces, live = {}, {}
     with MoEEngine(model_path, int(layout.unit_bytes.sum() * 1.05), n_ctx=2048, predict="always") as engine:
-        for name, prompts in workloads.items():
-            parts = []
-            for prompt in prompts:
-                gen = engine.generate(prompt, max_tokens=max_tokens)
+        for name, turns in workloads.items():
+            parts, history = [], {}
+            for conversation, prompt in turns:
+                gen = engine.generate(workload.conversation_prompt(history.get(conversation, []), prompt),
+                                      max_tokens=max_tokens)
+                history.setdefault(conversation, []).append((prompt, gen.text))
                 parts.append(gen.trace)
             traces[name] = RoutingTrace.concat(parts)
             stats = engine.cache_stats()
@@ -352,19 +398,10 @@ def policy_table(trace: RoutingTrace, unit_bytes: np.ndarray, n_experts_used: in
     return views
 
 
-def bench_policy(model_path: str, *, n_requests: int, max_tokens: int, progress: bool) -> dict[str, Any]:
+def bench_policy(model_path: str, workloads: dict[str, list[tuple[str, str]]], *, max_tokens: int,
+                 progress: bool) -> dict[str, Any]:
     layout = discover_layout(model_path)
     unit_bytes = np.asarray(layout.unit_bytes, dtype=np.int64)
-    # chat: one conversation's turns after another (what a node sees when the router keeps a
-    # conversation on it), each turn re-reading a long mixed-topic preamble (a prefill scan).
-    # interleaved: two conversations alternate, two turns each, then the next two; no preamble.
-    half = max(1, n_requests // 2)
-    sequential = [i // half for i in range(n_requests)]
-    interleaved = [t for pair in range(0, half, 2) for t in (pair, pair + 1, pair, pair + 1)][:n_requests]
-    workloads = {
-        "chat": _prompts(model_path, n_requests, n_words=24, preamble_words=160, topic_order=sequential),
-        "interleaved": _prompts(model_path, n_requests, n_words=48, topic_order=interleaved),
-    }
     traces, live = record_traces(model_path, workloads, max_tokens, progress)
     result: dict[str, Any] = {"budget_fractions": list(POLICY_BUDGETS), "workloads": {}}
     for name, trace in traces.items():
@@ -375,32 +412,35 @@ def bench_policy(model_path: str, *, n_requests: int, max_tokens: int, progress:
 
 # -- report --------------------------------------------------------------------------------
 
-def run_engine_bench(model: str | None, out_dir: Path, *, quick: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_engine_bench(model: str | None, out_dir: Path, *, prompts: str | None = None, quick: bool = False,
+                     progress: bool = True) -> dict[str, Any]:
     model_path = model or str(default_model("bench", progress=progress))
     layout = discover_layout(model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    wl = workloads(model_path, prompts, n_requests=4 if quick else 8)
     result: dict[str, Any] = {
-        "command": command_line("engine", [("--model", model), ("--out", out_flag(out_dir)), ("--quick", quick)]),
+        "command": command_line("engine", [("--model", model), ("--prompts", prompts), ("--out", out_flag(out_dir)),
+                                           ("--quick", quick)]),
         "started": started,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                     "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "model": {"path": model_path, "arch": layout.arch, "n_layers": layout.n_layers, "n_experts": layout.n_experts,
                   "n_experts_used": layout.n_experts_used, "file_bytes": layout.file_size,
                   "expert_bytes": layout.expert_bytes, "non_expert_bytes": layout.non_expert_bytes},
+        "workload": wl.source,
     }
     log_progress(progress, "overhead (no memory pressure, alternated side by side)")
-    result["overhead"] = bench_overhead(model_path, pairs=3 if quick else 7, max_tokens=16 if quick else 64,
-                                        progress=progress)
+    result["overhead"] = bench_overhead(model_path, wl.single[0], pairs=3 if quick else 15,
+                                        max_tokens=16 if quick else 64, progress=progress)
+    bounded = wl.single[:2 if quick else 3]
     log_progress(progress, "bounded memory (cgroup limit = 50 % of the model file, page cache dropped)")
-    result["bounded_memory"] = bench_bounded(model_path, n_requests=2 if quick else 3,
-                                             max_tokens=16 if quick else 48, progress=progress)
+    result["bounded_memory"] = bench_bounded(model_path, bounded, max_tokens=16 if quick else 48, progress=progress)
     if not quick:
         log_progress(progress, "auto budget (cgroup limits of 30/50/70 % of the model, manual budgets swept)")
-        result["auto_budget"] = bench_auto_budget(model_path, n_requests=2, max_tokens=48, progress=progress)
-    log_progress(progress, "policy (recorded traces replayed at budgets 10-100 %)")
-    result["policy"] = bench_policy(model_path, n_requests=4 if quick else 8, max_tokens=24 if quick else 64,
-                                    progress=progress)
+        result["auto_budget"] = bench_auto_budget(model_path, bounded[:2], max_tokens=48, progress=progress)
+    log_progress(progress, "policy (recorded traces replayed at budgets 10-80 %)")
+    result["policy"] = bench_policy(model_path, wl.policy, max_tokens=24 if quick else 64, progress=progress)
     from cluster.bench.report import write_engine_report
 
     result["report"] = str(write_engine_report(result, out_dir))

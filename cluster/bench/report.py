@@ -219,10 +219,16 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
         "## Cache policy (trace replay)",
         "",
         "Routing traces recorded from the model, replayed through the policy core (the same code the "
-        "eval callback drives) at each budget. `chat`: one conversation's turns after another (what a node "
-        "sees when the router keeps a conversation on it), each turn starting with a long mixed-topic preamble "
-        "(a prefill that touches most experts) before the topic question. `interleaved`: two conversations of "
-        "topic words alternate, two turns each, no preamble. View `decode`: the decode steps alone (as if the "
+        "eval callback drives) at each budget. "
+        + (f"Workload: `{result['workload']}`; `chat`: each conversation's turns one after another (what a node sees "
+           "when the router keeps a conversation on it), each turn sent as the conversation so far; `interleaved`: "
+           "the file's order, conversations alternating. "
+           if result.get("workload", "synthetic topic prompts") != "synthetic topic prompts" else
+           "`chat`: one conversation's turns after another (what a node "
+           "sees when the router keeps a conversation on it), each turn starting with a long mixed-topic preamble "
+           "(a prefill that touches most experts) before the topic question. `interleaved`: two conversations of "
+           "topic words alternate, two turns each, no preamble. ")
+        + "View `decode`: the decode steps alone (as if the "
         "prompts had been prefilled elsewhere); view `request`: prefill and decode as they came. Online "
         "policies replay without the predictor (eviction alone); `ours + prefetch` adds the predictor's "
         "reads ahead (used ones count as hits, all as bytes). Belady's MIN (evict what is needed farthest "

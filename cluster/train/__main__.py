@@ -10,6 +10,7 @@ Stages, in the order `all` runs them (each reads what the previous ones wrote un
 | `export` | checkpoint, tokenizer | `DIR/moe-5domains.gguf` (or `--gguf`) |
 | `verify` | GGUF, held-out tokens | `DIR/verify.json` (exit status 1 below the agreement bar) |
 | `routing` | GGUF, held-out tokens | `DIR/routing.json` |
+| `prompts` | the corpus' held-out split | `DIR/work/prompts.jsonl` (a benchmark workload; not part of `all`) |
 
 `all` skips the corpus and the tokenizer when they exist, and resumes training from the last
 checkpoint. Everything heavy runs on `--threads` CPU threads (default 2), with passive OpenMP
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     from cluster.train.export import GGUF_FILE
 
     p = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=(*STAGES, "all"))
+    p.add_argument("stage", choices=(*STAGES, "prompts", "all"))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and llama.cpp (default: %(default)s)")
     g = p.add_argument_group("corpus")
@@ -131,6 +132,10 @@ def run_stage(stage: str, args: argparse.Namespace) -> int:
         print(f"argmax agreement {report['argmax_agreement']:.4f} (bar {args.min_agreement}): "
               f"{'passed' if report['passed'] else 'FAILED'}")
         return 0 if report["passed"] else 1
+    elif stage == "prompts":
+        from cluster.train.prompts import write_prompts
+
+        print(f"prompts: {write_prompts(work)}")
     elif stage == "routing":
         from cluster.train.data import tokenize_corpus
         from cluster.train.routing import routing_report

@@ -1,0 +1,69 @@
+"""A benchmark workload from the held-out corpus: multi-turn conversations of real text per domain.
+
+``python -m cluster.train prompts --out trained`` writes ``trained/work/prompts.jsonl`` in the
+benchmarks' JSONL format (``cluster.bench.workload``: ``{"prompt", "session", "domain"}`` per
+line): for every domain, ``conversations`` held-out documents, each cut into ``turns`` pieces of
+``chars_per_turn`` characters that follow each other in the document (a conversation's next turn
+is the text that came next), lines in round-robin order over the conversations so that domains
+interleave as arrivals would. ``bench engine --prompts`` and ``bench routing --prompts`` take
+it; nothing here needs torch (the corpus stage must have run).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPTS_FILE = "prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """How the workload is cut from the held-out documents."""
+
+    conversations: int = 3  # per domain
+    turns: int = 3  # per conversation
+    chars_per_turn: int = 600
+
+    def validate(self) -> None:
+        for name in ("conversations", "turns", "chars_per_turn"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PromptsConfig.{name} must be an integer >= 1, got {value!r}")
+
+
+def write_prompts(work: Path, config: PromptsConfig = PromptsConfig()) -> Path:
+    """Writes ``work/prompts.jsonl`` from ``work/corpus/<domain>.heldout.jsonl``; returns its path.
+
+    Raises:
+        FileNotFoundError: the corpus stage has not run (it says what to run).
+    """
+    config.validate()
+    corpus = work / "corpus"
+    sources = sorted(corpus.glob("*.heldout.jsonl"))
+    if not sources:
+        raise FileNotFoundError(f"no held-out corpus under {corpus}; run: python -m cluster.train corpus --out "
+                                f"{work.parent}")
+    conversations: list[list[dict[str, str]]] = []
+    need = config.turns * config.chars_per_turn
+    for source in sources:
+        domain = source.name.removesuffix(".heldout.jsonl")
+        taken = 0
+        with source.open(encoding="utf-8") as f:
+            for number, line in enumerate(f):
+                text = json.loads(line)["text"]
+                if len(text) < need:
+                    continue  # a conversation needs a document long enough for all its turns
+                session = f"{domain}-{number}"
+                conversations.append([{"prompt": text[i * config.chars_per_turn:(i + 1) * config.chars_per_turn],
+                                        "session": session, "domain": domain} for i in range(config.turns)])
+                taken += 1
+                if taken == config.conversations:
+                    break
+    path = work / PROMPTS_FILE
+    with path.open("w", encoding="utf-8") as f:
+        for turn in range(config.turns):
+            for conversation in conversations:
+                f.write(json.dumps(conversation[turn], ensure_ascii=False) + "\n")
+    return path
