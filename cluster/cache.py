@@ -33,6 +33,8 @@ class CacheConfig:
         eviction: ``scan_resistant`` (default), ``lru`` (the baseline) or ``lfu`` (frequency with
             ageing: heat alone, a reference point).
         prefetch: read predicted experts ahead (predictions are scored either way).
+        prefetch_min_use: predictions made more than one layer ahead are read ahead only while
+            at least this share of the reads made that far ahead were used (moving average).
     """
 
     budget_bytes: int
@@ -42,6 +44,7 @@ class CacheConfig:
     layer_floor_fraction: float = 0.5
     eviction: str = "scan_resistant"
     prefetch: bool = True
+    prefetch_min_use: float = 0.5
 
     def to_native(self) -> _native.CacheConfig:
         if not isinstance(self.budget_bytes, (int, np.integer)) or isinstance(self.budget_bytes, bool):
@@ -275,8 +278,8 @@ class CachePolicy:
     def access(self, layer: int, ids: np.ndarray) -> dict[str, list[int]]:
         return self._native.access(layer, np.atleast_2d(np.asarray(ids, dtype=np.int32)))
 
-    def predict(self, layer: int, experts: np.ndarray) -> dict[str, list[int]]:
-        return self._native.predict(layer, np.asarray(experts, dtype=np.int32))
+    def predict(self, layer: int, experts: np.ndarray, distance: int = 1) -> dict[str, list[int]]:
+        return self._native.predict(layer, np.asarray(experts, dtype=np.int32), distance)
 
     def settle(self) -> dict[str, list[int]]:
         return self._native.settle()

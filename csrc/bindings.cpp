@@ -93,6 +93,7 @@ PYBIND11_MODULE(_native, m) {
             [](const cache_config & c) { return std::string(cache_eviction_name(c.eviction)); },
             [](cache_config & c, const std::string & name) { c.eviction = cache_eviction_from_name(name); })
         .def_readwrite("prefetch", &cache_config::prefetch)
+        .def_readwrite("prefetch_min_use", &cache_config::prefetch_min_use)
         .def("validate", &cache_config::validate, "Raises ValueError naming the first bad field.");
 
     py::class_<expert_cache_params>(m, "ExpertCacheParams", "Knobs of the attached cache (see csrc/llama-glue.h).")
@@ -162,12 +163,14 @@ PYBIND11_MODULE(_native, m) {
             },
             py::arg("layer"), py::arg("ids"), "One layer's top-k ids [n_tokens, k]; returns {'evict', 'load'}.")
         .def("predict",
-            [](cache_policy & p, int layer, py::array_t<int32_t, py::array::c_style | py::array::forcecast> experts) {
+            [](cache_policy & p, int layer, py::array_t<int32_t, py::array::c_style | py::array::forcecast> experts,
+               int distance) {
                 cache_plan plan;
-                p.predict(layer, experts.data(), int(experts.size()), plan);
+                p.predict(layer, experts.data(), int(experts.size()), plan, distance);
                 return plan_dict(plan);
             },
-            py::arg("layer"), py::arg("experts"), "Predicted experts of layer's next access; returns the prefetch plan.")
+            py::arg("layer"), py::arg("experts"), py::arg("distance") = 1,
+            "Predicted experts of layer's next access, made `distance` layers before it; returns the prefetch plan.")
         .def("settle", [](cache_policy & p) { cache_plan plan; p.settle(plan); return plan_dict(plan); },
              "Ends the access in progress and trims to the budget; returns the plan.")
         .def("is_resident", &cache_policy::is_resident, py::arg("unit"))

@@ -35,6 +35,8 @@ void cache_config::validate() const {
             "heat_half_life_steps must be a finite number > 0, got " + std::to_string(heat_half_life_steps));
     require(prefill_weight >= 0.0 && prefill_weight <= 1.0,
             "prefill_weight must be in [0, 1], got " + std::to_string(prefill_weight));
+    require(prefetch_min_use >= 0.0 && prefetch_min_use <= 1.0,
+            "prefetch_min_use must be in [0, 1], got " + std::to_string(prefetch_min_use));
     require(layer_floor_fraction >= 0.0 && layer_floor_fraction <= 1.0,
             "layer_floor_fraction must be in [0, 1], got " + std::to_string(layer_floor_fraction));
     require(eviction == CACHE_EVICTION_SCAN_RESISTANT || eviction == CACHE_EVICTION_LRU || eviction == CACHE_EVICTION_LFU,
@@ -85,6 +87,7 @@ cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> un
     for (size_t u = 0; u < n_units; ++u) { layer_footprint_[u / size_t(n_experts)] += unit_bytes_[u]; }
     expert_counts_.assign(n_units, 0);
     predicted_.assign(size_t(n_layers), {});
+    distance_use_.assign(size_t(n_layers) + 1, 1.0);  // optimistic until reads ahead are used or wasted
     selected_scratch_.assign(size_t(n_experts), 0);
     access_units_.reserve(size_t(n_experts));
 }
@@ -232,6 +235,7 @@ bool cache_policy::make_room(uint64_t need, double max_heat_log2, cache_plan & p
         if (victim < 0) { return false; }
         counters_.n_evictions++;
         counters_.bytes_evicted += unit_bytes_[victim];
+        if (prefetched_[victim]) { note_prefetch(victim, false); }
         remove(victim);
         plan.evict.push_back(victim);
     }
@@ -241,8 +245,10 @@ bool cache_policy::make_room(uint64_t need, double max_heat_log2, cache_plan & p
 void cache_policy::score_prediction(int layer) {
     std::vector<int32_t> & predicted = predicted_[size_t(layer)];
     if (predicted.empty()) { return; }
+    uint64_t correct = 0;
+    for (int32_t e : predicted) { correct += selected_scratch_[size_t(e)]; }
     counters_.n_predicted += predicted.size();
-    for (int32_t e : predicted) { counters_.n_predicted_correct += selected_scratch_[size_t(e)]; }
+    counters_.n_predicted_correct += correct;
     counters_.n_selected_predicted += access_units_.size();
     predicted.clear();
 }
@@ -283,7 +289,10 @@ void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, c
         selected_scratch_[size_t(u - base)] = 0;
         if (is_resident(u)) {
             (decode ? counters_.n_hits_decode : counters_.n_hits_prefill)++;
-            if (prefetched_[u]) { counters_.n_prefetch_used++; prefetched_[u] = 0; }
+            if (prefetched_[u]) {
+                counters_.n_prefetch_used++;
+                note_prefetch(u, true);
+            }
             touch(u, decode);
         } else {
             (decode ? counters_.n_misses_decode : counters_.n_misses_prefill)++;
@@ -306,15 +315,17 @@ void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, c
     }
 }
 
-void cache_policy::predict(int layer, const int32_t * experts, int n, cache_plan & plan) {
+void cache_policy::predict(int layer, const int32_t * experts, int n, cache_plan & plan, int distance) {
     plan.clear();
     if (layer < 0 || layer >= n_layers_) { return; }
+    distance = std::min(std::max(distance, 1), std::min(n_layers_, 255));
     std::vector<int32_t> & predicted = predicted_[size_t(layer)];
     predicted.clear();
     for (int i = 0; i < n; ++i) {
         if (experts[i] >= 0 && experts[i] < n_experts_) { predicted.push_back(experts[i]); }
     }
     if (!config_.prefetch) { return; }
+    if (distance > 1 && distance_use_[size_t(distance)] < config_.prefetch_min_use) { return; }
     const int32_t base = int32_t(layer) * n_experts_;
     for (int32_t e : predicted) {
         const int32_t u = base + e;
@@ -324,7 +335,7 @@ void cache_policy::predict(int layer, const int32_t * experts, int n, cache_plan
         if (!make_room(unit_bytes_[u], now_ / config_.heat_half_life_steps, plan)) { break; }
         insert(u, CACHE_SEGMENT_PROBATION);
         in_access_[u] = 1;  // not a victim for the rest of this prediction (it is in plan.load)
-        prefetched_[u] = 1;
+        prefetched_[u] = uint8_t(distance);
         counters_.n_prefetch_issued++;
         counters_.bytes_prefetched += unit_bytes_[u];
         (step_decode_ ? counters_.bytes_read_decode : counters_.bytes_read_prefill) += unit_bytes_[u];
@@ -348,6 +359,14 @@ bool cache_policy::admit_resident(int32_t unit) {
 }
 
 void cache_policy::forget(int32_t unit) { remove(unit); }
+
+// A unit read ahead was selected (used) or left unselected (evicted first): the moving average
+// of the reads made at its distance, which decides whether reads that far ahead continue.
+void cache_policy::note_prefetch(int32_t unit, bool used) {
+    double & use = distance_use_[prefetched_[unit]];
+    use = 0.95 * use + 0.05 * (used ? 1.0 : 0.0);
+    prefetched_[unit] = 0;
+}
 
 void cache_policy::warmth(std::vector<uint8_t> & resident, std::vector<float> & heat) const {
     const size_t n_units = segment_.size();

@@ -587,7 +587,7 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
             for (int target = layer + 1; target <= last; ++target) {
                 if (router_rows_[size_t(target)] != nullptr &&
                     (params_.predict_resident_layers || !policy_.layer_all_resident(target))) {
-                    predict_layer(x, target);
+                    predict_layer(x, layer, target);
                 }
             }
         }
@@ -598,7 +598,7 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
     io_counters_.ns_callback += t2 - t0;
 }
 
-void expert_cache::predict_layer(const ggml_tensor * x, int target) {
+void expert_cache::predict_layer(const ggml_tensor * x, int layer, int target) {
     const int64_t n_embd = layout_.n_embd;
     const int n_experts = layout_.n_experts;
     const int k = layout_.n_experts_used;
@@ -635,7 +635,7 @@ void expert_cache::predict_layer(const ggml_tensor * x, int target) {
         trace_.append(TRACE_EVENT_PREDICT, target, 1, predicted_.data(), int32_t(predicted_.size()));
     }
 
-    policy_.predict(target, predicted_.data(), int(predicted_.size()), plan_);
+    policy_.predict(target, predicted_.data(), int(predicted_.size()), plan_, target - layer);
     mark(plan_);
     drop_units(plan_.evict);
     for (int32_t u : plan_.load) {

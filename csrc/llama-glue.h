@@ -157,7 +157,7 @@ public:
 
 private:
     void on_topk(const ggml_tensor * t, int layer);
-    void predict_layer(const ggml_tensor * router_input, int target_layer);
+    void predict_layer(const ggml_tensor * router_input, int layer, int target_layer);
     // Drops units' pages off the compute thread (io_pool::drop_later); flush_drops waits for them.
     void drop_units(const std::vector<int32_t> & units);
     void flush_drops();

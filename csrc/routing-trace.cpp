@@ -52,13 +52,15 @@ void routing_trace_replay(const routing_trace & trace, cache_policy & policy) {
 
     cache_plan plan;
     size_t offset = 0;
+    int32_t last_access_layer = -1;
     for (size_t i = 0; i < n_events; ++i) {
         const int32_t * ids = trace.ids.data() + offset;
         if (trace.kind[i] == TRACE_EVENT_ACCESS) {
             const int32_t k = trace.n_tokens[i] > 0 ? trace.n_ids[i] / trace.n_tokens[i] : 0;
             policy.access(trace.layer[i], ids, trace.n_tokens[i], k, plan);
-        } else {
-            policy.predict(trace.layer[i], ids, trace.n_ids[i], plan);
+            last_access_layer = trace.layer[i];
+        } else {  // predictions follow the access they were made at (llama-glue.cpp on_topk)
+            policy.predict(trace.layer[i], ids, trace.n_ids[i], plan, trace.layer[i] - last_access_layer);
         }
         offset += size_t(trace.n_ids[i]);
     }

@@ -242,6 +242,33 @@ def test_predictions_are_scored_but_not_loaded_when_prefetch_is_off() -> None:
     assert c["n_prefetch_issued"] == 0 and not policy.is_resident(2, 5)
 
 
+def _reads_two_layers_ahead(min_precision: float) -> tuple[list[int], int]:
+    """40 decode steps in which the prediction made one layer ahead is right and the one made
+    two layers ahead is wrong (experts 4..11 of layer 2, never selected); returns how many units
+    each two-ahead prediction read, and how many read-ahead units were used."""
+    policy = make_policy(n_layers=4, n_experts=16, budget_units=10, prefetch_min_use=min_precision)
+    reads = []
+    for step in range(40):
+        policy.access(0, [[0, 1]])
+        policy.predict(1, [2, 3], distance=1)
+        reads.append(len(policy.predict(2, [4 + step % 8, 4 + (step + 1) % 8], distance=2)["load"]))
+        policy.access(1, [[2, 3]])
+        policy.access(2, [[12, 13]] if step % 2 else [[14, 15]])
+        policy.access(3, [[0, 1]])
+    return reads, policy.counters()["n_prefetch_used"]
+
+
+def test_predictions_far_ahead_stop_being_read_once_they_prove_wrong_and_the_next_layer_keeps_its_reads() -> None:
+    """The next layer's prediction is always read ahead; one made two layers ahead only while
+    the reads made that far ahead get used (prefetch_min_use)."""
+    reads, used = _reads_two_layers_ahead(0.5)
+    assert reads[0] > 0, "optimistic at first"
+    assert sum(reads[-20:]) == 0, f"still reading two layers ahead after repeated misses: {reads}"
+    assert used > 0  # what was predicted for the next layer was read ahead and used
+    always, _ = _reads_two_layers_ahead(0.0)  # the same run, acted on whatever the precision
+    assert sum(always[-20:]) > 0, "it is the use rule, not residency, that stops the reads"
+
+
 def test_prefetch_storm_only_evicts_probation_units() -> None:
     policy = make_policy(n_layers=2, n_experts=16, budget_units=6, k=2)
     for _ in range(3):
