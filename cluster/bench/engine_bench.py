@@ -34,6 +34,19 @@ from cluster.cli import MIB, default_model
 from cluster.errors import InvalidParameterError
 
 LIBRARY_BYTES = 64 * MIB  # page cache of Python, numpy and llama.cpp's libraries in the limited process
+PROCESS_BYTES = 200 * MIB  # what a serving process holds besides the model (Python, libraries, KV, buffers)
+
+
+def limit_too_small(file_bytes: int, fraction: float) -> str | None:
+    """Why a cgroup limit of ``fraction`` of a model file measures nothing, or None: under about
+    twice a serving process's own memory, the process rather than the model fills the limit (the
+    kernel kills it before the cache has anything to decide)."""
+    limit = fraction * file_bytes
+    if limit < 2 * PROCESS_BYTES:
+        return (f"a limit of {100 * fraction:.0f} % of this {file_bytes / MIB:.0f} MiB model ({limit / MIB:.0f} MiB) is "
+                f"smaller than twice a serving process's own memory (~{PROCESS_BYTES / MIB:.0f} MiB): the model is too "
+                f"small for a memory-limit measurement")
+    return None
 
 
 def _prompts(model_path: str, n: int, *, n_words: int, preamble_words: int = 0, seed: int = 0,
@@ -242,10 +255,10 @@ def _limited_run(spec: dict[str, Any], limit_bytes: int, timeout_s: float) -> di
 
 def bench_bounded(model_path: str, prompts: list[str], *, max_tokens: int, progress: bool,
                   limit_fraction: float = 0.5, timeout_s: float = 1500.0) -> dict[str, Any]:
-    reason = memlimit.unavailable_reason()
+    file_size = os.path.getsize(model_path)
+    reason = memlimit.unavailable_reason() or limit_too_small(file_size, limit_fraction)
     if reason:
         return {"skipped": reason}
-    file_size = os.path.getsize(model_path)
     limit_bytes = int(limit_fraction * file_size)
     base = {"model": model_path, "requests": _requests(prompts, max_tokens), "n_ctx": 1024}
     layout = discover_layout(model_path)
@@ -291,10 +304,10 @@ def bench_auto_budget(model_path: str, prompts: list[str], *, max_tokens: int, p
                       timeout_s: float = 1500.0) -> dict[str, Any]:
     """``cache_bytes="auto"`` against a sweep of manual budgets under cgroup limits of 30/50/70 %
     of the model: decode tok/s, and whether the process survived (the OOM killer)."""
-    reason = memlimit.unavailable_reason()
+    layout = discover_layout(model_path)
+    reason = memlimit.unavailable_reason() or limit_too_small(layout.file_size, min(AUTO_SWEEP_LIMITS))
     if reason:
         return {"skipped": reason}
-    layout = discover_layout(model_path)
     footprint = int(layout.unit_bytes.sum())
     from cluster import _native
 
