@@ -21,12 +21,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from cluster.bench import DEFAULT_OUT  # noqa: E402
 from cluster.cli_sampling import add_sampling_flags, logprob_json, params_from_flags  # noqa: E402
 from cluster.errors import SniperError  # noqa: E402
+from cluster.node_memory import MIB  # noqa: E402
+from cluster.status_table import status_table  # noqa: E402
+from cluster.synth import default_model  # noqa: E402
 
-MIB = 1 << 20
 MAX_CACHE_MB = 1 << 30  # 1 PiB: anything larger is a typo, not a machine
-# generated default models: $SNIPER_MODEL_DIR, else the user's cache (never the current directory)
-DEFAULT_MODEL_DIR = Path(os.environ.get("SNIPER_MODEL_DIR")
-                         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expert-sniper" / "models")
 
 
 def _positive_int(text: str) -> int:
@@ -81,17 +80,6 @@ def synth_presets() -> list[str]:
     from cluster import synth
 
     return list(synth.PRESETS)
-
-
-def default_model(preset: str = "demo", *, progress: bool = True) -> Path:
-    """Path of the generated default model for ``preset``, synthesising it the first time."""
-    from cluster import synth
-
-    path = DEFAULT_MODEL_DIR / f"{preset}.gguf"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        synth.synthesize(path, synth.PRESETS[preset], progress=progress)
-    return path
 
 
 # -- synth ---------------------------------------------------------------------------------
@@ -207,7 +195,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Starts everything or nothing: whatever fails or is interrupted (SIGINT, SIGTERM) after the
     checks removes what this command had started (the gateway, the deployment, the local cluster)."""
-    from cluster import deploy, local_cluster
+    from cluster import connection, deploy, local_cluster
     from cluster.routing import POLICY_NAMES
 
     if args.policy not in POLICY_NAMES:  # before a local cluster starts for nothing
@@ -223,7 +211,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             address = local_cluster.start(args.local_nodes)
             started.append("local")
             print(f"started a local Ray cluster of {args.local_nodes} nodes at {address}", file=sys.stderr)
-        deploy.connect(args.address, args.namespace)
+        connection.connect(args.address, args.namespace)
         if args.http:
             from cluster.gateway import check_route_free
 
@@ -294,37 +282,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
     status = client.status()
     if args.plot:
-        from cluster.status_plot import plot_heat
+        from cluster.status_plot import plot_heat  # matplotlib only when asked
 
         plot_heat(client.heat(), args.plot)
     _emit(_jsonable(status), args, status_table)
     return 0
-
-
-def status_table(status: dict[str, Any]) -> str:
-    """The status table printed by ``status`` and the demo."""
-    def pct(value: Any) -> str:
-        return "-" if value is None or value != value else f"{100 * value:.0f}%"
-
-    rows = [f"policy: {status['policy']}   decisions: {status['decisions']}",
-            f"{'node':16} {'alive':5} {'load':>4} {'served':>6} {'hit rate':>8} {'warm':>6} {'MiB read':>9} {'sessions':>8} "
-            f"{'restarts':>8}"]
-    for n in status["nodes"]:
-        read = "-" if n["bytes_read"] is None else f"{n['bytes_read'] / MIB:.0f}"
-        rows.append(f"{n['name']:16} {str(n['alive']):5} {n['load']:>4} {n['served']:>6} {pct(n['hit_rate']):>8} "
-                    f"{pct(n['warm_fraction']):>6} {read:>9} {n['sessions']:>8} {n['restarts']:>8}")
-    p = status.get("prediction") or {}
-    if p.get("n"):
-        rows.append(f"expert-demand prediction over {p['n']} requests: precision {pct(p['precision'])}, recall {pct(p['recall'])}")
-    a = status.get("decision_audit") or {}
-    if a.get("n"):
-        from cluster.decision_audit import WARMEST_TOLERANCE
-
-        rows.append(f"decisions vs warmth over {a['n']} requests: the serving node held {pct(a['served_coverage'])} of the "
-                    f"experts they selected (best node {pct(a['best_coverage'])}, average {pct(a['mean_coverage'])}); "
-                    f"warmest node (within {100 * WARMEST_TOLERANCE:.0f} points) chosen in {pct(a['warmest_share'])} "
-                    f"of {a['n_choices']} choices")
-    return "\n".join(rows)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -338,10 +300,10 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _cmd_shutdown(args: argparse.Namespace) -> int:
-    from cluster import deploy, local_cluster
+    from cluster import connection, deploy, local_cluster
 
     try:
-        deploy.connect(args.address, args.namespace)
+        connection.connect(args.address, args.namespace)
         removed = deploy.shutdown(args.namespace)
     except (ConnectionError, SniperError) as exc:  # nothing answers: there is no deployment to remove
         print(f"no deployment removed: {exc}", file=sys.stderr)

@@ -1,15 +1,20 @@
-"""Client handles: ``Client.connect()`` then ``generate`` / ``chat`` / ``stream`` / ``tokenize`` / ``status`` (sync and async)."""
+"""Client handles: ``Client.connect()`` then ``generate`` / ``chat`` / ``stream`` / ``tokenize`` / ``status`` (sync and async).
+
+Importing this module loads neither Ray nor llama.cpp (Ray is imported when connecting).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
 from cluster.chat import ChatMessage, ChatPrompt
-from cluster.errors import InvalidParameterError, SniperError
-from cluster.node import NAMESPACE, ROUTER_NAME, NodeFailedError, NoNodesError, OverloadedError
+from cluster.dispatch import ROUTER_WAIT_S, Deployment, request_events
+from cluster.errors import InvalidParameterError, NodeFailedError, NoNodesError
+from cluster.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Restarted, RouteAsk, StreamItem
 from cluster.sampling import SamplingParams, TokenLogprob
 
 
@@ -52,84 +57,165 @@ Prompt = Union[str, ChatPrompt]
 """A prompt: text, or a conversation the deployment renders with the model's chat template."""
 
 
-def _request(prompt: Prompt, params: SamplingParams | None, fields: dict[str, Any], session_id: str | None,
-             max_prompt_tokens: int | None = None) -> dict[str, Any]:
-    """The router's request: the prompt (``prompt`` text or ``chat``), validated params, session."""
+def _ask(prompt: Prompt, params: SamplingParams | None, fields: dict[str, Any], session_id: str | None,
+         max_prompt_tokens: int | None = None) -> RouteAsk:
+    """The router's request: the prompt (text or a chat), validated params, session."""
     params = params or SamplingParams()
     if not isinstance(params, SamplingParams):
         raise InvalidParameterError(f"params must be SamplingParams or None, got {type(params).__name__}", param="params")
     params = params.updated(**fields) if fields else params
     params.validate()
-    request: dict[str, Any] = {"request_id": uuid.uuid4().hex, "params": params, "session_id": session_id}
-    if isinstance(prompt, ChatPrompt):
-        if not prompt.messages:
-            raise InvalidParameterError("a chat prompt needs at least one message", param="messages")
-        request["chat"] = prompt
-    elif isinstance(prompt, str) and prompt:
-        request["prompt"] = prompt
-    else:
-        raise InvalidParameterError(f"prompt must be a non-empty string or a ChatPrompt, got {prompt!r}", param="prompt")
     if session_id is not None and (not isinstance(session_id, str) or not session_id):
         raise InvalidParameterError(f"session_id must be a non-empty string or None, got {session_id!r}", param="session_id")
     if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
         raise InvalidParameterError(f"max_prompt_tokens must be an integer >= 1 or None, got {max_prompt_tokens!r}")
-    if max_prompt_tokens is not None:
-        request["max_prompt_tokens"] = max_prompt_tokens
-    return request
+    request_id = uuid.uuid4().hex
+    if isinstance(prompt, ChatPrompt):
+        if not prompt.messages:
+            raise InvalidParameterError("a chat prompt needs at least one message", param="messages")
+        return RouteAsk(request_id, params, chat=prompt, session_id=session_id, max_prompt_tokens=max_prompt_tokens)
+    if isinstance(prompt, str) and prompt:
+        return RouteAsk(request_id, params, prompt=prompt, session_id=session_id, max_prompt_tokens=max_prompt_tokens)
+    raise InvalidParameterError(f"prompt must be a non-empty string or a ChatPrompt, got {prompt!r}", param="prompt")
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """The router's own error (overloaded, node failed, no nodes, bad input) from Ray's wrapper."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, (OverloadedError, NodeFailedError, NoNodesError, SniperError, ValueError)):
-        return cause
-    return exc
+async def completion(events: AsyncIterator[StreamItem]) -> Completion:
+    """A whole answer from a request's events (a ``Restarted`` item voids the text so far)."""
+    texts: dict[int, list[str]] = {}
+    logprobs: dict[int, list[TokenLogprob]] = {}
+    async for item in events:
+        if isinstance(item, Piece):
+            texts.setdefault(item.index, []).append(item.text)
+            logprobs.setdefault(item.index, []).extend(item.logprobs)
+        elif isinstance(item, Restarted):
+            texts.clear()
+            logprobs.clear()
+        elif isinstance(item, Finished):
+            choices = tuple(Choice(c.index, "".join(texts.get(c.index, [])), c.finish_reason,
+                                   tuple(logprobs.get(c.index, []))) for c in item.choices)
+            return Completion(text=choices[0].text, node=item.node, finish_reason=item.finish_reason, usage=item.usage,
+                              choices=choices, timing=item.timing, cache=item.cache, routing=item.routing,
+                              chat_template=item.chat_template)
+        elif isinstance(item, Cancelled):
+            break
+    raise NodeFailedError("the stream ended without its final message")
 
 
-def _completion(result: dict[str, Any]) -> Completion:
-    choices = tuple(Choice(index=c["index"], text=c["text"], finish_reason=c["finish_reason"],
-                           logprobs=tuple(c.get("logprobs") or ())) for c in result.get("choices", ()))
-    return Completion(text=result["text"], node=result["node"], finish_reason=result["finish_reason"],
-                      usage=result["usage"], choices=choices, timing=result.get("timing", {}),
-                      cache=result.get("cache", {}), routing=result.get("routing", {}),
-                      chat_template=result.get("chat_template"))
+class _Loop:
+    """A private event loop on a thread of its own: the sync methods run the async ones on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="sniper-client", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def iterate(self, events: AsyncIterator[Any]) -> Iterator[Any]:
+        try:
+            while True:
+                try:
+                    yield self.run(events.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:  # closing the iteration early cancels the request on its node
+            self.run(events.aclose())
 
 
 class Client:
-    """A handle on a running deployment (the router actor)."""
+    """A handle on a running deployment: asks its router for a node per request and streams from
+    that node directly (``cluster.dispatch``); async methods, and sync ones that run them."""
 
-    def __init__(self, router: Any) -> None:
-        self._router = router
+    def __init__(self, router: Any = None, *, namespace: str | None = None, router_wait_s: float = ROUTER_WAIT_S) -> None:
+        """``router``: the router actor's handle (looked up by name when None); ``namespace``: the
+        deployment's (default: the namespace this process joined Ray with); ``router_wait_s``: how
+        long a request waits for a router that does not answer before ``RouterUnavailableError``."""
+        self._deployment = Deployment(namespace, router, router_wait_s)
+        self._loop: _Loop | None = None
 
     @classmethod
     def connect(cls, address: str | None = None, namespace: str = NAMESPACE) -> "Client":
         """Joins the Ray cluster at ``address`` (default: the local one) and finds the router."""
         import ray
 
-        from cluster.deploy import connect
+        from cluster.connection import connect
 
         connect(address, namespace)
         try:
             router = ray.get_actor(ROUTER_NAME, namespace=namespace)
         except ValueError:
             raise NoNodesError(f"no deployment in namespace '{namespace}' (start one with: python -m cluster serve)") from None
-        return cls(router)
+        return cls(router, namespace=namespace)
 
-    # -- sync ------------------------------------------------------------------------------
+    def _sync(self) -> _Loop:
+        if self._loop is None:
+            self._loop = _Loop()
+        return self._loop
+
+    # -- async -----------------------------------------------------------------------------
     #
     # Every generating method takes a prompt (text, or a ChatPrompt the deployment renders with
     # the model's chat template), optional SamplingParams, and SamplingParams fields by name
     # (max_tokens=8, stop="x", logit_bias={15: -100}) that override them.
 
+    def aevents(self, prompt: Prompt, params: SamplingParams | None = None, *, session_id: str | None = None,
+                max_prompt_tokens: int | None = None, restartable: bool = False,
+                **fields: Any) -> AsyncIterator[StreamItem]:
+        """The request's events (``cluster.protocol``): ``Routed``, ``Piece`` items, then ``Finished``.
+
+        ``restartable``: the caller shows nothing before the end, so a node that dies mid-way has
+        the request started again on another node; a ``Restarted`` item then voids the text
+        received so far. Closing or cancelling the iteration cancels the request on its node.
+        Parameters are checked here, before anything is sent.
+        """
+        return request_events(self._deployment, _ask(prompt, params, fields, session_id, max_prompt_tokens),
+                              restartable=restartable)
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None, *,
+                        session_id: str | None = None, **fields: Any) -> Completion:
+        """The whole answer; a node that dies mid-way costs a restart elsewhere, not an error."""
+        return await completion(self.aevents(prompt, params, session_id=session_id, restartable=True, **fields))
+
+    async def achat(self, messages: Sequence[ChatMessage], params: SamplingParams | None = None, *,
+                    session_id: str | None = None, **fields: Any) -> Completion:
+        return await self.agenerate(ChatPrompt(tuple(messages)), params, session_id=session_id, **fields)
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | None = None, *,
+                      session_id: str | None = None, **fields: Any) -> AsyncIterator[str]:
+        """Text pieces (of every choice, in order) as the node produces them."""
+        events = self.aevents(prompt, params, session_id=session_id, **fields)
+        try:
+            async for item in events:
+                if isinstance(item, Piece) and item.text:
+                    yield item.text
+        finally:
+            await events.aclose()
+
+    async def atokenize(self, text: str, add_special: bool = False, parse_special: bool = True,
+                        with_pieces: bool = False) -> list[Any]:
+        """Token ids of ``text`` as the deployment's model tokenizes it (see RouterActor.tokenize)."""
+        return await self._deployment.call_router("tokenize", text, add_special, parse_special, with_pieces)
+
+    async def adetokenize(self, tokens: list[int]) -> str:
+        return await self._deployment.call_router("detokenize", tokens)
+
+    async def arender(self, messages: Sequence[ChatMessage] | ChatPrompt) -> dict[str, Any]:
+        """The prompt a conversation renders to: ``{"text", "tokens", "origin"}``."""
+        chat = messages if isinstance(messages, ChatPrompt) else ChatPrompt(tuple(messages))
+        return await self._deployment.call_router("render", chat)
+
+    async def astatus(self) -> dict[str, Any]:
+        return await self._deployment.call_router("status")
+
+    async def aheat(self) -> dict[str, Any]:
+        return await self._deployment.call_router("heat")
+
+    # -- sync ------------------------------------------------------------------------------
+
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, *, session_id: str | None = None,
                  **fields: Any) -> Completion:
-        import ray
-
-        request = _request(prompt, params, fields, session_id)
-        try:
-            return _completion(ray.get(self._router.generate.remote(request)))
-        except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
+        return self._sync().run(self.agenerate(prompt, params, session_id=session_id, **fields))
 
     def chat(self, messages: Sequence[ChatMessage], params: SamplingParams | None = None, *,
              session_id: str | None = None, **fields: Any) -> Completion:
@@ -140,125 +226,23 @@ class Client:
                **fields: Any) -> Iterator[str]:
         """Yields text pieces (of every choice, in order) as the node produces them; closing the
         iterator cancels the request."""
-        import ray
-
-        request = _request(prompt, params, fields, session_id)
-        gen = self._router.stream.options(num_returns="streaming").remote(request)
-        finished = False
-        try:
-            for ref in gen:
-                item = ray.get(ref)
-                finished = bool(item.get("done"))
-                if item.get("text"):
-                    yield item["text"]
-        except ray.exceptions.RayTaskError as exc:
-            finished = True
-            raise _unwrap(exc) from None
-        finally:
-            if not finished:
-                ray.cancel(gen)
+        events = self.aevents(prompt, params, session_id=session_id, **fields)  # checked now, not at first next()
+        for item in self._sync().iterate(events):
+            if isinstance(item, Piece) and item.text:
+                yield item.text
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True,
                  with_pieces: bool = False) -> list[Any]:
-        """Token ids of ``text`` as the deployment's model tokenizes it (see RouterActor.tokenize)."""
-        import ray
-
-        try:
-            return ray.get(self._router.tokenize.remote(text, add_special, parse_special, with_pieces))
-        except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
+        return self._sync().run(self.atokenize(text, add_special, parse_special, with_pieces))
 
     def detokenize(self, tokens: list[int]) -> str:
-        import ray
-
-        try:
-            return ray.get(self._router.detokenize.remote(tokens))
-        except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
+        return self._sync().run(self.adetokenize(tokens))
 
     def render(self, messages: Sequence[ChatMessage] | ChatPrompt) -> dict[str, Any]:
-        """The prompt a conversation renders to: ``{"text", "tokens", "origin"}``."""
-        import ray
-
-        chat = messages if isinstance(messages, ChatPrompt) else ChatPrompt(tuple(messages))
-        try:
-            return ray.get(self._router.render.remote(chat))
-        except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
+        return self._sync().run(self.arender(messages))
 
     def status(self) -> dict[str, Any]:
-        import ray
-
-        return ray.get(self._router.status.remote())
+        return self._sync().run(self.astatus())
 
     def heat(self) -> dict[str, Any]:
-        import ray
-
-        return ray.get(self._router.heat.remote())
-
-    # -- async -----------------------------------------------------------------------------
-
-    async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None, *,
-                        session_id: str | None = None, **fields: Any) -> Completion:
-        import ray
-
-        request = _request(prompt, params, fields, session_id)
-        try:
-            return _completion(await self._router.generate.remote(request))
-        except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
-
-    async def astream(self, prompt: Prompt, params: SamplingParams | None = None, *,
-                      session_id: str | None = None, **fields: Any) -> AsyncIterator[str]:
-        async for item in self.aevents(prompt, params, session_id=session_id, **fields):
-            if item.get("text"):
-                yield item["text"]
-
-    async def aevents(self, prompt: Prompt, params: SamplingParams | None = None, *, session_id: str | None = None,
-                      max_prompt_tokens: int | None = None, restartable: bool = False,
-                      **fields: Any) -> AsyncIterator[dict[str, Any]]:
-        """The router's stream: ``{"text", "index", "logprobs"?}`` pieces, then ``{"done": True,
-        "node", "usage", "finish_reason", "choices", ...}``.
-
-        ``restartable``: the caller shows nothing before the end, so a node that dies mid-way has
-        the request started again on another node; a ``{"restart": node}`` item then voids the
-        text received so far. Closing or cancelling the iteration cancels the request on its node.
-        """
-        import ray
-
-        request = _request(prompt, params, fields, session_id, max_prompt_tokens)
-        request["restartable"] = restartable
-        gen = self._router.stream.options(num_returns="streaming").remote(request)
-        finished = False
-        try:
-            async for ref in gen:
-                item = await ref
-                finished = bool(item.get("done"))
-                yield item
-        except ray.exceptions.RayTaskError as exc:
-            finished = True
-            raise _unwrap(exc) from None
-        finally:
-            if not finished:  # the caller went away (or was cancelled) before the end
-                ray.cancel(gen)
-                await asyncio.sleep(0)
-
-    async def atokenize(self, text: str, add_special: bool = False, parse_special: bool = True,
-                        with_pieces: bool = False) -> list[Any]:
-        import ray
-
-        try:
-            return await self._router.tokenize.remote(text, add_special, parse_special, with_pieces)
-        except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
-
-    async def adetokenize(self, tokens: list[int]) -> str:
-        import ray
-
-        try:
-            return await self._router.detokenize.remote(tokens)
-        except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
-
-    async def astatus(self) -> dict[str, Any]:
-        return await self._router.status.remote()
+        return self._sync().run(self.aheat())

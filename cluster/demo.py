@@ -15,9 +15,11 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-from cluster import deploy, local_cluster, synth
+from cluster import connection, deploy, local_cluster, synth
 from cluster.cache import check_budget, discover_layout
-from cluster.cli import MIB, default_model, status_table
+from cluster.node_memory import MIB
+from cluster.status_table import status_table
+from cluster.synth import default_model
 
 
 def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: int = 12, n_nodes: int = 3,
@@ -38,7 +40,7 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
     t0 = time.perf_counter()
     address = local_cluster.start(n_nodes, dashboard_port=local_cluster.DASHBOARD_PORT if keep else 0)
     try:
-        deploy.connect(address)
+        connection.connect(address)
         deploy.deploy(path, n_nodes, cache_bytes=budget, policy=policy, n_threads=1)
         print(f"local Ray cluster of {n_nodes} nodes at {address}, node actors and router ready in "
               f"{time.perf_counter() - t0:.1f} s (policy {policy})\n")

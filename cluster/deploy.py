@@ -1,6 +1,5 @@
 """Starting and stopping a deployment on a Ray cluster: local clusters, node actors, the router.
 
-``connect`` joins a Ray cluster (the local one ``cluster.local_cluster`` started, by default).
 ``deploy`` places one node actor per Ray node (a STRICT_SPREAD
 placement group: two never share a node) and the router on the head node; all are named and detached, so
 they keep serving after the command that created them returns, and restartable: a node or
@@ -15,80 +14,14 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
-from cluster import local_cluster
 from cluster.errors import InvalidParameterError, SniperError
-from cluster.node import NAMESPACE, ROUTER_NAME, NodeConfig, NodeServer, node_name
+from cluster.node import NodeActor, NodeConfig
 from cluster.node_memory import AUTO
+from cluster.protocol import NAMESPACE, ROUTER_NAME, node_name
 
 PLACEMENT_GROUP = "sniper-nodes"
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
 NODE_MAX_RESTARTS = -1  # a node process that dies (OOM kill, crash) is started again, in its own bundle
-
-
-RAY_CURRENT_CLUSTER = "/tmp/ray/ray_current_cluster"  # where `ray start` / ray.init record the last cluster's address
-
-
-def resolve_address(address: str | None) -> str:
-    """The GCS address to join: ``address``; else the running local cluster; else $RAY_ADDRESS; else
-    the cluster Ray last started on this machine. It must answer, or this says so in one line
-    (ray.init would wait for minutes on an address nobody listens at)."""
-    where = "--address"
-    if address is None:
-        running = local_cluster.state()
-        if running is not None:
-            address, where = running.address, f"the local cluster ({local_cluster.STATE_FILE})"
-        elif os.environ.get("RAY_ADDRESS"):
-            address, where = os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
-        elif os.path.exists(RAY_CURRENT_CLUSTER):
-            with open(RAY_CURRENT_CLUSTER) as f:
-                address, where = f.read().strip(), RAY_CURRENT_CLUSTER
-        else:
-            raise SniperError("no Ray cluster is running here; start one with: python -m cluster serve --local-nodes N")
-    bare = address.removeprefix("ray://").removeprefix("http://")
-    if ":" not in bare or not local_cluster.answers(bare):
-        raise SniperError(f"no Ray cluster answers at {address} (from {where}); start one with: "
-                          f"python -m cluster serve --local-nodes N")
-    return address
-
-
-def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = resolve_address(address)
-    from ray._private import ray_constants
-
-    if address.startswith("127.") and ray_constants.ENABLE_RAY_CLUSTER:
-        raise SniperError("ray was imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset or 1, so it would "
-                          "replace 127.0.0.1 by this machine's outward address; import cluster before ray "
-                          "or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0")
-    ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
-
-
-class NodeActor(NodeServer):
-    """Ray shell of NodeServer: reports go to the named router actor."""
-
-    def __init__(self, node_id: str, config: NodeConfig, namespace: str) -> None:
-        self._namespace = namespace
-        self._router = None
-        super().__init__(node_id, config, report_sink=self._to_router)
-
-    def ready(self) -> dict[str, Any]:
-        import ray
-
-        return {**super().ready(), "ray_node_id": ray.get_runtime_context().get_node_id()}
-
-    def _to_router(self, report: Any) -> None:
-        import ray
-
-        if self._router is None:
-            self._router = ray.get_actor(ROUTER_NAME, namespace=self._namespace)
-        try:
-            self._router.report.remote(report)
-        except Exception:
-            self._router = None
-            raise
 
 
 def whole_model_budget(model_path: str) -> int:
@@ -217,12 +150,37 @@ def _cause(exc: BaseException) -> str:
     return (named or lines or [type(exc).__name__])[-1][:400]
 
 
+APP_NAME = "sniper"  # the HTTP gateway's Serve application of the default namespace (``app_name``)
+
+
+def app_name(namespace: str) -> str:
+    return APP_NAME if namespace == NAMESPACE else f"{APP_NAME}-{namespace}"
+
+
+def stop_http(namespace: str = NAMESPACE) -> bool:
+    """Removes the gateway of ``namespace`` (and Serve, if nothing else runs on it); False if absent."""
+    import ray
+    from ray import serve
+
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    except ValueError:
+        return False
+    name = app_name(namespace)
+    apps = serve.status().applications
+    if name not in apps:
+        return False
+    if set(apps) == {name}:
+        serve.shutdown()
+    else:
+        serve.delete(name)
+    return True
+
+
 def shutdown(namespace: str = NAMESPACE) -> list[str]:
     """Removes the HTTP gateway, the router and every node actor of the namespace; returns what was removed."""
     import ray
     from ray.util.placement_group import get_placement_group, remove_placement_group
-
-    from cluster.gateway import app_name, stop_http
 
     removed = [f"serve application '{app_name(namespace)}'"] if stop_http(namespace) else []
     for name in [ROUTER_NAME] + [node_name(i) for i in range(256)]:

@@ -371,15 +371,23 @@ class MoEEngine:
         finally:
             pieces.close()
 
-    def pieces(self, prompt: str, params: SamplingParams | None = None, *, special: bool = False,
+    def pieces(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, special: bool = False,
                **fields: Any) -> Generator[Piece, None, Generation]:
-        """As ``stream``, with each piece's token log-probabilities (``params.logprobs``).
+        """As ``stream``, with each piece's token log-probabilities (``params.logprobs``). The
+        prompt may also be given as token ids (tokenized elsewhere: the router does it once).
 
         One choice per call: ``SamplingParams.choices()`` gives the params of each of ``n``.
         """
         self._check_open()
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidParameterError(f"prompt must be a non-empty string, got {prompt!r}", param="prompt")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidParameterError("prompt must be a non-empty string", param="prompt")
+            tokens = None
+        else:
+            tokens = list(prompt)
+            if not tokens or not all(isinstance(t, (int, np.integer)) and 0 <= t < self.tokenizer.n_vocab for t in tokens):
+                raise InvalidParameterError(f"prompt tokens must be a non-empty list of ids in [0, "
+                                            f"{self.tokenizer.n_vocab}), got {tokens[:8]!r}...", param="prompt")
         params = (params or SamplingParams()).updated(**fields) if fields else (params or SamplingParams())
         params.validate()
         if params.max_tokens > self.n_ctx:
@@ -388,7 +396,8 @@ class MoEEngine:
             raise SamplingParamError("n", "1 here (the engine makes one choice per call; see SamplingParams.choices)",
                                      params.n)
         params.check_vocabulary(self.tokenizer.n_vocab)
-        tokens = self.tokenizer.tokenize(prompt, special=special)
+        if tokens is None:
+            tokens = self.tokenizer.tokenize(prompt, special=special)
         if len(tokens) >= self.n_ctx:
             raise PromptTooLongError(f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
                                      f"(at least one more is needed to generate)")

@@ -46,3 +46,20 @@ class EngineClosedError(SniperError, RuntimeError):
 
 class WarmthFormatError(SniperError, ValueError):
     """A warmth report could not be decoded: wrong version, shape or type."""
+
+
+class OverloadedError(SniperError, RuntimeError):
+    """Every queue that could take the request is full; retry later."""
+
+
+class NodeFailedError(SniperError, RuntimeError):
+    """The node serving a stream died after it had sent text."""
+
+
+class NoNodesError(SniperError, RuntimeError):
+    """No live node is registered with the router (or there is no deployment)."""
+
+
+class RouterUnavailableError(SniperError, RuntimeError):
+    """The router did not answer within the time a restart takes (it is gone, or restarting for
+    longer than the caller waits); nothing was started."""

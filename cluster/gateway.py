@@ -32,9 +32,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cluster.errors import InvalidParameterError, SniperError
+from cluster.deploy import app_name
+from cluster.errors import InvalidParameterError, NoNodesError, RouterUnavailableError, SniperError
 from cluster.metrics import GatewayMetrics
-from cluster.node import NAMESPACE, ROUTER_NAME, NoNodesError
 from cluster.node_memory import AUTO
 from cluster.openai_api import (
     APIError,
@@ -48,8 +48,8 @@ from cluster.openai_api import (
     parse_tokenize,
 )
 from cluster.openai_responses import FinishedChoice, StreamChunks, response
+from cluster.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Restarted, Routed, StreamItem
 
-APP_NAME = "sniper"  # the Serve application of the default namespace (``app_name``)
 API_KEY_ENV = "SNIPER_API_KEY"
 STATUS_TIMEOUT_S = 5.0
 
@@ -66,18 +66,19 @@ class GatewayConfig:
     grpc_on_node_address: bool = True
 
 
-async def _first_event(events: AsyncIterator[dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
-    """The stream's first piece (or its end), and the chat template's origin the router
-    announces before it (None for a completion)."""
+async def _first_event(events: AsyncIterator[StreamItem]) -> tuple[StreamItem, str | None]:
+    """The stream's first item from a node (a piece, or its end), and the chat template's origin
+    the dispatch announced before it (None for a completion). Errors before any text raise here,
+    so they keep their HTTP status."""
     template = None
     try:
         item = await events.__anext__()
-        if "chat_template" in item and "done" not in item:
-            template = item["chat_template"]
+        while isinstance(item, Routed):
+            template = item.chat_template
             item = await events.__anext__()
         return item, template
     except StopAsyncIteration:
-        raise APIError(503, "the router closed the stream before the first message", type="service_unavailable") from None
+        raise APIError(503, "the request's stream ended before its first message", type="service_unavailable") from None
 
 
 class CallerGone(Exception):
@@ -165,26 +166,24 @@ class Gateway:
     # -- plumbing ----------------------------------------------------------------------------
 
     async def _router_client(self) -> Any:
-        """The client handle, found lazily (the router may start after the gateway)."""
+        """The client: it finds the router (and the nodes) by name when it first needs them, and
+        again after a router restart (``cluster.dispatch``)."""
         if self._client is None:
-            import ray
-
             from cluster.client import Client
 
-            try:
-                self._client = Client(ray.get_actor(ROUTER_NAME, namespace=self.config.namespace))
-            except ValueError:
-                raise NoNodesError(f"the router '{ROUTER_NAME}' is not running in namespace "
-                                   f"'{self.config.namespace}'") from None
+            self._client = Client(namespace=self.config.namespace)
         return self._client
 
     async def _status(self) -> dict[str, Any]:
+        import ray
+
         client = await self._router_client()
         try:
             status = await asyncio.wait_for(client.astatus(), STATUS_TIMEOUT_S)
-        except Exception:
-            self._client = None  # found again next time (the router may have restarted)
-            raise
+        except asyncio.TimeoutError:
+            raise RouterUnavailableError(f"the router did not answer within {STATUS_TIMEOUT_S:g} s") from None
+        except ray.exceptions.RayError as exc:
+            raise RouterUnavailableError(f"the router is not reachable: {type(exc).__name__}") from None
         self._model = status.get("model") or self._model
         return status
 
@@ -258,24 +257,24 @@ class Gateway:
             texts: dict[int, list[str]] = {}
             logprobs: dict[int, list[Any]] = {}
             item, timed = first, False
-            while True:
-                if "text" in item:
+            while not isinstance(item, Finished):
+                if isinstance(item, Piece):
                     if not timed:
                         self.metrics.first_token.labels(endpoint).observe(time.monotonic() - started)
                         timed = True
-                    texts.setdefault(item.get("index", 0), []).append(item["text"])
-                    logprobs.setdefault(item.get("index", 0), []).extend(item.get("logprobs", ()))
-                elif "restart" in item:  # its node died: the text so far is void
+                    texts.setdefault(item.index, []).append(item.text)
+                    logprobs.setdefault(item.index, []).extend(item.logprobs)
+                elif isinstance(item, Restarted):  # its node died: the text so far is void
                     texts.clear()
                     logprobs.clear()
-                elif item.get("done"):
-                    break
+                elif isinstance(item, Cancelled):
+                    raise StopAsyncIteration
                 item = await events.__anext__()
             self._count_tokens(item)
-            choices = [FinishedChoice(c["index"], "".join(texts.get(c["index"], [])), c["finish_reason"],
-                                      tuple(logprobs.get(c["index"], []))) for c in item["choices"]]
+            choices = [FinishedChoice(c.index, "".join(texts.get(c.index, [])), c.finish_reason,
+                                      tuple(logprobs.get(c.index, []))) for c in item.choices]
             status_code = 200
-            return JSONResponse(response(req, choices, item["usage"], item["node"]), headers=headers)
+            return JSONResponse(response(req, choices, item.usage, item.node), headers=headers)
         except StopAsyncIteration:
             error = APIError(503, "the stream ended without a final message", type="service_unavailable")
             status_code = error.status
@@ -293,20 +292,22 @@ class Gateway:
                     await events.aclose()
                 self._finish(endpoint, status_code, started)
 
-    async def _sse(self, req: APIRequest, endpoint: str, started: float, first: dict[str, Any],
-                   events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    async def _sse(self, req: APIRequest, endpoint: str, started: float, first: StreamItem,
+                   events: AsyncIterator[StreamItem]) -> AsyncIterator[str]:
         status_code = 499  # unless the stream reaches its end or an error
         chunks = StreamChunks(req)
         try:
             item, timed = first, False
             while True:
-                if "text" in item:
+                if isinstance(item, Piece):
                     if not timed:
                         self.metrics.first_token.labels(endpoint).observe(time.monotonic() - started)
                         timed = True
-                    for body in chunks.piece(item.get("index", 0), item["text"], item.get("logprobs", ())):
+                    for body in chunks.piece(item.index, item.text, item.logprobs):
                         yield _sse_data(body)
-                elif item.get("done"):
+                elif isinstance(item, Cancelled):
+                    raise StopAsyncIteration
+                elif isinstance(item, Finished):
                     self._count_tokens(item)
                     status_code = 200
                     for body in chunks.end(item):
@@ -325,9 +326,9 @@ class Gateway:
             await events.aclose()  # a caller that went away cancels the request on its node
             self._finish(endpoint, status_code, started)
 
-    def _count_tokens(self, final: dict[str, Any]) -> None:
-        self.metrics.prompt_tokens.inc(final["usage"].get("prompt_tokens", 0))
-        self.metrics.generated_tokens.inc(final["usage"].get("completion_tokens", 0))
+    def _count_tokens(self, final: Finished) -> None:
+        self.metrics.prompt_tokens.inc(final.usage.get("prompt_tokens", 0))
+        self.metrics.generated_tokens.inc(final.usage.get("completion_tokens", 0))
 
     def _finish(self, endpoint: str, status_code: int, started: float) -> None:
         self.metrics.in_progress.dec()
@@ -403,10 +404,6 @@ class Gateway:
 
 # -- entry points ------------------------------------------------------------------------------
 
-def app_name(namespace: str) -> str:
-    return APP_NAME if namespace == NAMESPACE else f"{APP_NAME}-{namespace}"
-
-
 def gateway_app(config: GatewayConfig) -> Any:
     return Gateway.bind(config)
 
@@ -452,25 +449,6 @@ def check_route_free(namespace: str) -> None:
                               f"remove it first (python -m cluster shutdown --namespace ...) or serve without --http")
 
 
-def stop_http(namespace: str = NAMESPACE) -> bool:
-    """Removes the gateway of ``namespace`` (and Serve, if nothing else runs on it); False if absent."""
-    import ray
-
-    try:
-        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-    except ValueError:
-        return False
-    name = app_name(namespace)
-    apps = serve.status().applications
-    if name not in apps:
-        return False
-    if set(apps) == {name}:
-        serve.shutdown()
-    else:
-        serve.delete(name)
-    return True
-
-
 BUILD_ARGS = ("model", "nodes", "cache_mb", "threads", "policy", "namespace", "api_key", "max_tokens_limit",
               "max_prompt_tokens", "max_body_bytes", "chat_template")
 
@@ -511,8 +489,9 @@ def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threa
     import ray
 
     from cluster import deploy
+    from cluster.connection import connect
 
-    deploy.connect(None, namespace)
+    connect(None, namespace)
     try:
         ray.get_actor(ROUTER_NAME, namespace=namespace)
         return

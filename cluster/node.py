@@ -1,19 +1,22 @@
-"""Node actor: one per Ray node, hosting an MoEEngine with the expert cache.
+"""Node: one per Ray node, hosting an MoEEngine with the expert cache, serving callers directly.
 
-``NodeServer`` is a plain class (tests drive it without Ray); ``NodeActor`` is its Ray shell.
-A node:
+``NodeServer`` is a plain class (tests drive it without Ray); ``NodeActor`` is its Ray shell,
+whose reports go to the named router actor. A node:
   * serves one request at a time on its engine, with a bounded number waiting (``max_queue``);
     a request beyond that is refused at once with ``OverloadedError``; a request's ``n``
     choices are generated one after the other (each reuses the prompt's KV state), its pieces
     tagged with their choice's ``index``;
-  * tokenizes the prompt as the router did: a chat rendering (``special``) with its special
-    tokens parsed;
+  * takes the prompt as token ids (the router tokenized it, once);
   * keeps the KV state of recent conversations (``session_bytes``, least recently used out), so
     a conversation's next turn prefills only its new tokens; any request also reuses the
     longest common prefix with what the context holds;
-  * streams text pieces, and stops generating when the caller cancels;
+  * streams text pieces to its caller (``cluster.protocol`` items) from a generation thread of
+    its own: decoding never waits for the transport; when the caller reads slower than the
+    engine decodes, the pieces that piled up go as one; it stops generating when the caller
+    cancels or goes away;
   * reports load, health, its warmth report (msgpack), the prefixes it holds and each
-    request's routing trace to the router after every request and on a heartbeat;
+    request's routing trace to the router after every request (that settles the router's
+    in-flight count, however the request ended) and on a heartbeat;
   * keeps the routing traces of its recent requests (``RECENT_TRACE_TOKENS`` prefilled tokens)
     and sends them again when asked (``resend_traces``): a restarted router learns its token
     affinity back from them instead of starting from nothing.
@@ -22,39 +25,30 @@ A node:
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from cluster.engine import MoEEngine
-from cluster.errors import InvalidParameterError, SniperError
-from cluster.routing.base import RoutingTraceSummary
+from cluster.errors import InvalidParameterError, OverloadedError
+from cluster.protocol import (
+    ROUTER_NAME,
+    Cancelled,
+    ChoiceEnd,
+    Finished,
+    NodeReport,
+    NodeRequest,
+    Piece,
+    RoutingTraceSummary,
+    StreamItem,
+)
 from cluster.routing.warmth import prefix_hashes
-from cluster.sampling import SamplingParams
 
-NAMESPACE = "sniper"
 RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a node keeps for a restarted router
-ROUTER_NAME = "sniper-router"
-
-
-def node_name(index: int) -> str:
-    return f"sniper-node-{index}"
-
-
-class OverloadedError(SniperError, RuntimeError):
-    """Every queue that could take the request is full; retry later."""
-
-
-class NodeFailedError(SniperError, RuntimeError):
-    """The node serving a stream died after it had sent text."""
-
-
-class NoNodesError(SniperError, RuntimeError):
-    """No live node is registered with the router."""
 
 
 @dataclass(frozen=True)
@@ -95,24 +89,6 @@ class NodeConfig:
             raise InvalidParameterError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
 
 
-@dataclass(frozen=True)
-class NodeReport:
-    """What a node tells the router (after every request and on every heartbeat)."""
-
-    node_id: str
-    load: int
-    capacity: int
-    healthy: bool
-    warmth: bytes | None  # None: unchanged since the last report (a busy node's heartbeat)
-    prefixes: tuple[int, ...] | None  # None: unchanged
-    sessions: tuple[str, ...]
-    stats: dict[str, float]
-    sent_at: float
-    request_id: str | None = None
-    summary: RoutingTraceSummary | None = None
-    started_at: float = 0.0  # when this node process started: a new value means the node was restarted
-
-
 @dataclass
 class _Session:
     tokens: tuple[int, ...]
@@ -123,6 +99,31 @@ class _Session:
 _ADDITIVE_CACHE_STATS = ("hits", "misses", "bytes_read", "bytes_read_prefill", "bytes_read_decode", "n_tokens_prefill",
                          "n_tokens_decode")
 _RATE_CACHE_STATS = ("decode_hit_rate", "prefetch_precision", "prefetch_recall")
+
+
+_END = object()  # the generation thread is done
+
+
+def _merged(batch: list[Any]) -> Iterator[Any]:
+    """The items of ``batch`` with each run of pieces of one choice joined into one piece."""
+    run: list[Piece] = []
+    for item in batch:
+        if isinstance(item, Piece) and run and run[-1].index == item.index:
+            run.append(item)
+            continue
+        if run:
+            yield _join(run)
+        run = [item] if isinstance(item, Piece) else []
+        if not isinstance(item, Piece):
+            yield item
+    if run:
+        yield _join(run)
+
+
+def _join(run: list[Piece]) -> Piece:
+    if len(run) == 1:
+        return run[0]
+    return Piece("".join(p.text for p in run), run[0].index, tuple(lp for p in run for lp in p.logprobs))
 
 
 def _request_cache_stats(gens: list[Any]) -> dict[str, float]:
@@ -143,7 +144,7 @@ class NodeServer:
         self.config = config
         self.started_at = time.time()
         if config.memory_limit_bytes:
-            from cluster.bench.memlimit import MemoryLimit
+            from cluster.memory_limit import MemoryLimit
 
             self._limit = MemoryLimit(f"sniper-{node_id}", config.memory_limit_bytes)
             self._limit.enter()
@@ -157,6 +158,7 @@ class NodeServer:
         self._n_active = 0
         self._cancelled: set[str] = set()
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._sessions_lock = threading.Lock()  # the heartbeat's reports read them while requests change them
         self._session_bytes = 0
         self._current_session: str | None = None
         self._served = 0
@@ -170,62 +172,92 @@ class NodeServer:
 
     # -- requests ------------------------------------------------------------------------
 
-    def stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Yields ``{"text": piece}`` items, then ``{"done": True, ...usage...}``.
+    def stream(self, request: NodeRequest) -> Iterator[StreamItem]:
+        """Yields ``Piece`` items (of every choice, in order), then ``Finished`` (or ``Cancelled``).
 
-        Raises OverloadedError at once if ``max_queue`` requests are already here.
+        The generation runs on a thread of its own; this generator hands its items on, merging
+        the pieces that piled up meanwhile, so a slow reader never holds the engine up. Closing
+        it (the caller went away) cancels the request. Raises ``OverloadedError`` at once if
+        ``max_queue`` requests are already here.
         """
+        if not isinstance(request, NodeRequest):
+            raise InvalidParameterError(f"a node serves a NodeRequest, got {type(request).__name__}", param="request")
+        request.params.validate()
         with self._admit:
             if self._n_active >= self.config.max_queue:
                 raise OverloadedError(f"{self.node_id} has {self._n_active} requests (max_queue "
                                       f"{self.config.max_queue})")
             self._n_active += 1
-        request_id = request.get("request_id") or uuid.uuid4().hex
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        worker = threading.Thread(target=self._produce, args=(request, items), name=f"{self.node_id}-generate",
+                                  daemon=True)
+        worker.start()
+        done = False
         try:
-            yield from self._serve(request_id, request)
+            while not done:
+                batch = [items.get()]
+                while True:  # whatever else is ready goes along
+                    try:
+                        batch.append(items.get_nowait())
+                    except queue.Empty:
+                        break
+                for item in _merged(batch):
+                    if item is _END:
+                        done = True
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            if not done:  # the caller closed the stream (or a piece failed to send): stop generating
+                self.cancel(request.request_id)
+
+    def _produce(self, request: NodeRequest, items: "queue.SimpleQueue[Any]") -> None:
+        """The generation thread: serves the request, puts its items, then ``_END`` (or the error)."""
+        finished = False
+        try:
+            with self._serve_lock:  # one request at a time; the threads waiting here are the queue
+                for item in self._generate(request):
+                    items.put(item)
+                    finished = finished or isinstance(item, Finished)
+            items.put(_END)
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller, whatever it is)
+            items.put(exc)
         finally:
             with self._admit:
                 self._n_active -= 1
-                self._cancelled.discard(request_id)
+                self._cancelled.discard(request.request_id)
+            if not finished:  # cancelled or failed: the router still settles its count by this report
+                self._send(self._light_report(request_id=request.request_id))
 
-    def _serve(self, request_id: str, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        session = request.get("session_id")
-        params = request.get("params") or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidParameterError(f"params must be SamplingParams, got {type(params).__name__}", param="params")
-        with self._serve_lock:  # one request at a time; the threads waiting here are the queue
-            yield from self._generate(request_id, session, request["prompt"], params, bool(request.get("special")))
-
-    def _generate(self, request_id: str, session: str | None, prompt: str, params: SamplingParams,
-                  special: bool) -> Iterator[dict[str, Any]]:
+    def _generate(self, request: NodeRequest) -> Iterator[StreamItem]:
         """The request's ``n`` choices one after the other (each reuses the prompt's KV state):
-        ``{"text", "index", "logprobs"?}`` items, then the ``done`` item with every choice's end."""
-        self._switch_session(session)
-        params.validate()
+        ``Piece`` items, then ``Finished`` with every choice's end."""
+        params = request.params
+        with self._sessions_lock:
+            self._switch_session(request.session_id)
         gens = []
         for index, choice in enumerate(params.choices()):
-            pieces = self.engine.pieces(prompt, choice, special=special)
+            pieces = self.engine.pieces(list(request.tokens), choice)
             try:
                 while True:
-                    if request_id in self._cancelled:
+                    if request.request_id in self._cancelled:
                         pieces.close()
-                        yield {"cancelled": True, "node": self.node_id}
+                        yield Cancelled(self.node_id)
                         return
                     try:
                         piece = next(pieces)
                     except StopIteration as done:
                         gens.append(done.value)
                         break
-                    item: dict[str, Any] = {"text": piece.text, "index": index}
-                    if params.logprobs:
-                        item["logprobs"] = piece.logprobs
-                    yield item
+                    yield Piece(piece.text, index, tuple(piece.logprobs) if params.logprobs else ())
             except BaseException:
                 pieces.close()
                 raise
-        self._current_session = session
-        if session is not None:
-            self._save_session(session)
+        with self._sessions_lock:
+            self._current_session = request.session_id
+            if request.session_id is not None:
+                self._save_session(request.session_id)
         first = gens[0]
         n_generated = sum(g.n_generated for g in gens)
         self._served += 1
@@ -241,20 +273,14 @@ class NodeServer:
             tokens = tuple(self.engine.context_tokens[first.n_reused_tokens:first.n_prompt_tokens])
             summary = RoutingTraceSummary(tokens=tokens, prompt_experts=prompt_experts, decode_counts=decode_counts)
             self._remember_trace(summary)
-        self._send_report(request_id, summary)
-        yield {
-            "done": True,
-            "node": self.node_id,
-            "finish_reason": first.finish_reason,
-            "choices": [{"index": i, "finish_reason": g.finish_reason, "completion_tokens": g.n_generated}
-                        for i, g in enumerate(gens)],
-            "usage": {"prompt_tokens": first.n_prompt_tokens, "completion_tokens": n_generated,
-                      "reused_prompt_tokens": first.n_reused_tokens},
-            "timing": {"prefill_s": first.prefill_s, "decode_s": sum(g.decode_s for g in gens)},
-            "cache": _request_cache_stats(gens),
-            "decode_counts": None if summary is None else summary.decode_counts,
-            "prompt_experts": None if summary is None else summary.prompt_experts,
-        }
+        self._send_report(request.request_id, summary)
+        yield Finished(
+            node=self.node_id,
+            choices=tuple(ChoiceEnd(i, g.finish_reason, g.n_generated) for i, g in enumerate(gens)),
+            usage={"prompt_tokens": first.n_prompt_tokens, "completion_tokens": n_generated,
+                   "reused_prompt_tokens": first.n_reused_tokens},
+            timing={"prefill_s": first.prefill_s, "decode_s": sum(g.decode_s for g in gens)},
+            cache=_request_cache_stats(gens))
 
     def cancel(self, request_id: str) -> None:
         """Stops a running request at its next token (the caller went away)."""
@@ -302,14 +328,16 @@ class NodeServer:
         learns its affinity back). Returns how many were sent."""
         with self._recent_lock:
             traces = list(self._recent_traces)
-        if self.report_sink is not None:
-            for summary in traces:
-                self._send(self._light_report(summary))
+        for summary in traces:
+            self._send(self._light_report(summary))
         return len(traces)
 
     def report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> NodeReport:
         engine = self.engine
-        prefixes = tuple(sorted(set(prefix_hashes(engine.context_tokens)).union(*(s.prefixes for s in self._sessions.values()))))
+        with self._sessions_lock:
+            held = set().union(*(s.prefixes for s in self._sessions.values()))
+            sessions = tuple(self._sessions)
+        prefixes = tuple(sorted(set(prefix_hashes(engine.context_tokens)) | held))
         stats: dict[str, float] = {"served": self._served, "generated_tokens": self._generated,
                                    "session_bytes": self._session_bytes}
         warmth = None
@@ -321,35 +349,37 @@ class NodeServer:
                                                   "prefetch_precision", "prefetch_recall")})
             warmth = engine.warmth()
         return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
-                          warmth=warmth, prefixes=prefixes, sessions=tuple(self._sessions), stats=stats,
+                          warmth=warmth, prefixes=prefixes, sessions=sessions, stats=stats,
                           sent_at=time.time(), request_id=request_id, summary=summary, started_at=self.started_at)
 
     def _send_report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> None:
-        if self.report_sink is not None:
-            self._send(self.report(request_id, summary))
+        self._send(lambda: self.report(request_id, summary))
 
-    def _send(self, report: NodeReport) -> None:
+    def _send(self, report: Any) -> None:
+        """Sends a report (or what a callable builds): a failure to build or to send it (the
+        router restarting, the engine closing) is left for the next heartbeat, never raised."""
+        if self.report_sink is None:
+            return
         try:
-            self.report_sink(report)
-        except Exception:  # the router may be restarting; the next heartbeat tries again
+            self.report_sink(report() if callable(report) else report)
+        except Exception:
             pass
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.config.heartbeat_s):
             if self._serve_lock.locked():
-                self._send_busy_report()  # the engine is busy: load and liveness only
+                self._send(self._light_report)  # the engine is busy: load and liveness only
             else:
                 self._send_report()
 
-    def _send_busy_report(self) -> None:
-        if self.report_sink is not None:
-            self._send(self._light_report())
-
-    def _light_report(self, summary: RoutingTraceSummary | None = None) -> NodeReport:
-        """Load and liveness, and a routing-trace summary if given; warmth and prefixes unchanged."""
+    def _light_report(self, summary: RoutingTraceSummary | None = None, request_id: str | None = None) -> NodeReport:
+        """Load and liveness, and a routing-trace summary or an ended request if given; warmth and
+        prefixes unchanged."""
+        with self._sessions_lock:
+            sessions = tuple(self._sessions)
         return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
-                          warmth=None, prefixes=None, sessions=tuple(self._sessions), stats={}, sent_at=time.time(),
-                          summary=summary, started_at=self.started_at)
+                          warmth=None, prefixes=None, sessions=sessions, stats={}, sent_at=time.time(),
+                          request_id=request_id, summary=summary, started_at=self.started_at)
 
     def ready(self) -> dict[str, Any]:
         layout = self.engine.layout
@@ -360,3 +390,29 @@ class NodeServer:
     def close(self) -> None:
         self._stop.set()
         self.engine.close()
+
+
+class NodeActor(NodeServer):
+    """Ray shell of NodeServer: reports go to the named router actor; callers call ``stream``
+    (``num_returns="streaming"``) and ``cancel`` on it directly."""
+
+    def __init__(self, node_id: str, config: NodeConfig, namespace: str) -> None:
+        self._namespace = namespace
+        self._router: Any = None
+        super().__init__(node_id, config, report_sink=self._to_router)
+
+    def ready(self) -> dict[str, Any]:
+        import ray
+
+        return {**super().ready(), "ray_node_id": ray.get_runtime_context().get_node_id()}
+
+    def _to_router(self, report: NodeReport) -> None:
+        import ray
+
+        if self._router is None:
+            self._router = ray.get_actor(ROUTER_NAME, namespace=self._namespace)
+        try:
+            self._router.report.remote(report)
+        except Exception:
+            self._router = None  # looked up again next time (the router may have restarted)
+            raise

@@ -23,9 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cluster.chat import ROLES, ChatMessage, ChatPrompt, ToolCall
-from cluster.errors import InvalidParameterError, PromptTooLongError
+from cluster.errors import (
+    InvalidParameterError,
+    NodeFailedError,
+    NoNodesError,
+    OverloadedError,
+    PromptTooLongError,
+    RouterUnavailableError,
+)
 from cluster.grammar import json_object_grammar, json_schema_grammar, tool_call_grammar
-from cluster.node import NodeFailedError, NoNodesError, OverloadedError
 from cluster.sampling import MAX_SEED, SamplingParamError, SamplingParams
 
 CHAT_ROLES = (*ROLES, "developer")  # "developer" is OpenAI's newer name for system
@@ -98,6 +104,8 @@ def error_from_exception(exc: BaseException) -> APIError:
         return APIError(503, message, type="service_unavailable", code="no_nodes")
     if isinstance(exc, NodeFailedError):
         return APIError(503, message, type="service_unavailable", code="node_failed")
+    if isinstance(exc, RouterUnavailableError):
+        return APIError(503, message, type="service_unavailable", code="router_unavailable")
     return APIError(500, f"internal error: {type(exc).__name__}: {message[:300]}", type="server_error")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from cluster.openai_api import APIRequest
+from cluster.protocol import Finished
 from cluster.sampling import TokenLogprob
 from cluster.tool_calls import ParsedCall, ToolCallStream, split_tool_calls
 
@@ -141,22 +142,21 @@ class StreamChunks:
                 if text or state.pending_logprobs else []
         return [c for event in state.tools.feed(text) for c in self._event(index, state, event)]
 
-    def end(self, done: dict[str, Any]) -> list[dict[str, Any]]:
+    def end(self, done: Finished) -> list[dict[str, Any]]:
         """The last chunk of every choice (what a tool parser still held, then ``finish_reason``),
         and the usage chunk if asked."""
         out: list[dict[str, Any]] = []
-        for choice in sorted(done.get("choices") or [{"index": 0, "finish_reason": done["finish_reason"]}],
-                             key=lambda c: c["index"]):
-            index = choice["index"]
+        for choice in sorted(done.choices, key=lambda c: c.index):
+            index = choice.index
             state = self._state(index)
-            finish = choice["finish_reason"]
+            finish = choice.finish_reason
             if state.tools is not None:
                 out += [c for event in state.tools.finish() for c in self._event(index, state, event)]
                 if state.n_calls and finish == "stop":
                     finish = "tool_calls"
-            out.append(self._delta(index, state, {}, finish_reason=finish, node=done["node"]))
+            out.append(self._delta(index, state, {}, finish_reason=finish, node=done.node))
         if self.req.include_usage:
-            out.append(chunk(self.req, [], usage=done["usage"]))
+            out.append(chunk(self.req, [], usage=done.usage))
         return out
 
     def _event(self, index: int, state: _ChoiceStream, event: str | ParsedCall) -> list[dict[str, Any]]:

@@ -1,16 +1,18 @@
-"""Router actor: picks a node per request with a routing policy and proxies its stream.
+"""Router actor: picks a node per request with a routing policy, then steps aside.
 
 It also renders chat requests with the model's chat template (``ChatRenderer``): the router
 holds the model's vocabulary already (it tokenizes every prompt to route it), so the prompt
 text it sends on is tokenized by the same rule here and on the node, special tokens parsed.
 
 ``RouterCore`` (plain class) holds what the router knows — live nodes, their last reports,
-the requests it has in flight per node — and asks the policy to rank nodes. ``RouterActor``
-(named, detached ``sniper-router``, restartable) is the async Ray shell that dispatches
-to node actors, retries elsewhere when a node dies before sending any text, ends a stream that
-had started with ``NodeFailedError`` naming the node and the cause, refuses at once with
-``OverloadedError`` when every live node is at capacity, and rebuilds its state from the nodes'
-reports after a restart.
+the requests in flight on each (by request id) — and asks the policy to choose a node.
+``RouterActor`` (named, detached ``sniper-router``, restartable) is its async Ray shell:
+``route`` renders and tokenizes a request once, chooses a node (refusing at once with
+``OverloadedError`` when every live node is at capacity) and returns the ``Route``; the caller
+streams from that node itself (``cluster.dispatch``), so the router's work is per request and a
+stream outlives the router. A request leaves the router's in-flight count when its node reports
+its end (however it ended), when the caller gives up on that node (``failed``), or when the node
+dies. After a restart the router rebuilds its state from the nodes' reports.
 """
 
 from __future__ import annotations
@@ -18,17 +20,16 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import numpy as np
 
 from cluster.chat import ChatPrompt, ChatRenderer
 from cluster.decision_audit import DecisionAudit
-from cluster.errors import InvalidParameterError, PromptTooLongError
-from cluster.node import NodeFailedError, NodeReport, NoNodesError, OverloadedError
+from cluster.errors import InvalidParameterError, NoNodesError, OverloadedError, PromptTooLongError
+from cluster.protocol import NodeReport, NodeRequest, Route, RouteAsk
 from cluster.routing import NodeView, RouteRequest, make_policy
 from cluster.sampling import SamplingParams
 from cluster.warmth import Warmth, WarmthFormatError
@@ -37,6 +38,7 @@ from cluster.warmth import decode as decode_warmth
 NODE_TIMEOUT_S = 5.0
 CUMULATIVE_STATS = ("hits", "misses", "bytes_read", "generated_tokens")  # counters kept across a node's restarts
 SWEEP_INTERVAL_S = 0.25  # how often silent nodes are looked for (timeouts are seconds long)
+STARTUP_GRACE_S = 5.0  # a router just (re)started waits this long for the nodes' first reports before NoNodesError
 CRASH_LOOP_RESTARTS = 3  # a node whose process was replaced this many times ...
 CRASH_LOOP_WINDOW_S = 120.0  # ... within this many seconds is crash-looping (reported; /health says 503 if all are)
 
@@ -48,7 +50,7 @@ class NodeState:
     last_report: NodeReport | None = None
     warmth: Warmth | None = None
     warmth_bytes: bytes | None = None  # the report ``warmth`` was decoded from
-    in_flight: int = 0  # change only through RouterCore.acquire / release (they mark the view stale)
+    in_flight: int = 0  # requests routed here that have not ended (RouterCore.acquire / release)
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
     served: int = 0
@@ -85,6 +87,7 @@ class RouterCore:
         self._room: dict[str, NodeView] = {}  # views of the live nodes with room (as of the last decision)
         self._stale: set[str] = set()  # nodes changed since: their entry in _room is redone at the next decision
         self._last_sweep: float | None = None
+        self.requests: dict[str, str] = {}  # request id -> the node it is in flight on
 
     def on_report(self, report: NodeReport) -> None:
         node = self.nodes.get(report.node_id)
@@ -114,6 +117,10 @@ class RouterCore:
                 node.warmth = node.resident = None
         if report.prefixes is not None:
             self.policy.on_prefixes(report.node_id, report.prefixes)
+        if report.request_id:  # that request ended there (this settles the count whatever the caller did)
+            if report.stats and self.requests.get(report.request_id) == report.node_id:
+                node.served += 1
+            self.release(report.request_id)
         if report.summary is not None:
             self.policy.on_report(report.node_id, report.summary)
             self._score_prediction(report)
@@ -134,7 +141,7 @@ class RouterCore:
     def _forget_process(self, node: NodeState, started_at: float) -> None:
         """The node runs a new process: what the old one held (warmth, KV prefixes) is gone, its
         counters are carried so that the node's totals stay cumulative."""
-        self.mark_dead(node.node_id)
+        self.mark_dead(node.node_id)  # its requests in flight died with the old process
         node.restarts += 1
         node.restart_times = [*node.restart_times[-(CRASH_LOOP_RESTARTS - 1):], self.clock()]
         node.started_at = started_at
@@ -143,24 +150,31 @@ class RouterCore:
         node.warmth = node.warmth_bytes = node.resident = None
 
     def mark_dead(self, node_id: str) -> None:
+        """The node is gone: its requests in flight went with it."""
         node = self.nodes.get(node_id)
         if node is not None and node.alive:
             node.alive = False
             self._changed(node)
             self.policy.on_node_removed(node_id)
+        for request_id in [r for r, n in self.requests.items() if n == node_id]:
+            self.release(request_id)
 
-    def acquire(self, node_id: str) -> NodeState:
-        """A request was dispatched to the node."""
+    def acquire(self, node_id: str, request_id: str) -> NodeState:
+        """Request ``request_id`` was routed to the node."""
+        self.release(request_id)  # routed again (its node failed): it counts where it goes now
         node = self.nodes[node_id]
         node.in_flight += 1
+        self.requests[request_id] = node_id
         self._changed(node)
         return node
 
-    def release(self, node_id: str) -> None:
-        """A request dispatched to the node ended (however)."""
-        node = self.nodes[node_id]
-        node.in_flight -= 1
-        self._changed(node)
+    def release(self, request_id: str) -> None:
+        """Request ``request_id`` ended (however); nothing if it is not in flight (any more)."""
+        node_id = self.requests.pop(request_id, None)
+        node = self.nodes.get(node_id) if node_id is not None else None
+        if node is not None:
+            node.in_flight = max(0, node.in_flight - 1)
+            self._changed(node)
 
     def _changed(self, node: NodeState) -> None:
         self._stale.add(node.node_id)
@@ -270,140 +284,70 @@ class RouterActor:
         self.tokenizer = Tokenizer.load(model_path)
         self.chat = ChatRenderer(self.tokenizer, chat_template)
         self.namespace = namespace
-        self.handles: dict[str, Any] = {}
+        self.n_routes = 0  # route calls answered (a request's cost here does not grow with its tokens)
+        self.route_s = 0.0  # time spent answering them
+        self._started = time.monotonic()
 
     async def report(self, report: NodeReport) -> None:
         first = report.node_id not in self.core.nodes
         self.core.on_report(report)
         if first:  # after a restart this router knows no affinity: the node sends what it served recently
-            try:
-                self._handle(report.node_id).resend_traces.remote()
+            import ray
+
+            try:  # the actor lookup blocks (a GCS round trip): not on the event loop
+                handle = await asyncio.to_thread(ray.get_actor, report.node_id, namespace=self.namespace)
+                handle.resend_traces.remote()
             except Exception:  # gone again: there is nothing to learn from it
-                self.handles.pop(report.node_id, None)
+                pass
 
-    def _handle(self, node_id: str) -> Any:
-        import ray
+    async def route(self, ask: RouteAsk, exclude: tuple[str, ...] = ()) -> Route:
+        """Renders (a chat request) and tokenizes the request once, chooses a node among the live
+        ones with room, not in ``exclude`` (nodes that failed it), counts it in flight there and
+        returns the ``Route``. Raises ``NoNodesError``, ``OverloadedError``, ``PromptTooLongError``,
+        ``InvalidParameterError`` (bad params, a chat template that refuses the conversation)."""
+        self.n_routes += 1
+        if not isinstance(ask, RouteAsk):
+            raise InvalidParameterError(f"route takes a RouteAsk, got {type(ask).__name__}", param="request")
+        while not self.core.live_nodes() and time.monotonic() - self._started < STARTUP_GRACE_S:
+            await asyncio.sleep(0.1)  # just (re)started: the nodes report within a heartbeat
+        started = time.perf_counter()
+        params, text, special, template = self._prepare(ask)
+        tokens = tuple(self.tokenizer.tokenize(text, special=special))
+        if ask.max_prompt_tokens is not None and len(tokens) > ask.max_prompt_tokens:
+            raise PromptTooLongError(f"the prompt is {len(tokens)} tokens; this endpoint accepts at most "
+                                     f"{ask.max_prompt_tokens}")
+        route = RouteRequest(request_id=ask.request_id, tokens=tokens, session_id=ask.session_id)
+        node_id = self.core.choose(route, set(exclude))[0]
+        why = {k: v for k, v in self.core.policy.explain().items() if k in ("fallback", "matched_tokens")}
+        self.core.acquire(node_id, ask.request_id)
+        self.core.policy.on_routed(route, node_id)
+        self.route_s += time.perf_counter() - started
+        return Route(node_id=node_id, request=NodeRequest(ask.request_id, tokens, params, ask.session_id),
+                     routing={"policy": self.core.policy.name, "attempts": len(exclude) + 1, **why},
+                     chat_template=template)
 
-        handle = self.handles.get(node_id)
-        if handle is None:
-            handle = self.handles[node_id] = ray.get_actor(node_id, namespace=self.namespace)
-        return handle
+    async def failed(self, request_id: str, node_id: str, dead: bool) -> None:
+        """The caller gave up on ``node_id`` for this request: the node died (``dead``) or refused it."""
+        if dead:
+            self.core.mark_dead(node_id)
+        elif self.core.requests.get(request_id) == node_id:
+            self.core.release(request_id)
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Routes and streams one request: ``{"text", "index"}`` items, then ``{"done", "node", ...}``.
-
-        A chat request (``chat``: a ``ChatPrompt``) is rendered here with the deployment's chat
-        template and sent on as prompt text flagged ``special``; its stream starts with
-        ``{"chat_template": origin}``.
-
-        A node that dies before sending text has the request sent to another node. One that dies
-        after sending text ends the stream with ``NodeFailedError``, unless the request is
-        ``restartable`` (its caller shows nothing before the end: ``generate``, the HTTP
-        gateway's non-streaming answers): then it starts again on another node, announced by a
-        ``{"restart": node, "reason"}`` item after which the text so far is void.
-        """
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-        request = dict(request)
-        request.setdefault("request_id", uuid.uuid4().hex)
-        restartable = bool(request.pop("restartable", False))
-        template = self._prepare(request)
-        tokens = tuple(self.tokenizer.tokenize(request["prompt"], special=bool(request.get("special"))))
-        limit = request.pop("max_prompt_tokens", None)
-        if limit is not None and len(tokens) > limit:
-            raise PromptTooLongError(f"the prompt is {len(tokens)} tokens; this endpoint accepts at most {limit}")
-        route = RouteRequest(request_id=request["request_id"], tokens=tokens, session_id=request.get("session_id"))
-        if template is not None:  # announced first: an HTTP answer's headers say which template rendered it
-            yield {"chat_template": template}
-        tried: set[str] = set()
-        while True:
-            ranked = self.core.choose(route, tried)
-            why = {k: v for k, v in self.core.policy.explain().items() if k in ("fallback", "matched_tokens")}
-            node_id = ranked[0]
-            node = self.core.acquire(node_id)
-            self.core.policy.on_routed(route, node_id)
-            sent, restart = 0, None
-            try:
-                handle = self._handle(node_id)
-                gen = handle.stream.options(num_returns="streaming").remote(request)
-                try:
-                    async for ref in gen:
-                        item = await ref
-                        if "text" in item:
-                            sent += 1
-                        if item.get("done"):
-                            node.served += 1
-                            item["routing"] = {"policy": self.core.policy.name, "attempts": len(tried) + 1, **why}
-                            if template is not None:
-                                item["chat_template"] = template
-                        yield item
-                except (asyncio.CancelledError, GeneratorExit):
-                    handle.cancel.remote(request["request_id"])
-                    raise
-                return
-            except (ActorDiedError, ActorUnavailableError, RayActorError, ValueError) as exc:
-                if isinstance(exc, ValueError) and "Failed to look up actor" not in str(exc):
-                    raise
-                self.core.mark_dead(node_id)
-                self.handles.pop(node_id, None)
-                tried.add(node_id)
-                if sent:
-                    reason = (f"{node_id} died after streaming {sent} pieces: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                    if not restartable:
-                        raise NodeFailedError(reason) from None
-                    restart = {"restart": node_id, "reason": reason}
-            except Exception as exc:  # the node refused (overloaded) or failed before text
-                if _is_overloaded(exc) and not sent:
-                    tried.add(node_id)
-                    continue
-                raise
-            finally:
-                self.core.release(node_id)
-            if restart is not None:
-                yield restart
-
-    def _prepare(self, request: dict[str, Any]) -> str | None:
-        """Checks the sampling params against the vocabulary and renders a chat request
-        (``chat``: a ``ChatPrompt``) into its prompt text, flagged ``special`` so node and router
-        tokenize it with special tokens parsed. Returns the template's origin for a chat request."""
-        params = request.get("params") or SamplingParams()
+    def _prepare(self, ask: RouteAsk) -> tuple[SamplingParams, str, bool, str | None]:
+        """Checks the sampling params against the vocabulary and renders a chat request. Returns
+        the params (with the template's end-of-turn stop for a chat), the prompt text, whether its
+        special tokens are parsed, and a chat request's template origin."""
+        params = ask.params
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError(f"params must be SamplingParams, got {type(params).__name__}", param="params")
         params.validate()
         params.check_vocabulary(self.tokenizer.n_vocab)
-        chat = request.pop("chat", None)
-        if chat is None:
-            request["params"] = params
-            return None
-        rendered = self.chat.render(chat)
-        request["prompt"] = rendered.text
-        request["special"] = rendered.special
-        request["params"] = self.chat.with_end_of_turn(params)
-        return rendered.origin
-
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The whole answer at once; a node that dies mid-way costs a restart elsewhere, not an error.
-
-        ``text`` is the first choice's; ``choices`` has every choice's text, finish reason and
-        (with ``logprobs``) token log-probabilities.
-        """
-        texts: dict[int, list[str]] = {}
-        logprobs: dict[int, list[Any]] = {}
-        async for item in self.stream({**request, "restartable": True}):
-            if "text" in item:
-                index = item.get("index", 0)
-                texts.setdefault(index, []).append(item["text"])
-                logprobs.setdefault(index, []).extend(item.get("logprobs", ()))
-            elif "restart" in item:
-                texts.clear()
-                logprobs.clear()
-            elif item.get("done"):
-                choices = [{**c, "text": "".join(texts.get(c["index"], [])),
-                            "logprobs": tuple(logprobs.get(c["index"], ()))} for c in item["choices"]]
-                return {"text": choices[0]["text"], **{k: v for k, v in item.items() if k not in ("done", "choices")},
-                        "choices": choices}
-        raise NodeFailedError("the stream ended without a final message")
+        if ask.chat is None:
+            if not isinstance(ask.prompt, str) or not ask.prompt:
+                raise InvalidParameterError(f"prompt must be a non-empty string, got {ask.prompt!r}", param="prompt")
+            return params, ask.prompt, False, None
+        rendered = self.chat.render(ask.chat)
+        return self.chat.with_end_of_turn(params), rendered.text, rendered.special, rendered.origin
 
     async def render(self, chat: ChatPrompt) -> dict[str, Any]:
         """A conversation's prompt as the nodes would evaluate it: its text, token ids and template origin."""
@@ -434,8 +378,8 @@ class RouterActor:
         return self.tokenizer.detokenize(tokens, special=True)
 
     async def status(self) -> dict[str, Any]:
-        return {"model": os.path.basename(self.model_path).removesuffix(".gguf"), "chat_template": self.chat.origin,
-                "chat_tools": self.chat.supports_tools, **self.core.status()}
+        return {"model": os.path.basename(self.model_path).removesuffix(".gguf"), "pid": os.getpid(),
+                "n_routes": self.n_routes, "route_s": self.route_s, **self.core.status()}
 
     async def heat(self) -> dict[str, np.ndarray]:
         return self.core.heat()
@@ -450,8 +394,3 @@ class RouterActor:
 
     async def ping(self) -> str:
         return "ok"
-
-
-def _is_overloaded(exc: BaseException) -> bool:
-    cause = getattr(exc, "cause", None)
-    return isinstance(exc, OverloadedError) or isinstance(cause, OverloadedError) or "OverloadedError" in str(exc)[:300]

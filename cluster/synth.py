@@ -55,6 +55,7 @@ __all__ = [
     "SynthConfig",
     "SynthInfo",
     "config_from_args",
+    "default_model",
     "mixed_prompt",
     "read_config",
     "read_topics",
@@ -272,6 +273,20 @@ PRESETS: dict[str, SynthConfig] = {
     "large": SynthConfig(arch="qwen3moe", n_layers=9, n_experts=128, n_experts_used=8, n_embd=2048, n_ff=768,
                          n_head=32, n_head_kv=4, dtype="q4_k", n_topics=8, words_per_topic=32),
 }
+
+
+# generated default models: $SNIPER_MODEL_DIR, else the user's cache (never the current directory)
+DEFAULT_MODEL_DIR = Path(os.environ.get("SNIPER_MODEL_DIR")
+                         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expert-sniper" / "models")
+
+
+def default_model(preset: str = "demo", *, progress: bool = True) -> Path:
+    """Path of the generated default model for ``preset``, synthesising it the first time."""
+    path = DEFAULT_MODEL_DIR / f"{preset}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synthesize(path, PRESETS[preset], progress=progress)
+    return path
 
 
 def topic_group_size(config: SynthConfig) -> int:

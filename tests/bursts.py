@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from cluster.client import Client
-from cluster.node import NodeFailedError
+from cluster.errors import NodeFailedError
 
 N_REQUESTS = 9
 MAX_TOKENS = 200

@@ -229,7 +229,7 @@ def test_the_python_client_chats_renders_and_tokenizes(gateway, model, tokenizer
 
     from cluster.chat import ChatMessage
     from cluster.client import Client
-    from cluster.node import ROUTER_NAME
+    from cluster.protocol import ROUTER_NAME
     from cluster.sampling import SamplingParams
 
     client = Client(ray.get_actor(ROUTER_NAME, namespace=NAMESPACE))

@@ -17,8 +17,14 @@ from local_ray import loopback_cluster  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
 from cluster.client import Client  # noqa: E402
-from cluster.errors import CacheBudgetError, InvalidParameterError, PromptTooLongError, SniperError  # noqa: E402
-from cluster.node import OverloadedError, node_name  # noqa: E402
+from cluster.errors import (  # noqa: E402
+    CacheBudgetError,
+    InvalidParameterError,
+    OverloadedError,  # noqa: E402
+    PromptTooLongError,
+    SniperError,
+)
+from cluster.protocol import node_name  # noqa: E402
 
 N_NODES = 3
 

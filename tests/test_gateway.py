@@ -29,8 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from cluster import deploy, synth  # noqa: E402
 from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
 from cluster.gateway import GatewayConfig, build_app, start_http, stop_http  # noqa: E402
-from cluster.node import ROUTER_NAME, node_name  # noqa: E402
 from cluster.openai_api import Limits  # noqa: E402
+from cluster.protocol import ROUTER_NAME, node_name  # noqa: E402
 
 N_NODES = 2
 API_KEY = "test-key-123"

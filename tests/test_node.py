@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from cluster import node as node_module
 from cluster import synth
-from cluster.node import NodeConfig, NodeReport, NodeServer
+from cluster.node import NodeConfig, NodeServer
+from cluster.protocol import Finished, NodeReport, NodeRequest, Piece
+from cluster.sampling import SamplingParams
 
 
 @pytest.fixture
@@ -20,8 +23,9 @@ def served_node(tiny_model: Path, tiny_topics: list[list[str]], monkeypatch: pyt
     try:
         for i in range(4):  # different topics: nothing of one prompt is reused by the next
             prompt = synth.topic_prompt(tiny_topics, i % len(tiny_topics), 16, seed=i)
-            items = list(server.stream({"prompt": prompt, "max_tokens": 2, "request_id": f"r{i}"}))
-            assert items[-1]["done"]
+            request = NodeRequest(f"r{i}", tuple(server.engine.tokenize(prompt)), SamplingParams(max_tokens=2))
+            items = list(server.stream(request))
+            assert isinstance(items[-1], Finished)
         yield server, reports
     finally:
         server.close()
@@ -38,3 +42,24 @@ def test_resend_traces_sends_the_recent_requests_summaries_again_within_the_boun
     assert sum(len(s.tokens) for s in resent) <= 40 or n == 1
     assert [s.tokens for s in resent] == [s.tokens for s in served[-n:]]  # the newest, oldest first
     assert all(r.request_id is None and r.warmth is None and r.prefixes is None for r in reports)
+
+
+def test_a_slow_reader_gets_the_pieces_that_piled_up_together_and_never_holds_decoding_up(
+        tiny_model: Path, tiny_topics: list[list[str]]) -> None:
+    server = NodeServer("sniper-node-0", NodeConfig(str(tiny_model), cache_bytes=1 << 20, n_ctx=512, n_threads=1,
+                                                    heartbeat_s=60.0))
+    try:
+        tokens = tuple(server.engine.tokenize(synth.topic_prompt(tiny_topics, 0, 8, seed=1)))
+        fast = list(server.stream(NodeRequest("fast", tokens, SamplingParams(max_tokens=128))))
+        slow = []
+        for item in server.stream(NodeRequest("slow", tokens, SamplingParams(max_tokens=128))):
+            slow.append(item)
+            time.sleep(0.02)  # a reader slower than decoding (a transport hop per piece)
+    finally:
+        server.close()
+    text = lambda items: "".join(i.text for i in items if isinstance(i, Piece))  # noqa: E731
+    assert text(slow) == text(fast) and text(fast)
+    n_fast, n_slow = (sum(isinstance(i, Piece) for i in items) for items in (fast, slow))
+    assert n_slow < n_fast / 2, (n_slow, n_fast)  # merged while the reader slept
+    decode_fast, decode_slow = fast[-1].timing["decode_s"], slow[-1].timing["decode_s"]
+    assert decode_slow < 0.02 * n_fast / 2, (decode_slow, decode_fast)  # decoding did not wait for the reader

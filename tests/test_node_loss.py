@@ -17,7 +17,7 @@ from local_ray import NODE_ARGS, loopback_cluster  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
 from cluster.client import Client  # noqa: E402
-from cluster.node import node_name  # noqa: E402
+from cluster.protocol import node_name  # noqa: E402
 
 N_NODES = 3
 NAMESPACE = "node-loss"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster import memory_limit as memlimit
 from cluster import node_memory
-from cluster.bench import memlimit
 from cluster.cache import discover_layout
 from cluster.errors import CacheBudgetError
 

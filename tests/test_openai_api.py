@@ -6,9 +6,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.chat import ChatMessage, ChatPrompt, ToolCall
-from cluster.errors import ChatTemplateError, InvalidParameterError, PromptTooLongError
+from cluster.errors import (
+    ChatTemplateError,
+    InvalidParameterError,
+    NodeFailedError,
+    NoNodesError,
+    OverloadedError,
+    PromptTooLongError,
+)
 from cluster.metrics import GatewayMetrics
-from cluster.node import NodeFailedError, NoNodesError, OverloadedError
 from cluster.openai_api import (
     APIError,
     Limits,

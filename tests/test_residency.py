@@ -16,8 +16,8 @@ import numpy as np
 import pagecache
 import pytest
 
+from cluster import memory_limit as memlimit
 from cluster import synth, warmth
-from cluster.bench import memlimit
 from cluster.cache import discover_layout
 from cluster.engine import MoEEngine
 

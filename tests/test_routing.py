@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cluster.decision_audit import MAX_PENDING, DecisionAudit
-from cluster.node import NodeReport, NoNodesError, OverloadedError
+from cluster.errors import NoNodesError, OverloadedError
+from cluster.protocol import NodeReport
 from cluster.router import RouterCore
 from cluster.routing import POLICY_NAMES, NodeView, RouteRequest, make_policy
 from cluster.routing.base import RoutingTraceSummary
@@ -174,12 +175,12 @@ def test_router_core_routes_refuses_and_times_out_silent_nodes():
     rng = np.random.default_rng(0)
     core.on_report(_report("b", 1, request_id="x", summary=summary_for(1, TOPIC_TOKENS[1], rng)))
     assert core.choose(request(1), set())[0] == "b"
-    for node_id in ("a", "b", "a", "b"):
-        core.acquire(node_id)
+    for i, node_id in enumerate(("a", "b", "a", "b")):
+        core.acquire(node_id, f"held{i}")
     with pytest.raises(OverloadedError, match="at capacity"):
         core.choose(request(1), set())
-    for node_id in ("a", "b", "a", "b"):
-        core.release(node_id)
+    for i in range(4):
+        core.release(f"held{i}")
     assert core.choose(request(1), {"b"}) == ["a"]  # excluded after a failed attempt
     now[0] = 100.0  # both silent for longer than NODE_TIMEOUT_S
     assert [n["alive"] for n in core.status()["nodes"]] == [False, False]

@@ -27,11 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from cluster import memory_limit as memlimit
 from cluster import synth
-from cluster.bench import command_line, log_progress, memlimit, offline, out_flag, workload
+from cluster.bench import command_line, log_progress, offline, out_flag, workload
 from cluster.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
-from cluster.cli import MIB, default_model
 from cluster.errors import InvalidParameterError
+from cluster.node_memory import MIB
+from cluster.synth import default_model
 
 LIBRARY_BYTES = 64 * MIB  # page cache of Python, numpy and llama.cpp's libraries in the limited process
 PROCESS_BYTES = 200 * MIB  # what a serving process holds besides the model (Python, libraries, KV, buffers)

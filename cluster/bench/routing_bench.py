@@ -109,7 +109,7 @@ class LocalRayCluster:
 
 def _remove_node_cgroups(nodes: Sequence[dict[str, Any]]) -> None:
     """Removes the memory cgroups the node actors created (NodeServer leaves them behind)."""
-    from cluster.bench import memlimit
+    from cluster import memory_limit as memlimit
 
     for node in nodes:
         for root in (memlimit.V1_ROOT, memlimit.V2_ROOT):
@@ -171,7 +171,7 @@ class NodeCrash:
         """``NodeActor.ready()`` of the process that took the killed one's place."""
         import ray
 
-        from cluster.node import NAMESPACE
+        from cluster.protocol import NAMESPACE
 
         return ray.get(ray.get_actor(self.node["node"], namespace=NAMESPACE).ready.remote(), timeout=60)
 
@@ -283,16 +283,16 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
     dropped first: every policy starts cold, and no node is served from pages another read.
     With ``kill_node_after_s`` the last node's process is killed that long into the run.
     """
-    from cluster import deploy
-    from cluster.bench import memlimit
+    from cluster import connection, deploy
+    from cluster import memory_limit as memlimit
     from cluster.client import Client
-    from cluster.node import NAMESPACE
+    from cluster.protocol import NAMESPACE
 
     t_setup = time.perf_counter()
     nodes: list[dict[str, Any]] = []
     failure: dict[str, Any] | None = None
     with LocalRayCluster(n_nodes) as cluster:
-        deploy.connect(cluster.address, NAMESPACE)
+        connection.connect(cluster.address, NAMESPACE)
         try:
             # one compute thread per node: the simulated nodes share this machine's cores
             for path in node_model_paths or ():
@@ -386,7 +386,7 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
         median round: 1 / its mean), each round's rate, whether the targets (p99 <= 1 ms,
         >= 5000/s) are met, and the top functions of a cProfile run.
     """
-    from cluster.node import NodeReport, node_name
+    from cluster.protocol import NodeReport, node_name
     from cluster.router import RouterCore
     from cluster.routing.base import RouteRequest, RoutingTraceSummary
     from cluster.routing.warmth import prefix_hashes
@@ -447,11 +447,11 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
             tokens = [1] + topic_tokens(int(rng.integers(n_topics)), prompt_tokens)
         return RouteRequest(request_id=f"q{j}", tokens=tuple(tokens), session_id=None)
 
-    in_flight: list[str] = []
+    in_flight: list[str] = []  # request ids
 
     def decide(route: RouteRequest) -> None:  # as the router does: dispatch, and requests end
-        in_flight.append(core.choose(route, set())[0])
-        core.acquire(in_flight[-1])
+        core.acquire(core.choose(route, set())[0], route.request_id)
+        in_flight.append(route.request_id)
         if len(in_flight) > n_in_flight:
             core.release(in_flight.pop(0))
 
@@ -518,11 +518,12 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
                       rate: float | None = None, max_tokens: int | None = None, seed: int = 0, quick: bool = False,
                       kill_node_after_s: float | None = None, progress: bool = True) -> dict[str, Any]:
     """The live comparison and the decision cost; writes docs/routing.md when ``out_dir`` is set."""
-    from cluster.bench import memlimit
+    from cluster import memory_limit as memlimit
     from cluster.bench.routing_report import _pct, targets, write_routing_report
     from cluster.cache import check_budget, discover_layout
-    from cluster.cli import MIB, default_model
+    from cluster.node_memory import MIB
     from cluster.routing import POLICY_NAMES
+    from cluster.synth import default_model
 
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown or not policies:

@@ -41,7 +41,8 @@ import numpy as np
 from cluster.bench import command_line, log_progress, out_flag
 from cluster.bench.workload import Turn, Workload, conversation_prompt, for_model, poisson_arrivals
 from cluster.cache import TRACE_ACCESS, CacheConfig, CachePolicy, RoutingTrace, discover_layout
-from cluster.node import NodeReport, OverloadedError, node_name
+from cluster.errors import OverloadedError
+from cluster.protocol import NodeReport, node_name
 from cluster.router import RouterCore
 from cluster.routing.base import RouteRequest, RoutingTraceSummary
 from cluster.routing.warmth import prefix_hashes
@@ -415,7 +416,7 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
             decision_s.append(time.perf_counter() - t0)
             node_id = ranked[0]
             core.policy.on_routed(route, node_id)
-            core.acquire(node_id)
+            core.acquire(node_id, request_id)
             node = nodes[node_id]
             node.queue.append((index, request_id))
             if not node.busy:
@@ -423,7 +424,7 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
         else:
             node_id, index, request_id, served = payload
             node = nodes[node_id]
-            core.release(node_id)
+            core.release(request_id)
             state = core.nodes[node_id]
             state.served += 1
             node.busy = False
@@ -531,7 +532,8 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
 
     ``warmth_knobs`` are keyword arguments of the warmth policy (the other policies have none).
     """
-    from cluster.cli import MIB, default_model
+    from cluster.node_memory import MIB
+    from cluster.synth import default_model
 
     policies = list(policies) or ["warmth", "least_loaded", "round_robin"]
     n_requests = n_requests or (256 if quick else 2048)

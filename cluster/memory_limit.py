@@ -1,4 +1,4 @@
-"""RAM-limited child processes for benchmarks: a cgroup memory limit that counts the page cache.
+"""RAM-limited processes: a cgroup memory limit that counts the page cache (benchmarks, tests, `serve --node-memory-mb`).
 
 A cgroup v1 memory controller (``/sys/fs/cgroup/memory/<name>/memory.limit_in_bytes``) or
 a cgroup v2 ``memory.max`` charges a process for the file pages it faults in, so an mmap'd

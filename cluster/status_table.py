@@ -1,0 +1,33 @@
+"""The status of a deployment as a table (``python -m cluster status``, the demo): one row per node,
+then what the router predicted and how its decisions compare with the nodes' warmth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.decision_audit import WARMEST_TOLERANCE
+from cluster.node_memory import MIB
+
+
+def status_table(status: dict[str, Any]) -> str:
+    """The status table printed by ``status`` and the demo."""
+    def pct(value: Any) -> str:
+        return "-" if value is None or value != value else f"{100 * value:.0f}%"
+
+    rows = [f"policy: {status['policy']}   decisions: {status['decisions']}",
+            f"{'node':16} {'alive':5} {'load':>4} {'served':>6} {'hit rate':>8} {'warm':>6} {'MiB read':>9} {'sessions':>8} "
+            f"{'restarts':>8}"]
+    for n in status["nodes"]:
+        read = "-" if n["bytes_read"] is None else f"{n['bytes_read'] / MIB:.0f}"
+        rows.append(f"{n['name']:16} {str(n['alive']):5} {n['load']:>4} {n['served']:>6} {pct(n['hit_rate']):>8} "
+                    f"{pct(n['warm_fraction']):>6} {read:>9} {n['sessions']:>8} {n['restarts']:>8}")
+    p = status.get("prediction") or {}
+    if p.get("n"):
+        rows.append(f"expert-demand prediction over {p['n']} requests: precision {pct(p['precision'])}, recall {pct(p['recall'])}")
+    a = status.get("decision_audit") or {}
+    if a.get("n"):
+        rows.append(f"decisions vs warmth over {a['n']} requests: the serving node held {pct(a['served_coverage'])} of the "
+                    f"experts they selected (best node {pct(a['best_coverage'])}, average {pct(a['mean_coverage'])}); "
+                    f"warmest node (within {100 * WARMEST_TOLERANCE:.0f} points) chosen in {pct(a['warmest_share'])} "
+                    f"of {a['n_choices']} choices")
+    return "\n".join(rows)
