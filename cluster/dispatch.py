@@ -62,20 +62,24 @@ class Deployment:
 
         return self._namespace or ray.get_runtime_context().namespace
 
-    async def _lookup(self, name: str) -> Any:
+    async def _lookup(self, name: str, namespace: str | None = None) -> Any:
         import ray
 
-        return await asyncio.to_thread(ray.get_actor, name, namespace=self.namespace)
+        return await asyncio.to_thread(ray.get_actor, name, namespace=namespace or self.namespace)
 
     async def router(self, refresh: bool = False) -> Any:
         if self._router is None or refresh:
             self._router = await self._lookup(ROUTER_NAME)
         return self._router
 
-    async def node(self, node_id: str) -> Any:
+    async def node(self, node_id: str, namespace: str) -> Any:
+        """The handle of node actor ``node_id`` of the deployment in ``namespace`` (the router's
+        answer names it: a caller given only the router's handle need not know it, and learns it
+        for looking the router up again after a restart)."""
+        self._namespace = self._namespace or namespace
         handle = self._nodes.get(node_id)
         if handle is None:
-            handle = self._nodes[node_id] = await self._lookup(node_id)
+            handle = self._nodes[node_id] = await self._lookup(node_id, namespace)
         return handle
 
     def forget_node(self, node_id: str) -> None:
@@ -130,7 +134,7 @@ async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: 
         sent = 0
         handle = None
         try:
-            handle = await deployment.node(route.node_id)
+            handle = await deployment.node(route.node_id, route.namespace)
             stream = handle.stream.options(num_returns="streaming").remote(route.request)
             try:
                 async for ref in stream:

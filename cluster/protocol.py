@@ -70,6 +70,7 @@ class Route:
 
     Attributes:
         node_id: the node actor's name.
+        namespace: the Ray namespace of the deployment (where that name is looked up).
         request: what to send it.
         routing: how it was chosen (``policy``, ``attempts`` and the policy's reasons), for the answer.
         chat_template: a chat request's template origin (``model``, ``override`` or ``none``).
@@ -77,6 +78,7 @@ class Route:
 
     node_id: str
     request: NodeRequest
+    namespace: str = NAMESPACE
     routing: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
 

@@ -323,6 +323,7 @@ class RouterActor:
         self.core.policy.on_routed(route, node_id)
         self.route_s += time.perf_counter() - started
         return Route(node_id=node_id, request=NodeRequest(ask.request_id, tokens, params, ask.session_id),
+                     namespace=self.namespace,
                      routing={"policy": self.core.policy.name, "attempts": len(exclude) + 1, **why},
                      chat_template=template)
 

@@ -27,8 +27,9 @@ from local_ray import loopback_cluster  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
+from cluster.deploy import stop_http  # noqa: E402
 from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
-from cluster.gateway import GatewayConfig, build_app, start_http, stop_http  # noqa: E402
+from cluster.gateway import GatewayConfig, build_app, start_http  # noqa: E402
 from cluster.openai_api import Limits  # noqa: E402
 from cluster.protocol import ROUTER_NAME, node_name  # noqa: E402
 

@@ -25,6 +25,7 @@ from cluster.openai_api import (
     parse_tokenize,
 )
 from cluster.openai_responses import FinishedChoice, StreamChunks, chunk, response
+from cluster.protocol import ChoiceEnd, Finished
 from cluster.sampling import TokenLogprob, TopLogprob
 
 LIMITS = Limits(max_tokens=64, default_max_tokens=16)
@@ -188,6 +189,10 @@ def _entry(token: int, text: str, logprob: float, offset: int) -> TokenLogprob:
                                                                  TopLogprob(99, b"\xe2", -3.0)))
 
 
+def _finished(usage: dict[str, int], *ends: tuple[str, int]) -> Finished:
+    return Finished("n", tuple(ChoiceEnd(i, reason, n) for i, (reason, n) in enumerate(ends)), usage)
+
+
 def test_response_and_chunks_follow_the_openai_shapes():
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "reused_prompt_tokens": 1}
     gen = completion(echo=True)
@@ -201,8 +206,7 @@ def test_response_and_chunks_follow_the_openai_shapes():
     assert first[0]["object"] == "chat.completion.chunk"
     assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": "a"}
     assert second[0]["choices"][0]["delta"] == {"content": "b"}
-    last, usage_chunk = stream.end({"node": "n", "finish_reason": "stop", "usage": usage,
-                                    "choices": [{"index": 0, "finish_reason": "stop"}]})
+    last, usage_chunk = stream.end(_finished(usage, ("stop", 2)))
     assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "stop"
     assert last["system_fingerprint"] == "n"
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["total_tokens"] == 5
@@ -228,8 +232,7 @@ def test_n_choices_and_logprobs_in_both_endpoints_shapes():
     assert [o["choices"][0]["index"] for o in out] == [1, 0]
     assert all(o["choices"][0]["delta"]["role"] == "assistant" for o in out)  # each choice's first chunk
     assert out[0]["choices"][0]["logprobs"]["content"][0]["token"] == " yo"
-    ends = stream.end({"node": "n", "finish_reason": "stop", "usage": {},
-                       "choices": [{"index": 0, "finish_reason": "stop"}, {"index": 1, "finish_reason": "length"}]})
+    ends = stream.end(_finished({}, ("stop", 1), ("length", 1)))
     assert [(e["choices"][0]["index"], e["choices"][0]["finish_reason"]) for e in ends] == [(0, "stop"), (1, "length")]
 
 
@@ -246,7 +249,7 @@ def test_tool_calls_come_back_as_tool_calls_whole_and_streamed():
     assert response(chat(), [FinishedChoice(0, CALL, "stop")], {}, "n")["choices"][0]["message"]["content"] == CALL
     stream = StreamChunks(chat(tools=TOOLS, stream=True))
     out = [c for i in range(0, len(CALL), 7) for c in stream.piece(0, CALL[i:i + 7])]
-    out += stream.end({"node": "n", "finish_reason": "stop", "usage": {}, "choices": [{"index": 0, "finish_reason": "stop"}]})
+    out += stream.end(_finished({}, ("stop", 1)))
     deltas = [c["choices"][0]["delta"] for c in out]
     assert deltas[0]["role"] == "assistant" and "content" not in deltas[0]
     assert deltas[0]["tool_calls"][0]["function"] == {"name": "lookup", "arguments": ""} and deltas[0]["tool_calls"][0]["id"]
