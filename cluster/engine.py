@@ -383,11 +383,14 @@ class MoEEngine:
             if not prompt:
                 raise InvalidParameterError("prompt must be a non-empty string", param="prompt")
             tokens = None
-        else:
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
             tokens = list(prompt)
             if not tokens or not all(isinstance(t, (int, np.integer)) and 0 <= t < self.tokenizer.n_vocab for t in tokens):
                 raise InvalidParameterError(f"prompt tokens must be a non-empty list of ids in [0, "
                                             f"{self.tokenizer.n_vocab}), got {tokens[:8]!r}...", param="prompt")
+        else:
+            raise InvalidParameterError(f"prompt must be a non-empty string or a list of token ids, got "
+                                        f"{type(prompt).__name__}", param="prompt")
         params = (params or SamplingParams()).updated(**fields) if fields else (params or SamplingParams())
         params.validate()
         if params.max_tokens > self.n_ctx:
