@@ -322,15 +322,26 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     only = {"routing": ("node_memory_mb", "decision_cost", "kill_node_after"),
-            "simulate": ("traces", "save_traces", "warmth_knob")}
+            "simulate": ("traces", "save_traces", "warmth_knob"), "serving": ("llama_server",)}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
-    if args.prompts and args.suite == "simulate":
-        raise ValueError("--prompts is a flag of 'bench engine' and 'bench routing', not 'bench simulate'")
+    if args.prompts and args.suite in ("simulate", "serving"):
+        raise ValueError(f"--prompts is a flag of 'bench engine' and 'bench routing', not 'bench {args.suite}'")
     shared = ("nodes", "cache_mb", "policies", "requests", "rate", "max_tokens", "seed")
     given = [n for n in shared if getattr(args, n) is not None]
+    if args.suite == "serving":
+        if [n for n in given if n != "max_tokens"]:
+            raise ValueError(f"--{given[0].replace('_', '-')} is not a flag of 'bench serving' (it takes --model, "
+                             f"--max-tokens, --llama-server, --quick, --out)")
+        from cluster.bench import serving_bench
+
+        report = serving_bench.main(args.model or str(default_model("demo", progress=not args.json)),
+                                    n_tokens=args.max_tokens or 128, rounds=2 if args.quick else 5, n_threads=2,
+                                    llama_server=args.llama_server, out_dir=args.out)
+        _emit({"report": str(report)}, args, lambda r: f"wrote {r['report']}")
+        return 0
     if args.suite == "engine":
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench routing' and 'bench simulate'")
@@ -525,8 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_shutdown)
 
     p = sub.add_parser("bench", help="benchmarks (engine: docs/benchmarks.md; routing: docs/routing.md; "
-                                      "simulate: docs/simulation.md)")
-    p.add_argument("suite", choices=("engine", "routing", "simulate"))
+                                      "simulate: docs/simulation.md; serving: docs/serving.md)")
+    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving"))
     p.add_argument("--model", help="GGUF MoE model (default: the generated bench / demo / tiny model)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, plots and JSON")
     p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")
@@ -554,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--warmth-knob", action="append", metavar="NAME=VALUE",
                          help="simulate: a knob of the warmth policy (cluster/routing/warmth.py), e.g. warm_margin=0; "
                               "repeatable")
+    serving = p.add_argument_group("serving")
+    serving.add_argument("--llama-server", help="llama.cpp's llama-server binary (default: .venv/bin/llama-server, "
+                                                "built by scripts/build-llama-server.sh, else none)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -231,6 +231,12 @@ class Client:
             if isinstance(item, Piece) and item.text:
                 yield item.text
 
+    def events(self, prompt: Prompt, params: SamplingParams | None = None, *, session_id: str | None = None,
+               **fields: Any) -> Iterator[StreamItem]:
+        """The request's events as ``aevents`` gives them; closing the iterator cancels the request."""
+        events = self.aevents(prompt, params, session_id=session_id, **fields)
+        yield from self._sync().iterate(events)
+
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True,
                  with_pieces: bool = False) -> list[Any]:
         return self._sync().run(self.atokenize(text, add_special, parse_special, with_pieces))
