@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install run test bench clean
+.PHONY: llama-server install run test bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m cluster bench engine
+
+llama-server: $(STAMP)  # llama.cpp's own server, the anchor of `bench serving` (not needed otherwise)
+	scripts/build-llama-server.sh $(VENV)
 
 clean:
 	rm -rf build $(VENV) models

@@ -328,9 +328,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if given and args.suite != suite:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
     if args.prompts and args.suite in ("simulate", "serving"):
-        raise ValueError(f"--prompts is a flag of 'bench engine' and 'bench routing', not 'bench {args.suite}'")
+        raise ValueError(f"--prompts is a flag of 'bench engine', 'bench routing' and 'bench regimes', not 'bench {args.suite}'")
     shared = ("nodes", "cache_mb", "policies", "requests", "rate", "max_tokens", "seed")
     given = [n for n in shared if getattr(args, n) is not None]
+    if args.suite == "regimes":
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is not a flag of 'bench regimes' (it takes --model, "
+                             f"--prompts, --quick, --out)")
+        from cluster.bench import regimes
+
+        report = regimes.main(args.model or str(default_model("bench", progress=not args.json)), args.prompts,
+                              args.out, quick=args.quick, progress=not args.json)
+        _emit({"report": str(report)}, args, lambda r: f"wrote {r['report']}")
+        return 0
     if args.suite == "serving":
         if [n for n in given if n != "max_tokens"]:
             raise ValueError(f"--{given[0].replace('_', '-')} is not a flag of 'bench serving' (it takes --model, "
@@ -536,8 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_shutdown)
 
     p = sub.add_parser("bench", help="benchmarks (engine: docs/benchmarks.md; routing: docs/routing.md; "
-                                      "simulate: docs/simulation.md; serving: docs/serving.md)")
-    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving"))
+                                      "simulate: docs/simulation.md; serving: docs/serving.md; regimes: docs/regimes.md)")
+    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes"))
     p.add_argument("--model", help="GGUF MoE model (default: the generated bench / demo / tiny model)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, plots and JSON")
     p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")
@@ -552,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--rate", type=_non_negative_float, help="Poisson arrival rate, requests per second")
     routing.add_argument("--max-tokens", type=_positive_int, help="tokens generated per request at most")
     routing.add_argument("--seed", type=int, help="workload seed (default 0)")
-    routing.add_argument("--prompts", help="engine and routing: JSONL workload {prompt, session?, domain?} per line "
+    routing.add_argument("--prompts", help="engine, routing and regimes: JSONL workload {prompt, session?, domain?} per line "
                                            "(a trained model's: python -m cluster.train prompts --out trained)")
     routing.add_argument("--node-memory-mb", type=_positive_int, help="routing: cgroup memory limit per node actor")
     routing.add_argument("--kill-node-after", type=_non_negative_float, metavar="SECONDS",
