@@ -441,9 +441,14 @@ void expert_cache::stray_pages(uint64_t first, uint64_t end, std::vector<uint64_
 }
 
 void expert_cache::split_folios(std::vector<uint64_t> pages) {
+    constexpr int HELD_ELSEWHERE_LIMIT = 4;  // blocks seen held by another mapping before splits stop
     std::lock_guard<std::mutex> lock(split_mutex_);  // drops run on I/O threads too
+    if (n_blocks_held_elsewhere_ >= HELD_ELSEWHERE_LIMIT) {
+        io_counters_.n_pages_held_elsewhere += pages.size();
+        return;
+    }
     const uint64_t ps = layout_.page_size;
-    std::vector<uint8_t> needed;
+    std::vector<uint8_t> needed, after;
     for (uint64_t block_bytes = 2u << 20; !pages.empty() && block_bytes <= (64u << 20); block_bytes *= 2) {
         const uint64_t block = std::max<uint64_t>(1, block_bytes / ps);  // pages
         std::vector<uint64_t> blocks;
@@ -455,6 +460,8 @@ void expert_cache::split_folios(std::vector<uint64_t> pages) {
             const uint64_t first = b * block, end = std::min(first + block, residency_->n_pages());
             residency_->drop_pages(first, end);
             io_counters_.n_folio_splits++;
+            residency_->resident_pages(first, end, after);
+            const size_t n_stayed = size_t(std::count(after.begin(), after.end(), uint8_t(1)));
             needed_pages(first, end, needed);
             for (uint64_t p = first; p < end;) {
                 if (!needed[size_t(p - first)]) { ++p; continue; }
@@ -463,9 +470,20 @@ void expert_cache::split_folios(std::vector<uint64_t> pages) {
                 io_counters_.bytes_split_reread += residency_->load_pages(p, run_end);
                 p = run_end;
             }
-            stray_pages(first, end, left);
+            if (n_stayed == after.size()) {  // the whole block stayed: a folio larger than it, try a larger block
+                stray_pages(first, end, left);
+            } else if (n_stayed > 0) {  // some pages went, some stayed: mapped by another process
+                std::vector<uint64_t> held;
+                stray_pages(first, end, held);
+                io_counters_.n_pages_held_elsewhere += held.size();
+                if (!held.empty() && ++n_blocks_held_elsewhere_ >= HELD_ELSEWHERE_LIMIT) { return; }
+            }
         }
         pages.swap(left);
+    }
+    if (!pages.empty()) {  // even 64 MiB blocks stayed whole: held elsewhere too
+        io_counters_.n_pages_held_elsewhere += pages.size();
+        ++n_blocks_held_elsewhere_;
     }
 }
 

@@ -171,7 +171,10 @@ private:
     // needs them: what a drop left behind (a large folio straddling its edge).
     void stray_pages(uint64_t first, uint64_t end, std::vector<uint64_t> & out) const;
     // Drops the aligned blocks holding `pages` whole, then reads back what in them is needed
-    // (as small folios); doubles the block size while some page stays (up to 64 MiB).
+    // (as small folios); doubles the block size while a whole block stays (a folio larger than
+    // the block), up to 64 MiB. A page that stays while others of its block went is held by
+    // another process's mapping (nodes sharing the file on one machine): no split can drop it,
+    // so after a few such blocks splits stop for good (n_pages_held_elsewhere counts them).
     void split_folios(std::vector<uint64_t> pages);
     uint64_t unit_resident_bytes(int32_t unit) const;  // bytes of the unit's slices in the page cache
     void read_unit(int32_t unit);
@@ -190,6 +193,7 @@ private:
     std::vector<mapping_segment> mappings_before_load_;  // other engines' mappings of the file
     residency_counters io_counters_;  // ns_* change on the compute thread only, the rest under split_mutex_
     mutable std::mutex split_mutex_;
+    int n_blocks_held_elsewhere_ = 0;  // under split_mutex_; splits stop at HELD_ELSEWHERE_LIMIT
     // The policy's residency, readable from I/O threads (the policy itself is the compute
     // thread's): what needed_pages and drops consult.
     std::unique_ptr<std::atomic<uint8_t>[]> resident_;

@@ -30,6 +30,7 @@ const std::vector<std::pair<std::string, uint64_t residency_counters::*>> & resi
         {"n_folio_splits",     &residency_counters::n_folio_splits},
         {"bytes_split_reread", &residency_counters::bytes_split_reread},
         {"n_units_reclaimed",  &residency_counters::n_units_reclaimed},
+        {"n_pages_held_elsewhere", &residency_counters::n_pages_held_elsewhere},
         {"ns_callback",        &residency_counters::ns_callback},
         {"ns_demand_read",     &residency_counters::ns_demand_read},
         {"ns_prefetch_wait",   &residency_counters::ns_prefetch_wait},

@@ -41,6 +41,8 @@ struct residency_counters {
                                       // large page-cache folio straddled a drop (DESIGN.md, page cache)
     uint64_t bytes_split_reread = 0;  // bytes read back by those splits (pages that had to stay)
     uint64_t n_units_reclaimed  = 0;  // resident units whose pages the kernel took (found by reconcile)
+    uint64_t n_pages_held_elsewhere = 0;  // evicted pages a whole-block drop could not take: another
+                                          // process maps them (several nodes on one file, one machine)
     // where the eval callback's time goes (nanoseconds, steady clock), to set against decode time
     uint64_t ns_callback        = 0;  // all of on_topk (what follows are parts of it)
     uint64_t ns_demand_read     = 0;  // reading missing experts before the layer can compute
