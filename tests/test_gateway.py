@@ -202,9 +202,15 @@ def test_a_body_shorter_than_its_content_length_times_out_with_408(gateway):
 
 
 def test_a_client_gone_mid_upload_is_counted_as_499_not_500(gateway):
-    before = _metrics(gateway).get("sniper_http_requests_total", {})
+    metrics = _metrics(gateway)
+    before = metrics.get("sniper_http_requests_total", {})
+    in_progress = metrics.get("sniper_http_requests_in_progress", {}).get((), 0)
     sock = _raw_request(gateway, b'{"model": "x", "prompt": "a', declared=500)
-    time.sleep(2.0)  # the proxy forwards the request to the replica (slow on a loaded machine)
+    deadline = time.monotonic() + BODY_TIMEOUT_S / 2
+    while time.monotonic() < deadline:  # close once the replica reads it (the proxy forwards it late under load)
+        if _metrics(gateway).get("sniper_http_requests_in_progress", {}).get((), 0) > in_progress:
+            break
+        time.sleep(0.05)
     sock.close()
     key_499 = (("endpoint", "/v1/completions"), ("status", "499"))
     deadline = time.monotonic() + 30

@@ -225,7 +225,7 @@ def test_summarise_live_counts_bytes_from_nodes_and_requests() -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["bench", "engine", "--nodes", "3"], "--nodes is a flag of 'bench routing' and 'bench simulate'"),
-    (["bench", "simulate", "--prompts", "w.jsonl"], "--prompts is a flag of 'bench engine' and 'bench routing'"),
+    (["bench", "simulate", "--prompts", "w.jsonl"], "--prompts is a flag of 'bench engine', 'bench routing' and 'bench regimes'"),
     (["bench", "routing", "--traces", "t.npz"], "--traces is a flag of 'bench simulate'"),
     (["bench", "routing", "--policies", "warmth,nearest"], "expected a comma-separated list"),
     (["bench", "routing", "--warmth-knob", "warm_margin=0"], "--warmth-knob is a flag of 'bench simulate'"),
