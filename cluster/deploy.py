@@ -177,13 +177,22 @@ def stop_http(namespace: str = NAMESPACE) -> bool:
     return True
 
 
+def deployment_actors(namespace: str) -> list[str]:
+    """The router's and the node actors' names that live in ``namespace`` (asked of Ray, router first)."""
+    import ray
+
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a.get("namespace") == namespace}
+    nodes = sorted((n for n in names if n.startswith(node_name(0)[:-1])), key=lambda n: int(n.rsplit("-", 1)[1]))
+    return ([ROUTER_NAME] if ROUTER_NAME in names else []) + nodes
+
+
 def shutdown(namespace: str = NAMESPACE) -> list[str]:
     """Removes the HTTP gateway, the router and every node actor of the namespace; returns what was removed."""
     import ray
     from ray.util.placement_group import get_placement_group, remove_placement_group
 
     removed = [f"serve application '{app_name(namespace)}'"] if stop_http(namespace) else []
-    for name in [ROUTER_NAME] + [node_name(i) for i in range(256)]:
+    for name in deployment_actors(namespace):
         try:
             handle = ray.get_actor(name, namespace=namespace)
         except ValueError:
