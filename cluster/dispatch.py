@@ -86,12 +86,21 @@ class Deployment:
         self._nodes.pop(node_id, None)
 
     def tell_failed(self, request_id: str, node_id: str, dead: bool) -> None:
-        """Tells the router, fire and forget (it may be restarting), that ``node_id`` failed the
-        request: it died (``dead``) or refused it."""
+        """Tells the router that ``node_id`` failed the request: it died (``dead``) or refused it."""
+        self._tell("failed", request_id, node_id, dead)
+
+    def tell_ended(self, request_id: str) -> None:
+        """Tells the router that the request ended (sent before this caller's next ask, so it is
+        handled first)."""
+        self._tell("ended", request_id)
+
+    def _tell(self, method: str, *args: Any) -> None:
+        """A router call, fire and forget (the router may be restarting: its nodes' reports settle
+        the same accounts later)."""
         if self._router is None:
             return
         try:
-            self._router.failed.remote(request_id, node_id, dead)
+            getattr(self._router, method).remote(*args)
         except Exception:  # noqa: BLE001
             pass
 
@@ -146,7 +155,9 @@ async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: 
                     yield item
             except (asyncio.CancelledError, GeneratorExit):
                 handle.cancel.remote(ask.request_id)  # the caller went away: the node stops at its next token
+                deployment.tell_ended(ask.request_id)
                 raise
+            deployment.tell_ended(ask.request_id)
             return
         except ray.exceptions.RayTaskError as exc:
             cause = unwrap(exc)

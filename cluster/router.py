@@ -334,6 +334,12 @@ class RouterActor:
         elif self.core.requests.get(request_id) == node_id:
             self.core.release(request_id)
 
+    async def ended(self, request_id: str) -> None:
+        """The caller saw the request end: its node's count drops now. The node's report settles it
+        too, later; this makes a caller's next request (ordered after this call on the same handle)
+        see the node free, so a conversation's next turn finds its node as it left it."""
+        self.core.release(request_id)
+
     def _prepare(self, ask: RouteAsk) -> tuple[SamplingParams, str, bool, str | None]:
         """Checks the sampling params against the vocabulary and renders a chat request. Returns
         the params (with the template's end-of-turn stop for a chat), the prompt text, whether its
