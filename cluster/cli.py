@@ -322,15 +322,27 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     only = {"routing": ("node_memory_mb", "decision_cost", "kill_node_after"),
-            "simulate": ("traces", "save_traces", "warmth_knob"), "serving": ("llama_server",)}
+            "simulate": ("traces", "save_traces", "warmth_knob"), "serving": ("llama_server",),
+            "chaos": ("duration",)}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
-    if args.prompts and args.suite in ("simulate", "serving"):
+    if args.prompts and args.suite in ("simulate", "serving", "chaos"):
         raise ValueError(f"--prompts is a flag of 'bench engine', 'bench routing' and 'bench regimes', not 'bench {args.suite}'")
     shared = ("nodes", "cache_mb", "policies", "requests", "rate", "max_tokens", "seed")
     given = [n for n in shared if getattr(args, n) is not None]
+    if args.suite == "chaos":
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is not a flag of 'bench chaos' (it takes --model, "
+                             f"--duration, --out)")
+        from cluster.bench import chaos
+
+        report = chaos.main(args.model or str(default_model("demo", progress=not args.json)),
+                            duration_s=float(args.duration or (40 if args.quick else 120)), out_dir=args.out,
+                            progress=not args.json)
+        _emit({"report": str(report)}, args, lambda r: f"wrote {r['report']}")
+        return 0
     if args.suite == "regimes":
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} is not a flag of 'bench regimes' (it takes --model, "
@@ -546,8 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_shutdown)
 
     p = sub.add_parser("bench", help="benchmarks (engine: docs/benchmarks.md; routing: docs/routing.md; "
-                                      "simulate: docs/simulation.md; serving: docs/serving.md; regimes: docs/regimes.md)")
-    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes"))
+                                      "simulate: docs/simulation.md; serving: docs/serving.md; regimes: docs/regimes.md; "
+                                      "chaos: docs/chaos.md)")
+    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes", "chaos"))
     p.add_argument("--model", help="GGUF MoE model (default: the generated bench / demo / tiny model)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, plots and JSON")
     p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")
@@ -575,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--warmth-knob", action="append", metavar="NAME=VALUE",
                          help="simulate: a knob of the warmth policy (cluster/routing/warmth.py), e.g. warm_margin=0; "
                               "repeatable")
+    chaos = p.add_argument_group("chaos")
+    chaos.add_argument("--duration", type=_positive_int, help="seconds of steady load with faults (default 120)")
     serving = p.add_argument_group("serving")
     serving.add_argument("--llama-server", help="llama.cpp's llama-server binary (default: .venv/bin/llama-server, "
                                                 "built by scripts/build-llama-server.sh, else none)")
