@@ -354,8 +354,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _emit({"report": str(report)}, args, lambda r: f"wrote {r['report']}")
         return 0
     if args.suite == "serving":
-        if [n for n in given if n != "max_tokens"]:
-            raise ValueError(f"--{given[0].replace('_', '-')} is not a flag of 'bench serving' (it takes --model, "
+        foreign = [n for n in given if n != "max_tokens"]
+        if foreign:
+            raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench serving' (it takes --model, "
                              f"--max-tokens, --llama-server, --quick, --out)")
         from cluster.bench import serving_bench
 
