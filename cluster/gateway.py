@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -219,7 +220,7 @@ class Gateway:
         except asyncio.TimeoutError:
             raise APIError(408, f"the request body was not received within {limits.body_timeout_s:g} s",
                            code="request_timeout") from None
-        except ClientDisconnect:
+        except (ClientDisconnect, TaskCancelledError):  # Serve's proxy cancels the body's receive when the client goes
             raise CallerGone() from None
         try:
             return json.loads(body)

@@ -52,6 +52,15 @@ def test_router_work_per_request_does_not_grow_with_the_tokens_generated(deploym
     assert costs[512] <= 1.5 * costs[16] + 0.002, costs  # decision time is per request (±noise), not per token
 
 
+def test_a_finished_request_frees_its_node_before_the_callers_next_ask(deployment, tiny_topics):
+    """The caller tells the router a request ended ahead of its next call on the same handle, so a
+    conversation's next turn never finds its node still counted busy (the node's report may lag)."""
+    client = deployment
+    for turn in range(5):
+        client.generate(synth.topic_prompt(tiny_topics, turn % 3, 8, seed=20 + turn), max_tokens=4)
+        assert all(n["load"] == 0 for n in client.status()["nodes"]), client.status()["nodes"]
+
+
 def test_a_stream_survives_the_router_being_killed_mid_stream(deployment, tiny_topics):
     client = deployment
     prompt = synth.topic_prompt(tiny_topics, 1, 8, seed=2)
@@ -89,11 +98,3 @@ def test_a_router_gone_for_good_is_a_typed_error_not_a_hang(deployment, tiny_top
         impatient.generate(synth.topic_prompt(tiny_topics, 0, 4, seed=4), max_tokens=4)
     assert time.monotonic() - started < 30
 
-
-def test_a_finished_request_frees_its_node_before_the_callers_next_ask(deployment, tiny_topics):
-    """The caller tells the router a request ended ahead of its next call on the same handle, so a
-    conversation's next turn never finds its node still counted busy (the node's report may lag)."""
-    client = deployment
-    for turn in range(5):
-        client.generate(synth.topic_prompt(tiny_topics, turn % 3, 8, seed=20 + turn), max_tokens=4)
-        assert all(n["load"] == 0 for n in client.status()["nodes"]), client.status()["nodes"]
