@@ -11,9 +11,9 @@ whose reports go to the named router actor. A node:
     a conversation's next turn prefills only its new tokens; any request also reuses the
     longest common prefix with what the context holds;
   * streams text pieces to its caller (``cluster.protocol`` items) from a generation thread of
-    its own: decoding never waits for the transport; when the caller reads slower than the
-    engine decodes, the pieces that piled up go as one; it stops generating when the caller
-    cancels or goes away;
+    its own: decoding never waits for the transport; after the first piece, the pieces of each
+    ``COALESCE_S`` window (or all that piled up behind a slower reader) go as one; it stops
+    generating when the caller cancels or goes away;
   * reports load, health, its warmth report (msgpack), the prefixes it holds and each
     request's routing trace to the router after every request (that settles the router's
     in-flight count, however the request ended) and on a heartbeat;

@@ -27,40 +27,27 @@ import numpy as np
 
 from cluster.bench import command_line, log_progress, offline, out_flag
 from cluster.bench.engine_bench import replay_policy, workloads
+from cluster.bench.routing_stats import hot_set_coverage
 from cluster.bench.workload import conversation_prompt
-from cluster.cache import RoutingTrace, discover_layout
+from cluster.cache import RoutingTrace, discover_layout, reuse_rate
 
 BUDGET_FRACTION = 1 / 3
 
 
-def _decode_sets(trace: RoutingTrace) -> list[list[np.ndarray]]:
-    """Per decode ubatch, per layer, the selected experts (sorted)."""
-    return [[np.sort(ids.ravel()) for _, ids in ubatch] for ubatch in trace.ubatches() if ubatch[0][1].shape[0] == 1]
-
-
 def routing_statistics(traces: list[RoutingTrace], n_layers: int, n_experts: int, k: int) -> dict[str, float]:
     """The statistics of the module docstring over requests' traces (one trace per request)."""
-    reuse, prefill_shares = [], []
-    counts = np.zeros((n_layers, n_experts), dtype=np.int64)
+    prefill_shares = []
     for trace in traces:
-        steps = _decode_sets(trace)
-        for previous, current in zip(steps, steps[1:]):
-            reuse.extend(len(np.intersect1d(a, b)) / k for a, b in zip(previous, current))
-        for step in steps:
-            for layer, ids in enumerate(step):
-                np.add.at(counts[layer], ids, 1)
-        touched = set()
-        for ubatch in trace.ubatches():
-            if ubatch[0][1].shape[0] > 1:
-                touched.update(layer * n_experts + int(e) for layer, ids in ubatch for e in np.unique(ids))
+        touched = {layer * n_experts + int(e) for ubatch in trace.ubatches() if ubatch[0][1].shape[0] > 1
+                   for layer, ids in ubatch for e in np.unique(ids)}
         if touched:
             prefill_shares.append(len(touched) / (n_layers * n_experts))
-    third = max(1, n_experts // 3)
-    top = np.sort(counts, axis=1)[:, ::-1][:, :third].sum(axis=1) / np.maximum(1, counts.sum(axis=1))
-    return {"next_token_reuse": float(np.mean(reuse)) if reuse else float("nan"), "chance_reuse": k / n_experts,
-            "top_third_mass": float(top.mean()), "chance_top_third": third / n_experts,
+    third = max(1, int(round(n_experts / 3)))
+    return {"next_token_reuse": float(np.nanmean([reuse_rate(t) for t in traces])), "chance_reuse": k / n_experts,
+            "top_third_mass": hot_set_coverage(RoutingTrace.concat(traces), n_layers, n_experts, 1 / 3),
+            "chance_top_third": third / n_experts,
             "prefill_share": float(np.mean(prefill_shares)) if prefill_shares else float("nan"),
-            "n_decode_tokens": int(sum(len(_decode_sets(t)) for t in traces))}
+            "n_decode_tokens": sum(len(t.decode_steps()) for t in traces)}
 
 
 def measure(model_path: str, prompts: str | None, *, n_requests: int = 8, max_tokens: int = 64,
