@@ -226,8 +226,7 @@ class Client:
                **fields: Any) -> Iterator[str]:
         """Yields text pieces (of every choice, in order) as the node produces them; closing the
         iterator cancels the request."""
-        events = self.aevents(prompt, params, session_id=session_id, **fields)  # checked now, not at first next()
-        for item in self._sync().iterate(events):
+        for item in self.events(prompt, params, session_id=session_id, **fields):
             if isinstance(item, Piece) and item.text:
                 yield item.text
 

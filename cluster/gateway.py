@@ -33,6 +33,7 @@ from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from cluster.client import completion
 from cluster.deploy import app_name
 from cluster.errors import InvalidParameterError, NoNodesError, RouterUnavailableError, SniperError
 from cluster.metrics import GatewayMetrics
@@ -48,8 +49,8 @@ from cluster.openai_api import (
     parse_detokenize,
     parse_tokenize,
 )
-from cluster.openai_responses import FinishedChoice, StreamChunks, response
-from cluster.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Restarted, Routed, StreamItem
+from cluster.openai_responses import StreamChunks, response
+from cluster.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Routed, StreamItem
 
 API_KEY_ENV = "SNIPER_API_KEY"
 STATUS_TIMEOUT_S = 5.0
@@ -80,6 +81,13 @@ async def _first_event(events: AsyncIterator[StreamItem]) -> tuple[StreamItem, s
         return item, template
     except StopAsyncIteration:
         raise APIError(503, "the request's stream ended before its first message", type="service_unavailable") from None
+
+
+async def _resumed(first: StreamItem, events: AsyncIterator[StreamItem]) -> AsyncIterator[StreamItem]:
+    """``first`` (already read), then the rest of ``events``."""
+    yield first
+    async for item in events:
+        yield item
 
 
 class CallerGone(Exception):
@@ -255,31 +263,12 @@ class Gateway:
                 streaming = True
                 return StreamingResponse(self._sse(req, endpoint, started, first, events), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
-            texts: dict[int, list[str]] = {}
-            logprobs: dict[int, list[Any]] = {}
-            item, timed = first, False
-            while not isinstance(item, Finished):
-                if isinstance(item, Piece):
-                    if not timed:
-                        self.metrics.first_token.labels(endpoint).observe(time.monotonic() - started)
-                        timed = True
-                    texts.setdefault(item.index, []).append(item.text)
-                    logprobs.setdefault(item.index, []).extend(item.logprobs)
-                elif isinstance(item, Restarted):  # its node died: the text so far is void
-                    texts.clear()
-                    logprobs.clear()
-                elif isinstance(item, Cancelled):
-                    raise StopAsyncIteration
-                item = await events.__anext__()
-            self._count_tokens(item)
-            choices = [FinishedChoice(c.index, "".join(texts.get(c.index, [])), c.finish_reason,
-                                      tuple(logprobs.get(c.index, []))) for c in item.choices]
+            if isinstance(first, Piece):
+                self.metrics.first_token.labels(endpoint).observe(time.monotonic() - started)
+            done = await completion(_resumed(first, events))  # a Restarted item voids the text so far
+            self._count_tokens(done.usage)
             status_code = 200
-            return JSONResponse(response(req, choices, item.usage, item.node), headers=headers)
-        except StopAsyncIteration:
-            error = APIError(503, "the stream ended without a final message", type="service_unavailable")
-            status_code = error.status
-            raise error from None
+            return JSONResponse(response(req, done.choices, done.usage, done.node), headers=headers)
         except CallerGone:
             status_code = 499  # the client went away while sending its request: nobody to answer
             return Response(status_code=499)
@@ -309,7 +298,7 @@ class Gateway:
                 elif isinstance(item, Cancelled):
                     raise StopAsyncIteration
                 elif isinstance(item, Finished):
-                    self._count_tokens(item)
+                    self._count_tokens(item.usage)
                     status_code = 200
                     for body in chunks.end(item):
                         yield _sse_data(body)
@@ -327,9 +316,9 @@ class Gateway:
             await events.aclose()  # a caller that went away cancels the request on its node
             self._finish(endpoint, status_code, started)
 
-    def _count_tokens(self, final: Finished) -> None:
-        self.metrics.prompt_tokens.inc(final.usage.get("prompt_tokens", 0))
-        self.metrics.generated_tokens.inc(final.usage.get("completion_tokens", 0))
+    def _count_tokens(self, usage: dict[str, int]) -> None:
+        self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+        self.metrics.generated_tokens.inc(usage.get("completion_tokens", 0))
 
     def _finish(self, endpoint: str, status_code: int, started: float) -> None:
         self.metrics.in_progress.dec()

@@ -20,20 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from cluster.client import Choice
 from cluster.openai_api import APIRequest
 from cluster.protocol import Finished
 from cluster.sampling import TokenLogprob
 from cluster.tool_calls import ParsedCall, ToolCallStream, split_tool_calls
-
-
-@dataclass(frozen=True)
-class FinishedChoice:
-    """One choice as the router returned it: text, why it ended, token log-probabilities."""
-
-    index: int
-    text: str
-    finish_reason: str
-    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def usage_body(usage: dict[str, int]) -> dict[str, int]:
@@ -75,7 +66,7 @@ def _tool_call_body(call: ParsedCall, index: int) -> dict[str, Any]:
     return {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def response(req: APIRequest, choices: Sequence[FinishedChoice], usage: dict[str, int], node: str) -> dict[str, Any]:
+def response(req: APIRequest, choices: Sequence[Choice], usage: dict[str, int], node: str) -> dict[str, Any]:
     """The non-streaming body; ``system_fingerprint`` names the node that served it."""
     bodies = []
     for choice in sorted(choices, key=lambda c: c.index):

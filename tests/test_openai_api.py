@@ -6,6 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.chat import ChatMessage, ChatPrompt, ToolCall
+from cluster.client import Choice
 from cluster.errors import (
     ChatTemplateError,
     InvalidParameterError,
@@ -24,7 +25,7 @@ from cluster.openai_api import (
     parse_detokenize,
     parse_tokenize,
 )
-from cluster.openai_responses import FinishedChoice, StreamChunks, chunk, response
+from cluster.openai_responses import StreamChunks, chunk, response
 from cluster.protocol import ChoiceEnd, Finished
 from cluster.sampling import TokenLogprob, TopLogprob
 
@@ -196,7 +197,7 @@ def _finished(usage: dict[str, int], *ends: tuple[str, int]) -> Finished:
 def test_response_and_chunks_follow_the_openai_shapes():
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "reused_prompt_tokens": 1}
     gen = completion(echo=True)
-    body = response(gen, [FinishedChoice(0, " world", "length")], usage, "sniper-node-0")
+    body = response(gen, [Choice(0, " world", "length")], usage, "sniper-node-0")
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"][0]["text"] == "hello world" and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -216,14 +217,14 @@ def test_response_and_chunks_follow_the_openai_shapes():
 def test_n_choices_and_logprobs_in_both_endpoints_shapes():
     entries = (_entry(5, " hi", -0.5, 0), _entry(6, " yo", -1.5, 3))
     comp = completion(n=2, logprobs=1)
-    body = response(comp, [FinishedChoice(1, " b", "length"), FinishedChoice(0, " hi yo", "stop", entries)],
+    body = response(comp, [Choice(1, " b", "length"), Choice(0, " hi yo", "stop", entries)],
                     {"prompt_tokens": 1, "completion_tokens": 3}, "n")
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert body["choices"][0]["logprobs"] == {"tokens": [" hi", " yo"], "token_logprobs": [-0.5, -1.5],
                                               "top_logprobs": [{" hi": -0.5, "\\xe2": -3.0}, {" yo": -1.5, "\\xe2": -3.0}],
                                               "text_offset": [0, 3]}
     c = chat(logprobs=True, top_logprobs=1)
-    content = response(c, [FinishedChoice(0, " hi yo", "stop", entries)], {}, "n")["choices"][0]["logprobs"]["content"]
+    content = response(c, [Choice(0, " hi yo", "stop", entries)], {}, "n")["choices"][0]["logprobs"]["content"]
     assert content[0] == {"token": " hi", "logprob": -0.5, "bytes": [32, 104, 105],
                           "top_logprobs": [{"token": " hi", "logprob": -0.5, "bytes": [32, 104, 105]},
                                            {"token": "\\xe2", "logprob": -3.0, "bytes": [226]}]}
@@ -241,12 +242,12 @@ CALL = '<tool_call>\n{"name": "lookup", "arguments": {"word": "kalo"}}\n</tool_c
 
 def test_tool_calls_come_back_as_tool_calls_whole_and_streamed():
     req = chat(tools=TOOLS)
-    message = response(req, [FinishedChoice(0, "Sure.\n" + CALL, "stop")], {}, "n")["choices"][0]
+    message = response(req, [Choice(0, "Sure.\n" + CALL, "stop")], {}, "n")["choices"][0]
     assert message["finish_reason"] == "tool_calls" and message["message"]["content"] == "Sure."
     (call,) = message["message"]["tool_calls"]
     assert call["type"] == "function" and call["id"].startswith("call_")
     assert call["function"] == {"name": "lookup", "arguments": '{"word": "kalo"}'}
-    assert response(chat(), [FinishedChoice(0, CALL, "stop")], {}, "n")["choices"][0]["message"]["content"] == CALL
+    assert response(chat(), [Choice(0, CALL, "stop")], {}, "n")["choices"][0]["message"]["content"] == CALL
     stream = StreamChunks(chat(tools=TOOLS, stream=True))
     out = [c for i in range(0, len(CALL), 7) for c in stream.piece(0, CALL[i:i + 7])]
     out += stream.end(_finished({}, ("stop", 1)))
