@@ -169,11 +169,12 @@ class RoutingTrace:
 
     def expert_counts(self, n_layers: int, n_experts: int) -> np.ndarray:
         """Selections per (layer, expert) over every token of every ACCESS event."""
-        counts = np.zeros((n_layers, n_experts), dtype=np.int64)
-        for kind, layer, ids in self.events():
-            if kind == TRACE_ACCESS:
-                np.add.at(counts[layer], ids.ravel(), 1)
-        return counts
+        access = np.repeat(self.kind == TRACE_ACCESS, self.n_ids)
+        layers = np.repeat(self.layer, self.n_ids)[access].astype(np.int64)
+        ids = self.ids[access].astype(np.int64)
+        valid = (ids >= 0) & (ids < n_experts) & (layers >= 0) & (layers < n_layers)
+        units = layers[valid] * n_experts + ids[valid]
+        return np.bincount(units, minlength=n_layers * n_experts).reshape(n_layers, n_experts).astype(np.int64)
 
     def ubatches(self) -> Iterator[list[tuple[int, np.ndarray]]]:
         """ACCESS events grouped by ubatch (a new ubatch starts when the layer does not increase)."""

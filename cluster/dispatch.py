@@ -145,6 +145,7 @@ async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: 
         try:
             handle = await deployment.node(route.node_id, route.namespace)
             stream = handle.stream.options(num_returns="streaming").remote(route.request)
+            ended = False
             try:
                 async for ref in stream:
                     item = await ref
@@ -152,12 +153,16 @@ async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: 
                         sent += 1
                     elif isinstance(item, Finished):
                         item = dataclasses.replace(item, routing=route.routing, chat_template=route.chat_template)
+                        ended = True  # told before the caller sees it: its next ask finds the node free
+                        deployment.tell_ended(ask.request_id)
                     yield item
             except (asyncio.CancelledError, GeneratorExit):
-                handle.cancel.remote(ask.request_id)  # the caller went away: the node stops at its next token
-                deployment.tell_ended(ask.request_id)
+                if not ended:
+                    handle.cancel.remote(ask.request_id)  # the caller went away: the node stops at its next token
+                    deployment.tell_ended(ask.request_id)
                 raise
-            deployment.tell_ended(ask.request_id)
+            if not ended:
+                deployment.tell_ended(ask.request_id)
             return
         except ray.exceptions.RayTaskError as exc:
             cause = unwrap(exc)

@@ -15,16 +15,16 @@ log-probabilities are the log-softmax of the logits llama.cpp computed for each 
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import logging
 import math
 import os
 import threading
 import time
+from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any, Generator, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import llama_cpp
 import numpy as np
@@ -46,8 +46,11 @@ from cluster.errors import (
     ModelFileError,
     PromptTooLongError,
 )
+from cluster.kv_slots import KvSlots, SavedState, Slot
 from cluster.node_memory import AUTO
 from cluster.sampling import LOGIT_BIAS_BAN, SamplingParamError, SamplingParams, TokenLogprob, TopLogprob
+from cluster.sequence import CANCELLED, Cancelled, Piece
+from cluster.sequence import Sequence as SequenceHandle
 from cluster.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,9 +65,13 @@ class EngineConfig:
         cache_bytes: expert-cache budget in bytes; ``"auto"``: derived from the memory the node
             has once the model is loaded (``cluster.node_memory``); None runs plain llama.cpp
             (no callback).
-        n_ctx: context window in tokens.
+        n_ctx: context window of each sequence slot, in tokens.
+        n_slots: sequences decoded together (continuous batching; 1: one request at a time).
+        n_batch: tokens per step, one llama_decode (and one ubatch): a token of every decoding
+            sequence, then chunks of waiting prompts (chunked prefill). At least ``n_slots``.
+        session_bytes: bytes of saved conversation KV states (conversations whose slot another
+            one took) kept for their next turn.
         n_threads: compute threads (default: all cores).
-        n_batch: prompt tokens per llama_decode call (and per ubatch).
         cache: policy knobs other than the budget (its budget_bytes is replaced by cache_bytes).
         n_io_threads: I/O threads that read experts (0: no prefetch).
         predict: predict and prefetch the next layers' experts ``True``; ``"always"``: also
@@ -80,8 +87,10 @@ class EngineConfig:
     model_path: str
     cache_bytes: int | str | None = None
     n_ctx: int = 2048
-    n_threads: int | None = None
+    n_slots: int = 1
     n_batch: int = 512
+    session_bytes: int = 64 << 20
+    n_threads: int | None = None
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(budget_bytes=1))
     n_io_threads: int = 2
     predict: bool | str = True
@@ -99,7 +108,13 @@ class EngineConfig:
                 raise InvalidParameterError(f"{name} must be an integer in [1, {upper}], got {value!r}")
 
         positive_int("n_ctx", self.n_ctx, 1 << 20)
+        positive_int("n_slots", self.n_slots, 256)
         positive_int("n_batch", self.n_batch, 1 << 16)
+        if self.n_batch < self.n_slots:
+            raise InvalidParameterError(f"n_batch ({self.n_batch}) must be at least n_slots ({self.n_slots}): a step "
+                                        f"evaluates one token of every decoding sequence")
+        if not isinstance(self.session_bytes, int) or self.session_bytes < 0:
+            raise InvalidParameterError(f"session_bytes must be an integer >= 0, got {self.session_bytes!r}")
         if self.n_threads is not None:
             positive_int("n_threads", self.n_threads, 1024)
         if isinstance(self.cache_bytes, str) and self.cache_bytes != AUTO:
@@ -120,15 +135,6 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class Piece:
-    """A piece of a generation as it streams: its text and, when asked for, the
-    log-probabilities of the tokens whose text starts in it."""
-
-    text: str
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
 class Generation:
     """Result of one request.
 
@@ -138,13 +144,18 @@ class Generation:
         n_prompt_tokens: tokens of the prompt (BOS included).
         finish_reason: ``stop`` (an end-of-generation token, a stop token or a stop string
             ended it) or ``length`` (``max_tokens`` or the context ended it), as OpenAI defines them.
-        prefill_s, decode_s: wall time of prompt processing and of the generation loop.
-        cache: cache counters of this request alone, with derived rates (empty without a cache).
+        prefill_s, decode_s: wall time from the request's first step to its first token, and from
+            there to its end (in a batch, both include the other sequences' share of each step).
+        cache: cache counters of this request alone, with derived rates (empty without a cache):
+            hits and misses of its own selections; bytes read: its share of each step's reads (a
+            unit read on demand is shared by the sequences that selected it; a read ahead, by all
+            sequences of the step); prediction counters: of the steps it was in.
         expert_counts: selections per (layer, expert) over every token evaluated by this
             request (prompt and fed-back generated tokens); None without a cache.
-        trace: this request's routing trace; None without a cache.
-        n_reused_tokens: prompt tokens whose KV state was already in the context (not prefilled).
+        trace: this request's routing trace (its own rows of every step); None without a cache.
+        n_reused_tokens: prompt tokens whose KV state was already held (not prefilled).
         logprobs: with ``SamplingParams.logprobs``, one entry per token of ``text``.
+        queued_s: time from submission to the request's first step (waiting for a slot).
     """
 
     text: str
@@ -158,6 +169,7 @@ class Generation:
     trace: RoutingTrace | None = None
     n_reused_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] | None = None
+    queued_s: float = 0.0
 
     @property
     def n_generated(self) -> int:
@@ -171,7 +183,12 @@ class Generation:
 
 
 class MoEEngine:
-    """llama.cpp plus the native expert cache, serving one request at a time.
+    """llama.cpp plus the native expert cache, decoding up to ``n_slots`` requests together.
+
+    A thread of its own runs the steps: each step evaluates one token of every decoding
+    sequence and chunks of waiting prompts in one ``llama_decode``, then samples each sequence
+    with its own sampler; requests join at the next step and end on their own. Everything that
+    touches the llama.cpp context or the cache runs on that thread (``_call``).
 
     Example:
         >>> engine = MoEEngine("model.gguf", cache_bytes=512 << 20)
@@ -185,11 +202,24 @@ class MoEEngine:
         self._lock = threading.Lock()
         self._stack = ExitStack()
         self._closed = False
+        self._cv = threading.Condition()
+        self._closing = False
+        self._waiting: deque[SequenceHandle] = deque()
+        self._running: list[SequenceHandle] = []
+        self._calls: list[tuple[Callable[[], Any], list[Any], threading.Event]] = []
+        self._finished: list[tuple[SequenceHandle, Any]] = []
+        self._outputs: list[tuple[SequenceHandle, int]] = []
+        self._chunks: list[tuple[SequenceHandle, int]] = []
+        self._next_tag = 0
+        self._unsettled = False
+        self._last_slot: Slot | None = None
         try:
             self._open()
         except BaseException:
             self._stack.close()
             raise
+        self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
+        self._thread.start()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -207,7 +237,7 @@ class MoEEngine:
             budget = footprint if cfg.auto_budget else int(cfg.cache_bytes)  # auto: set once loaded
             params = ExpertCacheParams(cache=replace(cfg.cache, budget_bytes=budget),
                                        n_io_threads=cfg.n_io_threads, predict=bool(cfg.predict),
-                                       predict_resident_layers=cfg.predict == "always")
+                                       predict_resident_layers=cfg.predict == "always", record_trace=False)
             native_params = params.to_native()
             try:
                 self._native_cache = _native.ExpertCache(self.layout, native_params)
@@ -234,7 +264,9 @@ class MoEEngine:
         self._stack.callback(self._release_cache)
 
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = cfg.n_ctx
+        cparams.n_ctx = cfg.n_ctx * cfg.n_slots
+        cparams.n_seq_max = cfg.n_slots
+        cparams.kv_unified = True  # one KV buffer: a step's ubatch may mix sequences of any lengths
         cparams.n_batch = cfg.n_batch
         cparams.n_ubatch = cfg.n_batch
         threads = cfg.n_threads or os.cpu_count() or 1
@@ -265,19 +297,29 @@ class MoEEngine:
         self._vocab = self._model.vocab
         self.tokenizer = Tokenizer(self._model)
         self._broken_utf8: list[int] | None = None
-        self.n_ctx = self._ctx.n_ctx()
+        self.n_ctx = min(cfg.n_ctx, self._ctx.n_ctx() // cfg.n_slots)  # of each slot
+        self.n_slots = cfg.n_slots
+        # one step is one ubatch (the cache attributes each step's rows to their sequences)
         self._n_batch = min(cfg.n_batch, llama_cpp.llama_n_batch(self._ctx.ctx), llama_cpp.llama_n_ubatch(self._ctx.ctx))
-        self._ctx_tokens: list[int] = []
+        self._row_tags = np.zeros(self._n_batch, dtype=np.int32)
+        self._row_outputs = np.zeros(self._n_batch, dtype=np.uint8)
+        self._kv = KvSlots(cfg.n_slots, cfg.session_bytes)
+        self._held: tuple[tuple[str, ...], list[tuple[int, ...]], int] = ((), [], 0)
 
     def _release_cache(self) -> None:
         self._native_cache = None
 
     def close(self) -> None:
-        """Frees context, model and cache; safe to call twice."""
+        """Ends every request (``EngineClosedError``), then frees context, model and cache; safe to call twice."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            with self._cv:
+                self._closing = True
+                self._cv.notify_all()
+            if threading.current_thread() is not self._thread:
+                self._thread.join()
             self._stack.close()
             self._native_cache = None
 
@@ -304,58 +346,64 @@ class MoEEngine:
         self._check_open()
         if self._native_cache is None:
             return {}
-        with self._lock:
-            self._native_cache.reconcile()
-            return _cache_stats(self._native_cache, self._native_cache.counters())
+        cache = self._native_cache
+
+        def stats() -> dict[str, float]:
+            cache.reconcile()
+            return _cache_stats(cache, cache.counters())
+        return self._call(stats)
 
     def measured_resident_bytes(self) -> int:
         """Expert bytes of the model actually in memory now (mincore), cache or not."""
         self._check_open()
         if self._native_cache is None:
             raise InvalidParameterError("measured_resident_bytes needs the expert cache (cache_bytes set)")
-        with self._lock:
-            return self._native_cache.measured_resident_bytes()
+        return self._call(self._native_cache.measured_resident_bytes)
 
     def warmth(self) -> bytes:
         """The warmth report (msgpack, see ``cluster.warmth``)."""
         self._check_open()
         if self._native_cache is None:
             raise InvalidParameterError("a warmth report needs the expert cache (cache_bytes set)")
-        with self._lock:
-            self._native_cache.reconcile()
-            resident, heat = self._native_cache.warmth()
-            return warmth_report.encode(resident, heat, budget_bytes=self._native_cache.budget_bytes,
-                                        resident_bytes=self._native_cache.resident_bytes,
-                                        counters=self._native_cache.counters())
+        cache = self._native_cache
+
+        def report() -> bytes:
+            cache.reconcile()
+            resident, heat = cache.warmth()
+            return warmth_report.encode(resident, heat, budget_bytes=cache.budget_bytes,
+                                        resident_bytes=cache.resident_bytes, counters=cache.counters())
+        return self._call(report)
 
     # -- generation --------------------------------------------------------------------------
 
-    def generate(self, prompt: str, params: SamplingParams | None = None, *, special: bool = False,
-                 **fields: Any) -> Generation:
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, special: bool = False,
+                 session: str | None = None, **fields: Any) -> Generation:
         """Generates a completion and returns it with timings, cache statistics and trace.
 
         Args:
-            prompt: the prompt text.
+            prompt: the prompt text (or its token ids).
             params: decoding options (default ``SamplingParams()``); ``fields`` override some
                 of them by name (``max_tokens=8``).
             special: the prompt is a chat rendering: special-token texts are parsed as tokens
                 (see ``cluster.tokenizer``).
+            session: the conversation this request continues: its KV state is kept (in a slot or
+                saved) for its next turn.
         """
-        pieces = self.pieces(prompt, params, special=special, **fields)
+        pieces = self.pieces(prompt, params, special=special, session=session, **fields)
         while True:
             try:
                 next(pieces)
             except StopIteration as done:
                 return done.value
 
-    def stream(self, prompt: str, params: SamplingParams | None = None, *, special: bool = False,
-               **fields: Any) -> Generator[str, None, Generation]:
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, special: bool = False,
+               session: str | None = None, **fields: Any) -> Generator[str, None, Generation]:
         """Yields text pieces as they are generated; the generator returns the ``Generation``.
 
         Parameters are checked before anything runs: bad ones raise ``InvalidParameterError``,
         a prompt that does not fit raises ``PromptTooLongError``.
         """
-        pieces = self.pieces(prompt, params, special=special, **fields)
+        pieces = self.pieces(prompt, params, special=special, session=session, **fields)
         return self._texts(pieces)
 
     @staticmethod
@@ -372,12 +420,28 @@ class MoEEngine:
             pieces.close()
 
     def pieces(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, special: bool = False,
-               **fields: Any) -> Generator[Piece, None, Generation]:
+               session: str | None = None, **fields: Any) -> Generator[Piece, None, Generation]:
         """As ``stream``, with each piece's token log-probabilities (``params.logprobs``). The
         prompt may also be given as token ids (tokenized elsewhere: the router does it once).
+        The request joins the engine's batch when the generator is first advanced; closing the
+        generator cancels it.
 
         One choice per call: ``SamplingParams.choices()`` gives the params of each of ``n``.
         """
+        tokens, params = self._checked(prompt, params, special, fields)
+        return self._follow(tokens, params, session)
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, special: bool = False,
+               session: str | None = None, emit: Callable[[Any], None] | None = None) -> SequenceHandle:
+        """Puts a request in the batch at once and returns its sequence: it emits ``Piece`` items,
+        then its ``Generation`` (or the exception that failed it, or ``sequence.CANCELLED``), to
+        ``emit`` (called on the engine's thread; default: the sequence's ``outbox`` queue).
+        Raises at once for bad parameters, a prompt that does not fit or a closed engine."""
+        tokens, params = self._checked(prompt, params, special, {})
+        return self._submit(tokens, params, session, emit)
+
+    def _checked(self, prompt: str | Sequence[int], params: SamplingParams | None, special: bool,
+                 fields: dict[str, Any]) -> tuple[list[int], SamplingParams]:
         self._check_open()
         if isinstance(prompt, str):
             if not prompt:
@@ -388,6 +452,7 @@ class MoEEngine:
             if not tokens or not all(isinstance(t, (int, np.integer)) and 0 <= t < self.tokenizer.n_vocab for t in tokens):
                 raise InvalidParameterError(f"prompt tokens must be a non-empty list of ids in [0, "
                                             f"{self.tokenizer.n_vocab}), got {tokens[:8]!r}...", param="prompt")
+            tokens = [int(t) for t in tokens]
         else:
             raise InvalidParameterError(f"prompt must be a non-empty string or a list of token ids, got "
                                         f"{type(prompt).__name__}", param="prompt")
@@ -404,138 +469,298 @@ class MoEEngine:
         if len(tokens) >= self.n_ctx:
             raise PromptTooLongError(f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
                                      f"(at least one more is needed to generate)")
-        sampler = self._make_sampler(params)  # a grammar llama.cpp refuses is an error before anything runs
-        return self._run(tokens, params, sampler)
+        if params.grammar is not None:  # a grammar llama.cpp refuses is an error before anything runs
+            self._make_sampler(params).close()
+        return tokens, params
 
-    def _run(self, prompt_tokens: list[int], params: SamplingParams,
-             sampler: _internals.LlamaSampler) -> Generator[Piece, None, Generation]:
-        with self._lock:
-            self._check_open()
-            cache = self._native_cache
-            if cache is not None:
-                cache.take_trace()
-                counters_before = cache.counters()
-                counts_before = cache.expert_counts()
-            completed = False
-            try:
-                t0 = time.perf_counter()
-                n_reused = self._reuse_prefix(prompt_tokens)
-                self._decode(prompt_tokens[n_reused:], n_past=n_reused)
-                prefill_s = time.perf_counter() - t0
-
-                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                stop_ids = frozenset(params.stop_token_ids)
-                generated: list[int] = []
-                logprobs: list[TokenLogprob] = []  # of generated tokens, in order
-                n_sent = 0  # logprobs entries already sent with a piece
-                text, emitted = "", 0
-                hold = max((len(s) for s in params.stop), default=1) - 1
-                finish, cut = "length", None
-                t1 = time.perf_counter()
-                while len(generated) < params.max_tokens:
-                    token = llama_cpp.llama_sampler_sample(sampler.sampler, self._ctx.ctx, -1)
-                    if self.tokenizer.is_eog(token) or token in stop_ids:
-                        finish = "stop"
-                        break
-                    if params.logprobs:
-                        logprobs.append(self._logprob(token, len(text), params.top_logprobs))
-                    generated.append(token)
-                    start = max(0, len(text) - hold)  # a stop string that began earlier would have ended the loop
-                    text += decoder.decode(self.tokenizer.piece(token))
-                    cut = _find_stop(text, params.stop, start)
-                    if cut is not None:
-                        text, finish = text[:cut], "stop"
-                        break
-                    safe = len(text) - hold if params.stop else len(text)
-                    if safe > emitted:
-                        n_ready = _count_before(logprobs, n_sent, safe)
-                        yield Piece(text[emitted:safe], tuple(logprobs[n_sent:n_ready]))
-                        emitted, n_sent = safe, n_ready
-                    if len(generated) == params.max_tokens or len(self._ctx_tokens) >= self.n_ctx:
-                        break
-                    self._decode([token], n_past=len(self._ctx_tokens))
-                if finish == "length":
-                    text += decoder.decode(b"", final=True)
-                decode_s = time.perf_counter() - t1
-                if cut is not None:  # tokens that began inside the cut-off stop string are not in the text
-                    logprobs = logprobs[:_count_before(logprobs, n_sent, cut)]
-                if len(text) > emitted or len(logprobs) > n_sent:
-                    yield Piece(text[emitted:], tuple(logprobs[n_sent:]))
-                completed = True
-            finally:
+    def _submit(self, tokens: list[int], params: SamplingParams, session: str | None,
+                emit: Callable[[Any], None] | None) -> SequenceHandle:
+        sampler = self._make_sampler(params)
+        with self._cv:
+            if self._closing:
                 sampler.close()
-                if not completed:  # abandoned or failed mid-way: the KV state is not worth keeping
-                    self._forget_context()
-                if cache is not None:
-                    cache.settle()
+                raise EngineClosedError("the engine was closed")
+            self._next_tag += 1
+            seq = SequenceHandle(self._next_tag, tokens, params, sampler, session, self.tokenizer.piece, emit)
+            self._waiting.append(seq)
+            self._cv.notify_all()
+        return seq
 
-            stats: dict[str, float] = {}
-            counts = trace = None
-            if cache is not None:
-                after = cache.counters()
-                stats = _cache_stats(cache, {k: after[k] - counters_before[k] for k in after})
-                counts = cache.expert_counts() - counts_before
-                trace = RoutingTrace.from_native(cache.take_trace())
-            result = Generation(text=text, tokens=tuple(generated), n_prompt_tokens=len(prompt_tokens),
-                                finish_reason=finish, prefill_s=prefill_s, decode_s=decode_s, cache=stats,
-                                expert_counts=counts, trace=trace, n_reused_tokens=n_reused,
-                                logprobs=tuple(logprobs) if params.logprobs else None)
-            return result
+    def _follow(self, tokens: list[int], params: SamplingParams,
+                session: str | None) -> Generator[Piece, None, Generation]:
+        seq = self._submit(tokens, params, session, None)
+        done = False
+        try:
+            while True:
+                item = seq.outbox.get()
+                if isinstance(item, Piece):
+                    yield item
+                elif isinstance(item, Generation):
+                    done = True
+                    return item
+                elif isinstance(item, BaseException):
+                    done = True
+                    raise item
+                else:  # cancelled
+                    done = True
+                    raise EngineClosedError("the request was cancelled")
+        finally:
+            if not done:
+                seq.cancel()
 
-    # -- KV state: prefix reuse and saved sessions ----------------------------------------------
+    # -- the step loop ---------------------------------------------------------------------------
+
+    @property
+    def n_running(self) -> int:
+        """Sequences in the batch or waiting for a slot."""
+        with self._cv:
+            return len(self._running) + len(self._waiting)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Runs ``fn`` on the step loop's thread between two steps (everything that touches the
+        llama.cpp context or the cache runs there) and returns its result."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        done = threading.Event()
+        box: list[Any] = []
+        with self._cv:
+            if self._closing:
+                raise EngineClosedError("the engine was closed")
+            self._calls.append((fn, box, done))
+            self._cv.notify_all()
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[1]
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closing or self._calls or self._waiting or self._running):
+                    self._cv.wait()
+                calls, self._calls = self._calls, []
+                closing = self._closing
+            for fn, box, done in calls:
+                try:
+                    box[:] = [None, fn()]
+                except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+                    box[:] = [exc]
+                done.set()
+            if closing:
+                with self._cv:
+                    left, self._waiting = [*self._running, *self._waiting], deque()
+                    self._running = []
+                for seq in left:
+                    seq.sampler.close()
+                    seq.emit(EngineClosedError("the engine was closed"))
+                return
+            try:
+                self._step()
+            except BaseException as exc:  # noqa: BLE001  (an engine-wide failure fails what was running)
+                log.exception("engine step failed")
+                for seq in list(self._running):
+                    self._end(seq, exc, keep=False)
+                self._deliver()
+
+    def _step(self) -> None:
+        for seq in [s for s in self._running if s.cancelled]:
+            self._end(seq, CANCELLED, keep=False)
+        with self._cv:
+            while self._waiting and self._kv.n_free:
+                seq = self._waiting.popleft()
+                if seq.cancelled:
+                    seq.sampler.close()
+                    seq.emit(CANCELLED)
+                    continue
+                self._start(seq)
+        if not self._running:
+            self._deliver()
+            return
+        rows = self._fill_batch()
+        if self._native_cache is not None:
+            self._native_cache.begin_step(self._row_tags[:rows], self._row_outputs[:rows])
+        rc = llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)
+        if rc != 0:
+            error = RuntimeError(f"llama_decode failed with code {rc} ({len(self._running)} sequences in the step)")
+            for seq in list(self._running):
+                self._end(seq, error, keep=False)
+        else:
+            self._after_decode()
+        self._unsettled = True
+        self._deliver()
+
+    def _start(self, seq: SequenceHandle) -> None:
+        """Gives a waiting sequence a slot and the longest KV prefix it can have (``cluster.kv_slots``)."""
+        placement = self._kv.place(seq.prompt, seq.session)
+        assert placement is not None
+        slot = placement.slot
+        memory = self._ctx.memory
+        if placement.save is not None and slot.tokens:
+            self._kv.store(placement.save, self._save_slot(slot))
+        if placement.restore is not None:
+            saved = self._kv.saved[placement.restore]
+            if not self._load_slot(slot.index, saved.state or b""):
+                placement = replace(placement, restore=None, n_reused=0)
+        elif placement.copy_from is not None:
+            llama_cpp.llama_memory_seq_rm(memory, slot.index, 0, -1)
+            llama_cpp.llama_memory_seq_cp(memory, placement.copy_from.index, slot.index, 0, placement.n_reused)
+        if placement.n_reused == 0 or not llama_cpp.llama_memory_seq_rm(memory, slot.index, placement.n_reused, -1):
+            llama_cpp.llama_memory_seq_rm(memory, slot.index, 0, -1)
+            placement = replace(placement, n_reused=0)
+        self._kv.occupy(placement, seq.prompt, seq.session)
+        seq.slot = slot
+        seq.n_reused = seq.n_evaluated = placement.n_reused
+        seq.started_at = time.perf_counter()
+        self._running.append(seq)
+        self._last_slot = slot
+        self._note_held()
+
+    def _fill_batch(self) -> int:
+        """One token of every decoding sequence, then prompt chunks (oldest first) up to the step's
+        budget; returns the rows. Each sequence's rows are contiguous (the cache needs it)."""
+        batch = self._batch.batch
+        rows = 0
+        self._outputs.clear()
+        self._chunks.clear()
+
+        def put(seq: SequenceHandle, token: int, pos: int, output: bool) -> None:
+            nonlocal rows
+            batch.token[rows] = token
+            batch.pos[rows] = pos
+            batch.n_seq_id[rows] = 1
+            batch.seq_id[rows][0] = seq.slot.index
+            batch.logits[rows] = output
+            self._row_tags[rows] = seq.tag
+            self._row_outputs[rows] = output
+            if output:
+                self._outputs.append((seq, rows))
+            rows += 1
+
+        for seq in self._running:
+            if seq.decoding:
+                put(seq, seq.pending, len(seq.slot.tokens), True)
+        for seq in self._running:
+            if seq.decoding or rows >= self._n_batch:
+                continue
+            chunk = min(seq.n_prompt_left, self._n_batch - rows)
+            start = seq.n_evaluated
+            self._chunks.append((seq, chunk))
+            for i in range(chunk):
+                put(seq, seq.prompt[start + i], start + i, start + i == len(seq.prompt) - 1)
+        batch.n_tokens = rows
+        return rows
+
+    def _after_decode(self) -> None:
+        for seq, _ in self._outputs:  # what the step put in each slot's KV
+            if seq.decoding:
+                seq.slot.tokens.append(seq.pending)
+        for seq, n in self._chunks:
+            seq.slot.tokens.extend(seq.prompt[seq.n_evaluated:seq.n_evaluated + n])
+            seq.n_evaluated += n
+        for seq, row in self._outputs:
+            if seq.pending is None and seq.prompt_done_at is None:
+                seq.prompt_done_at = time.perf_counter()
+            try:
+                token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, row)
+                logprob = (lambda offset, t=token, r=row, s=seq: self._logprob(t, offset, s.params.top_logprobs, r)) \
+                    if seq.params.logprobs else None
+                done = seq.accept(token, self.tokenizer.is_eog(token), logprob, len(seq.slot.tokens) + 1 > self.n_ctx)
+            except Exception as exc:  # noqa: BLE001  (this sequence fails; the others go on)
+                self._end(seq, exc, keep=False)
+                continue
+            if done:
+                self._end(seq, None, keep=True)
+
+    def _end(self, seq: SequenceHandle, outcome: BaseException | Cancelled | None, keep: bool) -> None:
+        """Takes a sequence out of the batch; its result is delivered after the step (``_deliver``)."""
+        self._running.remove(seq)
+        seq.sampler.close()
+        record = self._native_cache.take_sequence(seq.tag) if self._native_cache is not None else None
+        if not keep:
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq.slot.index, 0, -1)
+        self._kv.release(seq.slot, keep)
+        self._note_held()
+        if outcome is not None:
+            self._finished.append((seq, outcome))
+            return
+        seq.flush()
+        end = time.perf_counter()
+        stats: dict[str, float] = {}
+        counts = trace = None
+        if record is not None:
+            trace_dict, counters = record
+            stats = _cache_stats(self._native_cache, counters)
+            trace = RoutingTrace.from_native(trace_dict)
+            counts = trace.expert_counts(self.layout.n_layers, self.layout.n_experts)
+        prompt_done = seq.prompt_done_at or end
+        result = Generation(text=seq.text, tokens=tuple(seq.generated), n_prompt_tokens=len(seq.prompt),
+                            finish_reason=seq.finish_reason or "length",
+                            prefill_s=prompt_done - (seq.started_at or prompt_done), decode_s=end - prompt_done,
+                            cache=stats, expert_counts=counts, trace=trace, n_reused_tokens=seq.n_reused,
+                            logprobs=tuple(seq.logprobs) if seq.params.logprobs else None,
+                            queued_s=(seq.started_at or end) - seq.submitted_at)
+        self._finished.append((seq, result))
+
+    def _deliver(self) -> None:
+        """Hands finished sequences their results; when the batch is empty, settles the cache first
+        (reads in flight land, the budget is trimmed, the kernel's view reconciled), so that what a
+        caller asks the cache after its request sees it settled."""
+        if not self._finished:
+            return
+        if self._native_cache is not None and self._unsettled and not self._running and not self._waiting:
+            self._native_cache.settle()
+            self._unsettled = False
+        finished, self._finished = self._finished, []
+        for seq, outcome in finished:
+            seq.emit(outcome)
+
+    # -- KV state: slots, prefixes and saved conversations ---------------------------------------
 
     @property
     def context_tokens(self) -> tuple[int, ...]:
-        """Tokens whose KV state the context holds now (the last request's prompt and answer)."""
-        return tuple(self._ctx_tokens)
+        """Tokens whose KV state the most recently used slot holds (its last request's prompt and answer)."""
+        slot = self._last_slot
+        return tuple(slot.tokens) if slot is not None else ()
 
-    def _reuse_prefix(self, prompt_tokens: list[int]) -> int:
-        """Keeps the KV of the longest common prefix with the context; returns its length."""
-        held = self._ctx_tokens
-        n = 0
-        limit = min(len(held), len(prompt_tokens) - 1)  # at least one token must be evaluated
-        while n < limit and held[n] == prompt_tokens[n]:
-            n += 1
-        if n == 0 or not llama_cpp.llama_memory_seq_rm(self._ctx.memory, 0, n, -1):
+    def held_tokens(self) -> list[tuple[int, ...]]:
+        """Every token sequence whose KV state the engine holds (slots and saved conversations), as
+        of the last request that started or ended."""
+        return self._held[1]
+
+    def sessions(self) -> tuple[str, ...]:
+        """Conversations whose KV state the engine holds, as of the last request that started or ended."""
+        return self._held[0]
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes of saved conversation states."""
+        return self._held[2]
+
+    def _note_held(self) -> None:
+        """Snapshot of what the slots hold, for other threads (one assignment: always whole)."""
+        self._held = (self._kv.sessions(), [tuple(t) for t in self._kv.held()], self._kv.saved_bytes)
+
+    def clear_kv(self) -> None:
+        """Forgets every slot's KV state and every saved conversation (the next request prefills all)."""
+        def clear() -> None:
             llama_cpp.llama_memory_clear(self._ctx.memory, True)
-            n = 0
-        self._ctx_tokens = list(prompt_tokens[:n])
-        return n
-
-    def _forget_context(self) -> None:
-        llama_cpp.llama_memory_clear(self._ctx.memory, True)
-        self._ctx_tokens = []
-
-    def save_state(self) -> tuple[tuple[int, ...], bytes]:
-        """The context's tokens and KV state, to restore later with ``load_state``."""
+            self._kv.clear()
+            self._note_held()
         self._check_open()
-        with self._lock:
-            size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, 0)
-            buf = (ctypes.c_uint8 * size)()
-            written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, buf, size, 0)
-            return tuple(self._ctx_tokens), bytes(buf[:written])
+        self._call(clear)
 
-    def load_state(self, tokens: Sequence[int], state: bytes) -> bool:
-        """Restores a state from ``save_state``; False (and an empty context) if llama.cpp refuses it."""
-        self._check_open()
-        with self._lock:
-            llama_cpp.llama_memory_clear(self._ctx.memory, True)
-            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-            if not state or llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), 0) == 0:
-                self._ctx_tokens = []
-                return False
-            self._ctx_tokens = list(tokens)
-            return True
+    def _save_slot(self, slot: Slot) -> SavedState:
+        size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, slot.index)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, buf, size, slot.index)
+        return SavedState(tuple(slot.tokens), written, bytes(buf[:written]))
 
-    def _decode(self, tokens: list[int], n_past: int) -> None:
-        step = self._n_batch  # what the context accepts (llama.cpp may lower the requested size)
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start:start + step]
-            self._batch.set_batch(chunk, n_past=n_past + start, logits_all=False)
-            rc = llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc} at position {n_past + start}")
-            self._ctx_tokens.extend(chunk)
+    def _load_slot(self, index: int, state: bytes) -> bool:
+        llama_cpp.llama_memory_seq_rm(self._ctx.memory, index, 0, -1)
+        if not state:
+            return False
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), index) != 0
 
     def _make_sampler(self, params: SamplingParams) -> _internals.LlamaSampler:
         """llama.cpp's sampler chain for ``params``, in llama.cpp's own order: logit bias,
@@ -593,11 +818,11 @@ class MoEEngine:
             self._broken_utf8 = broken
         return self._broken_utf8
 
-    def _logprob(self, token: int, offset: int, n_top: int) -> TokenLogprob:
+    def _logprob(self, token: int, offset: int, n_top: int, row: int) -> TokenLogprob:
         """The sampled token's log-probability: log-softmax of the logits llama.cpp computed for
-        the position (before any sampler changed them), and the ``n_top`` most likely tokens."""
+        the batch's ``row`` (before any sampler changed them), and the ``n_top`` most likely tokens."""
         n_vocab = self.tokenizer.n_vocab
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1), shape=(n_vocab,))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, row), shape=(n_vocab,))
         logits = logits.astype(np.float64)
         top = logits.max()
         log_z = top + math.log(float(np.exp(logits - top).sum()))
@@ -612,20 +837,6 @@ class MoEEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise EngineClosedError("the engine was closed")
-
-
-def _count_before(entries: list[TokenLogprob], start: int, end: int) -> int:
-    """Index after the last of ``entries[start:]`` whose text starts before character ``end``."""
-    n = start
-    while n < len(entries) and entries[n].offset < end:
-        n += 1
-    return n
-
-
-def _find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
-    """Index where the earliest stop string starts in ``text[start:]``, or None."""
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else None
 
 
 def _cache_stats(cache: Any, counters: dict[str, int]) -> dict[str, float]:

@@ -2,18 +2,18 @@
 
 ``NodeServer`` is a plain class (tests drive it without Ray); ``NodeActor`` is its Ray shell,
 whose reports go to the named router actor. A node:
-  * serves one request at a time on its engine, with a bounded number waiting (``max_queue``);
-    a request beyond that is refused at once with ``OverloadedError``; a request's ``n``
-    choices are generated one after the other (each reuses the prompt's KV state), its pieces
-    tagged with their choice's ``index``;
+  * decodes up to ``n_slots`` sequences together on its engine (continuous batching), with a
+    bounded number of requests running or waiting (``max_queue``); a request beyond that is
+    refused at once with ``OverloadedError``; a request's ``n`` choices are sequences of the
+    same batch (later ones copy the prompt's KV state), its pieces tagged with their ``index``;
   * takes the prompt as token ids (the router tokenized it, once);
-  * keeps the KV state of recent conversations (``session_bytes``, least recently used out), so
-    a conversation's next turn prefills only its new tokens; any request also reuses the
-    longest common prefix with what the context holds;
-  * streams text pieces to its caller (``cluster.protocol`` items) from a generation thread of
-    its own: decoding never waits for the transport; after the first piece, the pieces of each
-    ``COALESCE_S`` window (or all that piled up behind a slower reader) go as one; it stops
-    generating when the caller cancels or goes away;
+  * keeps conversations' KV state in the engine's slots and, when a slot goes to another
+    conversation, saved within ``session_bytes`` (``cluster.kv_slots``), so a conversation's
+    next turn prefills only its new tokens; any request reuses the longest prefix held;
+  * streams text pieces to its caller (``cluster.protocol`` items) as the engine's step loop
+    makes them: decoding never waits for the transport; after the first piece, the pieces of
+    each ``COALESCE_S`` window (or all that piled up behind a slower reader) go as one; it stops
+    a request's sequences when the caller cancels or goes away;
   * reports load, health, its warmth report (msgpack), the prefixes it holds and each
     request's routing trace to the router after every request (that settles the router's
     in-flight count, however the request ended) and on a heartbeat;
@@ -24,16 +24,17 @@ whose reports go to the named router actor. A node:
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from cluster.engine import MoEEngine
+from cluster.engine import Generation, MoEEngine
 from cluster.errors import InvalidParameterError, OverloadedError
 from cluster.protocol import (
     ROUTER_NAME,
@@ -47,6 +48,8 @@ from cluster.protocol import (
     StreamItem,
 )
 from cluster.routing.warmth import prefix_hashes
+from cluster.sequence import Cancelled as SequenceCancelled
+from cluster.sequence import Piece as SequencePiece
 
 RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a node keeps for a restarted router
 
@@ -59,9 +62,10 @@ class NodeConfig:
         model_path: GGUF MoE model (every node of a deployment serves the same one).
         cache_bytes: expert-cache budget in bytes, ``"auto"`` (derived from the node's memory once
             the model is loaded) or None (plain llama.cpp).
-        n_ctx: context window.
+        n_ctx: context window of each sequence slot.
+        n_slots: sequences decoded together (continuous batching).
         n_threads: compute threads (default: the cores Ray gives the node's process).
-        max_queue: requests running or waiting at once.
+        max_queue: requests running or waiting at once (at least ``n_slots`` is useful).
         session_bytes: bytes of saved conversation KV states kept.
         heartbeat_s: seconds between reports when idle.
         memory_limit_bytes: if set, the node puts its own process under a cgroup memory limit
@@ -73,6 +77,7 @@ class NodeConfig:
     model_path: str
     cache_bytes: int | str | None = None
     n_ctx: int = 2048
+    n_slots: int = 1
     n_threads: int | None = None
     max_queue: int = 8
     session_bytes: int = 64 << 20
@@ -81,6 +86,8 @@ class NodeConfig:
     memory_share: float = 1.0
 
     def validate(self) -> None:
+        if not isinstance(self.n_slots, int) or isinstance(self.n_slots, bool) or not 1 <= self.n_slots <= 256:
+            raise InvalidParameterError(f"n_slots must be an integer in [1, 256], got {self.n_slots!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 1:
             raise InvalidParameterError(f"max_queue must be an integer >= 1, got {self.max_queue!r}")
         if self.session_bytes < 0:
@@ -89,27 +96,23 @@ class NodeConfig:
             raise InvalidParameterError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
 
 
-@dataclass
-class _Session:
-    tokens: tuple[int, ...]
-    state: bytes
-    prefixes: frozenset[int]  # prefix_hashes(tokens), reported with every report
-
-
 _ADDITIVE_CACHE_STATS = ("hits", "misses", "bytes_read", "bytes_read_prefill", "bytes_read_decode", "n_tokens_prefill",
                          "n_tokens_decode")
 _RATE_CACHE_STATS = ("decode_hit_rate", "prefetch_precision", "prefetch_recall")
 
 
-_END = object()  # the generation thread is done
 # After a request's first piece (sent at once), the pieces that come within this long go as one
 # message: a Ray message costs both processes CPU that a small machine takes from decoding, and a
-# reader does not see 20 ms. The generation thread never waits for it.
+# reader does not see 20 ms. The engine never waits for it.
 COALESCE_S = 0.02
 
 
-def _last_of_a_stream(item: Any) -> bool:
-    return item is _END or isinstance(item, (Finished, Cancelled, BaseException))
+@dataclass(frozen=True)
+class _ChoiceDone:
+    """A choice's sequence ended: its Generation, the exception that failed it, or a cancel."""
+
+    index: int
+    outcome: Any
 
 
 def _merged(batch: list[Any]) -> Iterator[Any]:
@@ -157,18 +160,15 @@ class NodeServer:
             self._limit = MemoryLimit(f"sniper-{node_id}", config.memory_limit_bytes)
             self._limit.enter()
         self.engine = MoEEngine(config.model_path, config.cache_bytes, n_ctx=config.n_ctx, n_threads=config.n_threads,
-                                memory_share=config.memory_share, memory_reserve=config.session_bytes)
+                                n_slots=config.n_slots, n_batch=max(512, config.n_slots),
+                                session_bytes=config.session_bytes, memory_share=config.memory_share,
+                                memory_reserve=config.session_bytes)
         if self.engine.auto_budget is not None:
             print(f"{node_id}: {self.engine.auto_budget.explain()}", file=sys.stderr, flush=True)  # the node's log
         self.report_sink = report_sink
-        self._admit = threading.Lock()
-        self._serve_lock = threading.Lock()
+        self._admit = threading.Lock()  # guards what follows
         self._n_active = 0
-        self._cancelled: set[str] = set()
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
-        self._sessions_lock = threading.Lock()  # the heartbeat's reports read them while requests change them
-        self._session_bytes = 0
-        self._current_session: str | None = None
+        self._requests: dict[str, list[Any]] = {}  # request id -> its sequences in the engine
         self._served = 0
         self._generated = 0
         self._recent_traces: deque[RoutingTraceSummary] = deque()  # oldest first
@@ -181,13 +181,13 @@ class NodeServer:
     # -- requests ------------------------------------------------------------------------
 
     def stream(self, request: NodeRequest) -> Iterator[StreamItem]:
-        """Yields ``Piece`` items (of every choice, in order), then ``Finished`` (or ``Cancelled``).
+        """Yields ``Piece`` items (of every choice, as they come), then ``Finished`` (or ``Cancelled``).
 
-        The generation runs on a thread of its own; this generator hands its items on — the first
-        piece at once, then what comes within ``COALESCE_S`` (or piled up meanwhile) as one piece —
-        so neither the transport nor a slow reader holds the engine up. Closing
-        it (the caller went away) cancels the request. Raises ``OverloadedError`` at once if
-        ``max_queue`` requests are already here.
+        The request's choices are sequences of the engine's batch, whose step loop hands their
+        pieces over; this generator passes them on — the first piece at once, then what comes
+        within ``COALESCE_S`` (or piled up meanwhile) as one piece — so neither the transport nor
+        a slow reader holds the engine up. Closing it (the caller went away) cancels the request.
+        Raises ``OverloadedError`` at once if ``max_queue`` requests are already here.
         """
         if not isinstance(request, NodeRequest):
             raise InvalidParameterError(f"a node serves a NodeRequest, got {type(request).__name__}", param="request")
@@ -198,15 +198,22 @@ class NodeServer:
                                       f"{self.config.max_queue})")
             self._n_active += 1
         items: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        worker = threading.Thread(target=self._produce, args=(request, items), name=f"{self.node_id}-generate",
-                                  daemon=True)
-        worker.start()
-        done, window = False, 0.0  # no wait for the first piece
+        choices = list(request.params.choices())
+        sequences: list[Any] = []
+        finished = False
         try:
-            while not done:
+            for index, choice in enumerate(choices):  # the first choice continues the conversation
+                emit = functools.partial(self._emit, items, index, bool(request.params.logprobs))
+                sequences.append(self.engine.submit(list(request.tokens), choice, emit=emit,
+                                                    session=request.session_id if index == 0 else None))
+            with self._admit:
+                self._requests[request.request_id] = sequences
+            gens: dict[int, Generation] = {}
+            window = 0.0  # no wait for the first piece
+            while not finished:
                 batch = [items.get()]
                 deadline = time.monotonic() + window
-                while not _last_of_a_stream(batch[-1]):  # whatever else comes within the window goes along
+                while not isinstance(batch[-1], _ChoiceDone):  # whatever else comes within the window goes along
                     try:
                         remaining = deadline - time.monotonic()
                         batch.append(items.get(timeout=remaining) if remaining > 0 else items.get_nowait())
@@ -214,66 +221,44 @@ class NodeServer:
                         break
                 window = COALESCE_S
                 for item in _merged(batch):
-                    if item is _END:
-                        done = True
+                    if not isinstance(item, _ChoiceDone):
+                        yield item
+                        continue
+                    if isinstance(item.outcome, BaseException):
+                        raise item.outcome
+                    if isinstance(item.outcome, SequenceCancelled):
+                        finished = True
+                        yield Cancelled(self.node_id)
                         break
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
+                    gens[item.index] = item.outcome
+                    if len(gens) == len(choices):
+                        finished = True
+                        yield self._finished(request, [gens[i] for i in range(len(choices))])
+                        break
         finally:
-            if not done:  # the caller closed the stream (or a piece failed to send): stop generating
-                self.cancel(request.request_id)
-
-    def _produce(self, request: NodeRequest, items: "queue.SimpleQueue[Any]") -> None:
-        """The generation thread: serves the request, puts its items, then ``_END`` (or the error)."""
-        finished = False
-        try:
-            with self._serve_lock:  # one request at a time; the threads waiting here are the queue
-                for item in self._generate(request):
-                    items.put(item)
-                    finished = finished or isinstance(item, Finished)
-            items.put(_END)
-        except BaseException as exc:  # noqa: BLE001  (handed to the caller, whatever it is)
-            items.put(exc)
-        finally:
+            for sequence in sequences:  # the caller closed the stream, or a choice failed: stop the others
+                sequence.cancel()
             with self._admit:
                 self._n_active -= 1
-                self._cancelled.discard(request.request_id)
+                self._requests.pop(request.request_id, None)
             if not finished:  # cancelled or failed: the router still settles its count by this report
                 self._send(self._light_report(request_id=request.request_id))
 
-    def _generate(self, request: NodeRequest) -> Iterator[StreamItem]:
-        """The request's ``n`` choices one after the other (each reuses the prompt's KV state):
-        ``Piece`` items, then ``Finished`` with every choice's end."""
-        params = request.params
-        with self._sessions_lock:
-            self._switch_session(request.session_id)
-        gens = []
-        for index, choice in enumerate(params.choices()):
-            pieces = self.engine.pieces(list(request.tokens), choice)
-            try:
-                while True:
-                    if request.request_id in self._cancelled:
-                        pieces.close()
-                        yield Cancelled(self.node_id)
-                        return
-                    try:
-                        piece = next(pieces)
-                    except StopIteration as done:
-                        gens.append(done.value)
-                        break
-                    yield Piece(piece.text, index, tuple(piece.logprobs) if params.logprobs else ())
-            except BaseException:
-                pieces.close()
-                raise
-        with self._sessions_lock:
-            self._current_session = request.session_id
-            if request.session_id is not None:
-                self._save_session(request.session_id)
+    @staticmethod
+    def _emit(items: "queue.SimpleQueue[Any]", index: int, logprobs: bool, item: Any) -> None:
+        """A sequence's output, on the engine's thread: its pieces tagged with their choice."""
+        if isinstance(item, SequencePiece):
+            items.put(Piece(item.text, index, item.logprobs if logprobs else ()))
+        else:
+            items.put(_ChoiceDone(index, item))
+
+    def _finished(self, request: NodeRequest, gens: list[Generation]) -> Finished:
+        """The request's end: every choice's, its routing-trace summary reported to the router."""
         first = gens[0]
         n_generated = sum(g.n_generated for g in gens)
-        self._served += 1
-        self._generated += n_generated
+        with self._admit:
+            self._served += 1
+            self._generated += n_generated
         summary = None
         if first.trace is not None:
             layout = self.engine.layout
@@ -282,48 +267,25 @@ class NodeServer:
             for later in gens[1:]:  # the other choices decoded on the same prompt
                 decode_counts = decode_counts + later.trace.split_prefill(
                     later.n_prompt_tokens - later.n_reused_tokens, layout.n_layers, layout.n_experts)[1]
-            tokens = tuple(self.engine.context_tokens[first.n_reused_tokens:first.n_prompt_tokens])
+            tokens = tuple(request.tokens[first.n_reused_tokens:first.n_prompt_tokens])
             summary = RoutingTraceSummary(tokens=tokens, prompt_experts=prompt_experts, decode_counts=decode_counts)
             self._remember_trace(summary)
         self._send_report(request.request_id, summary)
-        yield Finished(
+        return Finished(
             node=self.node_id,
             choices=tuple(ChoiceEnd(i, g.finish_reason, g.n_generated) for i, g in enumerate(gens)),
             usage={"prompt_tokens": first.n_prompt_tokens, "completion_tokens": n_generated,
                    "reused_prompt_tokens": first.n_reused_tokens},
-            timing={"prefill_s": first.prefill_s, "decode_s": sum(g.decode_s for g in gens)},
+            timing={"prefill_s": first.prefill_s, "decode_s": max(g.decode_s for g in gens),
+                    "queued_s": first.queued_s},
             cache=_request_cache_stats(gens))
 
     def cancel(self, request_id: str) -> None:
-        """Stops a running request at its next token (the caller went away)."""
+        """Stops a running request at the engine's next step (the caller went away)."""
         with self._admit:
-            self._cancelled.add(request_id)
-
-    # -- sessions ------------------------------------------------------------------------
-
-    def _switch_session(self, session: str | None) -> None:
-        if session == self._current_session:
-            return
-        if self._current_session is not None and self._current_session not in self._sessions:
-            self._save_session(self._current_session)
-        saved = self._sessions.get(session) if session is not None else None
-        if saved is not None:
-            self._sessions.move_to_end(session)
-            self.engine.load_state(saved.tokens, saved.state)
-        self._current_session = session
-
-    def _save_session(self, session: str) -> None:
-        tokens, state = self.engine.save_state()
-        old = self._sessions.pop(session, None)
-        if old is not None:
-            self._session_bytes -= len(old.state)
-        if len(state) > self.config.session_bytes:
-            return
-        self._sessions[session] = _Session(tokens, state, frozenset(prefix_hashes(tokens)))
-        self._session_bytes += len(state)
-        while self._session_bytes > self.config.session_bytes:
-            _, evicted = self._sessions.popitem(last=False)
-            self._session_bytes -= len(evicted.state)
+            sequences = self._requests.get(request_id, [])
+        for sequence in sequences:
+            sequence.cancel()
 
     # -- reports -------------------------------------------------------------------------
 
@@ -346,12 +308,9 @@ class NodeServer:
 
     def report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> NodeReport:
         engine = self.engine
-        with self._sessions_lock:
-            held = set().union(*(s.prefixes for s in self._sessions.values()))
-            sessions = tuple(self._sessions)
-        prefixes = tuple(sorted(set(prefix_hashes(engine.context_tokens)) | held))
+        prefixes = tuple(sorted({h for tokens in engine.held_tokens() for h in prefix_hashes(tokens)}))
         stats: dict[str, float] = {"served": self._served, "generated_tokens": self._generated,
-                                   "session_bytes": self._session_bytes}
+                                   "session_bytes": engine.saved_bytes}
         warmth = None
         if engine.has_cache:
             cache = engine.cache_stats()
@@ -361,7 +320,7 @@ class NodeServer:
                                                   "prefetch_precision", "prefetch_recall")})
             warmth = engine.warmth()
         return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
-                          warmth=warmth, prefixes=prefixes, sessions=sessions, stats=stats,
+                          warmth=warmth, prefixes=prefixes, sessions=engine.sessions(), stats=stats,
                           sent_at=time.time(), request_id=request_id, summary=summary, started_at=self.started_at)
 
     def _send_report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> None:
@@ -379,7 +338,7 @@ class NodeServer:
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.config.heartbeat_s):
-            if self._serve_lock.locked():
+            if self.engine.n_running:
                 self._send(self._light_report)  # the engine is busy: load and liveness only
             else:
                 self._send_report()
@@ -387,10 +346,8 @@ class NodeServer:
     def _light_report(self, summary: RoutingTraceSummary | None = None, request_id: str | None = None) -> NodeReport:
         """Load and liveness, and a routing-trace summary or an ended request if given; warmth and
         prefixes unchanged."""
-        with self._sessions_lock:
-            sessions = tuple(self._sessions)
         return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
-                          warmth=None, prefixes=None, sessions=sessions, stats={}, sent_at=time.time(),
+                          warmth=None, prefixes=None, sessions=self.engine.sessions(), stats={}, sent_at=time.time(),
                           request_id=request_id, summary=summary, started_at=self.started_at)
 
     def ready(self) -> dict[str, Any]:

@@ -337,6 +337,25 @@ PYBIND11_MODULE(_native, m) {
              "Expert bytes actually in memory (mincore).")
         .def("reconcile", &expert_cache::reconcile, py::call_guard<py::gil_scoped_release>(),
              "Forgets units of which the kernel reclaimed more than a page (and drops the rest of them); returns how many.")
+        .def("begin_step",
+             [](expert_cache & c, const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tags,
+                const py::array_t<uint8_t, py::array::c_style | py::array::forcecast> & outputs) {
+                 if (tags.ndim() != 1 || outputs.ndim() != 1 || tags.size() != outputs.size()) {
+                     throw std::invalid_argument("begin_step: tags and outputs must be 1-D arrays of one length");
+                 }
+                 c.begin_step(tags.data(), outputs.data(), int(tags.size()));
+             },
+             py::arg("tags"), py::arg("outputs"),
+             "Before a batch's llama_decode: each row's sequence tag (int32, a tag's rows contiguous) and "
+             "whether llama.cpp computes its logits (uint8); the step's accesses are then recorded per sequence.")
+        .def("take_sequence",
+             [](expert_cache & c, int32_t tag) {
+                 sequence_record r = c.take_sequence(tag);
+                 return py::make_tuple(trace_dict(r.trace), counters_dict(r.counters));
+             },
+             py::arg("tag"),
+             "Moves a sequence's record out: (its routing trace dict, its counters dict: hits and misses of its own "
+             "selections, bytes as its shares of the steps it was in).")
         .def("take_trace", [](expert_cache & c) { return trace_dict(c.take_trace()); },
              "Moves the routing trace recorded so far out: {kind, layer, n_tokens, n_ids, ids, n_dropped}.");
 }

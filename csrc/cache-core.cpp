@@ -80,6 +80,7 @@ cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> un
     heat_log2_.assign(n_units, NEG_INF);
     pins_.assign(n_units, 0);
     in_access_.assign(n_units, 0);
+    load_decode_.assign(n_units, 0);
     prefetched_.assign(n_units, 0);
     probation_pos_.assign(n_units, probation_.end());
     layer_bytes_.assign(size_t(n_layers), 0);
@@ -89,6 +90,7 @@ cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> un
     predicted_.assign(size_t(n_layers), {});
     distance_use_.assign(size_t(n_layers) + 1, 1.0);  // optimistic until reads ahead are used or wasted
     selected_scratch_.assign(size_t(n_experts), 0);
+    decode_scratch_.assign(size_t(n_experts), 0);
     access_units_.reserve(size_t(n_experts));
 }
 
@@ -253,23 +255,34 @@ void cache_policy::score_prediction(int layer) {
     predicted.clear();
 }
 
-void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, cache_plan & plan) {
+void cache_policy::begin_step(int n_decode_rows, int n_prefill_rows) {
+    explicit_steps_ = true;
+    now_ += 1.0;
+    counters_.n_steps++;
+    step_decode_ = n_prefill_rows == 0;
+    counters_.n_tokens_decode += uint64_t(std::max(0, n_decode_rows));
+    counters_.n_tokens_prefill += uint64_t(std::max(0, n_prefill_rows));
+    last_layer_ = -1;
+}
+
+void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, cache_plan & plan,
+                          const uint8_t * row_decode) {
     plan.clear();
     end_access();
     if (layer < 0 || layer >= n_layers_ || n_tokens <= 0 || k <= 0) {
         counters_.n_invalid_ids += uint64_t(std::max(0, n_tokens)) * uint64_t(std::max(0, k));
         return;
     }
-    // A new ubatch starts when the layer index does not increase (DESIGN.md: the last layer
-    // sees fewer tokens, so the phase is fixed by the ubatch's first access).
-    if (layer <= last_layer_ || last_layer_ < 0) {
+    // Without begin_step, a new ubatch starts when the layer index does not increase (DESIGN.md:
+    // the last layer sees fewer tokens, so the phase is fixed by the ubatch's first access).
+    if (!explicit_steps_ && (layer <= last_layer_ || last_layer_ < 0)) {
         now_ += 1.0;
         counters_.n_steps++;
         step_decode_ = n_tokens == 1;
         (step_decode_ ? counters_.n_tokens_decode : counters_.n_tokens_prefill) += uint64_t(n_tokens);
     }
     last_layer_ = layer;
-    const bool decode = step_decode_;
+    bool any_decode = row_decode == nullptr && step_decode_;
 
     const int32_t base = int32_t(layer) * n_experts_;
     for (int i = 0; i < n_tokens * k; ++i) {
@@ -280,6 +293,10 @@ void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, c
             selected_scratch_[size_t(e)] = 1;
             access_units_.push_back(base + e);
         }
+        if (row_decode != nullptr && row_decode[i / k]) {
+            decode_scratch_[size_t(e)] = 1;
+            any_decode = true;
+        }
     }
     score_prediction(layer);
 
@@ -287,6 +304,8 @@ void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, c
     for (int32_t u : access_units_) {
         in_access_[u] = 1;
         selected_scratch_[size_t(u - base)] = 0;
+        const bool decode = row_decode != nullptr ? decode_scratch_[size_t(u - base)] != 0 : step_decode_;
+        decode_scratch_[size_t(u - base)] = 0;
         if (is_resident(u)) {
             (decode ? counters_.n_hits_decode : counters_.n_hits_prefill)++;
             if (prefetched_[u]) {
@@ -299,19 +318,22 @@ void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, c
             (decode ? counters_.bytes_read_decode : counters_.bytes_read_prefill) += unit_bytes_[u];
             need += unit_bytes_[u];
             plan.load.push_back(u);
+            load_decode_[u] = uint8_t(decode);
         }
     }
     // A prefill streams through PROBATION: while PROBATION is over its share, the units it
     // brings in may only displace PROBATION units (transiently exceeding the budget if all
     // of them are pinned), never the decode working set.
     const bool probation_over = double(bytes_probation_) >= config_.probation_fraction * double(config_.budget_bytes);
-    const bool scan = !decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT && probation_over;
+    const bool scan = !any_decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT && probation_over;
     make_room(need, scan ? NEG_INF : POS_INF, plan);
     for (int32_t u : plan.load) {
+        const bool decode = row_decode != nullptr ? load_decode_[u] != 0 : step_decode_;
         const bool protect = config_.eviction == CACHE_EVICTION_LFU ||
                              (decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT);
         insert(u, protect ? CACHE_SEGMENT_PROTECTED : CACHE_SEGMENT_PROBATION);
         touch(u, decode);
+        load_decode_[u] = 0;
     }
 }
 

@@ -106,10 +106,19 @@ public:
     cache_policy(int n_layers, int n_experts, std::vector<uint64_t> unit_bytes,
                  const cache_config & config, int min_units_resident);
 
+    // Starts a step (one ubatch) whose tokens the caller knows: n_decode_rows tokens of sequences
+    // that decode (one token each) and n_prefill_rows prompt tokens. From the first call on, steps
+    // start only here; a policy never told (trace replay) starts one when the layer does not increase.
+    void begin_step(int n_decode_rows, int n_prefill_rows);
+
     // One layer's selection for one ubatch: ids is [n_tokens x k] row-major (token-major),
     // values in [0, n_experts); out-of-range ids are counted in telemetry and ignored.
+    // row_decode (optional, [n_tokens]): 1 where the token decodes; a unit selected by any
+    // decoding token is a decode access (a batch mixes both). Without it, the step's phase
+    // (a ubatch of one token decodes) applies to every unit.
     // Fills plan with the units to drop and the missing units to read (demand).
-    void access(int layer, const int32_t * ids, int n_tokens, int k, cache_plan & plan);
+    void access(int layer, const int32_t * ids, int n_tokens, int k, cache_plan & plan,
+                const uint8_t * row_decode = nullptr);
 
     // A prediction of the experts the next access of `layer` will select (unique ids), made
     // `distance` layers before it. Scored against that access (precision / recall); when
@@ -187,6 +196,7 @@ private:
     double now_ = 0.0;                     // steps, advanced once per ubatch (at its first access)
     int last_layer_ = -1;
     bool step_decode_ = false;             // phase of the ubatch in progress
+    bool explicit_steps_ = false;          // begin_step has been called: steps are not inferred
 
     std::vector<cache_segment> segment_;   // [units]
     std::vector<double> heat_log2_;        // [units] log2 of sum 2^(t/half_life)
@@ -210,6 +220,8 @@ private:
     std::vector<std::vector<int32_t>> predicted_;   // [layers]
     std::vector<double> distance_use_;              // [distance] moving average: reads ahead used (1) or wasted (0)
     std::vector<uint8_t> selected_scratch_;         // [experts]
+    std::vector<uint8_t> decode_scratch_;           // [experts] selected by a decoding token (row_decode)
+    std::vector<uint8_t> load_decode_;              // [units] a unit of the plan's load was a decode miss
 };
 
 // The least budget a policy accepts: the largest sum of `min_units_resident` units of one layer

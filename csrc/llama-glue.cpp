@@ -580,7 +580,21 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
     if (params_.record_trace) { trace_.append(TRACE_EVENT_ACCESS, layer, n_tokens, ids_.data(), n_tokens * k); }
 
     reap_reads();
-    policy_.access(layer, ids_.data(), n_tokens, k, plan_);
+    // rows of the step's sequences: every row (n_tokens == step_rows_) or the output rows only (the
+    // last layer); any other count (a step llama.cpp split into several ubatches) is not attributed
+    const bool rows_mode = n_tokens == step_rows_;
+    const bool mapped = !step_groups_.empty() && (rows_mode || n_tokens == step_outs_);
+    if (mapped) {
+        row_decode_.assign(size_t(n_tokens), 0);
+        for (const step_group & g : step_groups_) {
+            const int first = rows_mode ? g.first_row : g.first_out;
+            const int n = rows_mode ? g.n_rows : g.n_out;
+            std::fill(row_decode_.begin() + first, row_decode_.begin() + first + n, uint8_t(g.n_rows == 1));
+        }
+    }
+    const cache_counters before = policy_.counters();
+    policy_.access(layer, ids_.data(), n_tokens, k, plan_, mapped ? row_decode_.data() : nullptr);
+    if (mapped) { record_sequences(layer, k, rows_mode); }
     mark(plan_);
     uint64_t t1 = now_ns();
     drop_units(plan_.evict);
@@ -613,7 +627,123 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
         io_counters_.ns_predict += t1 - t2;
         t2 = t1;
     }
+    if (mapped) { share_step(before); }
     io_counters_.ns_callback += t2 - t0;
+}
+
+void expert_cache::begin_step(const int32_t * row_tags, const uint8_t * row_outputs, int n_rows) {
+    step_groups_.clear();
+    step_rows_ = n_rows;
+    step_outs_ = 0;
+    int n_decode = 0, n_prefill = 0;
+    for (int i = 0; i < n_rows;) {
+        const int32_t tag = row_tags[i];
+        if (tag < 0) { throw std::invalid_argument("begin_step: row " + std::to_string(i) + " has a negative tag"); }
+        for (const step_group & g : step_groups_) {
+            if (g.tag == tag) {
+                throw std::invalid_argument("begin_step: the rows of tag " + std::to_string(tag) + " are not contiguous");
+            }
+        }
+        int j = i, outs = 0;
+        for (; j < n_rows && row_tags[j] == tag; ++j) { outs += row_outputs[j] != 0; }
+        sequence_record & record = sequences_[tag];
+        step_groups_.push_back({tag, i, j - i, step_outs_, outs, &record});
+        step_outs_ += outs;
+        const bool decode = j - i == 1;
+        (decode ? n_decode : n_prefill) += j - i;
+        record.counters.n_steps++;
+        (decode ? record.counters.n_tokens_decode : record.counters.n_tokens_prefill) += uint64_t(j - i);
+        i = j;
+    }
+    const int n_experts = layout_.n_experts;
+    if (unit_stamp_.size() != size_t(n_experts)) {
+        unit_stamp_.assign(size_t(n_experts), -1);
+        n_selecting_.assign(size_t(n_experts), 0);
+        missing_.assign(size_t(n_experts), 0);
+    }
+    policy_.begin_step(n_decode, n_prefill);
+}
+
+sequence_record expert_cache::take_sequence(int32_t tag) {
+    sequence_record out;
+    auto it = sequences_.find(tag);
+    if (it == sequences_.end()) { return out; }
+    out = std::move(it->second);
+    sequences_.erase(it);
+    for (step_group & g : step_groups_) {
+        if (g.tag == tag) { g.record = nullptr; }  // taken mid-step: the step's rest is not recorded
+    }
+    out.counters.bytes_read_prefill = uint64_t(std::llround(out.bytes_prefill));
+    out.counters.bytes_read_decode = uint64_t(std::llround(out.bytes_decode));
+    out.counters.bytes_prefetched = uint64_t(std::llround(out.bytes_prefetched));
+    return out;
+}
+
+void expert_cache::record_sequences(int layer, int k, bool rows_mode) {
+    const int32_t base = int32_t(layer) * layout_.n_experts;
+    const int n_experts = layout_.n_experts;
+    for (int32_t u : plan_.load) { missing_[size_t(u - base)] = 1; }
+    auto rows_of = [&](const step_group & g) {
+        return std::make_pair(rows_mode ? g.first_row : g.first_out, rows_mode ? g.n_rows : g.n_out);
+    };
+    auto each_unique = [&](const step_group & g, int32_t stamp, auto && fn) {
+        const auto [first, n] = rows_of(g);
+        for (int i = first * k; i < (first + n) * k; ++i) {
+            const int32_t e = ids_[size_t(i)];
+            if (e < 0 || e >= n_experts || unit_stamp_[size_t(e)] == stamp) { continue; }
+            unit_stamp_[size_t(e)] = stamp;
+            fn(e);
+        }
+    };
+    const int32_t n_groups = int32_t(step_groups_.size());
+    for (int32_t gi = 0; gi < n_groups; ++gi) {
+        each_unique(step_groups_[size_t(gi)], gi, [&](int32_t e) { n_selecting_[size_t(e)]++; });
+    }
+    for (int32_t gi = 0; gi < n_groups; ++gi) {
+        const step_group & g = step_groups_[size_t(gi)];
+        const bool decode = g.n_rows == 1;
+        sequence_record * r = g.record;
+        each_unique(g, n_groups + gi, [&](int32_t e) {
+            if (r == nullptr) { return; }
+            cache_counters & c = r->counters;
+            if (missing_[size_t(e)]) {
+                (decode ? c.n_misses_decode : c.n_misses_prefill)++;
+                (decode ? r->bytes_decode : r->bytes_prefill) +=
+                    double(policy_.unit_bytes(base + e)) / double(n_selecting_[size_t(e)]);
+            } else {
+                (decode ? c.n_hits_decode : c.n_hits_prefill)++;
+            }
+        });
+        const auto [first, n] = rows_of(g);
+        if (r != nullptr && n > 0) {
+            r->trace.push(TRACE_EVENT_ACCESS, layer, n, ids_.data() + size_t(first) * size_t(k), n * k);
+        }
+    }
+    for (int32_t gi = 0; gi < n_groups; ++gi) {  // scratch back to rest
+        each_unique(step_groups_[size_t(gi)], 2 * n_groups + gi, [&](int32_t e) { n_selecting_[size_t(e)] = 0; });
+    }
+    for (int32_t & stamp : unit_stamp_) { stamp = -1; }
+    for (int32_t u : plan_.load) { missing_[size_t(u - base)] = 0; }
+}
+
+void expert_cache::share_step(const cache_counters & before) {
+    const cache_counters & after = policy_.counters();
+    const double n = double(step_groups_.size());
+    const double prefetched = double(after.bytes_prefetched - before.bytes_prefetched) / n;
+    for (step_group & g : step_groups_) {
+        if (g.record == nullptr) { continue; }
+        cache_counters & c = g.record->counters;
+        g.record->bytes_prefetched += prefetched;
+        (g.n_rows == 1 ? g.record->bytes_decode : g.record->bytes_prefill) += prefetched;
+        c.n_prefetch_issued += after.n_prefetch_issued - before.n_prefetch_issued;
+        c.n_prefetch_used += after.n_prefetch_used - before.n_prefetch_used;
+        c.n_predicted += after.n_predicted - before.n_predicted;
+        c.n_predicted_correct += after.n_predicted_correct - before.n_predicted_correct;
+        c.n_selected_predicted += after.n_selected_predicted - before.n_selected_predicted;
+        c.n_evictions += after.n_evictions - before.n_evictions;
+        c.bytes_evicted += after.bytes_evicted - before.bytes_evicted;
+        c.n_invalid_ids += after.n_invalid_ids - before.n_invalid_ids;
+    }
 }
 
 void expert_cache::predict_layer(const ggml_tensor * x, int layer, int target) {
@@ -651,6 +781,11 @@ void expert_cache::predict_layer(const ggml_tensor * x, int layer, int target) {
     for (int32_t e : predicted_) { predicted_mask_[size_t(e)] = 0; }
     if (params_.record_trace) {
         trace_.append(TRACE_EVENT_PREDICT, target, 1, predicted_.data(), int32_t(predicted_.size()));
+    }
+    for (const step_group & g : step_groups_) {
+        if (g.record != nullptr) {
+            g.record->trace.push(TRACE_EVENT_PREDICT, target, 1, predicted_.data(), int32_t(predicted_.size()));
+        }
     }
 
     policy_.predict(target, predicted_.data(), int(predicted_.size()), plan_, target - layer);

@@ -33,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 struct ggml_tensor;
@@ -102,6 +103,14 @@ struct expert_cache_params {
     void validate() const;
 };
 
+// What one sequence of a batch did to the cache: the tokens of its own rows, and its share of
+// the steps it was in (see expert_cache::begin_step).
+struct sequence_record {
+    routing_trace trace;      // its ACCESS rows of every step, and the steps' PREDICT events
+    cache_counters counters;  // hits/misses of its own selections; bytes: its share (below)
+    double bytes_prefill = 0, bytes_decode = 0, bytes_prefetched = 0;  // shares, summed exactly
+};
+
 class expert_cache {
 public:
     // Builds the policy for `layout`; nothing is touched until attach(). Throws
@@ -131,6 +140,17 @@ public:
     // ggml_backend_sched_eval_callback; user_data is the expert_cache. Must outlive the context.
     static bool eval_callback(ggml_tensor * t, bool ask, void * user_data);
 
+    // Before each llama_decode of a batch: which sequence each of its n_rows tokens belongs to (a
+    // tag >= 0 chosen by the caller, one tag's rows contiguous) and which rows have logits (the
+    // last layer sees only those). A tag with one row decodes; more rows are prompt tokens. Every
+    // access of the step is then also recorded per sequence: its rows' ids in its own routing
+    // trace, hits and misses of its own selections, and shares of the bytes read (a unit read on
+    // demand: shared equally by the sequences that selected it; a read ahead: by all of the step).
+    // Throws std::invalid_argument if a tag is negative or its rows are not contiguous.
+    void begin_step(const int32_t * row_tags, const uint8_t * row_outputs, int n_rows);
+    // Moves a sequence's record out (an empty one if the tag was never in a step).
+    sequence_record take_sequence(int32_t tag);
+
     // Waits for reads in flight, ends the access in progress, trims to the budget and
     // reconciles the policy with the kernel (see reconcile).
     void settle();
@@ -157,6 +177,11 @@ public:
 
 private:
     void on_topk(const ggml_tensor * t, int layer);
+    // The access's rows per sequence of the step (rows_mode: all rows; else output rows only).
+    void record_sequences(int layer, int k, bool rows_mode);
+    // Shares what the step's predictions did (reads ahead: bytes split equally) among its sequences;
+    // prediction scores, evictions and invalid ids of the step count for each of them.
+    void share_step(const cache_counters & before);
     void predict_layer(const ggml_tensor * router_input, int layer, int target_layer);
     // Drops units' pages off the compute thread (io_pool::drop_later); flush_drops waits for them.
     void drop_units(const std::vector<int32_t> & units);
@@ -198,6 +223,20 @@ private:
     // thread's): what needed_pages and drops consult.
     std::unique_ptr<std::atomic<uint8_t>[]> resident_;
     std::vector<int32_t> drops_pending_;              // drops queued since the last flush
+
+    // the step's sequences (begin_step): one group per tag, rows and output rows contiguous
+    struct step_group {
+        int32_t tag;
+        int first_row, n_rows, first_out, n_out;
+        sequence_record * record;
+    };
+    std::vector<step_group> step_groups_;
+    int step_rows_ = 0, step_outs_ = 0;
+    std::unordered_map<int32_t, sequence_record> sequences_;  // node-based: records stay put
+    std::vector<uint8_t> row_decode_;     // [rows of the access] 1 = the token decodes
+    std::vector<int32_t> unit_stamp_;     // [experts] last group that counted the expert in this access
+    std::vector<int32_t> n_selecting_;    // [experts] groups selecting it in this access
+    std::vector<uint8_t> missing_;        // [experts] read on demand in this access
 
     // scratch, grown outside the steady state only
     cache_plan plan_;

@@ -26,6 +26,15 @@ bool routing_trace::append(trace_event_kind event_kind, int32_t event_layer, int
     return true;
 }
 
+void routing_trace::push(trace_event_kind event_kind, int32_t event_layer, int32_t event_n_tokens,
+                         const int32_t * event_ids, int32_t event_n_ids) {
+    kind.push_back(event_kind);
+    layer.push_back(event_layer);
+    n_tokens.push_back(event_n_tokens);
+    n_ids.push_back(event_n_ids);
+    ids.insert(ids.end(), event_ids, event_ids + event_n_ids);
+}
+
 void routing_trace_replay(const routing_trace & trace, cache_policy & policy) {
     const size_t n_events = trace.kind.size();
     if (trace.layer.size() != n_events || trace.n_tokens.size() != n_events || trace.n_ids.size() != n_events) {

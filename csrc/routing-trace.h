@@ -33,6 +33,9 @@ struct routing_trace {
     // Appends one event if it fits in the reservation; returns false (and counts) otherwise.
     bool append(trace_event_kind event_kind, int32_t event_layer, int32_t event_n_tokens,
                 const int32_t * event_ids, int32_t event_n_ids);
+    // Appends one event, growing the storage if needed (a sequence's trace: no fixed reservation).
+    void push(trace_event_kind event_kind, int32_t event_layer, int32_t event_n_tokens,
+              const int32_t * event_ids, int32_t event_n_ids);
 };
 
 // Feeds every event of `trace` to `policy` in order, then settles it. Plans are discarded.

@@ -4,7 +4,8 @@ It loads a model with llama-cpp-python's low-level wrappers, installs a Python
 ``cb_eval`` that answers "yes" only to the ``ffn_moe_topk-<il>`` nodes and, in the
 ``ask=false`` call (after the node was computed), reads the I32 ids of the view through its
 ``nb[0]``/``nb[1]`` strides. The token flow is the engine's (``cluster/engine.py``): tokenize
-with BOS, decode the prompt in ``n_batch`` chunks (``n_ubatch == n_batch``), greedy-sample,
+with BOS, decode the prompt in ``n_batch`` chunks (``n_ubatch == n_batch``; logits only for the
+prompt's last token, the one a token is sampled after), greedy-sample,
 feed every generated token back except the last. The counts it returns are therefore what the
 engine's cache must have seen, computed by separate code.
 """
@@ -154,6 +155,7 @@ def observe(model_path: str | os.PathLike[str], prompt: str, *, max_tokens: int,
                 for start in range(0, len(chunk_tokens), n_batch):
                     chunk = chunk_tokens[start:start + n_batch]
                     batch.set_batch(chunk, n_past=n_past + start, logits_all=False)
+                    batch.batch.logits[len(chunk) - 1] = start + len(chunk) == len(chunk_tokens)  # sampled after it
                     rc = llama_cpp.llama_decode(ctx.ctx, batch.batch)
                     assert rc == 0, f"llama_decode returned {rc}"
                     assert not state["errors"], state["errors"]
