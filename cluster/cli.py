@@ -218,7 +218,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             check_route_free(args.namespace)
         n_nodes = args.nodes or args.local_nodes or 1
         info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
-                             max_queue=args.max_queue, n_threads=args.threads, chat_template=chat_template,
+                             n_slots=args.slots, max_queue=args.max_queue, n_threads=args.threads,
+                             chat_template=chat_template,
                              memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
         started.append("deployment")  # deploy removes what it started itself when it fails
         if args.http:
@@ -322,16 +323,37 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     only = {"routing": ("node_memory_mb", "decision_cost", "kill_node_after"),
-            "simulate": ("traces", "save_traces", "warmth_knob"), "serving": ("llama_server",),
-            "chaos": ("duration",)}
+            "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
+            "batch": ("concurrency", "window_s", "no_limit")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
+    if args.llama_server and args.suite not in ("serving", "batch"):
+        raise ValueError(f"--llama-server is a flag of 'bench serving' and 'bench batch', not 'bench {args.suite}'")
     if args.prompts and args.suite in ("simulate", "serving", "chaos"):
-        raise ValueError(f"--prompts is a flag of 'bench engine', 'bench routing' and 'bench regimes', not 'bench {args.suite}'")
+        raise ValueError(f"--prompts is a flag of 'bench engine', 'bench routing', 'bench regimes' and 'bench batch', "
+                         f"not 'bench {args.suite}'")
     shared = ("nodes", "cache_mb", "policies", "requests", "rate", "max_tokens", "seed")
     given = [n for n in shared if getattr(args, n) is not None]
+    if args.suite == "batch":
+        foreign = [n for n in given if n != "max_tokens"]
+        if foreign:
+            raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench batch' (it takes --model, "
+                             f"--prompts, --concurrency, --max-tokens, --window-s, --no-limit, --llama-server, --out)")
+        from cluster.bench import batch_bench
+
+        concurrency = tuple(int(c) for c in (args.concurrency or "1,2,4,8,16").split(","))
+        if not concurrency or min(concurrency) < 1 or max(concurrency) > 64:
+            raise ValueError(f"--concurrency must be comma-separated integers in [1, 64], got {args.concurrency!r}")
+        report = batch_bench.main(args.model or str(default_model("bench", progress=not args.json)),
+                                  prompts_file=args.prompts, concurrency=concurrency,
+                                  max_tokens=args.max_tokens or 64, n_threads=2,
+                                  window_s=args.window_s or (8.0 if args.quick else 20.0),
+                                  limit_fraction=None if args.no_limit else 0.5, llama_server=args.llama_server,
+                                  out_dir=Path(args.out) if args.out else None, progress=not args.json)
+        _emit({"report": report["report"], "targets": report["targets"]}, args, lambda r: f"wrote {r['report']}")
+        return 0
     if args.suite == "chaos":
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} is not a flag of 'bench chaos' (it takes --model, "
@@ -524,7 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="warmth", help="warmth (default), least_loaded, round_robin, random")
     p.add_argument("--local-nodes", type=_positive_int, help="first start a local Ray cluster of N nodes on loopback")
     p.add_argument("--node-memory-mb", type=_positive_int, help="cgroup memory limit of each node actor (root)")
-    p.add_argument("--max-queue", type=_positive_int, default=8)
+    p.add_argument("--slots", type=_positive_int, default=4,
+                   help="sequences each node decodes together (continuous batching; default 4)")
+    p.add_argument("--max-queue", type=_positive_int, default=8, help="requests running or waiting per node")
     p.add_argument("--threads", type=_positive_int, help="compute threads per node (default: all cores)")
     http = p.add_argument_group("HTTP gateway (OpenAI-compatible, Ray Serve)")
     http.add_argument("--http", action="store_true", help="also serve the HTTP API")
@@ -560,8 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (engine: docs/benchmarks.md; routing: docs/routing.md; "
                                       "simulate: docs/simulation.md; serving: docs/serving.md; regimes: docs/regimes.md; "
-                                      "chaos: docs/chaos.md)")
-    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes", "chaos"))
+                                      "chaos: docs/chaos.md; batch: docs/batching.md)")
+    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes", "chaos", "batch"))
     p.add_argument("--model", help="GGUF MoE model (default: the generated bench / demo / tiny model)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, plots and JSON")
     p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")
@@ -591,9 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "repeatable")
     chaos = p.add_argument_group("chaos")
     chaos.add_argument("--duration", type=_positive_int, help="seconds of steady load with faults (default 120)")
-    serving = p.add_argument_group("serving")
+    serving = p.add_argument_group("serving and batch")
     serving.add_argument("--llama-server", help="llama.cpp's llama-server binary (default: .venv/bin/llama-server, "
-                                                "built by scripts/build-llama-server.sh, else none)")
+                                                "built by scripts/build-llama-server.sh; batch builds it if missing)")
+    batch = p.add_argument_group("batch")
+    batch.add_argument("--concurrency", help="comma-separated client counts (default 1,2,4,8,16)")
+    batch.add_argument("--window-s", type=_non_negative_float, help="measured seconds per run (default 20)")
+    batch.add_argument("--no-limit", action="store_true", help="skip the runs under a 50 %% cgroup memory limit")
     p.set_defaults(func=_cmd_bench)
     return parser
 

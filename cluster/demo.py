@@ -2,9 +2,10 @@
 
 Generates the default ``demo`` MoE model on first use, starts Ray nodes on loopback, deploys
 one node actor per Ray node (each with the native expert cache at a budget well below the
-model's expert bytes) and the warmth-aware router, sends a mixed-topic batch of multi-turn
-conversations concurrently, and prints where each request went, the status table (load, hit
-rate, warmth per node) and where each topic's requests landed. Everything it started is
+model's expert bytes, decoding up to 4 sequences together) and the warmth-aware router, sends
+two multi-turn conversations per topic concurrently, and prints where each request went, the
+status table (load, batch size, experts per step, hit rate, warmth per node) and where each
+topic's requests landed. Everything it started is
 stopped at the end unless ``keep`` is set.
 """
 
@@ -47,23 +48,27 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
         from cluster.client import Client
 
         client = Client.connect(address)
-        # Conversations: one per topic, turns sent in rounds; each round's turns run concurrently.
-        turns = max(1, n_requests // n_topics)
-        history = {t: "" for t in range(n_topics)}
+        # Conversations: two per topic (two users asking about the same thing), turns sent in rounds;
+        # each round's turns run concurrently, so a node decodes several of them in one batch.
+        n_conversations = 2 * n_topics
+        turns = max(1, n_requests // n_conversations)
+        history = {c: "" for c in range(n_conversations)}
         where: dict[int, Counter[str]] = defaultdict(Counter)
-        with ThreadPoolExecutor(max_workers=n_topics) as pool:
+        with ThreadPoolExecutor(max_workers=n_conversations) as pool:
             for turn in range(turns):
-                prompts = {t: history[t] + synth.topic_prompt(topics, t, 16, seed=100 * turn + t) for t in range(n_topics)}
-                futures = {t: pool.submit(client.generate, prompts[t], max_tokens=24, session_id=f"conversation-{t}")
-                           for t in range(n_topics)}
-                for t, future in futures.items():
+                prompts = {c: history[c] + synth.topic_prompt(topics, c % n_topics, 16, seed=100 * turn + c)
+                           for c in range(n_conversations)}
+                futures = {c: pool.submit(client.generate, prompts[c], max_tokens=24, session_id=f"conversation-{c}")
+                           for c in range(n_conversations)}
+                for c, future in futures.items():
                     done = future.result()
-                    history[t] = prompts[t] + done.text
-                    where[t][done.node] += 1
+                    history[c] = prompts[c] + done.text
+                    where[c % n_topics][done.node] += 1
                     cache = done.cache
-                    print(f"turn {turn} topic {t} -> {done.node}: {done.text.strip()[:48]!r} "
-                          f"({done.usage['completion_tokens']} tokens, {done.usage['reused_prompt_tokens']} prompt "
-                          f"tokens reused, decode hit rate {100 * cache.get('decode_hit_rate', float('nan')):.0f} %)")
+                    print(f"turn {turn} conversation {c} (topic {c % n_topics}) -> {done.node}: "
+                          f"{done.text.strip()[:40]!r} ({done.usage['completion_tokens']} tokens, "
+                          f"{done.usage['reused_prompt_tokens']} prompt tokens reused, decode hit rate "
+                          f"{100 * cache.get('decode_hit_rate', float('nan')):.0f} %)")
         print()
         print(status_table(client.status()))
         print("\nwhere each topic's requests went:")

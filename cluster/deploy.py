@@ -69,7 +69,7 @@ def read_chat_template(path: str | None) -> str | None:
 
 
 def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, policy: str = "warmth",
-           namespace: str = NAMESPACE, n_ctx: int = 2048, max_queue: int = 8,
+           namespace: str = NAMESPACE, n_ctx: int = 2048, n_slots: int = 4, max_queue: int = 8,
            memory_limit_bytes: int | None = None, n_threads: int | None = None,
            node_model_paths: list[str] | None = None, chat_template: str | None = None,
            timeout_s: float = 300.0) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
     # an "auto" budget on a machine that several node actors share (a local cluster): each plans
     # for its part of the machine's memory
     hosts = {n.get("NodeManagerAddress") for n in alive}
-    config = NodeConfig(model_path=model_path, cache_bytes=cache_bytes, n_ctx=n_ctx, max_queue=max_queue,
+    config = NodeConfig(model_path=model_path, cache_bytes=cache_bytes, n_ctx=n_ctx, n_slots=n_slots, max_queue=max_queue,
                         memory_limit_bytes=memory_limit_bytes, n_threads=n_threads,
                         memory_share=1.0 / n_nodes if len(hosts) == 1 else 1.0)
     config.validate()

@@ -94,6 +94,17 @@ class Deployment:
         handled first)."""
         self._tell("ended", request_id)
 
+    async def ended(self, request_id: str, timeout_s: float = 1.0) -> None:
+        """Tells the router that the request ended and waits (at most ``timeout_s``: a router that
+        is gone does not hold a finished stream up) until it has counted it: Ray does not promise
+        that a fire-and-forget call to an async actor runs before this caller's next one."""
+        if self._router is None:
+            return
+        try:
+            await asyncio.wait_for(self._router.ended.remote(request_id), timeout_s)
+        except Exception:  # noqa: BLE001  (restarting or gone: the node's report settles it)
+            pass
+
     def _tell(self, method: str, *args: Any) -> None:
         """A router call, fire and forget (the router may be restarting: its nodes' reports settle
         the same accounts later)."""
@@ -153,8 +164,8 @@ async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: 
                         sent += 1
                     elif isinstance(item, Finished):
                         item = dataclasses.replace(item, routing=route.routing, chat_template=route.chat_template)
-                        ended = True  # told before the caller sees it: its next ask finds the node free
-                        deployment.tell_ended(ask.request_id)
+                        ended = True  # counted before the caller sees it: its next ask finds the node free
+                        await deployment.ended(ask.request_id)
                     yield item
             except (asyncio.CancelledError, GeneratorExit):
                 if not ended:

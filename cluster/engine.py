@@ -305,6 +305,7 @@ class MoEEngine:
         self._row_outputs = np.zeros(self._n_batch, dtype=np.uint8)
         self._kv = KvSlots(cfg.n_slots, cfg.session_bytes)
         self._held: tuple[tuple[str, ...], list[tuple[int, ...]], int] = ((), [], 0)
+        self._batch_totals = _BatchTotals()
 
     def _release_cache(self) -> None:
         self._native_cache = None
@@ -576,7 +577,9 @@ class MoEEngine:
         if not self._running:
             self._deliver()
             return
+        t0 = time.perf_counter()
         rows = self._fill_batch()
+        n_decoding = sum(1 for seq in self._running if seq.decoding)
         if self._native_cache is not None:
             self._native_cache.begin_step(self._row_tags[:rows], self._row_outputs[:rows])
         rc = llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)
@@ -587,6 +590,8 @@ class MoEEngine:
         else:
             self._after_decode()
         self._unsettled = True
+        self._batch_totals.note(rows, n_decoding, len(self._running) + len(self._finished),
+                                time.perf_counter() - t0)
         self._deliver()
 
     def _start(self, seq: SequenceHandle) -> None:
@@ -714,6 +719,22 @@ class MoEEngine:
         for seq, outcome in finished:
             seq.emit(outcome)
 
+    def batch_stats(self) -> dict[str, float]:
+        """How the engine batches: slots, how many are busy and waiting now, and since start the
+        steps, tokens per step, decoding sequences per step, sequences per step and step time
+        (with a cache: expert units each step selected, the union of its sequences' experts
+        summed over layers)."""
+        totals = self._batch_totals
+        stats: dict[str, float] = {"slots": self.n_slots, "slots_busy": len(self._running),
+                                   "waiting": len(self._waiting), "steps": totals.steps,
+                                   "decode_steps": totals.decode_steps, "decode_rows": totals.decoding}
+        stats.update(totals.means())
+        if self._native_cache is not None and totals.steps:
+            c = self._native_cache.counters()  # counters are read without the step loop: a consistent-enough sum
+            selected = c["n_hits_prefill"] + c["n_hits_decode"] + c["n_misses_prefill"] + c["n_misses_decode"]
+            stats["experts_per_step"] = selected / max(1, c["n_steps"])
+        return stats
+
     # -- KV state: slots, prefixes and saved conversations ---------------------------------------
 
     @property
@@ -837,6 +858,33 @@ class MoEEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise EngineClosedError("the engine was closed")
+
+
+@dataclass
+class _BatchTotals:
+    """Sums over the engine's steps (``MoEEngine.batch_stats``)."""
+
+    steps: int = 0
+    rows: int = 0
+    decoding: int = 0
+    decode_steps: int = 0
+    sequences: int = 0
+    seconds: float = 0.0
+
+    def note(self, rows: int, decoding: int, sequences: int, seconds: float) -> None:
+        self.steps += 1
+        self.rows += rows
+        self.decoding += decoding
+        self.decode_steps += decoding > 0
+        self.sequences += sequences
+        self.seconds += seconds
+
+    def means(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        return {"tokens_per_step": self.rows / self.steps, "sequences_per_step": self.sequences / self.steps,
+                "decode_batch": self.decoding / self.decode_steps if self.decode_steps else 0.0,
+                "step_ms": 1000 * self.seconds / self.steps}
 
 
 def _cache_stats(cache: Any, counters: dict[str, int]) -> dict[str, float]:

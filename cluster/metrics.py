@@ -97,6 +97,12 @@ _NODE_GAUGES = {  # status field -> (metric, help)
     "resident_bytes": ("sniper_node_resident_bytes", "Expert bytes resident in the cache"),
     "budget_bytes": ("sniper_node_budget_bytes", "Expert-cache budget"),
     "sessions": ("sniper_node_sessions", "Conversation KV states kept"),
+    "slots": ("sniper_node_slots", "Sequences the node decodes together at most"),
+    "slots_busy": ("sniper_node_slots_busy", "Sequence slots in use at the node's last report"),
+    "decode_batch": ("sniper_node_decode_batch", "Mean decoding sequences per step since the node started"),
+    "step_ms": ("sniper_node_step_ms", "Mean step (one llama_decode and its sampling) time since the node started"),
+    "experts_per_step": ("sniper_node_experts_per_step",
+                         "Mean expert units a step selected (the union of its sequences', summed over layers)"),
 }
 _NODE_COUNTERS = {
     "served": ("sniper_node_requests", "Requests served by the node"),

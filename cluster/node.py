@@ -77,7 +77,7 @@ class NodeConfig:
     model_path: str
     cache_bytes: int | str | None = None
     n_ctx: int = 2048
-    n_slots: int = 1
+    n_slots: int = 4
     n_threads: int | None = None
     max_queue: int = 8
     session_bytes: int = 64 << 20
@@ -144,6 +144,9 @@ def _request_cache_stats(gens: list[Any]) -> dict[str, float]:
     stats = {k: sum(g.cache[k] for g in gens) for k in _ADDITIVE_CACHE_STATS if k in gens[0].cache}
     stats.update({k: gens[0].cache[k] for k in _RATE_CACHE_STATS if k in gens[0].cache})
     return stats
+
+
+_BATCH_STATS = ("slots", "slots_busy", "decode_batch", "step_ms", "experts_per_step")
 
 
 class NodeServer:
@@ -311,6 +314,7 @@ class NodeServer:
         prefixes = tuple(sorted({h for tokens in engine.held_tokens() for h in prefix_hashes(tokens)}))
         stats: dict[str, float] = {"served": self._served, "generated_tokens": self._generated,
                                    "session_bytes": engine.saved_bytes}
+        stats.update({k: v for k, v in engine.batch_stats().items() if k in _BATCH_STATS})
         warmth = None
         if engine.has_cache:
             cache = engine.cache_stats()

@@ -249,6 +249,7 @@ class RouterCore:
                 "resident_bytes": stats.get("resident_bytes"),
                 "budget_bytes": stats.get("budget_bytes"),
                 "sessions": len(node.last_report.sessions) if node.last_report else 0,
+                **{k: stats.get(k) for k in ("slots", "slots_busy", "decode_batch", "step_ms", "experts_per_step")},
             })
         precision = [p for p, _ in self.predictions if p == p]
         recall = [r for _, r in self.predictions if r == r]

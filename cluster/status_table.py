@@ -15,12 +15,18 @@ def status_table(status: dict[str, Any]) -> str:
         return "-" if value is None or value != value else f"{100 * value:.0f}%"
 
     rows = [f"policy: {status['policy']}   decisions: {status['decisions']}",
-            f"{'node':16} {'alive':5} {'load':>4} {'served':>6} {'hit rate':>8} {'warm':>6} {'MiB read':>9} {'sessions':>8} "
-            f"{'restarts':>8}"]
+            f"{'node':16} {'alive':5} {'load':>4} {'served':>6} {'batch':>5} {'exp/step':>8} {'hit rate':>8} {'warm':>6} "
+            f"{'MiB read':>9} {'sessions':>8} {'restarts':>8}"]
+
+    def number(value: Any) -> str:
+        return "-" if value is None or value != value else f"{value:.1f}"
+
     for n in status["nodes"]:
         read = "-" if n["bytes_read"] is None else f"{n['bytes_read'] / MIB:.0f}"
-        rows.append(f"{n['name']:16} {str(n['alive']):5} {n['load']:>4} {n['served']:>6} {pct(n['hit_rate']):>8} "
+        rows.append(f"{n['name']:16} {str(n['alive']):5} {n['load']:>4} {n['served']:>6} "
+                    f"{number(n.get('decode_batch')):>5} {number(n.get('experts_per_step')):>8} {pct(n['hit_rate']):>8} "
                     f"{pct(n['warm_fraction']):>6} {read:>9} {n['sessions']:>8} {n['restarts']:>8}")
+    rows.append("batch: mean decoding sequences per step; exp/step: expert units a step selected (all layers)")
     p = status.get("prediction") or {}
     if p.get("n"):
         rows.append(f"expert-demand prediction over {p['n']} requests: precision {pct(p['precision'])}, recall {pct(p['recall'])}")

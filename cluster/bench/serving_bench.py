@@ -27,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -59,22 +60,32 @@ def find_llama_server(path: str | None) -> str | None:
 
 
 class LlamaServer:
-    """llama.cpp's ``llama-server`` on 127.0.0.1, one slot, stopped on exit."""
+    """llama.cpp's ``llama-server`` on 127.0.0.1 (``n_slots`` parallel slots of ``n_ctx`` each; in a
+    memory cgroup when ``limit`` is given), stopped on exit."""
 
-    def __init__(self, binary: str, model: str, n_threads: int) -> None:
+    def __init__(self, binary: str, model: str, n_threads: int, n_slots: int = 1, n_ctx: int = N_CTX,
+                 limit: Any = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-t", str(n_threads),
-                     "-tb", str(n_threads), "-c", str(N_CTX), "-np", "1", "--no-webui"]
+                     "-tb", str(n_threads), "-c", str(n_ctx * n_slots), "-np", str(n_slots), "--no-webui"]
+        self._limit = limit
         self._proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def __enter__(self) -> "LlamaServer":
-        self._proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
+        self._log = tempfile.TemporaryFile()  # a pipe nobody reads would fill and stop the server
+        self._proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=self._log,
+                                      preexec_fn=self._limit.enter if self._limit is not None else None)
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                self._log.seek(0)
                 raise RuntimeError(f"llama-server exited ({self._proc.returncode}): "
-                                   f"{self._proc.stderr.read().decode(errors='replace')[-2000:]}")  # type: ignore[union-attr]
+                                   f"{self._log.read().decode(errors='replace')[-2000:]}")
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return self
@@ -82,7 +93,7 @@ class LlamaServer:
                 pass
             time.sleep(0.2)
         self.__exit__()
-        raise RuntimeError("llama-server did not answer /health within 120 s")
+        raise RuntimeError("llama-server did not answer /health within 600 s")
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None and self._proc.poll() is None:
