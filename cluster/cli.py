@@ -324,11 +324,15 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     only = {"routing": ("node_memory_mb", "decision_cost", "kill_node_after"),
             "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
-            "batch": ("concurrency", "window_s", "no_limit")}
+            "batch": ("window_s", "no_limit")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
+    if args.concurrency and args.suite not in ("routing", "batch"):
+        raise ValueError(f"--concurrency is a flag of 'bench routing' and 'bench batch', not 'bench {args.suite}'")
+    if args.concurrency and args.suite == "routing" and not args.concurrency.isdigit():
+        raise ValueError(f"--concurrency of 'bench routing' is one number of clients, got {args.concurrency!r}")
     if args.llama_server and args.suite not in ("serving", "batch"):
         raise ValueError(f"--llama-server is a flag of 'bench serving' and 'bench batch', not 'bench {args.suite}'")
     if args.prompts and args.suite in ("simulate", "serving", "chaos"):
@@ -431,7 +435,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             args.model, Path(args.out), prompts=args.prompts, n_nodes=args.nodes or 3, cache_mb=args.cache_mb,
             node_memory_mb=args.node_memory_mb, policies=policies or routing_bench.DEFAULT_POLICIES,
             n_requests=args.requests, rate=args.rate, max_tokens=args.max_tokens, seed=args.seed or 0,
-            quick=args.quick, kill_node_after_s=args.kill_node_after, progress=not args.json)
+            quick=args.quick, kill_node_after_s=args.kill_node_after,
+            concurrency=int(args.concurrency) if args.concurrency else None, progress=not args.json)
         _emit(_jsonable(result), args, _routing_summary)
         return 0
     if args.suite == "simulate":
@@ -619,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--llama-server", help="llama.cpp's llama-server binary (default: .venv/bin/llama-server, "
                                                 "built by scripts/build-llama-server.sh; batch builds it if missing)")
     batch = p.add_argument_group("batch")
-    batch.add_argument("--concurrency", help="comma-separated client counts (default 1,2,4,8,16)")
+    batch.add_argument("--concurrency", help="batch: comma-separated client counts (default 1,2,4,8,16); routing: "
+                                             "a closed loop of this many clients instead of Poisson arrivals")
     batch.add_argument("--window-s", type=_non_negative_float, help="measured seconds per run (default 20)")
     batch.add_argument("--no-limit", action="store_true", help="skip the runs under a 50 %% cgroup memory limit")
     p.set_defaults(func=_cmd_bench)

@@ -441,6 +441,19 @@ class MoEEngine:
         tokens, params = self._checked(prompt, params, special, {})
         return self._submit(tokens, params, session, emit)
 
+    def submit_many(self, requests: Sequence[tuple[str | Sequence[int], SamplingParams]], *,
+                    sessions: Sequence[str | None] | None = None,
+                    emits: Sequence[Callable[[Any], None] | None] | None = None) -> list[SequenceHandle]:
+        """Submits several requests at once: they join the same step (in this order, slots
+        permitting), so their schedule does not depend on when the step loop wakes. All are
+        checked before any is submitted."""
+        checked = [self._checked(prompt, params, False, {}) for prompt, params in requests]
+        sessions = sessions or [None] * len(checked)
+        emits = emits or [None] * len(checked)
+        with self._cv:  # the step loop admits waiting requests under this lock: all or none of them
+            return [self._submit(tokens, params, session, emit)
+                    for (tokens, params), session, emit in zip(checked, sessions, emits)]
+
     def _checked(self, prompt: str | Sequence[int], params: SamplingParams | None, special: bool,
                  fields: dict[str, Any]) -> tuple[list[int], SamplingParams]:
         self._check_open()
@@ -551,6 +564,10 @@ class MoEEngine:
                 with self._cv:
                     left, self._waiting = [*self._running, *self._waiting], deque()
                     self._running = []
+                    late, self._calls = self._calls, []
+                for _, box, done in late:  # asked for after the last round of calls
+                    box[:] = [EngineClosedError("the engine was closed")]
+                    done.set()
                 for seq in left:
                     seq.sampler.close()
                     seq.emit(EngineClosedError("the engine was closed"))

@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import TaskCancelledError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -261,7 +262,11 @@ class Gateway:
             headers = {CHAT_TEMPLATE_HEADER: template} if template else {}
             if req.stream:
                 streaming = True
-                return StreamingResponse(self._sse(req, endpoint, started, first, events), media_type="text/event-stream",
+                end = _StreamEnd(events, lambda status: self._finish(endpoint, status, started))
+                # the background task runs once the response is over, also when the client went away
+                # before its first byte (the body's generator then never starts: nothing else ends it)
+                return StreamingResponse(self._sse(req, endpoint, started, first, events, end),
+                                         media_type="text/event-stream", background=BackgroundTask(end, 499),
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
             if isinstance(first, Piece):
                 self.metrics.first_token.labels(endpoint).observe(time.monotonic() - started)
@@ -283,7 +288,7 @@ class Gateway:
                 self._finish(endpoint, status_code, started)
 
     async def _sse(self, req: APIRequest, endpoint: str, started: float, first: StreamItem,
-                   events: AsyncIterator[StreamItem]) -> AsyncIterator[str]:
+                   events: AsyncIterator[StreamItem], end: "_StreamEnd") -> AsyncIterator[str]:
         status_code = 499  # unless the stream reaches its end or an error
         chunks = StreamChunks(req)
         try:
@@ -313,8 +318,7 @@ class Gateway:
             status_code = error.status
             yield _sse_data(error.body())
         finally:
-            await events.aclose()  # a caller that went away cancels the request on its node
-            self._finish(endpoint, status_code, started)
+            await end(status_code)  # a caller that went away cancels the request on its node
 
     def _count_tokens(self, usage: dict[str, int]) -> None:
         self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
@@ -439,7 +443,7 @@ def check_route_free(namespace: str) -> None:
                               f"remove it first (python -m cluster shutdown --namespace ...) or serve without --http")
 
 
-BUILD_ARGS = ("model", "nodes", "cache_mb", "threads", "policy", "namespace", "api_key", "max_tokens_limit",
+BUILD_ARGS = ("model", "nodes", "cache_mb", "threads", "slots", "policy", "namespace", "api_key", "max_tokens_limit",
               "max_prompt_tokens", "max_body_bytes", "chat_template")
 
 
@@ -466,15 +470,18 @@ def build_app(args: dict[str, Any]) -> Any:
             raise InvalidParameterError(f"cache_mb must be a positive integer (MiB) or '{AUTO}', got {cache_mb!r}")
         from cluster.deploy import read_chat_template
 
+        slots = args.get("slots", 4)
+        if not str(slots).isdigit() or not 1 <= int(slots) <= 256:
+            raise InvalidParameterError(f"slots must be an integer in [1, 256], got {slots!r}", param="slots")
         _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)),
                            None if cache_mb is None else AUTO if str(cache_mb) == AUTO else int(cache_mb),
                            args.get("threads"), str(args.get("policy", "warmth")), namespace,
-                           read_chat_template(args.get("chat_template")))
+                           read_chat_template(args.get("chat_template")), int(slots))
     return gateway_app(GatewayConfig(namespace=namespace, api_key=args.get("api_key"), limits=limits))
 
 
 def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threads: Any, policy: str, namespace: str,
-                       chat_template: str | None = None) -> None:
+                       chat_template: str | None = None, slots: int = 4) -> None:
     """Deploys unless the namespace has a router; no ``cache_mb``: a budget that holds the whole model."""
     import ray
 
@@ -488,4 +495,24 @@ def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threa
     except ValueError:
         pass
     deploy.deploy(model, nodes, cache_bytes=deploy.cache_budget(model, cache_mb), policy=policy, namespace=namespace,
-                  n_threads=int(threads) if threads else None, chat_template=chat_template)
+                  n_threads=int(threads) if threads else None, chat_template=chat_template, n_slots=slots)
+
+
+class _StreamEnd:
+    """Ends a streamed request once, whichever comes first: the stream's own end (its status) or
+    the response's background task (499: the client went away, perhaps before the first byte).
+    Closing the events cancels the request on its node; ``finish`` counts it."""
+
+    def __init__(self, events: Any, finish: Any) -> None:
+        self._events = events
+        self._finish = finish
+        self._done = False
+
+    async def __call__(self, status_code: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            await self._events.aclose()
+        finally:
+            self._finish(status_code)

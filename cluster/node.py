@@ -205,10 +205,11 @@ class NodeServer:
         sequences: list[Any] = []
         finished = False
         try:
-            for index, choice in enumerate(choices):  # the first choice continues the conversation
-                emit = functools.partial(self._emit, items, index, bool(request.params.logprobs))
-                sequences.append(self.engine.submit(list(request.tokens), choice, emit=emit,
-                                                    session=request.session_id if index == 0 else None))
+            sequences = self.engine.submit_many(  # one step: later choices copy the prompt's KV state
+                [(list(request.tokens), choice) for choice in choices],
+                sessions=[request.session_id] + [None] * (len(choices) - 1),  # the first continues the conversation
+                emits=[functools.partial(self._emit, items, i, bool(request.params.logprobs))
+                       for i in range(len(choices))])
             with self._admit:
                 self._requests[request.request_id] = sequences
             gens: dict[int, Generation] = {}

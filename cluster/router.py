@@ -172,6 +172,8 @@ class RouterCore:
         """Request ``request_id`` ended (however); nothing if it is not in flight (any more)."""
         node_id = self.requests.pop(request_id, None)
         node = self.nodes.get(node_id) if node_id is not None else None
+        if node_id is not None:
+            self.policy.on_ended(request_id)
         if node is not None:
             node.in_flight = max(0, node.in_flight - 1)
             self._changed(node)
@@ -205,7 +207,7 @@ class RouterCore:
 
     def _build_view(self, node: NodeState) -> NodeView:
         return NodeView(node_id=node.node_id, load=node.in_flight, capacity=node.capacity,
-                        resident=node.resident,
+                        slots=int(node.stats.get("slots") or 1), resident=node.resident,
                         heat=node.warmth.heat if node.warmth else None,
                         sessions=node.sessions)
 

@@ -1,10 +1,11 @@
 """Warmth report: what a node's expert cache holds, as small versioned msgpack.
 
-Wire format, version 1 (a msgpack map; every other key is an error):
-    v             int    1
+Wire format, version 2 (a msgpack map; every other key is an error):
+    v             int    2
     n_layers      int    L, 1..4096
     n_experts     int    E, 1..65536
-    resident      bin    bit-packed [L x E] (numpy.packbits, row-major, big bit order)
+    resident      bin    bit-packed [L x E] (numpy.packbits, row-major, little bit order: the order of
+                         every expert bitmap of the project — the router's residency rows, its predictions)
     heat          bin    uint8 [L x E]: 0 = cold, else heat_max * 2**(16 * (q/255 - 1))
     heat_max      float  heat of the hottest unit (recency-weighted selections)
     budget_bytes  int    the cache's budget
@@ -24,7 +25,7 @@ import numpy as np
 
 from cluster.errors import WarmthFormatError
 
-WARMTH_VERSION = 1
+WARMTH_VERSION = 2
 HEAT_OCTAVES = 16
 MAX_LAYERS = 4096
 MAX_EXPERTS = 65536
@@ -83,7 +84,7 @@ def encode(resident: np.ndarray, heat: np.ndarray, *, budget_bytes: int = 0, res
         "v": WARMTH_VERSION,
         "n_layers": int(resident.shape[0]),
         "n_experts": int(resident.shape[1]),
-        "resident": np.packbits(resident.ravel()).tobytes(),
+        "resident": np.packbits(resident.ravel(), bitorder="little").tobytes(),
         "heat": heat_bytes,
         "heat_max": heat_max,
         "budget_bytes": int(budget_bytes),
@@ -130,7 +131,7 @@ def decode(data: bytes) -> Warmth:
     counters = obj["counters"]
     _check(isinstance(counters, dict) and all(isinstance(k, str) and _is_int(v) for k, v in counters.items()),
            "counters must map str to int")
-    bits = np.unpackbits(np.frombuffer(resident, dtype=np.uint8))[:n_units].astype(bool)
+    bits = np.unpackbits(np.frombuffer(resident, dtype=np.uint8), bitorder="little")[:n_units].astype(bool)
     q = np.frombuffer(heat, dtype=np.uint8)
     return Warmth(
         resident=bits.reshape(n_layers, n_experts),

@@ -229,6 +229,29 @@ def test_a_client_gone_mid_upload_is_counted_as_499_not_500(gateway):
     assert _metrics(gateway).get("sniper_http_requests_in_progress", {}).get((), 0) == in_progress
 
 
+def test_a_streaming_client_gone_before_its_first_byte_leaves_nothing_in_progress(gateway, model_name, tiny_topics):
+    """The body's generator of a streamed response never starts when the client is gone before the
+    first byte; the response's background task ends the request then (counted 499, gauge back)."""
+    metrics = _metrics(gateway)
+    in_progress = metrics.get("sniper_http_requests_in_progress", {}).get((), 0)
+    body = json.dumps({"model": model_name, "prompt": synth.topic_prompt(tiny_topics, 1, 8, seed=41),
+                       "max_tokens": 256, "stream": True}).encode()
+    for _ in range(3):
+        sock = _raw_request(gateway, body, declared=len(body))
+        sock.close()  # before any byte of the answer
+    deadline, now = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        now = _metrics(gateway).get("sniper_http_requests_in_progress", {}).get((), 0)
+        if now == in_progress:
+            break
+        time.sleep(0.2)
+    assert now == in_progress, f"{now - in_progress} requests left in progress"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(n["load"] for n in _status()["nodes"]):
+        time.sleep(0.1)
+    assert not any(n["load"] for n in _status()["nodes"])
+
+
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():

@@ -68,3 +68,17 @@ def test_the_client_side_loads_neither_llama_cpp_nor_ray_on_import() -> None:
             "print(sorted(m for m in ('llama_cpp', 'ray', 'cluster._native', 'cluster.engine') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"imported by the client side: {out}"
+
+
+def test_the_native_module_has_a_stub_declaring_each_of_its_public_names():
+    import cluster._native as native
+
+    stub = ast.parse((PACKAGE / "_native.pyi").read_text())
+    declared = set()
+    for node in stub.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            declared.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            declared.add(node.target.id)
+    public = {name for name in dir(native) if not name.startswith("_")}
+    assert public == declared, (public - declared, declared - public)

@@ -294,3 +294,33 @@ def test_a_restarted_node_counts_once_comes_back_cold_and_keeps_its_totals():
     a = next(n for n in core.status()["nodes"] if n["name"] == "a")
     assert a["restarts"] == 1 and a["bytes_read"] == 1300 and a["generated_tokens"] == 57
     assert a["hit_rate"] == pytest.approx(95 / 110) and a["warm_fraction"] > 0
+
+
+def test_batch_affinity_sends_a_request_where_running_requests_use_its_experts():
+    """Two nodes with free slots, nothing resident anywhere: the node already decoding a request of
+    the same topic adds no expert loads for it (their union), so it decodes there, in one batch."""
+    def nodes(load_a: int, load_b: int) -> list[NodeView]:
+        return [NodeView("a", load=load_a, capacity=8, slots=4, resident=resident_for(None)),
+                NodeView("b", load=load_b, capacity=8, slots=4, resident=resident_for(None))]
+
+    policy = trained_policy()
+    first = policy.choose(request(0, rid="t0"), nodes(0, 0))[0]
+    policy.on_routed(request(0, rid="t0"), first)
+    other = "b" if first == "a" else "a"
+    loads = (1, 0) if first == "a" else (0, 1)
+    assert {policy.choose(request(0, rid=f"s{i}", offset=i), nodes(*loads))[0] for i in range(10)} == {first}
+    assert policy.choose(request(1, rid="u"), nodes(*loads))[0] == other, "another topic's experts are no cheaper there"
+    costs = policy.explain()["costs"]
+    assert costs[other] < costs[first] or costs[other] == costs[first]
+    policy.on_ended("t0")  # once it ended, nothing runs there
+    assert not policy.running.get(first)
+    off = trained_policy(batch_affinity=False)  # without it: the least-loaded node, as before
+    off.on_routed(request(0, rid="t0"), "a")
+    assert {off.choose(request(0, rid=f"w{i}"), nodes(1, 0))[0] for i in range(10)} == {"b"}
+
+
+def test_batch_affinity_never_picks_a_node_without_a_free_slot_when_one_has_room():
+    policy = trained_policy()
+    full = NodeView("warm", load=4, capacity=8, slots=4, resident=resident_for(0))
+    free = NodeView("cold", load=1, capacity=8, slots=4, resident=resident_for(None))
+    assert policy.choose(request(0), [full, free])[0] == "cold"

@@ -82,7 +82,7 @@ def test_report_of_48_layers_and_128_experts_is_smaller_than_8_kb() -> None:
     assert len(data) < 8 * 1024, f"{len(data)} bytes"
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", 1.0, True, None])
+@pytest.mark.parametrize("version", [0, 1, 3, "2", 2.0, True, None])
 def test_wrong_version_is_rejected(version: object) -> None:
     _, _, data = sample_report()
     with pytest.raises(WarmthFormatError, match="version"):
@@ -166,7 +166,7 @@ def test_decoding_msgpack_of_random_maps_raises_only_warmth_format_error(obj: di
 @settings(max_examples=200, deadline=None)
 @given(
     st.fixed_dictionaries({
-        "v": st.sampled_from([1, 1, 1, 2, 1.0, True]),
+        "v": st.sampled_from([2, 2, 2, 1, 2.0, True]),
         "n_layers": st.integers(min_value=-2, max_value=5) | st.integers(min_value=4090, max_value=70000),
         "n_experts": st.integers(min_value=-2, max_value=9) | st.integers(min_value=65530, max_value=2**40),
         "resident": st.binary(max_size=8) | st.text(max_size=3),
@@ -184,3 +184,12 @@ def test_decoding_near_valid_reports_raises_only_warmth_format_error(obj: dict[s
     if isinstance(obj["heat_max"], float) and not math.isfinite(obj["heat_max"]):
         with pytest.raises(WarmthFormatError):
             warmth.decode(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_the_resident_bitmap_is_in_the_little_bit_order_the_router_packs_its_rows_in():
+    resident = np.zeros((2, 8), dtype=bool)
+    resident[0, 0] = resident[1, 7] = True
+    data = warmth.encode(resident, np.zeros((2, 8), dtype=np.float32))
+    raw = msgpack.unpackb(data, raw=False)["resident"]
+    assert raw == bytes([0b00000001, 0b10000000])
+    np.testing.assert_array_equal(warmth.decode(data).resident, resident)

@@ -5,8 +5,10 @@ Every figure in the report comes from this run:
     (``ray.cluster_utils.Cluster``), the deployment (router + one node actor per Ray node,
     ``cluster.deploy``), then the same workload (``cluster.bench.workload``: same
     conversations, same arrival times) sent concurrently from this process with
-    ``Client.agenerate``. A conversation's next turn is sent at its arrival time or when its
-    previous turn finished, whichever is later, and carries the conversation so far — the
+    ``Client.aevents``. A conversation's next turn is sent at its arrival time or when its
+    previous turn finished, whichever is later (with ``--concurrency C``, a closed loop instead:
+    C clients, each taking the next conversation and sending its turns back to back, arrival
+    times ignored), and carries the conversation so far — the
     earlier prompts and the answers this deployment gave. The cluster is torn down after
     each policy. Expert bytes read come from the nodes' cache counters (``Client.status``)
     and the per-request cache counters (``Completion.cache``). With ``--kill-node-after S``
@@ -176,35 +178,57 @@ class NodeCrash:
         return ray.get(ray.get_actor(self.node["node"], namespace=NAMESPACE).ready.remote(), timeout=60)
 
 
-async def _drive(client: Any, workload: Workload, max_tokens: int) -> list[dict[str, Any]]:
-    """Sends the workload (conversations concurrently, turns in order); one outcome per turn."""
+async def _drive(client: Any, workload: Workload, max_tokens: int, concurrency: int | None = None) -> list[dict[str, Any]]:
+    """Sends the workload (conversations concurrently, turns in order; with ``concurrency``, at most
+    that many conversations at once, back to back); one outcome per turn."""
+    from cluster.client import completion
+    from cluster.protocol import Piece
+
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     outcomes: list[dict[str, Any]] = []
+
+    async def timed(events: Any, first: list[float]) -> Any:
+        async for item in events:
+            if isinstance(item, Piece) and not first:
+                first.append(loop.time() - t0)
+            yield item
 
     async def conversation(turns: list[Any]) -> None:
         history: list[tuple[str, str]] = []
         for turn in turns:
             delay = turn.arrival_s - (loop.time() - t0)
-            if delay > 0:
+            if delay > 0 and concurrency is None:
                 await asyncio.sleep(delay)
             prompt = conversation_prompt(history, turn.prompt)
             sent = loop.time() - t0
             outcome: dict[str, Any] = {"conversation": turn.conversation, "turn": turn.index, "sent_s": sent}
+            first: list[float] = []
             try:
-                done = await asyncio.wait_for(
-                    client.agenerate(prompt, max_tokens=max_tokens, session_id=turn.conversation), REQUEST_TIMEOUT_S)
+                events = client.aevents(prompt, max_tokens=max_tokens, session_id=turn.conversation)
+                done = await asyncio.wait_for(completion(timed(events, first)), REQUEST_TIMEOUT_S)
             except Exception as exc:  # counted as an error; the conversation goes on without an answer
                 outcome.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
                                done_s=loop.time() - t0)
                 history.append((turn.prompt, ""))
             else:
                 outcome.update(done_s=loop.time() - t0, node=done.node, text=done.text, usage=dict(done.usage),
-                               cache=dict(done.cache), routing=dict(done.routing))
+                               cache=dict(done.cache), routing=dict(done.routing),
+                               first_s=first[0] if first else loop.time() - t0)
                 history.append((turn.prompt, done.text))
             outcomes.append(outcome)
 
-    await asyncio.gather(*(conversation(turns) for turns in workload.conversations().values()))
+    conversations = list(workload.conversations().values())
+    if concurrency is None:
+        await asyncio.gather(*(conversation(turns) for turns in conversations))
+        return outcomes
+    queue = list(reversed(conversations))
+
+    async def client_loop() -> None:
+        while queue:
+            await conversation(queue.pop())
+
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
     return outcomes
 
 
@@ -242,6 +266,7 @@ def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after
     decode_hit = sum((o["cache"].get("decode_hit_rate") or 0) * o["cache"].get("n_tokens_decode", 0) for o in ok
                      if o["cache"].get("decode_hit_rate") == o["cache"].get("decode_hit_rate"))
     latencies = [o["done_s"] - o["sent_s"] for o in ok]
+    ttft = [o["first_s"] - o["sent_s"] for o in ok if "first_s" in o]
     prompt_tokens = sum(o["usage"]["prompt_tokens"] for o in ok)
     reused = sum(o["usage"].get("reused_prompt_tokens", 0) for o in ok)
     prediction = after.get("prediction") or {}
@@ -261,6 +286,8 @@ def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after
         "wall_s": wall_s,
         "p50_latency_s": float(np.percentile(latencies, 50)) if latencies else None,
         "p99_latency_s": float(np.percentile(latencies, 99)) if latencies else None,
+        "p50_ttft_s": float(np.percentile(ttft, 50)) if ttft else None,
+        "p99_ttft_s": float(np.percentile(ttft, 99)) if ttft else None,
         "reused_prompt_fraction": reused / prompt_tokens if prompt_tokens else None,
         "requests_per_node": dict(sorted(Counter(o["node"] for o in ok).items())),
         "prediction_precision": prediction.get("precision"),
@@ -275,8 +302,8 @@ def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after
 
 def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int, cache_bytes: int,
                memory_limit_bytes: int | None, max_tokens: int, progress: bool,
-               node_model_paths: list[str] | None = None,
-               kill_node_after_s: float | None = None) -> tuple[dict[str, Any], list[str]]:
+               node_model_paths: list[str] | None = None, kill_node_after_s: float | None = None,
+               concurrency: int | None = None) -> tuple[dict[str, Any], list[str]]:
     """One policy on a fresh local cluster; returns its metrics and the answers (turn order).
 
     With ``node_model_paths`` each node reads its own copy of the model, whose page cache is
@@ -309,7 +336,7 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
             t0 = time.perf_counter()
             if crash is not None:
                 crash.start()
-            outcomes = asyncio.run(_drive(client, workload, max_tokens))
+            outcomes = asyncio.run(_drive(client, workload, max_tokens, concurrency))
             wall_s = (max((o["done_s"] for o in outcomes), default=0.0)
                       - min((o["sent_s"] for o in outcomes), default=0.0))
             generated = sum(o["usage"]["completion_tokens"] for o in outcomes if "error" not in o)
@@ -516,7 +543,8 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
                       cache_mb: int | None = None, node_memory_mb: int | None = None,
                       policies: Sequence[str] = DEFAULT_POLICIES, n_requests: int | None = None,
                       rate: float | None = None, max_tokens: int | None = None, seed: int = 0, quick: bool = False,
-                      kill_node_after_s: float | None = None, progress: bool = True) -> dict[str, Any]:
+                      kill_node_after_s: float | None = None, concurrency: int | None = None,
+                      progress: bool = True) -> dict[str, Any]:
     """The live comparison and the decision cost; writes docs/routing.md when ``out_dir`` is set."""
     from cluster import memory_limit as memlimit
     from cluster.bench.routing_report import _pct, targets, write_routing_report
@@ -549,6 +577,7 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
         ("--node-memory-mb", node_memory_mb), ("--policies", ",".join(policies)), ("--requests", n_requests),
         ("--rate", f"{rate:g}"), ("--max-tokens", max_tokens), ("--seed", seed),
         ("--kill-node-after", None if kill_node_after_s is None else f"{kill_node_after_s:g}"),
+        ("--concurrency", concurrency),
         ("--out", out_flag(out_dir)), ("--quick", quick)])
     result: dict[str, Any] = {
         "command": command,
@@ -557,7 +586,8 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
         "model": {"path": model_path, "arch": layout.arch, "n_layers": layout.n_layers,
                   "n_experts": layout.n_experts, "n_experts_used": layout.n_experts_used,
                   "file_bytes": layout.file_size, "expert_bytes": expert_bytes},
-        "workload": {**workload.describe(), "max_tokens": max_tokens},
+        "workload": {**workload.describe(), "max_tokens": max_tokens,
+                     "arrivals": f"closed loop, {concurrency} clients" if concurrency else "Poisson"},
         "cluster": {"nodes": n_nodes, "cache_bytes_per_node": cache_bytes, "node_memory_limit_bytes": memory_limit},
         "policies": {},
     }
@@ -571,7 +601,8 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
             metrics, answers[policy] = run_policy(
                 model_path, policy, workload, n_nodes=n_nodes, cache_bytes=cache_bytes,
                 memory_limit_bytes=memory_limit, max_tokens=max_tokens,
-                progress=progress, node_model_paths=copies, kill_node_after_s=kill_node_after_s)
+                progress=progress, node_model_paths=copies, kill_node_after_s=kill_node_after_s,
+                concurrency=concurrency)
             result["policies"][policy] = metrics
             log_progress(progress, f"  {policy}: hit rate {_pct(metrics['hit_rate'])}, "
                            f"{(metrics['bytes_read_per_token'] or 0) / MIB:.2f} MiB read/token, "

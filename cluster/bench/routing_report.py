@@ -94,15 +94,16 @@ def _policy_table(policies: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         "| policy | hit rate | decode hit rate | MiB read / generated token | KiB read / prefilled token | "
         "KiB read / decoded token | prompt tokens reused | tok/s | p50 latency s | p99 latency s | "
-        "prediction precision | prediction recall | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "TTFT p50/p99 s | prediction precision | prediction recall | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, p in policies.items():
         lines.append(
             f"| {name} | {_pct(p['hit_rate'])} | {_pct(p['decode_hit_rate'])} | {_mib(p['bytes_read_per_token'])} | "
             f"{_kib(p['bytes_read_per_token_prefill'])} | {_kib(p['bytes_read_per_token_decode'])} | "
             f"{_pct(p['reused_prompt_fraction'])} | {_fmt(p['tok_s'], 1)} | {_fmt(p['p50_latency_s'], 2)} | "
-            f"{_fmt(p['p99_latency_s'], 2)} | {_pct(p['prediction_precision'])} | {_pct(p['prediction_recall'])} | "
+            f"{_fmt(p['p99_latency_s'], 2)} | {_fmt(p.get('p50_ttft_s'), 2)}/{_fmt(p.get('p99_ttft_s'), 2)} | "
+            f"{_pct(p['prediction_precision'])} | {_pct(p['prediction_recall'])} | "
             f"{p['errors']} |")
     return lines
 

@@ -31,7 +31,7 @@ import json
 import os
 import random
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,6 +42,7 @@ from cluster.bench import command_line, log_progress, out_flag
 from cluster.bench.workload import Turn, Workload, conversation_prompt, for_model, poisson_arrivals
 from cluster.cache import TRACE_ACCESS, CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.errors import OverloadedError
+from cluster.kv_slots import KvSlots, SavedState, Slot
 from cluster.protocol import NodeReport, node_name
 from cluster.router import RouterCore
 from cluster.routing.base import RouteRequest, RoutingTraceSummary
@@ -189,7 +190,7 @@ def record_traces(model_path: str, workload: Workload, *, max_tokens: int, progr
                 continue
             history = histories.setdefault(turn.conversation, [])
             prompt = conversation_prompt(history, turn.prompt)
-            engine.load_state((), b"")  # an empty context: the trace covers the whole prompt
+            engine.clear_kv()  # an empty context: the trace covers the whole prompt
             try:
                 gen = engine.generate(prompt, max_tokens=max_tokens)
             except PromptTooLongError:
@@ -248,16 +249,10 @@ def trim_prefill(trace: RoutingTrace, n_prompt: int, n_skip: int) -> RoutingTrac
 
 # -- simulated node ------------------------------------------------------------------------
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class SimNode:
-    """A node without llama.cpp: KV reuse as NodeServer/MoEEngine, expert cache as CachePolicy."""
+    """A node without llama.cpp, serving one request at a time: KV reuse by the engine's own rules
+    (``cluster.kv_slots``, one slot, at most ``max_sessions`` saved conversations), expert cache as
+    CachePolicy."""
 
     def __init__(self, node_id: str, traces: TraceSet, cache_bytes: int, *, capacity: int, max_sessions: int) -> None:
         self.node_id = node_id
@@ -266,46 +261,36 @@ class SimNode:
         self.cache = CachePolicy(traces.n_layers, traces.n_experts, traces.unit_bytes,
                                  CacheConfig(budget_bytes=int(cache_bytes)), traces.n_experts_used)
         self.n_layers, self.n_experts = traces.n_layers, traces.n_experts
-        self.context: tuple[int, ...] = ()
-        self.current_session: str | None = None
-        self.sessions: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self.kv = KvSlots(1, session_bytes=max_sessions)  # a saved conversation counts 1 "byte"
         self.queue: deque[tuple[int, str]] = deque()  # (turn index, request id)
         self.busy = False
         self.last_report_s = -1e9
         self._warmth: bytes | None = None
         self._prefixes: tuple[int, ...] | None = None
 
-    def _reused_tokens(self, tokens: Sequence[int], session: str | None) -> int:
-        """NodeServer._switch_session, then MoEEngine._reuse_prefix."""
-        if session != self.current_session:
-            if self.current_session is not None and self.current_session not in self.sessions:
-                self._save(self.current_session)
-            saved = self.sessions.get(session) if session is not None else None
-            if saved is not None:
-                self.sessions.move_to_end(session)
-                self.context = saved
-            self.current_session = session
-        return _common_prefix(self.context, tokens[: len(tokens) - 1])
-
-    def _save(self, session: str) -> None:
-        self.sessions.pop(session, None)
-        self.sessions[session] = self.context
-        while len(self.sessions) > self.max_sessions:
-            self.sessions.popitem(last=False)
+    def _start(self, tokens: Sequence[int], session: str | None) -> Slot:
+        """Where the request starts (as MoEEngine does); returns its slot, with its reused tokens."""
+        placement = self.kv.place(tokens, session)
+        assert placement is not None, "a simulated node serves one request at a time"
+        if placement.save is not None:
+            self.kv.store(placement.save, SavedState(tuple(placement.slot.tokens), n_bytes=1))
+        self.kv.occupy(placement, tokens, session)
         self._prefixes = None
+        return placement.slot
 
     def serve(self, recorded: RecordedTurn) -> dict[str, Any]:
         """Replays one request; returns its cache counters delta, reuse and summary."""
         session = recorded.turn.conversation
         n_prompt = len(recorded.tokens)
-        reused = self._reused_tokens(recorded.tokens, session)
+        slot = self._start(recorded.tokens, session)
+        reused = len(slot.tokens)
         trace = trim_prefill(recorded.trace, n_prompt, reused)
         before = self.cache.counters()
         self.cache.replay(trace)
         after = self.cache.counters()
         delta = {k: after[k] - before[k] for k in after}
-        self.context = recorded.context_tokens
-        self._save(session)
+        slot.tokens = list(recorded.context_tokens)
+        self.kv.release(slot, keep=True)
         self._warmth = None
         prompt_experts, decode_counts = trace.split_prefill(n_prompt - reused, self.n_layers, self.n_experts)
         summary = RoutingTraceSummary(tokens=tuple(recorded.tokens[reused:]), prompt_experts=prompt_experts,
@@ -318,11 +303,11 @@ class SimNode:
             resident, heat = self.cache.warmth()
             self._warmth = encode_warmth(resident, heat, resident_bytes=self.cache.resident_bytes)
         if self._prefixes is None:
-            held = [self.context, *self.sessions.values()]
+            held = self.kv.held()
             self._prefixes = tuple(sorted({h for tokens in held for h in prefix_hashes(tokens)}))
         self.last_report_s = now
         return NodeReport(node_id=self.node_id, load=load, capacity=self.capacity, healthy=True, warmth=self._warmth,
-                          prefixes=self._prefixes, sessions=tuple(self.sessions), stats={}, sent_at=now,
+                          prefixes=self._prefixes, sessions=self.kv.sessions(), stats={}, sent_at=now,
                           request_id=request_id, summary=summary)
 
 

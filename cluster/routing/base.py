@@ -41,6 +41,7 @@ class NodeView:
         node_id: the node actor's name (``sniper-node-<i>``).
         load: requests queued or running there, as the router counts them.
         capacity: the most requests the node accepts at once (queue included).
+        slots: sequences the node decodes together (a request below that runs at once).
         resident: ``[L, E]`` true (nonzero) where the expert is resident in its cache (None before its first report).
         heat: float ``[L, E]`` recency-weighted selections (None before its first report).
         sessions: conversations whose KV state the node holds.
@@ -49,6 +50,7 @@ class NodeView:
     node_id: str
     load: int
     capacity: int
+    slots: int = 1
     resident: np.ndarray | None = None
     heat: np.ndarray | None = None
     sessions: frozenset[str] = field(default_factory=frozenset)
@@ -100,6 +102,9 @@ class RoutingPolicy(ABC):
 
     def on_report(self, node_id: str, summary: RoutingTraceSummary) -> None:
         """``node_id`` finished a request; ``summary`` says which experts it used."""
+
+    def on_ended(self, request_id: str) -> None:
+        """The request ended on its node (however), as the router counts it."""
 
     def on_node_added(self, node_id: str) -> None:
         """A node joined."""

@@ -9,10 +9,10 @@ from cluster.routing.base import RoutingPolicy
 from cluster.routing.least_loaded import LeastLoadedPolicy
 from cluster.routing.random_policy import RandomPolicy
 from cluster.routing.round_robin import RoundRobinPolicy
-from cluster.routing.warmth import WarmthPolicy
+from cluster.routing.warmth import WarmthNoBatchPolicy, WarmthPolicy
 
 _POLICIES: dict[str, type[RoutingPolicy]] = {
-    cls.name: cls for cls in (WarmthPolicy, LeastLoadedPolicy, RoundRobinPolicy, RandomPolicy)
+    cls.name: cls for cls in (WarmthPolicy, LeastLoadedPolicy, RoundRobinPolicy, RandomPolicy, WarmthNoBatchPolicy)
 }
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 

@@ -12,8 +12,12 @@ Procedure, per request:
      to use the experts of the prompt's last ``DECODE_CONTEXT`` tokens.
   3. Cost per node, in expert loads: expected prefill misses + expected decode misses
      (demand on experts not resident there) + ``prefill_token_cost`` per token to prefill.
-  4. Balance: only nodes whose load is within ``load_slack`` of the least-loaded live node are
-     candidates (decided per request); the cheapest wins, ties (within 1 %) go to the RNG. The
+  4. Balance: the candidates are the nodes whose load is within ``load_slack`` of the
+     least-loaded live node and, with ``batch_affinity``, every node with a free sequence slot
+     (load below its ``slots``: the request starts at once, in the node's batch); there a
+     node's running requests count as warm: the experts predicted for them (their union) are in
+     use, so a request that needs them adds no loads (requests that need the same experts
+     decode together). Decided per request; the cheapest wins, ties (within 1 %) go to the RNG. The
      default slack is 0: waiting behind one request costs more than the expert loads and the
      prefill a warmer node would save (the docs/simulation.md command with ``--warmth-knob
      load_slack=1``: 1.64x the p99 latency of least_loaded and 0.150 MiB read per token, where a
@@ -33,7 +37,8 @@ prefill_token_cost (expert loads per prefilled token, >= 0, 0.05), max_tokens_tr
 (affinity table size, LRU, 8192), max_demand_tokens (>= 1, 32): the demand of a long prompt is
 estimated from an even sample of at most this many of its distinct known tokens, their counts
 scaled to stand for all (this bounds the cost of a decision); warm_margin ([0, 1], 0.25; 0 turns
-spreading off), recent_half_life_s (> 0, 30): how fast "routed lately" forgets.
+spreading off), recent_half_life_s (> 0, 30): how fast "routed lately" forgets, batch_affinity
+(bool, True).
 """
 
 from __future__ import annotations
@@ -180,7 +185,7 @@ class WarmthPolicy(RoutingPolicy):
 
     def __init__(self, *, load_slack: int = 0, expected_decode_tokens: int = 32, prefill_token_cost: float = 0.05,
                  max_tokens_tracked: int = 8192, max_demand_tokens: int = 32, warm_margin: float = 0.25,
-                 recent_half_life_s: float = 30.0, **kwargs: Any) -> None:
+                 recent_half_life_s: float = 30.0, batch_affinity: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if load_slack < 0 or expected_decode_tokens < 0 or prefill_token_cost < 0:
             raise ValueError("load_slack, expected_decode_tokens and prefill_token_cost must be >= 0")
@@ -190,6 +195,9 @@ class WarmthPolicy(RoutingPolicy):
             raise ValueError(f"warm_margin must be in [0, 1] and recent_half_life_s > 0, got {warm_margin}, "
                              f"{recent_half_life_s}")
         self.load_slack = load_slack
+        self.batch_affinity = bool(batch_affinity)
+        self.running: dict[str, dict[str, np.ndarray]] = {}  # node -> request id -> its predicted experts (packed)
+        self._running_node: dict[str, str] = {}  # request id -> node
         self.warm_margin = warm_margin
         self.recent_half_life_s = recent_half_life_s
         self._recent: dict[str, tuple[float, float]] = {}  # node -> (recent use, when last updated)
@@ -229,6 +237,13 @@ class WarmthPolicy(RoutingPolicy):
         self.on_prefixes(node_id, ())
         self.node_prefixes.pop(node_id, None)
         self._recent.pop(node_id, None)
+        for request_id in self.running.pop(node_id, {}):
+            self._running_node.pop(request_id, None)
+
+    def on_ended(self, request_id: str) -> None:
+        node_id = self._running_node.pop(request_id, None)
+        if node_id is not None:
+            self.running.get(node_id, {}).pop(request_id, None)
 
     # -- decision ------------------------------------------------------------------------
 
@@ -237,11 +252,17 @@ class WarmthPolicy(RoutingPolicy):
         if bits is None or self.affinity.shape is None:
             return None
         n_layers, n_experts = self.affinity.shape
-        return np.unpackbits(bits, count=n_layers * n_experts).astype(bool).reshape(n_layers, n_experts)
+        return np.unpackbits(bits, count=n_layers * n_experts, bitorder="little").astype(bool).reshape(n_layers, n_experts)
 
     def on_routed(self, request: RouteRequest, node_id: str) -> None:
         now = self.clock()
         self._recent[node_id] = (self._recent_use(node_id, now) + 1.0, now)
+        bits = self.predicted.get(request.request_id)
+        if self.batch_affinity and bits is not None:
+            self.running.setdefault(node_id, {})[request.request_id] = bits
+            self._running_node[request.request_id] = node_id
+            if len(self._running_node) > 4096:  # an end never heard of (a router that missed it)
+                self.on_ended(next(iter(self._running_node)))
 
     def _recent_use(self, node_id: str, now: float) -> float:
         """Requests routed to the node lately, each weighing 2^-(age / recent_half_life_s)."""
@@ -253,7 +274,8 @@ class WarmthPolicy(RoutingPolicy):
         n_tokens = tokens.size
         loads = [n.load for n in nodes]
         ceiling = min(loads) + self.load_slack
-        candidates = np.array([i for i, load in enumerate(loads) if load <= ceiling], dtype=np.int64)
+        candidates = np.array([i for i, n in enumerate(nodes)
+                               if n.load <= ceiling or (self.batch_affinity and n.load < n.slots)], dtype=np.int64)
         matched = self._matched_tokens(prefix_hashes(tokens), nodes, candidates, n_tokens)
         if matched is None:  # nobody holds a prefix of it: every candidate would prefill all of it
             starts, group_of = [0], np.zeros(candidates.size, dtype=np.int64)
@@ -268,7 +290,7 @@ class WarmthPolicy(RoutingPolicy):
         if demand is not None:
             residency = self._resident_rows(nodes)
             if residency is not None and self._width == demand.prefill.shape[1]:
-                matrix, node_rows = residency
+                matrix, node_rows = self._with_running(nodes, candidates, *residency)
                 misses, totals = expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, demand.decode,
                                                 float(self.expected_decode_tokens))
                 costs += misses
@@ -287,12 +309,29 @@ class WarmthPolicy(RoutingPolicy):
             top = np.flatnonzero(costs <= best + 0.01 * max(1.0, abs(best))).tolist()
             j_winner = top[0] if len(top) == 1 else self._pick(nodes, candidates, top)
         if demand is not None and demand.known[group_of[j_winner]] > 0:  # the experts the winner's prefill needs
-            self.predicted[request.request_id] = np.packbits(demand.prefill[group_of[j_winner]] > 0.5)
+            self.predicted[request.request_id] = np.packbits(demand.prefill[group_of[j_winner]] > 0.5,
+                                                             bitorder="little")  # the residency rows' order
             if len(self.predicted) > 4096:
                 self.predicted.pop(next(iter(self.predicted)))
         self._last = {"nodes": nodes, "candidates": candidates, "costs": costs, "matched": matched,
                       "coverage": coverage, "spread": cold}
         return [nodes[int(candidates[j_winner])].node_id]
+
+    def _with_running(self, nodes: Sequence[NodeView], candidates: np.ndarray, matrix: np.ndarray,
+                      node_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The residency rows with each candidate's running requests' predicted experts added (batch
+        affinity: experts in use there cost a new request nothing)."""
+        busy = [i for i in candidates.tolist()
+                if nodes[i].load > 0 and self.running.get(nodes[i].node_id)] if self.batch_affinity else []
+        if not busy:
+            return matrix, node_rows
+        matrix = matrix.copy()
+        for i in busy:
+            row = matrix[node_rows[i]]
+            for bits in self.running[nodes[i].node_id].values():
+                if bits.size == row.size:
+                    row |= bits
+        return matrix, node_rows
 
     def _coverage(self, total: float, rows: np.ndarray, misses: np.ndarray,
                   node_rows: np.ndarray) -> tuple[np.ndarray | None, bool]:
@@ -404,3 +443,13 @@ class WarmthPolicy(RoutingPolicy):
                 **({"coverage": {nodes[i].node_id: float(c) for i, c in zip(candidates, last["coverage"])}}
                    if last["coverage"] is not None else {}),
                 **({"spread": True} if last["spread"] else {})}
+
+
+class WarmthNoBatchPolicy(WarmthPolicy):
+    """``warmth`` without batch affinity (step 4: the least-loaded nodes only, running requests not
+    counted as warm), kept to measure what batch affinity does (``bench routing``)."""
+
+    name = "warmth_nobatch"
+
+    def __init__(self, **knobs: Any) -> None:
+        super().__init__(**{**knobs, "batch_affinity": False})

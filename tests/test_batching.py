@@ -1,0 +1,179 @@
+"""Continuous batching in MoEEngine: several sequences per llama_decode step, each on its own."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import observer
+import pytest
+from test_engine import N_CTX, N_THREADS, budget_fraction, open_engine
+
+from cluster import synth
+from cluster.cache import discover_layout
+from cluster.engine import Generation
+from cluster.sampling import SamplingParams
+from cluster.sequence import Piece
+
+
+def _prompts(topics, n: int) -> list[str]:
+    return [synth.topic_prompt(topics, i % len(topics), 6 + i, seed=30 + i) for i in range(n)]
+
+
+def _results(sequences) -> list[Generation]:
+    out = []
+    for seq in sequences:
+        while True:
+            item = seq.outbox.get(timeout=120)
+            if isinstance(item, Generation):
+                out.append(item)
+                break
+            if not isinstance(item, Piece):
+                raise AssertionError(f"sequence ended with {item!r}")
+    return out
+
+
+def _batched(engine, prompts: list[str], max_tokens: int) -> list[Generation]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return _results(engine.submit_many([(p, params) for p in prompts]))
+
+
+def test_each_sequence_of_a_batch_gets_the_same_text_with_and_without_the_cache(tiny_model, tiny_layout, tiny_topics):
+    prompts = _prompts(tiny_topics, 4)
+    with open_engine(tiny_model, n_slots=4) as plain:
+        expected = _batched(plain, prompts, 24)
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=4) as cached:
+        got = _batched(cached, prompts, 24)
+        stats = cached.batch_stats()
+    assert [g.text for g in got] == [g.text for g in expected]
+    assert [g.tokens for g in got] == [g.tokens for g in expected]
+    assert stats["decode_batch"] > 3, "the four sequences decoded together"
+    assert sum(g.cache["n_evictions"] for g in got) > 0, "the budget must force evictions"
+
+
+def test_a_sequences_counts_in_a_batch_equal_an_independent_count_of_its_prompt_alone(tiny_model, tiny_topics):
+    layout = discover_layout(str(tiny_model))
+    prompts = _prompts(tiny_topics, 3)
+    with open_engine(tiny_model, budget_fraction(layout, 0.4), n_slots=3) as engine:
+        got = _batched(engine, prompts, 10)
+    for prompt, gen in zip(prompts, got):
+        seen = observer.observe(tiny_model, prompt, max_tokens=10, n_layers=layout.n_layers,
+                                n_experts=layout.n_experts, n_ctx=N_CTX, n_batch=512, n_threads=N_THREADS)
+        assert seen.tokens == gen.tokens
+        np.testing.assert_array_equal(gen.expert_counts, seen.counts)
+        assert gen.cache["n_tokens_prefill"] == gen.n_prompt_tokens
+        assert gen.cache["n_tokens_decode"] == gen.n_generated - 1
+
+
+def test_the_sequences_shares_of_a_batch_add_up_to_what_the_cache_read(tiny_model, tiny_layout, tiny_topics):
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.3), n_slots=4) as engine:
+        before = engine.cache_stats()
+        got = _batched(engine, _prompts(tiny_topics, 4), 16)
+        after = engine.cache_stats()
+    read = after["bytes_read"] - before["bytes_read"]
+    shares = sum(g.cache["bytes_read"] for g in got)
+    assert read > 0
+    assert abs(shares - read) <= len(got), (shares, read)  # each share is rounded once
+    # a unit several sequences selected in one step is read once: their own misses count it each
+    assert sum(g.cache["misses"] for g in got) >= after["misses"] - before["misses"]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(tiny_model, tiny_topics):
+    long_prompt = synth.topic_prompt(tiny_topics, 1, 150, seed=3)
+    with open_engine(tiny_model, n_slots=2, n_batch=16) as engine:
+        short = engine.submit(synth.topic_prompt(tiny_topics, 0, 4, seed=1), SamplingParams(max_tokens=40, temperature=0))
+        first = short.outbox.get(timeout=60)  # decoding
+        assert isinstance(first, Piece)
+        long = engine.submit(long_prompt, SamplingParams(max_tokens=4, temperature=0))
+        short_done, long_done = _results([short])[0], _results([long])[0]
+    assert long_done.n_prompt_tokens > 8 * 16
+    steps = long_done.trace.ubatches()
+    prompt_rows = [ub[0][1].shape[0] for ub in steps][: -long_done.n_generated + 1 or None]
+    assert max(prompt_rows) <= 16, "no step evaluates more than n_batch tokens"
+    assert short_done.n_generated == 40
+    assert short_done.decode_s < long_done.prefill_s + long_done.decode_s + short_done.prefill_s + 5
+
+
+def test_a_cancelled_sequence_leaves_the_others_untouched(tiny_model, tiny_layout, tiny_topics):
+    prompts = _prompts(tiny_topics, 3)
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.5), n_slots=3) as engine:
+        alone = _batched(engine, [prompts[0], prompts[2]], 20)
+        engine.clear_kv()
+        params = SamplingParams(max_tokens=20, temperature=0.0)
+        a, b, c = engine.submit_many([(p, params) for p in prompts])
+        b.cancel()
+        got = _results([a, c])
+        while True:
+            item = b.outbox.get(timeout=60)
+            if not isinstance(item, Piece):
+                break
+    assert [g.text for g in got] == [g.text for g in alone]
+    assert item.__class__.__name__ == "Cancelled"
+
+
+def test_more_requests_than_slots_wait_and_all_finish(tiny_model, tiny_topics):
+    with open_engine(tiny_model, n_slots=2) as engine:
+        got = _batched(engine, _prompts(tiny_topics, 5), 8)
+        assert engine.batch_stats()["slots"] == 2
+    assert all(g.n_generated == 8 for g in got)
+    assert max(g.queued_s for g in got) > 0
+
+
+def test_a_conversation_keeps_its_kv_in_a_slot_or_saved_when_others_take_the_slots(tiny_model, tiny_topics):
+    first = synth.topic_prompt(tiny_topics, 0, 10, seed=5)
+    with open_engine(tiny_model, n_slots=1, session_bytes=64 << 20) as engine:
+        turn1 = engine.generate(first, max_tokens=6, session="alice")
+        engine.generate(synth.topic_prompt(tiny_topics, 2, 10, seed=6), max_tokens=6, session="bob")
+        assert set(engine.sessions()) == {"alice", "bob"} and engine.saved_bytes > 0
+        turn2 = engine.generate(first + turn1.text + " and then", max_tokens=6, session="alice")
+    assert turn2.n_reused_tokens >= turn1.n_prompt_tokens, "alice's state was saved and restored"
+
+
+def test_a_shared_prefix_is_copied_between_running_sequences(tiny_model, tiny_topics):
+    prefix = synth.topic_prompt(tiny_topics, 3, 40, seed=8)
+    with open_engine(tiny_model, n_slots=2) as engine:
+        a = engine.submit(prefix + " one", SamplingParams(max_tokens=30, temperature=0))
+        assert isinstance(a.outbox.get(timeout=60), Piece)  # a's prompt is in its slot
+        b = engine.generate(prefix + " two", max_tokens=4, temperature=0)
+        _results([a])
+    assert b.n_reused_tokens >= 40, b.n_reused_tokens
+
+
+def test_sequences_from_many_threads_all_complete(tiny_model, tiny_topics):
+    results: dict[int, Generation] = {}
+    with open_engine(tiny_model, n_slots=4) as engine:
+        def run(i: int) -> None:
+            results[i] = engine.generate(synth.topic_prompt(tiny_topics, i % 4, 5, seed=i), max_tokens=12)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert sorted(results) == list(range(10)) and all(g.n_generated == 12 for g in results.values())
+
+
+def test_closing_the_engine_ends_every_waiting_and_running_sequence(tiny_model, tiny_topics):
+    engine = open_engine(tiny_model, n_slots=1)
+    seqs = [engine.submit(synth.topic_prompt(tiny_topics, 0, 5, seed=i), SamplingParams(max_tokens=200))
+            for i in range(3)]
+    time.sleep(0.05)
+    engine.close()
+    ends = []
+    for seq in seqs:
+        while True:
+            item = seq.outbox.get(timeout=30)
+            if not isinstance(item, Piece):
+                break
+        ends.append(item)
+    from cluster.errors import EngineClosedError
+
+    assert all(isinstance(e, EngineClosedError) for e in ends[1:]), ends  # the waiting ones at least
+
+
+@pytest.mark.parametrize("slots", [0, 300])
+def test_bad_slot_counts_are_refused(tiny_model, slots):
+    from cluster.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="n_slots"):
+        open_engine(tiny_model, n_slots=slots)
