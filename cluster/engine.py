@@ -32,6 +32,7 @@ from llama_cpp import _internals
 
 from cluster import _native, node_memory
 from cluster import warmth as warmth_report
+from cluster.batch_width import BatchWidth
 from cluster.cache import (
     CacheConfig,
     ExpertCacheParams,
@@ -71,6 +72,8 @@ class EngineConfig:
             sequence, then chunks of waiting prompts (chunked prefill). At least ``n_slots``.
         session_bytes: bytes of saved conversation KV states (conversations whose slot another
             one took) kept for their next turn.
+        adaptive_width: under a budget below the model's experts, run only as many sequences
+            together as the cache sustains (``cluster.batch_width``); False: every slot, always.
         n_threads: compute threads (default: all cores).
         cache: policy knobs other than the budget (its budget_bytes is replaced by cache_bytes).
         n_io_threads: I/O threads that read experts (0: no prefetch).
@@ -90,6 +93,7 @@ class EngineConfig:
     n_slots: int = 1
     n_batch: int = 512
     session_bytes: int = 64 << 20
+    adaptive_width: bool = True
     n_threads: int | None = None
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(budget_bytes=1))
     n_io_threads: int = 2
@@ -187,8 +191,10 @@ class MoEEngine:
 
     A thread of its own runs the steps: each step evaluates one token of every decoding
     sequence and chunks of waiting prompts in one ``llama_decode``, then samples each sequence
-    with its own sampler; requests join at the next step and end on their own. Everything that
-    touches the llama.cpp context or the cache runs on that thread (``_call``).
+    with its own sampler; requests join at the next step and end on their own. Under a cache
+    budget below the model's experts, how many run together adapts to what the cache sustains
+    (``cluster.batch_width``); the others wait. Everything that touches the llama.cpp context or
+    the cache runs on that thread (``_call``).
 
     Example:
         >>> engine = MoEEngine("model.gguf", cache_bytes=512 << 20)
@@ -292,6 +298,11 @@ class MoEEngine:
                 log.info("%s", self.auto_budget.explain())
                 self._native_cache.set_budget(self.auto_budget.budget_bytes)
             self._native_cache.attach()
+        # under a budget below the model's experts, how many sequences run together adapts to the cache
+        pressured = (self._native_cache is not None
+                     and self._native_cache.budget_bytes < int(self.layout.unit_bytes.sum()))
+        self._width = BatchWidth(cfg.n_slots, pressured=pressured and cfg.adaptive_width)
+        self._bytes_read = 0
         self._batch = _internals.LlamaBatch(n_tokens=cfg.n_batch, embd=0, n_seq_max=1, verbose=cfg.verbose)
         self._stack.callback(self._batch.close)
         self._vocab = self._model.vocab
@@ -584,7 +595,7 @@ class MoEEngine:
         for seq in [s for s in self._running if s.cancelled]:
             self._end(seq, CANCELLED, keep=False)
         with self._cv:
-            while self._waiting and self._kv.n_free:
+            while self._waiting and self._kv.n_free and len(self._running) < self._width.width:
                 seq = self._waiting.popleft()
                 if seq.cancelled:
                     seq.sampler.close()
@@ -606,6 +617,11 @@ class MoEEngine:
                 self._end(seq, error, keep=False)
         else:
             self._after_decode()
+        if self._width.pressured:
+            c = self._native_cache.counters()
+            read = c["bytes_read_prefill"] + c["bytes_read_decode"]
+            self._width.note(len(self._outputs), read - self._bytes_read)
+            self._bytes_read = read
         self._unsettled = True
         self._batch_totals.note(rows, n_decoding, len(self._running) + len(self._finished),
                                 time.perf_counter() - t0)
@@ -737,12 +753,14 @@ class MoEEngine:
             seq.emit(outcome)
 
     def batch_stats(self) -> dict[str, float]:
-        """How the engine batches: slots, how many are busy and waiting now, and since start the
+        """How the engine batches: slots, how many are busy and waiting now, how many may run
+        together now (``width``: every slot, or what the cache sustains under memory pressure,
+        ``cluster.batch_width``), and since start the
         steps, tokens per step, decoding sequences per step, sequences per step and step time
         (with a cache: expert units each step selected, the union of its sequences' experts
         summed over layers)."""
         totals = self._batch_totals
-        stats: dict[str, float] = {"slots": self.n_slots, "slots_busy": len(self._running),
+        stats: dict[str, float] = {"slots": self.n_slots, "slots_busy": len(self._running), "width": self._width.width,
                                    "waiting": len(self._waiting), "steps": totals.steps,
                                    "decode_steps": totals.decode_steps, "decode_rows": totals.decoding}
         stats.update(totals.means())

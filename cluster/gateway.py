@@ -98,6 +98,26 @@ class CallerGone(Exception):
 CHAT_TEMPLATE_HEADER = "X-Chat-Template"  # chat answers: model, override or none (plain role: content lines)
 
 
+class _StreamEnd:
+    """Ends a streamed request once, whichever comes first: the stream's own end (its status) or
+    the response's background task (499: the client went away, perhaps before the first byte).
+    Closing the events cancels the request on its node; ``finish`` counts it."""
+
+    def __init__(self, events: Any, finish: Any) -> None:
+        self._events = events
+        self._finish = finish
+        self._done = False
+
+    async def __call__(self, status_code: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            await self._events.aclose()
+        finally:
+            self._finish(status_code)
+
+
 def _sse_data(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -288,7 +308,7 @@ class Gateway:
                 self._finish(endpoint, status_code, started)
 
     async def _sse(self, req: APIRequest, endpoint: str, started: float, first: StreamItem,
-                   events: AsyncIterator[StreamItem], end: "_StreamEnd") -> AsyncIterator[str]:
+                   events: AsyncIterator[StreamItem], end: _StreamEnd) -> AsyncIterator[str]:
         status_code = 499  # unless the stream reaches its end or an error
         chunks = StreamChunks(req)
         try:
@@ -496,23 +516,3 @@ def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threa
         pass
     deploy.deploy(model, nodes, cache_bytes=deploy.cache_budget(model, cache_mb), policy=policy, namespace=namespace,
                   n_threads=int(threads) if threads else None, chat_template=chat_template, n_slots=slots)
-
-
-class _StreamEnd:
-    """Ends a streamed request once, whichever comes first: the stream's own end (its status) or
-    the response's background task (499: the client went away, perhaps before the first byte).
-    Closing the events cancels the request on its node; ``finish`` counts it."""
-
-    def __init__(self, events: Any, finish: Any) -> None:
-        self._events = events
-        self._finish = finish
-        self._done = False
-
-    async def __call__(self, status_code: int) -> None:
-        if self._done:
-            return
-        self._done = True
-        try:
-            await self._events.aclose()
-        finally:
-            self._finish(status_code)

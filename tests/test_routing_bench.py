@@ -225,7 +225,8 @@ def test_summarise_live_counts_bytes_from_nodes_and_requests() -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["bench", "engine", "--nodes", "3"], "--nodes is a flag of 'bench routing' and 'bench simulate'"),
-    (["bench", "simulate", "--prompts", "w.jsonl"], "--prompts is a flag of 'bench engine', 'bench routing' and 'bench regimes'"),
+    (["bench", "simulate", "--prompts", "w.jsonl"],
+     "--prompts is a flag of 'bench engine', 'bench routing', 'bench regimes' and 'bench batch'"),
     (["bench", "routing", "--traces", "t.npz"], "--traces is a flag of 'bench simulate'"),
     (["bench", "engine", "--duration", "5"], "--duration is a flag of 'bench chaos'"),
     (["bench", "chaos", "--nodes", "2"], "--nodes is not a flag of 'bench chaos'"),

@@ -4,7 +4,9 @@ Closed loop: C clients each send a request (greedy, ``max_tokens``), wait for it
 send the next, for C = 1, 2, 4, 8, 16. Side by side on the same model, prompts and thread count:
 
 * ``engine``: ``MoEEngine`` with C sequence slots and the expert cache (a child process,
-  ``cluster.bench.batch_worker``); C = 1 is the engine with one slot;
+  ``cluster.bench.batch_worker``); C = 1 is the engine with one slot. Under the limit the engine
+  adapts how many sequences run together (``cluster.batch_width``); ``engine, all slots`` is the
+  same engine made to run every slot (``adaptive_width=False``), to show what that costs;
 * ``llama-server``: llama.cpp's server with ``-np C`` (built by this benchmark from the llama.cpp
   sources in the pinned llama-cpp-python distribution if there is none), streamed over loopback.
 
@@ -60,10 +62,10 @@ def _summary(elapsed: float, reqs: list[dict[str, Any]], disk_bytes: int) -> dic
 
 
 def run_engine(model: str, prompts: list[str], clients: int, *, cache_bytes: int | str, max_tokens: int, n_threads: int,
-               window_s: float, warmup_s: float, limit_bytes: int | None) -> dict[str, Any]:
+               window_s: float, warmup_s: float, limit_bytes: int | None, adaptive_width: bool = True) -> dict[str, Any]:
     spec = {"model": model, "cache_bytes": cache_bytes, "n_ctx": N_CTX, "slots": clients, "clients": clients,
             "n_threads": n_threads, "prompts": prompts, "max_tokens": max_tokens, "window_s": window_s,
-            "warmup_s": warmup_s}
+            "warmup_s": warmup_s, "adaptive_width": adaptive_width}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     argv = [sys.executable, "-m", "cluster.bench.batch_worker", f.name]
@@ -92,6 +94,7 @@ def run_engine(model: str, prompts: list[str], clients: int, *, cache_bytes: int
         out["decode_hit_rate"] = (cache["n_hits_decode"] / (cache["n_hits_decode"] + cache["n_misses_decode"])
                                   if cache["n_hits_decode"] + cache["n_misses_decode"] else None)
     out["decode_batch"] = raw["decode_batch"]
+    out["width"] = raw.get("width")
     out["budget_bytes"] = raw["budget_bytes"]
     return out
 
@@ -222,6 +225,11 @@ def bench_batch(model: str, prompts: list[str], *, concurrency: tuple[int, ...] 
             engine = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens, n_threads=n_threads,
                                 window_s=window_s, warmup_s=warmup_s, limit_bytes=limit_bytes)
             row: dict[str, Any] = {"engine": engine}
+            if limit_bytes is not None and c > 1:
+                log_progress(progress, f"{regime}: engine, all {c} slots (no adaptive width), {c} clients")
+                row["engine_all_slots"] = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens,
+                                                     n_threads=n_threads, window_s=window_s, warmup_s=warmup_s,
+                                                     limit_bytes=limit_bytes, adaptive_width=False)
             if binary is not None:
                 log_progress(progress, f"{regime}: llama-server -np {c}, {c} clients")
                 row["llama_server"] = run_llama_server(binary, model, prompts, c, max_tokens=max_tokens,
@@ -284,10 +292,11 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
         lines += ["", f"## {'model in RAM' if limit is None else f'cgroup limit {limit / MIB:.0f} MiB (50 % of the file)'}", "",
                   "| C | engine tok/s | llama-server tok/s | ratio | engine TTFT p50/p99 ms | server TTFT p50/p99 ms | "
                   "engine TPOT p50/p99 ms | server TPOT p50/p99 ms | decoding seqs/step | experts/step | "
-                  "expert KiB/token | disk KiB/token engine / server |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "expert KiB/token | disk KiB/token engine / server | width at the end | all slots: tok/s, "
+                  "expert KiB/token |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c, row in data["by_concurrency"].items():
-            e, s = row.get("engine", {}), row.get("llama_server", {})
+            e, s, a = row.get("engine", {}), row.get("llama_server", {}), row.get("engine_all_slots") or {}
             if "error" in e:
                 lines.append(f"| {c} | error: {e['error'][:80]} |")
                 continue
@@ -299,7 +308,8 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
                 f"{_fmt(e.get('tpot_p50_s'), 1e3)}/{_fmt(e.get('tpot_p99_s'), 1e3)} | "
                 f"{_fmt(s.get('tpot_p50_s'), 1e3)}/{_fmt(s.get('tpot_p99_s'), 1e3)} | {_fmt(e.get('decode_batch'), 1, 2)} | "
                 f"{_fmt(e.get('experts_per_step'), 1, 0)} | {_fmt(e.get('expert_bytes_per_token'), 1 / 1024, 0)} | "
-                f"{_fmt(e.get('disk_bytes_per_token'), 1 / 1024, 0)} / {_fmt(s.get('disk_bytes_per_token'), 1 / 1024, 0)} |")
+                f"{_fmt(e.get('disk_bytes_per_token'), 1 / 1024, 0)} / {_fmt(s.get('disk_bytes_per_token'), 1 / 1024, 0)} | "
+                f"{_fmt(e.get('width'), 1, 0)} | {_fmt(a.get('tok_s'))}, {_fmt(a.get('expert_bytes_per_token'), 1 / 1024, 0)} |")
     lines += ["", "## Targets (C = 8)", "", "| target | measured | wanted | met |", "|---|---|---|---|"]
     for name, t in report["targets"].items():
         wanted = f"{'≤' if t.get('lower_is_better') else '≥'} {t['target']}"

@@ -70,7 +70,8 @@ def main(spec_path: str) -> int:
     spec = json.loads(open(spec_path).read())
     clients = spec["clients"]
     engine = MoEEngine(spec["model"], spec["cache_bytes"], n_ctx=spec["n_ctx"], n_slots=spec["slots"],
-                       n_threads=spec.get("n_threads"), n_batch=max(512, spec["slots"]))
+                       n_threads=spec.get("n_threads"), n_batch=max(512, spec["slots"]),
+                       adaptive_width=spec.get("adaptive_width", True))
     window: dict[str, float] = {"warmup_deadline": time.perf_counter() + spec["warmup_s"], "end": float("inf")}
     measured: dict[str, Any] = {}
 
@@ -103,7 +104,7 @@ def main(spec_path: str) -> int:
     decoding = batch_after["decode_rows"] - measured["batch"]["decode_rows"]
     print(json.dumps({"elapsed_s": elapsed, "requests": requests, "disk_read_bytes": io, "cache": cache,
                       "steps": steps, "decode_batch": decoding / decode_steps if decode_steps else None,
-                      "budget_bytes": after.get("budget_bytes")}, default=float))
+                      "budget_bytes": after.get("budget_bytes"), "width": batch_after["width"]}, default=float))
     return 0
 
 
