@@ -238,8 +238,8 @@ class MoEEngine:
 
         self._native_cache = None
         self.auto_budget: node_memory.AutoBudget | None = None  # how an "auto" budget was derived
+        footprint = int(self.layout.unit_bytes.sum())  # every expert's bytes
         if cfg.cache_bytes is not None:
-            footprint = int(self.layout.unit_bytes.sum())
             budget = footprint if cfg.auto_budget else int(cfg.cache_bytes)  # auto: set once loaded
             params = ExpertCacheParams(cache=replace(cfg.cache, budget_bytes=budget),
                                        n_io_threads=cfg.n_io_threads, predict=bool(cfg.predict),
@@ -252,7 +252,7 @@ class MoEEngine:
                                        f"'{cfg.model_path}': {exc}") from None
 
         if self._native_cache is not None:  # preload when experts will be dropped: small page-cache folios
-            self._native_cache.before_load(cfg.auto_budget or cfg.cache_bytes < int(self.layout.unit_bytes.sum()))
+            self._native_cache.before_load(cfg.auto_budget or cfg.cache_bytes < footprint)
         _quiet_llama_logs(cfg.verbose)
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
@@ -293,14 +293,14 @@ class MoEEngine:
             if cfg.auto_budget:
                 self.auto_budget = node_memory.auto_budget(
                     cfg.model_path, non_expert_bytes=self.layout.non_expert_bytes,
-                    footprint_bytes=int(self.layout.unit_bytes.sum()), min_bytes=_native.min_budget(self.layout),
+                    footprint_bytes=footprint, min_bytes=_native.min_budget(self.layout),
                     share=cfg.memory_share, reserve_bytes=cfg.memory_reserve)
                 log.info("%s", self.auto_budget.explain())
                 self._native_cache.set_budget(self.auto_budget.budget_bytes)
             self._native_cache.attach()
         # under a budget below the model's experts, how many sequences run together adapts to the cache
         pressured = (self._native_cache is not None
-                     and self._native_cache.budget_bytes < int(self.layout.unit_bytes.sum()))
+                     and self._native_cache.budget_bytes < footprint)
         self._width = BatchWidth(cfg.n_slots, pressured=pressured and cfg.adaptive_width)
         self._bytes_read = 0
         self._batch = _internals.LlamaBatch(n_tokens=cfg.n_batch, embd=0, n_seq_max=1, verbose=cfg.verbose)
@@ -440,8 +440,7 @@ class MoEEngine:
 
         One choice per call: ``SamplingParams.choices()`` gives the params of each of ``n``.
         """
-        tokens, params = self._checked(prompt, params, special, fields)
-        return self._follow(tokens, params, session)
+        return self._follow(self._checked(prompt, params, special, fields), session)
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, special: bool = False,
                session: str | None = None, emit: Callable[[Any], None] | None = None) -> SequenceHandle:
@@ -449,8 +448,7 @@ class MoEEngine:
         then its ``Generation`` (or the exception that failed it, or ``sequence.CANCELLED``), to
         ``emit`` (called on the engine's thread; default: the sequence's ``outbox`` queue).
         Raises at once for bad parameters, a prompt that does not fit or a closed engine."""
-        tokens, params = self._checked(prompt, params, special, {})
-        return self._submit(tokens, params, session, emit)
+        return self._submit(self._checked(prompt, params, special, {}), session, emit)
 
     def submit_many(self, requests: Sequence[tuple[str | Sequence[int], SamplingParams]], *,
                     sessions: Sequence[str | None] | None = None,
@@ -458,15 +456,23 @@ class MoEEngine:
         """Submits several requests at once: they join the same step (in this order, slots
         permitting), so their schedule does not depend on when the step loop wakes. All are
         checked before any is submitted."""
-        checked = [self._checked(prompt, params, False, {}) for prompt, params in requests]
+        checked: list[_Checked] = []
+        try:
+            for prompt, params in requests:
+                checked.append(self._checked(prompt, params, False, {}))
+        except BaseException:
+            for request in checked:
+                request.sampler.close()
+            raise
         sessions = sessions or [None] * len(checked)
         emits = emits or [None] * len(checked)
         with self._cv:  # the step loop admits waiting requests under this lock: all or none of them
-            return [self._submit(tokens, params, session, emit)
-                    for (tokens, params), session, emit in zip(checked, sessions, emits)]
+            return [self._submit(request, session, emit) for request, session, emit in zip(checked, sessions, emits)]
 
     def _checked(self, prompt: str | Sequence[int], params: SamplingParams | None, special: bool,
-                 fields: dict[str, Any]) -> tuple[list[int], SamplingParams]:
+                 fields: dict[str, Any]) -> _Checked:
+        """The request's tokens, its validated parameters and its sampler (a grammar llama.cpp
+        refuses is an error here, before anything runs)."""
         self._check_open()
         if isinstance(prompt, str):
             if not prompt:
@@ -494,26 +500,22 @@ class MoEEngine:
         if len(tokens) >= self.n_ctx:
             raise PromptTooLongError(f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
                                      f"(at least one more is needed to generate)")
-        if params.grammar is not None:  # a grammar llama.cpp refuses is an error before anything runs
-            self._make_sampler(params).close()
-        return tokens, params
+        return _Checked(tokens, params, self._make_sampler(params))
 
-    def _submit(self, tokens: list[int], params: SamplingParams, session: str | None,
-                emit: Callable[[Any], None] | None) -> SequenceHandle:
-        sampler = self._make_sampler(params)
+    def _submit(self, request: _Checked, session: str | None, emit: Callable[[Any], None] | None) -> SequenceHandle:
         with self._cv:
             if self._closing:
-                sampler.close()
+                request.sampler.close()
                 raise EngineClosedError("the engine was closed")
             self._next_tag += 1
-            seq = SequenceHandle(self._next_tag, tokens, params, sampler, session, self.tokenizer.piece, emit)
+            seq = SequenceHandle(self._next_tag, request.tokens, request.params, request.sampler, session,
+                                 self.tokenizer.piece, emit)
             self._waiting.append(seq)
             self._cv.notify_all()
         return seq
 
-    def _follow(self, tokens: list[int], params: SamplingParams,
-                session: str | None) -> Generator[Piece, None, Generation]:
-        seq = self._submit(tokens, params, session, None)
+    def _follow(self, request: _Checked, session: str | None) -> Generator[Piece, None, Generation]:
+        seq = self._submit(request, session, None)
         done = False
         try:
             while True:
@@ -606,8 +608,7 @@ class MoEEngine:
             self._deliver()
             return
         t0 = time.perf_counter()
-        rows = self._fill_batch()
-        n_decoding = sum(1 for seq in self._running if seq.decoding)
+        rows, n_decoding = self._fill_batch()
         if self._native_cache is not None:
             self._native_cache.begin_step(self._row_tags[:rows], self._row_outputs[:rows])
         rc = llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)
@@ -653,9 +654,10 @@ class MoEEngine:
         self._last_slot = slot
         self._note_held()
 
-    def _fill_batch(self) -> int:
+    def _fill_batch(self) -> tuple[int, int]:
         """One token of every decoding sequence, then prompt chunks (oldest first) up to the step's
-        budget; returns the rows. Each sequence's rows are contiguous (the cache needs it)."""
+        budget; returns the rows and the decoding sequences. Each sequence's rows are contiguous
+        (the cache needs it)."""
         batch = self._batch.batch
         rows = 0
         self._outputs.clear()
@@ -677,6 +679,7 @@ class MoEEngine:
         for seq in self._running:
             if seq.decoding:
                 put(seq, seq.pending, len(seq.slot.tokens), True)
+        n_decoding = rows
         for seq in self._running:
             if seq.decoding or rows >= self._n_batch:
                 continue
@@ -686,7 +689,7 @@ class MoEEngine:
             for i in range(chunk):
                 put(seq, seq.prompt[start + i], start + i, start + i == len(seq.prompt) - 1)
         batch.n_tokens = rows
-        return rows
+        return rows, n_decoding
 
     def _after_decode(self) -> None:
         for seq, _ in self._outputs:  # what the step put in each slot's KV
@@ -893,6 +896,14 @@ class MoEEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise EngineClosedError("the engine was closed")
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A request ready to join the batch: its prompt's tokens, its parameters, its sampler."""
+    tokens: list[int]
+    params: SamplingParams
+    sampler: _internals.LlamaSampler  # closed by the sequence that owns it
 
 
 @dataclass

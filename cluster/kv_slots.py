@@ -120,8 +120,9 @@ class KvSlots:
         if saved.n_bytes > self.session_bytes:
             return
         self.saved[session] = saved
-        while sum(s.n_bytes for s in self.saved.values()) > self.session_bytes:
-            self.saved.popitem(last=False)
+        total = self.saved_bytes
+        while total > self.session_bytes:
+            total -= self.saved.popitem(last=False)[1].n_bytes
 
     def clear(self) -> None:
         """Forgets every slot's KV and every saved state (the context was cleared)."""

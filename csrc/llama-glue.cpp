@@ -584,16 +584,9 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
     // last layer); any other count (a step llama.cpp split into several ubatches) is not attributed
     const bool rows_mode = n_tokens == step_rows_;
     const bool mapped = !step_groups_.empty() && (rows_mode || n_tokens == step_outs_);
-    if (mapped) {
-        row_decode_.assign(size_t(n_tokens), 0);
-        for (const step_group & g : step_groups_) {
-            const int first = rows_mode ? g.first_row : g.first_out;
-            const int n = rows_mode ? g.n_rows : g.n_out;
-            std::fill(row_decode_.begin() + first, row_decode_.begin() + first + n, uint8_t(g.n_rows == 1));
-        }
-    }
+    const uint8_t * row_decode = !mapped ? nullptr : rows_mode ? row_decode_.data() : out_decode_.data();
     const cache_counters before = policy_.counters();
-    policy_.access(layer, ids_.data(), n_tokens, k, plan_, mapped ? row_decode_.data() : nullptr);
+    policy_.access(layer, ids_.data(), n_tokens, k, plan_, row_decode);
     if (mapped) { record_sequences(layer, k, rows_mode); }
     mark(plan_);
     uint64_t t1 = now_ns();
@@ -632,24 +625,32 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
 }
 
 void expert_cache::begin_step(const int32_t * row_tags, const uint8_t * row_outputs, int n_rows) {
+    std::vector<int32_t> seen;  // checked before anything changes: a rejected step leaves the last one
+    for (int i = 0; i < n_rows; ++i) {
+        const int32_t tag = row_tags[i];
+        if (tag < 0) { throw std::invalid_argument("begin_step: row " + std::to_string(i) + " has a negative tag"); }
+        if (i > 0 && tag == row_tags[i - 1]) { continue; }
+        if (std::find(seen.begin(), seen.end(), tag) != seen.end()) {
+            throw std::invalid_argument("begin_step: the rows of tag " + std::to_string(tag) + " are not contiguous");
+        }
+        seen.push_back(tag);
+    }
     step_groups_.clear();
+    row_decode_.clear();
+    out_decode_.clear();
     step_rows_ = n_rows;
     step_outs_ = 0;
     int n_decode = 0, n_prefill = 0;
     for (int i = 0; i < n_rows;) {
         const int32_t tag = row_tags[i];
-        if (tag < 0) { throw std::invalid_argument("begin_step: row " + std::to_string(i) + " has a negative tag"); }
-        for (const step_group & g : step_groups_) {
-            if (g.tag == tag) {
-                throw std::invalid_argument("begin_step: the rows of tag " + std::to_string(tag) + " are not contiguous");
-            }
-        }
         int j = i, outs = 0;
         for (; j < n_rows && row_tags[j] == tag; ++j) { outs += row_outputs[j] != 0; }
         sequence_record & record = sequences_[tag];
         step_groups_.push_back({tag, i, j - i, step_outs_, outs, &record});
         step_outs_ += outs;
         const bool decode = j - i == 1;
+        row_decode_.insert(row_decode_.end(), size_t(j - i), uint8_t(decode));
+        out_decode_.insert(out_decode_.end(), size_t(outs), uint8_t(decode));
         (decode ? n_decode : n_prefill) += j - i;
         record.counters.n_steps++;
         (decode ? record.counters.n_tokens_decode : record.counters.n_tokens_prefill) += uint64_t(j - i);
@@ -657,7 +658,7 @@ void expert_cache::begin_step(const int32_t * row_tags, const uint8_t * row_outp
     }
     const int n_experts = layout_.n_experts;
     if (unit_stamp_.size() != size_t(n_experts)) {
-        unit_stamp_.assign(size_t(n_experts), -1);
+        unit_stamp_.assign(size_t(n_experts), 0);
         n_selecting_.assign(size_t(n_experts), 0);
         missing_.assign(size_t(n_experts), 0);
     }
@@ -686,7 +687,12 @@ void expert_cache::record_sequences(int layer, int k, bool rows_mode) {
     auto rows_of = [&](const step_group & g) {
         return std::make_pair(rows_mode ? g.first_row : g.first_out, rows_mode ? g.n_rows : g.n_out);
     };
-    auto each_unique = [&](const step_group & g, int32_t stamp, auto && fn) {
+    auto each_unique = [&](const step_group & g, auto && fn) {
+        if (++stamp_clock_ == 0) {  // wrapped: every old stamp could collide with a new one
+            std::fill(unit_stamp_.begin(), unit_stamp_.end(), 0u);
+            stamp_clock_ = 1;
+        }
+        const uint32_t stamp = stamp_clock_;
         const auto [first, n] = rows_of(g);
         for (int i = first * k; i < (first + n) * k; ++i) {
             const int32_t e = ids_[size_t(i)];
@@ -695,15 +701,13 @@ void expert_cache::record_sequences(int layer, int k, bool rows_mode) {
             fn(e);
         }
     };
-    const int32_t n_groups = int32_t(step_groups_.size());
-    for (int32_t gi = 0; gi < n_groups; ++gi) {
-        each_unique(step_groups_[size_t(gi)], gi, [&](int32_t e) { n_selecting_[size_t(e)]++; });
+    for (const step_group & g : step_groups_) {
+        each_unique(g, [&](int32_t e) { n_selecting_[size_t(e)]++; });
     }
-    for (int32_t gi = 0; gi < n_groups; ++gi) {
-        const step_group & g = step_groups_[size_t(gi)];
+    for (const step_group & g : step_groups_) {
         const bool decode = g.n_rows == 1;
         sequence_record * r = g.record;
-        each_unique(g, n_groups + gi, [&](int32_t e) {
+        each_unique(g, [&](int32_t e) {
             if (r == nullptr) { return; }
             cache_counters & c = r->counters;
             if (missing_[size_t(e)]) {
@@ -719,10 +723,9 @@ void expert_cache::record_sequences(int layer, int k, bool rows_mode) {
             r->trace.push(TRACE_EVENT_ACCESS, layer, n, ids_.data() + size_t(first) * size_t(k), n * k);
         }
     }
-    for (int32_t gi = 0; gi < n_groups; ++gi) {  // scratch back to rest
-        each_unique(step_groups_[size_t(gi)], 2 * n_groups + gi, [&](int32_t e) { n_selecting_[size_t(e)] = 0; });
+    for (const step_group & g : step_groups_) {  // scratch back to rest
+        each_unique(g, [&](int32_t e) { n_selecting_[size_t(e)] = 0; });
     }
-    for (int32_t & stamp : unit_stamp_) { stamp = -1; }
     for (int32_t u : plan_.load) { missing_[size_t(u - base)] = 0; }
 }
 

@@ -233,8 +233,10 @@ private:
     std::vector<step_group> step_groups_;
     int step_rows_ = 0, step_outs_ = 0;
     std::unordered_map<int32_t, sequence_record> sequences_;  // node-based: records stay put
-    std::vector<uint8_t> row_decode_;     // [rows of the access] 1 = the token decodes
-    std::vector<int32_t> unit_stamp_;     // [experts] last group that counted the expert in this access
+    std::vector<uint8_t> row_decode_;     // [step rows] 1 = the token decodes (set by begin_step)
+    std::vector<uint8_t> out_decode_;     // [step output rows] the same, for the last layer's rows
+    std::vector<uint32_t> unit_stamp_;    // [experts] stamp of the last pass that counted the expert
+    uint32_t stamp_clock_ = 0;            // one new stamp per pass over a group's selections
     std::vector<int32_t> n_selecting_;    // [experts] groups selecting it in this access
     std::vector<uint8_t> missing_;        // [experts] read on demand in this access
 

@@ -189,3 +189,14 @@ def test_under_memory_pressure_the_width_adapts_and_every_request_still_finishes
     assert 1 <= stats["width"] <= 4 and stats["decode_batch"] >= 1
     with open_engine(tiny_model, int(tiny_layout.unit_bytes.sum()), n_slots=4) as roomy:
         assert roomy.batch_stats()["width"] == 4, "with every expert resident every slot is used"
+
+
+def test_a_step_with_a_sequences_rows_apart_is_refused_and_the_engine_goes_on(tiny_model, tiny_layout, tiny_topics):
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=2) as engine:
+        cache = engine._native_cache
+        with pytest.raises(ValueError, match="not contiguous"):
+            engine._call(lambda: cache.begin_step(np.array([5, 6, 5], np.int32), np.ones(3, np.uint8)))
+        with pytest.raises(ValueError, match="negative tag"):
+            engine._call(lambda: cache.begin_step(np.array([5, -1], np.int32), np.ones(2, np.uint8)))
+        got = _batched(engine, _prompts(tiny_topics, 2), 8)
+    assert all(g.n_generated > 0 and g.cache["n_hits_decode"] + g.cache["n_misses_decode"] > 0 for g in got)

@@ -4,6 +4,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 DEFAULT_OUT = Path("docs")  # where `bench` writes its reports unless --out says otherwise
 
 
@@ -30,3 +32,11 @@ def log_progress(progress: bool, message: str) -> None:
     """One line of progress on stderr (stdout carries the JSON)."""
     if progress:
         print(message, file=sys.stderr, flush=True)
+
+
+def percentile(values: Sequence[float], q: float, *, observed: bool = False) -> float | None:
+    """The ``q``-th percentile of ``values`` (None if there are none): interpolated between the
+    two nearest, or with ``observed`` the nearest value measured (for latencies of few requests)."""
+    if not len(values):
+        return None
+    return float(np.percentile(values, q, method="nearest" if observed else "linear"))

@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,19 +34,14 @@ from typing import Any
 import requests
 
 from cluster import memory_limit as memlimit
-from cluster.bench import command_line, log_progress, out_flag
+from cluster.bench import command_line, log_progress, out_flag, percentile
+from cluster.bench.closed_loop import closed_loop
 from cluster.bench.serving_bench import LlamaServer, find_llama_server
+from cluster.bench.worker import read_bytes
 from cluster.node_memory import MIB
 
 CONCURRENCY = (1, 2, 4, 8, 16)
 N_CTX = 1024
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def _summary(elapsed: float, reqs: list[dict[str, Any]], disk_bytes: int) -> dict[str, Any]:
@@ -56,8 +50,8 @@ def _summary(elapsed: float, reqs: list[dict[str, Any]], disk_bytes: int) -> dic
     ttft = [r["ttft_s"] for r in done]
     tpot = [r["tpot_s"] for r in done if r.get("tpot_s") is not None]
     return {"tok_s": tokens / elapsed if elapsed > 0 else float("nan"), "tokens": tokens, "requests": len(done),
-            "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99),
-            "tpot_p50_s": _percentile(tpot, 50), "tpot_p99_s": _percentile(tpot, 99),
+            "ttft_p50_s": percentile(ttft, 50, observed=True), "ttft_p99_s": percentile(ttft, 99, observed=True),
+            "tpot_p50_s": percentile(tpot, 50, observed=True), "tpot_p99_s": percentile(tpot, 99, observed=True),
             "disk_bytes_per_token": disk_bytes / tokens if tokens else None}
 
 
@@ -99,14 +93,6 @@ def run_engine(model: str, prompts: list[str], clients: int, *, cache_bytes: int
     return out
 
 
-def _proc_read_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
-
-
 def run_llama_server(binary: str, model: str, prompts: list[str], clients: int, *, max_tokens: int, n_threads: int,
                      window_s: float, warmup_s: float, limit_bytes: int | None) -> dict[str, Any]:
     limit = None
@@ -125,16 +111,10 @@ def run_llama_server(binary: str, model: str, prompts: list[str], clients: int, 
 
 def _drive_server(server: LlamaServer, prompts: list[str], clients: int, max_tokens: int, window_s: float,
                   warmup_s: float) -> dict[str, Any]:
-    window: dict[str, float] = {"end": float("inf")}
-    measured: dict[str, float] = {}
+    measured: dict[str, int] = {}
 
     def begin() -> None:
-        measured["io"] = _proc_read_bytes(server.pid or 0)
-        measured["t0"] = time.perf_counter()
-        window["end"] = measured["t0"] + window_s
-
-    barrier = threading.Barrier(clients, action=begin)
-    results: list[list[dict[str, Any]]] = [[] for _ in range(clients)]
+        measured["io"] = read_bytes(server.pid or 0)
 
     def one(prompt: str, deadline: float) -> dict[str, Any]:
         body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "stream": True, "cache_prompt": False}
@@ -162,23 +142,8 @@ def _drive_server(server: LlamaServer, prompts: list[str], clients: int, max_tok
         return {"tokens": n, "complete": True, "ttft_s": first - sent,
                 "tpot_s": (end - first) / (n - 1) if n > 1 else None}
 
-    def client(c: int) -> None:
-        one(prompts[c % len(prompts)], measured.get("warmup_deadline", float("inf")))
-        barrier.wait()
-        i = c + 1
-        while time.perf_counter() < window["end"]:
-            results[c].append(one(prompts[i % len(prompts)], window["end"]))
-            i += 1
-
-    measured["warmup_deadline"] = time.perf_counter() + warmup_s
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - measured["t0"]
-    disk = _proc_read_bytes(server.pid or 0) - int(measured["io"])
-    return _summary(elapsed, [r for rs in results for r in rs], disk)
+    elapsed, measured_requests = closed_loop(clients, prompts, one, warmup_s=warmup_s, window_s=window_s, begin=begin)
+    return _summary(elapsed, measured_requests, read_bytes(server.pid or 0) - measured["io"])
 
 
 def ensure_llama_server(path: str | None, progress: bool) -> str | None:

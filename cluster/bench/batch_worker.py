@@ -11,31 +11,32 @@ counters and the bytes this process made the kernel read (``/proc/self/io``) ove
 from __future__ import annotations
 
 import json
+import queue
 import sys
-import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
-from cluster.bench.worker import _read_bytes
+from cluster.bench.closed_loop import closed_loop
+from cluster.bench.worker import read_bytes
 
 
-def _client(engine: Any, prompts: list[str], offset: int, max_tokens: int, start: threading.Barrier,
-            window: dict[str, float], out: list[dict[str, Any]]) -> None:
+def _send(engine: Any, max_tokens: int) -> Callable[[str, float], dict[str, Any]]:
+    """One request to the engine, measured; cancelled at its deadline (it counts what it had)."""
     from cluster.engine import Generation
     from cluster.sequence import Piece
 
-    def one(prompt: str, deadline: float | None) -> dict[str, Any] | None:
+    def one(prompt: str, deadline: float) -> dict[str, Any]:
         sent = time.perf_counter()
         seq = engine.submit(prompt, _params(max_tokens))
         first = None
         while True:
-            remaining = None if deadline is None else deadline - time.perf_counter()
-            if remaining is not None and remaining <= 0:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
                 seq.cancel()
                 return {"tokens": len(seq.generated), "complete": False}
             try:
-                item = seq.outbox.get(timeout=remaining)
-            except Exception:  # noqa: BLE001  (queue.Empty: the window ended)
+                item = seq.outbox.get(timeout=min(remaining, 3600.0))
+            except queue.Empty:  # the deadline came
                 continue
             if isinstance(item, Piece):
                 first = first or time.perf_counter()
@@ -48,14 +49,7 @@ def _client(engine: Any, prompts: list[str], offset: int, max_tokens: int, start
             else:
                 raise item if isinstance(item, BaseException) else RuntimeError("cancelled")
 
-    one(prompts[offset % len(prompts)], window["warmup_deadline"])
-    start.wait()
-    i = offset + 1
-    while time.perf_counter() < window["end"]:
-        result = one(prompts[i % len(prompts)], window["end"])
-        if result is not None:
-            out.append(result)
-        i += 1
+    return one
 
 
 def _params(max_tokens: int) -> Any:
@@ -68,34 +62,22 @@ def main(spec_path: str) -> int:
     from cluster.engine import MoEEngine
 
     spec = json.loads(open(spec_path).read())
-    clients = spec["clients"]
     engine = MoEEngine(spec["model"], spec["cache_bytes"], n_ctx=spec["n_ctx"], n_slots=spec["slots"],
                        n_threads=spec.get("n_threads"), n_batch=max(512, spec["slots"]),
                        adaptive_width=spec.get("adaptive_width", True))
-    window: dict[str, float] = {"warmup_deadline": time.perf_counter() + spec["warmup_s"], "end": float("inf")}
     measured: dict[str, Any] = {}
 
-    def begin() -> None:  # the barrier's action: every client has warmed up
-        measured["io"] = _read_bytes()
+    def begin() -> None:  # every client has warmed up
+        measured["io"] = read_bytes()
         measured["cache"] = engine.cache_stats() if engine.has_cache else {}
         measured["batch"] = engine.batch_stats()
-        measured["t0"] = time.perf_counter()
-        window["end"] = measured["t0"] + spec["window_s"]
 
-    barrier = threading.Barrier(clients, action=begin)
-    results: list[list[dict[str, Any]]] = [[] for _ in range(clients)]
-    threads = [threading.Thread(target=_client, args=(engine, spec["prompts"], c, spec["max_tokens"], barrier, window,
-                                                      results[c])) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - measured["t0"]
-    io = _read_bytes() - measured["io"]
+    elapsed, requests = closed_loop(spec["clients"], spec["prompts"], _send(engine, spec["max_tokens"]),
+                                    warmup_s=spec["warmup_s"], window_s=spec["window_s"], begin=begin)
+    io = read_bytes() - measured["io"]
     after = engine.cache_stats() if engine.has_cache else {}
     batch_after = engine.batch_stats()
     engine.close()
-    requests = [r for rs in results for r in rs]
     cache = {k: after[k] - measured["cache"][k] for k in ("bytes_read_decode", "bytes_read_prefill", "n_steps",
                                                            "n_hits_decode", "n_misses_decode", "n_hits_prefill",
                                                            "n_misses_prefill")} if after else {}

@@ -40,7 +40,7 @@ import numpy as np
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN.md); read when ray is imported
 
-from cluster.bench import command_line, log_progress, out_flag
+from cluster.bench import command_line, log_progress, out_flag, percentile
 from cluster.bench.workload import Workload, conversation_prompt, for_model  # noqa: E402
 
 DEFAULT_POLICIES = ("warmth", "least_loaded", "round_robin")
@@ -284,10 +284,10 @@ def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after
         "generated_tokens": generated,
         "tok_s": generated / wall_s if wall_s > 0 else None,
         "wall_s": wall_s,
-        "p50_latency_s": float(np.percentile(latencies, 50)) if latencies else None,
-        "p99_latency_s": float(np.percentile(latencies, 99)) if latencies else None,
-        "p50_ttft_s": float(np.percentile(ttft, 50)) if ttft else None,
-        "p99_ttft_s": float(np.percentile(ttft, 99)) if ttft else None,
+        "p50_latency_s": percentile(latencies, 50),
+        "p99_latency_s": percentile(latencies, 99),
+        "p50_ttft_s": percentile(ttft, 50),
+        "p99_ttft_s": percentile(ttft, 99),
         "reused_prompt_fraction": reused / prompt_tokens if prompt_tokens else None,
         "requests_per_node": dict(sorted(Counter(o["node"] for o in ok).items())),
         "prediction_precision": prediction.get("precision"),

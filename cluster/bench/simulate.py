@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cluster.bench import command_line, log_progress, out_flag
+from cluster.bench import command_line, log_progress, out_flag, percentile
 from cluster.bench.workload import Turn, Workload, conversation_prompt, for_model, poisson_arrivals
 from cluster.cache import TRACE_ACCESS, CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.errors import OverloadedError
@@ -313,10 +313,6 @@ class SimNode:
 
 # -- simulation ----------------------------------------------------------------------------
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if len(values) else None
-
-
 def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, service: ServiceModel = ServiceModel(),
              arrivals: Sequence[float] | None = None, capacity: int = 8, max_sessions: int = 64,
              seed: int = 0, policy_knobs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -432,8 +428,8 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
         "cache_bytes": int(cache_bytes),
         "sim_duration_s": max((o["done_s"] for o in outcomes), default=0.0),
         "overloaded_retries": n_retries,
-        "decision_us_p50": 1e6 * _percentile(decision_s, 50) if decision_s else None,
-        "decision_us_p99": 1e6 * _percentile(decision_s, 99) if decision_s else None,
+        "decision_us_p50": 1e6 * percentile(decision_s, 50) if decision_s else None,
+        "decision_us_p99": 1e6 * percentile(decision_s, 99) if decision_s else None,
     })
     result["tok_s"] = (sum(o["n_generated"] for o in outcomes) / result["sim_duration_s"]
                        if result["sim_duration_s"] > 0 else None)
@@ -464,8 +460,8 @@ def _summarise(outcomes: list[dict[str, Any]], status: dict[str, Any]) -> dict[s
         "bytes_read": read_prefill + read_decode,
         "generated_tokens": generated,
         "reused_prompt_fraction": total("reused") / total("n_prompt") if total("n_prompt") else None,
-        "p50_latency_s": _percentile(latencies, 50),
-        "p99_latency_s": _percentile(latencies, 99),
+        "p50_latency_s": percentile(latencies, 50),
+        "p99_latency_s": percentile(latencies, 99),
         "requests_per_node": {n["name"]: per_node[n["name"]] for n in status["nodes"] if per_node.get(n["name"])},
         "node_spread": {"nodes_used": int((counts > 0).sum()), "max": int(counts.max()) if counts.size else 0,
                         "mean": float(counts.mean()) if counts.size else 0.0,

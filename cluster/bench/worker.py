@@ -12,8 +12,9 @@ import sys
 import time
 
 
-def _read_bytes() -> int:
-    with open("/proc/self/io") as f:
+def read_bytes(pid: int | str = "self") -> int:
+    """Bytes process ``pid`` has made the kernel fetch from storage (``/proc/PID/io``, ``read_bytes``)."""
+    with open(f"/proc/{pid}/io") as f:
         for line in f:
             if line.startswith("read_bytes:"):
                 return int(line.split()[1])
@@ -38,7 +39,7 @@ def main(spec_path: str) -> int:
     load = {"load_s": time.perf_counter() - t0}
     requests = []
     for req in spec["requests"]:
-        io_a = _read_bytes()
+        io_a = read_bytes()
         pieces = engine.stream(req["prompt"], max_tokens=req["max_tokens"])
         # prefill ends when the first piece arrives; disk reads split there
         io_b = None
@@ -46,10 +47,10 @@ def main(spec_path: str) -> int:
             while True:
                 next(pieces)
                 if io_b is None:
-                    io_b = _read_bytes()
+                    io_b = read_bytes()
         except StopIteration as done:
             gen = done.value
-        io_c = _read_bytes()
+        io_c = read_bytes()
         requests.append({
             "n_prompt_tokens": gen.n_prompt_tokens,
             "n_generated": gen.n_generated,
