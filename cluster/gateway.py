@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cluster.client import completion
-from cluster.deploy import app_name
+from cluster.deploy import HEAD_NODE_RESOURCE, app_name
 from cluster.errors import InvalidParameterError, NoNodesError, RouterUnavailableError, SniperError
 from cluster.metrics import GatewayMetrics
 from cluster.node_memory import AUTO
@@ -177,7 +177,8 @@ def _bind_internal_grpc_to_node_address() -> None:
     replica.add_port_to_grpc_server = bound
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+# on the head node, with Serve's proxy and the router: a worker node lost takes no gateway with it
+@serve.deployment(ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Gateway:
     """One replica of the HTTP front end; every generation goes through the router actor."""

@@ -8,6 +8,12 @@ nodes (the head with Ray's dashboard and job server on 127.0.0.1:DASHBOARD_PORT,
 ``ray job submit``; 0: none), writes ``{"address", "dashboard", "pid", "n_nodes"}`` to STATE.json
 and keeps them up until it receives SIGTERM or SIGINT, or its head stops answering.
 
+It also keeps the count: a worker node whose raylet died (killed, OOM) is removed and a new one
+added in its place, so the actors Ray restarts (a deployment's node actors, whose placement
+group then finds a node again) come back by themselves; the state file counts the nodes
+``replaced``. A head whose GCS server or raylet died cannot be replaced: the daemon then shuts
+every node down and removes the state file, so that the next command starts afresh.
+
 Start-up either finishes or removes what it started: a signal while nodes are being added, or
 the death of OWNER_PID (the command waiting for it) before the state file is written, shuts the
 nodes started so far down. ``start``, ``stop`` and ``state`` are the other side, used by the CLI:
@@ -69,15 +75,18 @@ class LocalCluster:
     pid: int
     n_nodes: int
     dashboard: str | None
+    replaced: int = 0  # worker nodes the daemon replaced after their raylet died
 
 
-def state(announce: bool = True) -> LocalCluster | None:
+def state(announce: bool = True, state_file: str | None = None) -> LocalCluster | None:
     """The local cluster that is running, or None. A stale state file (daemon gone, or its head not
     answering) is removed, with one line on stderr when ``announce``."""
+    state_file = state_file or STATE_FILE
     try:
-        with open(STATE_FILE) as f:
+        with open(state_file) as f:
             data = json.load(f)
-        cluster = LocalCluster(str(data["address"]), int(data["pid"]), int(data.get("n_nodes", 0)), data.get("dashboard"))
+        cluster = LocalCluster(str(data["address"]), int(data["pid"]), int(data.get("n_nodes", 0)), data.get("dashboard"),
+                               int(data.get("replaced", 0)))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -90,11 +99,11 @@ def state(announce: bool = True) -> LocalCluster | None:
         else:
             return cluster
     try:
-        os.unlink(STATE_FILE)
+        os.unlink(state_file)
     except FileNotFoundError:
         pass
     if announce:
-        print(f"removed the state of a local Ray cluster that is gone ({STATE_FILE}: {why})", file=sys.stderr)
+        print(f"removed the state of a local Ray cluster that is gone ({state_file}: {why})", file=sys.stderr)
     return None
 
 
@@ -114,31 +123,33 @@ def check_nodes(n_nodes: int, node_bytes: int = 0) -> None:
 
 
 def start(n_nodes: int, cpus_per_node: int = 2, timeout_s: float = 180.0, dashboard_port: int = DASHBOARD_PORT,
-          node_bytes: int = 0) -> str:
+          node_bytes: int = 0, state_file: str | None = None) -> str:
     """Starts N Ray nodes on loopback in a daemon; returns the address once they are up.
 
     Interrupted (SIGINT, SIGTERM) or failing, it stops the daemon, which shuts down whatever it
-    had started, before it raises.
+    had started, before it raises. ``state_file`` (default ``STATE_FILE``) is where the cluster
+    is recorded: another file runs a second cluster next to the user's (benchmarks).
     """
+    state_file = state_file or STATE_FILE
     check_nodes(n_nodes, node_bytes)
-    running = state()
+    running = state(state_file=state_file)
     if running is not None:
         raise SniperError(f"a local cluster is already running ({running.n_nodes} nodes at {running.address}, "
                           f"daemon pid {running.pid}); stop it with: python -m cluster shutdown --stop-local")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", str(n_nodes), STATE_FILE,
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", str(n_nodes), state_file,
                              str(cpus_per_node), str(dashboard_port), str(os.getpid())], env=loopback_env(),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() \
         else None
     try:
         deadline = time.monotonic() + timeout_s
-        while not os.path.exists(STATE_FILE):
+        while not os.path.exists(state_file):
             if proc.poll() is not None:
                 raise SniperError(f"the local Ray cluster failed to start: {proc.stderr.read()[-400:]}")
             if time.monotonic() > deadline:
                 raise SniperError(f"the local Ray cluster did not start within {timeout_s:.0f} s")
             time.sleep(0.2)
-        with open(STATE_FILE) as f:
+        with open(state_file) as f:
             return json.load(f)["address"]
     except BaseException:
         _stop_daemon(proc.pid, timeout_s=60.0)
@@ -172,20 +183,36 @@ def _stop_daemon(pid: int, timeout_s: float) -> None:
         pass
 
 
-def stop(timeout_s: float = 60.0) -> bool:
+def stop(timeout_s: float = 60.0, state_file: str | None = None) -> bool:
     """Stops the running local cluster; False if none was running (a stale state is cleaned)."""
-    running = state()
+    state_file = state_file or STATE_FILE
+    running = state(state_file=state_file)
     if running is None:
         return False
     _stop_daemon(running.pid, timeout_s)
     try:
-        os.unlink(STATE_FILE)
+        os.unlink(state_file)
     except FileNotFoundError:
         pass
     return True
 
 
 # -- the daemon ----------------------------------------------------------------------------------
+
+def _dead(node: object) -> bool:
+    """Whether a Ray node of this daemon lost a process it cannot run without (GCS server, raylet)."""
+    from ray._private import ray_constants
+
+    vital = (ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET)
+    return any(kind in vital for kind, _ in node.dead_processes())  # type: ignore[attr-defined]
+
+
+def _write_state(path: str, record: dict[str, object]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
 
 def main(argv: list[str]) -> int:
     n_nodes, state_path = int(argv[0]), argv[1]
@@ -224,15 +251,18 @@ def main(argv: list[str]) -> int:
         cluster.wait_for_nodes()
         if abandoned():
             return 1
-        tmp = state_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"address": cluster.address, "pid": os.getpid(), "n_nodes": n_nodes,
-                       "dashboard": f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None}, f)
-        os.replace(tmp, state_path)
+        record = {"address": cluster.address, "pid": os.getpid(), "n_nodes": n_nodes,
+                  "dashboard": f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None, "replaced": 0}
+        _write_state(state_path, record)
         written = True
         while not stop_event.wait(HEALTH_INTERVAL_S):
-            if not answers(cluster.address):  # the head died: nothing left to keep up
+            if not answers(cluster.address) or _dead(cluster.head_node):  # nothing left to keep up
                 break
+            for node in [n for n in cluster.worker_nodes if _dead(n)]:
+                cluster.remove_node(node, allow_graceful=False)
+                cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
+                record["replaced"] += 1
+                _write_state(state_path, record)
         return 0
     finally:
         cluster.shutdown()

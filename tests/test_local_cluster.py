@@ -116,3 +116,64 @@ def test_a_local_cluster_this_machine_cannot_hold_is_refused_before_anything_sta
     with pytest.raises(ValueError, match="MiB available"):
         local_cluster.check_nodes(2, node_bytes=1 << 50)
     local_cluster.check_nodes(3)
+
+
+def _raylets(daemon_pid: int) -> dict[int, bool]:
+    """The raylets the daemon started: pid -> whether it is the head's."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == daemon_pid and argv[0].endswith(b"/raylet"):
+            found[int(entry.name)] = b"--head" in argv
+    return found
+
+
+def _live_nodes(address: str) -> int:
+    probe = "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); " \
+            "print(sum(1 for n in ray.nodes() if n['Alive']))"
+    done = subprocess.run([sys.executable, "-c", probe, address], env=_env(Path("/nonexistent")), capture_output=True,
+                          text=True, timeout=120)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_dead_worker_node_is_replaced_and_a_dead_head_ends_the_cluster_cleanly(tmp_path: Path) -> None:
+    state = tmp_path / "cluster.json"
+    daemon = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", "2", str(state), "1", "0"],
+                              env=_env(state), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, "the local cluster did not start"
+            time.sleep(0.2)
+        address = json.loads(state.read_text())["address"]
+        raylets = _raylets(daemon.pid)
+        workers = [pid for pid, head in raylets.items() if not head]
+        assert len(raylets) == 2 and len(workers) == 1, raylets
+
+        os.kill(workers[0], signal.SIGKILL)  # a worker node dies (its raylet: the node's life)
+        deadline = time.monotonic() + 60
+        while json.loads(state.read_text()).get("replaced", 0) < 1:
+            assert time.monotonic() < deadline, "the daemon did not replace the dead worker node"
+            time.sleep(0.5)
+        now = _raylets(daemon.pid)
+        assert len(now) == 2 and workers[0] not in now, now
+        assert local_cluster.state(announce=False, state_file=str(state)).replaced == 1
+        deadline = time.monotonic() + 90
+        while (alive := _live_nodes(address)) != 2:  # Ray marks the dead one, counts the new one
+            assert time.monotonic() < deadline, f"{alive} live Ray nodes, expected 2"
+            time.sleep(2)
+
+        head = next(pid for pid, is_head in now.items() if is_head)
+        os.kill(head, signal.SIGKILL)  # a head cannot be replaced: everything goes, the state file too
+        daemon.wait(timeout=90)
+        assert not state.exists() and not _raylets(daemon.pid)
+        assert local_cluster.state(announce=False, state_file=str(state)) is None
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
