@@ -8,7 +8,8 @@ import os as _os
 import pkgutil as _pkgutil
 
 # Under `ray job submit --working-dir .` the job's copy of this package comes first on sys.path;
-# the compiled extension (cluster._native) lives only in the installed copy, so both are searched.
+# the compiled extensions (cluster._native, cluster._routing) live only in the installed copy, so
+# both are searched.
 __path__ = _pkgutil.extend_path(__path__, __name__)
 
 # Keep Ray on loopback (DESIGN.md): Ray reads this once, when it is first imported.

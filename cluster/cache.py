@@ -105,6 +105,22 @@ def discover_layout(path: str) -> ExpertLayout:
 
 TRACE_ACCESS = 0
 TRACE_PREDICT = 1
+TRACE_STEP = 2
+
+
+@dataclass(frozen=True)
+class TraceSteps:
+    """How a trace's events fall into steps (one ubatch each: one ``llama_decode``).
+
+    Attributes:
+        index: per event, its step (0-based).
+        decode: per step, whether it only decoded (no prompt rows).
+        rows: per step, its tokens (rows of the trace's sequence or sequences).
+    """
+
+    index: np.ndarray
+    decode: np.ndarray
+    rows: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -112,8 +128,9 @@ class RoutingTrace:
     """What every MoE layer selected, in evaluation order (see ``csrc/routing-trace.h``).
 
     Attributes:
-        kind: per event, ``TRACE_ACCESS`` (a layer's top-k for one ubatch) or ``TRACE_PREDICT``.
-        layer: per event, the layer.
+        kind: per event, ``TRACE_STEP`` (a step begins: ids are its decode and prefill rows),
+            ``TRACE_ACCESS`` (a layer's top-k for one ubatch) or ``TRACE_PREDICT``.
+        layer: per event, the layer (-1 for a step).
         n_tokens: per event, tokens of the ubatch (rows of the top-k; 1 for predictions).
         n_ids: per event, ids stored.
         ids: all ids, events back to back (ACCESS: ``[n_tokens, k]`` row-major).
@@ -159,7 +176,7 @@ class RoutingTrace:
         return int(self.kind.shape[0])
 
     def events(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yields ``(kind, layer, ids)``; ACCESS ids are ``[n_tokens, k]``, PREDICT ids 1-D."""
+        """Yields ``(kind, layer, ids)``; ACCESS ids are ``[n_tokens, k]``, PREDICT and STEP ids 1-D."""
         offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
         for i in range(len(self)):
             ids = self.ids[offsets[i] : offsets[i + 1]]
@@ -176,15 +193,43 @@ class RoutingTrace:
         units = layers[valid] * n_experts + ids[valid]
         return np.bincount(units, minlength=n_layers * n_experts).reshape(n_layers, n_experts).astype(np.int64)
 
+    def steps(self) -> TraceSteps:
+        """Which step each event belongs to. The engine's cache records a STEP event as each
+        step begins; a trace without them (recorded by an older version, or built by hand) is
+        split by the layer order instead: a step begins when an access's layer does not
+        increase, and it decodes when that first access has one row."""
+        n = len(self)
+        offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
+        index = np.zeros(n, dtype=np.int64)
+        decode: list[bool] = []
+        rows: list[int] = []
+        explicit = bool((self.kind == TRACE_STEP).any())
+        last_layer = None
+        for i in range(n):
+            kind = int(self.kind[i])
+            if explicit and kind == TRACE_STEP:
+                decode.append(int(self.ids[offsets[i] + 1]) == 0)
+                rows.append(int(self.n_tokens[i]))
+            elif not explicit and kind == TRACE_ACCESS and (last_layer is None or self.layer[i] <= last_layer):
+                decode.append(int(self.n_tokens[i]) == 1)
+                rows.append(int(self.n_tokens[i]))
+            if kind == TRACE_ACCESS:
+                last_layer = int(self.layer[i])
+            index[i] = max(len(rows) - 1, 0)
+        return TraceSteps(index, np.asarray(decode, dtype=bool), np.asarray(rows, dtype=np.int64))
+
     def ubatches(self) -> Iterator[list[tuple[int, np.ndarray]]]:
-        """ACCESS events grouped by ubatch (a new ubatch starts when the layer does not increase)."""
+        """ACCESS events grouped by step (``steps``); a step without accesses yields nothing."""
+        index = self.steps().index
         current: list[tuple[int, np.ndarray]] = []
-        for kind, layer, ids in self.events():
+        current_step = -1
+        for i, (kind, layer, ids) in enumerate(self.events()):
             if kind != TRACE_ACCESS:
                 continue
-            if current and layer <= current[-1][0]:
+            if current and index[i] != current_step:
                 yield current
                 current = []
+            current_step = int(index[i])
             current.append((layer, ids))
         if current:
             yield current
@@ -220,18 +265,13 @@ class RoutingTrace:
         return prompt, decode
 
     def select(self, *, decode_only: bool = False, predictions: bool = True) -> "RoutingTrace":
-        """The same trace without its prefill ubatches (``decode_only``) and/or its PREDICT events."""
+        """The same trace without the steps that prefilled (``decode_only``) and/or its PREDICT events."""
         keep = np.ones(len(self), dtype=bool)
-        last_layer, decode = None, False
-        for i in range(len(self)):
-            if self.kind[i] == TRACE_ACCESS:
-                if last_layer is None or self.layer[i] <= last_layer:  # a new ubatch (as ubatches())
-                    decode = int(self.n_tokens[i]) == 1
-                last_layer = int(self.layer[i])
-            elif not predictions:
-                keep[i] = False
-            if decode_only and not decode:
-                keep[i] = False
+        if not predictions:
+            keep &= self.kind != TRACE_PREDICT
+        if decode_only and len(self):
+            steps = self.steps()
+            keep &= steps.decode[steps.index] if len(steps.decode) else False
         offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
         ids = np.concatenate([self.ids[offsets[i]:offsets[i + 1]] for i in np.flatnonzero(keep)]) if keep.any() \
             else np.zeros(0, dtype=np.int32)
@@ -239,7 +279,7 @@ class RoutingTrace:
                             n_ids=self.n_ids[keep], ids=ids.astype(np.int32), n_dropped=self.n_dropped)
 
     def decode_steps(self) -> list[dict[int, np.ndarray]]:
-        """Per single-token ubatch, ``{layer: ids}``: the decode part of the trace."""
+        """Per decoding step, ``{layer: ids}``: the decode part of the trace (single-token steps)."""
         return [dict(ubatch) for ubatch in self.ubatches() if ubatch[0][1].shape[0] == 1]
 
 

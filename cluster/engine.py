@@ -372,8 +372,8 @@ class MoEEngine:
             raise InvalidParameterError("measured_resident_bytes needs the expert cache (cache_bytes set)")
         return self._call(self._native_cache.measured_resident_bytes)
 
-    def warmth(self) -> bytes:
-        """The warmth report (msgpack, see ``cluster.warmth``)."""
+    def warmth(self, heat: bool = False) -> bytes:
+        """The warmth report (msgpack, see ``cluster.warmth``), with each unit's heat if ``heat``."""
         self._check_open()
         if self._native_cache is None:
             raise InvalidParameterError("a warmth report needs the expert cache (cache_bytes set)")
@@ -381,8 +381,8 @@ class MoEEngine:
 
         def report() -> bytes:
             cache.reconcile()
-            resident, heat = cache.warmth()
-            return warmth_report.encode(resident, heat, budget_bytes=cache.budget_bytes,
+            resident, unit_heat = cache.warmth()
+            return warmth_report.encode(resident, unit_heat if heat else None, budget_bytes=cache.budget_bytes,
                                         resident_bytes=cache.resident_bytes, counters=cache.counters())
         return self._call(report)
 

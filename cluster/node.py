@@ -361,6 +361,11 @@ class NodeServer:
         return {"node": self.node_id, "pid": os.getpid(), "n_layers": layout.n_layers, "n_experts": layout.n_experts,
                 "cache_budget": budget.explain() if budget is not None else None}
 
+    def warmth(self, heat: bool = False) -> bytes:
+        """The cache's warmth report now, with each unit's heat if ``heat`` (the router asks for it
+        when someone wants the heat map; the reports sent on their own carry none)."""
+        return self.engine.warmth(heat=heat)
+
     def close(self) -> None:
         self._stop.set()
         self.engine.close()

@@ -207,9 +207,7 @@ class RouterCore:
 
     def _build_view(self, node: NodeState) -> NodeView:
         return NodeView(node_id=node.node_id, load=node.in_flight, capacity=node.capacity,
-                        slots=int(node.stats.get("slots") or 1), resident=node.resident,
-                        heat=node.warmth.heat if node.warmth else None,
-                        sessions=node.sessions)
+                        slots=int(node.stats.get("slots") or 1), resident=node.resident, sessions=node.sessions)
 
     def choose(self, request: RouteRequest, exclude: set[str]) -> list[str]:
         """Ranked node ids; raises NoNodesError / OverloadedError when nothing can take it."""
@@ -271,8 +269,6 @@ class RouterCore:
         recent = [t for t in node.restart_times if self.clock() - t <= CRASH_LOOP_WINDOW_S]
         return len(recent) >= CRASH_LOOP_RESTARTS
 
-    def heat(self) -> dict[str, np.ndarray]:
-        return {n.node_id: n.warmth.heat for n in self.nodes.values() if n.warmth is not None}
 
 
 class RouterActor:
@@ -391,8 +387,22 @@ class RouterActor:
         return {"model": os.path.basename(self.model_path).removesuffix(".gguf"), "pid": os.getpid(),
                 "n_routes": self.n_routes, "route_s": self.route_s, **self.core.status()}
 
-    async def heat(self) -> dict[str, np.ndarray]:
-        return self.core.heat()
+    async def heat(self, timeout_s: float = 10.0) -> dict[str, np.ndarray]:
+        """Each live node's expert heat, asked of the nodes now (the reports they send on their own
+        carry none: no policy reads it); a node that does not answer within ``timeout_s`` is left out."""
+        import ray
+
+        names = [n.node_id for n in self.core.nodes.values() if n.alive]
+
+        async def one(name: str) -> tuple[str, np.ndarray | None]:
+            try:
+                node = await asyncio.to_thread(ray.get_actor, name, namespace=self.namespace)
+                return name, decode_warmth(await asyncio.wait_for(node.warmth.remote(heat=True), timeout_s)).heat
+            except Exception:  # noqa: BLE001  (gone, restarting or without a cache: no panel for it)
+                return name, None
+
+        answers = await asyncio.gather(*(one(name) for name in names))
+        return {name: heat for name, heat in answers if heat is not None}
 
     async def set_policy(self, policy: str) -> str:
         old_nodes = list(self.core.nodes.values())

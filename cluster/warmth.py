@@ -1,17 +1,19 @@
 """Warmth report: what a node's expert cache holds, as small versioned msgpack.
 
-Wire format, version 2 (a msgpack map; every other key is an error):
-    v             int    2
+Wire format, version 3 (a msgpack map; every other key is an error):
+    v             int    3
     n_layers      int    L, 1..4096
     n_experts     int    E, 1..65536
     resident      bin    bit-packed [L x E] (numpy.packbits, row-major, little bit order: the order of
                          every expert bitmap of the project — the router's residency rows, its predictions)
-    heat          bin    uint8 [L x E]: 0 = cold, else heat_max * 2**(16 * (q/255 - 1))
-    heat_max      float  heat of the hottest unit (recency-weighted selections)
+    heat          bin    optional, uint8 [L x E]: 0 = cold, else heat_max * 2**(16 * (q/255 - 1))
+    heat_max      float  with heat: heat of the hottest unit (recency-weighted selections)
     budget_bytes  int    the cache's budget
     resident_bytes int   footprint the cache holds
     counters      map    str -> int, names as in csrc/telemetry.h
-A 48-layer, 128-expert model's report is about 7 KB. ``decode`` never raises anything but
+Routing reads the resident flags only, so the reports a node sends on its own carry no heat
+(a 48-layer, 128-expert model's is under 1 KB); heat is in the reports asked for it (the
+``status --plot`` heat map; then about 7 KB). ``decode`` never raises anything but
 ``WarmthFormatError`` on untrusted bytes.
 """
 
@@ -25,20 +27,21 @@ import numpy as np
 
 from cluster.errors import WarmthFormatError
 
-WARMTH_VERSION = 2
+WARMTH_VERSION = 3
 HEAT_OCTAVES = 16
 MAX_LAYERS = 4096
 MAX_EXPERTS = 65536
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_KEYS = {"v", "n_layers", "n_experts", "resident", "heat", "heat_max", "budget_bytes", "resident_bytes", "counters"}
+_KEYS = {"v", "n_layers", "n_experts", "resident", "budget_bytes", "resident_bytes", "counters"}
+_HEAT_KEYS = {"heat", "heat_max"}  # both or neither
 
 
 @dataclass(frozen=True)
 class Warmth:
-    """A decoded warmth report: resident flags and heat per (layer, expert)."""
+    """A decoded warmth report: resident flags (and heat, when it was asked for) per (layer, expert)."""
 
     resident: np.ndarray  # bool [L, E]
-    heat: np.ndarray  # float32 [L, E]
+    heat: np.ndarray | None  # float32 [L, E]; None in a report sent without it
     budget_bytes: int = 0
     resident_bytes: int = 0
     counters: dict[str, int] = field(default_factory=dict)
@@ -72,25 +75,27 @@ def _dequantize_heat(q: np.ndarray, heat_max: float) -> np.ndarray:
     return np.where(q > 0, out, 0.0).astype(np.float32)
 
 
-def encode(resident: np.ndarray, heat: np.ndarray, *, budget_bytes: int = 0, resident_bytes: int = 0,
+def encode(resident: np.ndarray, heat: np.ndarray | None = None, *, budget_bytes: int = 0, resident_bytes: int = 0,
            counters: dict[str, int] | None = None) -> bytes:
-    """Encodes a report from ``[L, E]`` resident flags and heat."""
+    """Encodes a report from ``[L, E]`` resident flags, and heat if given."""
     resident = np.asarray(resident, dtype=bool)
-    heat = np.asarray(heat)
-    if resident.ndim != 2 or heat.shape != resident.shape:
-        raise ValueError(f"resident and heat must both be [L, E], got {resident.shape} and {heat.shape}")
-    heat_bytes, heat_max = _quantize_heat(heat)
-    return msgpack.packb({
+    if resident.ndim != 2:
+        raise ValueError(f"resident must be [L, E], got {resident.shape}")
+    obj: dict[str, object] = {
         "v": WARMTH_VERSION,
         "n_layers": int(resident.shape[0]),
         "n_experts": int(resident.shape[1]),
         "resident": np.packbits(resident.ravel(), bitorder="little").tobytes(),
-        "heat": heat_bytes,
-        "heat_max": heat_max,
         "budget_bytes": int(budget_bytes),
         "resident_bytes": int(resident_bytes),
         "counters": {str(k): int(v) for k, v in (counters or {}).items()},
-    }, use_bin_type=True)
+    }
+    if heat is not None:
+        heat = np.asarray(heat)
+        if heat.shape != resident.shape:
+            raise ValueError(f"resident and heat must both be [L, E], got {resident.shape} and {heat.shape}")
+        obj["heat"], obj["heat_max"] = _quantize_heat(heat)
+    return msgpack.packb(obj, use_bin_type=True)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -113,29 +118,33 @@ def decode(data: bytes) -> Warmth:
     _check(isinstance(obj, dict), f"warmth report must be a map, got {type(obj).__name__}")
     _check(obj.get("v") == WARMTH_VERSION and _is_int(obj.get("v")),
            f"unsupported warmth report version {obj.get('v')!r} (expected {WARMTH_VERSION})")
-    _check(set(obj) == _KEYS, f"warmth report keys {sorted(map(str, obj))} != {sorted(_KEYS)}")
+    _check(set(obj) in (_KEYS, _KEYS | _HEAT_KEYS),
+           f"warmth report keys {sorted(map(str, obj))} != {sorted(_KEYS)} (and optionally {sorted(_HEAT_KEYS)})")
     n_layers, n_experts = obj["n_layers"], obj["n_experts"]
     _check(_is_int(n_layers) and 1 <= n_layers <= MAX_LAYERS, f"n_layers must be an int in [1, {MAX_LAYERS}]")
     _check(_is_int(n_experts) and 1 <= n_experts <= MAX_EXPERTS, f"n_experts must be an int in [1, {MAX_EXPERTS}]")
     n_units = n_layers * n_experts
-    resident, heat = obj["resident"], obj["heat"]
+    resident = obj["resident"]
     _check(isinstance(resident, bytes) and len(resident) == (n_units + 7) // 8,
            f"resident must be {(n_units + 7) // 8} bytes of bits")
-    _check(isinstance(heat, bytes) and len(heat) == n_units, f"heat must be {n_units} bytes")
-    heat_max = obj["heat_max"]
-    _check(isinstance(heat_max, (int, float)) and not isinstance(heat_max, bool)
-           and math.isfinite(heat_max) and 0 <= heat_max <= _FLOAT32_MAX,
-           f"heat_max must be a number in [0, {_FLOAT32_MAX:.3g}] (heat is float32)")
+    heat = None
+    if "heat" in obj:
+        heat_bytes, heat_max = obj["heat"], obj["heat_max"]
+        _check(isinstance(heat_bytes, bytes) and len(heat_bytes) == n_units, f"heat must be {n_units} bytes")
+        _check(isinstance(heat_max, (int, float)) and not isinstance(heat_max, bool)
+               and math.isfinite(heat_max) and 0 <= heat_max <= _FLOAT32_MAX,
+               f"heat_max must be a number in [0, {_FLOAT32_MAX:.3g}] (heat is float32)")
+        q = np.frombuffer(heat_bytes, dtype=np.uint8)
+        heat = _dequantize_heat(q, float(heat_max)).reshape(n_layers, n_experts)
     for key in ("budget_bytes", "resident_bytes"):
         _check(_is_int(obj[key]) and obj[key] >= 0, f"{key} must be an int >= 0")
     counters = obj["counters"]
     _check(isinstance(counters, dict) and all(isinstance(k, str) and _is_int(v) for k, v in counters.items()),
            "counters must map str to int")
     bits = np.unpackbits(np.frombuffer(resident, dtype=np.uint8), bitorder="little")[:n_units].astype(bool)
-    q = np.frombuffer(heat, dtype=np.uint8)
     return Warmth(
         resident=bits.reshape(n_layers, n_experts),
-        heat=_dequantize_heat(q, float(heat_max)).reshape(n_layers, n_experts),
+        heat=heat,
         budget_bytes=obj["budget_bytes"],
         resident_bytes=obj["resident_bytes"],
         counters=dict(counters),

@@ -652,6 +652,8 @@ void expert_cache::begin_step(const int32_t * row_tags, const uint8_t * row_outp
         row_decode_.insert(row_decode_.end(), size_t(j - i), uint8_t(decode));
         out_decode_.insert(out_decode_.end(), size_t(outs), uint8_t(decode));
         (decode ? n_decode : n_prefill) += j - i;
+        const int32_t rows[2] = {decode ? 1 : 0, decode ? 0 : j - i};
+        record.trace.push(TRACE_EVENT_STEP, -1, j - i, rows, 2);
         record.counters.n_steps++;
         (decode ? record.counters.n_tokens_decode : record.counters.n_tokens_prefill) += uint64_t(j - i);
         i = j;
@@ -661,6 +663,10 @@ void expert_cache::begin_step(const int32_t * row_tags, const uint8_t * row_outp
         unit_stamp_.assign(size_t(n_experts), 0);
         n_selecting_.assign(size_t(n_experts), 0);
         missing_.assign(size_t(n_experts), 0);
+    }
+    if (params_.record_trace) {
+        const int32_t rows[2] = {n_decode, n_prefill};
+        trace_.append(TRACE_EVENT_STEP, -1, n_rows, rows, 2);
     }
     policy_.begin_step(n_decode, n_prefill);
 }

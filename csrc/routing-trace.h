@@ -1,8 +1,12 @@
 // routing-trace.h — record of what the router of every MoE layer selected, and its replay.
 //
 // A trace is a sequence of events in evaluation order:
+//   STEP    n_tokens, ids [n_decode_rows, n_prefill_rows] — a step (one ubatch) begins; layer -1.
+//           Its decode rows come first in each of its accesses (the engine lays steps out so)
 //   ACCESS  layer, n_tokens, ids [n_tokens x k]  — one layer's top-k for one ubatch
 //   PREDICT layer, ids [n]                       — experts predicted for that layer's next access
+// The cache records STEP events when it is told the steps (expert_cache::begin_step); a trace
+// without them is split into steps by the layer order (cache_policy::access).
 // Replaying a trace through a cache_policy repeats the decisions taken while the model ran
 // (except those that depended on I/O timing: pins of reads still in flight), which is how
 // policies are compared, budgets swept and large clusters simulated without llama.cpp.
@@ -18,6 +22,7 @@
 enum trace_event_kind : uint8_t {
     TRACE_EVENT_ACCESS  = 0,
     TRACE_EVENT_PREDICT = 1,
+    TRACE_EVENT_STEP    = 2,
 };
 
 struct routing_trace {

@@ -200,3 +200,18 @@ def test_a_step_with_a_sequences_rows_apart_is_refused_and_the_engine_goes_on(ti
             engine._call(lambda: cache.begin_step(np.array([5, -1], np.int32), np.ones(2, np.uint8)))
         got = _batched(engine, _prompts(tiny_topics, 2), 8)
     assert all(g.n_generated > 0 and g.cache["n_hits_decode"] + g.cache["n_misses_decode"] > 0 for g in got)
+
+
+def test_a_requests_trace_marks_each_of_its_steps(tiny_model, tiny_layout, tiny_topics):
+    from cluster.cache import TRACE_STEP
+
+    prompts = _prompts(tiny_topics, 2)
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=2, adaptive_width=False) as engine:
+        got = _batched(engine, prompts, 8)
+        n_prompt = [len(engine.tokenize(p)) for p in prompts]
+    for gen, n in zip(got, n_prompt):
+        steps = gen.trace.steps()
+        assert (gen.trace.kind == TRACE_STEP).sum() == len(steps.rows)
+        assert steps.rows[~steps.decode].sum() == n, "the prompt's chunks"
+        assert steps.decode.sum() == gen.n_generated - 1, "one step per generated token but the last"
+        assert len(gen.trace.decode_steps()) == gen.n_generated - 1

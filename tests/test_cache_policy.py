@@ -8,6 +8,7 @@ import pytest
 from cluster.cache import (
     TRACE_ACCESS,
     TRACE_PREDICT,
+    TRACE_STEP,
     CacheConfig,
     CachePolicy,
     RoutingTrace,
@@ -285,3 +286,43 @@ def test_prefetch_storm_only_evicts_probation_units() -> None:
             assert policy.resident_bytes <= 6 * UNIT
     assert hot <= resident_set(policy)
     assert policy.counters()["n_prefetch_issued"] > 2  # the storm did cycle through PROBATION
+
+
+# -- explicit steps ----------------------------------------------------------------------------
+
+
+def _trace(events: list[tuple[int, int, int, list[int]]]) -> RoutingTrace:
+    """(kind, layer, n_tokens, ids) events."""
+    return RoutingTrace(kind=np.array([e[0] for e in events], np.uint8), layer=np.array([e[1] for e in events], np.int32),
+                        n_tokens=np.array([e[2] for e in events], np.int32),
+                        n_ids=np.array([len(e[3]) for e in events], np.int32),
+                        ids=np.array([i for e in events for i in e[3]], np.int32))
+
+
+def test_step_events_say_where_steps_begin_and_which_rows_decode():
+    # one step: a decoding sequence's row (experts 0, 1) first, then a prompt chunk of 3 rows
+    # (experts 2, 3), at layers 0 and 1; then a decode step that revisits layer 0 only
+    mixed = [(TRACE_STEP, -1, 4, [1, 3]),
+             (TRACE_ACCESS, 0, 4, [0, 1, 2, 3, 2, 3, 2, 3]), (TRACE_ACCESS, 1, 4, [0, 1, 2, 3, 2, 3, 2, 3]),
+             (TRACE_STEP, -1, 1, [1, 0]), (TRACE_ACCESS, 0, 1, [4, 5])]
+    policy = make_policy(budget_units=16)
+    policy.replay(_trace(mixed))
+    c = policy.counters()
+    assert c["n_steps"] == 2 and c["n_tokens_decode"] == 2 and c["n_tokens_prefill"] == 3
+    assert c["n_misses_decode"] == 2 * 2 + 2 and c["n_misses_prefill"] == 2 * 2, c
+    steps = _trace(mixed).steps()
+    assert steps.index.tolist() == [0, 0, 0, 1, 1] and steps.decode.tolist() == [False, True]
+    assert steps.rows.tolist() == [4, 1]
+    assert len(_trace(mixed).select(decode_only=True)) == 2
+
+    # without step events the layer order decides: layer 0 after layer 1 begins a step, and a
+    # step of several rows is all prefill
+    plain = make_policy(budget_units=16)
+    plain.replay(_trace([e for e in mixed if e[0] != TRACE_STEP]))
+    p = plain.counters()
+    assert p["n_steps"] == 2 and p["n_misses_prefill"] == 4 * 2 and p["n_misses_decode"] == 2
+
+
+def test_a_step_event_with_a_wrong_number_of_ids_is_refused():
+    with pytest.raises(ValueError, match="step has 2 ids"):
+        make_policy().replay(_trace([(TRACE_STEP, -1, 1, [1]), (TRACE_ACCESS, 0, 1, [0, 1])]))

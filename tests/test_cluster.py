@@ -59,6 +59,23 @@ def test_client_generate_stream_and_status_end_to_end(deployment, tiny_topics):
     assert sum(n["served"] for n in status["nodes"]) == 2
 
 
+def test_the_heat_map_is_asked_of_the_nodes_and_their_own_reports_carry_no_heat(deployment, tiny_topics, tiny_layout,
+                                                                                 tmp_path):
+    from cluster.status_plot import plot_heat
+    from cluster.warmth import decode
+
+    client, namespace = deployment
+    done = client.generate(synth.topic_prompt(tiny_topics, 0, 12, seed=2), max_tokens=8)
+    heat = client.heat()
+    assert sorted(heat) == [node_name(i) for i in range(N_NODES)]
+    assert all(h.shape == (tiny_layout.n_layers, tiny_layout.n_experts) for h in heat.values())
+    assert heat[done.node].max() > 0, "the node that served has warm experts"
+    report = ray.get(ray.get_actor(done.node, namespace=namespace).report.remote())
+    assert decode(report.warmth).heat is None and decode(report.warmth).resident.any()
+    plot_heat(heat, str(tmp_path / "heat.png"))
+    assert (tmp_path / "heat.png").stat().st_size > 1000
+
+
 def test_conversations_stay_on_the_node_that_holds_their_state(deployment, tiny_topics):
     client, _ = deployment
     history = {t: "" for t in range(N_NODES)}

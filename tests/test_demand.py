@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster._native import (
+
+from cluster._routing import (
     AFFINITY_CODE_MAX,
     AFFINITY_LOG_MISS_RANGE,
     AFFINITY_MAX_PROB,
@@ -148,7 +149,7 @@ def test_portable_loops_give_the_same_answers_as_the_vector_ones(tmp_path: Path)
     np.savez(tmp_path / "inputs.npz", log_miss=log_miss, prob=prob, rows=rows, bits=bits)
     script = f"""
 import numpy as np
-from cluster._native import expected_loads, request_demand
+from cluster._routing import expected_loads, request_demand
 z = np.load({str(tmp_path / "inputs.npz")!r})
 prefill, known, decode, _ = request_demand(z["log_miss"], z["prob"], z["rows"], np.array([0, 150]), 32, 16)
 loads, _ = expected_loads(z["bits"], np.array([0, 5, 2]), np.array([1, 0, 1]), prefill, decode, 32.0)

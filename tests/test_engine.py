@@ -449,7 +449,7 @@ def test_prefetch_scores_are_fractions_and_warmth_matches_cache_stats(tiny_model
     with open_engine(tiny_model, budget) as engine:
         result = engine.generate(synth.mixed_prompt(tiny_topics, [0, 2], 4, seed=6), max_tokens=16)
         stats = engine.cache_stats()
-        report = warmth.decode(engine.warmth())
+        report = warmth.decode(engine.warmth(heat=True))
     for source in (result.cache, stats):
         assert source["n_predicted"] > 0
         assert 0.0 <= source["prefetch_precision"] <= 1.0

@@ -4,9 +4,12 @@ and the client side loads neither llama.cpp nor Ray until it connects."""
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cluster"
 
@@ -70,10 +73,10 @@ def test_the_client_side_loads_neither_llama_cpp_nor_ray_on_import() -> None:
     assert out == "[]", f"imported by the client side: {out}"
 
 
-def test_the_native_module_has_a_stub_declaring_each_of_its_public_names():
-    import cluster._native as native
-
-    stub = ast.parse((PACKAGE / "_native.pyi").read_text())
+@pytest.mark.parametrize("module", ["_native", "_routing"])
+def test_each_native_module_has_a_stub_declaring_each_of_its_public_names(module: str) -> None:
+    native = importlib.import_module(f"cluster.{module}")
+    stub = ast.parse((PACKAGE / f"{module}.pyi").read_text())
     declared = set()
     for node in stub.body:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
@@ -82,3 +85,16 @@ def test_the_native_module_has_a_stub_declaring_each_of_its_public_names():
             declared.add(node.target.id)
     public = {name for name in dir(native) if not name.startswith("_")}
     assert public == declared, (public - declared, declared - public)
+
+
+def test_the_routing_maths_load_without_the_nodes_native_cache() -> None:
+    """The router's decisions need ``cluster._routing`` only (std C++); the cache module, which
+    links ggml, is for the processes that run a model. (The router process still reads the
+    model's vocabulary through llama.cpp, to tokenize, when its actor starts.)"""
+    code = ("import sys, numpy as np, cluster.router, cluster.routing.warmth as w; "
+            "w.prefix_hashes(list(range(64))); w.affinity_encode(np.full((2, 4), 0.5, np.float32)); "
+            "maps = open('/proc/self/maps').read(); "
+            "print(sorted({m for m in ('llama_cpp', 'cluster._native', 'cluster.engine') if m in sys.modules} | "
+            "({'libggml'} if 'libggml' in maps else set())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"loaded for routing: {out}"

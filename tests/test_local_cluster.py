@@ -136,10 +136,10 @@ def _raylets(daemon_pid: int) -> dict[int, bool]:
 
 def _live_nodes(address: str) -> int:
     probe = "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); " \
-            "print(sum(1 for n in ray.nodes() if n['Alive']))"
+            "print('live nodes:', sum(1 for n in ray.nodes() if n['Alive']))"
     done = subprocess.run([sys.executable, "-c", probe, address], env=_env(Path("/nonexistent")), capture_output=True,
                           text=True, timeout=120)
-    return int(done.stdout.strip().splitlines()[-1])
+    return int(next(line for line in done.stdout.splitlines() if line.startswith("live nodes:")).split(":")[1])
 
 
 def test_a_dead_worker_node_is_replaced_and_a_dead_head_ends_the_cluster_cleanly(tmp_path: Path) -> None:

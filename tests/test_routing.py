@@ -160,7 +160,7 @@ def test_demand_of_a_long_prompt_is_estimated_from_a_bounded_sample():
 
 def _report(node_id: str, topic: int | None, load: int = 0, capacity: int = 2, **extra) -> NodeReport:
     resident = resident_for(topic).astype(bool)
-    warmth = encode(resident, resident.astype(np.float32))
+    warmth = encode(resident)  # as a node sends it: no heat
     return NodeReport(node_id=node_id, load=load, capacity=capacity, healthy=True, warmth=warmth, prefixes=(),
                       sessions=(), stats={}, sent_at=0.0, **extra)
 

@@ -444,11 +444,10 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
         resident = rng.random((n_layers, n_experts)) < 1 / 3
         for layer in range(n_layers):
             resident[layer, groups[topic, layer]] = True
-        heat = np.where(resident, rng.random((n_layers, n_experts)) * 8, 0.0)
         held[node_name(i)] = [[1] + topic_tokens(topic, prompt_tokens) for _ in range(2)]
         prefixes = tuple(sorted({h for tokens in held[node_name(i)] for h in prefix_hashes(tokens)}))
         core.on_report(NodeReport(node_id=node_name(i), load=0, capacity=8, healthy=True,
-                                  warmth=encode(resident, heat), prefixes=prefixes, sessions=(), stats={}, sent_at=0.0))
+                                  warmth=encode(resident), prefixes=prefixes, sessions=(), stats={}, sent_at=0.0))
     learn_s = 0.0
     for j in range(n_train):
         topic = j % n_topics

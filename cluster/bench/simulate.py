@@ -40,7 +40,7 @@ import numpy as np
 
 from cluster.bench import command_line, log_progress, out_flag, percentile
 from cluster.bench.workload import Turn, Workload, conversation_prompt, for_model, poisson_arrivals
-from cluster.cache import TRACE_ACCESS, CacheConfig, CachePolicy, RoutingTrace, discover_layout
+from cluster.cache import TRACE_ACCESS, TRACE_PREDICT, TRACE_STEP, CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.errors import OverloadedError
 from cluster.kv_slots import KvSlots, SavedState, Slot
 from cluster.protocol import NodeReport, node_name
@@ -209,29 +209,25 @@ def record_traces(model_path: str, workload: Workload, *, max_tokens: int, progr
 def trim_prefill(trace: RoutingTrace, n_prompt: int, n_skip: int) -> RoutingTrace:
     """The trace a node sees when the KV state of the prompt's first ``n_skip`` tokens is reused.
 
-    Prefill ubatches keep only the rows of tokens at positions >= n_skip (a layer that kept
-    fewer rows, as llama.cpp's last layer does, keeps its last rows); a prefill ubatch left
-    with no token is dropped with its predictions; decode ubatches are unchanged.
+    Prefill steps (``RoutingTrace.steps``) keep only the rows of tokens at positions >= n_skip (a
+    layer that kept fewer rows, as llama.cpp's last layer does, keeps its last rows); a prefill
+    step left with no token is dropped with its predictions; decode steps are unchanged.
     """
     if n_skip <= 0:
         return trace
     offsets = np.concatenate([[0], np.cumsum(trace.n_ids, dtype=np.int64)])
+    steps = trace.steps()
+    starts = np.concatenate([[0], np.cumsum(steps.rows)])  # token position where each step begins
     keep_rows = np.asarray(trace.n_tokens, dtype=np.int64).copy()
-    ubatch_start = 0  # token position where the current ubatch begins
-    ubatch_n = 0
-    last_layer = None
     for i in range(len(trace)):
-        if trace.kind[i] == TRACE_ACCESS:
-            layer = int(trace.layer[i])
-            if last_layer is None or layer <= last_layer:  # a new ubatch (see RoutingTrace.ubatches)
-                ubatch_start += ubatch_n
-                ubatch_n = int(trace.n_tokens[i])
-            last_layer = layer
-            end = ubatch_start + ubatch_n
-            if ubatch_start < n_prompt:
-                keep_rows[i] = max(0, min(int(trace.n_tokens[i]), end - n_skip))
-        elif ubatch_start < n_prompt and ubatch_start + ubatch_n <= n_skip:
-            keep_rows[i] = 0  # a prediction made inside a ubatch that is not evaluated any more
+        start = int(starts[steps.index[i]]) if len(steps.rows) else 0
+        end = start + (int(steps.rows[steps.index[i]]) if len(steps.rows) else 0)
+        if start >= n_prompt:
+            continue  # decode steps are unchanged
+        if trace.kind[i] == TRACE_PREDICT:
+            keep_rows[i] = 0 if end <= n_skip else keep_rows[i]  # made inside a step not evaluated any more
+        else:  # an access keeps its last rows (the last layer may have fewer); a step counts what is left
+            keep_rows[i] = max(0, min(int(trace.n_tokens[i]), end - n_skip))
     kept = keep_rows > 0
     ids = []
     for i in np.flatnonzero(kept):
@@ -239,8 +235,10 @@ def trim_prefill(trace: RoutingTrace, n_prompt: int, n_skip: int) -> RoutingTrac
         if trace.kind[i] == TRACE_ACCESS:
             k = int(trace.n_ids[i]) // int(trace.n_tokens[i])
             chunk = chunk[len(chunk) - int(keep_rows[i]) * k:]
+        elif trace.kind[i] == TRACE_STEP and keep_rows[i] != trace.n_tokens[i]:
+            chunk = np.array([0, keep_rows[i]], dtype=np.int32)  # a prefill step, fewer rows
         ids.append(chunk)
-    n_tokens = np.where(trace.kind == TRACE_ACCESS, keep_rows, trace.n_tokens)[kept].astype(np.int32)
+    n_tokens = np.where(trace.kind != TRACE_PREDICT, keep_rows, trace.n_tokens)[kept].astype(np.int32)
     n_ids = np.array([len(c) for c in ids], dtype=np.int32)
     return RoutingTrace(kind=trace.kind[kept], layer=trace.layer[kept], n_tokens=n_tokens, n_ids=n_ids,
                         ids=np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
@@ -300,8 +298,8 @@ class SimNode:
     def report(self, now: float, load: int, request_id: str | None = None,
                summary: RoutingTraceSummary | None = None) -> NodeReport:
         if self._warmth is None:
-            resident, heat = self.cache.warmth()
-            self._warmth = encode_warmth(resident, heat, resident_bytes=self.cache.resident_bytes)
+            resident, _ = self.cache.warmth()
+            self._warmth = encode_warmth(resident, resident_bytes=self.cache.resident_bytes)  # as a node sends it
         if self._prefixes is None:
             held = self.kv.held()
             self._prefixes = tuple(sorted({h for tokens in held for h in prefix_hashes(tokens)}))

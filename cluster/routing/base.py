@@ -43,7 +43,6 @@ class NodeView:
         capacity: the most requests the node accepts at once (queue included).
         slots: sequences the node decodes together (a request below that runs at once).
         resident: ``[L, E]`` true (nonzero) where the expert is resident in its cache (None before its first report).
-        heat: float ``[L, E]`` recency-weighted selections (None before its first report).
         sessions: conversations whose KV state the node holds.
     """
 
@@ -52,7 +51,6 @@ class NodeView:
     capacity: int
     slots: int = 1
     resident: np.ndarray | None = None
-    heat: np.ndarray | None = None
     sessions: frozenset[str] = field(default_factory=frozenset)
 
 

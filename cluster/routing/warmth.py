@@ -50,8 +50,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cluster._native import affinity_encode, expected_loads, request_demand
-from cluster._native import prefix_hashes as native_prefix_hashes
+from cluster._routing import affinity_encode, expected_loads, request_demand
+from cluster._routing import prefix_hashes as native_prefix_hashes
 from cluster.routing.base import NodeView, RouteRequest, RoutingPolicy, RoutingTraceSummary
 
 PREFIX_BLOCK = 32
