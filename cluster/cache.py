@@ -199,24 +199,21 @@ class RoutingTrace:
         split by the layer order instead: a step begins when an access's layer does not
         increase, and it decodes when that first access has one row."""
         n = len(self)
-        offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
-        index = np.zeros(n, dtype=np.int64)
-        decode: list[bool] = []
-        rows: list[int] = []
-        explicit = bool((self.kind == TRACE_STEP).any())
-        last_layer = None
-        for i in range(n):
-            kind = int(self.kind[i])
-            if explicit and kind == TRACE_STEP:
-                decode.append(int(self.ids[offsets[i] + 1]) == 0)
-                rows.append(int(self.n_tokens[i]))
-            elif not explicit and kind == TRACE_ACCESS and (last_layer is None or self.layer[i] <= last_layer):
-                decode.append(int(self.n_tokens[i]) == 1)
-                rows.append(int(self.n_tokens[i]))
-            if kind == TRACE_ACCESS:
-                last_layer = int(self.layer[i])
-            index[i] = max(len(rows) - 1, 0)
-        return TraceSteps(index, np.asarray(decode, dtype=bool), np.asarray(rows, dtype=np.int64))
+        is_step = self.kind == TRACE_STEP
+        if is_step.any():
+            marks = is_step
+            where = np.flatnonzero(is_step)
+            offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
+            decode = self.ids[offsets[where] + 1] == 0  # no prefill rows
+        else:
+            access = np.flatnonzero(self.kind == TRACE_ACCESS)
+            layers = self.layer[access]
+            where = access[np.concatenate([[True], layers[1:] <= layers[:-1]])] if len(access) else access
+            marks = np.zeros(n, dtype=bool)
+            marks[where] = True
+            decode = self.n_tokens[where] == 1
+        index = np.maximum(np.cumsum(marks, dtype=np.int64) - 1, 0)
+        return TraceSteps(index, np.asarray(decode, dtype=bool), self.n_tokens[where].astype(np.int64))
 
     def ubatches(self) -> Iterator[list[tuple[int, np.ndarray]]]:
         """ACCESS events grouped by step (``steps``); a step without accesses yields nothing."""
@@ -242,27 +239,26 @@ class RoutingTrace:
                 token (llama.cpp's last layer keeps only the rows whose logits are needed).
             decode_counts: int64 ``[L, E]`` selections of the ubatches after the prefill.
         """
-        k = 0
-        for kind, _, ids in self.events():
-            if kind == TRACE_ACCESS:
-                k = ids.shape[1]
-                break
+        access = self.kind == TRACE_ACCESS
+        k = int(self.n_ids[access][0] // self.n_tokens[access][0]) if access.any() else 0
         prompt = np.full((n_prefill_tokens, n_layers, max(k, 1)), -1, dtype=np.int32)
-        decode = np.zeros((n_layers, n_experts), dtype=np.int64)
-        offset = 0
-        for ubatch in self.ubatches():
-            n = ubatch[0][1].shape[0]
-            if offset < n_prefill_tokens:
-                for layer, ids in ubatch:
-                    rows = ids.shape[0]
-                    end = min(offset + n, n_prefill_tokens)
-                    start = max(offset, end - rows)  # fewer rows: the last tokens of the ubatch
-                    prompt[start:end, layer, :] = ids[rows - (end - start):]
-                offset += n
-            else:
-                for layer, ids in ubatch:
-                    np.add.at(decode[layer], ids.ravel(), 1)
-        return prompt, decode
+        steps = self.steps()
+        starts = np.concatenate([[0], np.cumsum(steps.rows)])  # token position where each step begins
+        in_prompt = access & (starts[steps.index] < n_prefill_tokens) if len(steps.rows) else access & False
+        # decode: every selection of the accesses after the prompt, counted at once
+        later = np.repeat(access & ~in_prompt, self.n_ids)
+        units = np.repeat(self.layer.astype(np.int64), self.n_ids)[later] * n_experts + self.ids[later]
+        valid = (units >= 0) & (units < n_layers * n_experts)
+        decode = np.bincount(units[valid], minlength=n_layers * n_experts).reshape(n_layers, n_experts)
+        offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
+        for i in np.flatnonzero(in_prompt):  # the prompt's steps: each token's experts
+            rows, layer = int(self.n_tokens[i]), int(self.layer[i])
+            ids = self.ids[offsets[i]:offsets[i + 1]].reshape(rows, -1)
+            begin = int(starts[steps.index[i]])
+            end = min(begin + int(steps.rows[steps.index[i]]), n_prefill_tokens)
+            start = max(begin, end - rows)  # fewer rows: the last tokens of the step
+            prompt[start:end, layer, :] = ids[rows - (end - start):]
+        return prompt, decode.astype(np.int64)
 
     def select(self, *, decode_only: bool = False, predictions: bool = True) -> "RoutingTrace":
         """The same trace without the steps that prefilled (``decode_only``) and/or its PREDICT events."""

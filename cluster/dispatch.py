@@ -55,6 +55,7 @@ class Deployment:
         self._router = router
         self.router_wait_s = router_wait_s
         self._nodes: dict[str, Any] = {}
+        self._ended: list[str] = []  # requests seen to end, not told to the router yet
 
     @property
     def namespace(self) -> str:
@@ -89,21 +90,26 @@ class Deployment:
         """Tells the router that ``node_id`` failed the request: it died (``dead``) or refused it."""
         self._tell("failed", request_id, node_id, dead)
 
-    def tell_ended(self, request_id: str) -> None:
-        """Tells the router that the request ended (sent before this caller's next ask, so it is
-        handled first)."""
-        self._tell("ended", request_id)
+    def note_ended(self, request_id: str) -> None:
+        """The request ended: the router hears it with this caller's next call, before that call
+        (Ray does not order a fire-and-forget call to an async actor before the caller's next
+        one, and waiting for one would hold the finished stream up). Until then, and for a caller
+        that calls no more, the node's end-of-request report settles it."""
+        self._ended.append(request_id)
 
-    async def ended(self, request_id: str, timeout_s: float = 1.0) -> None:
-        """Tells the router that the request ended and waits (at most ``timeout_s``: a router that
-        is gone does not hold a finished stream up) until it has counted it: Ray does not promise
-        that a fire-and-forget call to an async actor runs before this caller's next one."""
-        if self._router is None:
-            return
+    async def _settle_ended(self, method: str, args: tuple[Any, ...], router: Any) -> tuple[Any, ...]:
+        """The arguments of the call about to go, with the ended requests it carries: ``route``
+        takes them in its ask; before any other call they are sent first (at most 1 s)."""
+        ended, self._ended = tuple(self._ended), []
+        if not ended:
+            return args
+        if method == "route":
+            return (dataclasses.replace(args[0], ended=args[0].ended + ended), *args[1:])
         try:
-            await asyncio.wait_for(self._router.ended.remote(request_id), timeout_s)
-        except Exception:  # noqa: BLE001  (restarting or gone: the node's report settles it)
+            await asyncio.wait_for(router.ended.remote(ended), 1.0)
+        except Exception:  # noqa: BLE001  (restarting or gone: the nodes' reports settle them)
             pass
+        return args
 
     def _tell(self, method: str, *args: Any) -> None:
         """A router call, fire and forget (the router may be restarting: its nodes' reports settle
@@ -125,6 +131,7 @@ class Deployment:
         while True:
             try:
                 router = await self.router(refresh)
+                args = await self._settle_ended(method, args, router)
                 return await getattr(router, method).remote(*args)
             except ray.exceptions.RayTaskError as exc:
                 raise unwrap(exc) from None
@@ -164,16 +171,16 @@ async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: 
                         sent += 1
                     elif isinstance(item, Finished):
                         item = dataclasses.replace(item, routing=route.routing, chat_template=route.chat_template)
-                        ended = True  # counted before the caller sees it: its next ask finds the node free
-                        await deployment.ended(ask.request_id)
+                        ended = True  # told with the caller's next call: it finds the node free
+                        deployment.note_ended(ask.request_id)
                     yield item
             except (asyncio.CancelledError, GeneratorExit):
                 if not ended:
                     handle.cancel.remote(ask.request_id)  # the caller went away: the node stops at its next token
-                    deployment.tell_ended(ask.request_id)
+                    deployment.note_ended(ask.request_id)
                 raise
             if not ended:
-                deployment.tell_ended(ask.request_id)
+                deployment.note_ended(ask.request_id)
             return
         except ray.exceptions.RayTaskError as exc:
             cause = unwrap(exc)

@@ -365,6 +365,22 @@ class MoEEngine:
             return _cache_stats(cache, cache.counters())
         return self._call(stats)
 
+    def cache_report(self) -> tuple[dict[str, float], bytes]:
+        """``cache_stats()`` and ``warmth()`` (without heat) in one visit to the step loop (a
+        node's report: one wait for the loop instead of two)."""
+        self._check_open()
+        if self._native_cache is None:
+            raise InvalidParameterError("a cache report needs the expert cache (cache_bytes set)")
+        cache = self._native_cache
+
+        def report() -> tuple[dict[str, float], bytes]:
+            cache.reconcile()
+            counters = cache.counters()
+            resident, _ = cache.warmth()
+            return _cache_stats(cache, counters), warmth_report.encode(
+                resident, budget_bytes=cache.budget_bytes, resident_bytes=cache.resident_bytes, counters=counters)
+        return self._call(report)
+
     def measured_resident_bytes(self) -> int:
         """Expert bytes of the model actually in memory now (mincore), cache or not."""
         self._check_open()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import os
-import queue
 import sys
 import threading
 import time
@@ -115,6 +114,40 @@ class _ChoiceDone:
     outcome: Any
 
 
+class _Outbox:
+    """A request's items, from the engine's thread to the node's stream. The stream is woken for
+    the first item it waits for and for a choice's end, not for every piece: pieces that come
+    within its window wait for it (a wake-up per token would take CPU from decoding)."""
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._cv = threading.Condition()
+        self._waiting = False  # the stream waits for its first item
+
+    def put(self, item: Any) -> None:
+        with self._cv:
+            self._items.append(item)
+            if self._waiting or isinstance(item, _ChoiceDone):
+                self._cv.notify()
+
+    def take(self, window: float) -> list[Any]:
+        """Waits for an item, then up to ``window`` seconds more (less if a choice ends), and
+        returns every item that came."""
+        with self._cv:
+            self._waiting = True
+            while not self._items:
+                self._cv.wait()
+            self._waiting = False
+            deadline = time.monotonic() + window
+            while not any(isinstance(i, _ChoiceDone) for i in self._items):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cv.wait(remaining)
+            items, self._items = self._items, []
+            return items
+
+
 def _merged(batch: list[Any]) -> Iterator[Any]:
     """The items of ``batch`` with each run of pieces of one choice joined into one piece."""
     run: list[Piece] = []
@@ -200,10 +233,11 @@ class NodeServer:
                 raise OverloadedError(f"{self.node_id} has {self._n_active} requests (max_queue "
                                       f"{self.config.max_queue})")
             self._n_active += 1
-        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        items = _Outbox()
         choices = list(request.params.choices())
         sequences: list[Any] = []
         finished = False
+        reported = False  # the end-of-request report went (it settles the router's count)
         try:
             sequences = self.engine.submit_many(  # one step: later choices copy the prompt's KV state
                 [(list(request.tokens), choice) for choice in choices],
@@ -215,14 +249,7 @@ class NodeServer:
             gens: dict[int, Generation] = {}
             window = 0.0  # no wait for the first piece
             while not finished:
-                batch = [items.get()]
-                deadline = time.monotonic() + window
-                while not isinstance(batch[-1], _ChoiceDone):  # whatever else comes within the window goes along
-                    try:
-                        remaining = deadline - time.monotonic()
-                        batch.append(items.get(timeout=remaining) if remaining > 0 else items.get_nowait())
-                    except queue.Empty:
-                        break
+                batch = items.take(window)  # whatever comes within the window goes along
                 window = COALESCE_S
                 for item in _merged(batch):
                     if not isinstance(item, _ChoiceDone):
@@ -236,7 +263,7 @@ class NodeServer:
                         break
                     gens[item.index] = item.outcome
                     if len(gens) == len(choices):
-                        finished = True
+                        finished = reported = True
                         yield self._finished(request, [gens[i] for i in range(len(choices))])
                         break
         finally:
@@ -245,11 +272,11 @@ class NodeServer:
             with self._admit:
                 self._n_active -= 1
                 self._requests.pop(request.request_id, None)
-            if not finished:  # cancelled or failed: the router still settles its count by this report
+            if not reported:  # cancelled or failed: the router still settles its count by this report
                 self._send(self._light_report(request_id=request.request_id))
 
     @staticmethod
-    def _emit(items: "queue.SimpleQueue[Any]", index: int, logprobs: bool, item: Any) -> None:
+    def _emit(items: _Outbox, index: int, logprobs: bool, item: Any) -> None:
         """A sequence's output, on the engine's thread: its pieces tagged with their choice."""
         if isinstance(item, SequencePiece):
             items.put(Piece(item.text, index, item.logprobs if logprobs else ()))
@@ -318,12 +345,11 @@ class NodeServer:
         stats.update({k: v for k, v in engine.batch_stats().items() if k in _BATCH_STATS})
         warmth = None
         if engine.has_cache:
-            cache = engine.cache_stats()
+            cache, warmth = engine.cache_report()
             stats.update({k: cache[k] for k in ("hits", "misses", "hit_rate", "decode_hit_rate", "bytes_read",
                                                   "bytes_read_prefill", "bytes_read_decode", "n_tokens_prefill",
                                                   "n_tokens_decode", "resident_bytes", "budget_bytes",
                                                   "prefetch_precision", "prefetch_recall")})
-            warmth = engine.warmth()
         return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
                           warmth=warmth, prefixes=prefixes, sessions=engine.sessions(), stats=stats,
                           sent_at=time.time(), request_id=request_id, summary=summary, started_at=self.started_at)

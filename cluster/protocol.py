@@ -44,6 +44,9 @@ class RouteAsk:
         chat: a conversation the router renders with the deployment's chat template.
         session_id: the conversation this turn belongs to (its KV state may be held by a node).
         max_prompt_tokens: refuse longer prompts (``PromptTooLongError``); None: the node's context decides.
+        ended: requests this caller saw end since its last call: the router counts them ended
+            before it chooses (so a conversation's next turn finds its node as it left it), at no
+            round trip of their own.
     """
 
     request_id: str
@@ -52,6 +55,7 @@ class RouteAsk:
     chat: ChatPrompt | None = None
     session_id: str | None = None
     max_prompt_tokens: int | None = None
+    ended: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,8 @@ class RouterActor:
         self.n_routes += 1
         if not isinstance(ask, RouteAsk):
             raise InvalidParameterError(f"route takes a RouteAsk, got {type(ask).__name__}", param="request")
+        for request_id in ask.ended:
+            self.core.release(request_id)
         while not self.core.live_nodes() and time.monotonic() - self._started < STARTUP_GRACE_S:
             await asyncio.sleep(0.1)  # just (re)started: the nodes report within a heartbeat
         started = time.perf_counter()
@@ -333,11 +335,12 @@ class RouterActor:
         elif self.core.requests.get(request_id) == node_id:
             self.core.release(request_id)
 
-    async def ended(self, request_id: str) -> None:
-        """The caller saw the request end: its node's count drops now. The node's report settles it
-        too, later; this makes a caller's next request (ordered after this call on the same handle)
-        see the node free, so a conversation's next turn finds its node as it left it."""
-        self.core.release(request_id)
+    async def ended(self, request_ids: tuple[str, ...]) -> None:
+        """The caller saw these requests end: their nodes' counts drop now (the nodes' reports
+        settle them too, later). A caller's next ``route`` carries the ones it saw instead
+        (``RouteAsk.ended``); this is for its other calls and for requests cut short."""
+        for request_id in request_ids:
+            self.core.release(request_id)
 
     def _prepare(self, ask: RouteAsk) -> tuple[SamplingParams, str, bool, str | None]:
         """Checks the sampling params against the vocabulary and renders a chat request. Returns

@@ -65,3 +65,61 @@ def test_a_slow_reader_gets_the_pieces_that_piled_up_together_and_never_holds_de
     assert 2 <= n_fast <= 2 + (decode_fast + fast[-1].timing["prefill_s"]) / COALESCE_S, (n_fast, decode_fast)
     assert n_slow < 128 / 2, n_slow  # merged while the reader slept
     assert decode_slow < 0.02 * 128 / 2, (decode_slow, decode_fast)  # decoding did not wait for the reader
+
+
+def test_a_report_that_fails_to_build_does_not_end_the_heartbeat(tiny_model: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    reports: list[NodeReport] = []
+    server = NodeServer("sniper-node-0", NodeConfig(str(tiny_model), cache_bytes=1 << 20, n_ctx=256, n_threads=1,
+                                                    heartbeat_s=0.05), report_sink=reports.append)
+    calls = {"n": 0}
+    real = server.engine.cache_report
+
+    def failing_twice() -> tuple[dict, bytes]:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise RuntimeError("the engine is closing")
+        return real()
+
+    try:
+        monkeypatch.setattr(server.engine, "cache_report", failing_twice)
+        deadline = time.monotonic() + 20
+        while not any(r.warmth is not None for r in reports) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.close()
+    assert calls["n"] > 2, "the heartbeat went on after reports failed to build"
+    assert any(r.warmth is not None for r in reports)
+
+
+def test_reports_built_while_conversations_come_and_go_never_fail(tiny_model: Path,
+                                                                  tiny_topics: list[list[str]]) -> None:
+    import threading
+
+    server = NodeServer("sniper-node-0", NodeConfig(str(tiny_model), cache_bytes=1 << 20, n_ctx=256, n_threads=1,
+                                                    n_slots=2, session_bytes=1 << 16, heartbeat_s=60.0))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def build_reports() -> None:
+        while not stop.is_set():
+            try:
+                report = server.report()
+                assert isinstance(report.sessions, tuple)
+            except BaseException as exc:  # noqa: BLE001  (the failure the test looks for)
+                errors.append(exc)
+                return
+
+    builder = threading.Thread(target=build_reports)
+    builder.start()
+    try:
+        for i in range(12):  # new conversations push old ones out of the slots and the saved states
+            prompt = synth.topic_prompt(tiny_topics, i % len(tiny_topics), 8, seed=i)
+            request = NodeRequest(f"r{i}", tuple(server.engine.tokenize(prompt)), SamplingParams(max_tokens=2),
+                                  session_id=f"conversation-{i}")
+            assert isinstance(list(server.stream(request))[-1], Finished)
+    finally:
+        stop.set()
+        builder.join()
+        server.close()
+    assert not errors, errors[0]
