@@ -365,16 +365,19 @@ class MoEEngine:
             return _cache_stats(cache, cache.counters())
         return self._call(stats)
 
-    def cache_report(self) -> tuple[dict[str, float], bytes]:
+    def cache_report(self, reconcile: bool = True) -> tuple[dict[str, float], bytes]:
         """``cache_stats()`` and ``warmth()`` (without heat) in one visit to the step loop (a
-        node's report: one wait for the loop instead of two)."""
+        node's report: one wait for the loop instead of two). ``reconcile=False`` reports the
+        cache's own accounting without asking the kernel what it still holds (a ``mincore`` pass
+        over the model: milliseconds per GiB), for reports that must not hold a request up."""
         self._check_open()
         if self._native_cache is None:
             raise InvalidParameterError("a cache report needs the expert cache (cache_bytes set)")
         cache = self._native_cache
 
         def report() -> tuple[dict[str, float], bytes]:
-            cache.reconcile()
+            if reconcile:
+                cache.reconcile()
             counters = cache.counters()
             resident, _ = cache.warmth()
             return _cache_stats(cache, counters), warmth_report.encode(

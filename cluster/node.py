@@ -301,7 +301,7 @@ class NodeServer:
             tokens = tuple(request.tokens[first.n_reused_tokens:first.n_prompt_tokens])
             summary = RoutingTraceSummary(tokens=tokens, prompt_experts=prompt_experts, decode_counts=decode_counts)
             self._remember_trace(summary)
-        self._send_report(request.request_id, summary)
+        self._send_report(request.request_id, summary, reconcile=False)  # the next idle heartbeat reconciles
         return Finished(
             node=self.node_id,
             choices=tuple(ChoiceEnd(i, g.finish_reason, g.n_generated) for i, g in enumerate(gens)),
@@ -337,7 +337,10 @@ class NodeServer:
             self._send(self._light_report(summary))
         return len(traces)
 
-    def report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> NodeReport:
+    def report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None,
+               reconcile: bool = True) -> NodeReport:
+        """Everything the router learns from this node; ``reconcile``: the cache first checks what
+        the kernel still holds (``MoEEngine.cache_report``)."""
         engine = self.engine
         prefixes = tuple(sorted({h for tokens in engine.held_tokens() for h in prefix_hashes(tokens)}))
         stats: dict[str, float] = {"served": self._served, "generated_tokens": self._generated,
@@ -345,7 +348,7 @@ class NodeServer:
         stats.update({k: v for k, v in engine.batch_stats().items() if k in _BATCH_STATS})
         warmth = None
         if engine.has_cache:
-            cache, warmth = engine.cache_report()
+            cache, warmth = engine.cache_report(reconcile)
             stats.update({k: cache[k] for k in ("hits", "misses", "hit_rate", "decode_hit_rate", "bytes_read",
                                                   "bytes_read_prefill", "bytes_read_decode", "n_tokens_prefill",
                                                   "n_tokens_decode", "resident_bytes", "budget_bytes",
@@ -354,8 +357,9 @@ class NodeServer:
                           warmth=warmth, prefixes=prefixes, sessions=engine.sessions(), stats=stats,
                           sent_at=time.time(), request_id=request_id, summary=summary, started_at=self.started_at)
 
-    def _send_report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None) -> None:
-        self._send(lambda: self.report(request_id, summary))
+    def _send_report(self, request_id: str | None = None, summary: RoutingTraceSummary | None = None,
+                     reconcile: bool = True) -> None:
+        self._send(lambda: self.report(request_id, summary, reconcile))
 
     def _send(self, report: Any) -> None:
         """Sends a report (or what a callable builds): a failure to build or to send it (the
