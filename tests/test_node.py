@@ -75,11 +75,11 @@ def test_a_report_that_fails_to_build_does_not_end_the_heartbeat(tiny_model: Pat
     calls = {"n": 0}
     real = server.engine.cache_report
 
-    def failing_twice() -> tuple[dict, bytes]:
+    def failing_twice(reconcile: bool = True) -> tuple[dict, bytes]:
         calls["n"] += 1
         if calls["n"] <= 2:
             raise RuntimeError("the engine is closing")
-        return real()
+        return real(reconcile)
 
     try:
         monkeypatch.setattr(server.engine, "cache_report", failing_twice)
