@@ -89,6 +89,19 @@ class MemoryLimit:
         except (OSError, ValueError):
             return -1
 
+    def oom_kills(self) -> int:
+        """Processes of the cgroup the kernel's OOM killer has killed (``oom_kill`` of
+        memory.events, or memory.oom_control on cgroup v1); 0 if the kernel does not say."""
+        for name in ("memory.events", "memory.oom_control"):
+            try:
+                for line in (self.path / name).read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+            except (OSError, ValueError):
+                continue
+        return 0
+
     def close(self) -> None:
         for _ in range(50):
             try:

@@ -71,6 +71,8 @@ def run_engine(model: str, prompts: list[str], clients: int, *, cache_bytes: int
             memlimit.drop_page_cache(model)
             with memlimit.MemoryLimit("sniper-batch", limit_bytes) as limit:
                 proc = limit.run(argv, timeout_s=timeout)
+                if proc.returncode != 0 and limit.oom_kills():
+                    return {"error": _oom(limit_bytes), "oom_killed": True}
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     finally:
@@ -103,10 +105,16 @@ def run_llama_server(binary: str, model: str, prompts: list[str], clients: int, 
         with LlamaServer(binary, model, n_threads, n_slots=clients, n_ctx=N_CTX, limit=limit) as server:
             return _drive_server(server, prompts, clients, max_tokens, window_s, warmup_s)
     except RuntimeError as exc:
-        return {"error": str(exc)[:500]}
+        if limit is not None and limit.oom_kills():
+            return {"error": _oom(limit.limit_bytes), "oom_killed": True}
+        return {"error": str(exc)[-500:]}
     finally:
         if limit is not None:
             limit.close()
+
+
+def _oom(limit_bytes: int) -> str:
+    return f"killed by the kernel's OOM killer under the {limit_bytes / MIB:.0f} MiB cgroup limit"
 
 
 def _drive_server(server: LlamaServer, prompts: list[str], clients: int, max_tokens: int, window_s: float,
@@ -233,6 +241,8 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
                                                             "lower_is_better": True}
     server = _ratio(cell("limited", 8, "engine", "tok_s"), cell("limited", 8, "llama_server", "tok_s"))
     out["limited_c8_vs_llama_server"] = {"value": server, "target": 10.0, "met": server is not None and server >= 10.0}
+    if cell("limited", 8, "llama_server", "oom_killed") and cell("limited", 8, "engine", "tok_s"):
+        out["limited_c8_vs_llama_server"]["note"] = "llama-server was killed by the OOM killer; the engine served"
     return out
 
 
@@ -265,8 +275,9 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
             if "error" in e:
                 lines.append(f"| {c} | error: {e['error'][:80]} |")
                 continue
+            server_tok_s = _fmt(s.get('tok_s')) if "error" not in s else "OOM-killed" if s.get("oom_killed") else "error"
             lines.append(
-                f"| {c} | {_fmt(e.get('tok_s'))} | {_fmt(s.get('tok_s')) if 'error' not in s else 'error'} | "
+                f"| {c} | {_fmt(e.get('tok_s'))} | {server_tok_s} | "
                 f"{_fmt(_ratio(e.get('tok_s'), s.get('tok_s')), 1, 2)} | "
                 f"{_fmt(e.get('ttft_p50_s'), 1e3, 0)}/{_fmt(e.get('ttft_p99_s'), 1e3, 0)} | "
                 f"{_fmt(s.get('ttft_p50_s'), 1e3, 0)}/{_fmt(s.get('ttft_p99_s'), 1e3, 0)} | "
@@ -275,10 +286,15 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
                 f"{_fmt(e.get('experts_per_step'), 1, 0)} | {_fmt(e.get('expert_bytes_per_token'), 1 / 1024, 0)} | "
                 f"{_fmt(e.get('disk_bytes_per_token'), 1 / 1024, 0)} / {_fmt(s.get('disk_bytes_per_token'), 1 / 1024, 0)} | "
                 f"{_fmt(e.get('width'), 1, 0)} | {_fmt(a.get('tok_s'))}, {_fmt(a.get('expert_bytes_per_token'), 1 / 1024, 0)} |")
+        failed = sorted({f"{who} at C = {c}: {run['error']}" for c, row in data["by_concurrency"].items()
+                         for who, run in row.items() if isinstance(run, dict) and "error" in run})
+        if failed:
+            lines += ["", "Runs that failed:", "", *[f"- {line}" for line in failed]]
     lines += ["", "## Targets (C = 8)", "", "| target | measured | wanted | met |", "|---|---|---|---|"]
     for name, t in report["targets"].items():
         wanted = f"{'≤' if t.get('lower_is_better') else '≥'} {t['target']}"
-        lines.append(f"| {name} | {_fmt(t['value'], 1, 2)} | {wanted} | {'yes' if t['met'] else 'no'} |")
+        met = "yes" if t["met"] else f"no ({t['note']})" if t.get("note") else "no"
+        lines.append(f"| {name} | {_fmt(t['value'], 1, 2)} | {wanted} | {met} |")
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     path = out_dir / "batching.md"
     path.write_text("\n".join(lines))
