@@ -117,3 +117,21 @@ def test_auto_budget_under_a_cgroup_limit_fits_the_limit_and_decodes(demo_model:
     assert 0 < result["budget"] < limit_bytes - layout.non_expert_bytes
     assert result["resident"] <= result["budget"] and result["same"]
     assert peak <= limit_bytes
+
+
+def test_a_process_the_oom_killer_ends_in_a_memory_limit_is_counted() -> None:
+    import sys
+
+    from cluster import memory_limit
+
+    reason = memory_limit.unavailable_reason()
+    if reason:
+        pytest.skip(f"no memory cgroup here: {reason}")
+    hog = "import numpy as np; a = np.ones(512 << 20, dtype=np.uint8); print(a.sum())"  # 512 MiB, touched
+    with memory_limit.MemoryLimit("sniper-oom-test", 64 << 20) as limit:
+        assert limit.oom_kills() == 0
+        done = limit.run([sys.executable, "-c", hog], timeout_s=60)
+        assert done.returncode == -9 and limit.oom_kills() >= 1
+    with memory_limit.MemoryLimit("sniper-oom-test-ok", 256 << 20) as limit:
+        done = limit.run([sys.executable, "-c", "print(1)"], timeout_s=60)
+        assert done.returncode == 0 and limit.oom_kills() == 0
