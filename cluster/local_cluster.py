@@ -11,8 +11,9 @@ and keeps them up until it receives SIGTERM or SIGINT, or its head stops answeri
 It also keeps the count: a worker node whose raylet died (killed, OOM) is removed and a new one
 added in its place, so the actors Ray restarts (a deployment's node actors, whose placement
 group then finds a node again) come back by themselves; the state file counts the nodes
-``replaced``. A head whose GCS server or raylet died cannot be replaced: the daemon then shuts
-every node down and removes the state file, so that the next command starts afresh.
+``replaced`` (and ``not_replaced``, when a new node could not start). A head whose GCS server or
+raylet died cannot be replaced: the daemon then shuts every node down and removes the state
+file, so that the next command starts afresh.
 
 Start-up either finishes or removes what it started: a signal while nodes are being added, or
 the death of OWNER_PID (the command waiting for it) before the state file is written, shuts the
