@@ -460,13 +460,18 @@ def test_a_node_dying_mid_answer_costs_a_restart_elsewhere_not_an_error(gateway,
     the request starts again on the other node and the caller gets the full answer."""
     body = {"model": model_name, "prompt": synth.topic_prompt(tiny_topics, 2, 8, seed=43), "max_tokens": 256,
             "temperature": 0}
+    nodes = [ray.get_actor(node_name(i), namespace=NAMESPACE) for i in range(N_NODES)]
+
+    def serving() -> list[str]:  # the nodes that have the request in hand (their own count, not the router's)
+        return [node_name(i) for i, node in enumerate(nodes) if ray.get(node.report.remote(), timeout=30).load]
+
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(_post, gateway, body)
         deadline = time.monotonic() + 30
-        while not (busy := [n["name"] for n in _status()["nodes"] if n["load"]]):
+        while not (busy := serving()):
             assert time.monotonic() < deadline and not answer.done(), "the request never reached a node"
-            time.sleep(0.02)
-        ray.kill(ray.get_actor(busy[0], namespace=NAMESPACE), no_restart=False)  # a crash: Ray starts it again
+            time.sleep(0.01)
+        ray.kill(nodes[int(busy[0].rsplit("-", 1)[1])], no_restart=False)  # a crash mid-answer: Ray starts it again
         r = answer.result(timeout=120)
     assert r.status_code == 200, r.text
     done = r.json()
