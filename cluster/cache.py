@@ -122,6 +122,11 @@ class TraceSteps:
     decode: np.ndarray
     rows: np.ndarray
 
+    @property
+    def starts(self) -> np.ndarray:
+        """Per step, the position of its first token (one more entry: the end of the last)."""
+        return np.concatenate([[0], np.cumsum(self.rows)])
+
 
 @dataclass(frozen=True)
 class RoutingTrace:
@@ -175,18 +180,24 @@ class RoutingTrace:
     def __len__(self) -> int:
         return int(self.kind.shape[0])
 
+    def offsets(self) -> np.ndarray:
+        """Where each event's ids begin in ``ids`` (one more entry: their end)."""
+        return np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
+
     def events(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yields ``(kind, layer, ids)``; ACCESS ids are ``[n_tokens, k]``, PREDICT and STEP ids 1-D."""
-        offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
+        offsets = self.offsets()
         for i in range(len(self)):
             ids = self.ids[offsets[i] : offsets[i + 1]]
             if self.kind[i] == TRACE_ACCESS:
                 ids = ids.reshape(int(self.n_tokens[i]), -1)
             yield int(self.kind[i]), int(self.layer[i]), ids
 
-    def expert_counts(self, n_layers: int, n_experts: int) -> np.ndarray:
-        """Selections per (layer, expert) over every token of every ACCESS event."""
-        access = np.repeat(self.kind == TRACE_ACCESS, self.n_ids)
+    def expert_counts(self, n_layers: int, n_experts: int, events: np.ndarray | None = None) -> np.ndarray:
+        """Selections per (layer, expert) over every token of every ACCESS event (of those where
+        the bool mask ``events`` is true, if given)."""
+        chosen = self.kind == TRACE_ACCESS if events is None else (self.kind == TRACE_ACCESS) & events
+        access = np.repeat(chosen, self.n_ids)
         layers = np.repeat(self.layer, self.n_ids)[access].astype(np.int64)
         ids = self.ids[access].astype(np.int64)
         valid = (ids >= 0) & (ids < n_experts) & (layers >= 0) & (layers < n_layers)
@@ -203,8 +214,7 @@ class RoutingTrace:
         if is_step.any():
             marks = is_step
             where = np.flatnonzero(is_step)
-            offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
-            decode = self.ids[offsets[where] + 1] == 0  # no prefill rows
+            decode = self.ids[self.offsets()[where] + 1] == 0  # no prefill rows
         else:
             access = np.flatnonzero(self.kind == TRACE_ACCESS)
             layers = self.layer[access]
@@ -243,14 +253,10 @@ class RoutingTrace:
         k = int(self.n_ids[access][0] // self.n_tokens[access][0]) if access.any() else 0
         prompt = np.full((n_prefill_tokens, n_layers, max(k, 1)), -1, dtype=np.int32)
         steps = self.steps()
-        starts = np.concatenate([[0], np.cumsum(steps.rows)])  # token position where each step begins
+        starts = steps.starts
         in_prompt = access & (starts[steps.index] < n_prefill_tokens) if len(steps.rows) else access & False
-        # decode: every selection of the accesses after the prompt, counted at once
-        later = np.repeat(access & ~in_prompt, self.n_ids)
-        units = np.repeat(self.layer.astype(np.int64), self.n_ids)[later] * n_experts + self.ids[later]
-        valid = (units >= 0) & (units < n_layers * n_experts)
-        decode = np.bincount(units[valid], minlength=n_layers * n_experts).reshape(n_layers, n_experts)
-        offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
+        decode = self.expert_counts(n_layers, n_experts, ~in_prompt)  # every selection after the prompt
+        offsets = self.offsets()
         for i in np.flatnonzero(in_prompt):  # the prompt's steps: each token's experts
             rows, layer = int(self.n_tokens[i]), int(self.layer[i])
             ids = self.ids[offsets[i]:offsets[i + 1]].reshape(rows, -1)
@@ -258,7 +264,7 @@ class RoutingTrace:
             end = min(begin + int(steps.rows[steps.index[i]]), n_prefill_tokens)
             start = max(begin, end - rows)  # fewer rows: the last tokens of the step
             prompt[start:end, layer, :] = ids[rows - (end - start):]
-        return prompt, decode.astype(np.int64)
+        return prompt, decode
 
     def select(self, *, decode_only: bool = False, predictions: bool = True) -> "RoutingTrace":
         """The same trace without the steps that prefilled (``decode_only``) and/or its PREDICT events."""
@@ -268,7 +274,7 @@ class RoutingTrace:
         if decode_only and len(self):
             steps = self.steps()
             keep &= steps.decode[steps.index] if len(steps.decode) else False
-        offsets = np.concatenate([[0], np.cumsum(self.n_ids, dtype=np.int64)])
+        offsets = self.offsets()
         ids = np.concatenate([self.ids[offsets[i]:offsets[i + 1]] for i in np.flatnonzero(keep)]) if keep.any() \
             else np.zeros(0, dtype=np.int32)
         return RoutingTrace(kind=self.kind[keep], layer=self.layer[keep], n_tokens=self.n_tokens[keep],

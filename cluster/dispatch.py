@@ -97,19 +97,20 @@ class Deployment:
         that calls no more, the node's end-of-request report settles it."""
         self._ended.append(request_id)
 
-    async def _settle_ended(self, method: str, args: tuple[Any, ...], router: Any) -> tuple[Any, ...]:
-        """The arguments of the call about to go, with the ended requests it carries: ``route``
-        takes them in its ask; before any other call they are sent first (at most 1 s)."""
+    def take_ended(self) -> tuple[str, ...]:
+        """The requests noted ended and not told yet (a route ask carries them: ``RouteAsk.ended``)."""
         ended, self._ended = tuple(self._ended), []
+        return ended
+
+    async def _tell_ended(self, router: Any) -> None:
+        """Before any other call: the requests noted ended, told first (at most 1 s)."""
+        ended = self.take_ended()
         if not ended:
-            return args
-        if method == "route":
-            return (dataclasses.replace(args[0], ended=args[0].ended + ended), *args[1:])
+            return
         try:
             await asyncio.wait_for(router.ended.remote(ended), 1.0)
         except Exception:  # noqa: BLE001  (restarting or gone: the nodes' reports settle them)
             pass
-        return args
 
     def _tell(self, method: str, *args: Any) -> None:
         """A router call, fire and forget (the router may be restarting: its nodes' reports settle
@@ -131,7 +132,7 @@ class Deployment:
         while True:
             try:
                 router = await self.router(refresh)
-                args = await self._settle_ended(method, args, router)
+                await self._tell_ended(router)
                 return await getattr(router, method).remote(*args)
             except ray.exceptions.RayTaskError as exc:
                 raise unwrap(exc) from None
@@ -156,6 +157,7 @@ async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: 
 
     exclude: list[str] = []
     while True:
+        ask = dataclasses.replace(ask, ended=deployment.take_ended())  # told to the router with this ask
         route: Route = await deployment.call_router("route", ask, tuple(exclude))
         yield Routed(route.node_id, len(exclude) + 1, route.chat_template)
         sent = 0

@@ -369,7 +369,7 @@ class MoEEngine:
         """``cache_stats()`` and ``warmth()`` (without heat) in one visit to the step loop (a
         node's report: one wait for the loop instead of two). ``reconcile=False`` reports the
         cache's own accounting without asking the kernel what it still holds (a ``mincore`` pass
-        over the model: milliseconds per GiB), for reports that must not hold a request up."""
+        over the whole model, longer the larger it is), for reports that must not hold a request up."""
         self._check_open()
         if self._native_cache is None:
             raise InvalidParameterError("a cache report needs the expert cache (cache_bytes set)")
@@ -379,9 +379,7 @@ class MoEEngine:
             if reconcile:
                 cache.reconcile()
             counters = cache.counters()
-            resident, _ = cache.warmth()
-            return _cache_stats(cache, counters), warmth_report.encode(
-                resident, budget_bytes=cache.budget_bytes, resident_bytes=cache.resident_bytes, counters=counters)
+            return _cache_stats(cache, counters), _warmth_of(cache, False, counters)
         return self._call(report)
 
     def measured_resident_bytes(self) -> int:
@@ -400,9 +398,7 @@ class MoEEngine:
 
         def report() -> bytes:
             cache.reconcile()
-            resident, unit_heat = cache.warmth()
-            return warmth_report.encode(resident, unit_heat if heat else None, budget_bytes=cache.budget_bytes,
-                                        resident_bytes=cache.resident_bytes, counters=cache.counters())
+            return _warmth_of(cache, heat, cache.counters())
         return self._call(report)
 
     # -- generation --------------------------------------------------------------------------
@@ -959,6 +955,13 @@ def _cache_stats(cache: Any, counters: dict[str, int]) -> dict[str, float]:
     stats["resident_bytes"] = cache.resident_bytes
     stats["budget_bytes"] = cache.budget_bytes
     return stats
+
+
+def _warmth_of(cache: Any, heat: bool, counters: dict[str, int]) -> bytes:
+    """The warmth report of ``cache`` (a native ``ExpertCache``), with each unit's heat if ``heat``."""
+    resident, unit_heat = cache.warmth()
+    return warmth_report.encode(resident, unit_heat if heat else None, budget_bytes=cache.budget_bytes,
+                                resident_bytes=cache.resident_bytes, counters=counters)
 
 
 _LOG_CALLBACK = None

@@ -625,7 +625,8 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
 }
 
 void expert_cache::begin_step(const int32_t * row_tags, const uint8_t * row_outputs, int n_rows) {
-    std::vector<int32_t> seen;  // checked before anything changes: a rejected step leaves the last one
+    std::vector<int32_t> & seen = step_tags_;  // checked before anything changes: a rejected step leaves the last one
+    seen.clear();
     for (int i = 0; i < n_rows; ++i) {
         const int32_t tag = row_tags[i];
         if (tag < 0) { throw std::invalid_argument("begin_step: row " + std::to_string(i) + " has a negative tag"); }

@@ -231,6 +231,7 @@ private:
         sequence_record * record;
     };
     std::vector<step_group> step_groups_;
+    std::vector<int32_t> step_tags_;  // begin_step's scratch: the tags seen while checking the rows
     int step_rows_ = 0, step_outs_ = 0;
     std::unordered_map<int32_t, sequence_record> sequences_;  // node-based: records stay put
     std::vector<uint8_t> row_decode_;     // [step rows] 1 = the token decodes (set by begin_step)

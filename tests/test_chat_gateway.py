@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import requests  # noqa: E402
 from local_ray import loopback_cluster  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
+from cluster.bench import free_port  # noqa: E402
 from cluster.gateway import GatewayConfig, start_http  # noqa: E402
 from cluster.openai_api import Limits  # noqa: E402
 from cluster.tokenizer import Tokenizer  # noqa: E402
@@ -37,19 +37,13 @@ TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "loo
         "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gateway(chatml_model: Path) -> str:
     with loopback_cluster(1, NAMESPACE):
         try:
             deploy.deploy(str(chatml_model), 1, cache_bytes=None, namespace=NAMESPACE, n_threads=2, n_ctx=1024)
             limits = Limits(max_prompt_tokens=900, max_tokens=256)
-            yield start_http(GatewayConfig(namespace=NAMESPACE, api_key=API_KEY, limits=limits), "127.0.0.1", _free_port())
+            yield start_http(GatewayConfig(namespace=NAMESPACE, api_key=API_KEY, limits=limits), "127.0.0.1", free_port())
         finally:
             deploy.shutdown(NAMESPACE)
 

@@ -27,6 +27,7 @@ from local_ray import loopback_cluster  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from cluster import deploy, synth  # noqa: E402
+from cluster.bench import free_port  # noqa: E402
 from cluster.deploy import stop_http  # noqa: E402
 from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
 from cluster.gateway import GatewayConfig, build_app, start_http  # noqa: E402
@@ -40,12 +41,6 @@ MAX_PROMPT_TOKENS = 64
 BODY_TIMEOUT_S = 3.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gateway(tiny_model, tiny_layout):
     """A deployment (max_queue 1 per node, so overload is easy to reach) behind the HTTP gateway."""
@@ -56,7 +51,7 @@ def gateway(tiny_model, tiny_layout):
             limits = Limits(max_body_bytes=64 << 10, max_prompt_tokens=MAX_PROMPT_TOKENS, max_tokens=256,
                             body_timeout_s=BODY_TIMEOUT_S)
             url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=API_KEY, limits=limits), "127.0.0.1",
-                             _free_port())
+                             free_port())
             yield url
         finally:
             deploy.shutdown(NAMESPACE)
@@ -421,7 +416,7 @@ def test_asking_for_another_port_while_serve_runs_is_a_clear_error(gateway):
     config = GatewayConfig(namespace=NAMESPACE, api_key=API_KEY,
                            limits=Limits(max_body_bytes=64 << 10, max_prompt_tokens=MAX_PROMPT_TOKENS, max_tokens=256))
     with pytest.raises(SniperError, match="does not answer at http://127.0.0.1:.*shutdown"):
-        start_http(config, "127.0.0.1", _free_port(), timeout_s=3)
+        start_http(config, "127.0.0.1", free_port(), timeout_s=3)
     assert requests.get(f"{gateway}/health", timeout=30).status_code == 200  # the running gateway is untouched
 
 

@@ -44,6 +44,20 @@ def _daemons(state: Path) -> list[int]:
     return pids
 
 
+def _start_daemon(state: Path, n_nodes: int) -> tuple[subprocess.Popen, str]:
+    """A local-cluster daemon of ``n_nodes`` one-CPU nodes (no dashboard), and its address once up."""
+    daemon = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", str(n_nodes), str(state), "1", "0"],
+                              env=_env(state), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not state.exists():
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            if daemon.poll() is None:
+                os.killpg(daemon.pid, signal.SIGKILL)
+            raise AssertionError("the local cluster did not start")
+        time.sleep(0.2)
+    return daemon, json.loads(state.read_text())["address"]
+
+
 def _wait_gone(state: Path, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while _daemons(state) and time.monotonic() < deadline:
@@ -53,14 +67,8 @@ def _wait_gone(state: Path, timeout_s: float = 60) -> None:
 
 def test_a_daemon_killed_with_sigkill_leaves_a_state_the_next_command_cleans(tmp_path: Path) -> None:
     state = tmp_path / "cluster.json"
-    daemon = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", "1", str(state), "1", "0"],
-                              env=_env(state), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    daemon, address = _start_daemon(state, 1)
     try:
-        deadline = time.monotonic() + 120
-        while not state.exists():
-            assert daemon.poll() is None and time.monotonic() < deadline, "the local cluster did not start"
-            time.sleep(0.2)
-        address = json.loads(state.read_text())["address"]
         os.killpg(daemon.pid, signal.SIGKILL)  # the daemon and what it started
         daemon.wait(timeout=30)
         deadline = time.monotonic() + 60
@@ -144,14 +152,8 @@ def _live_nodes(address: str) -> int:
 
 def test_a_dead_worker_node_is_replaced_and_a_dead_head_ends_the_cluster_cleanly(tmp_path: Path) -> None:
     state = tmp_path / "cluster.json"
-    daemon = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", "2", str(state), "1", "0"],
-                              env=_env(state), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    daemon, address = _start_daemon(state, 2)
     try:
-        deadline = time.monotonic() + 120
-        while not state.exists():
-            assert daemon.poll() is None and time.monotonic() < deadline, "the local cluster did not start"
-            time.sleep(0.2)
-        address = json.loads(state.read_text())["address"]
         raylets = _raylets(daemon.pid)
         workers = [pid for pid, head in raylets.items() if not head]
         assert len(raylets) == 2 and len(workers) == 1, raylets

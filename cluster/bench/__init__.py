@@ -1,5 +1,6 @@
 """Benchmarks: engine (overhead, bounded memory, cache policy), routing on a live cluster, simulation."""
 
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +27,13 @@ def command_line(suite: str, flags: Sequence[tuple[str, Any]]) -> str:
         elif value is not None and value is not False:
             words.append(f"{flag} {value}")
     return " ".join(words)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens at on 127.0.0.1 now (for a server a benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def log_progress(progress: bool, message: str) -> None:

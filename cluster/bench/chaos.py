@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import tempfile
 import time
@@ -44,7 +43,7 @@ import requests
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN.md); read when ray is imported
 
 from cluster import local_cluster  # noqa: E402
-from cluster.bench import command_line, log_progress, out_flag  # noqa: E402
+from cluster.bench import command_line, free_port, log_progress, out_flag  # noqa: E402
 
 NAMESPACE = "sniper-bench-chaos"
 REQUEST_TIMEOUT_S = 120.0
@@ -67,12 +66,6 @@ WAYS = ("python stream", "python whole", "http stream", "http whole")  # how cal
 def _schedule(duration_s: float) -> list[tuple[float, str]]:
     return [(0.15 * duration_s, "node"), (0.3 * duration_s, "ray-node"), (0.5 * duration_s, "router"),
             (0.6 * duration_s, "client"), (0.65 * duration_s, "http-client"), (0.8 * duration_s, "node")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _request(client: Any, http: HttpApi, prompt: str, way: str, max_tokens: int) -> dict[str, Any]:
@@ -214,15 +207,20 @@ def _worker_ray_node(n_nodes: int, index: int) -> tuple[str, int]:
 async def _until_back(client: Any, victim: str, restarts_before: int, since: float) -> float | None:
     """Seconds from ``since`` until the router has ``victim`` alive again after a restart."""
     while time.monotonic() < since + REQUEST_TIMEOUT_S:
-        node = {n["name"]: n for n in (await client.astatus())["nodes"]}.get(victim, {})
+        node = await _node_status(client, victim)
         if node.get("alive") and node.get("restarts", 0) > restarts_before:
             return time.monotonic() - since
         await asyncio.sleep(0.2)
     return None
 
 
+async def _node_status(client: Any, name: str) -> dict[str, Any]:
+    """The router's view of one node (empty if it does not know it)."""
+    return next((n for n in (await client.astatus())["nodes"] if n["name"] == name), {})
+
+
 async def _restarts(client: Any, victim: str) -> int:
-    return int({n["name"]: n for n in (await client.astatus())["nodes"]}.get(victim, {}).get("restarts", 0))
+    return int((await _node_status(client, victim)).get("restarts", 0))
 
 
 async def _fault(kind: str, client: Any, http: HttpApi, prompt: str, n_nodes: int, index: int,
@@ -320,7 +318,7 @@ def bench_chaos(model_path: str, *, n_nodes: int = 3, clients: int = 4, duration
         try:
             ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR")
             deploy.deploy(model_path, n_nodes, cache_bytes=budget, namespace=NAMESPACE, n_threads=1, n_ctx=1024)
-            url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=API_KEY), port=_free_port())
+            url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=API_KEY), port=free_port())
             http = HttpApi(url, requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"])
             client = Client(namespace=NAMESPACE, router_wait_s=ROUTER_WAIT_S)
             log_progress(progress, f"chaos: {n_nodes} nodes, {clients} callers, {duration_s:g} s, gateway {url}")

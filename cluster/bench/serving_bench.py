@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,19 +35,13 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN
 
 import requests  # noqa: E402
 
-from cluster.bench import command_line, log_progress, out_flag  # noqa: E402
+from cluster.bench import command_line, free_port, log_progress, out_flag  # noqa: E402
 from cluster.bench.routing_bench import LocalRayCluster  # noqa: E402
 
 NAMESPACE = "sniper-bench-serving"
 TARGET = 0.9  # every served way at >= 0.9x the engine alone and llama-server (issue 12)
 N_CTX = 1024
 PROMPT = "the quick brown fox jumps over the lazy dog and then"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_llama_server(path: str | None) -> str | None:
@@ -65,7 +58,7 @@ class LlamaServer:
 
     def __init__(self, binary: str, model: str, n_threads: int, n_slots: int = 1, n_ctx: int = N_CTX,
                  limit: Any = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-t", str(n_threads),
                      "-tb", str(n_threads), "-c", str(n_ctx * n_slots), "-np", str(n_slots), "--no-webui"]
@@ -159,7 +152,7 @@ def bench_serving(model_path: str, *, n_tokens: int = 128, rounds: int = 5, n_th
     with LocalRayCluster(1, cpus_per_node=n_threads) as cluster:
         ray.init(address=cluster.address, namespace=NAMESPACE, logging_level="ERROR")
         deploy.deploy(model_path, 1, cache_bytes=budget, namespace=NAMESPACE, n_threads=n_threads, n_ctx=N_CTX)
-        url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=api_key), "127.0.0.1", _free_port())
+        url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=api_key), "127.0.0.1", free_port())
         client = Client(namespace=NAMESPACE)
         model_name = os.path.basename(model_path).removesuffix(".gguf")
         engine = MoEEngine(model_path, budget, n_ctx=N_CTX, n_threads=n_threads)

@@ -213,15 +213,14 @@ def trim_prefill(trace: RoutingTrace, n_prompt: int, n_skip: int) -> RoutingTrac
     layer that kept fewer rows, as llama.cpp's last layer does, keeps its last rows); a prefill
     step left with no token is dropped with its predictions; decode steps are unchanged.
     """
-    if n_skip <= 0:
-        return trace
-    offsets = np.concatenate([[0], np.cumsum(trace.n_ids, dtype=np.int64)])
     steps = trace.steps()
-    starts = np.concatenate([[0], np.cumsum(steps.rows)])  # token position where each step begins
+    if n_skip <= 0 or not len(steps.rows):
+        return trace
+    offsets = trace.offsets()
+    starts = steps.starts
     keep_rows = np.asarray(trace.n_tokens, dtype=np.int64).copy()
     for i in range(len(trace)):
-        start = int(starts[steps.index[i]]) if len(steps.rows) else 0
-        end = start + (int(steps.rows[steps.index[i]]) if len(steps.rows) else 0)
+        start, end = int(starts[steps.index[i]]), int(starts[steps.index[i] + 1])
         if start >= n_prompt:
             continue  # decode steps are unchanged
         if trace.kind[i] == TRACE_PREDICT:
