@@ -219,6 +219,20 @@ async def _node_status(client: Any, name: str) -> dict[str, Any]:
     return next((n for n in (await client.astatus())["nodes"] if n["name"] == name), {})
 
 
+async def _until_dead(actor: Any, timeout_s: float = 30.0) -> None:
+    """Returns once a call to ``actor`` fails because it died (it may take Ray a moment)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            await actor.__ray_ready__.remote()
+        except ray.exceptions.RayActorError:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"the actor was not dead {timeout_s:g} s after ray.kill")
+
+
 async def _restarts(client: Any, victim: str) -> int:
     return int((await _node_status(client, victim)).get("restarts", 0))
 
@@ -284,8 +298,10 @@ async def _run(client: Any, http: HttpApi, prompts: list[str], *, n_nodes: int, 
         in_flight = sum(n["load"] for n in (await client.astatus())["nodes"])
         await asyncio.sleep(0.2)
     # the router gone for good: typed errors within the wait (both ways in), no hang
-    ray.kill(await asyncio.to_thread(ray.get_actor, ROUTER_NAME, namespace=NAMESPACE), no_restart=True)
+    router = await asyncio.to_thread(ray.get_actor, ROUTER_NAME, namespace=NAMESPACE)
+    ray.kill(router, no_restart=True)
     gone_at = time.monotonic()
+    await _until_dead(router)  # ray.kill only asks: a request sent at once could still reach the live router
     after_gone = await asyncio.gather(*(_request(client, http, prompts[i % len(prompts)], WAYS[i % len(WAYS)],
                                                  max_tokens) for i in range(max(clients, len(WAYS)))))
     faults.append({"kind": "router-gone", "target": ROUTER_NAME, "at": gone_at,

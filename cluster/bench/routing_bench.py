@@ -182,7 +182,7 @@ async def _drive(client: Any, workload: Workload, max_tokens: int, concurrency: 
     """Sends the workload (conversations concurrently, turns in order; with ``concurrency``, at most
     that many conversations at once, back to back); one outcome per turn."""
     from cluster.client import completion
-    from cluster.protocol import Piece
+    from cluster.protocol import Piece, Restarted
 
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -190,7 +190,9 @@ async def _drive(client: Any, workload: Workload, max_tokens: int, concurrency: 
 
     async def timed(events: Any, first: list[float]) -> Any:
         async for item in events:
-            if isinstance(item, Piece) and not first:
+            if isinstance(item, Restarted):  # the text kept comes from the next node
+                first.clear()
+            elif isinstance(item, Piece) and not first:
                 first.append(loop.time() - t0)
             yield item
 
@@ -205,7 +207,8 @@ async def _drive(client: Any, workload: Workload, max_tokens: int, concurrency: 
             outcome: dict[str, Any] = {"conversation": turn.conversation, "turn": turn.index, "sent_s": sent}
             first: list[float] = []
             try:
-                events = client.aevents(prompt, max_tokens=max_tokens, session_id=turn.conversation)
+                # the whole answer is kept: a node that dies mid-way costs a restart elsewhere, as for agenerate
+                events = client.aevents(prompt, max_tokens=max_tokens, session_id=turn.conversation, restartable=True)
                 done = await asyncio.wait_for(completion(timed(events, first)), REQUEST_TIMEOUT_S)
             except Exception as exc:  # counted as an error; the conversation goes on without an answer
                 outcome.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
