@@ -7,13 +7,14 @@ the policy core (for trace replay and simulation) and the routing trace.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import llama_cpp  # noqa: F401  (loads libggml-base before the extension that links it)
 import numpy as np
 
 from cluster import _native
 from cluster.errors import CacheBudgetError, InvalidParameterError, ModelFileError
+from cluster.protocol import RoutingTraceSummary
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 EVICTION_POLICIES: tuple[str, ...] = ("scan_resistant", "lru", "lfu")
@@ -279,6 +280,12 @@ class RoutingTrace:
             else np.zeros(0, dtype=np.int32)
         return RoutingTrace(kind=self.kind[keep], layer=self.layer[keep], n_tokens=self.n_tokens[keep],
                             n_ids=self.n_ids[keep], ids=ids.astype(np.int32), n_dropped=self.n_dropped)
+
+    def summary(self, prefilled: Sequence[int], n_layers: int, n_experts: int) -> RoutingTraceSummary:
+        """What the router's affinity learns from this request: the tokens it ``prefilled``, the
+        experts each chose, and the selections of its decoding (``split_prefill``)."""
+        prompt_experts, decode_counts = self.split_prefill(len(prefilled), n_layers, n_experts)
+        return RoutingTraceSummary(tokens=tuple(prefilled), prompt_experts=prompt_experts, decode_counts=decode_counts)
 
     def decode_steps(self) -> list[dict[int, np.ndarray]]:
         """Per decoding step, ``{layer: ids}``: the decode part of the trace (single-token steps)."""

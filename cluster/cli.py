@@ -324,7 +324,7 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     only = {"routing": ("node_memory_mb", "decision_cost", "kill_node_after"),
             "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
-            "batch": ("window_s", "no_limit")}
+            "batch": ("window_s", "no_limit", "topics")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
@@ -344,14 +344,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         foreign = [n for n in given if n != "max_tokens"]
         if foreign:
             raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench batch' (it takes --model, "
-                             f"--prompts, --concurrency, --max-tokens, --window-s, --no-limit, --llama-server, --out)")
+                             f"--prompts, --topics, --concurrency, --max-tokens, --window-s, --no-limit, --llama-server, "
+                             f"--out)")
+        if args.topics and args.prompts:
+            raise ValueError("--topics draws the synthetic model's own prompts: it does not go with --prompts")
         from cluster.bench import batch_bench
 
         concurrency = tuple(int(c) for c in (args.concurrency or "1,2,4,8,16").split(","))
         if not concurrency or min(concurrency) < 1 or max(concurrency) > 64:
             raise ValueError(f"--concurrency must be comma-separated integers in [1, 64], got {args.concurrency!r}")
         report = batch_bench.main(args.model or str(default_model("bench", progress=not args.json)),
-                                  prompts_file=args.prompts, concurrency=concurrency,
+                                  prompts_file=args.prompts, n_topics=args.topics, concurrency=concurrency,
                                   max_tokens=args.max_tokens or 64, n_threads=2,
                                   window_s=args.window_s or (8.0 if args.quick else 20.0),
                                   limit_fraction=None if args.no_limit else 0.5, llama_server=args.llama_server,
@@ -628,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "a closed loop of this many clients instead of Poisson arrivals")
     batch.add_argument("--window-s", type=_non_negative_float, help="measured seconds per run (default 20)")
     batch.add_argument("--no-limit", action="store_true", help="skip the runs under a 50 %% cgroup memory limit")
+    batch.add_argument("--topics", type=_positive_int,
+                       help="prompts of the synthetic model's first N topics only (users of N domains; default: all)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

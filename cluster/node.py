@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 from cluster.engine import Generation, MoEEngine
@@ -293,13 +293,11 @@ class NodeServer:
         summary = None
         if first.trace is not None:
             layout = self.engine.layout
-            n_prefilled = first.n_prompt_tokens - first.n_reused_tokens
-            prompt_experts, decode_counts = first.trace.split_prefill(n_prefilled, layout.n_layers, layout.n_experts)
+            summary = first.trace.summary(request.tokens[first.n_reused_tokens:first.n_prompt_tokens],
+                                          layout.n_layers, layout.n_experts)
             for later in gens[1:]:  # the other choices decoded on the same prompt
-                decode_counts = decode_counts + later.trace.split_prefill(
-                    later.n_prompt_tokens - later.n_reused_tokens, layout.n_layers, layout.n_experts)[1]
-            tokens = tuple(request.tokens[first.n_reused_tokens:first.n_prompt_tokens])
-            summary = RoutingTraceSummary(tokens=tokens, prompt_experts=prompt_experts, decode_counts=decode_counts)
+                summary = replace(summary, decode_counts=summary.decode_counts + later.trace.split_prefill(
+                    later.n_prompt_tokens - later.n_reused_tokens, layout.n_layers, layout.n_experts)[1])
             self._remember_trace(summary)
         self._send_report(request.request_id, summary, reconcile=False)  # the next idle heartbeat reconciles
         return Finished(

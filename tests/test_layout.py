@@ -91,8 +91,8 @@ def test_the_routing_maths_load_without_the_nodes_native_cache() -> None:
     """The router's decisions need ``cluster._routing`` only (std C++); the cache module, which
     links ggml, is for the processes that run a model. (The router process still reads the
     model's vocabulary through llama.cpp, to tokenize, when its actor starts.)"""
-    code = ("import sys, numpy as np, cluster.router, cluster.routing.warmth as w; "
-            "w.prefix_hashes(list(range(64))); w.affinity_encode(np.full((2, 4), 0.5, np.float32)); "
+    code = ("import sys, numpy as np, cluster.router, cluster.routing.warmth as w, cluster.token_affinity as a; "
+            "w.prefix_hashes(list(range(64))); a.affinity_encode(np.full((2, 4), 0.5, np.float32)); "
             "maps = open('/proc/self/maps').read(); "
             "print(sorted({m for m in ('llama_cpp', 'cluster._native', 'cluster.engine') if m in sys.modules} | "
             "({'libggml'} if 'libggml' in maps else set())))")

@@ -14,7 +14,8 @@ from cluster.protocol import NodeReport
 from cluster.router import RouterCore
 from cluster.routing import POLICY_NAMES, NodeView, RouteRequest, make_policy
 from cluster.routing.base import RoutingTraceSummary
-from cluster.routing.warmth import PREFIX_BLOCK, TokenAffinity, WarmthPolicy, prefix_hashes
+from cluster.routing.warmth import PREFIX_BLOCK, WarmthPolicy, prefix_hashes
+from cluster.token_affinity import TokenAffinity
 from cluster.warmth import encode
 
 L, E, K = 4, 16, 2

@@ -5,8 +5,10 @@ send the next, for C = 1, 2, 4, 8, 16. Side by side on the same model, prompts a
 
 * ``engine``: ``MoEEngine`` with C sequence slots and the expert cache (a child process,
   ``cluster.bench.batch_worker``); C = 1 is the engine with one slot. Under the limit the engine
-  adapts how many sequences run together (``cluster.batch_width``); ``engine, all slots`` is the
-  same engine made to run every slot (``adaptive_width=False``), to show what that costs;
+  adapts how many sequences run together (``cluster.batch_width``) and starts the waiting
+  sequence that adds the fewest expert loads (``cluster.batch_admission``); the same engine
+  without each rule runs too (``LIMITED_VARIANTS``: ``first come first served``,
+  ``expert_admission=False``; ``all slots``, ``adaptive_width=False``), to show what each buys;
 * ``llama-server``: llama.cpp's server with ``-np C`` (built by this benchmark from the llama.cpp
   sources in the pinned llama-cpp-python distribution if there is none), streamed over loopback.
 
@@ -41,6 +43,11 @@ from cluster.bench.worker import read_bytes
 from cluster.node_memory import MIB
 
 CONCURRENCY = (1, 2, 4, 8, 16)
+LIMITED_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "engine_fifo": ("first come, first served (no expert admission)", {"expert_admission": False}),
+    "engine_all_slots": ("every slot (no adaptive width)", {"adaptive_width": False}),
+}
+"""Under the limit, the engine also runs without each of its two rules, to show what each buys."""
 N_CTX = 1024
 
 
@@ -56,10 +63,13 @@ def _summary(elapsed: float, reqs: list[dict[str, Any]], disk_bytes: int) -> dic
 
 
 def run_engine(model: str, prompts: list[str], clients: int, *, cache_bytes: int | str, max_tokens: int, n_threads: int,
-               window_s: float, warmup_s: float, limit_bytes: int | None, adaptive_width: bool = True) -> dict[str, Any]:
+               window_s: float, warmup_s: float, limit_bytes: int | None,
+               knobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The engine with ``clients`` slots in a closed loop (a child process, under ``limit_bytes``
+    if given); ``knobs``: other ``EngineConfig`` fields (the variants of the limited regime)."""
     spec = {"model": model, "cache_bytes": cache_bytes, "n_ctx": N_CTX, "slots": clients, "clients": clients,
             "n_threads": n_threads, "prompts": prompts, "max_tokens": max_tokens, "window_s": window_s,
-            "warmup_s": warmup_s, "adaptive_width": adaptive_width}
+            "warmup_s": warmup_s, "knobs": knobs or {}}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     argv = [sys.executable, "-m", "cluster.bench.batch_worker", f.name]
@@ -198,11 +208,13 @@ def bench_batch(model: str, prompts: list[str], *, concurrency: tuple[int, ...] 
             engine = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens, n_threads=n_threads,
                                 window_s=window_s, warmup_s=warmup_s, limit_bytes=limit_bytes)
             row: dict[str, Any] = {"engine": engine}
-            if limit_bytes is not None and c > 1:
-                log_progress(progress, f"{regime}: engine, all {c} slots (no adaptive width), {c} clients")
-                row["engine_all_slots"] = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens,
-                                                     n_threads=n_threads, window_s=window_s, warmup_s=warmup_s,
-                                                     limit_bytes=limit_bytes, adaptive_width=False)
+            for variant, (what, knobs) in LIMITED_VARIANTS.items():
+                if limit_bytes is None or c == 1:
+                    break
+                log_progress(progress, f"{regime}: engine, {what}, {c} clients")
+                row[variant] = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens,
+                                          n_threads=n_threads, window_s=window_s, warmup_s=warmup_s,
+                                          limit_bytes=limit_bytes, knobs=knobs)
             if binary is not None:
                 log_progress(progress, f"{regime}: llama-server -np {c}, {c} clients")
                 row["llama_server"] = run_llama_server(binary, model, prompts, c, max_tokens=max_tokens,
@@ -259,7 +271,9 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
              f"{report['n_layers']} layers × {report['n_experts']} experts, top-{report['top_k']}); "
              f"{report['n_threads']} threads; greedy, {report['max_tokens']} tokens per request; closed loop of C "
              f"clients; a {report['window_s']:.0f} s window after one warm-up request per client. See the module "
-             "docstring of `cluster/bench/batch_bench.py` for what each column measures.", ""]
+             "docstring of `cluster/bench/batch_bench.py` for what each column measures.",
+             "" if not report.get("n_topics") else f"\nPrompts: the synthetic model's first {report['n_topics']} "
+             "topics in turn (users of that many domains).", ""]
     for name, why in report["skipped"].items():
         lines.append(f"Skipped {name}: {why}.")
     for data in report["regimes"].values():
@@ -267,11 +281,12 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
         lines += ["", f"## {'model in RAM' if limit is None else f'cgroup limit {limit / MIB:.0f} MiB (50 % of the file)'}", "",
                   "| C | engine tok/s | llama-server tok/s | ratio | engine TTFT p50/p99 ms | server TTFT p50/p99 ms | "
                   "engine TPOT p50/p99 ms | server TPOT p50/p99 ms | decoding seqs/step | experts/step | "
-                  "expert KiB/token | disk KiB/token engine / server | width at the end | all slots: tok/s, "
-                  "expert KiB/token |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "expert KiB/token | disk KiB/token engine / server | width at the end | first come first served: "
+                  "tok/s, expert KiB/token | all slots: tok/s, expert KiB/token |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c, row in data["by_concurrency"].items():
-            e, s, a = row.get("engine", {}), row.get("llama_server", {}), row.get("engine_all_slots") or {}
+            e, s = row.get("engine", {}), row.get("llama_server", {})
+            f, a = row.get("engine_fifo") or {}, row.get("engine_all_slots") or {}
             if "error" in e:
                 lines.append(f"| {c} | error: {e['error'][:80]} |")
                 continue
@@ -285,7 +300,8 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
                 f"{_fmt(s.get('tpot_p50_s'), 1e3)}/{_fmt(s.get('tpot_p99_s'), 1e3)} | {_fmt(e.get('decode_batch'), 1, 2)} | "
                 f"{_fmt(e.get('experts_per_step'), 1, 0)} | {_fmt(e.get('expert_bytes_per_token'), 1 / 1024, 0)} | "
                 f"{_fmt(e.get('disk_bytes_per_token'), 1 / 1024, 0)} / {_fmt(s.get('disk_bytes_per_token'), 1 / 1024, 0)} | "
-                f"{_fmt(e.get('width'), 1, 0)} | {_fmt(a.get('tok_s'))}, {_fmt(a.get('expert_bytes_per_token'), 1 / 1024, 0)} |")
+                f"{_fmt(e.get('width'), 1, 0)} | {_fmt(f.get('tok_s'))}, {_fmt(f.get('expert_bytes_per_token'), 1 / 1024, 0)} | "
+                f"{_fmt(a.get('tok_s'))}, {_fmt(a.get('expert_bytes_per_token'), 1 / 1024, 0)} |")
         failed = sorted({f"{who} at C = {c}: {run['error']}" for c, row in data["by_concurrency"].items()
                          for who, run in row.items() if isinstance(run, dict) and "error" in run})
         if failed:
@@ -328,27 +344,34 @@ def _plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
-def default_prompts(model: str, n: int = 32) -> list[str]:
+def default_prompts(model: str, n: int = 32, n_topics: int | None = None) -> list[str]:
+    """``n`` prompts of a synthetic model, taking its topics (the first ``n_topics``) in turn."""
     from cluster import synth
 
     try:
         topics = synth.read_topics(model)
     except ValueError:
+        if n_topics is not None:
+            raise ValueError(f"--topics needs a synthetic model with topics; {model} has none") from None
         return [f"request {i}: the story goes on and on" for i in range(n)]
-    return [synth.topic_prompt(topics, i % len(topics), 24, seed=i) for i in range(n)]
+    if n_topics is not None and n_topics > len(topics):
+        raise ValueError(f"--topics {n_topics}: {model} has {len(topics)} topics")
+    used = n_topics or len(topics)
+    return [synth.topic_prompt(topics, i % used, 24, seed=i) for i in range(n)]
 
 
 def main(model: str, *, prompts_file: str | None, concurrency: tuple[int, ...], max_tokens: int, n_threads: int,
          window_s: float, limit_fraction: float | None, llama_server: str | None, out_dir: Path | None,
-         progress: bool) -> dict[str, Any]:
+         progress: bool, n_topics: int | None = None) -> dict[str, Any]:
     if prompts_file:
         with open(prompts_file) as f:
             prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:64]
     else:
-        prompts = default_prompts(model)
+        prompts = default_prompts(model, n_topics=n_topics)
     report = bench_batch(model, prompts, concurrency=concurrency, max_tokens=max_tokens, n_threads=n_threads,
                          window_s=window_s, limit_fraction=limit_fraction, llama_server=llama_server, progress=progress)
-    command = command_line("batch", [("--model", model), ("--prompts", prompts_file),
+    report["n_topics"] = n_topics
+    command = command_line("batch", [("--model", model), ("--prompts", prompts_file), ("--topics", n_topics),
                                      ("--concurrency", ",".join(map(str, concurrency))), ("--max-tokens", max_tokens),
                                      ("--window-s", window_s), ("--no-limit", limit_fraction is None),
                                      ("--out", out_flag(out_dir))])

@@ -63,8 +63,7 @@ def main(spec_path: str) -> int:
 
     spec = json.loads(open(spec_path).read())
     engine = MoEEngine(spec["model"], spec["cache_bytes"], n_ctx=spec["n_ctx"], n_slots=spec["slots"],
-                       n_threads=spec.get("n_threads"), n_batch=max(512, spec["slots"]),
-                       adaptive_width=spec.get("adaptive_width", True))
+                       n_threads=spec.get("n_threads"), n_batch=max(512, spec["slots"]), **spec.get("knobs", {}))
     measured: dict[str, Any] = {}
 
     def begin() -> None:  # every client has warmed up
