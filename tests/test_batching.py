@@ -191,28 +191,6 @@ def test_under_memory_pressure_the_width_adapts_and_every_request_still_finishes
         assert roomy.batch_stats()["width"] == 4, "with every expert resident every slot is used"
 
 
-@pytest.mark.parametrize("expert_admission", [True, False])
-def test_under_memory_pressure_a_waiting_sequence_of_the_resident_kind_starts_before_older_ones(
-        tiny_model, tiny_layout, tiny_topics, expert_admission):
-    def prompt(topic: int, seed: int) -> str:
-        return synth.topic_prompt(tiny_topics, topic, 12, seed=seed)
-
-    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.3), n_slots=2,
-                     expert_admission=expert_admission) as engine:
-        for topic in range(len(tiny_topics)):  # it learns which experts each kind of prompt selects
-            _batched(engine, [prompt(topic, 1)], 16)
-        _batched(engine, [prompt(0, 2)], 16)  # the cache holds topic 0's experts now
-        others = [prompt(t, 3) for t in range(1, len(tiny_topics))]
-        got = _batched(engine, [*others, prompt(0, 4)], 16)  # submitted last, of the resident kind
-        stats = engine.batch_stats()
-    waited_longest = got[-1].queued_s >= max(g.queued_s for g in got[:-1])
-    if expert_admission:
-        assert not waited_longest and stats["reordered"] >= 1, [g.queued_s for g in got]
-    else:  # first come, first served: the last one submitted waits longest
-        assert waited_longest and "reordered" not in stats
-    assert all(g.n_generated == 16 for g in got)
-
-
 def test_a_step_with_a_sequences_rows_apart_is_refused_and_the_engine_goes_on(tiny_model, tiny_layout, tiny_topics):
     with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=2) as engine:
         cache = engine._native_cache

@@ -236,6 +236,9 @@ def test_summarise_live_counts_bytes_from_nodes_and_requests() -> None:
     (["bench", "simulate", "--warmth-knob", "bogus=1"], "unknown knob 'bogus'"),
     (["bench", "simulate", "--warmth-knob", "warm_margin=2"], "warm_margin must be in [0, 1]"),
     (["bench", "simulate", "--warmth-knob", "warm_margin"], "takes NAME=NUMBER"),
+    (["bench", "routing", "--topics", "2"], "--topics is a flag of 'bench batch'"),
+    (["bench", "batch", "--topics", "2", "--prompts", "w.jsonl"], "--topics draws the synthetic model's own prompts"),
+    (["bench", "batch", "--topics", "9"], "--topics 9: "),
 ])
 def test_bench_cli_refuses_flags_of_another_suite(argv: list[str], message: str,
                                                   capsys: pytest.CaptureFixture[str], tiny_model: Path) -> None:

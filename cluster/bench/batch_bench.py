@@ -5,10 +5,9 @@ send the next, for C = 1, 2, 4, 8, 16. Side by side on the same model, prompts a
 
 * ``engine``: ``MoEEngine`` with C sequence slots and the expert cache (a child process,
   ``cluster.bench.batch_worker``); C = 1 is the engine with one slot. Under the limit the engine
-  adapts how many sequences run together (``cluster.batch_width``) and starts the waiting
-  sequence that adds the fewest expert loads (``cluster.batch_admission``); the same engine
-  without each rule runs too (``LIMITED_VARIANTS``: ``first come first served``,
-  ``expert_admission=False``; ``all slots``, ``adaptive_width=False``), to show what each buys;
+  adapts how many sequences run together (``cluster.batch_width``); ``engine, all slots`` is the
+  same engine made to run every slot (``LIMITED_VARIANTS``, ``adaptive_width=False``), to show
+  what that costs;
 * ``llama-server``: llama.cpp's server with ``-np C`` (built by this benchmark from the llama.cpp
   sources in the pinned llama-cpp-python distribution if there is none), streamed over loopback.
 
@@ -44,10 +43,9 @@ from cluster.node_memory import MIB
 
 CONCURRENCY = (1, 2, 4, 8, 16)
 LIMITED_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "engine_fifo": ("first come, first served (no expert admission)", {"expert_admission": False}),
     "engine_all_slots": ("every slot (no adaptive width)", {"adaptive_width": False}),
 }
-"""Under the limit, the engine also runs without each of its two rules, to show what each buys."""
+"""Under the limit, the engine also runs without its adaptive width, to show what that buys."""
 N_CTX = 1024
 
 
@@ -281,12 +279,12 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
         lines += ["", f"## {'model in RAM' if limit is None else f'cgroup limit {limit / MIB:.0f} MiB (50 % of the file)'}", "",
                   "| C | engine tok/s | llama-server tok/s | ratio | engine TTFT p50/p99 ms | server TTFT p50/p99 ms | "
                   "engine TPOT p50/p99 ms | server TPOT p50/p99 ms | decoding seqs/step | experts/step | "
-                  "expert KiB/token | disk KiB/token engine / server | width at the end | first come first served: "
-                  "tok/s, expert KiB/token | all slots: tok/s, expert KiB/token |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "expert KiB/token | disk KiB/token engine / server | width at the end | all slots: tok/s, "
+                  "expert KiB/token |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c, row in data["by_concurrency"].items():
             e, s = row.get("engine", {}), row.get("llama_server", {})
-            f, a = row.get("engine_fifo") or {}, row.get("engine_all_slots") or {}
+            a = row.get("engine_all_slots") or {}
             if "error" in e:
                 lines.append(f"| {c} | error: {e['error'][:80]} |")
                 continue
@@ -300,8 +298,7 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
                 f"{_fmt(s.get('tpot_p50_s'), 1e3)}/{_fmt(s.get('tpot_p99_s'), 1e3)} | {_fmt(e.get('decode_batch'), 1, 2)} | "
                 f"{_fmt(e.get('experts_per_step'), 1, 0)} | {_fmt(e.get('expert_bytes_per_token'), 1 / 1024, 0)} | "
                 f"{_fmt(e.get('disk_bytes_per_token'), 1 / 1024, 0)} / {_fmt(s.get('disk_bytes_per_token'), 1 / 1024, 0)} | "
-                f"{_fmt(e.get('width'), 1, 0)} | {_fmt(f.get('tok_s'))}, {_fmt(f.get('expert_bytes_per_token'), 1 / 1024, 0)} | "
-                f"{_fmt(a.get('tok_s'))}, {_fmt(a.get('expert_bytes_per_token'), 1 / 1024, 0)} |")
+                f"{_fmt(e.get('width'), 1, 0)} | {_fmt(a.get('tok_s'))}, {_fmt(a.get('expert_bytes_per_token'), 1 / 1024, 0)} |")
         failed = sorted({f"{who} at C = {c}: {run['error']}" for c, row in data["by_concurrency"].items()
                          for who, run in row.items() if isinstance(run, dict) and "error" in run})
         if failed:
