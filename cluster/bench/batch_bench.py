@@ -6,8 +6,7 @@ send the next, for C = 1, 2, 4, 8, 16. Side by side on the same model, prompts a
 * ``engine``: ``MoEEngine`` with C sequence slots and the expert cache (a child process,
   ``cluster.bench.batch_worker``); C = 1 is the engine with one slot. Under the limit the engine
   adapts how many sequences run together (``cluster.batch_width``); ``engine, all slots`` is the
-  same engine made to run every slot (``LIMITED_VARIANTS``, ``adaptive_width=False``), to show
-  what that costs;
+  same engine made to run every slot (``adaptive_width=False``), to show what that costs;
 * ``llama-server``: llama.cpp's server with ``-np C`` (built by this benchmark from the llama.cpp
   sources in the pinned llama-cpp-python distribution if there is none), streamed over loopback.
 
@@ -42,10 +41,6 @@ from cluster.bench.worker import read_bytes
 from cluster.node_memory import MIB
 
 CONCURRENCY = (1, 2, 4, 8, 16)
-LIMITED_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "engine_all_slots": ("every slot (no adaptive width)", {"adaptive_width": False}),
-}
-"""Under the limit, the engine also runs without its adaptive width, to show what that buys."""
 N_CTX = 1024
 
 
@@ -64,7 +59,7 @@ def run_engine(model: str, prompts: list[str], clients: int, *, cache_bytes: int
                window_s: float, warmup_s: float, limit_bytes: int | None,
                knobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The engine with ``clients`` slots in a closed loop (a child process, under ``limit_bytes``
-    if given); ``knobs``: other ``EngineConfig`` fields (the variants of the limited regime)."""
+    if given); ``knobs``: other ``EngineConfig`` fields (``adaptive_width=False``: every slot)."""
     spec = {"model": model, "cache_bytes": cache_bytes, "n_ctx": N_CTX, "slots": clients, "clients": clients,
             "n_threads": n_threads, "prompts": prompts, "max_tokens": max_tokens, "window_s": window_s,
             "warmup_s": warmup_s, "knobs": knobs or {}}
@@ -206,13 +201,11 @@ def bench_batch(model: str, prompts: list[str], *, concurrency: tuple[int, ...] 
             engine = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens, n_threads=n_threads,
                                 window_s=window_s, warmup_s=warmup_s, limit_bytes=limit_bytes)
             row: dict[str, Any] = {"engine": engine}
-            for variant, (what, knobs) in LIMITED_VARIANTS.items():
-                if limit_bytes is None or c == 1:
-                    break
-                log_progress(progress, f"{regime}: engine, {what}, {c} clients")
-                row[variant] = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens,
-                                          n_threads=n_threads, window_s=window_s, warmup_s=warmup_s,
-                                          limit_bytes=limit_bytes, knobs=knobs)
+            if limit_bytes is not None and c > 1:
+                log_progress(progress, f"{regime}: engine, all {c} slots (no adaptive width), {c} clients")
+                row["engine_all_slots"] = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens,
+                                                     n_threads=n_threads, window_s=window_s, warmup_s=warmup_s,
+                                                     limit_bytes=limit_bytes, knobs={"adaptive_width": False})
             if binary is not None:
                 log_progress(progress, f"{regime}: llama-server -np {c}, {c} clients")
                 row["llama_server"] = run_llama_server(binary, model, prompts, c, max_tokens=max_tokens,
@@ -269,9 +262,10 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
              f"{report['n_layers']} layers × {report['n_experts']} experts, top-{report['top_k']}); "
              f"{report['n_threads']} threads; greedy, {report['max_tokens']} tokens per request; closed loop of C "
              f"clients; a {report['window_s']:.0f} s window after one warm-up request per client. See the module "
-             "docstring of `cluster/bench/batch_bench.py` for what each column measures.",
-             "" if not report.get("n_topics") else f"\nPrompts: the synthetic model's first {report['n_topics']} "
-             "topics in turn (users of that many domains).", ""]
+             "docstring of `cluster/bench/batch_bench.py` for what each column measures.", ""]
+    if report.get("n_topics"):
+        lines += [f"Prompts: the synthetic model's first {report['n_topics']} topics in turn (users of that many "
+                  "domains).", ""]
     for name, why in report["skipped"].items():
         lines.append(f"Skipped {name}: {why}.")
     for data in report["regimes"].values():
@@ -283,8 +277,7 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
                   "expert KiB/token |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c, row in data["by_concurrency"].items():
-            e, s = row.get("engine", {}), row.get("llama_server", {})
-            a = row.get("engine_all_slots") or {}
+            e, s, a = row.get("engine", {}), row.get("llama_server", {}), row.get("engine_all_slots") or {}
             if "error" in e:
                 lines.append(f"| {c} | error: {e['error'][:80]} |")
                 continue

@@ -13,7 +13,7 @@ policy. Per request:
      session of the conversation, else the longest common prefix with its context — and its
      CachePolicy replays the turn's trace without the reused prompt tokens (``trim_prefill``);
   3. at completion the node reports (warmth, held prefixes, the request's
-     ``RoutingTraceSummary`` from ``RoutingTrace.split_prefill``) to the router.
+     ``RoutingTraceSummary`` from ``RoutingTrace.summary``) to the router.
 
 Service-time model (``ServiceModel``): a request occupies its node for
 ``n_prefilled * prefill_s_per_token + n_generated * decode_s_per_token + bytes_read /
@@ -213,8 +213,10 @@ def trim_prefill(trace: RoutingTrace, n_prompt: int, n_skip: int) -> RoutingTrac
     layer that kept fewer rows, as llama.cpp's last layer does, keeps its last rows); a prefill
     step left with no token is dropped with its predictions; decode steps are unchanged.
     """
+    if n_skip <= 0:
+        return trace
     steps = trace.steps()
-    if n_skip <= 0 or not len(steps.rows):
+    if not len(steps.rows):
         return trace
     offsets = trace.offsets()
     starts = steps.starts
@@ -289,9 +291,7 @@ class SimNode:
         slot.tokens = list(recorded.context_tokens)
         self.kv.release(slot, keep=True)
         self._warmth = None
-        prompt_experts, decode_counts = trace.split_prefill(n_prompt - reused, self.n_layers, self.n_experts)
-        summary = RoutingTraceSummary(tokens=tuple(recorded.tokens[reused:]), prompt_experts=prompt_experts,
-                                      decode_counts=decode_counts)
+        summary = trace.summary(recorded.tokens[reused:], self.n_layers, self.n_experts)
         return {"counters": delta, "reused": reused, "n_prefilled": n_prompt - reused, "summary": summary}
 
     def report(self, now: float, load: int, request_id: str | None = None,
