@@ -8,7 +8,9 @@ docs/batching-bench/batching.md, every slot decoding: 82 MiB per token for eight
 one on `bench` at a 50 % limit), so a wider batch
 is slower than a narrow one. ``BatchWidth`` then adapts the number of running sequences to what
 the cache sustains, judged by the one cost that bounds a disk-bound node: expert bytes read per
-generated token, over windows of ``window_tokens`` generated tokens:
+generated token, over windows of ``window_steps`` tokens per running sequence (``window_steps``
+times the width: a window spans about as many steps at every width, so a wide batch's cost
+includes what changing from one kind of batch to the next costs, ``cluster.batch_admission``):
 
 * start at one sequence; after a window, try twice as many unless twice as many was seen to cost
   more than ``tolerance`` times the current width's bytes per token;
@@ -33,7 +35,7 @@ class BatchWidth:
 
     max_width: int
     pressured: bool
-    window_tokens: int = 64
+    window_steps: int = 64
     tolerance: float = 1.25
     memory_windows: int = 16
     width: int = 0
@@ -51,7 +53,7 @@ class BatchWidth:
             return
         self._tokens += tokens
         self._bytes += bytes_read
-        if self._tokens >= self.window_tokens:
+        if self._tokens >= self.window_steps * self.width:
             self._decide(self._bytes / self._tokens + EPSILON_BYTES)
             self._tokens, self._bytes = 0, 0.0
 

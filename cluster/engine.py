@@ -32,6 +32,7 @@ from llama_cpp import _internals
 
 from cluster import _native, node_memory
 from cluster import warmth as warmth_report
+from cluster.batch_admission import ExpertAdmission
 from cluster.batch_width import BatchWidth
 from cluster.cache import (
     CacheConfig,
@@ -74,6 +75,9 @@ class EngineConfig:
             one took) kept for their next turn.
         adaptive_width: under a budget below the model's experts, run only as many sequences
             together as the cache sustains (``cluster.batch_width``); False: every slot, always.
+        expert_admission: under a budget below the model's experts, form batches of sequences
+            expected to need the same experts (``cluster.batch_admission``); False: first come,
+            first served.
         n_threads: compute threads (default: all cores).
         cache: policy knobs other than the budget (its budget_bytes is replaced by cache_bytes).
         n_io_threads: I/O threads that read experts (0: no prefetch).
@@ -94,6 +98,7 @@ class EngineConfig:
     n_batch: int = 512
     session_bytes: int = 64 << 20
     adaptive_width: bool = True
+    expert_admission: bool = True
     n_threads: int | None = None
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(budget_bytes=1))
     n_io_threads: int = 2
@@ -193,8 +198,9 @@ class MoEEngine:
     sequence and chunks of waiting prompts in one ``llama_decode``, then samples each sequence
     with its own sampler; requests join at the next step and end on their own. Under a cache
     budget below the model's experts, how many run together adapts to what the cache sustains
-    (``cluster.batch_width``); the others wait. Everything that touches the llama.cpp context or
-    the cache runs on that thread (``_call``).
+    (``cluster.batch_width``) and a batch takes sequences expected to need the same experts
+    (``cluster.batch_admission``); the others wait. Everything that touches the llama.cpp context
+    or the cache runs on that thread (``_call``).
 
     Example:
         >>> engine = MoEEngine("model.gguf", cache_bytes=512 << 20)
@@ -302,6 +308,8 @@ class MoEEngine:
         pressured = (self._native_cache is not None
                      and self._native_cache.budget_bytes < footprint)
         self._width = BatchWidth(cfg.n_slots, pressured=pressured and cfg.adaptive_width)
+        admit = pressured and cfg.expert_admission and cfg.n_slots > 1
+        self._admission = ExpertAdmission(max_passes=cfg.n_slots) if admit else None
         self._bytes_read = 0
         self._batch = _internals.LlamaBatch(n_tokens=cfg.n_batch, embd=0, n_seq_max=1, verbose=cfg.verbose)
         self._stack.callback(self._batch.close)
@@ -613,7 +621,9 @@ class MoEEngine:
             self._end(seq, CANCELLED, keep=False)
         with self._cv:
             while self._waiting and self._kv.n_free and len(self._running) < self._width.width:
-                seq = self._waiting.popleft()
+                seq = self._next_waiting()
+                if seq is None:
+                    break
                 if seq.cancelled:
                     seq.sampler.close()
                     seq.emit(CANCELLED)
@@ -642,6 +652,19 @@ class MoEEngine:
         self._batch_totals.note(rows, n_decoding, len(self._running) + len(self._finished),
                                 time.perf_counter() - t0)
         self._deliver()
+
+    def _next_waiting(self) -> SequenceHandle | None:
+        """The waiting sequence to start now: the oldest, or under memory pressure the one
+        that fits the running batch's experts, if any (``cluster.batch_admission``)."""
+        if self._admission is None:
+            return self._waiting.popleft()
+        batch = self._running[0].prompt if self._running else None
+        index = self._admission.pick(self._waiting, self._native_cache.warmth()[0], batch)
+        if index is None:
+            return None
+        seq = self._waiting[index]
+        del self._waiting[index]
+        return seq
 
     def _start(self, seq: SequenceHandle) -> None:
         """Gives a waiting sequence a slot and the longest KV prefix it can have (``cluster.kv_slots``)."""
@@ -748,6 +771,9 @@ class MoEEngine:
             stats = _cache_stats(self._native_cache, counters)
             trace = RoutingTrace.from_native(trace_dict)
             counts = trace.expert_counts(self.layout.n_layers, self.layout.n_experts)
+            if self._admission is not None:
+                self._admission.learn(trace.summary(seq.prompt[seq.n_reused:], self.layout.n_layers,
+                                                    self.layout.n_experts))
         prompt_done = seq.prompt_done_at or end
         result = Generation(text=seq.text, tokens=tuple(seq.generated), n_prompt_tokens=len(seq.prompt),
                             finish_reason=seq.finish_reason or "length",
@@ -776,12 +802,17 @@ class MoEEngine:
         ``cluster.batch_width``), and since start the
         steps, tokens per step, decoding sequences per step, sequences per step and step time
         (with a cache: expert units each step selected, the union of its sequences' experts
-        summed over layers)."""
+        summed over layers; under memory pressure, ``cluster.batch_admission``'s ``reordered``:
+        sequences started before an older waiting one, and ``held``: times a free slot stayed
+        free because no waiting sequence fitted the running batch)."""
         totals = self._batch_totals
         stats: dict[str, float] = {"slots": self.n_slots, "slots_busy": len(self._running), "width": self._width.width,
                                    "waiting": len(self._waiting), "steps": totals.steps,
                                    "decode_steps": totals.decode_steps, "decode_rows": totals.decoding}
         stats.update(totals.means())
+        if self._admission is not None:
+            stats["reordered"] = self._admission.reordered
+            stats["held"] = self._admission.held
         if self._native_cache is not None and totals.steps:
             c = self._native_cache.counters()  # counters are read without the step loop: a consistent-enough sum
             selected = c["n_hits_prefill"] + c["n_hits_decode"] + c["n_misses_prefill"] + c["n_misses_decode"]

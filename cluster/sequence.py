@@ -65,6 +65,7 @@ class Sequence:
         self.n_reused = 0         # prompt tokens whose KV was already held (not evaluated)
         self.n_evaluated = 0      # prompt tokens evaluated so far (n_reused included)
         self.pending: int | None = None  # the sampled token to evaluate next (decoding)
+        self.passed_over = 0      # times a later sequence started before it (cluster.batch_admission)
         self.submitted_at = time.perf_counter()
         self.started_at: float | None = None    # its first step
         self.prompt_done_at: float | None = None

@@ -30,7 +30,7 @@ def test_topics_need_a_synthetic_model(tmp_path: Path) -> None:
 
 def test_the_engine_side_runs_with_each_variant_and_reports_a_bad_knob(tiny_model: Path) -> None:
     prompts = batch_bench.default_prompts(str(tiny_model), 4, n_topics=2)
-    for knobs in (None, {"adaptive_width": False}):  # the engine, and the engine on every slot
+    for knobs in (None, *batch_bench.LIMITED_VARIANTS.values()):  # the engine, and each variant of it
         run = batch_bench.run_engine(str(tiny_model), prompts, 2, cache_bytes="auto", max_tokens=8, n_threads=1,
                                      window_s=1.5, warmup_s=30, limit_bytes=None, knobs=knobs)
         assert "error" not in run, run

@@ -8,7 +8,8 @@ from cluster.batch_width import BatchWidth
 def run(width: BatchWidth, cost_of, windows: int) -> list[int]:
     seen = []
     for _ in range(windows):
-        width.note(width.window_tokens, cost_of(width.width) * width.window_tokens)
+        tokens = width.window_steps * width.width  # one window
+        width.note(tokens, cost_of(width.width) * tokens)
         seen.append(width.width)
     return seen
 
@@ -38,3 +39,13 @@ def test_a_forgotten_cost_is_tried_again():
     seen = run(width, costs.__getitem__, 20)
     assert seen.count(2) >= 2, "after memory_windows the wider batch is tried again"
     assert seen.count(1) > seen.count(2)
+
+
+def test_a_window_spans_as_many_steps_at_every_width():
+    width = BatchWidth(max_width=8, pressured=True, window_steps=10)
+    width.note(10, 1e6)
+    assert width.width == 2, "after 10 tokens at width 1 it tries 2"
+    width.note(10, 1e6)
+    assert width.width == 2, "10 tokens at width 2 are half a window"
+    width.note(10, 1e6)
+    assert width.width == 4

@@ -34,6 +34,9 @@ def _results(sequences) -> list[Generation]:
     return out
 
 
+EVERY_SLOT = {"adaptive_width": False, "expert_admission": False}  # under pressure too: every sequence runs at once
+
+
 def _batched(engine, prompts: list[str], max_tokens: int) -> list[Generation]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     return _results(engine.submit_many([(p, params) for p in prompts]))
@@ -43,7 +46,7 @@ def test_each_sequence_of_a_batch_gets_the_same_text_with_and_without_the_cache(
     prompts = _prompts(tiny_topics, 4)
     with open_engine(tiny_model, n_slots=4) as plain:
         expected = _batched(plain, prompts, 24)
-    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=4, adaptive_width=False) as cached:
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=4, **EVERY_SLOT) as cached:
         got = _batched(cached, prompts, 24)
         stats = cached.batch_stats()
     assert [g.text for g in got] == [g.text for g in expected]
@@ -55,7 +58,7 @@ def test_each_sequence_of_a_batch_gets_the_same_text_with_and_without_the_cache(
 def test_a_sequences_counts_in_a_batch_equal_an_independent_count_of_its_prompt_alone(tiny_model, tiny_topics):
     layout = discover_layout(str(tiny_model))
     prompts = _prompts(tiny_topics, 3)
-    with open_engine(tiny_model, budget_fraction(layout, 0.4), n_slots=3, adaptive_width=False) as engine:
+    with open_engine(tiny_model, budget_fraction(layout, 0.4), n_slots=3, **EVERY_SLOT) as engine:
         got = _batched(engine, prompts, 10)
     for prompt, gen in zip(prompts, got):
         seen = observer.observe(tiny_model, prompt, max_tokens=10, n_layers=layout.n_layers,
@@ -67,7 +70,7 @@ def test_a_sequences_counts_in_a_batch_equal_an_independent_count_of_its_prompt_
 
 
 def test_the_sequences_shares_of_a_batch_add_up_to_what_the_cache_read(tiny_model, tiny_layout, tiny_topics):
-    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.3), n_slots=4, adaptive_width=False) as engine:
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.3), n_slots=4, **EVERY_SLOT) as engine:
         before = engine.cache_stats()
         got = _batched(engine, _prompts(tiny_topics, 4), 16)
         after = engine.cache_stats()
@@ -82,7 +85,7 @@ def test_the_sequences_shares_of_a_batch_add_up_to_what_the_cache_read(tiny_mode
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(tiny_model, tiny_layout, tiny_topics):
     long_prompt = synth.topic_prompt(tiny_topics, 1, 150, seed=3)
     with open_engine(tiny_model, budget_fraction(tiny_layout, 1.0), n_slots=2, n_batch=16,
-                     adaptive_width=False) as engine:
+                     **EVERY_SLOT) as engine:
         short = engine.submit(synth.topic_prompt(tiny_topics, 0, 4, seed=1), SamplingParams(max_tokens=40, temperature=0))
         first = short.outbox.get(timeout=60)  # decoding
         assert isinstance(first, Piece)
@@ -98,7 +101,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(tin
 
 def test_a_cancelled_sequence_leaves_the_others_untouched(tiny_model, tiny_layout, tiny_topics):
     prompts = _prompts(tiny_topics, 3)
-    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.5), n_slots=3, adaptive_width=False) as engine:
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.5), n_slots=3, **EVERY_SLOT) as engine:
         alone = _batched(engine, [prompts[0], prompts[2]], 20)
         engine.clear_kv()
         params = SamplingParams(max_tokens=20, temperature=0.0)
@@ -191,6 +194,26 @@ def test_under_memory_pressure_the_width_adapts_and_every_request_still_finishes
         assert roomy.batch_stats()["width"] == 4, "with every expert resident every slot is used"
 
 
+@pytest.mark.parametrize("expert_admission", [True, False])
+def test_under_memory_pressure_sequences_of_one_kind_run_together_and_the_others_after_them(
+        tiny_model, tiny_layout, tiny_topics, expert_admission):
+    def prompt(topic: int, seed: int) -> str:
+        return synth.topic_prompt(tiny_topics, topic, 12, seed=seed)
+
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.3), n_slots=2, adaptive_width=False,
+                     expert_admission=expert_admission) as engine:
+        for topic in range(len(tiny_topics)):  # it learns which experts each kind of prompt selects
+            _batched(engine, [prompt(topic, 1)], 8)
+        a, b, a2 = _batched(engine, [prompt(1, 2), prompt(0, 3), prompt(1, 4)], 24)
+        stats = engine.batch_stats()
+    assert all(g.n_generated == 24 for g in (a, b, a2))
+    together, apart = abs(a.queued_s - a2.queued_s), abs(a.queued_s - b.queued_s)
+    if expert_admission:  # the two of topic 1 start in one step, the one of topic 0 before or after both
+        assert together < 0.25 * apart and stats["reordered"] >= 1, (a.queued_s, b.queued_s, a2.queued_s)
+    else:  # first come, first served: the first two start together, the third when a slot frees
+        assert apart < 0.25 * together and "reordered" not in stats, (a.queued_s, b.queued_s, a2.queued_s)
+
+
 def test_a_step_with_a_sequences_rows_apart_is_refused_and_the_engine_goes_on(tiny_model, tiny_layout, tiny_topics):
     with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=2) as engine:
         cache = engine._native_cache
@@ -206,7 +229,7 @@ def test_a_requests_trace_marks_each_of_its_steps(tiny_model, tiny_layout, tiny_
     from cluster.cache import TRACE_STEP
 
     prompts = _prompts(tiny_topics, 2)
-    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=2, adaptive_width=False) as engine:
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=2, **EVERY_SLOT) as engine:
         got = _batched(engine, prompts, 8)
         n_prompt = [len(engine.tokenize(p)) for p in prompts]
     for gen, n in zip(got, n_prompt):

@@ -5,8 +5,10 @@ send the next, for C = 1, 2, 4, 8, 16. Side by side on the same model, prompts a
 
 * ``engine``: ``MoEEngine`` with C sequence slots and the expert cache (a child process,
   ``cluster.bench.batch_worker``); C = 1 is the engine with one slot. Under the limit the engine
-  adapts how many sequences run together (``cluster.batch_width``); ``engine, all slots`` is the
-  same engine made to run every slot (``adaptive_width=False``), to show what that costs;
+  adapts how many sequences run together (``cluster.batch_width``) and batches sequences expected
+  to need the same experts (``cluster.batch_admission``); beside it, the same engine without
+  each rule (``LIMITED_VARIANTS``): ``first come, first served`` (no expert admission) and
+  ``all slots`` (neither: every sequence decodes at once), to show what each rule is worth;
 * ``llama-server``: llama.cpp's server with ``-np C`` (built by this benchmark from the llama.cpp
   sources in the pinned llama-cpp-python distribution if there is none), streamed over loopback.
 
@@ -41,6 +43,10 @@ from cluster.bench.worker import read_bytes
 from cluster.node_memory import MIB
 
 CONCURRENCY = (1, 2, 4, 8, 16)
+LIMITED_VARIANTS: dict[str, dict[str, bool]] = {  # the engine without its rules, under the limit at C > 1
+    "engine_fifo": {"expert_admission": False},
+    "engine_all_slots": {"expert_admission": False, "adaptive_width": False},
+}
 N_CTX = 1024
 
 
@@ -59,7 +65,7 @@ def run_engine(model: str, prompts: list[str], clients: int, *, cache_bytes: int
                window_s: float, warmup_s: float, limit_bytes: int | None,
                knobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The engine with ``clients`` slots in a closed loop (a child process, under ``limit_bytes``
-    if given); ``knobs``: other ``EngineConfig`` fields (``adaptive_width=False``: every slot)."""
+    if given); ``knobs``: other ``EngineConfig`` fields (``LIMITED_VARIANTS``)."""
     spec = {"model": model, "cache_bytes": cache_bytes, "n_ctx": N_CTX, "slots": clients, "clients": clients,
             "n_threads": n_threads, "prompts": prompts, "max_tokens": max_tokens, "window_s": window_s,
             "warmup_s": warmup_s, "knobs": knobs or {}}
@@ -94,6 +100,7 @@ def run_engine(model: str, prompts: list[str], clients: int, *, cache_bytes: int
                                   if cache["n_hits_decode"] + cache["n_misses_decode"] else None)
     out["decode_batch"] = raw["decode_batch"]
     out["width"] = raw.get("width")
+    out["admission"] = {"held": raw.get("held"), "reordered": raw.get("reordered")}
     out["budget_bytes"] = raw["budget_bytes"]
     return out
 
@@ -201,11 +208,11 @@ def bench_batch(model: str, prompts: list[str], *, concurrency: tuple[int, ...] 
             engine = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens, n_threads=n_threads,
                                 window_s=window_s, warmup_s=warmup_s, limit_bytes=limit_bytes)
             row: dict[str, Any] = {"engine": engine}
-            if limit_bytes is not None and c > 1:
-                log_progress(progress, f"{regime}: engine, all {c} slots (no adaptive width), {c} clients")
-                row["engine_all_slots"] = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens,
-                                                     n_threads=n_threads, window_s=window_s, warmup_s=warmup_s,
-                                                     limit_bytes=limit_bytes, knobs={"adaptive_width": False})
+            for variant, knobs in LIMITED_VARIANTS.items() if limit_bytes is not None and c > 1 else ():
+                log_progress(progress, f"{regime}: {variant} ({knobs}), {c} clients")
+                row[variant] = run_engine(model, prompts, c, cache_bytes=budget, max_tokens=max_tokens,
+                                          n_threads=n_threads, window_s=window_s, warmup_s=warmup_s,
+                                          limit_bytes=limit_bytes, knobs=knobs)
             if binary is not None:
                 log_progress(progress, f"{regime}: llama-server -np {c}, {c} clients")
                 row["llama_server"] = run_llama_server(binary, model, prompts, c, max_tokens=max_tokens,
@@ -253,6 +260,13 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if not isinstance(value, (int, float)) or value != value else f"{value * scale:.{digits}f}"
 
 
+def _variant(run: dict[str, Any]) -> str:
+    if "error" in run:
+        return "error"
+    return (f"{_fmt(run.get('tok_s'))}, {_fmt(run.get('expert_bytes_per_token'), 1 / 1024, 0)}, "
+            f"{_fmt(run.get('ttft_p50_s'), 1e3, 0)}")
+
+
 def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "batching.json").write_text(json.dumps(report, indent=1, default=float))
@@ -273,11 +287,11 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
         lines += ["", f"## {'model in RAM' if limit is None else f'cgroup limit {limit / MIB:.0f} MiB (50 % of the file)'}", "",
                   "| C | engine tok/s | llama-server tok/s | ratio | engine TTFT p50/p99 ms | server TTFT p50/p99 ms | "
                   "engine TPOT p50/p99 ms | server TPOT p50/p99 ms | decoding seqs/step | experts/step | "
-                  "expert KiB/token | disk KiB/token engine / server | width at the end | all slots: tok/s, "
-                  "expert KiB/token |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "expert KiB/token | disk KiB/token engine / server | width at the end | first come first served: "
+                  "tok/s, expert KiB/token, TTFT p50 ms | all slots: tok/s, expert KiB/token, TTFT p50 ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c, row in data["by_concurrency"].items():
-            e, s, a = row.get("engine", {}), row.get("llama_server", {}), row.get("engine_all_slots") or {}
+            e, s = row.get("engine", {}), row.get("llama_server", {})
             if "error" in e:
                 lines.append(f"| {c} | error: {e['error'][:80]} |")
                 continue
@@ -291,7 +305,7 @@ def write_report(report: dict[str, Any], out_dir: Path, command: str) -> Path:
                 f"{_fmt(s.get('tpot_p50_s'), 1e3)}/{_fmt(s.get('tpot_p99_s'), 1e3)} | {_fmt(e.get('decode_batch'), 1, 2)} | "
                 f"{_fmt(e.get('experts_per_step'), 1, 0)} | {_fmt(e.get('expert_bytes_per_token'), 1 / 1024, 0)} | "
                 f"{_fmt(e.get('disk_bytes_per_token'), 1 / 1024, 0)} / {_fmt(s.get('disk_bytes_per_token'), 1 / 1024, 0)} | "
-                f"{_fmt(e.get('width'), 1, 0)} | {_fmt(a.get('tok_s'))}, {_fmt(a.get('expert_bytes_per_token'), 1 / 1024, 0)} |")
+                f"{_fmt(e.get('width'), 1, 0)} | " + " | ".join(_variant(row.get(v) or {}) for v in LIMITED_VARIANTS) + " |")
         failed = sorted({f"{who} at C = {c}: {run['error']}" for c, row in data["by_concurrency"].items()
                          for who, run in row.items() if isinstance(run, dict) and "error" in run})
         if failed:
