@@ -10,7 +10,8 @@ speed.) So ``ExpertAdmission`` forms batches of one kind, one after another:
 
 * a prompt's kind is its expected expert selections (``expected``: the prefill of its tokens
   plus ``decode_steps`` steps of decoding), predicted by ``cluster.token_affinity`` (the
-  router's predictor), learned here from the sequences this engine served;
+  router's predictor), learned here from the experts each prompt this engine prefilled
+  selected (as soon as its prefill ends, so a kind is known early);
 * with nothing running, the waiting sequence expected to load least starts (its expected
   selections of experts not resident now);
 * while a batch runs, a sequence joins it only if at least ``1 - fit`` of its expected
@@ -25,7 +26,7 @@ it starts only when nothing runs and is the oldest waiting, and nothing joins it
 affinity has learned anything, sequences run one at a time, first come, first served. How many
 of one kind run together is ``cluster.batch_width``'s to say. Pure logic: the engine hands it
 the waiting sequences, the resident experts and the running batch's oldest prompt, and each
-finished sequence's routing-trace summary.
+prefilled prompt's routing-trace summary.
 """
 
 from __future__ import annotations

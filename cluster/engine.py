@@ -739,6 +739,10 @@ class MoEEngine:
         for seq, row in self._outputs:
             if seq.pending is None and seq.prompt_done_at is None:
                 seq.prompt_done_at = time.perf_counter()
+                if self._admission is not None:  # its prompt's experts are known now: what admission learns
+                    trace = RoutingTrace.from_native(self._native_cache.sequence_trace(seq.tag))
+                    self._admission.learn(trace.summary(seq.prompt[seq.n_reused:], self.layout.n_layers,
+                                                        self.layout.n_experts))
             try:
                 token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, row)
                 logprob = (lambda offset, t=token, r=row, s=seq: self._logprob(t, offset, s.params.top_logprobs, r)) \
@@ -771,9 +775,6 @@ class MoEEngine:
             stats = _cache_stats(self._native_cache, counters)
             trace = RoutingTrace.from_native(trace_dict)
             counts = trace.expert_counts(self.layout.n_layers, self.layout.n_experts)
-            if self._admission is not None:
-                self._admission.learn(trace.summary(seq.prompt[seq.n_reused:], self.layout.n_layers,
-                                                    self.layout.n_experts))
         prompt_done = seq.prompt_done_at or end
         result = Generation(text=seq.text, tokens=tuple(seq.generated), n_prompt_tokens=len(seq.prompt),
                             finish_reason=seq.finish_reason or "length",

@@ -242,6 +242,8 @@ PYBIND11_MODULE(_native, m) {
              py::arg("tag"),
              "Moves a sequence's record out: (its routing trace dict, its counters dict: hits and misses of its own "
              "selections, bytes as its shares of the steps it was in).")
+        .def("sequence_trace", [](const expert_cache & c, int32_t tag) { return trace_dict(c.sequence_trace(tag)); },
+             py::arg("tag"), "A copy of a sequence's routing trace so far (its record stays).")
         .def("take_trace", [](expert_cache & c) { return trace_dict(c.take_trace()); },
              "Moves the routing trace recorded so far out: {kind, layer, n_tokens, n_ids, ids, n_dropped}.");
 }

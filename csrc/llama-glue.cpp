@@ -672,6 +672,11 @@ void expert_cache::begin_step(const int32_t * row_tags, const uint8_t * row_outp
     policy_.begin_step(n_decode, n_prefill);
 }
 
+routing_trace expert_cache::sequence_trace(int32_t tag) const {
+    auto it = sequences_.find(tag);
+    return it == sequences_.end() ? routing_trace() : it->second.trace;
+}
+
 sequence_record expert_cache::take_sequence(int32_t tag) {
     sequence_record out;
     auto it = sequences_.find(tag);

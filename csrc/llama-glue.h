@@ -150,6 +150,8 @@ public:
     void begin_step(const int32_t * row_tags, const uint8_t * row_outputs, int n_rows);
     // Moves a sequence's record out (an empty one if the tag was never in a step).
     sequence_record take_sequence(int32_t tag);
+    // A copy of a sequence's routing trace so far (empty if the tag was never in a step).
+    routing_trace sequence_trace(int32_t tag) const;
 
     // Waits for reads in flight, ends the access in progress, trims to the budget and
     // reconciles the policy with the kernel (see reconcile).

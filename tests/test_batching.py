@@ -214,6 +214,22 @@ def test_under_memory_pressure_sequences_of_one_kind_run_together_and_the_others
         assert apart < 0.25 * together and "reordered" not in stats, (a.queued_s, b.queued_s, a2.queued_s)
 
 
+def test_a_running_sequences_trace_so_far_is_a_prefix_of_its_final_one(tiny_model, tiny_layout, tiny_topics):
+    from cluster.cache import RoutingTrace
+
+    with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=2) as engine:
+        seq = engine.submit(_prompts(tiny_topics, 1)[0], SamplingParams(max_tokens=32, temperature=0.0))
+        assert isinstance(seq.outbox.get(timeout=60), Piece)  # its prompt is prefilled
+        cache = engine._native_cache
+        early = RoutingTrace.from_native(engine._call(lambda: cache.sequence_trace(seq.tag)))
+        final = _results([seq])[0].trace
+        assert engine._call(lambda: cache.sequence_trace(seq.tag))["kind"].size == 0, "taken with its result"
+    n = early.kind.size
+    assert 0 < n < final.kind.size
+    assert np.array_equal(early.kind, final.kind[:n]) and np.array_equal(early.layer, final.layer[:n])
+    assert np.array_equal(early.ids, final.ids[:early.ids.size])
+
+
 def test_a_step_with_a_sequences_rows_apart_is_refused_and_the_engine_goes_on(tiny_model, tiny_layout, tiny_topics):
     with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=2) as engine:
         cache = engine._native_cache
