@@ -3,10 +3,10 @@
 Under a budget below the model's experts, sequences share expert loads only when they need the
 same experts: a batch of unrelated sequences reads about the sum of their working sets, each
 evicting what the others need next, while a batch of related ones reads one working set for all
-of them. (Measured on ``bench`` at a 50 % limit with eight clients and every slot decoding:
-prompts of one topic, 0.55x the expert bytes per generated token of one sequence at a time and
-2.1x its tokens per second; prompts of two topics mixed in one batch, 1.0x the bytes, 1.3x the
-speed.) So ``ExpertAdmission`` forms batches of one kind, one after another:
+of them. (docs/batching-bench-2topics, ``bench`` at a 50 % limit, eight clients, prompts of two
+topics: every slot decoding, the kinds mixed, reads 0.76x the expert bytes per generated token of
+one sequence at a time and runs 1.2x as fast; batches of one kind, 0.43x and 2.4x.) So
+``ExpertAdmission`` forms batches of one kind, one after another:
 
 * a prompt's kind is its expected expert selections (``expected``: the prefill of its tokens
   plus ``decode_steps`` steps of decoding), predicted by ``cluster.token_affinity`` (the

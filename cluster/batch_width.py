@@ -4,7 +4,7 @@ With every expert resident, a wider batch only costs compute, and every slot is 
 budget below the model's experts, each sequence brings its own working set: once the running
 sequences' union no longer fits, every step evicts what the next one needs, and a batch of eight
 reads several times the expert bytes per generated token that one sequence reads (measured in
-docs/batching-bench/batching.md, every slot decoding: 82 MiB per token for eight against 21 MiB for
+docs/batching-bench/batching.md, every slot decoding: 94 MiB per token for eight against 22 MiB for
 one on `bench` at a 50 % limit), so a wider batch
 is slower than a narrow one. ``BatchWidth`` then adapts the number of running sequences to what
 the cache sustains, judged by the one cost that bounds a disk-bound node: expert bytes read per
