@@ -81,25 +81,37 @@ class ExpertAdmission:
         none fits the running ``batch`` (the prompt of its oldest sequence; None: nothing runs);
         the ones before the chosen one count as passed over."""
         overdue = next((i for i, w in enumerate(waiting) if w.passed_over >= self.max_passes), None)
-        choice: int | None = overdue if batch is None else None  # overdue: the batch drains, then it starts
-        if overdue is None:
-            flags = 1.0 - np.asarray(resident, dtype=np.float32).ravel()
-            kind = self.expected(batch) if batch is not None else None
-            best = float("inf")
-            for i, w in enumerate(islice(waiting, self.window)):  # a deque slices only this way
-                expected = self.expected(w.prompt)
-                if expected is None or (batch is not None and kind is None):  # a kind not known: alone, in turn
-                    choice = i if choice is None and batch is None else choice
-                    break
-                total = float(expected.sum())
-                shared = float(np.minimum(expected, kind).sum()) if kind is not None else total
-                new = float(expected @ flags)
-                if shared >= (1.0 - self.fit) * total and new < best:
-                    choice, best = i, new
+        if overdue is not None:
+            choice = overdue if batch is None else None  # the batch drains, then it starts
+        else:
+            choice = self._cheapest_fitting(waiting, resident, batch)
         if choice is None:
             self.held += 1
             return None
         for w in islice(waiting, choice):
             w.passed_over += 1
         self.reordered += choice > 0
+        return choice
+
+    def _cheapest_fitting(self, waiting: Sequence[Waiting], resident: np.ndarray,
+                          batch: Sequence[int] | None) -> int | None:
+        """Among the first ``window`` waiting sequences, up to the first of unknown kind, the one
+        of the batch's kind expected to load least; the one of unknown kind if it is the oldest
+        and nothing runs."""
+        kind = None
+        if batch is not None:
+            kind = self.expected(batch)
+            if kind is None:  # a batch of unknown kind runs alone
+                return None
+        not_resident = 1.0 - np.asarray(resident, dtype=np.float32).ravel()
+        choice, best = None, float("inf")
+        for i, w in enumerate(islice(waiting, self.window)):  # a deque slices only this way
+            expected = self.expected(w.prompt)
+            if expected is None:  # a kind not known: alone, in its turn
+                return i if choice is None and batch is None else choice
+            if kind is not None and np.minimum(expected, kind).sum() < (1.0 - self.fit) * expected.sum():
+                continue
+            new = float(expected @ not_resident)
+            if new < best:
+                choice, best = i, new
         return choice

@@ -739,10 +739,8 @@ class MoEEngine:
         for seq, row in self._outputs:
             if seq.pending is None and seq.prompt_done_at is None:
                 seq.prompt_done_at = time.perf_counter()
-                if self._admission is not None:  # its prompt's experts are known now: what admission learns
-                    trace = RoutingTrace.from_native(self._native_cache.sequence_trace(seq.tag))
-                    self._admission.learn(trace.summary(seq.prompt[seq.n_reused:], self.layout.n_layers,
-                                                        self.layout.n_experts))
+                if self._admission is not None:
+                    self._learn_kind(seq)
             try:
                 token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, row)
                 logprob = (lambda offset, t=token, r=row, s=seq: self._logprob(t, offset, s.params.top_logprobs, r)) \
@@ -753,6 +751,11 @@ class MoEEngine:
                 continue
             if done:
                 self._end(seq, None, keep=True)
+
+    def _learn_kind(self, seq: SequenceHandle) -> None:
+        """Admission learns the experts a prompt selected, as soon as its prefill has ended."""
+        trace = RoutingTrace.from_native(self._native_cache.sequence_trace(seq.tag))
+        self._admission.learn(trace.summary(seq.prompt[seq.n_reused:], self.layout.n_layers, self.layout.n_experts))
 
     def _end(self, seq: SequenceHandle, outcome: BaseException | Cancelled | None, keep: bool) -> None:
         """Takes a sequence out of the batch; its result is delivered after the step (``_deliver``)."""

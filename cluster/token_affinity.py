@@ -1,7 +1,8 @@
 """The token → expert affinity: per token id, how often each (layer, expert) was selected when
 the token was prefilled, learned online from routing-trace summaries, and the expert demand it
-predicts for a prompt (``csrc/demand.h``), with which the router's warmth policy prices a
-request on each node (``cluster.routing.warmth``)."""
+predicts for a prompt (``csrc/demand.h``). The router's warmth policy prices a request on each
+node with it (``cluster.routing.warmth``); an engine under memory pressure tells with it which
+waiting sequences need the same experts (``cluster.batch_admission``)."""
 
 from __future__ import annotations
 

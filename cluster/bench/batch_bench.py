@@ -100,7 +100,6 @@ def run_engine(model: str, prompts: list[str], clients: int, *, cache_bytes: int
                                   if cache["n_hits_decode"] + cache["n_misses_decode"] else None)
     out["decode_batch"] = raw["decode_batch"]
     out["width"] = raw.get("width")
-    out["admission"] = {"held": raw.get("held"), "reordered": raw.get("reordered")}
     out["budget_bytes"] = raw["budget_bytes"]
     return out
 

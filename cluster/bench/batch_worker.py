@@ -85,8 +85,7 @@ def main(spec_path: str) -> int:
     decoding = batch_after["decode_rows"] - measured["batch"]["decode_rows"]
     print(json.dumps({"elapsed_s": elapsed, "requests": requests, "disk_read_bytes": io, "cache": cache,
                       "steps": steps, "decode_batch": decoding / decode_steps if decode_steps else None,
-                      "budget_bytes": after.get("budget_bytes"), "width": batch_after["width"],
-                      "held": batch_after.get("held"), "reordered": batch_after.get("reordered")}, default=float))
+                      "budget_bytes": after.get("budget_bytes"), "width": batch_after["width"]}, default=float))
     return 0
 
 
