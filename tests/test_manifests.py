@@ -1,9 +1,12 @@
 """Deployment files checked without a cluster: KubeRay manifests, core Kubernetes objects, Ray launcher configs.
 
-* ``k8s/*.yaml`` Ray resources against the KubeRay CRDs in ``../shared/kuberay-crds`` (their
+* ``k8s/*.yaml`` Ray resources against the KubeRay CRDs (their
   ``v1`` openAPIV3Schema turned into a strict JSON Schema: unknown fields rejected as by
   ``kubectl --validate=strict``, int-or-string and list-map keys honoured), plus the admission
-  rules the KubeRay operator applies on top of the schema;
+  rules the KubeRay operator applies on top of the schema. The CRDs are not part of the
+  repository: they are read from ``$SNIPER_KUBERAY_CRDS``, else ``../shared/kuberay-crds`` (where
+  CI has them); where neither holds them those checks are skipped with the reason, except under
+  CI (``CI`` set), where a missing CRD fails;
 * core objects and every pod template inside the Ray resources with ``kubernetes_validate``
   (strict) against the Kubernetes releases in ``K8S_VERSIONS``;
 * what the manifests say about this project: image, Ray version, cluster shape, sizing, the
@@ -36,7 +39,8 @@ from cluster.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO / "k8s"
 RAY_CONFIGS = REPO / "ray_configs"
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+CRD_ENV = "SNIPER_KUBERAY_CRDS"  # a folder holding KubeRay's CRD files (CRD_FILES)
+CRD_DIR = Path(os.environ.get(CRD_ENV) or REPO.parent / "shared" / "kuberay-crds")
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
 # KubeRay's own name rules (ray-operator/controllers/ray/utils/validation.go): a DNS-1035 label
@@ -171,7 +175,11 @@ def object_meta_schema(kind: str) -> dict[str, Any]:
 def crd_validator(kind: str) -> Any:
     path = CRD_DIR / CRD_FILES[kind]
     if not path.is_file():
-        pytest.fail(f"KubeRay CRD {path} not found: the repository is expected next to shared/kuberay-crds")
+        reason = (f"KubeRay CRD {path} not found: set {CRD_ENV} to a folder holding {', '.join(CRD_FILES.values())} "
+                  "(KubeRay's config/crd/bases), or place them at ../shared/kuberay-crds")
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (CI must run these checks)")
+        pytest.skip(reason)
     crd = yaml.load(path.read_text(), Loader=_LOADER)
     assert crd["spec"]["names"]["kind"] == kind, path
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
