@@ -7,9 +7,15 @@ can go wrong between the three processes:
 
 * the node refuses (``OverloadedError``) or dies before it sent text: the router is told
   (``failed``) and asked again without that node;
-* the node dies after it sent text: ``NodeFailedError`` naming the node and the cause, unless the
-  request is ``restartable`` (its caller shows nothing before the end: whole answers): then a
-  ``Restarted`` item voids the text so far and it starts again on another node;
+* the node dies after it sent text: the router is asked for another node, which continues the
+  same answer (``sequence.Resume``: the prompt, then the tokens the pieces carried so far, the
+  same parameters, the rest of the token budget): the caller sees one answer, no piece repeated
+  or missing, usage counting each token once, a greedy answer identical to an undisturbed one.
+  While no node can take it the caller waits (up to ``ROUTER_WAIT_S``: the lost node may be
+  restarting). Only an answer of several choices cannot be continued: it starts again elsewhere
+  if ``restartable`` (a ``Restarted`` item voids the text so far), else ``NodeFailedError``;
+* every failure reaches the caller in our words, naming the node and what happened; Ray's
+  exception text and actor ids go to this process's log;
 * the router does not answer (restarting, or gone): the ask is repeated for up to
   ``ROUTER_WAIT_S``, then ``RouterUnavailableError``; a stream already under way does not need
   the router and goes on;
@@ -23,11 +29,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from typing import Any, AsyncIterator
 
-from cluster.errors import NodeFailedError, OverloadedError, RouterUnavailableError, SniperError
+from cluster.errors import NodeFailedError, NoNodesError, OverloadedError, RouterUnavailableError, SniperError
 from cluster.protocol import ROUTER_NAME, Finished, Piece, Restarted, Route, RouteAsk, Routed, StreamItem
+from cluster.sequence import Resume
+
+log = logging.getLogger(__name__)
 
 ROUTER_WAIT_S = 30.0  # how long an ask waits for a router that does not answer (a restart takes seconds)
 ROUTER_RETRY_S = 0.25
@@ -153,24 +163,25 @@ class Deployment:
 
 async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: bool = False) -> AsyncIterator[StreamItem]:
     """The stream of one request (see the module docstring)."""
-    import ray
-
     exclude: list[str] = []
+    answer = _AnswerSoFar()
     while True:
         ask = dataclasses.replace(ask, ended=deployment.take_ended())  # told to the router with this ask
-        route: Route = await deployment.call_router("route", ask, tuple(exclude))
+        route: Route = await _route(deployment, ask, exclude, answer)
         yield Routed(route.node_id, len(exclude) + 1, route.chat_template)
+        request = route.request if answer.resume is None else dataclasses.replace(route.request, resume=answer.resume)
         sent = 0
         handle = None
         try:
             handle = await deployment.node(route.node_id, route.namespace)
-            stream = handle.stream.options(num_returns="streaming").remote(route.request)
+            stream = handle.stream.options(num_returns="streaming").remote(request)
             ended = False
             try:
                 async for ref in stream:
                     item = await ref
                     if isinstance(item, Piece):
                         sent += 1
+                        answer.note(item)
                     elif isinstance(item, Finished):
                         item = dataclasses.replace(item, routing=route.routing, chat_template=route.chat_template)
                         ended = True  # told with the caller's next call: it finds the node free
@@ -184,22 +195,82 @@ async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: 
             if not ended:
                 deployment.note_ended(ask.request_id)
             return
-        except ray.exceptions.RayTaskError as exc:
-            cause = unwrap(exc)
-            if not (isinstance(cause, OverloadedError) and not sent):
-                raise cause from None
-            dead = False  # the node refused it: ask for another one
         except Exception as exc:  # noqa: BLE001
-            if not (_actor_gone(exc) or isinstance(exc, ValueError)):
-                raise
-            dead = True
+            dead = _node_failure(exc, route.node_id, sent)
+        if dead:
             deployment.forget_node(route.node_id)
-            if sent:
-                reason = (f"{route.node_id} died after streaming {sent} pieces: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
-                if not restartable:
-                    deployment.tell_failed(ask.request_id, route.node_id, dead)
-                    raise NodeFailedError(reason) from None
-                yield Restarted(route.node_id, reason)
-        deployment.tell_failed(ask.request_id, route.node_id, dead)
+            if sent or answer.resume is not None:
+                loss = f"{route.node_id} {dead} after streaming {sent} pieces"
+                if sent:
+                    answer.losses.append(loss)
+                if ask.params.n == 1:  # the next node continues the answer where the caller has it
+                    answer.take_over()
+                elif restartable:
+                    yield Restarted(route.node_id, loss)
+                else:
+                    deployment.tell_failed(ask.request_id, route.node_id, True)
+                    raise NodeFailedError(f"{loss}; an answer of {ask.params.n} choices cannot be continued on "
+                                          "another node: ask again") from None
+        deployment.tell_failed(ask.request_id, route.node_id, bool(dead))
         exclude.append(route.node_id)
+
+
+class _AnswerSoFar:
+    """What the caller has received of a one-choice answer: the tokens and characters its pieces
+    carried, and the ``Resume`` a next node continues from once a node died while streaming it."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.chars = 0
+        self.resume: Resume | None = None
+        self.losses: list[str] = []  # each node lost while it streamed, in our words
+
+    def note(self, piece: Piece) -> None:
+        if piece.index == 0:
+            self.tokens.extend(piece.tokens)
+            self.chars += len(piece.text)
+
+    def take_over(self) -> None:
+        self.resume = Resume(tuple(self.tokens), self.chars)
+
+
+async def _route(deployment: Deployment, ask: RouteAsk, exclude: list[str], answer: _AnswerSoFar) -> Route:
+    """The router's choice. While an answer is being continued, no node free or left is a wait
+    (the lost node may be coming back, a busy one may free up) for up to the router's wait, then
+    ``NodeFailedError`` naming what was lost; otherwise those errors go to the caller."""
+    deadline = time.monotonic() + deployment.router_wait_s
+    while True:
+        try:
+            return await deployment.call_router("route", ask, tuple(exclude))
+        except (NoNodesError, OverloadedError) as exc:
+            if answer.resume is None:
+                raise
+            if time.monotonic() > deadline:
+                raise NodeFailedError(f"{'; '.join(answer.losses)}; no node could continue the answer within "
+                                      f"{deployment.router_wait_s:g} s ({exc})") from None
+            exclude.clear()  # a lost node restarted by Ray is a new process: it may take it
+            await asyncio.sleep(ROUTER_RETRY_S * 4)
+
+
+def _node_failure(exc: BaseException, node_id: str, sent: int) -> str:
+    """How a node failed a request, in our words: what it became ("died", "became unreachable"),
+    or "" when it refused it before any text (``OverloadedError``) and another may take it. An
+    error a node raised on purpose is re-raised; anything else is logged with Ray's own text
+    and re-raised as ``NodeFailedError`` (no Ray exception name or actor id reaches a caller)."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = unwrap(exc)
+        if isinstance(cause, OverloadedError) and not sent:
+            return ""
+        if isinstance(cause, (SniperError, ValueError)):
+            raise cause from None
+        log.error("node %s failed a request: %s", node_id, exc)
+        raise NodeFailedError(f"{node_id} failed the request with an internal error (in the caller's log)") from None
+    if isinstance(exc, ray.exceptions.ActorUnavailableError):
+        log.warning("node %s unreachable: %s", node_id, exc)
+        return "became unreachable"
+    if isinstance(exc, ray.exceptions.RayActorError) or isinstance(exc, ValueError):  # ValueError: no actor of that name
+        log.warning("node %s lost: %s", node_id, exc)
+        return "died"
+    raise exc

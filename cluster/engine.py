@@ -24,6 +24,7 @@ import time
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any, Callable, Generator, Sequence
 
 import llama_cpp
@@ -51,7 +52,7 @@ from cluster.errors import (
 from cluster.kv_slots import KvSlots, SavedState, Slot
 from cluster.node_memory import AUTO
 from cluster.sampling import LOGIT_BIAS_BAN, SamplingParamError, SamplingParams, TokenLogprob, TopLogprob
-from cluster.sequence import CANCELLED, Cancelled, Piece
+from cluster.sequence import CANCELLED, Cancelled, Piece, Resume, check_resume
 from cluster.sequence import Sequence as SequenceHandle
 from cluster.tokenizer import Tokenizer
 
@@ -114,7 +115,7 @@ class EngineConfig:
     def validate(self) -> None:
         def positive_int(name: str, value: object, upper: int) -> None:
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= upper:
-                raise InvalidParameterError(f"{name} must be an integer in [1, {upper}], got {value!r}")
+                raise InvalidParameterError(f"{name} must be an integer in [1, {upper}], got {value!r}", param=name)
 
         positive_int("n_ctx", self.n_ctx, 1 << 20)
         positive_int("n_slots", self.n_slots, 256)
@@ -149,8 +150,10 @@ class Generation:
 
     Attributes:
         text: generated text (stop string excluded).
-        tokens: generated token ids (an end-of-generation or stop token excluded).
-        n_prompt_tokens: tokens of the prompt (BOS included).
+        tokens: generated token ids (an end-of-generation or stop token excluded), the ones of a
+            resumed answer (``n_resumed``) first.
+        n_prompt_tokens: tokens evaluated before decoding: the prompt (BOS included) and a resumed
+            answer's tokens.
         finish_reason: ``stop`` (an end-of-generation token, a stop token or a stop string
             ended it) or ``length`` (``max_tokens`` or the context ended it), as OpenAI defines them.
         prefill_s, decode_s: wall time from the request's first step to its first token, and from
@@ -165,6 +168,8 @@ class Generation:
         n_reused_tokens: prompt tokens whose KV state was already held (not prefilled).
         logprobs: with ``SamplingParams.logprobs``, one entry per token of ``text``.
         queued_s: time from submission to the request's first step (waiting for a slot).
+        n_resumed: tokens of an answer begun on another node that this one continued
+            (``sequence.Resume``): evaluated as prompt, counted as generated.
     """
 
     text: str
@@ -179,6 +184,7 @@ class Generation:
     n_reused_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] | None = None
     queued_s: float = 0.0
+    n_resumed: int = 0
 
     @property
     def n_generated(self) -> int:
@@ -206,6 +212,12 @@ class MoEEngine:
         >>> engine = MoEEngine("model.gguf", cache_bytes=512 << 20)
         >>> engine.generate("hello", max_tokens=16).text
     """
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> MoEEngine:
+        """The engine ``config`` describes (every field of it)."""
+        kwargs = {f.name: getattr(config, f.name) for f in dataclass_fields(config)}
+        return cls(kwargs.pop("model_path"), kwargs.pop("cache_bytes"), **kwargs)
 
     def __init__(self, model_path: str | os.PathLike[str], cache_bytes: int | str | None = None, *,
                  n_ctx: int = 2048, n_threads: int | None = None, **kwargs: object) -> None:
@@ -238,9 +250,7 @@ class MoEEngine:
     def _open(self) -> None:
         cfg = self.config
         cfg.validate()
-        if not os.path.exists(cfg.model_path):
-            raise ModelFileError(f"model file not found: '{cfg.model_path}'")
-        self.layout = discover_layout(cfg.model_path)  # corrupt, truncated or dense → ModelFileError
+        self.layout = discover_layout(cfg.model_path)  # missing, corrupt, truncated or dense → ModelFileError
 
         self._native_cache = None
         self.auto_budget: node_memory.AutoBudget | None = None  # how an "auto" budget was derived
@@ -455,15 +465,17 @@ class MoEEngine:
             pieces.close()
 
     def pieces(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, special: bool = False,
-               session: str | None = None, **fields: Any) -> Generator[Piece, None, Generation]:
+               session: str | None = None, resume: Resume | None = None,
+               **fields: Any) -> Generator[Piece, None, Generation]:
         """As ``stream``, with each piece's token log-probabilities (``params.logprobs``). The
         prompt may also be given as token ids (tokenized elsewhere: the router does it once).
         The request joins the engine's batch when the generator is first advanced; closing the
         generator cancels it.
 
         One choice per call: ``SamplingParams.choices()`` gives the params of each of ``n``.
+        ``resume``: the answer was begun on another node; this continues it (``sequence.Resume``).
         """
-        return self._follow(self._checked(prompt, params, special, fields), session)
+        return self._follow(self._checked(prompt, params, special, fields, resume), session)
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, special: bool = False,
                session: str | None = None, emit: Callable[[Any], None] | None = None) -> SequenceHandle:
@@ -475,14 +487,16 @@ class MoEEngine:
 
     def submit_many(self, requests: Sequence[tuple[str | Sequence[int], SamplingParams]], *,
                     sessions: Sequence[str | None] | None = None,
-                    emits: Sequence[Callable[[Any], None] | None] | None = None) -> list[SequenceHandle]:
+                    emits: Sequence[Callable[[Any], None] | None] | None = None,
+                    resumes: Sequence[Resume | None] | None = None) -> list[SequenceHandle]:
         """Submits several requests at once: they join the same step (in this order, slots
         permitting), so their schedule does not depend on when the step loop wakes. All are
         checked before any is submitted."""
         checked: list[_Checked] = []
+        resumes = resumes or [None] * len(requests)
         try:
-            for prompt, params in requests:
-                checked.append(self._checked(prompt, params, False, {}))
+            for (prompt, params), resume in zip(requests, resumes):
+                checked.append(self._checked(prompt, params, False, {}, resume))
         except BaseException:
             for request in checked:
                 request.sampler.close()
@@ -493,7 +507,7 @@ class MoEEngine:
             return [self._submit(request, session, emit) for request, session, emit in zip(checked, sessions, emits)]
 
     def _checked(self, prompt: str | Sequence[int], params: SamplingParams | None, special: bool,
-                 fields: dict[str, Any]) -> _Checked:
+                 fields: dict[str, Any], resume: Resume | None = None) -> _Checked:
         """The request's tokens, its validated parameters and its sampler (a grammar llama.cpp
         refuses is an error here, before anything runs)."""
         self._check_open()
@@ -523,7 +537,22 @@ class MoEEngine:
         if len(tokens) >= self.n_ctx:
             raise PromptTooLongError(f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
                                      f"(at least one more is needed to generate)")
-        return _Checked(tokens, params, self._make_sampler(params))
+        if resume is not None:
+            self._check_resume(resume, len(tokens), params)
+        return _Checked(tokens, params, self._make_sampler(params), resume)
+
+    def _check_resume(self, resume: Resume, n_prompt: int, params: SamplingParams) -> None:
+        if not isinstance(resume, Resume) or not all(isinstance(t, int) and 0 <= t < self.tokenizer.n_vocab
+                                                     for t in resume.tokens):
+            raise InvalidParameterError(f"resume must be a Resume whose tokens are ids in [0, {self.tokenizer.n_vocab})",
+                                        param="resume")
+        if len(resume.tokens) > params.max_tokens:
+            raise InvalidParameterError(f"resume holds {len(resume.tokens)} tokens, more than max_tokens "
+                                        f"({params.max_tokens})", param="resume")
+        if n_prompt + len(resume.tokens) >= self.n_ctx:
+            raise PromptTooLongError(f"prompt and resumed answer are {n_prompt + len(resume.tokens)} tokens but the "
+                                     f"context holds {self.n_ctx}")
+        check_resume(resume, self.tokenizer.piece)
 
     def _submit(self, request: _Checked, session: str | None, emit: Callable[[Any], None] | None) -> SequenceHandle:
         with self._cv:
@@ -532,7 +561,7 @@ class MoEEngine:
                 raise EngineClosedError("the engine was closed")
             self._next_tag += 1
             seq = SequenceHandle(self._next_tag, request.tokens, request.params, request.sampler, session,
-                                 self.tokenizer.piece, emit)
+                                 self.tokenizer.piece, emit, request.resume)
             self._waiting.append(seq)
             self._cv.notify_all()
         return seq
@@ -780,6 +809,7 @@ class MoEEngine:
             counts = trace.expert_counts(self.layout.n_layers, self.layout.n_experts)
         prompt_done = seq.prompt_done_at or end
         result = Generation(text=seq.text, tokens=tuple(seq.generated), n_prompt_tokens=len(seq.prompt),
+                            n_resumed=seq.n_resumed,
                             finish_reason=seq.finish_reason or "length",
                             prefill_s=prompt_done - (seq.started_at or prompt_done), decode_s=end - prompt_done,
                             cache=stats, expert_counts=counts, trace=trace, n_reused_tokens=seq.n_reused,
@@ -954,6 +984,7 @@ class _Checked:
     tokens: list[int]
     params: SamplingParams
     sampler: _internals.LlamaSampler  # closed by the sequence that owns it
+    resume: Resume | None = None
 
 
 @dataclass

@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
-from cluster.engine import Generation, MoEEngine
+from cluster.engine import EngineConfig, Generation, MoEEngine
 from cluster.errors import InvalidParameterError, OverloadedError
 from cluster.protocol import (
     ROUTER_NAME,
@@ -84,15 +84,27 @@ class NodeConfig:
     memory_limit_bytes: int | None = None
     memory_share: float = 1.0
 
+    def engine_config(self) -> EngineConfig:
+        """The engine this node runs (a batch of at least 512 tokens, and room for every slot's)."""
+        return EngineConfig(model_path=self.model_path, cache_bytes=self.cache_bytes, n_ctx=self.n_ctx,
+                            n_threads=self.n_threads, n_slots=self.n_slots,
+                            n_batch=max(512, self.n_slots) if isinstance(self.n_slots, int) else 512,
+                            session_bytes=self.session_bytes, memory_share=self.memory_share,
+                            memory_reserve=self.session_bytes)
+
     def validate(self) -> None:
-        if not isinstance(self.n_slots, int) or isinstance(self.n_slots, bool) or not 1 <= self.n_slots <= 256:
-            raise InvalidParameterError(f"n_slots must be an integer in [1, 256], got {self.n_slots!r}")
-        if not isinstance(self.max_queue, int) or self.max_queue < 1:
-            raise InvalidParameterError(f"max_queue must be an integer >= 1, got {self.max_queue!r}")
-        if self.session_bytes < 0:
-            raise InvalidParameterError(f"session_bytes must be >= 0, got {self.session_bytes}")
-        if not self.heartbeat_s > 0:
-            raise InvalidParameterError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
+        """Checks the node's own settings and the engine's (``EngineConfig.validate`` bounds
+        n_ctx, n_slots, n_threads, cache_bytes, session_bytes, memory_share); no file is opened."""
+        self.engine_config().validate()
+        if not isinstance(self.max_queue, int) or isinstance(self.max_queue, bool) or self.max_queue < 1:
+            raise InvalidParameterError(f"max_queue must be an integer >= 1, got {self.max_queue!r}", param="max_queue")
+        if not isinstance(self.heartbeat_s, (int, float)) or not self.heartbeat_s > 0:
+            raise InvalidParameterError(f"heartbeat_s must be > 0, got {self.heartbeat_s!r}", param="heartbeat_s")
+        if self.memory_limit_bytes is not None and (not isinstance(self.memory_limit_bytes, int)
+                                                    or isinstance(self.memory_limit_bytes, bool)
+                                                    or self.memory_limit_bytes < 1):
+            raise InvalidParameterError(f"memory_limit_bytes must be an integer >= 1 or None, "
+                                        f"got {self.memory_limit_bytes!r}", param="memory_limit_bytes")
 
 
 _ADDITIVE_CACHE_STATS = ("hits", "misses", "bytes_read", "bytes_read_prefill", "bytes_read_decode", "n_tokens_prefill",
@@ -167,7 +179,8 @@ def _merged(batch: list[Any]) -> Iterator[Any]:
 def _join(run: list[Piece]) -> Piece:
     if len(run) == 1:
         return run[0]
-    return Piece("".join(p.text for p in run), run[0].index, tuple(lp for p in run for lp in p.logprobs))
+    return Piece("".join(p.text for p in run), run[0].index, tuple(lp for p in run for lp in p.logprobs),
+                 tuple(t for p in run for t in p.tokens))
 
 
 def _request_cache_stats(gens: list[Any]) -> dict[str, float]:
@@ -195,10 +208,7 @@ class NodeServer:
 
             self._limit = MemoryLimit(f"sniper-{node_id}", config.memory_limit_bytes)
             self._limit.enter()
-        self.engine = MoEEngine(config.model_path, config.cache_bytes, n_ctx=config.n_ctx, n_threads=config.n_threads,
-                                n_slots=config.n_slots, n_batch=max(512, config.n_slots),
-                                session_bytes=config.session_bytes, memory_share=config.memory_share,
-                                memory_reserve=config.session_bytes)
+        self.engine = MoEEngine.from_config(config.engine_config())
         if self.engine.auto_budget is not None:
             print(f"{node_id}: {self.engine.auto_budget.explain()}", file=sys.stderr, flush=True)  # the node's log
         self.report_sink = report_sink
@@ -228,6 +238,8 @@ class NodeServer:
         if not isinstance(request, NodeRequest):
             raise InvalidParameterError(f"a node serves a NodeRequest, got {type(request).__name__}", param="request")
         request.params.validate()
+        if request.resume is not None and request.params.n != 1:
+            raise InvalidParameterError(f"a resumed answer has one choice, got n={request.params.n}", param="resume")
         with self._admit:
             if self._n_active >= self.config.max_queue:
                 raise OverloadedError(f"{self.node_id} has {self._n_active} requests (max_queue "
@@ -243,7 +255,8 @@ class NodeServer:
                 [(list(request.tokens), choice) for choice in choices],
                 sessions=[request.session_id] + [None] * (len(choices) - 1),  # the first continues the conversation
                 emits=[functools.partial(self._emit, items, i, bool(request.params.logprobs))
-                       for i in range(len(choices))])
+                       for i in range(len(choices))],
+                resumes=[request.resume] + [None] * (len(choices) - 1))
             with self._admit:
                 self._requests[request.request_id] = sequences
             gens: dict[int, Generation] = {}
@@ -279,7 +292,7 @@ class NodeServer:
     def _emit(items: _Outbox, index: int, logprobs: bool, item: Any) -> None:
         """A sequence's output, on the engine's thread: its pieces tagged with their choice."""
         if isinstance(item, SequencePiece):
-            items.put(Piece(item.text, index, item.logprobs if logprobs else ()))
+            items.put(Piece(item.text, index, item.logprobs if logprobs else (), item.tokens))
         else:
             items.put(_ChoiceDone(index, item))
 
@@ -293,7 +306,7 @@ class NodeServer:
         summary = None
         if first.trace is not None:
             layout = self.engine.layout
-            summary = first.trace.summary(request.tokens[first.n_reused_tokens:first.n_prompt_tokens],
+            summary = first.trace.summary(request.evaluated_tokens[first.n_reused_tokens:first.n_prompt_tokens],
                                           layout.n_layers, layout.n_experts)
             for later in gens[1:]:  # the other choices decoded on the same prompt
                 summary = replace(summary, decode_counts=summary.decode_counts + later.trace.split_prefill(
@@ -303,8 +316,8 @@ class NodeServer:
         return Finished(
             node=self.node_id,
             choices=tuple(ChoiceEnd(i, g.finish_reason, g.n_generated) for i, g in enumerate(gens)),
-            usage={"prompt_tokens": first.n_prompt_tokens, "completion_tokens": n_generated,
-                   "reused_prompt_tokens": first.n_reused_tokens},
+            usage={"prompt_tokens": first.n_prompt_tokens - first.n_resumed, "completion_tokens": n_generated,
+                   "reused_prompt_tokens": min(first.n_reused_tokens, first.n_prompt_tokens - first.n_resumed)},
             timing={"prefill_s": first.prefill_s, "decode_s": max(g.decode_s for g in gens),
                     "queued_s": first.queued_s},
             cache=_request_cache_stats(gens))

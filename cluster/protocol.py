@@ -21,6 +21,7 @@ import numpy as np
 
 from cluster.chat import ChatPrompt
 from cluster.sampling import SamplingParams, TokenLogprob
+from cluster.sequence import Resume
 
 NAMESPACE = "sniper"  # the default Ray namespace of a deployment
 ROUTER_NAME = "sniper-router"
@@ -60,12 +61,19 @@ class RouteAsk:
 
 @dataclass(frozen=True)
 class NodeRequest:
-    """What a node serves: the prompt tokenized once, by the router."""
+    """What a node serves: the prompt tokenized once, by the router; ``resume``: the answer so
+    far, when a node died while streaming it and this one continues it (one choice only)."""
 
     request_id: str
     tokens: tuple[int, ...]
     params: SamplingParams
     session_id: str | None = None
+    resume: Resume | None = None
+
+    @property
+    def evaluated_tokens(self) -> tuple[int, ...]:
+        """What the node evaluates before it decodes: the prompt, then a resumed answer's tokens."""
+        return self.tokens + (self.resume.tokens if self.resume else ())
 
 
 @dataclass(frozen=True)
@@ -92,11 +100,13 @@ class Route:
 @dataclass(frozen=True)
 class Piece:
     """Generated text of choice ``index`` (several tokens' worth when the caller reads slower than
-    the node decodes), and its tokens' log-probabilities when asked for."""
+    the node decodes), the tokens whose text starts in it (what a caller keeps to have the answer
+    continued elsewhere) and their log-probabilities when asked for."""
 
     text: str
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ by default a queue its caller reads.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import queue
 import threading
@@ -20,16 +21,38 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from typing import Sequence as Seq
 
+from cluster.errors import InvalidParameterError
 from cluster.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
 class Piece:
-    """A piece of a generation as it streams: its text and, when asked for, the
-    log-probabilities of the tokens whose text starts in it."""
+    """A piece of a generation as it streams: its text, the tokens whose text starts in it (a
+    caller that keeps them can have the answer continued elsewhere: ``Resume``) and, when asked
+    for, those tokens' log-probabilities."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Resume:
+    """An answer begun elsewhere (on a node that died), to be continued here.
+
+    Attributes:
+        tokens: the tokens its pieces carried so far, in order (``Piece.tokens``).
+        sent_chars: the characters of text its caller has received (the last of ``tokens`` may
+            have more text than that: its text started in the last piece and was held back).
+
+    The sequence evaluates them after the prompt, feeds them to its sampler (grammar state,
+    penalties), counts them against ``max_tokens`` and as generated, and streams only the text
+    after ``sent_chars``: the caller sees one answer, no piece repeated or missing. Greedy
+    answers continue exactly as they would have; a sampled one draws afresh from the seed.
+    """
+
+    tokens: tuple[int, ...]
+    sent_chars: int
 
 
 class Cancelled:
@@ -50,9 +73,11 @@ class Sequence:
     """
 
     def __init__(self, tag: int, prompt: Seq[int], params: SamplingParams, sampler: Any, session: str | None,
-                 piece_of: Callable[[int], bytes], emit: Callable[[Any], None] | None = None) -> None:
+                 piece_of: Callable[[int], bytes], emit: Callable[[Any], None] | None = None,
+                 resume: Resume | None = None) -> None:
         self.tag = tag
-        self.prompt = list(prompt)
+        self.prompt = list(prompt) + list(resume.tokens if resume else ())  # what is evaluated before decoding
+        self.n_resumed = len(resume.tokens) if resume else 0  # of which an earlier node's answer
         self.params = params
         self.sampler = sampler
         self.session = session
@@ -78,8 +103,25 @@ class Sequence:
         self.text = ""
         self._emitted = 0     # characters of text already emitted
         self._n_sent = 0      # logprobs entries already emitted with a piece
+        self._starts: list[int] = []  # where each generated token's text starts in text
+        self._n_tokens_sent = 0       # generated tokens already emitted with a piece
         self._cut: int | None = None
         self.finish_reason: str | None = None
+        if resume:
+            self._take_over(resume)
+
+    def _take_over(self, resume: Resume) -> None:
+        """Rebuilds the text of an answer begun elsewhere, as if this sequence had generated it."""
+        for token in resume.tokens:
+            self._starts.append(len(self.text))
+            self.generated.append(token)
+            self.text += self._decoder.decode(self._piece_of(token))
+        self._emitted = resume.sent_chars  # checked by the engine (check_resume)
+        self._n_tokens_sent = len(resume.tokens)
+        import llama_cpp
+
+        for token in resume.tokens:  # the sampler's state as if it had chosen them: grammar, penalties
+            llama_cpp.llama_sampler_accept(self.sampler.sampler, token)
 
     # -- caller side ---------------------------------------------------------------------------
 
@@ -109,10 +151,13 @@ class Sequence:
         log-probability entry (when asked for); ``slot_full``: no room to evaluate it.
         """
         params = self.params
+        if len(self.generated) >= params.max_tokens:  # an answer taken over with its whole budget used
+            return self._done("length")
         if is_end or token in self._stop_ids:
             return self._done("stop")
         if logprob is not None:
             self.logprobs.append(logprob(len(self.text)))
+        self._starts.append(len(self.text))
         self.generated.append(token)
         start = max(0, len(self.text) - self._hold)  # a stop string that began earlier would have ended it
         self.text += self._decoder.decode(self._piece_of(token))
@@ -123,8 +168,10 @@ class Sequence:
         safe = len(self.text) - self._hold if params.stop else len(self.text)
         if safe > self._emitted:
             n_ready = _count_before(self.logprobs, self._n_sent, safe)
-            self.emit(Piece(self.text[self._emitted:safe], tuple(self.logprobs[self._n_sent:n_ready])))
-            self._emitted, self._n_sent = safe, n_ready
+            n_tokens = _starts_before(self._starts, self._n_tokens_sent, safe)
+            self.emit(Piece(self.text[self._emitted:safe], tuple(self.logprobs[self._n_sent:n_ready]),
+                            tuple(self.generated[self._n_tokens_sent:n_tokens])))
+            self._emitted, self._n_sent, self._n_tokens_sent = safe, n_ready, n_tokens
         if len(self.generated) >= params.max_tokens or slot_full:
             return self._done("length")
         self.pending = token
@@ -142,8 +189,10 @@ class Sequence:
     def flush(self) -> None:
         """Emits the text not emitted yet (the sequence is done)."""
         if len(self.text) > self._emitted or len(self.logprobs) > self._n_sent:
-            self.emit(Piece(self.text[self._emitted:], tuple(self.logprobs[self._n_sent:])))
-            self._emitted, self._n_sent = len(self.text), len(self.logprobs)
+            n_tokens = _starts_before(self._starts, self._n_tokens_sent, len(self.text))
+            self.emit(Piece(self.text[self._emitted:], tuple(self.logprobs[self._n_sent:]),
+                            tuple(self.generated[self._n_tokens_sent:n_tokens])))
+            self._emitted, self._n_sent, self._n_tokens_sent = len(self.text), len(self.logprobs), n_tokens
 
 
 def _count_before(entries: list[TokenLogprob], start: int, end: int) -> int:
@@ -152,6 +201,20 @@ def _count_before(entries: list[TokenLogprob], start: int, end: int) -> int:
     while n < len(entries) and entries[n].offset < end:
         n += 1
     return n
+
+
+def check_resume(resume: Resume, piece_of: Callable[[int], bytes]) -> None:
+    """Raises InvalidParameterError unless ``resume.sent_chars`` lies within the text of its tokens."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    n_chars = sum(len(decoder.decode(piece_of(t))) for t in resume.tokens)
+    if not 0 <= resume.sent_chars <= n_chars:
+        raise InvalidParameterError(f"resume.sent_chars must be in [0, {n_chars}] (the text of its {len(resume.tokens)} "
+                                    f"tokens), got {resume.sent_chars}", param="resume")
+
+
+def _starts_before(starts: list[int], start: int, end: int) -> int:
+    """Index after the last of ``starts[start:]`` (token text offsets, ascending) below ``end``."""
+    return bisect.bisect_left(starts, end, start)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:

@@ -450,9 +450,9 @@ def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model,
         deploy.shutdown("gateway-build")
 
 
-def test_a_node_dying_mid_answer_costs_a_restart_elsewhere_not_an_error(gateway, model_name, tiny_topics):
-    """A non-streaming answer is sent whole, so the caller has seen nothing when its node dies:
-    the request starts again on the other node and the caller gets the full answer."""
+def test_a_node_dying_mid_answer_is_continued_elsewhere_not_an_error(gateway, model_name, tiny_topics):
+    """The answer's node dies while it writes it: another node continues it and the caller gets
+    the full answer, each token counted once."""
     body = {"model": model_name, "prompt": synth.topic_prompt(tiny_topics, 2, 8, seed=43), "max_tokens": 256,
             "temperature": 0}
     nodes = [ray.get_actor(node_name(i), namespace=NAMESPACE) for i in range(N_NODES)]
@@ -464,13 +464,41 @@ def test_a_node_dying_mid_answer_costs_a_restart_elsewhere_not_an_error(gateway,
         answer = pool.submit(_post, gateway, body)
         deadline = time.monotonic() + 30
         while not (busy := serving()):
-            assert time.monotonic() < deadline and not answer.done(), "the request never reached a node"
+            assert time.monotonic() < deadline and not answer.done(), f"the request never reached a node: {answer.result().text if answer.done() else ''}"
             time.sleep(0.01)
         ray.kill(nodes[int(busy[0].rsplit("-", 1)[1])], no_restart=False)  # a crash mid-answer: Ray starts it again
         r = answer.result(timeout=120)
     assert r.status_code == 200, r.text
     done = r.json()
     assert done["usage"]["completion_tokens"] == 256 and done["system_fingerprint"] != busy[0]
+    deadline = time.monotonic() + 120  # the crashed node is back before the tests that follow
+    while not all(n["alive"] for n in _status()["nodes"]):
+        assert time.monotonic() < deadline, "the crashed node did not come back"
+        time.sleep(0.5)
+
+
+def test_a_stream_whose_node_dies_is_continued_on_another_node_without_a_seam(gateway, model_name, tiny_topics):
+    """The official client streams; the node writing the answer is killed after its first piece:
+    the stream goes on from another node, the text equals an undisturbed run's, usage counts each
+    token once, and nothing of Ray's (exception names, actor ids) reaches the client."""
+    body = {"model": model_name, "prompt": synth.topic_prompt(tiny_topics, 3, 8, seed=44), "max_tokens": 256,
+            "temperature": 0}
+    expected = _post(gateway, body).json()["choices"][0]["text"]
+    nodes = [ray.get_actor(node_name(i), namespace=NAMESPACE) for i in range(N_NODES)]
+    stream = _openai(gateway).completions.create(**body, stream=True, stream_options={"include_usage": True})
+    chunks = [next(stream)]
+    busy = [node_name(i) for i, node in enumerate(nodes) if ray.get(node.report.remote(), timeout=30).load]
+    assert busy, "the answer ended before a node could be killed"
+    ray.kill(nodes[int(busy[0].rsplit("-", 1)[1])], no_restart=False)  # Ray starts it again
+    chunks += list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == expected
+    assert chunks[-1].usage.completion_tokens == 256 and chunks[-1].usage.prompt_tokens == _post(
+        gateway, {**body, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    finishing = [c.system_fingerprint for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishing and finishing[0] != busy[0]  # another node ended it
+    raw = json.dumps([c.model_dump() for c in chunks])
+    assert "Error" not in raw and "actor" not in raw.lower()
     deadline = time.monotonic() + 120  # the crashed node is back before the tests that follow
     while not all(n["alive"] for n in _status()["nodes"]):
         assert time.monotonic() < deadline, "the crashed node did not come back"
