@@ -6,7 +6,9 @@ actors, with the HTTP gateway in front. ``clients`` concurrent callers send requ
 for ``duration_s`` seconds, taking turns over four ways in: the Python client streamed and whole,
 and the OpenAI HTTP API streamed and whole. On a schedule, faults hit the deployment:
 
-* ``node``: a node actor's process killed with SIGKILL (a crash, the OOM killer);
+* ``node``: the process of a node actor that is streaming answers killed with SIGKILL (a crash,
+  the OOM killer) mid-stream: its answers must be continued on another node, each identical to
+  its undisturbed twin (greedy decoding: the same prompt answered before any fault);
 * ``ray-node``: a whole Ray node killed, the raylet the local-cluster daemon started for a node
   actor's machine (SIGKILL): the daemon must put a new Ray node in its place, and the node
   actor must come back on it by itself;
@@ -17,12 +19,16 @@ and the OpenAI HTTP API streamed and whole. On a schedule, faults hit the deploy
 * ``router-gone``: at the end, the router killed for good: requests must fail with the typed
   ``RouterUnavailableError`` (HTTP 503 ``router_unavailable``) within the wait, not hang.
 
-Every request ends as ``completed`` (``retried`` when it went to another node or started again),
+Every request ends as ``completed`` (``retried`` when it went to another node or started again;
+``continued`` when its answer was continued on another node after text had been sent — seen by
+the Python callers, who see each dispatch; ``mismatched`` when its text differs from its twin's),
 ``typed error`` (a ``SniperError``, or over HTTP an OpenAI error body with its code: the
 documented errors), ``raw error`` (anything else, a 500 or an error without a code included:
 must be 0) or ``hung`` (no answer within ``REQUEST_TIMEOUT_S``: must be 0). Per fault: when it
 hit and how long until the next request sent after it completed (recovery); for a node or a Ray
-node, also how long until the router had the node back.
+node, also how long until the router had the node back. Every error a caller received (Python
+exception text, HTTP error bodies and stream error events) is searched for Ray's words — its
+exception names and 32-hex actor ids — which must never reach a caller (``leaked``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import tempfile
@@ -61,14 +68,21 @@ class HttpApi:
 
 
 WAYS = ("python stream", "python whole", "http stream", "http whole")  # how callers take turns
+RAY_WORDS = re.compile(r"Ray\w*Error|Actor\w*Error|ActorUnavailable|ActorDied|\b[0-9a-f]{32}\b")  # must not reach callers
 
 
 def _schedule(duration_s: float) -> list[tuple[float, str]]:
-    return [(0.15 * duration_s, "node"), (0.3 * duration_s, "ray-node"), (0.5 * duration_s, "router"),
-            (0.6 * duration_s, "client"), (0.65 * duration_s, "http-client"), (0.8 * duration_s, "node")]
+    return [(0.15 * duration_s, "node"), (0.3 * duration_s, "ray-node"), (0.45 * duration_s, "node"),
+            (0.5 * duration_s, "router"), (0.6 * duration_s, "client"), (0.65 * duration_s, "http-client"),
+            (0.8 * duration_s, "node")]
 
 
-async def _request(client: Any, http: HttpApi, prompt: str, way: str, max_tokens: int) -> dict[str, Any]:
+def _leaks(text: str) -> bool:
+    return bool(RAY_WORDS.search(text))
+
+
+async def _request(client: Any, http: HttpApi, prompt: str, way: str, max_tokens: int,
+                   twins: dict[str, str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     outcome: dict[str, Any] = {"sent": started, "way": way}
     if way.startswith("http"):
@@ -76,25 +90,34 @@ async def _request(client: Any, http: HttpApi, prompt: str, way: str, max_tokens
     else:
         outcome.update(await _python_request(client, prompt, way == "python stream", max_tokens))
     outcome["done"] = time.monotonic()
+    text = outcome.pop("text", None)
+    if twins is not None and outcome["result"] == "completed" and text is not None:
+        outcome["mismatched"] = text != twins[prompt]
+    outcome["leaked"] = _leaks(outcome.get("error", "") + outcome.pop("body", ""))
     return outcome
 
 
 async def _python_request(client: Any, prompt: str, stream: bool, max_tokens: int) -> dict[str, Any]:
     from cluster.errors import SniperError
-    from cluster.protocol import Finished, Restarted, Routed
+    from cluster.protocol import Finished, Piece, Restarted, Routed
 
     outcome: dict[str, Any] = {}
     try:
         async def run() -> None:
-            attempts = 0
-            async for item in client.aevents(prompt, max_tokens=max_tokens, restartable=not stream):
+            attempts, text = 0, []
+            async for item in client.aevents(prompt, max_tokens=max_tokens, temperature=0.0, restartable=not stream):
                 if isinstance(item, Routed):
                     attempts = item.attempt
+                    outcome["continued"] = outcome.get("continued", False) or bool(text)
+                elif isinstance(item, Piece):
+                    text.append(item.text)
                 elif isinstance(item, Restarted):
                     outcome["restarted"] = True
+                    text.clear()
                 elif isinstance(item, Finished):
                     outcome["tokens"] = item.usage["completion_tokens"]
             outcome["retried"] = attempts > 1 or bool(outcome.get("restarted"))
+            outcome["text"] = "".join(text)
 
         await asyncio.wait_for(run(), REQUEST_TIMEOUT_S)
         outcome["result"] = "completed"
@@ -125,21 +148,24 @@ def _http_request(http: HttpApi, prompt: str, stream: bool, max_tokens: int) -> 
                            timeout=REQUEST_TIMEOUT_S) as response:
             if response.status_code != 200:
                 try:
-                    return _http_error(response.status_code, response.json())
+                    return {**_http_error(response.status_code, response.json()), "body": response.text}
                 except ValueError:
-                    return _http_error(response.status_code, response.text[:140])
+                    return {**_http_error(response.status_code, response.text[:140]), "body": response.text}
             if not stream:
-                return {"result": "completed", "tokens": response.json()["usage"]["completion_tokens"]}
-            pieces = 0
+                done = response.json()
+                return {"result": "completed", "tokens": done["usage"]["completion_tokens"],
+                        "text": done["choices"][0]["text"]}
+            pieces, text = 0, []
             for line in response.iter_lines():
                 if not line.startswith(b"data: "):
                     continue
                 if line == b"data: [DONE]":
-                    return {"result": "completed", "tokens": pieces}
+                    return {"result": "completed", "tokens": pieces, "text": "".join(text)}
                 event = json.loads(line[6:])
                 if "error" in event:
-                    return _http_error(200, event)
+                    return {**_http_error(200, event), "body": line.decode("utf-8", "replace")}
                 pieces += 1
+                text += [c.get("text", "") for c in event.get("choices", []) if c.get("index", 0) == 0]
             return {"result": "raw error", "error": "the stream ended without [DONE]"}
     except requests.Timeout:
         return {"result": "hung"}
@@ -204,6 +230,29 @@ def _worker_ray_node(n_nodes: int, index: int) -> tuple[str, int]:
     raise RuntimeError("no node actor runs on a worker Ray node")
 
 
+def _streaming_node(n_nodes: int, index: int, wait_s: float = 10.0) -> tuple[str, int]:
+    """A node actor with requests in hand by its own count (the router's counts a request from
+    its route, before the node has it), trying from node ``index`` on; waits for one up to
+    ``wait_s``, then takes node ``index`` whatever it holds. Returns it and its count."""
+    import ray
+
+    from cluster.protocol import node_name
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        for i in range(n_nodes):
+            name = node_name((index + i) % n_nodes)
+            try:
+                load = ray.get(ray.get_actor(name, namespace=NAMESPACE).report.remote(), timeout=10).load
+            except Exception:  # noqa: BLE001  (restarting: try the next one)
+                continue
+            if load:
+                return name, int(load)
+        if time.monotonic() > deadline:
+            return node_name(index % n_nodes), 0
+        time.sleep(0.05)
+
+
 async def _until_back(client: Any, victim: str, restarts_before: int, since: float) -> float | None:
     """Seconds from ``since`` until the router has ``victim`` alive again after a restart."""
     while time.monotonic() < since + REQUEST_TIMEOUT_S:
@@ -245,10 +294,10 @@ async def _fault(kind: str, client: Any, http: HttpApi, prompt: str, n_nodes: in
 
     fault: dict[str, Any] = {"kind": kind, "at": time.monotonic()}
     if kind == "node":
-        victim = node_name(index % n_nodes)
+        victim, streams = await asyncio.to_thread(_streaming_node, n_nodes, index)
         before = await _restarts(client, victim)
         os.kill(await asyncio.to_thread(_node_pid, victim), signal.SIGKILL)
-        fault.update(target=victim, at=time.monotonic())
+        fault.update(target=victim, at=time.monotonic(), streams_in_hand=streams)
         fault["node_back_s"] = await _until_back(client, victim, before, fault["at"])
     elif kind == "ray-node":
         victim, raylet = await asyncio.to_thread(_worker_ray_node, n_nodes, index)
@@ -274,6 +323,9 @@ async def _run(client: Any, http: HttpApi, prompts: list[str], *, n_nodes: int, 
 
     from cluster.protocol import ROUTER_NAME
 
+    twins = {}  # each prompt's undisturbed greedy answer, before any fault
+    for prompt in prompts:
+        twins[prompt] = (await client.agenerate(prompt, max_tokens=max_tokens, temperature=0.0)).text
     t0 = time.monotonic()
     outcomes: list[dict[str, Any]] = []
     faults: list[dict[str, Any]] = []
@@ -282,7 +334,7 @@ async def _run(client: Any, http: HttpApi, prompts: list[str], *, n_nodes: int, 
         k = 0
         while time.monotonic() - t0 < duration_s:
             outcomes.append(await _request(client, http, prompts[(i + k) % len(prompts)], WAYS[(i + k) % len(WAYS)],
-                                           max_tokens))
+                                           max_tokens, twins))
             k += 1
 
     async def injector() -> None:
@@ -315,8 +367,8 @@ async def _run(client: Any, http: HttpApi, prompts: list[str], *, n_nodes: int, 
     return {"outcomes": outcomes, "after_router_gone": after_gone, "faults": faults, "t0": t0, "in_flight": in_flight}
 
 
-def bench_chaos(model_path: str, *, n_nodes: int = 3, clients: int = 4, duration_s: float = 120.0,
-                max_tokens: int = 48, progress: bool = True) -> dict[str, Any]:
+def bench_chaos(model_path: str, *, n_nodes: int = 3, clients: int = 8, duration_s: float = 120.0,
+                max_tokens: int = 96, progress: bool = True) -> dict[str, Any]:
     import ray
 
     from cluster import deploy, synth
@@ -357,6 +409,10 @@ def bench_chaos(model_path: str, *, n_nodes: int = 3, clients: int = 4, duration
     return {"model": model_path, "nodes": n_nodes, "clients": clients, "duration_s": duration_s,
             "max_tokens": max_tokens, "sent": len(outcomes), **counts, "by_way": by_way,
             "retried": sum(bool(o.get("retried")) for o in outcomes if o["result"] == "completed"),
+            "continued": sum(bool(o.get("continued")) for o in outcomes if o["result"] == "completed"),
+            "mismatched": sum(bool(o.get("mismatched")) for o in outcomes),
+            "leaked": sum(o["leaked"] for o in outcomes) + sum(o["leaked"] for o in run["after_router_gone"]),
+            "streams": {r: sum(o["way"].endswith("stream") and o["result"] == r for o in outcomes) for r in results},
             "errors": sorted({o["error"] for o in outcomes if "error" in o})[:10],
             "p50_latency_s": statistics.median(latencies) if latencies else None,
             "max_latency_s": max(latencies) if latencies else None, "faults": faults,
@@ -381,6 +437,12 @@ def write_report(result: dict[str, Any], out_dir: Path, command: str) -> Path:
                      f"{row['hung']} |")
     lines += [f"| **all** | {result['sent']} | {result['completed']} (retried or restarted: {result['retried']}) | "
               f"{result['typed error']} | {result['raw error']} | {result['hung']} |", "",
+              f"Streams (both ways in): {result['streams']['completed']} completed, "
+              f"{result['streams']['typed error'] + result['streams']['raw error']} failed, {result['streams']['hung']} "
+              f"hung. Answers continued on another node after their node died mid-stream (seen by the Python callers): "
+              f"{result['continued']}. Completed answers whose text differs from their undisturbed greedy twin: "
+              f"{result['mismatched']}. Errors that showed a caller Ray's words (exception names, actor ids): "
+              f"{result['leaked']}.", "",
               f"Latency of completed requests: p50 {f(result['p50_latency_s'])} s, slowest "
               f"{f(result['max_latency_s'])} s.", "",
               "| fault | at s | target | recovered s (first completed request sent after it) | node back s |",
@@ -395,6 +457,9 @@ def write_report(result: dict[str, Any], out_dir: Path, command: str) -> Path:
         lines += ["", f"Ray nodes the local-cluster daemon had replaced by the time the node actor was back: "
                   f"{replaced[-1]}."]
     gone = next(x for x in result["faults"] if x["kind"] == "router-gone")
+    kills = [x for x in result["faults"] if x["kind"] == "node"]
+    lines += ["", f"Node actors killed mid-stream: {len(kills)}, holding "
+              f"{', '.join(str(x.get('streams_in_hand', 0)) for x in kills)} requests by their own count."]
     lines += ["", f"Router killed for good at the end: {len(result['after_router_gone'])} requests (every way in) "
               f"answered {', '.join(gone['answers'])}, the slowest after {gone['slowest_answer_s']:.1f} s (callers "
               f"wait for a router to come back: the Python client {ROUTER_WAIT_S:g} s here, the gateway its "
@@ -406,8 +471,12 @@ def write_report(result: dict[str, Any], out_dir: Path, command: str) -> Path:
     ok = (result["raw error"] == 0 and result["hung"] == 0 and gone["answers"] == ["typed error"]
           and result["in_flight_after_run"] == 0
           and all(x.get("node_back_s") is not None for x in result["faults"] if x["kind"] in ("node", "ray-node")))
+    streams_ok = (result["streams"]["typed error"] + result["streams"]["raw error"] + result["streams"]["hung"] == 0
+                  and result["mismatched"] == 0 and result["leaked"] == 0)
     lines.append("Targets (0 hung, 0 raw errors, typed errors once the router is gone, nothing left in flight, every "
                  f"killed node back by itself): {'met' if ok else 'NOT met'}.")
+    lines.append("Targets of nodes killed mid-stream (0 streams failed or hung, every answer identical to its "
+                 f"undisturbed twin, no Ray words shown to a caller): {'met' if streams_ok else 'NOT met'}.")
     path = out_dir / "chaos.md"
     path.write_text("\n".join(lines) + "\n")
     return path
