@@ -17,7 +17,12 @@ Procedure, per request:
      (load below its ``slots``: the request starts at once, in the node's batch); there a
      node's running requests count as warm: the experts predicted for them (their union) are in
      use, so a request that needs them adds no loads (requests that need the same experts
-     decode together). Decided per request; the cheapest wins, ties (within 1 %) go to the RNG. The
+     decode together). A busier node stays a candidate only where that union is warm for the
+     request as step 5 defines warm (its share of the request's demand at least chance — the
+     union's share of all experts — plus ``warm_margin`` of the rest): on learned routing, whose
+     requests spread over most experts, a few running requests' union covers nearly everything,
+     tells nothing, and would pile requests onto busy nodes (issue 27: twice the p50 latency of
+     round_robin on single-shot requests to a trained MoE). Decided per request; the cheapest wins, ties (within 1 %) go to the RNG. The
      default slack is 0: waiting behind one request costs more than the expert loads and the
      prefill a warmer node would save (the docs/simulation.md command with ``--warmth-knob
      load_slack=1``: 1.64x the p99 latency of least_loaded and 0.150 MiB read per token, where a
@@ -169,17 +174,29 @@ class WarmthPolicy(RoutingPolicy):
         demand = self.affinity.demand(rows, starts)
         costs = self.prefill_token_cost * (n_tokens - matched).astype(np.float64)
         coverage, cold = None, False
+        batching = np.array([nodes[i].load > ceiling for i in candidates.tolist()], dtype=bool)  # there by step 4 only
+        keep = ~batching  # a busier node stays a candidate only where its batch is warm for the request
         if demand is not None:
             residency = self._resident_rows(nodes)
             if residency is not None and self._width == demand.prefill.shape[1]:
-                matrix, node_rows = self._with_running(nodes, candidates, *residency)
+                matrix, node_rows, fill = self._with_running(nodes, candidates, *residency)
                 misses, totals = expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, demand.decode,
                                                 float(self.expected_decode_tokens))
+                if batching.any():
+                    known = np.count_nonzero(rows >= 0) / max(1, rows.size)
+                    share = np.clip(1.0 - misses / np.maximum(totals[group_of], 1e-9), 0.0, 1.0) * known
+                    chance = fill[node_rows[candidates]]
+                    keep |= batching & (share > chance + self.warm_margin * (1.0 - chance))  # never where it holds all
+                candidates, group_of, matched, costs, misses = (a[keep] for a in (candidates, group_of, matched,
+                                                                                   costs, misses))
                 costs += misses
                 if starts[-1] == 0 and self.warm_margin > 0:  # one suffix for all: is any node warm for it?
                     coverage, cold = self._coverage(float(totals[0]), rows, misses, node_rows[candidates])
             else:  # no warmth known: the prefill's expected loads, as if nothing were resident
+                candidates, group_of, matched, costs = (a[keep] for a in (candidates, group_of, matched, costs))
                 costs += demand.prefill.sum(axis=1, dtype=np.float64)[group_of]
+        else:
+            candidates, group_of, matched, costs = (a[keep] for a in (candidates, group_of, matched, costs))
         if starts[-1] == 0 and (demand is None or demand.known[0] == 0):
             self._last = {"fallback": "least_loaded", "reason": "no affinity or prefix known for this prompt"}
             least = candidates[np.array(loads)[candidates] == min(loads)]
@@ -200,20 +217,23 @@ class WarmthPolicy(RoutingPolicy):
         return [nodes[int(candidates[j_winner])].node_id]
 
     def _with_running(self, nodes: Sequence[NodeView], candidates: np.ndarray, matrix: np.ndarray,
-                      node_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                      node_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The residency rows with each candidate's running requests' predicted experts added (batch
-        affinity: experts in use there cost a new request nothing)."""
+        affinity: experts in use there cost a new request nothing), and each row's share of the
+        experts set (what a request would find there by chance)."""
         busy = [i for i in candidates.tolist()
                 if nodes[i].load > 0 and self.running.get(nodes[i].node_id)] if self.batch_affinity else []
+        fill = self._row_fill[: matrix.shape[0]]
         if not busy:
-            return matrix, node_rows
-        matrix = matrix.copy()
+            return matrix, node_rows, fill
+        matrix, fill = matrix.copy(), fill.copy()
         for i in busy:
             row = matrix[node_rows[i]]
             for bits in self.running[nodes[i].node_id].values():
                 if bits.size == row.size:
                     row |= bits
-        return matrix, node_rows
+            fill[node_rows[i]] = np.unpackbits(row, count=self._width, bitorder="little").mean()
+        return matrix, node_rows, fill
 
     def _coverage(self, total: float, rows: np.ndarray, misses: np.ndarray,
                   node_rows: np.ndarray) -> tuple[np.ndarray | None, bool]:
