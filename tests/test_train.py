@@ -158,3 +158,201 @@ def test_llama_cpp_tokenizes_like_the_trained_tokenizer(tiny_tokenizer: Path, tm
         assert llm.tokenize(b"x", add_bos=True)[0] == 0  # add_bos_token, <|bos|> = id 0
     finally:
         llm.close()
+
+
+def test_domain_sets_keep_the_first_models_five_in_order() -> None:
+    from cluster.train.corpus import DOMAIN_SETS, DOMAINS, default_sources
+
+    assert DOMAIN_SETS["5domains"] == DOMAINS == ("python", "c", "javascript", "english", "german")
+    assert DOMAIN_SETS["8domains"][:5] == DOMAINS and len(DOMAIN_SETS["8domains"]) == 8
+    assert set(DOMAIN_SETS["8domains"]) <= set(default_sources())
+
+
+def test_build_corpus_rejects_unknown_or_repeated_domains(tmp_path: Path) -> None:
+    from cluster.train.corpus import build_corpus
+
+    with pytest.raises(ValueError, match="unknown domains"):
+        build_corpus(tmp_path, domains=("python", "klingon"))
+    with pytest.raises(ValueError, match="distinct"):
+        build_corpus(tmp_path, domains=("c", "c"))
+
+
+def test_cpp_sources_leave_h_files_to_c() -> None:
+    from cluster.train.corpus import default_sources
+
+    if not Path("/usr/include/c++").is_dir():
+        pytest.skip("no /usr/include/c++ here")
+    files = default_sources()["cpp"].list_files()
+    assert files and not any(p.suffix == ".h" for p in files)
+
+
+def test_balance_scopes_differ_on_a_batch_whose_sequences_each_use_one_expert() -> None:
+    torch = pytest.importorskip("torch")
+    from cluster.train.model import balancing_loss
+
+    # sequence 0 sends every token to expert 0, sequence 1 to expert 1 (k = 1 of 4 experts)
+    probs = torch.zeros(2, 3, 4)
+    probs[0, :, 0] = 1.0
+    probs[1, :, 1] = 1.0
+    selected = torch.tensor([[[0]] * 3, [[1]] * 3])
+    assert balancing_loss(probs, selected, 4, "global").item() == pytest.approx(2.0)  # balanced over the batch
+    assert balancing_loss(probs, selected, 4, "sequence").item() == pytest.approx(4.0)  # each sequence collapsed
+    with pytest.raises(ValueError, match="balance scope"):
+        balancing_loss(probs, selected, 4, "token")
+
+
+def test_global_scope_is_the_first_models_loss_and_sequence_scope_differs() -> None:
+    torch = pytest.importorskip("torch")
+    from cluster.train.model import MoE, MoEConfig, balancing_loss
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(n_embd=16, n_expert=8, n_expert_used=2, n_ff_exp=8))
+    for p in (moe.w_gate_up, moe.w_down):
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, 5, 16)
+    _, glob = moe(x)
+    _, seq = moe(x, "sequence")
+    probs = torch.softmax(moe.router(x.reshape(-1, 16)), -1)
+    load = torch.bincount(glob.selected.reshape(-1), minlength=8).float() / (15 * 2)
+    assert glob.aux_loss.item() == pytest.approx(8 * torch.sum(load * probs.mean(0)).item(), rel=1e-6)
+    assert glob.aux_loss.item() == pytest.approx(
+        balancing_loss(probs.view(3, 5, 8), glob.selected.view(3, 5, 2), 8, "global").item(), rel=1e-6)
+    assert seq.aux_loss.item() > glob.aux_loss.item()  # fewer tokens per estimate: never more balanced
+    assert torch.equal(seq.selected, glob.selected)  # the scope changes the loss, not the routing
+
+
+def test_selection_bias_chooses_experts_but_does_not_weigh_them() -> None:
+    torch = pytest.importorskip("torch")
+    from cluster.train.model import MoE, MoEConfig
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(n_embd=16, n_expert=8, n_expert_used=2, n_ff_exp=8, selection_bias=True)
+    moe = MoE(cfg)
+    for p in (moe.w_gate_up, moe.w_down):
+        torch.nn.init.normal_(p)
+    assert "selection_bias" in moe.state_dict() and all(p is not moe.selection_bias for p in moe.parameters())
+    x = torch.randn(4, 16)
+    plain, r0 = moe(x)
+    moe.selection_bias[5] = 10.0  # expert 5 wins every selection
+    biased, r1 = moe(x)
+    assert (r1.selected == 5).any(-1).all() and not torch.equal(r0.selected, r1.selected)
+    # the same output as an unbiased layer that happened to pick these experts: weights from the plain softmax
+    probs = torch.softmax(moe.router(x), -1)
+    w = probs.gather(1, r1.selected)
+    w = w / w.sum(-1, keepdim=True)
+    gate, up = moe.gate_up_views()
+    expected = torch.zeros_like(x)
+    for t in range(4):
+        for j, e in enumerate(r1.selected[t].tolist()):
+            h = torch.nn.functional.silu(gate[e] @ x[t]) * (up[e] @ x[t])
+            expected[t] += w[t, j] * (moe.w_down[e] @ h)
+    assert torch.allclose(biased, expected, atol=1e-5)
+
+
+def test_selection_bias_updates_move_the_load_toward_balance() -> None:
+    torch = pytest.importorskip("torch")
+    from cluster.train.model import MoE, MoEConfig
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(n_embd=16, n_expert=8, n_expert_used=2, n_ff_exp=8, selection_bias=True))
+    for p in (moe.w_gate_up, moe.w_down):
+        torch.nn.init.normal_(p)
+    with torch.no_grad():
+        moe.router.weight.normal_()
+        moe.router.weight[0, 0] += 3.0  # with feature 0 fixed at 1: expert 0's logit is 3 higher for every token
+    x = torch.randn(512, 16)
+    x[:, 0] = 1.0
+    _, first = moe(x)
+    assert first.load.argmax() == 0 and first.load.max() > 1.8 / 8
+    for _ in range(300):
+        _, r = moe(x)
+        moe.update_selection_bias(r.load, 0.002)
+    _, last = moe(x)
+    assert last.load.max() < 1.5 / 8 and last.load[0] < 1.1 / 8  # measured: 0.179 at most, expert 0 at 0.128
+    assert moe.selection_bias[0] < 0  # the overloaded expert was pushed down
+    with pytest.raises(RuntimeError, match="no selection bias"):
+        MoE(MoEConfig(n_embd=16, n_expert=8, n_expert_used=2, n_ff_exp=8)).update_selection_bias(last.load, 0.1)
+
+
+def test_lever_defaults_are_the_first_models_config() -> None:
+    pytest.importorskip("torch")
+    from dataclasses import asdict
+
+    from cluster.train.model import MoEConfig, MoETransformer
+    from cluster.train.train import TrainConfig
+
+    cfg = TrainConfig()
+    assert (cfg.aux_coef, cfg.balance_scope, cfg.bias_rate, cfg.model.selection_bias) == (0.01, "global", 0.0, False)
+    old = asdict(cfg)  # a checkpoint written before the levers existed has none of their keys
+    for key in ("balance_scope", "bias_rate"):
+        del old[key]
+    del old["model"]["selection_bias"]
+    assert TrainConfig.from_dict(old) == cfg
+    assert not any("selection_bias" in k for k in MoETransformer(MoEConfig(n_layer=1)).state_dict())
+    with pytest.raises(ValueError, match="must go together"):
+        TrainConfig(bias_rate=0.001).validate()
+    with pytest.raises(ValueError, match="must go together"):
+        TrainConfig(model=MoEConfig(selection_bias=True)).validate()
+    with pytest.raises(ValueError, match="balance_scope"):
+        TrainConfig(balance_scope="token").validate()
+    with pytest.raises(ValueError, match="bias_rate"):
+        TrainConfig(bias_rate=-1.0).validate()
+
+
+def _tiny_run(root: Path, tokenizer: Path, domains: tuple[str, ...]) -> tuple[Path, Path]:
+    """An OUT folder with the tokenizer and a WORK folder elsewhere with a manifest and token streams."""
+    import json
+    import shutil
+
+    out, work = root / "out", root / "work"
+    (work / "corpus").mkdir(parents=True)
+    (work / "tokens").mkdir()
+    out.mkdir()
+    shutil.copyfile(tokenizer, out / "tokenizer.json")
+    (work / "corpus" / "manifest.json").write_text(json.dumps({"config": {}, "domains": {d: {} for d in domains}}))
+    rng = np.random.default_rng(1)
+    for i, d in enumerate(domains):  # each domain its own slice of the vocabulary
+        for split, n in (("train", 4000), ("heldout", 400)):
+            np.save(work / "tokens" / f"{d}.{split}.npy", rng.integers(4 + 30 * i, 34 + 30 * i, n).astype(np.uint16))
+    return out, work
+
+
+def test_training_with_every_lever_resumes_to_the_uninterrupted_run(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from cluster.train.data import load_streams
+    from cluster.train.export import export_checkpoint
+    from cluster.train.model import MoEConfig
+    from cluster.train.train import TrainConfig, checkpoint_path, train
+
+    domains = ("python", "c", "perl")
+    model = MoEConfig(n_vocab=300, n_ctx=16, n_embd=32, n_layer=2, n_head=2, n_head_kv=1, head_dim=16, n_expert=8,
+                      n_expert_used=2, n_ff_exp=16, selection_bias=True)
+    cfg = TrainConfig(steps=6, batch_size=6, warmup_steps=1, log_every=1, eval_every=3, eval_windows=2, checkpoint_every=2,
+                      aux_coef=0.001, balance_scope="sequence", bias_rate=0.01, threads=1, model=model)
+    out_a, work_a = _tiny_run(tmp_path / "a", tiny_tokenizer, domains)
+    assert list(load_streams(work_a, "train")) == list(domains)  # the manifest's domains, in its order
+    ckpt_a = train(out_a, cfg, log=lambda _: None, work=work_a)
+    assert ckpt_a == checkpoint_path(out_a, work_a) and not (out_a / "work").exists()
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_5(line: str) -> None:
+        if '"step": 5,' in line:
+            raise Killed
+
+    out_b, work_b = _tiny_run(tmp_path / "b", tiny_tokenizer, domains)
+    with pytest.raises(Killed):
+        train(out_b, cfg, log=die_at_step_5, work=work_b)
+    assert torch.load(checkpoint_path(out_b, work_b), weights_only=False)["step"] == 4
+    train(out_b, cfg, log=lambda _: None, work=work_b)
+    a = torch.load(ckpt_a, weights_only=False)
+    b = torch.load(checkpoint_path(out_b, work_b), weights_only=False)
+    assert b["step"] == 6 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["model"]["blocks.0.moe.selection_bias"].abs().sum() > 0  # the bias moved and was saved
+    steps = [[line.split('"step": ')[1].split(",")[0] for line in (o / "train-log.jsonl").read_text().splitlines()]
+             for o in (out_a, out_b)]
+    assert steps[0] == steps[1]
+    with pytest.raises(ValueError, match="selection bias"):
+        export_checkpoint(ckpt_a, out_a / "tokenizer.json", tmp_path / "x.gguf")

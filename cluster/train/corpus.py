@@ -1,7 +1,7 @@
-"""The five-domain text corpus, built deterministically from files that exist on this machine.
+"""The multi-domain text corpus, built deterministically from files that exist on this machine.
 
 Nothing can be downloaded here (DESIGN.md, "Models"), so the training text is what a Debian
-machine with Python, C headers, man pages and npm already holds:
+machine with Python, C and C++ headers, Perl, man pages and npm already holds:
 
 | domain | source | reader |
 | --- | --- | --- |
@@ -10,8 +10,18 @@ machine with Python, C headers, man pages and npm already holds:
 | `javascript` | npm's own sources under `/usr/lib/node_modules` (no `*.min.js`, no line > 300 chars) | UTF-8 source |
 | `english` | man pages, sections 1, 5, 7, 8 (`/usr/share/man/man{1,5,7,8}`) | rendered by `man` |
 | `german` | German man pages (`/usr/share/man/de`) and German gettext catalogs' translations | `man`, a `.mo` reader |
+| `cpp` | libstdc++'s headers under `/usr/include/c++` without a `.h` suffix (`<vector>`, `*.tcc`, `*.hpp`) | UTF-8 source |
+| `perl` | Perl's core library, `/usr/share/perl/**/*.{pm,pl}` (code with its POD) | UTF-8 source |
+| `french` | French man pages (`/usr/share/man/fr`) and French gettext catalogs' translations | `man`, a `.mo` reader |
 
-(German catalogs: `/usr/share/locale/de/LC_MESSAGES/*.mo`, without the `iso_*` name lists.)
+(Catalogs: `/usr/share/locale/{de,fr}/LC_MESSAGES/*.mo`, without the `iso_*` name lists. The
+`cpp` domain leaves `.h` files to `c`, whose `/usr/include/**/*.h` includes libstdc++'s, so the
+two never share a file.)
+
+Which domains a corpus holds is a choice (`DOMAIN_SETS`, the command line's `--domains`): the
+first model used the five of `DOMAINS`; the manifest lists the corpus' domains in order, and
+every later stage takes the list from there (`corpus_domains`), not from a constant. A domain is
+built the same whichever set it is part of.
 
 Determinism: each domain's candidate files are ordered by the SHA-1 of their path, so the
 selection is spread over the whole tree and does not depend on directory listing order. The
@@ -45,7 +55,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DOMAINS: tuple[str, ...] = ("python", "c", "javascript", "english", "german")
-"""Domain names, in the order every report lists them."""
+"""The first model's five domains, in the order its reports list them (the default set)."""
+
+DOMAIN_SETS: dict[str, tuple[str, ...]] = {
+    "5domains": DOMAINS,
+    "8domains": (*DOMAINS, "cpp", "perl", "french"),
+}
+"""Named domain sets (`--domains`); a corpus' domains come in the order named here."""
 
 _MAN_ENV = {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "MANWIDTH": "80", "MANPAGER": "cat", "PAGER": "cat"}
 _MAX_JS_LINE = 300  # characters; longer lines mark minified or generated code
@@ -215,7 +231,8 @@ def read_mo_strings(path: Path) -> list[str]:
     return strings
 
 
-def _read_german(path: Path) -> str | None:
+def _read_translated(path: Path) -> str | None:
+    """A gettext catalog's translated strings, or a rendered man page (the German and French readers)."""
     if path.suffix == ".mo":
         try:
             strings = read_mo_strings(path)
@@ -230,10 +247,11 @@ def _python_stdlib() -> str:
 
 
 def default_sources() -> dict[str, DomainSource]:
-    """The five domains' sources on a Debian-like machine, keyed by domain name."""
+    """Every known domain's source on a Debian-like machine, keyed by domain name."""
     stdlib = _python_stdlib()
     man_sections = tuple(f"/usr/share/man/man{s}" for s in (1, 5, 7, 8))
     german_roots = ("/usr/share/man/de", "/usr/share/locale/de/LC_MESSAGES")
+    french_roots = ("/usr/share/man/fr", "/usr/share/locale/fr/LC_MESSAGES")
 
     def python_files() -> list[Path]:
         return _walk(stdlib, lambda p: p.suffix == ".py", frozenset({"site-packages", "dist-packages", "__pycache__"}))
@@ -247,10 +265,18 @@ def default_sources() -> dict[str, DomainSource]:
     def english_files() -> list[Path]:
         return [p for root in man_sections for p in _walk(root, lambda p: True)]
 
-    def german_files() -> list[Path]:
-        pages = _walk(german_roots[0], lambda p: True)
-        catalogs = _walk(german_roots[1], lambda p: p.suffix == ".mo" and not _ISO_CATALOG.match(p.name))
-        return pages + catalogs
+    def translated_files(roots: tuple[str, str]) -> Callable[[], list[Path]]:
+        def files() -> list[Path]:
+            pages = _walk(roots[0], lambda p: True)
+            catalogs = _walk(roots[1], lambda p: p.suffix == ".mo" and not _ISO_CATALOG.match(p.name))
+            return pages + catalogs
+        return files
+
+    def cpp_files() -> list[Path]:
+        return _walk("/usr/include/c++", lambda p: p.suffix != ".h")
+
+    def perl_files() -> list[Path]:
+        return _walk("/usr/share/perl", lambda p: p.suffix in {".pm", ".pl"})
 
     return {
         "python": DomainSource("python", f"Python standard library sources ({stdlib}, no site-packages)", (stdlib,),
@@ -266,7 +292,16 @@ def default_sources() -> dict[str, DomainSource]:
         "german": DomainSource("german", "German man pages (/usr/share/man/de, rendered by man) and the translated strings of "
                                "German gettext catalogs (/usr/share/locale/de/LC_MESSAGES/*.mo, no iso_* lists)", german_roots,
                                "manpages-de and German translations (apt-get install manpages-de locales-all, or packages "
-                               "shipping de catalogs)", german_files, _read_german, ("man",)),
+                               "shipping de catalogs)", translated_files(german_roots), _read_translated, ("man",)),
+        "cpp": DomainSource("cpp", "C++ standard library headers (/usr/include/c++, files without a .h suffix: <vector>, "
+                            "*.tcc, *.hpp)", ("/usr/include/c++",), "libstdc++-dev (apt-get install g++)", cpp_files,
+                            _read_source),
+        "perl": DomainSource("perl", "Perl core library modules and scripts (/usr/share/perl/**/*.pm, *.pl, POD included)",
+                             ("/usr/share/perl",), "perl-modules (apt-get install perl)", perl_files, _read_source),
+        "french": DomainSource("french", "French man pages (/usr/share/man/fr, rendered by man) and the translated strings of "
+                               "French gettext catalogs (/usr/share/locale/fr/LC_MESSAGES/*.mo, no iso_* lists)", french_roots,
+                               "manpages-fr and French translations (apt-get install manpages-fr, or packages shipping fr "
+                               "catalogs)", translated_files(french_roots), _read_translated, ("man",)),
     }
 
 
@@ -357,25 +392,34 @@ def build_domain(source: DomainSource, config: CorpusConfig, corpus_dir: Path) -
 
 
 def build_corpus(out_dir: Path, config: CorpusConfig = CorpusConfig(),
-                 log: Callable[[str], None] = print) -> dict[str, DomainStats]:
-    """Builds every domain under `out_dir/corpus/` and writes the manifest.
+                 log: Callable[[str], None] = print, domains: tuple[str, ...] = DOMAINS) -> dict[str, DomainStats]:
+    """Builds the given domains under `out_dir/corpus/` and writes the manifest.
 
     Args:
         out_dir: the work directory.
         config: byte budgets and the split rule.
         log: receives one line per finished domain.
+        domains: the domains, in the order the manifest (and so every report) lists them.
 
     Returns:
         The manifest entries, keyed by domain.
+
+    Raises:
+        ValueError: a domain is unknown, repeated, or none is given.
     """
     config.validate()
+    if not domains or len(set(domains)) != len(domains):
+        raise ValueError(f"domains must be distinct and at least one, got {domains}")
     corpus_dir = out_dir / "corpus"
     corpus_dir.mkdir(parents=True, exist_ok=True)
     sources = default_sources()
-    for name in DOMAINS:  # fail before any slow rendering when something is missing
+    unknown = [name for name in domains if name not in sources]
+    if unknown:
+        raise ValueError(f"unknown domains {unknown}; known: {', '.join(sources)}")
+    for name in domains:  # fail before any slow rendering when something is missing
         check_source(sources[name])
     manifest: dict[str, DomainStats] = {}
-    for name in DOMAINS:
+    for name in domains:
         manifest[name] = build_domain(sources[name], config, corpus_dir)
         s = manifest[name]
         log(f"corpus {name}: train {s.train.files} files {s.train.bytes} B, held-out {s.heldout.files} files "
@@ -403,3 +447,15 @@ def read_manifest(out_dir: Path) -> dict:
     """The corpus manifest written by build_corpus."""
     with open(out_dir / "corpus" / "manifest.json", encoding="utf-8") as f:
         return json.load(f)
+
+
+def corpus_domains(out_dir: Path) -> tuple[str, ...]:
+    """The domains of the corpus built under `out_dir` (the work directory), in manifest order.
+
+    Raises:
+        FileNotFoundError: no corpus has been built there.
+    """
+    path = out_dir / "corpus" / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no corpus manifest at {path}: run `python -m cluster.train corpus` first")
+    return tuple(read_manifest(out_dir)["domains"])

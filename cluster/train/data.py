@@ -6,7 +6,9 @@ window of n_ctx positions is `<|bos|>` followed by n_ctx - 1 stream tokens (inpu
 n_ctx stream tokens after `<|bos|>` (targets), so every window starts as llama.cpp starts a
 prompt (the GGUF sets `add_bos_token`).
 
-Training batches are balanced: sequence i of a batch comes from domain i mod 5, at an offset
+The domains are the corpus manifest's (`corpus.corpus_domains`), in its order.
+
+Training batches are balanced: sequence i of a batch comes from domain i mod n_domains, at an offset
 drawn from ``numpy.random.default_rng([seed, step])`` -- the batch of a step does not depend
 on what ran before it, so a resumed run sees the batches an uninterrupted one would have.
 Held-out windows are evenly spaced over each held-out stream, the same for every caller.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.train.corpus import DOMAINS, read_documents
+from cluster.train.corpus import corpus_domains, read_documents
 from cluster.train.tokenizer import BOS, EOS, load_tokenizer
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
@@ -29,16 +31,16 @@ def tokens_path(out_dir: Path, domain: str, split: str) -> Path:
 
 
 def tokenize_corpus(out_dir: Path, tokenizer_path: Path) -> dict[str, dict[str, int]]:
-    """Tokenizes every split of every domain into `out_dir/tokens/` (skipped where already written).
+    """Tokenizes every split of every corpus domain into `out_dir/tokens/` (skipped where already written).
 
     Returns:
-        Token counts, {domain: {split: n_tokens}}.
+        Token counts, {domain: {split: n_tokens}}, in manifest order.
     """
     tok = load_tokenizer(tokenizer_path)
     eos = tok.token_to_id(EOS)
     (out_dir / "tokens").mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
-    for domain in DOMAINS:
+    for domain in corpus_domains(out_dir):
         counts[domain] = {}
         for split in SPLITS:
             path = tokens_path(out_dir, domain, split)
@@ -54,13 +56,13 @@ def tokenize_corpus(out_dir: Path, tokenizer_path: Path) -> dict[str, dict[str, 
 
 
 def load_streams(out_dir: Path, split: str) -> dict[str, np.ndarray]:
-    """Every domain's token stream of one split, in DOMAINS order.
+    """Every corpus domain's token stream of one split, in manifest order.
 
     Raises:
-        FileNotFoundError: the corpus has not been tokenized.
+        FileNotFoundError: the corpus has not been built or tokenized.
     """
     streams = {}
-    for domain in DOMAINS:
+    for domain in corpus_domains(out_dir):
         path = tokens_path(out_dir, domain, split)
         if not path.exists():
             raise FileNotFoundError(f"no token stream at {path}: run `python -m cluster.train train` (it tokenizes first)")

@@ -16,6 +16,13 @@ Tensors, names and layouts as llama.cpp's qwen3moe loader creates them (numpy sh
 ggml ne): matrices and expert tensors F16, norms and the router `ffn_gate_inp` F32 (routing
 decisions stay exact to the float32 model), no `output.weight` (tied: llama.cpp reuses
 `token_embd.weight`).
+
+A checkpoint trained with a top-k selection bias (`MoEConfig.selection_bias`) is refused:
+`qwen3moe`'s graph in llama.cpp passes no `ffn_exp_probs_b` to build_moe_ffn, so its experts
+would be chosen without the bias the model was trained with. The llama.cpp architectures whose
+graphs add that tensor to softmax probabilities (ernie4_5-moe: no q/k norm; dots1: a required
+shared expert, untied output, K/V as wide as Q) need the export to reshape the model (a zero
+shared expert, the KV heads repeated, the embedding copied to output.weight) -- not done yet.
 """
 
 from __future__ import annotations
@@ -102,8 +109,12 @@ def export_checkpoint(checkpoint: Path, tokenizer_path: Path, path: Path) -> Pat
     from cluster.train.train import load_model
 
     model, cfg, steps = load_model(checkpoint)
+    if cfg.model.selection_bias:
+        raise ValueError(f"checkpoint {checkpoint} was trained with a top-k selection bias (--bias-rate "
+                         f"{cfg.bias_rate}); {ARCH} in llama.cpp selects experts without one (no ffn_exp_probs_b), "
+                         "so the GGUF would route differently from the trained model: not exported")
     tensors = {k: v.detach().float().numpy() for k, v in model.gguf_tensors().items()}
-    write_gguf(path, tensors, cfg.model.to_dict(), tokenizer_path, name=f"moe-5domains ({steps} steps)")
+    write_gguf(path, tensors, cfg.model.to_dict(), tokenizer_path, name=f"{path.stem} ({steps} steps)")
     return path
 
 

@@ -26,7 +26,16 @@ n_embd] (stacked in one parameter `w_gate_up`, split by `gate_up_views`) and `w_
 
 Training adds a Switch/Mixtral load-balancing loss per layer:
 aux = n_expert * sum_e f_e * P_e, with f_e the fraction of the k * T selections that chose e and
-P_e the mean router probability of e (1.0 when perfectly balanced).
+P_e the mean router probability of e (1.0 when perfectly balanced). Its scope is a choice of the
+forward pass: `global` (f and P over every token of the batch, as the first model trained) or
+`sequence` (f and P per sequence, the loss averaged over sequences: the micro-batch-like
+balancing that Qwen found to hurt expert specialisation).
+
+With `selection_bias` (DeepSeek-V3's auxiliary-loss-free balancing) each MoE layer holds a
+buffer b [n_expert], not a parameter, added to the softmax probabilities for the top-k choice
+only: S = top-k(p + b), w = p[S] / sum(p[S]) -- what llama.cpp's build_moe_ffn does with an
+`ffn_exp_probs_b` tensor. The trainer moves b after each step (`MoE.update_selection_bias`).
+`qwen3moe` has no such tensor, so such a model does not export as it (see `export`).
 """
 
 from __future__ import annotations
@@ -56,6 +65,8 @@ class MoEConfig:
         n_ff_exp: hidden width of one expert's SwiGLU.
         rope_freq_base: RoPE base.
         rms_eps: RMSNorm epsilon.
+        selection_bias: each MoE layer holds a top-k selection bias (see the module docstring);
+            off for the first model, whose checkpoints have no such buffer.
     """
 
     n_vocab: int = 8192
@@ -70,6 +81,7 @@ class MoEConfig:
     n_ff_exp: int = 128
     rope_freq_base: float = 10000.0
     rms_eps: float = 1e-6
+    selection_bias: bool = False
 
     def validate(self) -> None:
         """Raises ValueError naming the first inconsistent field."""
@@ -160,6 +172,36 @@ class RouterOutput:
     load: torch.Tensor
 
 
+BALANCE_SCOPES: tuple[str, ...] = ("global", "sequence")
+"""Where the load-balancing loss takes its statistics: the whole batch, or each sequence."""
+
+
+def balancing_loss(probs: torch.Tensor, selected: torch.Tensor, n_expert: int, scope: str = "global") -> torch.Tensor:
+    """The Switch loss n_expert * sum_e f_e P_e of one layer.
+
+    Args:
+        probs: router probabilities [B, T, n_expert] (or [N, n_expert], one sequence).
+        selected: chosen experts [B, T, k] (or [N, k]).
+        n_expert: experts in the layer.
+        scope: "global" (f, P over all B*T tokens) or "sequence" (per sequence, then the mean).
+
+    Raises:
+        ValueError: an unknown scope.
+    """
+    if scope not in BALANCE_SCOPES:
+        raise ValueError(f"balance scope must be one of {BALANCE_SCOPES}, got '{scope}'")
+    if probs.dim() == 2:
+        probs, selected = probs[None], selected[None]
+    b = probs.shape[0]
+    if scope == "global":
+        probs, selected = probs.reshape(1, -1, n_expert), selected.reshape(1, -1, selected.shape[-1])
+        b = 1
+    flat = selected.reshape(b, -1)
+    counts = torch.zeros(b, n_expert, dtype=probs.dtype).scatter_add_(1, flat, torch.ones_like(flat, dtype=probs.dtype))
+    f = counts / flat.shape[1]
+    return n_expert * (f * probs.mean(1)).sum(-1).mean()
+
+
 class MoE(nn.Module):
     """Softmax router, top-k with renormalised weights, SwiGLU experts (steps 8-9)."""
 
@@ -172,18 +214,33 @@ class MoE(nn.Module):
         # per expert instead of two (about 20 % faster on CPU); gate_up_views() splits them.
         self.w_gate_up = nn.Parameter(torch.empty(e, 2 * f, d))  # [n_expert, 2*n_ff_exp, n_embd]
         self.w_down = nn.Parameter(torch.empty(e, d, f))  # ffn_down_exps [n_expert, n_embd, n_ff_exp]
+        if cfg.selection_bias:  # ffn_exp_probs_b [n_expert]; a buffer: saved with the model, never a gradient
+            self.register_buffer("selection_bias", torch.zeros(e))
+        else:
+            self.selection_bias = None
+
+    @torch.no_grad()
+    def update_selection_bias(self, load: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3's update: b_e += rate * sign(mean load - load_e), `load` the step's selection shares."""
+        if self.selection_bias is None:
+            raise RuntimeError("this MoE layer has no selection bias (MoEConfig.selection_bias is off)")
+        self.selection_bias += rate * torch.sign(load.mean() - load)
 
     def gate_up_views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """ffn_gate_exps and ffn_up_exps [n_expert, n_ff_exp, n_embd], views of w_gate_up."""
         f = self.cfg.n_ff_exp
         return self.w_gate_up[:, :f], self.w_gate_up[:, f:]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x: torch.Tensor, balance_scope: str = "global") -> tuple[torch.Tensor, RouterOutput]:
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # [N, d]
         n_tokens, k, n_expert = h.shape[0], self.cfg.n_expert_used, self.cfg.n_expert
         probs = torch.softmax(self.router(h), dim=-1)  # [N, E]
-        top_p, top_i = torch.topk(probs, k, dim=-1)  # [N, k], descending
+        if self.selection_bias is None:
+            top_p, top_i = torch.topk(probs, k, dim=-1)  # [N, k], descending
+        else:  # choose on the biased scores, weigh with the unbiased probabilities
+            top_i = torch.topk(probs + self.selection_bias, k, dim=-1).indices
+            top_p = probs.gather(1, top_i)
         weights = top_p / top_p.sum(-1, keepdim=True).clamp_min(6.103515625e-5)  # the clamp llama.cpp applies
         # Dispatch: selections sorted by expert, one gather in, one scatter-add out, and per-expert
         # matrix products on views (unbind/split/cat), so no autograd op touches a whole expert
@@ -202,7 +259,11 @@ class MoE(nn.Module):
         y = torch.cat(ys) * weights.reshape(-1)[order, None]
         out = torch.zeros_like(h).index_add(0, token_of, y)
         load = counts.float() / (n_tokens * k)
-        aux = n_expert * torch.sum(load * probs.mean(0))
+        if balance_scope == "global":  # the first model's expression, kept as it was
+            aux = n_expert * torch.sum(load * probs.mean(0))
+        else:
+            lead = shape[:-1] if len(shape) > 2 else (1, n_tokens)
+            aux = balancing_loss(probs.view(*lead, n_expert), top_i.view(*lead, k), n_expert, balance_scope)
         return out.view(shape), RouterOutput(top_i, aux, load.detach())
 
 
@@ -216,9 +277,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
         self.moe = MoE(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                balance_scope: str = "global") -> tuple[torch.Tensor, RouterOutput]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        moe_out, routing = self.moe(self.ffn_norm(x))
+        moe_out, routing = self.moe(self.ffn_norm(x), balance_scope)
         return x + moe_out, routing
 
 
@@ -258,14 +320,14 @@ class MoETransformer(nn.Module):
                 else:
                     p.normal_(0.0, std, generator=generator)
 
-    def forward(self, ids: torch.Tensor) -> ModelOutput:
-        """Runs token ids [B, T] (T <= n_ctx) through the model."""
+    def forward(self, ids: torch.Tensor, balance_scope: str = "global") -> ModelOutput:
+        """Runs token ids [B, T] (T <= n_ctx) through the model; `balance_scope` shapes aux_loss."""
         if ids.shape[1] > self.cfg.n_ctx:
             raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds n_ctx {self.cfg.n_ctx}")
         x = self.embed(ids)
         routing: list[RouterOutput] = []
         for block in self.blocks:
-            x, r = block(x, self.rope_cos, self.rope_sin)
+            x, r = block(x, self.rope_cos, self.rope_sin, balance_scope)
             routing.append(r)
         logits = self.norm(x) @ self.embed.weight.T
         aux = torch.stack([r.aux_loss for r in routing]).mean()

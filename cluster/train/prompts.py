@@ -36,12 +36,21 @@ class PromptsConfig:
 def write_prompts(work: Path, config: PromptsConfig = PromptsConfig()) -> Path:
     """Writes ``work/prompts.jsonl`` from ``work/corpus/<domain>.heldout.jsonl``; returns its path.
 
+    The domains are those the corpus manifest lists, taken in the order of their file names (the
+    order the first model's workload was written in); a folder without a manifest (a hand-made
+    corpus) gives every held-out file there.
+
     Raises:
         FileNotFoundError: the corpus stage has not run (it says what to run).
     """
     config.validate()
     corpus = work / "corpus"
-    sources = sorted(corpus.glob("*.heldout.jsonl"))
+    if (corpus / "manifest.json").exists():
+        from cluster.train.corpus import corpus_domains
+
+        sources = sorted(corpus / f"{domain}.heldout.jsonl" for domain in corpus_domains(work))
+    else:
+        sources = sorted(corpus.glob("*.heldout.jsonl"))
     if not sources:
         raise FileNotFoundError(f"no held-out corpus under {corpus}; run: python -m cluster.train corpus --out "
                                 f"{work.parent}")

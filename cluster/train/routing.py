@@ -142,8 +142,11 @@ def summarise(traces: dict[str, np.ndarray], n_expert: int, budgets: tuple[float
 
 
 def routing_report(out_dir: Path, gguf_path: Path, n_windows: int = 16, threads: int = 2,
-                   log: Callable[[str], None] = print) -> dict:
-    """Collects traces from the GGUF's weights in PyTorch, summarises them, writes `out_dir/routing.json`."""
+                   log: Callable[[str], None] = print, work: Path | None = None) -> dict:
+    """Collects traces from the GGUF's weights in PyTorch, summarises them, writes `out_dir/routing.json`.
+
+    The domains are those of the corpus under `work` (default `out_dir/work`), in its manifest's order.
+    """
     import torch
 
     from cluster.train.data import heldout_windows, load_streams
@@ -153,7 +156,7 @@ def routing_report(out_dir: Path, gguf_path: Path, n_windows: int = 16, threads:
     torch.set_num_threads(threads)
     model = torch_model_from_gguf(gguf_path)
     bos = int(load_tokenizer(out_dir / TOKENIZER_FILE).token_to_id(BOS))
-    streams = load_streams(out_dir / "work", "heldout")
+    streams = load_streams(out_dir / "work" if work is None else work, "heldout")
     windows = {d: heldout_windows(s, n_windows, model.cfg.n_ctx, bos)[0] for d, s in streams.items()}
     traces = collect_traces(model, windows)
     mixed = np.stack([traces[d][w] for w in range(n_windows) for d in traces])  # windows round robin over domains

@@ -11,7 +11,8 @@ It is shaped so llama.cpp tokenizes like it (`tokenizer.ggml.model = "gpt2"`,
 * special tokens first, ids 0..3: `<|bos|>`, `<|eos|>`, `<|im_start|>`, `<|im_end|>` (control
   tokens in the GGUF; the last two frame ChatML turns).
 
-Training documents come from every domain in turn, so no domain dominates the merges.
+Training documents come from every domain of the corpus (its manifest's list) in turn, so no domain
+dominates the merges.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.train.corpus import DOMAINS, read_documents
+from cluster.train.corpus import corpus_domains, read_documents
 
 if TYPE_CHECKING:  # tokenizers is imported where it is used: importing this module must not need it
     from tokenizers import Tokenizer
@@ -65,7 +66,7 @@ class TokenizerConfig:
 
 
 def _interleaved_documents(work_dir: Path) -> Iterator[str]:
-    per_domain = [read_documents(work_dir, domain, "train") for domain in DOMAINS]
+    per_domain = [read_documents(work_dir, domain, "train") for domain in corpus_domains(work_dir)]
     for i in range(max(len(docs) for docs in per_domain)):
         for docs in per_domain:
             if i < len(docs):

@@ -1,7 +1,10 @@
 """The training loop: AdamW with warmup and cosine decay, CPU only, resumable, JSON-lines log.
 
 Per step: one balanced batch (`data.training_batch`), loss = cross-entropy + aux_coef * the
-mean load-balancing loss over layers (`model`), gradient clipping, AdamW. Learning rate rises
+mean load-balancing loss over layers (`model`; over the whole batch or per sequence, as
+`balance_scope` says), gradient clipping, AdamW, then -- with `bias_rate` > 0 -- each layer's
+selection bias moves by bias_rate * sign(mean load - load) on the step's selections
+(DeepSeek-V3's auxiliary-loss-free balancing; the bias is saved with the model). Learning rate rises
 linearly for `warmup_steps`, then follows a cosine from `lr` down to `lr * min_lr_ratio` at
 `steps`. Weight decay applies to matrices and expert tensors, not to norms.
 
@@ -17,9 +20,10 @@ The log (`train-log.jsonl`) gets one JSON object per line:
   share of the held-out selections, max_load_per_layer is the busiest expert's share over the
   uniform share.
 
-Checkpoints (`checkpoints/last.pt`, written atomically every `checkpoint_every` steps and at the
-end) hold model, optimizer, step and clocks; a run started again on the same directory resumes
-from there, truncating log lines past the checkpoint's step.
+Checkpoints (`checkpoints/last.pt` under the work directory, by default `OUT/work`, written
+atomically every `checkpoint_every` steps and at the end) hold model, optimizer, step and clocks; a
+run started again on the same directory resumes from there, truncating log lines past the
+checkpoint's step.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.train.data import heldout_windows, load_streams, training_batch
-from cluster.train.model import MoEConfig, MoETransformer
+from cluster.train.model import BALANCE_SCOPES, MoEConfig, MoETransformer
 
 LOG_FILE = "train-log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -58,6 +62,10 @@ class TrainConfig:
         betas: AdamW betas.
         grad_clip: max global gradient norm.
         aux_coef: weight of the load-balancing loss.
+        balance_scope: "global" (the loss over every token of the step's batch) or "sequence" (per
+            sequence, averaged).
+        bias_rate: step of the auxiliary-loss-free selection bias per training step; 0 = no bias.
+            Positive needs model.selection_bias, and model.selection_bias needs it positive.
         seed: initial weights and batch offsets.
         threads: torch intra-op threads.
         log_every: steps between step log lines.
@@ -83,6 +91,8 @@ class TrainConfig:
     eval_windows: int = 8
     checkpoint_every: int = 50
     model: MoEConfig = field(default_factory=MoEConfig)
+    balance_scope: str = "global"
+    bias_rate: float = 0.0
 
     def validate(self) -> None:
         """Raises ValueError naming the first field out of range."""
@@ -96,6 +106,13 @@ class TrainConfig:
             raise ValueError(f"lr must be positive and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if self.aux_coef < 0:
             raise ValueError(f"aux_coef must not be negative, got {self.aux_coef}")
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"balance_scope must be one of {BALANCE_SCOPES}, got '{self.balance_scope}'")
+        if self.bias_rate < 0:
+            raise ValueError(f"bias_rate must not be negative, got {self.bias_rate}")
+        if (self.bias_rate > 0) != self.model.selection_bias:
+            raise ValueError(f"bias_rate ({self.bias_rate}) > 0 and model.selection_bias ({self.model.selection_bias}) "
+                             "must go together")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,8 +171,9 @@ def evaluate(model: MoETransformer, windows: dict[str, tuple[np.ndarray, np.ndar
     }
 
 
-def checkpoint_path(out_dir: Path) -> Path:
-    return out_dir / "work" / CHECKPOINT_DIR / CHECKPOINT_FILE
+def checkpoint_path(out_dir: Path, work: Path | None = None) -> Path:
+    """The checkpoint of a run: `work/checkpoints/last.pt`, `work` defaulting to `out_dir/work`."""
+    return (out_dir / "work" if work is None else work) / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
 def _save_checkpoint(path: Path, model: MoETransformer, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int,
@@ -191,20 +209,20 @@ def _truncate_log(path: Path, last_step: int) -> None:
         f.writelines(kept)
 
 
-def train(out_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
+def train(out_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = print, work: Path | None = None) -> Path:
     """Trains (or resumes) the model under `out_dir` and returns the final checkpoint's path.
 
-    Reads `out_dir/work/tokens/` and writes `out_dir/train-log.jsonl` and
-    `out_dir/work/checkpoints/last.pt`.
+    Reads `work/tokens/` and writes `out_dir/train-log.jsonl` and `work/checkpoints/last.pt`;
+    `work` defaults to `out_dir/work` (a run that must outlive its checkout keeps it elsewhere).
 
     Raises:
         ValueError: a checkpoint exists with a different config.
     """
     cfg.validate()
     torch.set_num_threads(cfg.threads)
-    work = out_dir / "work"
+    work = out_dir / "work" if work is None else work
     log_path = out_dir / LOG_FILE
-    ckpt = checkpoint_path(out_dir)
+    ckpt = checkpoint_path(out_dir, work)
     from cluster.train.tokenizer import BOS, TOKENIZER_FILE, load_tokenizer
 
     bos = int(load_tokenizer(out_dir / TOKENIZER_FILE).token_to_id(BOS))
@@ -244,13 +262,16 @@ def train(out_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = print) -
             lr = learning_rate(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            out = model(torch.from_numpy(x))
+            out = model(torch.from_numpy(x), cfg.balance_scope)
             ce = F.cross_entropy(out.logits.reshape(-1, cfg.model.n_vocab), torch.from_numpy(y).reshape(-1))
             loss = ce + cfg.aux_coef * out.aux_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if cfg.bias_rate > 0:
+                for block, routing in zip(model.blocks, out.routing):
+                    block.moe.update_selection_bias(routing.load, cfg.bias_rate)
             step += 1
             sums["loss"] += ce.item()
             sums["aux"] += out.aux_loss.item()

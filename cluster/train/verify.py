@@ -36,7 +36,7 @@ import llama_cpp
 import numpy as np
 import torch
 
-from cluster.train.corpus import DOMAINS, read_documents
+from cluster.train.corpus import corpus_domains, read_documents
 from cluster.train.data import heldout_windows, load_streams
 from cluster.train.export import read_gguf
 from cluster.train.model import MoEConfig, MoETransformer
@@ -69,10 +69,10 @@ def _bits(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(-logp[np.arange(targets.shape[0]), targets].mean() / math.log(2))
 
 
-def _tokenizer_agreement(llm: llama_cpp.Llama, tok: Tokenizer, out_dir: Path, max_docs: int) -> dict:
+def _tokenizer_agreement(llm: llama_cpp.Llama, tok: Tokenizer, work: Path, max_docs: int) -> dict:
     report = {}
-    for domain in DOMAINS:
-        docs = read_documents(out_dir / "work", domain, "heldout")[:max_docs]
+    for domain in corpus_domains(work):
+        docs = read_documents(work, domain, "heldout")[:max_docs]
         same_docs = same_tokens = total_tokens = 0
         for doc in docs:
             ours = tok.encode(doc.text, add_special_tokens=False).ids
@@ -149,7 +149,8 @@ def _prompt(text: str, max_chars: int = 300) -> str:
 
 
 def verify(out_dir: Path, gguf_path: Path, n_windows: int = 16, min_agreement: float = 0.99, threads: int = 2,
-           max_docs: int = 50, expert_tokens: int = 32, log: Callable[[str], None] = print) -> dict:
+           max_docs: int = 50, expert_tokens: int = 32, log: Callable[[str], None] = print,
+           work: Path | None = None) -> dict:
     """Runs the comparison and writes `out_dir/verify.json`.
 
     Args:
@@ -161,24 +162,27 @@ def verify(out_dir: Path, gguf_path: Path, n_windows: int = 16, min_agreement: f
         max_docs: held-out documents per domain in the tokenizer check.
         expert_tokens: tokens decoded per domain in the expert-selection check.
         log: receives one line per domain.
+        work: the work directory (corpus, tokens; default `out_dir/work`); the domains are its corpus'.
 
     Returns:
         The report (also written), with `passed` = agreement >= min_agreement.
     """
     from cluster.train.tokenizer import TOKENIZER_FILE
 
+    work = out_dir / "work" if work is None else work
+    domains_list = corpus_domains(work)
     torch.set_num_threads(threads)
     model = torch_model_from_gguf(gguf_path)
     n_ctx = model.cfg.n_ctx
     tok = load_tokenizer(out_dir / TOKENIZER_FILE)
     bos = int(tok.token_to_id(BOS))
-    streams = load_streams(out_dir / "work", "heldout")
+    streams = load_streams(work, "heldout")
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     try:
         domains = {}
         agree_all = positions_all = 0
-        for domain in DOMAINS:
+        for domain in domains_list:
             x, y = heldout_windows(streams[domain], n_windows, n_ctx, bos)
             with torch.no_grad():
                 torch_logits = model(torch.from_numpy(x)).logits.numpy()
@@ -209,10 +213,10 @@ def verify(out_dir: Path, gguf_path: Path, n_windows: int = 16, min_agreement: f
             agree_all += agree
             positions_all += positions
             log(f"verify {domain}: {json.dumps(domains[domain])}")
-        tokenizer = _tokenizer_agreement(llm, tok, out_dir, max_docs)
+        tokenizer = _tokenizer_agreement(llm, tok, work, max_docs)
     finally:
         llm.close()
-    prompts = {d: _prompt(read_documents(out_dir / "work", d, "heldout")[0].text) for d in DOMAINS}
+    prompts = {d: _prompt(read_documents(work, d, "heldout")[0].text) for d in domains_list}
     experts = _expert_agreement(model, gguf_path, prompts, expert_tokens, threads)
     for domain, entry in experts.items():
         log(f"verify experts {domain}: {json.dumps(entry)}")
