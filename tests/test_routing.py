@@ -142,6 +142,20 @@ def test_a_node_holding_the_conversation_prefix_wins_over_equal_warmth():
     assert policy.prefix_holders == {}
 
 
+def test_a_conversation_stays_on_its_busier_node_while_that_node_has_a_free_slot():
+    """Its node holds the conversation's KV state and can start it at once (a free slot): the
+    prefill it saves counts there, whatever the experts' regime (a trained MoE's requests spread
+    over most experts, so warmth alone would not keep it)."""
+    policy = trained_policy()
+    req = request(0, n=4 * PREFIX_BLOCK)
+    policy.on_prefixes("holder", prefix_hashes(req.tokens[: 3 * PREFIX_BLOCK]))
+    nodes = [NodeView("idle", load=0, capacity=8, slots=4, resident=resident_for(None)),
+             NodeView("holder", load=1, capacity=8, slots=4, resident=resident_for(None))]
+    assert policy.choose(req, nodes)[0] == "holder"
+    full = [nodes[0], NodeView("holder", load=4, capacity=8, slots=4, resident=resident_for(None))]
+    assert policy.choose(req, full)[0] == "idle", "no free slot there: it would wait behind the batch"
+
+
 def test_ties_do_not_always_go_to_the_same_node():
     policy = trained_policy(seed=3)
     nodes = [view(f"n{i}", topic=0) for i in range(4)]

@@ -17,9 +17,11 @@ Procedure, per request:
      (load below its ``slots``: the request starts at once, in the node's batch); there a
      node's running requests count as warm: the experts predicted for them (their union) are in
      use, so a request that needs them adds no loads (requests that need the same experts
-     decode together). A busier node stays a candidate only where that union is warm for the
-     request as step 5 defines warm (its share of the request's demand at least chance — the
-     union's share of all experts — plus ``warm_margin`` of the rest): on learned routing, whose
+     decode together). A busier node stays a candidate only where it holds a prefix of the
+     request (the request starts at once and skips that prefill: a conversation stays with its
+     KV state) or where that union is warm for the request as step 5 defines warm (its share of
+     the request's demand above chance — the union's share of all experts — plus
+     ``warm_margin`` of the rest): on learned routing, whose
      requests spread over most experts, a few running requests' union covers nearly everything,
      tells nothing, and would pile requests onto busy nodes (issue 27: twice the p50 latency of
      round_robin on single-shot requests to a trained MoE). Decided per request; the cheapest wins, ties (within 1 %) go to the RNG. The
@@ -175,7 +177,7 @@ class WarmthPolicy(RoutingPolicy):
         costs = self.prefill_token_cost * (n_tokens - matched).astype(np.float64)
         coverage, cold = None, False
         batching = np.array([nodes[i].load > ceiling for i in candidates.tolist()], dtype=bool)  # there by step 4 only
-        keep = ~batching  # a busier node stays a candidate only where its batch is warm for the request
+        keep = ~batching | (matched > 0)  # a busier node stays where it holds a prefix of the request, or
         if demand is not None:
             residency = self._resident_rows(nodes)
             if residency is not None and self._width == demand.prefill.shape[1]:
@@ -186,7 +188,7 @@ class WarmthPolicy(RoutingPolicy):
                     known = np.count_nonzero(rows >= 0) / max(1, rows.size)
                     share = np.clip(1.0 - misses / np.maximum(totals[group_of], 1e-9), 0.0, 1.0) * known
                     chance = fill[node_rows[candidates]]
-                    keep |= batching & (share > chance + self.warm_margin * (1.0 - chance))  # never where it holds all
+                    keep |= batching & (share > chance + self.warm_margin * (1.0 - chance))  # its batch is warm for it
                 candidates, group_of, matched, costs, misses = (a[keep] for a in (candidates, group_of, matched,
                                                                                    costs, misses))
                 costs += misses
