@@ -6,14 +6,19 @@ the policy core (for trace replay and simulation) and the routing trace.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import re
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
-import llama_cpp  # noqa: F401  (loads libggml-base before the extension that links it)
+import llama_cpp  # (also loads libggml-base before the extension that links it)
 import numpy as np
 
 from cluster import _native
 from cluster.errors import CacheBudgetError, InvalidParameterError, ModelFileError
+from cluster.model_file import check_model_file
 from cluster.protocol import RoutingTraceSummary
 
 PAGE_SIZE: int = _native.PAGE_SIZE
@@ -95,13 +100,41 @@ class ExpertCacheParams:
 def discover_layout(path: str) -> ExpertLayout:
     """Reads a GGUF header and returns where every expert's bytes are.
 
+    The file passes ``check_model_file`` first; ggml's GGUF reader then runs with its log held
+    back (what it says of a damaged header ends the error's message instead of the terminal).
+
     Raises:
         ModelFileError: missing, corrupt or truncated file, or a dense (non-MoE) model.
     """
-    try:
-        return _native.discover_layout(str(path))
-    except RuntimeError as exc:
-        raise ModelFileError(str(exc)) from None
+    check_model_file(path)
+    with _ggml_log_held() as log:
+        try:
+            return _native.discover_layout(str(path))
+        except RuntimeError as exc:
+            said = "; ".join(re.sub(r"^\w+: ", "", line.strip()) for line in log if line.strip())
+            raise ModelFileError(f"{exc}; ggml: {said}" if said else str(exc)) from None
+
+
+_LOG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _ggml_log_held() -> Iterator[list[str]]:
+    """ggml's log goes into the list yielded while the block runs, then back where it went."""
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def hold(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+
+    with _LOG_LOCK:
+        previous, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+        llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user_data))
+        llama_cpp.llama_log_set(hold, ctypes.c_void_p(0))
+        try:
+            yield lines
+        finally:
+            llama_cpp.llama_log_set(previous, user_data)
 
 
 TRACE_ACCESS = 0

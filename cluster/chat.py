@@ -36,6 +36,8 @@ from cluster.errors import ChatTemplateError, InvalidParameterError
 from cluster.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = (*ROLES, "developer")  # the roles a message dict may name; "developer" is OpenAI's newer name for system
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
 TemplateOrigin = Literal["model", "override", "none"]
 HERMES_TOOL_CALL_TAG = "<tool_call>"  # the tool-call format parsed back (cluster.tool_calls)
 _SENTINEL = "\u2063SNIPER-END-OF-TURN-PROBE\u2063"  # an answer no template rewrites
@@ -100,6 +102,97 @@ class ChatMessage:
         if self.name is not None:
             out["name"] = self.name
         return out
+
+
+def chat_messages(raw: Any) -> tuple[ChatMessage, ...]:
+    """A conversation from what a caller gives: a non-empty list of ``ChatMessage`` objects or
+    OpenAI-style message dicts (``{"role", "content", "name"?, "tool_calls"?, "tool_call_id"?}``;
+    ``content`` a string or a list of text parts, ``tool_calls`` in OpenAI's wire shape). The
+    HTTP layer and the Python client both read messages with it.
+
+    Raises:
+        InvalidParameterError: the list or one message is not of that form; the message and
+            ``param`` name the place (``messages[1].content``).
+    """
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise InvalidParameterError(f"messages must be a non-empty list of ChatMessage objects or {{role, content}} "
+                                    f"dicts, got {_describe(raw)}", param="messages")
+    return tuple(m if isinstance(m, ChatMessage) else _message(m, f"messages[{i}]") for i, m in enumerate(raw))
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, (list, tuple)) else type(value).__name__
+
+
+def _message(message: Any, where: str) -> ChatMessage:
+    if not isinstance(message, dict):
+        raise InvalidParameterError(f"{where} must be a ChatMessage or a {{role, content}} dict, "
+                                    f"got {type(message).__name__}", param=where)
+    if message.get("role") not in CHAT_ROLES:
+        raise InvalidParameterError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}", param=f"{where}.role")
+    role = "system" if message["role"] == "developer" else message["role"]
+    unknown = sorted(set(message) - _MESSAGE_FIELDS, key=str)
+    if unknown:
+        raise InvalidParameterError(f"{where}: unrecognized field '{unknown[0]}'", param=f"{where}.{unknown[0]}")
+    content = _content(message.get("content"), where, optional=role == "assistant" and bool(message.get("tool_calls")))
+    calls = _message_tool_calls(message.get("tool_calls"), where) if role == "assistant" else ()
+    if role != "assistant" and message.get("tool_calls") is not None:
+        raise InvalidParameterError(f"{where}.tool_calls: only assistant messages make tool calls",
+                                    param=f"{where}.tool_calls")
+    call_id = message.get("tool_call_id")
+    if role == "tool":
+        if not isinstance(call_id, str) or not call_id:
+            raise InvalidParameterError(f"{where}.tool_call_id: a tool message must say which call it answers",
+                                        param=f"{where}.tool_call_id")
+    elif call_id is not None:
+        raise InvalidParameterError(f"{where}.tool_call_id: only tool messages answer calls", param=f"{where}.tool_call_id")
+    name = message.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise InvalidParameterError(f"{where}.name must be a non-empty string", param=f"{where}.name")
+    return ChatMessage(role=role, content=content, tool_calls=calls, tool_call_id=call_id, name=name)
+
+
+def _content(content: Any, where: str, optional: bool) -> str | None:
+    if content is None and optional:
+        return None
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise InvalidParameterError(f"{where}.content: only text parts are supported", param=f"{where}.content")
+        return "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise InvalidParameterError(f"{where}.content must be a string or a list of text parts",
+                                    param=f"{where}.content")
+    return content
+
+
+def _message_tool_calls(raw: Any, where: str) -> tuple[ToolCall, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise InvalidParameterError(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls")
+    calls = []
+    for j, call in enumerate(raw):
+        if isinstance(call, ToolCall):
+            calls.append(call)
+            continue
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function" \
+                or not isinstance(function.get("name"), str) or not function["name"]:
+            raise InvalidParameterError(f"{at} must be {{id, type: 'function', function: {{name, arguments}}}}", param=at)
+        arguments = function.get("arguments", "{}")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else None
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise InvalidParameterError(f"{at}.function.arguments must be a JSON object in a string",
+                                        param=f"{at}.function.arguments")
+        call_id = call.get("id") or f"call_{j}"
+        if not isinstance(call_id, str):
+            raise InvalidParameterError(f"{at}.id must be a string", param=f"{at}.id")
+        calls.append(ToolCall(id=call_id, name=function["name"], arguments=arguments))
+    return tuple(calls)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from cluster.bench import DEFAULT_OUT  # noqa: E402
 from cluster.cli_sampling import add_sampling_flags, logprob_json, params_from_flags  # noqa: E402
 from cluster.errors import SniperError  # noqa: E402
+from cluster.model_file import check_model_file  # noqa: E402
 from cluster.node_memory import MIB  # noqa: E402
 from cluster.status_table import status_table  # noqa: E402
 from cluster.synth import default_model  # noqa: E402
@@ -196,14 +197,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """Starts everything or nothing: whatever fails or is interrupted (SIGINT, SIGTERM) after the
     checks removes what this command had started (the gateway, the deployment, the local cluster)."""
     from cluster import connection, deploy, local_cluster
-    from cluster.routing import POLICY_NAMES
+    from cluster.errors import InvalidParameterError
+    from cluster.openai_api import Limits
 
-    if args.policy not in POLICY_NAMES:  # before a local cluster starts for nothing
-        raise ValueError(f"--policy {args.policy!r}: expected one of {', '.join(POLICY_NAMES)}")
+    # the whole configuration is checked before a local cluster (or anything) starts for nothing
     model = args.model or str(default_model("demo").resolve())
     cache_bytes = _cache_budget(args, model)
     chat_template = deploy.read_chat_template(args.chat_template)
-    deploy.check_model(model, cache_bytes, chat_template)
+    memory_limit_bytes = args.node_memory_mb * MIB if args.node_memory_mb else None
+    n_nodes = args.nodes or args.local_nodes or 1
+    if args.local_nodes and n_nodes > args.local_nodes:
+        raise ValueError(f"--nodes {n_nodes}: a local cluster of --local-nodes {args.local_nodes} holds at most "
+                         f"{args.local_nodes} node actors (one per Ray node)")
+    try:
+        deploy.check_deployment(model, cache_bytes=cache_bytes, policy=args.policy, n_slots=args.slots,
+                                max_queue=args.max_queue, memory_limit_bytes=memory_limit_bytes,
+                                n_threads=args.threads, chat_template=chat_template)
+        limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens) if args.http else None
+    except InvalidParameterError as exc:
+        flag = _SERVE_FLAGS.get(exc.param or "")
+        raise InvalidParameterError(f"{flag}: {exc}" if flag else str(exc), param=exc.param) from None
     started: list[str] = []
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -216,17 +229,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             from cluster.gateway import check_route_free
 
             check_route_free(args.namespace)
-        n_nodes = args.nodes or args.local_nodes or 1
         info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
                              n_slots=args.slots, max_queue=args.max_queue, n_threads=args.threads,
-                             chat_template=chat_template,
-                             memory_limit_bytes=args.node_memory_mb * MIB if args.node_memory_mb else None)
+                             chat_template=chat_template, memory_limit_bytes=memory_limit_bytes)
         started.append("deployment")  # deploy removes what it started itself when it fails
-        if args.http:
+        if limits is not None:
             from cluster.gateway import GatewayConfig, start_http
-            from cluster.openai_api import Limits
 
-            limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
             info["http"] = start_http(GatewayConfig(namespace=args.namespace, api_key=args.api_key, limits=limits),
                                       args.http_host, args.http_port)
             info["api_key"] = "required" if args.api_key else "none"
@@ -242,6 +251,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                      + (f"; OpenAI-compatible API at {r['http']}/v1 (API key: {r['api_key']})"
                                         if "http" in r else ""))
     return 0
+
+
+_SERVE_FLAGS = {"policy": "--policy", "n_slots": "--slots", "max_queue": "--max-queue", "n_threads": "--threads",
+                "memory_limit_bytes": "--node-memory-mb"}
+"""The serve flag that sets each checked setting (``InvalidParameterError.param``), named in its error."""
 
 
 def _interrupt(*_: object) -> None:
@@ -648,6 +662,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.result_stream = sys.stdout
     try:
+        if getattr(args, "model", None):  # run, demo, serve, bench: the model is checked before anything starts
+            check_model_file(args.model)
         # with --json, standard output carries the JSON alone: anything else printed there (Ray
         # prints worker deaths on it, for one) goes to standard error
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():

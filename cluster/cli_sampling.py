@@ -16,12 +16,11 @@ from cluster.sampling import SamplingParamError, SamplingParams, TokenLogprob, p
 
 
 def logprob_json(entry: TokenLogprob) -> dict[str, Any]:
-    """A TokenLogprob as JSON: token id, text, log-probability and the alternatives."""
-    def text(piece: bytes) -> str:
-        return piece.decode("utf-8", errors="backslashreplace")
-
-    return {"token": entry.token, "text": text(entry.piece), "logprob": entry.logprob,
-            "top": [{"token": t.token, "text": text(t.piece), "logprob": t.logprob} for t in entry.top]}
+    """A TokenLogprob as JSON: token id, the text it added to the answer (``TokenLogprob.text``),
+    its bytes, log-probability and the alternatives."""
+    return {"token": entry.token, "text": entry.text, "bytes": list(entry.piece), "logprob": entry.logprob,
+            "top": [{"token": t.token, "text": t.text, "bytes": list(t.piece), "logprob": t.logprob}
+                    for t in entry.top]}
 
 
 _SAMPLING_FLAGS = {  # SamplingParams field -> its flag; bounds are SamplingParams.validate's

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
-from cluster.chat import ChatMessage, ChatPrompt
+from cluster.chat import ChatMessage, ChatPrompt, chat_messages
 from cluster.dispatch import ROUTER_WAIT_S, Deployment, request_events
 from cluster.errors import InvalidParameterError, NodeFailedError, NoNodesError
 from cluster.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Restarted, RouteAsk, StreamItem
@@ -55,6 +55,14 @@ class Completion:
 
 Prompt = Union[str, ChatPrompt]
 """A prompt: text, or a conversation the deployment renders with the model's chat template."""
+Messages = Sequence[Union[ChatMessage, dict[str, Any]]]
+"""A conversation: ``ChatMessage`` objects or OpenAI-style dicts (``{"role": "user", "content": "hi"}``)."""
+
+
+def _chat(messages: Messages | ChatPrompt) -> ChatPrompt:
+    """The conversation as the router takes it; dicts become ``ChatMessage`` here, and anything
+    else is refused here (``InvalidParameterError`` naming ``messages[i]``), before any remote call."""
+    return messages if isinstance(messages, ChatPrompt) else ChatPrompt(chat_messages(messages))
 
 
 def _ask(prompt: Prompt, params: SamplingParams | None, fields: dict[str, Any], session_id: str | None,
@@ -177,9 +185,10 @@ class Client:
         """The whole answer; a node that dies mid-way costs a restart elsewhere, not an error."""
         return await completion(self.aevents(prompt, params, session_id=session_id, restartable=True, **fields))
 
-    async def achat(self, messages: Sequence[ChatMessage], params: SamplingParams | None = None, *,
+    async def achat(self, messages: Messages, params: SamplingParams | None = None, *,
                     session_id: str | None = None, **fields: Any) -> Completion:
-        return await self.agenerate(ChatPrompt(tuple(messages)), params, session_id=session_id, **fields)
+        """One assistant turn for ``messages`` (``ChatMessage`` objects or OpenAI-style dicts)."""
+        return await self.agenerate(_chat(messages), params, session_id=session_id, **fields)
 
     async def astream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                       session_id: str | None = None, **fields: Any) -> AsyncIterator[str]:
@@ -200,10 +209,9 @@ class Client:
     async def adetokenize(self, tokens: list[int]) -> str:
         return await self._deployment.call_router("detokenize", tokens)
 
-    async def arender(self, messages: Sequence[ChatMessage] | ChatPrompt) -> dict[str, Any]:
+    async def arender(self, messages: Messages | ChatPrompt) -> dict[str, Any]:
         """The prompt a conversation renders to: ``{"text", "tokens", "origin"}``."""
-        chat = messages if isinstance(messages, ChatPrompt) else ChatPrompt(tuple(messages))
-        return await self._deployment.call_router("render", chat)
+        return await self._deployment.call_router("render", _chat(messages))
 
     async def astatus(self) -> dict[str, Any]:
         return await self._deployment.call_router("status")
@@ -217,10 +225,11 @@ class Client:
                  **fields: Any) -> Completion:
         return self._sync().run(self.agenerate(prompt, params, session_id=session_id, **fields))
 
-    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams | None = None, *,
+    def chat(self, messages: Messages, params: SamplingParams | None = None, *,
              session_id: str | None = None, **fields: Any) -> Completion:
-        """One assistant turn for ``messages`` (rendered with the model's chat template)."""
-        return self.generate(ChatPrompt(tuple(messages)), params, session_id=session_id, **fields)
+        """One assistant turn for ``messages`` (``ChatMessage`` objects or OpenAI-style dicts,
+        rendered with the model's chat template); a malformed message is refused here."""
+        return self.generate(_chat(messages), params, session_id=session_id, **fields)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, session_id: str | None = None,
                **fields: Any) -> Iterator[str]:
@@ -243,8 +252,8 @@ class Client:
     def detokenize(self, tokens: list[int]) -> str:
         return self._sync().run(self.adetokenize(tokens))
 
-    def render(self, messages: Sequence[ChatMessage] | ChatPrompt) -> dict[str, Any]:
-        return self._sync().run(self.arender(messages))
+    def render(self, messages: Messages | ChatPrompt) -> dict[str, Any]:
+        return self._sync().run(self.arender(_chat(messages)))
 
     def status(self) -> dict[str, Any]:
         return self._sync().run(self.astatus())

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from cluster.errors import InvalidParameterError, SniperError
+from cluster.model_file import check_model_file
 from cluster.node import NodeActor, NodeConfig
 from cluster.node_memory import AUTO
 from cluster.protocol import NAMESPACE, ROUTER_NAME, node_name
@@ -54,6 +55,29 @@ def check_model(model_path: str, cache_bytes: int | str | None, chat_template: s
         ChatTemplate.create(chat_template, "override")
 
 
+def check_deployment(model_path: str, *, cache_bytes: int | str | None, policy: str = "warmth", n_ctx: int = 2048,
+                     n_slots: int = 4, max_queue: int = 8, memory_limit_bytes: int | None = None,
+                     n_threads: int | None = None, chat_template: str | None = None) -> NodeConfig:
+    """Everything ``deploy`` checks without Ray, before anything starts: the policy's name, the
+    nodes' settings (``NodeConfig.validate``: the node's bounds and its engine's) and the model
+    (``check_model``). Returns the nodes' config (its ``memory_share`` is set by ``deploy``).
+
+    Raises:
+        InvalidParameterError, ModelFileError, CacheBudgetError, ChatTemplateError: naming the bad input.
+    """
+    from cluster.routing import POLICY_NAMES
+
+    if policy not in POLICY_NAMES:
+        raise InvalidParameterError(f"unknown policy {policy!r}; expected one of {', '.join(POLICY_NAMES)}",
+                                    param="policy")
+    check_model_file(model_path)
+    config = NodeConfig(model_path=os.path.abspath(model_path), cache_bytes=cache_bytes, n_ctx=n_ctx, n_slots=n_slots,
+                        max_queue=max_queue, memory_limit_bytes=memory_limit_bytes, n_threads=n_threads)
+    config.validate()
+    check_model(model_path, cache_bytes, chat_template)
+    return config
+
+
 def read_chat_template(path: str | None) -> str | None:
     """The text of a ``--chat-template FILE`` (None: none given); a missing or empty file is an error."""
     if path is None:
@@ -84,16 +108,16 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from cluster.router import RouterActor
-    from cluster.routing import POLICY_NAMES
 
-    if policy not in POLICY_NAMES:
-        raise InvalidParameterError(f"unknown policy {policy!r}; expected one of {', '.join(POLICY_NAMES)}")
-    if not os.path.isfile(model_path):
-        raise InvalidParameterError(f"model file not found: '{model_path}'")
-    if node_model_paths is not None and (len(node_model_paths) != n_nodes
-                                         or not all(os.path.isfile(p) for p in node_model_paths)):
-        raise InvalidParameterError(f"node_model_paths must name {n_nodes} existing files, got {node_model_paths!r}")
-    model_path = os.path.abspath(model_path)
+    config = check_deployment(model_path, cache_bytes=cache_bytes, policy=policy, n_ctx=n_ctx, n_slots=n_slots,
+                              max_queue=max_queue, memory_limit_bytes=memory_limit_bytes, n_threads=n_threads,
+                              chat_template=chat_template)
+    if node_model_paths is not None:
+        if len(node_model_paths) != n_nodes:
+            raise InvalidParameterError(f"node_model_paths must name {n_nodes} files, got {node_model_paths!r}")
+        for path in node_model_paths:
+            check_model_file(path)
+    model_path = config.model_path
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if n_nodes < 1 or n_nodes > len(alive):
         raise InvalidParameterError(f"--nodes {n_nodes}: the Ray cluster has {len(alive)} live nodes "
@@ -103,14 +127,10 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
         raise SniperError(f"a deployment already runs in namespace '{namespace}' (use shutdown first)")
     except ValueError:
         pass
-    check_model(model_path, cache_bytes, chat_template)
     # an "auto" budget on a machine that several node actors share (a local cluster): each plans
     # for its part of the machine's memory
     hosts = {n.get("NodeManagerAddress") for n in alive}
-    config = NodeConfig(model_path=model_path, cache_bytes=cache_bytes, n_ctx=n_ctx, n_slots=n_slots, max_queue=max_queue,
-                        memory_limit_bytes=memory_limit_bytes, n_threads=n_threads,
-                        memory_share=1.0 / n_nodes if len(hosts) == 1 else 1.0)
-    config.validate()
+    config = replace(config, memory_share=1.0 / n_nodes if len(hosts) == 1 else 1.0)
     try:
         router = ray.remote(RouterActor).options(  # on the head: it outlives any worker node
             name=ROUTER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_concurrency=1000,

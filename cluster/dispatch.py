@@ -145,7 +145,12 @@ class Deployment:
                 await self._tell_ended(router)
                 return await getattr(router, method).remote(*args)
             except ray.exceptions.RayTaskError as exc:
-                raise unwrap(exc) from None
+                cause = unwrap(exc)
+                if cause is exc:  # not an error the router raised on purpose: its text stays in the log
+                    log.error("the router failed a %s call: %s", method, exc)
+                    raise RouterUnavailableError(f"the router '{ROUTER_NAME}' failed the request with an internal "
+                                                 "error (in the caller's log)") from None
+                raise cause from None
             except ValueError as exc:  # no actor of that name (yet): killed without restart, or not deployed
                 failure: BaseException = exc
             except Exception as exc:  # noqa: BLE001

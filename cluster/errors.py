@@ -11,6 +11,11 @@ class ModelFileError(SniperError, ValueError):
     """The model file is missing, unreadable, truncated, corrupt, or not a Mixture-of-Experts GGUF."""
 
 
+class OutputFileError(SniperError, OSError):
+    """An output file cannot be written: its directory cannot hold a new file (missing, not
+    writable, not a directory) or writing it failed (the disk is full)."""
+
+
 class CacheBudgetError(SniperError, ValueError):
     """The expert-cache budget cannot work for this model (it cannot hold one layer's largest top-k experts)."""
 

@@ -16,13 +16,14 @@ become grammars (``cluster.grammar``). Responses and stream chunks are in
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cluster.chat import ROLES, ChatMessage, ChatPrompt, ToolCall
+from cluster.chat import ChatMessage, ChatPrompt, chat_messages
 from cluster.errors import (
     InvalidParameterError,
     NodeFailedError,
@@ -33,8 +34,9 @@ from cluster.errors import (
 )
 from cluster.grammar import json_object_grammar, json_schema_grammar, tool_call_grammar
 from cluster.sampling import MAX_SEED, SamplingParamError, SamplingParams
+from cluster.tool_calls import is_function_name
 
-CHAT_ROLES = (*ROLES, "developer")  # "developer" is OpenAI's newer name for system
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,9 @@ def error_from_exception(exc: BaseException) -> APIError:
         return APIError(503, message, type="service_unavailable", code="node_failed")
     if isinstance(exc, RouterUnavailableError):
         return APIError(503, message, type="service_unavailable", code="router_unavailable")
-    return APIError(500, f"internal error: {type(exc).__name__}: {message[:300]}", type="server_error")
+    error_id = uuid.uuid4().hex[:12]  # a caller quotes it; the log has the rest (a Ray error's text holds ids)
+    log.error("internal error %s: %s: %s", error_id, type(exc).__name__, message)
+    return APIError(500, f"internal error {error_id} (details in the gateway's log)", type="server_error")
 
 
 @dataclass(frozen=True)
@@ -216,70 +220,10 @@ def parse_chat(body: Any, limits: Limits, model: str) -> APIRequest:
 def _messages(raw: Any) -> tuple[ChatMessage, ...]:
     if not isinstance(raw, list) or not raw:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-    messages = []
-    for i, message in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-            raise APIError(400, f"{where}.role must be one of {', '.join(CHAT_ROLES)}", param=f"{where}.role")
-        role = "system" if message["role"] == "developer" else message["role"]
-        known = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
-        unknown = sorted(set(message) - known)
-        if unknown:
-            raise APIError(400, f"{where}: unrecognized field '{unknown[0]}'", param=f"{where}.{unknown[0]}")
-        content = _content(message.get("content"), where, optional=role == "assistant" and bool(message.get("tool_calls")))
-        calls = _message_tool_calls(message.get("tool_calls"), where) if role == "assistant" else ()
-        if role != "assistant" and message.get("tool_calls") is not None:
-            raise APIError(400, f"{where}.tool_calls: only assistant messages make tool calls", param=f"{where}.tool_calls")
-        call_id = message.get("tool_call_id")
-        if role == "tool":
-            if not isinstance(call_id, str) or not call_id:
-                raise APIError(400, f"{where}.tool_call_id: a tool message must say which call it answers",
-                               param=f"{where}.tool_call_id")
-        elif call_id is not None:
-            raise APIError(400, f"{where}.tool_call_id: only tool messages answer calls", param=f"{where}.tool_call_id")
-        name = message.get("name")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise APIError(400, f"{where}.name must be a non-empty string", param=f"{where}.name")
-        messages.append(ChatMessage(role=role, content=content, tool_calls=calls, tool_call_id=call_id, name=name))
-    return tuple(messages)
-
-
-def _content(content: Any, where: str, optional: bool) -> str | None:
-    if content is None and optional:
-        return None
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise APIError(400, f"{where}.content: only text parts are supported", param=f"{where}.content")
-        return "".join(part["text"] for part in content)
-    if not isinstance(content, str):
-        raise APIError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
-    return content
-
-
-def _message_tool_calls(raw: Any, where: str) -> tuple[ToolCall, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise APIError(400, f"{where}.tool_calls must be a list", param=f"{where}.tool_calls")
-    calls = []
-    for j, call in enumerate(raw):
-        at = f"{where}.tool_calls[{j}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or call.get("type", "function") != "function" \
-                or not isinstance(function.get("name"), str) or not function["name"]:
-            raise APIError(400, f"{at} must be {{id, type: 'function', function: {{name, arguments}}}}", param=at)
-        arguments = function.get("arguments", "{}")
-        try:
-            parsed = json.loads(arguments) if isinstance(arguments, str) else None
-        except json.JSONDecodeError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise APIError(400, f"{at}.function.arguments must be a JSON object in a string", param=f"{at}.function.arguments")
-        call_id = call.get("id") or f"call_{j}"
-        if not isinstance(call_id, str):
-            raise APIError(400, f"{at}.id must be a string", param=f"{at}.id")
-        calls.append(ToolCall(id=call_id, name=function["name"], arguments=arguments))
-    return tuple(calls)
+    try:
+        return chat_messages(raw)
+    except InvalidParameterError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
 
 
 def _tools(raw: Any) -> list[dict[str, Any]]:
@@ -294,8 +238,11 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
             raise APIError(400, f"tools[{i}] must be {{type: 'function', function: {{name, description?, parameters?}}}}",
                            param=f"tools[{i}]")
         name = function.get("name")
-        if not isinstance(name, str) or not name or name in names:
-            raise APIError(400, f"tools[{i}].function.name must be a non-empty string, unique among the tools",
+        if not is_function_name(name):
+            raise APIError(400, f"tools[{i}].function.name must match ^[a-zA-Z0-9_-]{{1,64}}$ (letters, digits, '_' "
+                           f"and '-', at most 64), got {json.dumps(name)[:80]}", param=f"tools[{i}].function.name")
+        if name in names:
+            raise APIError(400, f"tools[{i}].function.name '{name}' is given twice: names must be unique among the tools",
                            param=f"tools[{i}].function.name")
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):

@@ -42,24 +42,32 @@ def response_id(req: APIRequest) -> str:
     return ("chatcmpl-" if req.kind == "chat" else "cmpl-") + req.id
 
 
-def _token_text(piece: bytes) -> str:
-    return piece.decode("utf-8", errors="backslashreplace")  # part of a character shows as its bytes
-
-
 def logprobs_body(req: APIRequest, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
-    """Log-probabilities of some tokens in the endpoint's shape; None when not asked for."""
+    """Log-probabilities of some tokens in the endpoint's shape; None when not asked for.
+
+    Each token is shown as the text it added to the answer (``TokenLogprob.text``), so the
+    tokens put together are the answer's text, as OpenAI and llama-server show them; chat's
+    ``bytes`` give each token's (and alternative's) own bytes. The legacy ``top_logprobs`` maps
+    text to log-probability: of alternatives with the same text, the likeliest is kept.
+    """
     if not req.params.logprobs:
         return None
     if req.kind == "chat":
-        return {"content": [{"token": _token_text(e.piece), "logprob": e.logprob, "bytes": list(e.piece),
-                             "top_logprobs": [{"token": _token_text(t.piece), "logprob": t.logprob, "bytes": list(t.piece)}
+        return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.piece),
+                             "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.piece)}
                                               for t in e.top]} for e in entries],
                 "refusal": None}
-    return {"tokens": [_token_text(e.piece) for e in entries],
+    return {"tokens": [e.text for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{_token_text(t.piece): t.logprob for t in e.top} for e in entries]
-            if req.params.top_logprobs else None,
+            "top_logprobs": [_likeliest_by_text(e) for e in entries] if req.params.top_logprobs else None,
             "text_offset": [e.offset for e in entries]}
+
+
+def _likeliest_by_text(entry: TokenLogprob) -> dict[str, float]:
+    top: dict[str, float] = {}
+    for t in entry.top:  # most likely first
+        top.setdefault(t.text, t.logprob)
+    return top
 
 
 def _tool_call_body(call: ParsedCall, index: int) -> dict[str, Any]:

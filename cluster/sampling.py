@@ -213,11 +213,13 @@ def choice_seed(seed: int, index: int) -> int:
 
 @dataclass(frozen=True)
 class TopLogprob:
-    """One alternative at a position: its token, bytes and log-probability."""
+    """One alternative at a position: its token, bytes and log-probability, and ``text``: what
+    it would have added to the choice's text there (decoded as ``TokenLogprob.text`` is)."""
 
     token: int
     piece: bytes
     logprob: float
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,10 @@ class TokenLogprob:
         logprob: natural log of its probability.
         offset: where its text starts in the choice's text (characters).
         top: the ``top_logprobs`` most likely tokens at that position, most likely first.
+        text: what it added to the choice's text, as the sequence decoded it (incremental UTF-8,
+            invalid bytes replaced by U+FFFD): a character split across tokens comes with the
+            token that completes it, so the entries' texts put together are the choice's text.
+            Set by ``cluster.sequence``.
     """
 
     token: int
@@ -238,6 +244,7 @@ class TokenLogprob:
     logprob: float
     offset: int
     top: tuple[TopLogprob, ...] = field(default_factory=tuple)
+    text: str = ""
 
 
 def _is_int(value: Any) -> bool:

@@ -12,12 +12,11 @@ by default a queue its caller reads.
 
 from __future__ import annotations
 
-import bisect
 import codecs
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 from typing import Sequence as Seq
 
@@ -42,8 +41,10 @@ class Resume:
 
     Attributes:
         tokens: the tokens its pieces carried so far, in order (``Piece.tokens``).
-        sent_chars: the characters of text its caller has received (the last of ``tokens`` may
-            have more text than that: its text started in the last piece and was held back).
+        sent_chars: the characters of text its caller has received: at least the text of
+            ``tokens``; more where a piece sent text of a token that was not final yet (the next
+            one, whose text a stop string could still cut), which the continuation generates
+            again and does not send twice.
 
     The sequence evaluates them after the prompt, feeds them to its sampler (grammar state,
     penalties), counts them against ``max_tokens`` and as generated, and streams only the text
@@ -103,8 +104,8 @@ class Sequence:
         self.text = ""
         self._emitted = 0     # characters of text already emitted
         self._n_sent = 0      # logprobs entries already emitted with a piece
-        self._starts: list[int] = []  # where each generated token's text starts in text
-        self._n_tokens_sent = 0       # generated tokens already emitted with a piece
+        self._ends: list[int] = []  # where each generated token's text ends in text
+        self._n_tokens_sent = 0     # generated tokens already emitted with a piece
         self._cut: int | None = None
         self.finish_reason: str | None = None
         if resume:
@@ -113,9 +114,9 @@ class Sequence:
     def _take_over(self, resume: Resume) -> None:
         """Rebuilds the text of an answer begun elsewhere, as if this sequence had generated it."""
         for token in resume.tokens:
-            self._starts.append(len(self.text))
             self.generated.append(token)
             self.text += self._decoder.decode(self._piece_of(token))
+            self._ends.append(len(self.text))
         self._emitted = resume.sent_chars  # checked by the engine (check_resume)
         self._n_tokens_sent = len(resume.tokens)
         import llama_cpp
@@ -155,20 +156,24 @@ class Sequence:
             return self._done("length")
         if is_end or token in self._stop_ids:
             return self._done("stop")
+        before = self._decoder.getstate()
+        added = self._decoder.decode(self._piece_of(token))
         if logprob is not None:
-            self.logprobs.append(logprob(len(self.text)))
-        self._starts.append(len(self.text))
+            entry = logprob(len(self.text))
+            self.logprobs.append(replace(entry, text=added,
+                                         top=tuple(replace(t, text=_decoded(before, t.piece)) for t in entry.top)))
         self.generated.append(token)
         start = max(0, len(self.text) - self._hold)  # a stop string that began earlier would have ended it
-        self.text += self._decoder.decode(self._piece_of(token))
+        self.text += added
+        self._ends.append(len(self.text))
         cut = _find_stop(self.text, params.stop, start)
         if cut is not None:
             self.text, self._cut = self.text[:cut], cut
             return self._done("stop")
         safe = len(self.text) - self._hold if params.stop else len(self.text)
         if safe > self._emitted:
-            n_ready = _count_before(self.logprobs, self._n_sent, safe)
-            n_tokens = _starts_before(self._starts, self._n_tokens_sent, safe)
+            n_tokens = self._final_tokens(safe)
+            n_ready = max(self._n_sent, min(len(self.logprobs), n_tokens - self.n_resumed))
             self.emit(Piece(self.text[self._emitted:safe], tuple(self.logprobs[self._n_sent:n_ready]),
                             tuple(self.generated[self._n_tokens_sent:n_tokens])))
             self._emitted, self._n_sent, self._n_tokens_sent = safe, n_ready, n_tokens
@@ -177,22 +182,47 @@ class Sequence:
         self.pending = token
         return False
 
+    def _final_tokens(self, safe: int) -> int:
+        """Index after the generated tokens final with text up to ``safe``: those whose text ends
+        there or before (no stop string can cut it any more), the last one kept while the decoder
+        holds part of a character (its end may still add a U+FFFD to that token's text). A piece
+        carries these tokens and their log-probabilities: a caller holds only what is final, so an
+        answer continued from them (``Resume``) repeats nothing and misses nothing."""
+        n = self._n_tokens_sent
+        while n < len(self._ends) and self._ends[n] <= safe:
+            n += 1
+        if n == len(self._ends) and n > self._n_tokens_sent and self._decoder.getstate()[0]:
+            n -= 1
+        return n
+
     def _done(self, reason: str) -> bool:
         self.finish_reason = reason
         self.pending = None
         if reason == "length":
-            self.text += self._decoder.decode(b"", final=True)
+            tail = self._decoder.decode(b"", final=True)  # an unfinished character, as U+FFFD
+            self.text += tail
+            if tail and self.logprobs and len(self.logprobs) > self._n_sent:
+                self.logprobs[-1] = replace(self.logprobs[-1], text=self.logprobs[-1].text + tail)
         if self._cut is not None:  # tokens that began inside the cut-off stop string are not in the text
             self.logprobs = self.logprobs[:_count_before(self.logprobs, self._n_sent, self._cut)]
+            if self.logprobs:  # the last one keeps the part of its text before the stop string
+                last = self.logprobs[-1]
+                self.logprobs[-1] = replace(last, text=last.text[:max(0, self._cut - last.offset)])
         return True
 
     def flush(self) -> None:
         """Emits the text not emitted yet (the sequence is done)."""
         if len(self.text) > self._emitted or len(self.logprobs) > self._n_sent:
-            n_tokens = _starts_before(self._starts, self._n_tokens_sent, len(self.text))
             self.emit(Piece(self.text[self._emitted:], tuple(self.logprobs[self._n_sent:]),
-                            tuple(self.generated[self._n_tokens_sent:n_tokens])))
-            self._emitted, self._n_sent, self._n_tokens_sent = len(self.text), len(self.logprobs), n_tokens
+                            tuple(self.generated[self._n_tokens_sent:])))
+            self._emitted, self._n_sent, self._n_tokens_sent = len(self.text), len(self.logprobs), len(self.generated)
+
+
+def _decoded(state: tuple[bytes, int], piece: bytes) -> str:
+    """The text ``piece`` adds after a UTF-8 decoder in ``state`` (as a sequence decodes its tokens)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.setstate(state)
+    return decoder.decode(piece)
 
 
 def _count_before(entries: list[TokenLogprob], start: int, end: int) -> int:
@@ -207,14 +237,9 @@ def check_resume(resume: Resume, piece_of: Callable[[int], bytes]) -> None:
     """Raises InvalidParameterError unless ``resume.sent_chars`` lies within the text of its tokens."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     n_chars = sum(len(decoder.decode(piece_of(t))) for t in resume.tokens)
-    if not 0 <= resume.sent_chars <= n_chars:
-        raise InvalidParameterError(f"resume.sent_chars must be in [0, {n_chars}] (the text of its {len(resume.tokens)} "
-                                    f"tokens), got {resume.sent_chars}", param="resume")
-
-
-def _starts_before(starts: list[int], start: int, end: int) -> int:
-    """Index after the last of ``starts[start:]`` (token text offsets, ascending) below ``end``."""
-    return bisect.bisect_left(starts, end, start)
+    if not isinstance(resume.sent_chars, int) or resume.sent_chars < n_chars:
+        raise InvalidParameterError(f"resume.sent_chars must be an integer >= {n_chars} (the text of its "
+                                    f"{len(resume.tokens)} tokens), got {resume.sent_chars!r}", param="resume")
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:

@@ -34,6 +34,7 @@ from its own ``default_rng([seed, crc32(name)])``, key and tensor order is fixed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -48,6 +49,7 @@ import gguf
 import numpy as np
 
 from cluster.chat import SYNTH_TEMPLATES
+from cluster.errors import OutputFileError
 
 __all__ = [
     "PRESETS",
@@ -358,12 +360,14 @@ def synthesize(path: str | os.PathLike[str], config: SynthConfig, *, progress: b
 
     Raises:
         ValueError: invalid config.
+        OutputFileError: ``path`` cannot be written (checked before anything is generated), or
+            writing it failed; no ``.partial`` file is left behind.
     """
     config.validate()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plan = _Plan(config)
     tmp = path.with_name(path.name + ".partial")
+    _check_writable(path, tmp)
+    plan = _Plan(config)
     writer = gguf.GGUFWriter(tmp, config.arch)
     _add_metadata(writer, config, plan.vocab)
     for spec in plan.tensors:
@@ -381,17 +385,39 @@ def synthesize(path: str | os.PathLike[str], config: SynthConfig, *, progress: b
             del data
             if bar is not None:
                 bar.update(spec.nbytes)
-    except BaseException:
         writer.close()
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _output_error(path, exc) from None
         raise
     finally:
         if bar is not None:
             bar.close()
-    writer.close()
-    os.replace(tmp, path)
     expert_bytes = sum(s.nbytes for s in plan.tensors if "_exps." in s.name)
     return SynthInfo(path=path, n_bytes=path.stat().st_size, expert_bytes=expert_bytes, config=config)
+
+
+def _check_writable(path: Path, tmp: Path) -> None:
+    """Refuses ``path`` unless its directory (created if missing) takes a new file: ``tmp`` is
+    created and removed, so what the file system would refuse is known before generating."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb"):
+            pass
+        tmp.unlink()
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+
+
+def _output_error(path: Path, exc: OSError) -> OutputFileError:
+    reason = exc.strerror or type(exc).__name__
+    return OutputFileError(f"cannot write the model to {path}: {reason.lower()}; expected a path in a writable directory")
 
 
 def read_topics(path: str | os.PathLike[str]) -> list[list[str]]:

@@ -12,12 +12,21 @@ off by ``max_tokens``.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+"""What a tool's function name may be (OpenAI's rule, ``^[a-zA-Z0-9_-]{1,64}$``): letters, digits,
+underscores and dashes, 1 to 64 of them."""
+
+
+def is_function_name(name: Any) -> bool:
+    """``name`` is a string OpenAI accepts as a function name (``FUNCTION_NAME``)."""
+    return isinstance(name, str) and FUNCTION_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ from cluster.chat import (
     ChatRenderer,
     ChatTemplate,
     ToolCall,
+    chat_messages,
 )
+from cluster.client import Client
 from cluster.engine import MoEEngine
-from cluster.errors import ChatTemplateError
+from cluster.errors import ChatTemplateError, InvalidParameterError
 from cluster.openai_api import error_from_exception
 from cluster.sampling import SamplingParams
 from cluster.tokenizer import Tokenizer
@@ -120,6 +122,42 @@ def test_without_a_template_the_plain_rendering_is_kept_and_says_so():
     rendered = ChatTemplate.create(None, "none").render(chat(ChatMessage("system", "be brief"), ChatMessage("user", "hi")))
     assert rendered.text == "system: be brief\nuser: hi\nassistant:"
     assert (rendered.origin, rendered.special, rendered.end_of_turn) == ("none", False, None)
+
+
+# -- messages as callers give them --------------------------------------------------------------
+
+
+def test_message_dicts_become_chat_messages_and_chat_messages_pass_through():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    given = [{"role": "developer", "content": "be brief"}, ChatMessage("user", "hi"),
+             {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "content": "2", "tool_call_id": "call_1", "name": "f"}]
+    assert chat_messages(given) == (ChatMessage("system", "be brief"), ChatMessage("user", "hi"),
+                                    ChatMessage("assistant", None, tool_calls=(ToolCall("call_1", "f", '{"a": 1}'),)),
+                                    ChatMessage("tool", "2", tool_call_id="call_1", name="f"))
+
+
+class _UntouchableRouter:
+    """A router handle that fails the test if anything is asked of it."""
+
+    def __getattr__(self, name: str) -> None:
+        raise AssertionError(f"the router was called ({name}) for a request the client should have refused")
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "user", "content": "hi"}, 3], "messages[1]"),
+    ([{"role": "user", "content": "hi"}, ("user", "x")], "messages[1]"),
+    ([{"content": "hi"}], "messages[0].role"),
+    ([{"role": "user", "content": 7}], "messages[0].content"),
+    ("hi", "messages"),
+    ([], "messages"),
+])
+def test_the_client_refuses_malformed_messages_itself_naming_the_message(messages, param):
+    client = Client(_UntouchableRouter(), namespace="none")
+    for call in (client.chat, client.render):
+        with pytest.raises(InvalidParameterError) as info:
+            call(messages)
+        assert info.value.param == param and param in str(info.value) and "\n" not in str(info.value)
 
 
 # -- the GGUF side: templates and control tokens written by cluster.synth --------------------------

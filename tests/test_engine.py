@@ -263,12 +263,30 @@ def test_measured_resident_bytes_stay_within_budget_after_generate(residency_eng
 @pytest.mark.parametrize("with_cache", [True, False])
 def test_unusable_model_file_raises_model_file_error_naming_the_problem(
         kind: str, needle: str, with_cache: bool, bad_model_files: dict[str, Path], dense_model: Path,
-        tmp_path: Path, tiny_model: Path, tiny_layout, tiny_topics: list[list[str]]) -> None:
+        tmp_path: Path, tiny_model: Path, tiny_layout, tiny_topics: list[list[str]],
+        capfd: pytest.CaptureFixture[str]) -> None:
     path = {"missing": tmp_path / "no-such-model.gguf", "dense": dense_model}.get(kind) or bad_model_files[kind]
     with pytest.raises(ModelFileError, match=needle) as info:
         open_engine(path, budget_fraction(tiny_layout, 0.4) if with_cache else None)
-    assert str(path) in str(info.value)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert capfd.readouterr().err == ""  # ggml's GGUF reader logged nothing of its own
     assert_fresh_engine_works(tiny_model, tiny_layout, tiny_topics)
+
+
+@pytest.mark.parametrize("command", [["run", "--prompt", "x"], ["serve", "--local-nodes", "1"], ["bench", "engine"],
+                                     ["bench", "batch"], ["demo"]])
+def test_every_command_taking_a_model_refuses_a_bad_file_in_one_line_before_llama_cpp_logs(
+        command: list[str], bad_model_files: dict[str, Path], tmp_path: Path) -> None:
+    unreadable = tmp_path / "unreadable.gguf"
+    unreadable.mkdir()
+    for path, needle in (("/etc/passwd", "it starts with b'root', expected b'GGUF'"),
+                         (bad_model_files["empty"], "0 bytes; a GGUF model starts with a 24-byte header"),
+                         (bad_model_files["header_only"], "ggml: failed to read key-value pairs"),
+                         (unreadable, "not a regular file")):
+        done = subprocess.run([sys.executable, "-m", "cluster", command[0], "--model", str(path), *command[1:]],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, (command, path, done.stderr)
+        assert done.stderr.startswith("error: ") and needle in done.stderr and str(path) in done.stderr, done.stderr
 
 
 def test_budget_below_one_layers_top_k_raises_cache_budget_error(tiny_model: Path, tiny_layout,

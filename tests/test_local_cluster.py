@@ -179,3 +179,20 @@ def test_a_dead_worker_node_is_replaced_and_a_dead_head_ends_the_cluster_cleanly
     finally:
         if daemon.poll() is None:
             os.killpg(daemon.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--slots", "100000"], "--slots: n_slots must be an integer in [1, 256], got 100000"),
+    (["--slots", "300", "--nodes", "1"], "--slots: n_slots must be an integer in [1, 256], got 300"),
+    (["--threads", "5000"], "--threads: n_threads must be an integer in [1, 1024], got 5000"),
+    (["--policy", "fastest"], "--policy: unknown policy 'fastest'"),
+    (["--nodes", "2"], "--nodes 2: a local cluster of --local-nodes 1 holds at most 1"),
+])
+def test_serve_refuses_an_out_of_bounds_setting_before_starting_anything(
+        tmp_path: Path, tiny_model: Path, flags: list[str], needle: str) -> None:
+    state = tmp_path / "cluster.json"
+    started = time.monotonic()
+    done = _cli(state, "serve", "--model", str(tiny_model), "--local-nodes", "1", *flags, timeout_s=30)
+    assert done.returncode == 2 and time.monotonic() - started < 10, done.stderr[-500:]
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: {needle}"), done.stderr
+    assert not state.exists() and not _daemons(state)  # no local Ray cluster was started (nor removed)

@@ -123,3 +123,18 @@ def test_reports_built_while_conversations_come_and_go_never_fail(tiny_model: Pa
         builder.join()
         server.close()
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"n_slots": 100000}, "n_slots"), ({"n_threads": 5000}, "n_threads"), ({"n_ctx": 0}, "n_ctx"),
+    ({"session_bytes": -1}, None), ({"memory_share": 0.0}, None), ({"max_queue": 0}, "max_queue"),
+    ({"memory_limit_bytes": 0}, "memory_limit_bytes"), ({"cache_bytes": "lots"}, None),
+])
+def test_a_node_config_is_checked_whole_with_its_engines_bounds_without_opening_the_model(fields, param):
+    from cluster.errors import InvalidParameterError
+
+    config = NodeConfig("/nonexistent/model.gguf", **fields)
+    with pytest.raises(InvalidParameterError) as info:
+        config.validate()
+    assert info.value.param == param and next(iter(fields)) in str(info.value)
+    assert config.engine_config().n_slots == config.n_slots

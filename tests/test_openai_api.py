@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -150,6 +152,16 @@ def test_tools_and_tool_choice():
         assert info.value.status == 400 and info.value.param == param, (fields, info.value.message)
 
 
+@pytest.mark.parametrize("name", ['say "hi"', "look up", "", "x" * 65, "naïve", 7])
+def test_a_tool_name_outside_openais_rule_is_a_400_naming_the_field_and_the_rule(name):
+    tools = [TOOLS[0], {"type": "function", "function": {"name": name}}]
+    with pytest.raises(APIError) as info:
+        chat(tools=tools, tool_choice="required")
+    assert info.value.status == 400 and info.value.param == "tools[1].function.name"
+    assert info.value.message.startswith("tools[1].function.name must match ^[a-zA-Z0-9_-]{1,64}$")
+    assert chat(tools=[{"type": "function", "function": {"name": "A-z_09" + "x" * 58}}]).parse_tools
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
@@ -183,11 +195,13 @@ def test_errors_map_to_http_statuses(exc, status, code):
     assert (error.status, error.code) == (status, code)
     assert "Traceback" not in error.message
     assert error.param == getattr(exc, "param", error.param)
+    if status == 500:  # an unexpected error's text (a Ray error's names and ids) stays in the log
+        assert "boom" not in error.message and "RuntimeError" not in error.message
 
 
 def _entry(token: int, text: str, logprob: float, offset: int) -> TokenLogprob:
-    return TokenLogprob(token, text.encode(), logprob, offset, (TopLogprob(token, text.encode(), logprob),
-                                                                 TopLogprob(99, b"\xe2", -3.0)))
+    return TokenLogprob(token, text.encode(), logprob, offset, (TopLogprob(token, text.encode(), logprob, text),
+                                                                 TopLogprob(99, b"\xe2", -3.0, "")), text)
 
 
 def _finished(usage: dict[str, int], *ends: tuple[str, int]) -> Finished:
@@ -221,13 +235,13 @@ def test_n_choices_and_logprobs_in_both_endpoints_shapes():
                     {"prompt_tokens": 1, "completion_tokens": 3}, "n")
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert body["choices"][0]["logprobs"] == {"tokens": [" hi", " yo"], "token_logprobs": [-0.5, -1.5],
-                                              "top_logprobs": [{" hi": -0.5, "\\xe2": -3.0}, {" yo": -1.5, "\\xe2": -3.0}],
+                                              "top_logprobs": [{" hi": -0.5, "": -3.0}, {" yo": -1.5, "": -3.0}],
                                               "text_offset": [0, 3]}
     c = chat(logprobs=True, top_logprobs=1)
     content = response(c, [Choice(0, " hi yo", "stop", entries)], {}, "n")["choices"][0]["logprobs"]["content"]
     assert content[0] == {"token": " hi", "logprob": -0.5, "bytes": [32, 104, 105],
                           "top_logprobs": [{"token": " hi", "logprob": -0.5, "bytes": [32, 104, 105]},
-                                           {"token": "\\xe2", "logprob": -3.0, "bytes": [226]}]}
+                                           {"token": "", "logprob": -3.0, "bytes": [226]}]}
     stream = StreamChunks(chat(n=2, logprobs=True, stream=True))
     out = stream.piece(1, " yo", entries[1:]) + stream.piece(0, " hi", entries[:1])
     assert [o["choices"][0]["index"] for o in out] == [1, 0]
@@ -235,6 +249,57 @@ def test_n_choices_and_logprobs_in_both_endpoints_shapes():
     assert out[0]["choices"][0]["logprobs"]["content"][0]["token"] == " yo"
     ends = stream.end(_finished({}, ("stop", 1), ("length", 1)))
     assert [(e["choices"][0]["index"], e["choices"][0]["finish_reason"]) for e in ends] == [(0, "stop"), (1, "length")]
+
+
+def test_logprob_tokens_put_together_are_the_answer_with_split_and_invalid_utf8_and_bytes_are_raw(tiny_model):
+    """Byte tokens of the synthetic vocabulary, through a node (engine, sequence, pieces) into both
+    endpoints' shapes: 0xC3 0xA9 (é split over two tokens), a lone 0x80 or 0xC3 (U+FFFD), "a"."""
+    from cluster.node import NodeConfig, NodeServer
+    from cluster.protocol import NodeRequest, Piece
+
+    server = NodeServer("sniper-node-0", NodeConfig(str(tiny_model), cache_bytes=None, n_ctx=256, n_threads=1,
+                                                    heartbeat_s=60.0))
+    try:
+        tokenizer = server.engine.tokenizer
+        byte_token = {}
+        for token in range(tokenizer.n_vocab):
+            piece = tokenizer.piece(token)
+            if len(piece) == 1:
+                byte_token.setdefault(piece[0], token)
+        bias = {byte_token[b]: 100 for b in (0xC3, 0xA9, 0x80, ord("a"))}  # these bytes only, drawn at random
+        seen: set[str] = set()
+        for seed, stop in [(s, ()) for s in (0, 5, 10)] + [(s, ("a",)) for s in (1, 4, 10)]:
+            fields = {"max_tokens": 12, "temperature": 1.0, "seed": seed, "logit_bias": bias, "stop": list(stop)}
+            comp = completion(logprobs=3, **fields)
+            items = list(server.stream(NodeRequest(f"r{seed}{stop}", tuple(server.engine.tokenize(" x")), comp.params)))
+            pieces, done = [i for i in items if isinstance(i, Piece)], items[-1]
+            text, entries = "".join(p.text for p in pieces), tuple(e for p in pieces for e in p.logprobs)
+            legacy = response(comp, [Choice(0, text, done.finish_reason, entries)], done.usage, "n")["choices"][0]
+            assert "".join(legacy["logprobs"]["tokens"]) == legacy["text"] == text, (seed, stop, legacy)
+            chat_req = chat(logprobs=True, top_logprobs=3, **fields)
+            body = response(chat_req, [Choice(0, text, done.finish_reason, entries)], done.usage, "n")["choices"][0]
+            content = body["logprobs"]["content"]
+            assert "".join(c["token"] for c in content) == body["message"]["content"] == text, (seed, stop, content)
+            assert [bytes(c["bytes"]) for c in content] == [tokenizer.piece(e.token) for e in entries]
+            for c in content[:-1]:  # an alternative shows the text it would have added there: the chosen one's own
+                assert all(t["token"] == c["token"] for t in c["top_logprobs"] if t["bytes"] == c["bytes"]), c
+            stream = StreamChunks(replace(chat_req, stream=True))
+            chunks = [c for p in pieces for c in stream.piece(0, p.text, p.logprobs)] + stream.end(done)
+            streamed = [c["choices"][0] for c in chunks]
+            assert "".join(c["delta"].get("content", "") for c in streamed) == text
+            assert "".join(t["token"] for c in streamed if c["logprobs"] for t in c["logprobs"]["content"]) == text
+            raw = b"".join(tokenizer.piece(e.token) for e in entries)
+            if b"\xc3\xa9" in raw and "é" in text:
+                seen.add("split")
+            if "\ufffd" in text:
+                seen.add("invalid")
+            if done.finish_reason == "length" and raw.endswith(b"\xc3"):
+                seen.add("cut mid-character")
+            if stop and entries and not entries[-1].text.endswith("a") and raw.endswith(b"a"):
+                seen.add("stop inside a token")  # "\ufffda" (a lone 0xC3, then "a") cut before its "a"
+        assert seen == {"split", "invalid", "cut mid-character", "stop inside a token"}, seen
+    finally:
+        server.close()
 
 
 CALL = '<tool_call>\n{"name": "lookup", "arguments": {"word": "kalo"}}\n</tool_call>'

@@ -66,22 +66,39 @@ def test_a_greedy_answer_resumed_after_any_piece_is_the_undisturbed_answer(engin
             assert [round(e.logprob, 4) for e in entries] == [round(e.logprob, 4) for e in whole.logprobs], cut
 
 
-def test_an_answer_resumed_with_its_whole_budget_ends_at_once_with_its_held_text(engine, tiny_topics) -> None:
+def test_an_answer_resumed_with_its_whole_budget_ends_at_once(engine, tiny_topics) -> None:
     prompt = synth.topic_prompt(tiny_topics, 2, 8, seed=6)
     params = SamplingParams(max_tokens=12, temperature=0.0)
     _, whole = _run(engine, prompt, params)
     assert whole.finish_reason == "length"
-    rest, gen = _run(engine, prompt, params, Resume(whole.tokens, 0))
-    assert "".join(p.text for p in rest) == whole.text and gen.tokens == whole.tokens
+    rest, gen = _run(engine, prompt, params, Resume(whole.tokens, len(whole.text)))
+    assert "".join(p.text for p in rest) == "" and gen.text == whole.text and gen.tokens == whole.tokens
     assert gen.finish_reason == "length"
+
+
+def test_text_sent_beyond_the_final_tokens_is_not_sent_again(engine, tiny_topics) -> None:
+    """A piece may carry text of a token that was not final yet (a stop string could still have
+    cut it): the caller has that text but not the token; the continuation makes the token again
+    and sends only what follows."""
+    prompt = synth.topic_prompt(tiny_topics, 1, 8, seed=5)
+    params = SamplingParams(max_tokens=30, temperature=0.0)
+    _, whole = _run(engine, prompt, params)
+    for n_tokens in (3, 10):
+        text = b"".join(engine.tokenizer.piece(t) for t in whole.tokens[:n_tokens]).decode("utf-8", "replace")
+        for extra in (1, 3):
+            sent = min(len(whole.text), len(text) + extra)
+            rest, gen = _run(engine, prompt, params, Resume(whole.tokens[:n_tokens], sent))
+            assert whole.text[:sent] + "".join(p.text for p in rest) == whole.text
+            assert gen.tokens == whole.tokens
 
 
 def test_a_bad_resume_is_refused_before_anything_runs(engine, tiny_topics) -> None:
     prompt = synth.topic_prompt(tiny_topics, 0, 8, seed=7)
     params = SamplingParams(max_tokens=8, temperature=0.0)
     _, whole = _run(engine, prompt, params)
+    assert whole.text[:2]
     with pytest.raises(InvalidParameterError, match="sent_chars"):
-        engine.pieces(prompt, params, resume=Resume(whole.tokens[:2], 10_000))
+        engine.pieces(prompt, params, resume=Resume(whole.tokens[:4], 0))  # the caller has less than its tokens' text
     with pytest.raises(InvalidParameterError, match="max_tokens"):
         engine.pieces(prompt, SamplingParams(max_tokens=1), resume=Resume(whole.tokens[:2], 0))
     with pytest.raises(InvalidParameterError, match="ids in"):

@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--n-expert", type=int, default=64, help="(default: %(default)s)")
     g.add_argument("--n-expert-used", type=int, default=4, help="(default: %(default)s)")
     g.add_argument("--n-ff-exp", type=int, default=128, help="(default: %(default)s)")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--conversations", type=int, default=3, help="held-out documents per domain (default: %(default)s)")
+    g.add_argument("--single-shot", action="store_true",
+                   help="each turn a request of its own, no session (writes WORK/prompts-single.jsonl)")
     g = p.add_argument_group("export, verify, routing")
     g.add_argument("--gguf", type=Path, default=None,
                    help=f"model file (default: OUT/moe-<N>domains.gguf, N from OUT's corpus manifest; {GGUF_FILE} without one)")
@@ -168,9 +172,9 @@ def run_stage(stage: str, args: argparse.Namespace) -> int:
               f"{'passed' if report['passed'] else 'FAILED'}")
         return 0 if report["passed"] else 1
     elif stage == "prompts":
-        from cluster.train.prompts import write_prompts
+        from cluster.train.prompts import PromptsConfig, write_prompts
 
-        print(f"prompts: {write_prompts(work)}")
+        print(f"prompts: {write_prompts(work, PromptsConfig(conversations=args.conversations, single_shot=args.single_shot))}")
     elif stage == "routing":
         from cluster.train.data import tokenize_corpus
         from cluster.train.routing import routing_report

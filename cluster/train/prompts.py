@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROMPTS_FILE = "prompts.jsonl"
+SINGLE_SHOT_FILE = "prompts-single.jsonl"
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class PromptsConfig:
     conversations: int = 3  # per domain
     turns: int = 3  # per conversation
     chars_per_turn: int = 600
+    single_shot: bool = False  # no conversations: every line a request of its own (no session)
+
+    @property
+    def file_name(self) -> str:
+        return SINGLE_SHOT_FILE if self.single_shot else PROMPTS_FILE
 
     def validate(self) -> None:
         for name in ("conversations", "turns", "chars_per_turn"):
@@ -34,7 +40,8 @@ class PromptsConfig:
 
 
 def write_prompts(work: Path, config: PromptsConfig = PromptsConfig()) -> Path:
-    """Writes ``work/prompts.jsonl`` from ``work/corpus/<domain>.heldout.jsonl``; returns its path.
+    """Writes ``work/prompts.jsonl`` (``single_shot``: ``work/prompts-single.jsonl``, each turn a
+    request of its own) from ``work/corpus/<domain>.heldout.jsonl``; returns its path.
 
     The domains are those the corpus manifest lists, taken in the order of their file names (the
     order the first model's workload was written in); a folder without a manifest (a hand-made
@@ -64,13 +71,13 @@ def write_prompts(work: Path, config: PromptsConfig = PromptsConfig()) -> Path:
                 text = json.loads(line)["text"]
                 if len(text) < need:
                     continue  # a conversation needs a document long enough for all its turns
-                session = f"{domain}-{number}"
+                session = {} if config.single_shot else {"session": f"{domain}-{number}"}
                 conversations.append([{"prompt": text[i * config.chars_per_turn:(i + 1) * config.chars_per_turn],
-                                        "session": session, "domain": domain} for i in range(config.turns)])
+                                       **session, "domain": domain} for i in range(config.turns)])
                 taken += 1
                 if taken == config.conversations:
                     break
-    path = work / PROMPTS_FILE
+    path = work / config.file_name
     with path.open("w", encoding="utf-8") as f:
         for turn in range(config.turns):
             for conversation in conversations:
