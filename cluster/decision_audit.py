@@ -38,12 +38,14 @@ class AuditedDecision:
         best: the highest coverage among the candidates.
         mean: the mean coverage over the candidates (what a blind choice gets on average).
         n_candidates: nodes with room and a warmth report when the router decided.
+        coverage: each of those candidates' coverage, by node id.
     """
 
     served: float
     best: float
     mean: float
     n_candidates: int
+    coverage: dict[str, float]
 
     @property
     def warmest(self) -> bool:
@@ -82,7 +84,7 @@ class DecisionAudit:
         coverage = {n: float(counts[r.astype(bool)].sum() / total) for n, r in candidates.items() if r.shape == counts.shape}
         values = list(coverage.values())
         scored = AuditedDecision(served=coverage[node_id], best=max(values), mean=float(np.mean(values)),
-                                 n_candidates=len(values))
+                                 n_candidates=len(values), coverage=coverage)
         self.scored.append(scored)
         del self.scored[:-MAX_SCORED]
         return scored

@@ -84,6 +84,10 @@ _ROUTER_GAUGES = (  # (status section, field, metric, help); unknown values are 
     ("decision_audit", "best_coverage", "sniper_routing_audit_best_coverage", "The same on the warmest candidate node"),
     ("decision_audit", "warmest_share", "sniper_routing_audit_warmest_share",
      "Share of decisions that chose the warmest candidate node"),
+    ("policy_state", "warmth_weight", "sniper_routing_warmth_weight",
+     "Weight of expected expert misses in the warmth policy's choice (0: warmth does not separate nodes here, 1: full)"),
+    ("policy_state", "warmth_separation", "sniper_routing_warmth_separation",
+     "Coverage on the node warmth expected warmest minus the candidates' mean, running mean over audited requests"),
 )
 
 

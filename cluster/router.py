@@ -125,7 +125,9 @@ class RouterCore:
             self.policy.on_report(report.node_id, report.summary)
             self._score_prediction(report)
             if report.request_id:
-                self.audit.on_report(report.request_id, report.node_id, report.summary)
+                scored = self.audit.on_report(report.request_id, report.node_id, report.summary)
+                if scored is not None:
+                    self.policy.on_audited(report.request_id, scored.coverage)
 
     def _score_prediction(self, report: NodeReport) -> None:
         predicted = self.policy.pop_prediction(report.request_id) if report.request_id else None

@@ -36,4 +36,10 @@ def status_table(status: dict[str, Any]) -> str:
                     f"experts they selected (best node {pct(a['best_coverage'])}, average {pct(a['mean_coverage'])}); "
                     f"warmest node (within {100 * WARMEST_TOLERANCE:.0f} points) chosen in {pct(a['warmest_share'])} "
                     f"of {a['n_choices']} choices")
+    w = status.get("policy_state") or {}
+    if w.get("warmth_audits") is not None:
+        rows.append(f"warmth weighs itself: the node it expected warmest held {100 * w['warmth_separation']:+.1f} points "
+                    f"of a request's experts over an average candidate ({w['warmth_audits']} audited requests), so "
+                    f"expected misses count with weight {w['warmth_weight']:.2f} (1: full, 0: prefix, prefill and load "
+                    f"decide)")
     return "\n".join(rows)

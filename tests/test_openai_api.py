@@ -353,7 +353,8 @@ def test_metrics_exposition_includes_router_status():
                          "resident_bytes": 10, "budget_bytes": 20, "sessions": 1}],
               "decisions": {"warmth:ranked": 4, "warmth:overloaded": 1}, "prediction": {"precision": 0.9, "recall": None},
               "decision_audit": {"n": 4, "served_coverage": 0.8, "best_coverage": 0.85, "mean_coverage": 0.4,
-                                 "n_choices": 4, "warmest_share": 0.75}}
+                                 "n_choices": 4, "warmest_share": 0.75},
+              "policy_state": {"warmth_weight": 0.25, "warmth_separation": 0.025, "warmth_audits": 40}}
     f = _families(metrics.exposition(status))
     assert f["sniper_http_requests_total"][(("endpoint", "/v1/completions"), ("status", "200"))] == 3
     assert f["sniper_request_duration_seconds_count"][(("endpoint", "/v1/completions"),)] == 1
@@ -365,5 +366,6 @@ def test_metrics_exposition_includes_router_status():
     assert f["sniper_routing_decisions_total"][(("outcome", "overloaded"), ("policy", "warmth"))] == 1
     assert f["sniper_routing_prediction_precision"][()] == 0.9 and "sniper_routing_prediction_recall" not in f
     assert f["sniper_routing_audit_served_coverage"][()] == 0.8 and f["sniper_routing_audit_warmest_share"][()] == 0.75
+    assert f["sniper_routing_warmth_weight"][()] == 0.25 and f["sniper_routing_warmth_separation"][()] == 0.025
     down = _families(metrics.exposition(None))
     assert down["sniper_router_up"][()] == 0 and "sniper_node_queue_depth" not in down

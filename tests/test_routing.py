@@ -156,6 +156,36 @@ def test_a_conversation_stays_on_its_busier_node_while_that_node_has_a_free_slot
     assert policy.choose(req, full)[0] == "idle", "no free slot there: it would wait behind the batch"
 
 
+def test_warmth_weighs_itself_by_whether_its_warmest_guess_was_warm():
+    """Audits in which the node warmth expected warmest covered no more of the request's experts
+    than an average candidate (learned routing) take the weight of expected misses to 0: a held
+    conversation then wins over a node merely warmer by the estimate. Audits where the guess
+    was far warmer keep the weight at 1."""
+    flat, sharp = trained_policy(min_audits=4), trained_policy(min_audits=4)
+    assert flat.warmth_weight == sharp.warmth_weight == 1.0  # nothing measured yet: as before
+    for i in range(8):
+        for policy, covered in ((flat, 0.40), (sharp, 0.95)):
+            policy.choose(request(0, rid=f"a{i}"), [view("warm", topic=0), view("cold")])
+            policy.on_audited(f"a{i}", {"warm": covered, "cold": 0.40})
+    assert flat.warmth_weight == 0.0 and sharp.warmth_weight == 1.0
+    assert flat.state()["warmth_audits"] == 8 and flat.state()["warmth_weight"] == 0.0
+    req = request(0, n=4 * PREFIX_BLOCK, rid="turn")
+    for policy, expected in ((flat, "holder"), (sharp, "warm")):
+        policy.on_prefixes("holder", prefix_hashes(req.tokens[: PREFIX_BLOCK]))
+        assert policy.choose(req, [view("warm", topic=0), view("holder")])[0] == expected
+
+
+def test_a_node_holding_most_of_the_request_takes_it_whatever_the_warmth_elsewhere():
+    policy = trained_policy()
+    req = request(0, n=4 * PREFIX_BLOCK, rid="turn3")
+    policy.on_prefixes("holder", prefix_hashes(req.tokens[: 3 * PREFIX_BLOCK]))  # 3 of its 4 blocks
+    assert policy.warmth_weight == 1.0
+    assert policy.choose(req, [view("warm", topic=0), view("holder", topic=1)])[0] == "holder"
+    short = trained_policy(prefix_threshold=0.9)  # below the threshold the expert estimate still counts
+    short.on_prefixes("holder", prefix_hashes(req.tokens[: PREFIX_BLOCK]))
+    assert short.choose(req, [view("warm", topic=0), view("holder", topic=1)])[0] == "warm"
+
+
 def test_ties_do_not_always_go_to_the_same_node():
     policy = trained_policy(seed=3)
     nodes = [view(f"n{i}", topic=0) for i in range(4)]
@@ -352,3 +382,12 @@ def test_batch_affinity_never_picks_a_node_without_a_free_slot_when_one_has_room
     full = NodeView("warm", load=4, capacity=8, slots=4, resident=resident_for(0))
     free = NodeView("cold", load=1, capacity=8, slots=4, resident=resident_for(None))
     assert policy.choose(request(0), [full, free])[0] == "cold"
+
+
+def test_the_status_table_says_what_warmth_concluded_about_itself():
+    from cluster.status_table import status_table
+
+    status = {"policy": "warmth", "decisions": {}, "nodes": [],
+              "policy_state": {"warmth_weight": 0.0, "warmth_separation": -0.012, "warmth_audits": 40}}
+    line = status_table(status).splitlines()[-1]
+    assert "-1.2 points" in line and "40 audited" in line and "weight 0.00" in line

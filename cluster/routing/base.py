@@ -113,6 +113,11 @@ class RoutingPolicy(ABC):
     def on_prefixes(self, node_id: str, hashes: Sequence[int]) -> None:
         """``node_id`` now holds the KV state of these prefixes (``prefix_hashes`` of its contexts)."""
 
+    def on_audited(self, request_id: str, coverage: dict[str, float]) -> None:
+        """The request reported which experts it used: ``coverage`` is, per candidate of its
+        decision, the share of them that were resident there when the router decided
+        (``cluster.decision_audit``)."""
+
     def pop_prediction(self, request_id: str) -> np.ndarray | None:
         """The bool ``[L, E]`` experts this policy predicted for the request, if it predicted any."""
         return None
