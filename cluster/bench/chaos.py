@@ -231,23 +231,27 @@ def _worker_ray_node(n_nodes: int, index: int) -> tuple[str, int]:
 
 
 def _streaming_node(n_nodes: int, index: int, wait_s: float = 10.0) -> tuple[str, int]:
-    """A node actor with requests in hand by its own count (the router's counts a request from
-    its route, before the node has it), trying from node ``index`` on; waits for one up to
-    ``wait_s``, then takes node ``index`` whatever it holds. Returns it and its count."""
+    """The node actor with the most sequences running in its engine (started, so streaming or
+    about to: a request waiting for a slot has sent nothing), trying from node ``index`` on;
+    waits for one up to ``wait_s``, then takes node ``index`` whatever it holds. Returns it and
+    its count of running sequences."""
     import ray
 
     from cluster.protocol import node_name
 
     deadline = time.monotonic() + wait_s
     while True:
+        running = {}
         for i in range(n_nodes):
             name = node_name((index + i) % n_nodes)
             try:
-                load = ray.get(ray.get_actor(name, namespace=NAMESPACE).report.remote(), timeout=10).load
+                report = ray.get(ray.get_actor(name, namespace=NAMESPACE).report.remote(), timeout=10)
             except Exception:  # noqa: BLE001  (restarting: try the next one)
                 continue
-            if load:
-                return name, int(load)
+            running[name] = int(report.stats.get("slots_busy", 0))
+        busiest = max(running, key=lambda n: running[n], default=None)  # ties: the first from ``index`` on
+        if busiest is not None and running[busiest]:
+            return busiest, running[busiest]
         if time.monotonic() > deadline:
             return node_name(index % n_nodes), 0
         time.sleep(0.05)
@@ -458,8 +462,9 @@ def write_report(result: dict[str, Any], out_dir: Path, command: str) -> Path:
                   f"{replaced[-1]}."]
     gone = next(x for x in result["faults"] if x["kind"] == "router-gone")
     kills = [x for x in result["faults"] if x["kind"] == "node"]
-    lines += ["", f"Node actors killed mid-stream: {len(kills)}, holding "
-              f"{', '.join(str(x.get('streams_in_hand', 0)) for x in kills)} requests by their own count."]
+    lines += ["", f"Node actors killed mid-stream: {len(kills)}, with "
+              f"{', '.join(str(x.get('streams_in_hand', 0)) for x in kills)} sequences running in their engines "
+              "(requests waiting for a slot there had sent nothing: they are retried, not continued)."]
     lines += ["", f"Router killed for good at the end: {len(result['after_router_gone'])} requests (every way in) "
               f"answered {', '.join(gone['answers'])}, the slowest after {gone['slowest_answer_s']:.1f} s (callers "
               f"wait for a router to come back: the Python client {ROUTER_WAIT_S:g} s here, the gateway its "
