@@ -12,7 +12,7 @@ N_REQUESTS = 9
 MAX_TOKENS = 200
 
 
-def burst_with_a_failure(client: Client, prompt: str, victim: str, fail: Callable[[], None],
+def burst_with_a_failure(client: Client, prompt: str, fail: Callable[[], None],
                          after_s: float = 0.5) -> list[str]:
     """Sends N_REQUESTS greedy requests at once, whole answers (``generate``) and streams in turn,
     and calls ``fail`` ``after_s`` seconds in. Every whole answer must come back complete and

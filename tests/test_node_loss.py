@@ -45,7 +45,7 @@ def test_a_ray_node_lost_during_a_burst_loses_no_request_and_its_replacement_ser
         ray_node = workers[next(r["ray_node_id"] for r in info["nodes"] if r["node"] == victim)]
         router_started = client.status()["started_at"]
         prompt = synth.topic_prompt(tiny_topics, 1, 12, seed=8)
-        outcomes = burst_with_a_failure(client, prompt, victim, lambda: cluster.remove_node(ray_node, allow_graceful=False))
+        outcomes = burst_with_a_failure(client, prompt, lambda: cluster.remove_node(ray_node, allow_graceful=False))
         assert outcomes.count("ok") == len(outcomes)
         deadline = time.monotonic() + 30
         while _node(client, victim)["alive"]:
