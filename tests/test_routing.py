@@ -175,15 +175,27 @@ def test_warmth_weighs_itself_by_whether_its_warmest_guess_was_warm():
         assert policy.choose(req, [view("warm", topic=0), view("holder")])[0] == expected
 
 
-def test_a_node_holding_most_of_the_request_takes_it_whatever_the_warmth_elsewhere():
-    policy = trained_policy()
+def _weighed(policy: WarmthPolicy, covered: float, n: int = 20) -> WarmthPolicy:
+    """``policy`` after ``n`` audits in which its warmest guess covered ``covered`` (the other 0.40)."""
+    for i in range(n):
+        policy.choose(request(0, rid=f"w{i}"), [view("warm", topic=0), view("cold")])
+        policy.on_audited(f"w{i}", {"warm": covered, "cold": 0.40})
+    return policy
+
+
+def test_where_warmth_does_not_fully_separate_a_node_holding_most_of_the_request_takes_it():
     req = request(0, n=4 * PREFIX_BLOCK, rid="turn3")
-    policy.on_prefixes("holder", prefix_hashes(req.tokens[: 3 * PREFIX_BLOCK]))  # 3 of its 4 blocks
-    assert policy.warmth_weight == 1.0
-    assert policy.choose(req, [view("warm", topic=0), view("holder", topic=1)])[0] == "holder"
-    short = trained_policy(prefix_threshold=0.9)  # below the threshold the expert estimate still counts
+    partial = _weighed(trained_policy(), 0.45)  # 5 points of separation: weight 0.5
+    assert 0 < partial.warmth_weight < 1
+    partial.on_prefixes("holder", prefix_hashes(req.tokens[: 3 * PREFIX_BLOCK]))  # 3 of its 4 blocks
+    assert partial.choose(req, [view("warm", topic=0), view("holder", topic=1)])[0] == "holder"
+    short = _weighed(trained_policy(prefix_threshold=0.9), 0.45)  # below the threshold the estimate still counts
     short.on_prefixes("holder", prefix_hashes(req.tokens[: PREFIX_BLOCK]))
     assert short.choose(req, [view("warm", topic=0), view("holder", topic=1)])[0] == "warm"
+    full = _weighed(trained_policy(), 0.95)  # warmth separates fully: its costs decide, the prefill saved included
+    full.on_prefixes("holder", prefix_hashes(req.tokens[: 3 * PREFIX_BLOCK]))
+    assert full.warmth_weight == 1.0
+    assert full.choose(req, [view("warm", topic=0), view("holder", topic=1)])[0] == "warm"
 
 
 def test_ties_do_not_always_go_to_the_same_node():
