@@ -204,10 +204,10 @@ async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: 
             dead = _node_failure(exc, route.node_id, sent)
         if dead:
             deployment.forget_node(route.node_id)
-            if sent or answer.resume is not None:
+            if sent or answer.resume is not None:  # the caller has text of this answer
                 loss = f"{route.node_id} {dead} after streaming {sent} pieces"
                 if sent:
-                    answer.losses.append(loss)
+                    answer.losses.append(loss)  # named if no node can continue it
                 if ask.params.n == 1:  # the next node continues the answer where the caller has it
                     answer.take_over()
                 elif restartable:
@@ -275,7 +275,7 @@ def _node_failure(exc: BaseException, node_id: str, sent: int) -> str:
     if isinstance(exc, ray.exceptions.ActorUnavailableError):
         log.warning("node %s unreachable: %s", node_id, exc)
         return "became unreachable"
-    if isinstance(exc, ray.exceptions.RayActorError) or isinstance(exc, ValueError):  # ValueError: no actor of that name
+    if isinstance(exc, (ray.exceptions.RayActorError, ValueError)):  # ValueError: no actor of that name
         log.warning("node %s lost: %s", node_id, exc)
         return "died"
     raise exc

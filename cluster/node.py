@@ -300,6 +300,7 @@ class NodeServer:
         """The request's end: every choice's, its routing-trace summary reported to the router."""
         first = gens[0]
         n_generated = sum(g.n_generated for g in gens)
+        n_prompt = first.n_prompt_tokens - first.n_resumed  # a resumed answer's tokens count as generated
         with self._admit:
             self._served += 1
             self._generated += n_generated
@@ -316,8 +317,8 @@ class NodeServer:
         return Finished(
             node=self.node_id,
             choices=tuple(ChoiceEnd(i, g.finish_reason, g.n_generated) for i, g in enumerate(gens)),
-            usage={"prompt_tokens": first.n_prompt_tokens - first.n_resumed, "completion_tokens": n_generated,
-                   "reused_prompt_tokens": min(first.n_reused_tokens, first.n_prompt_tokens - first.n_resumed)},
+            usage={"prompt_tokens": n_prompt, "completion_tokens": n_generated,
+                   "reused_prompt_tokens": min(first.n_reused_tokens, n_prompt)},
             timing={"prefill_s": first.prefill_s, "decode_s": max(g.decode_s for g in gens),
                     "queued_s": first.queued_s},
             cache=_request_cache_stats(gens))

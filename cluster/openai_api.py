@@ -218,8 +218,6 @@ def parse_chat(body: Any, limits: Limits, model: str) -> APIRequest:
 
 
 def _messages(raw: Any) -> tuple[ChatMessage, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
     try:
         return chat_messages(raw)
     except InvalidParameterError as exc:

@@ -100,8 +100,8 @@ class Route:
 @dataclass(frozen=True)
 class Piece:
     """Generated text of choice ``index`` (several tokens' worth when the caller reads slower than
-    the node decodes), the tokens whose text starts in it (what a caller keeps to have the answer
-    continued elsewhere) and their log-probabilities when asked for."""
+    the node decodes), the tokens it made final (what a caller keeps to have the answer continued
+    elsewhere: ``sequence.Resume``) and their log-probabilities when asked for."""
 
     text: str
     index: int = 0

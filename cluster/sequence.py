@@ -26,9 +26,9 @@ from cluster.sampling import SamplingParams, TokenLogprob
 
 @dataclass(frozen=True)
 class Piece:
-    """A piece of a generation as it streams: its text, the tokens whose text starts in it (a
-    caller that keeps them can have the answer continued elsewhere: ``Resume``) and, when asked
-    for, those tokens' log-probabilities."""
+    """A piece of a generation as it streams: its text, the tokens it made final (their text can
+    no longer be cut by a stop string: a caller that keeps them can have the answer continued
+    elsewhere, ``Resume``) and, when asked for, those tokens' log-probabilities."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()

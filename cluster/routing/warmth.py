@@ -21,11 +21,11 @@ Procedure, per request:
      request (the request starts at once and skips that prefill: a conversation stays with its
      KV state) or where that union is warm for the request as step 5 defines warm (its share of
      the request's demand above chance — the union's share of all experts — plus
-     ``warm_margin`` of the rest): on learned routing, whose
-     requests spread over most experts, a few running requests' union covers nearly everything,
-     tells nothing, and would pile requests onto busy nodes (issue 27: twice the p50 latency of
-     round_robin on single-shot requests to a trained MoE). Decided per request; the cheapest wins, ties (within 1 %) go to the RNG. The
-     default slack is 0: waiting behind one request costs more than the expert loads and the
+     ``warm_margin`` of the rest): on learned routing, whose requests spread over most experts,
+     a few running requests' union covers nearly everything, tells nothing, and would pile
+     requests onto busy nodes (issue 27: twice the p50 latency of round_robin on single-shot
+     requests to a trained MoE). Decided per request; the cheapest wins, ties (within 1 %) go
+     to the RNG. The default slack is 0: waiting behind one request costs more than the expert loads and the
      prefill a warmer node would save (the docs/simulation.md command with ``--warmth-knob
      load_slack=1``: 1.64x the p99 latency of least_loaded and 0.150 MiB read per token, where a
      slack of 0 gives 0.99x and 0.154 MiB).
@@ -53,11 +53,13 @@ Procedure, per request:
      turns), the candidates holding the longest such prefix are the only ones left, warmth
      choosing among them (SGLang's cache-aware router has the same threshold rule). Where
      warmth separates fully, step 3's costs (which count the prefill a held prefix saves)
-     decide as before: on the synthetic demo, prefix first read 0.82x round_robin's expert
-     bytes per token where the costs alone read 0.75x. Measured on the trained model's conversations, expert-miss estimates
-     otherwise outweighed prefills of hundreds of tokens (``prefill_token_cost`` is in expert
-     loads, calibrated on synthetic models whose prompts are short), and warmth reused 20 % of
-     prompt tokens where a round_robin that happened to keep conversations in place reused 54 %.
+     decide as before: on the synthetic demo (``docs/routing.md``'s command), prefix first at
+     every weight read 0.82x round_robin's expert bytes per token (at commit 8130123), this rule
+     0.79x (``docs/routing.md``). On the trained model's conversations the expert-miss
+     estimates otherwise outweighed prefills of hundreds of tokens (``prefill_token_cost`` is in
+     expert loads, calibrated on synthetic models whose prompts are short): warmth reused
+     23.6 % of prompt tokens where a round_robin that happened to keep conversations in place
+     reused 54.2 % (``docs/routing-trained`` before this rule; with it, 50.8 %).
 
 Knobs: load_slack (requests, >= 0, default 0), expected_decode_tokens (>= 0, 32),
 prefill_token_cost (expert loads per prefilled token, >= 0, 0.05), max_tokens_tracked
@@ -66,9 +68,9 @@ estimated from an even sample of at most this many of its distinct known tokens,
 scaled to stand for all (this bounds the cost of a decision); warm_margin ([0, 1], 0.25; 0 turns
 spreading off), recent_half_life_s (> 0, 30): how fast "routed lately" forgets, batch_affinity
 (bool, True), separation_full (coverage share, > 0, 0.10): the separation at which warmth counts
-fully, separation_memory (audits, >= 1, 64), min_audits (>= 0, 16), prefix_threshold (share of the request's
-tokens, (0, 1], 0.3): a second turn holds about 40 % of its prompt (its first turn and answer, in whole
-blocks of PREFIX_BLOCK tokens).
+fully, separation_memory (audits, >= 1, 64), min_audits (>= 0, 16), prefix_threshold (share of
+the request's tokens, (0, 1], 0.3): a second turn holds about 40 % of its prompt (its first turn
+and answer, in whole blocks of PREFIX_BLOCK tokens).
 """
 
 from __future__ import annotations
@@ -215,29 +217,26 @@ class WarmthPolicy(RoutingPolicy):
         coverage, cold = None, False
         batching = np.array([nodes[i].load > ceiling for i in candidates.tolist()], dtype=bool)  # there by step 4 only
         keep = ~batching | (matched > 0)  # a busier node stays where it holds a prefix of the request, or
-        if demand is not None:
-            residency = self._resident_rows(nodes)
-            if residency is not None and self._width == demand.prefill.shape[1]:
-                matrix, node_rows, fill = self._with_running(nodes, candidates, *residency)
-                misses, totals = expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, demand.decode,
-                                                float(self.expected_decode_tokens))
-                if batching.any():
-                    known = np.count_nonzero(rows >= 0) / max(1, rows.size)
-                    share = np.clip(1.0 - misses / np.maximum(totals[group_of], 1e-9), 0.0, 1.0) * known
-                    chance = fill[node_rows[candidates]]
-                    keep |= batching & (share > chance + self.warm_margin * (1.0 - chance))  # its batch is warm for it
-                if np.ptp(misses) > 0:  # what the audit checks: did warmth know where the experts were?
-                    self._note_guess(request.request_id, nodes[int(candidates[int(np.argmin(misses))])].node_id)
-                candidates, group_of, matched, costs, misses = (a[keep] for a in (candidates, group_of, matched,
-                                                                                   costs, misses))
-                costs += self.warmth_weight * misses
-                if starts[-1] == 0 and self.warm_margin > 0:  # one suffix for all: is any node warm for it?
-                    coverage, cold = self._coverage(float(totals[0]), rows, misses, node_rows[candidates])
-            else:  # no warmth known: the prefill's expected loads, as if nothing were resident
-                candidates, group_of, matched, costs = (a[keep] for a in (candidates, group_of, matched, costs))
-                costs += demand.prefill.sum(axis=1, dtype=np.float64)[group_of]
-        else:
-            candidates, group_of, matched, costs = (a[keep] for a in (candidates, group_of, matched, costs))
+        residency = self._resident_rows(nodes) if demand is not None else None
+        misses = None
+        if residency is not None and self._width == demand.prefill.shape[1]:
+            matrix, node_rows, fill = self._with_running(nodes, candidates, *residency)
+            misses, totals = expected_loads(matrix, node_rows[candidates], group_of, demand.prefill, demand.decode,
+                                            float(self.expected_decode_tokens))
+            if batching.any():  # ... where its batch is warm for it (strictly: never where it holds every expert)
+                known = np.count_nonzero(rows >= 0) / max(1, rows.size)
+                share = np.clip(1.0 - misses / np.maximum(totals[group_of], 1e-9), 0.0, 1.0) * known
+                keep |= batching & (share > self._warm_threshold(fill[node_rows[candidates]]))
+            if np.ptp(misses) > 0:  # what the audit checks: did warmth know where the experts were?
+                self._note_guess(request.request_id, nodes[int(candidates[int(np.argmin(misses))])].node_id)
+            misses = misses[keep]
+        candidates, group_of, matched, costs = (a[keep] for a in (candidates, group_of, matched, costs))
+        if misses is not None:
+            costs += self.warmth_weight * misses
+            if starts[-1] == 0 and self.warm_margin > 0:  # one suffix for all: is any node warm for it?
+                coverage, cold = self._coverage(float(totals[0]), rows, misses, node_rows[candidates])
+        elif demand is not None:  # no warmth known: the prefill's expected loads, as if nothing were resident
+            costs += demand.prefill.sum(axis=1, dtype=np.float64)[group_of]
         if starts[-1] == 0 and (demand is None or demand.known[0] == 0):
             self._last = {"fallback": "least_loaded", "reason": "no affinity or prefix known for this prompt"}
             least = candidates[np.array(loads)[candidates] == min(loads)]
@@ -315,12 +314,17 @@ class WarmthPolicy(RoutingPolicy):
         known = np.count_nonzero(rows >= 0) / max(1, rows.size)
         j = int(np.argmin(misses))
         chance = float(self._row_fill[node_rows[j]])
-        if (1.0 - float(misses[j]) / total) * known >= chance + self.warm_margin * (1.0 - chance):
+        if (1.0 - float(misses[j]) / total) * known >= self._warm_threshold(chance):
             return None, False
         coverage = (1.0 - misses / total) * known
         chance = self._row_fill[node_rows]
-        cold = not bool(np.any(coverage >= chance + self.warm_margin * (1.0 - chance)))
+        cold = not bool(np.any(coverage >= self._warm_threshold(chance)))
         return coverage, cold
+
+    def _warm_threshold(self, chance: float | np.ndarray) -> float | np.ndarray:
+        """The coverage at which a node is warm for a request (steps 4 and 5): chance (the share of
+        all experts it holds) plus ``warm_margin`` of the rest."""
+        return chance + self.warm_margin * (1.0 - chance)
 
     def _least_used(self, nodes: Sequence[NodeView], candidates: np.ndarray, costs: np.ndarray) -> int:
         """Index into candidates of the one routed to least lately (within half a request), then the
