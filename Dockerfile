@@ -46,7 +46,7 @@ COPY cluster /tmp/sniper-src/cluster
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-build-isolation /tmp/sniper-src \
     && rm -rf /tmp/sniper-src \
-    && cd / && python -c "import cluster.cache, llama_cpp, ray; print('ok', ray.__version__, llama_cpp.__version__)"
+    && cd / && python -c "import cluster.engine.cache, llama_cpp, ray; print('ok', ray.__version__, llama_cpp.__version__)"
 
 # Ray's own images run as uid 1000 too; nothing here needs root (no cgroup writes: on
 # Kubernetes the pod's memory limit bounds each node, not --node-memory-mb).

@@ -1,6 +1,6 @@
 """Expert Sniper Cluster: serving big Mixture-of-Experts GGUF models on modest machines.
 
-Each node runs llama.cpp with a native expert cache (``cluster.cache``) that keeps the hot
+Each node runs llama.cpp with a native expert cache (``cluster.engine.cache``) that keeps the hot
 experts resident under a byte budget; ``cluster.engine`` is one such node's engine.
 """
 
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # lazy: `from cluster import Client` without importing Ray eagerly
     if name == "Client":
-        from cluster.client import Client
+        from cluster.distributed.client import Client
 
         return Client
     raise AttributeError(f"module 'cluster' has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""``python -m cluster``: the command line (see cluster.cli)."""
+"""``python -m cluster``: the command line (see cluster.cli.main)."""
 
 import sys
 
-from cluster.cli import main
+from cluster.cli.main import main
 
 sys.exit(main())

@@ -1,5 +1,5 @@
 """Type stubs of the native module ``cluster._native`` (csrc/bindings.cpp). The typed public
-surface is ``cluster.cache``; tests/test_layout.py checks that every public name of the module is
+surface is ``cluster.engine.cache``; tests/test_layout.py checks that every public name of the module is
 declared here."""
 
 from typing import Any

@@ -6,7 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from cluster.client import Client
+from cluster.distributed.client import Client
 
 N_REQUESTS = 9
 MAX_TOKENS = 200

@@ -1,4 +1,4 @@
-"""Session fixtures: seeded synthetic models (cluster.synth) and bad-file helpers."""
+"""Session fixtures: seeded synthetic models (cluster.models.synth) and bad-file helpers."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/observer.py, tests/pagecache.py
 
-from cluster import synth
-from cluster.cache import discover_layout
+from cluster.models import synth
+from cluster.engine.cache import discover_layout
 
 
 def _write_model(directory: Path, name: str, config: synth.SynthConfig) -> Path:

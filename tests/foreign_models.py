@@ -1,4 +1,4 @@
-"""Small random-weight MoE GGUFs of architectures ``cluster.synth`` does not write, as a user's
+"""Small random-weight MoE GGUFs of architectures ``cluster.models.synth`` does not write, as a user's
 model would come: ``qwen2moe`` (a shared expert beside the routed ones, attention biases),
 ``deepseek`` (a dense first layer, then routed plus shared experts) and a Mixtral-like
 ``llama`` (8 experts, top-2, Q4_0 weights). Random weights from a seed, a byte-level BPE

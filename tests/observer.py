@@ -3,7 +3,7 @@
 It loads a model with llama-cpp-python's low-level wrappers, installs a Python
 ``cb_eval`` that answers "yes" only to the ``ffn_moe_topk-<il>`` nodes and, in the
 ``ask=false`` call (after the node was computed), reads the I32 ids of the view through its
-``nb[0]``/``nb[1]`` strides. The token flow is the engine's (``cluster/engine.py``): tokenize
+``nb[0]``/``nb[1]`` strides. The token flow is the engine's (``cluster/engine/moe_engine.py``): tokenize
 with BOS, decode the prompt in ``n_batch`` chunks (``n_ubatch == n_batch``; logits only for the
 prompt's last token, the one a token is sampled after), greedy-sample,
 feed every generated token back except the last. The counts it returns are therefore what the

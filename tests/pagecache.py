@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from cluster.memory_limit import drop_page_cache
+from cluster.distributed.memory_limit import drop_page_cache
 
 PAGE_SIZE = mmap.PAGESIZE
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.batch_admission import ExpertAdmission
-from cluster.protocol import RoutingTraceSummary
+from cluster.engine.batch_admission import ExpertAdmission
+from cluster.engine.trace_summary import RoutingTraceSummary
 
 N_LAYERS, N_EXPERTS = 2, 8
 TOPIC_A, TOPIC_B = (1, 2, 3, 4), (5, 6, 7, 8)  # prompt tokens of two kinds

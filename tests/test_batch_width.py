@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.batch_width import BatchWidth
+from cluster.engine.batch_width import BatchWidth
 
 
 def run(width: BatchWidth, cost_of, windows: int) -> list[int]:

@@ -10,11 +10,11 @@ import observer
 import pytest
 from test_engine import N_CTX, N_THREADS, budget_fraction, open_engine
 
-from cluster import synth
-from cluster.cache import discover_layout
-from cluster.engine import Generation
-from cluster.sampling import SamplingParams
-from cluster.sequence import Piece
+from cluster.models import synth
+from cluster.engine.cache import discover_layout
+from cluster.engine.moe_engine import Generation
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import Piece
 
 
 def _prompts(topics, n: int) -> list[str]:
@@ -215,7 +215,7 @@ def test_under_memory_pressure_sequences_of_one_kind_run_together_and_the_others
 
 
 def test_a_running_sequences_trace_so_far_is_a_prefix_of_its_final_one(tiny_model, tiny_layout, tiny_topics):
-    from cluster.cache import RoutingTrace
+    from cluster.engine.cache import RoutingTrace
 
     with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=2) as engine:
         seq = engine.submit(_prompts(tiny_topics, 1)[0], SamplingParams(max_tokens=32, temperature=0.0))
@@ -242,7 +242,7 @@ def test_a_step_with_a_sequences_rows_apart_is_refused_and_the_engine_goes_on(ti
 
 
 def test_a_requests_trace_marks_each_of_its_steps(tiny_model, tiny_layout, tiny_topics):
-    from cluster.cache import TRACE_STEP
+    from cluster.engine.cache import TRACE_STEP
 
     prompts = _prompts(tiny_topics, 2)
     with open_engine(tiny_model, budget_fraction(tiny_layout, 0.4), n_slots=2, **EVERY_SLOT) as engine:

@@ -1,11 +1,11 @@
-"""The policy core alone (cluster.cache.CachePolicy): counting, budget, scan resistance, replay, prediction."""
+"""The policy core alone (cluster.engine.cache.CachePolicy): counting, budget, scan resistance, replay, prediction."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cluster.cache import (
+from cluster.engine.cache import (
     TRACE_ACCESS,
     TRACE_PREDICT,
     TRACE_STEP,

@@ -1,4 +1,4 @@
-"""Chat templates (cluster.chat): rendering in the sandbox, its errors, and the prompt tokens
+"""Chat templates (cluster.engine.chat): rendering in the sandbox, its errors, and the prompt tokens
 llama.cpp evaluates for a rendering, token by token, on synthetic chat models."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Iterator
 
 import pytest
 
-from cluster import synth
-from cluster.chat import (
+from cluster.models import synth
+from cluster.engine.chat import (
     CHATML_TEMPLATE,
     LLAMA3_TEMPLATE,
     ChatMessage,
@@ -20,12 +20,12 @@ from cluster.chat import (
     ToolCall,
     chat_messages,
 )
-from cluster.client import Client
-from cluster.engine import MoEEngine
+from cluster.distributed.client import Client
+from cluster.engine.moe_engine import MoEEngine
 from cluster.errors import ChatTemplateError, InvalidParameterError
-from cluster.openai_api import error_from_exception
-from cluster.sampling import SamplingParams
-from cluster.tokenizer import Tokenizer
+from cluster.api.openai_api import error_from_exception
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.tokenizer import Tokenizer
 
 CHATML = ChatTemplate.create(CHATML_TEMPLATE, "model")
 LLAMA3 = ChatTemplate.create(LLAMA3_TEMPLATE, "model", bos_token="<|begin_of_text|>")
@@ -160,7 +160,7 @@ def test_the_client_refuses_malformed_messages_itself_naming_the_message(message
         assert info.value.param == param and param in str(info.value) and "\n" not in str(info.value)
 
 
-# -- the GGUF side: templates and control tokens written by cluster.synth --------------------------
+# -- the GGUF side: templates and control tokens written by cluster.models.synth --------------------------
 
 
 def test_synth_writes_the_template_and_single_control_tokens(chatml_model: Path, llama3_model: Path, tiny_model: Path):
@@ -237,9 +237,9 @@ def test_generation_stops_on_the_end_of_turn_token_and_never_shows_it(chatml_eng
 
 def test_an_override_replaces_the_models_template_and_is_checked_before_anything_starts(
         tiny_model: Path, chatml_model: Path, tmp_path: Path) -> None:
-    from cluster.deploy import check_model, read_chat_template
+    from cluster.distributed.deploy import check_model, read_chat_template
     from cluster.errors import InvalidParameterError
-    from cluster.gateway import build_app
+    from cluster.api.gateway import build_app
 
     override = ChatRenderer(Tokenizer.load(str(chatml_model)), "{{ messages[0].content }}")
     assert override.origin == "override" and override.end_of_turn_ids == ()

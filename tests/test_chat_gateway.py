@@ -20,11 +20,12 @@ import openai  # noqa: E402
 import requests  # noqa: E402
 from local_ray import loopback_cluster  # noqa: E402
 
-from cluster import deploy, synth  # noqa: E402
+from cluster.distributed import deploy  # noqa: E402
+from cluster.models import synth  # noqa: E402
 from cluster.bench import free_port  # noqa: E402
-from cluster.gateway import GatewayConfig, start_http  # noqa: E402
-from cluster.openai_api import Limits  # noqa: E402
-from cluster.tokenizer import Tokenizer  # noqa: E402
+from cluster.api.gateway import GatewayConfig, start_http  # noqa: E402
+from cluster.api.openai_api import Limits  # noqa: E402
+from cluster.engine.tokenizer import Tokenizer  # noqa: E402
 
 API_KEY = "chat-key"
 NAMESPACE = "chat-test"
@@ -221,10 +222,10 @@ def test_tokenize_and_detokenize_as_llama_server_has_them(gateway, tokenizer):
 def test_the_python_client_chats_renders_and_tokenizes(gateway, model, tokenizer, words):
     import ray
 
-    from cluster.chat import ChatMessage
-    from cluster.client import Client
-    from cluster.protocol import ROUTER_NAME
-    from cluster.sampling import SamplingParams
+    from cluster.engine.chat import ChatMessage
+    from cluster.distributed.client import Client
+    from cluster.distributed.protocol import ROUTER_NAME
+    from cluster.engine.sampling import SamplingParams
 
     client = Client(ray.get_actor(ROUTER_NAME, namespace=NAMESPACE))
     messages = [ChatMessage("user", " ".join(words[1][:3]))]

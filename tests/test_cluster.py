@@ -15,8 +15,9 @@ import ray  # noqa: E402
 from bursts import burst_with_a_failure  # noqa: E402
 from local_ray import loopback_cluster  # noqa: E402
 
-from cluster import deploy, synth  # noqa: E402
-from cluster.client import Client  # noqa: E402
+from cluster.distributed import deploy  # noqa: E402
+from cluster.models import synth  # noqa: E402
+from cluster.distributed.client import Client  # noqa: E402
 from cluster.errors import (  # noqa: E402
     CacheBudgetError,
     InvalidParameterError,
@@ -24,7 +25,7 @@ from cluster.errors import (  # noqa: E402
     PromptTooLongError,
     SniperError,
 )
-from cluster.protocol import node_name  # noqa: E402
+from cluster.distributed.protocol import node_name  # noqa: E402
 
 N_NODES = 3
 
@@ -61,8 +62,8 @@ def test_client_generate_stream_and_status_end_to_end(deployment, tiny_topics):
 
 def test_the_heat_map_is_asked_of_the_nodes_and_their_own_reports_carry_no_heat(deployment, tiny_topics, tiny_layout,
                                                                                  tmp_path):
-    from cluster.status_plot import plot_heat
-    from cluster.warmth import decode
+    from cluster.cli.status_plot import plot_heat
+    from cluster.engine.warmth_report import decode
 
     client, namespace = deployment
     done = client.generate(synth.topic_prompt(tiny_topics, 0, 12, seed=2), max_tokens=8)

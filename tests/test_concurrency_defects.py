@@ -15,10 +15,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 
-from cluster import deploy  # noqa: E402
-from cluster.dispatch import Deployment, unwrap  # noqa: E402
+from cluster.distributed import deploy  # noqa: E402
+from cluster.distributed.dispatch import Deployment, unwrap  # noqa: E402
 from cluster.errors import NoNodesError, OverloadedError, SniperError  # noqa: E402
-from cluster.protocol import ROUTER_NAME, node_name  # noqa: E402
+from cluster.distributed.protocol import ROUTER_NAME, node_name  # noqa: E402
 
 
 def test_looking_an_actor_up_does_not_block_the_callers_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,10 +13,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 from local_ray import loopback_cluster  # noqa: E402
 
-from cluster import deploy, synth  # noqa: E402
-from cluster.client import Client  # noqa: E402
+from cluster.distributed import deploy  # noqa: E402
+from cluster.models import synth  # noqa: E402
+from cluster.distributed.client import Client  # noqa: E402
 from cluster.errors import RouterUnavailableError  # noqa: E402
-from cluster.protocol import ROUTER_NAME  # noqa: E402
+from cluster.distributed.protocol import ROUTER_NAME  # noqa: E402
 
 N_NODES = 2
 NAMESPACE = "t-dispatch"

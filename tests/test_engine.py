@@ -14,9 +14,10 @@ import observer
 import pagecache
 import pytest
 
-from cluster import synth, warmth
-from cluster.cache import discover_layout
-from cluster.engine import Generation, MoEEngine, Piece
+from cluster.models import synth
+from cluster.engine import warmth_report as warmth
+from cluster.engine.cache import discover_layout
+from cluster.engine.moe_engine import Generation, MoEEngine, Piece
 from cluster.errors import (
     CacheBudgetError,
     EngineClosedError,
@@ -24,7 +25,7 @@ from cluster.errors import (
     ModelFileError,
     PromptTooLongError,
 )
-from cluster.sampling import SamplingParams
+from cluster.engine.sampling import SamplingParams
 
 N_CTX = 256  # llama.cpp pads the context to a multiple of 256: ask for what we get
 N_THREADS = 2  # engines and observer alike: the same numerics
@@ -380,7 +381,7 @@ def test_prompt_longer_than_the_requested_context_does_not_abort_the_process(
     """
     prompt = synth.topic_prompt(tiny_topics, 0, n_words, seed=0)
     code = "\n".join([
-        "from cluster.engine import MoEEngine",
+        "from cluster.engine.moe_engine import MoEEngine",
         "from cluster.errors import PromptTooLongError",
         f"engine = MoEEngine({str(tiny_model)!r}, {budget_fraction(tiny_layout, 0.4)}, n_ctx={n_ctx}, n_threads=2)",
         f"prompt = {prompt!r}",

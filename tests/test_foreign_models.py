@@ -10,8 +10,8 @@ import observer
 import pytest
 from foreign_models import ARCHS, DENSE_LAYERS, N_LAYERS, SHAPES, write_foreign_model
 
-from cluster.cache import discover_layout
-from cluster.engine import MoEEngine
+from cluster.engine.cache import discover_layout
+from cluster.engine.moe_engine import MoEEngine
 
 PROMPT = " the test is this: a model nobody here trained, tested as it comes"
 N_CTX, N_THREADS, N_BATCH = 256, 2, 16

@@ -26,13 +26,14 @@ import requests  # noqa: E402
 from local_ray import loopback_cluster  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from cluster import deploy, synth  # noqa: E402
+from cluster.distributed import deploy  # noqa: E402
+from cluster.models import synth  # noqa: E402
 from cluster.bench import free_port  # noqa: E402
-from cluster.deploy import stop_http  # noqa: E402
+from cluster.distributed.deploy import stop_http  # noqa: E402
 from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
-from cluster.gateway import GatewayConfig, build_app, start_http  # noqa: E402
-from cluster.openai_api import Limits  # noqa: E402
-from cluster.protocol import ROUTER_NAME, node_name  # noqa: E402
+from cluster.api.gateway import GatewayConfig, build_app, start_http  # noqa: E402
+from cluster.api.openai_api import Limits  # noqa: E402
+from cluster.distributed.protocol import ROUTER_NAME, node_name  # noqa: E402
 
 N_NODES = 2
 API_KEY = "test-key-123"
@@ -421,7 +422,7 @@ def test_asking_for_another_port_while_serve_runs_is_a_clear_error(gateway):
 
 
 def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model, model_name):
-    """``cluster.gateway:build_app`` with the string arguments a Serve config passes."""
+    """``cluster.api.gateway:build_app`` with the string arguments a Serve config passes."""
     from ray import serve
 
     with pytest.raises(InvalidParameterError, match="modell"):

@@ -1,4 +1,4 @@
-"""Structured output (cluster.grammar): JSON-schema and tool-call grammars, enforced by
+"""Structured output (cluster.engine.grammar): JSON-schema and tool-call grammars, enforced by
 llama.cpp's grammar sampler on a random synthetic model."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Iterator
 import jsonschema
 import pytest
 
-from cluster.engine import MoEEngine
+from cluster.engine.moe_engine import MoEEngine
 from cluster.errors import InvalidParameterError
-from cluster.grammar import JSON_CHAR_RULE, json_object_grammar, json_schema_grammar, tool_call_grammar
-from cluster.sampling import SamplingParamError, SamplingParams
-from cluster.tool_calls import split_tool_calls
+from cluster.engine.grammar import JSON_CHAR_RULE, json_object_grammar, json_schema_grammar, tool_call_grammar
+from cluster.engine.sampling import SamplingParamError, SamplingParams
+from cluster.api.tool_calls import split_tool_calls
 
 SCHEMA = {
     "type": "object",

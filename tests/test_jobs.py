@@ -1,6 +1,6 @@
 """`ray job submit --working-dir . -- python -m cluster ...` against a running local cluster.
 
-The cluster is the one `serve --local-nodes` starts (``cluster.local_cluster``, with Ray's
+The cluster is the one `serve --local-nodes` starts (``cluster.distributed.local_cluster``, with Ray's
 dashboard and job server on loopback); every command of the README runs as a Ray job.
 """
 
@@ -26,7 +26,7 @@ def job_server(tmp_path_factory):
     state = tmp_path_factory.mktemp("jobs") / "cluster.json"
     port = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", "2", str(state), "2", str(port)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.distributed.local_cluster", "2", str(state), "2", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 180

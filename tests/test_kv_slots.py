@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.kv_slots import KvSlots, SavedState
+from cluster.engine.kv_slots import KvSlots, SavedState
 
 
 def start(kv: KvSlots, tokens: list[int], session: str | None = None):

@@ -66,9 +66,45 @@ def test_no_module_of_the_package_imports_back_into_one_that_imports_it() -> Non
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+# Each package's layer, lowest first: a module imports its own package and those of lower layers only
+# (the package ``__init__`` docstrings say the same). The root package and its ``__main__`` sit above all.
+LAYERS = {
+    "cluster.errors": 0, "cluster._native": 0, "cluster._routing": 0,
+    "cluster.engine": 1,
+    "cluster.routing": 2, "cluster.models": 2,
+    "cluster.distributed": 3,
+    "cluster.api": 4, "cluster.train": 4,
+    "cluster.bench": 5,
+    "cluster.cli": 6,
+}
+
+
+def _layer_of(module: str) -> str | None:
+    return next((p for p in LAYERS if module == p or module.startswith(p + ".")), None)
+
+
+def test_every_module_belongs_to_a_layer_and_imports_only_its_own_and_lower_ones() -> None:
+    upward = []
+    for name, targets in _imports().items():
+        if name in ("cluster", "cluster.__main__"):
+            continue
+        own = _layer_of(name)
+        assert own is not None, f"{name} is in no layer of LAYERS"
+        for target in targets:
+            theirs = _layer_of(target)
+            if theirs is not None and theirs != own and LAYERS[theirs] >= LAYERS[own]:
+                upward.append(f"{name} -> {target}")
+    assert not upward, "imports that run up or across the layers: " + ", ".join(sorted(upward))
+
+
+def test_the_package_root_holds_no_module_of_a_layer_above_errors() -> None:
+    flat = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__", "errors"))
+    assert flat == [], f"modules outside the layer packages: {flat}"
+
+
 def test_the_client_side_loads_neither_llama_cpp_nor_ray_on_import() -> None:
-    code = ("import sys, cluster.client, cluster.protocol, cluster.sampling, cluster.dispatch; "
-            "print(sorted(m for m in ('llama_cpp', 'ray', 'cluster._native', 'cluster.engine') if m in sys.modules))")
+    code = ("import sys, cluster.distributed.client, cluster.distributed.protocol, cluster.engine.sampling, cluster.distributed.dispatch; "
+            "print(sorted(m for m in ('llama_cpp', 'ray', 'cluster._native', 'cluster.engine.moe_engine') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"imported by the client side: {out}"
 
@@ -91,10 +127,10 @@ def test_the_routing_maths_load_without_the_nodes_native_cache() -> None:
     """The router's decisions need ``cluster._routing`` only (std C++); the cache module, which
     links ggml, is for the processes that run a model. (The router process still reads the
     model's vocabulary through llama.cpp, to tokenize, when its actor starts.)"""
-    code = ("import sys, numpy as np, cluster.router, cluster.routing.warmth as w, cluster.token_affinity as a; "
+    code = ("import sys, numpy as np, cluster.distributed.router, cluster.routing.warmth as w, cluster.engine.token_affinity as a; "
             "w.prefix_hashes(list(range(64))); a.affinity_encode(np.full((2, 4), 0.5, np.float32)); "
             "maps = open('/proc/self/maps').read(); "
-            "print(sorted({m for m in ('llama_cpp', 'cluster._native', 'cluster.engine') if m in sys.modules} | "
+            "print(sorted({m for m in ('llama_cpp', 'cluster._native', 'cluster.engine.moe_engine') if m in sys.modules} | "
             "({'libggml'} if 'libggml' in maps else set())))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"loaded for routing: {out}"

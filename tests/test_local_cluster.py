@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import local_cluster
+from cluster.distributed import local_cluster
 
 
 def _env(state: Path) -> dict[str, str]:
@@ -39,14 +39,14 @@ def _daemons(state: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"cluster.local_cluster" in cmdline and str(state).encode() in cmdline:
+        if b"cluster.distributed.local_cluster" in cmdline and str(state).encode() in cmdline:
             pids.append(int(entry.name))
     return pids
 
 
 def _start_daemon(state: Path, n_nodes: int) -> tuple[subprocess.Popen, str]:
     """A local-cluster daemon of ``n_nodes`` one-CPU nodes (no dashboard), and its address once up."""
-    daemon = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", str(n_nodes), str(state), "1", "0"],
+    daemon = subprocess.Popen([sys.executable, "-m", "cluster.distributed.local_cluster", str(n_nodes), str(state), "1", "0"],
                               env=_env(state), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not state.exists():

@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 import cluster  # before ray: sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (DESIGN.md)
-from cluster.cli import build_parser
+from cluster.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO / "k8s"
@@ -53,7 +53,7 @@ MODEL_MOUNT = "/models"
 SERVE_PORT = 8000
 GIB = 1 << 30
 MIB = 1 << 20
-# build_app's arguments (cluster.gateway.BUILD_ARGS once that module exists)
+# build_app's arguments (cluster.api.gateway.BUILD_ARGS once that module exists)
 GATEWAY_ARGS = ("model", "nodes", "cache_mb", "policy", "namespace", "api_key", "max_tokens_limit",
                 "max_prompt_tokens", "max_body_bytes")
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are 3 MB of YAML
@@ -591,11 +591,11 @@ def test_serve_config_deploys_the_gateway(doc: dict[str, Any]) -> None:
     assert set(config.get("http_options", {})) <= fields(HTTPOptionsSchema)
     (app,) = config["applications"]
     assert set(app) <= fields(ServeApplicationSchema), set(app) - fields(ServeApplicationSchema)
-    assert app["import_path"] == "cluster.gateway:build_app" and app["route_prefix"] == "/"
+    assert app["import_path"] == "cluster.api.gateway:build_app" and app["route_prefix"] == "/"
     args = app["args"]
     allowed = set(GATEWAY_ARGS)
     if (REPO / "cluster" / "gateway.py").is_file():
-        from cluster.gateway import BUILD_ARGS
+        from cluster.api.gateway import BUILD_ARGS
 
         allowed = set(BUILD_ARGS)
     assert set(args) <= allowed, f"unknown gateway args {set(args) - allowed}"
@@ -672,7 +672,7 @@ def parse_cluster_command(tokens: list[str]) -> Any:
     try:
         return build_parser().parse_args(tokens[3:])
     except SystemExit:
-        pytest.fail(f"`{shlex.join(tokens)}` is rejected by cluster.cli.build_parser")
+        pytest.fail(f"`{shlex.join(tokens)}` is rejected by cluster.cli.main.build_parser")
 
 
 @pytest.mark.parametrize("doc", [d for _, d in _docs("RayJob")], ids=_ids(_docs("RayJob")))
@@ -834,7 +834,7 @@ def test_runtime_env_upload_leaves_out_environment_build_and_models(tmp_path: Pa
     if not hasattr(packaging, "_dir_travel") or not hasattr(packaging, "_get_excludes"):
         pytest.skip("this Ray has no ray._private.runtime_env.packaging._dir_travel/_get_excludes")
     for rel in [".venv/bin/python", ".venv/lib/x.py", "build/cp311/_native.so", "models/demo.gguf", "big.gguf",
-                ".git/HEAD", "cluster/__init__.py", "cluster/cli.py",
+                ".git/HEAD", "cluster/__init__.py", "cluster/cli/main.py",
                 "cluster/_native.cpython-311-x86_64-linux-gnu.so", "csrc/cache-core.cpp", "tests/__pycache__/t.pyc",
                 "prompts.jsonl", "docs/routing.md", "README.md"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -843,4 +843,4 @@ def test_runtime_env_upload_leaves_out_environment_build_and_models(tmp_path: Pa
     excludes = [packaging._get_excludes(tmp_path, _runtime_env()["excludes"])]
     packaging._dir_travel(tmp_path, excludes, lambda p: p.is_file() and uploaded.append(p.relative_to(tmp_path).as_posix()),
                           include_gitignore=False)
-    assert sorted(uploaded) == ["README.md", "cluster/__init__.py", "cluster/cli.py", "docs/routing.md", "prompts.jsonl"]
+    assert sorted(uploaded) == ["README.md", "cluster/__init__.py", "cluster/cli/main.py", "docs/routing.md", "prompts.jsonl"]

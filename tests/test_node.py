@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster import node as node_module
-from cluster import synth
-from cluster.node import COALESCE_S, NodeConfig, NodeServer
-from cluster.protocol import Finished, NodeReport, NodeRequest, Piece
-from cluster.sampling import SamplingParams
+from cluster.distributed import node as node_module
+from cluster.models import synth
+from cluster.distributed.node import COALESCE_S, NodeConfig, NodeServer
+from cluster.distributed.protocol import Finished, NodeReport, NodeRequest, Piece
+from cluster.engine.sampling import SamplingParams
 
 
 @pytest.fixture

@@ -15,9 +15,10 @@ import ray  # noqa: E402
 from bursts import burst_with_a_failure  # noqa: E402
 from local_ray import NODE_ARGS, loopback_cluster  # noqa: E402
 
-from cluster import deploy, synth  # noqa: E402
-from cluster.client import Client  # noqa: E402
-from cluster.protocol import node_name  # noqa: E402
+from cluster.distributed import deploy  # noqa: E402
+from cluster.models import synth  # noqa: E402
+from cluster.distributed.client import Client  # noqa: E402
+from cluster.distributed.protocol import node_name  # noqa: E402
 
 N_NODES = 3
 NAMESPACE = "node-loss"

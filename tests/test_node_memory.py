@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import memory_limit as memlimit
-from cluster import node_memory
-from cluster.cache import discover_layout
+from cluster.distributed import memory_limit as memlimit
+from cluster.engine import node_memory
+from cluster.engine.cache import discover_layout
 from cluster.errors import CacheBudgetError
 
 MIB = 1 << 20
@@ -98,7 +98,7 @@ def test_auto_budget_under_a_cgroup_limit_fits_the_limit_and_decodes(demo_model:
     limit_bytes = int(0.6 * layout.file_size) + 200 * MIB  # the model's 60 % plus the process itself
     child = textwrap.dedent(f"""
         import json
-        from cluster.engine import MoEEngine
+        from cluster.engine.moe_engine import MoEEngine
         prompt = " kalo meni pumane" * 4
         with MoEEngine({str(demo_model)!r}, None, n_ctx=256, n_threads=2) as plain:
             want = plain.generate(prompt, max_tokens=24).text
@@ -122,7 +122,7 @@ def test_auto_budget_under_a_cgroup_limit_fits_the_limit_and_decodes(demo_model:
 def test_a_process_the_oom_killer_ends_in_a_memory_limit_is_counted() -> None:
     import sys
 
-    from cluster import memory_limit
+    from cluster.distributed import memory_limit
 
     reason = memory_limit.unavailable_reason()
     if reason:

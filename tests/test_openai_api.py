@@ -1,4 +1,4 @@
-"""The OpenAI wire format (cluster.openai_api) and the metrics exposition, without a server."""
+"""The OpenAI wire format (cluster.api.openai_api) and the metrics exposition, without a server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.chat import ChatMessage, ChatPrompt, ToolCall
-from cluster.client import Choice
+from cluster.engine.chat import ChatMessage, ChatPrompt, ToolCall
+from cluster.distributed.client import Choice
 from cluster.errors import (
     ChatTemplateError,
     InvalidParameterError,
@@ -17,8 +17,8 @@ from cluster.errors import (
     OverloadedError,
     PromptTooLongError,
 )
-from cluster.metrics import GatewayMetrics
-from cluster.openai_api import (
+from cluster.api.metrics import GatewayMetrics
+from cluster.api.openai_api import (
     APIError,
     Limits,
     error_from_exception,
@@ -27,9 +27,9 @@ from cluster.openai_api import (
     parse_detokenize,
     parse_tokenize,
 )
-from cluster.openai_responses import StreamChunks, chunk, response
-from cluster.protocol import ChoiceEnd, Finished
-from cluster.sampling import TokenLogprob, TopLogprob
+from cluster.api.openai_responses import StreamChunks, chunk, response
+from cluster.distributed.protocol import ChoiceEnd, Finished
+from cluster.engine.sampling import TokenLogprob, TopLogprob
 
 LIMITS = Limits(max_tokens=64, default_max_tokens=16)
 
@@ -254,8 +254,8 @@ def test_n_choices_and_logprobs_in_both_endpoints_shapes():
 def test_logprob_tokens_put_together_are_the_answer_with_split_and_invalid_utf8_and_bytes_are_raw(tiny_model):
     """Byte tokens of the synthetic vocabulary, through a node (engine, sequence, pieces) into both
     endpoints' shapes: 0xC3 0xA9 (é split over two tokens), a lone 0x80 or 0xC3 (U+FFFD), "a"."""
-    from cluster.node import NodeConfig, NodeServer
-    from cluster.protocol import NodeRequest, Piece
+    from cluster.distributed.node import NodeConfig, NodeServer
+    from cluster.distributed.protocol import NodeRequest, Piece
 
     server = NodeServer("sniper-node-0", NodeConfig(str(tiny_model), cache_bytes=None, n_ctx=256, n_threads=1,
                                                     heartbeat_s=60.0))

@@ -16,10 +16,11 @@ import numpy as np
 import pagecache
 import pytest
 
-from cluster import memory_limit as memlimit
-from cluster import synth, warmth
-from cluster.cache import discover_layout
-from cluster.engine import MoEEngine
+from cluster.distributed import memory_limit as memlimit
+from cluster.models import synth
+from cluster.engine import warmth_report as warmth
+from cluster.engine.cache import discover_layout
+from cluster.engine.moe_engine import MoEEngine
 
 PS = pagecache.PAGE_SIZE
 MIB = 1 << 20
@@ -160,8 +161,8 @@ def test_cache_view_agrees_with_mincore_after_the_kernel_reclaims_expert_pages(d
         import json, sys
         import numpy as np
         import pagecache
-        from cluster import warmth
-        from cluster.engine import MoEEngine
+        from cluster.engine import warmth_report as warmth
+        from cluster.engine.moe_engine import MoEEngine
         path = {str(path)!r}
         engine = MoEEngine(path, {budget}, n_ctx=256, n_threads=2)
         engine.generate({_topic_prompt(path)!r}, max_tokens=16)

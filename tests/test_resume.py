@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 from test_engine import open_engine
 
-from cluster import synth
-from cluster.engine import Generation
+from cluster.models import synth
+from cluster.engine.moe_engine import Generation
 from cluster.errors import InvalidParameterError, PromptTooLongError
-from cluster.sampling import SamplingParams
-from cluster.sequence import Piece, Resume
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.sequence import Piece, Resume
 
 
 @pytest.fixture(scope="module")

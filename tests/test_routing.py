@@ -8,15 +8,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cluster.decision_audit import MAX_PENDING, DecisionAudit
+from cluster.routing.decision_audit import MAX_PENDING, DecisionAudit
 from cluster.errors import NoNodesError, OverloadedError
-from cluster.protocol import NodeReport
-from cluster.router import RouterCore
+from cluster.distributed.protocol import NodeReport
+from cluster.distributed.router import RouterCore
 from cluster.routing import POLICY_NAMES, NodeView, RouteRequest, make_policy
 from cluster.routing.base import RoutingTraceSummary
 from cluster.routing.warmth import PREFIX_BLOCK, WarmthPolicy, prefix_hashes
-from cluster.token_affinity import TokenAffinity
-from cluster.warmth import encode
+from cluster.engine.token_affinity import TokenAffinity
+from cluster.engine.warmth_report import encode
 
 L, E, K = 4, 16, 2
 TOPIC_EXPERTS = {0: [0, 1, 2, 3], 1: [8, 9, 10, 11]}  # per layer, the experts each topic's tokens choose
@@ -397,7 +397,7 @@ def test_batch_affinity_never_picks_a_node_without_a_free_slot_when_one_has_room
 
 
 def test_the_status_table_says_what_warmth_concluded_about_itself():
-    from cluster.status_table import status_table
+    from cluster.cli.status_table import status_table
 
     status = {"policy": "warmth", "decisions": {}, "nodes": [],
               "policy_state": {"warmth_weight": 0.0, "warmth_separation": -0.012, "warmth_audits": 40}}

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from foreign_models import write_foreign_model
 
-from cluster import synth
+from cluster.models import synth
 from cluster.bench import routing_bench, simulate, workload
 from cluster.bench.routing_report import targets
-from cluster.cli import main
+from cluster.cli.main import main
 
 # -- workloads -----------------------------------------------------------------------------
 

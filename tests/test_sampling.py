@@ -1,4 +1,4 @@
-"""SamplingParams (cluster.sampling): one definition of the options and their bounds."""
+"""SamplingParams (cluster.engine.sampling): one definition of the options and their bounds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from cluster.errors import InvalidParameterError
-from cluster.sampling import MAX_SEED, SamplingParamError, SamplingParams, choice_seed, parse_logit_bias
+from cluster.engine.sampling import MAX_SEED, SamplingParamError, SamplingParams, choice_seed, parse_logit_bias
 
 
 @pytest.mark.parametrize("fields, field", [

@@ -1,4 +1,4 @@
-"""Tests for cluster.synth: the deterministic synthetic MoE GGUF generator (tiny models only)."""
+"""Tests for cluster.models.synth: the deterministic synthetic MoE GGUF generator (tiny models only)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from cluster import synth
-from cluster.cache import discover_layout
-from cluster.engine import MoEEngine
-from cluster.engine import MoEEngine
+from cluster.models import synth
+from cluster.engine.cache import discover_layout
+from cluster.engine.moe_engine import MoEEngine
+from cluster.engine.moe_engine import MoEEngine
 
 TINY = synth.PRESETS["tiny"]
 
@@ -346,8 +346,8 @@ def test_config_from_args_rejects_unknown_preset_override_and_bad_values() -> No
 
 def test_a_chat_template_adds_control_tokens_after_bos_eos_and_leaves_plain_models_unchanged(
         tiny: synth.SynthInfo, tmp_path: Path) -> None:
-    from cluster.chat import SYNTH_TEMPLATES
-    from cluster.cli import build_parser
+    from cluster.engine.chat import SYNTH_TEMPLATES
+    from cluster.cli.main import build_parser
 
     args = build_parser().parse_args(["synth", str(tmp_path / "c.gguf"), "--chat-template", "llama3"])
     config = synth.config_from_args(args.preset, chat_template=args.chat_template)
@@ -409,7 +409,7 @@ def _unwritable(tmp_path: Path) -> list[Path]:
 
 def test_an_unwritable_destination_is_refused_in_one_line_with_status_2_before_generating(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cluster.cli import main
+    from cluster.cli.main import main
     from cluster.errors import OutputFileError
 
     for path in _unwritable(tmp_path):

@@ -1,4 +1,4 @@
-"""Hermes-style tool calls in model output (cluster.tool_calls), whole and streamed."""
+"""Hermes-style tool calls in model output (cluster.api.tool_calls), whole and streamed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.tool_calls import ParsedCall, ToolCallStream, split_tool_calls
+from cluster.api.tool_calls import ParsedCall, ToolCallStream, split_tool_calls
 
 ANSWER = ('Let me look.\n<tool_call>\n{"name": "lookup", "arguments": {"word": "kalo"}}\n</tool_call>\n'
           '<tool_call>\n{"name": "count", "arguments": "{\\"n\\": 2}"}\n</tool_call>')

@@ -7,7 +7,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from cluster.cache import discover_layout
+from cluster.engine.cache import discover_layout
 
 TRAINED = Path(__file__).resolve().parent.parent / "trained" / "moe-5domains.gguf"
 

@@ -1,4 +1,4 @@
-"""Warmth report (cluster.warmth): round trip, size, malformed input."""
+"""Warmth report (cluster.engine.warmth_report): round trip, size, malformed input."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster import warmth
-from cluster.cache import CacheConfig, CachePolicy
+from cluster.engine import warmth_report as warmth
+from cluster.engine.cache import CacheConfig, CachePolicy
 from cluster.errors import WarmthFormatError
 
 # One quantisation step of the heat: 16 octaves over 255 levels; rounding is half a step.

@@ -5,8 +5,8 @@ send the next, for C = 1, 2, 4, 8, 16. Side by side on the same model, prompts a
 
 * ``engine``: ``MoEEngine`` with C sequence slots and the expert cache (a child process,
   ``cluster.bench.batch_worker``); C = 1 is the engine with one slot. Under the limit the engine
-  adapts how many sequences run together (``cluster.batch_width``) and batches sequences expected
-  to need the same experts (``cluster.batch_admission``); beside it, the same engine without
+  adapts how many sequences run together (``cluster.engine.batch_width``) and batches sequences expected
+  to need the same experts (``cluster.engine.batch_admission``); beside it, the same engine without
   each rule (``LIMITED_VARIANTS``): ``first come, first served`` (no expert admission) and
   ``all slots`` (neither: every sequence decodes at once), to show what each rule is worth;
 * ``llama-server``: llama.cpp's server with ``-np C`` (built by this benchmark from the llama.cpp
@@ -35,12 +35,12 @@ from typing import Any
 
 import requests
 
-from cluster import memory_limit as memlimit
+from cluster.distributed import memory_limit as memlimit
 from cluster.bench import command_line, log_progress, out_flag, percentile
 from cluster.bench.closed_loop import closed_loop
 from cluster.bench.serving_bench import LlamaServer, find_llama_server
 from cluster.bench.worker import read_bytes
-from cluster.node_memory import MIB
+from cluster.engine.node_memory import MIB
 
 CONCURRENCY = (1, 2, 4, 8, 16)
 LIMITED_VARIANTS: dict[str, dict[str, bool]] = {  # the engine without its rules, under the limit at C > 1
@@ -183,7 +183,7 @@ def ensure_llama_server(path: str | None, progress: bool) -> str | None:
 def bench_batch(model: str, prompts: list[str], *, concurrency: tuple[int, ...] = CONCURRENCY, max_tokens: int = 64,
                 n_threads: int = 2, window_s: float = 20.0, warmup_s: float = 60.0, limit_fraction: float | None = 0.5,
                 llama_server: str | None = None, progress: bool = True) -> dict[str, Any]:
-    from cluster.cache import discover_layout
+    from cluster.engine.cache import discover_layout
 
     layout = discover_layout(model)
     footprint = int(layout.unit_bytes.sum())
@@ -349,7 +349,7 @@ def _plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def default_prompts(model: str, n: int = 32, n_topics: int | None = None) -> list[str]:
     """``n`` prompts of a synthetic model, taking its topics (the first ``n_topics``) in turn."""
-    from cluster import synth
+    from cluster.models import synth
 
     try:
         topics = synth.read_topics(model)

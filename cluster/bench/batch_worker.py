@@ -22,8 +22,8 @@ from cluster.bench.worker import read_bytes
 
 def _send(engine: Any, max_tokens: int) -> Callable[[str, float], dict[str, Any]]:
     """One request to the engine, measured; cancelled at its deadline (it counts what it had)."""
-    from cluster.engine import Generation
-    from cluster.sequence import Piece
+    from cluster.engine.moe_engine import Generation
+    from cluster.engine.sequence import Piece
 
     def one(prompt: str, deadline: float) -> dict[str, Any]:
         sent = time.perf_counter()
@@ -53,13 +53,13 @@ def _send(engine: Any, max_tokens: int) -> Callable[[str, float], dict[str, Any]
 
 
 def _params(max_tokens: int) -> Any:
-    from cluster.sampling import SamplingParams
+    from cluster.engine.sampling import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
 
 def main(spec_path: str) -> int:
-    from cluster.engine import MoEEngine
+    from cluster.engine.moe_engine import MoEEngine
 
     spec = json.loads(open(spec_path).read())
     engine = MoEEngine(spec["model"], spec["cache_bytes"], n_ctx=spec["n_ctx"], n_slots=spec["slots"],

@@ -1,6 +1,6 @@
 """``python -m cluster bench chaos``: faults on a schedule under steady load; nothing may hang.
 
-A local cluster started as ``serve --local-nodes`` starts one (``cluster.local_cluster``: a daemon
+A local cluster started as ``serve --local-nodes`` starts one (``cluster.distributed.local_cluster``: a daemon
 owning N Ray nodes on 127.0.0.1, with a state file of its own) serves a model on ``nodes`` node
 actors, with the HTTP gateway in front. ``clients`` concurrent callers send requests back to back
 for ``duration_s`` seconds, taking turns over four ways in: the Python client streamed and whole,
@@ -49,7 +49,7 @@ import requests
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN.md); read when ray is imported
 
-from cluster import local_cluster  # noqa: E402
+from cluster.distributed import local_cluster  # noqa: E402
 from cluster.bench import command_line, free_port, log_progress, out_flag  # noqa: E402
 
 NAMESPACE = "sniper-bench-chaos"
@@ -99,7 +99,7 @@ async def _request(client: Any, http: HttpApi, prompt: str, way: str, max_tokens
 
 async def _python_request(client: Any, prompt: str, stream: bool, max_tokens: int) -> dict[str, Any]:
     from cluster.errors import SniperError
-    from cluster.protocol import Finished, Piece, Restarted, Routed
+    from cluster.distributed.protocol import Finished, Piece, Restarted, Routed
 
     outcome: dict[str, Any] = {}
     try:
@@ -220,7 +220,7 @@ def _is_head_raylet(pid: int) -> bool:
 def _worker_ray_node(n_nodes: int, index: int) -> tuple[str, int]:
     """A node actor on a worker Ray node (the head holds the router and the gateway) and that
     node's raylet: the actor's worker process is a child of its node's raylet."""
-    from cluster.protocol import node_name
+    from cluster.distributed.protocol import node_name
 
     for i in range(n_nodes):
         name = node_name((index + i) % n_nodes)
@@ -237,7 +237,7 @@ def _streaming_node(n_nodes: int, index: int, wait_s: float = 10.0) -> tuple[str
     its count of running sequences."""
     import ray
 
-    from cluster.protocol import node_name
+    from cluster.distributed.protocol import node_name
 
     deadline = time.monotonic() + wait_s
     while True:
@@ -294,7 +294,7 @@ async def _fault(kind: str, client: Any, http: HttpApi, prompt: str, n_nodes: in
                  state_file: str) -> dict[str, Any]:
     import ray
 
-    from cluster.protocol import ROUTER_NAME, node_name
+    from cluster.distributed.protocol import ROUTER_NAME, node_name
 
     fault: dict[str, Any] = {"kind": kind, "at": time.monotonic()}
     if kind == "node":
@@ -325,7 +325,7 @@ async def _run(client: Any, http: HttpApi, prompts: list[str], *, n_nodes: int, 
                max_tokens: int, state_file: str, progress: bool) -> dict[str, Any]:
     import ray
 
-    from cluster.protocol import ROUTER_NAME
+    from cluster.distributed.protocol import ROUTER_NAME
 
     twins = {}  # each prompt's undisturbed greedy answer, before any fault
     for prompt in prompts:
@@ -375,10 +375,11 @@ def bench_chaos(model_path: str, *, n_nodes: int = 3, clients: int = 8, duration
                 max_tokens: int = 96, progress: bool = True) -> dict[str, Any]:
     import ray
 
-    from cluster import deploy, synth
-    from cluster.cache import discover_layout
-    from cluster.client import Client
-    from cluster.gateway import GatewayConfig, start_http
+    from cluster.distributed import deploy
+    from cluster.models import synth
+    from cluster.engine.cache import discover_layout
+    from cluster.distributed.client import Client
+    from cluster.api.gateway import GatewayConfig, start_http
 
     topics = synth.read_topics(model_path)
     prompts = [synth.topic_prompt(topics, i % len(topics), 16, seed=i) for i in range(16)] if topics else \

@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from cluster import memory_limit as memlimit
-from cluster import synth
+from cluster.distributed import memory_limit as memlimit
+from cluster.models import synth
 from cluster.bench import command_line, log_progress, offline, out_flag, workload
-from cluster.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
+from cluster.engine.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.errors import InvalidParameterError
-from cluster.node_memory import MIB
-from cluster.synth import default_model
+from cluster.engine.node_memory import MIB
+from cluster.models.synth import default_model
 
 LIBRARY_BYTES = 64 * MIB  # page cache of Python, numpy and llama.cpp's libraries in the limited process
 PROCESS_BYTES = 200 * MIB  # what a serving process holds besides the model (Python, libraries, KV, buffers)
@@ -117,7 +117,7 @@ def workloads(model_path: str, prompts: str | None, n_requests: int) -> Workload
 # -- overhead ------------------------------------------------------------------------------
 
 def bench_overhead(model_path: str, prompt: str, *, pairs: int, max_tokens: int, progress: bool) -> dict[str, Any]:
-    from cluster.engine import MoEEngine
+    from cluster.engine.moe_engine import MoEEngine
 
     layout = discover_layout(model_path)
     budget = int(layout.unit_bytes.sum() * 1.05)
@@ -341,7 +341,7 @@ def record_traces(model_path: str, workloads: dict[str, list[tuple[str, str]]], 
                   progress: bool) -> tuple[dict[str, RoutingTrace], dict[str, dict[str, float]]]:
     """Runs each workload on an engine with the whole model resident and keeps its routing trace.
     A request is its conversation so far (earlier turns and their answers) then the new turn."""
-    from cluster.engine import MoEEngine
+    from cluster.engine.moe_engine import MoEEngine
 
     layout = discover_layout(model_path)
     traces, live = {}, {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.cache import RoutingTrace
+from cluster.engine.cache import RoutingTrace
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from cluster.bench import command_line, log_progress, offline, out_flag
 from cluster.bench.engine_bench import replay_policy, workloads
 from cluster.bench.routing_stats import hot_set_coverage
 from cluster.bench.workload import conversation_prompt
-from cluster.cache import RoutingTrace, discover_layout, reuse_rate
+from cluster.engine.cache import RoutingTrace, discover_layout, reuse_rate
 
 BUDGET_FRACTION = 1 / 3
 
@@ -52,7 +52,7 @@ def routing_statistics(traces: list[RoutingTrace], n_layers: int, n_experts: int
 
 def measure(model_path: str, prompts: str | None, *, n_requests: int = 8, max_tokens: int = 64,
             progress: bool = True) -> dict[str, Any]:
-    from cluster.engine import MoEEngine
+    from cluster.engine.moe_engine import MoEEngine
 
     layout = discover_layout(model_path)
     unit_bytes = np.asarray(layout.unit_bytes, dtype=np.int64)

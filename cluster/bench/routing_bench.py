@@ -3,7 +3,7 @@
 Every figure in the report comes from this run:
   * live comparison — for each policy, a fresh Ray cluster of N nodes on 127.0.0.1
     (``ray.cluster_utils.Cluster``), the deployment (router + one node actor per Ray node,
-    ``cluster.deploy``), then the same workload (``cluster.bench.workload``: same
+    ``cluster.distributed.deploy``), then the same workload (``cluster.bench.workload``: same
     conversations, same arrival times) sent concurrently from this process with
     ``Client.aevents``. A conversation's next turn is sent at its arrival time or when its
     previous turn finished, whichever is later (with ``--concurrency C``, a closed loop instead:
@@ -111,7 +111,7 @@ class LocalRayCluster:
 
 def _remove_node_cgroups(nodes: Sequence[dict[str, Any]]) -> None:
     """Removes the memory cgroups the node actors created (NodeServer leaves them behind)."""
-    from cluster import memory_limit as memlimit
+    from cluster.distributed import memory_limit as memlimit
 
     for node in nodes:
         for root in (memlimit.V1_ROOT, memlimit.V2_ROOT):
@@ -131,7 +131,7 @@ def _remove_node_cgroups(nodes: Sequence[dict[str, Any]]) -> None:
 class NodeCrash:
     """A node actor's process killed with SIGKILL ``after_s`` seconds into a run, as a crash or the
     kernel's OOM killer would end it; then, watched while the run goes on, how long until the
-    router had the node back (Ray starts a new process in its place, ``cluster.deploy``)."""
+    router had the node back (Ray starts a new process in its place, ``cluster.distributed.deploy``)."""
 
     def __init__(self, client: Any, node: dict[str, Any], after_s: float, timeout_s: float = 120.0) -> None:
         self.client = client
@@ -173,7 +173,7 @@ class NodeCrash:
         """``NodeActor.ready()`` of the process that took the killed one's place."""
         import ray
 
-        from cluster.protocol import NAMESPACE
+        from cluster.distributed.protocol import NAMESPACE
 
         return ray.get(ray.get_actor(self.node["node"], namespace=NAMESPACE).ready.remote(), timeout=60)
 
@@ -181,8 +181,8 @@ class NodeCrash:
 async def _drive(client: Any, workload: Workload, max_tokens: int, concurrency: int | None = None) -> list[dict[str, Any]]:
     """Sends the workload (conversations concurrently, turns in order; with ``concurrency``, at most
     that many conversations at once, back to back); one outcome per turn."""
-    from cluster.client import completion
-    from cluster.protocol import Piece, Restarted
+    from cluster.distributed.client import completion
+    from cluster.distributed.protocol import Piece, Restarted
 
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -313,10 +313,11 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
     dropped first: every policy starts cold, and no node is served from pages another read.
     With ``kill_node_after_s`` the last node's process is killed that long into the run.
     """
-    from cluster import connection, deploy
-    from cluster import memory_limit as memlimit
-    from cluster.client import Client
-    from cluster.protocol import NAMESPACE
+    from cluster.distributed import connection
+    from cluster.distributed import deploy
+    from cluster.distributed import memory_limit as memlimit
+    from cluster.distributed.client import Client
+    from cluster.distributed.protocol import NAMESPACE
 
     t_setup = time.perf_counter()
     nodes: list[dict[str, Any]] = []
@@ -395,7 +396,7 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
 
     Setup: a vocabulary of ``n_topics`` x 256 token ids; each topic owns 2k experts per layer
     and its tokens pick 3/4 of their k experts there. Every node reports a warmth (encoded by
-    ``cluster.warmth.encode``: one topic's experts plus a random third of the rest resident)
+    ``cluster.engine.warmth_report.encode``: one topic's experts plus a random third of the rest resident)
     and the prefix hashes of two conversations it holds; ``n_train`` routing-trace summaries
     of ``train_tokens`` prefilled tokens train the token affinity through ``RouterCore.on_report`` (timed:
     the router's cost of learning from one report). Each request is a
@@ -416,11 +417,11 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
         median round: 1 / its mean), each round's rate, whether the targets (p99 <= 1 ms,
         >= 5000/s) are met, and the top functions of a cProfile run.
     """
-    from cluster.protocol import NodeReport, node_name
-    from cluster.router import RouterCore
+    from cluster.distributed.protocol import NodeReport, node_name
+    from cluster.distributed.router import RouterCore
     from cluster.routing.base import RouteRequest, RoutingTraceSummary
     from cluster.routing.warmth import prefix_hashes
-    from cluster.warmth import encode
+    from cluster.engine.warmth_report import encode
 
     rng = np.random.default_rng(seed)
     vocab = 256
@@ -548,12 +549,12 @@ def run_routing_bench(model: str | None, out_dir: Path | None, *, prompts: str |
                       kill_node_after_s: float | None = None, concurrency: int | None = None,
                       progress: bool = True) -> dict[str, Any]:
     """The live comparison and the decision cost; writes docs/routing.md when ``out_dir`` is set."""
-    from cluster import memory_limit as memlimit
+    from cluster.distributed import memory_limit as memlimit
     from cluster.bench.routing_report import _pct, targets, write_routing_report
-    from cluster.cache import check_budget, discover_layout
-    from cluster.node_memory import MIB
+    from cluster.engine.cache import check_budget, discover_layout
+    from cluster.engine.node_memory import MIB
     from cluster.routing import POLICY_NAMES
-    from cluster.synth import default_model
+    from cluster.models.synth import default_model
 
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown or not policies:

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cluster.bench.report import MIB, _fmt  # noqa: E402
-from cluster.decision_audit import WARMEST_TOLERANCE  # noqa: E402
+from cluster.routing.decision_audit import WARMEST_TOLERANCE  # noqa: E402
 
 KIB = 1 << 10
 BASELINES = ("round_robin", "least_loaded")
@@ -109,7 +109,7 @@ def _policy_table(policies: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _audit_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
-    """The decisions checked against the nodes' warmth (``cluster.decision_audit``), one row per policy."""
+    """The decisions checked against the nodes' warmth (``cluster.routing.decision_audit``), one row per policy."""
     audited = {name: p.get("decision_audit") or {} for name, p in policies.items()}
     if not any(a.get("n") for a in audited.values()):
         return []
@@ -226,7 +226,7 @@ def write_routing_report(result: dict[str, Any], out_dir: Path) -> Path:
             "## Router decision cost",
             "",
             f"`RouterCore.choose` with the warmth policy, no Ray: {d['n_nodes']} nodes × {d['n_layers']} layers × "
-            f"{d['n_experts']} experts (top-{d['k']}), warmth reports encoded by `cluster.warmth`, an affinity of "
+            f"{d['n_experts']} experts (top-{d['k']}), warmth reports encoded by `cluster.engine.warmth_report`, an affinity of "
             f"{d['affinity_tokens']} tokens learned from routing-trace summaries, {d['prompt_tokens']}-token prompts, "
             f"half of them continuing a conversation some node holds; after each decision the chosen node's "
             f"load goes up and the oldest of {d.get('n_in_flight', 16)} requests in flight ends, as in service; "

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.cache import RoutingTrace, discover_layout, reuse_rate
+from cluster.engine.cache import RoutingTrace, discover_layout, reuse_rate
 
 
 def hot_set_coverage(trace: RoutingTrace, n_layers: int, n_experts: int, fraction: float) -> float:
@@ -29,8 +29,8 @@ def measure_reuse(model_path: str, *, n_words: int = 48, max_tokens: int = 64, p
     chance_reuse (k / E) and top40_coverage (share of decode selections in each layer's
     hottest 40 % of experts, per conversation, averaged).
     """
-    from cluster import synth
-    from cluster.engine import MoEEngine
+    from cluster.models import synth
+    from cluster.engine.moe_engine import MoEEngine
 
     layout = discover_layout(model_path)
     try:

@@ -134,14 +134,14 @@ def bench_serving(model_path: str, *, n_tokens: int = 128, rounds: int = 5, n_th
                   llama_server: str | None = None, progress: bool = True) -> dict[str, Any]:
     import ray
 
-    from cluster import deploy
-    from cluster.cache import discover_layout
-    from cluster.client import Client
-    from cluster.deploy import stop_http
-    from cluster.engine import MoEEngine
-    from cluster.gateway import GatewayConfig, start_http
-    from cluster.protocol import Finished
-    from cluster.sampling import SamplingParams
+    from cluster.distributed import deploy
+    from cluster.engine.cache import discover_layout
+    from cluster.distributed.client import Client
+    from cluster.distributed.deploy import stop_http
+    from cluster.engine.moe_engine import MoEEngine
+    from cluster.api.gateway import GatewayConfig, start_http
+    from cluster.distributed.protocol import Finished
+    from cluster.engine.sampling import SamplingParams
 
     budget = int(discover_layout(model_path).unit_bytes.sum())
     params = SamplingParams(max_tokens=n_tokens, temperature=0.0)

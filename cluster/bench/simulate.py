@@ -4,10 +4,10 @@ No llama.cpp runs during the simulation. Routing traces are recorded once from a
 (``record_traces``: an MoEEngine serves each turn of a workload's conversations from an empty
 context, so every trace covers the whole prompt); then each policy serves the same workload
 on N simulated nodes, each with the real policy core of the expert cache
-(``cluster.cache.CachePolicy``) at the same budget, routed by the real ``RouterCore`` and
+(``cluster.engine.cache.CachePolicy``) at the same budget, routed by the real ``RouterCore`` and
 policy. Per request:
   1. the router ranks the nodes (``RouterCore.choose``) from the NodeViews it built out of the
-     nodes' last reports (warmth encoded with ``cluster.warmth``, as a live node sends it);
+     nodes' last reports (warmth encoded with ``cluster.engine.warmth_report``, as a live node sends it);
   2. the chosen node queues the request (one at a time, first come first served). When it
      starts, it reuses KV state exactly as ``NodeServer`` and ``MoEEngine`` do — a saved
      session of the conversation, else the longest common prefix with its context — and its
@@ -40,14 +40,14 @@ import numpy as np
 
 from cluster.bench import command_line, log_progress, out_flag, percentile
 from cluster.bench.workload import Turn, Workload, conversation_prompt, for_model, poisson_arrivals
-from cluster.cache import TRACE_ACCESS, TRACE_PREDICT, TRACE_STEP, CacheConfig, CachePolicy, RoutingTrace, discover_layout
+from cluster.engine.cache import TRACE_ACCESS, TRACE_PREDICT, TRACE_STEP, CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.errors import OverloadedError
-from cluster.kv_slots import KvSlots, SavedState, Slot
-from cluster.protocol import NodeReport, node_name
-from cluster.router import RouterCore
+from cluster.engine.kv_slots import KvSlots, SavedState, Slot
+from cluster.distributed.protocol import NodeReport, node_name
+from cluster.distributed.router import RouterCore
 from cluster.routing.base import RouteRequest, RoutingTraceSummary
 from cluster.routing.warmth import prefix_hashes
-from cluster.warmth import encode as encode_warmth
+from cluster.engine.warmth_report import encode as encode_warmth
 
 HEARTBEAT_S = 1.0
 RETRY_S = 0.05
@@ -175,7 +175,7 @@ def record_traces(model_path: str, workload: Workload, *, max_tokens: int, progr
     The answer each turn got is part of the next turn's prompt (``conversation_prompt``).
     A conversation whose next prompt would not fit the context ends there.
     """
-    from cluster.engine import MoEEngine
+    from cluster.engine.moe_engine import MoEEngine
     from cluster.errors import PromptTooLongError
 
     layout = discover_layout(model_path)
@@ -250,7 +250,7 @@ def trim_prefill(trace: RoutingTrace, n_prompt: int, n_skip: int) -> RoutingTrac
 
 class SimNode:
     """A node without llama.cpp, serving one request at a time: KV reuse by the engine's own rules
-    (``cluster.kv_slots``, one slot, at most ``max_sessions`` saved conversations), expert cache as
+    (``cluster.engine.kv_slots``, one slot, at most ``max_sessions`` saved conversations), expert cache as
     CachePolicy."""
 
     def __init__(self, node_id: str, traces: TraceSet, cache_bytes: int, *, capacity: int, max_sessions: int) -> None:
@@ -510,8 +510,8 @@ def run_simulate_bench(model: str | None, out_dir: Path | None, *, traces_path: 
 
     ``warmth_knobs`` are keyword arguments of the warmth policy (the other policies have none).
     """
-    from cluster.node_memory import MIB
-    from cluster.synth import default_model
+    from cluster.engine.node_memory import MIB
+    from cluster.models.synth import default_model
 
     policies = list(policies) or ["warmth", "least_loaded", "round_robin"]
     n_requests = n_requests or (256 if quick else 2048)

@@ -30,7 +30,7 @@ def _rss_anon() -> int:
 
 
 def main(spec_path: str) -> int:
-    from cluster.engine import MoEEngine
+    from cluster.engine.moe_engine import MoEEngine
 
     spec = json.loads(open(spec_path).read())
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ one conversation, successive turns in file order — a line without it is a conv
 its own; ``domain`` (string) is a free label carried into the results. Any other key is an
 error, so a typo is not silently ignored.
 
-Synthetic workloads (for models written by ``cluster.synth``): each conversation is on one
+Synthetic workloads (for models written by ``cluster.models.synth``): each conversation is on one
 topic and has 2-4 turns, each turn a ``topic_prompt`` of ``words_per_turn`` words; at most
 ``max_open`` conversations are open at once and each arrival goes to a random open one, so
 conversations interleave; an optional mixed-topic preamble, the same text for every
@@ -181,7 +181,7 @@ def dump_jsonl(workload: Workload, path: str | os.PathLike[str]) -> None:
 def synthetic(topics: Sequence[Sequence[str]], n_requests: int, *, rate: float, seed: int = 0,
               words_per_turn: int = 20, min_turns: int = 2, max_turns: int = 4, max_open: int = 4,
               preamble_words: int = 0) -> Workload:
-    """Topic conversations for a ``cluster.synth`` model (see the module docstring).
+    """Topic conversations for a ``cluster.models.synth`` model (see the module docstring).
 
     Args:
         topics: the model's topics (``synth.read_topics``).
@@ -196,7 +196,7 @@ def synthetic(topics: Sequence[Sequence[str]], n_requests: int, *, rate: float, 
     Raises:
         ValueError: a parameter out of range.
     """
-    from cluster import synth
+    from cluster.models import synth
 
     if n_requests < 1:
         raise ValueError(f"n_requests must be >= 1, got {n_requests}")
@@ -248,11 +248,11 @@ def for_model(model_path: str, prompts: str | None, n_requests: int, *, rate: fl
     ``max_open`` and ``preamble_words`` apply to synthetic conversations (see ``synthetic``).
 
     Raises:
-        ValueError: no ``prompts`` for a model that ``cluster.synth`` did not write.
+        ValueError: no ``prompts`` for a model that ``cluster.models.synth`` did not write.
     """
     if prompts:
         return load_jsonl(prompts, rate=rate, seed=seed).head(n_requests)
-    from cluster import synth
+    from cluster.models import synth
 
     try:
         topics = synth.read_topics(model_path)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cluster.protocol import RoutingTraceSummary
+from cluster.engine.trace_summary import RoutingTraceSummary
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class RoutingPolicy(ABC):
     def on_audited(self, request_id: str, coverage: dict[str, float]) -> None:
         """The request reported which experts it used: ``coverage`` is, per candidate of its
         decision, the share of them that were resident there when the router decided
-        (``cluster.decision_audit``)."""
+        (``cluster.routing.decision_audit``)."""
 
     def pop_prediction(self, request_id: str) -> np.ndarray | None:
         """The bool ``[L, E]`` experts this policy predicted for the request, if it predicted any."""

@@ -9,7 +9,7 @@ Procedure, per request:
      for each prompt token, how often each (layer, expert) was selected when that token was
      prefilled. The tokens a node must prefill select expert e of layer l with probability
      ``1 - prod_t (1 - a_t[l, e])``; decoding (``expected_decode_tokens`` steps) is expected
-     to use the experts of the prompt's last ``DECODE_CONTEXT`` tokens (``cluster.token_affinity``).
+     to use the experts of the prompt's last ``DECODE_CONTEXT`` tokens (``cluster.engine.token_affinity``).
   3. Cost per node, in expert loads: expected prefill misses + expected decode misses
      (demand on experts not resident there) + ``prefill_token_cost`` per token to prefill.
   4. Balance: the candidates are the nodes whose load is within ``load_slack`` of the
@@ -39,7 +39,7 @@ Procedure, per request:
   6. Knowing nothing (no affinity for any prompt token, no prefix match, no warmth report):
      the least-loaded node, the one routed to least lately among equals, explicitly.
   7. Self-weighing: whether warmth pays depends on the model. When a request reports the
-     experts it used, the decision audit (``cluster.decision_audit``) gives each candidate's
+     experts it used, the decision audit (``cluster.routing.decision_audit``) gives each candidate's
      coverage of them at decision time; the policy keeps a running mean (over
      ``separation_memory`` audits) of the coverage on the candidate it expected warmest (fewest
      expected misses, whatever it chose) minus the candidates' mean. The expected misses of
@@ -83,7 +83,7 @@ import numpy as np
 from cluster._routing import expected_loads
 from cluster._routing import prefix_hashes as native_prefix_hashes
 from cluster.routing.base import NodeView, RouteRequest, RoutingPolicy, RoutingTraceSummary
-from cluster.token_affinity import TokenAffinity
+from cluster.engine.token_affinity import TokenAffinity
 
 PREFIX_BLOCK = 32
 

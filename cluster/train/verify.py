@@ -15,7 +15,7 @@ cache with logits for every position. Per domain the report gives:
 It also checks the tokenizers: the held-out documents tokenized by `tokenizers` (training) and
 by llama.cpp (the GGUF's vocabulary, merges and `qwen2` pre-tokenizer), as the fraction of
 documents tokenized identically and of tokens in them. And it checks the experts: the top-k
-sets llama.cpp selects (read by the project's own engine, `cluster.engine`, while it prefills
+sets llama.cpp selects (read by the project's own engine, `cluster.engine.moe_engine`, while it prefills
 the start of each domain's first held-out document and decodes greedily) against the sets the
 PyTorch model selects on the same tokens (`experts`: the share of identical sets and the mean
 overlap |S_llama ∩ S_torch| / k). llama.cpp computes F16 matrix products with activations
@@ -45,7 +45,7 @@ from cluster.train.tokenizer import BOS, load_tokenizer
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from cluster.cache import RoutingTrace
+    from cluster.engine.cache import RoutingTrace
 
 VERIFY_FILE = "verify.json"
 
@@ -91,7 +91,7 @@ def _decode_steps(trace: RoutingTrace) -> list[list[np.ndarray]]:
 
     With the prompt in one ubatch, group 0 is the prompt and group i the i-th decoded token.
     """
-    from cluster.cache import TRACE_ACCESS
+    from cluster.engine.cache import TRACE_ACCESS
 
     steps: list[list[np.ndarray]] = []
     for kind, layer, ids in trace.events():
@@ -107,13 +107,13 @@ def _expert_agreement(model: MoETransformer, gguf_path: Path, prompts: dict[str,
                       threads: int) -> dict:
     """Top-k sets llama.cpp selected (read by the project's engine) against PyTorch's, per domain.
 
-    Each prompt is prefilled and `max_tokens` tokens are decoded greedily by `cluster.engine`
+    Each prompt is prefilled and `max_tokens` tokens are decoded greedily by `cluster.engine.moe_engine`
     (with a cache budget holding the whole model, so nothing is evicted); PyTorch then runs the
     same tokens (prompt with BOS, then every generated token fed back). Compared: every prompt
     token in every layer but the last (llama.cpp's last layer keeps only the rows whose logits it
     needs), the last prompt token in the last layer, and every decode step in every layer.
     """
-    from cluster.engine import MoEEngine
+    from cluster.engine.moe_engine import MoEEngine
 
     n_layer, k = model.cfg.n_layer, model.cfg.n_expert_used
     report = {}

@@ -2,7 +2,7 @@
 
 The flags carry no bounds of their own: ``params_from_flags`` builds the params and reports a
 ``SamplingParamError`` under the flag's name, so the bounds stay where they are defined
-(``cluster.sampling``).
+(``cluster.engine.sampling``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cluster.sampling import SamplingParamError, SamplingParams, TokenLogprob, parse_logit_bias
+from cluster.engine.sampling import SamplingParamError, SamplingParams, TokenLogprob, parse_logit_bias
 
 
 def logprob_json(entry: TokenLogprob) -> dict[str, Any]:
@@ -33,7 +33,7 @@ _SAMPLING_FLAGS = {  # SamplingParams field -> its flag; bounds are SamplingPara
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (bounds as in cluster/sampling.py)")
+    g = p.add_argument_group("sampling (bounds as in cluster/engine/sampling.py)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -59,7 +59,7 @@ def params_from_flags(args: argparse.Namespace) -> SamplingParams:
     if args.grammar:
         grammar = Path(args.grammar).read_text(encoding="utf-8")
     elif args.json_schema:
-        from cluster.grammar import json_schema_grammar
+        from cluster.engine.grammar import json_schema_grammar
 
         try:
             schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))

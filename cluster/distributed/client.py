@@ -11,11 +11,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
-from cluster.chat import ChatMessage, ChatPrompt, chat_messages
-from cluster.dispatch import ROUTER_WAIT_S, Deployment, request_events
+from cluster.engine.chat import ChatMessage, ChatPrompt, chat_messages
+from cluster.distributed.dispatch import ROUTER_WAIT_S, Deployment, request_events
 from cluster.errors import InvalidParameterError, NodeFailedError, NoNodesError
-from cluster.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Restarted, RouteAsk, StreamItem
-from cluster.sampling import SamplingParams, TokenLogprob
+from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Restarted, RouteAsk, StreamItem
+from cluster.engine.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class _Loop:
 
 class Client:
     """A handle on a running deployment: asks its router for a node per request and streams from
-    that node directly (``cluster.dispatch``); async methods, and sync ones that run them."""
+    that node directly (``cluster.distributed.dispatch``); async methods, and sync ones that run them."""
 
     def __init__(self, router: Any = None, *, namespace: str | None = None, router_wait_s: float = ROUTER_WAIT_S) -> None:
         """``router``: the router actor's handle (looked up by name when None); ``namespace``: the
@@ -147,7 +147,7 @@ class Client:
         """Joins the Ray cluster at ``address`` (default: the local one) and finds the router."""
         import ray
 
-        from cluster.connection import connect
+        from cluster.distributed.connection import connect
 
         connect(address, namespace)
         try:
@@ -170,7 +170,7 @@ class Client:
     def aevents(self, prompt: Prompt, params: SamplingParams | None = None, *, session_id: str | None = None,
                 max_prompt_tokens: int | None = None, restartable: bool = False,
                 **fields: Any) -> AsyncIterator[StreamItem]:
-        """The request's events (``cluster.protocol``): ``Routed``, ``Piece`` items, then ``Finished``.
+        """The request's events (``cluster.distributed.protocol``): ``Routed``, ``Piece`` items, then ``Finished``.
 
         ``restartable``: the caller shows nothing before the end, so a node that dies mid-way has
         the request started again on another node; a ``Restarted`` item then voids the text

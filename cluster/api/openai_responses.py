@@ -8,7 +8,7 @@ their choice ``index``, then the ``done`` item) into OpenAI's chunks, choice by 
   with ``role: assistant``;
 * ``logprobs`` in OpenAI's shapes: completions' legacy ``{tokens, token_logprobs,
   top_logprobs, text_offset}``, chat's ``{content: [{token, logprob, bytes, top_logprobs}]}``;
-* with tools, ``<tool_call>`` blocks (``cluster.tool_calls``) as ``delta.tool_calls``: a chunk
+* with tools, ``<tool_call>`` blocks (``cluster.api.tool_calls``) as ``delta.tool_calls``: a chunk
   with the call's index, id, type and name, then one with its arguments; the choice then
   finishes with ``finish_reason: tool_calls``;
 * the last chunk of each choice carries its ``finish_reason`` (and ``system_fingerprint``, the
@@ -20,11 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from cluster.client import Choice
-from cluster.openai_api import APIRequest
-from cluster.protocol import Finished
-from cluster.sampling import TokenLogprob
-from cluster.tool_calls import ParsedCall, ToolCallStream, split_tool_calls
+from cluster.distributed.client import Choice
+from cluster.api.openai_api import APIRequest
+from cluster.distributed.protocol import Finished
+from cluster.engine.sampling import TokenLogprob
+from cluster.api.tool_calls import ParsedCall, ToolCallStream, split_tool_calls
 
 
 def usage_body(usage: dict[str, int]) -> dict[str, int]:

@@ -15,10 +15,10 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from cluster.errors import InvalidParameterError, SniperError
-from cluster.model_file import check_model_file
-from cluster.node import NodeActor, NodeConfig
-from cluster.node_memory import AUTO
-from cluster.protocol import NAMESPACE, ROUTER_NAME, node_name
+from cluster.engine.model_file import check_model_file
+from cluster.distributed.node import NodeActor, NodeConfig
+from cluster.engine.node_memory import AUTO
+from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, node_name
 
 PLACEMENT_GROUP = "sniper-nodes"
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
@@ -27,14 +27,14 @@ NODE_MAX_RESTARTS = -1  # a node process that dies (OOM kill, crash) is started 
 
 def whole_model_budget(model_path: str) -> int:
     """An expert-cache budget that holds every expert of the model: the budget when none is given."""
-    from cluster.cache import discover_layout
+    from cluster.engine.cache import discover_layout
 
     return int(discover_layout(model_path).unit_bytes.sum())
 
 
 def cache_budget(model_path: str, cache_mb: int | str | None) -> int | str:
     """The expert-cache budget per node: ``cache_mb`` MiB in bytes, ``"auto"`` (each node derives
-    it from its memory, ``cluster.node_memory``), or the whole model's when None."""
+    it from its memory, ``cluster.engine.node_memory``), or the whole model's when None."""
     if cache_mb == AUTO:
         return AUTO
     return cache_mb << 20 if cache_mb else whole_model_budget(model_path)
@@ -45,8 +45,8 @@ def check_model(model_path: str, cache_bytes: int | str | None, chat_template: s
     (ModelFileError: missing, corrupt, truncated, dense), the budget can work for it
     (CacheBudgetError; an ``"auto"`` budget is derived and checked on each node) and an
     overriding chat template compiles (ChatTemplateError)."""
-    from cluster.cache import check_budget, discover_layout
-    from cluster.chat import ChatTemplate
+    from cluster.engine.cache import check_budget, discover_layout
+    from cluster.engine.chat import ChatTemplate
 
     layout = discover_layout(model_path)
     if cache_bytes is not None and cache_bytes != AUTO:
@@ -107,7 +107,7 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from cluster.router import RouterActor
+    from cluster.distributed.router import RouterActor
 
     config = check_deployment(model_path, cache_bytes=cache_bytes, policy=policy, n_ctx=n_ctx, n_slots=n_slots,
                               max_queue=max_queue, memory_limit_bytes=memory_limit_bytes, n_threads=n_threads,

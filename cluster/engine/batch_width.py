@@ -10,7 +10,7 @@ is slower than a narrow one. ``BatchWidth`` then adapts the number of running se
 the cache sustains, judged by the one cost that bounds a disk-bound node: expert bytes read per
 generated token, over windows of ``window_steps`` tokens per running sequence (``window_steps``
 times the width: a window spans about as many steps at every width, so a wide batch's cost
-includes what changing from one kind of batch to the next costs, ``cluster.batch_admission``):
+includes what changing from one kind of batch to the next costs, ``cluster.engine.batch_admission``):
 
 * start at one sequence; after a window, try twice as many unless twice as many was seen to cost
   more than ``tolerance`` times the current width's bytes per token;

@@ -19,12 +19,12 @@ from typing import Any, Callable, NoReturn, Sequence
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from cluster.bench import DEFAULT_OUT  # noqa: E402
-from cluster.cli_sampling import add_sampling_flags, logprob_json, params_from_flags  # noqa: E402
+from cluster.cli.sampling_flags import add_sampling_flags, logprob_json, params_from_flags  # noqa: E402
 from cluster.errors import SniperError  # noqa: E402
-from cluster.model_file import check_model_file  # noqa: E402
-from cluster.node_memory import MIB  # noqa: E402
-from cluster.status_table import status_table  # noqa: E402
-from cluster.synth import default_model  # noqa: E402
+from cluster.engine.model_file import check_model_file  # noqa: E402
+from cluster.engine.node_memory import MIB  # noqa: E402
+from cluster.cli.status_table import status_table  # noqa: E402
+from cluster.models.synth import default_model  # noqa: E402
 
 MAX_CACHE_MB = 1 << 30  # 1 PiB: anything larger is a typo, not a machine
 
@@ -78,7 +78,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def synth_presets() -> list[str]:
-    from cluster import synth
+    from cluster.models import synth
 
     return list(synth.PRESETS)
 
@@ -86,7 +86,7 @@ def synth_presets() -> list[str]:
 # -- synth ---------------------------------------------------------------------------------
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from cluster import synth
+    from cluster.models import synth
 
     config = synth.config_from_args(
         args.preset, layers=args.layers, experts=args.experts, top_k=args.top_k, dim=args.dim, ff=args.ff,
@@ -114,9 +114,9 @@ def _synth_summary(r: dict[str, Any]) -> str:
 # -- run -----------------------------------------------------------------------------------
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from cluster.chat import ChatMessage, ChatPrompt, ChatRenderer
-    from cluster.deploy import read_chat_template
-    from cluster.engine import MoEEngine
+    from cluster.engine.chat import ChatMessage, ChatPrompt, ChatRenderer
+    from cluster.distributed.deploy import read_chat_template
+    from cluster.engine.moe_engine import MoEEngine
 
     params = params_from_flags(args)
     override = read_chat_template(args.chat_template)
@@ -164,7 +164,7 @@ def _cache_budget(args: argparse.Namespace, model: str) -> int | None:
     """--no-cache: None; --cache-mb: that; else room for every expert of the model."""
     if args.no_cache:
         return None
-    from cluster.deploy import cache_budget
+    from cluster.distributed.deploy import cache_budget
 
     return cache_budget(model, args.cache_mb)
 
@@ -185,7 +185,7 @@ def _run_summary(r: dict[str, Any]) -> str:
 # -- demo ----------------------------------------------------------------------------------
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from cluster.demo import run_demo
+    from cluster.cli.demo import run_demo
 
     return run_demo(model=args.model, cache_mb=args.cache_mb, n_requests=args.requests, n_nodes=args.nodes,
                     policy=args.policy, keep=args.keep)
@@ -196,9 +196,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Starts everything or nothing: whatever fails or is interrupted (SIGINT, SIGTERM) after the
     checks removes what this command had started (the gateway, the deployment, the local cluster)."""
-    from cluster import connection, deploy, local_cluster
+    from cluster.distributed import connection
+    from cluster.distributed import deploy
+    from cluster.distributed import local_cluster
     from cluster.errors import InvalidParameterError
-    from cluster.openai_api import Limits
+    from cluster.api.openai_api import Limits
 
     # the whole configuration is checked before a local cluster (or anything) starts for nothing
     model = args.model or str(default_model("demo").resolve())
@@ -226,7 +228,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"started a local Ray cluster of {args.local_nodes} nodes at {address}", file=sys.stderr)
         connection.connect(args.address, args.namespace)
         if args.http:
-            from cluster.gateway import check_route_free
+            from cluster.api.gateway import check_route_free
 
             check_route_free(args.namespace)
         info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
@@ -234,7 +236,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                              chat_template=chat_template, memory_limit_bytes=memory_limit_bytes)
         started.append("deployment")  # deploy removes what it started itself when it fails
         if limits is not None:
-            from cluster.gateway import GatewayConfig, start_http
+            from cluster.api.gateway import GatewayConfig, start_http
 
             info["http"] = start_http(GatewayConfig(namespace=args.namespace, api_key=args.api_key, limits=limits),
                                       args.http_host, args.http_port)
@@ -263,13 +265,13 @@ def _interrupt(*_: object) -> None:
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from cluster.client import Client
+    from cluster.distributed.client import Client
 
     return Client.connect(args.address, args.namespace)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from cluster.chat import ChatMessage, ChatPrompt
+    from cluster.engine.chat import ChatMessage, ChatPrompt
 
     params = params_from_flags(args)
     client = _client(args)
@@ -297,7 +299,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
     status = client.status()
     if args.plot:
-        from cluster.status_plot import plot_heat  # matplotlib only when asked
+        from cluster.cli.status_plot import plot_heat  # matplotlib only when asked
 
         plot_heat(client.heat(), args.plot)
     _emit(_jsonable(status), args, status_table)
@@ -315,7 +317,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _cmd_shutdown(args: argparse.Namespace) -> int:
-    from cluster import connection, deploy, local_cluster
+    from cluster.distributed import connection
+    from cluster.distributed import deploy
+    from cluster.distributed import local_cluster
 
     try:
         connection.connect(args.address, args.namespace)

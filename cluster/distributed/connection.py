@@ -1,4 +1,4 @@
-"""Joining a Ray cluster: the local one ``cluster.local_cluster`` started, an address, or Ray's own.
+"""Joining a Ray cluster: the local one ``cluster.distributed.local_cluster`` started, an address, or Ray's own.
 
 An address nobody answers at is refused in one line (``ray.init`` would wait for minutes), and
 Ray is kept on loopback for local clusters (DESIGN.md, "Running Ray on these machines").
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-from cluster import local_cluster
+from cluster.distributed import local_cluster
 from cluster.errors import SniperError
-from cluster.protocol import NAMESPACE
+from cluster.distributed.protocol import NAMESPACE
 
 RAY_CURRENT_CLUSTER = "/tmp/ray/ray_current_cluster"  # where `ray start` / ray.init record the last cluster's address
 

@@ -8,9 +8,9 @@ whose reports go to the named router actor. A node:
     same batch (later ones copy the prompt's KV state), its pieces tagged with their ``index``;
   * takes the prompt as token ids (the router tokenized it, once);
   * keeps conversations' KV state in the engine's slots and, when a slot goes to another
-    conversation, saved within ``session_bytes`` (``cluster.kv_slots``), so a conversation's
+    conversation, saved within ``session_bytes`` (``cluster.engine.kv_slots``), so a conversation's
     next turn prefills only its new tokens; any request reuses the longest prefix held;
-  * streams text pieces to its caller (``cluster.protocol`` items) as the engine's step loop
+  * streams text pieces to its caller (``cluster.distributed.protocol`` items) as the engine's step loop
     makes them: decoding never waits for the transport; after the first piece, the pieces of
     each ``COALESCE_S`` window (or all that piled up behind a slower reader) go as one; it stops
     a request's sequences when the caller cancels or goes away;
@@ -33,9 +33,9 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
-from cluster.engine import EngineConfig, Generation, MoEEngine
+from cluster.engine.moe_engine import EngineConfig, Generation, MoEEngine
 from cluster.errors import InvalidParameterError, OverloadedError
-from cluster.protocol import (
+from cluster.distributed.protocol import (
     ROUTER_NAME,
     Cancelled,
     ChoiceEnd,
@@ -47,8 +47,8 @@ from cluster.protocol import (
     StreamItem,
 )
 from cluster.routing.warmth import prefix_hashes
-from cluster.sequence import Cancelled as SequenceCancelled
-from cluster.sequence import Piece as SequencePiece
+from cluster.engine.sequence import Cancelled as SequenceCancelled
+from cluster.engine.sequence import Piece as SequencePiece
 
 RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a node keeps for a restarted router
 
@@ -204,7 +204,7 @@ class NodeServer:
         self.config = config
         self.started_at = time.time()
         if config.memory_limit_bytes:
-            from cluster.memory_limit import MemoryLimit
+            from cluster.distributed.memory_limit import MemoryLimit
 
             self._limit = MemoryLimit(f"sniper-{node_id}", config.memory_limit_bytes)
             self._limit.enter()

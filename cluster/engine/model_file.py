@@ -3,7 +3,7 @@
 ``check_model_file`` reads the fixed GGUF header with Python alone: the path names a readable
 regular file, long enough to hold the header, that starts with the GGUF magic and a version
 llama.cpp reads. Every entry point that takes a model goes through it: the command line checks
-``--model`` with it before any start-up work (``cluster.cli``), and ``cache.discover_layout``,
+``--model`` with it before any start-up work (``cluster.cli.main``), and ``cache.discover_layout``,
 which the engine, a node and ``deploy`` open every model with, calls it first. What it cannot
 see (a header cut short past these bytes, an inconsistent one) is left to the native reader,
 whose log ``discover_layout`` keeps off the terminal.

@@ -6,7 +6,7 @@ The model is loaded with llama-cpp-python's low-level API so the context paramet
 Lifetimes follow ``llama_cpp/_internals.py``: one ExitStack; the context is freed before the
 cache and the callback it points to; ``close()`` is idempotent.
 
-Decoding follows a ``SamplingParams`` (``cluster.sampling``) with llama.cpp's own sampler chain
+Decoding follows a ``SamplingParams`` (``cluster.engine.sampling``) with llama.cpp's own sampler chain
 (logit bias, penalties, grammar, top-k/top-p/min-p, temperature, a seeded draw, or greedy);
 generation ends on every end-of-generation token of the vocabulary, on the request's stop
 tokens and stop strings (none of which reach the text), or at ``max_tokens``. Token
@@ -31,11 +31,12 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
-from cluster import _native, node_memory
-from cluster import warmth as warmth_report
-from cluster.batch_admission import ExpertAdmission
-from cluster.batch_width import BatchWidth
-from cluster.cache import (
+from cluster import _native
+from cluster.engine import node_memory
+from cluster.engine import warmth_report
+from cluster.engine.batch_admission import ExpertAdmission
+from cluster.engine.batch_width import BatchWidth
+from cluster.engine.cache import (
     CacheConfig,
     ExpertCacheParams,
     RoutingTrace,
@@ -49,12 +50,12 @@ from cluster.errors import (
     ModelFileError,
     PromptTooLongError,
 )
-from cluster.kv_slots import KvSlots, SavedState, Slot
-from cluster.node_memory import AUTO
-from cluster.sampling import LOGIT_BIAS_BAN, SamplingParamError, SamplingParams, TokenLogprob, TopLogprob
-from cluster.sequence import CANCELLED, Cancelled, Piece, Resume, check_resume
-from cluster.sequence import Sequence as SequenceHandle
-from cluster.tokenizer import Tokenizer
+from cluster.engine.kv_slots import KvSlots, SavedState, Slot
+from cluster.engine.node_memory import AUTO
+from cluster.engine.sampling import LOGIT_BIAS_BAN, SamplingParamError, SamplingParams, TokenLogprob, TopLogprob
+from cluster.engine.sequence import CANCELLED, Cancelled, Piece, Resume, check_resume
+from cluster.engine.sequence import Sequence as SequenceHandle
+from cluster.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class EngineConfig:
     Attributes:
         model_path: a GGUF Mixture-of-Experts model.
         cache_bytes: expert-cache budget in bytes; ``"auto"``: derived from the memory the node
-            has once the model is loaded (``cluster.node_memory``); None runs plain llama.cpp
+            has once the model is loaded (``cluster.engine.node_memory``); None runs plain llama.cpp
             (no callback).
         n_ctx: context window of each sequence slot, in tokens.
         n_slots: sequences decoded together (continuous batching; 1: one request at a time).
@@ -75,9 +76,9 @@ class EngineConfig:
         session_bytes: bytes of saved conversation KV states (conversations whose slot another
             one took) kept for their next turn.
         adaptive_width: under a budget below the model's experts, run only as many sequences
-            together as the cache sustains (``cluster.batch_width``); False: every slot, always.
+            together as the cache sustains (``cluster.engine.batch_width``); False: every slot, always.
         expert_admission: under a budget below the model's experts, form batches of sequences
-            expected to need the same experts (``cluster.batch_admission``); False: first come,
+            expected to need the same experts (``cluster.engine.batch_admission``); False: first come,
             first served.
         n_threads: compute threads (default: all cores).
         cache: policy knobs other than the budget (its budget_bytes is replaced by cache_bytes).
@@ -204,8 +205,8 @@ class MoEEngine:
     sequence and chunks of waiting prompts in one ``llama_decode``, then samples each sequence
     with its own sampler; requests join at the next step and end on their own. Under a cache
     budget below the model's experts, how many run together adapts to what the cache sustains
-    (``cluster.batch_width``) and a batch takes sequences expected to need the same experts
-    (``cluster.batch_admission``); the others wait. Everything that touches the llama.cpp context
+    (``cluster.engine.batch_width``) and a batch takes sequences expected to need the same experts
+    (``cluster.engine.batch_admission``); the others wait. Everything that touches the llama.cpp context
     or the cache runs on that thread (``_call``).
 
     Example:
@@ -366,7 +367,7 @@ class MoEEngine:
         return self._native_cache is not None
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
-        """The prompt tokens the engine evaluates for ``text`` (``cluster.tokenizer`` rules)."""
+        """The prompt tokens the engine evaluates for ``text`` (``cluster.engine.tokenizer`` rules)."""
         self._check_open()
         return self.tokenizer.tokenize(text, special=special)
 
@@ -408,7 +409,7 @@ class MoEEngine:
         return self._call(self._native_cache.measured_resident_bytes)
 
     def warmth(self, heat: bool = False) -> bytes:
-        """The warmth report (msgpack, see ``cluster.warmth``), with each unit's heat if ``heat``."""
+        """The warmth report (msgpack, see ``cluster.engine.warmth_report``), with each unit's heat if ``heat``."""
         self._check_open()
         if self._native_cache is None:
             raise InvalidParameterError("a warmth report needs the expert cache (cache_bytes set)")
@@ -430,7 +431,7 @@ class MoEEngine:
             params: decoding options (default ``SamplingParams()``); ``fields`` override some
                 of them by name (``max_tokens=8``).
             special: the prompt is a chat rendering: special-token texts are parsed as tokens
-                (see ``cluster.tokenizer``).
+                (see ``cluster.engine.tokenizer``).
             session: the conversation this request continues: its KV state is kept (in a slot or
                 saved) for its next turn.
         """
@@ -684,7 +685,7 @@ class MoEEngine:
 
     def _next_waiting(self) -> SequenceHandle | None:
         """The waiting sequence to start now: the oldest, or under memory pressure the one
-        that fits the running batch's experts, if any (``cluster.batch_admission``)."""
+        that fits the running batch's experts, if any (``cluster.engine.batch_admission``)."""
         if self._admission is None:
             return self._waiting.popleft()
         batch = self._running[0].prompt if self._running else None
@@ -696,7 +697,7 @@ class MoEEngine:
         return seq
 
     def _start(self, seq: SequenceHandle) -> None:
-        """Gives a waiting sequence a slot and the longest KV prefix it can have (``cluster.kv_slots``)."""
+        """Gives a waiting sequence a slot and the longest KV prefix it can have (``cluster.engine.kv_slots``)."""
         placement = self._kv.place(seq.prompt, seq.session)
         assert placement is not None
         slot = placement.slot
@@ -833,10 +834,10 @@ class MoEEngine:
     def batch_stats(self) -> dict[str, float]:
         """How the engine batches: slots, how many are busy and waiting now, how many may run
         together now (``width``: every slot, or what the cache sustains under memory pressure,
-        ``cluster.batch_width``), and since start the
+        ``cluster.engine.batch_width``), and since start the
         steps, tokens per step, decoding sequences per step, sequences per step and step time
         (with a cache: expert units each step selected, the union of its sequences' experts
-        summed over layers; under memory pressure, ``cluster.batch_admission``'s ``reordered``:
+        summed over layers; under memory pressure, ``cluster.engine.batch_admission``'s ``reordered``:
         sequences started before an older waiting one, and ``held``: times a free slot stayed
         free because no waiting sequence fitted the running batch)."""
         totals = self._batch_totals

@@ -1,7 +1,7 @@
 """One generation in an engine's batch: sampled tokens in, text pieces out.
 
 A ``Sequence`` is created by ``MoEEngine.submit`` and lives in the engine's step loop: it owns its
-llama.cpp sampler, its place in a KV slot (``cluster.kv_slots``), how much of its prompt has been
+llama.cpp sampler, its place in a KV slot (``cluster.engine.kv_slots``), how much of its prompt has been
 evaluated, and its text. Each sampled token goes through ``accept``, which applies the request's
 ends — every end-of-generation token, its stop tokens and stop strings (none of which reach the
 text), ``max_tokens``, a full slot — and emits the text that can no longer turn into a stop
@@ -21,7 +21,7 @@ from typing import Any, Callable
 from typing import Sequence as Seq
 
 from cluster.errors import InvalidParameterError
-from cluster.sampling import SamplingParams, TokenLogprob
+from cluster.engine.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Sequence:
         self.n_reused = 0         # prompt tokens whose KV was already held (not evaluated)
         self.n_evaluated = 0      # prompt tokens evaluated so far (n_reused included)
         self.pending: int | None = None  # the sampled token to evaluate next (decoding)
-        self.passed_over = 0      # times a later sequence started before it (cluster.batch_admission)
+        self.passed_over = 0      # times a later sequence started before it (cluster.engine.batch_admission)
         self.submitted_at = time.perf_counter()
         self.started_at: float | None = None    # its first step
         self.prompt_done_at: float | None = None

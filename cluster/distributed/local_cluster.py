@@ -3,7 +3,7 @@
 ``ray start --address`` cannot add a node on 127.0.0.1 while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 (and with it set to 1 Ray swaps 127.0.0.1 for the machine's outward address), so local
 clusters use ``ray.cluster_utils.Cluster`` inside a small daemon process:
-``python -m cluster.local_cluster N STATE.json [CPUS [DASHBOARD_PORT [OWNER_PID]]]`` starts N
+``python -m cluster.distributed.local_cluster N STATE.json [CPUS [DASHBOARD_PORT [OWNER_PID]]]`` starts N
 nodes (the head with Ray's dashboard and job server on 127.0.0.1:DASHBOARD_PORT, for
 ``ray job submit``; 0: none), writes ``{"address", "dashboard", "pid", "n_nodes"}`` to STATE.json
 and keeps them up until it receives SIGTERM or SIGINT, or its head stops answering.
@@ -63,7 +63,7 @@ def answers(address: str, timeout_s: float = 2.0) -> bool:
 def _daemon_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"cluster.local_cluster" in f.read()
+            return b"cluster.distributed.local_cluster" in f.read()
     except OSError:
         return False
 
@@ -111,7 +111,7 @@ def state(announce: bool = True, state_file: str | None = None) -> LocalCluster 
 def check_nodes(n_nodes: int, node_bytes: int = 0) -> None:
     """Refuses a local cluster this machine cannot hold: more than MAX_NODES nodes, or more memory
     than is available at NODE_OVERHEAD_BYTES + ``node_bytes`` (what each node's actor will hold) a node."""
-    from cluster.node_memory import mem_available_bytes
+    from cluster.engine.node_memory import mem_available_bytes
 
     if not isinstance(n_nodes, int) or not 1 <= n_nodes <= MAX_NODES:
         raise InvalidParameterError(f"a local cluster has 1 to {MAX_NODES} nodes, got {n_nodes!r}")
@@ -137,7 +137,7 @@ def start(n_nodes: int, cpus_per_node: int = 2, timeout_s: float = 180.0, dashbo
     if running is not None:
         raise SniperError(f"a local cluster is already running ({running.n_nodes} nodes at {running.address}, "
                           f"daemon pid {running.pid}); stop it with: python -m cluster shutdown --stop-local")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.local_cluster", str(n_nodes), state_file,
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.distributed.local_cluster", str(n_nodes), state_file,
                              str(cpus_per_node), str(dashboard_port), str(os.getpid())], env=loopback_env(),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() \

@@ -10,7 +10,7 @@ or gets 401 before anything is routed; ``/health`` and ``/metrics`` stay open fo
 scrapers. Errors are OpenAI error bodies (400/401/404/413/429/503), never stack traces.
 
 ``start_http`` runs it from the ``serve --http`` command; ``build_app`` is the import path
-for Serve configs and KubeRay's RayService (``cluster.gateway:build_app``), and creates the
+for Serve configs and KubeRay's RayService (``cluster.api.gateway:build_app``), and creates the
 deployment (router + node actors) first when it is given a model.
 """
 
@@ -34,12 +34,12 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cluster.client import completion
-from cluster.deploy import HEAD_NODE_RESOURCE, app_name
+from cluster.distributed.client import completion
+from cluster.distributed.deploy import HEAD_NODE_RESOURCE, app_name
 from cluster.errors import InvalidParameterError, NoNodesError, RouterUnavailableError, SniperError
-from cluster.metrics import GatewayMetrics
-from cluster.node_memory import AUTO
-from cluster.openai_api import (
+from cluster.api.metrics import GatewayMetrics
+from cluster.engine.node_memory import AUTO
+from cluster.api.openai_api import (
     APIError,
     APIRequest,
     Limits,
@@ -50,8 +50,8 @@ from cluster.openai_api import (
     parse_detokenize,
     parse_tokenize,
 )
-from cluster.openai_responses import StreamChunks, response
-from cluster.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Routed, StreamItem
+from cluster.api.openai_responses import StreamChunks, response
+from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Routed, StreamItem
 
 API_KEY_ENV = "SNIPER_API_KEY"
 STATUS_TIMEOUT_S = 5.0
@@ -198,9 +198,9 @@ class Gateway:
 
     async def _router_client(self) -> Any:
         """The client: it finds the router (and the nodes) by name when it first needs them, and
-        again after a router restart (``cluster.dispatch``)."""
+        again after a router restart (``cluster.distributed.dispatch``)."""
         if self._client is None:
-            from cluster.client import Client
+            from cluster.distributed.client import Client
 
             self._client = Client(namespace=self.config.namespace)
         return self._client
@@ -469,7 +469,7 @@ BUILD_ARGS = ("model", "nodes", "cache_mb", "threads", "slots", "policy", "names
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """Serve application builder (``import_path: cluster.gateway:build_app``).
+    """Serve application builder (``import_path: cluster.api.gateway:build_app``).
 
     With ``model``, it first deploys the router and ``nodes`` node actors unless the namespace
     already has a router; without, it fronts an existing deployment. ``chat_template`` (a Jinja
@@ -489,7 +489,7 @@ def build_app(args: dict[str, Any]) -> Any:
         cache_mb = args["cache_mb"] if "cache_mb" in args else os.environ.get("SNIPER_CACHE_MB") or None  # as `serve`
         if cache_mb is not None and str(cache_mb) != AUTO and (not str(cache_mb).isdigit() or int(cache_mb) < 1):
             raise InvalidParameterError(f"cache_mb must be a positive integer (MiB) or '{AUTO}', got {cache_mb!r}")
-        from cluster.deploy import read_chat_template
+        from cluster.distributed.deploy import read_chat_template
 
         slots = args.get("slots", 4)
         if not str(slots).isdigit() or not 1 <= int(slots) <= 256:
@@ -506,8 +506,8 @@ def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threa
     """Deploys unless the namespace has a router; no ``cache_mb``: a budget that holds the whole model."""
     import ray
 
-    from cluster import deploy
-    from cluster.connection import connect
+    from cluster.distributed import deploy
+    from cluster.distributed.connection import connect
 
     connect(None, namespace)
     try:

@@ -18,8 +18,8 @@ import numpy as np
 
 from cluster import _native
 from cluster.errors import CacheBudgetError, InvalidParameterError, ModelFileError
-from cluster.model_file import check_model_file
-from cluster.protocol import RoutingTraceSummary
+from cluster.engine.model_file import check_model_file
+from cluster.engine.trace_summary import RoutingTraceSummary
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 EVICTION_POLICIES: tuple[str, ...] = ("scan_resistant", "lru", "lfu")

@@ -6,7 +6,7 @@ renders a ``ChatPrompt`` with it in a sandboxed Jinja environment
 (``jinja2.sandbox.ImmutableSandboxedEnvironment``) with the variables and helpers templates
 use: ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``tools`` (when
 given), ``raise_exception(message)``, ``strftime_now(format)`` and a JSON ``tojson`` filter.
-The text it produces is tokenized with special tokens parsed (``cluster.tokenizer``).
+The text it produces is tokenized with special tokens parsed (``cluster.engine.tokenizer``).
 
 A model without a template keeps the plain rendering (``role: content`` lines, then
 ``assistant:``), and says so: ``ChatTemplate.origin`` is ``model``, ``override`` (a template
@@ -33,18 +33,18 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from cluster.errors import ChatTemplateError, InvalidParameterError
-from cluster.sampling import SamplingParams
+from cluster.engine.sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant", "tool")
 CHAT_ROLES = (*ROLES, "developer")  # the roles a message dict may name; "developer" is OpenAI's newer name for system
 _MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
 TemplateOrigin = Literal["model", "override", "none"]
-HERMES_TOOL_CALL_TAG = "<tool_call>"  # the tool-call format parsed back (cluster.tool_calls)
+HERMES_TOOL_CALL_TAG = "<tool_call>"  # the tool-call format parsed back (cluster.api.tool_calls)
 _SENTINEL = "\u2063SNIPER-END-OF-TURN-PROBE\u2063"  # an answer no template rewrites
 
 
 class VocabularyLike(Protocol):
-    """What rendering needs of a tokenizer (``cluster.tokenizer.Tokenizer`` has it)."""
+    """What rendering needs of a tokenizer (``cluster.engine.tokenizer.Tokenizer`` has it)."""
 
     bos_text: str
     eos_text: str
@@ -264,7 +264,7 @@ class ChatTemplate:
     @property
     def supports_tools(self) -> bool:
         """The template reads ``tools`` and writes the Hermes ``<tool_call>`` format this
-        service parses back (``cluster.tool_calls``)."""
+        service parses back (``cluster.api.tool_calls``)."""
         if self.source is None or HERMES_TOOL_CALL_TAG not in self.source:
             return False
         return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(self.source))
@@ -392,7 +392,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-# -- templates written into synthetic chat models (cluster.synth) --------------------------------
+# -- templates written into synthetic chat models (cluster.models.synth) --------------------------------
 
 CHATML_TEMPLATE = (
     "{%- if messages and messages[0].role == 'system' -%}\n"
@@ -457,4 +457,4 @@ SYNTH_TEMPLATES: dict[str, tuple[str, tuple[str, ...], str, str | None]] = {
     "llama3": (LLAMA3_TEMPLATE, ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                "<|eot_id|>", "<|begin_of_text|>"),
 }
-"""Chat formats ``cluster.synth`` can write into a synthetic model (``--chat-template NAME``)."""
+"""Chat formats ``cluster.models.synth`` can write into a synthetic model (``--chat-template NAME``)."""

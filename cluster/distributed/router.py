@@ -9,7 +9,7 @@ the requests in flight on each (by request id) — and asks the policy to choose
 ``RouterActor`` (named, detached ``sniper-router``, restartable) is its async Ray shell:
 ``route`` renders and tokenizes a request once, chooses a node (refusing at once with
 ``OverloadedError`` when every live node is at capacity) and returns the ``Route``; the caller
-streams from that node itself (``cluster.dispatch``), so the router's work is per request and a
+streams from that node itself (``cluster.distributed.dispatch``), so the router's work is per request and a
 stream outlives the router. A request leaves the router's in-flight count when its node reports
 its end (however it ended), when the caller gives up on that node (``failed``), or when the node
 dies. After a restart the router rebuilds its state from the nodes' reports.
@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from cluster.chat import ChatPrompt, ChatRenderer
-from cluster.decision_audit import DecisionAudit
+from cluster.engine.chat import ChatPrompt, ChatRenderer
+from cluster.routing.decision_audit import DecisionAudit
 from cluster.errors import InvalidParameterError, NoNodesError, OverloadedError, PromptTooLongError
-from cluster.protocol import NodeReport, NodeRequest, Route, RouteAsk
+from cluster.distributed.protocol import NodeReport, NodeRequest, Route, RouteAsk
 from cluster.routing import NodeView, RouteRequest, make_policy
-from cluster.sampling import SamplingParams
-from cluster.warmth import Warmth, WarmthFormatError
-from cluster.warmth import decode as decode_warmth
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.warmth_report import Warmth, WarmthFormatError
+from cluster.engine.warmth_report import decode as decode_warmth
 
 NODE_TIMEOUT_S = 5.0
 CUMULATIVE_STATS = ("hits", "misses", "bytes_read", "generated_tokens")  # counters kept across a node's restarts
@@ -278,7 +278,7 @@ class RouterActor:
 
     def __init__(self, model_path: str, policy: str = "warmth", namespace: str = "sniper",
                  chat_template: str | None = None) -> None:
-        from cluster.tokenizer import Tokenizer
+        from cluster.engine.tokenizer import Tokenizer
 
         self.core = RouterCore(policy)
         self.model_path = model_path

@@ -16,11 +16,14 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-from cluster import connection, deploy, local_cluster, synth
-from cluster.cache import check_budget, discover_layout
-from cluster.node_memory import MIB
-from cluster.status_table import status_table
-from cluster.synth import default_model
+from cluster.distributed import connection
+from cluster.distributed import deploy
+from cluster.distributed import local_cluster
+from cluster.models import synth
+from cluster.engine.cache import check_budget, discover_layout
+from cluster.engine.node_memory import MIB
+from cluster.cli.status_table import status_table
+from cluster.models.synth import default_model
 
 
 def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: int = 12, n_nodes: int = 3,
@@ -45,7 +48,7 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
         deploy.deploy(path, n_nodes, cache_bytes=budget, policy=policy, n_threads=1)
         print(f"local Ray cluster of {n_nodes} nodes at {address}, node actors and router ready in "
               f"{time.perf_counter() - t0:.1f} s (policy {policy})\n")
-        from cluster.client import Client
+        from cluster.distributed.client import Client
 
         client = Client.connect(address)
         # Conversations: two per topic (two users asking about the same thing), turns sent in rounds;

@@ -78,7 +78,7 @@ class SamplingParams:
         logprobs: return the log-probability of every generated token.
         top_logprobs: with ``logprobs``, also the most likely alternatives at each position. [0, 20].
         grammar: a GBNF grammar (llama.cpp's) the output must follow, or None. JSON schemas are
-            turned into one by ``cluster.grammar``.
+            turned into one by ``cluster.engine.grammar``.
     """
 
     max_tokens: int = 64
@@ -236,7 +236,7 @@ class TokenLogprob:
         text: what it added to the choice's text, as the sequence decoded it (incremental UTF-8,
             invalid bytes replaced by U+FFFD): a character split across tokens comes with the
             token that completes it, so the entries' texts put together are the choice's text.
-            Set by ``cluster.sequence``.
+            Set by ``cluster.engine.sequence``.
     """
 
     token: int

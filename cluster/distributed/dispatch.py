@@ -1,7 +1,7 @@
 """The caller's side of a request: ask the router for a node, stream from that node, retry elsewhere.
 
 One helper for the Python client and the HTTP gateway: ``request_events`` yields
-``cluster.protocol`` items — ``Routed`` at each dispatch, the node's ``Piece`` items, then
+``cluster.distributed.protocol`` items — ``Routed`` at each dispatch, the node's ``Piece`` items, then
 ``Finished`` (with the router's ``routing`` and ``chat_template`` filled in) — and handles what
 can go wrong between the three processes:
 
@@ -34,8 +34,8 @@ import time
 from typing import Any, AsyncIterator
 
 from cluster.errors import NodeFailedError, NoNodesError, OverloadedError, RouterUnavailableError, SniperError
-from cluster.protocol import ROUTER_NAME, Finished, Piece, Restarted, Route, RouteAsk, Routed, StreamItem
-from cluster.sequence import Resume
+from cluster.distributed.protocol import ROUTER_NAME, Finished, Piece, Restarted, Route, RouteAsk, Routed, StreamItem
+from cluster.engine.sequence import Resume
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ shell and every rule here is tested directly. ``parse_completion`` / ``parse_cha
 decoded JSON body into an ``APIRequest`` (the prompt or conversation, ``SamplingParams``, and
 what the response must echo) or raise ``APIError`` carrying the HTTP status and an
 OpenAI-style error body naming the field. Sampling options are bounded in one place,
-``cluster.sampling``; this module maps wire fields onto them (``max_completion_tokens`` onto
+``cluster.engine.sampling``; this module maps wire fields onto them (``max_completion_tokens`` onto
 ``max_tokens``, completions' ``logprobs: N`` onto ``logprobs`` + ``top_logprobs``, ...) and
 reports their errors under the wire name. ``response_format`` and forced ``tool_choice``
-become grammars (``cluster.grammar``). Responses and stream chunks are in
-``cluster.openai_responses``. ``parse_tokenize`` / ``parse_detokenize`` read llama-server's
+become grammars (``cluster.engine.grammar``). Responses and stream chunks are in
+``cluster.api.openai_responses``. ``parse_tokenize`` / ``parse_detokenize`` read llama-server's
 ``/tokenize`` and ``/detokenize`` bodies.
 """
 
@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cluster.chat import ChatMessage, ChatPrompt, chat_messages
+from cluster.engine.chat import ChatMessage, ChatPrompt, chat_messages
 from cluster.errors import (
     InvalidParameterError,
     NodeFailedError,
@@ -32,9 +32,9 @@ from cluster.errors import (
     PromptTooLongError,
     RouterUnavailableError,
 )
-from cluster.grammar import json_object_grammar, json_schema_grammar, tool_call_grammar
-from cluster.sampling import MAX_SEED, SamplingParamError, SamplingParams
-from cluster.tool_calls import is_function_name
+from cluster.engine.grammar import json_object_grammar, json_schema_grammar, tool_call_grammar
+from cluster.engine.sampling import MAX_SEED, SamplingParamError, SamplingParams
+from cluster.api.tool_calls import is_function_name
 
 log = logging.getLogger(__name__)
 

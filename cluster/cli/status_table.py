@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.decision_audit import WARMEST_TOLERANCE
-from cluster.node_memory import MIB
+from cluster.routing.decision_audit import WARMEST_TOLERANCE
+from cluster.engine.node_memory import MIB
 
 
 def status_table(status: dict[str, Any]) -> str:

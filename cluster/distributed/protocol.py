@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-import numpy as np
 
-from cluster.chat import ChatPrompt
-from cluster.sampling import SamplingParams, TokenLogprob
-from cluster.sequence import Resume
+from cluster.engine.chat import ChatPrompt
+from cluster.engine.sampling import SamplingParams, TokenLogprob
+from cluster.engine.sequence import Resume
+from cluster.engine.trace_summary import RoutingTraceSummary
 
 NAMESPACE = "sniper"  # the default Ray namespace of a deployment
 ROUTER_NAME = "sniper-router"
@@ -175,45 +175,13 @@ StreamItem = Union[Piece, Finished, Cancelled, Routed, Restarted]
 # -- node -> router ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class RoutingTraceSummary:
-    """What a node reports about one served request, for the policies to learn from.
-
-    Attributes:
-        tokens: the prompt tokens that were prefilled (in order).
-        prompt_experts: int ``[n_tokens, L, k]`` experts each prefilled token chose per layer
-            (-1 where a layer did not see the token).
-        decode_counts: int ``[L, E]`` selections during decoding.
-    """
-
-    tokens: tuple[int, ...]
-    prompt_experts: np.ndarray
-    decode_counts: np.ndarray
-
-    def selections(self, shape: tuple[int, int], decode: bool = True) -> np.ndarray:
-        """Selections per (layer, expert), int64 ``shape`` ``[L, E]``: the prefilled tokens', and with
-        ``decode`` the decoding's too (ids outside the shape are left out)."""
-        n_layers, n_experts = shape
-        counts = np.zeros(n_layers * n_experts, dtype=np.int64)
-        experts = self.prompt_experts
-        if experts.ndim == 3 and experts.size:
-            layers = min(n_layers, experts.shape[1])
-            ids = experts[:, :layers, :]
-            units = ids + (np.arange(layers, dtype=ids.dtype) * n_experts)[None, :, None]
-            counts += np.bincount(units[(ids >= 0) & (ids < n_experts)], minlength=counts.size)[:counts.size]
-        decoded = np.asarray(self.decode_counts)
-        if decode and decoded.shape == shape:
-            counts += decoded.reshape(-1).astype(np.int64)
-        return counts.reshape(shape)
-
-
-@dataclass(frozen=True)
 class NodeReport:
     """What a node tells the router: after every request (``request_id`` set: that request ended,
     however) and on every heartbeat.
 
     Attributes:
         node_id, load, capacity, healthy: who, how busy, how many it takes at once, alive.
-        warmth: the msgpack warmth report (``cluster.warmth``); None: unchanged since the last one.
+        warmth: the msgpack warmth report (``cluster.engine.warmth_report``); None: unchanged since the last one.
         prefixes: prefix hashes of the KV states it holds; None: unchanged.
         sessions: conversations whose KV state it holds.
         stats: cumulative counters (empty in a light report).

@@ -9,7 +9,7 @@ one sequence at a time and runs 1.2x as fast; batches of one kind, 0.43x and 2.4
 ``ExpertAdmission`` forms batches of one kind, one after another:
 
 * a prompt's kind is its expected expert selections (``expected``: the prefill of its tokens
-  plus ``decode_steps`` steps of decoding), predicted by ``cluster.token_affinity`` (the
+  plus ``decode_steps`` steps of decoding), predicted by ``cluster.engine.token_affinity`` (the
   router's predictor), learned here from the experts each prompt this engine prefilled
   selected (as soon as its prefill ends, so a kind is known early);
 * with nothing running, the waiting sequence expected to load least starts (its expected
@@ -24,7 +24,7 @@ batch has ended, and then it starts, whatever it costs. A prompt whose kind is n
 affinity knows fewer than ``min_known`` of its tokens, or nothing yet) runs alone, in its turn:
 it starts only when nothing runs and is the oldest waiting, and nothing joins it; so before the
 affinity has learned anything, sequences run one at a time, first come, first served. How many
-of one kind run together is ``cluster.batch_width``'s to say. Pure logic: the engine hands it
+of one kind run together is ``cluster.engine.batch_width``'s to say. Pure logic: the engine hands it
 the waiting sequences, the resident experts and the running batch's oldest prompt, and each
 prefilled prompt's routing-trace summary.
 """
@@ -37,12 +37,12 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from cluster.protocol import RoutingTraceSummary
-from cluster.token_affinity import TokenAffinity
+from cluster.engine.trace_summary import RoutingTraceSummary
+from cluster.engine.token_affinity import TokenAffinity
 
 
 class Waiting(Protocol):
-    """A waiting sequence as admission sees it (``cluster.sequence.Sequence``)."""
+    """A waiting sequence as admission sees it (``cluster.engine.sequence.Sequence``)."""
 
     prompt: Sequence[int]
     passed_over: int  # times a later sequence started before it

@@ -2,7 +2,7 @@
 the token was prefilled, learned online from routing-trace summaries, and the expert demand it
 predicts for a prompt (``csrc/demand.h``). The router's warmth policy prices a request on each
 node with it (``cluster.routing.warmth``); an engine under memory pressure tells with it which
-waiting sequences need the same experts (``cluster.batch_admission``)."""
+waiting sequences need the same experts (``cluster.engine.batch_admission``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from cluster._routing import affinity_encode, request_demand
-from cluster.protocol import RoutingTraceSummary
+from cluster.engine.trace_summary import RoutingTraceSummary
 
 DECODE_CONTEXT = 16
 """Trailing prompt tokens whose experts decoding is expected to use."""

@@ -5,7 +5,7 @@ benchmarks run on these files; llama.cpp (llama-cpp-python 0.3.36) loads and run
 
 * Tokenizer: byte-level GPT-2 BPE (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer "default"):
   the 256 byte tokens, `<|bos|>`/`<|eos|>` (CONTROL), a chat format's control tokens when
-  `chat_template` asks for one (`<|im_start|>`, `<|im_end|>`, ...: see `cluster.chat`), and
+  `chat_template` asks for one (`<|im_start|>`, `<|im_end|>`, ...: see `cluster.engine.chat`), and
   n_topics x words_per_topic pseudo-words such as " kalo", each one token reached by a merge
   chain ("Ġ k", "Ġk a", ...).
 * Routing follows topics. Topic t has a direction d_t, a coordinate axis of the residual stream
@@ -48,7 +48,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from cluster.chat import SYNTH_TEMPLATES
+from cluster.engine.chat import SYNTH_TEMPLATES
 from cluster.errors import OutputFileError
 
 __all__ = [
@@ -131,7 +131,7 @@ class SynthConfig:
         n_topics: number of topics (vocabulary groups with their own expert groups).
         words_per_topic: single-token words per topic (at least 2, so decoding moves on).
         n_ctx_train: `context_length` written to the file.
-        chat_template: "" (none), or a chat format of `cluster.chat.SYNTH_TEMPLATES` ("chatml",
+        chat_template: "" (none), or a chat format of `cluster.engine.chat.SYNTH_TEMPLATES` ("chatml",
             "llama3"): its Jinja template goes into `tokenizer.chat_template` and its control
             tokens into the vocabulary (CONTROL type, after <|bos|>/<|eos|>), with
             `tokenizer.ggml.eot_token_id` set to its end-of-turn token (and the BOS id to its own
@@ -428,7 +428,7 @@ def read_topics(path: str | os.PathLike[str]) -> list[list[str]]:
     """
     field = gguf.GGUFReader(path).fields.get(KEY_TOPICS)
     if field is None:
-        raise ValueError(f"{path}: no {KEY_TOPICS} metadata; expected a model written by cluster.synth")
+        raise ValueError(f"{path}: no {KEY_TOPICS} metadata; expected a model written by cluster.models.synth")
     return [bytes(field.parts[i]).decode("utf-8").split(" ") for i in field.data]
 
 
@@ -440,7 +440,7 @@ def read_config(path: str | os.PathLike[str]) -> SynthConfig:
     """
     field = gguf.GGUFReader(path).fields.get(KEY_CONFIG)
     if field is None:
-        raise ValueError(f"{path}: no {KEY_CONFIG} metadata; expected a model written by cluster.synth")
+        raise ValueError(f"{path}: no {KEY_CONFIG} metadata; expected a model written by cluster.models.synth")
     return SynthConfig.from_json(bytes(field.parts[field.data[0]]).decode("utf-8"))
 
 

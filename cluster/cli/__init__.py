@@ -1,0 +1,3 @@
+"""The command line (python -m cluster, sniper): subcommands, the demo, status tables and plots. The top
+layer: may import every other package.
+"""
