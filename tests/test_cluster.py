@@ -55,9 +55,9 @@ def test_client_generate_stream_and_status_end_to_end(deployment, tiny_topics):
     assert done.usage["completion_tokens"] == 8 and done.finish_reason == "length"
     assert "".join(client.stream(prompt, max_tokens=8)) == done.text
     status = client.status()
-    assert status["policy"] == "warmth"
-    assert sorted(n["name"] for n in status["nodes"]) == [node_name(i) for i in range(N_NODES)]
-    assert sum(n["served"] for n in status["nodes"]) == 2
+    assert status.policy == "warmth"
+    assert sorted(n.name for n in status.nodes) == [node_name(i) for i in range(N_NODES)]
+    assert sum(n.served for n in status.nodes) == 2
 
 
 def test_the_heat_map_is_asked_of_the_nodes_and_their_own_reports_carry_no_heat(deployment, tiny_topics, tiny_layout,
@@ -111,14 +111,14 @@ def test_requests_of_a_topic_go_to_the_node_warm_for_it(deployment, tiny_topics)
         return served
 
     burst(seed=100)  # nodes warm up on what they serve; the router learns the topics' experts
-    before = client.status()["decision_audit"]
+    before = client.status().decision_audit
     served = burst(seed=200)
-    after = client.status()["decision_audit"]
-    n = after["n"] - before["n"]
+    after = client.status().decision_audit
+    n = after.n - before.n
     assert n == 3 * N_NODES, (before, after)
-    warmest = round(after["warmest_share"] * after["n_choices"] - before["warmest_share"] * before["n_choices"])
-    served_cov = (after["served_coverage"] * after["n"] - before["served_coverage"] * before["n"]) / n
-    mean_cov = (after["mean_coverage"] * after["n"] - before["mean_coverage"] * before["n"]) / n
+    warmest = round(after.warmest_share * after.n_choices - (before.warmest_share or 0) * before.n_choices)
+    served_cov = (after.served_coverage * after.n - (before.served_coverage or 0) * before.n) / n
+    mean_cov = (after.mean_coverage * after.n - (before.mean_coverage or 0) * before.n) / n
     assert warmest >= n - 1, (warmest, n, served)  # the warmest node for the experts it then used, all but once at most
     assert served_cov > mean_cov + 0.1, (served_cov, mean_cov)
     assert all(len(set(nodes)) == 1 for nodes in served.values()), served  # a warm topic stays put
@@ -164,7 +164,7 @@ def test_node_killed_during_a_burst_loses_no_request(deployment, tiny_topics):
     outcomes = burst_with_a_failure(client, prompt, lambda: ray.kill(victim, no_restart=True))
     assert outcomes.count("ok") == len(outcomes)
     deadline = time.monotonic() + 15  # a dead node is noticed on use or after 5 s without reports
-    while {n["name"]: n["alive"] for n in client.status()["nodes"]}[node_name(1)]:
+    while client.status().node(node_name(1)).alive:
         assert time.monotonic() < deadline, "the router still lists the killed node as alive"
         time.sleep(0.5)
 
@@ -181,8 +181,8 @@ def test_a_node_process_killed_during_a_burst_is_restarted_and_serves_again(depl
     assert outcomes.count("ok") == len(outcomes)
     deadline = time.monotonic() + 120
     while True:
-        node = {n["name"]: n for n in client.status()["nodes"]}[node_name(1)]
-        if node["alive"] and node["restarts"] == 1:
+        node = client.status().node(node_name(1))
+        if node.alive and node.restarts == 1:
             break
         assert time.monotonic() < deadline, f"the killed node did not come back: {node}"
         time.sleep(0.5)
@@ -195,23 +195,23 @@ def test_router_killed_comes_back_and_rebuilds_state_from_reports(deployment, ti
     client, namespace = deployment
     prompt = synth.topic_prompt(tiny_topics, 0, 8, seed=5)
     client.generate(prompt, max_tokens=4)
-    first_start = client.status()["started_at"]
+    first_start = client.status().started_at
     ray.kill(ray.get_actor("sniper-router", namespace=namespace), no_restart=False)
     deadline = time.monotonic() + 60
     while True:
         try:
             status = client.status()
-            if status["started_at"] != first_start and sum(n["alive"] for n in status["nodes"]) == N_NODES:
+            if status.started_at != first_start and len(status.live_nodes()) == N_NODES:
                 break
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             pass  # restarting
         assert time.monotonic() < deadline, "the router did not come back with every node"
         time.sleep(0.5)
-    while status["policy_state"].get("affinity_tokens", 0) == 0:  # taught back by the nodes, no request needed
-        assert time.monotonic() < deadline, f"the restarted router learned no affinity: {status['policy_state']}"
+    while not status.policy_state.affinity_tokens:  # taught back by the nodes, no request needed
+        assert time.monotonic() < deadline, f"the restarted router learned no affinity: {status.policy_state}"
         time.sleep(0.5)
         status = client.status()
-    assert status["decisions"] == {}  # nothing was routed by this incarnation: it learned from the nodes' traces
+    assert status.decisions == {}  # nothing was routed by this incarnation: it learned from the nodes' traces
     assert client.generate(prompt, max_tokens=4).text
 
 

@@ -18,6 +18,7 @@ from cluster.models import synth  # noqa: E402
 from cluster.distributed.client import Client  # noqa: E402
 from cluster.errors import RouterUnavailableError  # noqa: E402
 from cluster.distributed.protocol import ROUTER_NAME  # noqa: E402
+from cluster.distributed.status import RouterStatus  # noqa: E402
 
 N_NODES = 2
 NAMESPACE = "t-dispatch"
@@ -34,7 +35,7 @@ def deployment(tiny_model, tiny_layout):
             deploy.shutdown(NAMESPACE)
 
 
-def _router_status() -> dict:
+def _router_status() -> RouterStatus:
     return ray.get(ray.get_actor(ROUTER_NAME, namespace=NAMESPACE).status.remote(), timeout=60)
 
 
@@ -59,7 +60,7 @@ def test_a_finished_request_frees_its_node_before_the_callers_next_ask(deploymen
     client = deployment
     for turn in range(5):
         client.generate(synth.topic_prompt(tiny_topics, turn % 3, 8, seed=20 + turn), max_tokens=4)
-        assert all(n["load"] == 0 for n in client.status()["nodes"]), client.status()["nodes"]
+        assert all(n.load == 0 for n in client.status().nodes), client.status().nodes
 
 
 def test_a_stream_survives_the_router_being_killed_mid_stream(deployment, tiny_topics):
@@ -85,10 +86,10 @@ def test_a_caller_that_goes_away_leaks_no_in_flight_count(deployment, tiny_topic
     stream.close()  # cancels on the node; the node's end-of-request report settles the router's count
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if all(n["load"] == 0 for n in _router_status()["nodes"]):
+        if all(n.load == 0 for n in _router_status().nodes):
             break
         time.sleep(0.2)
-    assert all(n["load"] == 0 for n in _router_status()["nodes"]), _router_status()["nodes"]
+    assert all(n.load == 0 for n in _router_status().nodes), _router_status().nodes
 
 
 def test_a_router_gone_for_good_is_a_typed_error_not_a_hang(deployment, tiny_topics, tiny_model, tiny_layout):

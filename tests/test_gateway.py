@@ -34,6 +34,7 @@ from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
 from cluster.api.gateway import GatewayConfig, build_app, start_http  # noqa: E402
 from cluster.api.openai_api import Limits  # noqa: E402
 from cluster.distributed.protocol import ROUTER_NAME, node_name  # noqa: E402
+from cluster.distributed.status import RouterStatus  # noqa: E402
 
 N_NODES = 2
 API_KEY = "test-key-123"
@@ -67,7 +68,7 @@ def _openai(url: str, key: str = API_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def _status() -> dict:
+def _status() -> RouterStatus:
     return ray.get(ray.get_actor("sniper-router", namespace=NAMESPACE).status.remote())
 
 
@@ -130,8 +131,8 @@ def test_api_key_is_required_and_a_refused_request_reaches_no_node(gateway, mode
         assert r.headers["www-authenticate"] == "Bearer"
     assert requests.get(f"{gateway}/v1/models", timeout=30).status_code == 401
     after = _status()
-    assert after["decisions"] == before["decisions"]
-    assert [n["served"] for n in after["nodes"]] == [n["served"] for n in before["nodes"]]
+    assert after.decisions == before.decisions
+    assert [n.served for n in after.nodes] == [n.served for n in before.nodes]
 
 
 def _post(url: str, body, **kwargs) -> requests.Response:
@@ -243,9 +244,9 @@ def test_a_streaming_client_gone_before_its_first_byte_leaves_nothing_in_progres
         time.sleep(0.2)
     assert now == in_progress, f"{now - in_progress} requests left in progress"
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(n["load"] for n in _status()["nodes"]):
+    while time.monotonic() < deadline and any(n.load for n in _status().nodes):
         time.sleep(0.1)
-    assert not any(n["load"] for n in _status()["nodes"])
+    assert not any(n.load for n in _status().nodes)
 
 
 def _descendants(pid: int) -> set[int]:
@@ -366,7 +367,7 @@ def test_metrics_scraped_during_load(gateway, model_name, tiny_topics):
 
 def test_a_caller_that_goes_away_cancels_its_request_on_the_node(gateway, model_name, tiny_topics):
     def generated() -> float:
-        return sum(n["generated_tokens"] or 0 for n in _status()["nodes"])
+        return sum(n.generated_tokens or 0 for n in _status().nodes)
 
     time.sleep(1.5)  # reports of earlier requests are in
     start = generated()
@@ -377,10 +378,10 @@ def test_a_caller_that_goes_away_cancels_its_request_on_the_node(gateway, model_
         assert r.status_code == 200
         assert next(r.iter_lines()).startswith(b"data: ")  # the first piece arrived; the caller leaves
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(n["load"] for n in _status()["nodes"]):
+    while time.monotonic() < deadline and any(n.load for n in _status().nodes):
         time.sleep(0.1)
     time.sleep(2.0)  # the node's report of the cancelled request
-    assert not any(n["load"] for n in _status()["nodes"])
+    assert not any(n.load for n in _status().nodes)
     assert generated() - start < 256
 
 
@@ -444,7 +445,7 @@ def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model,
                           timeout=60)
         assert r.status_code == 400
         status = ray.get(ray.get_actor(ROUTER_NAME, namespace="gateway-build").status.remote(), timeout=30)
-        served = [n for n in status["nodes"] if n["served"]]
+        served = [n for n in status.nodes if n.served]
         assert served and {n["budget_bytes"] for n in served} == {deploy.whole_model_budget(str(tiny_model))}
     finally:
         serve.delete("sniper-build")
@@ -473,7 +474,7 @@ def test_a_node_dying_mid_answer_is_continued_elsewhere_not_an_error(gateway, mo
     done = r.json()
     assert done["usage"]["completion_tokens"] == 256 and done["system_fingerprint"] != busy[0]
     deadline = time.monotonic() + 120  # the crashed node is back before the tests that follow
-    while not all(n["alive"] for n in _status()["nodes"]):
+    while not all(n.alive for n in _status().nodes):
         assert time.monotonic() < deadline, "the crashed node did not come back"
         time.sleep(0.5)
 
@@ -501,7 +502,7 @@ def test_a_stream_whose_node_dies_is_continued_on_another_node_without_a_seam(ga
     raw = json.dumps([c.model_dump() for c in chunks])
     assert "Error" not in raw and "actor" not in raw.lower()
     deadline = time.monotonic() + 120  # the crashed node is back before the tests that follow
-    while not all(n["alive"] for n in _status()["nodes"]):
+    while not all(n.alive for n in _status().nodes):
         assert time.monotonic() < deadline, "the crashed node did not come back"
         time.sleep(0.5)
 

@@ -19,6 +19,7 @@ from cluster.distributed import deploy  # noqa: E402
 from cluster.models import synth  # noqa: E402
 from cluster.distributed.client import Client  # noqa: E402
 from cluster.distributed.protocol import node_name  # noqa: E402
+from cluster.distributed.status import NodeStatus  # noqa: E402
 
 N_NODES = 3
 NAMESPACE = "node-loss"
@@ -30,8 +31,8 @@ def cluster():
         yield cluster
 
 
-def _node(client: Client, name: str) -> dict:
-    return {n["name"]: n for n in client.status()["nodes"]}[name]
+def _node(client: Client, name: str) -> NodeStatus:
+    return client.status().node(name)
 
 
 def test_a_ray_node_lost_during_a_burst_loses_no_request_and_its_replacement_serves(cluster, tiny_model,
@@ -44,24 +45,24 @@ def test_a_ray_node_lost_during_a_burst_loses_no_request_and_its_replacement_ser
         workers = {n.node_id: n for n in cluster.worker_nodes}
         victim = next(r["node"] for r in info["nodes"] if r["ray_node_id"] in workers)  # not the head's
         ray_node = workers[next(r["ray_node_id"] for r in info["nodes"] if r["node"] == victim)]
-        router_started = client.status()["started_at"]
+        router_started = client.status().started_at
         prompt = synth.topic_prompt(tiny_topics, 1, 12, seed=8)
         outcomes = burst_with_a_failure(client, prompt, lambda: cluster.remove_node(ray_node, allow_graceful=False))
         assert outcomes.count("ok") == len(outcomes)
         deadline = time.monotonic() + 30
-        while _node(client, victim)["alive"]:
+        while _node(client, victim).alive:
             assert time.monotonic() < deadline, "the router still lists the lost node as alive"
             time.sleep(0.5)
         served = {client.generate(prompt, max_tokens=4).node for _ in range(N_NODES)}
         assert victim not in served and len(served) == N_NODES - 1
-        assert client.status()["started_at"] == router_started  # the router lives on the head: it never went away
+        assert client.status().started_at == router_started  # the router lives on the head: it never went away
 
         cluster.add_node(**NODE_ARGS)  # a machine joins in the lost one's place
         deadline = time.monotonic() + 180
-        while not (node := _node(client, victim))["alive"]:
+        while not (node := _node(client, victim)).alive:
             assert time.monotonic() < deadline, f"the node actor did not come back on the new node: {node}"
             time.sleep(0.5)
-        assert node["restarts"] == 1
+        assert node.restarts == 1
         moved = ray.get(ray.get_actor(victim, namespace=NAMESPACE).ready.remote(), timeout=60)["ray_node_id"]
         assert moved != ray_node.node_id
         served = [client.generate(prompt, max_tokens=4).node for _ in range(N_NODES)]

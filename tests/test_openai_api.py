@@ -348,13 +348,20 @@ def test_metrics_exposition_includes_router_status():
     metrics = GatewayMetrics()
     metrics.requests.labels("/v1/completions", "200").inc(3)
     metrics.latency.labels("/v1/completions").observe(0.3)
-    status = {"nodes": [{"name": "a", "alive": True, "load": 2, "capacity": 8, "served": 5, "hit_rate": 0.75,
-                         "decode_hit_rate": None, "bytes_read": 1024, "generated_tokens": 40, "warm_fraction": 0.5,
-                         "resident_bytes": 10, "budget_bytes": 20, "sessions": 1}],
-              "decisions": {"warmth:ranked": 4, "warmth:overloaded": 1}, "prediction": {"precision": 0.9, "recall": None},
-              "decision_audit": {"n": 4, "served_coverage": 0.8, "best_coverage": 0.85, "mean_coverage": 0.4,
-                                 "n_choices": 4, "warmest_share": 0.75},
-              "policy_state": {"warmth_weight": 0.25, "warmth_separation": 0.025, "warmth_audits": 40}}
+    from cluster.distributed.status import NodeStatus, PredictionScore, RouterStatus
+    from cluster.routing.base import PolicyState
+    from cluster.routing.decision_audit import AuditSummary
+
+    node = NodeStatus(name="a", alive=True, load=2, capacity=8, served=5, hit_rate=0.75, decode_hit_rate=None,
+                      bytes_read=1024, generated_tokens=40, warm_fraction=0.5, resident_bytes=10, budget_bytes=20,
+                      sessions=1)
+    status = RouterStatus(
+        model="m", pid=1, n_routes=5, route_s=0.01, policy="warmth", started_at=0.0, nodes=(node,),
+        decisions={("warmth", "ranked"): 4, ("warmth", "overloaded"): 1},
+        prediction=PredictionScore(n=4, precision=0.9, recall=None),
+        decision_audit=AuditSummary(n=4, served_coverage=0.8, best_coverage=0.85, mean_coverage=0.4, n_choices=4,
+                                    warmest_share=0.75),
+        policy_state=PolicyState(warmth_weight=0.25, warmth_separation=0.025, warmth_audits=40))
     f = _families(metrics.exposition(status))
     assert f["sniper_http_requests_total"][(("endpoint", "/v1/completions"), ("status", "200"))] == 3
     assert f["sniper_request_duration_seconds_count"][(("endpoint", "/v1/completions"),)] == 1

@@ -168,7 +168,7 @@ def test_warmth_weighs_itself_by_whether_its_warmest_guess_was_warm():
             policy.choose(request(0, rid=f"a{i}"), [view("warm", topic=0), view("cold")])
             policy.on_audited(f"a{i}", {"warm": covered, "cold": 0.40})
     assert flat.warmth_weight == 0.0 and sharp.warmth_weight == 1.0
-    assert flat.state()["warmth_audits"] == 8 and flat.state()["warmth_weight"] == 0.0
+    assert flat.state().warmth_audits == 8 and flat.state().warmth_weight == 0.0
     req = request(0, n=4 * PREFIX_BLOCK, rid="turn")
     for policy, expected in ((flat, "holder"), (sharp, "warm")):
         policy.on_prefixes("holder", prefix_hashes(req.tokens[: PREFIX_BLOCK]))
@@ -240,9 +240,9 @@ def test_router_core_routes_refuses_and_times_out_silent_nodes():
         core.release(f"held{i}")
     assert core.choose(request(1), {"b"}) == ["a"]  # excluded after a failed attempt
     now[0] = 100.0  # both silent for longer than NODE_TIMEOUT_S
-    assert [n["alive"] for n in core.status()["nodes"]] == [False, False]
-    assert core.status()["decisions"] == {"warmth:ranked": 1, "warmth:spread": 1,  # "a" holds the other topic
-                                          "warmth:overloaded": 1, "warmth:no_nodes": 1}
+    assert [n.alive for n in core.status().nodes] == [False, False]
+    assert core.status().decisions == {("warmth", "ranked"): 1, ("warmth", "spread"): 1,  # "a" holds the other topic
+                                       ("warmth", "overloaded"): 1, ("warmth", "no_nodes"): 1}
     with pytest.raises(NoNodesError):
         core.choose(request(1), set())
 
@@ -300,8 +300,8 @@ def test_decision_audit_scores_the_served_node_against_every_candidates_warmth()
     audit.on_decision("r3", [view("warm", topic=1), view("cold")])
     assert audit.on_report("r3", "warm", summary).warmest
     s = audit.summary()
-    assert s["n"] == 2 and s["n_choices"] == 2 and s["warmest_share"] == 0.5
-    assert s["served_coverage"] == pytest.approx((share_half + 1.0) / 2) and s["best_coverage"] == 1.0
+    assert s.n == 2 and s.n_choices == 2 and s.warmest_share == 0.5
+    assert s.served_coverage == pytest.approx((share_half + 1.0) / 2) and s.best_coverage == 1.0
 
 
 def test_decision_audit_keeps_a_bounded_number_of_pending_decisions():
@@ -327,9 +327,9 @@ def test_router_status_reports_how_warm_the_chosen_nodes_were():
         node = core.choose(request(topic, rid=rid), set())[0]
         core.on_report(_report(node, topic if node == "ab"[topic] else 1 - topic, request_id=rid,
                                summary=summary_for(topic, TOPIC_TOKENS[topic], rng)))
-    audit = core.status()["decision_audit"]
-    assert audit["n"] == 4 and audit["warmest_share"] == 1.0 and audit["served_coverage"] == 1.0
-    assert audit["mean_coverage"] == pytest.approx(0.5)
+    audit = core.status().decision_audit
+    assert audit.n == 4 and audit.warmest_share == 1.0 and audit.served_coverage == 1.0
+    assert audit.mean_coverage == pytest.approx(0.5)
 
 
 def test_a_restarted_node_counts_once_comes_back_cold_and_keeps_its_totals():
@@ -341,16 +341,16 @@ def test_a_restarted_node_counts_once_comes_back_cold_and_keeps_its_totals():
     assert core.policy.prefix_holders[prefix[0]] == {"a"}
     # a's process died and a new one reports: a busy heartbeat first (no warmth, no prefixes, no stats)
     core.on_report(NodeReport(**{**vars(_report("a", None, started_at=2.0)), "warmth": None, "prefixes": None}))
-    a = next(n for n in core.status()["nodes"] if n["name"] == "a")
-    assert a["alive"] and a["restarts"] == 1 and a["warm_fraction"] is None  # the old process's warmth is gone
+    a = core.status().node("a")
+    assert a.alive and a.restarts == 1 and a.warm_fraction is None  # the old process's warmth is gone
     assert prefix[0] not in core.policy.prefix_holders  # and so are the KV states it held
-    assert a["bytes_read"] == 1000 and a["generated_tokens"] == 50 and a["hit_rate"] == pytest.approx(0.9)
+    assert a.bytes_read == 1000 and a.generated_tokens == 50 and a.hit_rate == pytest.approx(0.9)
     later = {"hits": 5, "misses": 5, "bytes_read": 300, "generated_tokens": 7}
     core.on_report(NodeReport(**{**vars(_report("a", 0, started_at=2.0)), "stats": later}))
     core.on_report(NodeReport(**{**vars(_report("a", 0, started_at=2.0)), "stats": later}))  # same process again
-    a = next(n for n in core.status()["nodes"] if n["name"] == "a")
-    assert a["restarts"] == 1 and a["bytes_read"] == 1300 and a["generated_tokens"] == 57
-    assert a["hit_rate"] == pytest.approx(95 / 110) and a["warm_fraction"] > 0
+    a = core.status().node("a")
+    assert a.restarts == 1 and a.bytes_read == 1300 and a.generated_tokens == 57
+    assert a.hit_rate == pytest.approx(95 / 110) and a.warm_fraction > 0
 
 
 def test_batch_affinity_sends_a_request_where_running_requests_use_its_experts():
@@ -399,7 +399,10 @@ def test_batch_affinity_never_picks_a_node_without_a_free_slot_when_one_has_room
 def test_the_status_table_says_what_warmth_concluded_about_itself():
     from cluster.cli.status_table import status_table
 
-    status = {"policy": "warmth", "decisions": {}, "nodes": [],
-              "policy_state": {"warmth_weight": 0.0, "warmth_separation": -0.012, "warmth_audits": 40}}
+    from cluster.distributed.status import RouterStatus
+    from cluster.routing.base import PolicyState
+
+    status = RouterStatus(model="m", pid=1, n_routes=0, route_s=0.0, policy="warmth", started_at=0.0, nodes=(),
+                          policy_state=PolicyState(warmth_weight=0.0, warmth_separation=-0.012, warmth_audits=40))
     line = status_table(status).splitlines()[-1]
     assert "-1.2 points" in line and "40 audited" in line and "weight 0.00" in line

@@ -204,11 +204,18 @@ def test_targets_are_ratios_to_each_baseline_that_ran() -> None:
 
 
 def test_summarise_live_counts_bytes_from_nodes_and_requests() -> None:
-    def node(name: str, read: int, generated: int) -> dict[str, object]:
-        return {"name": name, "bytes_read": read, "generated_tokens": generated}
+    from cluster.distributed.status import NodeStatus, PredictionScore, RouterStatus
+    from cluster.routing.base import PolicyState
 
-    before = {"nodes": [node("n0", 10, 0), node("n1", 0, 0)]}
-    after = {"nodes": [node("n0", 410, 8), node("n1", 200, 4)], "prediction": {"precision": 0.5, "recall": None}}
+    def node(name: str, read: int, generated: int) -> NodeStatus:
+        return NodeStatus(name=name, alive=True, load=0, capacity=4, bytes_read=read, generated_tokens=generated)
+
+    def status(*nodes: NodeStatus, prediction: PredictionScore = PredictionScore()) -> RouterStatus:
+        return RouterStatus(model="m", pid=1, n_routes=0, route_s=0.0, policy="warmth", policy_state=PolicyState(),
+                            started_at=0.0, nodes=nodes, prediction=prediction)
+
+    before = status(node("n0", 10, 0), node("n1", 0, 0))
+    after = status(node("n0", 410, 8), node("n1", 200, 4), prediction=PredictionScore(n=3, precision=0.5))
     cache = {"hits": 3, "misses": 1, "bytes_read_prefill": 100, "bytes_read_decode": 100, "n_tokens_prefill": 10,
              "n_tokens_decode": 4, "decode_hit_rate": 0.5}
     ok = {"sent_s": 0.0, "done_s": 1.0, "node": "n0", "usage": {"completion_tokens": 4, "prompt_tokens": 10,
@@ -276,8 +283,8 @@ def test_simulate_bench_passes_warmth_knobs_to_the_warmth_policy_only(traces: si
                                                 warmth_knobs=None if margin is None else {"warm_margin": margin})
             for margin in (None, 0)}
     default, off = runs[None], runs[0]
-    assert default["policies"]["warmth"]["decisions"].get("warmth:spread", 0) > 0  # new topics spread over idle nodes
-    assert "warmth:spread" not in off["policies"]["warmth"]["decisions"]  # the rule is off
+    assert default["policies"]["warmth"]["decisions"]["warmth"].get("spread", 0) > 0  # new topics spread over idle nodes
+    assert "spread" not in off["policies"]["warmth"]["decisions"]["warmth"]  # the rule is off
     assert off["warmth_knobs"] == {"warm_margin": 0} and "--warmth-knob warm_margin=0" in off["command"]
     assert off["policies"]["least_loaded"]["hit_rate"] == default["policies"]["least_loaded"]["hit_rate"]  # untouched
 

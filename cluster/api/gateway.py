@@ -52,6 +52,7 @@ from cluster.api.openai_api import (
 )
 from cluster.api.openai_responses import StreamChunks, response
 from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Routed, StreamItem
+from cluster.distributed.status import RouterStatus
 
 API_KEY_ENV = "SNIPER_API_KEY"
 STATUS_TIMEOUT_S = 5.0
@@ -181,7 +182,8 @@ def _bind_internal_grpc_to_node_address() -> None:
 @serve.deployment(ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Gateway:
-    """One replica of the HTTP front end; every generation goes through the router actor."""
+    """One replica of the HTTP front end: it renders and tokenizes its requests itself
+    (``cluster.distributed.edge``, through the client) and asks the router actor only for a node."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -205,7 +207,7 @@ class Gateway:
             self._client = Client(namespace=self.config.namespace)
         return self._client
 
-    async def _status(self) -> dict[str, Any]:
+    async def _status(self) -> RouterStatus:
         import ray
 
         client = await self._router_client()
@@ -215,7 +217,7 @@ class Gateway:
             raise RouterUnavailableError(f"the router did not answer within {STATUS_TIMEOUT_S:g} s") from None
         except ray.exceptions.RayError as exc:
             raise RouterUnavailableError(f"the router is not reachable: {type(exc).__name__}") from None
-        self._model = status.get("model") or self._model
+        self._model = status.model or self._model
         return status
 
     async def _model_name(self) -> str:
@@ -398,14 +400,14 @@ class Gateway:
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "reason": f"router: {type(exc).__name__}: {exc}"[:300]},
                                 status_code=503)
-        live = [n for n in status["nodes"] if n["alive"]]
-        healthy = [n["name"] for n in live if not n.get("crash_looping")]
-        body = {"status": "ok" if healthy else "unavailable", "policy": status["policy"], "nodes": healthy}
+        live = status.live_nodes()
+        healthy = [n.name for n in live if not n.crash_looping]
+        body = {"status": "ok" if healthy else "unavailable", "policy": status.policy, "nodes": healthy}
         if not live:
             body["reason"] = "no live node is registered with the router"
         elif not healthy:
             body["reason"] = ("every node is crash-looping (its process was replaced repeatedly within minutes): "
-                              + ", ".join(f"{n['name']} ({n['restarts']} restarts)" for n in live))
+                              + ", ".join(f"{n.name} ({n.restarts} restarts)" for n in live))
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @api.get("/metrics")

@@ -9,10 +9,12 @@ exposed alongside, read fresh, so a scrape always shows the cluster as it is.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from cluster.distributed.status import NodeStatus, RouterStatus
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -32,10 +34,10 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("sniper_prompt_tokens", "Prompt tokens of completed requests", registry=r)
         self.generated_tokens = Counter("sniper_generated_tokens", "Tokens generated for completed requests", registry=r)
         self.in_progress = Gauge("sniper_http_requests_in_progress", "Generation requests being served", registry=r)
-        self._status: dict[str, Any] | None = None
+        self._status: RouterStatus | None = None
         r.register(_RouterStatusCollector(lambda: self._status))
 
-    def exposition(self, status: dict[str, Any] | None) -> bytes:
+    def exposition(self, status: RouterStatus | None) -> bytes:
         """Prometheus text format; ``status`` is the router's (None when it cannot be reached)."""
         self._status = status
         try:
@@ -60,16 +62,15 @@ class _RouterStatusCollector:
         yield up
         if status is None:
             return
-        yield from _node_families(status.get("nodes", []))
+        yield from _node_families(status.nodes)
         decisions = CounterMetricFamily("sniper_routing_decisions", "Routing decisions by policy and outcome",
                                         labels=["policy", "outcome"])
-        for key, count in sorted(status.get("decisions", {}).items()):
-            policy, _, outcome = key.partition(":")
-            decisions.add_metric([policy, outcome or "ranked"], float(count))
+        for (policy, outcome), count in sorted(status.decisions.items()):
+            decisions.add_metric([policy, outcome], float(count))
         yield decisions
         for section, name, metric, help_ in _ROUTER_GAUGES:
             family = GaugeMetricFamily(metric, help_)
-            value = (status.get(section) or {}).get(name)
+            value = getattr(getattr(status, section), name)
             if value is not None:
                 family.add_metric([], float(value))
             yield family
@@ -116,12 +117,12 @@ _NODE_COUNTERS = {
 }
 
 
-def _node_families(nodes: list[dict[str, Any]]) -> Iterator[Metric]:
+def _node_families(nodes: Sequence[NodeStatus]) -> Iterator[Metric]:
     for fields, family_type in ((_NODE_GAUGES, GaugeMetricFamily), (_NODE_COUNTERS, CounterMetricFamily)):
         for key, (name, help_text) in fields.items():
             family = family_type(name, help_text, labels=["node"])
             for node in nodes:
-                value = node.get(key)
+                value = getattr(node, key)
                 if value is not None and value == value:
-                    family.add_metric([node["name"]], float(value))
+                    family.add_metric([node.name], float(value))
             yield family

@@ -50,6 +50,7 @@ import requests
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN.md); read when ray is imported
 
 from cluster.distributed import local_cluster  # noqa: E402
+from cluster.distributed.status import NodeStatus  # noqa: E402
 from cluster.bench import command_line, free_port, log_progress, out_flag  # noqa: E402
 
 NAMESPACE = "sniper-bench-chaos"
@@ -261,15 +262,15 @@ async def _until_back(client: Any, victim: str, restarts_before: int, since: flo
     """Seconds from ``since`` until the router has ``victim`` alive again after a restart."""
     while time.monotonic() < since + REQUEST_TIMEOUT_S:
         node = await _node_status(client, victim)
-        if node.get("alive") and node.get("restarts", 0) > restarts_before:
+        if node is not None and node.alive and node.restarts > restarts_before:
             return time.monotonic() - since
         await asyncio.sleep(0.2)
     return None
 
 
-async def _node_status(client: Any, name: str) -> dict[str, Any]:
-    """The router's view of one node (empty if it does not know it)."""
-    return next((n for n in (await client.astatus())["nodes"] if n["name"] == name), {})
+async def _node_status(client: Any, name: str) -> NodeStatus | None:
+    """The router's view of one node (None if it does not know it)."""
+    return (await client.astatus()).node(name)
 
 
 async def _until_dead(actor: Any, timeout_s: float = 30.0) -> None:
@@ -287,7 +288,8 @@ async def _until_dead(actor: Any, timeout_s: float = 30.0) -> None:
 
 
 async def _restarts(client: Any, victim: str) -> int:
-    return int((await _node_status(client, victim)).get("restarts", 0))
+    node = await _node_status(client, victim)
+    return node.restarts if node is not None else 0
 
 
 async def _fault(kind: str, client: Any, http: HttpApi, prompt: str, n_nodes: int, index: int,
@@ -351,7 +353,7 @@ async def _run(client: Any, http: HttpApi, prompts: list[str], *, n_nodes: int, 
     await asyncio.gather(injector(), *(caller(i) for i in range(clients)))
     deadline, in_flight = time.monotonic() + 15, None
     while time.monotonic() < deadline and in_flight != 0:  # nothing left counted: abandoned streams settled too
-        in_flight = sum(n["load"] for n in (await client.astatus())["nodes"])
+        in_flight = sum(n.load for n in (await client.astatus()).nodes)
         await asyncio.sleep(0.2)
     # the router gone for good: typed errors within the wait (both ways in), no hang
     router = await asyncio.to_thread(ray.get_actor, ROUTER_NAME, namespace=NAMESPACE)

@@ -42,6 +42,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN
 
 from cluster.bench import command_line, log_progress, out_flag, percentile
 from cluster.bench.workload import Workload, conversation_prompt, for_model  # noqa: E402
+from cluster.distributed.status import RouterStatus  # noqa: E402
 
 DEFAULT_POLICIES = ("warmth", "least_loaded", "round_robin")
 DECISION_TARGET_P99_MS = 1.0
@@ -155,8 +156,8 @@ class NodeCrash:
             return
         self.killed_at = time.monotonic()
         while time.monotonic() < self.killed_at + self.timeout_s:
-            node = {n["name"]: n for n in self.client.status()["nodes"]}.get(self.node["node"], {})
-            if node.get("alive") and node.get("restarts", 0) >= 1:
+            node = self.client.status().node(self.node["node"])
+            if node is not None and node.alive and node.restarts >= 1:
                 self.back_at = time.monotonic()
                 return
             time.sleep(0.1)
@@ -235,13 +236,12 @@ async def _drive(client: Any, workload: Workload, max_tokens: int, concurrency: 
     return outcomes
 
 
-def _node_totals(status: dict[str, Any]) -> dict[str, dict[str, float]]:
-    return {n["name"]: {"bytes_read": n["bytes_read"] or 0, "generated_tokens": n["generated_tokens"] or 0}
-            for n in status["nodes"]}
+def _node_totals(status: RouterStatus) -> dict[str, dict[str, float]]:
+    return {n.name: {"bytes_read": n.bytes_read or 0, "generated_tokens": n.generated_tokens or 0} for n in status.nodes}
 
 
 def _await_reports(client: Any, before: dict[str, dict[str, float]], generated: int,
-                   timeout_s: float = 15.0) -> dict[str, Any]:
+                   timeout_s: float = 15.0) -> RouterStatus:
     """The router's status once every node's report counts the run's generated tokens."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -253,7 +253,7 @@ def _await_reports(client: Any, before: dict[str, dict[str, float]], generated: 
         time.sleep(0.2)
 
 
-def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any],
+def summarise_live(outcomes: list[dict[str, Any]], before: RouterStatus, after: RouterStatus,
                    wall_s: float) -> dict[str, Any]:
     """Per-policy metrics of a live run (see the module docstring for where each comes from)."""
     ok = [o for o in outcomes if "error" not in o]
@@ -272,7 +272,7 @@ def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after
     ttft = [o["first_s"] - o["sent_s"] for o in ok if "first_s" in o]
     prompt_tokens = sum(o["usage"]["prompt_tokens"] for o in ok)
     reused = sum(o["usage"].get("reused_prompt_tokens", 0) for o in ok)
-    prediction = after.get("prediction") or {}
+    after_json = after.as_json()
     errors = [o["error"] for o in outcomes if "error" in o]
     return {
         "n_requests": len(outcomes),
@@ -293,10 +293,10 @@ def summarise_live(outcomes: list[dict[str, Any]], before: dict[str, Any], after
         "p99_ttft_s": percentile(ttft, 99),
         "reused_prompt_fraction": reused / prompt_tokens if prompt_tokens else None,
         "requests_per_node": dict(sorted(Counter(o["node"] for o in ok).items())),
-        "prediction_precision": prediction.get("precision"),
-        "prediction_recall": prediction.get("recall"),
-        "decision_audit": after.get("decision_audit"),
-        "decisions": after.get("decisions", {}),
+        "prediction_precision": after.prediction.precision,
+        "prediction_recall": after.prediction.recall,
+        "decision_audit": after_json["decision_audit"],
+        "decisions": after_json["decisions"],
         "retried_requests": sum(1 for o in ok if o.get("routing", {}).get("attempts", 1) > 1),
         "errors": len(errors),
         "error_examples": sorted(set(errors))[:5],

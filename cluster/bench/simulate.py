@@ -45,6 +45,7 @@ from cluster.errors import OverloadedError
 from cluster.engine.kv_slots import KvSlots, SavedState, Slot
 from cluster.distributed.protocol import NodeReport, node_name
 from cluster.distributed.router import RouterCore
+from cluster.distributed.status import RouterStatus
 from cluster.routing.base import RouteRequest, RoutingTraceSummary
 from cluster.routing.warmth import prefix_hashes
 from cluster.engine.warmth_report import encode as encode_warmth
@@ -433,7 +434,7 @@ def simulate(traces: TraceSet, policy: str, *, n_nodes: int, cache_bytes: int, s
     return result
 
 
-def _summarise(outcomes: list[dict[str, Any]], status: dict[str, Any]) -> dict[str, Any]:
+def _summarise(outcomes: list[dict[str, Any]], status: RouterStatus) -> dict[str, Any]:
     """Per-policy metrics from per-request cache counters (shared shape with the live benchmark)."""
     def total(key: str) -> int:
         return int(sum(o[key] for o in outcomes))
@@ -445,8 +446,8 @@ def _summarise(outcomes: list[dict[str, Any]], status: dict[str, Any]) -> dict[s
     read_prefill, read_decode = total("bytes_read_prefill"), total("bytes_read_decode")
     latencies = [o["latency_s"] for o in outcomes]
     per_node = Counter(o["node"] for o in outcomes)
-    counts = np.array([per_node.get(n["name"], 0) for n in status["nodes"]], dtype=float)
-    prediction = status.get("prediction") or {}
+    counts = np.array([per_node.get(n.name, 0) for n in status.nodes], dtype=float)
+    status_json = status.as_json()
     return {
         "n_requests": len(outcomes),
         "hit_rate": hits / (hits + misses) if hits + misses else None,
@@ -459,14 +460,14 @@ def _summarise(outcomes: list[dict[str, Any]], status: dict[str, Any]) -> dict[s
         "reused_prompt_fraction": total("reused") / total("n_prompt") if total("n_prompt") else None,
         "p50_latency_s": percentile(latencies, 50),
         "p99_latency_s": percentile(latencies, 99),
-        "requests_per_node": {n["name"]: per_node[n["name"]] for n in status["nodes"] if per_node.get(n["name"])},
+        "requests_per_node": {n.name: per_node[n.name] for n in status.nodes if per_node.get(n.name)},
         "node_spread": {"nodes_used": int((counts > 0).sum()), "max": int(counts.max()) if counts.size else 0,
                         "mean": float(counts.mean()) if counts.size else 0.0,
                         "cv": float(counts.std() / counts.mean()) if counts.size and counts.mean() else None},
-        "prediction_precision": prediction.get("precision"),
-        "prediction_recall": prediction.get("recall"),
-        "decision_audit": status.get("decision_audit"),
-        "decisions": status.get("decisions", {}),
+        "prediction_precision": status.prediction.precision,
+        "prediction_recall": status.prediction.recall,
+        "decision_audit": status_json["decision_audit"],
+        "decisions": status_json["decisions"],
         "errors": 0,  # a simulated node never fails
     }
 

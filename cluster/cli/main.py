@@ -24,6 +24,7 @@ from cluster.errors import SniperError  # noqa: E402
 from cluster.engine.model_file import check_model_file  # noqa: E402
 from cluster.engine.node_memory import MIB  # noqa: E402
 from cluster.cli.status_table import status_table  # noqa: E402
+from cluster.distributed.status import jsonable  # noqa: E402
 from cluster.models.synth import default_model  # noqa: E402
 
 MAX_CACHE_MB = 1 << 30  # 1 PiB: anything larger is a typo, not a machine
@@ -156,7 +157,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     "prefetch_precision", "prefetch_recall", "n_evictions", "bytes_prefetched")
             result["cache"] = {k: gen.cache[k] for k in keys}
             result["expert_counts"] = gen.expert_counts.tolist()
-    _emit(_jsonable(result), args, _run_summary)
+    _emit(jsonable(result), args, _run_summary)
     return 0
 
 
@@ -302,18 +303,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         from cluster.cli.status_plot import plot_heat  # matplotlib only when asked
 
         plot_heat(client.heat(), args.plot)
-    _emit(_jsonable(status), args, status_table)
+    _emit(status.as_json(), args, lambda _: status_table(status))
     return 0
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and obj != obj:
-        return None
-    return obj
 
 
 def _cmd_shutdown(args: argparse.Namespace) -> int:
@@ -342,13 +333,16 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     only = {"routing": ("node_memory_mb", "decision_cost", "kill_node_after"),
             "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
-            "batch": ("window_s", "no_limit", "topics")}
+            "batch": ("no_limit", "topics")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
-    if args.concurrency and args.suite not in ("routing", "batch"):
-        raise ValueError(f"--concurrency is a flag of 'bench routing' and 'bench batch', not 'bench {args.suite}'")
+    if args.concurrency and args.suite not in ("routing", "batch", "serving"):
+        raise ValueError(f"--concurrency is a flag of 'bench routing', 'bench batch' and 'bench serving', "
+                         f"not 'bench {args.suite}'")
+    if args.window_s is not None and args.suite not in ("batch", "serving"):
+        raise ValueError(f"--window-s is a flag of 'bench batch' and 'bench serving', not 'bench {args.suite}'")
     if args.concurrency and args.suite == "routing" and not args.concurrency.isdigit():
         raise ValueError(f"--concurrency of 'bench routing' is one number of clients, got {args.concurrency!r}")
     if args.llama_server and args.suite not in ("serving", "batch"):
@@ -404,12 +398,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         foreign = [n for n in given if n != "max_tokens"]
         if foreign:
             raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench serving' (it takes --model, "
-                             f"--max-tokens, --llama-server, --quick, --out)")
+                             f"--max-tokens, --concurrency, --window-s, --llama-server, --quick, --out)")
         from cluster.bench import serving_bench
 
+        concurrency = tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else ()
+        if concurrency and (min(concurrency) < 1 or max(concurrency) > 64):
+            raise ValueError(f"--concurrency must be comma-separated integers in [1, 64], got {args.concurrency!r}")
         report = serving_bench.main(args.model or str(default_model("demo", progress=not args.json)),
                                     n_tokens=args.max_tokens or 128, rounds=2 if args.quick else 5, n_threads=2,
-                                    llama_server=args.llama_server, out_dir=args.out)
+                                    llama_server=args.llama_server, out_dir=args.out, concurrency=concurrency,
+                                    window_s=args.window_s or 8.0)
         _emit({"report": str(report)}, args, lambda r: f"wrote {r['report']}")
         return 0
     if args.suite == "engine":
@@ -450,7 +448,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         if args.decision_cost:
             result = routing_bench.run_decision_cost(quick=args.quick)
-            _emit(_jsonable(result), args, _decision_cost_summary)
+            _emit(jsonable(result), args, _decision_cost_summary)
             return 0
         result = routing_bench.run_routing_bench(
             args.model, Path(args.out), prompts=args.prompts, n_nodes=args.nodes or 3, cache_mb=args.cache_mb,
@@ -458,7 +456,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             n_requests=args.requests, rate=args.rate, max_tokens=args.max_tokens, seed=args.seed or 0,
             quick=args.quick, kill_node_after_s=args.kill_node_after,
             concurrency=int(args.concurrency) if args.concurrency else None, progress=not args.json)
-        _emit(_jsonable(result), args, _routing_summary)
+        _emit(jsonable(result), args, _routing_summary)
         return 0
     if args.suite == "simulate":
         from cluster.bench.simulate import run_simulate_bench
@@ -470,7 +468,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             n_nodes=args.nodes or 256, policies=policies, n_requests=args.requests, rate=args.rate,
             cache_mb=args.cache_mb, max_tokens=args.max_tokens, seed=args.seed or 0, quick=args.quick,
             warmth_knobs=_warmth_knobs(args.warmth_knob or []), progress=not args.json)
-        _emit(_jsonable(result), args, _routing_summary)
+        _emit(jsonable(result), args, _routing_summary)
         return 0
     raise SystemExit(f"unknown bench suite {args.suite!r}")
 
@@ -646,8 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "built by scripts/build-llama-server.sh; batch builds it if missing)")
     batch = p.add_argument_group("batch")
     batch.add_argument("--concurrency", help="batch: comma-separated client counts (default 1,2,4,8,16); routing: "
-                                             "a closed loop of this many clients instead of Poisson arrivals")
-    batch.add_argument("--window-s", type=_non_negative_float, help="measured seconds per run (default 20)")
+                                             "a closed loop of this many clients instead of Poisson arrivals; serving: "
+                                             "comma-separated caller counts (e.g. 1,8) after the one-stream table")
+    batch.add_argument("--window-s", type=_non_negative_float, help="measured seconds per run (batch: default 20; serving: 8)")
     batch.add_argument("--no-limit", action="store_true", help="skip the runs under a 50 %% cgroup memory limit")
     batch.add_argument("--topics", type=_positive_int,
                        help="prompts of the synthetic model's first N topics only (users of N domains; default: all)")

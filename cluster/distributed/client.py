@@ -1,6 +1,9 @@
 """Client handles: ``Client.connect()`` then ``generate`` / ``chat`` / ``stream`` / ``tokenize`` / ``status`` (sync and async).
 
-Importing this module loads neither Ray nor llama.cpp (Ray is imported when connecting).
+Requests are rendered and tokenized in this process (``cluster.distributed.edge``): it reads the
+deployment's model file (vocabulary only) when it first needs it, and the router only decides.
+Importing this module loads neither Ray nor llama.cpp (Ray is imported when connecting, the
+vocabulary when first needed).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
 from cluster.engine.chat import ChatMessage, ChatPrompt, chat_messages
 from cluster.distributed.dispatch import ROUTER_WAIT_S, Deployment, request_events
+from cluster.distributed.edge import PromptRequest
 from cluster.errors import InvalidParameterError, NodeFailedError, NoNodesError
-from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Restarted, RouteAsk, StreamItem
+from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Restarted, StreamItem
+from cluster.distributed.status import RouterStatus
 from cluster.engine.sampling import SamplingParams, TokenLogprob
 
 
@@ -60,31 +65,20 @@ Messages = Sequence[Union[ChatMessage, dict[str, Any]]]
 
 
 def _chat(messages: Messages | ChatPrompt) -> ChatPrompt:
-    """The conversation as the router takes it; dicts become ``ChatMessage`` here, and anything
+    """The conversation as the edge renders it; dicts become ``ChatMessage`` here, and anything
     else is refused here (``InvalidParameterError`` naming ``messages[i]``), before any remote call."""
     return messages if isinstance(messages, ChatPrompt) else ChatPrompt(chat_messages(messages))
 
 
 def _ask(prompt: Prompt, params: SamplingParams | None, fields: dict[str, Any], session_id: str | None,
-         max_prompt_tokens: int | None = None) -> RouteAsk:
-    """The router's request: the prompt (text or a chat), validated params, session."""
+         max_prompt_tokens: int | None = None) -> PromptRequest:
+    """The request: the prompt (text or a chat), params with ``fields`` over them, session, its
+    form checked here (``PromptRequest``), before anything is sent."""
     params = params or SamplingParams()
     if not isinstance(params, SamplingParams):
         raise InvalidParameterError(f"params must be SamplingParams or None, got {type(params).__name__}", param="params")
     params = params.updated(**fields) if fields else params
-    params.validate()
-    if session_id is not None and (not isinstance(session_id, str) or not session_id):
-        raise InvalidParameterError(f"session_id must be a non-empty string or None, got {session_id!r}", param="session_id")
-    if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
-        raise InvalidParameterError(f"max_prompt_tokens must be an integer >= 1 or None, got {max_prompt_tokens!r}")
-    request_id = uuid.uuid4().hex
-    if isinstance(prompt, ChatPrompt):
-        if not prompt.messages:
-            raise InvalidParameterError("a chat prompt needs at least one message", param="messages")
-        return RouteAsk(request_id, params, chat=prompt, session_id=session_id, max_prompt_tokens=max_prompt_tokens)
-    if isinstance(prompt, str) and prompt:
-        return RouteAsk(request_id, params, prompt=prompt, session_id=session_id, max_prompt_tokens=max_prompt_tokens)
-    raise InvalidParameterError(f"prompt must be a non-empty string or a ChatPrompt, got {prompt!r}", param="prompt")
+    return PromptRequest(uuid.uuid4().hex, prompt, params, session_id, max_prompt_tokens)
 
 
 async def completion(events: AsyncIterator[StreamItem]) -> Completion:
@@ -135,16 +129,21 @@ class Client:
     """A handle on a running deployment: asks its router for a node per request and streams from
     that node directly (``cluster.distributed.dispatch``); async methods, and sync ones that run them."""
 
-    def __init__(self, router: Any = None, *, namespace: str | None = None, router_wait_s: float = ROUTER_WAIT_S) -> None:
+    def __init__(self, router: Any = None, *, namespace: str | None = None, router_wait_s: float = ROUTER_WAIT_S,
+                 model_path: str | None = None) -> None:
         """``router``: the router actor's handle (looked up by name when None); ``namespace``: the
         deployment's (default: the namespace this process joined Ray with); ``router_wait_s``: how
-        long a request waits for a router that does not answer before ``RouterUnavailableError``."""
-        self._deployment = Deployment(namespace, router, router_wait_s)
+        long a request waits for a router that does not answer before ``RouterUnavailableError``;
+        ``model_path``: a copy of the deployment's model file, for a process that cannot read the
+        deployment's own path (requests are rendered and tokenized here: ``cluster.distributed.edge``)."""
+        self._deployment = Deployment(namespace, router, router_wait_s, model_path)
         self._loop: _Loop | None = None
 
     @classmethod
-    def connect(cls, address: str | None = None, namespace: str = NAMESPACE) -> "Client":
-        """Joins the Ray cluster at ``address`` (default: the local one) and finds the router."""
+    def connect(cls, address: str | None = None, namespace: str = NAMESPACE, *,
+                model_path: str | None = None) -> "Client":
+        """Joins the Ray cluster at ``address`` (default: the local one) and finds the router;
+        ``model_path``: a copy of the deployment's model file (see ``__init__``)."""
         import ray
 
         from cluster.distributed.connection import connect
@@ -154,7 +153,7 @@ class Client:
             router = ray.get_actor(ROUTER_NAME, namespace=namespace)
         except ValueError:
             raise NoNodesError(f"no deployment in namespace '{namespace}' (start one with: python -m cluster serve)") from None
-        return cls(router, namespace=namespace)
+        return cls(router, namespace=namespace, model_path=model_path)
 
     def _sync(self) -> _Loop:
         if self._loop is None:
@@ -203,21 +202,26 @@ class Client:
 
     async def atokenize(self, text: str, add_special: bool = False, parse_special: bool = True,
                         with_pieces: bool = False) -> list[Any]:
-        """Token ids of ``text`` as the deployment's model tokenizes it (see RouterActor.tokenize)."""
-        return await self._deployment.call_router("tokenize", text, add_special, parse_special, with_pieces)
+        """Token ids of ``text`` as the deployment's model tokenizes it, here (``Edge.tokenize``)."""
+        edge = await self._deployment.edge()
+        return await edge.run(edge.tokenize, text, add_special, parse_special, with_pieces)
 
     async def adetokenize(self, tokens: list[int]) -> str:
-        return await self._deployment.call_router("detokenize", tokens)
+        """The text of token ids, here (``Edge.detokenize``)."""
+        edge = await self._deployment.edge()
+        return await edge.run(edge.detokenize, tokens)
 
     async def arender(self, messages: Messages | ChatPrompt) -> dict[str, Any]:
-        """The prompt a conversation renders to: ``{"text", "tokens", "origin"}``."""
-        return await self._deployment.call_router("render", _chat(messages))
+        """The prompt a conversation renders to: ``{"text", "tokens", "origin"}`` (here: ``Edge.render``)."""
+        chat = _chat(messages)  # a malformed message is refused before anything is loaded
+        edge = await self._deployment.edge()
+        return await edge.run(edge.render, chat)
 
-    async def astatus(self) -> dict[str, Any]:
-        return await self._deployment.call_router("status")
+    async def astatus(self) -> RouterStatus:
+        return await self._deployment.status()
 
     async def aheat(self) -> dict[str, Any]:
-        return await self._deployment.call_router("heat")
+        return await self._deployment.heat()
 
     # -- sync ------------------------------------------------------------------------------
 
@@ -255,7 +259,7 @@ class Client:
     def render(self, messages: Messages | ChatPrompt) -> dict[str, Any]:
         return self._sync().run(self.arender(_chat(messages)))
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RouterStatus:
         return self._sync().run(self.astatus())
 
     def heat(self) -> dict[str, Any]:

@@ -101,7 +101,8 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
 
     ``node_model_paths`` gives each node its own copy of the model (identical bytes): simulated
     nodes on one machine then have separate page caches, as separate machines would.
-    ``chat_template`` (Jinja text) replaces the model's own for chat requests (the router renders them).
+    ``chat_template`` (Jinja text) replaces the model's own for chat requests (rendered where they
+    enter: ``cluster.distributed.edge``).
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -134,7 +135,8 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
     try:
         router = ray.remote(RouterActor).options(  # on the head: it outlives any worker node
             name=ROUTER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_concurrency=1000,
-            num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001}).remote(model_path, policy, namespace, chat_template)
+            num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001}).remote(model_path, policy, namespace, chat_template,
+                                                                    n_ctx=config.n_ctx)
         ray.get(router.ping.remote(), timeout=timeout_s)
         pg = placement_group([{"CPU": 1}] * n_nodes, strategy="STRICT_SPREAD", name=f"{PLACEMENT_GROUP}-{namespace}",
                              lifetime="detached")
@@ -150,8 +152,7 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
         ready = ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:  # the router knows a node once its first report arrived
-            status = ray.get(router.status.remote())
-            if sum(1 for n in status["nodes"] if n["alive"]) >= n_nodes:
+            if len(ray.get(router.status.remote()).live_nodes()) >= n_nodes:
                 break
             time.sleep(0.2)
     except BaseException as exc:  # nothing is left half-deployed

@@ -1,9 +1,10 @@
 """The caller's side of a request: ask the router for a node, stream from that node, retry elsewhere.
 
-One helper for the Python client and the HTTP gateway: ``request_events`` yields
-``cluster.distributed.protocol`` items — ``Routed`` at each dispatch, the node's ``Piece`` items, then
-``Finished`` (with the router's ``routing`` and ``chat_template`` filled in) — and handles what
-can go wrong between the three processes:
+One helper for the Python client and the HTTP gateway: ``request_events`` renders and tokenizes
+the request in this process (``cluster.distributed.edge``: the router receives token ids and only
+decides), then yields ``cluster.distributed.protocol`` items — ``Routed`` at each dispatch, the
+node's ``Piece`` items, then ``Finished`` (with the router's ``routing`` and the edge's
+``chat_template`` filled in) — and handles what can go wrong between the three processes:
 
 * the node refuses (``OverloadedError``) or dies before it sent text: the router is told
   (``failed``) and asked again without that node;
@@ -31,10 +32,12 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from cluster.errors import NodeFailedError, NoNodesError, OverloadedError, RouterUnavailableError, SniperError
+from cluster.distributed.edge import Edge, PreparedRequest, PromptRequest
 from cluster.distributed.protocol import ROUTER_NAME, Finished, Piece, Restarted, Route, RouteAsk, Routed, StreamItem
+from cluster.distributed.status import RouterStatus
 from cluster.engine.sequence import Resume
 
 log = logging.getLogger(__name__)
@@ -60,10 +63,13 @@ class Deployment:
     """The caller's view of a deployment: the router's handle and the node actors' handles,
     looked up by name once (off the event loop: a lookup is a round trip to Ray's GCS)."""
 
-    def __init__(self, namespace: str | None = None, router: Any = None, router_wait_s: float = ROUTER_WAIT_S) -> None:
+    def __init__(self, namespace: str | None = None, router: Any = None, router_wait_s: float = ROUTER_WAIT_S,
+                 model_path: str | None = None) -> None:
         self._namespace = namespace  # None: the namespace this process joined Ray with
         self._router = router
         self.router_wait_s = router_wait_s
+        self._model_path = model_path  # a local copy of the deployment's model file (None: its own path)
+        self._edge: Edge | None = None
         self._nodes: dict[str, Any] = {}
         self._ended: list[str] = []  # requests seen to end, not told to the router yet
 
@@ -93,12 +99,25 @@ class Deployment:
             handle = self._nodes[node_id] = await self._lookup(node_id, namespace)
         return handle
 
+    async def edge(self) -> Edge:
+        """The deployment's vocabulary and chat renderer in this process, loaded when first needed
+        from what the router names (``cluster.distributed.edge``)."""
+        if self._edge is None:
+            source = await self.call_router(lambda router: router.model_source.remote(), "model_source")
+            self._edge = await asyncio.to_thread(Edge.load, source, self._model_path)  # a file read: off the loop
+        return self._edge
+
+    async def prepare(self, request: PromptRequest) -> PreparedRequest:
+        """``request`` rendered and tokenized here, on a tokenizing thread (the router only decides)."""
+        edge = await self.edge()
+        return await edge.run(edge.prepare, request)
+
     def forget_node(self, node_id: str) -> None:
         self._nodes.pop(node_id, None)
 
     def tell_failed(self, request_id: str, node_id: str, dead: bool) -> None:
         """Tells the router that ``node_id`` failed the request: it died (``dead``) or refused it."""
-        self._tell("failed", request_id, node_id, dead)
+        self._tell(lambda router: router.failed.remote(request_id, node_id, dead))
 
     def note_ended(self, request_id: str) -> None:
         """The request ended: the router hears it with this caller's next call, before that call
@@ -122,20 +141,35 @@ class Deployment:
         except Exception:  # noqa: BLE001  (restarting or gone: the nodes' reports settle them)
             pass
 
-    def _tell(self, method: str, *args: Any) -> None:
-        """A router call, fire and forget (the router may be restarting: its nodes' reports settle
-        the same accounts later)."""
+    def _tell(self, call: Callable[[Any], Any]) -> None:
+        """A router call (``call(router)`` invokes one of its methods), fire and forget (the router
+        may be restarting: its nodes' reports settle the same accounts later)."""
         if self._router is None:
             return
         try:
-            getattr(self._router, method).remote(*args)
+            call(self._router)
         except Exception:  # noqa: BLE001
             pass
 
-    async def call_router(self, method: str, *args: Any) -> Any:
-        """Calls a router method; while the router does not answer (restarting, or its handle is
-        stale after a restart) the call is repeated for up to ROUTER_WAIT_S."""
+    async def status(self) -> RouterStatus:
+        """The router's status (``RouterActor.status``)."""
+        return await self.call_router(lambda router: router.status.remote(), "status")
+
+    async def heat(self) -> dict[str, Any]:
+        """Each live node's expert heat (``RouterActor.heat``)."""
+        return await self.call_router(lambda router: router.heat.remote(), "heat")
+
+    async def call_router(self, call: Callable[[Any], Any] | str, *args: Any) -> Any:
+        """Calls a router method: ``call(router)`` invokes it (a method name with ``args`` is the
+        form still used by the request-entry calls). While the router does not answer (restarting,
+        or its handle is stale after a restart) the call is repeated for up to ROUTER_WAIT_S."""
         import ray
+
+        if isinstance(call, str):
+            method, name_args = call, args
+            call = lambda router: getattr(router, method).remote(*name_args)  # noqa: E731
+        else:
+            method = str(args[0]) if args else "router"
 
         deadline = time.monotonic() + self.router_wait_s
         refresh = False
@@ -143,7 +177,7 @@ class Deployment:
             try:
                 router = await self.router(refresh)
                 await self._tell_ended(router)
-                return await getattr(router, method).remote(*args)
+                return await call(router)
             except ray.exceptions.RayTaskError as exc:
                 cause = unwrap(exc)
                 if cause is exc:  # not an error the router raised on purpose: its text stays in the log
@@ -166,20 +200,23 @@ class Deployment:
             await asyncio.sleep(ROUTER_RETRY_S)
 
 
-async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: bool = False) -> AsyncIterator[StreamItem]:
+async def request_events(deployment: Deployment, request: PromptRequest, *,
+                         restartable: bool = False) -> AsyncIterator[StreamItem]:
     """The stream of one request (see the module docstring)."""
     exclude: list[str] = []
     answer = _AnswerSoFar()
+    prepared = await deployment.prepare(request)  # rendered and tokenized here, once
+    ask, template = prepared.ask, prepared.chat_template
     while True:
         ask = dataclasses.replace(ask, ended=deployment.take_ended())  # told to the router with this ask
         route: Route = await _route(deployment, ask, exclude, answer)
-        yield Routed(route.node_id, len(exclude) + 1, route.chat_template)
-        request = route.request if answer.resume is None else dataclasses.replace(route.request, resume=answer.resume)
+        yield Routed(route.node_id, len(exclude) + 1, template)
+        node_request = ask.node_request(answer.resume)
         sent = 0
         handle = None
         try:
             handle = await deployment.node(route.node_id, route.namespace)
-            stream = handle.stream.options(num_returns="streaming").remote(request)
+            stream = handle.stream.options(num_returns="streaming").remote(node_request)
             ended = False
             try:
                 async for ref in stream:
@@ -188,7 +225,7 @@ async def request_events(deployment: Deployment, ask: RouteAsk, *, restartable: 
                         sent += 1
                         answer.note(item)
                     elif isinstance(item, Finished):
-                        item = dataclasses.replace(item, routing=route.routing, chat_template=route.chat_template)
+                        item = dataclasses.replace(item, routing=route.routing, chat_template=template)
                         ended = True  # told with the caller's next call: it finds the node free
                         deployment.note_ended(ask.request_id)
                     yield item
@@ -246,7 +283,7 @@ async def _route(deployment: Deployment, ask: RouteAsk, exclude: list[str], answ
     deadline = time.monotonic() + deployment.router_wait_s
     while True:
         try:
-            return await deployment.call_router("route", ask, tuple(exclude))
+            return await deployment.call_router(lambda router: router.route.remote(ask, tuple(exclude)), "route")
         except (NoNodesError, OverloadedError) as exc:
             if answer.resume is None:
                 raise

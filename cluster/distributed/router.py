@@ -1,15 +1,17 @@
 """Router actor: picks a node per request with a routing policy, then steps aside.
 
-It also renders chat requests with the model's chat template (``ChatRenderer``): the router
-holds the model's vocabulary already (it tokenizes every prompt to route it), so the prompt
-text it sends on is tokenized by the same rule here and on the node, special tokens parsed.
+It decides and does nothing else: requests arrive as token ids, rendered and tokenized in the
+caller's process (``cluster.distributed.edge``, issue 26 item 5: work that grows with a prompt's
+text is done where requests enter, which scales out, not in the one router), and it never loads
+the model's vocabulary. It names the model, the operator's chat template and the nodes' context
+to the callers (``model_source``).
 
 ``RouterCore`` (plain class) holds what the router knows — live nodes, their last reports,
 the requests in flight on each (by request id) — and asks the policy to choose a node.
 ``RouterActor`` (named, detached ``sniper-router``, restartable) is its async Ray shell:
-``route`` renders and tokenizes a request once, chooses a node (refusing at once with
+``route`` chooses a node for a request's tokens (refusing at once with
 ``OverloadedError`` when every live node is at capacity) and returns the ``Route``; the caller
-streams from that node itself (``cluster.distributed.dispatch``), so the router's work is per request and a
+sends the request to that node and streams from it itself (``cluster.distributed.dispatch``), so the router's work is per request and a
 stream outlives the router. A request leaves the router's in-flight count when its node reports
 its end (however it ended), when the caller gives up on that node (``failed``), or when the node
 dies. After a restart the router rebuilds its state from the nodes' reports.
@@ -26,12 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from cluster.engine.chat import ChatPrompt, ChatRenderer
 from cluster.routing.decision_audit import DecisionAudit
-from cluster.errors import InvalidParameterError, NoNodesError, OverloadedError, PromptTooLongError
-from cluster.distributed.protocol import NodeReport, NodeRequest, Route, RouteAsk
+from cluster.errors import InvalidParameterError, NoNodesError, OverloadedError
+from cluster.distributed.protocol import ModelSource, NodeReport, Route, RouteAsk
+from cluster.distributed.status import NodeStatus, PredictionScore, RouterStatus
 from cluster.routing import NodeView, RouteRequest, make_policy
-from cluster.engine.sampling import SamplingParams
 from cluster.engine.warmth_report import Warmth, WarmthFormatError
 from cluster.engine.warmth_report import decode as decode_warmth
 
@@ -80,7 +81,7 @@ class RouterCore:
         self.policy = make_policy(policy, clock=clock, **policy_knobs)
         self.clock = clock
         self.nodes: dict[str, NodeState] = {}
-        self.decisions: Counter[str] = Counter()
+        self.decisions: Counter[tuple[str, str]] = Counter()  # (policy, outcome) -> decisions
         self.predictions: list[tuple[float, float]] = []  # (precision, recall) per request
         self.audit = DecisionAudit()  # decisions checked against the candidates' warmth, once the requests report
         self.started_at = time.time()
@@ -219,53 +220,43 @@ class RouterCore:
         if not with_room:
             live = [n for n in self.live_nodes() if n.node_id not in exclude]
             if not live:
-                self.decisions[f"{self.policy.name}:no_nodes"] += 1
+                self.decisions[self.policy.name, "no_nodes"] += 1
                 raise NoNodesError("no live node is registered with the router" +
                                    (f" (tried {', '.join(sorted(exclude))})" if exclude else ""))
-            self.decisions[f"{self.policy.name}:overloaded"] += 1
+            self.decisions[self.policy.name, "overloaded"] += 1
             raise OverloadedError(f"all {len(live)} live nodes are at capacity "
                                   f"({', '.join(f'{n.node_id} {n.in_flight}/{n.capacity}' for n in live)}); retry later")
         ranked = self.policy.choose(request, with_room)
         self.audit.on_decision(request.request_id, with_room)
-        self.decisions[f"{self.policy.name}:{self.policy.decision_kind()}"] += 1
+        self.decisions[self.policy.name, self.policy.decision_kind()] += 1
         return ranked
 
-    def status(self) -> dict[str, Any]:
+    def status(self, model: str = "", pid: int = 0, n_routes: int = 0, route_s: float = 0.0) -> RouterStatus:
+        """The deployment as this core knows it (the actor adds its model, process and routing time)."""
         self.live_nodes()  # a node silent for NODE_TIMEOUT_S shows as dead
         nodes = []
         for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
             stats = node.stats
-            nodes.append({
-                "name": node.node_id,
-                "alive": node.alive,
-                "load": node.in_flight,
-                "capacity": node.capacity,
-                "served": node.served,
-                "restarts": node.restarts,
-                "crash_looping": self._crash_looping(node),
-                "hit_rate": node.hit_rate(),
-                "decode_hit_rate": stats.get("decode_hit_rate"),  # of the current process
-                "bytes_read": node.total("bytes_read"),
-                "generated_tokens": node.total("generated_tokens"),
-                "warm_fraction": node.warmth.warm_fraction() if node.warmth else None,
-                "resident_bytes": stats.get("resident_bytes"),
-                "budget_bytes": stats.get("budget_bytes"),
-                "sessions": len(node.last_report.sessions) if node.last_report else 0,
-                **{k: stats.get(k) for k in ("slots", "slots_busy", "decode_batch", "step_ms", "experts_per_step")},
-            })
+            nodes.append(NodeStatus(
+                name=node.node_id, alive=node.alive, load=node.in_flight, capacity=node.capacity, served=node.served,
+                restarts=node.restarts, crash_looping=self._crash_looping(node), hit_rate=node.hit_rate(),
+                decode_hit_rate=stats.get("decode_hit_rate"),  # of the current process
+                bytes_read=node.total("bytes_read"), generated_tokens=node.total("generated_tokens"),
+                warm_fraction=node.warmth.warm_fraction() if node.warmth else None,
+                resident_bytes=stats.get("resident_bytes"), budget_bytes=stats.get("budget_bytes"),
+                sessions=len(node.last_report.sessions) if node.last_report else 0,
+                slots=stats.get("slots"), slots_busy=stats.get("slots_busy"), decode_batch=stats.get("decode_batch"),
+                step_ms=stats.get("step_ms"), experts_per_step=stats.get("experts_per_step")))
         precision = [p for p, _ in self.predictions if p == p]
         recall = [r for _, r in self.predictions if r == r]
-        return {
-            "policy": self.policy.name,
-            "policy_state": self.policy.state(),
-            "started_at": self.started_at,
-            "nodes": nodes,
-            "decisions": dict(self.decisions),
-            "prediction": {"n": len(self.predictions),
-                           "precision": float(np.mean(precision)) if precision else None,
-                           "recall": float(np.mean(recall)) if recall else None},
-            "decision_audit": self.audit.summary(),
-        }
+        return RouterStatus(
+            model=model, pid=pid, n_routes=n_routes, route_s=route_s, policy=self.policy.name,
+            policy_state=self.policy.state(), started_at=self.started_at, nodes=tuple(nodes),
+            decisions=dict(self.decisions),
+            prediction=PredictionScore(n=len(self.predictions),
+                                       precision=float(np.mean(precision)) if precision else None,
+                                       recall=float(np.mean(recall)) if recall else None),
+            decision_audit=self.audit.summary())
 
     def _crash_looping(self, node: NodeState) -> bool:
         recent = [t for t in node.restart_times if self.clock() - t <= CRASH_LOOP_WINDOW_S]
@@ -277,13 +268,12 @@ class RouterActor:
     """Async Ray actor around RouterCore. Create with ``ray.remote(RouterActor).options(...)``."""
 
     def __init__(self, model_path: str, policy: str = "warmth", namespace: str = "sniper",
-                 chat_template: str | None = None) -> None:
-        from cluster.engine.tokenizer import Tokenizer
-
+                 chat_template: str | None = None, *, n_ctx: int) -> None:
+        """``model_path``, ``chat_template`` (the operator's, or None) and ``n_ctx`` (a node's
+        context, in tokens) are named to callers (``model_source``), never read here."""
         self.core = RouterCore(policy)
         self.model_path = model_path
-        self.tokenizer = Tokenizer.load(model_path)
-        self.chat = ChatRenderer(self.tokenizer, chat_template)
+        self.source = ModelSource(model_path, chat_template, n_ctx)
         self.namespace = namespace
         self.n_routes = 0  # route calls answered (a request's cost here does not grow with its tokens)
         self.route_s = 0.0  # time spent answering them
@@ -302,33 +292,36 @@ class RouterActor:
                 pass
 
     async def route(self, ask: RouteAsk, exclude: tuple[str, ...] = ()) -> Route:
-        """Renders (a chat request) and tokenizes the request once, chooses a node among the live
-        ones with room, not in ``exclude`` (nodes that failed it), counts it in flight there and
-        returns the ``Route``. Raises ``NoNodesError``, ``OverloadedError``, ``PromptTooLongError``,
-        ``InvalidParameterError`` (bad params, a chat template that refuses the conversation)."""
+        """Chooses a node for the request's tokens among the live ones with room, not in
+        ``exclude`` (nodes that failed it), counts it in flight there and returns the ``Route``.
+        The tokens and params were checked where the request entered (``cluster.distributed.edge``):
+        the work here does not grow with the prompt's text. Raises ``NoNodesError``,
+        ``OverloadedError``, ``InvalidParameterError`` (not a ``RouteAsk`` of token ids)."""
         self.n_routes += 1
         if not isinstance(ask, RouteAsk):
             raise InvalidParameterError(f"route takes a RouteAsk, got {type(ask).__name__}", param="request")
+        if not isinstance(ask.tokens, tuple) or not ask.tokens:
+            raise InvalidParameterError("a RouteAsk carries the prompt as a non-empty tuple of token ids "
+                                        "(rendered and tokenized by the caller: cluster.distributed.edge)",
+                                        param="tokens")
         for request_id in ask.ended:
             self.core.release(request_id)
         while not self.core.live_nodes() and time.monotonic() - self._started < STARTUP_GRACE_S:
             await asyncio.sleep(0.1)  # just (re)started: the nodes report within a heartbeat
         started = time.perf_counter()
-        params, text, special, template = self._prepare(ask)
-        tokens = tuple(self.tokenizer.tokenize(text, special=special))
-        if ask.max_prompt_tokens is not None and len(tokens) > ask.max_prompt_tokens:
-            raise PromptTooLongError(f"the prompt is {len(tokens)} tokens; this endpoint accepts at most "
-                                     f"{ask.max_prompt_tokens}")
-        route = RouteRequest(request_id=ask.request_id, tokens=tokens, session_id=ask.session_id)
+        route = RouteRequest(request_id=ask.request_id, tokens=ask.tokens, session_id=ask.session_id)
         node_id = self.core.choose(route, set(exclude))[0]
         why = {k: v for k, v in self.core.policy.explain().items() if k in ("fallback", "matched_tokens")}
         self.core.acquire(node_id, ask.request_id)
         self.core.policy.on_routed(route, node_id)
         self.route_s += time.perf_counter() - started
-        return Route(node_id=node_id, request=NodeRequest(ask.request_id, tokens, params, ask.session_id),
-                     namespace=self.namespace,
-                     routing={"policy": self.core.policy.name, "attempts": len(exclude) + 1, **why},
-                     chat_template=template)
+        return Route(node_id=node_id, namespace=self.namespace,
+                     routing={"policy": self.core.policy.name, "attempts": len(exclude) + 1, **why})
+
+    async def model_source(self) -> ModelSource:
+        """The model file, the operator's chat template and a node's context: what a caller's
+        process loads to render and tokenize requests itself (``cluster.distributed.edge``)."""
+        return self.source
 
     async def failed(self, request_id: str, node_id: str, dead: bool) -> None:
         """The caller gave up on ``node_id`` for this request: the node died (``dead``) or refused it."""
@@ -344,53 +337,9 @@ class RouterActor:
         for request_id in request_ids:
             self.core.release(request_id)
 
-    def _prepare(self, ask: RouteAsk) -> tuple[SamplingParams, str, bool, str | None]:
-        """Checks the sampling params against the vocabulary and renders a chat request. Returns
-        the params (with the template's end-of-turn stop for a chat), the prompt text, whether its
-        special tokens are parsed, and a chat request's template origin."""
-        params = ask.params
-        if not isinstance(params, SamplingParams):
-            raise InvalidParameterError(f"params must be SamplingParams, got {type(params).__name__}", param="params")
-        params.validate()
-        params.check_vocabulary(self.tokenizer.n_vocab)
-        if ask.chat is None:
-            if not isinstance(ask.prompt, str) or not ask.prompt:
-                raise InvalidParameterError(f"prompt must be a non-empty string, got {ask.prompt!r}", param="prompt")
-            return params, ask.prompt, False, None
-        rendered = self.chat.render(ask.chat)
-        return self.chat.with_end_of_turn(params), rendered.text, rendered.special, rendered.origin
-
-    async def render(self, chat: ChatPrompt) -> dict[str, Any]:
-        """A conversation's prompt as the nodes would evaluate it: its text, token ids and template origin."""
-        rendered = self.chat.render(chat)
-        return {"text": rendered.text, "origin": rendered.origin,
-                "tokens": self.tokenizer.tokenize(rendered.text, special=rendered.special)}
-
-    async def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True,
-                       with_pieces: bool = False) -> list[Any]:
-        """Token ids of ``text`` (with ``with_pieces``: ``{"id", "piece"}`` per token, the piece a
-        string, or its bytes as a list when they are not whole UTF-8 characters)."""
-        if not isinstance(text, str):
-            raise InvalidParameterError(f"content must be a string, got {type(text).__name__}", param="content")
-        tokens = self.tokenizer.tokenize(text, special=parse_special, add_special=add_special)
-        if not with_pieces:
-            return tokens
-        out = []
-        for token in tokens:
-            piece = self.tokenizer.piece(token, special=True)
-            try:
-                out.append({"id": token, "piece": piece.decode("utf-8")})
-            except UnicodeDecodeError:
-                out.append({"id": token, "piece": list(piece)})
-        return out
-
-    async def detokenize(self, tokens: list[int]) -> str:
-        """The text of token ids (control tokens written out); ids outside the vocabulary are an error."""
-        return self.tokenizer.detokenize(tokens, special=True)
-
-    async def status(self) -> dict[str, Any]:
-        return {"model": os.path.basename(self.model_path).removesuffix(".gguf"), "pid": os.getpid(),
-                "n_routes": self.n_routes, "route_s": self.route_s, **self.core.status()}
+    async def status(self) -> RouterStatus:
+        return self.core.status(model=os.path.basename(self.model_path).removesuffix(".gguf"), pid=os.getpid(),
+                                n_routes=self.n_routes, route_s=self.route_s)
 
     async def heat(self, timeout_s: float = 10.0) -> dict[str, np.ndarray]:
         """Each live node's expert heat, asked of the nodes now (the reports they send on their own

@@ -19,6 +19,26 @@ from cluster.engine.trace_summary import RoutingTraceSummary
 
 
 @dataclass(frozen=True)
+class PolicyState:
+    """What a policy has learned, in numbers (for ``status``, the status table and /metrics); a policy
+    that learns nothing leaves every field None.
+
+    Attributes:
+        affinity_tokens: tokens whose experts the token affinity knows.
+        prefixes_held: prompt prefixes known to be held in some node's KV state.
+        warmth_weight: weight of expected expert misses in the choice (0: warmth does not separate nodes, 1: full).
+        warmth_separation: coverage on the node expected warmest minus the candidates' mean (running mean).
+        warmth_audits: audited requests behind that mean.
+    """
+
+    affinity_tokens: int | None = None
+    prefixes_held: int | None = None
+    warmth_weight: float | None = None
+    warmth_separation: float | None = None
+    warmth_audits: int | None = None
+
+
+@dataclass(frozen=True)
 class RouteRequest:
     """What the router knows about a request before dispatch.
 
@@ -82,9 +102,9 @@ class RoutingPolicy(ABC):
         """Why the last ``choose`` decided as it did (for the routing trace); {} if nothing to say."""
         return dict(self._last)
 
-    def state(self) -> dict[str, object]:
-        """What the policy has learned, in numbers (for ``status``); {} if it learns nothing."""
-        return {}
+    def state(self) -> PolicyState:
+        """What the policy has learned, in numbers (for ``status``)."""
+        return PolicyState()
 
     def fell_back(self) -> bool:
         """Whether the last ``choose`` fell back to a default order for lack of knowledge."""

@@ -53,6 +53,26 @@ class AuditedDecision:
         return self.served >= self.best - WARMEST_TOLERANCE
 
 
+@dataclass(frozen=True)
+class AuditSummary:
+    """Averages over the last MAX_SCORED scored decisions (None: none scored).
+
+    Attributes:
+        n: scored decisions.
+        served_coverage, best_coverage, mean_coverage: mean coverage on the serving node, on the best
+            candidate, over the candidates.
+        n_choices: scored decisions with more than one candidate.
+        warmest_share: share of those that chose a node within WARMEST_TOLERANCE of the best.
+    """
+
+    n: int = 0
+    served_coverage: float | None = None
+    best_coverage: float | None = None
+    mean_coverage: float | None = None
+    n_choices: int = 0
+    warmest_share: float | None = None
+
+
 class DecisionAudit:
     """Keeps each decision's candidates and scores them when the request reports what it selected."""
 
@@ -89,7 +109,7 @@ class DecisionAudit:
         del self.scored[:-MAX_SCORED]
         return scored
 
-    def summary(self) -> dict[str, float | int | None]:
+    def summary(self) -> AuditSummary:
         """Averages over the last MAX_SCORED scored decisions; ``warmest_share`` counts only decisions
         with a choice to make."""
         scored = self.scored
@@ -98,9 +118,6 @@ class DecisionAudit:
         def mean(values: list[float]) -> float | None:
             return float(np.mean(values)) if values else None
 
-        return {"n": len(scored),
-                "served_coverage": mean([d.served for d in scored]),
-                "best_coverage": mean([d.best for d in scored]),
-                "mean_coverage": mean([d.mean for d in scored]),
-                "n_choices": len(choices),
-                "warmest_share": mean([float(d.warmest) for d in choices])}
+        return AuditSummary(n=len(scored), served_coverage=mean([d.served for d in scored]),
+                            best_coverage=mean([d.best for d in scored]), mean_coverage=mean([d.mean for d in scored]),
+                            n_choices=len(choices), warmest_share=mean([float(d.warmest) for d in choices]))

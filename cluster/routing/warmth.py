@@ -82,7 +82,7 @@ import numpy as np
 
 from cluster._routing import expected_loads
 from cluster._routing import prefix_hashes as native_prefix_hashes
-from cluster.routing.base import NodeView, RouteRequest, RoutingPolicy, RoutingTraceSummary
+from cluster.routing.base import NodeView, PolicyState, RouteRequest, RoutingPolicy, RoutingTraceSummary
 from cluster.engine.token_affinity import TokenAffinity
 
 PREFIX_BLOCK = 32
@@ -396,10 +396,10 @@ class WarmthPolicy(RoutingPolicy):
         self._rows_value = (self._matrix[: len(self._row_source)], rows)
         return self._rows_value
 
-    def state(self) -> dict[str, object]:
-        return {"affinity_tokens": len(self.affinity), "prefixes_held": len(self.prefix_holders),
-                "warmth_weight": round(self.warmth_weight, 3), "warmth_separation": round(self.separation, 4),
-                "warmth_audits": self.n_audits}
+    def state(self) -> PolicyState:
+        return PolicyState(affinity_tokens=len(self.affinity), prefixes_held=len(self.prefix_holders),
+                           warmth_weight=round(self.warmth_weight, 3), warmth_separation=round(self.separation, 4),
+                           warmth_audits=self.n_audits)
 
     def decision_kind(self) -> str:
         """"spread" when no node was warm for the request and the least used one took it."""
