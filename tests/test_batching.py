@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import queue
 import threading
-import time
 
 import numpy as np
 import observer
 import pytest
+from polling import wait_until
 from test_engine import N_CTX, N_THREADS, budget_fraction, open_engine
 
 from cluster.models import synth
@@ -19,6 +20,15 @@ from cluster.engine.sequence import Piece
 
 def _prompts(topics, n: int) -> list[str]:
     return [synth.topic_prompt(topics, i % len(topics), 6 + i, seed=30 + i) for i in range(n)]
+
+
+def _refuses(call, error: type[BaseException]) -> bool:
+    """Whether ``call("a")`` raises ``error`` now."""
+    try:
+        call("a")
+    except error:
+        return True
+    return False
 
 
 def _results(sequences) -> list[Generation]:
@@ -158,21 +168,30 @@ def test_sequences_from_many_threads_all_complete(tiny_model, tiny_topics):
 
 
 def test_closing_the_engine_ends_every_waiting_and_running_sequence(tiny_model, tiny_topics):
+    from cluster.errors import EngineClosedError
+
     engine = open_engine(tiny_model, n_slots=1)
-    seqs = [engine.submit(synth.topic_prompt(tiny_topics, 0, 5, seed=i), SamplingParams(max_tokens=200))
-            for i in range(3)]
-    time.sleep(0.05)
+    running: queue.SimpleQueue = queue.SimpleQueue()
+
+    def held_until_closed(item: object) -> None:  # the running sequence's output, on the engine's thread
+        running.put(item)
+        if isinstance(item, Piece):  # it cannot end before close() has begun: its step waits here until then
+            wait_until(lambda: _refuses(engine.tokenize, EngineClosedError), 60, "the engine was closed")
+
+    seqs = [engine.submit(synth.topic_prompt(tiny_topics, 0, 5, seed=0), SamplingParams(max_tokens=200),
+                          emit=held_until_closed)]
+    seqs += [engine.submit(synth.topic_prompt(tiny_topics, 0, 5, seed=i), SamplingParams(max_tokens=200))
+             for i in (1, 2)]  # one slot: these two wait
+    assert isinstance(running.get(timeout=60), Piece), "the first sequence runs"
     engine.close()
     ends = []
-    for seq in seqs:
+    for outbox in (running, seqs[1].outbox, seqs[2].outbox):
         while True:
-            item = seq.outbox.get(timeout=30)
+            item = outbox.get(timeout=30)
             if not isinstance(item, Piece):
                 break
         ends.append(item)
-    from cluster.errors import EngineClosedError
-
-    assert all(isinstance(e, EngineClosedError) for e in ends[1:]), ends  # the waiting ones at least
+    assert [type(e) for e in ends] == [EngineClosedError] * 3, ends  # the running one and both waiting ones
 
 
 @pytest.mark.parametrize("slots", [0, 300])

@@ -56,12 +56,25 @@ def request(topic: int, n: int = 24, rid: str = "r", offset: int = 0) -> RouteRe
 
 
 def test_every_policy_is_registered_and_chooses_among_the_nodes_given():
-    nodes = [view(f"n{i}", load=i % 2) for i in range(4)]
+    nodes = [view(f"n{i}", load=i % 2) for i in range(4)]  # n0 and n2 idle, n1 and n3 busy
+    every, load = ["n0", "n1", "n2", "n3"], {n.node_id: n.load for n in nodes}
+
+    def one_idle_node(ranked: list[str]) -> bool:  # knowing nothing, warmth names one least-loaded node
+        return len(ranked) == 1 and ranked[0] in ("n0", "n2")
+
+    expected = {  # the baselines rank every node; warmth names its choice (base.RoutingPolicy.choose)
+        "warmth": one_idle_node,
+        "warmth_nobatch": one_idle_node,
+        "least_loaded": lambda ranked: sorted(ranked) == every and [load[r] for r in ranked] == [0, 0, 1, 1],
+        "round_robin": lambda ranked: ranked == every,  # its first turn: name order from the first name
+        "random": lambda ranked: sorted(ranked) == every,
+    }
+    assert sorted(POLICY_NAMES) == sorted(expected)
     for name in POLICY_NAMES:
         ranked = make_policy(name, rng=random.Random(0)).choose(request(0), nodes)
-        assert ranked and len(set(ranked)) == len(ranked) and set(ranked) <= {n.node_id for n in nodes}, name
-        if not name.startswith("warmth"):  # the baselines rank every node; warmth names its choice (base.RoutingPolicy.choose)
-            assert sorted(ranked) == sorted(n.node_id for n in nodes), name
+        assert expected[name](ranked), (name, ranked)
+        reversed_order = make_policy(name, rng=random.Random(0)).choose(request(0), nodes[::-1])
+        assert reversed_order == ranked, (name, ranked, reversed_order)  # ties go to the RNG, never to list position
 
 
 def test_knowing_nothing_falls_back_to_least_loaded_explicitly():
