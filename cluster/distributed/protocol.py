@@ -1,13 +1,15 @@
 """Messages between the processes of a deployment: frozen dataclasses, one definition each.
 
-A request's course (DESIGN.md, "How data flows"): the caller asks the router (``RouteAsk``); the
-router renders and tokenizes it once, chooses a node and answers with a ``Route`` carrying the
-``NodeRequest`` that node serves; the caller streams that from the node directly (``Piece`` items,
-then ``Finished``), so the router's work is per request, not per token, and a stream outlives the
-router. The caller's side announces each dispatch with ``Routed`` and voids text with
-``Restarted`` when a whole answer starts again elsewhere. Nodes tell the router what they hold
-and did (``NodeReport``, with each request's ``RoutingTraceSummary``); a report naming a request
-also settles the router's count of requests in flight, whatever the caller did.
+A request's course (DESIGN.md, "How data flows"): the caller's process renders and tokenizes it
+(``cluster.distributed.edge``, from the ``ModelSource`` the router names) and asks the router with
+its token ids (``RouteAsk``); the router only decides, answering with a ``Route`` that names the
+node; the caller sends that node the ``NodeRequest`` and streams from it directly (``Piece``
+items, then ``Finished``), so the router's work is per request, neither per token nor per byte
+of prompt text, and a stream outlives the router. The caller's side announces each dispatch
+with ``Routed`` and voids text with ``Restarted`` when a whole answer starts again elsewhere.
+Nodes tell the router what they hold and did (``NodeReport``, with each request's
+``RoutingTraceSummary``); a report naming a request also settles the router's count of requests
+in flight, whatever the caller did.
 
 Errors cross processes as the types in ``cluster.errors``. Nothing here imports Ray or llama.cpp.
 """
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 
-from cluster.engine.chat import ChatPrompt
 from cluster.engine.sampling import SamplingParams, TokenLogprob
 from cluster.engine.sequence import Resume
 from cluster.engine.trace_summary import RoutingTraceSummary
@@ -35,34 +36,54 @@ def node_name(index: int) -> str:
 # -- caller -> router -> caller ---------------------------------------------------------------
 
 @dataclass(frozen=True)
+class ModelSource:
+    """What a caller's process needs to render and tokenize requests for a deployment
+    (``RouterActor.model_source``; ``cluster.distributed.edge`` loads it once per process).
+
+    Attributes:
+        model_path: the GGUF file the nodes serve (its vocabulary and chat template are read from it).
+        chat_template: the operator's chat template (Jinja text, ``serve --chat-template``); None:
+            the model's own.
+        n_ctx: the tokens a node's sequence holds: a prompt of ``n_ctx`` tokens or more cannot be
+            served, and is refused where it enters.
+    """
+
+    model_path: str
+    chat_template: str | None
+    n_ctx: int
+
+
+@dataclass(frozen=True)
 class RouteAsk:
-    """What a caller wants generated.
+    """What a caller wants generated, rendered and tokenized where it entered.
 
     Attributes:
         request_id: unique id (the node's report settles the router's accounting by it).
-        params: validated sampling parameters.
-        prompt: the prompt text, or None for a chat request.
-        chat: a conversation the router renders with the deployment's chat template.
+        tokens: the prompt's token ids (checked against the vocabulary and the context there).
+        params: sampling parameters, validated and checked against the vocabulary there (with a
+            chat template's end-of-turn stop).
         session_id: the conversation this turn belongs to (its KV state may be held by a node).
-        max_prompt_tokens: refuse longer prompts (``PromptTooLongError``); None: the node's context decides.
         ended: requests this caller saw end since its last call: the router counts them ended
             before it chooses (so a conversation's next turn finds its node as it left it), at no
             round trip of their own.
     """
 
     request_id: str
+    tokens: tuple[int, ...]
     params: SamplingParams
-    prompt: str | None = None
-    chat: ChatPrompt | None = None
     session_id: str | None = None
-    max_prompt_tokens: int | None = None
     ended: tuple[str, ...] = ()
+
+    def node_request(self, resume: Resume | None = None) -> NodeRequest:
+        """What the chosen node serves (``resume``: the answer so far, continued there)."""
+        return NodeRequest(self.request_id, self.tokens, self.params, self.session_id, resume)
 
 
 @dataclass(frozen=True)
 class NodeRequest:
-    """What a node serves: the prompt tokenized once, by the router; ``resume``: the answer so
-    far, when a node died while streaming it and this one continues it (one choice only)."""
+    """What a node serves: the prompt as token ids (tokenized once, where the request entered);
+    ``resume``: the answer so far, when a node died while streaming it and this one continues it
+    (one choice only)."""
 
     request_id: str
     tokens: tuple[int, ...]
@@ -78,21 +99,17 @@ class NodeRequest:
 
 @dataclass(frozen=True)
 class Route:
-    """The router's answer: serve ``request`` on ``node_id``.
+    """The router's decision: serve the request on ``node_id`` (the caller sends it there).
 
     Attributes:
         node_id: the node actor's name.
         namespace: the Ray namespace of the deployment (where that name is looked up).
-        request: what to send it.
         routing: how it was chosen (``policy``, ``attempts`` and the policy's reasons), for the answer.
-        chat_template: a chat request's template origin (``model``, ``override`` or ``none``).
     """
 
     node_id: str
-    request: NodeRequest
     namespace: str = NAMESPACE
     routing: dict[str, Any] = field(default_factory=dict)
-    chat_template: str | None = None
 
 
 # -- node -> caller -----------------------------------------------------------------------------
