@@ -19,12 +19,12 @@ def burst_with_a_failure(client: Client, prompt: str, fail: Callable[[], None],
     identical to the answer of a quiet moment, streams too (a node dying under either is
     continued on another node, the seam invisible). Returns each request's outcome: "ok"."""
     expected = client.generate(prompt, max_tokens=MAX_TOKENS)
-    assert expected.usage["completion_tokens"] == MAX_TOKENS
+    assert expected.usage.completion_tokens == MAX_TOKENS
 
     def call(i: int) -> str:
         if i % 2 == 0:
             done = client.generate(prompt, max_tokens=MAX_TOKENS, seed=i)
-            assert done.usage["completion_tokens"] == MAX_TOKENS and done.text == expected.text
+            assert done.usage.completion_tokens == MAX_TOKENS and done.text == expected.text
             return "ok"
         assert "".join(client.stream(prompt, max_tokens=MAX_TOKENS, seed=i)) == expected.text
         return "ok"

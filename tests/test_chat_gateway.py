@@ -234,10 +234,10 @@ def test_the_python_client_chats_renders_and_tokenizes(gateway, model, tokenizer
     assert rendered["tokens"] == tokenizer.tokenize(rendered["text"], special=True)
     done = client.chat(messages, SamplingParams(max_tokens=6, temperature=1.0, seed=4, n=2, logprobs=True))
     assert done.chat_template == "model" and [c.index for c in done.choices] == [0, 1]
-    assert done.usage["prompt_tokens"] == len(rendered["tokens"]) and done.usage["completion_tokens"] == 12
+    assert done.usage.prompt_tokens == len(rendered["tokens"]) and done.usage.completion_tokens == 12
     assert done.text == done.choices[0].text and len(done.choices[1].logprobs) == 6
     as_dicts = client.chat([{"role": "user", "content": messages[0].content}], max_tokens=6, temperature=1.0, seed=4)
-    assert as_dicts.chat_template == "model" and as_dicts.usage["prompt_tokens"] == len(rendered["tokens"])
+    assert as_dicts.chat_template == "model" and as_dicts.usage.prompt_tokens == len(rendered["tokens"])
     full = client.generate(" ".join(words[1][:3]), max_tokens=12)
     stop = full.text.split(" ")[3]  # a word of the answer, given as one string: one stop string
     cut = client.generate(" ".join(words[1][:3]), max_tokens=12, stop=stop)

@@ -52,7 +52,7 @@ def test_client_generate_stream_and_status_end_to_end(deployment, tiny_topics):
     prompt = synth.topic_prompt(tiny_topics, 0, 12, seed=1)
     done = client.generate(prompt, max_tokens=8)
     assert done.text.strip() and done.node.startswith("sniper-node-")
-    assert done.usage["completion_tokens"] == 8 and done.finish_reason == "length"
+    assert done.usage.completion_tokens == 8 and done.finish_reason == "length"
     assert "".join(client.stream(prompt, max_tokens=8)) == done.text
     status = client.status()
     assert status.policy == "warmth"
@@ -90,7 +90,7 @@ def test_conversations_stay_on_the_node_that_holds_their_state(deployment, tiny_
                 done = future.result(timeout=120)
                 history[t] = prompts[t] + done.text
                 nodes[t].append(done.node)
-                reused[t].append(done.usage["reused_prompt_tokens"])
+                reused[t].append(done.usage.reused_prompt_tokens)
     for t in history:
         assert len(set(nodes[t][1:])) == 1 and nodes[t][1] == nodes[t][2], nodes
         assert min(reused[t][1:]) > 8, reused  # the history was not prefilled again

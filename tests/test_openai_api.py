@@ -28,7 +28,7 @@ from cluster.api.openai_api import (
     parse_tokenize,
 )
 from cluster.api.openai_responses import StreamChunks, chunk, response
-from cluster.distributed.protocol import ChoiceEnd, Finished
+from cluster.distributed.protocol import ChoiceEnd, Finished, Usage
 from cluster.engine.sampling import TokenLogprob, TopLogprob
 
 LIMITS = Limits(max_tokens=64, default_max_tokens=16)
@@ -204,12 +204,12 @@ def _entry(token: int, text: str, logprob: float, offset: int) -> TokenLogprob:
                                                                  TopLogprob(99, b"\xe2", -3.0, "")), text)
 
 
-def _finished(usage: dict[str, int], *ends: tuple[str, int]) -> Finished:
+def _finished(usage: Usage, *ends: tuple[str, int]) -> Finished:
     return Finished("n", tuple(ChoiceEnd(i, reason, n) for i, (reason, n) in enumerate(ends)), usage)
 
 
 def test_response_and_chunks_follow_the_openai_shapes():
-    usage = {"prompt_tokens": 3, "completion_tokens": 2, "reused_prompt_tokens": 1}
+    usage = Usage(prompt_tokens=3, completion_tokens=2, reused_prompt_tokens=1)
     gen = completion(echo=True)
     body = response(gen, [Choice(0, " world", "length")], usage, "sniper-node-0")
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
@@ -232,13 +232,13 @@ def test_n_choices_and_logprobs_in_both_endpoints_shapes():
     entries = (_entry(5, " hi", -0.5, 0), _entry(6, " yo", -1.5, 3))
     comp = completion(n=2, logprobs=1)
     body = response(comp, [Choice(1, " b", "length"), Choice(0, " hi yo", "stop", entries)],
-                    {"prompt_tokens": 1, "completion_tokens": 3}, "n")
+                    Usage(prompt_tokens=1, completion_tokens=3), "n")
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert body["choices"][0]["logprobs"] == {"tokens": [" hi", " yo"], "token_logprobs": [-0.5, -1.5],
                                               "top_logprobs": [{" hi": -0.5, "": -3.0}, {" yo": -1.5, "": -3.0}],
                                               "text_offset": [0, 3]}
     c = chat(logprobs=True, top_logprobs=1)
-    content = response(c, [Choice(0, " hi yo", "stop", entries)], {}, "n")["choices"][0]["logprobs"]["content"]
+    content = response(c, [Choice(0, " hi yo", "stop", entries)], Usage(0, 0), "n")["choices"][0]["logprobs"]["content"]
     assert content[0] == {"token": " hi", "logprob": -0.5, "bytes": [32, 104, 105],
                           "top_logprobs": [{"token": " hi", "logprob": -0.5, "bytes": [32, 104, 105]},
                                            {"token": "", "logprob": -3.0, "bytes": [226]}]}
@@ -247,7 +247,7 @@ def test_n_choices_and_logprobs_in_both_endpoints_shapes():
     assert [o["choices"][0]["index"] for o in out] == [1, 0]
     assert all(o["choices"][0]["delta"]["role"] == "assistant" for o in out)  # each choice's first chunk
     assert out[0]["choices"][0]["logprobs"]["content"][0]["token"] == " yo"
-    ends = stream.end(_finished({}, ("stop", 1), ("length", 1)))
+    ends = stream.end(_finished(Usage(0, 0), ("stop", 1), ("length", 1)))
     assert [(e["choices"][0]["index"], e["choices"][0]["finish_reason"]) for e in ends] == [(0, "stop"), (1, "length")]
 
 
@@ -257,7 +257,7 @@ def test_logprob_tokens_put_together_are_the_answer_with_split_and_invalid_utf8_
     from cluster.distributed.node import NodeConfig, NodeServer
     from cluster.distributed.protocol import NodeRequest, Piece
 
-    server = NodeServer("sniper-node-0", NodeConfig(str(tiny_model), cache_bytes=None, n_ctx=256, n_threads=1,
+    server = NodeServer("sniper-node-0", NodeConfig.create(str(tiny_model), cache_bytes=None, n_ctx=256, n_threads=1,
                                                     heartbeat_s=60.0))
     try:
         tokenizer = server.engine.tokenizer
@@ -307,15 +307,15 @@ CALL = '<tool_call>\n{"name": "lookup", "arguments": {"word": "kalo"}}\n</tool_c
 
 def test_tool_calls_come_back_as_tool_calls_whole_and_streamed():
     req = chat(tools=TOOLS)
-    message = response(req, [Choice(0, "Sure.\n" + CALL, "stop")], {}, "n")["choices"][0]
+    message = response(req, [Choice(0, "Sure.\n" + CALL, "stop")], Usage(0, 0), "n")["choices"][0]
     assert message["finish_reason"] == "tool_calls" and message["message"]["content"] == "Sure."
     (call,) = message["message"]["tool_calls"]
     assert call["type"] == "function" and call["id"].startswith("call_")
     assert call["function"] == {"name": "lookup", "arguments": '{"word": "kalo"}'}
-    assert response(chat(), [Choice(0, CALL, "stop")], {}, "n")["choices"][0]["message"]["content"] == CALL
+    assert response(chat(), [Choice(0, CALL, "stop")], Usage(0, 0), "n")["choices"][0]["message"]["content"] == CALL
     stream = StreamChunks(chat(tools=TOOLS, stream=True))
     out = [c for i in range(0, len(CALL), 7) for c in stream.piece(0, CALL[i:i + 7])]
-    out += stream.end(_finished({}, ("stop", 1)))
+    out += stream.end(_finished(Usage(0, 0), ("stop", 1)))
     deltas = [c["choices"][0]["delta"] for c in out]
     assert deltas[0]["role"] == "assistant" and "content" not in deltas[0]
     assert deltas[0]["tool_calls"][0]["function"] == {"name": "lookup", "arguments": ""} and deltas[0]["tool_calls"][0]["id"]

@@ -10,7 +10,7 @@ import pytest
 
 from cluster.routing.decision_audit import MAX_PENDING, DecisionAudit
 from cluster.errors import NoNodesError, OverloadedError
-from cluster.distributed.protocol import NodeReport
+from cluster.distributed.protocol import NodeReport, NodeStats
 from cluster.distributed.router import RouterCore
 from cluster.routing import POLICY_NAMES, NodeView, RouteRequest, make_policy
 from cluster.routing.base import RoutingTraceSummary
@@ -232,7 +232,7 @@ def _report(node_id: str, topic: int | None, load: int = 0, capacity: int = 2, *
     resident = resident_for(topic).astype(bool)
     warmth = encode(resident)  # as a node sends it: no heat
     return NodeReport(node_id=node_id, load=load, capacity=capacity, healthy=True, warmth=warmth, prefixes=(),
-                      sessions=(), stats={}, sent_at=0.0, **extra)
+                      sessions=(), stats=None, sent_at=0.0, **extra)
 
 
 def test_router_core_routes_refuses_and_times_out_silent_nodes():
@@ -348,7 +348,7 @@ def test_router_status_reports_how_warm_the_chosen_nodes_were():
 def test_a_restarted_node_counts_once_comes_back_cold_and_keeps_its_totals():
     core = RouterCore("warmth")
     prefix = prefix_hashes(TOPIC_TOKENS[0])
-    stats = {"hits": 90, "misses": 10, "bytes_read": 1000, "generated_tokens": 50}
+    stats = NodeStats(hits=90, misses=10, bytes_read=1000, generated_tokens=50)
     core.on_report(NodeReport(**{**vars(_report("a", 0, started_at=1.0)), "prefixes": tuple(prefix), "stats": stats}))
     core.on_report(_report("b", None, started_at=1.0))
     assert core.policy.prefix_holders[prefix[0]] == {"a"}
@@ -358,7 +358,7 @@ def test_a_restarted_node_counts_once_comes_back_cold_and_keeps_its_totals():
     assert a.alive and a.restarts == 1 and a.warm_fraction is None  # the old process's warmth is gone
     assert prefix[0] not in core.policy.prefix_holders  # and so are the KV states it held
     assert a.bytes_read == 1000 and a.generated_tokens == 50 and a.hit_rate == pytest.approx(0.9)
-    later = {"hits": 5, "misses": 5, "bytes_read": 300, "generated_tokens": 7}
+    later = NodeStats(hits=5, misses=5, bytes_read=300, generated_tokens=7)
     core.on_report(NodeReport(**{**vars(_report("a", 0, started_at=2.0)), "stats": later}))
     core.on_report(NodeReport(**{**vars(_report("a", 0, started_at=2.0)), "stats": later}))  # same process again
     a = core.status().node("a")

@@ -24,14 +24,17 @@ from cluster.engine.sampling import MAX_SEED, SamplingParamError, SamplingParams
     ({"top_logprobs": 2}, "top_logprobs"), ({"grammar": " "}, "grammar"),
 ])
 def test_bad_values_raise_an_error_naming_the_field(fields, field):
-    with pytest.raises(SamplingParamError) as info:
-        SamplingParams.create(**fields)
-    assert info.value.field == field and info.value.param == field
-    assert str(info.value).startswith(f"{field} must be ")
+    for build in (SamplingParams.create, SamplingParams):  # valid once constructed, however it is built
+        with pytest.raises(SamplingParamError) as info:
+            build(**fields)
+        assert info.value.field == field and info.value.param == field
+        assert str(info.value).startswith(f"{field} must be ")
+    with pytest.raises(SamplingParamError):
+        SamplingParams().updated(**fields)
 
 
 def test_defaults_are_valid_and_an_unknown_name_is_an_error_naming_it():
-    SamplingParams().validate()
+    SamplingParams()  # constructing checks every field
     with pytest.raises(InvalidParameterError, match="'top_kk'") as info:
         SamplingParams.create(top_kk=3)
     assert info.value.param == "top_kk"

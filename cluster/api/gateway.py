@@ -38,7 +38,8 @@ from cluster.distributed.client import completion
 from cluster.distributed.deploy import HEAD_NODE_RESOURCE, app_name
 from cluster.errors import InvalidParameterError, NoNodesError, RouterUnavailableError, SniperError
 from cluster.api.metrics import GatewayMetrics
-from cluster.engine.node_memory import AUTO
+from cluster.engine.engine_config import MAX_SLOTS
+from cluster.engine.node_memory import parse_cache_mb
 from cluster.api.openai_api import (
     APIError,
     APIRequest,
@@ -51,7 +52,7 @@ from cluster.api.openai_api import (
     parse_tokenize,
 )
 from cluster.api.openai_responses import StreamChunks, response
-from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Routed, StreamItem
+from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Routed, StreamItem, Usage
 from cluster.distributed.status import RouterStatus
 
 API_KEY_ENV = "SNIPER_API_KEY"
@@ -343,9 +344,9 @@ class Gateway:
         finally:
             await end(status_code)  # a caller that went away cancels the request on its node
 
-    def _count_tokens(self, usage: dict[str, int]) -> None:
-        self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
-        self.metrics.generated_tokens.inc(usage.get("completion_tokens", 0))
+    def _count_tokens(self, usage: Usage) -> None:
+        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+        self.metrics.generated_tokens.inc(usage.completion_tokens)
 
     def _finish(self, endpoint: str, status_code: int, started: float) -> None:
         self.metrics.in_progress.dec()
@@ -488,16 +489,15 @@ def build_app(args: dict[str, Any]) -> Any:
         raise InvalidParameterError("chat_template is a setting of the deployment build_app creates: give model too",
                                     param="chat_template")
     if "model" in args:
-        cache_mb = args["cache_mb"] if "cache_mb" in args else os.environ.get("SNIPER_CACHE_MB") or None  # as `serve`
-        if cache_mb is not None and str(cache_mb) != AUTO and (not str(cache_mb).isdigit() or int(cache_mb) < 1):
-            raise InvalidParameterError(f"cache_mb must be a positive integer (MiB) or '{AUTO}', got {cache_mb!r}")
+        cache_mb = parse_cache_mb(args["cache_mb"] if "cache_mb" in args
+                                  else os.environ.get("SNIPER_CACHE_MB") or None)  # as `serve`
         from cluster.distributed.deploy import read_chat_template
 
         slots = args.get("slots", 4)
-        if not str(slots).isdigit() or not 1 <= int(slots) <= 256:
-            raise InvalidParameterError(f"slots must be an integer in [1, 256], got {slots!r}", param="slots")
+        if not str(slots).isdigit() or not 1 <= int(slots) <= MAX_SLOTS:
+            raise InvalidParameterError(f"slots must be an integer in [1, {MAX_SLOTS}], got {slots!r}", param="slots")
         _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)),
-                           None if cache_mb is None else AUTO if str(cache_mb) == AUTO else int(cache_mb),
+                           cache_mb,
                            args.get("threads"), str(args.get("policy", "warmth")), namespace,
                            read_chat_template(args.get("chat_template")), int(slots))
     return gateway_app(GatewayConfig(namespace=namespace, api_key=args.get("api_key"), limits=limits))

@@ -22,14 +22,14 @@ from typing import Any, Sequence
 
 from cluster.distributed.client import Choice
 from cluster.api.openai_api import APIRequest
-from cluster.distributed.protocol import Finished
+from cluster.distributed.protocol import Finished, Usage
 from cluster.engine.sampling import TokenLogprob
 from cluster.api.tool_calls import ParsedCall, ToolCallStream, split_tool_calls
 
 
-def usage_body(usage: dict[str, int]) -> dict[str, int]:
-    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage_body(usage: Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
 
 
 def _object_name(req: APIRequest, chunk: bool) -> str:
@@ -74,7 +74,7 @@ def _tool_call_body(call: ParsedCall, index: int) -> dict[str, Any]:
     return {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def response(req: APIRequest, choices: Sequence[Choice], usage: dict[str, int], node: str) -> dict[str, Any]:
+def response(req: APIRequest, choices: Sequence[Choice], usage: Usage, node: str) -> dict[str, Any]:
     """The non-streaming body; ``system_fingerprint`` names the node that served it."""
     bodies = []
     for choice in sorted(choices, key=lambda c: c.index):
@@ -97,7 +97,7 @@ def response(req: APIRequest, choices: Sequence[Choice], usage: dict[str, int], 
             "system_fingerprint": node, "choices": bodies, "usage": usage_body(usage)}
 
 
-def chunk(req: APIRequest, choices: list[dict[str, Any]], *, usage: dict[str, int] | None = None,
+def chunk(req: APIRequest, choices: list[dict[str, Any]], *, usage: Usage | None = None,
           node: str | None = None) -> dict[str, Any]:
     """One stream chunk around ``choices`` (empty for the usage-only chunk)."""
     body: dict[str, Any] = {"id": response_id(req), "object": _object_name(req, chunk=True), "created": req.created,

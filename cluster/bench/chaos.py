@@ -116,7 +116,7 @@ async def _python_request(client: Any, prompt: str, stream: bool, max_tokens: in
                     outcome["restarted"] = True
                     text.clear()
                 elif isinstance(item, Finished):
-                    outcome["tokens"] = item.usage["completion_tokens"]
+                    outcome["tokens"] = item.usage.completion_tokens
             outcome["retried"] = attempts > 1 or bool(outcome.get("restarted"))
             outcome["text"] = "".join(text)
 
@@ -249,7 +249,7 @@ def _streaming_node(n_nodes: int, index: int, wait_s: float = 10.0) -> tuple[str
                 report = ray.get(ray.get_actor(name, namespace=NAMESPACE).report.remote(), timeout=10)
             except Exception:  # noqa: BLE001  (restarting: try the next one)
                 continue
-            running[name] = int(report.stats.get("slots_busy", 0))
+            running[name] = int(report.stats.slots_busy or 0) if report.stats is not None else 0
         busiest = max(running, key=lambda n: running[n], default=None)  # ties: the first from ``index`` on
         if busiest is not None and running[busiest]:
             return busiest, running[busiest]

@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -216,7 +217,7 @@ async def _drive(client: Any, workload: Workload, max_tokens: int, concurrency: 
                                done_s=loop.time() - t0)
                 history.append((turn.prompt, ""))
             else:
-                outcome.update(done_s=loop.time() - t0, node=done.node, text=done.text, usage=dict(done.usage),
+                outcome.update(done_s=loop.time() - t0, node=done.node, text=done.text, usage=asdict(done.usage),
                                cache=dict(done.cache), routing=dict(done.routing),
                                first_s=first[0] if first else loop.time() - t0)
                 history.append((turn.prompt, done.text))
@@ -451,7 +452,7 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
         held[node_name(i)] = [[1] + topic_tokens(topic, prompt_tokens) for _ in range(2)]
         prefixes = tuple(sorted({h for tokens in held[node_name(i)] for h in prefix_hashes(tokens)}))
         core.on_report(NodeReport(node_id=node_name(i), load=0, capacity=8, healthy=True,
-                                  warmth=encode(resident), prefixes=prefixes, sessions=(), stats={}, sent_at=0.0))
+                                  warmth=encode(resident), prefixes=prefixes, sessions=(), stats=None, sent_at=0.0))
     learn_s = 0.0
     for j in range(n_train):
         topic = j % n_topics
@@ -463,7 +464,7 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
         last = core.nodes[node_id].last_report
         t0 = time.perf_counter()
         core.on_report(NodeReport(node_id=node_id, load=0, capacity=8, healthy=True, warmth=last.warmth,
-                                  prefixes=last.prefixes, sessions=(), stats={}, sent_at=0.0,
+                                  prefixes=last.prefixes, sessions=(), stats=None, sent_at=0.0,
                                   request_id=f"train{j}", summary=summary))
         learn_s += time.perf_counter() - t0
 

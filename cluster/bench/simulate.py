@@ -305,7 +305,7 @@ class SimNode:
             self._prefixes = tuple(sorted({h for tokens in held for h in prefix_hashes(tokens)}))
         self.last_report_s = now
         return NodeReport(node_id=self.node_id, load=load, capacity=self.capacity, healthy=True, warmth=self._warmth,
-                          prefixes=self._prefixes, sessions=self.kv.sessions(), stats={}, sent_at=now,
+                          prefixes=self._prefixes, sessions=self.kv.sessions(), stats=None, sent_at=now,
                           request_id=request_id, summary=summary)
 
 

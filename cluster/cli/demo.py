@@ -69,8 +69,8 @@ def run_demo(model: str | None = None, cache_mb: int | None = None, n_requests: 
                     where[c % n_topics][done.node] += 1
                     cache = done.cache
                     print(f"turn {turn} conversation {c} (topic {c % n_topics}) -> {done.node}: "
-                          f"{done.text.strip()[:40]!r} ({done.usage['completion_tokens']} tokens, "
-                          f"{done.usage['reused_prompt_tokens']} prompt tokens reused, decode hit rate "
+                          f"{done.text.strip()[:40]!r} ({done.usage.completion_tokens} tokens, "
+                          f"{done.usage.reused_prompt_tokens} prompt tokens reused, decode hit rate "
                           f"{100 * cache.get('decode_hit_rate', float('nan')):.0f} %)")
         print()
         print(status_table(client.status()))

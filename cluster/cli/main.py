@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -20,15 +21,12 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from cluster.bench import DEFAULT_OUT  # noqa: E402
 from cluster.cli.sampling_flags import add_sampling_flags, logprob_json, params_from_flags  # noqa: E402
-from cluster.errors import SniperError  # noqa: E402
+from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
 from cluster.engine.model_file import check_model_file  # noqa: E402
-from cluster.engine.node_memory import MIB  # noqa: E402
+from cluster.engine.node_memory import MIB, parse_cache_mb  # noqa: E402
 from cluster.cli.status_table import status_table  # noqa: E402
 from cluster.distributed.status import jsonable  # noqa: E402
 from cluster.models.synth import default_model  # noqa: E402
-
-MAX_CACHE_MB = 1 << 30  # 1 PiB: anything larger is a typo, not a machine
-
 
 def _positive_int(text: str) -> int:
     try:
@@ -48,13 +46,11 @@ def _port(text: str) -> int:
 
 
 def _cache_mb(text: str) -> int | str:
-    """``--cache-mb``: MiB (a positive integer, at most what a machine could hold) or ``auto``."""
-    if text == "auto":
-        return "auto"
-    value = _positive_int(text)
-    if value > MAX_CACHE_MB:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_CACHE_MB} MiB (1 PiB) or 'auto', got {value}")
-    return value
+    """``--cache-mb``: MiB or ``auto`` (``node_memory.parse_cache_mb``, the rule of every surface)."""
+    try:
+        return parse_cache_mb(text)  # type: ignore[return-value]  (a flag's text is never None)
+    except InvalidParameterError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("cache_mb must be ")) from None
 
 
 def _env(name: str, parse: Callable[[str], Any]) -> Any:
@@ -284,7 +280,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 0
     done = client.generate(prompt, params, session_id=args.session)
     result: dict[str, Any] = {"text": done.text, "node": done.node, "finish_reason": done.finish_reason,
-                              "usage": done.usage, "routing": done.routing}
+                              "usage": asdict(done.usage), "routing": done.routing}
     if len(done.choices) > 1:
         result["choices"] = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason} for c in done.choices]
     if params.logprobs:
@@ -372,6 +368,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                   limit_fraction=None if args.no_limit else 0.5, llama_server=args.llama_server,
                                   out_dir=Path(args.out) if args.out else None, progress=not args.json)
         _emit({"report": report["report"], "targets": report["targets"]}, args, lambda r: f"wrote {r['report']}")
+        return 0
+    if args.suite == "router":
+        foreign = [n for n in given if n != "requests"] + (["prompts"] if args.prompts else [])
+        if foreign:
+            raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench router' (it takes --model, "
+                             f"--requests, --quick, --out)")
+        from cluster.bench import router_latency
+
+        report = router_latency.main(args.model or str(default_model("demo", progress=not args.json)),
+                                     requests=args.requests or (200 if args.quick else 500), out_dir=args.out,
+                                     progress=not args.json)
+        _emit({"report": str(report)}, args, lambda r: f"wrote {r['report']}")
         return 0
     if args.suite == "chaos":
         if given:
@@ -608,8 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (engine: docs/benchmarks.md; routing: docs/routing.md; "
                                       "simulate: docs/simulation.md; serving: docs/serving.md; regimes: docs/regimes.md; "
-                                      "chaos: docs/chaos.md; batch: docs/batching.md)")
-    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes", "chaos", "batch"))
+                                      "chaos: docs/chaos.md; batch: docs/batching.md; router: docs/router-latency.md)")
+    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes", "chaos", "batch", "router"))
     p.add_argument("--model", help="GGUF MoE model (default: the generated bench / demo / tiny model)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, plots and JSON")
     p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")

@@ -18,7 +18,7 @@ from cluster.engine.chat import ChatMessage, ChatPrompt, chat_messages
 from cluster.distributed.dispatch import ROUTER_WAIT_S, Deployment, request_events
 from cluster.distributed.edge import PromptRequest
 from cluster.errors import InvalidParameterError, NodeFailedError, NoNodesError
-from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Restarted, StreamItem
+from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Restarted, StreamItem, Timing, Usage
 from cluster.distributed.status import RouterStatus
 from cluster.engine.sampling import SamplingParams, TokenLogprob
 
@@ -50,9 +50,9 @@ class Completion:
     text: str
     node: str
     finish_reason: str
-    usage: dict[str, int]
+    usage: Usage
     choices: tuple[Choice, ...] = ()
-    timing: dict[str, float] = field(default_factory=dict)
+    timing: Timing = Timing()
     cache: dict[str, float] = field(default_factory=dict)
     routing: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None

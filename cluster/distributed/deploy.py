@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 from cluster.errors import InvalidParameterError, SniperError
@@ -71,8 +71,8 @@ def check_deployment(model_path: str, *, cache_bytes: int | str | None, policy: 
         raise InvalidParameterError(f"unknown policy {policy!r}; expected one of {', '.join(POLICY_NAMES)}",
                                     param="policy")
     check_model_file(model_path)
-    config = NodeConfig(model_path=os.path.abspath(model_path), cache_bytes=cache_bytes, n_ctx=n_ctx, n_slots=n_slots,
-                        max_queue=max_queue, memory_limit_bytes=memory_limit_bytes, n_threads=n_threads)
+    config = NodeConfig.create(os.path.abspath(model_path), cache_bytes=cache_bytes, n_ctx=n_ctx, n_slots=n_slots,
+                               max_queue=max_queue, memory_limit_bytes=memory_limit_bytes, n_threads=n_threads)
     config.validate()
     check_model(model_path, cache_bytes, chat_template)
     return config
@@ -118,7 +118,7 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
             raise InvalidParameterError(f"node_model_paths must name {n_nodes} files, got {node_model_paths!r}")
         for path in node_model_paths:
             check_model_file(path)
-    model_path = config.model_path
+    model_path = config.engine.model_path
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if n_nodes < 1 or n_nodes > len(alive):
         raise InvalidParameterError(f"--nodes {n_nodes}: the Ray cluster has {len(alive)} live nodes "
@@ -131,19 +131,19 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
     # an "auto" budget on a machine that several node actors share (a local cluster): each plans
     # for its part of the machine's memory
     hosts = {n.get("NodeManagerAddress") for n in alive}
-    config = replace(config, memory_share=1.0 / n_nodes if len(hosts) == 1 else 1.0)
+    config = config.with_engine(memory_share=1.0 / n_nodes if len(hosts) == 1 else 1.0)
     try:
         router = ray.remote(RouterActor).options(  # on the head: it outlives any worker node
             name=ROUTER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_concurrency=1000,
             num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001}).remote(model_path, policy, namespace, chat_template,
-                                                                    n_ctx=config.n_ctx)
+                                                                    n_ctx=config.engine.n_ctx)
         ray.get(router.ping.remote(), timeout=timeout_s)
         pg = placement_group([{"CPU": 1}] * n_nodes, strategy="STRICT_SPREAD", name=f"{PLACEMENT_GROUP}-{namespace}",
                              lifetime="detached")
         ray.get(pg.ready(), timeout=timeout_s)
         handles = []
         for i in range(n_nodes):
-            node_config = config if node_model_paths is None else replace(config, model_path=os.path.abspath(node_model_paths[i]))
+            node_config = config if node_model_paths is None else config.with_engine(model_path=os.path.abspath(node_model_paths[i]))
             handles.append(ray.remote(NodeActor).options(
                 name=node_name(i), namespace=namespace, lifetime="detached", max_restarts=NODE_MAX_RESTARTS,
                 max_concurrency=max_queue + 4, num_cpus=1,

@@ -42,9 +42,12 @@ from cluster.distributed.protocol import (
     Finished,
     NodeReport,
     NodeRequest,
+    NodeStats,
     Piece,
     RoutingTraceSummary,
     StreamItem,
+    Timing,
+    Usage,
 )
 from cluster.routing.warmth import prefix_hashes
 from cluster.engine.sequence import Cancelled as SequenceCancelled
@@ -55,47 +58,42 @@ RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a n
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """One node's settings.
+    """One node's settings: the engine it runs and the node's own.
 
     Attributes:
-        model_path: GGUF MoE model (every node of a deployment serves the same one).
-        cache_bytes: expert-cache budget in bytes, ``"auto"`` (derived from the node's memory once
-            the model is loaded) or None (plain llama.cpp).
-        n_ctx: context window of each sequence slot.
-        n_slots: sequences decoded together (continuous batching).
-        n_threads: compute threads (default: the cores Ray gives the node's process).
-        max_queue: requests running or waiting at once (at least ``n_slots`` is useful).
-        session_bytes: bytes of saved conversation KV states kept.
+        engine: the engine (model, cache budget, context, slots, threads, saved sessions); build
+            both with ``NodeConfig.create``, which applies a node's rules to its engine.
+        max_queue: requests running or waiting at once (at least the engine's ``n_slots`` is useful).
         heartbeat_s: seconds between reports when idle.
         memory_limit_bytes: if set, the node puts its own process under a cgroup memory limit
             of this size before loading (emulates a RAM-limited machine; needs root).
-        memory_share: with an ``"auto"`` budget and no cgroup limit, the fraction of the
-            machine's available memory this node plans for (node actors sharing a machine).
     """
 
-    model_path: str
-    cache_bytes: int | str | None = None
-    n_ctx: int = 2048
-    n_slots: int = 4
-    n_threads: int | None = None
+    engine: EngineConfig
     max_queue: int = 8
-    session_bytes: int = 64 << 20
     heartbeat_s: float = 1.0
     memory_limit_bytes: int | None = None
-    memory_share: float = 1.0
 
-    def engine_config(self) -> EngineConfig:
-        """The engine this node runs (a batch of at least 512 tokens, and room for every slot's)."""
-        return EngineConfig(model_path=self.model_path, cache_bytes=self.cache_bytes, n_ctx=self.n_ctx,
-                            n_threads=self.n_threads, n_slots=self.n_slots,
-                            n_batch=max(512, self.n_slots) if isinstance(self.n_slots, int) else 512,
-                            session_bytes=self.session_bytes, memory_share=self.memory_share,
-                            memory_reserve=self.session_bytes)
+    @classmethod
+    def create(cls, model_path: str, *, cache_bytes: int | str | None = None, n_ctx: int = 2048, n_slots: int = 4,
+               n_threads: int | None = None, session_bytes: int = 64 << 20, memory_share: float = 1.0,
+               max_queue: int = 8, heartbeat_s: float = 1.0, memory_limit_bytes: int | None = None) -> NodeConfig:
+        """A node's config. Its engine batches at least 512 tokens a step and room for every slot's,
+        and an ``"auto"`` budget leaves room for the saved conversation states (``session_bytes``);
+        ``memory_share``: with ``"auto"`` and no cgroup limit, the fraction of the machine's memory
+        this node plans for (node actors sharing a machine). Nothing is checked here: ``validate``."""
+        engine = EngineConfig(model_path=model_path, cache_bytes=cache_bytes, n_ctx=n_ctx, n_threads=n_threads,
+                              n_slots=n_slots, n_batch=max(512, n_slots) if isinstance(n_slots, int) else 512,
+                              session_bytes=session_bytes, memory_share=memory_share, memory_reserve=session_bytes)
+        return cls(engine, max_queue=max_queue, heartbeat_s=heartbeat_s, memory_limit_bytes=memory_limit_bytes)
+
+    def with_engine(self, **changes: Any) -> NodeConfig:
+        """This config with some engine fields changed (a node's own model file, its memory share)."""
+        return replace(self, engine=replace(self.engine, **changes))
 
     def validate(self) -> None:
-        """Checks the node's own settings and the engine's (``EngineConfig.validate`` bounds
-        n_ctx, n_slots, n_threads, cache_bytes, session_bytes, memory_share); no file is opened."""
-        self.engine_config().validate()
+        """Checks the node's own settings and the engine's (``EngineConfig.validate``); no file is opened."""
+        self.engine.validate()
         if not isinstance(self.max_queue, int) or isinstance(self.max_queue, bool) or self.max_queue < 1:
             raise InvalidParameterError(f"max_queue must be an integer >= 1, got {self.max_queue!r}", param="max_queue")
         if not isinstance(self.heartbeat_s, (int, float)) or not self.heartbeat_s > 0:
@@ -192,7 +190,10 @@ def _request_cache_stats(gens: list[Any]) -> dict[str, float]:
     return stats
 
 
-_BATCH_STATS = ("slots", "slots_busy", "decode_batch", "step_ms", "experts_per_step")
+_BATCH_STATS = ("slots", "slots_busy", "decode_batch", "step_ms", "experts_per_step")  # NodeStats fields from the engine
+_CACHE_STATS = ("hits", "misses", "hit_rate", "decode_hit_rate", "bytes_read", "bytes_read_prefill", "bytes_read_decode",
+                "n_tokens_prefill", "n_tokens_decode", "resident_bytes", "budget_bytes", "prefetch_precision",
+                "prefetch_recall")  # and from its cache
 
 
 class NodeServer:
@@ -208,7 +209,7 @@ class NodeServer:
 
             self._limit = MemoryLimit(f"sniper-{node_id}", config.memory_limit_bytes)
             self._limit.enter()
-        self.engine = MoEEngine.from_config(config.engine_config())
+        self.engine = MoEEngine.from_config(config.engine)
         if self.engine.auto_budget is not None:
             print(f"{node_id}: {self.engine.auto_budget.explain()}", file=sys.stderr, flush=True)  # the node's log
         self.report_sink = report_sink
@@ -237,7 +238,6 @@ class NodeServer:
         """
         if not isinstance(request, NodeRequest):
             raise InvalidParameterError(f"a node serves a NodeRequest, got {type(request).__name__}", param="request")
-        request.params.validate()
         if request.resume is not None and request.params.n != 1:
             raise InvalidParameterError(f"a resumed answer has one choice, got n={request.params.n}", param="resume")
         with self._admit:
@@ -317,10 +317,9 @@ class NodeServer:
         return Finished(
             node=self.node_id,
             choices=tuple(ChoiceEnd(i, g.finish_reason, g.n_generated) for i, g in enumerate(gens)),
-            usage={"prompt_tokens": n_prompt, "completion_tokens": n_generated,
-                   "reused_prompt_tokens": min(first.n_reused_tokens, n_prompt)},
-            timing={"prefill_s": first.prefill_s, "decode_s": max(g.decode_s for g in gens),
-                    "queued_s": first.queued_s},
+            usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_generated,
+                        reused_prompt_tokens=min(first.n_reused_tokens, n_prompt)),
+            timing=Timing(queued_s=first.queued_s, prefill_s=first.prefill_s, decode_s=max(g.decode_s for g in gens)),
             cache=_request_cache_stats(gens))
 
     def cancel(self, request_id: str) -> None:
@@ -355,16 +354,14 @@ class NodeServer:
         the kernel still holds (``MoEEngine.cache_report``)."""
         engine = self.engine
         prefixes = tuple(sorted({h for tokens in engine.held_tokens() for h in prefix_hashes(tokens)}))
-        stats: dict[str, float] = {"served": self._served, "generated_tokens": self._generated,
-                                   "session_bytes": engine.saved_bytes}
-        stats.update({k: v for k, v in engine.batch_stats().items() if k in _BATCH_STATS})
+        batch = engine.batch_stats()
+        fields: dict[str, Any] = {k: batch[k] for k in _BATCH_STATS if k in batch}
         warmth = None
         if engine.has_cache:
             cache, warmth = engine.cache_report(reconcile)
-            stats.update({k: cache[k] for k in ("hits", "misses", "hit_rate", "decode_hit_rate", "bytes_read",
-                                                  "bytes_read_prefill", "bytes_read_decode", "n_tokens_prefill",
-                                                  "n_tokens_decode", "resident_bytes", "budget_bytes",
-                                                  "prefetch_precision", "prefetch_recall")})
+            fields.update({k: cache[k] for k in _CACHE_STATS})
+        stats = NodeStats(served=self._served, generated_tokens=self._generated, session_bytes=engine.saved_bytes,
+                          **fields)
         return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
                           warmth=warmth, prefixes=prefixes, sessions=engine.sessions(), stats=stats,
                           sent_at=time.time(), request_id=request_id, summary=summary, started_at=self.started_at)
@@ -394,7 +391,7 @@ class NodeServer:
         """Load and liveness, and a routing-trace summary or an ended request if given; warmth and
         prefixes unchanged."""
         return NodeReport(node_id=self.node_id, load=self._n_active, capacity=self.config.max_queue, healthy=True,
-                          warmth=None, prefixes=None, sessions=self.engine.sessions(), stats={}, sent_at=time.time(),
+                          warmth=None, prefixes=None, sessions=self.engine.sessions(), stats=None, sent_at=time.time(),
                           request_id=request_id, summary=summary, started_at=self.started_at)
 
     def ready(self) -> dict[str, Any]:

@@ -136,14 +136,37 @@ class ChoiceEnd:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Tokens a request counted: its prompt (less a continued answer's tokens, which count as
+    generated), what all its choices generated, and how much of the prompt a held KV state served."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    reused_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds a request spent waiting for a slot, prefilling and decoding (the slowest choice's)."""
+
+    queued_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class Finished:
     """The last item of a request's stream.
 
     Attributes:
         node: the node that served it.
         choices: every choice's end, in index order.
-        usage: ``prompt_tokens``, ``completion_tokens`` (all choices), ``reused_prompt_tokens``.
-        timing: ``prefill_s``, ``decode_s``.
+        usage: the tokens it counted.
+        timing: where its time went.
         cache: the request's own cache counters (empty without a cache).
         routing: how the router chose the node (filled in by the caller's side).
         chat_template: a chat request's template origin (filled in by the caller's side).
@@ -151,8 +174,8 @@ class Finished:
 
     node: str
     choices: tuple[ChoiceEnd, ...]
-    usage: dict[str, int]
-    timing: dict[str, float] = field(default_factory=dict)
+    usage: Usage
+    timing: Timing = Timing()
     cache: dict[str, float] = field(default_factory=dict)
     routing: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
@@ -192,6 +215,41 @@ StreamItem = Union[Piece, Finished, Cancelled, Routed, Restarted]
 # -- node -> router ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class NodeStats:
+    """A node's counters in a full report: since its process started, except where said.
+
+    Attributes:
+        served, generated_tokens: requests served and tokens generated.
+        session_bytes: bytes of saved conversation KV states held now.
+        slots, slots_busy, decode_batch, step_ms, experts_per_step: its batching (``MoEEngine.batch_stats``).
+        hits ... prefetch_recall: its expert cache (``cache.derived_stats`` and the counters of
+            csrc/telemetry.h); None without a cache.
+    """
+
+    served: int = 0
+    generated_tokens: int = 0
+    session_bytes: int = 0
+    slots: float | None = None
+    slots_busy: float | None = None
+    decode_batch: float | None = None
+    step_ms: float | None = None
+    experts_per_step: float | None = None
+    hits: float | None = None
+    misses: float | None = None
+    hit_rate: float | None = None
+    decode_hit_rate: float | None = None
+    bytes_read: float | None = None
+    bytes_read_prefill: float | None = None
+    bytes_read_decode: float | None = None
+    n_tokens_prefill: float | None = None
+    n_tokens_decode: float | None = None
+    resident_bytes: float | None = None
+    budget_bytes: float | None = None
+    prefetch_precision: float | None = None
+    prefetch_recall: float | None = None
+
+
+@dataclass(frozen=True)
 class NodeReport:
     """What a node tells the router: after every request (``request_id`` set: that request ended,
     however) and on every heartbeat.
@@ -201,7 +259,7 @@ class NodeReport:
         warmth: the msgpack warmth report (``cluster.engine.warmth_report``); None: unchanged since the last one.
         prefixes: prefix hashes of the KV states it holds; None: unchanged.
         sessions: conversations whose KV state it holds.
-        stats: cumulative counters (empty in a light report).
+        stats: its counters (None in a light report).
         sent_at: wall clock.
         request_id: the request that ended (None for a heartbeat).
         summary: that request's routing trace summary, if it completed with a cache.
@@ -215,7 +273,7 @@ class NodeReport:
     warmth: bytes | None
     prefixes: tuple[int, ...] | None
     sessions: tuple[str, ...]
-    stats: dict[str, float]
+    stats: NodeStats | None
     sent_at: float
     request_id: str | None = None
     summary: RoutingTraceSummary | None = None

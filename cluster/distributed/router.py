@@ -30,7 +30,7 @@ import numpy as np
 
 from cluster.routing.decision_audit import DecisionAudit
 from cluster.errors import InvalidParameterError, NoNodesError, OverloadedError
-from cluster.distributed.protocol import ModelSource, NodeReport, Route, RouteAsk
+from cluster.distributed.protocol import ModelSource, NodeReport, NodeStats, Route, RouteAsk
 from cluster.distributed.status import NodeStatus, PredictionScore, RouterStatus
 from cluster.routing import NodeView, RouteRequest, make_policy
 from cluster.engine.warmth_report import Warmth, WarmthFormatError
@@ -60,12 +60,12 @@ class NodeState:
     restart_times: list[float] = field(default_factory=list)  # when (router clock) the latest ones were seen
     resident: np.ndarray | None = None  # bool [L, E] from the last warmth report
     sessions: frozenset[str] = frozenset()  # from the last report
-    stats: dict[str, float] = field(default_factory=dict)  # from the last full report
+    stats: NodeStats = NodeStats()  # from the last full report
     carried: dict[str, float] = field(default_factory=dict)  # CUMULATIVE_STATS of the node's earlier processes
 
     def total(self, key: str) -> float | None:
         """A CUMULATIVE_STATS counter over every process this node has had (None: never reported)."""
-        now = self.stats.get(key)
+        now = getattr(self.stats, key)
         return None if now is None and key not in self.carried else (now or 0) + self.carried.get(key, 0)
 
     def hit_rate(self) -> float | None:
@@ -106,7 +106,7 @@ class RouterCore:
         node.sessions = frozenset(report.sessions)
         node.last_seen = self.clock()
         self._changed(node)
-        if report.stats:
+        if report.stats is not None:
             node.stats = report.stats
         # a busy node's heartbeat carries no warmth, an idle one the same bytes again: keep the decoded one
         if report.warmth is not None and report.warmth != node.warmth_bytes:
@@ -119,7 +119,7 @@ class RouterCore:
         if report.prefixes is not None:
             self.policy.on_prefixes(report.node_id, report.prefixes)
         if report.request_id:  # that request ended there (this settles the count whatever the caller did)
-            if report.stats and self.requests.get(report.request_id) == report.node_id:
+            if report.stats is not None and self.requests.get(report.request_id) == report.node_id:
                 node.served += 1
             self.release(report.request_id)
         if report.summary is not None:
@@ -149,7 +149,7 @@ class RouterCore:
         node.restart_times = [*node.restart_times[-(CRASH_LOOP_RESTARTS - 1):], self.clock()]
         node.started_at = started_at
         node.carried = {key: node.total(key) or 0 for key in CUMULATIVE_STATS}
-        node.stats = {}
+        node.stats = NodeStats()
         node.warmth = node.warmth_bytes = node.resident = None
 
     def mark_dead(self, node_id: str) -> None:
@@ -210,7 +210,7 @@ class RouterCore:
 
     def _build_view(self, node: NodeState) -> NodeView:
         return NodeView(node_id=node.node_id, load=node.in_flight, capacity=node.capacity,
-                        slots=int(node.stats.get("slots") or 1), resident=node.resident, sessions=node.sessions)
+                        slots=int(node.stats.slots or 1), resident=node.resident, sessions=node.sessions)
 
     def choose(self, request: RouteRequest, exclude: set[str]) -> list[str]:
         """Ranked node ids; raises NoNodesError / OverloadedError when nothing can take it."""
@@ -240,13 +240,13 @@ class RouterCore:
             nodes.append(NodeStatus(
                 name=node.node_id, alive=node.alive, load=node.in_flight, capacity=node.capacity, served=node.served,
                 restarts=node.restarts, crash_looping=self._crash_looping(node), hit_rate=node.hit_rate(),
-                decode_hit_rate=stats.get("decode_hit_rate"),  # of the current process
+                decode_hit_rate=stats.decode_hit_rate,  # of the current process
                 bytes_read=node.total("bytes_read"), generated_tokens=node.total("generated_tokens"),
                 warm_fraction=node.warmth.warm_fraction() if node.warmth else None,
-                resident_bytes=stats.get("resident_bytes"), budget_bytes=stats.get("budget_bytes"),
+                resident_bytes=stats.resident_bytes, budget_bytes=stats.budget_bytes,
                 sessions=len(node.last_report.sessions) if node.last_report else 0,
-                slots=stats.get("slots"), slots_busy=stats.get("slots_busy"), decode_batch=stats.get("decode_batch"),
-                step_ms=stats.get("step_ms"), experts_per_step=stats.get("experts_per_step")))
+                slots=stats.slots, slots_busy=stats.slots_busy, decode_batch=stats.decode_batch, step_ms=stats.step_ms,
+                experts_per_step=stats.experts_per_step))
         precision = [p for p, _ in self.predictions if p == p]
         recall = [r for _, r in self.predictions if r == r]
         return RouterStatus(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.errors import CacheBudgetError
+from cluster.errors import CacheBudgetError, InvalidParameterError
 
 AUTO = "auto"  # the value of cache_bytes / --cache-mb that asks for auto_budget
 MIB = 1 << 20
@@ -37,6 +37,20 @@ MARGIN_BYTES = 16 * MIB
 MARGIN_FRACTION = 0.05
 MARGIN_MAX_BYTES = 1 << 30
 _UNLIMITED = 1 << 60  # cgroup v1 writes 2**63 - 4096 for "no limit"
+MAX_CACHE_MB = 1 << 30  # 1 PiB: a larger budget is a typo, not a machine
+
+
+def parse_cache_mb(value: object, param: str = "cache_mb") -> int | str | None:
+    """A cache budget as every surface takes it (``--cache-mb``, ``SNIPER_CACHE_MB``, the gateway's
+    ``cache_mb``): MiB as a positive integer (or its digits) up to MAX_CACHE_MB, ``"auto"``, or None
+    (a budget holding the whole model). InvalidParameterError names ``param`` otherwise."""
+    if value is None or value == AUTO:
+        return value
+    text = str(value)
+    if isinstance(value, bool) or not (isinstance(value, int) or text.isdigit()) or not 1 <= int(text) <= MAX_CACHE_MB:
+        raise InvalidParameterError(f"{param} must be a positive integer of MiB (at most {MAX_CACHE_MB}, 1 PiB) or "
+                                    f"'{AUTO}', got {value!r}", param=param)
+    return int(text)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]

@@ -116,24 +116,23 @@ class SamplingParams:
             object.__setattr__(self, "logit_bias", pairs)
         elif isinstance(self.logit_bias, list):
             object.__setattr__(self, "logit_bias", tuple(tuple(p) if isinstance(p, list) else p for p in self.logit_bias))
+        self._validate()  # valid once constructed: nothing downstream checks again
 
     @classmethod
     def create(cls, **values: Any) -> SamplingParams:
-        """Builds and validates params from keyword arguments; an unknown name is an error naming it."""
+        """Builds params from keyword arguments; an unknown name is an error naming it."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise InvalidParameterError(f"unknown sampling parameter {unknown[0]!r}; expected one of {', '.join(sorted(known))}",
                                         param=unknown[0])
-        params = cls(**values)
-        params.validate()
-        return params
+        return cls(**values)
 
     def updated(self, **values: Any) -> SamplingParams:
         """A validated copy with some fields changed (unknown names are errors naming them)."""
         return SamplingParams.create(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **values})
 
-    def validate(self) -> None:
+    def _validate(self) -> None:
         """Checks every field; raises SamplingParamError naming the first bad one."""
         _integer("max_tokens", self.max_tokens, 1, None)
         _number("temperature", self.temperature, 0.0, 2.0)
