@@ -120,7 +120,8 @@ class APIRequest:
     Attributes:
         kind: ``completion`` or ``chat``.
         model: the served model's name.
-        prompt: the completion prompt, or the conversation (rendered by the router).
+        prompt: the completion prompt, or the conversation (rendered where the request enters:
+            ``cluster.distributed.edge``).
         params: the decoding options, validated.
         stream: answer with server-sent events.
         include_usage: ``stream_options.include_usage``.
