@@ -127,10 +127,35 @@ def test_the_routing_maths_load_without_the_nodes_native_cache() -> None:
     """The router's decisions need ``cluster._routing`` only (std C++); the cache module, which
     links ggml, is for the processes that run a model. (The router process still reads the
     model's vocabulary through llama.cpp, to tokenize, when its actor starts.)"""
-    code = ("import sys, numpy as np, cluster.distributed.router, cluster.routing.warmth as w, cluster.engine.token_affinity as a; "
-            "w.prefix_hashes(list(range(64))); a.affinity_encode(np.full((2, 4), 0.5, np.float32)); "
+    code = ("import sys, numpy as np, cluster.distributed.router, cluster.routing.warmth, cluster.engine.prefix as p, cluster.engine.token_affinity as a; "
+            "p.prefix_hashes(list(range(64))); a.affinity_encode(np.full((2, 4), 0.5, np.float32)); "
             "maps = open('/proc/self/maps').read(); "
             "print(sorted({m for m in ('llama_cpp', 'cluster._native', 'cluster.engine.moe_engine') if m in sys.modules} | "
             "({'libggml'} if 'libggml' in maps else set())))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"loaded for routing: {out}"
+
+
+def _native_imports(path: Path) -> list[str]:
+    """The statements of ``path`` that import ``cluster._native`` (absolutely or relatively)."""
+    package = _module_name(path).rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.startswith("cluster._native")]
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - node.level + 1] + [node.module or ""]) if node.level else node.module
+            base = (base or "").rstrip(".")
+            names = [f"{base}.{alias.name}" for alias in node.names]
+            found += [n for n in [base, *names] if n == "cluster._native" or n.startswith("cluster._native.")]
+    return found
+
+
+def test_the_engine_reaches_the_native_cache_only_through_its_binding_module() -> None:
+    """``cluster.engine.cache`` is the typed surface of ``cluster._native``; every other engine module
+    goes through it (``cluster._routing``, the router's maths, is a module of its own)."""
+    assert _native_imports(PACKAGE / "engine" / "cache.py"), "the check no longer sees the binding's own import"
+    through = {_module_name(p): found for p in sorted((PACKAGE / "engine").rglob("*.py"))
+               if p.name != "cache.py" and (found := _native_imports(p))}
+    assert not through, f"engine modules importing cluster._native: {through}"

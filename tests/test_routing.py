@@ -14,7 +14,8 @@ from cluster.distributed.protocol import NodeReport, NodeStats
 from cluster.distributed.router import RouterCore
 from cluster.routing import POLICY_NAMES, NodeView, RouteRequest, make_policy
 from cluster.routing.base import RoutingTraceSummary
-from cluster.routing.warmth import PREFIX_BLOCK, WarmthPolicy, prefix_hashes
+from cluster.engine.prefix import PREFIX_BLOCK, held_prefixes, prefix_hashes, reusable_tokens
+from cluster.routing.warmth import WarmthPolicy
 from cluster.engine.token_affinity import TokenAffinity
 from cluster.engine.warmth_report import encode
 
@@ -275,6 +276,14 @@ def test_affinity_learns_selection_frequencies_per_token_and_layer():
     np.testing.assert_allclose(p9, [[0.99, 0.0, 0.99, 0.0], [0.0, 0.0, 0.0, 0.0]], atol=0.01)
 
 
+def test_a_node_reports_each_held_prefix_once_and_a_held_state_serves_all_but_the_last_token():
+    a, b = list(range(3 * PREFIX_BLOCK)), list(range(2 * PREFIX_BLOCK)) + [7] * PREFIX_BLOCK
+    held = held_prefixes([a, b, a[:PREFIX_BLOCK]])
+    assert list(held) == sorted(set(prefix_hashes(a)) | set(prefix_hashes(b)))  # shared blocks once, sorted
+    assert len(held) == 4 and held_prefixes([]) == ()
+    assert [reusable_tokens(n) for n in (0, 1, 2, 100)] == [0, 0, 1, 99]
+
+
 def test_prefix_hashes_are_cumulative_deterministic_and_order_sensitive():
     import subprocess
     import sys
@@ -288,7 +297,7 @@ def test_prefix_hashes_are_cumulative_deterministic_and_order_sensitive():
     assert not set(prefix_hashes(swapped)) & set(hashes)  # a change anywhere before a block changes its hash
     assert prefix_hashes(tokens, max_blocks=2) == hashes[:2] and prefix_hashes(tokens[:PREFIX_BLOCK - 1]) == []
     other_process = subprocess.run(  # nodes and router hash in different processes (and machines)
-        [sys.executable, "-c", f"from cluster.routing.warmth import prefix_hashes; print(prefix_hashes({tokens!r}))"],
+        [sys.executable, "-c", f"from cluster.engine.prefix import prefix_hashes; print(prefix_hashes({tokens!r}))"],
         capture_output=True, text=True, check=True).stdout
     assert other_process.strip() == str(hashes)
 

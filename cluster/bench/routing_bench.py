@@ -421,7 +421,7 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
     from cluster.distributed.protocol import NodeReport, node_name
     from cluster.distributed.router import RouterCore
     from cluster.routing.base import RouteRequest, RoutingTraceSummary
-    from cluster.routing.warmth import prefix_hashes
+    from cluster.engine.prefix import held_prefixes
     from cluster.engine.warmth_report import encode
 
     rng = np.random.default_rng(seed)
@@ -450,7 +450,7 @@ def measure_decision_cost(*, n_nodes: int = 64, n_layers: int = 48, n_experts: i
         for layer in range(n_layers):
             resident[layer, groups[topic, layer]] = True
         held[node_name(i)] = [[1] + topic_tokens(topic, prompt_tokens) for _ in range(2)]
-        prefixes = tuple(sorted({h for tokens in held[node_name(i)] for h in prefix_hashes(tokens)}))
+        prefixes = held_prefixes(held[node_name(i)])
         core.on_report(NodeReport(node_id=node_name(i), load=0, capacity=8, healthy=True,
                                   warmth=encode(resident), prefixes=prefixes, sessions=(), stats=None, sent_at=0.0))
     learn_s = 0.0

@@ -47,7 +47,7 @@ from cluster.distributed.protocol import NodeReport, node_name
 from cluster.distributed.router import RouterCore
 from cluster.distributed.status import RouterStatus
 from cluster.routing.base import RouteRequest, RoutingTraceSummary
-from cluster.routing.warmth import prefix_hashes
+from cluster.engine.prefix import held_prefixes
 from cluster.engine.warmth_report import encode as encode_warmth
 
 HEARTBEAT_S = 1.0
@@ -302,7 +302,7 @@ class SimNode:
             self._warmth = encode_warmth(resident, resident_bytes=self.cache.resident_bytes)  # as a node sends it
         if self._prefixes is None:
             held = self.kv.held()
-            self._prefixes = tuple(sorted({h for tokens in held for h in prefix_hashes(tokens)}))
+            self._prefixes = held_prefixes(held)
         self.last_report_s = now
         return NodeReport(node_id=self.node_id, load=load, capacity=self.capacity, healthy=True, warmth=self._warmth,
                           prefixes=self._prefixes, sessions=self.kv.sessions(), stats=None, sent_at=now,

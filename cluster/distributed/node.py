@@ -49,7 +49,7 @@ from cluster.distributed.protocol import (
     Timing,
     Usage,
 )
-from cluster.routing.warmth import prefix_hashes
+from cluster.engine.prefix import held_prefixes
 from cluster.engine.sequence import Cancelled as SequenceCancelled
 from cluster.engine.sequence import Piece as SequencePiece
 
@@ -353,7 +353,7 @@ class NodeServer:
         """Everything the router learns from this node; ``reconcile``: the cache first checks what
         the kernel still holds (``MoEEngine.cache_report``)."""
         engine = self.engine
-        prefixes = tuple(sorted({h for tokens in engine.held_tokens() for h in prefix_hashes(tokens)}))
+        prefixes = held_prefixes(engine.held_tokens())
         batch = engine.batch_stats()
         fields: dict[str, Any] = {k: batch[k] for k in _BATCH_STATS if k in batch}
         warmth = None

@@ -17,6 +17,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from cluster.engine.prefix import reusable_tokens
+
 
 @dataclass
 class Slot:
@@ -82,7 +84,7 @@ class KvSlots:
         free = [s for s in self.slots if not s.busy]
         if not free:
             return None
-        limit = len(tokens) - 1
+        limit = reusable_tokens(len(tokens))
         own = [s for s in free if session is not None and s.session == session]
         slot = own[0] if own else max(free, key=lambda s: (common_prefix(s.tokens, tokens, limit), -s.used_at))
         n_reused = common_prefix(slot.tokens, tokens, limit)

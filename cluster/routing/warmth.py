@@ -81,17 +81,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from cluster._routing import expected_loads
-from cluster._routing import prefix_hashes as native_prefix_hashes
 from cluster.routing.base import NodeView, PolicyState, RouteRequest, RoutingPolicy, RoutingTraceSummary
+from cluster.engine.prefix import PREFIX_BLOCK, prefix_hashes, reusable_tokens
 from cluster.engine.token_affinity import TokenAffinity
 
-PREFIX_BLOCK = 32
-
-
-def prefix_hashes(tokens: Sequence[int] | np.ndarray, block: int = PREFIX_BLOCK, max_blocks: int = 256) -> list[int]:
-    """Cumulative hashes of tokens[:block], tokens[:2*block], ... (one rule, used by nodes and router;
-    ``csrc/prefix-hash.h``)."""
-    return native_prefix_hashes(np.asarray(tokens, dtype=np.int64), block, max_blocks).tolist()
 
 
 class WarmthPolicy(RoutingPolicy):
@@ -355,7 +348,7 @@ class WarmthPolicy(RoutingPolicy):
         matched = np.zeros(candidates.size, dtype=np.int64)
         for node_id, m in held.items():
             if node_id in index:
-                matched[index[node_id]] = min(m, max(0, n_tokens - 1))
+                matched[index[node_id]] = min(m, reusable_tokens(n_tokens))
         return matched
 
     def _resident_rows(self, nodes: Sequence[NodeView]) -> tuple[np.ndarray, np.ndarray] | None:
