@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
+import threading
 
 import pytest
 
@@ -22,8 +22,12 @@ from cluster.distributed.protocol import ROUTER_NAME, node_name  # noqa: E402
 
 
 def test_looking_an_actor_up_does_not_block_the_callers_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    ticked = threading.Event()
+
     def slow_lookup(name: str, namespace: str | None = None) -> str:
-        time.sleep(0.5)  # a round trip to a busy GCS
+        # a round trip to a busy GCS, answered only once the caller's event loop has run meanwhile:
+        # a lookup made on that loop would hold it, so the wait would end at its timeout
+        assert ticked.wait(timeout=30), "the caller's event loop did not run while the lookup waited"
         return f"handle of {name}"
 
     monkeypatch.setattr(ray, "get_actor", slow_lookup)
@@ -36,6 +40,8 @@ def test_looking_an_actor_up_does_not_block_the_callers_event_loop(monkeypatch: 
             while True:
                 await asyncio.sleep(0.01)
                 ticks += 1
+                if ticks == 20:
+                    ticked.set()
 
         task = asyncio.create_task(ticker())
         handle = await Deployment(namespace="t").router()
@@ -44,7 +50,7 @@ def test_looking_an_actor_up_does_not_block_the_callers_event_loop(monkeypatch: 
 
     handle, ticks = asyncio.run(scenario())
     assert handle == f"handle of {ROUTER_NAME}"
-    assert ticks >= 20, f"the event loop ran only {ticks} times during a 0.5 s lookup"
+    assert ticks >= 20, f"the event loop ran only {ticks} times during the lookup"
 
 
 class _Wrapped(Exception):
