@@ -1,0 +1,111 @@
+"""Decoding one request's tokens: llama.cpp's sampler chain for its ``SamplingParams``, and
+the log-probabilities of what it sampled.
+
+The chain is llama.cpp's own, in its order: logit bias, penalties, grammar, then greedy, or
+top-k, top-p, min-p, temperature and a seeded draw. Under a grammar, tokens whose bytes are not
+whole UTF-8 characters are banned (``broken_utf8_tokens``). A token's log-probability is the
+log-softmax of the logits llama.cpp computed for its batch row, before any sampler changed them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals
+
+from cluster.engine.sampling import LOGIT_BIAS_BAN, SamplingParamError, SamplingParams, TokenLogprob, TopLogprob
+from cluster.engine.tokenizer import Tokenizer
+
+
+class SamplerChains:
+    """Builds the sampler chain of each request and reads log-probabilities, for one model and context."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab: llama_cpp.llama_vocab_p, ctx: llama_cpp.llama_context_p) -> None:
+        self._tokenizer = tokenizer
+        self._vocab = vocab
+        self._ctx = ctx
+        self._broken_utf8: list[int] | None = None
+
+    def chain(self, params: SamplingParams) -> _internals.LlamaSampler:
+        """llama.cpp's sampler chain for ``params`` (the caller closes it).
+
+        Raises:
+            SamplingParamError: a grammar llama.cpp cannot parse.
+        """
+        n_vocab = self._tokenizer.n_vocab
+        sampler = _internals.LlamaSampler()
+        try:
+            bias = {t: -math.inf if b <= LOGIT_BIAS_BAN else b for t, b in params.logit_bias}
+            if params.grammar is not None:  # see broken_utf8_tokens
+                bias.update(dict.fromkeys(self.broken_utf8_tokens(), -math.inf))
+            if bias:
+                sampler.add_logit_bias(n_vocab, bias)
+            if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+                sampler.add_penalties(n_vocab, params.penalty_last_n, params.repeat_penalty,
+                                      params.frequency_penalty, params.presence_penalty)
+            if params.grammar is not None:
+                grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
+                if not grammar:
+                    raise SamplingParamError("grammar", "a GBNF grammar llama.cpp can parse, with a 'root' rule",
+                                             params.grammar[:200])
+                llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
+            if params.greedy:
+                sampler.add_greedy()
+            else:
+                if params.top_k > 0:
+                    sampler.add_top_k(params.top_k)
+                if params.top_p < 1.0:
+                    sampler.add_top_p(params.top_p, 1)
+                if params.min_p > 0.0:
+                    sampler.add_min_p(params.min_p, 1)
+                sampler.add_temp(params.temperature)
+                sampler.add_dist(params.seed)
+        except BaseException:
+            sampler.close()
+            raise
+        return sampler
+
+    def sample(self, sampler: _internals.LlamaSampler, row: int) -> int:
+        """The token ``sampler`` draws from the logits of the batch's ``row`` (and accepts: its
+        state, grammar and penalties, moves on)."""
+        return llama_cpp.llama_sampler_sample(sampler.sampler, self._ctx, row)
+
+    def broken_utf8_tokens(self) -> list[int]:
+        """Tokens whose bytes are not whole UTF-8 characters (byte-level vocabularies have them).
+
+        llama.cpp's grammar sampler reads text as code points and decodes some invalid byte
+        sequences (overlong forms, surrogates) to code points it accepts, which a JSON parser
+        later reads as several replacement characters: a string the grammar bounded to 12
+        characters comes out longer. Under a grammar these tokens are banned, so the output is
+        valid UTF-8 and means to the parser what it meant to the grammar. (A character the
+        vocabulary has only in pieces can still be written as a JSON \\u escape.)
+        """
+        if self._broken_utf8 is None:
+            broken = []
+            for token in range(self._tokenizer.n_vocab):
+                try:
+                    self._tokenizer.piece(token).decode("utf-8")
+                except UnicodeDecodeError:
+                    broken.append(token)
+            self._broken_utf8 = broken
+        return self._broken_utf8
+
+    def logprob(self, token: int, offset: int, n_top: int, row: int) -> TokenLogprob:
+        """The sampled token's log-probability: log-softmax of the logits llama.cpp computed for
+        the batch's ``row`` (before any sampler changed them), and the ``n_top`` most likely tokens;
+        ``offset``: where the token's text starts in the generation's text."""
+        n_vocab = self._tokenizer.n_vocab
+        piece = self._tokenizer.piece
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(n_vocab,))
+        logits = logits.astype(np.float64)
+        top = logits.max()
+        log_z = top + math.log(float(np.exp(logits - top).sum()))
+        alternatives: tuple[TopLogprob, ...] = ()
+        if n_top:
+            best = np.argpartition(-logits, min(n_top, n_vocab) - 1)[:n_top]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            alternatives = tuple(TopLogprob(int(t), piece(int(t)), float(logits[t] - log_z)) for t in best)
+        return TokenLogprob(token=token, piece=piece(token), logprob=float(logits[token] - log_z),
+                            offset=offset, top=alternatives)

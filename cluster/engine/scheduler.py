@@ -1,0 +1,372 @@
+"""The engine's step loop: continuous batching of up to ``n_slots`` sequences on one llama.cpp context.
+
+A thread of its own runs the steps. Each step evaluates one token of every decoding sequence,
+then chunks of waiting prompts (chunked prefill, oldest first), in one ``llama_decode`` of one
+ubatch, then samples each sequence that produced logits with its own sampler chain; requests
+join at the next step and end on their own. Under a cache budget below the model's experts,
+how many run together adapts to what the cache sustains (``cluster.engine.batch_width``) and a
+batch takes sequences expected to need the same experts (``cluster.engine.batch_admission``);
+the others wait. Everything that touches the llama.cpp context or the cache runs on that thread
+(``call``). Results are handed over after each step (``_deliver``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import llama_cpp
+import numpy as np
+
+from cluster.engine.batch_admission import ExpertAdmission
+from cluster.engine.batch_width import BatchWidth
+from cluster.engine.cache import RoutingTrace, cache_stats
+from cluster.engine.engine_config import EngineConfig
+from cluster.engine.generation import Generation
+from cluster.engine.kv_state import KvState
+from cluster.engine.llama_context import LlamaModelContext
+from cluster.engine.request_check import CheckedRequest
+from cluster.engine.sampler_chain import SamplerChains
+from cluster.engine.sequence import CANCELLED, Cancelled
+from cluster.engine.sequence import Sequence as SequenceHandle
+from cluster.errors import EngineClosedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchTotals:
+    """Sums over the engine's steps (``Scheduler.batch_stats``)."""
+
+    steps: int = 0
+    rows: int = 0
+    decoding: int = 0
+    decode_steps: int = 0
+    sequences: int = 0
+    seconds: float = 0.0
+
+    def note(self, rows: int, decoding: int, sequences: int, seconds: float) -> None:
+        self.steps += 1
+        self.rows += rows
+        self.decoding += decoding
+        self.decode_steps += decoding > 0
+        self.sequences += sequences
+        self.seconds += seconds
+
+    def means(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        return {"tokens_per_step": self.rows / self.steps, "sequences_per_step": self.sequences / self.steps,
+                "decode_batch": self.decoding / self.decode_steps if self.decode_steps else 0.0,
+                "step_ms": 1000 * self.seconds / self.steps}
+
+
+class Scheduler:
+    """The step loop of one engine (see module docstring); ``stop`` ends it."""
+
+    def __init__(self, model: LlamaModelContext, kv: KvState, samplers: SamplerChains, config: EngineConfig) -> None:
+        self._model = model
+        self._kv = kv
+        self._samplers = samplers
+        self._ctx = model.ctx.ctx
+        self._tokenizer = model.tokenizer
+        self._n_ctx = model.n_ctx
+        self._n_batch = model.n_batch
+        self._n_slots = config.n_slots
+        self._cv = threading.Condition()
+        self._closing = False
+        self._waiting: deque[SequenceHandle] = deque()
+        self._running: list[SequenceHandle] = []
+        self._calls: list[tuple[Callable[[], Any], list[Any], threading.Event]] = []
+        self._finished: list[tuple[SequenceHandle, Any]] = []
+        self._outputs: list[tuple[SequenceHandle, int]] = []
+        self._chunks: list[tuple[SequenceHandle, int]] = []
+        self._next_tag = 0
+        self._unsettled = False
+        # under a budget below the model's experts, how many sequences run together adapts to the cache
+        pressured = model.pressured
+        self._width = BatchWidth(config.n_slots, pressured=pressured and config.adaptive_width)
+        admit = pressured and config.expert_admission and config.n_slots > 1
+        self._admission = ExpertAdmission(max_passes=config.n_slots) if admit else None
+        self._bytes_read = 0
+        self._row_tags = np.zeros(self._n_batch, dtype=np.int32)
+        self._row_outputs = np.zeros(self._n_batch, dtype=np.uint8)
+        self._totals = BatchTotals()
+        self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
+        self._thread.start()
+
+    # -- other threads ---------------------------------------------------------------------------
+
+    def submit(self, request: CheckedRequest, session: str | None,
+               emit: Callable[[Any], None] | None) -> SequenceHandle:
+        """Puts a checked request in the waiting queue; it joins the batch at a next step."""
+        with self._cv:
+            if self._closing:
+                request.sampler.close()
+                raise EngineClosedError("the engine was closed")
+            self._next_tag += 1
+            seq = SequenceHandle(self._next_tag, request.tokens, request.params, request.sampler, session,
+                                 self._tokenizer.piece, emit, request.resume)
+            self._waiting.append(seq)
+            self._cv.notify_all()
+        return seq
+
+    def submit_all(self, requests: list[tuple[CheckedRequest, str | None, Callable[[Any], None] | None]]
+                   ) -> list[SequenceHandle]:
+        """Submits ``(request, session, emit)`` triples at once: the step loop admits waiting
+        requests under the same lock, so all of them or none are waiting when it looks."""
+        with self._cv:
+            return [self.submit(request, session, emit) for request, session, emit in requests]
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Runs ``fn`` on the step loop's thread between two steps and returns its result."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        done = threading.Event()
+        box: list[Any] = []
+        with self._cv:
+            if self._closing:
+                raise EngineClosedError("the engine was closed")
+            self._calls.append((fn, box, done))
+            self._cv.notify_all()
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[1]
+
+    def stop(self) -> None:
+        """Ends every request (``EngineClosedError``) and the loop; returns once it has ended
+        (at once when called from the loop's own thread)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    @property
+    def n_running(self) -> int:
+        """Sequences in the batch or waiting for a slot."""
+        with self._cv:
+            return len(self._running) + len(self._waiting)
+
+    def batch_stats(self) -> dict[str, float]:
+        """See ``MoEEngine.batch_stats``."""
+        totals = self._totals
+        stats: dict[str, float] = {"slots": self._n_slots, "slots_busy": len(self._running),
+                                   "width": self._width.width, "waiting": len(self._waiting), "steps": totals.steps,
+                                   "decode_steps": totals.decode_steps, "decode_rows": totals.decoding}
+        stats.update(totals.means())
+        if self._admission is not None:
+            stats["reordered"] = self._admission.reordered
+            stats["held"] = self._admission.held
+        cache = self._model.cache
+        if cache is not None and totals.steps:
+            c = cache.counters()  # counters are read without the step loop: a consistent-enough sum
+            selected = c["n_hits_prefill"] + c["n_hits_decode"] + c["n_misses_prefill"] + c["n_misses_decode"]
+            stats["experts_per_step"] = selected / max(1, c["n_steps"])
+        return stats
+
+    # -- the loop's thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closing or self._calls or self._waiting or self._running):
+                    self._cv.wait()
+                calls, self._calls = self._calls, []
+                closing = self._closing
+            for fn, box, done in calls:
+                try:
+                    box[:] = [None, fn()]
+                except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+                    box[:] = [exc]
+                done.set()
+            if closing:
+                with self._cv:
+                    left, self._waiting = [*self._running, *self._waiting], deque()
+                    self._running = []
+                    late, self._calls = self._calls, []
+                for _, box, done in late:  # asked for after the last round of calls
+                    box[:] = [EngineClosedError("the engine was closed")]
+                    done.set()
+                for seq in left:
+                    seq.sampler.close()
+                    seq.emit(EngineClosedError("the engine was closed"))
+                return
+            try:
+                self._step()
+            except BaseException as exc:  # noqa: BLE001  (an engine-wide failure fails what was running)
+                log.exception("engine step failed")
+                for seq in list(self._running):
+                    self._end(seq, exc, keep=False)
+                self._deliver()
+
+    def _step(self) -> None:
+        for seq in [s for s in self._running if s.cancelled]:
+            self._end(seq, CANCELLED, keep=False)
+        with self._cv:
+            while self._waiting and self._kv.n_free and len(self._running) < self._width.width:
+                seq = self._next_waiting()
+                if seq is None:
+                    break
+                if seq.cancelled:
+                    seq.sampler.close()
+                    seq.emit(CANCELLED)
+                    continue
+                self._start(seq)
+        if not self._running:
+            self._deliver()
+            return
+        t0 = time.perf_counter()
+        rows, n_decoding = self._fill_batch()
+        cache = self._model.cache
+        if cache is not None:
+            cache.begin_step(self._row_tags[:rows], self._row_outputs[:rows])
+        rc = llama_cpp.llama_decode(self._ctx, self._model.batch.batch)
+        if rc != 0:
+            error = RuntimeError(f"llama_decode failed with code {rc} ({len(self._running)} sequences in the step)")
+            for seq in list(self._running):
+                self._end(seq, error, keep=False)
+        else:
+            self._after_decode()
+        if self._width.pressured:
+            c = cache.counters()
+            read = c["bytes_read_prefill"] + c["bytes_read_decode"]
+            self._width.note(len(self._outputs), read - self._bytes_read)
+            self._bytes_read = read
+        self._unsettled = True
+        self._totals.note(rows, n_decoding, len(self._running) + len(self._finished), time.perf_counter() - t0)
+        self._deliver()
+
+    def _next_waiting(self) -> SequenceHandle | None:
+        """The waiting sequence to start now: the oldest, or under memory pressure the one
+        that fits the running batch's experts, if any (``cluster.engine.batch_admission``)."""
+        if self._admission is None:
+            return self._waiting.popleft()
+        batch = self._running[0].prompt if self._running else None
+        index = self._admission.pick(self._waiting, self._model.cache.warmth()[0], batch)
+        if index is None:
+            return None
+        seq = self._waiting[index]
+        del self._waiting[index]
+        return seq
+
+    def _start(self, seq: SequenceHandle) -> None:
+        """Gives a waiting sequence a slot and the longest KV prefix it can have (``kv_state``)."""
+        seq.slot, n_reused = self._kv.start(seq.prompt, seq.session)
+        seq.n_reused = seq.n_evaluated = n_reused
+        seq.started_at = time.perf_counter()
+        self._running.append(seq)
+
+    def _fill_batch(self) -> tuple[int, int]:
+        """One token of every decoding sequence, then prompt chunks (oldest first) up to the step's
+        budget; returns the rows and the decoding sequences. Each sequence's rows are contiguous
+        (the cache needs it)."""
+        batch = self._model.batch.batch
+        rows = 0
+        self._outputs.clear()
+        self._chunks.clear()
+
+        def put(seq: SequenceHandle, token: int, pos: int, output: bool) -> None:
+            nonlocal rows
+            batch.token[rows] = token
+            batch.pos[rows] = pos
+            batch.n_seq_id[rows] = 1
+            batch.seq_id[rows][0] = seq.slot.index
+            batch.logits[rows] = output
+            self._row_tags[rows] = seq.tag
+            self._row_outputs[rows] = output
+            if output:
+                self._outputs.append((seq, rows))
+            rows += 1
+
+        for seq in self._running:
+            if seq.decoding:
+                put(seq, seq.pending, len(seq.slot.tokens), True)
+        n_decoding = rows
+        for seq in self._running:
+            if seq.decoding or rows >= self._n_batch:
+                continue
+            chunk = min(seq.n_prompt_left, self._n_batch - rows)
+            start = seq.n_evaluated
+            self._chunks.append((seq, chunk))
+            for i in range(chunk):
+                put(seq, seq.prompt[start + i], start + i, start + i == len(seq.prompt) - 1)
+        batch.n_tokens = rows
+        return rows, n_decoding
+
+    def _after_decode(self) -> None:
+        for seq, _ in self._outputs:  # what the step put in each slot's KV
+            if seq.decoding:
+                seq.slot.tokens.append(seq.pending)
+        for seq, n in self._chunks:
+            seq.slot.tokens.extend(seq.prompt[seq.n_evaluated:seq.n_evaluated + n])
+            seq.n_evaluated += n
+        samplers = self._samplers
+        for seq, row in self._outputs:
+            if seq.pending is None and seq.prompt_done_at is None:
+                seq.prompt_done_at = time.perf_counter()
+                if self._admission is not None:
+                    self._learn_kind(seq)
+            try:
+                token = samplers.sample(seq.sampler, row)
+                logprob = (lambda offset, t=token, r=row, s=seq: samplers.logprob(t, offset, s.params.top_logprobs, r)) \
+                    if seq.params.logprobs else None
+                done = seq.accept(token, self._tokenizer.is_eog(token), logprob, len(seq.slot.tokens) + 1 > self._n_ctx)
+            except Exception as exc:  # noqa: BLE001  (this sequence fails; the others go on)
+                self._end(seq, exc, keep=False)
+                continue
+            if done:
+                self._end(seq, None, keep=True)
+
+    def _learn_kind(self, seq: SequenceHandle) -> None:
+        """Admission learns the experts a prompt selected, as soon as its prefill has ended."""
+        layout = self._model.layout
+        trace = RoutingTrace.from_native(self._model.cache.sequence_trace(seq.tag))
+        self._admission.learn(trace.summary(seq.prompt[seq.n_reused:], layout.n_layers, layout.n_experts))
+
+    def _end(self, seq: SequenceHandle, outcome: BaseException | Cancelled | None, keep: bool) -> None:
+        """Takes a sequence out of the batch; its result is delivered after the step (``_deliver``)."""
+        self._running.remove(seq)
+        seq.sampler.close()
+        cache = self._model.cache
+        record = cache.take_sequence(seq.tag) if cache is not None else None
+        self._kv.release(seq.slot, keep)
+        if outcome is not None:
+            self._finished.append((seq, outcome))
+            return
+        seq.flush()
+        end = time.perf_counter()
+        stats: dict[str, float] = {}
+        counts = trace = None
+        if record is not None:
+            stats = cache_stats(cache, record.counters)
+            trace = RoutingTrace.from_native(record.trace)
+            counts = trace.expert_counts(self._model.layout.n_layers, self._model.layout.n_experts)
+        prompt_done = seq.prompt_done_at or end
+        result = Generation(text=seq.text, tokens=tuple(seq.generated), n_prompt_tokens=len(seq.prompt),
+                            n_resumed=seq.n_resumed,
+                            finish_reason=seq.finish_reason or "length",
+                            prefill_s=prompt_done - (seq.started_at or prompt_done), decode_s=end - prompt_done,
+                            cache=stats, expert_counts=counts, trace=trace, n_reused_tokens=seq.n_reused,
+                            logprobs=tuple(seq.logprobs) if seq.params.logprobs else None,
+                            queued_s=(seq.started_at or end) - seq.submitted_at)
+        self._finished.append((seq, result))
+
+    def _deliver(self) -> None:
+        """Hands finished sequences their results; when the batch is empty, settles the cache first
+        (reads in flight land, the budget is trimmed, the kernel's view reconciled), so that what a
+        caller asks the cache after its request sees it settled."""
+        if not self._finished:
+            return
+        cache = self._model.cache
+        if cache is not None and self._unsettled and not self._running and not self._waiting:
+            cache.settle()
+            self._unsettled = False
+        finished, self._finished = self._finished, []
+        for seq, outcome in finished:
+            seq.emit(outcome)
