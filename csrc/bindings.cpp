@@ -1,6 +1,6 @@
 // bindings.cpp — pybind11 module cluster._native: converts types, releases the GIL around
 // long calls, documents every def, and decides nothing. The typed public surface is
-// cluster/cache.py; this module is private.
+// cluster/engine/cache.py; this module is private.
 #include "cache-core.h"
 #include "llama-glue.h"
 #include "routing-trace.h"
@@ -27,13 +27,6 @@ py::dict counters_dict(const cache_counters & counters) {
     return out;
 }
 
-py::dict plan_dict(const cache_plan & plan) {
-    py::dict out;
-    out["evict"] = plan.evict;
-    out["load"] = plan.load;
-    return out;
-}
-
 py::tuple warmth_arrays(const cache_policy & policy) {
     std::vector<uint8_t> resident;
     std::vector<float> heat;
@@ -46,37 +39,21 @@ py::array_t<uint64_t> counts_array(const cache_policy & policy) {
     return to_array(policy.expert_counts(), {policy.n_layers(), policy.n_experts()});
 }
 
-py::dict trace_dict(const routing_trace & trace) {
-    py::dict out;
-    out["kind"] = to_array(trace.kind, {py::ssize_t(trace.kind.size())});
-    out["layer"] = to_array(trace.layer, {py::ssize_t(trace.layer.size())});
-    out["n_tokens"] = to_array(trace.n_tokens, {py::ssize_t(trace.n_tokens.size())});
-    out["n_ids"] = to_array(trace.n_ids, {py::ssize_t(trace.n_ids.size())});
-    out["ids"] = to_array(trace.ids, {py::ssize_t(trace.ids.size())});
-    out["n_dropped"] = trace.n_dropped;
-    return out;
-}
-
 template <typename T>
 std::vector<T> from_array(const py::array_t<T, py::array::c_style | py::array::forcecast> & a) {
     return std::vector<T>(a.data(), a.data() + a.size());
 }
 
-routing_trace trace_from(const py::dict & d) {
-    using i32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-    routing_trace trace;
-    trace.kind = from_array(py::array_t<uint8_t, py::array::c_style | py::array::forcecast>(d["kind"]));
-    trace.layer = from_array(i32(d["layer"]));
-    trace.n_tokens = from_array(i32(d["n_tokens"]));
-    trace.n_ids = from_array(i32(d["n_ids"]));
-    trace.ids = from_array(i32(d["ids"]));
-    return trace;
-}
+template <typename T>
+py::array_t<T> vector_array(const std::vector<T> & values) { return to_array(values, {py::ssize_t(values.size())}); }
+
+using u8_in = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+using i32_in = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 } // namespace
 
 PYBIND11_MODULE(_native, m) {
-    m.doc() = "Native expert cache (private; use cluster.cache).";
+    m.doc() = "Native expert cache (private; use cluster.engine.cache).";
     m.attr("__version__") = SNIPER_VERSION;
     m.attr("PAGE_SIZE") = residency_page_size();
 
@@ -144,6 +121,45 @@ PYBIND11_MODULE(_native, m) {
     m.def("discover_layout", &expert_layout_discover, py::arg("path"), py::call_guard<py::gil_scoped_release>(),
           "Reads a GGUF header and returns its ExpertLayout; RuntimeError says what is wrong with the file.");
 
+    py::class_<cache_plan>(m, "CachePlan",
+        "What to do after an access or a prediction, in this order: drop `evict`, then read `load` "
+        "(unit ids: layer * n_experts + expert).")
+        .def_property_readonly("evict", [](const cache_plan & p) { return vector_array(p.evict); }, "Units to drop, int32 [n].")
+        .def_property_readonly("load", [](const cache_plan & p) { return vector_array(p.load); }, "Units to read, int32 [n].");
+
+    py::class_<routing_trace>(m, "RoutingTrace",
+        "What every MoE layer selected, in evaluation order (see csrc/routing-trace.h); arrays are copies.")
+        .def(py::init([](const u8_in & kind, const i32_in & layer, const i32_in & n_tokens, const i32_in & n_ids,
+                         const i32_in & ids, uint64_t n_dropped) {
+                 routing_trace trace;
+                 trace.kind = from_array(kind);
+                 trace.layer = from_array(layer);
+                 trace.n_tokens = from_array(n_tokens);
+                 trace.n_ids = from_array(n_ids);
+                 trace.ids = from_array(ids);
+                 trace.n_dropped = n_dropped;
+                 return trace;
+             }),
+             py::arg("kind"), py::arg("layer"), py::arg("n_tokens"), py::arg("n_ids"), py::arg("ids"),
+             py::arg("n_dropped") = 0, "A trace from its arrays (replay checks that they agree).")
+        .def_property_readonly("kind", [](const routing_trace & t) { return vector_array(t.kind); },
+             "Per event, its trace_event_kind (0 ACCESS, 1 PREDICT, 2 STEP), uint8 [events].")
+        .def_property_readonly("layer", [](const routing_trace & t) { return vector_array(t.layer); },
+             "Per event, its layer (-1 for a step), int32 [events].")
+        .def_property_readonly("n_tokens", [](const routing_trace & t) { return vector_array(t.n_tokens); },
+             "Per event, tokens of the ubatch (1 for a prediction), int32 [events].")
+        .def_property_readonly("n_ids", [](const routing_trace & t) { return vector_array(t.n_ids); },
+             "Per event, ids stored, int32 [events].")
+        .def_property_readonly("ids", [](const routing_trace & t) { return vector_array(t.ids); },
+             "Expert ids, events back to back, int32 [sum n_ids].")
+        .def_readonly("n_dropped", &routing_trace::n_dropped, "Events lost because the reservation was full.");
+
+    py::class_<sequence_record>(m, "SequenceRecord", "What one sequence of a batch did to the cache (ExpertCache.take_sequence).")
+        .def_readonly("trace", &sequence_record::trace, "Its rows' ACCESS events, its steps and their PREDICT events.")
+        .def_property_readonly("counters", [](const sequence_record & r) { return counters_dict(r.counters); },
+             "Its counters by name (telemetry.h): hits and misses of its own selections, bytes as its shares of the "
+             "steps it was in.");
+
     py::class_<cache_policy>(m, "CachePolicy", "The policy core alone, for trace replay and simulation.")
         .def(py::init([](int n_layers, int n_experts,
                          py::array_t<uint64_t, py::array::c_style | py::array::forcecast> unit_bytes,
@@ -157,20 +173,20 @@ PYBIND11_MODULE(_native, m) {
                 if (ids.ndim() != 2) { throw py::value_error("ids must be 2-D [n_tokens, k]"); }
                 cache_plan plan;
                 p.access(layer, ids.data(), int(ids.shape(0)), int(ids.shape(1)), plan);
-                return plan_dict(plan);
+                return plan;
             },
-            py::arg("layer"), py::arg("ids"), "One layer's top-k ids [n_tokens, k]; returns {'evict', 'load'}.")
+            py::arg("layer"), py::arg("ids"), "One layer's top-k ids [n_tokens, k]; returns the CachePlan.")
         .def("predict",
             [](cache_policy & p, int layer, py::array_t<int32_t, py::array::c_style | py::array::forcecast> experts,
                int distance) {
                 cache_plan plan;
                 p.predict(layer, experts.data(), int(experts.size()), plan, distance);
-                return plan_dict(plan);
+                return plan;
             },
             py::arg("layer"), py::arg("experts"), py::arg("distance") = 1,
             "Predicted experts of layer's next access, made `distance` layers before it; returns the prefetch plan.")
-        .def("settle", [](cache_policy & p) { cache_plan plan; p.settle(plan); return plan_dict(plan); },
-             "Ends the access in progress and trims to the budget; returns the plan.")
+        .def("settle", [](cache_policy & p) { cache_plan plan; p.settle(plan); return plan; },
+             "Ends the access in progress and trims to the budget; returns the CachePlan.")
         .def("is_resident", &cache_policy::is_resident, py::arg("unit"))
         .def_property_readonly("resident_bytes", &cache_policy::resident_bytes)
         .def("counters", [](const cache_policy & p) { return counters_dict(p.counters()); })
@@ -179,13 +195,12 @@ PYBIND11_MODULE(_native, m) {
         .def("expert_counts", &counts_array, "Selections per (layer, expert), uint64 [L, E].");
 
     m.def("replay",
-          [](cache_policy & policy, const py::dict & trace) {
-              routing_trace t = trace_from(trace);
+          [](cache_policy & policy, const routing_trace & trace) {
               py::gil_scoped_release release;
-              routing_trace_replay(t, policy);
+              routing_trace_replay(trace, policy);
           },
           py::arg("policy"), py::arg("trace"),
-          "Feeds a trace dict {kind, layer, n_tokens, n_ids, ids} through a CachePolicy, then settles it.");
+          "Feeds a RoutingTrace through a CachePolicy, then settles it; ValueError if its arrays disagree.");
 
     py::class_<expert_cache>(m, "ExpertCache", "The cache attached to a llama.cpp context through cb_eval.")
         .def(py::init<expert_layout, const expert_cache_params &>(), py::arg("layout"), py::arg("params"))
@@ -234,16 +249,9 @@ PYBIND11_MODULE(_native, m) {
              py::arg("tags"), py::arg("outputs"),
              "Before a batch's llama_decode: each row's sequence tag (int32, a tag's rows contiguous) and "
              "whether llama.cpp computes its logits (uint8); the step's accesses are then recorded per sequence.")
-        .def("take_sequence",
-             [](expert_cache & c, int32_t tag) {
-                 sequence_record r = c.take_sequence(tag);
-                 return py::make_tuple(trace_dict(r.trace), counters_dict(r.counters));
-             },
-             py::arg("tag"),
-             "Moves a sequence's record out: (its routing trace dict, its counters dict: hits and misses of its own "
-             "selections, bytes as its shares of the steps it was in).")
-        .def("sequence_trace", [](const expert_cache & c, int32_t tag) { return trace_dict(c.sequence_trace(tag)); },
-             py::arg("tag"), "A copy of a sequence's routing trace so far (its record stays).")
-        .def("take_trace", [](expert_cache & c) { return trace_dict(c.take_trace()); },
-             "Moves the routing trace recorded so far out: {kind, layer, n_tokens, n_ids, ids, n_dropped}.");
+        .def("take_sequence", &expert_cache::take_sequence, py::arg("tag"),
+             "Moves a sequence's SequenceRecord out (an empty one if the tag was never in a step).")
+        .def("sequence_trace", &expert_cache::sequence_trace, py::arg("tag"),
+             "A copy of a sequence's RoutingTrace so far (its record stays).")
+        .def("take_trace", &expert_cache::take_trace, "Moves the RoutingTrace recorded so far out.");
 }

@@ -1,4 +1,4 @@
-// llama-glue.cpp — discovery, eval callback and prefetch of the expert cache (see llama-glue.h).
+// llama-glue.cpp — discovery, eval callback and prediction of the expert cache (see llama-glue.h).
 #include "llama-glue.h"
 
 #include "ggml-backend.h"
@@ -8,8 +8,6 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <atomic>
-#include <mutex>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
@@ -309,12 +307,9 @@ static cache_config checked(const expert_cache_params & params) {
 expert_cache::expert_cache(expert_layout layout, const expert_cache_params & params)
     : layout_(std::move(layout)),
       params_(params),
-      policy_(layout_.n_layers, layout_.n_experts, layout_.unit_bytes, checked(params), layout_.n_experts_used) {
+      policy_(layout_.n_layers, layout_.n_experts, layout_.unit_bytes, checked(params), layout_.n_experts_used),
+      steps_(layout_.n_experts) {
     if (params_.record_trace) { trace_.reserve(params_.trace_max_events, params_.trace_max_ids); }
-    const size_t n_units = size_t(layout_.n_layers) * size_t(layout_.n_experts);
-    resident_.reset(new std::atomic<uint8_t>[n_units]);
-    for (size_t u = 0; u < n_units; ++u) { resident_[u].store(0, std::memory_order_relaxed); }
-    drops_pending_.reserve(n_units);
     predict_rows_.reserve(size_t(params_.predict_max_rows));
     predict_logits_.resize(size_t(params_.predict_max_rows) * size_t(layout_.n_experts));
     order_.resize(size_t(layout_.n_experts));
@@ -324,16 +319,7 @@ expert_cache::expert_cache(expert_layout layout, const expert_cache_params & par
 }
 
 expert_cache::~expert_cache() {
-    io_.reset();  // join the readers before the mapping bookkeeping goes
-    residency_.reset();
-}
-
-// Admission order at load: experts 0, 1, ... of every layer in turn (spread over layers).
-template <typename Fn>
-static void for_each_unit_spread(int n_layers, int n_experts, Fn && fn) {
-    for (int e = 0; e < n_experts; ++e) {
-        for (int il = 0; il < n_layers; ++il) { fn(int32_t(il * n_experts + e)); }
-    }
+    residency_.reset();  // joins the I/O threads, which call into it
 }
 
 void expert_cache::before_load(bool preload) {
@@ -344,30 +330,8 @@ void expert_cache::before_load(bool preload) {
 
 void expert_cache::attach() {
     if (residency_) { return; }
-    residency_ = std::make_unique<file_residency>(layout_.path, mappings_before_load_);
-
-    // Establish the budget (DESIGN.md: llama.cpp reads the whole file at load): keep units that
-    // are fully resident, spread over layers, while the budget allows; drop the rest.
-    for_each_unit_spread(layout_.n_layers, layout_.n_experts, [&](int32_t u) {
-        if (layout_.unit_bytes[size_t(u)] > 0 && unit_resident_bytes(u) == layout_.unit_bytes[size_t(u)] &&
-            policy_.admit_resident(u)) {
-            resident_[size_t(u)].store(1, std::memory_order_release);
-        }
-    });
-    // Every page nothing needs goes, in maximal runs (one call per run, so whole large folios
-    // inside a run go too); then the folios that straddle a kept page are split.
-    std::vector<uint8_t> needed;
-    needed_pages(0, residency_->n_pages(), needed);
-    for (uint64_t p = 0; p < needed.size();) {
-        if (needed[p]) { ++p; continue; }
-        uint64_t end = p;
-        while (end < needed.size() && !needed[end]) { ++end; }
-        residency_->drop_pages(p, end);
-        p = end;
-    }
-    std::vector<uint64_t> stray;
-    stray_pages(0, residency_->n_pages(), stray);
-    split_folios(std::move(stray));
+    auto residency = std::make_unique<unit_residency>(layout_, mappings_before_load_);
+    residency->establish(policy_);
 
     // Routers for prediction: point into the mapping (F32) or keep a dequantised copy.
     const int n_layers = layout_.n_layers, n_experts = layout_.n_experts;
@@ -376,7 +340,7 @@ void expert_cache::attach() {
     for (int il = 0; il < n_layers; ++il) {
         const router_tensor & r = layout_.routers[size_t(il)];
         if (r.offset == 0 || r.n_embd != layout_.n_embd || r.n_rows != n_experts) { continue; }
-        const void * data = residency_->address_of(r.offset);
+        const void * data = residency->file().address_of(r.offset);
         if (data == nullptr) { continue; }
         if (r.type == GGML_TYPE_F32) {
             router_rows_[size_t(il)] = static_cast<const float *>(data);
@@ -389,160 +353,14 @@ void expert_cache::attach() {
         router_rows_[size_t(il)] = router_owned_[size_t(il)].data();
     }
 
-    // Pages that hold expert bytes and nothing else, merged: what measured_resident_bytes counts.
-    const uint64_t ps = layout_.page_size;
-    std::vector<std::pair<uint64_t, uint64_t>> pages;  // [first, last) page indices
-    for (const auto & unit_slices : layout_.slices) {
-        for (const expert_slice & s : unit_slices) {
-            uint64_t first = s.range.offset / ps;
-            uint64_t last = (s.range.offset + s.range.size + ps - 1) / ps;
-            if (s.head_owner == -2) { first++; }
-            if (s.tail_owner == -2) { last--; }
-            if (last > first) { pages.emplace_back(first, last); }
-        }
-    }
-    std::sort(pages.begin(), pages.end());
-    expert_pages_.clear();
-    for (const auto & p : pages) {
-        if (!expert_pages_.empty() && p.first * ps <= expert_pages_.back().offset + expert_pages_.back().size) {
-            byte_range & back = expert_pages_.back();
-            back.size = std::max(back.offset + back.size, p.second * ps) - back.offset;
-        } else {
-            expert_pages_.push_back(byte_range{p.first * ps, (p.second - p.first) * ps});
-        }
-    }
-
-    io_ = std::make_unique<io_pool>(size_t(n_layers) * size_t(n_experts), params_.n_io_threads,
-                                    [this](int32_t unit) { read_unit(unit); }, [this](int32_t unit) { drop_unit(unit); });
-}
-
-void expert_cache::needed_pages(uint64_t first, uint64_t end, std::vector<uint8_t> & needed) const {
-    const uint64_t ps = layout_.page_size;
-    needed.assign(size_t(end > first ? end - first : 0), 0);
-    if (end <= first) { return; }
-    // the first extent that ends after the range starts (extents are sorted and disjoint)
-    auto it = std::upper_bound(layout_.extents.begin(), layout_.extents.end(), first * ps,
-                               [](uint64_t offset, const file_extent & x) { return offset < x.last; });
-    for (; it != layout_.extents.end() && it->first < end * ps; ++it) {
-        if (it->unit != FILE_EXTENT_NON_EXPERT && !resident_[size_t(it->unit)].load(std::memory_order_acquire)) { continue; }
-        const uint64_t lo = std::max(it->first / ps, first);
-        const uint64_t hi = std::min((it->last + ps - 1) / ps, end);
-        for (uint64_t p = lo; p < hi; ++p) { needed[size_t(p - first)] = 1; }
-    }
-}
-
-void expert_cache::stray_pages(uint64_t first, uint64_t end, std::vector<uint64_t> & out) const {
-    std::vector<uint8_t> needed, resident;
-    needed_pages(first, end, needed);
-    residency_->resident_pages(first, end, resident);
-    for (size_t i = 0; i < needed.size(); ++i) {
-        if (resident[i] && !needed[i]) { out.push_back(first + i); }
-    }
-}
-
-void expert_cache::split_folios(std::vector<uint64_t> pages) {
-    constexpr int HELD_ELSEWHERE_LIMIT = 4;  // blocks seen held by another mapping before splits stop
-    std::lock_guard<std::mutex> lock(split_mutex_);  // drops run on I/O threads too
-    if (n_blocks_held_elsewhere_ >= HELD_ELSEWHERE_LIMIT) {
-        io_counters_.n_pages_held_elsewhere += pages.size();
-        return;
-    }
-    const uint64_t ps = layout_.page_size;
-    std::vector<uint8_t> needed, after;
-    for (uint64_t block_bytes = 2u << 20; !pages.empty() && block_bytes <= (64u << 20); block_bytes *= 2) {
-        const uint64_t block = std::max<uint64_t>(1, block_bytes / ps);  // pages
-        std::vector<uint64_t> blocks;
-        for (uint64_t p : pages) {
-            if (blocks.empty() || blocks.back() != p / block) { blocks.push_back(p / block); }
-        }
-        std::vector<uint64_t> left;
-        for (uint64_t b : blocks) {
-            const uint64_t first = b * block, end = std::min(first + block, residency_->n_pages());
-            residency_->drop_pages(first, end);
-            io_counters_.n_folio_splits++;
-            residency_->resident_pages(first, end, after);
-            const size_t n_stayed = size_t(std::count(after.begin(), after.end(), uint8_t(1)));
-            needed_pages(first, end, needed);
-            for (uint64_t p = first; p < end;) {
-                if (!needed[size_t(p - first)]) { ++p; continue; }
-                uint64_t run_end = p;
-                while (run_end < end && needed[size_t(run_end - first)]) { ++run_end; }
-                io_counters_.bytes_split_reread += residency_->load_pages(p, run_end);
-                p = run_end;
-            }
-            if (n_stayed == after.size()) {  // the whole block stayed: a folio larger than it, try a larger block
-                stray_pages(first, end, left);
-            } else if (n_stayed > 0) {  // some pages went, some stayed: mapped by another process
-                std::vector<uint64_t> held;
-                stray_pages(first, end, held);
-                io_counters_.n_pages_held_elsewhere += held.size();
-                if (!held.empty() && ++n_blocks_held_elsewhere_ >= HELD_ELSEWHERE_LIMIT) { return; }
-            }
-        }
-        pages.swap(left);
-    }
-    if (!pages.empty()) {  // even 64 MiB blocks stayed whole: held elsewhere too
-        io_counters_.n_pages_held_elsewhere += pages.size();
-        ++n_blocks_held_elsewhere_;
-    }
-}
-
-void expert_cache::read_unit(int32_t unit) {
-    for (const expert_slice & s : layout_.slices[size_t(unit)]) { residency_->load(s.range); }
-}
-
-void expert_cache::drop_unit(int32_t unit) {
-    // The pages of each slice; a boundary page that a resident neighbour or non-expert data
-    // shares stays (it belongs to that neighbour's footprint). Checked afterwards: a page left
-    // behind sits in a large folio that reaches beyond the slice, which split_folios divides.
-    // Runs on an I/O thread (or the caller): residency is read from the mirror, not the policy.
-    const uint64_t ps = layout_.page_size;
-    thread_local std::vector<uint8_t> pages;
-    thread_local std::vector<uint64_t> stray;
-    stray.clear();
-    for (const expert_slice & s : layout_.slices[size_t(unit)]) {
-        uint64_t first = s.range.offset / ps;
-        uint64_t end = (s.range.offset + s.range.size + ps - 1) / ps;
-        needed_pages(first, first + 1, pages);
-        if (pages[0]) { first++; }
-        if (end > first) {
-            needed_pages(end - 1, end, pages);
-            if (pages[0]) { end--; }
-        }
-        if (end <= first) { continue; }
-        residency_->drop_pages(first, end);
-        residency_->resident_pages(first, end, pages);
-        for (size_t i = 0; i < pages.size(); ++i) {
-            if (pages[i]) { stray.push_back(first + i); }
-        }
-    }
-    if (!stray.empty()) { split_folios(stray); }
-}
-
-void expert_cache::drop_units(const std::vector<int32_t> & units) {
-    for (int32_t u : units) {
-        if (io_) {
-            io_->drop_later(u);  // off the compute thread; a read of u before it runs cancels it
-            drops_pending_.push_back(u);
-        } else {
-            drop_unit(u);
-        }
-    }
-}
-
-void expert_cache::flush_drops() {
-    for (int32_t u : drops_pending_) { io_->wait(u); }
-    drops_pending_.clear();
-}
-
-void expert_cache::mark(const cache_plan & plan) {
-    for (int32_t u : plan.evict) { resident_[size_t(u)].store(0, std::memory_order_release); }
-    for (int32_t u : plan.load) { resident_[size_t(u)].store(1, std::memory_order_release); }
+    residency->start_io(params_.n_io_threads);
+    residency_ = std::move(residency);
 }
 
 void expert_cache::reap_reads() {
+    io_pool & io = residency_->io();
     for (size_t i = 0; i < in_flight_.size();) {
-        if (io_->idle(in_flight_[i])) {
+        if (io.idle(in_flight_[i])) {
             policy_.unpin(in_flight_[i]);
             in_flight_[i] = in_flight_.back();
             in_flight_.pop_back();
@@ -580,27 +398,25 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
     if (params_.record_trace) { trace_.append(TRACE_EVENT_ACCESS, layer, n_tokens, ids_.data(), n_tokens * k); }
 
     reap_reads();
-    // rows of the step's sequences: every row (n_tokens == step_rows_) or the output rows only (the
-    // last layer); any other count (a step llama.cpp split into several ubatches) is not attributed
-    const bool rows_mode = n_tokens == step_rows_;
-    const bool mapped = !step_groups_.empty() && (rows_mode || n_tokens == step_outs_);
-    const uint8_t * row_decode = !mapped ? nullptr : rows_mode ? row_decode_.data() : out_decode_.data();
+    io_pool & io = residency_->io();
+    // the rows of the step's sequences, or nullptr: an access the step's sequences cannot be told in
+    const uint8_t * row_decode = steps_.row_decode(n_tokens);
     const cache_counters before = policy_.counters();
     policy_.access(layer, ids_.data(), n_tokens, k, plan_, row_decode);
-    if (mapped) { record_sequences(layer, k, rows_mode); }
-    mark(plan_);
+    if (row_decode != nullptr) { steps_.record_access(layer, ids_.data(), n_tokens, k, plan_.load, policy_); }
+    residency_->mark(plan_);
     uint64_t t1 = now_ns();
-    drop_units(plan_.evict);
+    residency_->drop_units(plan_.evict);
     uint64_t t2 = now_ns();
-    io_counters_.ns_drop += t2 - t1;
+    callback_timing_.ns_drop += t2 - t1;
     for (int32_t u : policy_.access_units()) {
-        if (!io_->idle(u)) { io_->wait(u); }  // read ahead and still in flight
+        if (!io.idle(u)) { io.wait(u); }  // read ahead and still in flight
     }
     t1 = now_ns();
-    io_counters_.ns_prefetch_wait += t1 - t2;
-    io_->read_now(plan_.load.data(), plan_.load.size());
+    callback_timing_.ns_prefetch_wait += t1 - t2;
+    io.read_now(plan_.load.data(), plan_.load.size());
     t2 = now_ns();
-    io_counters_.ns_demand_read += t2 - t1;
+    callback_timing_.ns_demand_read += t2 - t1;
 
     if (params_.predict && layer + 1 < layout_.n_layers) {
         const ggml_tensor * x = find_router_input(t);
@@ -617,149 +433,25 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
             }
         }
         t1 = now_ns();
-        io_counters_.ns_predict += t1 - t2;
+        callback_timing_.ns_predict += t1 - t2;
         t2 = t1;
     }
-    if (mapped) { share_step(before); }
-    io_counters_.ns_callback += t2 - t0;
+    if (row_decode != nullptr) { steps_.share(before, policy_.counters()); }
+    callback_timing_.ns_callback += t2 - t0;
 }
 
 void expert_cache::begin_step(const int32_t * row_tags, const uint8_t * row_outputs, int n_rows) {
-    std::vector<int32_t> & seen = step_tags_;  // checked before anything changes: a rejected step leaves the last one
-    seen.clear();
-    for (int i = 0; i < n_rows; ++i) {
-        const int32_t tag = row_tags[i];
-        if (tag < 0) { throw std::invalid_argument("begin_step: row " + std::to_string(i) + " has a negative tag"); }
-        if (i > 0 && tag == row_tags[i - 1]) { continue; }
-        if (std::find(seen.begin(), seen.end(), tag) != seen.end()) {
-            throw std::invalid_argument("begin_step: the rows of tag " + std::to_string(tag) + " are not contiguous");
-        }
-        seen.push_back(tag);
-    }
-    step_groups_.clear();
-    row_decode_.clear();
-    out_decode_.clear();
-    step_rows_ = n_rows;
-    step_outs_ = 0;
-    int n_decode = 0, n_prefill = 0;
-    for (int i = 0; i < n_rows;) {
-        const int32_t tag = row_tags[i];
-        int j = i, outs = 0;
-        for (; j < n_rows && row_tags[j] == tag; ++j) { outs += row_outputs[j] != 0; }
-        sequence_record & record = sequences_[tag];
-        step_groups_.push_back({tag, i, j - i, step_outs_, outs, &record});
-        step_outs_ += outs;
-        const bool decode = j - i == 1;
-        row_decode_.insert(row_decode_.end(), size_t(j - i), uint8_t(decode));
-        out_decode_.insert(out_decode_.end(), size_t(outs), uint8_t(decode));
-        (decode ? n_decode : n_prefill) += j - i;
-        const int32_t rows[2] = {decode ? 1 : 0, decode ? 0 : j - i};
-        record.trace.push(TRACE_EVENT_STEP, -1, j - i, rows, 2);
-        record.counters.n_steps++;
-        (decode ? record.counters.n_tokens_decode : record.counters.n_tokens_prefill) += uint64_t(j - i);
-        i = j;
-    }
-    const int n_experts = layout_.n_experts;
-    if (unit_stamp_.size() != size_t(n_experts)) {
-        unit_stamp_.assign(size_t(n_experts), 0);
-        n_selecting_.assign(size_t(n_experts), 0);
-        missing_.assign(size_t(n_experts), 0);
-    }
+    const step_rows rows = steps_.begin(row_tags, row_outputs, n_rows);
     if (params_.record_trace) {
-        const int32_t rows[2] = {n_decode, n_prefill};
-        trace_.append(TRACE_EVENT_STEP, -1, n_rows, rows, 2);
+        const int32_t phase_rows[2] = {rows.n_decode, rows.n_prefill};
+        trace_.append(TRACE_EVENT_STEP, -1, n_rows, phase_rows, 2);
     }
-    policy_.begin_step(n_decode, n_prefill);
+    policy_.begin_step(rows.n_decode, rows.n_prefill);
 }
 
-routing_trace expert_cache::sequence_trace(int32_t tag) const {
-    auto it = sequences_.find(tag);
-    return it == sequences_.end() ? routing_trace() : it->second.trace;
-}
+routing_trace expert_cache::sequence_trace(int32_t tag) const { return steps_.trace(tag); }
 
-sequence_record expert_cache::take_sequence(int32_t tag) {
-    sequence_record out;
-    auto it = sequences_.find(tag);
-    if (it == sequences_.end()) { return out; }
-    out = std::move(it->second);
-    sequences_.erase(it);
-    for (step_group & g : step_groups_) {
-        if (g.tag == tag) { g.record = nullptr; }  // taken mid-step: the step's rest is not recorded
-    }
-    out.counters.bytes_read_prefill = uint64_t(std::llround(out.bytes_prefill));
-    out.counters.bytes_read_decode = uint64_t(std::llround(out.bytes_decode));
-    out.counters.bytes_prefetched = uint64_t(std::llround(out.bytes_prefetched));
-    return out;
-}
-
-void expert_cache::record_sequences(int layer, int k, bool rows_mode) {
-    const int32_t base = int32_t(layer) * layout_.n_experts;
-    const int n_experts = layout_.n_experts;
-    for (int32_t u : plan_.load) { missing_[size_t(u - base)] = 1; }
-    auto rows_of = [&](const step_group & g) {
-        return std::make_pair(rows_mode ? g.first_row : g.first_out, rows_mode ? g.n_rows : g.n_out);
-    };
-    auto each_unique = [&](const step_group & g, auto && fn) {
-        if (++stamp_clock_ == 0) {  // wrapped: every old stamp could collide with a new one
-            std::fill(unit_stamp_.begin(), unit_stamp_.end(), 0u);
-            stamp_clock_ = 1;
-        }
-        const uint32_t stamp = stamp_clock_;
-        const auto [first, n] = rows_of(g);
-        for (int i = first * k; i < (first + n) * k; ++i) {
-            const int32_t e = ids_[size_t(i)];
-            if (e < 0 || e >= n_experts || unit_stamp_[size_t(e)] == stamp) { continue; }
-            unit_stamp_[size_t(e)] = stamp;
-            fn(e);
-        }
-    };
-    for (const step_group & g : step_groups_) {
-        each_unique(g, [&](int32_t e) { n_selecting_[size_t(e)]++; });
-    }
-    for (const step_group & g : step_groups_) {
-        const bool decode = g.n_rows == 1;
-        sequence_record * r = g.record;
-        each_unique(g, [&](int32_t e) {
-            if (r == nullptr) { return; }
-            cache_counters & c = r->counters;
-            if (missing_[size_t(e)]) {
-                (decode ? c.n_misses_decode : c.n_misses_prefill)++;
-                (decode ? r->bytes_decode : r->bytes_prefill) +=
-                    double(policy_.unit_bytes(base + e)) / double(n_selecting_[size_t(e)]);
-            } else {
-                (decode ? c.n_hits_decode : c.n_hits_prefill)++;
-            }
-        });
-        const auto [first, n] = rows_of(g);
-        if (r != nullptr && n > 0) {
-            r->trace.push(TRACE_EVENT_ACCESS, layer, n, ids_.data() + size_t(first) * size_t(k), n * k);
-        }
-    }
-    for (const step_group & g : step_groups_) {  // scratch back to rest
-        each_unique(g, [&](int32_t e) { n_selecting_[size_t(e)] = 0; });
-    }
-    for (int32_t u : plan_.load) { missing_[size_t(u - base)] = 0; }
-}
-
-void expert_cache::share_step(const cache_counters & before) {
-    const cache_counters & after = policy_.counters();
-    const double n = double(step_groups_.size());
-    const double prefetched = double(after.bytes_prefetched - before.bytes_prefetched) / n;
-    for (step_group & g : step_groups_) {
-        if (g.record == nullptr) { continue; }
-        cache_counters & c = g.record->counters;
-        g.record->bytes_prefetched += prefetched;
-        (g.n_rows == 1 ? g.record->bytes_decode : g.record->bytes_prefill) += prefetched;
-        c.n_prefetch_issued += after.n_prefetch_issued - before.n_prefetch_issued;
-        c.n_prefetch_used += after.n_prefetch_used - before.n_prefetch_used;
-        c.n_predicted += after.n_predicted - before.n_predicted;
-        c.n_predicted_correct += after.n_predicted_correct - before.n_predicted_correct;
-        c.n_selected_predicted += after.n_selected_predicted - before.n_selected_predicted;
-        c.n_evictions += after.n_evictions - before.n_evictions;
-        c.bytes_evicted += after.bytes_evicted - before.bytes_evicted;
-        c.n_invalid_ids += after.n_invalid_ids - before.n_invalid_ids;
-    }
-}
+sequence_record expert_cache::take_sequence(int32_t tag) { return steps_.take(tag); }
 
 void expert_cache::predict_layer(const ggml_tensor * x, int layer, int target) {
     const int64_t n_embd = layout_.n_embd;
@@ -797,31 +489,28 @@ void expert_cache::predict_layer(const ggml_tensor * x, int layer, int target) {
     if (params_.record_trace) {
         trace_.append(TRACE_EVENT_PREDICT, target, 1, predicted_.data(), int32_t(predicted_.size()));
     }
-    for (const step_group & g : step_groups_) {
-        if (g.record != nullptr) {
-            g.record->trace.push(TRACE_EVENT_PREDICT, target, 1, predicted_.data(), int32_t(predicted_.size()));
-        }
-    }
+    steps_.record_prediction(target, predicted_.data(), int(predicted_.size()));
 
     policy_.predict(target, predicted_.data(), int(predicted_.size()), plan_, target - layer);
-    mark(plan_);
-    drop_units(plan_.evict);
+    residency_->mark(plan_);
+    residency_->drop_units(plan_.evict);
+    io_pool & io = residency_->io();
     for (int32_t u : plan_.load) {
-        policy_.pin(u);         // unpinned by reap_reads once its read ended
-        io_->read_ahead(u);     // false: a read of it is already queued or running
+        policy_.pin(u);        // unpinned by reap_reads once its read ended
+        io.read_ahead(u);      // false: a read of it is already queued or running
         in_flight_.push_back(u);
     }
 }
 
 void expert_cache::settle() {
     if (!residency_) { return; }
-    for (int32_t u : in_flight_) { io_->wait(u); }
+    for (int32_t u : in_flight_) { residency_->io().wait(u); }
     reap_reads();
     policy_.settle(plan_);
-    mark(plan_);
-    drop_units(plan_.evict);
-    flush_drops();
-    reconcile();
+    residency_->mark(plan_);
+    residency_->drop_units(plan_.evict);
+    residency_->flush_drops();
+    residency_->reconcile(policy_);
 }
 
 routing_trace expert_cache::take_trace() {
@@ -832,43 +521,28 @@ routing_trace expert_cache::take_trace() {
 }
 
 uint64_t expert_cache::measured_resident_bytes() const {
-    if (!residency_) { return 0; }
-    uint64_t bytes = 0;
-    for (const byte_range & r : expert_pages_) { bytes += residency_->resident_bytes(r); }
-    return bytes;
-}
-
-uint64_t expert_cache::unit_resident_bytes(int32_t unit) const {
-    uint64_t resident = 0;
-    for (const expert_slice & s : layout_.slices[size_t(unit)]) { resident += residency_->resident_bytes(s.range); }
-    return resident;
+    return residency_ ? residency_->measured_resident_bytes() : 0;
 }
 
 int expert_cache::reconcile() {
-    if (!residency_) { return 0; }
-    const uint64_t ps = layout_.page_size;
-    std::vector<int32_t> lost;
-    const int32_t n_units = int32_t(layout_.slices.size());
-    for (int32_t u = 0; u < n_units; ++u) {
-        if (!policy_.is_resident(u) || !io_->idle(u)) { continue; }
-        if (unit_resident_bytes(u) + ps < layout_.unit_bytes[size_t(u)]) {  // more than one page gone
-            policy_.forget(u);
-            resident_[size_t(u)].store(0, std::memory_order_release);
-            lost.push_back(u);
-        }
-    }
-    drop_units(lost);  // the rest of their pages: a unit is resident whole or not at all
-    flush_drops();
-    std::lock_guard<std::mutex> lock(split_mutex_);
-    io_counters_.n_units_reclaimed += lost.size();
-    return int(lost.size());
+    return residency_ ? residency_->reconcile(policy_) : 0;
+}
+
+residency_counters expert_cache::io_counters() const {
+    residency_counters out = residency_ ? residency_->counters() : residency_counters{};
+    out.ns_callback = callback_timing_.ns_callback;
+    out.ns_demand_read = callback_timing_.ns_demand_read;
+    out.ns_prefetch_wait = callback_timing_.ns_prefetch_wait;
+    out.ns_drop = callback_timing_.ns_drop;
+    out.ns_predict = callback_timing_.ns_predict;
+    return out;
 }
 
 void expert_cache::set_budget(uint64_t budget_bytes) {
     policy_.set_budget(budget_bytes, plan_);
-    mark(plan_);
-    if (residency_) {
-        drop_units(plan_.evict);
-        flush_drops();
+    if (residency_) {  // before attach nothing is resident, so there is nothing to mirror or drop
+        residency_->mark(plan_);
+        residency_->drop_units(plan_.evict);
+        residency_->flush_drops();
     }
 }

@@ -19,6 +19,9 @@
 //      each top-k is the prediction for that layer, and the predicted missing experts are read
 //      on the I/O pool while layer il computes. A layer's latest prediction is the one scored
 //      (precision / recall) against its access.
+// What it drives lives in the core below: the policy (cache-core.h), the units' residency in the
+// page cache — reads, drops, folio repair, reconcile — (residency.h, unit_residency) and the
+// per-sequence accounting of batched steps (sequence-steps.h).
 // Hot path rules: no allocation once scratch buffers have grown, no Python, no logging, no
 // exceptions; the only lock is the I/O pool's queue, taken only when there is I/O to do.
 #pragma once
@@ -27,32 +30,14 @@
 #include "io-pool.h"
 #include "residency.h"
 #include "routing-trace.h"
+#include "sequence-steps.h"
 
-#include <atomic>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 struct ggml_tensor;
-
-// One expert's slice of one tensor, and who shares its boundary pages.
-struct expert_slice {
-    byte_range range;            // file offsets
-    int32_t head_owner = -1;     // unit sharing the first page; -1 none (page aligned), -2 non-expert data
-    int32_t tail_owner = -1;     // unit sharing the last page;  -1 none, -2 non-expert data
-};
-
-// A byte range of the file and what lives there: one expert slice (unit >= 0) or anything
-// else llama.cpp needs (FILE_EXTENT_NON_EXPERT: the GGUF header, attention, norms, ...).
-constexpr int32_t FILE_EXTENT_NON_EXPERT = -2;
-struct file_extent {
-    uint64_t first = 0;  // file offset of the first byte
-    uint64_t last  = 0;  // file offset one past the last byte
-    int32_t  unit  = FILE_EXTENT_NON_EXPERT;
-};
 
 // A layer's router matrix (ffn_gate_inp), used to predict that layer's experts.
 struct router_tensor {
@@ -62,8 +47,9 @@ struct router_tensor {
     int64_t  n_rows = 0;  // ne[1] = n_expert
 };
 
-struct expert_layout {
-    std::string path;
+// A model's experts in its file: the page geometry the residency layer needs (expert_file_map:
+// path, page_size, slices, unit_bytes, extents) and the hyper-parameters and routers of the rest.
+struct expert_layout : expert_file_map {
     std::string arch;
     int n_layers       = 0;   // {arch}.block_count
     int n_experts      = 0;   // {arch}.expert_count
@@ -72,12 +58,8 @@ struct expert_layout {
     uint64_t file_size        = 0;
     uint64_t expert_bytes     = 0;  // bytes of all expert slices
     uint64_t non_expert_bytes = 0;  // bytes of the file's pages that hold no expert slice
-    size_t page_size = 0;
     std::vector<std::string> expert_tensors;         // names of the tensors cut per expert
-    std::vector<std::vector<expert_slice>> slices;   // [unit] its slices
-    std::vector<uint64_t> unit_bytes;                // [unit] page-rounded footprint
     std::vector<router_tensor> routers;              // [layer]
-    std::vector<file_extent> extents;                // every tensor's bytes and the header, sorted, disjoint
 };
 
 // Reads the GGUF header of `path` and returns its expert layout. Throws std::runtime_error
@@ -101,14 +83,6 @@ struct expert_cache_params {
 
     // Throws std::invalid_argument naming the first bad field.
     void validate() const;
-};
-
-// What one sequence of a batch did to the cache: the tokens of its own rows, and its share of
-// the steps it was in (see expert_cache::begin_step).
-struct sequence_record {
-    routing_trace trace;      // its ACCESS rows of every step, and the steps' PREDICT events
-    cache_counters counters;  // hits/misses of its own selections; bytes: its share (below)
-    double bytes_prefill = 0, bytes_decode = 0, bytes_prefetched = 0;  // shares, summed exactly
 };
 
 class expert_cache {
@@ -143,9 +117,7 @@ public:
     // Before each llama_decode of a batch: which sequence each of its n_rows tokens belongs to (a
     // tag >= 0 chosen by the caller, one tag's rows contiguous) and which rows have logits (the
     // last layer sees only those). A tag with one row decodes; more rows are prompt tokens. Every
-    // access of the step is then also recorded per sequence: its rows' ids in its own routing
-    // trace, hits and misses of its own selections, and shares of the bytes read (a unit read on
-    // demand: shared equally by the sequences that selected it; a read ahead: by all of the step).
+    // access of the step is then also recorded per sequence (sequence-steps.h).
     // Throws std::invalid_argument if a tag is negative or its rows are not contiguous.
     void begin_step(const int32_t * row_tags, const uint8_t * row_outputs, int n_rows);
     // Moves a sequence's record out (an empty one if the tag was never in a step).
@@ -172,76 +144,25 @@ public:
     // dropped, so that the policy's view (cache stats, warmth report) agrees with mincore within
     // one page per unit. Runs between steps only (no access in progress). Returns how many.
     int reconcile();
-    residency_counters io_counters() const {
-        std::lock_guard<std::mutex> lock(split_mutex_);
-        return io_counters_;
-    }
+    // The residency layer's counters and the eval callback's timings (zeros before attach).
+    residency_counters io_counters() const;
 
 private:
     void on_topk(const ggml_tensor * t, int layer);
-    // The access's rows per sequence of the step (rows_mode: all rows; else output rows only).
-    void record_sequences(int layer, int k, bool rows_mode);
-    // Shares what the step's predictions did (reads ahead: bytes split equally) among its sequences;
-    // prediction scores, evictions and invalid ids of the step count for each of them.
-    void share_step(const cache_counters & before);
     void predict_layer(const ggml_tensor * router_input, int layer, int target_layer);
-    // Drops units' pages off the compute thread (io_pool::drop_later); flush_drops waits for them.
-    void drop_units(const std::vector<int32_t> & units);
-    void flush_drops();
-    // Drops one unit's pages now (any thread).
-    void drop_unit(int32_t unit);
-    // Mirrors a plan into resident_ (evict -> 0, load -> 1).
-    void mark(const cache_plan & plan);
-    // needed[i] = 1 if page first + i holds non-expert bytes or bytes of a resident unit.
-    void needed_pages(uint64_t first, uint64_t end, std::vector<uint8_t> & needed) const;
-    // Pages of [first, end) that are resident although no resident unit or non-expert data
-    // needs them: what a drop left behind (a large folio straddling its edge).
-    void stray_pages(uint64_t first, uint64_t end, std::vector<uint64_t> & out) const;
-    // Drops the aligned blocks holding `pages` whole, then reads back what in them is needed
-    // (as small folios); doubles the block size while a whole block stays (a folio larger than
-    // the block), up to 64 MiB. A page that stays while others of its block went is held by
-    // another process's mapping (nodes sharing the file on one machine): no split can drop it,
-    // so after a few such blocks splits stop for good (n_pages_held_elsewhere counts them).
-    void split_folios(std::vector<uint64_t> pages);
-    uint64_t unit_resident_bytes(int32_t unit) const;  // bytes of the unit's slices in the page cache
-    void read_unit(int32_t unit);
+    // Unpins the units read ahead whose reads ended.
     void reap_reads();
 
     expert_layout layout_;
     expert_cache_params params_;
     cache_policy policy_;
     routing_trace trace_;
-    std::unique_ptr<file_residency> residency_;
-    std::unique_ptr<io_pool> io_;                     // destroyed before residency_
+    sequence_steps steps_;
+    std::vector<mapping_segment> mappings_before_load_;  // other engines' mappings of the file
+    std::unique_ptr<unit_residency> residency_;       // attach() on; nullptr before
     std::vector<const float *> router_rows_;          // [layer] [n_experts x n_embd] or nullptr
     std::vector<std::vector<float>> router_owned_;    // dequantised routers (non-F32 files)
-    std::vector<byte_range> expert_pages_;            // merged pages holding only expert bytes
-    uint64_t footprint_bytes_ = 0;                    // sum of unit_bytes
-    std::vector<mapping_segment> mappings_before_load_;  // other engines' mappings of the file
-    residency_counters io_counters_;  // ns_* change on the compute thread only, the rest under split_mutex_
-    mutable std::mutex split_mutex_;
-    int n_blocks_held_elsewhere_ = 0;  // under split_mutex_; splits stop at HELD_ELSEWHERE_LIMIT
-    // The policy's residency, readable from I/O threads (the policy itself is the compute
-    // thread's): what needed_pages and drops consult.
-    std::unique_ptr<std::atomic<uint8_t>[]> resident_;
-    std::vector<int32_t> drops_pending_;              // drops queued since the last flush
-
-    // the step's sequences (begin_step): one group per tag, rows and output rows contiguous
-    struct step_group {
-        int32_t tag;
-        int first_row, n_rows, first_out, n_out;
-        sequence_record * record;
-    };
-    std::vector<step_group> step_groups_;
-    std::vector<int32_t> step_tags_;  // begin_step's scratch: the tags seen while checking the rows
-    int step_rows_ = 0, step_outs_ = 0;
-    std::unordered_map<int32_t, sequence_record> sequences_;  // node-based: records stay put
-    std::vector<uint8_t> row_decode_;     // [step rows] 1 = the token decodes (set by begin_step)
-    std::vector<uint8_t> out_decode_;     // [step output rows] the same, for the last layer's rows
-    std::vector<uint32_t> unit_stamp_;    // [experts] stamp of the last pass that counted the expert
-    uint32_t stamp_clock_ = 0;            // one new stamp per pass over a group's selections
-    std::vector<int32_t> n_selecting_;    // [experts] groups selecting it in this access
-    std::vector<uint8_t> missing_;        // [experts] read on demand in this access
+    residency_counters callback_timing_;              // its ns_* only; the compute thread's
 
     // scratch, grown outside the steady state only
     cache_plan plan_;

@@ -216,3 +216,230 @@ uint64_t file_residency::resident_bytes(const byte_range & range) const {
     });
     return bytes;
 }
+
+unit_residency::unit_residency(const expert_file_map & map, const std::vector<mapping_segment> & before)
+    : map_(map), file_(map.path, before) {
+    const size_t n_units = map_.slices.size();
+    resident_.reset(new std::atomic<uint8_t>[n_units]);
+    for (size_t u = 0; u < n_units; ++u) { resident_[u].store(0, std::memory_order_relaxed); }
+    drops_pending_.reserve(n_units);
+
+    // Pages that hold expert bytes and nothing else, merged: what measured_resident_bytes counts.
+    const uint64_t ps = map_.page_size;
+    std::vector<std::pair<uint64_t, uint64_t>> pages;  // [first, last) page indices
+    for (const auto & unit_slices : map_.slices) {
+        for (const expert_slice & s : unit_slices) {
+            uint64_t first = s.range.offset / ps;
+            uint64_t last = (s.range.offset + s.range.size + ps - 1) / ps;
+            if (s.head_owner == -2) { first++; }
+            if (s.tail_owner == -2) { last--; }
+            if (last > first) { pages.emplace_back(first, last); }
+        }
+    }
+    std::sort(pages.begin(), pages.end());
+    for (const auto & p : pages) {
+        if (!expert_pages_.empty() && p.first * ps <= expert_pages_.back().offset + expert_pages_.back().size) {
+            byte_range & back = expert_pages_.back();
+            back.size = std::max(back.offset + back.size, p.second * ps) - back.offset;
+        } else {
+            expert_pages_.push_back(byte_range{p.first * ps, (p.second - p.first) * ps});
+        }
+    }
+}
+
+unit_residency::~unit_residency() {
+    io_.reset();  // join the readers before the mapping bookkeeping goes
+}
+
+void unit_residency::establish(cache_policy & policy) {
+    // Admission order: experts 0, 1, ... of every layer in turn (spread over layers).
+    const int n_layers = policy.n_layers(), n_experts = policy.n_experts();
+    for (int e = 0; e < n_experts; ++e) {
+        for (int il = 0; il < n_layers; ++il) {
+            const int32_t u = int32_t(il * n_experts + e);
+            if (map_.unit_bytes[size_t(u)] > 0 && unit_resident_bytes(u) == map_.unit_bytes[size_t(u)] &&
+                policy.admit_resident(u)) {
+                resident_[size_t(u)].store(1, std::memory_order_release);
+            }
+        }
+    }
+    // Every page nothing needs goes, in maximal runs (one call per run, so whole large folios
+    // inside a run go too); then the folios that straddle a kept page are split.
+    std::vector<uint8_t> needed;
+    needed_pages(0, file_.n_pages(), needed);
+    for (uint64_t p = 0; p < needed.size();) {
+        if (needed[p]) { ++p; continue; }
+        uint64_t end = p;
+        while (end < needed.size() && !needed[end]) { ++end; }
+        file_.drop_pages(p, end);
+        p = end;
+    }
+    std::vector<uint64_t> stray;
+    stray_pages(0, file_.n_pages(), stray);
+    split_folios(std::move(stray));
+}
+
+void unit_residency::start_io(int n_threads) {
+    io_ = std::make_unique<io_pool>(map_.slices.size(), n_threads,
+                                    [this](int32_t unit) { read_unit(unit); }, [this](int32_t unit) { drop_unit(unit); });
+}
+
+void unit_residency::needed_pages(uint64_t first, uint64_t end, std::vector<uint8_t> & needed) const {
+    const uint64_t ps = map_.page_size;
+    needed.assign(size_t(end > first ? end - first : 0), 0);
+    if (end <= first) { return; }
+    // the first extent that ends after the range starts (extents are sorted and disjoint)
+    auto it = std::upper_bound(map_.extents.begin(), map_.extents.end(), first * ps,
+                               [](uint64_t offset, const file_extent & x) { return offset < x.last; });
+    for (; it != map_.extents.end() && it->first < end * ps; ++it) {
+        if (it->unit != FILE_EXTENT_NON_EXPERT && !resident_[size_t(it->unit)].load(std::memory_order_acquire)) { continue; }
+        const uint64_t lo = std::max(it->first / ps, first);
+        const uint64_t hi = std::min((it->last + ps - 1) / ps, end);
+        for (uint64_t p = lo; p < hi; ++p) { needed[size_t(p - first)] = 1; }
+    }
+}
+
+void unit_residency::stray_pages(uint64_t first, uint64_t end, std::vector<uint64_t> & out) const {
+    std::vector<uint8_t> needed, resident;
+    needed_pages(first, end, needed);
+    file_.resident_pages(first, end, resident);
+    for (size_t i = 0; i < needed.size(); ++i) {
+        if (resident[i] && !needed[i]) { out.push_back(first + i); }
+    }
+}
+
+void unit_residency::split_folios(std::vector<uint64_t> pages) {
+    constexpr int HELD_ELSEWHERE_LIMIT = 4;  // blocks seen held by another mapping before splits stop
+    std::lock_guard<std::mutex> lock(split_mutex_);  // drops run on I/O threads too
+    if (n_blocks_held_elsewhere_ >= HELD_ELSEWHERE_LIMIT) {
+        counters_.n_pages_held_elsewhere += pages.size();
+        return;
+    }
+    const uint64_t ps = map_.page_size;
+    std::vector<uint8_t> needed, after;
+    for (uint64_t block_bytes = 2u << 20; !pages.empty() && block_bytes <= (64u << 20); block_bytes *= 2) {
+        const uint64_t block = std::max<uint64_t>(1, block_bytes / ps);  // pages
+        std::vector<uint64_t> blocks;
+        for (uint64_t p : pages) {
+            if (blocks.empty() || blocks.back() != p / block) { blocks.push_back(p / block); }
+        }
+        std::vector<uint64_t> left;
+        for (uint64_t b : blocks) {
+            const uint64_t first = b * block, end = std::min(first + block, file_.n_pages());
+            file_.drop_pages(first, end);
+            counters_.n_folio_splits++;
+            file_.resident_pages(first, end, after);
+            const size_t n_stayed = size_t(std::count(after.begin(), after.end(), uint8_t(1)));
+            needed_pages(first, end, needed);
+            for (uint64_t p = first; p < end;) {
+                if (!needed[size_t(p - first)]) { ++p; continue; }
+                uint64_t run_end = p;
+                while (run_end < end && needed[size_t(run_end - first)]) { ++run_end; }
+                counters_.bytes_split_reread += file_.load_pages(p, run_end);
+                p = run_end;
+            }
+            if (n_stayed == after.size()) {  // the whole block stayed: a folio larger than it, try a larger block
+                stray_pages(first, end, left);
+            } else if (n_stayed > 0) {  // some pages went, some stayed: mapped by another process
+                std::vector<uint64_t> held;
+                stray_pages(first, end, held);
+                counters_.n_pages_held_elsewhere += held.size();
+                if (!held.empty() && ++n_blocks_held_elsewhere_ >= HELD_ELSEWHERE_LIMIT) { return; }
+            }
+        }
+        pages.swap(left);
+    }
+    if (!pages.empty()) {  // even 64 MiB blocks stayed whole: held elsewhere too
+        counters_.n_pages_held_elsewhere += pages.size();
+        ++n_blocks_held_elsewhere_;
+    }
+}
+
+void unit_residency::read_unit(int32_t unit) {
+    for (const expert_slice & s : map_.slices[size_t(unit)]) { file_.load(s.range); }
+}
+
+void unit_residency::drop_unit(int32_t unit) {
+    // The pages of each slice; a boundary page that a resident neighbour or non-expert data
+    // shares stays (it belongs to that neighbour's footprint). Checked afterwards: a page left
+    // behind sits in a large folio that reaches beyond the slice, which split_folios divides.
+    // Runs on an I/O thread (or the caller): residency is read from the mirror, not the policy.
+    const uint64_t ps = map_.page_size;
+    thread_local std::vector<uint8_t> pages;
+    thread_local std::vector<uint64_t> stray;
+    stray.clear();
+    for (const expert_slice & s : map_.slices[size_t(unit)]) {
+        uint64_t first = s.range.offset / ps;
+        uint64_t end = (s.range.offset + s.range.size + ps - 1) / ps;
+        needed_pages(first, first + 1, pages);
+        if (pages[0]) { first++; }
+        if (end > first) {
+            needed_pages(end - 1, end, pages);
+            if (pages[0]) { end--; }
+        }
+        if (end <= first) { continue; }
+        file_.drop_pages(first, end);
+        file_.resident_pages(first, end, pages);
+        for (size_t i = 0; i < pages.size(); ++i) {
+            if (pages[i]) { stray.push_back(first + i); }
+        }
+    }
+    if (!stray.empty()) { split_folios(stray); }
+}
+
+void unit_residency::mark(const cache_plan & plan) {
+    for (int32_t u : plan.evict) { resident_[size_t(u)].store(0, std::memory_order_release); }
+    for (int32_t u : plan.load) { resident_[size_t(u)].store(1, std::memory_order_release); }
+}
+
+void unit_residency::drop_units(const std::vector<int32_t> & units) {
+    for (int32_t u : units) {
+        if (io_) {
+            io_->drop_later(u);  // off the compute thread; a read of u before it runs cancels it
+            drops_pending_.push_back(u);
+        } else {
+            drop_unit(u);
+        }
+    }
+}
+
+void unit_residency::flush_drops() {
+    for (int32_t u : drops_pending_) { io_->wait(u); }
+    drops_pending_.clear();
+}
+
+uint64_t unit_residency::measured_resident_bytes() const {
+    uint64_t bytes = 0;
+    for (const byte_range & r : expert_pages_) { bytes += file_.resident_bytes(r); }
+    return bytes;
+}
+
+uint64_t unit_residency::unit_resident_bytes(int32_t unit) const {
+    uint64_t resident = 0;
+    for (const expert_slice & s : map_.slices[size_t(unit)]) { resident += file_.resident_bytes(s.range); }
+    return resident;
+}
+
+int unit_residency::reconcile(cache_policy & policy) {
+    const uint64_t ps = map_.page_size;
+    std::vector<int32_t> lost;
+    const int32_t n_units = int32_t(map_.slices.size());
+    for (int32_t u = 0; u < n_units; ++u) {
+        if (!policy.is_resident(u) || (io_ && !io_->idle(u))) { continue; }
+        if (unit_resident_bytes(u) + ps < map_.unit_bytes[size_t(u)]) {  // more than one page gone
+            policy.forget(u);
+            resident_[size_t(u)].store(0, std::memory_order_release);
+            lost.push_back(u);
+        }
+    }
+    drop_units(lost);  // the rest of their pages: a unit is resident whole or not at all
+    flush_drops();
+    std::lock_guard<std::mutex> lock(split_mutex_);
+    counters_.n_units_reclaimed += lost.size();
+    return int(lost.size());
+}
+
+residency_counters unit_residency::counters() const {
+    std::lock_guard<std::mutex> lock(split_mutex_);
+    return counters_;
+}

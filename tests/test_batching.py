@@ -242,7 +242,7 @@ def test_a_running_sequences_trace_so_far_is_a_prefix_of_its_final_one(tiny_mode
         cache = engine._native_cache
         early = RoutingTrace.from_native(engine._call(lambda: cache.sequence_trace(seq.tag)))
         final = _results([seq])[0].trace
-        assert engine._call(lambda: cache.sequence_trace(seq.tag))["kind"].size == 0, "taken with its result"
+        assert engine._call(lambda: cache.sequence_trace(seq.tag)).kind.size == 0, "taken with its result"
     n = early.kind.size
     assert 0 < n < final.kind.size
     assert np.array_equal(early.kind, final.kind[:n]) and np.array_equal(early.layer, final.layer[:n])

@@ -220,7 +220,7 @@ def test_replaying_a_trace_matches_feeding_its_events_one_by_one(eviction: str) 
 def test_prediction_is_scored_against_the_next_access_of_its_layer() -> None:
     policy = make_policy(budget_units=64)
     plan = policy.predict(1, [0, 1, 2])
-    assert sorted(plan["load"]) == [16 + 0, 16 + 1, 16 + 2]  # unit ids: layer * n_experts + expert
+    assert sorted(plan.load.tolist()) == [16 + 0, 16 + 1, 16 + 2]  # unit ids: layer * n_experts + expert
     policy.access(0, [[8, 9]])  # another layer: does not consume the prediction of layer 1
     assert policy.counters()["n_predicted"] == 0
     policy.access(1, [[0, 3], [0, 4]])  # selects {0, 3, 4}: one of three predictions was right
@@ -236,7 +236,7 @@ def test_prediction_is_scored_against_the_next_access_of_its_layer() -> None:
 
 def test_predictions_are_scored_but_not_loaded_when_prefetch_is_off() -> None:
     policy = make_policy(budget_units=64, prefetch=False)
-    assert policy.predict(2, [4, 5])["load"] == []
+    assert policy.predict(2, [4, 5]).load.size == 0
     policy.access(2, [[4, 6]])
     c = policy.counters()
     assert (c["n_predicted"], c["n_predicted_correct"], c["n_selected_predicted"]) == (2, 1, 2)
@@ -252,7 +252,7 @@ def _reads_two_layers_ahead(min_precision: float) -> tuple[list[int], int]:
     for step in range(40):
         policy.access(0, [[0, 1]])
         policy.predict(1, [2, 3], distance=1)
-        reads.append(len(policy.predict(2, [4 + step % 8, 4 + (step + 1) % 8], distance=2)["load"]))
+        reads.append(len(policy.predict(2, [4 + step % 8, 4 + (step + 1) % 8], distance=2).load))
         policy.access(1, [[2, 3]])
         policy.access(2, [[12, 13]] if step % 2 else [[14, 15]])
         policy.access(3, [[0, 1]])
@@ -281,7 +281,7 @@ def test_prefetch_storm_only_evicts_probation_units() -> None:
         for layer in (0, 1):
             experts = np.arange(16)[(np.arange(16) + round_) % 3 == 0]
             plan = policy.predict(layer, experts)
-            evicted = {(u // 16, u % 16) for u in plan["evict"]}
+            evicted = {(int(u) // 16, int(u) % 16) for u in plan.evict}
             assert not evicted & hot, f"prefetch evicted hot units {evicted & hot}"
             assert policy.resident_bytes <= 6 * UNIT
     assert hot <= resident_set(policy)
@@ -326,3 +326,25 @@ def test_step_events_say_where_steps_begin_and_which_rows_decode():
 def test_a_step_event_with_a_wrong_number_of_ids_is_refused():
     with pytest.raises(ValueError, match="step has 2 ids"):
         make_policy().replay(_trace([(TRACE_STEP, -1, 1, [1]), (TRACE_ACCESS, 0, 1, [0, 1])]))
+
+
+# -- the binding's types -----------------------------------------------------------------------
+
+
+def test_a_trace_crosses_the_binding_as_typed_arrays_and_comes_back_unchanged():
+    trace = _trace([(TRACE_STEP, -1, 2, [0, 2]), (TRACE_ACCESS, 0, 2, [3, 1, 4, 1]), (TRACE_PREDICT, 1, 1, [5, 9])])
+    trace = RoutingTrace(trace.kind, trace.layer, trace.n_tokens, trace.n_ids, trace.ids, n_dropped=7)
+    native = trace.to_native()
+    assert (native.kind.dtype, native.layer.dtype, native.ids.dtype) == (np.uint8, np.int32, np.int32)
+    back = RoutingTrace.from_native(native)
+    for name in ("kind", "layer", "n_tokens", "n_ids", "ids"):
+        assert np.array_equal(getattr(back, name), getattr(trace, name)), name
+    assert back.n_dropped == 7
+
+
+def test_a_plan_names_the_units_to_drop_and_to_read_as_int32_arrays():
+    policy = make_policy(n_layers=2, n_experts=16, budget_units=2, k=2)
+    first = policy.access(0, [[3, 4]])
+    assert first.load.dtype == np.int32 and sorted(first.load.tolist()) == [3, 4] and first.evict.size == 0
+    second = policy.access(1, [[5, 6]])  # the next layer of the same step: layer 0's units are no longer pinned
+    assert sorted(second.load.tolist()) == [16 + 5, 16 + 6] and sorted(second.evict.tolist()) == [3, 4]

@@ -24,6 +24,7 @@ from cluster.engine.trace_summary import RoutingTraceSummary
 PAGE_SIZE: int = _native.PAGE_SIZE
 EVICTION_POLICIES: tuple[str, ...] = ("scan_resistant", "lru", "lfu")
 ExpertLayout = _native.ExpertLayout
+CachePlan = _native.CachePlan  # after an access or prediction: drop ``evict``, then read ``load`` (unit ids, int32)
 
 
 @dataclass(frozen=True)
@@ -184,15 +185,9 @@ class RoutingTrace:
     n_dropped: int = 0
 
     @classmethod
-    def from_native(cls, d: dict[str, Any]) -> "RoutingTrace":
-        return cls(
-            kind=np.asarray(d["kind"], dtype=np.uint8),
-            layer=np.asarray(d["layer"], dtype=np.int32),
-            n_tokens=np.asarray(d["n_tokens"], dtype=np.int32),
-            n_ids=np.asarray(d["n_ids"], dtype=np.int32),
-            ids=np.asarray(d["ids"], dtype=np.int32),
-            n_dropped=int(d.get("n_dropped", 0)),
-        )
+    def from_native(cls, native: _native.RoutingTrace) -> "RoutingTrace":
+        return cls(kind=native.kind, layer=native.layer, n_tokens=native.n_tokens, n_ids=native.n_ids, ids=native.ids,
+                   n_dropped=native.n_dropped)
 
     @classmethod
     def concat(cls, traces: list["RoutingTrace"]) -> "RoutingTrace":
@@ -208,8 +203,9 @@ class RoutingTrace:
             n_dropped=sum(t.n_dropped for t in traces),
         )
 
-    def to_native(self) -> dict[str, np.ndarray]:
-        return {"kind": self.kind, "layer": self.layer, "n_tokens": self.n_tokens, "n_ids": self.n_ids, "ids": self.ids}
+    def to_native(self) -> _native.RoutingTrace:
+        return _native.RoutingTrace(kind=self.kind, layer=self.layer, n_tokens=self.n_tokens, n_ids=self.n_ids,
+                                    ids=self.ids, n_dropped=self.n_dropped)
 
     def __len__(self) -> int:
         return int(self.kind.shape[0])
@@ -358,13 +354,13 @@ class CachePolicy:
         except ValueError as exc:
             raise InvalidParameterError(str(exc)) from None
 
-    def access(self, layer: int, ids: np.ndarray) -> dict[str, list[int]]:
+    def access(self, layer: int, ids: np.ndarray) -> CachePlan:
         return self._native.access(layer, np.atleast_2d(np.asarray(ids, dtype=np.int32)))
 
-    def predict(self, layer: int, experts: np.ndarray, distance: int = 1) -> dict[str, list[int]]:
+    def predict(self, layer: int, experts: np.ndarray, distance: int = 1) -> CachePlan:
         return self._native.predict(layer, np.asarray(experts, dtype=np.int32), distance)
 
-    def settle(self) -> dict[str, list[int]]:
+    def settle(self) -> CachePlan:
         return self._native.settle()
 
     def replay(self, trace: RoutingTrace) -> None:
@@ -417,6 +413,7 @@ def check_budget(layout: ExpertLayout, budget_bytes: int) -> None:
                     min_units_resident=layout.n_experts_used)
     except InvalidParameterError as exc:
         raise CacheBudgetError(f"a cache budget of {budget_bytes} bytes cannot work for this model: {exc}") from None
+
 
 ExpertCache = _native.ExpertCache  # the cache llama.cpp's eval callback drives (one per engine)
 
