@@ -175,7 +175,7 @@ def test_a_node_process_killed_during_a_burst_is_restarted_and_serves_again(depl
     and the node comes back: a new process, counted by the router, cold, taking requests again."""
     client, namespace = deployment
     victim = ray.get_actor(node_name(1), namespace=namespace)
-    pid = ray.get(victim.ready.remote(), timeout=30)["pid"]
+    pid = ray.get(victim.ready.remote(), timeout=30).pid
     prompt = synth.topic_prompt(tiny_topics, 2, 12, seed=7)
     outcomes = burst_with_a_failure(client, prompt, lambda: os.kill(pid, signal.SIGKILL))
     assert outcomes.count("ok") == len(outcomes)
@@ -186,7 +186,7 @@ def test_a_node_process_killed_during_a_burst_is_restarted_and_serves_again(depl
             break
         assert time.monotonic() < deadline, f"the killed node did not come back: {node}"
         time.sleep(0.5)
-    assert ray.get(victim.ready.remote(), timeout=60)["pid"] != pid
+    assert ray.get(victim.ready.remote(), timeout=60).pid != pid
     served = [client.generate(prompt, max_tokens=4).node for _ in range(N_NODES)]
     assert sorted(served) == [node_name(i) for i in range(N_NODES)]  # round_robin: the new process takes its turn
 

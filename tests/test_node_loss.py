@@ -43,8 +43,8 @@ def test_a_ray_node_lost_during_a_burst_loses_no_request_and_its_replacement_ser
     client = Client(ray.get_actor("sniper-router", namespace=NAMESPACE))
     try:
         workers = {n.node_id: n for n in cluster.worker_nodes}
-        victim = next(r["node"] for r in info["nodes"] if r["ray_node_id"] in workers)  # not the head's
-        ray_node = workers[next(r["ray_node_id"] for r in info["nodes"] if r["node"] == victim)]
+        victim = next(r.node for r in info.nodes if r.ray_node_id in workers)  # not the head's
+        ray_node = workers[next(r.ray_node_id for r in info.nodes if r.node == victim)]
         router_started = client.status().started_at
         prompt = synth.topic_prompt(tiny_topics, 1, 12, seed=8)
         outcomes = burst_with_a_failure(client, prompt, lambda: cluster.remove_node(ray_node, allow_graceful=False))
@@ -63,7 +63,7 @@ def test_a_ray_node_lost_during_a_burst_loses_no_request_and_its_replacement_ser
             assert time.monotonic() < deadline, f"the node actor did not come back on the new node: {node}"
             time.sleep(0.5)
         assert node.restarts == 1
-        moved = ray.get(ray.get_actor(victim, namespace=NAMESPACE).ready.remote(), timeout=60)["ray_node_id"]
+        moved = ray.get(ray.get_actor(victim, namespace=NAMESPACE).ready.remote(), timeout=60).ray_node_id
         assert moved != ray_node.node_id
         served = [client.generate(prompt, max_tokens=4).node for _ in range(N_NODES)]
         assert sorted(served) == [node_name(i) for i in range(N_NODES)]

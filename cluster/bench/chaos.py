@@ -205,7 +205,7 @@ async def _abandon_http(http: HttpApi, prompt: str) -> dict[str, Any]:
 def _node_pid(node: str) -> int:
     import ray
 
-    return int(ray.get(ray.get_actor(node, namespace=NAMESPACE).ready.remote(), timeout=60)["pid"])
+    return ray.get(ray.get_actor(node, namespace=NAMESPACE).ready.remote(), timeout=60).pid
 
 
 def _parent(pid: int) -> int:

@@ -43,6 +43,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN
 
 from cluster.bench import command_line, log_progress, out_flag, percentile
 from cluster.bench.workload import Workload, conversation_prompt, for_model  # noqa: E402
+from cluster.distributed.protocol import NodeReady  # noqa: E402
 from cluster.distributed.status import RouterStatus  # noqa: E402
 
 DEFAULT_POLICIES = ("warmth", "least_loaded", "round_robin")
@@ -111,13 +112,13 @@ class LocalRayCluster:
             self._cluster = None
 
 
-def _remove_node_cgroups(nodes: Sequence[dict[str, Any]]) -> None:
+def _remove_node_cgroups(nodes: Sequence[NodeReady]) -> None:
     """Removes the memory cgroups the node actors created (NodeServer leaves them behind)."""
     from cluster.distributed import memory_limit as memlimit
 
     for node in nodes:
         for root in (memlimit.V1_ROOT, memlimit.V2_ROOT):
-            path = root / f"sniper-{node['node']}-{node['pid']}"  # MemoryLimit's name, see NodeServer
+            path = root / f"sniper-{node.node}-{node.pid}"  # MemoryLimit's name, see NodeServer
             for _ in range(20):
                 try:
                     path.rmdir()
@@ -135,7 +136,7 @@ class NodeCrash:
     kernel's OOM killer would end it; then, watched while the run goes on, how long until the
     router had the node back (Ray starts a new process in its place, ``cluster.distributed.deploy``)."""
 
-    def __init__(self, client: Any, node: dict[str, Any], after_s: float, timeout_s: float = 120.0) -> None:
+    def __init__(self, client: Any, node: NodeReady, after_s: float, timeout_s: float = 120.0) -> None:
         self.client = client
         self.node = node  # NodeActor.ready() of the victim: name and pid
         self.after_s = after_s
@@ -152,12 +153,12 @@ class NodeCrash:
         if self._run_over.wait(self.after_s):  # the run ended first
             return
         try:
-            os.kill(self.node["pid"], signal.SIGKILL)
+            os.kill(self.node.pid, signal.SIGKILL)
         except ProcessLookupError:
             return
         self.killed_at = time.monotonic()
         while time.monotonic() < self.killed_at + self.timeout_s:
-            node = self.client.status().node(self.node["node"])
+            node = self.client.status().node(self.node.node)
             if node is not None and node.alive and node.restarts >= 1:
                 self.back_at = time.monotonic()
                 return
@@ -168,16 +169,16 @@ class NodeCrash:
         self._run_over.set()
         self._thread.join()
         back = None if self.killed_at is None or self.back_at is None else self.back_at - self.killed_at
-        return {"node": self.node["node"], "after_s": self.after_s, "killed": self.killed_at is not None,
+        return {"node": self.node.node, "after_s": self.after_s, "killed": self.killed_at is not None,
                 "back_after_s": back, "timeout_s": self.timeout_s}
 
-    def new_process(self) -> dict[str, Any]:
+    def new_process(self) -> NodeReady:
         """``NodeActor.ready()`` of the process that took the killed one's place."""
         import ray
 
         from cluster.distributed.protocol import NAMESPACE
 
-        return ray.get(ray.get_actor(self.node["node"], namespace=NAMESPACE).ready.remote(), timeout=60)
+        return ray.get(ray.get_actor(self.node.node, namespace=NAMESPACE).ready.remote(), timeout=60)
 
 
 async def _drive(client: Any, workload: Workload, max_tokens: int, concurrency: int | None = None) -> list[dict[str, Any]]:
@@ -331,7 +332,7 @@ def run_policy(model_path: str, policy: str, workload: Workload, *, n_nodes: int
                 memlimit.drop_page_cache(path)
             info = deploy.deploy(model_path, n_nodes, cache_bytes=cache_bytes, policy=policy,
                                  memory_limit_bytes=memory_limit_bytes, n_threads=1, node_model_paths=node_model_paths)
-            nodes = info["nodes"]
+            nodes = list(info.nodes)
             client = Client.connect(cluster.address, NAMESPACE)
             before = client.status()
             setup_s = time.perf_counter() - t_setup

@@ -230,7 +230,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             check_route_free(args.namespace)
         info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
                              n_slots=args.slots, max_queue=args.max_queue, n_threads=args.threads,
-                             chat_template=chat_template, memory_limit_bytes=memory_limit_bytes)
+                             chat_template=chat_template, memory_limit_bytes=memory_limit_bytes).as_json()
         started.append("deployment")  # deploy removes what it started itself when it fails
         if limits is not None:
             from cluster.api.gateway import GatewayConfig, start_http

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from cluster.errors import InvalidParameterError, SniperError
 from cluster.engine.model_file import check_model_file
 from cluster.distributed.node import NodeActor, NodeConfig
 from cluster.engine.node_memory import AUTO
-from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, node_name
+from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, NodeReady, node_name
+from cluster.distributed.status import jsonable
 
 PLACEMENT_GROUP = "sniper-nodes"
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
@@ -92,11 +93,26 @@ def read_chat_template(path: str | None) -> str | None:
     return text
 
 
+@dataclass(frozen=True)
+class Deployed:
+    """What ``deploy`` started: the router's name, every node as it answered ``ready``, the policy,
+    the nodes' config and where the chat template comes from (``model`` or ``override``)."""
+
+    router: str
+    nodes: tuple[NodeReady, ...]
+    policy: str
+    config: NodeConfig
+    chat_template: str
+
+    def as_json(self) -> dict[str, Any]:
+        return jsonable(asdict(self))
+
+
 def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, policy: str = "warmth",
            namespace: str = NAMESPACE, n_ctx: int = 2048, n_slots: int = 4, max_queue: int = 8,
            memory_limit_bytes: int | None = None, n_threads: int | None = None,
            node_model_paths: list[str] | None = None, chat_template: str | None = None,
-           timeout_s: float = 300.0) -> dict[str, Any]:
+           timeout_s: float = 300.0) -> Deployed:
     """Creates the router and ``n_nodes`` node actors (one per Ray node) and waits until they serve.
 
     ``node_model_paths`` gives each node its own copy of the model (identical bytes): simulated
@@ -160,8 +176,8 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
         if isinstance(exc, ray.exceptions.RayError):
             raise SniperError(f"the deployment in namespace '{namespace}' did not start: {_cause(exc)}") from None
         raise
-    return {"router": ROUTER_NAME, "nodes": ready, "policy": policy, "config": asdict(config),
-            "chat_template": "override" if chat_template is not None else "model"}
+    return Deployed(router=ROUTER_NAME, nodes=tuple(ready), policy=policy, config=config,
+                    chat_template="override" if chat_template is not None else "model")
 
 
 def _cause(exc: BaseException) -> str:

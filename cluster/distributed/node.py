@@ -41,6 +41,7 @@ from cluster.distributed.protocol import (
     ChoiceEnd,
     Finished,
     NodeReport,
+    NodeReady,
     NodeRequest,
     NodeStats,
     Piece,
@@ -394,11 +395,11 @@ class NodeServer:
                           warmth=None, prefixes=None, sessions=self.engine.sessions(), stats=None, sent_at=time.time(),
                           request_id=request_id, summary=summary, started_at=self.started_at)
 
-    def ready(self) -> dict[str, Any]:
+    def ready(self) -> NodeReady:
         layout = self.engine.layout
         budget = self.engine.auto_budget
-        return {"node": self.node_id, "pid": os.getpid(), "n_layers": layout.n_layers, "n_experts": layout.n_experts,
-                "cache_budget": budget.explain() if budget is not None else None}
+        return NodeReady(node=self.node_id, pid=os.getpid(), n_layers=layout.n_layers, n_experts=layout.n_experts,
+                         cache_budget=budget.explain() if budget is not None else None)
 
     def warmth(self, heat: bool = False) -> bytes:
         """The cache's warmth report now, with each unit's heat if ``heat`` (the router asks for it
@@ -419,10 +420,10 @@ class NodeActor(NodeServer):
         self._router: Any = None
         super().__init__(node_id, config, report_sink=self._to_router)
 
-    def ready(self) -> dict[str, Any]:
+    def ready(self) -> NodeReady:
         import ray
 
-        return {**super().ready(), "ray_node_id": ray.get_runtime_context().get_node_id()}
+        return replace(super().ready(), ray_node_id=ray.get_runtime_context().get_node_id())
 
     def _to_router(self, report: NodeReport) -> None:
         import ray

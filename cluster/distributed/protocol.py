@@ -215,6 +215,25 @@ StreamItem = Union[Piece, Finished, Cancelled, Routed, Restarted]
 # -- node -> router ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class NodeReady:
+    """A node actor's answer once its model is loaded (``NodeActor.ready``).
+
+    Attributes:
+        node: the node actor's name; pid: its process.
+        n_layers, n_experts: the model's MoE layers and experts per layer.
+        cache_budget: how the node got its expert-cache budget (``AutoBudget.explain``), if ``"auto"``.
+        ray_node_id: the Ray node it runs on.
+    """
+
+    node: str
+    pid: int
+    n_layers: int
+    n_experts: int
+    cache_budget: str | None = None
+    ray_node_id: str | None = None
+
+
+@dataclass(frozen=True)
 class NodeStats:
     """A node's counters in a full report: since its process started, except where said.
 
