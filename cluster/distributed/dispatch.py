@@ -159,17 +159,11 @@ class Deployment:
         """Each live node's expert heat (``RouterActor.heat``)."""
         return await self.call_router(lambda router: router.heat.remote(), "heat")
 
-    async def call_router(self, call: Callable[[Any], Any] | str, *args: Any) -> Any:
-        """Calls a router method: ``call(router)`` invokes it (a method name with ``args`` is the
-        form still used by the request-entry calls). While the router does not answer (restarting,
-        or its handle is stale after a restart) the call is repeated for up to ROUTER_WAIT_S."""
+    async def call_router(self, call: Callable[[Any], Any], method: str) -> Any:
+        """Calls a router method: ``call(router)`` invokes it, ``method`` names it in errors and the
+        log. While the router does not answer (restarting, or its handle is stale after a restart)
+        the call is repeated for up to ROUTER_WAIT_S."""
         import ray
-
-        if isinstance(call, str):
-            method, name_args = call, args
-            call = lambda router: getattr(router, method).remote(*name_args)  # noqa: E731
-        else:
-            method = str(args[0]) if args else "router"
 
         deadline = time.monotonic() + self.router_wait_s
         refresh = False
