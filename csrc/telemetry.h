@@ -34,8 +34,8 @@ struct cache_counters {
 // (name, pointer-to-member) for every counter, in declaration order.
 const std::vector<std::pair<std::string, uint64_t cache_counters::*>> & cache_counters_fields();
 
-// What the page-level side of the cache did (llama-glue): the kernel's view of residency
-// brought in line with the policy's.
+// What the page-level side of the cache did (unit_residency, residency.h): the kernel's view of
+// residency brought in line with the policy's; and where the eval callback's time went (llama-glue).
 struct residency_counters {
     uint64_t n_folio_splits     = 0;  // aligned blocks dropped whole and partly read back, because a
                                       // large page-cache folio straddled a drop (DESIGN.md, page cache)
