@@ -458,7 +458,7 @@ def test_build_app_deploys_and_serves_as_a_rayservice_would(gateway, tiny_model,
         assert r.status_code == 400
         status = ray.get(ray.get_actor(ROUTER_NAME, namespace="gateway-build").status.remote(), timeout=30)
         served = [n for n in status.nodes if n.served]
-        assert served and {n["budget_bytes"] for n in served} == {deploy.whole_model_budget(str(tiny_model))}
+        assert served and {n.budget_bytes for n in served} == {deploy.whole_model_budget(str(tiny_model))}
     finally:
         serve.delete("sniper-build")
         deploy.shutdown("gateway-build")
