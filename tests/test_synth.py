@@ -14,10 +14,9 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from cluster.models import synth
 from cluster.engine.cache import discover_layout
 from cluster.engine.moe_engine import MoEEngine
-from cluster.engine.moe_engine import MoEEngine
+from cluster.models import synth
 
 TINY = synth.PRESETS["tiny"]
 
@@ -346,8 +345,8 @@ def test_config_from_args_rejects_unknown_preset_override_and_bad_values() -> No
 
 def test_a_chat_template_adds_control_tokens_after_bos_eos_and_leaves_plain_models_unchanged(
         tiny: synth.SynthInfo, tmp_path: Path) -> None:
-    from cluster.engine.chat import SYNTH_TEMPLATES
     from cluster.cli.main import build_parser
+    from cluster.engine.chat import SYNTH_TEMPLATES
 
     args = build_parser().parse_args(["synth", str(tmp_path / "c.gguf"), "--chat-template", "llama3"])
     config = synth.config_from_args(args.preset, chat_template=args.chat_template)
@@ -432,3 +431,17 @@ def test_a_write_failing_midway_is_one_output_error_and_leaves_no_partial_file(
     with pytest.raises(OutputFileError, match="no space left on device"):
         synth.synthesize(tmp_path / "full.gguf", TINY, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_synth_module_re_exports_the_public_names_of_config_vocab_and_weights_modules() -> None:
+    from cluster.models import synth_config, synth_vocab
+
+    for name in synth.__all__:
+        assert hasattr(synth, name), name
+    for name in synth_config.__all__:
+        if name in synth.__all__:
+            assert getattr(synth, name) is getattr(synth_config, name), name
+    for name in synth_vocab.__all__:
+        if name in synth.__all__:
+            assert getattr(synth, name) is getattr(synth_vocab, name), name
+    assert {"SynthConfig", "PRESETS", "config_from_args", "topic_experts", "topic_prompt", "mixed_prompt"} <= set(synth.__all__)

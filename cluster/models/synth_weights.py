@@ -1,0 +1,202 @@
+"""The synthetic models' tensors: which ones a `SynthConfig` implies, in file order, and how each one's bytes are drawn.
+
+`Plan` lists every tensor with its shape, type and size, and a `make` that generates its data on demand, so
+`cluster.models.synth` can write the tensor infos first and then stream the data one tensor at a time. The
+weights realise the design in `cluster.models.synth`'s docstring: topic directions along coordinate axes,
+embeddings and the output head that walks each topic's words, routers that favour a topic's experts, and
+attention and expert matrices sized by the ratio constants below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gguf
+import numpy as np
+
+from cluster.models.synth_config import DTYPES, SynthConfig, named_rng, topic_experts
+from cluster.models.synth_vocab import build_vocab
+
+__all__ = ["Plan", "TensorSpec"]
+
+_TOPIC_STRENGTH = 1.0  # s: weight of the topic direction in a word's embedding (word part has norm 1)
+_ATTN_OUT_RATIO = 0.03  # |attention output| / |residual| aimed for, per layer
+_FFN_OUT_RATIO = 0.05  # |one expert's (or the dense FFN's) output| / |residual|, per layer
+_SILU_GLU_MEAN_SQUARE = 0.3557  # E[(silu(g) * u)^2] for g, u ~ N(0, 1): sizes ffn_down
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the file: its GGUF tensor info, and `make`, which generates its data."""
+
+    name: str
+    byte_shape: tuple[int, ...]  # numpy order (reverse of ggml's ne); bytes for quantised types
+    np_dtype: np.dtype[Any]
+    raw_dtype: gguf.GGMLQuantizationType
+    nbytes: int
+    make: Callable[[], np.ndarray]
+
+
+class Plan:
+    """Every tensor of the file, in file order, with a generator for its bytes.
+
+    Holds only the small shared matrices (topic directions, embeddings, output head); the
+    per-layer matrices are generated when their `make` is called.
+    """
+
+    def __init__(self, config: SynthConfig) -> None:
+        self.config = config
+        self.vocab = build_vocab(config)
+        n, s = config.n_embd, _TOPIC_STRENGTH
+        self.residual_norm = math.sqrt(1.0 + s * s)  # |s d_t + w_v| for a topic word
+        # d_t = unit vector along coordinate topic_axes[t]: orthonormal without any linear algebra,
+        # so no BLAS rounding enters the file and the bytes are the same on every machine.
+        self.topic_axes = named_rng(config.seed, "topic_directions").permutation(n)[: config.n_topics]
+        self.embd = self._embeddings()
+        self.tensors: list[TensorSpec] = []
+        self._plan_tensors()
+
+    # -- shared matrices ----------------------------------------------------------------------
+
+    def _orthogonal_noise(self, rng: np.random.Generator, rows: int) -> np.ndarray:
+        """rows x n_embd Gaussian N(0, 1/n_embd) vectors with the topic directions projected out."""
+        n = self.config.n_embd
+        x = rng.standard_normal((rows, n)) / math.sqrt(n)
+        x[:, self.topic_axes] = 0.0
+        return x
+
+    def _embeddings(self) -> np.ndarray:
+        v = self.vocab
+        w = self._orthogonal_noise(named_rng(self.config.seed, "token_embd"), len(v.tokens))
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        for t, ids in enumerate(v.topic_ids):
+            w[ids, self.topic_axes[t]] = _TOPIC_STRENGTH
+        return w  # [n_vocab, n_embd] float64
+
+    def _output_head(self) -> np.ndarray:
+        v = self.vocab
+        out = np.zeros_like(self.embd)
+        for ids in v.topic_ids:
+            out[ids] = self.embd[np.roll(ids, 1)]  # row of word i = embedding of word i-1
+        out[np.ix_([v.bos_id, v.eos_id], self.topic_axes)] = -_TOPIC_STRENGTH  # away from every topic
+        return out
+
+    def _router(self, layer: int) -> np.ndarray:
+        c = self.config
+        n, s = c.n_embd, _TOPIC_STRENGTH
+        router = self._orthogonal_noise(named_rng(c.seed, f"blk.{layer}.ffn_gate_inp"), c.n_experts)
+        # x = rmsnorm(s d_t + w_v) = sqrt(n) (s d_t + w_v) / residual_norm: the noise term u.x has
+        # std 1 / residual_norm and b = specialization / (s sqrt(n)) makes the topic term
+        # specialization / residual_norm; scaling by residual_norm gives logits unit noise std.
+        for t, members in enumerate(topic_experts(c, layer)):
+            router[members, self.topic_axes[t]] = c.specialization / (s * math.sqrt(n))
+        return router * self.residual_norm  # [n_experts, n_embd]
+
+    # -- tensor list ---------------------------------------------------------------------------
+
+    def _add(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType,
+             make: Callable[[], np.ndarray]) -> None:
+        """Plans tensor `name` of numpy `shape` (ggml ne reversed), stored as `qtype`."""
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            np_dtype = np.dtype(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+            byte_shape = shape
+
+            def produce() -> np.ndarray:
+                return np.ascontiguousarray(make(), dtype=np_dtype)
+        else:
+            np_dtype = np.dtype(np.uint8)
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+
+            def produce() -> np.ndarray:
+                return gguf.quants.quantize(np.asarray(make(), dtype=np.float32), qtype)
+        nbytes = int(np.prod(byte_shape)) * np_dtype.itemsize
+        self.tensors.append(TensorSpec(name, tuple(byte_shape), np_dtype, qtype, nbytes, produce))
+
+    def _norm(self, name: str, size: int) -> None:
+        """F32 norm weights, all 1 (llama.cpp multiplies the normalised row by them)."""
+        self._add(name, (size,), gguf.GGMLQuantizationType.F32, lambda: np.ones(size))
+
+    def _matrix(self, name: str, shape: tuple[int, ...], std: float) -> None:
+        """Weights of mean 0 and deviation std in the config's dtype, from the tensor's own stream:
+        N(0, std^2), or for q4_k uniform 4-bit codes written as Q4_K blocks directly."""
+        seed = self.config.seed
+        if self.config.dtype == "q4_k":
+            self._add_q4_k(name, shape, std)
+            return
+
+        def make() -> np.ndarray:
+            x = named_rng(seed, name).standard_normal(shape, dtype=np.float32)
+            x *= np.float32(std)
+            return x
+        self._add(name, shape, DTYPES[self.config.dtype], make)
+
+    def _add_q4_k(self, name: str, shape: tuple[int, ...], std: float) -> None:
+        """A Q4_K tensor written block by block (gguf has no Q4_K quantiser; ggml-common.h
+        block_q4_K: f16 d, f16 dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes of
+        4-bit codes q for 256 weights w = d*scale*q - dmin*min). Every sub-block gets scale =
+        min = 32 and dmin = 7.5 d, so w = 32 d (q - 7.5): uniform codes give mean 0 and
+        deviation 32 d * 4.61 (the deviation of 0..15), and d is set for `std`."""
+        qtype = gguf.GGMLQuantizationType.Q4_K
+        block_weights, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+        n_blocks = int(np.prod(shape)) // block_weights
+        d = np.float16(std / (32 * math.sqrt((16 * 16 - 1) / 12)))
+        header = np.zeros(16, dtype=np.uint8)  # d, dmin, scales[12]
+        header[0:4] = np.array([d, np.float16(7.5 * float(d))], dtype=np.float16).view(np.uint8)
+        # scales[0..3]: scale of sub-blocks 0-3 (low 6 bits) and the top 2 bits of sub-blocks 4-7's
+        # scale; scales[4..7]: the same for mins; scales[8..11]: low 4 bits of 4-7's scale / min.
+        # 160 = 0b10_100000: 32 for sub-blocks 0-3, and 0b10 << 4 = 32 for sub-blocks 4-7.
+        header[4:12] = 160
+        seed = self.config.seed
+
+        def produce() -> np.ndarray:
+            out = np.empty((n_blocks, block_bytes), dtype=np.uint8)
+            out[:, :16] = header
+            out[:, 16:] = named_rng(seed, name).integers(0, 256, size=(n_blocks, block_bytes - 16), dtype=np.uint8)
+            return out.reshape(byte_shape)
+        nbytes = n_blocks * block_bytes
+        self.tensors.append(TensorSpec(name, tuple(byte_shape), np.dtype(np.uint8), qtype, nbytes, produce))
+
+    def _plan_tensors(self) -> None:
+        c = self.config
+        n, ff, e, f16 = c.n_embd, c.n_ff, c.n_experts, gguf.GGMLQuantizationType.F16
+        head = n // c.n_head
+        n_q, n_kv = c.n_head * head, c.n_head_kv * head
+        n_vocab = len(self.vocab.tokens)
+        # Inputs to every matrix are rms-normalised (components ~ N(0, 1)), so 1/sqrt(n) keeps
+        # pre-activations ~ N(0, 1); output matrices are sized so attention and one expert add
+        # _ATTN_OUT_RATIO and _FFN_OUT_RATIO of |residual| (see the cluster.models.synth docstring).
+        in_std = 1.0 / math.sqrt(n)
+        attn_out_std = _ATTN_OUT_RATIO * self.residual_norm / n
+        down_std = _FFN_OUT_RATIO * self.residual_norm / math.sqrt(_SILU_GLU_MEAN_SQUARE * ff * n)
+
+        self._add("token_embd.weight", (n_vocab, n), f16, lambda: self.embd)  # ggml [n_embd, n_vocab]
+        for il in range(c.n_layers):
+            p = f"blk.{il}."
+            self._norm(p + "attn_norm.weight", n)
+            self._matrix(p + "attn_q.weight", (n_q, n), in_std)  # ggml [n_embd, n_head*head]
+            self._matrix(p + "attn_k.weight", (n_kv, n), in_std)  # ggml [n_embd, n_head_kv*head]
+            self._matrix(p + "attn_v.weight", (n_kv, n), in_std)
+            self._matrix(p + "attn_output.weight", (n, n_q), attn_out_std)
+            if c.arch == "qwen3moe":
+                self._norm(p + "attn_q_norm.weight", head)
+                self._norm(p + "attn_k_norm.weight", head)
+            self._norm(p + "ffn_norm.weight", n)
+            if e == 0:  # dense (llama only): ggml [n_embd, n_ff], [n_embd, n_ff], [n_ff, n_embd]
+                self._matrix(p + "ffn_gate.weight", (ff, n), in_std)
+                self._matrix(p + "ffn_up.weight", (ff, n), in_std)
+                self._matrix(p + "ffn_down.weight", (n, ff), down_std)
+                continue
+            self._add(p + "ffn_gate_inp.weight", (e, n), gguf.GGMLQuantizationType.F32,  # ggml [n_embd, n_expert]
+                      lambda il=il: self._router(il))
+            if c.merged_gate_up:  # ggml [n_embd, 2*n_ff, n_expert], gate rows first (llama-graph.cpp build_moe_ffn)
+                self._matrix(p + "ffn_gate_up_exps.weight", (e, 2 * ff, n), in_std)
+            else:  # ggml [n_embd, n_ff, n_expert] each
+                self._matrix(p + "ffn_gate_exps.weight", (e, ff, n), in_std)
+                self._matrix(p + "ffn_up_exps.weight", (e, ff, n), in_std)
+            self._matrix(p + "ffn_down_exps.weight", (e, n, ff), down_std)  # ggml [n_ff, n_embd, n_expert]
+        self._norm("output_norm.weight", n)
+        self._add("output.weight", (n_vocab, n), f16, self._output_head)  # ggml [n_embd, n_vocab], not tied
