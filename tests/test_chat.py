@@ -77,7 +77,7 @@ def test_tools_are_refused_by_a_template_that_cannot_take_them_and_without_a_tem
 
 
 def test_a_model_whose_template_cannot_take_tools_refuses_them_with_a_400_naming_tools(llama3_model: Path):
-    renderer = ChatRenderer(Tokenizer.load(str(llama3_model)))  # as the router renders
+    renderer = ChatRenderer(Tokenizer.load(str(llama3_model)))  # as the caller's edge renders
     assert renderer.origin == "model" and not renderer.supports_tools
     with pytest.raises(ChatTemplateError) as info:
         renderer.render(chat(ChatMessage("user", "x"), tools=(TOOL,)))

@@ -47,7 +47,8 @@ actor.core.on_report(NodeReport("sniper-node-0", 0, 4, True, None, None, (), Non
 route = asyncio.run(actor.route(RouteAsk("r1", (1, 2, 3), SamplingParams())))
 source = asyncio.run(actor.model_source())
 maps = open('/proc/self/maps').read()
-loaded = sorted({m for m in ('llama_cpp', 'cluster._native', 'jinja2') if m in sys.modules} | ({'libggml'} if 'libggml' in maps else set()))
+loaded = sorted({m for m in ('llama_cpp', 'cluster._native', 'jinja2') if m in sys.modules}
+                | ({'libggml'} if 'libggml' in maps else set()))
 print(route.node_id, source.n_ctx, loaded)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -125,8 +125,8 @@ def test_each_native_module_has_a_stub_declaring_each_of_its_public_names(module
 
 def test_the_routing_maths_load_without_the_nodes_native_cache() -> None:
     """The router's decisions need ``cluster._routing`` only (std C++); the cache module, which
-    links ggml, is for the processes that run a model. (The router process still reads the
-    model's vocabulary through llama.cpp, to tokenize, when its actor starts.)"""
+    links ggml, is for the processes that run a model. (Nor does the router process load llama.cpp
+    when its actor starts: requests reach it as token ids, tests/test_edge.py.)"""
     code = ("import sys, numpy as np, cluster.distributed.router, cluster.routing.warmth, cluster.engine.prefix as p, cluster.engine.token_affinity as a; "
             "p.prefix_hashes(list(range(64))); a.affinity_encode(np.full((2, 4), 0.5, np.float32)); "
             "maps = open('/proc/self/maps').read(); "

@@ -11,13 +11,16 @@ prompt of 16 words, tokenized before the clock starts) and times each ``router.r
 the call to the ``Route`` (one every ``INTERVAL_S``, each told ended with the next ask, so no
 node fills up):
 
-1. idle: ``requests`` routes with nothing else going on;
-2. loaded: ``requests`` routes while ``heavy`` caller processes (Ray actors, each with its own
-   ``Client``, as gateway replicas are) send ``prompt_mb`` MB prompts back to back through the
-   ordinary client path.
+1. idle: routes with nothing else going on;
+2. loaded: routes while ``heavy`` caller processes (Ray actors, each with its own ``Client``, as
+   gateway replicas are) send ``prompt_mb`` MB prompts through the ordinary client path, each
+   the next ``HEAVY_PAUSE_S`` after its last one ended (without a pause a caller refused at once
+   spins a core of its own, and the machine's cores are the router's too);
 
-It reports p50 / p99 of both, the ratio of the p99s, and what became of the heavy prompts (how
-many were sent, how each ended, how long each took to end).
+alternating, ``ROUNDS`` times each (``requests`` routes per condition in all), so that whatever
+else the machine runs meanwhile weighs on both alike. It reports p50 / p99 of both, the ratio of
+the p99s, and what became of the heavy prompts (how many were sent, how each ended, how long each
+took to end).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from cluster.distributed import local_cluster  # noqa: E402
 
 NAMESPACE = "sniper-bench-router"
 INTERVAL_S = 0.01  # between an ordinary request's Route and the next one's ask
-WARMUP = 20  # routes before each phase's clock starts counting
+WARMUP = 10  # routes before each phase's clock starts counting
+ROUNDS = 5  # idle and loaded phases, alternating
+HEAVY_PAUSE_S = 0.01  # a heavy caller sends its next prompt this long after its last one ended
 
 
 class HeavyCaller:
@@ -71,17 +76,20 @@ class HeavyCaller:
             except Exception as exc:  # noqa: BLE001  (the benchmark counts how each ended)
                 outcome = type(exc).__name__
             self.outcomes.append((outcome, time.perf_counter() - started))
+            await asyncio.sleep(HEAVY_PAUSE_S)
 
     async def stop(self) -> dict[str, Any]:
+        """Stops sending; what was sent since ``start``."""
         self._stop = True
         if self._task is not None:
             await self._task
+        self._stop, self._task = False, None
         times = [t for _, t in self.outcomes]
         ends: dict[str, int] = {}
         for outcome, _ in self.outcomes:
             ends[outcome] = ends.get(outcome, 0) + 1
-        return {"sent": len(self.outcomes), "ends": ends, "mean_s": statistics.fmean(times) if times else None,
-                "max_s": max(times) if times else None}
+        self.outcomes = []
+        return {"sent": len(times), "ends": ends, "total_s": sum(times), "max_s": max(times, default=0.0)}
 
 
 async def _route_times(router: Any, asks: list[Any], n: int) -> list[float]:
@@ -134,12 +142,19 @@ def bench_router(model_path: str, *, nodes: int = 2, heavy: int = 3, prompt_mb: 
             asks = [edge.prepare(PromptRequest(uuid.uuid4().hex, p, params)).ask for p in prompts]
             log_progress(progress, f"router bench: {nodes} nodes, {requests} ordinary routes idle, then with {heavy} "
                                    f"callers sending {prompt_mb:g} MB prompts")
-            idle = asyncio.run(_route_times(router, asks, requests))
             callers = [ray.remote(HeavyCaller).options(num_cpus=0, namespace=NAMESPACE).remote(NAMESPACE, prompt_bytes)
                        for _ in range(heavy)]
-            ray.get([c.start.remote() for c in callers], timeout=600)
-            loaded = asyncio.run(_route_times(router, asks, requests))
-            heavy_runs = ray.get([c.stop.remote() for c in callers], timeout=600)
+            idle: list[float] = []
+            loaded: list[float] = []
+            heavy_runs: list[dict[str, Any]] = []
+            per_round = -(-requests // ROUNDS)
+            load_before = os.getloadavg()[0]
+            for _ in range(ROUNDS):
+                idle += asyncio.run(_route_times(router, asks, per_round))
+                ray.get([c.start.remote() for c in callers], timeout=600)
+                loaded += asyncio.run(_route_times(router, asks, per_round))
+                heavy_runs += ray.get([c.stop.remote() for c in callers], timeout=600)
+            load_after = os.getloadavg()[0]
             status = ray.get(router.status.remote())
         finally:
             try:
@@ -152,14 +167,15 @@ def bench_router(model_path: str, *, nodes: int = 2, heavy: int = 3, prompt_mb: 
     for run in heavy_runs:
         for outcome, count in run["ends"].items():
             ends[outcome] = ends.get(outcome, 0) + count
+    sent = sum(r["sent"] for r in heavy_runs)
     return {"model": model_path, "nodes": nodes, "heavy_callers": heavy, "prompt_bytes": prompt_bytes,
-            "requests": requests, "interval_s": INTERVAL_S, "n_ctx": source.n_ctx,
+            "requests": len(idle), "rounds": ROUNDS, "interval_s": INTERVAL_S, "heavy_pause_s": HEAVY_PAUSE_S,
+            "n_ctx": source.n_ctx, "cpus": os.cpu_count(), "load_average": [load_before, load_after],
             "longest_token_bytes": edge.longest_token_bytes, "ordinary_prompt_tokens": [len(a.tokens) for a in asks],
             "idle": idle_s, "loaded": loaded_s, "p99_ratio": loaded_s["p99_ms"] / idle_s["p99_ms"],
             "p50_ratio": loaded_s["p50_ms"] / idle_s["p50_ms"],
-            "heavy": {"sent": sum(r["sent"] for r in heavy_runs), "ends": ends,
-                      "mean_s": statistics.fmean([r["mean_s"] for r in heavy_runs if r["mean_s"] is not None]),
-                      "max_s": max(r["max_s"] for r in heavy_runs if r["max_s"] is not None)},
+            "heavy": {"sent": sent, "ends": ends, "mean_s": sum(r["total_s"] for r in heavy_runs) / max(sent, 1),
+                      "max_s": max(r["max_s"] for r in heavy_runs)},
             "router_routes": status.n_routes}
 
 
@@ -168,20 +184,26 @@ def write_report(result: dict[str, Any], out_dir: Path, command: str) -> Path:
     (out_dir / "bench-router.json").write_text(json.dumps(result, indent=1) + "\n")
     idle, loaded, heavy = result["idle"], result["loaded"], result["heavy"]
     ends = ", ".join(f"{count} {outcome}" for outcome, count in sorted(heavy["ends"].items()))
+    lo, hi = min(result["ordinary_prompt_tokens"]), max(result["ordinary_prompt_tokens"])
+    sizes = str(lo) if lo == hi else f"{lo}-{hi}"
     lines = ["# Routing latency with huge prompts in flight", "",
              f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}. Raw numbers: "
              "`bench-router.json`. Procedure: `cluster/bench/router_latency.py`.", "",
              f"Model `{result['model']}` on {result['nodes']} node actors of a local cluster. An ordinary request (a "
-             f"topic prompt of {min(result['ordinary_prompt_tokens'])}-{max(result['ordinary_prompt_tokens'])} tokens, "
+             f"topic prompt of {sizes} tokens, "
              f"tokenized at this process's edge before the clock starts) is routed every {1e3 * result['interval_s']:g} "
-             f"ms; its routing time is the `router.route` call's, from the call to the `Route`.", "",
+             f"ms; its routing time is the `router.route` call's, from the call to the `Route`. Idle and loaded phases "
+             f"alternate, {result['rounds']} of each. The machine has {result['cpus']} cores; its load average "
+             f"(1 min) was {result['load_average'][0]:.1f} when the phases began and {result['load_average'][1]:.1f} "
+             f"when they ended (what else it ran weighs on both conditions alike, mostly on their tails).", "",
              "| router | routes | p50 ms | p99 ms | slowest ms |", "|---|---|---|---|---|",
              f"| idle | {idle['n']} | {idle['p50_ms']:.2f} | {idle['p99_ms']:.2f} | {idle['max_ms']:.2f} |",
              f"| {result['heavy_callers']} callers sending {result['prompt_bytes'] / 1e6:g} MB prompts | {loaded['n']} | "
              f"{loaded['p50_ms']:.2f} | {loaded['p99_ms']:.2f} | {loaded['max_ms']:.2f} |", "",
              f"p99 loaded / idle: **{result['p99_ratio']:.2f}x** (target: at most 2x); p50: {result['p50_ratio']:.2f}x.",
              "",
-             f"The heavy callers sent {heavy['sent']} prompts back to back ({ends}), each ended after "
+             f"The heavy callers sent {heavy['sent']} prompts, each the next {1e3 * result['heavy_pause_s']:g} ms after "
+             f"their last one ended ({ends}); each ended after "
              f"{heavy['mean_s'] * 1e3:.1f} ms on average (slowest {heavy['max_s'] * 1e3:.1f} ms): a node's context holds "
              f"{result['n_ctx']} tokens and no token of this model covers more than {result['longest_token_bytes']} "
              f"bytes, so each was refused where it entered, before it was tokenized, and the router never heard of it "

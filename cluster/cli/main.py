@@ -125,7 +125,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if engine.auto_budget is not None:
             print(engine.auto_budget.explain(), file=sys.stderr)
         prompt, special, origin = args.prompt, False, None
-        if args.chat:  # the prompt is one user turn, rendered as the router renders chat requests
+        if args.chat:  # the prompt is one user turn, rendered as a deployment's edge renders chat requests
             renderer = ChatRenderer(engine.tokenizer, override)
             rendered = renderer.render(ChatPrompt((ChatMessage("user", args.prompt),)))
             prompt, special, origin = rendered.text, rendered.special, rendered.origin

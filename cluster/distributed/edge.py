@@ -1,17 +1,16 @@
 """Where a request enters: the caller's process renders and tokenizes it, so the router only decides.
 
-Rendering a conversation and tokenizing a prompt cost time in proportion to its text (a 10 MB
-prompt takes the demo model's vocabulary 13 s to tokenize on one core). They happen here, in the
-process the request entered — the Python client's, or one of the gateway's replicas, which scale
-out — never in the one router actor, which receives token ids (``RouteAsk``) and returns a
-decision (``Route``); issue 26, item 5.
+Rendering a conversation and tokenizing a prompt cost time in proportion to its text. They happen
+here, in the process the request entered — the Python client's, or one of the gateway's replicas,
+which scale out — never in the one router actor, which receives token ids (``RouteAsk``) and
+returns a decision (``Route``); issue 26, item 5.
 
 ``Edge`` holds what that takes, loaded once per process and deployment from the ``ModelSource``
 the router names (``RouterActor.model_source``): the model's vocabulary (``Tokenizer.load``:
 vocabulary only, no weights) and its chat renderer (the operator's template, else the model's).
 ``Edge.prepare`` turns a ``PromptRequest`` into the router's ``RouteAsk``:
 
-1. the params are validated and checked against the vocabulary; a conversation is rendered
+1. the params (valid once made) are checked against the vocabulary; a conversation is rendered
    (``ChatTemplateError`` when the template refuses it) and its params stop on the template's
    end of turn;
 2. the prompt's size is bounded before it is tokenized: no token of the model covers more than
@@ -174,12 +173,15 @@ class Edge:
         else:
             text, special = request.prompt, False
         limit, why = self._token_limit(request.max_prompt_tokens)
-        n_bytes = len(text.encode("utf-8"))
-        if n_bytes > limit * self.longest_token_bytes:
+        most = limit * self.longest_token_bytes
+        # a character is one UTF-8 byte or more: a text of more characters is refused without encoding it
+        size = f"at least {len(text)}" if len(text) > most else None
+        if size is None and len(text.encode("utf-8")) > most:
+            size = str(len(text.encode("utf-8")))
+        if size is not None:
             raise PromptTooLongError(
-                f"the prompt is {n_bytes} bytes: {why} and no token of this model covers more than "
-                f"{self.longest_token_bytes} bytes, so at most {limit * self.longest_token_bytes} bytes can fit "
-                f"(refused before tokenizing)")
+                f"the prompt is {size} bytes: {why} and no token of this model covers more than "
+                f"{self.longest_token_bytes} bytes, so at most {most} bytes can fit (refused before tokenizing)")
         tokens = tuple(self.tokenizer.tokenize(text, special=special))
         if len(tokens) > limit:
             raise PromptTooLongError(f"the prompt is {len(tokens)} tokens: {why}")

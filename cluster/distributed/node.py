@@ -6,7 +6,7 @@ whose reports go to the named router actor. A node:
     bounded number of requests running or waiting (``max_queue``); a request beyond that is
     refused at once with ``OverloadedError``; a request's ``n`` choices are sequences of the
     same batch (later ones copy the prompt's KV state), its pieces tagged with their ``index``;
-  * takes the prompt as token ids (the router tokenized it, once);
+  * takes the prompt as token ids (tokenized once, where the request entered: ``cluster.distributed.edge``);
   * keeps conversations' KV state in the engine's slots and, when a slot goes to another
     conversation, saved within ``session_bytes`` (``cluster.engine.kv_slots``), so a conversation's
     next turn prefills only its new tokens; any request reuses the longest prefix held;
