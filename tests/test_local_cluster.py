@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 from cluster.distributed import local_cluster
 
@@ -106,16 +107,14 @@ def test_a_start_up_interrupted_by_a_signal_removes_what_it_started(tmp_path: Pa
     serve = subprocess.Popen([sys.executable, "-m", "cluster", "serve", "--model", str(tiny_model), "--local-nodes", "3",
                               "--threads", "1"], env=_env(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-    deadline = time.monotonic() + 60
-    while not _daemons(state) and time.monotonic() < deadline:  # the daemon is adding nodes
-        time.sleep(0.1)
-    assert _daemons(state), "serve --local-nodes started no daemon"
-    time.sleep(1.0)
-    serve.send_signal(sig)
+    (daemon,) = wait_until(lambda: _daemons(state), 60, "serve --local-nodes starting its daemon", interval_s=0.1)
+    raylets = wait_until(lambda: _raylets(daemon), 60, "the daemon starting a Ray node", interval_s=0.1)
+    serve.send_signal(sig)  # the daemon is adding nodes
     _, err = serve.communicate(timeout=120)
     assert serve.returncode in (130, 143, 2, -sig), err[-1000:]
     _wait_gone(state)
     assert not state.exists()
+    wait_until(lambda: not any(_running(pid) for pid in raylets), 60, "the Ray nodes it started ending")
 
 
 def test_a_local_cluster_this_machine_cannot_hold_is_refused_before_anything_starts() -> None:
@@ -140,6 +139,14 @@ def _raylets(daemon_pid: int) -> dict[int, bool]:
         if parent == daemon_pid and argv[0].endswith(b"/raylet"):
             found[int(entry.name)] = b"--head" in argv
     return found
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _live_nodes(address: str) -> int:
