@@ -7,6 +7,7 @@
 * ``request_check``: a request's prompt and parameters, checked before anything runs;
 * ``sampler_chain``: llama.cpp's sampler chain for a ``SamplingParams`` and token log-probabilities;
 * ``kv_state``: slots, shared prefixes and saved conversations in the context's KV memory;
+* ``token_table``: each sampled token's bytes and end-of-generation flag, read once per token id;
 * ``engine_config`` (``EngineConfig``) and ``generation`` (``Generation``), re-exported here.
 
 Decoding follows a ``SamplingParams`` (``cluster.engine.sampling``) with llama.cpp's own sampler chain
@@ -36,6 +37,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Piece, Resume
 from cluster.engine.sequence import Sequence as SequenceHandle
+from cluster.engine.token_table import TokenTable
 from cluster.engine.tokenizer import Tokenizer
 from cluster.errors import EngineClosedError, InvalidParameterError
 
@@ -86,9 +88,10 @@ class MoEEngine:
             self.n_ctx: int = self._llama.n_ctx
             self.n_slots: int = self.config.n_slots
             self._kv = KvState(self._llama.ctx, self.config.n_slots, self.config.session_bytes)
-            samplers = SamplerChains(self.tokenizer, self._llama.vocab, self._llama.ctx.ctx)
+            tokens = TokenTable(self.tokenizer)
+            samplers = SamplerChains(self.tokenizer, tokens, self._llama.vocab, self._llama.ctx.ctx)
             self._requests = RequestChecker(self.tokenizer, self.n_ctx, samplers)
-            self._scheduler = Scheduler(self._llama, self._kv, samplers, self.config)
+            self._scheduler = Scheduler(self._llama, self._kv, samplers, tokens, self.config)
         except BaseException:
             self._llama.close()
             raise

@@ -3,8 +3,11 @@ the log-probabilities of what it sampled.
 
 The chain is llama.cpp's own, in its order: logit bias, penalties, grammar, then greedy, or
 top-k, top-p, min-p, temperature and a seeded draw. Under a grammar, tokens whose bytes are not
-whole UTF-8 characters are banned (``broken_utf8_tokens``). A token's log-probability is the
-log-softmax of the logits llama.cpp computed for its batch row, before any sampler changed them.
+whole UTF-8 characters are banned (``broken_utf8_tokens``). Where the chain is the greedy sampler
+alone, the step loop reads the tokens of all such rows from the batch's logits at once
+(``argmax_tokens``: llama.cpp's greedy sampler takes a row's first largest logit too). A token's
+log-probability is the log-softmax of the logits llama.cpp computed for its batch row, before any
+sampler changed them.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ import numpy as np
 from llama_cpp import _internals
 
 from cluster.engine.sampling import LOGIT_BIAS_BAN, SamplingParamError, SamplingParams, TokenLogprob, TopLogprob
+from cluster.engine.token_table import TokenTable
 from cluster.engine.tokenizer import Tokenizer
 
 
 class SamplerChains:
     """Builds the sampler chain of each request and reads log-probabilities, for one model and context."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab: llama_cpp.llama_vocab_p, ctx: llama_cpp.llama_context_p) -> None:
+    def __init__(self, tokenizer: Tokenizer, tokens: TokenTable, vocab: llama_cpp.llama_vocab_p,
+                 ctx: llama_cpp.llama_context_p) -> None:
         self._tokenizer = tokenizer
+        self._tokens = tokens
         self._vocab = vocab
         self._ctx = ctx
         self._broken_utf8: list[int] | None = None
@@ -42,7 +48,7 @@ class SamplerChains:
                 bias.update(dict.fromkeys(self.broken_utf8_tokens(), -math.inf))
             if bias:
                 sampler.add_logit_bias(n_vocab, bias)
-            if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            if _penalised(params):
                 sampler.add_penalties(n_vocab, params.penalty_last_n, params.repeat_penalty,
                                       params.frequency_penalty, params.presence_penalty)
             if params.grammar is not None:
@@ -67,6 +73,19 @@ class SamplerChains:
             raise
         return sampler
 
+    @staticmethod
+    def is_plain_greedy(params: SamplingParams) -> bool:
+        """The chain of ``params`` is llama.cpp's greedy sampler alone (no bias, penalty or
+        grammar before it): its token is a row's first largest logit (``argmax_tokens``)."""
+        return params.greedy and not params.logit_bias and not _penalised(params) and params.grammar is None
+
+    def argmax_tokens(self, n_outputs: int, outputs: list[int]) -> list[int]:
+        """Per entry ``j`` of ``outputs``, the token of the first largest logit of the step's
+        ``j``-th output (rows with logits, in batch order; ``n_outputs`` of them), as
+        llama.cpp's greedy sampler would pick it: one vectorised pass over the batch's logits."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(n_outputs, self._tokenizer.n_vocab))
+        return logits.argmax(axis=1)[outputs].tolist()
+
     def sample(self, sampler: _internals.LlamaSampler, row: int) -> int:
         """The token ``sampler`` draws from the logits of the batch's ``row`` (and accepts: its
         state, grammar and penalties, moves on)."""
@@ -86,7 +105,7 @@ class SamplerChains:
             broken = []
             for token in range(self._tokenizer.n_vocab):
                 try:
-                    self._tokenizer.piece(token).decode("utf-8")
+                    self._tokens.piece(token).decode("utf-8")
                 except UnicodeDecodeError:
                     broken.append(token)
             self._broken_utf8 = broken
@@ -97,7 +116,7 @@ class SamplerChains:
         the batch's ``row`` (before any sampler changed them), and the ``n_top`` most likely tokens;
         ``offset``: where the token's text starts in the generation's text."""
         n_vocab = self._tokenizer.n_vocab
-        piece = self._tokenizer.piece
+        piece = self._tokens.piece
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(n_vocab,))
         logits = logits.astype(np.float64)
         top = logits.max()
@@ -109,3 +128,8 @@ class SamplerChains:
             alternatives = tuple(TopLogprob(int(t), piece(int(t)), float(logits[t] - log_z)) for t in best)
         return TokenLogprob(token=token, piece=piece(token), logprob=float(logits[token] - log_z),
                             offset=offset, top=alternatives)
+
+
+def _penalised(params: SamplingParams) -> bool:
+    """``params`` ask for a repeat, presence or frequency penalty (llama.cpp's penalties sampler)."""
+    return params.repeat_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)

@@ -7,11 +7,19 @@ join at the next step and end on their own. Under a cache budget below the model
 how many run together adapts to what the cache sustains (``cluster.engine.batch_width``) and a
 batch takes sequences expected to need the same experts (``cluster.engine.batch_admission``);
 the others wait. Everything that touches the llama.cpp context or the cache runs on that thread
-(``call``). Results are handed over after each step (``_deliver``).
+(``call``).
+
+What a step does per sequence in Python is kept small: the batch is written through numpy views
+of llama.cpp's arrays, greedy sequences take their tokens from one vectorised pass over the
+batch's logits (``SamplerChains.argmax_tokens``), token pieces come from a table
+(``cluster.engine.token_table``), and what sequences emit is handed over together at the end of
+the step (``_deliver``), so that the callers it wakes run while the next step decodes (llama.cpp
+releases the GIL) rather than between this step's sequences.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -31,8 +39,9 @@ from cluster.engine.kv_state import KvState
 from cluster.engine.llama_context import LlamaModelContext
 from cluster.engine.request_check import CheckedRequest
 from cluster.engine.sampler_chain import SamplerChains
-from cluster.engine.sequence import CANCELLED, Cancelled
+from cluster.engine.sequence import CANCELLED, Cancelled, Piece
 from cluster.engine.sequence import Sequence as SequenceHandle
+from cluster.engine.token_table import TokenTable
 from cluster.errors import EngineClosedError
 
 log = logging.getLogger(__name__)
@@ -68,12 +77,13 @@ class BatchTotals:
 class Scheduler:
     """The step loop of one engine (see module docstring); ``stop`` ends it."""
 
-    def __init__(self, model: LlamaModelContext, kv: KvState, samplers: SamplerChains, config: EngineConfig) -> None:
+    def __init__(self, model: LlamaModelContext, kv: KvState, samplers: SamplerChains, tokens: TokenTable,
+                 config: EngineConfig) -> None:
         self._model = model
         self._kv = kv
         self._samplers = samplers
+        self._tokens = tokens
         self._ctx = model.ctx.ctx
-        self._tokenizer = model.tokenizer
         self._n_ctx = model.n_ctx
         self._n_batch = model.n_batch
         self._n_slots = config.n_slots
@@ -83,6 +93,7 @@ class Scheduler:
         self._running: list[SequenceHandle] = []
         self._calls: list[tuple[Callable[[], Any], list[Any], threading.Event]] = []
         self._finished: list[tuple[SequenceHandle, Any]] = []
+        self._handoff: list[tuple[SequenceHandle, Callable[[Any], None], Any]] = []  # emitted, to hand over
         self._outputs: list[tuple[SequenceHandle, int]] = []
         self._chunks: list[tuple[SequenceHandle, int]] = []
         self._next_tag = 0
@@ -95,6 +106,15 @@ class Scheduler:
         self._bytes_read = 0
         self._row_tags = np.zeros(self._n_batch, dtype=np.int32)
         self._row_outputs = np.zeros(self._n_batch, dtype=np.uint8)
+        # the step's batch, written through numpy views of llama.cpp's arrays (this is their only writer)
+        batch = model.batch.batch
+        self._batch_tokens = np.ctypeslib.as_array(batch.token, shape=(self._n_batch,))
+        self._batch_pos = np.ctypeslib.as_array(batch.pos, shape=(self._n_batch,))
+        self._batch_logits = np.ctypeslib.as_array(batch.logits, shape=(self._n_batch,))
+        np.ctypeslib.as_array(batch.n_seq_id, shape=(self._n_batch,))[:] = 1  # each row: one sequence
+        self._batch_seq_id = [batch.seq_id[row] for row in range(self._n_batch)]  # each row's own array
+        self._row_slots = np.full(self._n_batch, -1, dtype=np.int32)  # the slot in each row's seq_id now
+        self._step_slots = np.zeros(self._n_batch, dtype=np.int32)
         self._totals = BatchTotals()
         self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
         self._thread.start()
@@ -110,7 +130,8 @@ class Scheduler:
                 raise EngineClosedError("the engine was closed")
             self._next_tag += 1
             seq = SequenceHandle(self._next_tag, request.tokens, request.params, request.sampler, session,
-                                 self._tokenizer.piece, emit, request.resume)
+                                 self._tokens.piece, emit, request.resume)
+            seq.emit = functools.partial(self._hold, seq, seq.emit)  # handed over at the step's end
             self._waiting.append(seq)
             self._cv.notify_all()
         return seq
@@ -196,6 +217,7 @@ class Scheduler:
                 for seq in left:
                     seq.sampler.close()
                     seq.emit(EngineClosedError("the engine was closed"))
+                self._hand_over()
                 return
             try:
                 self._step()
@@ -266,37 +288,43 @@ class Scheduler:
         """One token of every decoding sequence, then prompt chunks (oldest first) up to the step's
         budget; returns the rows and the decoding sequences. Each sequence's rows are contiguous
         (the cache needs it)."""
-        batch = self._model.batch.batch
-        rows = 0
         self._outputs.clear()
         self._chunks.clear()
-
-        def put(seq: SequenceHandle, token: int, pos: int, output: bool) -> None:
-            nonlocal rows
-            batch.token[rows] = token
-            batch.pos[rows] = pos
-            batch.n_seq_id[rows] = 1
-            batch.seq_id[rows][0] = seq.slot.index
-            batch.logits[rows] = output
-            self._row_tags[rows] = seq.tag
-            self._row_outputs[rows] = output
-            if output:
-                self._outputs.append((seq, rows))
-            rows += 1
-
-        for seq in self._running:
-            if seq.decoding:
-                put(seq, seq.pending, len(seq.slot.tokens), True)
+        tokens, pos, logits, tags, outputs, slots = (self._batch_tokens, self._batch_pos, self._batch_logits,
+                                                     self._row_tags, self._row_outputs, self._step_slots)
+        decoding = [seq for seq in self._running if seq.decoding]
+        rows = len(decoding)
+        if rows:
+            tokens[:rows] = [seq.pending for seq in decoding]
+            pos[:rows] = [len(seq.slot.tokens) for seq in decoding]
+            tags[:rows] = [seq.tag for seq in decoding]
+            slots[:rows] = [seq.slot.index for seq in decoding]
+            logits[:rows] = 1
+            outputs[:rows] = 1
+            self._outputs.extend(zip(decoding, range(rows)))
         n_decoding = rows
         for seq in self._running:
             if seq.decoding or rows >= self._n_batch:
                 continue
             chunk = min(seq.n_prompt_left, self._n_batch - rows)
-            start = seq.n_evaluated
+            start, end = seq.n_evaluated, rows + chunk
             self._chunks.append((seq, chunk))
-            for i in range(chunk):
-                put(seq, seq.prompt[start + i], start + i, start + i == len(seq.prompt) - 1)
-        batch.n_tokens = rows
+            tokens[rows:end] = seq.prompt[start:start + chunk]
+            pos[rows:end] = np.arange(start, start + chunk)
+            tags[rows:end] = seq.tag
+            slots[rows:end] = seq.slot.index
+            last = start + chunk == len(seq.prompt)  # the prompt's last token: its logits start the answer
+            logits[rows:end] = 0
+            outputs[rows:end] = 0
+            if last:
+                logits[end - 1] = 1
+                outputs[end - 1] = 1
+                self._outputs.append((seq, end - 1))
+            rows = end
+        for row in np.flatnonzero(self._row_slots[:rows] != slots[:rows]).tolist():  # rows whose sequence changed
+            self._batch_seq_id[row][0] = int(slots[row])
+        self._row_slots[:rows] = slots[:rows]
+        self._model.batch.batch.n_tokens = rows
         return rows, n_decoding
 
     def _after_decode(self) -> None:
@@ -306,17 +334,19 @@ class Scheduler:
         for seq, n in self._chunks:
             seq.slot.tokens.extend(seq.prompt[seq.n_evaluated:seq.n_evaluated + n])
             seq.n_evaluated += n
-        samplers = self._samplers
-        for seq, row in self._outputs:
+        samplers, table = self._samplers, self._tokens
+        greedy = [j for j, (seq, _) in enumerate(self._outputs) if samplers.is_plain_greedy(seq.params)]
+        picked = dict(zip(greedy, samplers.argmax_tokens(len(self._outputs), greedy))) if greedy else {}
+        for j, (seq, row) in enumerate(self._outputs):
             if seq.pending is None and seq.prompt_done_at is None:
                 seq.prompt_done_at = time.perf_counter()
                 if self._admission is not None:
                     self._learn_kind(seq)
             try:
-                token = samplers.sample(seq.sampler, row)
+                token = picked[j] if j in picked else samplers.sample(seq.sampler, row)
                 logprob = (lambda offset, t=token, r=row, s=seq: samplers.logprob(t, offset, s.params.top_logprobs, r)) \
                     if seq.params.logprobs else None
-                done = seq.accept(token, self._tokenizer.is_eog(token), logprob, len(seq.slot.tokens) + 1 > self._n_ctx)
+                done = seq.accept(token, table.is_eog(token), logprob, len(seq.slot.tokens) + 1 > self._n_ctx)
             except Exception as exc:  # noqa: BLE001  (this sequence fails; the others go on)
                 self._end(seq, exc, keep=False)
                 continue
@@ -358,15 +388,35 @@ class Scheduler:
         self._finished.append((seq, result))
 
     def _deliver(self) -> None:
-        """Hands finished sequences their results; when the batch is empty, settles the cache first
-        (reads in flight land, the budget is trimmed, the kernel's view reconciled), so that what a
-        caller asks the cache after its request sees it settled."""
-        if not self._finished:
-            return
-        cache = self._model.cache
-        if cache is not None and self._unsettled and not self._running and not self._waiting:
-            cache.settle()
-            self._unsettled = False
-        finished, self._finished = self._finished, []
-        for seq, outcome in finished:
-            seq.emit(outcome)
+        """Hands over what the step's sequences emitted, in order, then finished sequences' results;
+        when the batch is empty, settles the cache first (reads in flight land, the budget is
+        trimmed, the kernel's view reconciled), so that what a caller asks the cache after its
+        request sees it settled."""
+        while self._finished or self._handoff:
+            if self._finished:
+                cache = self._model.cache
+                if cache is not None and self._unsettled and not self._running and not self._waiting:
+                    cache.settle()
+                    self._unsettled = False
+                finished, self._finished = self._finished, []
+                for seq, outcome in finished:
+                    seq.emit(outcome)
+            self._hand_over()
+
+    def _hold(self, seq: SequenceHandle, emit: Callable[[Any], None], item: Any) -> None:
+        """A sequence's ``emit``: ``item`` waits for the end of the step (``_hand_over``)."""
+        self._handoff.append((seq, emit, item))
+
+    def _hand_over(self) -> None:
+        """Calls each held item's ``emit``. One that fails on a piece fails its sequence, if it still
+        runs (the others go on); any other failure is the step's (``_loop``), the items after it
+        still held."""
+        items, self._handoff = self._handoff, []
+        for i, (seq, emit, item) in enumerate(items):
+            try:
+                emit(item)
+            except Exception as exc:
+                if not isinstance(item, Piece) or seq not in self._running:
+                    self._handoff[:0] = items[i + 1:]
+                    raise
+                self._end(seq, exc, keep=False)
