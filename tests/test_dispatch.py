@@ -49,8 +49,8 @@ def test_router_work_per_request_does_not_grow_with_the_tokens_generated(deploym
             done = client.generate(prompt, max_tokens=max_tokens, temperature=0.0)
             assert done.usage.completion_tokens == max_tokens
         after = _router_status()
-        assert after["n_routes"] - before["n_routes"] == 3, "one route call per request, nothing per token"
-        costs[max_tokens] = (after["route_s"] - before["route_s"]) / 3
+        assert after.n_routes - before.n_routes == 3, "one route call per request, nothing per token"
+        costs[max_tokens] = (after.route_s - before.route_s) / 3
     assert costs[512] <= 1.5 * costs[16] + 0.002, costs  # decision time is per request (±noise), not per token
 
 
