@@ -12,8 +12,9 @@ whose reports go to the named router actor. A node:
     next turn prefills only its new tokens; any request reuses the longest prefix held;
   * streams text pieces to its caller (``cluster.distributed.protocol`` items) as the engine's step loop
     makes them: decoding never waits for the transport; after the first piece, the pieces of
-    each ``COALESCE_S`` window (or all that piled up behind a slower reader) go as one; it stops
-    a request's sequences when the caller cancels or goes away;
+    each window (``coalesce_window``: longer while more requests stream, so that the node's
+    messages per second do not grow with them), or all that piled up behind a slower reader, go
+    as one; it stops a request's sequences when the caller cancels or goes away;
   * reports load, health, its warmth report (msgpack), the prefixes it holds and each
     request's routing trace to the router after every request (that settles the router's
     in-flight count, however the request ended) and on a heartbeat;
@@ -111,10 +112,19 @@ _ADDITIVE_CACHE_STATS = ("hits", "misses", "bytes_read", "bytes_read_prefill", "
 _RATE_CACHE_STATS = ("decode_hit_rate", "prefetch_precision", "prefetch_recall")
 
 
-# After a request's first piece (sent at once), the pieces that come within this long go as one
-# message: a Ray message costs both processes CPU that a small machine takes from decoding, and a
-# reader does not see 20 ms. The engine never waits for it.
+# After a request's first piece (sent at once), the pieces that come within a window go as one
+# message: a Ray message costs the node, the caller and (over HTTP) the gateway CPU that a small
+# machine takes from decoding. The window is COALESCE_S for each request on the node, so that the
+# node sends about 1 / COALESCE_S messages a second however many requests stream (not one per
+# token per request), and at most COALESCE_MAX_S, the slowest pace at which a reader sees the text
+# come. The engine never waits for it; a choice's end is sent at once.
 COALESCE_S = 0.02
+COALESCE_MAX_S = 0.1
+
+
+def coalesce_window(n_requests: int) -> float:
+    """Seconds a stream gathers pieces for one message while ``n_requests`` requests are on the node."""
+    return min(COALESCE_MAX_S, COALESCE_S * max(1, n_requests))
 
 
 @dataclass(frozen=True)
@@ -233,8 +243,8 @@ class NodeServer:
 
         The request's choices are sequences of the engine's batch, whose step loop hands their
         pieces over; this generator passes them on — the first piece at once, then what comes
-        within ``COALESCE_S`` (or piled up meanwhile) as one piece — so neither the transport nor
-        a slow reader holds the engine up. Closing it (the caller went away) cancels the request.
+        within its window (``coalesce_window``) or piled up meanwhile as one piece — so neither
+        the transport nor a slow reader holds the engine up. Closing it (the caller went away) cancels the request.
         Raises ``OverloadedError`` at once if ``max_queue`` requests are already here.
         """
         if not isinstance(request, NodeRequest):
@@ -264,7 +274,7 @@ class NodeServer:
             window = 0.0  # no wait for the first piece
             while not finished:
                 batch = items.take(window)  # whatever comes within the window goes along
-                window = COALESCE_S
+                window = coalesce_window(self._n_active)
                 for item in _merged(batch):
                     if not isinstance(item, _ChoiceDone):
                         yield item
