@@ -87,6 +87,7 @@ class Deployment:
     async def router(self, refresh: bool = False) -> Any:
         if self._router is None or refresh:
             self._router = await self._lookup(ROUTER_NAME)
+            self._edge = None  # a router deployed anew may serve another model: asked again at the next request
         return self._router
 
     async def node(self, node_id: str, namespace: str) -> Any:

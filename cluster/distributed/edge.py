@@ -79,8 +79,7 @@ class PromptRequest:
     def __post_init__(self) -> None:
         """Checks what a caller can get wrong without the model, before anything is sent."""
         if not isinstance(self.params, SamplingParams):
-            raise InvalidParameterError(f"params must be SamplingParams or None, got {type(self.params).__name__}",
-                                        param="params")
+            raise InvalidParameterError(f"params must be SamplingParams, got {type(self.params).__name__}", param="params")
         if self.session_id is not None and (not isinstance(self.session_id, str) or not self.session_id):
             raise InvalidParameterError(f"session_id must be a non-empty string or None, got {self.session_id!r}",
                                         param="session_id")
@@ -154,9 +153,9 @@ class Edge:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def prepare(self, request: PromptRequest, ended: tuple[str, ...] = ()) -> PreparedRequest:
+    def prepare(self, request: PromptRequest) -> PreparedRequest:
         """The router's ask for ``request`` (steps 1 to 4 of the module docstring; its form was
-        checked when it was made); ``ended``: what the ask tells the router (``RouteAsk.ended``).
+        checked when it was made).
 
         Raises:
             InvalidParameterError: token ids in the params outside the vocabulary; a conversation the
@@ -185,7 +184,7 @@ class Edge:
         tokens = tuple(self.tokenizer.tokenize(text, special=special))
         if len(tokens) > limit:
             raise PromptTooLongError(f"the prompt is {len(tokens)} tokens: {why}")
-        ask = RouteAsk(request.request_id, tokens, params, request.session_id, ended)
+        ask = RouteAsk(request.request_id, tokens, params, request.session_id)
         return PreparedRequest(ask, template)
 
     def _token_limit(self, max_prompt_tokens: int | None) -> tuple[int, str]:
