@@ -1,14 +1,25 @@
-"""A node's stream under concurrency: pieces coalesce per window, and the answer stays the same."""
+"""A node under concurrent streams: pieces coalesce per window, the answer stays the same, and its
+process does not run at Ray's worker niceness."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
 import pytest
 
 from cluster.distributed import node as node_module
-from cluster.distributed.node import COALESCE_MAX_S, COALESCE_S, NodeConfig, NodeServer, coalesce_window
+from cluster.distributed.node import (
+    COALESCE_MAX_S,
+    COALESCE_S,
+    NodeConfig,
+    NodeServer,
+    coalesce_window,
+)
 from cluster.distributed.protocol import Finished, NodeRequest, Piece
 from cluster.engine.sampling import SamplingParams
 from cluster.models import synth
@@ -67,3 +78,24 @@ def test_concurrent_streams_gather_pieces_for_longer_and_keep_the_lone_streams_a
     assert set(lone_windows) == {0.0, COALESCE_S}  # the first piece at once, then one window per message
     assert max(windows) == coalesce_window(n) == n * COALESCE_S
     assert set(windows) <= {0.0} | {coalesce_window(k) for k in range(1, n + 1)}
+
+
+def test_a_node_process_takes_back_its_parents_niceness_on_every_thread() -> None:
+    """What ``NodeActor`` does first: Ray starts workers 15 nicer than the raylet."""
+    if os.geteuid() != 0:
+        pytest.skip("lowering a niceness needs CAP_SYS_NICE")
+    script = textwrap.dedent("""
+        import os, threading
+        from cluster.distributed.node import take_back_priority
+        os.nice(10)  # as Ray's worker_niceness would have it
+        threading.Thread(target=threading.Event().wait, daemon=True).start()  # a thread started before
+        took = take_back_priority()
+        later = []
+        t = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))  # and one after
+        t.start(); t.join()
+        nices = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")}
+        print(took, sorted(nices), later[0])
+    """)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == [str(mine), f"[{mine}]", str(mine)], out.stdout

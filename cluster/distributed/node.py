@@ -421,11 +421,39 @@ class NodeServer:
         self.engine.close()
 
 
+def take_back_priority() -> int | None:
+    """Gives every thread of this process its parent's niceness, if it has more; returns the
+    niceness it took, or None where the process may not lower it (no ``CAP_SYS_NICE``).
+
+    Ray's raylet starts worker processes 15 nicer than itself (``RAY_worker_niceness``) so that its
+    own daemons come first. A node's compute threads would then give way to every other process
+    on the machine (a caller, a gateway, a benchmark's own llama-server), and as ggml's threads
+    wait for each other at every operation, one preempted thread holds the whole step up. Linux
+    nices threads one by one: each is set, and the threads started later inherit it.
+    """
+    try:
+        target = os.getpriority(os.PRIO_PROCESS, os.getppid())  # the raylet, which started this worker
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except (OSError, AttributeError):  # no /proc, or not Linux
+        return None
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) > target:
+                os.setpriority(os.PRIO_PROCESS, tid, target)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+        except PermissionError:
+            return None
+    return target
+
+
 class NodeActor(NodeServer):
     """Ray shell of NodeServer: reports go to the named router actor; callers call ``stream``
-    (``num_returns="streaming"``) and ``cancel`` on it directly."""
+    (``num_returns="streaming"``) and ``cancel`` on it directly. Its process runs at its raylet's
+    niceness, not Ray's worker niceness (``take_back_priority``), before the engine starts its threads."""
 
     def __init__(self, node_id: str, config: NodeConfig, namespace: str) -> None:
+        take_back_priority()
         self._namespace = namespace
         self._router: Any = None
         super().__init__(node_id, config, report_sink=self._to_router)
