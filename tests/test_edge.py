@@ -151,6 +151,22 @@ def test_no_token_covers_more_bytes_than_the_size_bound_assumes(tiny_model: Path
                 assert len(text.encode()) <= len(tokens) * edge.longest_token_bytes, (model.name, text[:20], special)
 
 
+def test_requests_tokenized_together_on_the_edges_threads_get_the_tokens_they_get_alone(chatml_model: Path,
+                                                                                       tiny_topics):
+    """The edge's threads share one llama.cpp vocabulary (as a gateway replica's requests do)."""
+    import asyncio
+
+    edge = Edge.load(ModelSource(str(chatml_model), None, 2048))
+    requests = [_request(ChatPrompt((ChatMessage("user", synth.topic_prompt(tiny_topics, i % 4, 150, seed=i)),))
+                         if i % 2 else synth.topic_prompt(tiny_topics, i % 4, 150, seed=i)) for i in range(32)]
+    alone = [edge.prepare(r).ask.tokens for r in requests]
+
+    async def together() -> list[tuple[int, ...]]:
+        return [p.ask.tokens for p in await asyncio.gather(*(edge.run(edge.prepare, r) for r in requests))]
+
+    assert asyncio.run(together()) == alone
+
+
 def test_a_process_that_cannot_read_the_model_is_told_the_way_out(tiny_model: Path, tmp_path: Path):
     missing = str(tmp_path / "elsewhere" / "model.gguf")
     with pytest.raises(ModelFileError, match="model_path=") as info:
