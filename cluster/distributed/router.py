@@ -9,10 +9,10 @@ to the callers (``model_source``).
 ``RouterCore`` (plain class) holds what the router knows — live nodes, their last reports,
 the requests in flight on each (by request id) — and asks the policy to choose a node.
 ``RouterActor`` (named, detached ``sniper-router``, restartable) is its async Ray shell:
-``route`` chooses a node for a request's tokens (refusing at once with
-``OverloadedError`` when every live node is at capacity) and returns the ``Route``; the caller
-sends the request to that node and streams from it itself (``cluster.distributed.dispatch``), so the router's work is per request and a
-stream outlives the router. A request leaves the router's in-flight count when its node reports
+``route`` chooses a node for a request's tokens (refusing at once with ``OverloadedError`` when
+every live node is at capacity) and returns the ``Route``; the caller sends the request to that
+node and streams from it itself (``cluster.distributed.dispatch``), so the router's work is per
+request and a stream outlives the router. A request leaves the router's in-flight count when its node reports
 its end (however it ended), when the caller gives up on that node (``failed``), or when the node
 dies. After a restart the router rebuilds its state from the nodes' reports.
 """
