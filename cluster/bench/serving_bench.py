@@ -194,7 +194,7 @@ class _Deployment:
         model_path, budget, port, n_threads, n_slots = self._args
         try:
             deploy.deploy(model_path, 1, cache_bytes=budget, namespace=NAMESPACE, n_threads=n_threads, n_ctx=N_CTX,
-                          n_slots=n_slots, max_queue=max(8, n_slots))
+                          n_slots=n_slots, max_queue=max(8, 2 * n_slots))  # room for cut requests ending
             self.url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=self.api_key), "127.0.0.1", port)
         except BaseException:
             self.__exit__()
