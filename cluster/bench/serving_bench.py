@@ -10,8 +10,9 @@ round so that a noisy machine affects every way alike:
 * ``llama-server``: llama.cpp's own server with one slot (``scripts/build-llama-server.sh``
   builds it from the pinned llama-cpp-python sources), streamed; skipped, saying so, without it.
 
-Every way runs with the same thread count and context; ours with an expert cache covering the
-whole model (no memory pressure: the cost measured is the transport's). A figure is tokens per
+Every way runs with the same thread count and context, and at this process's niceness (Ray's
+workers too: ``RAY_worker_niceness=0``); ours with an expert cache covering the whole model (no
+memory pressure: the cost measured is the transport's). A figure is tokens per
 second of the whole request as its caller sees it (first byte sent to last token received, a short
 prompt's prefill included), the median of the rounds, and its ratio to ``engine`` and to
 ``llama-server`` taken round by round.
@@ -48,6 +49,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN.md); read when ray is imported
+# Ray starts its workers 15 nicer than itself: the gateway's proxy and replica would then wait for
+# the node's compute (which takes its raylet's niceness back: node.take_back_priority) and for
+# everything else on the machine. Every way measured here runs at this process's niceness.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import requests  # noqa: E402
 

@@ -235,6 +235,9 @@ def main(argv: list[str]) -> int:
         return False
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # workers (the gateway's proxy and replica, the router, the nodes) at the daemon's niceness, not
+    # Ray's 15 more: the nodes take theirs back (node.take_back_priority) and the HTTP path would wait
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # job entrypoints (`ray job submit -- python ...`) run with the interpreter this cluster runs
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     from ray.cluster_utils import Cluster
