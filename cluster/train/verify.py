@@ -45,7 +45,6 @@ from cluster.train.tokenizer import BOS, load_tokenizer
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from cluster.engine.cache import RoutingTrace
 
 VERIFY_FILE = "verify.json"
 
@@ -86,23 +85,6 @@ def _tokenizer_agreement(llm: llama_cpp.Llama, tok: Tokenizer, work: Path, max_d
     return report
 
 
-def _decode_steps(trace: RoutingTrace) -> list[list[np.ndarray]]:
-    """ACCESS events grouped per ubatch, a group starting at layer 0: [group][layer] -> ids [n_tokens, k].
-
-    With the prompt in one ubatch, group 0 is the prompt and group i the i-th decoded token.
-    """
-    from cluster.engine.cache import TRACE_ACCESS
-
-    steps: list[list[np.ndarray]] = []
-    for kind, layer, ids in trace.events():
-        if kind != TRACE_ACCESS:
-            continue
-        if layer == 0:
-            steps.append([])
-        steps[-1].append(ids)
-    return steps
-
-
 def _expert_agreement(model: MoETransformer, gguf_path: Path, prompts: dict[str, str], max_tokens: int,
                       threads: int) -> dict:
     """Top-k sets llama.cpp selected (read by the project's engine) against PyTorch's, per domain.
@@ -130,11 +112,10 @@ def _expert_agreement(model: MoETransformer, gguf_path: Path, prompts: dict[str,
         prefill, _ = gen.trace.split_prefill(len(prompt_ids), n_layer, model.cfg.n_expert)  # [P, L, k], -1 unseen
         theirs = [(t, layer, prefill[t, layer]) for t in range(len(prompt_ids)) for layer in range(n_layer)
                   if prefill[t, layer, 0] >= 0]
-        decode_steps = _decode_steps(gen.trace)[1:]  # the first group is the prompt's ubatch
+        decode_steps = list(gen.trace.ubatches())[1:]  # the first step is the prompt's ubatch
         if len(decode_steps) != n_fed:
             raise RuntimeError(f"{domain}: {len(decode_steps)} decode steps in llama.cpp's trace, expected {n_fed}")
-        theirs += [(len(prompt_ids) + s, layer, ids[0]) for s, step in enumerate(decode_steps)
-                   for layer, ids in enumerate(step)]
+        theirs += [(len(prompt_ids) + s, layer, ids[0]) for s, step in enumerate(decode_steps) for layer, ids in step]
         same = [set(ours[t, layer].tolist()) == set(ids.tolist()) for t, layer, ids in theirs]
         overlap = [len(set(ours[t, layer].tolist()) & set(ids.tolist())) / k for t, layer, ids in theirs]
         report[domain] = {"prompt_tokens": len(prompt_ids), "decoded_tokens": n_fed, "selections": len(theirs),
