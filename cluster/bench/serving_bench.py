@@ -164,7 +164,8 @@ def bench_serving(model_path: str, *, n_tokens: int = 128, rounds: int = 5, n_th
     budget = int(discover_layout(model_path).unit_bytes.sum())
     binary = find_llama_server(llama_server)
     result: dict[str, Any] = {"model": model_path, "n_tokens": n_tokens, "rounds": rounds, "n_threads": n_threads,
-                              "cpus": os.cpu_count(), "prompt": PROMPT, "cache_bytes": budget}
+                              "cpus": os.cpu_count(), "prompt": PROMPT, "cache_bytes": budget,
+                              "load_average_start": os.getloadavg()}
     if binary is None:
         result["llama_server_skipped"] = ("no llama-server binary (build it with scripts/build-llama-server.sh, "
                                           "or pass --llama-server PATH)")
@@ -179,6 +180,7 @@ def bench_serving(model_path: str, *, n_tokens: int = 128, rounds: int = 5, n_th
                                                         rounds=rounds, n_threads=n_threads, window_s=window_s,
                                                         progress=progress)
                                     for c in concurrency}
+    result["load_average_end"] = os.getloadavg()
     return result
 
 
@@ -378,7 +380,9 @@ def write_report(result: dict[str, Any], out_dir: Path, command: str) -> Path:
     (out_dir / "bench-serving.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# Serving path: each way of reaching a node", "",
              f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} "
-             f"({result['cpus']} CPUs). Raw numbers: `bench-serving.json`.", "",
+             f"({result['cpus']} CPUs; load average {_load(result, 'start')} at the start, {_load(result, 'end')} at "
+             "the end: other work on the machine takes its CPUs from every way alike, round by round). Raw numbers: "
+             "`bench-serving.json`.", "",
              f"Model `{result['model']}`; {result['n_tokens']} tokens, greedy, {result['n_threads']} threads everywhere, "
              f"{result['rounds']} rounds alternating the ways; our engine with an expert cache holding the whole "
              "model. Tokens per second of the whole request as its caller sees it (a short prompt's prefill "
@@ -399,6 +403,11 @@ def write_report(result: dict[str, Any], out_dir: Path, command: str) -> Path:
     path = out_dir / "serving.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _load(result: dict[str, Any], when: str) -> str:
+    load = result.get(f"load_average_{when}")
+    return "/".join(f"{x:.1f}" for x in load) + " (1/5/15 min)" if load else "n/a"
 
 
 def _concurrent_report(result: dict[str, Any]) -> list[str]:
