@@ -1,6 +1,6 @@
 """The engine's layers on their own where they carry behaviour of their own: greedy tokens read from
-the batch's logits (``sampler_chain``), the token table, and the step's hand-over of what sequences
-emit (``scheduler``)."""
+the batch's logits (``sampler_chain``), the token table, and a caller's emit failing in the step
+loop (``scheduler``)."""
 
 from __future__ import annotations
 

@@ -11,15 +11,14 @@ the others wait. Everything that touches the llama.cpp context or the cache runs
 
 What a step does per sequence in Python is kept small: the batch is written through numpy views
 of llama.cpp's arrays, greedy sequences take their tokens from one vectorised pass over the
-batch's logits (``SamplerChains.argmax_tokens``), token pieces come from a table
-(``cluster.engine.token_table``), and what sequences emit is handed over together at the end of
-the step (``_deliver``), so that the callers it wakes run while the next step decodes (llama.cpp
-releases the GIL) rather than between this step's sequences.
+batch's logits (``SamplerChains.argmax_tokens``) and token pieces come from a table
+(``cluster.engine.token_table``). A sequence emits its piece as soon as it is sampled, so the
+caller it wakes runs while the step loop is in Python anyway, not during the next
+``llama_decode``, whose threads take every core by default.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -39,7 +38,7 @@ from cluster.engine.kv_state import KvState
 from cluster.engine.llama_context import LlamaModelContext
 from cluster.engine.request_check import CheckedRequest
 from cluster.engine.sampler_chain import SamplerChains
-from cluster.engine.sequence import CANCELLED, Cancelled, Piece
+from cluster.engine.sequence import CANCELLED, Cancelled
 from cluster.engine.sequence import Sequence as SequenceHandle
 from cluster.engine.token_table import TokenTable
 from cluster.errors import EngineClosedError
@@ -93,7 +92,6 @@ class Scheduler:
         self._running: list[SequenceHandle] = []
         self._calls: list[tuple[Callable[[], Any], list[Any], threading.Event]] = []
         self._finished: list[tuple[SequenceHandle, Any]] = []
-        self._handoff: list[tuple[SequenceHandle, Callable[[Any], None], Any]] = []  # emitted, to hand over
         self._outputs: list[tuple[SequenceHandle, int]] = []
         self._chunks: list[tuple[SequenceHandle, int]] = []
         self._next_tag = 0
@@ -131,7 +129,6 @@ class Scheduler:
             self._next_tag += 1
             seq = SequenceHandle(self._next_tag, request.tokens, request.params, request.sampler, session,
                                  self._tokens.piece, emit, request.resume)
-            seq.emit = functools.partial(self._hold, seq, seq.emit)  # handed over at the step's end
             self._waiting.append(seq)
             self._cv.notify_all()
         return seq
@@ -217,7 +214,6 @@ class Scheduler:
                 for seq in left:
                     seq.sampler.close()
                     seq.emit(EngineClosedError("the engine was closed"))
-                self._hand_over()
                 return
             try:
                 self._step()
@@ -388,35 +384,15 @@ class Scheduler:
         self._finished.append((seq, result))
 
     def _deliver(self) -> None:
-        """Hands over what the step's sequences emitted, in order, then finished sequences' results;
-        when the batch is empty, settles the cache first (reads in flight land, the budget is
-        trimmed, the kernel's view reconciled), so that what a caller asks the cache after its
-        request sees it settled."""
-        while self._finished or self._handoff:
-            if self._finished:
-                cache = self._model.cache
-                if cache is not None and self._unsettled and not self._running and not self._waiting:
-                    cache.settle()
-                    self._unsettled = False
-                finished, self._finished = self._finished, []
-                for seq, outcome in finished:
-                    seq.emit(outcome)
-            self._hand_over()
-
-    def _hold(self, seq: SequenceHandle, emit: Callable[[Any], None], item: Any) -> None:
-        """A sequence's ``emit``: ``item`` waits for the end of the step (``_hand_over``)."""
-        self._handoff.append((seq, emit, item))
-
-    def _hand_over(self) -> None:
-        """Calls each held item's ``emit``. One that fails on a piece fails its sequence, if it still
-        runs (the others go on); any other failure is the step's (``_loop``), the items after it
-        still held."""
-        items, self._handoff = self._handoff, []
-        for i, (seq, emit, item) in enumerate(items):
-            try:
-                emit(item)
-            except Exception as exc:
-                if not isinstance(item, Piece) or seq not in self._running:
-                    self._handoff[:0] = items[i + 1:]
-                    raise
-                self._end(seq, exc, keep=False)
+        """Hands finished sequences their results; when the batch is empty, settles the cache first
+        (reads in flight land, the budget is trimmed, the kernel's view reconciled), so that what a
+        caller asks the cache after its request sees it settled."""
+        if not self._finished:
+            return
+        cache = self._model.cache
+        if cache is not None and self._unsettled and not self._running and not self._waiting:
+            cache.settle()
+            self._unsettled = False
+        finished, self._finished = self._finished, []
+        for seq, outcome in finished:
+            seq.emit(outcome)
