@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 import cluster  # before ray: sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (DESIGN.md)
-from cluster.cli.main import build_parser
+from cluster.cli.parser import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO / "k8s"
@@ -594,7 +594,7 @@ def test_serve_config_deploys_the_gateway(doc: dict[str, Any]) -> None:
     assert app["import_path"] == "cluster.api.gateway:build_app" and app["route_prefix"] == "/"
     args = app["args"]
     allowed = set(GATEWAY_ARGS)
-    if (REPO / "cluster" / "gateway.py").is_file():
+    if (REPO / "cluster" / "api" / "gateway.py").is_file():
         from cluster.api.gateway import BUILD_ARGS
 
         allowed = set(BUILD_ARGS)

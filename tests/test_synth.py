@@ -345,7 +345,7 @@ def test_config_from_args_rejects_unknown_preset_override_and_bad_values() -> No
 
 def test_a_chat_template_adds_control_tokens_after_bos_eos_and_leaves_plain_models_unchanged(
         tiny: synth.SynthInfo, tmp_path: Path) -> None:
-    from cluster.cli.main import build_parser
+    from cluster.cli.parser import build_parser
     from cluster.engine.chat import SYNTH_TEMPLATES
 
     args = build_parser().parse_args(["synth", str(tmp_path / "c.gguf"), "--chat-template", "llama3"])

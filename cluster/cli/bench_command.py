@@ -1,0 +1,193 @@
+"""``python -m cluster bench SUITE``: runs one benchmark suite with the flags it takes, and prints
+its result (one line of JSON with --json, else a summary)."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from pathlib import Path
+from typing import Any, Sequence
+
+from cluster.cli.output import emit
+from cluster.distributed.status import jsonable
+from cluster.engine.node_memory import MIB
+from cluster.models.synth import default_model
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    only = {"routing": ("node_memory_mb", "decision_cost", "kill_node_after"),
+            "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
+            "batch": ("no_limit", "topics")}
+    for suite, names in only.items():
+        given = [n for n in names if getattr(args, n) not in (None, False)]
+        if given and args.suite != suite:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
+    if args.concurrency and args.suite not in ("routing", "batch", "serving"):
+        raise ValueError(f"--concurrency is a flag of 'bench routing', 'bench batch' and 'bench serving', "
+                         f"not 'bench {args.suite}'")
+    if args.window_s is not None and args.suite not in ("batch", "serving"):
+        raise ValueError(f"--window-s is a flag of 'bench batch' and 'bench serving', not 'bench {args.suite}'")
+    if args.concurrency and args.suite == "routing" and not args.concurrency.isdigit():
+        raise ValueError(f"--concurrency of 'bench routing' is one number of clients, got {args.concurrency!r}")
+    if args.llama_server and args.suite not in ("serving", "batch"):
+        raise ValueError(f"--llama-server is a flag of 'bench serving' and 'bench batch', not 'bench {args.suite}'")
+    if args.prompts and args.suite in ("simulate", "serving", "chaos"):
+        raise ValueError(f"--prompts is a flag of 'bench engine', 'bench routing', 'bench regimes' and 'bench batch', "
+                         f"not 'bench {args.suite}'")
+    shared = ("nodes", "cache_mb", "policies", "requests", "rate", "max_tokens", "seed")
+    given = [n for n in shared if getattr(args, n) is not None]
+    if args.suite == "batch":
+        foreign = [n for n in given if n != "max_tokens"]
+        if foreign:
+            raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench batch' (it takes --model, "
+                             f"--prompts, --topics, --concurrency, --max-tokens, --window-s, --no-limit, --llama-server, "
+                             f"--out)")
+        if args.topics and args.prompts:
+            raise ValueError("--topics draws the synthetic model's own prompts: it does not go with --prompts")
+        from cluster.bench import batch_bench
+
+        concurrency = tuple(int(c) for c in (args.concurrency or "1,2,4,8,16").split(","))
+        if not concurrency or min(concurrency) < 1 or max(concurrency) > 64:
+            raise ValueError(f"--concurrency must be comma-separated integers in [1, 64], got {args.concurrency!r}")
+        report = batch_bench.main(args.model or str(default_model("bench", progress=not args.json)),
+                                  prompts_file=args.prompts, n_topics=args.topics, concurrency=concurrency,
+                                  max_tokens=args.max_tokens or 64, n_threads=2,
+                                  window_s=args.window_s or (8.0 if args.quick else 20.0),
+                                  limit_fraction=None if args.no_limit else 0.5, llama_server=args.llama_server,
+                                  out_dir=Path(args.out) if args.out else None, progress=not args.json)
+        emit({"report": report["report"], "targets": report["targets"]}, args, lambda r: f"wrote {r['report']}")
+        return 0
+    if args.suite == "router":
+        foreign = [n for n in given if n != "requests"] + (["prompts"] if args.prompts else [])
+        if foreign:
+            raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench router' (it takes --model, "
+                             f"--requests, --quick, --out)")
+        from cluster.bench import router_latency
+
+        report = router_latency.main(args.model or str(default_model("demo", progress=not args.json)),
+                                     requests=args.requests or (200 if args.quick else 500), out_dir=args.out,
+                                     progress=not args.json)
+        emit({"report": str(report)}, args, lambda r: f"wrote {r['report']}")
+        return 0
+    if args.suite == "chaos":
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is not a flag of 'bench chaos' (it takes --model, "
+                             f"--duration, --out)")
+        from cluster.bench import chaos
+
+        report = chaos.main(args.model or str(default_model("demo", progress=not args.json)),
+                            duration_s=float(args.duration or (40 if args.quick else 120)), out_dir=args.out,
+                            progress=not args.json)
+        emit({"report": str(report)}, args, lambda r: f"wrote {r['report']}")
+        return 0
+    if args.suite == "regimes":
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is not a flag of 'bench regimes' (it takes --model, "
+                             f"--prompts, --quick, --out)")
+        from cluster.bench import regimes
+
+        report = regimes.main(args.model or str(default_model("bench", progress=not args.json)), args.prompts,
+                              args.out, quick=args.quick, progress=not args.json)
+        emit({"report": str(report)}, args, lambda r: f"wrote {r['report']}")
+        return 0
+    if args.suite == "serving":
+        foreign = [n for n in given if n != "max_tokens"]
+        if foreign:
+            raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench serving' (it takes --model, "
+                             f"--max-tokens, --concurrency, --window-s, --llama-server, --quick, --out)")
+        from cluster.bench import serving_bench
+
+        concurrency = tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else ()
+        if concurrency and (min(concurrency) < 1 or max(concurrency) > 64):
+            raise ValueError(f"--concurrency must be comma-separated integers in [1, 64], got {args.concurrency!r}")
+        report = serving_bench.main(args.model or str(default_model("demo", progress=not args.json)),
+                                    n_tokens=args.max_tokens or 128, rounds=2 if args.quick else 5, n_threads=2,
+                                    llama_server=args.llama_server, out_dir=args.out, concurrency=concurrency,
+                                    window_s=args.window_s or 8.0)
+        emit({"report": str(report)}, args, lambda r: f"wrote {r['report']}")
+        return 0
+    if args.suite == "engine":
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench routing' and 'bench simulate'")
+        from cluster.bench.engine_bench import run_engine_bench
+
+        result = run_engine_bench(model=args.model, out_dir=Path(args.out), prompts=args.prompts, quick=args.quick,
+                                  progress=not args.json)
+        emit(result, args, lambda r: f"wrote {r['report']}")
+        return 0
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+
+    def _routing_summary(r: dict[str, Any]) -> str:
+        rows = [f"{'policy':13} {'hit rate':>8} {'MiB/token':>9} {'tok/s':>7} {'p50 s':>6} {'p99 s':>6} {'errors':>6}"]
+        for name, p in r["policies"].items():
+            rows.append(f"{name:13} {100 * (p['hit_rate'] or 0):7.1f}% {(p['bytes_read_per_token'] or 0) / MIB:9.3f} "
+                        f"{p['tok_s'] or 0:7.1f} {p['p50_latency_s'] or 0:6.2f} {p['p99_latency_s'] or 0:6.2f} "
+                        f"{p['errors']:6}")
+        if r.get("decision_cost"):
+            rows.append(_decision_cost_summary(r))
+        if r.get("report"):
+            rows.append(f"wrote {r['report']}")
+        return "\n".join(rows)
+
+    def _decision_cost_summary(r: dict[str, Any]) -> str:
+        d = r["decision_cost"]
+        return (f"router decision at {d['n_nodes']} nodes x {d['n_layers']} layers x {d['n_experts']} experts: "
+                f"p50 {d['p50_ms']:.3f} ms, p99 {d['p99_ms']:.3f} ms, {d['decisions_per_s']:.1f} decisions/s "
+                f"(median of rounds: {', '.join(f'{x:.0f}' for x in d.get('round_decisions_per_s', []))}) "
+                f"(target p99 <= {d['targets']['p99_ms_max']:g} ms, >= {d['targets']['decisions_per_s_min']:g}/s: "
+                f"{'met' if d['targets']['met'] else 'not met'})")
+
+    policies = [p for p in (args.policies or "").split(",") if p]
+    if args.suite == "routing":
+        from cluster.bench import routing_bench
+
+        if args.decision_cost:
+            result = routing_bench.run_decision_cost(quick=args.quick)
+            emit(jsonable(result), args, _decision_cost_summary)
+            return 0
+        result = routing_bench.run_routing_bench(
+            args.model, Path(args.out), prompts=args.prompts, n_nodes=args.nodes or 3, cache_mb=args.cache_mb,
+            node_memory_mb=args.node_memory_mb, policies=policies or routing_bench.DEFAULT_POLICIES,
+            n_requests=args.requests, rate=args.rate, max_tokens=args.max_tokens, seed=args.seed or 0,
+            quick=args.quick, kill_node_after_s=args.kill_node_after,
+            concurrency=int(args.concurrency) if args.concurrency else None, progress=not args.json)
+        emit(jsonable(result), args, _routing_summary)
+        return 0
+    if args.suite == "simulate":
+        from cluster.bench.simulate import run_simulate_bench
+
+        if args.model and args.traces:
+            raise ValueError("--model and --traces exclude each other (traces already name their model)")
+        result = run_simulate_bench(
+            args.model, Path(args.out), traces_path=args.traces, save_traces=args.save_traces,
+            n_nodes=args.nodes or 256, policies=policies, n_requests=args.requests, rate=args.rate,
+            cache_mb=args.cache_mb, max_tokens=args.max_tokens, seed=args.seed or 0, quick=args.quick,
+            warmth_knobs=_warmth_knobs(args.warmth_knob or []), progress=not args.json)
+        emit(jsonable(result), args, _routing_summary)
+        return 0
+    raise SystemExit(f"unknown bench suite {args.suite!r}")
+
+
+def _warmth_knobs(pairs: Sequence[str]) -> dict[str, float]:
+    """``NAME=VALUE`` pairs as warmth-policy keyword arguments, checked by building the policy once."""
+    from cluster.routing.warmth import WarmthPolicy
+
+    knobs: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            number = float(value) if sep else None
+        except ValueError:
+            number = None
+        if number is None or not name:
+            raise ValueError(f"--warmth-knob takes NAME=NUMBER, got {pair!r}")
+        knobs[name] = int(number) if number.is_integer() and "." not in value else number
+    names = [n for n, p in inspect.signature(WarmthPolicy).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(knobs) - set(names))
+    if unknown:
+        raise ValueError(f"--warmth-knob: unknown knob {unknown[0]!r}; the warmth policy has {', '.join(names)}")
+    WarmthPolicy(**knobs)  # its own checks of the values (ValueError)
+    return knobs
+
+
