@@ -12,7 +12,7 @@ import pytest
 from foreign_models import write_foreign_model
 
 from cluster.models import synth
-from cluster.bench import routing_bench, simulate, workload
+from cluster.bench import decision_cost, routing_bench, simulate, workload
 from cluster.bench.routing_report import targets
 from cluster.cli.main import main
 
@@ -180,7 +180,7 @@ def test_simulator_serves_every_request_and_warmth_beats_round_robin(traces: sim
 
 
 def test_decision_cost_returns_sane_numbers_at_small_scale() -> None:
-    r = routing_bench.measure_decision_cost(n_nodes=6, n_layers=4, n_experts=16, k=2, n_topics=2, prompt_tokens=40,
+    r = decision_cost.measure_decision_cost(n_nodes=6, n_layers=4, n_experts=16, k=2, n_topics=2, prompt_tokens=40,
                                             n_train=8, n_decisions=25, n_rounds=3)
     assert r["n_decisions"] == 75 and r["n_rounds"] == 3 and r["affinity_tokens"] > 0
     assert r["learn_ms_per_report"] > 0 and r["learn_tokens_per_report"] == 64

@@ -141,9 +141,10 @@ def run_bench(args: argparse.Namespace) -> int:
     policies = [p for p in (args.policies or "").split(",") if p]
     if args.suite == "routing":
         from cluster.bench import routing_bench
+        from cluster.bench.decision_cost import run_decision_cost
 
         if args.decision_cost:
-            result = routing_bench.run_decision_cost(quick=args.quick)
+            result = run_decision_cost(quick=args.quick)
             emit(jsonable(result), args, _decision_cost_summary)
             return 0
         result = routing_bench.run_routing_bench(
