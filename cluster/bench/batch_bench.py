@@ -38,7 +38,7 @@ import requests
 from cluster.distributed import memory_limit as memlimit
 from cluster.bench import command_line, log_progress, out_flag, percentile
 from cluster.bench.closed_loop import closed_loop
-from cluster.bench.serving_bench import LlamaServer, find_llama_server
+from cluster.bench.llama_server import LlamaServer, find_llama_server
 from cluster.bench.worker import read_bytes
 from cluster.engine.node_memory import MIB
 
