@@ -156,6 +156,22 @@ def test_a_node_holding_the_conversation_prefix_wins_over_equal_warmth():
     assert policy.prefix_holders == {}
 
 
+def test_a_conversations_next_turn_finds_the_node_it_was_routed_to_before_that_node_reports():
+    """The node's report of what it holds may reach the router after the conversation's next turn
+    (they come from different processes): the router counts the prompt it routed as held there."""
+    policy = trained_policy()
+    first = request(0, n=3 * PREFIX_BLOCK, rid="turn1")
+    nodes = [view("a", topic=0), view("b", topic=0)]
+    served = policy.choose(first, nodes)[0]
+    policy.on_routed(first, served)
+    follow = RouteRequest("turn2", first.tokens + tuple(TOPIC_TOKENS[0][:PREFIX_BLOCK]))
+    for _ in range(4):  # the tie between equally warm nodes no longer decides
+        assert policy.choose(follow, nodes)[0] == served
+    assert policy.explain()["matched_tokens"][served] == 3 * PREFIX_BLOCK
+    policy.on_prefixes(served, [])  # then its report: it holds nothing (the state was dropped), and that stands
+    assert served not in {n for h in prefix_hashes(first.tokens) for n in policy.prefix_holders.get(h, ())}
+
+
 def test_a_conversation_stays_on_its_busier_node_while_that_node_has_a_free_slot():
     """Its node holds the conversation's KV state and can start it at once (a free slot): the
     prefill it saves counts there, whatever the experts' regime (a trained MoE's requests spread

@@ -176,6 +176,10 @@ class WarmthPolicy(RoutingPolicy):
         return np.unpackbits(bits, count=n_layers * n_experts, bitorder="little").astype(bool).reshape(n_layers, n_experts)
 
     def on_routed(self, request: RouteRequest, node_id: str) -> None:
+        # the node will hold this prompt's KV state once it serves it: a conversation's next turn
+        # finds it there even if it is routed before the node's report says so (that report, the
+        # node's full account of what it holds, replaces these)
+        self.on_prefixes(node_id, self.node_prefixes.get(node_id, set()) | set(prefix_hashes(request.tokens)))
         now = self.clock()
         self._recent[node_id] = (self._recent_use(node_id, now) + 1.0, now)
         bits = self.predicted.get(request.request_id)
