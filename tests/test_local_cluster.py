@@ -105,9 +105,9 @@ def test_an_address_nobody_listens_at_is_one_line_not_a_hang(tmp_path: Path) -> 
 def test_a_start_up_interrupted_by_a_signal_removes_what_it_started(tmp_path: Path, tiny_model: Path, sig: int) -> None:
     state = tmp_path / "cluster.json"
     before = set(_all_raylets())  # Ray nodes of other clusters (none in a plain run)
-    serve = subprocess.Popen([sys.executable, "-m", "cluster", "serve", "--model", str(tiny_model), "--local-nodes", "3",
-                              "--threads", "1"], env=_env(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    serve = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_SIGNALS, "-m", "cluster", "serve", "--model", str(tiny_model),
+                              "--local-nodes", "3", "--threads", "1"], env=_env(state), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     wait_until(lambda: _daemons(state), 60, "serve --local-nodes starting its daemon", interval_s=0.05)
     serve.send_signal(sig)  # the daemon has just started: its three Ray nodes take seconds more, the deployment longer
     _, err = serve.communicate(timeout=120)
@@ -139,6 +139,16 @@ def _raylets(daemon_pid: int) -> dict[int, bool]:
         if parent == daemon_pid and argv[0].endswith(b"/raylet"):
             found[int(entry.name)] = b"--head" in argv
     return found
+
+
+# Runs the command after it with SIGINT and SIGTERM at their defaults and unblocked, as a user's
+# shell starts a command: the test process may hand its children SIGINT ignored or blocked, and
+# serve then never saw the signal, finished its start-up and exited 0. (An exec, not preexec_fn,
+# which is unsafe in a process with threads.)
+_WITH_DEFAULT_SIGNALS = ("import os, signal, sys; "
+                         "[signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)]; "
+                         "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
+                         "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
 def _all_raylets() -> list[int]:
