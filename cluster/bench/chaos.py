@@ -39,7 +39,6 @@ import os
 import re
 import signal
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,8 @@ import requests
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback (DESIGN.md); read when ray is imported
 
+from cluster.bench.local_run import local_ray  # noqa: E402
+from cluster.bench.workload import topic_prompts  # noqa: E402
 from cluster.distributed import local_cluster  # noqa: E402
 from cluster.distributed.status import NodeStatus  # noqa: E402
 from cluster.bench import command_line, free_port, log_progress, out_flag  # noqa: E402
@@ -296,7 +297,7 @@ async def _fault(kind: str, client: Any, http: HttpApi, prompt: str, n_nodes: in
                  state_file: str) -> dict[str, Any]:
     import ray
 
-    from cluster.distributed.protocol import ROUTER_NAME, node_name
+    from cluster.distributed.protocol import ROUTER_NAME
 
     fault: dict[str, Any] = {"kind": kind, "at": time.monotonic()}
     if kind == "node":
@@ -375,36 +376,21 @@ async def _run(client: Any, http: HttpApi, prompts: list[str], *, n_nodes: int, 
 
 def bench_chaos(model_path: str, *, n_nodes: int = 3, clients: int = 8, duration_s: float = 120.0,
                 max_tokens: int = 96, progress: bool = True) -> dict[str, Any]:
-    import ray
-
     from cluster.distributed import deploy
-    from cluster.models import synth
     from cluster.engine.cache import discover_layout
     from cluster.distributed.client import Client
     from cluster.api.gateway import GatewayConfig, start_http
 
-    topics = synth.read_topics(model_path)
-    prompts = [synth.topic_prompt(topics, i % len(topics), 16, seed=i) for i in range(16)] if topics else \
-        [f"request {i} about the weather and the sea" for i in range(16)]
+    prompts = topic_prompts(model_path)
     budget = int(discover_layout(model_path).unit_bytes.sum() * 0.5)
-    with tempfile.TemporaryDirectory(prefix="sniper-chaos-") as tmp:
-        state_file = os.path.join(tmp, "local-cluster.json")
-        address = local_cluster.start(n_nodes, cpus_per_node=1, dashboard_port=0, state_file=state_file)
-        try:
-            ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR")
-            deploy.deploy(model_path, n_nodes, cache_bytes=budget, namespace=NAMESPACE, n_threads=1, n_ctx=1024)
-            url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=API_KEY), port=free_port())
-            http = HttpApi(url, requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"])
-            client = Client(namespace=NAMESPACE, router_wait_s=ROUTER_WAIT_S)
-            log_progress(progress, f"chaos: {n_nodes} nodes, {clients} callers, {duration_s:g} s, gateway {url}")
-            run = asyncio.run(_run(client, http, prompts, n_nodes=n_nodes, clients=clients, duration_s=duration_s,
-                                   max_tokens=max_tokens, state_file=state_file, progress=progress))
-        finally:
-            try:
-                deploy.shutdown(NAMESPACE)
-            finally:
-                ray.shutdown()
-                local_cluster.stop(state_file=state_file)
+    with local_ray(n_nodes, NAMESPACE) as state_file:
+        deploy.deploy(model_path, n_nodes, cache_bytes=budget, namespace=NAMESPACE, n_threads=1, n_ctx=1024)
+        url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=API_KEY), port=free_port())
+        http = HttpApi(url, requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"])
+        client = Client(namespace=NAMESPACE, router_wait_s=ROUTER_WAIT_S)
+        log_progress(progress, f"chaos: {n_nodes} nodes, {clients} callers, {duration_s:g} s, gateway {url}")
+        run = asyncio.run(_run(client, http, prompts, n_nodes=n_nodes, clients=clients, duration_s=duration_s,
+                               max_tokens=max_tokens, state_file=state_file, progress=progress))
     outcomes = run["outcomes"]
     results = ("completed", "typed error", "raw error", "hung")
     counts = {r: sum(o["result"] == r for o in outcomes) for r in results}

@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,7 +37,8 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds to 127.0.0.1 (DESIGN.md)
 
 from cluster.bench import command_line, log_progress, out_flag, percentile  # noqa: E402
-from cluster.distributed import local_cluster  # noqa: E402
+from cluster.bench.local_run import local_ray  # noqa: E402
+from cluster.bench.workload import topic_prompts  # noqa: E402
 
 NAMESPACE = "sniper-bench-router"
 INTERVAL_S = 0.01  # between an ordinary request's Route and the next one's ask
@@ -123,45 +123,32 @@ def bench_router(model_path: str, *, nodes: int = 2, heavy: int = 3, prompt_mb: 
     from cluster.distributed.edge import Edge, PromptRequest
     from cluster.distributed.protocol import ROUTER_NAME
     from cluster.engine.sampling import SamplingParams
-    from cluster.models import synth
 
-    topics = synth.read_topics(model_path)
-    prompts = [synth.topic_prompt(topics, i % len(topics), 16, seed=i) for i in range(16)] if topics else \
-        [f"request {i} about the weather and the sea" for i in range(16)]
+    prompts = topic_prompts(model_path)
     prompt_bytes = int(prompt_mb * 1e6)
-    with tempfile.TemporaryDirectory(prefix="sniper-router-bench-") as tmp:
-        state_file = os.path.join(tmp, "local-cluster.json")
-        address = local_cluster.start(nodes, cpus_per_node=1, dashboard_port=0, state_file=state_file)
-        try:
-            ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR")
-            deploy.deploy(model_path, nodes, cache_bytes=None, namespace=NAMESPACE, n_threads=1)
-            router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
-            source = ray.get(router.model_source.remote())
-            edge = Edge.load(source)  # this process's edge: the ordinary requests are tokenized here, untimed
-            params = SamplingParams(max_tokens=1)
-            asks = [edge.prepare(PromptRequest(uuid.uuid4().hex, p, params)).ask for p in prompts]
-            log_progress(progress, f"router bench: {nodes} nodes, {requests} ordinary routes idle, then with {heavy} "
-                                   f"callers sending {prompt_mb:g} MB prompts")
-            callers = [ray.remote(HeavyCaller).options(num_cpus=0, namespace=NAMESPACE).remote(NAMESPACE, prompt_bytes)
-                       for _ in range(heavy)]
-            idle: list[float] = []
-            loaded: list[float] = []
-            heavy_runs: list[dict[str, Any]] = []
-            per_round = -(-requests // ROUNDS)
-            load_before = os.getloadavg()[0]
-            for _ in range(ROUNDS):
-                idle += asyncio.run(_route_times(router, asks, per_round))
-                ray.get([c.start.remote() for c in callers], timeout=600)
-                loaded += asyncio.run(_route_times(router, asks, per_round))
-                heavy_runs += ray.get([c.stop.remote() for c in callers], timeout=600)
-            load_after = os.getloadavg()[0]
-            status = ray.get(router.status.remote())
-        finally:
-            try:
-                deploy.shutdown(NAMESPACE)
-            finally:
-                ray.shutdown()
-                local_cluster.stop(state_file=state_file)
+    with local_ray(nodes, NAMESPACE):
+        deploy.deploy(model_path, nodes, cache_bytes=None, namespace=NAMESPACE, n_threads=1)
+        router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+        source = ray.get(router.model_source.remote())
+        edge = Edge.load(source)  # this process's edge: the ordinary requests are tokenized here, untimed
+        params = SamplingParams(max_tokens=1)
+        asks = [edge.prepare(PromptRequest(uuid.uuid4().hex, p, params)).ask for p in prompts]
+        log_progress(progress, f"router bench: {nodes} nodes, {requests} ordinary routes idle, then with {heavy} "
+                               f"callers sending {prompt_mb:g} MB prompts")
+        callers = [ray.remote(HeavyCaller).options(num_cpus=0, namespace=NAMESPACE).remote(NAMESPACE, prompt_bytes)
+                   for _ in range(heavy)]
+        idle: list[float] = []
+        loaded: list[float] = []
+        heavy_runs: list[dict[str, Any]] = []
+        per_round = -(-requests // ROUNDS)
+        load_before = os.getloadavg()[0]
+        for _ in range(ROUNDS):
+            idle += asyncio.run(_route_times(router, asks, per_round))
+            ray.get([c.start.remote() for c in callers], timeout=600)
+            loaded += asyncio.run(_route_times(router, asks, per_round))
+            heavy_runs += ray.get([c.stop.remote() for c in callers], timeout=600)
+        load_after = os.getloadavg()[0]
+        status = ray.get(router.status.remote())
     idle_s, loaded_s = _summary(idle), _summary(loaded)
     ends: dict[str, int] = {}
     for run in heavy_runs:

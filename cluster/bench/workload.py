@@ -260,3 +260,13 @@ def for_model(model_path: str, prompts: str | None, n_requests: int, *, rate: fl
         raise ValueError(f"'{model_path}' has no synthetic topics to make prompts from; "
                          f"pass --prompts FILE.jsonl") from None
     return synthetic(topics, n_requests, rate=rate, seed=seed, max_open=max_open, preamble_words=preamble_words)
+
+
+def topic_prompts(model_path: str, n: int = 16, n_words: int = 16) -> list[str]:
+    """``n`` short prompts for a model: a synthetic model's topics in turn, else plain text."""
+    from cluster.models import synth
+
+    topics = synth.read_topics(model_path)
+    if not topics:
+        return [f"request {i} about the weather and the sea" for i in range(n)]
+    return [synth.topic_prompt(topics, i % len(topics), n_words, seed=i) for i in range(n)]
