@@ -127,6 +127,7 @@ class WarmthPolicy(RoutingPolicy):
         self.affinity = TokenAffinity(max_tokens_tracked, max_demand_tokens)
         self.node_prefixes: dict[str, set[int]] = {}
         self.prefix_holders: dict[int, set[str]] = {}  # prefix hash -> nodes holding it
+        self._chosen_hashes: tuple[str | None, list[int]] = (None, [])  # the last choice's request and prefix hashes
         self.predicted: dict[str, np.ndarray] = {}  # request_id -> packed bits of the [L*E] experts predicted
         self._matrix = np.zeros((0, 0), dtype=np.uint8)  # residency bits of the nodes seen, a row each
         self._width = 0  # experts per residency row
@@ -179,7 +180,10 @@ class WarmthPolicy(RoutingPolicy):
         # the node will hold this prompt's KV state once it serves it: a conversation's next turn
         # finds it there even if it is routed before the node's report says so (that report, the
         # node's full account of what it holds, replaces these)
-        self.on_prefixes(node_id, self.node_prefixes.get(node_id, set()) | set(prefix_hashes(request.tokens)))
+        chosen_id, hashes = self._chosen_hashes
+        if chosen_id != request.request_id:  # routed without this policy's choice (a restarted router's replay)
+            hashes = prefix_hashes(request.tokens)
+        self.on_prefixes(node_id, self.node_prefixes.get(node_id, set()) | set(hashes))
         now = self.clock()
         self._recent[node_id] = (self._recent_use(node_id, now) + 1.0, now)
         bits = self.predicted.get(request.request_id)
@@ -201,7 +205,9 @@ class WarmthPolicy(RoutingPolicy):
         ceiling = min(loads) + self.load_slack
         candidates = np.array([i for i, n in enumerate(nodes)
                                if n.load <= ceiling or (self.batch_affinity and n.load < n.slots)], dtype=np.int64)
-        matched = self._matched_tokens(prefix_hashes(tokens), nodes, candidates, n_tokens)
+        hashes = prefix_hashes(tokens)
+        self._chosen_hashes = (request.request_id, hashes)  # on_routed registers them where it went
+        matched = self._matched_tokens(hashes, nodes, candidates, n_tokens)
         if matched is None:  # nobody holds a prefix of it: every candidate would prefill all of it
             starts, group_of = [0], np.zeros(candidates.size, dtype=np.int64)
             matched = group_of
