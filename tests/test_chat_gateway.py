@@ -193,6 +193,20 @@ def test_bad_values_are_400_naming_the_field(gateway, model, words, options, par
     assert info.value.status_code == 400 and info.value.body["param"] == param, info.value.body
 
 
+@pytest.mark.parametrize("schema, keyword", [
+    ({"type": "object", "properties": {"s": {"type": "string", "maxLength": 10**18}}}, "'maxLength'"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7}}}, "'multipleOf'"),
+])
+def test_a_schema_keyword_that_cannot_be_enforced_is_a_400_naming_it(gateway, model, words, schema, keyword):
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            _client(gateway).chat.completions.create(model=model, messages=_user(words), max_tokens=4, stream=stream,
+                                                     response_format=response_format)
+        assert info.value.status_code == 400 and info.value.body["param"] == "response_format", info.value.body
+        assert keyword in info.value.body["message"], info.value.body
+
+
 def test_a_template_error_is_a_400_naming_the_problem(gateway, model):
     with pytest.raises(openai.BadRequestError) as info:
         _client(gateway).chat.completions.create(model=model, max_tokens=4, messages=[

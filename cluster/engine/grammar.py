@@ -11,18 +11,19 @@ are replaced, both so that what is generated parses as JSON even on a model that
 * ``space``: at most one space between tokens (the converter's own choice too), so a model
   cannot run away in whitespace.
 
-Schemas may bound strings (``maxLength``), arrays (``maxItems``) and use ``enum``/``const``; an
-unbounded string is unbounded in the grammar too, so ``max_tokens`` still decides (the answer
-is then cut, with ``finish_reason: length``).
+The converter is ``schema_bounds.BoundedSchemaConverter``: numeric bounds, string and array
+lengths are enforced, and a keyword that cannot be is refused by name. An unbounded string is
+unbounded in the grammar too, so ``max_tokens`` still decides (the answer is then cut, with
+``finish_reason: length``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, Sequence
 
-from llama_cpp.llama_grammar import SchemaConverter
-
+from cluster.engine.schema_bounds import BoundedSchemaConverter
 from cluster.errors import InvalidParameterError
 
 JSON_CHAR_RULE = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
@@ -70,12 +71,14 @@ def _convert(schema: Any, param: str, prop_order: Sequence[str], root: str = "ro
     if not isinstance(schema, dict):
         raise InvalidParameterError(f"'{param}': the JSON schema must be an object, got {json.dumps(schema)[:100]}",
                                     param=param)
-    converter = SchemaConverter(prop_order={name: i for i, name in enumerate(prop_order)}, allow_fetch=False,
+    converter = BoundedSchemaConverter(prop_order={name: i for i, name in enumerate(prop_order)}, allow_fetch=False,
                                 dotall=False, raw_pattern=False)
     try:
-        resolved = converter.resolve_refs(schema, "input")
+        resolved = converter.resolve_refs(copy.deepcopy(schema), "input")  # the caller's schema stays as it was
         converter.visit(resolved, "")
         grammar = converter.format_grammar()
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"'{param}': {exc}", param=param) from None
     except (AssertionError, KeyError, TypeError, ValueError, RecursionError, AttributeError) as exc:
         raise InvalidParameterError(f"'{param}': the JSON schema cannot be turned into a grammar: "
                                     f"{type(exc).__name__}: {exc}", param=param) from None
