@@ -41,6 +41,11 @@ class ChatTemplateError(InvalidParameterError):
     model has no template for what was asked, such as tools)."""
 
 
+class TemplateLimitError(ChatTemplateError):
+    """A chat template took longer, wrote more or needed more memory than a rendering may
+    (``cluster.engine.template_render``)."""
+
+
 class PromptTooLongError(SniperError, ValueError):
     """The prompt does not fit in the context window."""
 

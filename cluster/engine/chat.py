@@ -6,6 +6,9 @@ renders a ``ChatPrompt`` with it in a sandboxed Jinja environment
 (``jinja2.sandbox.ImmutableSandboxedEnvironment``) with the variables and helpers templates
 use: ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``tools`` (when
 given), ``raise_exception(message)``, ``strftime_now(format)`` and a JSON ``tojson`` filter.
+Compiling and rendering happen in worker processes with a time, size and memory limit
+(``cluster.engine.template_render``): a template that exceeds one is a ``TemplateLimitError``,
+and the deployment refuses such a template at start-up, on a probe conversation.
 The text it produces is tokenized with special tokens parsed (``cluster.engine.tokenizer``).
 
 A model without a template keeps the plain rendering (``role: content`` lines, then
@@ -23,17 +26,15 @@ what the template refused, so the HTTP layer answers 400.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, Sequence
 
 import jinja2
 import jinja2.meta
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from cluster.errors import ChatTemplateError, InvalidParameterError
 from cluster.engine.sampling import SamplingParams
+from cluster.engine.template_render import RenderFailure, render_pool, sandbox
+from cluster.errors import ChatTemplateError, InvalidParameterError, TemplateLimitError
 
 ROLES = ("system", "user", "assistant", "tool")
 CHAT_ROLES = (*ROLES, "developer")  # the roles a message dict may name; "developer" is OpenAI's newer name for system
@@ -243,23 +244,22 @@ class ChatTemplate:
     origin: TemplateOrigin
     bos_token: str = ""
     eos_token: str = ""
-    _compiled: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def create(cls, source: str | None, origin: TemplateOrigin, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
         """Compiles ``source``; None (or origin ``none``) is the plain rendering.
 
         Raises:
-            ChatTemplateError: the template does not compile (its line and the parser's message).
+            ChatTemplateError: the template does not compile (its line and the parser's message);
+                ``TemplateLimitError`` if compiling it exceeds a limit.
         """
         if source is None or origin == "none":
             return cls(None, "none", bos_token, eos_token)
         try:
-            compiled = _environment().from_string(source)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ChatTemplateError(f"the {origin} chat template does not compile: line {exc.lineno}: {exc.message}",
-                                    param="messages") from None
-        return cls(source, origin, bos_token, eos_token, compiled)
+            render_pool().compile(source)
+        except RenderFailure as failure:
+            raise _template_error(failure, f"the {origin} chat template does not compile") from None
+        return cls(source, origin, bos_token, eos_token)
 
     @property
     def supports_tools(self) -> bool:
@@ -267,7 +267,7 @@ class ChatTemplate:
         service parses back (``cluster.api.tool_calls``)."""
         if self.source is None or HERMES_TOOL_CALL_TAG not in self.source:
             return False
-        return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(self.source))
+        return "tools" in jinja2.meta.find_undeclared_variables(sandbox().parse(self.source))
 
     def render(self, prompt: ChatPrompt) -> RenderedChat:
         """The prompt text of a conversation.
@@ -280,7 +280,7 @@ class ChatTemplate:
             what = "the model has no chat template" if self.source is None else \
                 "the chat template does not take tools in the <tool_call> format this server parses"
             raise ChatTemplateError(f"'tools' cannot be used with this model: {what}", param="tools")
-        if self._compiled is None:
+        if self.source is None:
             return RenderedChat(plain_prompt(prompt.messages), "none", special=False)
         text = self._render(prompt.messages, prompt.tools_for_template(), prompt.add_generation_prompt)
         return RenderedChat(text, self.origin, special=True, end_of_turn=self.end_of_turn())
@@ -293,23 +293,27 @@ class ChatTemplate:
         if tools:
             variables["tools"] = tools
         try:
-            return self._compiled.render(**variables)
-        except _TemplateRaised as exc:
-            raise ChatTemplateError(f"the {self.origin} chat template refused the conversation: {exc}",
-                                    param="messages") from None
-        except Exception as exc:  # undefined values, sandbox violations, and whatever a template's code raises
-            raise ChatTemplateError(f"the {self.origin} chat template failed on the conversation: "
-                                    f"{type(exc).__name__}: {exc}", param="messages") from None
+            return render_pool().render(self.source, variables)
+        except RenderFailure as failure:
+            what = {"raised": "refused the conversation", "limit": "was stopped"}.get(failure.kind,
+                                                                                     "failed on the conversation")
+            raise _template_error(failure, f"the {self.origin} chat template {what}") from None
 
     def end_of_turn(self) -> str | None:
         """The text the template writes right after an assistant's answer, up to the first
         whitespace (``<|im_end|>``, ``<|eot_id|>``); None if it writes nothing there or cannot
-        render a one-turn exchange. The router stops generation on it when it is a control token."""
-        if self._compiled is None:
+        render a one-turn exchange. The router stops generation on it when it is a control token.
+
+        Raises:
+            TemplateLimitError: rendering the exchange exceeds a limit (the probe of the module docstring).
+        """
+        if self.source is None:
             return None
         probe = (ChatMessage("user", "hi"), ChatMessage("assistant", _SENTINEL))
         try:
             text = self._render(probe, None, add_generation_prompt=False)
+        except TemplateLimitError:
+            raise
         except ChatTemplateError:
             return None
         at = text.find(_SENTINEL)
@@ -338,8 +342,14 @@ class ChatRenderer:
                 raise
             self.broken = ChatTemplateError(f"{exc}; serve --chat-template FILE can replace it", param="messages")
             self.template = ChatTemplate.create(None, "none")
+        try:
+            end = self.template.end_of_turn()
+        except TemplateLimitError as exc:
+            if override is not None:
+                raise
+            self.broken = ChatTemplateError(f"{exc}; serve --chat-template FILE can replace it", param="messages")
+            self.template, end = ChatTemplate.create(None, "none"), None
         self.supports_tools = self.broken is None and self.template.supports_tools
-        end = self.template.end_of_turn()
         ids = tokenizer.tokenize(end, special=True, add_special=False) if end else []
         self.end_of_turn_ids: tuple[int, ...] = (ids[0],) if len(ids) == 1 and tokenizer.is_control(ids[0]) else ()
 
@@ -365,31 +375,9 @@ def plain_prompt(messages: Sequence[ChatMessage]) -> str:
     return "".join(f"{m.role}: {m.content or ''}\n" for m in messages) + "assistant:"
 
 
-class _TemplateRaised(Exception):
-    """``raise_exception`` called by a template."""
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    """JSON as templates expect it (Jinja's own ``tojson`` escapes HTML characters)."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols],
-                                        undefined=jinja2.Undefined, autoescape=False)
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.filters["tojson"] = _tojson
-    return env
+def _template_error(failure: RenderFailure, what: str) -> ChatTemplateError:
+    kind = TemplateLimitError if failure.kind == "limit" else ChatTemplateError
+    return kind(f"{what}: {failure.message}", param="messages")
 
 
 # -- templates written into synthetic chat models (cluster.models.synth) --------------------------------
