@@ -356,3 +356,34 @@ def test_training_with_every_lever_resumes_to_the_uninterrupted_run(tiny_tokeniz
     assert steps[0] == steps[1]
     with pytest.raises(ValueError, match="selection bias"):
         export_checkpoint(ckpt_a, out_a / "tokenizer.json", tmp_path / "x.gguf")
+
+
+def test_prompts_interleave_conversations_as_arrivals_without_a_cycle_round_robin_follows(tmp_path: Path) -> None:
+    import json
+
+    from cluster.train.prompts import PromptsConfig, write_prompts
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for domain in ("a", "b", "c", "d"):
+        with (corpus / f"{domain}.heldout.jsonl").open("w") as f:
+            for doc in range(6):
+                f.write(json.dumps({"text": f"{domain}{doc} " * 400}) + "\n")
+    lines = [json.loads(line) for line in write_prompts(tmp_path, PromptsConfig(conversations=6, turns=3,
+                                                                                 chars_per_turn=50)).open()]
+    assert len(lines) == 4 * 6 * 3
+    turns: dict[str, list[str]] = {}
+    for line in lines:
+        turns.setdefault(line["session"], []).append(line["prompt"])
+    text = {f"{d}-{i}": f"{d}{i} " * 400 for d in "abcd" for i in range(6)}
+    assert all("".join(t) == text[s][:150] for s, t in turns.items())  # each conversation's turns, in order
+    # round_robin over 3 nodes (24 conversations): consecutive turns of a conversation land on one node by chance
+    # (about a third), not always as under the old fixed cycle over the conversations
+    node = {}
+    same = 0
+    for i, line in enumerate(lines):
+        same += node.get(line["session"]) == i % 3
+        node[line["session"]] = i % 3
+    assert same < 0.6 * (4 * 6 * 2)
+    assert lines == [json.loads(line) for line in write_prompts(tmp_path, PromptsConfig(conversations=6, turns=3,
+                                                                                         chars_per_turn=50)).open()]
