@@ -293,6 +293,7 @@ def summarise_live(outcomes: list[dict[str, Any]], before: RouterStatus, after: 
         "prediction_recall": after.prediction.recall,
         "decision_audit": after_json["decision_audit"],
         "decisions": after_json["decisions"],
+        "policy_state": after_json.get("policy_state"),
         "retried_requests": sum(1 for o in ok if o.get("routing", {}).get("attempts", 1) > 1),
         "errors": len(errors),
         "error_examples": sorted(set(errors))[:5],

@@ -127,7 +127,15 @@ def _audit_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
         if a.get("n"):
             lines.append(f"| {name} | {a['n']} | {_pct(a['served_coverage'])} | {_pct(a['best_coverage'])} | "
                          f"{_pct(a['mean_coverage'])} | {_pct(a['warmest_share'])} of {a['n_choices']} |")
-    return lines + [""]
+    lines.append("")
+    weighed = {name: p["policy_state"] for name, p in policies.items()
+               if (p.get("policy_state") or {}).get("warmth_weight") is not None}
+    for name, state in weighed.items():
+        lines += [f"What `{name}` concluded at the end of the run (`status().policy_state`): warmth separation "
+                  f"{100 * state['warmth_separation']:.1f} points (coverage on the node it expected warmest minus the "
+                  f"candidates' mean, over {state['warmth_audits']} audited requests), so expected expert misses count "
+                  f"with weight {state['warmth_weight']:.2f} of 1 in its choice.", ""]
+    return lines
 
 
 def _crash_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
