@@ -96,6 +96,8 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("non_expert_bytes", &expert_layout::non_expert_bytes)
         .def_readonly("page_size", &expert_layout::page_size)
         .def_readonly("expert_tensors", &expert_layout::expert_tensors)
+        .def_readonly("predictor_off", &expert_layout::predictor_off,
+                      "Why the next-layer predictor is off for this file (a selection rule it does not implement), or ''.")
         .def_property_readonly("unit_bytes",
             [](const expert_layout & l) { return to_array(l.unit_bytes, {l.n_layers, l.n_experts}); },
             "Page-rounded footprint of every (layer, expert), shape [n_layers, n_experts].")
@@ -210,6 +212,8 @@ PYBIND11_MODULE(_native, m) {
         .def("attach", &expert_cache::attach, py::call_guard<py::gil_scoped_release>(),
              "Finds llama.cpp's mapping of the model and establishes the budget; call after the model loaded.")
         .def_property_readonly("attached", &expert_cache::attached)
+        .def_property_readonly("predictor_off", &expert_cache::predictor_off,
+             "Why the next-layer predictor is off for this model (ExpertLayout.predictor_off), or ''.")
         .def_property_readonly("callback_address",
             [](const expert_cache &) { return reinterpret_cast<uintptr_t>(&expert_cache::eval_callback); },
             "Address of the ggml_backend_sched_eval_callback to put in llama_context_params.cb_eval.")

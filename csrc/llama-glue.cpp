@@ -187,6 +187,12 @@ expert_layout expert_layout_discover(const std::string & path) {
                                  " expert_used_count=" + std::to_string(layout.n_experts_used));
     }
 
+    const int64_t n_groups = get_int_key(ctx, arch + ".expert_group_count", 0);
+    if (n_groups > 1) {
+        layout.predictor_off = "expert groups (" + arch + ".expert_group_count=" + std::to_string(n_groups) +
+                               ") are not in the predictor's rule (top-k of the router logits)";
+    }
+
     const uint64_t data_offset = gguf_get_data_offset(ctx);
     const int64_t n_tensors = gguf_get_n_tensors(ctx);
     const size_t n_units = size_t(layout.n_layers) * size_t(layout.n_experts);
@@ -216,6 +222,10 @@ expert_layout expert_layout_discover(const std::string & path) {
         const bool is_expert = il >= 0 && rest.find("_exps.") != std::string::npos;
         if (il >= 0 && rest == "ffn_gate_inp.weight" && il < layout.n_layers) {
             layout.routers[size_t(il)] = router_tensor{offset, int32_t(gguf_get_tensor_type(ctx, i)), ne[0], ne[1]};
+        }
+        if (il >= 0 && layout.predictor_off.empty() && (rest == "exp_probs_b.bias" || rest == "ffn_gate_inp.bias")) {
+            layout.predictor_off = std::string(rest == "exp_probs_b.bias" ? "selection bias" : "router bias") +
+                                   " '" + name + "' is not in the predictor's rule (top-k of the router logits)";
         }
         if (!is_expert) {
             extents.push_back({offset, offset + size, -2, 0});
@@ -337,7 +347,7 @@ void expert_cache::attach() {
     const int n_layers = layout_.n_layers, n_experts = layout_.n_experts;
     router_rows_.assign(size_t(n_layers), nullptr);
     router_owned_.assign(size_t(n_layers), {});
-    for (int il = 0; il < n_layers; ++il) {
+    for (int il = 0; il < n_layers && layout_.predictor_off.empty(); ++il) {  // off: no router, no prediction
         const router_tensor & r = layout_.routers[size_t(il)];
         if (r.offset == 0 || r.n_embd != layout_.n_embd || r.n_rows != n_experts) { continue; }
         const void * data = residency->file().address_of(r.offset);

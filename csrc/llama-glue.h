@@ -60,6 +60,11 @@ struct expert_layout : expert_file_map {
     uint64_t non_expert_bytes = 0;  // bytes of the file's pages that hold no expert slice
     std::vector<std::string> expert_tensors;         // names of the tensors cut per expert
     std::vector<router_tensor> routers;              // [layer]
+    // Why the predictor is off for this file, or "" (on). The predictor ranks the next layers'
+    // experts by their router logits (the top-k of softmax, of sigmoid, or of the logits alike);
+    // a file whose top-k also adds a selection bias (blk.*.exp_probs_b), a router bias
+    // (blk.*.ffn_gate_inp.bias) or picks expert groups first would be predicted wrongly.
+    std::string predictor_off;
 };
 
 // Reads the GGUF header of `path` and returns its expert layout. Throws std::runtime_error
@@ -110,6 +115,7 @@ public:
     // prediction and starts the I/O threads.
     void attach();
     bool attached() const { return residency_ != nullptr; }
+    const std::string & predictor_off() const { return layout_.predictor_off; }  // "" when predicting
 
     // ggml_backend_sched_eval_callback; user_data is the expert_cache. Must outlive the context.
     static bool eval_callback(ggml_tensor * t, bool ask, void * user_data);

@@ -68,6 +68,12 @@ def synth_presets() -> list[str]:
     return list(synth.PRESETS)
 
 
+def synth_archs() -> tuple[str, ...]:
+    from cluster.models import synth_config
+
+    return synth_config.ARCHS
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments get one line, as every other bad input does (not the whole usage block)."""
 
@@ -90,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=_positive_int)
     p.add_argument("--ff", type=_positive_int)
     p.add_argument("--dtype", choices=("f16", "q8_0", "q4_k"))
-    p.add_argument("--arch", choices=("llama", "qwen3moe"))
+    p.add_argument("--arch", choices=synth_archs(), help="GGUF architecture (MoE family) to write")
     p.add_argument("--specialization", help="number >= 0, or 'realistic'")
     p.add_argument("--seed", type=int)
     p.add_argument("--chat-template", choices=("chatml", "llama3"),

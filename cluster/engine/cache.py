@@ -446,4 +446,5 @@ def cache_stats(cache: ExpertCache, counters: dict[str, int]) -> dict[str, float
     stats.update(derived_stats(counters))
     stats["resident_bytes"] = cache.resident_bytes
     stats["budget_bytes"] = cache.budget_bytes
+    stats["predictor_on"] = float(not cache.predictor_off)  # why not: ExpertCache.predictor_off
     return stats

@@ -48,6 +48,7 @@ import gguf
 
 from cluster.engine.chat import SYNTH_TEMPLATES
 from cluster.errors import OutputFileError
+from cluster.models.synth_families import FAMILIES
 from cluster.models.synth_config import (
     PRESETS,
     REALISTIC_SPECIALIZATION,
@@ -228,16 +229,19 @@ def _add_metadata(writer: gguf.GGUFWriter, config: SynthConfig, vocab: Vocab) ->
     writer.add_context_length(c.n_ctx_train)
     writer.add_embedding_length(c.n_embd)
     writer.add_block_count(c.n_layers)
+    family = FAMILIES.get(c.arch)
     # llama sizes expert tensors by feed_forward_length; qwen3moe by expert_feed_forward_length
     # (its feed_forward_length is the would-be dense width, k * n_ff).
-    if c.arch == "qwen3moe":
+    if family is not None:
+        family.metadata(writer, c)
+    elif c.arch == "qwen3moe":
         writer.add_feed_forward_length(c.n_ff * c.n_experts_used)
         writer.add_expert_feed_forward_length(c.n_ff)
     else:
         writer.add_feed_forward_length(c.n_ff)
     writer.add_head_count(c.n_head)
-    writer.add_head_count_kv(c.n_head_kv)
-    writer.add_layer_norm_rms_eps(_RMS_EPS[c.arch])
+    writer.add_head_count_kv(c.n_head_kv if family is None else family.n_head_kv(c))
+    writer.add_layer_norm_rms_eps(_RMS_EPS[c.arch] if family is None else family.rms_eps)
     writer.add_rope_dimension_count(c.n_embd // c.n_head)
     writer.add_rope_freq_base(_ROPE_FREQ_BASE)
     if c.n_experts > 0:

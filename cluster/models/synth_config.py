@@ -20,6 +20,7 @@ import numpy as np
 from cluster.engine.chat import SYNTH_TEMPLATES
 
 __all__ = [
+    "ARCHS",
     "DTYPES",
     "PRESETS",
     "REALISTIC_SPECIALIZATION",
@@ -36,7 +37,8 @@ its topic's experts: calibrated so the presets show 25-50 % next-token expert re
 over 90 % of a one-topic conversation's selections in 40 % of each layer's experts (figures in
 the `cluster.models.synth` docstring)."""
 
-_ARCHS = ("llama", "qwen3moe")
+ARCHS = ("llama", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "glm4moe")
+"""GGUF architectures written: llama (Mixtral-style) and qwen3moe here, the others by `synth_families`."""
 DTYPES = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
           "q4_k": gguf.GGMLQuantizationType.Q4_K}
 """GGML type of the expert and attention matrices for each `SynthConfig.dtype`."""
@@ -54,7 +56,9 @@ class SynthConfig:
     """Shape, routing structure and seed of one synthetic model.
 
     Attributes:
-        arch: "llama" or "qwen3moe" (GGUF `general.architecture`).
+        arch: GGUF `general.architecture`: "llama" (Mixtral-style), "qwen3moe", or a family of
+            `cluster.models.synth_families` ("qwen2moe", "olmoe", "granitemoe", "glm4moe", ...), each with its
+            own tensors, keys and routing rule.
         n_layers: transformer blocks.
         n_experts: experts per layer; 0 writes a dense model (ffn_gate/ffn_up/ffn_down, llama only).
         n_experts_used: experts selected per token (top-k); 0 for a dense model.
@@ -115,10 +119,15 @@ class SynthConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise bad(field, "an int")
-        if self.arch not in _ARCHS:
-            raise bad("arch", f"one of {', '.join(_ARCHS)}")
+        if self.arch not in ARCHS:
+            raise bad("arch", f"one of {', '.join(ARCHS)}")
         if not 1 <= self.n_layers <= _MAX_LAYERS:
             raise bad("n_layers", f"1..{_MAX_LAYERS}")
+        if self.arch not in ("llama", "qwen3moe"):
+            from cluster.models.synth_families import FAMILIES
+
+            if self.n_layers <= FAMILIES[self.arch].dense_layers:
+                raise bad("n_layers", f"> {FAMILIES[self.arch].dense_layers} (the leading dense blocks of {self.arch})")
         if self.n_experts == 0:
             if self.arch != "llama":
                 raise bad("n_experts", f"> 0 for arch {self.arch!r} (only llama has a dense form)")

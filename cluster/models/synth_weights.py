@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 
 from cluster.models.synth_config import DTYPES, SynthConfig, named_rng, topic_experts
+from cluster.models.synth_families import FAMILIES
 from cluster.models.synth_vocab import build_vocab
 
 __all__ = ["Plan", "TensorSpec"]
@@ -169,12 +170,16 @@ class Plan:
         # Inputs to every matrix are rms-normalised (components ~ N(0, 1)), so 1/sqrt(n) keeps
         # pre-activations ~ N(0, 1); output matrices are sized so attention and one expert add
         # _ATTN_OUT_RATIO and _FFN_OUT_RATIO of |residual| (see the cluster.models.synth docstring).
-        in_std = 1.0 / math.sqrt(n)
-        attn_out_std = _ATTN_OUT_RATIO * self.residual_norm / n
-        down_std = _FFN_OUT_RATIO * self.residual_norm / math.sqrt(_SILU_GLU_MEAN_SQUARE * ff * n)
+        in_std = self.in_std = 1.0 / math.sqrt(n)
+        attn_out_std = self.attn_out_std = _ATTN_OUT_RATIO * self.residual_norm / n
+        down_std = self.down_std = _FFN_OUT_RATIO * self.residual_norm / math.sqrt(_SILU_GLU_MEAN_SQUARE * ff * n)
 
         self._add("token_embd.weight", (n_vocab, n), f16, lambda: self.embd)  # ggml [n_embd, n_vocab]
+        family = FAMILIES.get(c.arch)
         for il in range(c.n_layers):
+            if family is not None:  # the families of synth_families plan their own blocks
+                family.layer(self, il)
+                continue
             p = f"blk.{il}."
             self._norm(p + "attn_norm.weight", n)
             self._matrix(p + "attn_q.weight", (n_q, n), in_std)  # ggml [n_embd, n_head*head]

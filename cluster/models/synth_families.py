@@ -1,0 +1,216 @@
+"""The MoE families `synth --arch` writes beside `llama` and `qwen3moe`: per GGUF architecture, its metadata keys, its
+per-layer tensors (names, ggml shapes, types as llama.cpp's `src/models/<arch>.cpp` loads them) and its routing rule.
+
+Every family keeps the topic design of `cluster.models.synth` (topic-steered router rows in `ffn_gate_inp`, small
+attention and expert outputs, the output head that walks a topic's words); what differs is the family's own
+structure around it: shared experts, leading dense layers, attention biases and norms, sigmoid scoring with a
+selection bias (`exp_probs_b`) and expert groups, multi-head latent attention. `Family` says which of those a file
+has, so tests can count what the cache must treat as expert and non-expert bytes, and which selection rule the
+file's top-k follows. `cluster.models.synth_weights.Plan` calls `Family.layer` for each block; `cluster.models.synth`
+calls `Family.metadata` for the architecture's keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import gguf
+
+from cluster.models.synth_config import SynthConfig, named_rng
+
+if TYPE_CHECKING:
+    from cluster.models.synth_weights import Plan
+
+__all__ = ["FAMILIES", "Family"]
+
+F32 = gguf.GGMLQuantizationType.F32
+_BIAS_STD = 0.02  # attention q/k/v biases: small beside the ~N(0, 1) projections
+_PROBS_BIAS_STD = 0.05  # exp_probs_b: a selection bias of a few hundredths, as trained ones are (sigmoid scores are 0..1)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One GGUF architecture's MoE structure as the synthetic writer realises it.
+
+    Attributes:
+        arch: GGUF `general.architecture`.
+        rms_eps: `attention.layer_norm_rms_epsilon` written.
+        gating: how router logits become selection scores: "softmax", "sigmoid" (top-k of
+            sigmoid(logits) [+ exp_probs_b]) or "softmax_weight" (top-k of the logits, softmax over the k chosen).
+        selection_bias: each MoE layer has `blk.<il>.exp_probs_b.bias` [n_experts] added to the scores
+            for selection only (DeepSeek V3's correction bias).
+        router_bias: each MoE layer has `blk.<il>.ffn_gate_inp.bias` added to the logits.
+        expert_groups: (groups, groups used): top-k only inside the best groups (1, 1: no groups).
+        shared_experts: shared experts per MoE layer (always computed: non-expert bytes to the cache).
+        dense_layers: leading blocks with a dense FFN instead of experts.
+        mha_only: key/value heads are the query heads (the family's q/k norms span n_embd).
+        layer: plans block `il`'s tensors on a Plan.
+        metadata: writes the family's keys beyond the common ones.
+    """
+
+    arch: str
+    rms_eps: float
+    gating: str
+    layer: Callable[[Plan, int], None]
+    metadata: Callable[[gguf.GGUFWriter, SynthConfig], None]
+    selection_bias: bool = False
+    router_bias: bool = False
+    expert_groups: tuple[int, int] = (1, 1)
+    shared_experts: int = 0
+    dense_layers: int = 0
+    mha_only: bool = False
+
+    def n_head_kv(self, config: SynthConfig) -> int:
+        """Key/value heads the file has for `config`."""
+        return config.n_head if self.mha_only else config.n_head_kv
+
+    def is_moe_layer(self, il: int) -> bool:
+        return il >= self.dense_layers
+
+
+# -- building blocks (on a Plan) -----------------------------------------------------------------
+
+
+def _bias(plan: Plan, name: str, size: int, std: float) -> None:
+    """An F32 vector N(0, std^2) from the tensor's own stream."""
+    seed = plan.config.seed
+    plan._add(name, (size,), F32, lambda: named_rng(seed, name).standard_normal(size) * std)
+
+
+def _attention(plan: Plan, p: str, *, n_kv_heads: int, biases: bool = False, qk_norm: int = 0) -> None:
+    """attn_norm, q/k/v (with biases), attn_output; qk_norm > 0 adds attn_q_norm/attn_k_norm of that size."""
+    c = plan.config
+    n, head = c.n_embd, c.n_embd // c.n_head
+    n_q, n_kv = c.n_head * head, n_kv_heads * head
+    plan._norm(p + "attn_norm.weight", n)
+    plan._matrix(p + "attn_q.weight", (n_q, n), plan.in_std)
+    plan._matrix(p + "attn_k.weight", (n_kv, n), plan.in_std)
+    plan._matrix(p + "attn_v.weight", (n_kv, n), plan.in_std)
+    if biases:
+        for name, size in (("q", n_q), ("k", n_kv), ("v", n_kv)):
+            _bias(plan, f"{p}attn_{name}.bias", size, _BIAS_STD)
+    plan._matrix(p + "attn_output.weight", (n, n_q), plan.attn_out_std)
+    if qk_norm:
+        plan._norm(p + "attn_q_norm.weight", qk_norm)
+        plan._norm(p + "attn_k_norm.weight", qk_norm)
+
+
+def _dense_ffn(plan: Plan, p: str, n_ff: int, suffix: str = "") -> None:
+    """ffn_gate/ffn_up/ffn_down (+suffix, e.g. "_shexp"): ggml [n_embd, n_ff], [n_embd, n_ff], [n_ff, n_embd]."""
+    n = plan.config.n_embd
+    down_std = plan.down_std * math.sqrt(plan.config.n_ff / n_ff)
+    plan._matrix(f"{p}ffn_gate{suffix}.weight", (n_ff, n), plan.in_std)
+    plan._matrix(f"{p}ffn_up{suffix}.weight", (n_ff, n), plan.in_std)
+    plan._matrix(f"{p}ffn_down{suffix}.weight", (n, n_ff), down_std)
+
+
+def _router(plan: Plan, p: str, il: int) -> None:
+    plan._add(p + "ffn_gate_inp.weight", (plan.config.n_experts, plan.config.n_embd), F32,
+              lambda: plan._router(il))
+
+
+def _experts(plan: Plan, p: str) -> None:
+    """ffn_gate_exps, ffn_up_exps ggml [n_embd, n_ff, n_expert]; ffn_down_exps [n_ff, n_embd, n_expert]."""
+    c = plan.config
+    n, ff, e = c.n_embd, c.n_ff, c.n_experts
+    plan._matrix(p + "ffn_gate_exps.weight", (e, ff, n), plan.in_std)
+    plan._matrix(p + "ffn_up_exps.weight", (e, ff, n), plan.in_std)
+    plan._matrix(p + "ffn_down_exps.weight", (e, n, ff), plan.down_std)
+
+
+def _selection_bias(plan: Plan, p: str) -> None:
+    _bias(plan, p + "exp_probs_b.bias", plan.config.n_experts, _PROBS_BIAS_STD)
+
+
+# -- families ------------------------------------------------------------------------------------
+
+
+def _qwen2moe_layer(plan: Plan, il: int) -> None:
+    """Qwen1.5-MoE / Qwen2-57B-A14B: attention biases; routed experts (softmax, weights not renormalised)
+    plus one shared expert scaled by sigmoid(ffn_gate_inp_shexp . x)."""
+    c, p = plan.config, f"blk.{il}."
+    _attention(plan, p, n_kv_heads=c.n_head_kv, biases=True)
+    plan._norm(p + "ffn_norm.weight", c.n_embd)
+    _router(plan, p, il)
+    _experts(plan, p)
+    _bias(plan, p + "ffn_gate_inp_shexp.weight", c.n_embd, 1.0 / math.sqrt(c.n_embd))  # ggml [n_embd]
+    _dense_ffn(plan, p, c.n_ff, "_shexp")
+
+
+def _qwen2moe_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
+    w.add_feed_forward_length(c.n_ff * c.n_experts_used)
+    w.add_expert_feed_forward_length(c.n_ff)
+    w.add_expert_shared_feed_forward_length(c.n_ff)
+
+
+def _olmoe_layer(plan: Plan, il: int) -> None:
+    """OLMoE-1B-7B: q/k norms over the whole projection (n_embd, so key/value heads = query heads);
+    experts sized by feed_forward_length, softmax top-k, no shared expert."""
+    c, p = plan.config, f"blk.{il}."
+    _attention(plan, p, n_kv_heads=c.n_head, qk_norm=c.n_embd)
+    plan._norm(p + "ffn_norm.weight", c.n_embd)
+    _router(plan, p, il)
+    _experts(plan, p)
+
+
+def _olmoe_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
+    w.add_feed_forward_length(c.n_ff)
+
+
+def _granitemoe_layer(plan: Plan, il: int) -> None:
+    """Granite 3.x MoE (the "shared" variant): llama-style attention, softmax top-k experts and one shared
+    expert of expert_shared_feed_forward_length."""
+    c, p = plan.config, f"blk.{il}."
+    _attention(plan, p, n_kv_heads=c.n_head_kv)
+    plan._norm(p + "ffn_norm.weight", c.n_embd)
+    _router(plan, p, il)
+    _experts(plan, p)
+    _dense_ffn(plan, p, c.n_ff, "_shexp")
+
+
+def _granitemoe_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
+    w.add_feed_forward_length(c.n_ff)
+    w.add_expert_shared_feed_forward_length(c.n_ff)
+    w.add_logit_scale(1.0)  # required; 1 leaves the head's logits as they are
+    w.add_attention_scale(1.0 / math.sqrt(c.n_embd // c.n_head))
+    w.add_residual_scale(1.0)
+    w.add_embedding_scale(1.0)
+
+
+def _glm4moe_layer(plan: Plan, il: int) -> None:
+    """GLM-4.5: attention biases and per-head q/k norms, post_attention_norm before the FFN; block 0 dense;
+    then sigmoid scores, exp_probs_b selection bias, weights renormalised, one shared expert."""
+    c, p = plan.config, f"blk.{il}."
+    head = c.n_embd // c.n_head
+    _attention(plan, p, n_kv_heads=c.n_head_kv, biases=True, qk_norm=head)
+    plan._norm(p + "post_attention_norm.weight", c.n_embd)
+    if il < FAMILIES["glm4moe"].dense_layers:
+        _dense_ffn(plan, p, 2 * c.n_ff)
+        return
+    _router(plan, p, il)
+    _selection_bias(plan, p)
+    _experts(plan, p)
+    _dense_ffn(plan, p, c.n_ff, "_shexp")
+
+
+def _glm4moe_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
+    w.add_feed_forward_length(2 * c.n_ff)  # the dense block's width
+    w.add_expert_feed_forward_length(c.n_ff)
+    w.add_expert_shared_count(1)
+    w.add_leading_dense_block_count(FAMILIES["glm4moe"].dense_layers)
+    w.add_expert_weights_scale(1.0)
+    w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2moe": Family("qwen2moe", 1e-6, "softmax", _qwen2moe_layer, _qwen2moe_meta, shared_experts=1),
+    "olmoe": Family("olmoe", 1e-5, "softmax", _olmoe_layer, _olmoe_meta, mha_only=True),
+    "granitemoe": Family("granitemoe", 1e-6, "softmax", _granitemoe_layer, _granitemoe_meta, shared_experts=1),
+    "glm4moe": Family("glm4moe", 1e-5, "sigmoid", _glm4moe_layer, _glm4moe_meta, selection_bias=True,
+                      shared_experts=1, dense_layers=1),
+}
+"""Families by GGUF architecture name (beside `llama` and `qwen3moe`, which `synth_weights` writes itself)."""

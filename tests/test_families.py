@@ -1,0 +1,133 @@
+"""Synthetic models of each MoE family (`cluster.models.synth_families`) at the `tiny` preset's scale, and the
+expert cache on each: llama.cpp loads the file, discovery's expert tensors, units and bytes equal a count made
+from the GGUF header with the gguf package, the cache's selection counts equal the independent observer's,
+the byte budget holds in the page cache (mincore), text at temperature 0 is the same with and without the
+cache, and the predictor either predicts (its precision is counted) or is off with its reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import observer
+import pagecache
+import pytest
+
+from cluster.engine.cache import discover_layout
+from cluster.engine.moe_engine import MoEEngine
+from cluster.models import synth
+from cluster.models.synth_config import ARCHS
+from cluster.models.synth_families import FAMILIES, Family
+
+N_CTX, N_THREADS, N_BATCH, N_TOKENS = 256, 2, 16, 24
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Family, Path]:
+    arch = request.param
+    config = dataclasses.replace(synth.PRESETS["tiny"], arch=arch)
+    info = synth.synthesize(tmp_path_factory.mktemp("family") / f"{arch}.gguf", config, progress=False)
+    return FAMILIES[arch], info.path
+
+
+def _prompt(path: Path) -> str:
+    return synth.topic_prompt(synth.read_topics(path), 1, 12, seed=0)
+
+
+def _header_count(path: Path, n_layers: int, n_experts: int) -> tuple[list[str], np.ndarray, dict[str, list[str]]]:
+    """From the gguf package alone: the routed-expert tensors (3-D or 2-D with n_experts outermost, named
+    blk.<il>.*_exps.*), each unit's bytes [layer, expert], and the other per-block tensors by kind."""
+    reader = gguf.GGUFReader(path)
+    experts: list[str] = []
+    unit = np.zeros((n_layers, n_experts), dtype=np.int64)
+    kinds: dict[str, list[str]] = {"shared": [], "dense": [], "router": [], "selection_bias": []}
+    for t in reader.tensors:
+        m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
+        if m is None:
+            continue
+        il, rest = int(m.group(1)), m.group(2)
+        if "_exps." in rest:
+            assert int(t.shape[-1]) == n_experts, t.name  # ggml ne: experts outermost
+            experts.append(t.name)
+            unit[il] += int(t.n_bytes) // n_experts
+        elif re.fullmatch(r"ffn_(gate|up|down)_shexp\.weight", rest):
+            kinds["shared"].append(t.name)
+        elif rest.startswith(("ffn_gate.", "ffn_up.", "ffn_down.")):
+            kinds["dense"].append(t.name)
+        elif rest.startswith("ffn_gate_inp."):
+            kinds["router"].append(t.name)
+        elif rest.startswith("exp_probs_b."):
+            kinds["selection_bias"].append(t.name)
+    return experts, unit, kinds
+
+
+def test_every_family_is_a_synth_arch() -> None:
+    assert set(FAMILIES) <= set(ARCHS) and {"llama", "qwen3moe"} <= set(ARCHS)
+
+
+def test_discovery_equals_the_header_count_and_leaves_shared_dense_and_router_bytes_out(
+        family_model: tuple[Family, Path]) -> None:
+    family, path = family_model
+    config = synth.read_config(path)
+    layout = discover_layout(str(path))
+    assert (layout.arch, layout.n_layers, layout.n_experts, layout.n_experts_used) == (
+        family.arch, config.n_layers, config.n_experts, config.n_experts_used)
+    experts, unit, kinds = _header_count(path, config.n_layers, config.n_experts)
+    assert sorted(layout.expert_tensors) == sorted(experts)
+    assert layout.expert_bytes == int(unit.sum())
+    for il in range(config.n_layers):
+        for e in (0, config.n_experts - 1):
+            assert sum(size for _, size, _, _ in layout.unit_slices(il, e)) == unit[il, e]
+    dense = family.dense_layers
+    assert not layout.unit_bytes[:dense].any() and (layout.unit_bytes[dense:] > 0).all()
+    assert (unit[:dense] == 0).all() and (unit[dense:] > 0).all()
+    n_moe = config.n_layers - dense
+    assert len(kinds["shared"]) == 3 * n_moe * family.shared_experts  # gate/up/down per shared expert
+    assert len(kinds["dense"]) == 3 * dense
+    assert len([n for n in kinds["router"] if n.endswith(".weight")]) == n_moe
+    assert len(kinds["selection_bias"]) == (n_moe if family.selection_bias else 0)
+    expected_off = family.selection_bias or family.router_bias or family.expert_groups[0] > 1
+    assert bool(layout.predictor_off) == expected_off, layout.predictor_off
+
+
+def test_cache_keeps_text_counts_every_selection_and_holds_its_budget(family_model: tuple[Family, Path]) -> None:
+    family, path = family_model
+    layout = discover_layout(str(path))
+    prompt = _prompt(path)
+    with MoEEngine(path, None, n_ctx=N_CTX, n_threads=N_THREADS, n_batch=N_BATCH) as plain:
+        expected = plain.generate(prompt, max_tokens=N_TOKENS)
+    assert len(expected.tokens) == N_TOKENS
+    topic = set(synth.read_topics(path)[1])
+    words = expected.text.split()
+    assert sum(w in topic for w in words) >= 0.8 * len(words), expected.text  # routing follows the topic
+
+    budget = int(layout.unit_bytes.sum()) // 3
+    pagecache.drop_file(path)
+    with MoEEngine(path, budget, n_ctx=N_CTX, n_threads=N_THREADS, n_batch=N_BATCH) as engine:
+        result = engine.generate(prompt, max_tokens=N_TOKENS)
+        stats = engine.cache_stats()
+        measured = engine.measured_resident_bytes()
+        resident = pagecache.resident_bytes(path)
+    assert result.tokens == expected.tokens and result.text == expected.text
+    assert result.cache["n_evictions"] > 0
+    assert stats["resident_bytes"] <= budget and measured <= budget
+    assert resident <= budget + layout.non_expert_bytes, (resident, budget, layout.non_expert_bytes)
+
+    seen = observer.observe(path, prompt, max_tokens=N_TOKENS, n_layers=layout.n_layers, n_experts=layout.n_experts,
+                            n_ctx=N_CTX, n_batch=N_BATCH, n_threads=N_THREADS)
+    assert seen.tokens == result.tokens
+    np.testing.assert_array_equal(result.expert_counts, seen.counts)
+    dense = family.dense_layers
+    assert not seen.counts[:dense].any() and (seen.counts[dense:].sum(axis=1) > 0).all()
+
+    if layout.predictor_off:  # off for this family's selection rule: says so, and predicts nothing
+        assert stats["predictor_on"] == 0.0
+        assert stats["n_predicted"] == 0
+    else:  # predicting with the family's rule: its precision is counted
+        assert stats["predictor_on"] == 1.0
+        assert stats["n_predicted"] > 0 and math.isfinite(stats["prefetch_precision"])
+        assert stats["prefetch_precision"] > 0.3, stats["prefetch_precision"]
