@@ -1,0 +1,112 @@
+"""Which output format a chat template teaches its model: tool calls and reasoning markers.
+
+A model writes tool calls (and, for reasoning models, its thought) in the format its chat
+template shows it; the template's source text names that format by the markers it contains,
+which is how llama.cpp's ``common/chat.cpp`` picks a parser. ``detect_format`` does the same
+here, marker by marker, most specific first:
+
+==============  =====================================================  ==========================
+name            markers in the template                                what the model writes
+==============  =====================================================  ==========================
+gpt_oss         ``<|channel|>``                                        harmony channels
+kimi_k2         ``<|tool_calls_section_begin|>``                       ``functions.f:0`` calls
+deepseek        ``<｜tool▁calls▁begin｜>`` (R1, V3, V3.1)               ``<｜tool▁sep｜>`` calls
+glm45           ``<tool_call>`` and ``<arg_key>``                       ``<arg_key>/<arg_value>``
+qwen3_coder     ``<function=`` and ``<parameter=``                      XML function calls
+hermes          ``<tool_call>``                                        ``<tool_call>{json}``
+mistral         ``[TOOL_CALLS]``                                       ``[TOOL_CALLS]`` JSON
+llama3_json     ``<|python_tag|>`` or an ``ipython`` header            a JSON object answer
+==============  =====================================================  ==========================
+
+Formats recognised but not parsed back (``PARSED_FORMATS`` lacks them) are still named, so a
+request with ``tools`` is refused naming the format; a template with none of these markers is
+``content`` (text only). Reasoning: every format but gpt-oss (its ``analysis`` channel) and
+Mistral (``[THINK]``) marks a thought with ``<think>...</think>``; ``thinking_open`` tells whether
+a rendered prompt already opened it, so the answer starts inside the thought.
+
+The parsers live in ``cluster.api.formats``; this module only names formats (the engine renders
+the prompt and must refuse tools it cannot parse back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PARSED_FORMATS = ("hermes", "qwen3_coder", "llama3_json", "mistral", "deepseek", "glm45", "gpt_oss", "kimi_k2")
+"""Tool-call formats parsed back into ``tool_calls`` (``cluster.api.formats``)."""
+
+DEEPSEEK_CALLS_BEGIN = ("<｜tool▁calls▁begin｜>", "<｜tool_calls_begin｜>", "<｜tool calls begin｜>",
+                        "<｜tool\\_calls\\_begin｜>", "<｜tool▁calls｜>")
+"""How DeepSeek models open their calls (the distilled models write variants; llama.cpp accepts these)."""
+
+# (name, markers that must all be in the template), most specific first
+_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("gpt_oss", ("<|channel|>",)),
+    ("kimi_k2", ("<|tool_calls_section_begin|>",)),
+    ("deepseek_v3_2", ("｜DSML｜",)),
+    ("deepseek_v3_2", ("dsml_token",)),
+    ("deepseek", ("<｜tool▁calls▁begin｜>",)),
+    ("minimax_m2", ("<minimax:tool_call>",)),
+    ("seed_oss", ("<seed:tool_call>",)),
+    ("glm45", ("<tool_call>", "<arg_key>")),
+    ("qwen3_coder", ("<function=", "<parameter=")),
+    ("hermes", ("<tool_call>",)),
+    ("mistral", ("[TOOL_CALLS]",)),
+    ("llama3_json", ("<|start_header_id|>ipython<|end_header_id|>",)),
+    ("llama3_json", ("<|python_tag|>",)),
+    ("functionary_v3_2", (">>>all",)),
+    ("functionary_v3_1", ("<|start_header_id|>", "<function=")),
+    ("command_r7b", ("<|START_ACTION|>",)),
+    ("granite", ("<|tool_call|>",)),
+    ("firefunction_v2", (" functools[",)),
+    ("lfm2", ("<|tool_list_start|>",)),
+    ("apertus", ("<|tools_prefix|>",)),
+    ("nemotron_v2", ("<SPECIAL_10>",)),
+)
+
+THINK_TAGS = ("<think>", "</think>")
+MISTRAL_THINK_TAGS = ("[THINK]", "[/THINK]")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A template's output format.
+
+    Attributes:
+        name: one of the names of the module docstring, or ``content`` (no tool-call markers).
+        think_tags: the (open, close) markers of a thought; None for gpt-oss (harmony channels).
+    """
+
+    name: str
+    think_tags: tuple[str, str] | None = THINK_TAGS
+
+    @property
+    def parsed(self) -> bool:
+        """Tool calls in this format are parsed back."""
+        return self.name in PARSED_FORMATS
+
+    @property
+    def harmony(self) -> bool:
+        return self.name == "gpt_oss"
+
+    def thinking_open(self, prompt: str) -> bool:
+        """The rendered ``prompt`` ends inside an opened thought (``...<think>\\n``): the answer
+        starts with reasoning, which llama.cpp calls ``thinking_forced_open``."""
+        return self.think_tags is not None and prompt.rstrip().endswith(self.think_tags[0])
+
+
+CONTENT = ChatFormat("content")
+
+
+def detect_format(source: str | None) -> ChatFormat:
+    """The output format the chat template ``source`` teaches (``CONTENT`` for None or no markers)."""
+    if not source:
+        return CONTENT
+    for name, markers in _RULES:
+        if all(m in source for m in markers):
+            if name == "gpt_oss":
+                return ChatFormat(name, None)
+            if name == "mistral":
+                return ChatFormat(name, MISTRAL_THINK_TAGS)
+            return ChatFormat(name)
+    return CONTENT
