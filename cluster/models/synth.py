@@ -242,7 +242,7 @@ def _add_metadata(writer: gguf.GGUFWriter, config: SynthConfig, vocab: Vocab) ->
     writer.add_head_count(c.n_head)
     writer.add_head_count_kv(c.n_head_kv if family is None else family.n_head_kv(c))
     writer.add_layer_norm_rms_eps(_RMS_EPS[c.arch] if family is None else family.rms_eps)
-    writer.add_rope_dimension_count(c.n_embd // c.n_head)
+    writer.add_rope_dimension_count(c.n_embd // c.n_head if family is None else family.rope_dimension_count(c))
     writer.add_rope_freq_base(_ROPE_FREQ_BASE)
     if c.n_experts > 0:
         writer.add_expert_count(c.n_experts)

@@ -22,6 +22,7 @@ from cluster.engine.chat import SYNTH_TEMPLATES
 __all__ = [
     "ARCHS",
     "DTYPES",
+    "LEADING_DENSE",
     "PRESETS",
     "REALISTIC_SPECIALIZATION",
     "SynthConfig",
@@ -37,8 +38,10 @@ its topic's experts: calibrated so the presets show 25-50 % next-token expert re
 over 90 % of a one-topic conversation's selections in 40 % of each layer's experts (figures in
 the `cluster.models.synth` docstring)."""
 
-ARCHS = ("llama", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "glm4moe")
+ARCHS = ("llama", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "glm4moe", "deepseek2")
 """GGUF architectures written: llama (Mixtral-style) and qwen3moe here, the others by `synth_families`."""
+LEADING_DENSE = {"glm4moe": 1, "deepseek2": 1}
+"""Leading blocks with a dense FFN, per architecture (none where absent)."""
 DTYPES = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
           "q4_k": gguf.GGMLQuantizationType.Q4_K}
 """GGML type of the expert and attention matrices for each `SynthConfig.dtype`."""
@@ -123,11 +126,8 @@ class SynthConfig:
             raise bad("arch", f"one of {', '.join(ARCHS)}")
         if not 1 <= self.n_layers <= _MAX_LAYERS:
             raise bad("n_layers", f"1..{_MAX_LAYERS}")
-        if self.arch not in ("llama", "qwen3moe"):
-            from cluster.models.synth_families import FAMILIES
-
-            if self.n_layers <= FAMILIES[self.arch].dense_layers:
-                raise bad("n_layers", f"> {FAMILIES[self.arch].dense_layers} (the leading dense blocks of {self.arch})")
+        if self.n_layers <= LEADING_DENSE.get(self.arch, 0):
+            raise bad("n_layers", f"> {LEADING_DENSE[self.arch]} (the leading dense blocks of {self.arch})")
         if self.n_experts == 0:
             if self.arch != "llama":
                 raise bad("n_experts", f"> 0 for arch {self.arch!r} (only llama has a dense form)")

@@ -15,14 +15,30 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import gguf
+import numpy as np
 
-from cluster.models.synth_config import SynthConfig, named_rng
+from cluster.models.synth_config import LEADING_DENSE, SynthConfig, named_rng
 
-if TYPE_CHECKING:
-    from cluster.models.synth_weights import Plan
+
+class Plan(Protocol):
+    """What a family's `layer` uses of `cluster.models.synth_weights.Plan` (which imports this module)."""
+
+    config: SynthConfig
+    in_std: float
+    attn_out_std: float
+    down_std: float
+
+    def _add(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType,
+             make: Callable[[], np.ndarray]) -> None: ...
+
+    def _norm(self, name: str, size: int) -> None: ...
+
+    def _matrix(self, name: str, shape: tuple[int, ...], std: float) -> None: ...
+
+    def _router(self, layer: int) -> Any: ...
 
 __all__ = ["FAMILIES", "Family"]
 
@@ -47,6 +63,8 @@ class Family:
         shared_experts: shared experts per MoE layer (always computed: non-expert bytes to the cache).
         dense_layers: leading blocks with a dense FFN instead of experts.
         mha_only: key/value heads are the query heads (the family's q/k norms span n_embd).
+        n_head_kv_fixed: key/value heads written whatever the config says (0: the config's).
+        rope_dims: rope_dimension_count written (0: the head size).
         layer: plans block `il`'s tensors on a Plan.
         metadata: writes the family's keys beyond the common ones.
     """
@@ -62,10 +80,15 @@ class Family:
     shared_experts: int = 0
     dense_layers: int = 0
     mha_only: bool = False
+    n_head_kv_fixed: int = 0
+    rope_dims: int = 0
 
     def n_head_kv(self, config: SynthConfig) -> int:
-        """Key/value heads the file has for `config`."""
-        return config.n_head if self.mha_only else config.n_head_kv
+        """Key/value heads the file has for `config` (MLA caches one compressed row: 1)."""
+        return self.n_head_kv_fixed or (config.n_head if self.mha_only else config.n_head_kv)
+
+    def rope_dimension_count(self, config: SynthConfig) -> int:
+        return self.rope_dims or config.n_embd // config.n_head
 
     def is_moe_layer(self, il: int) -> bool:
         return il >= self.dense_layers
@@ -206,11 +229,64 @@ def _glm4moe_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
 
 
+_MLA = {"q_lora": 32, "kv_lora": 32, "rope": 8, "nope": 16, "v_head": 16}
+"""deepseek2's multi-head latent attention at the tiny scale (DeepSeek V3: 1536, 512, 64, 128, 128)."""
+
+
+def _deepseek2_layer(plan: Plan, il: int) -> None:
+    """DeepSeek V3: multi-head latent attention as llama.cpp loads it (q through a low-rank q_a/q_b with
+    its norm; one compressed KV row kv_a_mqa [kv_lora + rope] with its norm; per-head k_b and v_b
+    decompressing it); block 0 dense; then sigmoid scores plus the exp_probs_b correction bias, top-k
+    inside the best expert groups, weights renormalised and scaled, one shared expert."""
+    c, p, m = plan.config, f"blk.{il}.", _MLA
+    n, h = c.n_embd, c.n_head
+    plan._norm(p + "attn_norm.weight", n)
+    plan._norm(p + "attn_q_a_norm.weight", m["q_lora"])
+    plan._norm(p + "attn_kv_a_norm.weight", m["kv_lora"])
+    plan._matrix(p + "attn_q_a.weight", (m["q_lora"], n), plan.in_std)  # ggml [n_embd, q_lora]
+    plan._matrix(p + "attn_q_b.weight", (h * (m["nope"] + m["rope"]), m["q_lora"]), 1 / math.sqrt(m["q_lora"]))
+    plan._matrix(p + "attn_kv_a_mqa.weight", (m["kv_lora"] + m["rope"], n), plan.in_std)
+    plan._matrix(p + "attn_k_b.weight", (h, m["kv_lora"], m["nope"]), 1 / math.sqrt(m["nope"]))  # ggml [nope, kv_lora, h]
+    plan._matrix(p + "attn_v_b.weight", (h, m["v_head"], m["kv_lora"]), 1 / math.sqrt(m["kv_lora"]))  # [kv_lora, v, h]
+    plan._matrix(p + "attn_output.weight", (n, h * m["v_head"]),
+                 plan.attn_out_std * math.sqrt(n / (h * m["v_head"])))
+    plan._norm(p + "ffn_norm.weight", n)
+    if il < FAMILIES["deepseek2"].dense_layers:
+        _dense_ffn(plan, p, 2 * c.n_ff)
+        return
+    _router(plan, p, il)
+    _selection_bias(plan, p)
+    _experts(plan, p)
+    _dense_ffn(plan, p, c.n_ff, "_shexp")
+
+
+def _deepseek2_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
+    m, family = _MLA, FAMILIES["deepseek2"]
+    w.add_feed_forward_length(2 * c.n_ff)
+    w.add_expert_feed_forward_length(c.n_ff)
+    w.add_expert_shared_count(family.shared_experts)
+    w.add_leading_dense_block_count(family.dense_layers)
+    w.add_expert_weights_scale(2.5)
+    w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_group_count(family.expert_groups[0])
+    w.add_expert_group_used_count(family.expert_groups[1])
+    w.add_q_lora_rank(m["q_lora"])
+    w.add_kv_lora_rank(m["kv_lora"])
+    w.add_key_length(m["kv_lora"] + m["rope"])  # the cached (compressed) key row, as the converter writes MLA files
+    w.add_value_length(m["kv_lora"])
+    w.add_key_length_mla(m["nope"] + m["rope"])
+    w.add_value_length_mla(m["v_head"])
+
+
 FAMILIES: dict[str, Family] = {
     "qwen2moe": Family("qwen2moe", 1e-6, "softmax", _qwen2moe_layer, _qwen2moe_meta, shared_experts=1),
     "olmoe": Family("olmoe", 1e-5, "softmax", _olmoe_layer, _olmoe_meta, mha_only=True),
     "granitemoe": Family("granitemoe", 1e-6, "softmax", _granitemoe_layer, _granitemoe_meta, shared_experts=1),
     "glm4moe": Family("glm4moe", 1e-5, "sigmoid", _glm4moe_layer, _glm4moe_meta, selection_bias=True,
-                      shared_experts=1, dense_layers=1),
+                      shared_experts=1, dense_layers=LEADING_DENSE["glm4moe"]),
+    "deepseek2": Family("deepseek2", 1e-6, "sigmoid", _deepseek2_layer, _deepseek2_meta, selection_bias=True,
+                        expert_groups=(4, 2), shared_experts=1, dense_layers=LEADING_DENSE["deepseek2"], n_head_kv_fixed=1,
+                        rope_dims=_MLA["rope"]),
 }
 """Families by GGUF architecture name (beside `llama` and `qwen3moe`, which `synth_weights` writes itself)."""
