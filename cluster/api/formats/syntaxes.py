@@ -106,6 +106,17 @@ class Hermes(_Base):
     opens = ("<tool_call>",)
 
     def scan(self, text: str, final: bool) -> Scan | None:
+        at = len(self.opens[0])
+        while at < len(text) and text[at] in _WS:
+            at += 1
+        if at < len(text) and text[at] == "{":  # the block ends after its JSON ('</tool_call>' may be in a string)
+            end = json_end(text, at)
+            rest = text[end:].lstrip(_WS) if end is not None else ""
+            if end is not None and rest.startswith("</tool_call>"):
+                call = parse_call(text[at:end])
+                return Scan(len(text) - len(rest) + len("</tool_call>"), [call] if call is not None else None)
+            if not final and (end is None or "</tool_call>".startswith(rest)):
+                return None
         block = _closed(text, "<tool_call>", "</tool_call>", final, lenient=False)
         if block is None:
             return None
