@@ -65,6 +65,10 @@ def _header_count(path: Path, n_layers: int, n_experts: int) -> tuple[list[str],
     return experts, unit, kinds
 
 
+def _moe_layers(family: Family, n_layers: int) -> np.ndarray:
+    return np.array([family.is_moe_layer(il) for il in range(n_layers)])
+
+
 def test_every_family_is_a_synth_arch() -> None:
     assert set(FAMILIES) <= set(ARCHS) and {"llama", "qwen3moe"} <= set(ARCHS)
 
@@ -82,12 +86,12 @@ def test_discovery_equals_the_header_count_and_leaves_shared_dense_and_router_by
     for il in range(config.n_layers):
         for e in (0, config.n_experts - 1):
             assert sum(size for _, size, _, _ in layout.unit_slices(il, e)) == unit[il, e]
-    dense = family.dense_layers
-    assert not layout.unit_bytes[:dense].any() and (layout.unit_bytes[dense:] > 0).all()
-    assert (unit[:dense] == 0).all() and (unit[dense:] > 0).all()
-    n_moe = config.n_layers - dense
+    moe = _moe_layers(family, config.n_layers)
+    assert (layout.unit_bytes[~moe] == 0).all() and (layout.unit_bytes[moe] > 0).all()
+    assert (unit[~moe] == 0).all() and (unit[moe] > 0).all()
+    n_moe = int(moe.sum())
     assert len(kinds["shared"]) == 3 * n_moe * family.shared_experts  # gate/up/down per shared expert
-    assert len(kinds["dense"]) == 3 * dense
+    assert len(kinds["dense"]) == 3 * (config.n_layers - n_moe)
     assert len([n for n in kinds["router"] if n.endswith(".weight")]) == n_moe
     assert len(kinds["selection_bias"]) == (n_moe if family.selection_bias else 0)
     expected_off = family.selection_bias or family.router_bias or family.expert_groups[0] > 1
@@ -121,8 +125,8 @@ def test_cache_keeps_text_counts_every_selection_and_holds_its_budget(family_mod
                             n_ctx=N_CTX, n_batch=N_BATCH, n_threads=N_THREADS)
     assert seen.tokens == result.tokens
     np.testing.assert_array_equal(result.expert_counts, seen.counts)
-    dense = family.dense_layers
-    assert not seen.counts[:dense].any() and (seen.counts[dense:].sum(axis=1) > 0).all()
+    moe = _moe_layers(family, layout.n_layers)
+    assert not seen.counts[~moe].any() and (seen.counts[moe].sum(axis=1) > 0).all()
 
     if layout.predictor_off:  # off for this family's selection rule: says so, and predicts nothing
         assert stats["predictor_on"] == 0.0

@@ -38,7 +38,7 @@ its topic's experts: calibrated so the presets show 25-50 % next-token expert re
 over 90 % of a one-topic conversation's selections in 40 % of each layer's experts (figures in
 the `cluster.models.synth` docstring)."""
 
-ARCHS = ("llama", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "glm4moe", "deepseek2")
+ARCHS = ("llama", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "glm4moe", "deepseek2", "llama4", "gpt-oss")
 """GGUF architectures written: llama (Mixtral-style) and qwen3moe here, the others by `synth_families`."""
 LEADING_DENSE = {"glm4moe": 1, "deepseek2": 1}
 """Leading blocks with a dense FFN, per architecture (none where absent)."""
@@ -126,6 +126,10 @@ class SynthConfig:
             raise bad("arch", f"one of {', '.join(ARCHS)}")
         if not 1 <= self.n_layers <= _MAX_LAYERS:
             raise bad("n_layers", f"1..{_MAX_LAYERS}")
+        if self.arch == "llama4" and self.n_layers < 2:
+            raise bad("n_layers", ">= 2 for llama4 (every second block is MoE)")
+        if self.arch == "gpt-oss" and (self.n_embd % 32 or self.n_ff % 32):
+            raise bad("n_embd" if self.n_embd % 32 else "n_ff", "a multiple of 32 for gpt-oss (MXFP4 experts)")
         if self.n_layers <= LEADING_DENSE.get(self.arch, 0):
             raise bad("n_layers", f"> {LEADING_DENSE[self.arch]} (the leading dense blocks of {self.arch})")
         if self.n_experts == 0:

@@ -55,7 +55,8 @@ class Family:
         arch: GGUF `general.architecture`.
         rms_eps: `attention.layer_norm_rms_epsilon` written.
         gating: how router logits become selection scores: "softmax", "sigmoid" (top-k of
-            sigmoid(logits) [+ exp_probs_b]) or "softmax_weight" (top-k of the logits, softmax over the k chosen).
+            sigmoid(logits) [+ exp_probs_b]), "logits" (top-k of the raw logits, sigmoid weights: Llama 4) or
+            "softmax_weight" (top-k of the [biased] logits, softmax over the k chosen: gpt-oss).
         selection_bias: each MoE layer has `blk.<il>.exp_probs_b.bias` [n_experts] added to the scores
             for selection only (DeepSeek V3's correction bias).
         router_bias: each MoE layer has `blk.<il>.ffn_gate_inp.bias` added to the logits.
@@ -65,6 +66,7 @@ class Family:
         mha_only: key/value heads are the query heads (the family's q/k norms span n_embd).
         n_head_kv_fixed: key/value heads written whatever the config says (0: the config's).
         rope_dims: rope_dimension_count written (0: the head size).
+        moe_step: every moe_step-th block (il + 1 a multiple of it) is MoE, the others dense (Llama 4's interleave).
         layer: plans block `il`'s tensors on a Plan.
         metadata: writes the family's keys beyond the common ones.
     """
@@ -82,6 +84,7 @@ class Family:
     mha_only: bool = False
     n_head_kv_fixed: int = 0
     rope_dims: int = 0
+    moe_step: int = 1
 
     def n_head_kv(self, config: SynthConfig) -> int:
         """Key/value heads the file has for `config` (MLA caches one compressed row: 1)."""
@@ -91,7 +94,7 @@ class Family:
         return self.rope_dims or config.n_embd // config.n_head
 
     def is_moe_layer(self, il: int) -> bool:
-        return il >= self.dense_layers
+        return il >= self.dense_layers and (il + 1) % self.moe_step == 0
 
 
 # -- building blocks (on a Plan) -----------------------------------------------------------------
@@ -279,6 +282,66 @@ def _deepseek2_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
     w.add_value_length_mla(m["v_head"])
 
 
+_LLAMA4_MOE_STEP = 2  # Llama 4 Maverick: every second block is MoE, the others dense
+
+
+def _llama4_layer(plan: Plan, il: int) -> None:
+    """Llama 4 (Maverick's interleave): attention (unweighted L2 q/k norm, chunked attention on 3 of 4
+    blocks, NoPE on the 4th); in MoE blocks the top-k of the raw router logits, each chosen expert's input
+    scaled by sigmoid(logit), plus one shared expert; the other blocks a dense FFN."""
+    c, p = plan.config, f"blk.{il}."
+    _attention(plan, p, n_kv_heads=c.n_head_kv)
+    plan._norm(p + "ffn_norm.weight", c.n_embd)
+    if not FAMILIES["llama4"].is_moe_layer(il):
+        _dense_ffn(plan, p, 2 * c.n_ff)
+        return
+    _router(plan, p, il)
+    _experts(plan, p)
+    _dense_ffn(plan, p, c.n_ff, "_shexp")
+
+
+def _llama4_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
+    w.add_feed_forward_length(2 * c.n_ff)
+    w.add_expert_feed_forward_length(c.n_ff)
+    w.add_interleave_moe_layer_step(_LLAMA4_MOE_STEP)
+    w.add_expert_shared_count(1)
+
+
+_GPT_OSS_WINDOW = 128  # gpt-oss: sliding-window attention (128 tokens) on every second block
+_SINK_STD = 0.5
+
+
+def _gpt_oss_layer(plan: Plan, il: int) -> None:
+    """gpt-oss: attention with an output bias and per-head sinks (alternating sliding-window and full
+    blocks), post_attention_norm before the FFN; routed experts only, their matrices in MXFP4 with F32
+    biases per expert (gate/up [n_ff, n_expert], down [n_embd, n_expert]); router with a bias, top-k of
+    the biased logits, softmax over the k chosen (SOFTMAX_WEIGHT), SwiGLU with clamping (OAI)."""
+    c, p = plan.config, f"blk.{il}."
+    n, ff, e = c.n_embd, c.n_ff, c.n_experts
+    _attention(plan, p, n_kv_heads=c.n_head_kv, biases=True)
+    _bias(plan, p + "attn_output.bias", n, _BIAS_STD)
+    _bias(plan, p + "attn_sinks.weight", c.n_head, _SINK_STD)
+    plan._norm(p + "post_attention_norm.weight", n)
+    _router(plan, p, il)
+    _bias(plan, p + "ffn_gate_inp.bias", e, _BIAS_STD)
+    seed, mxfp4 = c.seed, gguf.GGMLQuantizationType.MXFP4
+    for name, shape, std in (("ffn_gate_exps", (e, ff, n), plan.in_std), ("ffn_up_exps", (e, ff, n), plan.in_std),
+                             ("ffn_down_exps", (e, n, ff), plan.down_std)):
+        full = p + name + ".weight"
+        plan._add(full, shape, mxfp4,
+                  lambda full=full, shape=shape, std=std: named_rng(seed, full).standard_normal(shape) * std)
+    for name, size in (("ffn_gate_exps", ff), ("ffn_up_exps", ff), ("ffn_down_exps", n)):
+        full = p + name + ".bias"  # ggml [size, n_expert]
+        plan._add(full, (e, size), F32,
+                  lambda full=full, size=size: named_rng(seed, full).standard_normal((e, size)) * _BIAS_STD)
+
+
+def _gpt_oss_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
+    w.add_feed_forward_length(c.n_ff)
+    w.add_expert_feed_forward_length(c.n_ff)
+    w.add_sliding_window(_GPT_OSS_WINDOW)
+
+
 FAMILIES: dict[str, Family] = {
     "qwen2moe": Family("qwen2moe", 1e-6, "softmax", _qwen2moe_layer, _qwen2moe_meta, shared_experts=1),
     "olmoe": Family("olmoe", 1e-5, "softmax", _olmoe_layer, _olmoe_meta, mha_only=True),
@@ -288,5 +351,8 @@ FAMILIES: dict[str, Family] = {
     "deepseek2": Family("deepseek2", 1e-6, "sigmoid", _deepseek2_layer, _deepseek2_meta, selection_bias=True,
                         expert_groups=(4, 2), shared_experts=1, dense_layers=LEADING_DENSE["deepseek2"], n_head_kv_fixed=1,
                         rope_dims=_MLA["rope"]),
+    "llama4": Family("llama4", 1e-5, "logits", _llama4_layer, _llama4_meta, shared_experts=1,
+                     moe_step=_LLAMA4_MOE_STEP),
+    "gpt-oss": Family("gpt-oss", 1e-5, "softmax_weight", _gpt_oss_layer, _gpt_oss_meta, router_bias=True),
 }
 """Families by GGUF architecture name (beside `llama` and `qwen3moe`, which `synth_weights` writes itself)."""
