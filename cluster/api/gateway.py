@@ -71,17 +71,17 @@ class GatewayConfig:
     grpc_on_node_address: bool = True
 
 
-async def _first_event(events: AsyncIterator[StreamItem]) -> tuple[StreamItem, str | None]:
-    """The stream's first item from a node (a piece, or its end), and the chat template's origin
-    the dispatch announced before it (None for a completion). Errors before any text raise here,
-    so they keep their HTTP status."""
-    template = None
+async def _first_event(events: AsyncIterator[StreamItem]) -> tuple[StreamItem, Routed | None]:
+    """The stream's first item from a node (a piece, or its end), and the dispatch's announcement
+    before it (a chat's template origin and format). Errors before any text raise here, so they
+    keep their HTTP status."""
+    routed = None
     try:
         item = await events.__anext__()
         while isinstance(item, Routed):
-            template = item.chat_template
+            routed = item
             item = await events.__anext__()
-        return item, template
+        return item, routed
     except StopAsyncIteration:
         raise APIError(503, "the request's stream ended before its first message", type="service_unavailable") from None
 
@@ -282,14 +282,16 @@ class Gateway:
             events = client.aevents(req.prompt, req.params, session_id=req.session_id,
                                     max_prompt_tokens=self.config.limits.max_prompt_tokens,
                                     restartable=not req.stream)  # an answer sent whole can start again elsewhere
-            first, template = await _first_event(events)  # errors before any text keep their HTTP status
+            first, routed = await _first_event(events)  # errors before any text keep their HTTP status
+            template = routed.chat_template if routed is not None else None
+            answer_format = (routed.chat_format, routed.thinking_open) if routed is not None else (None, False)
             headers = {CHAT_TEMPLATE_HEADER: template} if template else {}
             if req.stream:
                 streaming = True
                 end = _StreamEnd(events, lambda status: self._finish(endpoint, status, started))
                 # the background task runs once the response is over, also when the client went away
                 # before its first byte (the body's generator then never starts: nothing else ends it)
-                return StreamingResponse(self._sse(req, endpoint, started, first, events, end),
+                return StreamingResponse(self._sse(req, endpoint, started, first, events, end, answer_format),
                                          media_type="text/event-stream", background=BackgroundTask(end, 499),
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
             if isinstance(first, Piece):
@@ -297,7 +299,7 @@ class Gateway:
             done = await completion(_resumed(first, events))  # a Restarted item voids the text so far
             self._count_tokens(done.usage)
             status_code = 200
-            return JSONResponse(response(req, done.choices, done.usage, done.node), headers=headers)
+            return JSONResponse(response(req, done.choices, done.usage, done.node, *answer_format), headers=headers)
         except CallerGone:
             status_code = 499  # the client went away while sending its request: nobody to answer
             return Response(status_code=499)
@@ -312,9 +314,10 @@ class Gateway:
                 self._finish(endpoint, status_code, started)
 
     async def _sse(self, req: APIRequest, endpoint: str, started: float, first: StreamItem,
-                   events: AsyncIterator[StreamItem], end: _StreamEnd) -> AsyncIterator[str]:
+                   events: AsyncIterator[StreamItem], end: _StreamEnd,
+                   answer_format: tuple[str | None, bool] = (None, False)) -> AsyncIterator[str]:
         status_code = 499  # unless the stream reaches its end or an error
-        chunks = StreamChunks(req)
+        chunks = StreamChunks(req, *answer_format)
         try:
             item, timed = first, False
             while True:

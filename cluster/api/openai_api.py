@@ -127,7 +127,9 @@ class APIRequest:
         include_usage: ``stream_options.include_usage``.
         session_id: keeps a conversation's turns on one node (``session_id`` or ``user``).
         echo: completions: the prompt is prepended to each choice's text.
-        parse_tools: chat with tools: ``<tool_call>`` blocks in the answer become ``tool_calls``.
+        parse_tools: chat with tools: calls in the answer (in the template's format) become ``tool_calls``.
+        reasoning: chat: the model's thought is returned apart, as ``reasoning_content``
+            (``reasoning_format``: ``auto`` / ``deepseek``, the default; ``none``: left in the text).
     """
 
     kind: Literal["completion", "chat"]
@@ -139,6 +141,7 @@ class APIRequest:
     session_id: str | None
     echo: bool = False
     parse_tools: bool = False
+    reasoning: bool = True
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -153,7 +156,7 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "strea
            "session_id", "presence_penalty", "frequency_penalty", "logit_bias", *_EXTENSIONS}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "logprobs", "suffix"}
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
-                          "tool_choice", "parallel_tool_calls", "store", "service_tier"}
+                          "tool_choice", "parallel_tool_calls", "store", "service_tier", "reasoning_format"}
 
 
 def parse_completion(body: Any, limits: Limits, model: str) -> APIRequest:
@@ -191,6 +194,10 @@ def parse_chat(body: Any, limits: Limits, model: str) -> APIRequest:
     if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
         raise APIError(400, "'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
     _unsupported(body, {"store": False})
+    reasoning_format = body.get("reasoning_format", "auto")
+    if reasoning_format not in ("auto", "deepseek", "none"):
+        raise APIError(400, "'reasoning_format' must be 'auto' or 'deepseek' (the thought apart, as reasoning_content) "
+                       "or 'none' (left in the answer)", param="reasoning_format")
     if body.get("service_tier") not in (None, "auto", "default"):
         raise APIError(400, "'service_tier' must be 'auto' or 'default' (one tier here)", param="service_tier")
     sampling: dict[str, tuple[str, Any]] = {}
@@ -215,7 +222,8 @@ def parse_chat(body: Any, limits: Limits, model: str) -> APIRequest:
         sampling["grammar"] = grammar
     rendered_tools = tools if choice != "none" else []
     prompt = ChatPrompt(messages, tools=tuple(json.dumps(t, ensure_ascii=False) for t in rendered_tools))
-    return _request("chat", body, prompt, sampling, limits, model, parse_tools=bool(rendered_tools))
+    return _request("chat", body, prompt, sampling, limits, model, parse_tools=bool(rendered_tools),
+                    reasoning=reasoning_format != "none")
 
 
 def _messages(raw: Any) -> tuple[ChatMessage, ...]:
@@ -318,7 +326,7 @@ def _unsupported(body: dict[str, Any], neutral: dict[str, Any]) -> None:
 
 def _request(kind: Literal["completion", "chat"], body: dict[str, Any], prompt: str | ChatPrompt,
              sampling: dict[str, tuple[str, Any]], limits: Limits, model: str, echo: bool = False,
-             parse_tools: bool = False) -> APIRequest:
+             parse_tools: bool = False, reasoning: bool = True) -> APIRequest:
     requested = body.get("model")
     if not isinstance(requested, str) or not requested:
         raise APIError(400, "'model' is required (see GET /v1/models)", param="model")
@@ -353,7 +361,7 @@ def _request(kind: Literal["completion", "chat"], body: dict[str, Any], prompt: 
         raise APIError(400, "'session_id' / 'user' must be a non-empty string of at most 256 characters", param="session_id")
     return APIRequest(kind=kind, model=model, prompt=prompt, params=params, stream=stream,
                       include_usage=bool((options or {}).get("include_usage", False)), session_id=session_id,
-                      echo=echo, parse_tools=parse_tools)
+                      echo=echo, parse_tools=parse_tools, reasoning=reasoning)
 
 
 def sampling_params(sampling: dict[str, tuple[str, Any]]) -> SamplingParams:

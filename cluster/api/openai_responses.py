@@ -8,9 +8,12 @@ their choice ``index``, then the ``done`` item) into OpenAI's chunks, choice by 
   with ``role: assistant``;
 * ``logprobs`` in OpenAI's shapes: completions' legacy ``{tokens, token_logprobs,
   top_logprobs, text_offset}``, chat's ``{content: [{token, logprob, bytes, top_logprobs}]}``;
-* with tools, ``<tool_call>`` blocks (``cluster.api.tool_calls``) as ``delta.tool_calls``: a chunk
-  with the call's index, id, type and name, then one with its arguments; the choice then
-  finishes with ``finish_reason: tool_calls``;
+* a chat answer taken apart in its template's format (``cluster.api.formats``; the format comes
+  with the request's ``Routed`` item): the model's thought as ``delta.reasoning_content`` (message
+  field ``reasoning_content``), unless the request asked ``reasoning_format: none``; with tools,
+  calls as ``delta.tool_calls``: a chunk with the call's index, id, type and name, then one with
+  its arguments; the choice then finishes with ``finish_reason: tool_calls``. Without a known
+  format (a chat of the plain rendering), tools are read in the Hermes ``<tool_call>`` format;
 * the last chunk of each choice carries its ``finish_reason`` (and ``system_fingerprint``, the
   node that served it), then the usage chunk when ``stream_options.include_usage`` asked.
 """
@@ -24,7 +27,8 @@ from cluster.distributed.client import Choice
 from cluster.api.openai_api import APIRequest
 from cluster.distributed.protocol import Finished, Usage
 from cluster.engine.sampling import TokenLogprob
-from cluster.api.tool_calls import ParsedCall, ToolCallStream, split_tool_calls
+from cluster.api.formats import AnswerStream, Event, ParsedCall, Reasoning, collect
+from cluster.engine.chat_format import format_named
 
 
 def usage_body(usage: Usage) -> dict[str, int]:
@@ -74,20 +78,36 @@ def _tool_call_body(call: ParsedCall, index: int) -> dict[str, Any]:
     return {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def response(req: APIRequest, choices: Sequence[Choice], usage: Usage, node: str) -> dict[str, Any]:
-    """The non-streaming body; ``system_fingerprint`` names the node that served it."""
+def answer_stream(req: APIRequest, chat_format: str | None = None, thinking_open: bool = False) -> AnswerStream | None:
+    """The parser of one chat answer in the template's format ``chat_format`` (None: unknown, then
+    only tools are read, in the Hermes format); None when the answer is sent as it comes."""
+    if req.kind != "chat" or (chat_format is None and not req.parse_tools):
+        return None
+    tools = req.prompt.tools_for_template() if req.parse_tools and not isinstance(req.prompt, str) else None
+    return AnswerStream(format_named(chat_format or "hermes"), tools, reasoning=req.reasoning and chat_format is not None,
+                        thinking_open=thinking_open)
+
+
+def response(req: APIRequest, choices: Sequence[Choice], usage: Usage, node: str, chat_format: str | None = None,
+             thinking_open: bool = False) -> dict[str, Any]:
+    """The non-streaming body; ``system_fingerprint`` names the node that served it; a chat answer
+    is taken apart in ``chat_format`` (see ``answer_stream``)."""
     bodies = []
     for choice in sorted(choices, key=lambda c: c.index):
         logprobs = logprobs_body(req, choice.logprobs)
         if req.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": choice.text}
             finish = choice.finish_reason
-            if req.parse_tools:
-                content, calls = split_tool_calls(choice.text)
-                if calls:
-                    message = {"role": "assistant", "content": content.strip() or None,
-                               "tool_calls": [{k: v for k, v in _tool_call_body(c, i).items() if k != "index"}
-                                              for i, c in enumerate(calls)]}
+            parser = answer_stream(req, chat_format, thinking_open)
+            if parser is not None:
+                answer = collect(parser.feed(choice.text) + parser.finish())
+                message = {"role": "assistant", "content": answer.content}
+                if answer.reasoning is not None:
+                    message["reasoning_content"] = answer.reasoning
+                if answer.calls:
+                    message["content"] = answer.content.strip() or None
+                    message["tool_calls"] = [{k: v for k, v in _tool_call_body(c, i).items() if k != "index"}
+                                             for i, c in enumerate(answer.calls)]
                     finish = "tool_calls" if finish == "stop" else finish
             bodies.append({"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
         else:
@@ -114,7 +134,7 @@ class _ChoiceStream:
     """What the stream has sent of one choice so far."""
 
     started: bool = False
-    tools: ToolCallStream | None = None
+    parser: AnswerStream | None = None
     n_calls: int = 0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -122,24 +142,27 @@ class _ChoiceStream:
 class StreamChunks:
     """The chunks of one streamed request, built from the router's items (see the module docstring)."""
 
-    def __init__(self, req: APIRequest) -> None:
+    def __init__(self, req: APIRequest, chat_format: str | None = None, thinking_open: bool = False) -> None:
         self.req = req
+        self.chat_format = chat_format
+        self.thinking_open = thinking_open
         self._choices: dict[int, _ChoiceStream] = {}
 
     def _state(self, index: int) -> _ChoiceStream:
         state = self._choices.get(index)
         if state is None:
-            state = self._choices[index] = _ChoiceStream(tools=ToolCallStream() if self.req.parse_tools else None)
+            state = self._choices[index] = _ChoiceStream(
+                parser=answer_stream(self.req, self.chat_format, self.thinking_open))
         return state
 
     def piece(self, index: int, text: str, logprobs: Sequence[TokenLogprob] = ()) -> list[dict[str, Any]]:
-        """Chunks for a piece of choice ``index`` (none while a tool call or a possible tag is held)."""
+        """Chunks for a piece of choice ``index`` (none while a tool call or a possible marker is held)."""
         state = self._state(index)
         state.pending_logprobs.extend(logprobs)
-        if state.tools is None:
+        if state.parser is None:
             return [self._delta(index, state, {"content": text} if self.req.kind == "chat" else {"text": text})] \
                 if text or state.pending_logprobs else []
-        return [c for event in state.tools.feed(text) for c in self._event(index, state, event)]
+        return [c for event in state.parser.feed(text) for c in self._event(index, state, event)]
 
     def end(self, done: Finished) -> list[dict[str, Any]]:
         """The last chunk of every choice (what a tool parser still held, then ``finish_reason``),
@@ -149,8 +172,8 @@ class StreamChunks:
             index = choice.index
             state = self._state(index)
             finish = choice.finish_reason
-            if state.tools is not None:
-                out += [c for event in state.tools.finish() for c in self._event(index, state, event)]
+            if state.parser is not None:
+                out += [c for event in state.parser.finish() for c in self._event(index, state, event)]
                 if state.n_calls and finish == "stop":
                     finish = "tool_calls"
             out.append(self._delta(index, state, {}, finish_reason=finish, node=done.node))
@@ -158,9 +181,11 @@ class StreamChunks:
             out.append(chunk(self.req, [], usage=done.usage))
         return out
 
-    def _event(self, index: int, state: _ChoiceStream, event: str | ParsedCall) -> list[dict[str, Any]]:
+    def _event(self, index: int, state: _ChoiceStream, event: Event) -> list[dict[str, Any]]:
         if isinstance(event, str):
             return [self._delta(index, state, {"content": event})] if event else []
+        if isinstance(event, Reasoning):
+            return [self._delta(index, state, {"reasoning_content": event.text})] if event.text else []
         call = _tool_call_body(event, state.n_calls)
         state.n_calls += 1
         opening = {**call, "function": {"name": event.name, "arguments": ""}}
@@ -173,7 +198,7 @@ class StreamChunks:
         state.pending_logprobs = []
         if self.req.kind == "chat":
             if not state.started:
-                delta = {"role": "assistant", **({"content": ""} if "content" not in delta and "tool_calls" not in delta
+                delta = {"role": "assistant", **({"content": ""} if not {"content", "tool_calls", "reasoning_content"} & set(delta)
                                                  else {}), **delta}
             body: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:

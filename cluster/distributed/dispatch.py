@@ -205,7 +205,7 @@ async def request_events(deployment: Deployment, request: PromptRequest, *,
     while True:
         ask = dataclasses.replace(ask, ended=deployment.take_ended())  # told to the router with this ask
         route: Route = await _route(deployment, ask, exclude, answer)
-        yield Routed(route.node_id, len(exclude) + 1, template)
+        yield Routed(route.node_id, len(exclude) + 1, template, prepared.chat_format, prepared.thinking_open)
         node_request = ask.node_request(answer.resume)
         sent = 0
         handle = None

@@ -98,10 +98,14 @@ class PromptRequest:
 @dataclass(frozen=True)
 class PreparedRequest:
     """A request ready for the router: its ``RouteAsk`` and, for a chat, which template rendered
-    it (``model``, ``override`` or ``none``), which the caller's answer reports."""
+    it (``model``, ``override`` or ``none``), which the caller's answer reports, and the template's
+    output format with whether the prompt opened a thought (``RenderedChat``), by which the
+    gateway takes the answer apart."""
 
     ask: RouteAsk
     chat_template: str | None = None
+    chat_format: str | None = None
+    thinking_open: bool = False
 
 
 class Edge:
@@ -164,7 +168,7 @@ class Edge:
         """
         params = request.params
         params.check_vocabulary(self.tokenizer.n_vocab)
-        template = None
+        template, rendered = None, None
         if isinstance(request.prompt, ChatPrompt):
             rendered = self.renderer.render(request.prompt)
             text, special, template = rendered.text, rendered.special, rendered.origin
@@ -185,7 +189,9 @@ class Edge:
         if len(tokens) > limit:
             raise PromptTooLongError(f"the prompt is {len(tokens)} tokens: {why}")
         ask = RouteAsk(request.request_id, tokens, params, request.session_id)
-        return PreparedRequest(ask, template)
+        if rendered is None:
+            return PreparedRequest(ask, template)
+        return PreparedRequest(ask, template, rendered.chat_format, rendered.thinking_open)
 
     def _token_limit(self, max_prompt_tokens: int | None) -> tuple[int, str]:
         """The most prompt tokens a request may have, and why, in words."""

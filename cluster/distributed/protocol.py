@@ -194,11 +194,15 @@ class Cancelled:
 
 @dataclass(frozen=True)
 class Routed:
-    """The caller's side sent the request to ``node`` (announced before that node's items)."""
+    """The caller's side sent the request to ``node`` (announced before that node's items); a chat
+    request's template origin, output format and whether its prompt opened a thought
+    (``cluster.distributed.edge.PreparedRequest``)."""
 
     node: str
     attempt: int
     chat_template: str | None = None
+    chat_format: str | None = None
+    thinking_open: bool = False
 
 
 @dataclass(frozen=True)

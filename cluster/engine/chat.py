@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol, Sequence
 import jinja2
 import jinja2.meta
 
+from cluster.engine.chat_format import ChatFormat, detect_format, tools_refusal
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.template_render import RenderFailure, render_pool, sandbox
 from cluster.errors import ChatTemplateError, InvalidParameterError, TemplateLimitError
@@ -40,7 +41,6 @@ ROLES = ("system", "user", "assistant", "tool")
 CHAT_ROLES = (*ROLES, "developer")  # the roles a message dict may name; "developer" is OpenAI's newer name for system
 _MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
 TemplateOrigin = Literal["model", "override", "none"]
-HERMES_TOOL_CALL_TAG = "<tool_call>"  # the tool-call format parsed back (cluster.api.tool_calls)
 _SENTINEL = "\u2063SNIPER-END-OF-TURN-PROBE\u2063"  # an answer no template rewrites
 
 
@@ -225,12 +225,18 @@ class RenderedChat:
         origin: which template made it (``model``, ``override`` or ``none``: plain rendering).
         special: the text holds special-token texts to be parsed as tokens.
         end_of_turn: the template's end-of-turn text (``<|im_end|>``), if it has one.
+        chat_format: the template's output format (``cluster.engine.chat_format``), None for the
+            plain rendering; the answer is taken apart by it.
+        thinking_open: the prompt ends inside an opened thought (``<think>``): the answer starts
+            with reasoning.
     """
 
     text: str
     origin: TemplateOrigin
     special: bool
     end_of_turn: str | None = None
+    chat_format: str | None = None
+    thinking_open: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,10 +268,15 @@ class ChatTemplate:
         return cls(source, origin, bos_token, eos_token)
 
     @property
+    def format(self) -> ChatFormat:
+        """The output format the template teaches (``cluster.engine.chat_format.detect_format``)."""
+        return detect_format(self.source)
+
+    @property
     def supports_tools(self) -> bool:
-        """The template reads ``tools`` and writes the Hermes ``<tool_call>`` format this
-        service parses back (``cluster.api.tool_calls``)."""
-        if self.source is None or HERMES_TOOL_CALL_TAG not in self.source:
+        """The template reads ``tools`` and shows a tool-call format this service parses back
+        (``cluster.engine.chat_format.PARSED_FORMATS``)."""
+        if self.source is None or not self.format.parsed:
             return False
         return "tools" in jinja2.meta.find_undeclared_variables(sandbox().parse(self.source))
 
@@ -277,13 +288,14 @@ class ChatTemplate:
                 failed on this conversation (the message says how).
         """
         if prompt.tools and not self.supports_tools:
-            what = "the model has no chat template" if self.source is None else \
-                "the chat template does not take tools in the <tool_call> format this server parses"
+            what = "the model has no chat template" if self.source is None else tools_refusal(self.format)
             raise ChatTemplateError(f"'tools' cannot be used with this model: {what}", param="tools")
         if self.source is None:
             return RenderedChat(plain_prompt(prompt.messages), "none", special=False)
         text = self._render(prompt.messages, prompt.tools_for_template(), prompt.add_generation_prompt)
-        return RenderedChat(text, self.origin, special=True, end_of_turn=self.end_of_turn())
+        fmt = self.format
+        return RenderedChat(text, self.origin, special=True, end_of_turn=self.end_of_turn(), chat_format=fmt.name,
+                            thinking_open=fmt.thinking_open(text))
 
     def _render(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None,
                 add_generation_prompt: bool) -> str:

@@ -35,6 +35,10 @@ from dataclasses import dataclass
 PARSED_FORMATS = ("hermes", "qwen3_coder", "llama3_json", "mistral", "deepseek", "glm45", "gpt_oss", "kimi_k2")
 """Tool-call formats parsed back into ``tool_calls`` (``cluster.api.formats``)."""
 
+PARSED_TITLES = ("Hermes/Qwen <tool_call>{json}", "Qwen3-Coder <function=...>", "Llama 3.x JSON", "Mistral [TOOL_CALLS]",
+                 "DeepSeek", "GLM-4.5 <arg_key>", "gpt-oss harmony", "Kimi K2")
+"""The formats of ``PARSED_FORMATS`` in words, for error messages."""
+
 DEEPSEEK_CALLS_BEGIN = ("<｜tool▁calls▁begin｜>", "<｜tool_calls_begin｜>", "<｜tool calls begin｜>",
                         "<｜tool\\_calls\\_begin｜>", "<｜tool▁calls｜>")
 """How DeepSeek models open their calls (the distilled models write variants; llama.cpp accepts these)."""
@@ -98,15 +102,30 @@ class ChatFormat:
 CONTENT = ChatFormat("content")
 
 
+def tools_refusal(fmt: ChatFormat) -> str:
+    """Why a template of format ``fmt`` cannot take tools, in words (for a 400)."""
+    parsed = "this server parses " + ", ".join(PARSED_TITLES)
+    if fmt.name == "content":
+        return f"the chat template shows the model no tool-call format ({parsed})"
+    if not fmt.parsed:
+        return f"the chat template's tool-call format is '{fmt.name}', which this server does not parse ({parsed})"
+    return f"the chat template does not read 'tools' (its tool-call format is '{fmt.name}')"
+
+
 def detect_format(source: str | None) -> ChatFormat:
     """The output format the chat template ``source`` teaches (``CONTENT`` for None or no markers)."""
     if not source:
         return CONTENT
     for name, markers in _RULES:
         if all(m in source for m in markers):
-            if name == "gpt_oss":
-                return ChatFormat(name, None)
-            if name == "mistral":
-                return ChatFormat(name, MISTRAL_THINK_TAGS)
-            return ChatFormat(name)
+            return format_named(name)
     return CONTENT
+
+
+def format_named(name: str) -> ChatFormat:
+    """The format called ``name`` (as ``ChatFormat.name``; what travels with a request)."""
+    if name == "gpt_oss":
+        return ChatFormat(name, None)
+    if name == "mistral":
+        return ChatFormat(name, MISTRAL_THINK_TAGS)
+    return ChatFormat(name)
