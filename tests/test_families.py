@@ -135,3 +135,26 @@ def test_cache_keeps_text_counts_every_selection_and_holds_its_budget(family_mod
         assert stats["predictor_on"] == 1.0
         assert stats["n_predicted"] > 0 and math.isfinite(stats["prefetch_precision"])
         assert stats["prefetch_precision"] > 0.3, stats["prefetch_precision"]
+
+
+def test_discovery_refuses_a_family_file_it_cannot_map_in_one_line(tmp_path: Path) -> None:
+    """An expert tensor whose outermost dimension is not expert_count cannot be cut per expert."""
+    from cluster.errors import ModelFileError
+
+    path = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen2moe")
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_expert_count(8)
+    w.add_expert_used_count(2)
+    w.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((8, 64), np.float32))
+    w.add_tensor("blk.0.ffn_up_exps.weight", np.zeros((6, 32, 64), np.float16))  # 6 slices, 8 experts
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFileError) as info:
+        discover_layout(str(path))
+    message = str(info.value)
+    assert "\n" not in message and "blk.0.ffn_up_exps.weight" in message and "8 experts" in message
