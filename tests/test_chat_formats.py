@@ -10,9 +10,13 @@ import random
 import pytest
 
 from cluster.api.formats import AnswerStream, ParsedAnswer, collect, parse_answer
+from cluster.api.formats.syntaxes import _SYNTAXES
+from cluster.api.openai_api import APIError, Limits, parse_chat
+from cluster.api.openai_responses import StreamChunks, response
+from cluster.distributed.client import Choice
+from cluster.distributed.protocol import ChoiceEnd, Finished, Usage
 from cluster.engine.chat import CHATML_TEMPLATE, LLAMA3_TEMPLATE
 from cluster.engine.chat_format import CONTENT, PARSED_FORMATS, ChatFormat, detect_format
-from cluster.api.formats.syntaxes import _SYNTAXES
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}},
@@ -240,3 +244,59 @@ def test_detect_the_synthetic_templates_and_think_openings():
     assert not fmt_of("hermes").thinking_open("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert not fmt_of("gpt_oss").thinking_open("<|start|>assistant")
     assert set(_SYNTAXES) | {"gpt_oss"} == set(PARSED_FORMATS)  # every format named parsed has a parser
+
+
+# -- on the wire (cluster.api.openai_responses) ------------------------------------------------------
+
+
+def _chat(**fields):
+    return parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}, Limits(), "m")
+
+
+def _done() -> Finished:
+    return Finished("n", (ChoiceEnd(0, "stop", 1),), Usage(1, 1))
+
+
+KIMI = ("<think>Weather? Use the tool.</think>Checking.<|tool_calls_section_begin|><|tool_call_begin|>"
+        "functions.get_weather:0<|tool_call_argument_begin|>{\"city\": \"Paris\"}<|tool_call_end|>"
+        "<|tool_calls_section_end|>")
+
+
+def test_a_whole_answer_carries_reasoning_content_and_the_formats_calls():
+    body = response(_chat(tools=TOOLS), [Choice(0, KIMI, "stop")], Usage(1, 1), "n", "kimi_k2")["choices"][0]
+    assert body["finish_reason"] == "tool_calls"
+    message = body["message"]
+    assert message["content"] == "Checking." and message["reasoning_content"] == "Weather? Use the tool."
+    assert message["tool_calls"] == [{"id": "functions.get_weather:0", "type": "function",
+                                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    plain = response(_chat(), [Choice(0, "<think>a</think>b", "stop")], Usage(1, 1), "n", "hermes")["choices"][0]
+    assert plain["message"] == {"role": "assistant", "content": "b", "reasoning_content": "a"}
+    kept = response(_chat(reasoning_format="none"), [Choice(0, "<think>a</think>b", "stop")], Usage(1, 1), "n", "hermes")
+    assert kept["choices"][0]["message"] == {"role": "assistant", "content": "<think>a</think>b"}
+    opened = response(_chat(), [Choice(0, "a</think>b", "stop")], Usage(1, 1), "n", "deepseek", True)
+    assert opened["choices"][0]["message"] == {"role": "assistant", "content": "b", "reasoning_content": "a"}
+    # the plain rendering (no format): the text as it came
+    assert response(_chat(), [Choice(0, "<think>a</think>b", "stop")], Usage(1, 1), "n")["choices"][0]["message"] == \
+        {"role": "assistant", "content": "<think>a</think>b"}
+
+
+def test_a_streamed_answer_sends_reasoning_deltas_then_content_then_calls():
+    stream = StreamChunks(_chat(tools=TOOLS, stream=True), "kimi_k2")
+    out = [c for i in range(0, len(KIMI), 3) for c in stream.piece(0, KIMI[i:i + 3])] + stream.end(_done())
+    deltas = [c["choices"][0]["delta"] for c in out]
+    assert deltas[0]["role"] == "assistant" and "content" not in deltas[0]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "Weather? Use the tool."
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking."
+    calls = [t for d in deltas for t in d.get("tool_calls", [])]
+    assert calls[0]["id"] == "functions.get_weather:0" and calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert calls[1] == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
+    assert out[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    kinds = [next(k for k in ("reasoning_content", "content", "tool_calls") if k in d) for d in deltas[:-1]]
+    assert kinds == sorted(kinds, key=["reasoning_content", "content", "tool_calls"].index)  # in that order
+
+
+def test_reasoning_format_is_checked():
+    with pytest.raises(APIError) as info:
+        _chat(reasoning_format="deepseek-legacy")
+    assert (info.value.status, info.value.param) == (400, "reasoning_format")
+    assert _chat(reasoning_format="none").reasoning is False and _chat().reasoning is True
