@@ -221,7 +221,8 @@ def parse_chat(body: Any, limits: Limits, model: str) -> APIRequest:
     if grammar is not None:
         sampling["grammar"] = grammar
     rendered_tools = tools if choice != "none" else []
-    prompt = ChatPrompt(messages, tools=tuple(json.dumps(t, ensure_ascii=False) for t in rendered_tools))
+    prompt = ChatPrompt(messages, tools=tuple(json.dumps(t, ensure_ascii=False) for t in rendered_tools),
+                        forced_tool_choice=choice not in ("none", "auto"))
     return _request("chat", body, prompt, sampling, limits, model, parse_tools=bool(rendered_tools),
                     reasoning=reasoning_format != "none")
 

@@ -206,11 +206,15 @@ class ChatPrompt:
             {"name", "description", "parameters"}}``), serialised as JSON text so the prompt
             stays immutable; empty: no tools.
         add_generation_prompt: end with the opening of an assistant turn.
+        forced_tool_choice: ``tool_choice`` ``required`` or named: a grammar makes the answer one
+            call in the Hermes ``<tool_call>`` format (``cluster.engine.grammar.tool_call_grammar``),
+            so the template must be of that format, and the answer starts with the call.
     """
 
     messages: tuple[ChatMessage, ...]
     tools: tuple[str, ...] = ()
     add_generation_prompt: bool = True
+    forced_tool_choice: bool = False
 
     def tools_for_template(self) -> list[dict[str, Any]] | None:
         return [json.loads(t) for t in self.tools] or None
@@ -290,12 +294,16 @@ class ChatTemplate:
         if prompt.tools and not self.supports_tools:
             what = "the model has no chat template" if self.source is None else tools_refusal(self.format)
             raise ChatTemplateError(f"'tools' cannot be used with this model: {what}", param="tools")
+        if prompt.forced_tool_choice and prompt.tools and self.format.name != "hermes":
+            raise ChatTemplateError(f"a forced 'tool_choice' (required or named) is enforced in the Hermes <tool_call> format, "
+                                    f"and this model's chat template uses the '{self.format.name}' format: use 'auto'",
+                                    param="tool_choice")
         if self.source is None:
             return RenderedChat(plain_prompt(prompt.messages), "none", special=False)
         text = self._render(prompt.messages, prompt.tools_for_template(), prompt.add_generation_prompt)
         fmt = self.format
         return RenderedChat(text, self.origin, special=True, end_of_turn=self.end_of_turn(), chat_format=fmt.name,
-                            thinking_open=fmt.thinking_open(text))
+                            thinking_open=fmt.thinking_open(text) and not prompt.forced_tool_choice)
 
     def _render(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None,
                 add_generation_prompt: bool) -> str:
