@@ -113,7 +113,45 @@ PYBIND11_MODULE(_native, m) {
                 return out;
             },
             py::arg("layer"), py::arg("expert"),
-            "[(file_offset, size, head_owner, tail_owner)] of one expert; owners: unit id, -1 none, -2 non-expert data.");
+            "[(file_offset, size, head_owner, tail_owner)] of one expert; owners: unit id, -1 none, -2 non-expert data.")
+        .def_property_readonly("selection_rule",
+            [](const expert_layout & l) {
+                static const char * names[] = {"logits", "softmax", "sigmoid", "?", "sqrt_softplus"};
+                const selection_rule & r = l.selection;
+                py::dict out;
+                out["gating"] = r.gating >= 0 && r.gating <= 4 ? names[r.gating] : "?";
+                out["router_bias"] = r.router_bias;
+                out["selection_bias"] = r.selection_bias;
+                out["expert_groups"] = py::make_tuple(r.n_groups, r.n_groups_used);
+                return out;
+            },
+            "How the file's MoE blocks pick experts, as the predictor repeats it: gating ('logits', 'softmax', "
+            "'sigmoid', 'sqrt_softplus'), router_bias, selection_bias, expert_groups (groups, used).")
+        .def("select_experts",
+            [](const expert_layout & l, int layer, const py::array_t<float, py::array::c_style | py::array::forcecast> & logits) {
+                if (logits.ndim() != 2 || logits.shape(1) != l.n_experts) {
+                    throw py::value_error("logits must be [n_rows, " + std::to_string(l.n_experts) + "]");
+                }
+                const int n_rows = int(logits.shape(0));
+                py::array_t<int32_t> out(std::vector<py::ssize_t>{n_rows, l.n_experts_used});
+                expert_layout_select(l, layer, logits.data(), n_rows, out.mutable_data());
+                return out;
+            },
+            py::arg("layer"), py::arg("logits"),
+            "The experts layer `layer` picks (best first) for router logits [n_rows, n_experts], by the predictor's "
+            "arithmetic with the layer's biases read from the file: int32 [n_rows, expert_used_count].")
+        .def("route",
+            [](const expert_layout & l, int layer, const py::array_t<float, py::array::c_style | py::array::forcecast> & x) {
+                if (x.ndim() != 2 || x.shape(1) != l.n_embd) {
+                    throw py::value_error("router inputs must be [n_rows, " + std::to_string(l.n_embd) + "]");
+                }
+                const int n_rows = int(x.shape(0));
+                py::array_t<int32_t> out(std::vector<py::ssize_t>{n_rows, l.n_experts_used});
+                expert_layout_route(l, layer, x.data(), n_rows, out.mutable_data());
+                return out;
+            },
+            py::arg("layer"), py::arg("x"),
+            "The same from router inputs [n_rows, n_embd] through the layer's router read from the file.");
 
     m.def("min_budget",
           [](const expert_layout & layout) {

@@ -13,7 +13,9 @@
 #include <stdexcept>
 #include <string>
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 namespace {
 
@@ -71,9 +73,11 @@ bool is_host(const ggml_tensor * t) {
 }
 
 // The router input of the MoE block whose top-k node is `topk`: src[1] of the
-// `ffn_moe_logits-<il>` mat-mul among its ancestors (topk → argsort → probs → logits).
+// `ffn_moe_logits-<il>` mat-mul among its ancestors (topk → argsort → probs → logits; with expert
+// groups also the group masking's reshapes, get_rows, set_rows and fill: some 20 nodes, a few reached twice).
 const ggml_tensor * find_router_input(const ggml_tensor * topk) {
-    const ggml_tensor * queue[16];
+    constexpr int MAX_NODES = 64;
+    const ggml_tensor * queue[MAX_NODES];
     int head = 0, tail = 0;
     queue[tail++] = topk;
     while (head < tail) {
@@ -81,7 +85,9 @@ const ggml_tensor * find_router_input(const ggml_tensor * topk) {
         if (t->op == GGML_OP_MUL_MAT && has_prefix(t->name, LOGITS_PREFIX, sizeof(LOGITS_PREFIX) - 1)) {
             return t->src[1];
         }
-        for (int i = 0; i < GGML_MAX_SRC && t->src[i] != nullptr && tail < 16; ++i) { queue[tail++] = t->src[i]; }
+        for (int i = 0; i < GGML_MAX_SRC && t->src[i] != nullptr && tail < MAX_NODES; ++i) {
+            if (std::find(queue, queue + tail, t->src[i]) == queue + tail) { queue[tail++] = t->src[i]; }
+        }
     }
     return nullptr;
 }
@@ -145,7 +151,171 @@ void check_hparams(const gguf_context * ctx, const std::string & path) {
     }
 }
 
+// The gating build_moe_ffn applies for `arch` in the pinned llama.cpp (src/models/<arch>.cpp): a few
+// architectures fix it in their graph; the others read {arch}.expert_gating_func and, where it is absent,
+// default it in their load_arch_hparams. False if neither is known.
+bool find_gating(const gguf_context * ctx, const std::string & arch, int n_layers, int32_t & gating) {
+    static const std::pair<const char *, int32_t> fixed[] = {
+        {"gpt-oss", GATING_LOGITS},  // SOFTMAX_WEIGHT: top-k of the biased logits, softmax over the k
+        {"llama4", GATING_LOGITS},   // selection_probs = logits
+        {"ernie4_5-moe", GATING_SOFTMAX}, {"minimax-01", GATING_SOFTMAX},
+        {"nemotron_h", GATING_SIGMOID}, {"nemotron_h_moe", GATING_SIGMOID}, {"mimo2", GATING_SIGMOID},
+    };
+    for (const auto & f : fixed) {
+        if (arch == f.first) { gating = f.second; return true; }
+    }
+    const int64_t value = get_int_key(ctx, arch + ".expert_gating_func", 0);
+    switch (value) {
+        case 1: gating = GATING_SOFTMAX; return true;
+        case 2: gating = GATING_SIGMOID; return true;
+        case 3: gating = GATING_LOGITS; return true;  // SOFTMAX_WEIGHT
+        case 4: gating = GATING_SQRT_SOFTPLUS; return true;
+        case 0: break;  // absent (NONE): the architecture's default
+        default: return false;
+    }
+    static const char * sigmoid_default[] = {"glm4moe", "glm-dsa", "glm5-next", "step35", "afmoe", "laguna",
+                                             "hy_v3", "cohere2moe"};
+    for (const char * a : sigmoid_default) {
+        if (arch == a) { gating = GATING_SIGMOID; return true; }
+    }
+    if (arch == "deepseek2") {  // DeepSeek V2 / V2.5 files have no key: softmax; GLM 4.7 Lite: sigmoid
+        int64_t n_vocab = get_int_key(ctx, arch + ".vocab_size", 0);
+        const int64_t tokens = gguf_find_key(ctx, "tokenizer.ggml.tokens");
+        if (n_vocab == 0 && tokens >= 0 && gguf_get_kv_type(ctx, tokens) == GGUF_TYPE_ARRAY) {
+            n_vocab = int64_t(gguf_get_arr_n(ctx, tokens));
+        }
+        gating = (n_layers == 47 || n_layers == 48) && n_vocab == 154880 ? GATING_SIGMOID : GATING_SOFTMAX;
+        return true;
+    }
+    if (arch == "deepseek2-ocr") { gating = GATING_SOFTMAX; return true; }
+    return false;
+}
+
+// Layer `il`'s router as floats; bytes_at(offset, size) gives a tensor's bytes (the mapping, or a read of
+// the file) or nullptr. False if the layer has no router or a tensor cannot be converted.
+template <typename BytesAt>
+bool load_layer_router(const expert_layout & layout, int il, BytesAt && bytes_at, layer_router & out) {
+    out = layer_router{};
+    const router_tensor & r = layout.routers[size_t(il)];
+    if (r.offset == 0 || r.n_embd != layout.n_embd || r.n_rows != layout.n_experts) { return false; }
+    const size_t bytes = ggml_row_size(ggml_type(r.type), r.n_embd) * size_t(r.n_rows);
+    const void * data = bytes_at(r.offset, bytes);
+    if (data == nullptr) { return false; }
+    if (r.type == GGML_TYPE_F32) {
+        out.rows = static_cast<const float *>(data);
+    } else {
+        const ggml_type_traits * traits = ggml_get_type_traits(ggml_type(r.type));
+        if (traits == nullptr || traits->to_float == nullptr) { return false; }
+        out.owned.resize(size_t(r.n_embd * r.n_rows));
+        traits->to_float(data, out.owned.data(), r.n_embd * r.n_rows);
+        out.rows = out.owned.data();
+    }
+    const std::pair<const vector_tensor *, std::vector<float> *> biases[] = {
+        {&layout.router_biases[size_t(il)], &out.router_bias},
+        {&layout.selection_biases[size_t(il)], &out.selection_bias},
+    };
+    for (const auto & b : biases) {
+        const vector_tensor & v = *b.first;
+        if (v.offset == 0) { continue; }
+        const void * bias = v.n == layout.n_experts ? bytes_at(v.offset, ggml_row_size(ggml_type(v.type), v.n)) : nullptr;
+        const ggml_type_traits * traits = ggml_get_type_traits(ggml_type(v.type));
+        if (bias == nullptr || traits == nullptr || (v.type != GGML_TYPE_F32 && traits->to_float == nullptr)) {
+            out.rows = nullptr;  // a layer predicted without its bias would be predicted wrongly
+            return false;
+        }
+        b.second->resize(size_t(v.n));
+        if (v.type == GGML_TYPE_F32) {
+            std::memcpy(b.second->data(), bias, size_t(v.n) * sizeof(float));
+        } else {
+            traits->to_float(bias, b.second->data(), v.n);
+        }
+    }
+    return true;
+}
+
+// A layer's router read from the file with pread (no mapping needed): for expert_layout_route/select.
+bool read_layer_router(const expert_layout & layout, int layer, layer_router & out) {
+    if (layer < 0 || layer >= layout.n_layers) { return false; }
+    const int fd = ::open(layout.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) { return false; }
+    std::vector<std::vector<char>> buffers;
+    auto bytes_at = [&](uint64_t offset, size_t size) -> const void * {
+        buffers.emplace_back(size);
+        size_t done = 0;
+        while (done < size) {
+            const ssize_t n = ::pread(fd, buffers.back().data() + done, size - done, off_t(offset + done));
+            if (n <= 0) { return nullptr; }
+            done += size_t(n);
+        }
+        return buffers.back().data();
+    };
+    const bool ok = load_layer_router(layout, layer, bytes_at, out);
+    ::close(fd);
+    if (ok && out.owned.empty()) {  // F32 rows point into a read buffer: keep a copy
+        out.owned.assign(out.rows, out.rows + size_t(layout.n_embd) * size_t(layout.n_experts));
+        out.rows = out.owned.data();
+    }
+    return ok;
+}
+
 } // namespace
+
+void select_experts(const selection_rule & rule, const float * logits, const float * router_bias,
+                    const float * selection_bias, int n_experts, int k, float * scores, int32_t * order, int32_t * out) {
+    for (int e = 0; e < n_experts; ++e) { scores[e] = router_bias ? logits[e] + router_bias[e] : logits[e]; }
+    if (rule.scores_needed()) {
+        switch (rule.gating) {
+            case GATING_SOFTMAX: {
+                float max = scores[0];
+                for (int e = 1; e < n_experts; ++e) { max = std::max(max, scores[e]); }
+                float sum = 0.0f;
+                for (int e = 0; e < n_experts; ++e) { scores[e] = std::exp(scores[e] - max); sum += scores[e]; }
+                for (int e = 0; e < n_experts; ++e) { scores[e] /= sum; }
+            } break;
+            case GATING_SIGMOID:
+                for (int e = 0; e < n_experts; ++e) { scores[e] = 1.0f / (1.0f + std::exp(-scores[e])); }
+                break;
+            case GATING_SQRT_SOFTPLUS:
+                for (int e = 0; e < n_experts; ++e) {
+                    const float s = scores[e];
+                    scores[e] = std::sqrt(s > 20.0f ? s : std::log1p(std::exp(s)));
+                }
+                break;
+            default: break;  // GATING_LOGITS
+        }
+        if (selection_bias) {
+            for (int e = 0; e < n_experts; ++e) { scores[e] += selection_bias[e]; }
+        }
+    }
+    if (rule.n_groups > 1) {
+        // a group's score: the sum of its two best; the best n_groups_used groups stay, the others are masked
+        const int per_group = n_experts / rule.n_groups;
+        float group_score[256];
+        int32_t groups[256];
+        const int n_groups = std::min(rule.n_groups, 256);
+        for (int g = 0; g < n_groups; ++g) {
+            const float * q = scores + size_t(g) * size_t(per_group);
+            float best = -INFINITY, second = -INFINITY;
+            for (int i = 0; i < per_group; ++i) {
+                if (q[i] > best) { second = best; best = q[i]; } else if (q[i] > second) { second = q[i]; }
+            }
+            group_score[g] = per_group >= 2 ? best + second : best;
+            groups[g] = g;
+        }
+        const int used = std::min(rule.n_groups_used, n_groups);
+        std::partial_sort(groups, groups + used, groups + n_groups,
+                          [&](int32_t a, int32_t b) { return group_score[a] > group_score[b]; });
+        uint8_t keep[256] = {};
+        for (int i = 0; i < used; ++i) { keep[groups[i]] = 1; }
+        for (int g = 0; g < n_groups; ++g) {
+            if (keep[g]) { continue; }
+            for (int i = 0; i < per_group; ++i) { scores[size_t(g) * size_t(per_group) + size_t(i)] = -INFINITY; }
+        }
+    }
+    for (int e = 0; e < n_experts; ++e) { order[e] = e; }
+    std::partial_sort(order, order + k, order + n_experts, [scores](int32_t a, int32_t b) { return scores[a] > scores[b]; });
+    for (int i = 0; i < k; ++i) { out[i] = order[i]; }
+}
 
 expert_layout expert_layout_discover(const std::string & path) {
     struct stat st {};
@@ -188,9 +358,21 @@ expert_layout expert_layout_discover(const std::string & path) {
     }
 
     const int64_t n_groups = get_int_key(ctx, arch + ".expert_group_count", 0);
+    const int64_t n_groups_used = get_int_key(ctx, arch + ".expert_group_used_count", 0);
     if (n_groups > 1) {
-        layout.predictor_off = "expert groups (" + arch + ".expert_group_count=" + std::to_string(n_groups) +
-                               ") are not in the predictor's rule (top-k of the router logits)";
+        // llama.cpp asserts the same at load (llama-model.cpp); 256 groups bound select_experts' scratch
+        if (n_groups > 256 || layout.n_experts % n_groups != 0 || n_groups_used < 1 || n_groups_used >= n_groups) {
+            layout.predictor_off = "expert groups " + arch + ".expert_group_count=" + std::to_string(n_groups) +
+                                   " expert_group_used_count=" + std::to_string(n_groups_used) +
+                                   " do not divide " + std::to_string(layout.n_experts) + " experts into groups it can pick";
+        } else {
+            layout.selection.n_groups = int(n_groups);
+            layout.selection.n_groups_used = int(n_groups_used);
+        }
+    }
+    if (arch == "grovemoe") {
+        layout.predictor_off = "GroveMoE's selection (sigmoid scores over expert groups of " + arch +
+                               ".experts_per_group) is not in the predictor's rule";
     }
 
     const uint64_t data_offset = gguf_get_data_offset(ctx);
@@ -199,6 +381,8 @@ expert_layout expert_layout_discover(const std::string & path) {
     layout.slices.assign(n_units, {});
     layout.unit_bytes.assign(n_units, 0);
     layout.routers.assign(size_t(layout.n_layers), router_tensor{});
+    layout.router_biases.assign(size_t(layout.n_layers), vector_tensor{});
+    layout.selection_biases.assign(size_t(layout.n_layers), vector_tensor{});
 
     // Every tensor's extent, to find which pages hold something other than expert slices.
     struct extent { uint64_t first, last; int32_t unit; size_t slice; };  // unit -2: non-expert; slice: index in slices[unit]
@@ -223,9 +407,11 @@ expert_layout expert_layout_discover(const std::string & path) {
         if (il >= 0 && rest == "ffn_gate_inp.weight" && il < layout.n_layers) {
             layout.routers[size_t(il)] = router_tensor{offset, int32_t(gguf_get_tensor_type(ctx, i)), ne[0], ne[1]};
         }
-        if (il >= 0 && layout.predictor_off.empty() && (rest == "exp_probs_b.bias" || rest == "ffn_gate_inp.bias")) {
-            layout.predictor_off = std::string(rest == "exp_probs_b.bias" ? "selection bias" : "router bias") +
-                                   " '" + name + "' is not in the predictor's rule (top-k of the router logits)";
+        if (il >= 0 && il < layout.n_layers && (rest == "exp_probs_b.bias" || rest == "ffn_gate_inp.bias")) {
+            const bool selection = rest == "exp_probs_b.bias";
+            (selection ? layout.selection_biases : layout.router_biases)[size_t(il)] =
+                vector_tensor{offset, int32_t(gguf_get_tensor_type(ctx, i)), n_dims == 1 ? ne[0] : 0};
+            (selection ? layout.selection.selection_bias : layout.selection.router_bias) = true;
         }
         if (!is_expert) {
             extents.push_back({offset, offset + size, -2, 0});
@@ -250,6 +436,12 @@ expert_layout expert_layout_discover(const std::string & path) {
     if (layout.expert_tensors.empty()) {
         throw std::runtime_error("dense model: '" + path + "' declares " + std::to_string(layout.n_experts) +
                                  " experts but has no blk.*.*_exps tensors");
+    }
+    if (layout.predictor_off.empty() && !find_gating(ctx, arch, layout.n_layers, layout.selection.gating) &&
+        layout.selection.scores_needed()) {
+        layout.predictor_off = "the gating function of " + arch + " (" + arch + ".expert_gating_func=" +
+                               std::to_string(get_int_key(ctx, arch + ".expert_gating_func", 0)) +
+                               ") is not known, and its selection bias or expert groups are added to its scores";
     }
 
     // Boundary pages: who else lives on the first / last page of each slice.
@@ -323,6 +515,8 @@ expert_cache::expert_cache(expert_layout layout, const expert_cache_params & par
     predict_rows_.reserve(size_t(params_.predict_max_rows));
     predict_logits_.resize(size_t(params_.predict_max_rows) * size_t(layout_.n_experts));
     order_.resize(size_t(layout_.n_experts));
+    predict_scores_.resize(size_t(layout_.n_experts));
+    predict_topk_.resize(size_t(layout_.n_experts_used));
     predicted_mask_.assign(size_t(layout_.n_experts), 0);
     predicted_.reserve(size_t(layout_.n_experts));
     in_flight_.reserve(size_t(layout_.n_experts) * 4);
@@ -343,24 +537,13 @@ void expert_cache::attach() {
     auto residency = std::make_unique<unit_residency>(layout_, mappings_before_load_);
     residency->establish(policy_);
 
-    // Routers for prediction: point into the mapping (F32) or keep a dequantised copy.
-    const int n_layers = layout_.n_layers, n_experts = layout_.n_experts;
-    router_rows_.assign(size_t(n_layers), nullptr);
-    router_owned_.assign(size_t(n_layers), {});
+    // Routers for prediction: point into the mapping (F32) or keep a dequantised copy; biases copied.
+    const int n_layers = layout_.n_layers;
+    routers_.assign(size_t(n_layers), layer_router{});
+    const file_residency & file = residency->file();
     for (int il = 0; il < n_layers && layout_.predictor_off.empty(); ++il) {  // off: no router, no prediction
-        const router_tensor & r = layout_.routers[size_t(il)];
-        if (r.offset == 0 || r.n_embd != layout_.n_embd || r.n_rows != n_experts) { continue; }
-        const void * data = residency->file().address_of(r.offset);
-        if (data == nullptr) { continue; }
-        if (r.type == GGML_TYPE_F32) {
-            router_rows_[size_t(il)] = static_cast<const float *>(data);
-            continue;
-        }
-        const ggml_type_traits * traits = ggml_get_type_traits(ggml_type(r.type));
-        if (traits == nullptr || traits->to_float == nullptr) { continue; }
-        router_owned_[size_t(il)].resize(size_t(r.n_embd * r.n_rows));
-        traits->to_float(data, router_owned_[size_t(il)].data(), r.n_embd * r.n_rows);
-        router_rows_[size_t(il)] = router_owned_[size_t(il)].data();
+        load_layer_router(layout_, il, [&file](uint64_t offset, size_t) { return file.address_of(offset); },
+                          routers_[size_t(il)]);
     }
 
     residency->start_io(params_.n_io_threads);
@@ -436,7 +619,7 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
             // fits, the callback does no prediction work at all).
             const int last = std::min(layer + params_.predict_layers_ahead, layout_.n_layers - 1);
             for (int target = layer + 1; target <= last; ++target) {
-                if (router_rows_[size_t(target)] != nullptr &&
+                if (routers_[size_t(target)].rows != nullptr &&
                     (params_.predict_resident_layers || !policy_.layer_all_resident(target))) {
                     predict_layer(x, layer, target);
                 }
@@ -467,7 +650,10 @@ void expert_cache::predict_layer(const ggml_tensor * x, int layer, int target) {
     const int64_t n_embd = layout_.n_embd;
     const int n_experts = layout_.n_experts;
     const int k = layout_.n_experts_used;
-    const float * w = router_rows_[size_t(target)];  // [n_experts x n_embd]
+    const layer_router & router = routers_[size_t(target)];
+    const float * w = router.rows;  // [n_experts x n_embd]
+    const float * router_bias = router.router_bias.empty() ? nullptr : router.router_bias.data();
+    const float * selection_bias = router.selection_bias.empty() ? nullptr : router.selection_bias.data();
 
     // The sampled rows of the router input [n_embd x n_rows]: at most predict_max_rows, evenly
     // spaced, always including the last one.
@@ -487,11 +673,10 @@ void expert_cache::predict_layer(const ggml_tensor * x, int layer, int target) {
     predicted_.clear();
     for (size_t r = 0; r < rows; ++r) {
         const float * logits = predict_logits_.data() + r * size_t(n_experts);
-        for (int e = 0; e < n_experts; ++e) { order_[size_t(e)] = e; }
-        std::partial_sort(order_.begin(), order_.begin() + k, order_.end(),
-                          [logits](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+        select_experts(layout_.selection, logits, router_bias, selection_bias, n_experts, k, predict_scores_.data(),
+                       order_.data(), predict_topk_.data());
         for (int i = 0; i < k; ++i) {
-            const int32_t e = order_[size_t(i)];
+            const int32_t e = predict_topk_[size_t(i)];
             if (!predicted_mask_[size_t(e)]) { predicted_mask_[size_t(e)] = 1; predicted_.push_back(e); }
         }
     }
@@ -555,4 +740,36 @@ void expert_cache::set_budget(uint64_t budget_bytes) {
         residency_->drop_units(plan_.evict);
         residency_->flush_drops();
     }
+}
+
+void expert_layout_select(const expert_layout & layout, int layer, const float * logits, int n_rows, int32_t * out) {
+    layer_router router;
+    if (!read_layer_router(layout, layer, router)) {
+        throw std::runtime_error("layer " + std::to_string(layer) + " of '" + layout.path + "' has no router the predictor can use");
+    }
+    const int n = layout.n_experts, k = layout.n_experts_used;
+    std::vector<float> scores(static_cast<size_t>(n));
+    std::vector<int32_t> order(static_cast<size_t>(n));
+    for (int r = 0; r < n_rows; ++r) {
+        select_experts(layout.selection, logits + size_t(r) * size_t(n),
+                       router.router_bias.empty() ? nullptr : router.router_bias.data(),
+                       router.selection_bias.empty() ? nullptr : router.selection_bias.data(), n, k, scores.data(),
+                       order.data(), out + size_t(r) * size_t(k));
+    }
+}
+
+void expert_layout_route(const expert_layout & layout, int layer, const float * x, int n_rows, int32_t * out) {
+    layer_router router;
+    if (!read_layer_router(layout, layer, router)) {
+        throw std::runtime_error("layer " + std::to_string(layer) + " of '" + layout.path + "' has no router the predictor can use");
+    }
+    const int n = layout.n_experts;
+    std::vector<float> logits(size_t(n_rows) * size_t(n));
+    for (int r = 0; r < n_rows; ++r) {
+        for (int e = 0; e < n; ++e) {
+            logits[size_t(r) * size_t(n) + size_t(e)] =
+                dot_f32(router.rows + size_t(e) * size_t(layout.n_embd), x + size_t(r) * size_t(layout.n_embd), layout.n_embd);
+        }
+    }
+    expert_layout_select(layout, layer, logits.data(), n_rows, out);
 }

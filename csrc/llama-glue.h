@@ -47,6 +47,42 @@ struct router_tensor {
     int64_t  n_rows = 0;  // ne[1] = n_expert
 };
 
+// A 1-D per-layer vector of the file (a bias over the experts); offset 0 = the layer has none.
+struct vector_tensor {
+    uint64_t offset = 0;
+    int32_t  type   = 0;  // ggml_type
+    int64_t  n      = 0;  // ne[0]
+};
+
+// How the file's MoE blocks pick their experts from the router logits (llama-graph.cpp build_moe_ffn in the
+// pinned llama.cpp), as the predictor repeats it on the CPU for one token's logits l[n_experts]:
+//   s = l + router_bias (blk.*.ffn_gate_inp.bias, gpt-oss); p = gating(s); q = p + selection_bias
+//   (blk.*.exp_probs_b.bias: chooses only); with expert groups, a group's score is the sum of its two best
+//   q, the best n_groups_used groups are kept and the others masked out; the experts are the top-k of q.
+// Without a selection bias or groups the gating (monotonic) does not change the top-k and is skipped.
+enum selection_gating : int32_t {
+    GATING_LOGITS        = 0,  // the (biased) logits themselves: SOFTMAX_WEIGHT (gpt-oss) and Llama 4
+    GATING_SOFTMAX       = 1,
+    GATING_SIGMOID       = 2,
+    GATING_SQRT_SOFTPLUS = 4,  // sqrt(softplus(s))
+};
+
+struct selection_rule {
+    int32_t gating      = GATING_LOGITS;
+    int n_groups        = 1;  // {arch}.expert_group_count (1: no groups)
+    int n_groups_used   = 1;  // {arch}.expert_group_used_count
+    bool router_bias    = false;  // some layer has blk.*.ffn_gate_inp.bias
+    bool selection_bias = false;  // some layer has blk.*.exp_probs_b.bias
+    // Whether the gating must be computed (it changes the top-k: a selection bias is added after it, or
+    // group scores sum it).
+    bool scores_needed() const { return selection_bias || n_groups > 1; }
+};
+
+// The top-k of one token's router logits [n_experts] under `rule` (best first) into out[k]. router_bias and
+// selection_bias may be nullptr (the layer has none); scores [n_experts] and order [n_experts] are scratch.
+void select_experts(const selection_rule & rule, const float * logits, const float * router_bias,
+                    const float * selection_bias, int n_experts, int k, float * scores, int32_t * order, int32_t * out);
+
 // A model's experts in its file: the page geometry the residency layer needs (expert_file_map:
 // path, page_size, slices, unit_bytes, extents) and the hyper-parameters and routers of the rest.
 struct expert_layout : expert_file_map {
@@ -60,12 +96,30 @@ struct expert_layout : expert_file_map {
     uint64_t non_expert_bytes = 0;  // bytes of the file's pages that hold no expert slice
     std::vector<std::string> expert_tensors;         // names of the tensors cut per expert
     std::vector<router_tensor> routers;              // [layer]
-    // Why the predictor is off for this file, or "" (on). The predictor ranks the next layers'
-    // experts by their router logits (the top-k of softmax, of sigmoid, or of the logits alike);
-    // a file whose top-k also adds a selection bias (blk.*.exp_probs_b), a router bias
-    // (blk.*.ffn_gate_inp.bias) or picks expert groups first would be predicted wrongly.
+    std::vector<vector_tensor> router_biases;        // [layer] blk.*.ffn_gate_inp.bias
+    std::vector<vector_tensor> selection_biases;     // [layer] blk.*.exp_probs_b.bias
+    selection_rule selection;                        // the file's rule (see selection_rule)
+    // Why the predictor is off for this file, or "" (on). The predictor repeats the file's selection
+    // rule (selection_rule: router bias, gating, selection bias, expert groups); it is off where that
+    // rule is not known: a selection bias or groups with no {arch}.expert_gating_func and no default of
+    // the architecture known, GroveMoE's groups of experts, a bias of a type ggml cannot convert.
     std::string predictor_off;
 };
+
+// One layer's router as floats: the matrix [n_experts x n_embd] and its biases (empty: none).
+struct layer_router {
+    const float * rows = nullptr;            // into the mapping (F32) or `owned`
+    std::vector<float> owned;                // dequantised matrix (non-F32 files)
+    std::vector<float> router_bias;          // [n_experts] or empty
+    std::vector<float> selection_bias;       // [n_experts] or empty
+};
+
+// The experts layer `layer` picks for router inputs x [n_rows x n_embd] (row-major), by the predictor's
+// arithmetic on the router and biases read from the file (not the mapping): out [n_rows x k]. For tests that
+// compare it with llama.cpp's own top-k. Throws std::runtime_error if the layer has no usable router.
+void expert_layout_route(const expert_layout & layout, int layer, const float * x, int n_rows, int32_t * out);
+// The same from router logits [n_rows x n_experts] (llama.cpp's ffn_moe_logits) instead of inputs.
+void expert_layout_select(const expert_layout & layout, int layer, const float * logits, int n_rows, int32_t * out);
 
 // Reads the GGUF header of `path` and returns its expert layout. Throws std::runtime_error
 // with a specific message for: a missing file, a file llama.cpp's gguf reader rejects, a
@@ -166,8 +220,7 @@ private:
     sequence_steps steps_;
     std::vector<mapping_segment> mappings_before_load_;  // other engines' mappings of the file
     std::unique_ptr<unit_residency> residency_;       // attach() on; nullptr before
-    std::vector<const float *> router_rows_;          // [layer] [n_experts x n_embd] or nullptr
-    std::vector<std::vector<float>> router_owned_;    // dequantised routers (non-F32 files)
+    std::vector<layer_router> routers_;               // [layer]; rows nullptr: not predicted
     residency_counters callback_timing_;              // its ns_* only; the compute thread's
 
     // scratch, grown outside the steady state only
@@ -179,4 +232,6 @@ private:
     std::vector<int32_t> predicted_;
     std::vector<const float *> predict_rows_;  // sampled rows of the router input
     std::vector<float> predict_logits_;        // [rows x n_experts]
+    std::vector<float> predict_scores_;        // [n_experts]
+    std::vector<int32_t> predict_topk_;        // [k]
 };
