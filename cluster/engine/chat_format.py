@@ -24,6 +24,14 @@ request with ``tools`` is refused naming the format; a template with none of the
 Mistral (``[THINK]``) marks a thought with ``<think>...</think>``; ``thinking_open`` tells whether
 a rendered prompt already opened it, so the answer starts inside the thought.
 
+Markers are often control tokens of the model's vocabulary (gpt-oss's ``<|channel|>``, DeepSeek's,
+Kimi's, Mistral's ``[TOOL_CALLS]`` and ``[THINK]``), which the engine writes as nothing: a chat
+answer in a format writes those of ``ChatFormat.preserved`` as their text (the rule of
+llama-server's ``preserved_tokens``; ``cluster.engine.chat.ChatRenderer`` turns them into the token
+ids of ``SamplingParams.preserved_token_ids``). ``ChatFormat.stops`` names the tokens that end an
+answer where the template's end of turn does not: gpt-oss ends at ``<|return|>`` or ``<|call|>``,
+never at the ``<|end|>`` of its analysis message.
+
 The parsers live in ``cluster.api.formats``; this module only names formats (the engine renders
 the prompt and must refuse tools it cannot parse back).
 """
@@ -71,6 +79,29 @@ _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 THINK_TAGS = ("<think>", "</think>")
 MISTRAL_THINK_TAGS = ("[THINK]", "[/THINK]")
 
+_CALL_MARKERS: dict[str, tuple[str, ...]] = {
+    "gpt_oss": ("<|start|>", "<|channel|>", "<|constrain|>", "<|message|>", "<|end|>"),
+    "kimi_k2": ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+                "<|tool_call_argument_begin|>", "<|tool_call_end|>"),
+    "deepseek": (*DEEPSEEK_CALLS_BEGIN, "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
+                 "<｜tool▁call▁end｜>"),
+    "glm45": ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"),
+    "qwen3_coder": ("<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>"),
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "mistral": ("[TOOL_CALLS]", "[CALL_ID]", "[ARGS]"),
+    "llama3_json": ("<|python_tag|>",),
+}
+"""Per parsed format, the markers its parser reads in an answer besides the thought's tags (as
+llama.cpp's chat handlers list them in ``preserved_tokens``): where the model's vocabulary has one
+as a control token, a chat answer in that format writes it as its text (``ChatFormat.preserved``)."""
+
+_STOP_MARKERS: dict[str, tuple[str, ...]] = {
+    "gpt_oss": ("<|return|>", "<|call|>"),
+}
+"""Per format, the tokens that end the model's turn when its template's own end of turn is not
+it: a harmony answer is several messages, each ended by ``<|end|>``; the turn ends with
+``<|return|>`` (the final answer) or ``<|call|>`` (a tool call)."""
+
 
 @dataclass(frozen=True)
 class ChatFormat:
@@ -92,6 +123,19 @@ class ChatFormat:
     @property
     def harmony(self) -> bool:
         return self.name == "gpt_oss"
+
+    @property
+    def preserved(self) -> tuple[str, ...]:
+        """The markers the answer's parser reads (its thought's tags, its calls' markers): the
+        engine writes a token whose text is one of them as that text, even a control token, which
+        it otherwise writes as nothing (llama-server's ``preserved_tokens``)."""
+        return (*(self.think_tags or ()), *_CALL_MARKERS.get(self.name, ()))
+
+    @property
+    def stops(self) -> tuple[str, ...] | None:
+        """The tokens that end an answer in this format, when they are not the template's end of
+        turn (None: the template's end of turn does, ``ChatTemplate.end_of_turn``)."""
+        return _STOP_MARKERS.get(self.name)
 
     def thinking_open(self, prompt: str) -> bool:
         """The rendered ``prompt`` ends inside an opened thought (``...<think>\\n``): the answer

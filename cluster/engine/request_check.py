@@ -86,4 +86,5 @@ class RequestChecker:
         if n_prompt + len(resume.tokens) >= self._n_ctx:
             raise PromptTooLongError(f"prompt and resumed answer are {n_prompt + len(resume.tokens)} tokens but the "
                                      f"context holds {self._n_ctx}")
-        check_resume(resume, self._tokenizer.piece)
+        kept = frozenset(params.preserved_token_ids)  # written as their text in this answer
+        check_resume(resume, lambda token: self._tokenizer.piece(token, special=token in kept))

@@ -13,6 +13,7 @@ sampler changed them.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import llama_cpp
 import numpy as np
@@ -111,12 +112,13 @@ class SamplerChains:
             self._broken_utf8 = broken
         return self._broken_utf8
 
-    def logprob(self, token: int, offset: int, n_top: int, row: int) -> TokenLogprob:
+    def logprob(self, token: int, offset: int, n_top: int, row: int, preserved: Sequence[int] = ()) -> TokenLogprob:
         """The sampled token's log-probability: log-softmax of the logits llama.cpp computed for
         the batch's ``row`` (before any sampler changed them), and the ``n_top`` most likely tokens;
-        ``offset``: where the token's text starts in the generation's text."""
+        ``offset``: where the token's text starts in the generation's text; ``preserved``: the
+        request's tokens written as their text (``SamplingParams.preserved_token_ids``)."""
         n_vocab = self._tokenizer.n_vocab
-        piece = self._tokens.piece
+        piece = self._tokens.pieces(preserved)
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(n_vocab,))
         logits = logits.astype(np.float64)
         top = logits.max()

@@ -23,6 +23,7 @@ MAX_SEED = 2**32 - 2
 """Largest seed: llama.cpp reads 2**32 - 1 (LLAMA_DEFAULT_SEED) as "pick a random seed"."""
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_TOKEN_IDS = 64
+MAX_PRESERVED_TOKEN_IDS = 64
 MAX_N = 16  # choices per request
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit)
 MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
@@ -79,6 +80,10 @@ class SamplingParams:
         top_logprobs: with ``logprobs``, also the most likely alternatives at each position. [0, 20].
         grammar: a GBNF grammar (llama.cpp's) the output must follow, or None. JSON schemas are
             turned into one by ``cluster.engine.grammar``.
+        preserved_token_ids: tokens written as their text in the answer (pieces, streamed text,
+            log-probability entries) even when they are control tokens, which are otherwise written
+            as nothing: a chat format's markers (``cluster.engine.chat_format.ChatFormat.preserved``),
+            set where the request is rendered (``ChatRenderer.chat_params``). At most 64; stored sorted.
     """
 
     max_tokens: int = 64
@@ -98,6 +103,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: str | None = None
+    preserved_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # conveniences, so callers may pass what they have: "x" is one stop string (not the
@@ -108,6 +114,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.preserved_token_ids, (list, tuple, set, frozenset)):
+            try:
+                object.__setattr__(self, "preserved_token_ids", tuple(sorted(set(self.preserved_token_ids))))
+            except TypeError:  # mixed types: validate names the problem
+                object.__setattr__(self, "preserved_token_ids", tuple(self.preserved_token_ids))
         if isinstance(self.logit_bias, Mapping):
             try:
                 pairs = tuple(sorted(self.logit_bias.items()))
@@ -151,6 +162,10 @@ class SamplingParams:
         ids = self.stop_token_ids
         if not isinstance(ids, tuple) or len(ids) > MAX_STOP_TOKEN_IDS or not all(_is_int(t) and t >= 0 for t in ids):
             raise SamplingParamError("stop_token_ids", f"a list of at most {MAX_STOP_TOKEN_IDS} token ids (integers >= 0)", ids)
+        kept = self.preserved_token_ids
+        if not isinstance(kept, tuple) or len(kept) > MAX_PRESERVED_TOKEN_IDS or not all(_is_int(t) and t >= 0 for t in kept):
+            raise SamplingParamError("preserved_token_ids",
+                                     f"a list of at most {MAX_PRESERVED_TOKEN_IDS} token ids (integers >= 0)", kept)
         _integer("n", self.n, 1, MAX_N)
         if not isinstance(self.logprobs, bool):
             raise SamplingParamError("logprobs", "a boolean", self.logprobs)
@@ -177,8 +192,9 @@ class SamplingParams:
             seen.add(token)
 
     def check_vocabulary(self, n_vocab: int) -> None:
-        """Token ids given in logit_bias and stop_token_ids exist in a vocabulary of n_vocab tokens."""
-        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]), ("stop_token_ids", self.stop_token_ids)):
+        """Token ids given in logit_bias, stop_token_ids and preserved_token_ids exist in a vocabulary of n_vocab tokens."""
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]), ("stop_token_ids", self.stop_token_ids),
+                          ("preserved_token_ids", self.preserved_token_ids)):
             bad = [t for t in ids if t >= n_vocab]
             if bad:
                 raise SamplingParamError(name, f"token ids of this model's vocabulary (< {n_vocab})", bad[0])

@@ -128,7 +128,7 @@ class Scheduler:
                 raise EngineClosedError("the engine was closed")
             self._next_tag += 1
             seq = SequenceHandle(self._next_tag, request.tokens, request.params, request.sampler, session,
-                                 self._tokens.piece, emit, request.resume)
+                                 self._tokens.pieces(request.params.preserved_token_ids), emit, request.resume)
             self._waiting.append(seq)
             self._cv.notify_all()
         return seq
@@ -340,7 +340,8 @@ class Scheduler:
                     self._learn_kind(seq)
             try:
                 token = picked[j] if j in picked else samplers.sample(seq.sampler, row)
-                logprob = (lambda offset, t=token, r=row, s=seq: samplers.logprob(t, offset, s.params.top_logprobs, r)) \
+                logprob = (lambda offset, t=token, r=row, s=seq: samplers.logprob(t, offset, s.params.top_logprobs, r,
+                                                                                      s.params.preserved_token_ids)) \
                     if seq.params.logprobs else None
                 done = seq.accept(token, table.is_eog(token), logprob, len(seq.slot.tokens) + 1 > self._n_ctx)
             except Exception as exc:  # noqa: BLE001  (this sequence fails; the others go on)
