@@ -51,7 +51,6 @@ from cluster.distributed.protocol import (
     Timing,
     Usage,
 )
-from cluster.engine.prefix import held_prefixes
 from cluster.engine.sequence import Cancelled as SequenceCancelled
 from cluster.engine.sequence import Piece as SequencePiece
 
@@ -364,7 +363,7 @@ class NodeServer:
         """Everything the router learns from this node; ``reconcile``: the cache first checks what
         the kernel still holds (``MoEEngine.cache_report``)."""
         engine = self.engine
-        prefixes = held_prefixes(engine.held_tokens())
+        prefixes = engine.held_prefixes()  # only what a matching prompt really reuses (the model's memory)
         batch = engine.batch_stats()
         fields: dict[str, Any] = {k: batch[k] for k in _BATCH_STATS if k in batch}
         warmth = None

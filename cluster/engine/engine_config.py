@@ -43,6 +43,10 @@ class EngineConfig:
             machine's available memory this engine plans for (several engines on one machine).
         memory_reserve: with ``cache_bytes="auto"``, bytes the process will allocate after load
             (a node's saved conversation states) that the budget must leave free.
+        swa_full: models with sliding-window layers (gpt-oss, Llama 4): those layers keep every
+            position (llama.cpp's C default: any held prefix can be reused); False: about a window
+            per slot (less memory, llama-server's default), and a held prefix whose window the cache
+            dropped is recomputed (``cluster.engine.kv_state``). No effect on other models.
         verbose: let llama.cpp log to stderr.
     """
 
@@ -60,6 +64,7 @@ class EngineConfig:
     predict: bool | str = True
     memory_share: float = 1.0
     memory_reserve: int = 0
+    swa_full: bool = True
     verbose: bool = False
 
     @property
@@ -90,6 +95,8 @@ class EngineConfig:
                                             f"got {self.cache_bytes!r}")
             if self.cache_bytes <= 0:
                 raise CacheBudgetError(f"cache_bytes must be > 0, got {self.cache_bytes}")
+        if not isinstance(self.swa_full, bool):
+            raise InvalidParameterError(f"swa_full must be True or False, got {self.swa_full!r}", param="swa_full")
         if self.predict not in (True, False, "always"):
             raise InvalidParameterError(f"predict must be True, False or 'always', got {self.predict!r}")
         if not isinstance(self.memory_share, (int, float)) or not 0.0 < self.memory_share <= 1.0:

@@ -9,6 +9,11 @@ not, or the conversation's saved state holds a longer prefix, that prefix is cop
 loaded) into the chosen slot instead of being recomputed. A conversation whose slot is taken by
 another one is saved first (``session_bytes`` of saved states in all, least recently used out).
 At least one prompt token is always evaluated (its logits start the answer).
+
+A held state serves a prompt only from ``min_reuse`` tokens on: 0 where the memory can be cut at any
+position (full attention); where it cannot (sliding-window layers whose early positions the cache
+dropped, recurrent state that exists only at its last position), ``kv_state`` sets it from llama.cpp's
+memory, a shorter common prefix counts as nothing and the prompt is recomputed.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Slot:
     session: str | None = None
     busy: bool = False
     used_at: int = 0
+    min_reuse: int = 0  # the shortest prefix of ``tokens`` its memory can serve (module docstring)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class SavedState:
     tokens: tuple[int, ...]
     n_bytes: int
     state: bytes | None = None
+    min_reuse: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,9 @@ class Placement:
     2. ``restore``: load this conversation's saved state into the slot; or ``copy_from``: copy
        that slot's first ``n_reused`` tokens into it;
     3. drop the slot's KV from position ``n_reused`` on.
+
+    ``n_held``: the longest prefix of the prompt any slot or saved state holds, whether or not its
+    memory can serve it (more than ``n_reused`` where it cannot: those tokens are recomputed).
     """
 
     slot: Slot
@@ -56,6 +66,7 @@ class Placement:
     save: str | None = None
     restore: str | None = None
     copy_from: Slot | None = None
+    n_held: int = 0
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
@@ -64,6 +75,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n
+
+
+def usable(n: int, min_reuse: int) -> int:
+    """Tokens of a common prefix of ``n`` that a held state serves: all of them, or none below ``min_reuse``."""
+    return n if n >= min_reuse else 0
 
 
 class KvSlots:
@@ -85,19 +101,22 @@ class KvSlots:
         if not free:
             return None
         limit = reusable_tokens(len(tokens))
+        held = {id(s): common_prefix(s.tokens, tokens, limit) for s in self.slots}
         own = [s for s in free if session is not None and s.session == session]
-        slot = own[0] if own else max(free, key=lambda s: (common_prefix(s.tokens, tokens, limit), -s.used_at))
-        n_reused = common_prefix(slot.tokens, tokens, limit)
+        slot = own[0] if own else max(free, key=lambda s: (usable(held[id(s)], s.min_reuse), -s.used_at))
+        n_reused = usable(held[id(slot)], slot.min_reuse)
         save = slot.session if slot.session not in (None, session) and slot.tokens else None
         restore, copy_from = None, None
         saved = self.saved.get(session) if session is not None else None
-        if saved is not None and common_prefix(saved.tokens, tokens, limit) > n_reused:
-            restore, n_reused = session, common_prefix(saved.tokens, tokens, limit)
+        n_saved = common_prefix(saved.tokens, tokens, limit) if saved is not None else 0
+        if saved is not None and usable(n_saved, saved.min_reuse) > n_reused:
+            restore, n_reused = session, n_saved
         for other in self.slots:
-            n = common_prefix(other.tokens, tokens, limit) if other is not slot else 0
+            n = usable(held[id(other)], other.min_reuse) if other is not slot else 0
             if n > n_reused:
                 restore, copy_from, n_reused = None, other, n
-        return Placement(slot=slot, n_reused=n_reused, save=save, restore=restore, copy_from=copy_from)
+        return Placement(slot=slot, n_reused=n_reused, save=save, restore=restore, copy_from=copy_from,
+                         n_held=max([n_saved, *held.values()]))
 
     def occupy(self, placement: Placement, tokens: Sequence[int], session: str | None) -> None:
         """The request of ``placement`` runs in its slot, which now holds its first ``n_reused`` tokens."""
@@ -105,6 +124,7 @@ class KvSlots:
         if placement.restore is not None:
             self.saved.pop(placement.restore, None)
         slot.tokens = list(tokens[:placement.n_reused])
+        slot.min_reuse = slot.min_reuse if placement.n_reused else 0  # kv_state reads it from the memory
         slot.session = session
         slot.busy = True
         self._clock += 1
@@ -114,7 +134,7 @@ class KvSlots:
         """The slot's request ended; its KV state stays for the next one (``keep``) or was dropped."""
         slot.busy = False
         if not keep:
-            slot.tokens, slot.session = [], None
+            slot.tokens, slot.session, slot.min_reuse = [], None, 0
 
     def store(self, session: str, saved: SavedState) -> None:
         """Keeps a conversation's saved state within ``session_bytes`` (least recently used out)."""
@@ -129,7 +149,7 @@ class KvSlots:
     def clear(self) -> None:
         """Forgets every slot's KV and every saved state (the context was cleared)."""
         for slot in self.slots:
-            slot.tokens, slot.session = [], None
+            slot.tokens, slot.session, slot.min_reuse = [], None, 0
         self.saved.clear()
 
     @property
@@ -139,6 +159,11 @@ class KvSlots:
     def held(self) -> list[Sequence[int]]:
         """Every token sequence whose KV state is held: the slots' and the saved conversations'."""
         return [s.tokens for s in self.slots if s.tokens] + [s.tokens for s in self.saved.values()]
+
+    def servable(self) -> list[tuple[Sequence[int], int]]:
+        """As ``held``, each with the shortest prefix of it its memory can serve (``min_reuse``)."""
+        return [(s.tokens, s.min_reuse) for s in self.slots if s.tokens] + \
+            [(s.tokens, s.min_reuse) for s in self.saved.values()]
 
     def sessions(self) -> tuple[str, ...]:
         """Conversations whose KV state is held, in a slot or saved."""

@@ -92,6 +92,7 @@ class LlamaModelContext:
         cparams.n_ctx = cfg.n_ctx * cfg.n_slots
         cparams.n_seq_max = cfg.n_slots
         cparams.kv_unified = True  # one KV buffer: a step's ubatch may mix sequences of any lengths
+        cparams.swa_full = cfg.swa_full  # windowed layers: every position, or a window per slot (kv_state)
         cparams.n_batch = cfg.n_batch
         cparams.n_ubatch = cfg.n_batch
         threads = cfg.n_threads or os.cpu_count() or 1

@@ -30,6 +30,7 @@ from cluster.engine.cache import ExpertCache, ExpertLayout, cache_stats
 from cluster.engine.engine_config import EngineConfig
 from cluster.engine.generation import Generation
 from cluster.engine.kv_state import KvState
+from cluster.engine.prefix import servable_prefixes
 from cluster.engine.llama_context import LlamaModelContext
 from cluster.engine.request_check import CheckedRequest, RequestChecker
 from cluster.engine.sampler_chain import SamplerChains
@@ -87,7 +88,8 @@ class MoEEngine:
             self.tokenizer: Tokenizer = self._llama.tokenizer
             self.n_ctx: int = self._llama.n_ctx
             self.n_slots: int = self.config.n_slots
-            self._kv = KvState(self._llama.ctx, self.config.n_slots, self.config.session_bytes)
+            self._kv = KvState(self._llama.ctx, self.config.n_slots, self.config.session_bytes, self._llama.model.model)
+            self.memory_kind: str = self._kv.rule.kind
             tokens = TokenTable(self.tokenizer)
             samplers = SamplerChains(self.tokenizer, tokens, self._llama.vocab, self._llama.ctx.ctx)
             self._requests = RequestChecker(self.tokenizer, self.n_ctx, samplers)
@@ -326,6 +328,19 @@ class MoEEngine:
     def sessions(self) -> tuple[str, ...]:
         """Conversations whose KV state the engine holds, as of the last request that started or ended."""
         return self._kv.sessions()
+
+    def held_prefixes(self) -> tuple[int, ...]:
+        """The prefix hashes (``cluster.engine.prefix``) of the held KV states that a prompt matching
+        them really reuses, as of the last request that started or ended: every block of each held
+        state on full attention; on sliding-window layers that dropped early positions the blocks
+        ending a window past them; none of a recurrent state (``prefix.servable_prefixes``)."""
+        return servable_prefixes(self._kv.servable())
+
+    def reuse_stats(self) -> dict[str, int]:
+        """Prefix reuse since start (``kv_state.KvState.reuse_stats``): ``requests``; ``reused`` and
+        ``reused_tokens``; ``recomputed`` and ``recomputed_tokens``: a longer prefix was held than the
+        model's memory could serve (``memory_kind``: "full", "sliding-window" or "recurrent")."""
+        return self._kv.reuse_stats()
 
     @property
     def saved_bytes(self) -> int:

@@ -27,6 +27,20 @@ def held_prefixes(contexts: Iterable[Sequence[int]]) -> tuple[int, ...]:
     return tuple(sorted({h for tokens in contexts for h in prefix_hashes(tokens)}))
 
 
+def servable_prefixes(contexts: Iterable[tuple[Sequence[int], int]]) -> tuple[int, ...]:
+    """As ``held_prefixes`` for ``(tokens, min_reuse)`` pairs: only the blocks a prompt matching them
+    really reuses (``kv_slots``: a held state serves a common prefix of at least ``min_reuse`` tokens;
+    a prompt matching block i shares at least its ``(i + 1) * PREFIX_BLOCK`` tokens, less the last
+    one where the prompt ends there). Full attention: every block; sliding-window layers that dropped
+    early positions: the later blocks only; recurrent state: none (it serves its whole length only)."""
+    out: set[int] = set()
+    for tokens, min_reuse in contexts:
+        hashes = prefix_hashes(tokens)
+        first = max(0, (min_reuse + 1 + PREFIX_BLOCK - 1) // PREFIX_BLOCK - 1)  # (i + 1) * block - 1 >= min_reuse
+        out.update(hashes[first:])
+    return tuple(sorted(out))
+
+
 def reusable_tokens(n_prompt: int) -> int:
     """At most how many of a prompt's ``n_prompt`` tokens a held KV state serves: all but the last."""
     return max(0, n_prompt - 1)
