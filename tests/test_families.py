@@ -2,7 +2,9 @@
 expert cache on each: llama.cpp loads the file, discovery's expert tensors, units and bytes equal a count made
 from the GGUF header with the gguf package, the cache's selection counts equal the independent observer's,
 the byte budget holds in the page cache (mincore), text at temperature 0 is the same with and without the
-cache, and the predictor either predicts (its precision is counted) or is off with its reason."""
+cache, and the predictor predicts with the family's own selection rule (router bias, gating, selection bias,
+expert groups): its precision is counted, and its arithmetic on a layer's own router input picks exactly the
+experts llama.cpp picked there."""
 
 from __future__ import annotations
 
@@ -139,6 +141,109 @@ def test_cache_keeps_text_counts_every_selection_and_holds_its_budget(family_mod
     assert stats["prefetch_precision"] > 0.3, stats["prefetch_precision"]
     print(f"{family.arch}: prefetch_precision {stats['prefetch_precision']:.3f} "
           f"recall {stats.get('prefetch_recall', float('nan')):.3f}")
+
+
+def _capture_routing(path: Path, prompt: str) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Decodes `prompt` with llama.cpp (the observer's tensor mirror, no project code) and returns, for every MoE
+    block of every ubatch, (layer, router input [n, n_embd], llama.cpp's router logits [n, n_experts] (the
+    `ffn_moe_logits-<il>` mat-mul, before any router bias), llama.cpp's chosen experts [n, k])."""
+    import ctypes
+    import os
+
+    import llama_cpp
+    from llama_cpp import _internals
+
+    observer.check_ggml_header()
+    out: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    errors: list[str] = []
+
+    def f32(t: observer.GgmlTensor) -> np.ndarray:
+        assert t.type == 0 and int(t.nb[0]) == 4, (t.name, t.type)  # GGML_TYPE_F32, rows contiguous
+        n0, n1, nb1 = int(t.ne[0]), int(t.ne[1]), int(t.nb[1])
+        raw = ctypes.string_at(t.data, (n1 - 1) * nb1 + n0 * 4)
+        return np.ndarray((n1, n0), dtype=np.float32, buffer=raw, strides=(nb1, 4)).copy()
+
+    def on_eval(t_addr: int, ask: bool, user_data: int) -> bool:
+        t = ctypes.cast(t_addr, ctypes.POINTER(observer.GgmlTensor)).contents
+        is_logits = t.name.startswith(b"ffn_moe_logits-")
+        if not (is_logits or t.name.startswith(observer.TOPK_PREFIX)):
+            return not ask
+        if ask:
+            return True
+        try:
+            layer = int(t.name.split(b"-")[-1])
+            if is_logits:  # src[1]: the router input, alive while the node is (the expert mat-muls read it next)
+                x = ctypes.cast(t.src[1], ctypes.POINTER(observer.GgmlTensor)).contents
+                pending[layer] = (f32(x), f32(t))
+            else:
+                k, n, nb0, nb1 = int(t.ne[0]), int(t.ne[1]), int(t.nb[0]), int(t.nb[1])
+                raw = ctypes.string_at(t.data, (n - 1) * nb1 + (k - 1) * nb0 + 4)
+                ids = np.ndarray((n, k), dtype=np.int32, buffer=raw, strides=(nb1, nb0)).copy()
+                out.append((layer, *pending.pop(layer), ids))
+        except Exception as exc:  # noqa: BLE001  (nothing may escape a C callback)
+            errors.append(repr(exc))
+        return True
+
+    callback = llama_cpp.ggml_backend_sched_eval_callback(on_eval)
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+    mparams.lazy_mode = 0
+    mparams.use_extra_bufts = False
+    model = _internals.LlamaModel(path_model=os.fspath(path), params=mparams, verbose=False)
+    try:
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = N_CTX, N_BATCH, N_BATCH
+        cparams.n_threads = cparams.n_threads_batch = N_THREADS
+        cparams.cb_eval = callback
+        ctx = _internals.LlamaContext(model=model, params=cparams, verbose=False)
+        batch = _internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
+        try:
+            tokens = model.tokenize(prompt.encode("utf-8"), add_bos=bool(model.add_bos_token()), special=False)
+            for start in range(0, len(tokens), N_BATCH):
+                batch.set_batch(tokens[start:start + N_BATCH], n_past=start, logits_all=False)
+                assert llama_cpp.llama_decode(ctx.ctx, batch.batch) == 0
+                assert not errors, errors
+        finally:
+            batch.close()
+            ctx.close()
+    finally:
+        model.close()
+    return out
+
+
+def test_the_predictors_rule_picks_llama_cpps_experts(family_model: tuple[Family, Path]) -> None:
+    """The predictor's arithmetic (router read from the file, router bias, gating, selection bias, expert
+    groups) on a layer's own router input picks exactly the experts llama.cpp picked there: the exact check of
+    the rule (the cache itself only ever predicts layers il+1.. from layer il's input, which is not exact)."""
+    family, path = family_model
+    layout = discover_layout(str(path))
+    captured = _capture_routing(path, _prompt(path))
+    moe = _moe_layers(family, layout.n_layers)
+    assert {layer for layer, *_ in captured} == set(np.flatnonzero(moe))
+    biases = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors
+              if t.name.endswith("exp_probs_b.bias")}
+    k = layout.n_experts_used
+    n_rows = plain_agrees = ungrouped_agrees = 0
+    for layer, x, logits, ids in captured:
+        chosen = np.sort(ids, axis=1)
+        np.testing.assert_array_equal(np.sort(layout.select_experts(layer, logits), axis=1), chosen)
+        np.testing.assert_array_equal(np.sort(layout.route(layer, x), axis=1), chosen)
+        plain = np.sort(np.argsort(-logits, axis=1, kind="stable")[:, :k], axis=1)
+        plain_agrees += int((plain == chosen).all(axis=1).sum())
+        if family.expert_groups[0] > 1:  # the rule without its groups: top-k of sigmoid + selection bias
+            scores = 1.0 / (1.0 + np.exp(-logits)) + biases[f"blk.{layer}.exp_probs_b.bias"]
+            ungrouped = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+            ungrouped_agrees += int((ungrouped == chosen).all(axis=1).sum())
+        n_rows += len(ids)
+    assert n_rows >= layout.n_layers
+    # the rule matters in these files, so a predictor that left a part of it out would fail above
+    if family.selection_bias or family.expert_groups[0] > 1:  # the plain top-k of the logits misses most rows
+        assert plain_agrees < 0.5 * n_rows, (plain_agrees, n_rows)
+    if family.expert_groups[0] > 1:  # and so does the rule without the groups
+        assert ungrouped_agrees < 0.5 * n_rows, (ungrouped_agrees, n_rows)
 
 
 def test_discovery_refuses_a_family_file_it_cannot_map_in_one_line(tmp_path: Path) -> None:
