@@ -267,3 +267,35 @@ def test_discovery_refuses_a_family_file_it_cannot_map_in_one_line(tmp_path: Pat
         discover_layout(str(path))
     message = str(info.value)
     assert "\n" not in message and "blk.0.ffn_up_exps.weight" in message and "8 experts" in message
+
+
+@pytest.mark.parametrize("arch, gating, expected", [
+    ("dots1", None, "gating function of dots1"),  # reads the key with no default of its own
+    ("glm4moe", 7, "expert_gating_func=7"),  # a gating llama.cpp does not have
+    ("glm4moe", None, ""),  # glm4moe's default: sigmoid
+    ("deepseek2", 2, ""),
+])
+def test_predictor_is_off_only_where_the_selection_rule_is_unknown(
+        tmp_path: Path, arch: str, gating: int | None, expected: str) -> None:
+    """A selection bias makes the gating matter; without a gating the predictor knows it stays off, with why."""
+    path = tmp_path / "rule.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_expert_count(8)
+    w.add_expert_used_count(2)
+    if gating is not None:
+        w.add_uint32(f"{arch}.expert_gating_func", gating)
+    w.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((8, 64), np.float32))
+    w.add_tensor("blk.0.exp_probs_b.bias", np.zeros(8, np.float32))
+    w.add_tensor("blk.0.ffn_up_exps.weight", np.zeros((8, 32, 64), np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    layout = discover_layout(str(path))
+    if expected:
+        assert expected in layout.predictor_off and "\n" not in layout.predictor_off
+    else:
+        assert layout.predictor_off == "" and layout.selection_rule["gating"] == "sigmoid"
