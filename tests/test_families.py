@@ -299,3 +299,25 @@ def test_predictor_is_off_only_where_the_selection_rule_is_unknown(
         assert expected in layout.predictor_off and "\n" not in layout.predictor_off
     else:
         assert layout.predictor_off == "" and layout.selection_rule["gating"] == "sigmoid"
+
+
+def test_qwen3next_is_the_hybrid_llama_cpp_loads(tmp_path: Path) -> None:
+    """synth --arch qwen3next: gated-delta-net blocks with every fourth block full attention, and llama.cpp
+    loads it as a hybrid (recurrent state beside the KV cache), so the text checks above run through both."""
+    import llama_cpp
+    from llama_cpp import _internals
+
+    config = dataclasses.replace(synth.PRESETS["tiny"], arch="qwen3next", n_layers=8)
+    path = synth.synthesize(tmp_path / "qwen3next.gguf", config, progress=False).path
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    full = [il for il in range(config.n_layers) if f"blk.{il}.attn_q.weight" in names]
+    linear = [il for il in range(config.n_layers) if f"blk.{il}.ssm_conv1d.weight" in names]
+    assert full == [3, 7] and linear == [0, 1, 2, 4, 5, 6]
+    assert all(f"blk.{il}.ffn_gate_inp_shexp.weight" in names for il in range(config.n_layers))
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+    try:
+        assert llama_cpp.llama_model_is_hybrid(model.model) and not llama_cpp.llama_model_is_recurrent(model.model)
+    finally:
+        model.close()

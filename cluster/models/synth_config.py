@@ -38,7 +38,8 @@ its topic's experts: calibrated so the presets show 25-50 % next-token expert re
 over 90 % of a one-topic conversation's selections in 40 % of each layer's experts (figures in
 the `cluster.models.synth` docstring)."""
 
-ARCHS = ("llama", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "glm4moe", "deepseek2", "llama4", "gpt-oss")
+ARCHS = ("llama", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "glm4moe", "deepseek2", "llama4", "gpt-oss",
+         "qwen3next")
 """GGUF architectures written: llama (Mixtral-style) and qwen3moe here, the others by `synth_families`."""
 LEADING_DENSE = {"glm4moe": 1, "deepseek2": 1}
 """Leading blocks with a dense FFN, per architecture (none where absent)."""

@@ -342,6 +342,69 @@ def _gpt_oss_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
     w.add_sliding_window(_GPT_OSS_WINDOW)
 
 
+_QWEN3NEXT_FULL_ATTENTION = 4  # Qwen3-Next: every fourth block full attention, the others gated delta net
+_SSM_CONV = 4  # ssm.conv_kernel: the short causal convolution over q, k, v
+
+
+def _qwen3next_dims(c: SynthConfig) -> dict[str, int]:
+    """The gated delta net's sizes at this config's scale (Qwen3-Next-80B: head 128, 16 key heads, 32 value heads):
+    head = the attention head size, key heads = n_head_kv, value heads = n_head."""
+    head = c.n_embd // c.n_head
+    d = {"head": head, "k_heads": c.n_head_kv, "v_heads": c.n_head}
+    d["key"], d["value"] = head * d["k_heads"], head * d["v_heads"]
+    d["conv"] = 2 * d["key"] + d["value"]
+    return d
+
+
+def _qwen3next_layer(plan: Plan, il: int) -> None:
+    """Qwen3-Next: hybrid blocks. Every fourth block full attention (q projection twice wide: query and its
+    sigmoid output gate; per-head q/k norms), the others linear attention (gated delta net: fused q/k/v
+    projection and the z gate, a short causal convolution, beta/alpha projection, dt bias and A, a gated
+    norm, output projection); post_attention_norm before the FFN; then softmax top-k experts, weights
+    renormalised, and one shared expert scaled by sigmoid(ffn_gate_inp_shexp . x)."""
+    c, p = plan.config, f"blk.{il}."
+    n, head = c.n_embd, c.n_embd // c.n_head
+    plan._norm(p + "attn_norm.weight", n)
+    if (il + 1) % _QWEN3NEXT_FULL_ATTENTION == 0:
+        n_q, n_kv = c.n_head * head, c.n_head_kv * head
+        plan._matrix(p + "attn_q.weight", (2 * n_q, n), plan.in_std)  # ggml [n_embd, 2 * n_head * head]
+        plan._matrix(p + "attn_k.weight", (n_kv, n), plan.in_std)
+        plan._matrix(p + "attn_v.weight", (n_kv, n), plan.in_std)
+        plan._matrix(p + "attn_output.weight", (n, n_q), plan.attn_out_std)
+        plan._norm(p + "attn_q_norm.weight", head)
+        plan._norm(p + "attn_k_norm.weight", head)
+    else:
+        d, seed = _qwen3next_dims(c), c.seed
+        plan._matrix(p + "attn_qkv.weight", (d["conv"], n), plan.in_std)  # ggml [n_embd, 2 key + value]
+        plan._matrix(p + "attn_gate.weight", (d["value"], n), plan.in_std)  # z
+        conv = p + "ssm_conv1d.weight"  # ggml [conv_kernel, conv_dim], F32 as the converter writes it
+        plan._add(conv, (d["conv"], _SSM_CONV), F32,
+                  lambda: named_rng(seed, conv).standard_normal((d["conv"], _SSM_CONV)) / math.sqrt(_SSM_CONV))
+        plan._add(p + "ssm_dt.bias", (d["v_heads"],), F32, lambda: np.zeros(d["v_heads"]))
+        plan._add(p + "ssm_a", (d["v_heads"],), F32, lambda: -np.ones(d["v_heads"]))  # -exp(A_log), A_log = 0
+        plan._matrix(p + "ssm_ba.weight", (2 * d["v_heads"], n), plan.in_std)  # ggml [n_embd, 2 * value heads]
+        plan._norm(p + "ssm_norm.weight", d["head"])
+        plan._matrix(p + "ssm_out.weight", (n, d["value"]), plan.attn_out_std * math.sqrt(n / d["value"]))
+    plan._norm(p + "post_attention_norm.weight", n)
+    _router(plan, p, il)
+    _experts(plan, p)
+    _bias(plan, p + "ffn_gate_inp_shexp.weight", n, 1.0 / math.sqrt(n))  # ggml [n_embd]
+    _dense_ffn(plan, p, c.n_ff, "_shexp")
+
+
+def _qwen3next_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
+    d = _qwen3next_dims(c)
+    w.add_feed_forward_length(c.n_ff)
+    w.add_expert_feed_forward_length(c.n_ff)
+    w.add_expert_shared_feed_forward_length(c.n_ff)
+    w.add_ssm_conv_kernel(_SSM_CONV)
+    w.add_ssm_inner_size(d["value"])  # head_v_dim = inner_size / time_step_rank
+    w.add_ssm_state_size(d["head"])
+    w.add_ssm_time_step_rank(d["v_heads"])
+    w.add_ssm_group_count(d["k_heads"])
+    w.add_full_attention_interval(_QWEN3NEXT_FULL_ATTENTION)
+
+
 FAMILIES: dict[str, Family] = {
     "qwen2moe": Family("qwen2moe", 1e-6, "softmax", _qwen2moe_layer, _qwen2moe_meta, shared_experts=1),
     "olmoe": Family("olmoe", 1e-5, "softmax", _olmoe_layer, _olmoe_meta, mha_only=True),
@@ -354,5 +417,6 @@ FAMILIES: dict[str, Family] = {
     "llama4": Family("llama4", 1e-5, "logits", _llama4_layer, _llama4_meta, shared_experts=1,
                      moe_step=_LLAMA4_MOE_STEP),
     "gpt-oss": Family("gpt-oss", 1e-5, "softmax_weight", _gpt_oss_layer, _gpt_oss_meta, router_bias=True),
+    "qwen3next": Family("qwen3next", 1e-6, "softmax", _qwen3next_layer, _qwen3next_meta, shared_experts=1),
 }
 """Families by GGUF architecture name (beside `llama` and `qwen3moe`, which `synth_weights` writes itself)."""
