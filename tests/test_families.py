@@ -301,19 +301,23 @@ def test_predictor_is_off_only_where_the_selection_rule_is_unknown(
         assert layout.predictor_off == "" and layout.selection_rule["gating"] == "sigmoid"
 
 
-def test_qwen3next_is_the_hybrid_llama_cpp_loads(tmp_path: Path) -> None:
-    """synth --arch qwen3next: gated-delta-net blocks with every fourth block full attention, and llama.cpp
-    loads it as a hybrid (recurrent state beside the KV cache), so the text checks above run through both."""
+@pytest.mark.parametrize("arch", ["qwen3next", "qwen35moe"])
+def test_qwen3next_is_the_hybrid_llama_cpp_loads(tmp_path: Path, arch: str) -> None:
+    """synth --arch qwen3next|qwen35moe: gated-delta-net blocks with every fourth block full attention, and
+    llama.cpp loads it as a hybrid (recurrent state beside the KV cache), so the text checks above run through
+    both kinds of block."""
     import llama_cpp
     from llama_cpp import _internals
 
-    config = dataclasses.replace(synth.PRESETS["tiny"], arch="qwen3next", n_layers=8)
+    config = dataclasses.replace(synth.PRESETS["tiny"], arch=arch, n_layers=8)
     path = synth.synthesize(tmp_path / "qwen3next.gguf", config, progress=False).path
     names = {t.name for t in gguf.GGUFReader(path).tensors}
     full = [il for il in range(config.n_layers) if f"blk.{il}.attn_q.weight" in names]
     linear = [il for il in range(config.n_layers) if f"blk.{il}.ssm_conv1d.weight" in names]
     assert full == [3, 7] and linear == [0, 1, 2, 4, 5, 6]
     assert all(f"blk.{il}.ffn_gate_inp_shexp.weight" in names for il in range(config.n_layers))
+    ba = ("ssm_beta.weight", "ssm_alpha.weight") if arch == "qwen35moe" else ("ssm_ba.weight",)
+    assert all(f"blk.{il}.{name}" in names for il in linear for name in ba)
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = 0
     model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)

@@ -39,7 +39,7 @@ over 90 % of a one-topic conversation's selections in 40 % of each layer's exper
 the `cluster.models.synth` docstring)."""
 
 ARCHS = ("llama", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "glm4moe", "deepseek2", "llama4", "gpt-oss",
-         "qwen3next")
+         "qwen3next", "qwen35moe")
 """GGUF architectures written: llama (Mixtral-style) and qwen3moe here, the others by `synth_families`."""
 LEADING_DENSE = {"glm4moe": 1, "deepseek2": 1}
 """Leading blocks with a dense FFN, per architecture (none where absent)."""

@@ -356,7 +356,7 @@ def _qwen3next_dims(c: SynthConfig) -> dict[str, int]:
     return d
 
 
-def _qwen3next_layer(plan: Plan, il: int) -> None:
+def _qwen3next_layer(plan: Plan, il: int, split_ba: bool = False) -> None:
     """Qwen3-Next: hybrid blocks. Every fourth block full attention (q projection twice wide: query and its
     sigmoid output gate; per-head q/k norms), the others linear attention (gated delta net: fused q/k/v
     projection and the z gate, a short causal convolution, beta/alpha projection, dt bias and A, a gated
@@ -382,7 +382,11 @@ def _qwen3next_layer(plan: Plan, il: int) -> None:
                   lambda: named_rng(seed, conv).standard_normal((d["conv"], _SSM_CONV)) / math.sqrt(_SSM_CONV))
         plan._add(p + "ssm_dt.bias", (d["v_heads"],), F32, lambda: np.zeros(d["v_heads"]))
         plan._add(p + "ssm_a", (d["v_heads"],), F32, lambda: -np.ones(d["v_heads"]))  # -exp(A_log), A_log = 0
-        plan._matrix(p + "ssm_ba.weight", (2 * d["v_heads"], n), plan.in_std)  # ggml [n_embd, 2 * value heads]
+        if split_ba:  # Qwen3.5: beta and alpha projections apart, ggml [n_embd, value heads] each
+            plan._matrix(p + "ssm_beta.weight", (d["v_heads"], n), plan.in_std)
+            plan._matrix(p + "ssm_alpha.weight", (d["v_heads"], n), plan.in_std)
+        else:
+            plan._matrix(p + "ssm_ba.weight", (2 * d["v_heads"], n), plan.in_std)  # ggml [n_embd, 2 * value heads]
         plan._norm(p + "ssm_norm.weight", d["head"])
         plan._matrix(p + "ssm_out.weight", (n, d["value"]), plan.attn_out_std * math.sqrt(n / d["value"]))
     plan._norm(p + "post_attention_norm.weight", n)
@@ -405,6 +409,19 @@ def _qwen3next_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
     w.add_full_attention_interval(_QWEN3NEXT_FULL_ATTENTION)
 
 
+def _qwen35moe_layer(plan: Plan, il: int) -> None:
+    """Qwen3.5 MoE: Qwen3-Next's blocks with the gated delta net's beta and alpha projections apart."""
+    _qwen3next_layer(plan, il, split_ba=True)
+
+
+def _qwen35moe_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
+    """Qwen3-Next's keys and the multi-axis rope sections (text only: the first axis takes the most; the
+    sections cover half the rotated dimensions, as Qwen3.5's [11, 11, 10, 0] cover 64)."""
+    _qwen3next_meta(w, c)
+    half = (c.n_embd // c.n_head) // 2
+    w.add_rope_dimension_sections([half - 2 * (half // 3), half // 3, half // 3, 0])
+
+
 FAMILIES: dict[str, Family] = {
     "qwen2moe": Family("qwen2moe", 1e-6, "softmax", _qwen2moe_layer, _qwen2moe_meta, shared_experts=1),
     "olmoe": Family("olmoe", 1e-5, "softmax", _olmoe_layer, _olmoe_meta, mha_only=True),
@@ -418,5 +435,6 @@ FAMILIES: dict[str, Family] = {
                      moe_step=_LLAMA4_MOE_STEP),
     "gpt-oss": Family("gpt-oss", 1e-5, "softmax_weight", _gpt_oss_layer, _gpt_oss_meta, router_bias=True),
     "qwen3next": Family("qwen3next", 1e-6, "softmax", _qwen3next_layer, _qwen3next_meta, shared_experts=1),
+    "qwen35moe": Family("qwen35moe", 1e-6, "softmax", _qwen35moe_layer, _qwen35moe_meta, shared_experts=1),
 }
 """Families by GGUF architecture name (beside `llama` and `qwen3moe`, which `synth_weights` writes itself)."""
