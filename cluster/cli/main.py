@@ -78,7 +78,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             renderer = ChatRenderer(engine.tokenizer, override)
             rendered = renderer.render(ChatPrompt((ChatMessage("user", args.prompt),)))
             prompt, special, origin = rendered.text, rendered.special, rendered.origin
-            params = renderer.with_end_of_turn(params)
+            params = renderer.chat_params(params)
         gens = [engine.generate(prompt, choice, special=special) for choice in params.choices()]
         gen = gens[0]
         result: dict[str, Any] = {

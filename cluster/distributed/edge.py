@@ -12,7 +12,9 @@ vocabulary only, no weights) and its chat renderer (the operator's template, els
 
 1. the params (valid once made) are checked against the vocabulary; a conversation is rendered
    (``ChatTemplateError`` when the template refuses it) and its params stop on the template's
-   end of turn;
+   end of turn and write its format's markers as their text (``ChatRenderer.chat_params``:
+   ``stop_token_ids``, ``preserved_token_ids``; the engine knows of chat formats no more than
+   these token ids);
 2. the prompt's size is bounded before it is tokenized: no token of the model covers more than
    ``longest_token_bytes`` bytes of text, so a prompt of more than ``token limit × that`` UTF-8
    bytes cannot fit, and is refused at once (``PromptTooLongError``). The limit is derived, not a
@@ -172,7 +174,7 @@ class Edge:
         if isinstance(request.prompt, ChatPrompt):
             rendered = self.renderer.render(request.prompt)
             text, special, template = rendered.text, rendered.special, rendered.origin
-            params = self.renderer.with_end_of_turn(params)
+            params = self.renderer.chat_params(params)
         else:
             text, special = request.prompt, False
         limit, why = self._token_limit(request.max_prompt_tokens)

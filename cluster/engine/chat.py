@@ -16,7 +16,10 @@ A model without a template keeps the plain rendering (``role: content`` lines, t
 given by the operator, ``serve --chat-template FILE``) or ``none``.
 
 ``ChatRenderer`` picks the template a deployment uses (an override, else the model's) and
-finds the token that ends an assistant turn in it, on which generation stops.
+finds the token that ends an assistant turn in it, on which generation stops (the format's own
+stops where it names them: gpt-oss's ``<|return|>`` and ``<|call|>``, not the ``<|end|>`` of each
+message), and the tokens of its format's markers, which a chat answer writes as their text even
+when they are control tokens (``cluster.engine.chat_format.ChatFormat.preserved``).
 
 A template's own failure (it raises, it uses something the sandbox forbids, a variable it
 needs is missing) is a ``ChatTemplateError`` naming the problem: the caller's conversation is
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import jinja2
 import jinja2.meta
@@ -370,8 +373,15 @@ class ChatRenderer:
             self.broken = ChatTemplateError(f"{exc}; serve --chat-template FILE can replace it", param="messages")
             self.template, end = ChatTemplate.create(None, "none"), None
         self.supports_tools = self.broken is None and self.template.supports_tools
-        ids = tokenizer.tokenize(end, special=True, add_special=False) if end else []
-        self.end_of_turn_ids: tuple[int, ...] = (ids[0],) if len(ids) == 1 and tokenizer.is_control(ids[0]) else ()
+        fmt = self.template.format if self.template.source is not None else None
+        preserved = fmt.preserved if fmt is not None else ()
+        # the format's markers that are one token of this vocabulary: written as their text
+        self.preserved_ids: tuple[int, ...] = tuple(sorted({t for t in map(_single(tokenizer), preserved) if t is not None}))
+        stops = tuple(t for t in map(_single(tokenizer), (fmt.stops or ()) if fmt is not None else ()) if t is not None)
+        if not stops and end and end not in preserved:  # the template's end of turn, if one control token
+            token = _single(tokenizer)(end)
+            stops = (token,) if token is not None and tokenizer.is_control(token) else ()
+        self.end_of_turn_ids: tuple[int, ...] = stops
 
     def render(self, chat: ChatPrompt) -> RenderedChat:
         if not isinstance(chat, ChatPrompt):
@@ -380,10 +390,22 @@ class ChatRenderer:
             raise self.broken
         return self.template.render(chat)
 
-    def with_end_of_turn(self, params: SamplingParams) -> SamplingParams:
-        """``params`` that also stop on the template's end-of-turn token."""
+    def chat_params(self, params: SamplingParams) -> SamplingParams:
+        """``params`` of a chat request: they also stop on the tokens that end the template's turn
+        (``end_of_turn_ids``) and write its format's markers as their text (``preserved_ids``)."""
         extra = tuple(t for t in self.end_of_turn_ids if t not in params.stop_token_ids)
-        return replace(params, stop_token_ids=params.stop_token_ids + extra) if extra else params
+        if extra:
+            params = replace(params, stop_token_ids=params.stop_token_ids + extra)
+        kept = tuple(sorted(set(params.preserved_token_ids) | set(self.preserved_ids)))
+        return replace(params, preserved_token_ids=kept) if kept != params.preserved_token_ids else params
+
+
+def _single(tokenizer: VocabularyLike) -> Callable[[str], int | None]:
+    """``text`` -> its token id when it is one token of the vocabulary (special texts parsed), else None."""
+    def token(text: str) -> int | None:
+        ids = tokenizer.tokenize(text, special=True, add_special=False)
+        return ids[0] if len(ids) == 1 else None
+    return token
 
 
 def plain_prompt(messages: Sequence[ChatMessage]) -> str:
@@ -459,10 +481,74 @@ LLAMA3_TEMPLATE = (
 )
 """A Llama-3-style header template (no tools), written for this project."""
 
+HARMONY_TEMPLATE = (
+    "{%- if tools -%}\n"
+    "    {{- '<|start|>developer<|message|># Tools\\n\\n## functions\\n\\n' -}}\n"
+    "    {%- for tool in tools -%}{{- tool | tojson -}}{{- '\\n' -}}{%- endfor -%}\n"
+    "    {{- '<|end|>' -}}\n"
+    "{%- endif -%}\n"
+    "{%- for message in messages -%}\n"
+    "    {%- if message.role == 'assistant' -%}\n"
+    "        {%- if message.content -%}\n"
+    "            {{- '<|start|>assistant<|channel|>final<|message|>' + message.content + '<|end|>' -}}\n"
+    "        {%- endif -%}\n"
+    "        {%- for call in message.tool_calls or [] -%}\n"
+    "            {{- '<|start|>assistant<|channel|>commentary to=functions.' + call.function.name"
+    " + ' <|constrain|>json<|message|>' + call.function.arguments | tojson + '<|call|>' -}}\n"
+    "        {%- endfor -%}\n"
+    "    {%- elif message.role == 'tool' -%}\n"
+    "        {{- '<|start|>functions.' + (message.name or 'tool') + ' to=assistant<|channel|>commentary<|message|>'"
+    " + message.content + '<|end|>' -}}\n"
+    "    {%- else -%}\n"
+    "        {{- '<|start|>' + message.role + '<|message|>' + message.content + '<|end|>' -}}\n"
+    "    {%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}{{- '<|start|>assistant' -}}{%- endif -%}\n"
+)
+"""A gpt-oss-style harmony template, written for this project: every message ``<|start|>ROLE
+<|channel|>...<|message|>...<|end|>``, calls ``to=functions.NAME`` ended by ``<|call|>``, an answer
+ended by ``<|return|>`` (the model's end of turn, never written in the history: an answer already
+given ends with ``<|end|>``, as llama.cpp renders one for inference)."""
+
+KIMI_K2_TEMPLATE = (
+    "{%- if tools -%}{{- '<|im_system|>tool_declare<|im_middle|>' + tools | tojson + '<|im_end|>' -}}{%- endif -%}\n"
+    "{%- for message in messages -%}\n"
+    "    {%- if message.role == 'assistant' -%}\n"
+    "        {{- '<|im_assistant|>assistant<|im_middle|>' + message.content -}}\n"
+    "        {%- if message.tool_calls -%}\n"
+    "            {{- '<|tool_calls_section_begin|>' -}}\n"
+    "            {%- for call in message.tool_calls -%}\n"
+    "                {{- '<|tool_call_begin|>' + call.id + '<|tool_call_argument_begin|>'"
+    " + call.function.arguments | tojson + '<|tool_call_end|>' -}}\n"
+    "            {%- endfor -%}\n"
+    "            {{- '<|tool_calls_section_end|>' -}}\n"
+    "        {%- endif -%}\n"
+    "        {{- '<|im_end|>' -}}\n"
+    "    {%- elif message.role == 'tool' -%}\n"
+    "        {{- '<|im_system|>tool<|im_middle|>## Return of ' + message.tool_call_id + '\\n' + message.content"
+    " + '<|im_end|>' -}}\n"
+    "    {%- else -%}\n"
+    "        {{- '<|im_' + message.role + '|>' + message.role + '<|im_middle|>' + message.content + '<|im_end|>' -}}\n"
+    "    {%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}{{- '<|im_assistant|>assistant<|im_middle|>' -}}{%- endif -%}\n"
+)
+"""A Kimi-K2-style template, written for this project: turns between ``<|im_user|>`` /
+``<|im_assistant|>`` / ``<|im_system|>``, ``<|im_middle|>`` and ``<|im_end|>``; calls in a
+``<|tool_calls_section_begin|>`` section, each ``<|tool_call_begin|>functions.NAME:N
+<|tool_call_argument_begin|>{json}<|tool_call_end|>``; a thought between ``<think>`` and
+``</think>``. Every marker is a control token of the synthetic model."""
+
 SYNTH_TEMPLATES: dict[str, tuple[str, tuple[str, ...], str, str | None]] = {
     # name: (template, its control tokens, end-of-turn token, BOS token it writes itself or None)
     "chatml": (CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>"), "<|im_end|>", None),
     "llama3": (LLAMA3_TEMPLATE, ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                "<|eot_id|>", "<|begin_of_text|>"),
+    "harmony": (HARMONY_TEMPLATE, ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>",
+                                   "<|return|>", "<|call|>"), "<|return|>", None),
+    "kimi_k2": (KIMI_K2_TEMPLATE, ("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>",
+                                   "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+                                   "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<think>", "</think>"),
+                "<|im_end|>", None),
 }
 """Chat formats ``cluster.models.synth`` can write into a synthetic model (``--chat-template NAME``)."""
