@@ -244,6 +244,7 @@ def test_a_state_that_serves_its_whole_length_only_is_reused_by_a_prompt_that_ex
     held = list(range(70))
     placement = kv.place(held, None)
     kv.occupy(placement, held, None)
+    placement.slot.tokens = list(held)  # the engine's steps evaluated them
     kv.release(placement.slot, keep=True)
     placement.slot.min_reuse = len(held)  # kv_state.MemoryRule for a recurrent model: pos_max + 1
     extends = kv.place(held + [1000, 1001], None)
