@@ -10,11 +10,12 @@ from typing import Iterator
 import jsonschema
 import pytest
 
-from cluster.engine.moe_engine import MoEEngine
-from cluster.errors import InvalidParameterError
+from cluster.api.formats.answer import parse_answer
+from cluster.engine.chat_format import format_named
 from cluster.engine.grammar import JSON_CHAR_RULE, json_object_grammar, json_schema_grammar, tool_call_grammar
+from cluster.engine.moe_engine import MoEEngine
 from cluster.engine.sampling import SamplingParamError, SamplingParams
-from cluster.api.tool_calls import split_tool_calls
+from cluster.errors import InvalidParameterError
 
 SCHEMA = {
     "type": "object",
@@ -74,7 +75,8 @@ def test_a_tool_call_grammar_makes_the_model_call_the_named_function(engine, tin
     for chosen in (tools[:1], tools[1:], tools):
         gen = engine.generate(" ".join(tiny_topics[0][:5]), SamplingParams(max_tokens=120, temperature=1.0, seed=5,
                                                                           grammar=tool_call_grammar(chosen)))
-        text, calls = split_tool_calls(gen.text)
+        parsed = parse_answer(gen.text, format_named("hermes"), chosen)
+        text, calls = parsed.content, parsed.calls
         assert gen.finish_reason == "stop" and text == "" and len(calls) == 1, gen.text
         schema = next(t["function"]["parameters"] for t in chosen if t["function"]["name"] == calls[0].name)
         jsonschema.validate(json.loads(calls[0].arguments), schema)
