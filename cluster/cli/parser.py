@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int)
     p.add_argument("--dim", type=_positive_int)
     p.add_argument("--ff", type=_positive_int)
-    p.add_argument("--dtype", choices=("f16", "q8_0", "q4_k"))
+    p.add_argument("--dtype", choices=("f16", "q8_0", "q4_k", "q4_k_m"))
     p.add_argument("--arch", choices=synth_archs(), help="GGUF architecture (MoE family) to write")
     p.add_argument("--specialization", help="number >= 0, or 'realistic'")
     p.add_argument("--seed", type=int)

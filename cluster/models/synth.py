@@ -88,9 +88,8 @@ KEY_FORMAT_VERSION = "sniper.synth.format_version"
 FORMAT_VERSION = 1
 
 _FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-               "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+               "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 _RMS_EPS = {"llama": 1e-5, "qwen3moe": 1e-6}
-_ROPE_FREQ_BASE = 10000.0
 
 
 @dataclass(frozen=True)
@@ -242,8 +241,12 @@ def _add_metadata(writer: gguf.GGUFWriter, config: SynthConfig, vocab: Vocab) ->
     writer.add_head_count(c.n_head)
     writer.add_head_count_kv(c.n_head_kv if family is None else family.n_head_kv(c))
     writer.add_layer_norm_rms_eps(_RMS_EPS[c.arch] if family is None else family.rms_eps)
-    writer.add_rope_dimension_count(c.n_embd // c.n_head if family is None else family.rope_dimension_count(c))
-    writer.add_rope_freq_base(_ROPE_FREQ_BASE)
+    head = c.head_dim or c.n_embd // c.n_head
+    writer.add_rope_dimension_count(head if family is None else family.rope_dimension_count(c))
+    if c.head_dim:  # llama.cpp's default is n_embd / n_head
+        writer.add_key_length(head)
+        writer.add_value_length(head)
+    writer.add_rope_freq_base(c.rope_freq_base)
     if c.n_experts > 0:
         writer.add_expert_count(c.n_experts)
         writer.add_expert_used_count(c.n_experts_used)

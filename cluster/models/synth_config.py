@@ -44,8 +44,10 @@ ARCHS = ("llama", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "glm4moe", "dee
 LEADING_DENSE = {"glm4moe": 1, "deepseek2": 1}
 """Leading blocks with a dense FFN, per architecture (none where absent)."""
 DTYPES = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-          "q4_k": gguf.GGMLQuantizationType.Q4_K}
-"""GGML type of the expert and attention matrices for each `SynthConfig.dtype`."""
+          "q4_k": gguf.GGMLQuantizationType.Q4_K, "q4_k_m": gguf.GGMLQuantizationType.Q4_K}
+"""GGML type of the expert and attention matrices for each `SynthConfig.dtype` (q4_k_m: the base
+type; `synth_weights.q4_k_m_type` gives Q6_K where llama.cpp's Q4_K_M rule puts it)."""
+_Q4_K_M_ARCHS = ("llama", "qwen3moe")  # every block has one attn_v, so llama.cpp's counter is the layer
 _MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS in src/llama-hparams.h
 _MAX_LAYERS = 512  # LLAMA_MAX_LAYERS in src/llama-hparams.h
 _MAX_WORDS = 20000  # topic words in all; keeps vocabularies and merge lists modest
@@ -88,6 +90,13 @@ class SynthConfig:
             llama.cpp refuse that layout ("tensor 'blk.0.ffn_up_exps.weight' not found"); it
             exists for byte-range discovery tests.
         seed: seeds every random draw; same config, same bytes.
+        n_vocab: 0 (the tokens the topics need), or the vocabulary size, padded with UNUSED
+            "[PAD<i>]" tokens (as llama.cpp's converter pads Qwen's) whose embedding and output
+            rows are zero.
+        rope_freq_base: `rope.freq_base` written to the file.
+        head_dim: 0 (n_embd / n_head), or the attention head size, written as
+            `attention.key_length`/`value_length` (Qwen3-30B-A3B: 32 heads of 128 over a
+            residual of 2048); llama and qwen3moe only.
     """
 
     arch: str = "llama"
@@ -106,6 +115,9 @@ class SynthConfig:
     merged_gate_up: bool = False
     seed: int = 0
     chat_template: str = ""
+    n_vocab: int = 0
+    rope_freq_base: float = 10000.0
+    head_dim: int = 0
 
     def validate(self) -> None:
         """Checks that llama.cpp can load the model this config describes.
@@ -118,7 +130,7 @@ class SynthConfig:
             return ValueError(f"SynthConfig.{field}={getattr(self, field)!r}: expected {expected}")
 
         ints = ("n_layers", "n_experts", "n_experts_used", "n_embd", "n_ff", "n_head", "n_head_kv",
-                "n_topics", "words_per_topic", "n_ctx_train", "seed")
+                "n_topics", "words_per_topic", "n_ctx_train", "seed", "n_vocab", "head_dim")
         for field in ints:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -149,7 +161,7 @@ class SynthConfig:
             raise bad("n_head", ">= 1")
         if self.n_embd < 1 or self.n_embd % self.n_head != 0:
             raise bad("n_embd", f"a positive multiple of n_head ({self.n_head})")
-        if (self.n_embd // self.n_head) % 2 != 0:
+        if not self.head_dim and (self.n_embd // self.n_head) % 2 != 0:
             raise bad("n_head", f"a divisor of n_embd ({self.n_embd}) leaving an even head size for RoPE")
         if self.n_head_kv < 1 or self.n_head % self.n_head_kv != 0:
             raise bad("n_head_kv", f"a positive divisor of n_head ({self.n_head})")
@@ -157,6 +169,15 @@ class SynthConfig:
             raise bad("n_ff", ">= 1")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"one of {', '.join(DTYPES)}")
+        if self.dtype == "q4_k_m" and self.arch not in _Q4_K_M_ARCHS:
+            raise bad("dtype", f"f16, q8_0 or q4_k for arch {self.arch!r} (q4_k_m: {', '.join(_Q4_K_M_ARCHS)})")
+        if self.head_dim and (self.head_dim < 2 or self.head_dim % 2 or self.arch not in _Q4_K_M_ARCHS):
+            raise bad("head_dim", f"0, or an even size >= 2 for arch {', '.join(_Q4_K_M_ARCHS)}")
+        if self.n_vocab < 0:
+            raise bad("n_vocab", ">= 0 (0: the tokens the topics need)")
+        if not isinstance(self.rope_freq_base, (int, float)) or isinstance(self.rope_freq_base, bool) \
+                or not math.isfinite(self.rope_freq_base) or self.rope_freq_base <= 0:
+            raise bad("rope_freq_base", "a finite number > 0")
         if self.dtype != "f16":  # quantised rows are whole blocks
             block = gguf.GGML_QUANT_SIZES[DTYPES[self.dtype]][0]
             if self.n_embd % block != 0:
@@ -182,8 +203,13 @@ class SynthConfig:
             raise bad("seed", ">= 0")
 
     def to_json(self) -> str:
-        """Returns the config as a compact JSON object (keys in field order)."""
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        """Returns the config as a compact JSON object (keys in field order; n_vocab and
+        rope_freq_base, head_dim only where they differ from their defaults, so older files keep their bytes)."""
+        data = dataclasses.asdict(self)
+        for name in _OMITTED_AT_DEFAULT:
+            if data[name] == _DEFAULTS[name]:
+                del data[name]
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> SynthConfig:
@@ -193,6 +219,9 @@ class SynthConfig:
         if not isinstance(data, dict) or set(data) - names:
             raise ValueError(f"synth config JSON {text[:200]!r}: expected an object with keys among {sorted(names)}")
         return cls(**data)
+
+_OMITTED_AT_DEFAULT = ("n_vocab", "rope_freq_base", "head_dim")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SynthConfig)}
 
 PRESETS: dict[str, SynthConfig] = {
     # ~6 MB: unit tests.
@@ -209,6 +238,14 @@ PRESETS: dict[str, SynthConfig] = {
     # is 2.5 MiB, as in the published model's Q4_K_M file.
     "large": SynthConfig(arch="qwen3moe", n_layers=9, n_experts=128, n_experts_used=8, n_embd=2048, n_ff=768,
                          n_head=32, n_head_kv=4, dtype="q4_k", n_topics=8, words_per_topic=32),
+    # ~17 GB: Qwen3-30B-A3B's whole layout (48 layers, hidden 2048, 32 query and 4 KV heads of 128
+    # with q/k norms, 128 experts, top-8, expert FFN 768, 151,936 tokens, rope base 1e6, context
+    # 40,960) in the types llama.cpp's quantizer gives a Q4_K_M file (--dtype q8_0: ~32 GB);
+    # realistic specialization.
+    "qwen3-30b-a3b": SynthConfig(arch="qwen3moe", n_layers=48, n_experts=128, n_experts_used=8, n_embd=2048,
+                                 n_ff=768, n_head=32, n_head_kv=4, dtype="q4_k_m",
+                                 specialization=REALISTIC_SPECIALIZATION, n_topics=8, words_per_topic=32,
+                                 n_ctx_train=40960, n_vocab=151936, rope_freq_base=1e6, head_dim=128),
 }
 
 

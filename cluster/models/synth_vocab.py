@@ -106,6 +106,12 @@ def build_vocab(config: SynthConfig) -> Vocab:
         tokens += words
         types += [normal] * len(words)
     merge_list = [f"{a} {b}" for a, b in sorted(merges, key=lambda m: (len(m[0]) + len(m[1]), m))]
+    if config.n_vocab:  # padding, as llama.cpp's converter pads Qwen's vocabulary: UNUSED, never produced
+        if config.n_vocab < len(tokens):
+            raise ValueError(f"SynthConfig.n_vocab={config.n_vocab}: expected 0 or >= {len(tokens)} "
+                             "(the tokens the topics need)")
+        tokens += [f"[PAD{i}]" for i in range(len(tokens), config.n_vocab)]
+        types += [int(gguf.TokenType.UNUSED)] * (config.n_vocab - len(types))
     return Vocab(tokens=tokens, token_types=types, merges=merge_list, topic_words=topic_words,
                   topic_ids=topic_ids, bos_id=bos_id, eos_id=eos_id, eot_id=eot_id)
 

@@ -21,12 +21,83 @@ from cluster.models.synth_config import DTYPES, SynthConfig, named_rng, topic_ex
 from cluster.models.synth_families import FAMILIES
 from cluster.models.synth_vocab import build_vocab
 
-__all__ = ["Plan", "TensorSpec"]
+__all__ = ["Plan", "TensorSpec", "q4_k_m_type"]
 
 _TOPIC_STRENGTH = 1.0  # s: weight of the topic direction in a word's embedding (word part has norm 1)
 _ATTN_OUT_RATIO = 0.03  # |attention output| / |residual| aimed for, per layer
 _FFN_OUT_RATIO = 0.05  # |one expert's (or the dense FFN's) output| / |residual|, per layer
 _SILU_GLU_MEAN_SQUARE = 0.3557  # E[(silu(g) * u)^2] for g, u ~ N(0, 1): sizes ffn_down
+
+
+_Q4_K = gguf.GGMLQuantizationType.Q4_K
+_Q6_K = gguf.GGMLQuantizationType.Q6_K
+
+
+def q4_k_m_type(name: str, n_layers: int) -> gguf.GGMLQuantizationType:
+    """The type llama.cpp's quantizer gives matrix `name` of a Q4_K_M file whose blocks each hold one
+    attn_v (src/llama-quant.cpp, llama_tensor_get_type_impl, for n_expert != 8 and not Falcon):
+    Q6_K for output.weight, and for attn_v and ffn_down(_exps/_shexp) of the layers `use_more_bits`
+    picks (the first and last eighth, and every third between); Q4_K elsewhere, token_embd included."""
+    if name == "output.weight":
+        return _Q6_K
+    if name.startswith("blk.") and ("attn_v.weight" in name or "ffn_down" in name):
+        i = int(name.split(".")[1])
+        if i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2:
+            return _Q6_K
+    return _Q4_K
+
+
+def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """Rows of x (float, width a multiple of 256) as Q4_K blocks [rows, width/256*144]: per 32-weight
+    sub-block a 6-bit scale and min over [min(x, 0), max(x)], 4-bit codes rounded to nearest."""
+    rows = x.shape[0]
+    b = np.asarray(x, dtype=np.float32).reshape(-1, 8, 32)
+    lo = np.minimum(b.min(axis=2), 0.0)
+    scale_f = (b.max(axis=2) - lo) / 15.0
+    d = (scale_f.max(axis=1) / 63.0).astype(np.float16)
+    dmin = (-lo.min(axis=1) / 63.0).astype(np.float16)
+    df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.rint(np.divide(scale_f, df, out=np.zeros_like(scale_f), where=df > 0)), 0, 63).astype(np.uint8)
+    m = np.clip(np.rint(np.divide(-lo, dminf, out=np.zeros_like(lo), where=dminf > 0)), 0, 63).astype(np.uint8)
+    step = (df * sc)[:, :, None]
+    q = np.rint(np.divide(b + (dminf * m)[:, :, None], step, out=np.zeros_like(b), where=step > 0))
+    q = np.clip(q, 0, 15).astype(np.uint8).reshape(-1, 4, 2, 32)  # chunk j: sub-blocks 2j (low), 2j+1 (high)
+    out = np.empty((b.shape[0], 144), dtype=np.uint8)
+    out[:, 0:2] = d.reshape(-1, 1).view(np.uint8)
+    out[:, 2:4] = dmin.reshape(-1, 1).view(np.uint8)
+    out[:, 4:8] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 8:12] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    out[:, 12:16] = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
+    out[:, 16:] = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(-1, 128)
+    return out.reshape(rows, -1)
+
+
+def _pack_q6_k(q: np.ndarray, scales: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q6_K blocks [n, 210] from codes q [n, 256] (0..63, weight = d * scale * (q - 32)), int8 scales
+    [n, 16] and f16 d [n] (ggml-common.h block_q6_K: ql[128], qh[64], scales[16], d)."""
+    n = q.shape[0]
+    q4 = (q & 15).reshape(n, 2, 2, 64)
+    q2 = (q >> 4).reshape(n, 2, 4, 32)
+    out = np.empty((n, 210), dtype=np.uint8)
+    out[:, :128] = (q4[:, :, 0] | (q4[:, :, 1] << 4)).reshape(n, 128)
+    out[:, 128:192] = (q2[:, :, 0] | (q2[:, :, 1] << 2) | (q2[:, :, 2] << 4) | (q2[:, :, 3] << 6)).reshape(n, 64)
+    out[:, 192:208] = scales.astype(np.int8).view(np.uint8)
+    out[:, 208:210] = d.astype(np.float16).reshape(n, 1).view(np.uint8)
+    return out
+
+
+def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """Rows of x (float, width a multiple of 256) as Q6_K blocks [rows, width/256*210]: per 16-weight
+    sub-block an 8-bit scale of max|x| / 31, 6-bit codes rounded to nearest."""
+    rows = x.shape[0]
+    b = np.asarray(x, dtype=np.float32).reshape(-1, 16, 16)
+    scale_f = np.abs(b).max(axis=2) / 31.0
+    d = (scale_f.max(axis=1) / 127.0).astype(np.float16)
+    df = d.astype(np.float32)[:, None]
+    sc = np.clip(np.rint(np.divide(scale_f, df, out=np.zeros_like(scale_f), where=df > 0)), 0, 127)
+    step = (df * sc)[:, :, None]
+    q = np.clip(np.rint(np.divide(b, step, out=np.zeros_like(b), where=step > 0)), -32, 31) + 32
+    return _pack_q6_k(q.astype(np.uint8).reshape(-1, 256), sc, d).reshape(rows, -1)
 
 
 @dataclass(frozen=True)
@@ -51,6 +122,8 @@ class Plan:
     def __init__(self, config: SynthConfig) -> None:
         self.config = config
         self.vocab = build_vocab(config)
+        unused = int(gguf.TokenType.UNUSED)
+        self.n_real = len(self.vocab.tokens) - sum(1 for t in self.vocab.token_types if t == unused)  # before the padding
         n, s = config.n_embd, _TOPIC_STRENGTH
         self.residual_norm = math.sqrt(1.0 + s * s)  # |s d_t + w_v| for a topic word
         # d_t = unit vector along coordinate topic_axes[t]: orthonormal without any linear algebra,
@@ -71,11 +144,11 @@ class Plan:
 
     def _embeddings(self) -> np.ndarray:
         v = self.vocab
-        w = self._orthogonal_noise(named_rng(self.config.seed, "token_embd"), len(v.tokens))
+        w = self._orthogonal_noise(named_rng(self.config.seed, "token_embd"), self.n_real)
         w /= np.linalg.norm(w, axis=1, keepdims=True)
         for t, ids in enumerate(v.topic_ids):
             w[ids, self.topic_axes[t]] = _TOPIC_STRENGTH
-        return w  # [n_vocab, n_embd] float64
+        return w  # [n_real, n_embd] float64 (padding rows are zero, added when written)
 
     def _output_head(self) -> np.ndarray:
         v = self.vocab
@@ -127,6 +200,12 @@ class Plan:
         if self.config.dtype == "q4_k":
             self._add_q4_k(name, shape, std)
             return
+        if self.config.dtype == "q4_k_m":
+            if q4_k_m_type(name, self.config.n_layers) == _Q6_K:
+                self._add_q6_k(name, shape, std)
+            else:  # scale 1: d is a coarse f16 subnormal at 32 for weights this small
+                self._add_q4_k(name, shape, std, scale=1)
+            return
 
         def make() -> np.ndarray:
             x = named_rng(seed, name).standard_normal(shape, dtype=np.float32)
@@ -134,23 +213,25 @@ class Plan:
             return x
         self._add(name, shape, DTYPES[self.config.dtype], make)
 
-    def _add_q4_k(self, name: str, shape: tuple[int, ...], std: float) -> None:
+    def _add_q4_k(self, name: str, shape: tuple[int, ...], std: float, scale: int = 32) -> None:
         """A Q4_K tensor written block by block (gguf has no Q4_K quantiser; ggml-common.h
         block_q4_K: f16 d, f16 dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes of
         4-bit codes q for 256 weights w = d*scale*q - dmin*min). Every sub-block gets scale =
         min = 32 and dmin = 7.5 d, so w = 32 d (q - 7.5): uniform codes give mean 0 and
-        deviation 32 d * 4.61 (the deviation of 0..15), and d is set for `std`."""
+        deviation 32 d * 4.61 (the deviation of 0..15), and d is set for `std` (`scale` other than
+        32: that scale and min instead)."""
         qtype = gguf.GGMLQuantizationType.Q4_K
         block_weights, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
         n_blocks = int(np.prod(shape)) // block_weights
-        d = np.float16(std / (32 * math.sqrt((16 * 16 - 1) / 12)))
+        d = np.float16(std / (scale * math.sqrt((16 * 16 - 1) / 12)))
         header = np.zeros(16, dtype=np.uint8)  # d, dmin, scales[12]
         header[0:4] = np.array([d, np.float16(7.5 * float(d))], dtype=np.float16).view(np.uint8)
         # scales[0..3]: scale of sub-blocks 0-3 (low 6 bits) and the top 2 bits of sub-blocks 4-7's
         # scale; scales[4..7]: the same for mins; scales[8..11]: low 4 bits of 4-7's scale / min.
         # 160 = 0b10_100000: 32 for sub-blocks 0-3, and 0b10 << 4 = 32 for sub-blocks 4-7.
-        header[4:12] = 160
+        header[4:12] = scale | ((scale >> 4) << 6)
+        header[12:16] = (scale & 15) | ((scale & 15) << 4)
         seed = self.config.seed
 
         def produce() -> np.ndarray:
@@ -161,20 +242,63 @@ class Plan:
         nbytes = n_blocks * block_bytes
         self.tensors.append(TensorSpec(name, tuple(byte_shape), np.dtype(np.uint8), qtype, nbytes, produce))
 
+    def _add_q6_k(self, name: str, shape: tuple[int, ...], std: float) -> None:
+        """A Q6_K tensor written block by block: uniform 6-bit codes q (deviation sqrt((64^2-1)/12))
+        and sub-block scales alternating +1 / -1, so w = +-d (q - 32) has mean 0 over each pair of
+        sub-blocks; d is set for `std` (scale 1 keeps d, an f16, precise for weights this small)."""
+        block_weights, block_bytes = gguf.GGML_QUANT_SIZES[_Q6_K]
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, _Q6_K)
+        n_blocks = int(np.prod(shape)) // block_weights
+        d = np.float16(std / math.sqrt((64 * 64 - 1) / 12))
+        tail = np.zeros(18, dtype=np.uint8)  # scales[16], d
+        tail[:16] = np.tile(np.array([1, -1], dtype=np.int8), 8).view(np.uint8)
+        tail[16:] = np.array([d], dtype=np.float16).view(np.uint8)
+        seed = self.config.seed
+
+        def produce() -> np.ndarray:
+            out = np.empty((n_blocks, block_bytes), dtype=np.uint8)
+            out[:, :192] = named_rng(seed, name).integers(0, 256, size=(n_blocks, 192), dtype=np.uint8)
+            out[:, 192:] = tail
+            return out.reshape(byte_shape)
+        self.tensors.append(TensorSpec(name, tuple(byte_shape), np.dtype(np.uint8), _Q6_K, n_blocks * block_bytes,
+                                       produce))
+
+    def _vocab_matrix(self, name: str, rows: Callable[[], np.ndarray]) -> None:
+        """token_embd or output [n_vocab, n_embd]: F16, or for q4_k_m the Q4_K_M rule's type
+        (quantised here); the padding tokens' rows are zero."""
+        n_vocab, n = len(self.vocab.tokens), self.config.n_embd
+        n_pad = n_vocab - self.n_real
+        if self.config.dtype != "q4_k_m":
+            if n_pad == 0:
+                self._add(name, (n_vocab, n), gguf.GGMLQuantizationType.F16, rows)
+            else:
+                self._add(name, (n_vocab, n), gguf.GGMLQuantizationType.F16,
+                          lambda: np.concatenate([rows(), np.zeros((n_pad, n))]))
+            return
+        qtype = q4_k_m_type(name, self.config.n_layers)
+        quantize = _quantize_q6_k if qtype == _Q6_K else _quantize_q4_k
+        byte_shape = gguf.quants.quant_shape_to_byte_shape((n_vocab, n), qtype)
+
+        def produce() -> np.ndarray:
+            out = np.zeros(byte_shape, dtype=np.uint8)  # zero bytes: d = 0, every weight 0
+            out[: self.n_real] = quantize(rows())
+            return out
+        nbytes = int(np.prod(byte_shape))
+        self.tensors.append(TensorSpec(name, tuple(byte_shape), np.dtype(np.uint8), qtype, nbytes, produce))
+
     def _plan_tensors(self) -> None:
         c = self.config
-        n, ff, e, f16 = c.n_embd, c.n_ff, c.n_experts, gguf.GGMLQuantizationType.F16
-        head = n // c.n_head
+        n, ff, e = c.n_embd, c.n_ff, c.n_experts
+        head = c.head_dim or n // c.n_head
         n_q, n_kv = c.n_head * head, c.n_head_kv * head
-        n_vocab = len(self.vocab.tokens)
         # Inputs to every matrix are rms-normalised (components ~ N(0, 1)), so 1/sqrt(n) keeps
         # pre-activations ~ N(0, 1); output matrices are sized so attention and one expert add
         # _ATTN_OUT_RATIO and _FFN_OUT_RATIO of |residual| (see the cluster.models.synth docstring).
         in_std = self.in_std = 1.0 / math.sqrt(n)
-        attn_out_std = self.attn_out_std = _ATTN_OUT_RATIO * self.residual_norm / n
+        attn_out_std = self.attn_out_std = _ATTN_OUT_RATIO * self.residual_norm / (n if n_q == n else math.sqrt(n_q * n))
         down_std = self.down_std = _FFN_OUT_RATIO * self.residual_norm / math.sqrt(_SILU_GLU_MEAN_SQUARE * ff * n)
 
-        self._add("token_embd.weight", (n_vocab, n), f16, lambda: self.embd)  # ggml [n_embd, n_vocab]
+        self._vocab_matrix("token_embd.weight", lambda: self.embd)  # ggml [n_embd, n_vocab]
         family = FAMILIES.get(c.arch)
         for il in range(c.n_layers):
             if family is not None:  # the families of synth_families plan their own blocks
@@ -204,4 +328,4 @@ class Plan:
                 self._matrix(p + "ffn_up_exps.weight", (e, ff, n), in_std)
             self._matrix(p + "ffn_down_exps.weight", (e, n, ff), down_std)  # ggml [n_ff, n_embd, n_expert]
         self._norm("output_norm.weight", n)
-        self._add("output.weight", (n_vocab, n), f16, self._output_head)  # ggml [n_embd, n_vocab], not tied
+        self._vocab_matrix("output.weight", self._output_head)  # ggml [n_embd, n_vocab], not tied

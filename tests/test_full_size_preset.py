@@ -1,0 +1,123 @@
+"""The `qwen3-30b-a3b` preset: Qwen3-30B-A3B's whole layout in the types llama.cpp's quantizer gives a Q4_K_M
+file. The full 17 GB file is never written here: the same layout with two layers (real widths, 128 experts,
+151,936 tokens) is, and llama.cpp loads and runs it; each tensor's type equals the Q4_K_M rule as
+src/llama-quant.cpp states it (recomputed here); discovery's counts and the cache's selection counts equal an
+independent count (the gguf package's header, the observer's top-k tensors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import observer
+import pytest
+
+from cluster.engine.cache import discover_layout
+from cluster.engine.moe_engine import MoEEngine
+from cluster.models import synth
+from cluster.models.synth_weights import Plan
+
+N_CTX, N_THREADS, N_BATCH, N_TOKENS = 128, 2, 16, 6
+Q4_K, Q6_K, F32 = gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.F32
+FULL = synth.PRESETS["qwen3-30b-a3b"]
+
+
+@pytest.fixture(scope="module")
+def two_layers(tmp_path_factory: pytest.TempPathFactory) -> synth.SynthInfo:
+    config = dataclasses.replace(FULL, n_layers=2)
+    return synth.synthesize(tmp_path_factory.mktemp("full") / "qwen3-30b-a3b-2L.gguf", config, progress=False)
+
+
+def _rule(name: str, n_layers: int) -> gguf.GGMLQuantizationType:
+    """llama.cpp's Q4_K_M choice (llama_tensor_get_type_impl, n_expert 128): output -> Q6_K; attn_v (i-th in
+    file order) and ffn_down (layer from the name) -> Q6_K where use_more_bits(i, n); else the Q4_K default."""
+    def use_more_bits(i: int, n: int) -> bool:
+        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+    if name == "output.weight":
+        return Q6_K
+    m = re.fullmatch(r"blk\.(\d+)\.(attn_v|ffn_down_exps)\.weight", name)
+    if m and use_more_bits(int(m.group(1)), n_layers):
+        return Q6_K
+    return Q4_K
+
+
+def test_the_preset_is_qwen3_30b_a3b() -> None:
+    assert (FULL.arch, FULL.n_layers, FULL.n_embd, FULL.n_head, FULL.n_head_kv, FULL.n_experts,
+            FULL.n_experts_used, FULL.n_ff, FULL.n_vocab, FULL.rope_freq_base, FULL.dtype, FULL.specialization) == (
+        "qwen3moe", 48, 2048, 32, 4, 128, 8, 768, 151936, 1e6, "q4_k_m", synth.REALISTIC_SPECIALIZATION)
+    assert FULL.head_dim == 128 and FULL.n_head * FULL.head_dim == 4096  # wider than the residual, as published
+    # the 48-layer rule: Q6_K in layers 0-5, 42-47 and every third between (8, 11, ..., 41): 24 of 48
+    more = [il for il in range(48) if _rule(f"blk.{il}.attn_v.weight", 48) == Q6_K]
+    assert more == [*range(6), *range(8, 42, 3), *range(42, 48)] and len(more) == 24
+
+
+def test_two_layers_have_the_layout_and_the_q4_k_m_types(two_layers: synth.SynthInfo) -> None:
+    reader = gguf.GGUFReader(two_layers.path)
+    tensors = {t.name: t for t in reader.tensors}
+    n = 2
+    for name, t in tensors.items():
+        if t.name.endswith("norm.weight") or ".ffn_gate_inp." in name:
+            assert t.tensor_type == F32, name
+        else:
+            assert t.tensor_type == _rule(name, n), (name, t.tensor_type.name)
+    assert tensors["blk.1.attn_v.weight"].tensor_type == Q6_K and tensors["blk.0.attn_v.weight"].tensor_type == Q4_K
+    assert tensors["blk.1.ffn_down_exps.weight"].tensor_type == Q6_K
+    assert tensors["token_embd.weight"].tensor_type == Q4_K and tensors["output.weight"].tensor_type == Q6_K
+    assert list(tensors["token_embd.weight"].shape) == [2048, 151936]
+    assert list(tensors["blk.0.attn_q.weight"].shape) == [2048, 4096]
+    assert list(tensors["blk.0.attn_k.weight"].shape) == [2048, 512]
+    assert list(tensors["blk.0.attn_q_norm.weight"].shape) == [128]
+    assert list(tensors["blk.0.ffn_down_exps.weight"].shape) == [768, 2048, 128]
+    assert list(tensors["blk.0.ffn_gate_exps.weight"].shape) == [2048, 768, 128]
+    fields = reader.fields
+    assert float(fields["qwen3moe.rope.freq_base"].parts[-1][0]) == 1e6
+    assert int(fields["qwen3moe.expert_feed_forward_length"].parts[-1][0]) == 768
+    assert int(fields["qwen3moe.attention.key_length"].parts[-1][0]) == 128
+    assert int(fields["qwen3moe.attention.value_length"].parts[-1][0]) == 128
+    assert list(tensors["blk.0.attn_output.weight"].shape) == [4096, 2048]
+    assert len(fields["tokenizer.ggml.tokens"].data) == 151936
+    # Q6_K and Q4_K experts both have the planned deviation of ffn_down, and mean 0
+    plan_std = Plan(two_layers.config).down_std
+    for il, qtype in ((1, Q6_K), (0, Q4_K)):
+        down = gguf.quants.dequantize(tensors[f"blk.{il}.ffn_down_exps.weight"].data[0], qtype)
+        assert abs(down.mean()) < 0.02 * down.std(), il
+        assert abs(down.std() / plan_std - 1) < 0.02, (il, down.std(), plan_std)
+
+
+def test_llama_cpp_runs_it_and_discovery_and_the_cache_agree_with_independent_counts(
+        two_layers: synth.SynthInfo) -> None:
+    path = two_layers.path
+    config = two_layers.config
+    layout = discover_layout(str(path))
+    assert (layout.arch, layout.n_layers, layout.n_experts, layout.n_experts_used) == ("qwen3moe", 2, 128, 8)
+    unit = np.zeros((2, 128), dtype=np.int64)
+    experts = []
+    for t in gguf.GGUFReader(path).tensors:
+        if "_exps." in t.name:
+            experts.append(t.name)
+            unit[int(t.name.split(".")[1])] += int(t.n_bytes) // 128
+    assert sorted(layout.expert_tensors) == sorted(experts) and len(experts) == 6
+    assert layout.expert_bytes == int(unit.sum()) == two_layers.expert_bytes
+    for il in range(2):
+        for e in (0, 127):
+            assert sum(size for _, size, _, _ in layout.unit_slices(il, e)) == unit[il, e]
+    assert unit[1, 0] > unit[0, 0]  # layer 1's ffn_down_exps is Q6_K
+
+    prompt = synth.topic_prompt(synth.read_topics(path), 1, 8, seed=0)
+    budget = int(layout.unit_bytes.sum()) // 3
+    with MoEEngine(path, budget, n_ctx=N_CTX, n_threads=N_THREADS, n_batch=N_BATCH) as engine:
+        result = engine.generate(prompt, max_tokens=N_TOKENS)
+    assert len(result.tokens) == N_TOKENS
+    topic = set(synth.read_topics(path)[1])
+    words = result.text.split()
+    assert words and sum(w in topic for w in words) >= 0.8 * len(words), result.text
+    seen = observer.observe(path, prompt, max_tokens=N_TOKENS, n_layers=config.n_layers,
+                            n_experts=config.n_experts, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=N_THREADS)
+    assert seen.tokens == result.tokens
+    np.testing.assert_array_equal(result.expert_counts, seen.counts)
+    per_layer = seen.counts.sum(axis=1)  # the last layer computes only the rows whose logits are read
+    assert (per_layer > 0).all() and (per_layer % 8 == 0).all() and per_layer[1] == 8 * N_TOKENS, per_layer
