@@ -151,6 +151,21 @@ def _selection_bias(plan: Plan, p: str) -> None:
     _bias(plan, p + "exp_probs_b.bias", plan.config.n_experts, _PROBS_BIAS_STD)
 
 
+def _dense_or_shared_moe_ffn(plan: Plan, p: str, il: int, arch: str, selection_bias: bool) -> None:
+    """The FFN of a family with dense blocks beside MoE ones: a dense FFN twice the expert width where the
+    block is not MoE (``Family.is_moe_layer``); else the router (with the ``exp_probs_b`` selection bias
+    where the family has one), the routed experts and one shared expert."""
+    c = plan.config
+    if not FAMILIES[arch].is_moe_layer(il):
+        _dense_ffn(plan, p, 2 * c.n_ff)
+        return
+    _router(plan, p, il)
+    if selection_bias:
+        _selection_bias(plan, p)
+    _experts(plan, p)
+    _dense_ffn(plan, p, c.n_ff, "_shexp")
+
+
 # -- families ------------------------------------------------------------------------------------
 
 
@@ -213,13 +228,7 @@ def _glm4moe_layer(plan: Plan, il: int) -> None:
     head = c.n_embd // c.n_head
     _attention(plan, p, n_kv_heads=c.n_head_kv, biases=True, qk_norm=head)
     plan._norm(p + "post_attention_norm.weight", c.n_embd)
-    if il < FAMILIES["glm4moe"].dense_layers:
-        _dense_ffn(plan, p, 2 * c.n_ff)
-        return
-    _router(plan, p, il)
-    _selection_bias(plan, p)
-    _experts(plan, p)
-    _dense_ffn(plan, p, c.n_ff, "_shexp")
+    _dense_or_shared_moe_ffn(plan, p, il, "glm4moe", selection_bias=True)
 
 
 def _glm4moe_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
@@ -254,13 +263,7 @@ def _deepseek2_layer(plan: Plan, il: int) -> None:
     plan._matrix(p + "attn_output.weight", (n, h * m["v_head"]),
                  plan.attn_out_std * math.sqrt(n / (h * m["v_head"])))
     plan._norm(p + "ffn_norm.weight", n)
-    if il < FAMILIES["deepseek2"].dense_layers:
-        _dense_ffn(plan, p, 2 * c.n_ff)
-        return
-    _router(plan, p, il)
-    _selection_bias(plan, p)
-    _experts(plan, p)
-    _dense_ffn(plan, p, c.n_ff, "_shexp")
+    _dense_or_shared_moe_ffn(plan, p, il, "deepseek2", selection_bias=True)
 
 
 def _deepseek2_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
@@ -292,12 +295,7 @@ def _llama4_layer(plan: Plan, il: int) -> None:
     c, p = plan.config, f"blk.{il}."
     _attention(plan, p, n_kv_heads=c.n_head_kv)
     plan._norm(p + "ffn_norm.weight", c.n_embd)
-    if not FAMILIES["llama4"].is_moe_layer(il):
-        _dense_ffn(plan, p, 2 * c.n_ff)
-        return
-    _router(plan, p, il)
-    _experts(plan, p)
-    _dense_ffn(plan, p, c.n_ff, "_shexp")
+    _dense_or_shared_moe_ffn(plan, p, il, "llama4", selection_bias=False)
 
 
 def _llama4_meta(w: gguf.GGUFWriter, c: SynthConfig) -> None:
