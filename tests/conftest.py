@@ -95,6 +95,18 @@ def chatml_model(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def kimi_model(models_dir: Path) -> Path:
+    """The tiny shape with a Kimi K2-style template whose call markers are control tokens."""
+    return _write_model(models_dir, "tiny-kimi-k2.gguf", synth.config_from_args("tiny", chat_template="kimi_k2"))
+
+
+@pytest.fixture(scope="session")
+def harmony_model(models_dir: Path) -> Path:
+    """The tiny shape with a gpt-oss harmony-style template and its control tokens."""
+    return _write_model(models_dir, "tiny-harmony.gguf", synth.config_from_args("tiny", chat_template="harmony"))
+
+
+@pytest.fixture(scope="session")
 def llama3_model(models_dir: Path) -> Path:
     """The tiny shape with a Llama-3-style header template (its BOS is <|begin_of_text|>)."""
     return _write_model(models_dir, "tiny-llama3.gguf", synth.config_from_args("tiny", chat_template="llama3"))

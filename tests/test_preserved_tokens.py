@@ -24,26 +24,9 @@ from cluster.engine.chat import SYNTH_TEMPLATES, ChatMessage, ChatPrompt, ChatRe
 from cluster.engine.chat_format import PARSED_FORMATS, detect_format, format_named
 from cluster.engine.moe_engine import MoEEngine
 from cluster.engine.sampling import SamplingParams
-from cluster.models import synth
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {
     "type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}}]
-
-
-@pytest.fixture(scope="module")
-def kimi_model(models_dir: Path) -> Path:
-    path = models_dir / "tiny-kimi-k2.gguf"
-    if not path.exists():
-        synth.synthesize(path, synth.config_from_args("tiny", chat_template="kimi_k2"), progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def harmony_model(models_dir: Path) -> Path:
-    path = models_dir / "tiny-harmony.gguf"
-    if not path.exists():
-        synth.synthesize(path, synth.config_from_args("tiny", chat_template="harmony"), progress=False)
-    return path
 
 
 @pytest.fixture(scope="module")

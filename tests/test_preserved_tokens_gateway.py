@@ -24,18 +24,9 @@ from cluster.api.openai_api import Limits  # noqa: E402
 from cluster.bench import free_port  # noqa: E402
 from cluster.distributed import deploy  # noqa: E402
 from cluster.engine.tokenizer import Tokenizer  # noqa: E402
-from cluster.models import synth  # noqa: E402
 
 API_KEY = "preserved-key"
 NAMESPACE = "preserved-tokens-test"
-
-
-@pytest.fixture(scope="module")
-def kimi_model(models_dir: Path) -> Path:
-    path = models_dir / "tiny-kimi-k2.gguf"
-    if not path.exists():
-        synth.synthesize(path, synth.config_from_args("tiny", chat_template="kimi_k2"), progress=False)
-    return path
 
 
 @pytest.fixture(scope="module")
