@@ -8,14 +8,15 @@ import threading
 import numpy as np
 import observer
 import pytest
+from outbox import finished_generations
 from polling import wait_until
 from test_engine import N_CTX, N_THREADS, budget_fraction, open_engine
 
-from cluster.models import synth
 from cluster.engine.cache import discover_layout
 from cluster.engine.moe_engine import Generation
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.sequence import Piece
+from cluster.models import synth
 
 
 def _prompts(topics, n: int) -> list[str]:
@@ -31,25 +32,12 @@ def _refuses(call, error: type[BaseException]) -> bool:
     return False
 
 
-def _results(sequences) -> list[Generation]:
-    out = []
-    for seq in sequences:
-        while True:
-            item = seq.outbox.get(timeout=120)
-            if isinstance(item, Generation):
-                out.append(item)
-                break
-            if not isinstance(item, Piece):
-                raise AssertionError(f"sequence ended with {item!r}")
-    return out
-
-
 EVERY_SLOT = {"adaptive_width": False, "expert_admission": False}  # under pressure too: every sequence runs at once
 
 
 def _batched(engine, prompts: list[str], max_tokens: int) -> list[Generation]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    return _results(engine.submit_many([(p, params) for p in prompts]))
+    return finished_generations(engine.submit_many([(p, params) for p in prompts]))
 
 
 def test_each_sequence_of_a_batch_gets_the_same_text_with_and_without_the_cache(tiny_model, tiny_layout, tiny_topics):
@@ -100,7 +88,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(tin
         first = short.outbox.get(timeout=60)  # decoding
         assert isinstance(first, Piece)
         long = engine.submit(long_prompt, SamplingParams(max_tokens=4, temperature=0))
-        short_done, long_done = _results([short])[0], _results([long])[0]
+        short_done, long_done = finished_generations([short])[0], finished_generations([long])[0]
     assert long_done.n_prompt_tokens > 8 * 16
     steps = long_done.trace.ubatches()
     prompt_rows = [ub[0][1].shape[0] for ub in steps][: -long_done.n_generated + 1 or None]
@@ -117,7 +105,7 @@ def test_a_cancelled_sequence_leaves_the_others_untouched(tiny_model, tiny_layou
         params = SamplingParams(max_tokens=20, temperature=0.0)
         a, b, c = engine.submit_many([(p, params) for p in prompts])
         b.cancel()
-        got = _results([a, c])
+        got = finished_generations([a, c])
         while True:
             item = b.outbox.get(timeout=60)
             if not isinstance(item, Piece):
@@ -150,7 +138,7 @@ def test_a_shared_prefix_is_copied_between_running_sequences(tiny_model, tiny_to
         a = engine.submit(prefix + " one", SamplingParams(max_tokens=30, temperature=0))
         assert isinstance(a.outbox.get(timeout=60), Piece)  # a's prompt is in its slot
         b = engine.generate(prefix + " two", max_tokens=4, temperature=0)
-        _results([a])
+        finished_generations([a])
     assert b.n_reused_tokens >= 40, b.n_reused_tokens
 
 
@@ -241,7 +229,7 @@ def test_a_running_sequences_trace_so_far_is_a_prefix_of_its_final_one(tiny_mode
         assert isinstance(seq.outbox.get(timeout=60), Piece)  # its prompt is prefilled
         cache = engine._native_cache
         early = RoutingTrace.from_native(engine._call(lambda: cache.sequence_trace(seq.tag)))
-        final = _results([seq])[0].trace
+        final = finished_generations([seq])[0].trace
         assert engine._call(lambda: cache.sequence_trace(seq.tag)).kind.size == 0, "taken with its result"
     n = early.kind.size
     assert 0 < n < final.kind.size

@@ -24,10 +24,10 @@
 from __future__ import annotations
 
 import dataclasses
-import queue
 from pathlib import Path
 
 import pytest
+from outbox import finished_generations
 
 from cluster.engine.generation import Generation
 from cluster.engine.kv_slots import KvSlots
@@ -52,19 +52,6 @@ def family_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                    progress=False).path for arch in ARCHS}
 
 
-def _results(sequences) -> list[Generation]:
-    out = []
-    for seq in sequences:
-        while True:
-            item = seq.outbox.get(timeout=120)
-            if isinstance(item, Generation):
-                out.append(item)
-                break
-            if not isinstance(item, Piece):
-                raise AssertionError(f"sequence ended with {item!r}")
-    return out
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_four_slots_give_each_prompt_the_text_of_one_slot_at_temperature_0(family_files, arch: str) -> None:
     path = family_files[arch]
@@ -78,7 +65,7 @@ def test_four_slots_give_each_prompt_the_text_of_one_slot_at_temperature_0(famil
             one.clear_kv()
     with MoEEngine(path, None, n_ctx=256, n_threads=N_THREADS, n_slots=N_SEQ, n_batch=64) as engine:
         assert engine.memory_kind == MEMORY_KIND[arch]
-        together = _results(engine.submit_many([(p, params) for p in prompts]))
+        together = finished_generations(engine.submit_many([(p, params) for p in prompts]))
         stats = engine.batch_stats()
     assert stats["decode_batch"] > N_SEQ - 0.5, "the four sequences decoded together"
     for a, b in zip(alone, together):
@@ -200,7 +187,7 @@ def test_a_prefix_copy_between_running_slots_skips_a_window_the_source_dropped(f
             assert isinstance(item, Piece)
             n += len(item.tokens)
         b = engine.generate(first + more, max_tokens=16, temperature=0, logprobs=True)
-        _results([a])
+        finished_generations([a])
         stats = engine.reuse_stats()
     assert b.n_reused_tokens == 0 and stats["recomputed"] >= 1, stats
     _same(b, _fresh(path, first + more, swa_full=False), exact=False)
