@@ -12,11 +12,13 @@ engine's cache must have seen, computed by separate code.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import llama_cpp
 import numpy as np
@@ -91,6 +93,40 @@ class Observation:
     saw_strided_view: bool
 
 
+@contextlib.contextmanager
+def llama_context(model_path: str | os.PathLike[str], on_eval, *, n_ctx: int, n_batch: int,
+                  n_threads: int) -> Iterator[tuple[Any, Any, Any]]:
+    """llama.cpp's model (mmap, CPU), a context whose graph evaluation calls ``on_eval(tensor address, ask,
+    user data)`` as the engine's callback is called, and a batch of ``n_batch`` tokens, closed after."""
+    callback = llama_cpp.ggml_backend_sched_eval_callback(on_eval)  # kept alive while the context is
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+    mparams.lazy_mode = 0
+    mparams.use_extra_bufts = False
+    model = _internals.LlamaModel(path_model=os.fspath(model_path), params=mparams, verbose=False)
+    try:
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.no_perf = True
+        cparams.cb_eval = callback
+        cparams.cb_eval_user_data = None
+        ctx = _internals.LlamaContext(model=model, params=cparams, verbose=False)
+        batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        try:
+            yield model, ctx, batch
+        finally:
+            batch.close()
+            ctx.close()
+    finally:
+        model.close()
+
+
 def observe(model_path: str | os.PathLike[str], prompt: str, *, max_tokens: int, n_layers: int, n_experts: int,
             n_ctx: int, n_batch: int, n_threads: int) -> Observation:
     """Runs greedy generation exactly as the engine does and counts every top-k selection."""
@@ -124,27 +160,7 @@ def observe(model_path: str | os.PathLike[str], prompt: str, *, max_tokens: int,
             state["errors"].append(repr(exc))
         return True
 
-    callback = llama_cpp.ggml_backend_sched_eval_callback(on_eval)
-
-    llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = 0
-    mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
-    mparams.lazy_mode = 0
-    mparams.use_extra_bufts = False
-    model = _internals.LlamaModel(path_model=os.fspath(model_path), params=mparams, verbose=False)
-    try:
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
-        cparams.n_threads = n_threads
-        cparams.n_threads_batch = n_threads
-        cparams.no_perf = True
-        cparams.cb_eval = callback
-        cparams.cb_eval_user_data = None
-        ctx = _internals.LlamaContext(model=model, params=cparams, verbose=False)
-        batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+    with llama_context(model_path, on_eval, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads) as (model, ctx, batch):
         sampler = _internals.LlamaSampler()
         sampler.add_greedy()
         try:
@@ -179,9 +195,5 @@ def observe(model_path: str | os.PathLike[str], prompt: str, *, max_tokens: int,
                 n_past += 1
         finally:
             sampler.close()
-            batch.close()
-            ctx.close()
-    finally:
-        model.close()
     return Observation(text=pieces.decode("utf-8", errors="replace"), tokens=tuple(generated), counts=counts,
                        n_events=state["events"], max_rows=state["max_rows"], saw_strided_view=state["strided"])

@@ -148,10 +148,8 @@ def _capture_routing(path: Path, prompt: str) -> list[tuple[int, np.ndarray, np.
     block of every ubatch, (layer, router input [n, n_embd], llama.cpp's router logits [n, n_experts] (the
     `ffn_moe_logits-<il>` mat-mul, before any router bias), llama.cpp's chosen experts [n, k])."""
     import ctypes
-    import os
 
     import llama_cpp
-    from llama_cpp import _internals
 
     observer.check_ggml_header()
     out: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -185,32 +183,13 @@ def _capture_routing(path: Path, prompt: str) -> list[tuple[int, np.ndarray, np.
             errors.append(repr(exc))
         return True
 
-    callback = llama_cpp.ggml_backend_sched_eval_callback(on_eval)
-    llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = 0
-    mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
-    mparams.lazy_mode = 0
-    mparams.use_extra_bufts = False
-    model = _internals.LlamaModel(path_model=os.fspath(path), params=mparams, verbose=False)
-    try:
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = N_CTX, N_BATCH, N_BATCH
-        cparams.n_threads = cparams.n_threads_batch = N_THREADS
-        cparams.cb_eval = callback
-        ctx = _internals.LlamaContext(model=model, params=cparams, verbose=False)
-        batch = _internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
-        try:
-            tokens = model.tokenize(prompt.encode("utf-8"), add_bos=bool(model.add_bos_token()), special=False)
-            for start in range(0, len(tokens), N_BATCH):
-                batch.set_batch(tokens[start:start + N_BATCH], n_past=start, logits_all=False)
-                assert llama_cpp.llama_decode(ctx.ctx, batch.batch) == 0
-                assert not errors, errors
-        finally:
-            batch.close()
-            ctx.close()
-    finally:
-        model.close()
+    with observer.llama_context(path, on_eval, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=N_THREADS) as (model, ctx,
+                                                                                                    batch):
+        tokens = model.tokenize(prompt.encode("utf-8"), add_bos=bool(model.add_bos_token()), special=False)
+        for start in range(0, len(tokens), N_BATCH):
+            batch.set_batch(tokens[start:start + N_BATCH], n_past=start, logits_all=False)
+            assert llama_cpp.llama_decode(ctx.ctx, batch.batch) == 0
+            assert not errors, errors
     return out
 
 
