@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import queue
 
-from test_batching import _prompts, _results
+from outbox import finished_generations
+from test_batching import _prompts
 from test_engine import open_engine
 
 from cluster.engine.sampler_chain import SamplerChains
@@ -26,7 +27,7 @@ def test_greedy_tokens_read_from_the_batchs_logits_are_llama_cpps_greedy_sampler
     answers = []
     for params in ([plain, plain, plain], [chained, plain, chained]):
         with open_engine(tiny_model, n_slots=len(prompts)) as engine:
-            answers.append([g.tokens for g in _results(engine.submit_many(list(zip(prompts, params))))])
+            answers.append([g.tokens for g in finished_generations(engine.submit_many(list(zip(prompts, params))))])
             assert engine.batch_stats()["decode_batch"] > 2, "the three sequences decoded together"
     assert answers[0] == answers[1]
     assert len(set(answers[0])) == len(prompts), "different prompts, different answers"
@@ -55,7 +56,7 @@ def test_an_emit_that_fails_on_a_piece_fails_its_sequence_and_the_others_go_on(t
     with open_engine(tiny_model, n_slots=3) as engine:
         alone = [engine.generate(p, params) for p in prompts[1:]]
         seqs = engine.submit_many([(p, params) for p in prompts], emits=[fails_on_the_third_piece, None, None])
-        others = _results(seqs[1:])
+        others = finished_generations(seqs[1:])
         items = [failing.get(timeout=60) for _ in range(4)]
         assert engine.n_running == 0
     assert [type(i) for i in items] == [Piece, Piece, Piece, RuntimeError], items
