@@ -63,6 +63,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cluster.engine.chat import ChatMessage, ChatPrompt, ChatRenderer
     from cluster.distributed.deploy import read_chat_template
     from cluster.engine.moe_engine import MoEEngine
+    from cluster.engine.startup import Startup, print_phases
 
     params = params_from_flags(args)
     override = read_chat_template(args.chat_template)
@@ -70,9 +71,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ValueError("--chat-template renders a conversation: add --chat")
     model = args.model or str(default_model("demo", progress=not args.json))
     cache_bytes = _cache_budget(args, model)
-    with MoEEngine(model, cache_bytes, n_ctx=args.ctx, n_threads=args.threads) as engine:
-        if engine.auto_budget is not None:
-            print(engine.auto_budget.explain(), file=sys.stderr)
+    startup = Startup(print_phases(), progress_bars=sys.stderr.isatty())  # a line per phase (an auto budget's says how)
+    with MoEEngine(model, cache_bytes, n_ctx=args.ctx, n_threads=args.threads, startup=startup) as engine:
+        startup.ready()
         prompt, special, origin = args.prompt, False, None
         if args.chat:  # the prompt is one user turn, rendered as a deployment's edge renders chat requests
             renderer = ChatRenderer(engine.tokenizer, override)
@@ -172,7 +173,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             address = local_cluster.start(args.local_nodes)
             started.append("local")
             print(f"started a local Ray cluster of {args.local_nodes} nodes at {address}", file=sys.stderr)
-        connection.connect(args.address, args.namespace)
+        connection.connect(args.address, args.namespace, log_to_driver=True)  # the nodes' start-up phases, as they end
         if args.http:
             from cluster.api.gateway import check_route_free
 
@@ -195,10 +196,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    emit(info, args, lambda r: f"serving {model} on {len(r['nodes'])} nodes, policy {r['policy']}"
-                                     + (f"; OpenAI-compatible API at {r['http']}/v1 (API key: {r['api_key']})"
-                                        if "http" in r else ""))
+    emit(info, args, lambda r: f"serving {model} on {len(r['nodes'])} nodes ({_ready_times(r['nodes'])}), "
+                               f"policy {r['policy']}"
+                               + (f"; OpenAI-compatible API at {r['http']}/v1 (API key: {r['api_key']})"
+                                  if "http" in r else ""))
     return 0
+
+
+def _ready_times(nodes: list[dict[str, Any]]) -> str:
+    """Each node's start-up time, from its ``ready`` phase (``NodeReady.startup``)."""
+    return ", ".join(f"{n['node']} ready in {n['startup'][-1]['elapsed_s']:.1f} s" for n in nodes if n["startup"])
 
 
 _SERVE_FLAGS = {"policy": "--policy", "n_slots": "--slots", "max_queue": "--max-queue", "n_threads": "--threads",

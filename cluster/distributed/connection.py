@@ -38,7 +38,11 @@ def resolve_address(address: str | None) -> str:
     return address
 
 
-def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
+def connect(address: str | None = None, namespace: str = NAMESPACE, *, log_to_driver: bool = False) -> None:
+    """Joins the Ray cluster at ``address`` (``resolve_address``), unless this process already has.
+    ``log_to_driver``: what this process's actors print reaches its standard error, prefixed by
+    Ray with the actor (``serve`` shows its nodes' start-up phases so); otherwise it stays in
+    Ray's log files."""
     import ray
 
     if ray.is_initialized():
@@ -50,4 +54,4 @@ def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
         raise SniperError("ray was imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset or 1, so it would "
                           "replace 127.0.0.1 by this machine's outward address; import cluster before ray "
                           "or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0")
-    ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=log_to_driver)

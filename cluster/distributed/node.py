@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -53,6 +52,7 @@ from cluster.distributed.protocol import (
 )
 from cluster.engine.sequence import Cancelled as SequenceCancelled
 from cluster.engine.sequence import Piece as SequencePiece
+from cluster.engine.startup import Startup, print_phases
 
 RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a node keeps for a restarted router
 
@@ -214,14 +214,15 @@ class NodeServer:
         self.node_id = node_id
         self.config = config
         self.started_at = time.time()
+        startup = Startup(print_phases(node_id))  # a line per phase in the node's log (an auto budget's says how)
         if config.memory_limit_bytes:
             from cluster.distributed.memory_limit import MemoryLimit
 
+            startup.begin("memory_limit")
             self._limit = MemoryLimit(f"sniper-{node_id}", config.memory_limit_bytes)
             self._limit.enter()
-        self.engine = MoEEngine.from_config(config.engine)
-        if self.engine.auto_budget is not None:
-            print(f"{node_id}: {self.engine.auto_budget.explain()}", file=sys.stderr, flush=True)  # the node's log
+            startup.note(f"{config.memory_limit_bytes >> 20} MiB")
+        self.engine = MoEEngine.from_config(config.engine, startup)
         self.report_sink = report_sink
         self._admit = threading.Lock()  # guards what follows
         self._n_active = 0
@@ -234,6 +235,8 @@ class NodeServer:
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"{node_id}-heartbeat", daemon=True)
         self._heartbeat.start()
+        startup.ready()
+        self.startup_phases = startup.phases
 
     # -- requests ------------------------------------------------------------------------
 
@@ -408,7 +411,7 @@ class NodeServer:
         layout = self.engine.layout
         budget = self.engine.auto_budget
         return NodeReady(node=self.node_id, pid=os.getpid(), n_layers=layout.n_layers, n_experts=layout.n_experts,
-                         cache_budget=budget.explain() if budget is not None else None)
+                         cache_budget=budget.explain() if budget is not None else None, startup=self.startup_phases)
 
     def warmth(self, heat: bool = False) -> bytes:
         """The cache's warmth report now, with each unit's heat if ``heat`` (the router asks for it

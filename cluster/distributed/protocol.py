@@ -22,6 +22,7 @@ from typing import Any, Union
 
 from cluster.engine.sampling import SamplingParams, TokenLogprob
 from cluster.engine.sequence import Resume
+from cluster.engine.startup import StartupPhase
 from cluster.engine.trace_summary import RoutingTraceSummary
 
 NAMESPACE = "sniper"  # the default Ray namespace of a deployment
@@ -227,6 +228,7 @@ class NodeReady:
         n_layers, n_experts: the model's MoE layers and experts per layer.
         cache_budget: how the node got its expert-cache budget (``AutoBudget.explain``), if ``"auto"``.
         ray_node_id: the Ray node it runs on.
+        startup: each phase of its start-up, with its seconds (``cluster.engine.startup``), ``ready`` last.
     """
 
     node: str
@@ -235,6 +237,7 @@ class NodeReady:
     n_experts: int
     cache_budget: str | None = None
     ray_node_id: str | None = None
+    startup: tuple[StartupPhase, ...] = ()
 
 
 @dataclass(frozen=True)

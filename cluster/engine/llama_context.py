@@ -22,6 +22,7 @@ from llama_cpp import _internals
 from cluster.engine import cache as expert_cache
 from cluster.engine import node_memory
 from cluster.engine.engine_config import EngineConfig
+from cluster.engine.startup import Startup
 from cluster.engine.tokenizer import Tokenizer
 from cluster.errors import CacheBudgetError, InvalidParameterError, ModelFileError
 
@@ -44,17 +45,23 @@ class LlamaModelContext:
             step's rows to their sequences).
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, startup: Startup | None = None) -> None:
         self._stack = ExitStack()
+        startup = startup or Startup()
         try:
-            self._open(config)
+            self._open(config, startup)
         except BaseException:
+            startup.abandon()
             self._stack.close()
             raise
 
-    def _open(self, cfg: EngineConfig) -> None:
+    def _open(self, cfg: EngineConfig, startup: Startup) -> None:
+        """Opens everything, each step a phase of ``startup`` (``cluster.engine.startup``); the
+        phases that read the model file at length (``preload``, ``load``) name it."""
         cfg.validate()
+        startup.begin("layout")
         self.layout = expert_cache.discover_layout(cfg.model_path)  # missing, corrupt, truncated or dense → ModelFileError
+        startup.note(_layout_note(self.layout, cfg.model_path))
 
         self.cache: expert_cache.ExpertCache | None = None
         self.auto_budget: node_memory.AutoBudget | None = None
@@ -71,7 +78,9 @@ class LlamaModelContext:
                                        f"'{cfg.model_path}': {exc}") from None
 
         if self.cache is not None:  # preload when experts will be dropped: small page-cache folios
+            startup.begin("preload", reads=cfg.model_path)
             self.cache.before_load(cfg.auto_budget or cfg.cache_bytes < footprint)
+        startup.begin("load", reads=cfg.model_path)  # llama.cpp maps the file and reads it in
         quiet_llama_logs(cfg.verbose)
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
@@ -88,6 +97,7 @@ class LlamaModelContext:
         # drops pages of (its I/O threads finish their queued drops while the mapping exists)
         self._stack.callback(self._release_cache)
 
+        startup.begin("context")
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = cfg.n_ctx * cfg.n_slots
         cparams.n_seq_max = cfg.n_slots
@@ -109,14 +119,19 @@ class LlamaModelContext:
             raise InvalidParameterError(f"llama.cpp could not create a context with n_ctx={cfg.n_ctx}, "
                                         f"n_batch={cfg.n_batch}: {exc}") from None
         self._stack.callback(self.ctx.close)  # runs before the model's close (LIFO)
+        startup.note(f"{cfg.n_slots} slots of {cfg.n_ctx} tokens, batch {cfg.n_batch}, {threads} threads")
         if self.cache is not None:  # the model is mapped and the context's memory allocated
             if cfg.auto_budget:
+                startup.begin("budget")
                 self.auto_budget = node_memory.auto_budget(
                     cfg.model_path, non_expert_bytes=self.layout.non_expert_bytes,
                     footprint_bytes=footprint, min_bytes=expert_cache.min_budget(self.layout),
                     share=cfg.memory_share, reserve_bytes=cfg.memory_reserve)
                 log.info("%s", self.auto_budget.explain())
+                startup.note(self.auto_budget.explain())
                 self.cache.set_budget(self.auto_budget.budget_bytes)
+            startup.begin("attach")
+            startup.note(f"budget {self.cache.budget_bytes / GIB:.2f} GiB of {footprint / GIB:.2f} GiB of experts")
             self.cache.attach()
         self.batch = _internals.LlamaBatch(n_tokens=cfg.n_batch, embd=0, n_seq_max=1, verbose=cfg.verbose)
         self._stack.callback(self.batch.close)
@@ -124,6 +139,7 @@ class LlamaModelContext:
         self.tokenizer = Tokenizer(self.model)
         self.n_ctx = min(cfg.n_ctx, self.ctx.n_ctx() // cfg.n_slots)
         self.n_batch = min(cfg.n_batch, llama_cpp.llama_n_batch(self.ctx.ctx), llama_cpp.llama_n_ubatch(self.ctx.ctx))
+        startup.end()
 
     @property
     def pressured(self) -> bool:
@@ -137,6 +153,15 @@ class LlamaModelContext:
         """Frees batch, context, cache and model, in that order; safe to call twice."""
         self._stack.close()
         self.cache = None
+
+
+GIB = 1 << 30
+
+
+def _layout_note(layout: expert_cache.ExpertLayout, path: str) -> str:
+    """The ``layout`` phase's line: the model's MoE shape and sizes."""
+    return (f"{layout.arch}, {layout.n_layers} layers x {layout.n_experts} experts (top-{layout.n_experts_used}), "
+            f"experts {layout.unit_bytes.sum() / GIB:.2f} GiB of {os.path.getsize(path) / GIB:.2f} GiB")
 
 
 _LOG_CALLBACK = None

@@ -38,6 +38,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Piece, Resume
 from cluster.engine.sequence import Sequence as SequenceHandle
+from cluster.engine.startup import Startup
 from cluster.engine.token_table import TokenTable
 from cluster.engine.tokenizer import Tokenizer
 from cluster.errors import EngineClosedError, InvalidParameterError
@@ -70,19 +71,24 @@ class MoEEngine:
     """
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> MoEEngine:
-        """The engine ``config`` describes (every field of it)."""
+    def from_config(cls, config: EngineConfig, startup: Startup | None = None) -> MoEEngine:
+        """The engine ``config`` describes (every field of it); ``startup`` as in ``__init__``."""
         kwargs = {f.name: getattr(config, f.name) for f in dataclass_fields(config)}
-        return cls(kwargs.pop("model_path"), kwargs.pop("cache_bytes"), **kwargs)
+        return cls(kwargs.pop("model_path"), kwargs.pop("cache_bytes"), startup=startup, **kwargs)
 
     def __init__(self, model_path: str | os.PathLike[str], cache_bytes: int | str | None = None, *,
-                 n_ctx: int = 2048, n_threads: int | None = None, **kwargs: object) -> None:
+                 n_ctx: int = 2048, n_threads: int | None = None, startup: Startup | None = None,
+                 **kwargs: object) -> None:
+        """Opens the engine; ``startup`` (``cluster.engine.startup``) is told each phase of the
+        opening as it ends, up to ``engine``; its owner reports ``ready`` (None: phases only logged)."""
         self.config = EngineConfig(model_path=os.fspath(model_path), cache_bytes=cache_bytes,
                                    n_ctx=n_ctx, n_threads=n_threads, **kwargs)  # type: ignore[arg-type]
         self._lock = threading.Lock()
         self._closed = False
-        self._llama = LlamaModelContext(self.config)
+        startup = startup or Startup()
+        self._llama = LlamaModelContext(self.config, startup)
         try:
+            startup.begin("engine")
             self.layout: ExpertLayout = self._llama.layout
             self.auto_budget: node_memory.AutoBudget | None = self._llama.auto_budget
             self.tokenizer: Tokenizer = self._llama.tokenizer
@@ -94,7 +100,9 @@ class MoEEngine:
             samplers = SamplerChains(self.tokenizer, tokens, self._llama.vocab, self._llama.ctx.ctx)
             self._requests = RequestChecker(self.tokenizer, self.n_ctx, samplers)
             self._scheduler = Scheduler(self._llama, self._kv, samplers, tokens, self.config)
+            startup.end()
         except BaseException:
+            startup.abandon()
             self._llama.close()
             raise
 
