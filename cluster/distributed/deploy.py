@@ -24,6 +24,7 @@ from cluster.distributed.status import jsonable
 PLACEMENT_GROUP = "sniper-nodes"
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
 NODE_MAX_RESTARTS = -1  # a node process that dies (OOM kill, crash) is started again, in its own bundle
+NODE_READY_TIMEOUT_S = 1800.0  # a node's start-up: a 17 GB model read from a slow disk takes minutes (issue 22)
 
 
 def whole_model_budget(model_path: str) -> int:
@@ -112,13 +113,15 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
            namespace: str = NAMESPACE, n_ctx: int = 2048, n_slots: int = 4, max_queue: int = 8,
            memory_limit_bytes: int | None = None, n_threads: int | None = None,
            node_model_paths: list[str] | None = None, chat_template: str | None = None,
-           timeout_s: float = 300.0) -> Deployed:
+           timeout_s: float = 300.0, ready_timeout_s: float = NODE_READY_TIMEOUT_S) -> Deployed:
     """Creates the router and ``n_nodes`` node actors (one per Ray node) and waits until they serve.
 
     ``node_model_paths`` gives each node its own copy of the model (identical bytes): simulated
     nodes on one machine then have separate page caches, as separate machines would.
     ``chat_template`` (Jinja text) replaces the model's own for chat requests (rendered where they
-    enter: ``cluster.distributed.edge``).
+    enter: ``cluster.distributed.edge``). ``timeout_s`` bounds the waits for the router and the
+    nodes' placement, ``ready_timeout_s`` the nodes' start-up (model load; a node that fails says
+    so at once, this only bounds one that is still loading).
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -165,7 +168,7 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
                 max_concurrency=max_queue + 4, num_cpus=1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             ).remote(node_name(i), node_config, namespace))
-        ready = ray.get([h.ready.remote() for h in handles], timeout=timeout_s)
+        ready = ray.get([h.ready.remote() for h in handles], timeout=ready_timeout_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:  # the router knows a node once its first report arrived
             if len(ray.get(router.status.remote()).live_nodes()) >= n_nodes:
