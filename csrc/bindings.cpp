@@ -245,8 +245,12 @@ PYBIND11_MODULE(_native, m) {
     py::class_<expert_cache>(m, "ExpertCache", "The cache attached to a llama.cpp context through cb_eval.")
         .def(py::init<expert_layout, const expert_cache_params &>(), py::arg("layout"), py::arg("params"))
         .def("before_load", &expert_cache::before_load, py::arg("preload"), py::call_guard<py::gil_scoped_release>(),
-             "Just before llama.cpp loads the model: notes other mappings of the file; preload: the file into the "
-             "page cache as small folios (a budget below the experts).")
+             "Just before llama.cpp loads the model: notes other mappings of the file; preload (a budget below the "
+             "experts): a lean load (llama.cpp maps the file without reading it) and the non-expert pages read now.")
+        .def_property_readonly("preloaded_bytes", &expert_cache::preloaded_bytes,
+             "Bytes before_load read: the non-expert pages (0 without preload).")
+        .def_property_readonly_static("lean_load_unavailable", [](py::object) { return lean_load::unavailable_reason(); },
+             "'' when a load can go without llama.cpp reading the whole file (lean-load.h), else why not.")
         .def("attach", &expert_cache::attach, py::call_guard<py::gil_scoped_release>(),
              "Finds llama.cpp's mapping of the model and establishes the budget; call after the model loaded.")
         .def_property_readonly("attached", &expert_cache::attached)

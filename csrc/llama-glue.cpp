@@ -524,17 +524,22 @@ expert_cache::expert_cache(expert_layout layout, const expert_cache_params & par
 
 expert_cache::~expert_cache() {
     residency_.reset();  // joins the I/O threads, which call into it
+    lean_load_.reset();
 }
 
 void expert_cache::before_load(bool preload) {
     if (residency_) { return; }
     mappings_before_load_ = residency_mappings_of(layout_.path);
-    if (preload) { residency_preload(layout_.path); }
+    if (preload) {
+        lean_load_ = std::make_unique<lean_load>(layout_.path);  // llama.cpp's load maps, reads nothing
+        preloaded_bytes_ = residency_preload(layout_);
+    }
 }
 
 void expert_cache::attach() {
     if (residency_) { return; }
     auto residency = std::make_unique<unit_residency>(layout_, mappings_before_load_);
+    lean_load_.reset();  // the model is mapped
     residency->establish(policy_);
 
     // Routers for prediction: point into the mapping (F32) or keep a dequantised copy; biases copied.

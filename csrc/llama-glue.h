@@ -28,6 +28,7 @@
 
 #include "cache-core.h"
 #include "io-pool.h"
+#include "lean-load.h"
 #include "residency.h"
 #include "routing-trace.h"
 #include "sequence-steps.h"
@@ -155,12 +156,14 @@ public:
 
     // Call just before llama.cpp loads the model: remembers the mappings of the file this process
     // already has (another engine's), so that attach() manages only the one this load makes. With
-    // `preload` (experts will be dropped: a budget below the model's experts), also puts the whole
-    // file in the page cache as small folios (see residency_preload), which llama.cpp's load then
-    // finds there instead of reading it in large folios; every later drop is then exact. Without
-    // it, attach() and drops split large folios where they must (a block dropped whole and the
-    // pages still needed read back).
+    // `preload` (experts will be dropped: a budget below the model's experts), the load is lean
+    // (lean-load.h: llama.cpp maps the file without reading it) and only the non-expert pages are
+    // read now, as small folios (residency_preload); experts are read when the cache keeps them.
+    // Without it llama.cpp reads the whole file, and attach() and drops split the large folios
+    // that read leaves where they must (a block dropped whole and the pages still needed read back).
     void before_load(bool preload);
+    // Bytes before_load read (the non-expert pages; 0 without preload).
+    uint64_t preloaded_bytes() const { return preloaded_bytes_; }
 
     // Call once llama.cpp has mapped the model: finds the mapping, keeps the experts already
     // resident up to the budget (spread over layers) and drops the rest from the page cache —
@@ -220,6 +223,8 @@ private:
     sequence_steps steps_;
     std::vector<mapping_segment> mappings_before_load_;  // other engines' mappings of the file
     std::unique_ptr<unit_residency> residency_;       // attach() on; nullptr before
+    std::unique_ptr<lean_load> lean_load_;            // from before_load(preload) to attach()
+    uint64_t preloaded_bytes_ = 0;
     std::vector<layer_router> routers_;               // [layer]; rows nullptr: not predicted
     residency_counters callback_timing_;              // its ns_* only; the compute thread's
 

@@ -56,22 +56,34 @@ static std::vector<mapping_segment> find_mapping(uint64_t device, uint64_t inode
     return segments;
 }
 
-uint64_t residency_preload(const std::string & path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+uint64_t residency_preload(const expert_file_map & map) {
+    const int fd = ::open(map.path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        throw std::runtime_error("cannot open model file '" + path + "': " + std::strerror(errno));
+        throw std::runtime_error("cannot open model file '" + map.path + "': " + std::strerror(errno));
     }
-    struct stat st {};
-    const uint64_t size = fstat(fd, &st) == 0 ? uint64_t(st.st_size) : 0;
-    fdatasync(fd);                                   // dirty pages cannot be dropped
-    posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
     posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);      // exactly these pages, nothing around them
+    // the non-expert extents, page-rounded and merged (neighbouring tensors share pages)
+    const uint64_t ps = map.page_size ? map.page_size : residency_page_size();
+    std::vector<byte_range> pages;
+    for (const file_extent & x : map.extents) {
+        if (x.unit != FILE_EXTENT_NON_EXPERT || x.last <= x.first) { continue; }
+        const uint64_t lo = x.first / ps * ps, hi = (x.last + ps - 1) / ps * ps;
+        if (!pages.empty() && lo <= pages.back().offset + pages.back().size) {
+            pages.back().size = std::max(pages.back().size, hi - pages.back().offset);
+        } else {
+            pages.push_back({lo, hi - lo});
+        }
+    }
     constexpr uint64_t CHUNK = 8u << 20;
-    for (uint64_t off = 0; off < size; off += CHUNK) {
-        readahead(fd, off64_t(off), size_t(std::min<uint64_t>(CHUNK, size - off)));
+    uint64_t bytes = 0;
+    for (const byte_range & r : pages) {
+        for (uint64_t off = r.offset; off < r.offset + r.size; off += CHUNK) {
+            readahead(fd, off64_t(off), size_t(std::min<uint64_t>(CHUNK, r.offset + r.size - off)));
+        }
+        bytes += r.size;
     }
     ::close(fd);
-    return size;
+    return bytes;
 }
 
 std::vector<mapping_segment> residency_mappings_of(const std::string & path) {

@@ -100,13 +100,6 @@ private:
     std::vector<mapping_segment> segments_;  // sorted by file_offset
 };
 
-// Before a file is mapped: drops whatever of it the page cache holds (large folios included,
-// except pages another process maps), then reads it all back with readahead(2) — small folios,
-// no copy, asynchronous (the call returns once the reads are queued; whoever touches a page
-// waits for it). Afterwards every page of the file can be dropped on its own. Returns the file
-// size. Throws std::runtime_error if the file cannot be opened.
-uint64_t residency_preload(const std::string & path);
-
 // The mappings of a file in this process (/proc/self/maps, by device and inode or by its
 // resolved path, for file systems such as overlayfs that report the backing inode there), sorted
 // by file offset; empty if the file cannot be read or is not mapped.
@@ -137,6 +130,14 @@ struct expert_file_map {
     std::vector<uint64_t> unit_bytes;                // [unit] page-rounded footprint
     std::vector<file_extent> extents;                // every tensor's bytes and the header, sorted, disjoint
 };
+
+// Before the file is mapped: reads its non-expert pages with readahead(2) — small folios, no
+// copy, asynchronous (the call returns once the reads are queued; whoever touches a page waits
+// for it). Experts are read when the cache keeps them, as small folios, so they drop exactly;
+// what the page cache already holds of the file stays (a restarted node, another node on the
+// machine: attach() admits the experts it finds whole and repairs the large folios it drops).
+// Returns the bytes requested. Throws std::runtime_error if the file cannot be opened.
+uint64_t residency_preload(const expert_file_map & map);
 
 class unit_residency {
 public:
