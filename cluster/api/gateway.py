@@ -57,6 +57,8 @@ from cluster.distributed.status import RouterStatus
 
 API_KEY_ENV = "SNIPER_API_KEY"
 STATUS_TIMEOUT_S = 5.0
+KEEPALIVE_S = 5.0  # GatewayConfig.keepalive_s: under httpx's default read timeout (5 s), nginx's (60 s), openai's (600 s)
+KEEPALIVE_COMMENT = ": waiting for the first token\n\n"  # an SSE comment: clients skip it (WHATWG HTML, 9.2.6)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,12 @@ class GatewayConfig:
     namespace: str = NAMESPACE
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
+    # a streamed request whose first token has not come within this many seconds (a long prompt's
+    # prefill under memory pressure takes minutes, issue 22) gets its response (200, event
+    # stream) and then an SSE comment every as many seconds until its text comes, so that a
+    # client or proxy reading with a timeout keeps the connection; errors before then keep their
+    # HTTP status, later ones end the stream as an error event
+    keepalive_s: float = KEEPALIVE_S
     # the replica's internal gRPC server listens on its Ray node's address instead of every
     # interface (Ray Serve binds it to [::]); False where Serve's own options decide (RayService)
     grpc_on_node_address: bool = True
@@ -105,9 +113,10 @@ class _StreamEnd:
     the response's background task (499: the client went away, perhaps before the first byte).
     Closing the events cancels the request on its node; ``finish`` counts it."""
 
-    def __init__(self, events: Any, finish: Any) -> None:
+    def __init__(self, events: Any, finish: Any, first: asyncio.Task[Any] | None = None) -> None:
         self._events = events
         self._finish = finish
+        self._first = first  # the task reading the first item, when the response started before it came
         self._done = False
 
     async def __call__(self, status_code: int) -> None:
@@ -115,6 +124,9 @@ class _StreamEnd:
             return
         self._done = True
         try:
+            if self._first is not None and not self._first.done():  # it iterates the events: stopped first
+                self._first.cancel()
+                await asyncio.gather(self._first, return_exceptions=True)
             await self._events.aclose()
         finally:
             self._finish(status_code)
@@ -282,7 +294,20 @@ class Gateway:
             events = client.aevents(req.prompt, req.params, session_id=req.session_id,
                                     max_prompt_tokens=self.config.limits.max_prompt_tokens,
                                     restartable=not req.stream)  # an answer sent whole can start again elsewhere
-            first, routed = await _first_event(events)  # errors before any text keep their HTTP status
+            first_event = asyncio.ensure_future(_first_event(events))
+            try:
+                if req.stream:
+                    await asyncio.wait({first_event}, timeout=self.config.keepalive_s)
+                    if not first_event.done():  # a slow first token: the response starts, kept alive until it comes
+                        streaming = True
+                        end = _StreamEnd(events, lambda status: self._finish(endpoint, status, started), first_event)
+                        return StreamingResponse(self._sse_kept_alive(req, endpoint, started, first_event, events, end),
+                                                 media_type="text/event-stream", background=BackgroundTask(end, 499),
+                                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                first, routed = await first_event  # errors before any text keep their HTTP status
+            except BaseException:
+                first_event.cancel()
+                raise
             template = routed.chat_template if routed is not None else None
             answer_format = (routed.chat_format, routed.thinking_open) if routed is not None else (None, False)
             headers = {CHAT_TEMPLATE_HEADER: template} if template else {}
@@ -312,6 +337,30 @@ class Gateway:
                 if events is not None:
                     await events.aclose()
                 self._finish(endpoint, status_code, started)
+
+    async def _sse_kept_alive(self, req: APIRequest, endpoint: str, started: float, first_event: asyncio.Task[Any],
+                              events: AsyncIterator[StreamItem], end: _StreamEnd) -> AsyncIterator[str]:
+        """An event stream started before its first token: an SSE comment every ``keepalive_s``
+        until the first item comes, then ``_sse``; an error before it ends the stream as an error
+        event. (No ``X-Chat-Template`` header: the headers went before the routing said it.)"""
+        try:
+            while True:
+                yield KEEPALIVE_COMMENT
+                await asyncio.wait({first_event}, timeout=self.config.keepalive_s)
+                if first_event.done():
+                    break
+            first, routed = first_event.result()
+        except Exception as exc:
+            error = error_from_exception(exc)
+            yield _sse_data(error.body())
+            await end(error.status)
+            return
+        finally:
+            if not first_event.done():  # the client went away: the request stops on its node
+                await end(499)
+        answer_format = (routed.chat_format, routed.thinking_open) if routed is not None else (None, False)
+        async for chunk in self._sse(req, endpoint, started, first, events, end, answer_format):
+            yield chunk
 
     async def _sse(self, req: APIRequest, endpoint: str, started: float, first: StreamItem,
                    events: AsyncIterator[StreamItem], end: _StreamEnd,
