@@ -77,6 +77,11 @@ def test_auto_budget_without_a_cgroup_limit_takes_its_share_of_available_memory(
     assert abs(whole.budget_bytes - reserved.budget_bytes - 64 * MIB) < 16 * MIB  # available memory moves a little
     assert "reserved 64 MiB" in reserved.explain()
     assert "available memory" in whole.explain() and "x 0.5" in half.explain()
+    # nodes on one machine share the file's pages: where the machine holds every expert, each node keeps them all
+    fits = whole.budget_bytes // 2
+    shared = node_memory.auto_budget(str(tiny_model), non_expert_bytes=layout.non_expert_bytes, footprint_bytes=fits,
+                                     min_bytes=1, share=0.25)
+    assert shared.budget_bytes == fits and "capped" in shared.explain() and "x 0.25" not in shared.explain()
     capped = node_memory.auto_budget(str(tiny_model), non_expert_bytes=layout.non_expert_bytes,
                                      footprint_bytes=int(layout.unit_bytes.sum()), min_bytes=1)
     assert capped.budget_bytes == int(layout.unit_bytes.sum()) and "capped" in capped.explain()

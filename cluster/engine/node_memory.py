@@ -8,11 +8,15 @@ too small wastes hits. ``auto_budget`` is measured once the model is loaded and 
 created, so the process's own memory (KV cache, compute buffers, Python) is already counted:
 
     cgroup:     budget = limit - (usage - model pages in the page cache) - non-expert pages - reserve - margin
-    no cgroup:  budget = available * share - non-expert pages - reserve - margin
+    no cgroup:  budget = every expert, if available - non-expert pages - reserve - margin holds them all,
+                else     available * share - non-expert pages - reserve - margin
 
 ``usage - model pages`` is everything else charged to the cgroup (every process's anonymous
 memory, libraries). ``available`` (MemAvailable) already counts the model's cached pages as
-reclaimable; ``share`` divides a machine that several node actors share. ``reserve`` is memory
+reclaimable; ``share`` divides a machine that several node actors share. Node actors on one
+machine map one file and so share its pages in one page cache: when the machine holds every
+expert, each node keeps them all (a node dropping an expert another still maps frees nothing,
+and dropping one nobody maps only makes the next node that needs it read it again). ``reserve`` is memory
 the process will allocate later (a node's saved conversation KV states). ``margin`` = 16 MiB +
 5 % of the memory considered, at most 1 GiB more. The result is capped at what holds every
 expert and must hold one decode step (``CacheBudgetError`` otherwise).
@@ -169,6 +173,10 @@ class AutoBudget:
         return f"auto cache budget {self.budget_bytes / MIB:.0f} MiB = {terms}{capped}"
 
 
+def _margin(memory: int) -> int:
+    return MARGIN_BYTES + min(MARGIN_MAX_BYTES, int(MARGIN_FRACTION * memory))
+
+
 def auto_budget(model_path: str, *, non_expert_bytes: int, footprint_bytes: int, min_bytes: int,
                 share: float = 1.0, reserve_bytes: int = 0) -> AutoBudget:
     """The expert budget for this process now (call it after the model is loaded and the context made).
@@ -179,7 +187,8 @@ def auto_budget(model_path: str, *, non_expert_bytes: int, footprint_bytes: int,
         footprint_bytes: bytes that hold every expert (the budget is capped there).
         min_bytes: the least budget that works (one decode step's experts).
         share: fraction of the machine's available memory this node may plan for when no cgroup
-            limit applies (several node actors on one machine), in (0, 1].
+            limit applies (several node actors on one machine) and the machine cannot hold every
+            expert, in (0, 1].
         reserve_bytes: memory the process will allocate after this call (>= 0).
 
     Raises:
@@ -195,10 +204,12 @@ def auto_budget(model_path: str, *, non_expert_bytes: int, footprint_bytes: int,
         other = max(0, cgroup.usage_bytes - cached_bytes(model_path))
         source = f"cgroup limit ({cgroup.path})"
     else:
-        memory = int(mem_available_bytes() * share)
+        available = mem_available_bytes()
+        whole_machine_holds_all = available - non_expert_bytes - reserve_bytes - _margin(available) >= footprint_bytes
+        memory = available if whole_machine_holds_all else int(available * share)
         other = 0
-        source = "available memory" + (f" x {share:g}" if share < 1.0 else "")
-    margin = MARGIN_BYTES + min(MARGIN_MAX_BYTES, int(MARGIN_FRACTION * memory))
+        source = "available memory" + (f" x {share:g}" if memory < available else "")
+    margin = _margin(memory)
     raw = memory - other - non_expert_bytes - reserve_bytes - margin
     budget = min(raw, footprint_bytes)
     result = AutoBudget(budget_bytes=max(budget, 0), source=source, memory_bytes=memory, other_bytes=other,
