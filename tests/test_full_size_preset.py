@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import gguf
 import numpy as np
 import observer
 import pytest
+from test_synth_routing import agreement
 
 from cluster.engine.cache import discover_layout
 from cluster.engine.moe_engine import MoEEngine
 from cluster.models import synth
+from cluster.models.synth_config import SLIDING_WINDOW_ROUTING
+from cluster.models.synth_routing import decode_selections
 from cluster.models.synth_weights import Plan
 
 N_CTX, N_THREADS, N_BATCH, N_TOKENS = 128, 2, 16, 6
@@ -47,8 +49,10 @@ def _rule(name: str, n_layers: int) -> gguf.GGMLQuantizationType:
 
 def test_the_preset_is_qwen3_30b_a3b() -> None:
     assert (FULL.arch, FULL.n_layers, FULL.n_embd, FULL.n_head, FULL.n_head_kv, FULL.n_experts,
-            FULL.n_experts_used, FULL.n_ff, FULL.n_vocab, FULL.rope_freq_base, FULL.dtype, FULL.specialization) == (
-        "qwen3moe", 48, 2048, 32, 4, 128, 8, 768, 151936, 1e6, "q4_k_m", synth.REALISTIC_SPECIALIZATION)
+            FULL.n_experts_used, FULL.n_ff, FULL.n_vocab, FULL.rope_freq_base, FULL.dtype) == (
+        "qwen3moe", 48, 2048, 32, 4, 128, 8, 768, 151936, 1e6, "q4_k_m")
+    routing = {name: getattr(FULL, name) for name in SLIDING_WINDOW_ROUTING}
+    assert routing == SLIDING_WINDOW_ROUTING  # calibrated: tests/test_synth_routing.py
     assert FULL.head_dim == 128 and FULL.n_head * FULL.head_dim == 4096  # wider than the residual, as published
     # the 48-layer rule: Q6_K in layers 0-5, 42-47 and every third between (8, 11, ..., 41): 24 of 48
     more = [il for il in range(48) if _rule(f"blk.{il}.attn_v.weight", 48) == Q6_K]
@@ -115,6 +119,8 @@ def test_llama_cpp_runs_it_and_discovery_and_the_cache_agree_with_independent_co
     topic = set(synth.read_topics(path)[1])
     words = result.text.split()
     assert words and sum(w in topic for w in words) >= 0.8 * len(words), result.text
+    # the routing computed from the routers (cluster.models.synth_routing, which calibrated the preset) is llama.cpp's
+    assert agreement(result.trace.decode_steps(), result.tokens, decode_selections(Plan(config))) > 0.9
     seen = observer.observe(path, prompt, max_tokens=N_TOKENS, n_layers=config.n_layers,
                             n_experts=config.n_experts, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=N_THREADS)
     assert seen.tokens == result.tokens

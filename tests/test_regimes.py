@@ -1,8 +1,11 @@
-"""bench regimes' statistics on hand-made routing traces, where the right answer is counted by hand."""
+"""bench regimes: its statistics on hand-made routing traces, where the right answer is counted by hand, and its report's rows."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 
-from cluster.bench.regimes import experts_covering, median_reuse_distance
+from cluster.bench.regimes import experts_covering, median_reuse_distance, write_report
 from cluster.engine.cache import TRACE_ACCESS, RoutingTrace
 
 
@@ -39,3 +42,24 @@ def test_median_reuse_distance_counts_decoded_tokens_since_the_layers_last_selec
     # adds 0: 1; 7: 1; 9: 1; 8: 1 -> 1, 1, 1, 1, 1, 1, 2, 2, 3
     assert median_reuse_distance([first, second]) == 1
     assert np.isnan(median_reuse_distance([_decode_trace([[[0, 1]]])]))
+
+
+def _row(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, "prompts": "synthetic topic prompts", "n_layers": 4, "n_experts": 128, "k": 8,
+            "n_requests": 8, "max_tokens": 64, "next_token_reuse": 0.3, "chance_reuse": 0.0625,
+            "top_third_mass": 0.7, "chance_top_third": 0.336, "prefill_share": 0.7, "n_decode_tokens": 504,
+            "decode_hit_rate_at_third": {"lru": 0.8, "ours": 0.8, "min": 0.9}, "lru_at_40": 0.93,
+            "experts_covering_90": 0.49, "median_reuse_distance": 2.0, **extra}
+
+
+def test_a_layer_truncated_preset_row_says_which_layers_and_how_the_file_was_written(tmp_path: Path) -> None:
+    write_report(_row("/m/other.gguf"), tmp_path, "python -m cluster bench regimes --model /m/other.gguf")
+    report = write_report(_row("/m/q-4L.gguf", preset="qwen3-30b-a3b", preset_layers=48), tmp_path,
+                          "python -m cluster bench regimes --model /m/q-4L.gguf").read_text()
+    rows = {line.split(" | ")[0]: line for line in report.splitlines() if line.startswith("| `")}
+    assert rows["| `q-4L.gguf` (preset `qwen3-30b-a3b` cut to its first 4 of 48 layers)"].endswith("| 0.930 | 0.49 | 2 |")
+    assert "| `other.gguf`" in rows
+    assert ("- `python -m cluster synth /m/q-4L.gguf --preset qwen3-30b-a3b --layers 4 --no-report`, then "
+            "`python -m cluster bench regimes --model /m/q-4L.gguf`") in report
+    assert "- `python -m cluster bench regimes --model /m/other.gguf`" in report
+    assert json.loads((tmp_path / "regimes" / "q-4L.json").read_text())["preset_layers"] == 48

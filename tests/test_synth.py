@@ -308,9 +308,10 @@ def test_synthesize_validates_before_writing(tmp_path: Path) -> None:
 
 
 def test_presets_are_valid_and_sized_as_documented() -> None:
-    for config in synth.PRESETS.values():
+    for name, config in synth.PRESETS.items():
         config.validate()
-        assert config.specialization == synth.REALISTIC_SPECIALIZATION
+        if config.expert_window == 0:  # qwen3-30b-a3b: sliding-window routing (tests/test_synth_routing.py)
+            assert config.specialization == synth.REALISTIC_SPECIALIZATION, name
     bench = synth.PRESETS["bench"]
     assert bench.arch == "qwen3moe"
     expert_bytes = 3 * bench.n_layers * bench.n_experts * bench.n_embd * bench.n_ff * 2

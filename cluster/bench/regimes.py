@@ -19,7 +19,9 @@ The report puts a reference row of those published figures (``PUBLISHED_QWEN3``,
 measured here) under the measured rows.
 
 Each run writes ``<out>/regimes/<model>.json``; ``<out>/regimes.md`` is rewritten from every JSON
-there, one row per model, with the command that produced it.
+there, one row per model, with the command that produced it. A synthetic preset written with fewer layers
+(``synth --preset P --layers N``: a full-size preset's widths and routing in a file that fits) says so in its
+row, with the ``synth`` command that wrote it.
 """
 
 from __future__ import annotations
@@ -76,8 +78,22 @@ def median_reuse_distance(traces: list[RoutingTrace]) -> float:
     return float(np.median(distances)) if distances else float("nan")
 
 
+def published_statistics(traces: list[RoutingTrace], unit_bytes: np.ndarray, k: int) -> dict[str, float]:
+    """The published Qwen3-30B-A3B statistics' own measures over requests' traces (one trace per request, in
+    order): LRU's decode hit rate with ``PUBLISHED_BUDGET_FRACTION`` of the expert bytes (``unit_bytes``:
+    [n_layers, n_experts]), ``experts_covering`` 90 % and ``median_reuse_distance``."""
+    n_layers, n_experts = unit_bytes.shape
+    every = RoutingTrace.concat(traces)
+    decode = every.select(decode_only=True, predictions=False)
+    budget = int(PUBLISHED_BUDGET_FRACTION * unit_bytes.sum())
+    return {"lru_at_40": replay_policy(decode, unit_bytes, k, budget, "lru")["decode_hit_rate"],
+            "experts_covering_90": experts_covering(every, n_layers, n_experts),
+            "median_reuse_distance": median_reuse_distance(traces)}
+
+
 def routing_statistics(traces: list[RoutingTrace], n_layers: int, n_experts: int, k: int) -> dict[str, float]:
-    """The statistics of the module docstring over requests' traces (one trace per request)."""
+    """The statistics of the module docstring but the published ones over requests' traces (one trace per
+    request)."""
     prefill_shares = []
     for trace in traces:
         touched = {layer * n_experts + int(e) for ubatch in trace.ubatches() if ubatch[0][1].shape[0] > 1
@@ -88,8 +104,6 @@ def routing_statistics(traces: list[RoutingTrace], n_layers: int, n_experts: int
     return {"next_token_reuse": float(np.nanmean([reuse_rate(t) for t in traces])), "chance_reuse": k / n_experts,
             "top_third_mass": hot_set_coverage(RoutingTrace.concat(traces), n_layers, n_experts, 1 / 3),
             "chance_top_third": third / n_experts,
-            "experts_covering_90": experts_covering(RoutingTrace.concat(traces), n_layers, n_experts),
-            "median_reuse_distance": median_reuse_distance(traces),
             "prefill_share": float(np.mean(prefill_shares)) if prefill_shares else float("nan"),
             "n_decode_tokens": sum(len(t.decode_steps()) for t in traces)}
 
@@ -116,11 +130,26 @@ def measure(model_path: str, prompts: str | None, *, n_requests: int = 8, max_to
     hits = {name: replay_policy(decode, unit_bytes, layout.n_experts_used, budget, mode)["decode_hit_rate"]
             for name, mode in (("lru", "lru"), ("ours", "scan_resistant"))}
     hits["min"] = offline.belady_min(offline.accesses(decode, n_experts), unit_bytes, budget, n_layers)["decode_hit_rate"]
-    lru_at_40 = replay_policy(decode, unit_bytes, layout.n_experts_used,
-                              int(PUBLISHED_BUDGET_FRACTION * unit_bytes.sum()), "lru")["decode_hit_rate"]
+    published = published_statistics(traces, unit_bytes, layout.n_experts_used)
     return {"model": model_path, "prompts": prompts or "synthetic topic prompts", "n_layers": n_layers,
             "n_experts": n_experts, "k": layout.n_experts_used, "n_requests": len(turns), "max_tokens": max_tokens,
-            **stats, "decode_hit_rate_at_third": hits, "lru_at_40": lru_at_40}
+            **_truncated_preset(model_path), **stats, "decode_hit_rate_at_third": hits, **published}
+
+
+def _truncated_preset(model_path: str) -> dict[str, Any]:
+    """``{"preset": name, "preset_layers": its layer count}`` for a synthetic preset written with fewer layers
+    (``synth --preset P --layers N``), whose row then says which part of P it measured; else ``{}``."""
+    from cluster.models.synth import read_config
+    from cluster.models.synth_config import preset_of
+
+    try:
+        config = read_config(model_path)
+    except ValueError:  # not a synthetic model
+        return {}
+    found = preset_of(config)
+    if found is None or config.n_layers == found[1]:
+        return {}
+    return {"preset": found[0], "preset_layers": found[1]}
 
 
 def write_report(result: dict[str, Any], out_dir: Path, command: str) -> Path:
@@ -142,7 +171,7 @@ def write_report(result: dict[str, Any], out_dir: Path, command: str) -> Path:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r["decode_hit_rate_at_third"]
-        lines.append(f"| `{Path(r['model']).name}` | {r['n_layers']} × {r['n_experts']} (top-{r['k']}) | "
+        lines.append(f"| `{Path(r['model']).name}`{_truncation_note(r)} | {r['n_layers']} × {r['n_experts']} (top-{r['k']}) | "
                      f"{r['next_token_reuse']:.3f} ({r['chance_reuse']:.3f}) | {r['top_third_mass']:.3f} "
                      f"({r['chance_top_third']:.3f}) | {r['prefill_share']:.3f} | {h['lru']:.3f} | {h['ours']:.3f} | "
                      f"{h['min']:.3f} | {_cell(r, 'lru_at_40', '.3f')} | {_cell(r, 'experts_covering_90', '.2f')} | "
@@ -158,11 +187,24 @@ def write_report(result: dict[str, Any], out_dir: Path, command: str) -> Path:
               "a layer within a request. The last row quotes the published Qwen3-30B-A3B figures these three columns "
               "are compared with; it is not measured here. A — is a row recorded before the column existed.", "",
               "Produced by:", ""]
-    lines += [f"- `{r['command']}` ({r['date']}, Linux {r['kernel']}; {r['n_requests']} requests, "
+    lines += [f"- {_written_by(r)}`{r['command']}` ({r['date']}, Linux {r['kernel']}; {r['n_requests']} requests, "
               f"{r['n_decode_tokens']} decoded tokens; prompts: {r['prompts']})" for r in rows]
     path = out_dir / "regimes.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _truncation_note(row: dict[str, Any]) -> str:
+    if "preset" not in row:
+        return ""
+    return f" (preset `{row['preset']}` cut to its first {row['n_layers']} of {row['preset_layers']} layers)"
+
+
+def _written_by(row: dict[str, Any]) -> str:
+    if "preset" not in row:
+        return ""
+    return (f"`python -m cluster synth {row['model']} --preset {row['preset']} --layers {row['n_layers']} "
+            f"--no-report`, then ")
 
 
 def _cell(row: dict[str, Any], key: str, spec: str) -> str:

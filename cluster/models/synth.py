@@ -14,7 +14,11 @@ benchmarks run on these files; llama.cpp (llama-cpp-python 0.3.36) loads and run
   In each layer each topic owns a group of experts (`topic_experts`: a fresh random draw per
   layer, disjoint while the experts suffice). Router row e is ``u_e + b * (sum of d_t over the
   topics whose group holds e)``, scaled so that a token of topic t lifts the router logits of
-  t's group by `specialization` standard deviations of the random term u_e . x.
+  t's group by `specialization` standard deviations of the random term u_e . x. Under
+  sliding-window routing (`expert_window` > 0; the qwen3-30b-a3b preset) a word v lifts only a
+  window of its topic's ring of experts (`topic_windows`), through its own part w_v, and the
+  window moves along the ring as decoding walks the words: reuse then comes from recency
+  (`SLIDING_WINDOW_ROUTING`, calibrated to published routing statistics; docs/regimes.md).
 * The residual stream stays near the token embedding (attention and each expert add a few
   percent of its norm), so routing is token-driven and layer l+1's router applied to layer l's
   hidden state predicts layer l+1's choice, as the cache's prefetcher assumes.
@@ -32,8 +36,9 @@ bench preset takes about 30 s and 200 MB of RAM. Same config, same bytes: every 
 from its own ``default_rng([seed, crc32(name)])``, key and tensor order is fixed, no clock.
 
 Modules: `synth_config` (SynthConfig, presets, topic groups of experts), `synth_vocab` (tokens, topic
-words, topic prompts), `synth_weights` (the tensors and how their bytes are drawn); this one writes
-and reads the GGUF file and re-exports the public names of the others.
+words, topic prompts), `synth_weights` (the tensors and how their bytes are drawn), `synth_routing` (the
+decode routing a config implies, computed without llama.cpp); this one writes and reads the GGUF file and
+re-exports the public names of the others.
 """
 
 from __future__ import annotations
@@ -48,15 +53,17 @@ import gguf
 
 from cluster.engine.chat import SYNTH_TEMPLATES
 from cluster.errors import OutputFileError
-from cluster.models.synth_families import FAMILIES
 from cluster.models.synth_config import (
     PRESETS,
     REALISTIC_SPECIALIZATION,
+    SLIDING_WINDOW_ROUTING,
     SynthConfig,
     config_from_args,
     topic_experts,
     topic_group_size,
+    topic_windows,
 )
+from cluster.models.synth_families import FAMILIES
 from cluster.models.synth_vocab import BOS_TEXT, EOS_TEXT, Vocab, mixed_prompt, topic_prompt
 from cluster.models.synth_weights import Plan
 
@@ -65,6 +72,7 @@ __all__ = [
     "EOS_TEXT",
     "PRESETS",
     "REALISTIC_SPECIALIZATION",
+    "SLIDING_WINDOW_ROUTING",
     "SynthConfig",
     "SynthInfo",
     "config_from_args",
@@ -76,6 +84,7 @@ __all__ = [
     "topic_experts",
     "topic_group_size",
     "topic_prompt",
+    "topic_windows",
 ]
 
 KEY_TOPICS = "sniper.synth.topics"

@@ -25,11 +25,14 @@ __all__ = [
     "LEADING_DENSE",
     "PRESETS",
     "REALISTIC_SPECIALIZATION",
+    "SLIDING_WINDOW_ROUTING",
     "SynthConfig",
     "config_from_args",
     "named_rng",
+    "preset_of",
     "topic_experts",
     "topic_group_size",
+    "topic_windows",
 ]
 
 REALISTIC_SPECIALIZATION: float = 2.0
@@ -37,6 +40,13 @@ REALISTIC_SPECIALIZATION: float = 2.0
 its topic's experts: calibrated so the presets show 25-50 % next-token expert reuse and keep
 over 90 % of a one-topic conversation's selections in 40 % of each layer's experts (figures in
 the `cluster.models.synth` docstring)."""
+
+SLIDING_WINDOW_ROUTING: dict[str, float | int] = {"specialization": 2.8, "expert_window": 20, "window_ring": 48}
+"""Sliding-window routing (`SynthConfig.expert_window`) for 128 experts, top-8, 32 words a topic: each word
+lifts 20 of its topic's ring of 48 experts by 2.8 standard deviations. Calibrated, on the engine benchmark's
+chat workload, to published top-8-of-128 routing (LRU hits 90-95 % of decode selections at 40 % of the expert
+bytes, about half of each layer's experts cover 90 % of the selections, median reuse distance 2 tokens): the
+figures `tests/test_synth_routing.py` checks from the construction and docs/regimes.md shows measured."""
 
 ARCHS = ("llama", "qwen3moe", "qwen2moe", "olmoe", "granitemoe", "glm4moe", "deepseek2", "llama4", "gpt-oss",
          "qwen3next", "qwen35moe")
@@ -74,7 +84,8 @@ class SynthConfig:
         n_head_kv: key/value heads (grouped-query attention); divides n_head.
         dtype: "f16", "q8_0" or "q4_k" (a K-quant, as most published GGUFs use) for expert and
             attention matrices. Norms and ffn_gate_inp stay F32 (as llama.cpp's converters keep
-            them); token_embd and output stay F16.
+            them); token_embd and output stay F16 (Q8_0 for q8_0, as llama.cpp's quantizer
+            makes them; "q4_k_m": the types of its Q4_K_M rule throughout).
         specialization: router-logit boost, in standard deviations of the random router term,
             that a topic word gives its topic's experts; 0 makes routing unrelated to topics.
         n_topics: number of topics (vocabulary groups with their own expert groups).
@@ -97,6 +108,13 @@ class SynthConfig:
         head_dim: 0 (n_embd / n_head), or the attention head size, written as
             `attention.key_length`/`value_length` (Qwen3-30B-A3B: 32 heads of 128 over a
             residual of 2048); llama and qwen3moe only.
+        expert_window: 0: a topic word lifts its topic's whole group (`topic_experts`) by
+            `specialization`. w > 0 (sliding-window routing): a word lifts only w experts of
+            its topic's ring (`topic_windows`), a window that moves along the ring as greedy
+            decoding walks the topic's words, so consecutive tokens share experts and a topic
+            uses its whole ring over a cycle: reuse comes from recency, as in trained MoEs.
+        window_ring: experts on each topic's ring under sliding-window routing (0 when
+            expert_window is 0); each topic draws its own ring per layer, so rings overlap by chance.
     """
 
     arch: str = "llama"
@@ -118,6 +136,8 @@ class SynthConfig:
     n_vocab: int = 0
     rope_freq_base: float = 10000.0
     head_dim: int = 0
+    expert_window: int = 0
+    window_ring: int = 0
 
     def validate(self) -> None:
         """Checks that llama.cpp can load the model this config describes.
@@ -130,7 +150,8 @@ class SynthConfig:
             return ValueError(f"SynthConfig.{field}={getattr(self, field)!r}: expected {expected}")
 
         ints = ("n_layers", "n_experts", "n_experts_used", "n_embd", "n_ff", "n_head", "n_head_kv",
-                "n_topics", "words_per_topic", "n_ctx_train", "seed", "n_vocab", "head_dim")
+                "n_topics", "words_per_topic", "n_ctx_train", "seed", "n_vocab", "head_dim",
+                "expert_window", "window_ring")
         for field in ints:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -191,6 +212,14 @@ class SynthConfig:
             raise bad("n_topics", f"1..n_embd/2 ({self.n_embd // 2})")
         if self.words_per_topic < 2:
             raise bad("words_per_topic", ">= 2")
+        if self.expert_window == 0:
+            if self.window_ring != 0:
+                raise bad("window_ring", "0 without sliding-window routing (expert_window 0)")
+        else:
+            if self.n_experts == 0 or not 1 <= self.expert_window <= self.n_experts:
+                raise bad("expert_window", f"0, or 1..n_experts ({self.n_experts}) for an MoE config")
+            if not self.expert_window <= self.window_ring <= self.n_experts:
+                raise bad("window_ring", f"expert_window..n_experts ({self.expert_window}..{self.n_experts})")
         if self.n_topics * self.words_per_topic > _MAX_WORDS:
             raise bad("words_per_topic", f"n_topics * words_per_topic <= {_MAX_WORDS}")
         if self.n_ctx_train < 1:
@@ -203,8 +232,9 @@ class SynthConfig:
             raise bad("seed", ">= 0")
 
     def to_json(self) -> str:
-        """Returns the config as a compact JSON object (keys in field order; n_vocab and
-        rope_freq_base, head_dim only where they differ from their defaults, so older files keep their bytes)."""
+        """Returns the config as a compact JSON object (keys in field order; n_vocab, rope_freq_base,
+        head_dim, expert_window and window_ring only where they differ from their defaults, so older files keep
+        their bytes)."""
         data = dataclasses.asdict(self)
         for name in _OMITTED_AT_DEFAULT:
             if data[name] == _DEFAULTS[name]:
@@ -220,7 +250,7 @@ class SynthConfig:
             raise ValueError(f"synth config JSON {text[:200]!r}: expected an object with keys among {sorted(names)}")
         return cls(**data)
 
-_OMITTED_AT_DEFAULT = ("n_vocab", "rope_freq_base", "head_dim")
+_OMITTED_AT_DEFAULT = ("n_vocab", "rope_freq_base", "head_dim", "expert_window", "window_ring")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SynthConfig)}
 
 PRESETS: dict[str, SynthConfig] = {
@@ -241,11 +271,11 @@ PRESETS: dict[str, SynthConfig] = {
     # ~17 GB: Qwen3-30B-A3B's whole layout (48 layers, hidden 2048, 32 query and 4 KV heads of 128
     # with q/k norms, 128 experts, top-8, expert FFN 768, 151,936 tokens, rope base 1e6, context
     # 40,960) in the types llama.cpp's quantizer gives a Q4_K_M file (--dtype q8_0: ~32 GB);
-    # realistic specialization.
+    # sliding-window routing calibrated to the published model's routing statistics.
     "qwen3-30b-a3b": SynthConfig(arch="qwen3moe", n_layers=48, n_experts=128, n_experts_used=8, n_embd=2048,
-                                 n_ff=768, n_head=32, n_head_kv=4, dtype="q4_k_m",
-                                 specialization=REALISTIC_SPECIALIZATION, n_topics=8, words_per_topic=32,
-                                 n_ctx_train=40960, n_vocab=151936, rope_freq_base=1e6, head_dim=128),
+                                 n_ff=768, n_head=32, n_head_kv=4, dtype="q4_k_m", n_topics=8, words_per_topic=32,
+                                 n_ctx_train=40960, n_vocab=151936, rope_freq_base=1e6, head_dim=128,
+                                 **SLIDING_WINDOW_ROUTING),  # type: ignore[arg-type]
 }
 
 
@@ -270,6 +300,40 @@ def topic_experts(config: SynthConfig, layer: int) -> np.ndarray:
     perm = named_rng(config.seed, f"blk.{layer}.topic_groups").permutation(config.n_experts)
     starts = (np.arange(config.n_topics) * config.n_experts) // config.n_topics
     return perm[(starts[:, None] + np.arange(topic_group_size(config))[None, :]) % config.n_experts]
+
+
+def topic_windows(config: SynthConfig, layer: int) -> np.ndarray:
+    """The experts each topic word lifts in `layer` under sliding-window routing: int array
+    [n_topics, words_per_topic, expert_window], words in greedy-decoding order.
+
+    Topic t's ring is `window_ring` experts of the layer in a random order (its own draw per topic
+    and layer); word i's window is the `expert_window` experts from ring position
+    i * window_ring // words_per_topic on, wrapping, so the window moves by about
+    window_ring / words_per_topic experts a word and one cycle of the topic's words visits the
+    whole ring.
+
+    Raises:
+        ValueError: a config without sliding-window routing or a layer out of range.
+    """
+    if config.expert_window == 0 or not 0 <= layer < config.n_layers:
+        raise ValueError(f"layer={layer}, expert_window={config.expert_window}: expected sliding-window routing "
+                         f"(expert_window > 0) and 0..n_layers-1")
+    ring_positions = (np.arange(config.words_per_topic) * config.window_ring) // config.words_per_topic
+    window = (ring_positions[:, None] + np.arange(config.expert_window)[None, :]) % config.window_ring
+    rings = [named_rng(config.seed, f"blk.{layer}.topic{t}.window_ring").permutation(config.n_experts)
+             [: config.window_ring] for t in range(config.n_topics)]
+    return np.stack([ring[window] for ring in rings])
+
+
+def preset_of(config: SynthConfig) -> tuple[str, int] | None:
+    """The preset `config` is, allowing fewer layers: (name, the preset's n_layers), or None.
+
+    A layer-truncated preset (``synth --preset P --layers N``) keeps every width and the routing of P, so
+    its measurements stand for P's with N of its layers."""
+    for name, preset in PRESETS.items():
+        if dataclasses.replace(config, n_layers=preset.n_layers) == preset and config.n_layers <= preset.n_layers:
+            return name, preset.n_layers
+    return None
 
 
 def config_from_args(preset: str, **overrides: Any) -> SynthConfig:

@@ -17,7 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from cluster.models.synth_config import DTYPES, SynthConfig, named_rng, topic_experts
+from cluster.models.synth_config import DTYPES, SynthConfig, named_rng, topic_experts, topic_windows
 from cluster.models.synth_families import FAMILIES
 from cluster.models.synth_vocab import build_vocab
 
@@ -165,6 +165,14 @@ class Plan:
         # x = rmsnorm(s d_t + w_v) = sqrt(n) (s d_t + w_v) / residual_norm: the noise term u.x has
         # std 1 / residual_norm and b = specialization / (s sqrt(n)) makes the topic term
         # specialization / residual_norm; scaling by residual_norm gives logits unit noise std.
+        if c.expert_window:  # sliding-window routing: word v lifts its window by the same
+            # specialization through its own part w_v (x . w_v = sqrt(n) / residual_norm, as for d_t at s = 1)
+            for ids, windows in zip(self.vocab.topic_ids, topic_windows(c, layer)):
+                for v, window in zip(ids, windows):
+                    word = self.embd[v].copy()
+                    word[self.topic_axes] = 0.0  # w_v, a unit vector
+                    router[window] += (c.specialization / math.sqrt(n)) * word
+            return router * self.residual_norm
         for t, members in enumerate(topic_experts(c, layer)):
             router[members, self.topic_axes[t]] = c.specialization / (s * math.sqrt(n))
         return router * self.residual_norm  # [n_experts, n_embd]
