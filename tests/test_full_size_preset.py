@@ -1,8 +1,9 @@
 """The `qwen3-30b-a3b` preset: Qwen3-30B-A3B's whole layout in the types llama.cpp's quantizer gives a Q4_K_M
-file. The full 17 GB file is never written here: the same layout with two layers (real widths, 128 experts,
-151,936 tokens) is, and llama.cpp loads and runs it; each tensor's type equals the Q4_K_M rule as
-src/llama-quant.cpp states it (recomputed here); discovery's counts and the cache's selection counts equal an
-independent count (the gguf package's header, the observer's top-k tensors)."""
+file (or, with dtype q8_0, a Q8_0 file). The full 18 GB (or 32 GB) file is never written here: the same layout
+with two layers (real widths, 128 experts, 151,936 tokens) is, and llama.cpp loads and runs it; each tensor's
+type equals the Q4_K_M rule as src/llama-quant.cpp states it (recomputed here), or Q8_0 for every matrix but
+the router; discovery's counts and the cache's selection counts equal an independent count (the gguf package's
+header, the observer's top-k tensors)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from cluster.models.synth_routing import decode_selections
 from cluster.models.synth_weights import Plan
 
 N_CTX, N_THREADS, N_BATCH, N_TOKENS = 128, 2, 16, 6
-Q4_K, Q6_K, F32 = gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.F32
+Q4_K, Q6_K, Q8_0 = gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.Q8_0
+F32 = gguf.GGMLQuantizationType.F32
 FULL = synth.PRESETS["qwen3-30b-a3b"]
 
 
@@ -31,6 +33,12 @@ FULL = synth.PRESETS["qwen3-30b-a3b"]
 def two_layers(tmp_path_factory: pytest.TempPathFactory) -> synth.SynthInfo:
     config = dataclasses.replace(FULL, n_layers=2)
     return synth.synthesize(tmp_path_factory.mktemp("full") / "qwen3-30b-a3b-2L.gguf", config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def two_layers_q8_0(tmp_path_factory: pytest.TempPathFactory) -> synth.SynthInfo:
+    config = synth.config_from_args("qwen3-30b-a3b", layers=2, dtype="q8_0")
+    return synth.synthesize(tmp_path_factory.mktemp("full-q8") / "qwen3-30b-a3b-2L-q8_0.gguf", config, progress=False)
 
 
 def _rule(name: str, n_layers: int) -> gguf.GGMLQuantizationType:
@@ -127,3 +135,42 @@ def test_llama_cpp_runs_it_and_discovery_and_the_cache_agree_with_independent_co
     np.testing.assert_array_equal(result.expert_counts, seen.counts)
     per_layer = seen.counts.sum(axis=1)  # the last layer computes only the rows whose logits are read
     assert (per_layer > 0).all() and (per_layer % 8 == 0).all() and per_layer[1] == 8 * N_TOKENS, per_layer
+
+
+def test_q8_0_two_layers_have_every_matrix_in_q8_0_and_llama_cpp_generates_with_them(
+        two_layers_q8_0: synth.SynthInfo) -> None:
+    path = two_layers_q8_0.path
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for name, t in tensors.items():  # llama.cpp's quantizer keeps norms and the router (ffn_gate_inp) F32
+        expected = F32 if name.endswith("norm.weight") or ".ffn_gate_inp." in name else Q8_0
+        assert t.tensor_type == expected, (name, t.tensor_type.name)
+    assert {"token_embd.weight", "output.weight", "blk.1.ffn_down_exps.weight", "blk.1.attn_v.weight"} <= set(tensors)
+    assert list(tensors["blk.0.ffn_down_exps.weight"].shape) == [768, 2048, 128]
+    # the experts have the planned deviation and mean 0
+    plan_std = Plan(two_layers_q8_0.config).down_std
+    down = gguf.quants.dequantize(tensors["blk.1.ffn_down_exps.weight"].data[0], Q8_0)
+    assert abs(down.mean()) < 0.02 * down.std() and abs(down.std() / plan_std - 1) < 0.02, (down.std(), plan_std)
+
+    topics = synth.read_topics(path)
+    prompt = synth.topic_prompt(topics, 1, 8, seed=0)
+    with MoEEngine(path, int(discover_layout(str(path)).unit_bytes.sum()) // 3, n_ctx=N_CTX, n_threads=N_THREADS,
+                   n_batch=N_BATCH) as engine:
+        result = engine.generate(prompt, max_tokens=N_TOKENS)
+    words = result.text.split()
+    assert len(result.tokens) == N_TOKENS
+    assert words and sum(w in set(topics[1]) for w in words) >= 0.8 * len(words), result.text
+
+
+def test_the_whole_q8_0_file_would_be_about_32_gb_by_its_layout() -> None:
+    """The 48-layer q8_0 file's tensor bytes as planned (nothing written) equal a count from the layout;
+    `pytest -s` prints them."""
+    c = dataclasses.replace(FULL, dtype="q8_0")
+    planned = sum(spec.nbytes for spec in Plan(c).tensors)
+    head = c.head_dim
+    q8_0_weights = c.n_layers * (2 * c.n_embd * c.n_head * head + 2 * c.n_embd * c.n_head_kv * head  # q, o; k, v
+                                 + 3 * c.n_experts * c.n_ff * c.n_embd) + 2 * c.n_vocab * c.n_embd  # experts; embd, out
+    f32_weights = c.n_layers * (c.n_experts * c.n_embd + 2 * c.n_embd + 2 * head) + c.n_embd  # router, norms
+    counted = q8_0_weights * 34 // 32 + 4 * f32_weights  # block_q8_0: f16 d, 32 int8 codes
+    print(f"qwen3-30b-a3b --dtype q8_0: {planned / 1e9:.1f} GB of tensors ({planned / 2**30:.1f} GiB)")
+    assert planned == counted
+    assert 30e9 < planned < 34e9  # the ~32 GB Q8_0 variant of issue 22

@@ -31,6 +31,7 @@ _SILU_GLU_MEAN_SQUARE = 0.3557  # E[(silu(g) * u)^2] for g, u ~ N(0, 1): sizes f
 
 _Q4_K = gguf.GGMLQuantizationType.Q4_K
 _Q6_K = gguf.GGMLQuantizationType.Q6_K
+_Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
 def q4_k_m_type(name: str, n_layers: int) -> gguf.GGMLQuantizationType:
@@ -70,6 +71,11 @@ def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
     out[:, 12:16] = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
     out[:, 16:] = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(-1, 128)
     return out.reshape(rows, -1)
+
+
+def _quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """Rows of x (float, width a multiple of 32) as Q8_0 blocks (the gguf package's quantiser)."""
+    return gguf.quants.quantize(np.asarray(x, dtype=np.float32), _Q8_0)
 
 
 def _pack_q6_k(q: np.ndarray, scales: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -203,10 +209,13 @@ class Plan:
 
     def _matrix(self, name: str, shape: tuple[int, ...], std: float) -> None:
         """Weights of mean 0 and deviation std in the config's dtype, from the tensor's own stream:
-        N(0, std^2), or for q4_k uniform 4-bit codes written as Q4_K blocks directly."""
+        N(0, std^2), or for q4_k and q8_0 uniform codes written as Q4_K or Q8_0 blocks directly."""
         seed = self.config.seed
         if self.config.dtype == "q4_k":
             self._add_q4_k(name, shape, std)
+            return
+        if self.config.dtype == "q8_0":
+            self._add_q8_0(name, shape, std)
             return
         if self.config.dtype == "q4_k_m":
             if q4_k_m_type(name, self.config.n_layers) == _Q6_K:
@@ -250,6 +259,32 @@ class Plan:
         nbytes = n_blocks * block_bytes
         self.tensors.append(TensorSpec(name, tuple(byte_shape), np.dtype(np.uint8), qtype, nbytes, produce))
 
+    def _add_q8_0(self, name: str, shape: tuple[int, ...], std: float) -> None:
+        """A Q8_0 tensor written block by block (ggml-common.h block_q8_0: f16 d, then 32 int8 codes q,
+        w = d q): uniform codes in -m..m (mean 0, deviation sqrt(((2m+1)^2 - 1) / 12)), d the f16 nearest
+        std / deviation(127) and m (64..127) the one that brings d * deviation(m) nearest `std` (for weights
+        this small d is a coarse f16 subnormal). Drawing codes, not quantising Gaussian weights, keeps a
+        full-size layer's writing in seconds."""
+        block_weights, block_bytes = gguf.GGML_QUANT_SIZES[_Q8_0]
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, _Q8_0)
+        n_blocks = int(np.prod(shape)) // block_weights
+
+        def deviation(m: int) -> float:
+            return math.sqrt(((2 * m + 1) ** 2 - 1) / 12)
+        d = np.float16(std / deviation(127))
+        m = min(range(64, 128), key=lambda m: abs(float(d) * deviation(m) - std))
+        d_bytes = np.array([d], dtype=np.float16).view(np.uint8)
+        seed = self.config.seed
+
+        def produce() -> np.ndarray:
+            out = np.empty((n_blocks, block_bytes), dtype=np.uint8)
+            out[:, :2] = d_bytes
+            out[:, 2:] = named_rng(seed, name).integers(-m, m + 1, size=(n_blocks, block_weights),
+                                                         dtype=np.int8).view(np.uint8)
+            return out.reshape(byte_shape)
+        self.tensors.append(TensorSpec(name, tuple(byte_shape), np.dtype(np.uint8), _Q8_0, n_blocks * block_bytes,
+                                       produce))
+
     def _add_q6_k(self, name: str, shape: tuple[int, ...], std: float) -> None:
         """A Q6_K tensor written block by block: uniform 6-bit codes q (deviation sqrt((64^2-1)/12))
         and sub-block scales alternating +1 / -1, so w = +-d (q - 32) has mean 0 over each pair of
@@ -272,19 +307,23 @@ class Plan:
                                        produce))
 
     def _vocab_matrix(self, name: str, rows: Callable[[], np.ndarray]) -> None:
-        """token_embd or output [n_vocab, n_embd]: F16, or for q4_k_m the Q4_K_M rule's type
-        (quantised here); the padding tokens' rows are zero."""
+        """token_embd or output [n_vocab, n_embd]: F16; Q8_0 for q8_0 and for q4_k_m the Q4_K_M
+        rule's type, as llama.cpp's quantizer gives them (quantised here); the padding tokens' rows are zero."""
         n_vocab, n = len(self.vocab.tokens), self.config.n_embd
         n_pad = n_vocab - self.n_real
-        if self.config.dtype != "q4_k_m":
+        if self.config.dtype not in ("q4_k_m", "q8_0"):
             if n_pad == 0:
                 self._add(name, (n_vocab, n), gguf.GGMLQuantizationType.F16, rows)
             else:
                 self._add(name, (n_vocab, n), gguf.GGMLQuantizationType.F16,
                           lambda: np.concatenate([rows(), np.zeros((n_pad, n))]))
             return
-        qtype = q4_k_m_type(name, self.config.n_layers)
-        quantize = _quantize_q6_k if qtype == _Q6_K else _quantize_q4_k
+        if self.config.dtype == "q8_0":
+            qtype = _Q8_0
+            quantize = _quantize_q8_0
+        else:
+            qtype = q4_k_m_type(name, self.config.n_layers)
+            quantize = _quantize_q6_k if qtype == _Q6_K else _quantize_q4_k
         byte_shape = gguf.quants.quant_shape_to_byte_shape((n_vocab, n), qtype)
 
         def produce() -> np.ndarray:
