@@ -268,9 +268,10 @@ PRESETS: dict[str, SynthConfig] = {
     # is 2.5 MiB, as in the published model's Q4_K_M file.
     "large": SynthConfig(arch="qwen3moe", n_layers=9, n_experts=128, n_experts_used=8, n_embd=2048, n_ff=768,
                          n_head=32, n_head_kv=4, dtype="q4_k", n_topics=8, words_per_topic=32),
-    # ~17 GB: Qwen3-30B-A3B's whole layout (48 layers, hidden 2048, 32 query and 4 KV heads of 128
+    # 18.6 GB: Qwen3-30B-A3B's whole layout (48 layers, hidden 2048, 32 query and 4 KV heads of 128
     # with q/k norms, 128 experts, top-8, expert FFN 768, 151,936 tokens, rope base 1e6, context
-    # 40,960) in the types llama.cpp's quantizer gives a Q4_K_M file (--dtype q8_0: ~32 GB);
+    # 40,960) in the types llama.cpp's quantizer gives a Q4_K_M file (--dtype q8_0: 32.5 GB of tensors, as
+    # `pytest -s tests/test_full_size_preset.py -k q8_0` computes from the layout);
     # sliding-window routing calibrated to the published model's routing statistics.
     "qwen3-30b-a3b": SynthConfig(arch="qwen3moe", n_layers=48, n_experts=128, n_experts_used=8, n_embd=2048,
                                  n_ff=768, n_head=32, n_head_kv=4, dtype="q4_k_m", n_topics=8, words_per_topic=32,
