@@ -19,7 +19,7 @@ import numpy as np
 from cluster import _native
 from cluster.errors import CacheBudgetError, InvalidParameterError, ModelFileError
 from cluster.engine.model_file import check_model_file
-from cluster.engine.trace_summary import RoutingTraceSummary
+from cluster.engine.trace_summary import RoutingTraceSummary, expert_id_dtype
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 EVICTION_POLICIES: tuple[str, ...] = ("scan_resistant", "lru", "lfu")
@@ -275,13 +275,14 @@ class RoutingTrace:
         """Per prefilled token its experts, and the decode selections.
 
         Returns:
-            prompt_experts: int32 ``[n_prefill_tokens, L, k]``, -1 where a layer did not see the
-                token (llama.cpp's last layer keeps only the rows whose logits are needed).
+            prompt_experts: ``expert_id_dtype(n_experts)`` (int8 up to 128 experts) ``[n_prefill_tokens,
+                L, k]``, -1 where a layer did not see the token (llama.cpp's last layer keeps only
+                the rows whose logits are needed): it crosses to the router in every summary.
             decode_counts: int64 ``[L, E]`` selections of the ubatches after the prefill.
         """
         access = self.kind == TRACE_ACCESS
         k = int(self.n_ids[access][0] // self.n_tokens[access][0]) if access.any() else 0
-        prompt = np.full((n_prefill_tokens, n_layers, max(k, 1)), -1, dtype=np.int32)
+        prompt = np.full((n_prefill_tokens, n_layers, max(k, 1)), -1, dtype=expert_id_dtype(n_experts))
         steps = self.steps()
         starts = steps.starts
         in_prompt = access & (starts[steps.index] < n_prefill_tokens) if len(steps.rows) else access & False
