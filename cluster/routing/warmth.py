@@ -63,7 +63,8 @@ Procedure, per request:
 
 Knobs: load_slack (requests, >= 0, default 0), expected_decode_tokens (>= 0, 32),
 prefill_token_cost (expert loads per prefilled token, >= 0, 0.05), max_tokens_tracked
-(affinity table size, LRU, 8192), max_demand_tokens (>= 1, 32): the demand of a long prompt is
+(affinity table size, 8192; the table's bytes are capped too, and its eviction keeps the frequent
+tokens: ``cluster.engine.token_affinity``), max_demand_tokens (>= 1, 32): the demand of a long prompt is
 estimated from an even sample of at most this many of its distinct known tokens, their counts
 scaled to stand for all (this bounds the cost of a decision); warm_margin ([0, 1], 0.25; 0 turns
 spreading off), recent_half_life_s (> 0, 30): how fast "routed lately" forgets, batch_affinity
@@ -140,7 +141,7 @@ class WarmthPolicy(RoutingPolicy):
     # -- hooks ---------------------------------------------------------------------------
 
     def on_report(self, node_id: str, summary: RoutingTraceSummary) -> None:
-        self.affinity.learn(summary)
+        self.affinity.learn(summary)  # publishes a new table: safe beside ``choose`` on another thread
 
     def on_prefixes(self, node_id: str, hashes: Sequence[int]) -> None:
         new = set(hashes)
@@ -171,9 +172,10 @@ class WarmthPolicy(RoutingPolicy):
 
     def pop_prediction(self, request_id: str) -> np.ndarray | None:
         bits = self.predicted.pop(request_id, None)
-        if bits is None or self.affinity.shape is None:
+        shape = self.affinity.shape
+        if bits is None or shape is None:
             return None
-        n_layers, n_experts = self.affinity.shape
+        n_layers, n_experts = shape
         return np.unpackbits(bits, count=n_layers * n_experts, bitorder="little").astype(bool).reshape(n_layers, n_experts)
 
     def on_routed(self, request: RouteRequest, node_id: str) -> None:
@@ -214,8 +216,9 @@ class WarmthPolicy(RoutingPolicy):
         else:  # candidates that hold the same prefix prefill the same suffix
             starts = sorted(set(matched.tolist()))
             group_of = np.searchsorted(starts, matched)
-        rows = self.affinity.rows_of(tokens)
-        demand = self.affinity.demand(rows, starts)
+        affinity = self.affinity.table  # one table for the whole decision (a learn may publish another meanwhile)
+        rows = affinity.rows_of(tokens)
+        demand = affinity.demand(rows, starts)
         costs = self.prefill_token_cost * (n_tokens - matched).astype(np.float64)
         coverage, cold = None, False
         batching = np.array([nodes[i].load > ceiling for i in candidates.tolist()], dtype=bool)  # there by step 4 only
