@@ -14,7 +14,9 @@ every live node is at capacity) and returns the ``Route``; the caller sends the 
 node and streams from it itself (``cluster.distributed.dispatch``), so the router's work is per
 request and a stream outlives the router. A request leaves the router's in-flight count when its node reports
 its end (however it ended), when the caller gives up on that node (``failed``), or when the node
-dies. After a restart the router rebuilds its state from the nodes' reports.
+dies. After a restart the router rebuilds its state from the nodes' reports. What the policy
+learns from a finished request's routing summary is learned on a worker thread, so decisions
+go on meanwhile (``RoutingPolicy.on_report`` states what that asks of a policy).
 """
 
 from __future__ import annotations
@@ -90,7 +92,10 @@ class RouterCore:
         self._last_sweep: float | None = None
         self.requests: dict[str, str] = {}  # request id -> the node it is in flight on
 
-    def on_report(self, report: NodeReport) -> None:
+    def on_report(self, report: NodeReport, learn: bool = True) -> None:
+        """What the node says: its state, the request that ended there, and with ``learn`` what
+        the policy learns from that request's summary (``RouterActor.report`` learns on a worker
+        thread instead: ``RoutingPolicy.on_report``)."""
         node = self.nodes.get(report.node_id)
         if node is None:
             node = self.nodes[report.node_id] = NodeState(report.node_id, report.capacity, started_at=report.started_at)
@@ -123,7 +128,8 @@ class RouterCore:
                 node.served += 1
             self.release(report.request_id)
         if report.summary is not None:
-            self.policy.on_report(report.node_id, report.summary)
+            if learn:
+                self.policy.on_report(report.node_id, report.summary)
             self._score_prediction(report)
             if report.request_id:
                 scored = self.audit.on_report(report.request_id, report.node_id, report.summary)
@@ -281,7 +287,10 @@ class RouterActor:
 
     async def report(self, report: NodeReport) -> None:
         first = report.node_id not in self.core.nodes
-        self.core.on_report(report)
+        core = self.core
+        core.on_report(report, learn=False)
+        if report.summary is not None:  # tens of ms at full model size: decisions go on meanwhile
+            await asyncio.to_thread(core.policy.on_report, report.node_id, report.summary)
         if first:  # after a restart this router knows no affinity: the node sends what it served recently
             import ray
 

@@ -119,7 +119,11 @@ class RoutingPolicy(ABC):
         """The request was dispatched to ``node_id``."""
 
     def on_report(self, node_id: str, summary: RoutingTraceSummary) -> None:
-        """``node_id`` finished a request; ``summary`` says which experts it used."""
+        """``node_id`` finished a request; ``summary`` says which experts it used.
+
+        The router actor calls it on a worker thread while its event loop goes on calling the
+        other methods: whatever it changes that they read must be replaced whole, never changed
+        in place (``TokenAffinity.learn`` publishes a new table), and calls of it may overlap."""
 
     def on_ended(self, request_id: str) -> None:
         """The request ended on its node (however), as the router counts it."""
