@@ -15,22 +15,26 @@ from cluster.models.synth import default_model
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    only = {"routing": ("node_memory_mb", "decision_cost", "kill_node_after"),
+    only = {"routing": ("decision_cost", "kill_node_after"),
             "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
-            "batch": ("no_limit", "topics")}
+            "batch": ("no_limit", "topics"), "scale": ("dtype", "warmup_s", "ctx", "work_dir", "keep_model", "no_unlimited")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
-    if args.concurrency and args.suite not in ("routing", "batch", "serving"):
-        raise ValueError(f"--concurrency is a flag of 'bench routing', 'bench batch' and 'bench serving', "
+    if args.node_memory_mb is not None and args.suite not in ("routing", "scale"):
+        raise ValueError(f"--node-memory-mb is a flag of 'bench routing' and 'bench scale', not 'bench {args.suite}'")
+    if args.concurrency and args.suite not in ("routing", "batch", "serving", "scale"):
+        raise ValueError(f"--concurrency is a flag of 'bench routing', 'bench batch', 'bench serving' and 'bench scale', "
                          f"not 'bench {args.suite}'")
-    if args.window_s is not None and args.suite not in ("batch", "serving"):
-        raise ValueError(f"--window-s is a flag of 'bench batch' and 'bench serving', not 'bench {args.suite}'")
+    if args.window_s is not None and args.suite not in ("batch", "serving", "scale"):
+        raise ValueError(f"--window-s is a flag of 'bench batch', 'bench serving' and 'bench scale', "
+                         f"not 'bench {args.suite}'")
     if args.concurrency and args.suite == "routing" and not args.concurrency.isdigit():
         raise ValueError(f"--concurrency of 'bench routing' is one number of clients, got {args.concurrency!r}")
-    if args.llama_server and args.suite not in ("serving", "batch"):
-        raise ValueError(f"--llama-server is a flag of 'bench serving' and 'bench batch', not 'bench {args.suite}'")
+    if args.llama_server and args.suite not in ("serving", "batch", "scale"):
+        raise ValueError(f"--llama-server is a flag of 'bench serving', 'bench batch' and 'bench scale', "
+                         f"not 'bench {args.suite}'")
     if args.prompts and args.suite in ("simulate", "serving", "chaos"):
         raise ValueError(f"--prompts is a flag of 'bench engine', 'bench routing', 'bench regimes' and 'bench batch', "
                          f"not 'bench {args.suite}'")
@@ -56,6 +60,26 @@ def run_bench(args: argparse.Namespace) -> int:
                                   limit_fraction=None if args.no_limit else 0.5, llama_server=args.llama_server,
                                   out_dir=Path(args.out) if args.out else None, progress=not args.json)
         emit({"report": report["report"], "targets": report["targets"]}, args, lambda r: f"wrote {r['report']}")
+        return 0
+    if args.suite == "scale":
+        foreign = [n for n in given if n not in ("nodes", "max_tokens")] + (["prompts"] if args.prompts else [])
+        if foreign:
+            raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench scale'")
+        from cluster.bench import scale
+
+        concurrency = tuple(int(c) for c in (args.concurrency or ("1,8" if args.quick else "1,4,8,16")).split(","))
+        if not concurrency or min(concurrency) < 1 or max(concurrency) > 64:
+            raise ValueError(f"--concurrency must be comma-separated integers in [1, 64], got {args.concurrency!r}")
+        params = scale.ScaleParams(
+            n_nodes=args.nodes or 3, node_memory_mb=args.node_memory_mb or 6144, concurrency=concurrency,
+            warmup_s=args.warmup_s if args.warmup_s is not None else (10.0 if args.quick else 20.0),
+            window_s=args.window_s or (30.0 if args.quick else 90.0), max_tokens=args.max_tokens or 32,
+            n_ctx=args.ctx or 1024, unlimited=not args.no_unlimited)
+        result = scale.run_scale(args.model, Path(args.out) if args.out else None, dtype=args.dtype, params=params,
+                                 llama_server=args.llama_server, work_dir=args.work_dir or scale.DEFAULT_WORK_DIR,
+                                 keep_model=args.keep_model, progress=not args.json)
+        emit({"report": result.get("report"), "wall_s": result["wall_s"]}, args,
+             lambda r: f"wrote {r['report']} in {r['wall_s'] / 60:.0f} min")
         return 0
     if args.suite == "router":
         foreign = [n for n in given if n != "requests"] + (["prompts"] if args.prompts else [])

@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (engine: docs/benchmarks.md; routing: docs/routing.md; "
                                       "simulate: docs/simulation.md; serving: docs/serving.md; regimes: docs/regimes.md; "
-                                      "chaos: docs/chaos.md; batch: docs/batching.md; router: docs/router-latency.md)")
-    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes", "chaos", "batch", "router"))
+                                      "chaos: docs/chaos.md; batch: docs/batching.md; router: docs/router-latency.md; "
+                                      "scale: docs/scale.md)")
+    p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes", "chaos", "batch", "router",
+                                     "scale"))
     p.add_argument("--model", help="GGUF MoE model (default: the generated bench / demo / tiny model)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, plots and JSON")
     p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")
@@ -216,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-limit", action="store_true", help="skip the runs under a 50 %% cgroup memory limit")
     batch.add_argument("--topics", type=_positive_int,
                        help="prompts of the synthetic model's first N topics only (users of N domains; default: all)")
+    scale = p.add_argument_group("scale (issue 22: the whole service at real size against llama-server behind a "
+                                 "round-robin proxy; also takes --model, --nodes, --node-memory-mb, --concurrency, "
+                                 "--window-s, --max-tokens, --llama-server, --quick, --out)")
+    scale.add_argument("--dtype", choices=("q4_k_m", "q8_0"),
+                       help="scale: the generated preset's type (default q4_k_m, ~18.6 GB; q8_0 ~32 GB)")
+    scale.add_argument("--warmup-s", type=_non_negative_float, help="scale: seconds before each window (default 20)")
+    scale.add_argument("--ctx", type=_positive_int, help="scale: tokens per slot (default 1024)")
+    scale.add_argument("--work-dir", help="scale: where the generated model is written (default /var/tmp/sniper-scale)")
+    scale.add_argument("--keep-model", action="store_true", help="scale: keep the generated model afterwards")
+    scale.add_argument("--no-unlimited", action="store_true", help="scale: skip the runs without memory limits")
     return parser
 
 
