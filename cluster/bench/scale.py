@@ -287,7 +287,7 @@ def _first_answer(system: Any, model_name: str, prompt: str) -> None:
     import requests
 
     body = {"model": model_name, "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
-    response = requests.post(f"{system.url}/v1/completions", json=body, headers=system.headers, timeout=3600)
+    response = requests.post(f"{system.url}/v1/completions", json=body, headers=system.headers, timeout=900)
     response.raise_for_status()
 
 

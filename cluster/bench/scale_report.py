@@ -113,7 +113,7 @@ def write_scale_report(result: dict[str, Any], out_dir: Path) -> Path:
         f"Produced by `{result['command']}` in {result['wall_s'] / 60:.0f} minutes on a machine of "
         f"{result['machine']['cpus']} cores and {result['machine']['mem_total_bytes'] / GIB:.1f} GiB; see the docstring "
         "of `cluster/bench/scale.py` for what each figure measures.", "",
-        f"Model: `{Path(m['path']).name}`" + (f" (`synth --preset {m['preset']}`, written for the run and deleted)"
+        f"Model: `{Path(m['path']).name}`" + (f" (written by `python -m cluster synth --preset {m['preset']}`)"
                                                if m["generated"] else "")
         + f", {m['file_bytes'] / GIB:.2f} GiB, {m['n_layers']} layers × {m['n_experts']} experts, experts "
         f"{m['expert_bytes'] / GIB:.2f} GiB, the rest {m['non_expert_bytes'] / GIB:.2f} GiB. Disk: "
