@@ -98,3 +98,32 @@ def test_bench_scale_compares_the_service_with_llama_server_behind_the_proxy(dem
     assert "--nodes 2" in result["command"] and result["command"] in report
     assert "zero OOM kills and zero failed requests" in report and (tmp_path / "scale-tok-s.png").stat().st_size > 0
     assert json.loads((tmp_path / "scale.json").read_text())["params"]["n_slots"] == 1
+
+
+def test_one_node_is_measured_beside_stock_llama_cpp_on_the_same_file(demo_model: Path) -> None:
+    from cluster.bench import single_node
+
+    binary = find_llama_server(None)
+    out = single_node.run_single_node(str(demo_model), regimes=[("no limit", None)], binary=binary,
+                                      prompt="kalo meni pumane " * 8, max_tokens=6, n_threads=2, stock_timeout_s=60,
+                                      progress=False)
+    ours = out["no limit"]["ours"]
+    assert "failed" not in ours, ours
+    assert ours["tokens"] > 0 and ours["decode_tok_s"] > 0 and ours["ttft_s"] > 0 and ours["prompt_tokens"] > 8
+    assert ours["budget"].startswith("auto cache budget") and ours["peak_bytes"] > 0 and ours["oom_kills"] == 0
+    if binary:
+        stock = out["no limit"]["stock"]
+        assert stock["tokens"] == 6 and not stock["cut"] and stock["decode_tok_s"] > 0 and stock["start_s"] > 0
+
+
+def test_a_run_of_one_part_keeps_the_other_part_of_an_earlier_run_of_the_same_model() -> None:
+    from cluster.bench.scale_report import merge_earlier_parts
+
+    model = {"file_bytes": 123}
+    earlier = {"model": model, "command": "bench scale --parts cluster", "regimes": {"limited": {"systems": {}}}}
+    now = {"model": model, "command": "bench scale --parts node", "node": {"no limit": {}}, "regimes": {}}
+    merged = merge_earlier_parts(now, earlier)
+    assert merged["regimes"] == earlier["regimes"] and merged["node"] == now["node"]
+    assert merged["commands"] == {"node": "bench scale --parts node", "cluster": "bench scale --parts cluster"}
+    other_model = merge_earlier_parts(now, {**earlier, "model": {"file_bytes": 7}})
+    assert other_model["regimes"] == {} and "cluster" not in other_model["commands"]

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import requests
 
@@ -31,16 +31,22 @@ def find_llama_server(path: str | None) -> str | None:
     return str(beside) if beside.is_file() else shutil.which("llama-server")
 
 
+# A model larger than the memory llama-server may use: by default it repacks its Q4_K/Q8_0 weights into private
+# (anonymous) buffers at load, which no memory limit below the model survives (`bench scale` measures the default
+# being OOM-killed); with this flag the weights stay in the file mapping, as a user must run it there.
+NO_REPACK = ("--no-repack",)
+
+
 class LlamaServer:
     """llama.cpp's ``llama-server`` on 127.0.0.1 (``n_slots`` parallel slots of ``n_ctx`` each; in a
     memory cgroup when ``limit`` is given), stopped on exit."""
 
     def __init__(self, binary: str, model: str, n_threads: int, n_slots: int = 1, n_ctx: int = N_CTX,
-                 limit: Any = None) -> None:
+                 limit: Any = None, extra_args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-t", str(n_threads),
-                     "-tb", str(n_threads), "-c", str(n_ctx * n_slots), "-np", str(n_slots), "--no-webui"]
+                     "-tb", str(n_threads), "-c", str(n_ctx * n_slots), "-np", str(n_slots), "--no-webui", *extra_args]
         self._limit = limit
         self._proc: subprocess.Popen[bytes] | None = None
 

@@ -43,6 +43,7 @@ from cluster.bench.chat_users import RequestRecord, run_chat_users
 MIB = 1 << 20
 GIB = 1 << 30
 SYSTEMS = ("sniper", "llama-server")
+PARTS = ("node", "cluster")  # cluster.bench.single_node, then the systems below
 CONCURRENCY = (1, 4, 8, 16)
 DEFAULT_WORK_DIR = "/var/tmp/sniper-scale"
 BITS_PER_WEIGHT = {"q4_k": 4.5, "q4_k_m": 5.0, "q8_0": 8.5, "f16": 16.0}  # for the disk check before writing
@@ -63,6 +64,10 @@ class ScaleParams:
     n_threads: int = 1
     unlimited: bool = True
     systems: tuple[str, ...] = SYSTEMS
+    parts: tuple[str, ...] = PARTS
+    node_limits: tuple[float, ...] = (0.25, 0.5)  # node part: cgroup limits as fractions of the file
+    truncated_layers: tuple[int, ...] = (4, 8)  # node part: the copies whose in-RAM rate gives the compute bound
+    stock_timeout_s: float = 300.0  # node part: how long one llama-server request may take
 
     @property
     def n_slots(self) -> int:
@@ -214,7 +219,7 @@ class LlamaServerSystem:
     def __enter__(self) -> "LlamaServerSystem":
         from concurrent.futures import ThreadPoolExecutor
 
-        from cluster.bench.llama_server import LlamaServer
+        from cluster.bench.llama_server import NO_REPACK, LlamaServer
         from cluster.bench.round_robin_proxy import RoundRobinProxy
         from cluster.distributed.memory_limit import MemoryLimit
 
@@ -226,7 +231,7 @@ class LlamaServerSystem:
                     limit = self._stack.enter_context(MemoryLimit(f"sniper-scale-llama-{i}", self.limit_bytes))
                     self._limits.append(limit)
                 self._servers.append(LlamaServer(self.binary, self.model, p.n_threads, n_slots=p.n_slots,
-                                                 n_ctx=p.n_ctx, limit=limit))
+                                                 n_ctx=p.n_ctx, limit=limit, extra_args=NO_REPACK))
             with ThreadPoolExecutor(len(self._servers)) as pool:  # they start together, as machines would
                 started = list(pool.map(lambda s: self._stack.enter_context(s), self._servers))
             self.url = self._stack.enter_context(RoundRobinProxy([s.url for s in started])).url
@@ -249,6 +254,22 @@ class LlamaServerSystem:
 
     def pids(self) -> list[int]:
         return [s.pid for s in self._servers if s.pid is not None]
+
+
+def probe_default_llama_server(binary: str, model: str, limit_bytes: int, timeout_s: float = 600) -> dict[str, Any]:
+    """One ``llama-server`` with its default options (weights repacked at load) in a cgroup of ``limit_bytes``:
+    whether it comes up, or how it ends."""
+    from cluster.bench.llama_server import LlamaServer
+    from cluster.distributed.memory_limit import MemoryLimit
+
+    t0 = time.perf_counter()
+    with MemoryLimit("sniper-scale-default", limit_bytes) as limit:
+        try:
+            with LlamaServer(binary, model, 1, n_slots=1, limit=limit):
+                return {"started": True, "seconds": time.perf_counter() - t0, "oom_kills": limit.oom_kills()}
+        except RuntimeError as exc:
+            return {"started": False, "seconds": time.perf_counter() - t0, "oom_kills": limit.oom_kills(),
+                    "error": str(exc).splitlines()[0][:200]}
 
 
 def _cgroup_peak(path: Path) -> int | None:
@@ -402,8 +423,22 @@ def run_scale(model: str | None, out_dir: Path | None, *, preset: str = "qwen3-3
         }
         result["machine"]["disk_read_bytes_per_s"] = rate = disk_read_rate(path)
         log_progress(progress, f"disk: {rate / MIB:.0f} MiB/s sequential from a cold page cache")
-        regimes = [("limited", params.node_memory_mb * MIB)] if params.node_memory_mb else []
-        if params.unlimited:
+        if "node" in params.parts:
+            from cluster.bench import single_node
+
+            size = os.path.getsize(path)
+            node_regimes = [(f"cgroup {round(100 * f)} %", int(f * size)) for f in params.node_limits]
+            node_regimes.append(("no limit", None))
+            prompt = topic_prompts[0][0] + " " + topic_prompts[1][0]
+            result["node"] = single_node.run_single_node(
+                path, regimes=node_regimes, binary=binary, prompt=prompt, max_tokens=params.max_tokens,
+                n_threads=os.cpu_count() or 1, stock_timeout_s=params.stock_timeout_s, progress=progress)
+            if generated and params.truncated_layers:
+                result["compute_bound"] = single_node.compute_bound(
+                    preset, dtype, params.truncated_layers, work_dir, prompt=prompt, max_tokens=params.max_tokens,
+                    n_threads=os.cpu_count() or 1, progress=progress)
+        regimes = [("limited", params.node_memory_mb * MIB)] if params.node_memory_mb and "cluster" in params.parts else []
+        if params.unlimited and "cluster" in params.parts:
             regimes.append(("unlimited", None))
         for regime, limit in regimes:
             result["regimes"][regime] = {"node_limit_bytes": limit, "systems": {}}
@@ -417,6 +452,11 @@ def run_scale(model: str | None, out_dir: Path | None, *, preset: str = "qwen3-3
                     if binary is None:
                         result["regimes"][regime]["systems"][system] = {"skipped": "no llama-server binary"}
                         continue
+                    if limit:
+                        probe = probe_default_llama_server(binary, path, limit)
+                        result["regimes"][regime]["default_llama_server"] = probe
+                        log_progress(progress, "  llama-server with its default options under the limit: "
+                                     + ("started" if probe["started"] else f"did not start ({probe['oom_kills']} OOM kills)"))
 
                     def make(limit: int | None = limit) -> LlamaServerSystem:
                         return LlamaServerSystem(binary, path, params, limit)
@@ -432,7 +472,8 @@ def run_scale(model: str | None, out_dir: Path | None, *, preset: str = "qwen3-3
         ("--nodes", params.n_nodes), ("--node-memory-mb", params.node_memory_mb),
         ("--concurrency", ",".join(map(str, params.concurrency))), ("--warmup-s", params.warmup_s),
         ("--window-s", params.window_s), ("--max-tokens", params.max_tokens), ("--ctx", params.n_ctx),
-        ("--no-unlimited", not params.unlimited), ("--out", out_flag(out_dir))])
+        ("--no-unlimited", not params.unlimited),
+        ("--parts", None if params.parts == PARTS else ",".join(params.parts)), ("--out", out_flag(out_dir))])
     if out_dir is not None:
         from cluster.bench.scale_report import write_scale_report
 

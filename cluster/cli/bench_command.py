@@ -17,7 +17,7 @@ from cluster.models.synth import default_model
 def run_bench(args: argparse.Namespace) -> int:
     only = {"routing": ("decision_cost", "kill_node_after"),
             "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
-            "batch": ("no_limit", "topics"), "scale": ("dtype", "warmup_s", "ctx", "work_dir", "keep_model", "no_unlimited")}
+            "batch": ("no_limit", "topics"), "scale": ("dtype", "warmup_s", "ctx", "work_dir", "keep_model", "no_unlimited", "parts")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
@@ -70,11 +70,14 @@ def run_bench(args: argparse.Namespace) -> int:
         concurrency = tuple(int(c) for c in (args.concurrency or ("1,8" if args.quick else "1,4,8,16")).split(","))
         if not concurrency or min(concurrency) < 1 or max(concurrency) > 64:
             raise ValueError(f"--concurrency must be comma-separated integers in [1, 64], got {args.concurrency!r}")
+        parts = tuple(args.parts.split(",")) if args.parts else scale.PARTS
+        if not parts or not set(parts) <= set(scale.PARTS):
+            raise ValueError(f"--parts must be comma-separated names of {', '.join(scale.PARTS)}, got {args.parts!r}")
         params = scale.ScaleParams(
             n_nodes=args.nodes or 3, node_memory_mb=args.node_memory_mb or 6144, concurrency=concurrency,
             warmup_s=args.warmup_s if args.warmup_s is not None else (10.0 if args.quick else 20.0),
             window_s=args.window_s or (30.0 if args.quick else 90.0), max_tokens=args.max_tokens or 32,
-            n_ctx=args.ctx or 1024, unlimited=not args.no_unlimited)
+            n_ctx=args.ctx or 1024, unlimited=not args.no_unlimited, parts=parts)
         result = scale.run_scale(args.model, Path(args.out) if args.out else None, dtype=args.dtype, params=params,
                                  llama_server=args.llama_server, work_dir=args.work_dir or scale.DEFAULT_WORK_DIR,
                                  keep_model=args.keep_model, progress=not args.json)

@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--ctx", type=_positive_int, help="scale: tokens per slot (default 1024)")
     scale.add_argument("--work-dir", help="scale: where the generated model is written (default /var/tmp/sniper-scale)")
     scale.add_argument("--keep-model", action="store_true", help="scale: keep the generated model afterwards")
-    scale.add_argument("--no-unlimited", action="store_true", help="scale: skip the runs without memory limits")
+    scale.add_argument("--no-unlimited", action="store_true", help="scale: skip the cluster runs without memory limits")
+    scale.add_argument("--parts", help="scale: node (one node against llama.cpp under 25 %%/50 %% limits and none), "
+                                       "cluster (the service against the llama-server deployment); default both")
     return parser
 
 
