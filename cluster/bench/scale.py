@@ -12,8 +12,9 @@ Both map the one file (a copy per node does not fit the disk at this size): the 
 is charged to the cgroup that first read it, the same for both systems. Each runs with the limits, then with none
 (the file in the page cache). For each ``C`` of ``--concurrency``, C closed-loop chat users
 (``cluster.bench.chat_users``: multi-turn conversations over the model's topics) talk to it for ``--warmup-s`` then
-``--window-s`` seconds; the window gives aggregate tok/s (tokens that arrived in it), time to first token and time
-per output token (p50, p99), errors, and, over the whole run of that C, expert bytes read per token (the nodes'
+``--window-s`` seconds; the window gives aggregate tok/s (tokens that arrived in it), time to first token (p50,
+p99, of the requests whose first token came in the window and of those still waiting at its end, counted as having
+waited until then: censored), time per output token (p50, p99), errors, and, over the whole run of that C, expert bytes read per token (the nodes'
 counters) and disk bytes per token (the block device's own counter, ``/sys/dev/block``). Each start is timed from
 the first process launched to the first answer. Peak memory per node comes from its cgroup (``max_usage``), or
 from the process's ``VmHWM`` without limits; OOM kills from ``/proc/vmstat``. The disk's sequential read rate is
@@ -291,8 +292,11 @@ def _window_metrics(records: list[RequestRecord], w0: float, w1: float) -> dict[
     """What the users saw in the window [w0, w1] (see the module docstring)."""
     tokens = sum(1 for r in records for t in r.token_times() if w0 <= t <= w1)
     sent = [r for r in records if w0 <= r.sent <= w1 and r.error is None]
-    ttft = [(r.first if r.first is not None else w1) - r.sent for r in sent]
-    censored = sum(1 for r in sent if r.first is None)
+    # time to first token: every request whose first token came in the window, and every one still waiting at its
+    # end (censored there: it waited at least that long), wherever it was sent
+    waited = [r for r in records if r.error is None and r.sent <= w1 and (r.first is None or r.first >= w0)]
+    ttft = [min(r.first if r.first is not None else w1, w1) - r.sent for r in waited]
+    censored = sum(1 for r in waited if r.first is None or r.first > w1)
     tpot = [(r.end - r.first) / (r.tokens - 1) for r in records
             if r.end is not None and r.first is not None and r.tokens > 1 and w0 <= r.end <= w1]
     return {"tok_s": tokens / (w1 - w0), "tokens": tokens, "requests_sent": len(sent),
@@ -343,6 +347,10 @@ def measure_system(make: Any, model: str, params: ScaleParams, topic_prompts: Se
                                      max_tokens=params.max_tokens, turns=params.turns, model=model_name,
                                      headers=system.headers)
             window = _window_metrics(records, start + params.warmup_s, start + params.warmup_s + params.window_s)
+            window["requests"] = [[r.user, r.conversation, r.turn, r.prompt_chars, round(r.sent - start, 3),
+                                   None if r.first is None else round(r.first - start, 3),
+                                   None if r.end is None else round(r.end - start, 3), r.tokens, r.error]
+                                  for r in records]  # times from the start of the run (warm-up first)
             generated = sum(len(r.token_times()) for r in records)
             expert1, disk1 = system.expert_bytes_read(), device_read_bytes(device)
             window["expert_bytes_per_token"] = (expert1 - expert0) / generated if expert0 is not None and generated \

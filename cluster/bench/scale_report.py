@@ -26,6 +26,12 @@ def _budget_bytes(line: str) -> int | None:
     return int(m.group(1)) * MIB if m else None
 
 
+def _disk_bound(run: dict[str, Any], rate: float) -> float | None:
+    """Decode tok/s the disk allows at the bytes a decoded token needed read."""
+    per_token = run.get("decode_expert_bytes_per_token") or run.get("disk_bytes_per_token")
+    return rate / per_token if per_token else None
+
+
 def node_lines(result: dict[str, Any]) -> list[str]:
     """The single-node part: ours and stock llama.cpp per regime, and the machine's physical bounds."""
     node = result.get("node")
@@ -34,8 +40,9 @@ def node_lines(result: dict[str, Any]) -> list[str]:
     rate = result["machine"]["disk_read_bytes_per_s"]
     lines = [f"## One node on the whole file (`{result['commands'].get('node', result['command'])}`)", "",
              "Ours: `MoEEngine(model, \"auto\")` in a child process; stock: `llama-server` (llama.cpp's own mmap load), "
-             "the same prompt and length, from a cold page cache; all cores. The disk bound is the disk's rate over the "
-             "disk bytes our engine read per decoded token (the prompt's share included)."]
+             "the same prompt and length, from a cold page cache; all cores. Expert and disk MiB/token count the prompt's "
+             "reads too; the disk bound is the disk's rate over the expert bytes read per token while decoding (or, where "
+             "that was not recorded, over the disk bytes per token)."]
     bound = result.get("compute_bound") or {}
     if bound.get("tok_s"):
         lines += ["", f"In-RAM compute bound of these shapes: {bound['tok_s']:.2f} tok/s (layer-truncated copies in RAM: "
@@ -50,7 +57,7 @@ def node_lines(result: dict[str, Any]) -> list[str]:
                 why = (d.get("failed") or d.get("skipped") or "").strip().splitlines()[-1][:160].replace("|", "/")
                 lines.append(f"| {name} | {who} | {why} |")
                 continue
-            disk_bound = rate / d["disk_bytes_per_token"] if d.get("disk_bytes_per_token") else None
+            disk_bound = _disk_bound(d, rate)
             cut = f" ({d['tokens']} tokens in the time allowed)" if d.get("cut") else ""
             lines.append(
                 f"| {name} | {who} | {_fmt(d.get('open_s', d.get('start_s')), 1, 1)} | {_fmt(d.get('ttft_s'), 1, 1)} | "
@@ -74,7 +81,7 @@ def node_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "wanted": "≥ 10×", "met": ratio is not None and ratio >= 10.0,
                     "note": "stock did not finish its tokens in the time allowed: its rate is what it reached"
                     if stock.get("cut") else None})
-        disk_bound = rate / ours["disk_bytes_per_token"] if ours.get("disk_bytes_per_token") else None
+        disk_bound = _disk_bound(ours, rate)
         tighter = min(b for b in (disk_bound, compute) if b) if (disk_bound or compute) else None
         value = _ratio(tighter, ours.get("decode_tok_s"))
         out.append({"target": f"node, {name}: the tighter physical bound over our decode rate", "value": value,

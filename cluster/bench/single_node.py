@@ -10,10 +10,11 @@ file larger than the machine) — from a cold page cache, on the same file:
   ``/completion`` of the same prompt and length: time to first token, decode tok/s from its tokens' arrival times
   (cut after ``stock_timeout_s``: a thrashing server may not finish), disk bytes per token.
 
-The physical bounds of the machine for the same file: the disk's sequential read rate divided by the disk bytes our
-engine read per decoded token, and the in-RAM compute rate of the same shapes, from two layer-truncated copies of
-the preset (``truncated_layers``, in RAM, every expert cached): per-token time ``a + b * layers`` extrapolated to the
-model's layers. The tighter of the two is what decoding can reach.
+The physical bounds of the machine for the same file: the disk's sequential read rate divided by the expert bytes
+our engine read per decoded token while decoding (the prompt's reads left out), and the in-RAM compute rate of the
+same shapes, from two layer-truncated copies of the preset (``truncated_layers``, in RAM, every expert cached):
+per-token time ``a + b * layers`` extrapolated to the model's layers. The tighter of the two is what decoding can
+reach.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ _OURS = textwrap.dedent("""
         stats = engine.cache_stats()
         print(json.dumps({"open_s": opened, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
                           "tokens": len(gen.tokens), "prompt_tokens": gen.n_prompt_tokens,
-                          "bytes_read": stats.get("bytes_read"), "budget_bytes": stats.get("budget_bytes"),
+                          "bytes_read": stats.get("bytes_read"), "bytes_read_decode": stats.get("bytes_read_decode"),
+                          "budget_bytes": stats.get("budget_bytes"),
                           "hit_rate": stats.get("hit_rate"),
                           "budget": engine.auto_budget.explain() if engine.auto_budget else None}))
 """)
@@ -90,6 +92,7 @@ def run_ours(model: str, prompt: str, *, max_tokens: int, n_threads: int, limit_
     return {"open_s": r["open_s"], "ttft_s": r["prefill_s"], "decode_tok_s": n / r["decode_s"] if r["decode_s"] else None,
             "tokens": r["tokens"], "prompt_tokens": r["prompt_tokens"],
             "expert_bytes_per_token": r["bytes_read"] / r["tokens"] if r["bytes_read"] is not None and r["tokens"] else None,
+            "decode_expert_bytes_per_token": r["bytes_read_decode"] / n if r.get("bytes_read_decode") is not None else None,
             "disk_bytes": None if disk0 is None or disk1 is None else disk1 - disk0,
             "disk_bytes_per_token": None if disk0 is None or disk1 is None else (disk1 - disk0) / max(1, r["tokens"]),
             "budget": r["budget"], "hit_rate": r["hit_rate"], "peak_bytes": peak, "oom_kills": ooms, "wall_s": wall}
