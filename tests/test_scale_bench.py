@@ -81,7 +81,8 @@ def test_bench_scale_compares_the_service_with_llama_server_behind_the_proxy(dem
     binary = find_llama_server(None)
     systems = ("sniper", "llama-server") if binary else ("sniper",)
     params = scale.ScaleParams(n_nodes=2, node_memory_mb=600 if limited else 0, concurrency=(2,), warmup_s=1.0,
-                               window_s=5.0, max_tokens=6, turns=2, n_ctx=512, unlimited=not limited, systems=systems)
+                               window_s=5.0, max_tokens=6, turns=2, n_ctx=512, unlimited=not limited, systems=systems,
+                               parts=("cluster",))
     result = scale.run_scale(str(demo_model), tmp_path, params=params, llama_server=binary, progress=False)
     regime = "limited" if limited else "unlimited"
     for system in systems:
