@@ -206,7 +206,8 @@ def write_scale_report(result: dict[str, Any], out_dir: Path) -> Path:
         f"{p['n_nodes']} nodes, each {p['n_slots']} slots of {p['n_ctx']} tokens and {p['n_threads']} thread(s); "
         + (f"with limits, each node (actor or llama-server) in a memory cgroup of {limit} MiB; " if limit else "")
         + f"C closed-loop chat users, {p['turns']} turns per conversation over the model's topics, greedy, "
-        f"{p['max_tokens']} tokens per answer; {p['warmup_s']:.0f} s of warm-up, then a {p['window_s']:.0f} s window. "
+        f"{p['max_tokens']} tokens per answer; a warm-up, then a measured window (`--warmup-s`, `--window-s` of each "
+        "part's command). "
         "Both systems map one copy of the file (three copies do not fit the disk): the page cache is shared, a page "
         "charged to the cgroup that first read it.", ""]
     lines += node_lines(result)
