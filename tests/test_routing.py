@@ -444,3 +444,22 @@ def test_the_status_table_says_what_warmth_concluded_about_itself():
                           policy_state=PolicyState(warmth_weight=0.0, warmth_separation=-0.012, warmth_audits=40))
     line = status_table(status).splitlines()[-1]
     assert "-1.2 points" in line and "40 audited" in line and "weight 0.00" in line
+
+
+def test_a_named_conversation_goes_back_to_the_node_of_its_last_turn_while_that_node_is_a_candidate():
+    """Step 0: its node holds the whole conversation, answers included, before any report says so."""
+    from dataclasses import replace
+
+    policy = trained_policy()
+    nodes = [NodeView("a", load=0, capacity=8, slots=4, resident=resident_for(0)),
+             NodeView("b", load=0, capacity=8, slots=4, resident=resident_for(None))]
+    first = replace(request(0, rid="t1"), session_id="chat-1")
+    policy.on_routed(first, "b")  # the first turn went to b (say, b was idle then)
+    second = replace(request(0, rid="t2"), session_id="chat-1")
+    assert policy.choose(second, nodes) == ["b"], "a warmer node does not take a conversation from its node"
+    other = replace(request(0, rid="t3"), session_id="chat-2")
+    assert policy.choose(other, nodes)[0] == "a", "a new conversation goes where warmth says"
+    busy = [nodes[0], NodeView("b", load=4, capacity=8, slots=4, resident=resident_for(None))]
+    assert policy.choose(second, busy)[0] == "a", "its node has no free slot: it would wait there"
+    policy.on_node_removed("b")
+    assert "chat-1" not in policy.session_nodes

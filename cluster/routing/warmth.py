@@ -1,6 +1,11 @@
 """``warmth`` (default): send a request where its experts and its prefix are already warm.
 
 Procedure, per request:
+  0. Session: a request that names its conversation (``session_id``) goes back to the node its
+     previous turn was routed to, when that node is a candidate (step 4): it holds the whole
+     conversation's KV state, answers included, which the prefix hashes of step 1 (prompts only)
+     and the node's next report may not show yet (the next turn is often sent the moment the
+     answer ends). The last ``SESSION_MEMORY`` conversations are remembered.
   1. Prefix: the request's tokens are cut into blocks of ``PREFIX_BLOCK`` tokens with a
      cumulative hash; each node reports the block hashes of the KV states it holds (its
      current context and stored sessions). The longest match gives the tokens that node
@@ -77,6 +82,7 @@ and answer, in whole blocks of PREFIX_BLOCK tokens).
 from __future__ import annotations
 
 import operator
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -86,6 +92,7 @@ from cluster.routing.base import NodeView, PolicyState, RouteRequest, RoutingPol
 from cluster.engine.prefix import PREFIX_BLOCK, prefix_hashes, reusable_tokens
 from cluster.engine.token_affinity import TokenAffinity
 
+SESSION_MEMORY = 65536  # conversations whose last node step 0 remembers
 
 
 class WarmthPolicy(RoutingPolicy):
@@ -129,6 +136,7 @@ class WarmthPolicy(RoutingPolicy):
         self.node_prefixes: dict[str, set[int]] = {}
         self.prefix_holders: dict[int, set[str]] = {}  # prefix hash -> nodes holding it
         self._chosen_hashes: tuple[str | None, list[int]] = (None, [])  # the last choice's request and prefix hashes
+        self.session_nodes: OrderedDict[str, str] = OrderedDict()  # session id -> node of its last turn (step 0)
         self.predicted: dict[str, np.ndarray] = {}  # request_id -> packed bits of the [L*E] experts predicted
         self._matrix = np.zeros((0, 0), dtype=np.uint8)  # residency bits of the nodes seen, a row each
         self._width = 0  # experts per residency row
@@ -157,6 +165,8 @@ class WarmthPolicy(RoutingPolicy):
         self.node_prefixes[node_id] = new
 
     def on_node_removed(self, node_id: str) -> None:
+        for session in [s for s, n in self.session_nodes.items() if n == node_id]:
+            del self.session_nodes[session]
         self.on_prefixes(node_id, ())
         self.node_prefixes.pop(node_id, None)
         self._recent.pop(node_id, None)
@@ -182,6 +192,11 @@ class WarmthPolicy(RoutingPolicy):
         # the node will hold this prompt's KV state once it serves it: a conversation's next turn
         # finds it there even if it is routed before the node's report says so (that report, the
         # node's full account of what it holds, replaces these)
+        if request.session_id:
+            self.session_nodes[request.session_id] = node_id
+            self.session_nodes.move_to_end(request.session_id)
+            if len(self.session_nodes) > SESSION_MEMORY:
+                self.session_nodes.popitem(last=False)
         chosen_id, hashes = self._chosen_hashes
         if chosen_id != request.request_id:  # routed without this policy's choice (a restarted router's replay)
             hashes = prefix_hashes(request.tokens)
@@ -209,6 +224,10 @@ class WarmthPolicy(RoutingPolicy):
                                if n.load <= ceiling or (self.batch_affinity and n.load < n.slots)], dtype=np.int64)
         hashes = prefix_hashes(tokens)
         self._chosen_hashes = (request.request_id, hashes)  # on_routed registers them where it went
+        sticky = self.session_nodes.get(request.session_id) if request.session_id else None
+        if sticky is not None and any(nodes[i].node_id == sticky for i in candidates.tolist()):  # step 0
+            self._last = {"session": request.session_id, "node": sticky}
+            return [sticky]
         matched = self._matched_tokens(hashes, nodes, candidates, n_tokens)
         if matched is None:  # nobody holds a prefix of it: every candidate would prefill all of it
             starts, group_of = [0], np.zeros(candidates.size, dtype=np.int64)
