@@ -144,7 +144,7 @@ def test_a_process_the_oom_killer_ends_in_a_memory_limit_is_counted() -> None:
 
 def test_the_kv_memory_of_long_contexts_is_counted_before_the_budget(bench_model: Path) -> None:
     """llama.cpp clears its KV buffer when the context is made, so every byte of it is charged before the budget is
-    derived: under one cgroup limit, 4 slots of 16 k tokens leave a smaller budget than 4 slots of 256 by about
+    derived: under one cgroup limit, 4 slots of 4 k tokens leave a smaller budget than 4 slots of 256 by about
     their KV, and the engine still decodes within the limit."""
     from cluster.models import synth
 
@@ -154,13 +154,13 @@ def test_the_kv_memory_of_long_contexts_is_counted_before_the_budget(bench_model
     layout = discover_layout(str(bench_model))
     c = synth.PRESETS["bench"]
     kv_per_token = c.n_layers * 2 * c.n_head_kv * (c.n_embd // c.n_head) * 2  # K and V in f16
-    kv_bytes = 4 * (16384 - 256) * kv_per_token
+    kv_bytes = 4 * (4096 - 256) * kv_per_token  # 4096: the preset's training context (longer ones are cut to it)
     limit_bytes = int(0.6 * layout.file_size) + kv_bytes + 400 * MIB  # neither budget holds every expert
     child = textwrap.dedent(f"""
         import json
         from cluster.engine.moe_engine import MoEEngine
         budgets = {{}}
-        for n_ctx in (256, 16384):
+        for n_ctx in (256, 4096):
             with MoEEngine({str(bench_model)!r}, "auto", n_ctx=n_ctx, n_slots=4, n_threads=2) as engine:
                 engine.generate(" kalo meni pumane" * 4, max_tokens=4)
                 budgets[n_ctx] = engine.auto_budget.budget_bytes
@@ -172,5 +172,5 @@ def test_the_kv_memory_of_long_contexts_is_counted_before_the_budget(bench_model
     assert proc.returncode == 0, proc.stderr[-2000:]
     budgets = {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
     assert budgets[256] < layout.expert_bytes, "the limit must leave both budgets below the model's experts"
-    assert abs((budgets[256] - budgets[16384]) - kv_bytes) < 0.25 * kv_bytes, (budgets, kv_bytes)
+    assert abs((budgets[256] - budgets[4096]) - kv_bytes) < 0.25 * kv_bytes, (budgets, kv_bytes)
     assert peak <= limit_bytes

@@ -14,8 +14,9 @@ is charged to the cgroup that first read it, the same for both systems. Each run
 (``cluster.bench.chat_users``: multi-turn conversations over the model's topics) talk to it for ``--warmup-s`` then
 ``--window-s`` seconds; the window gives aggregate tok/s (tokens that arrived in it), time to first token (p50,
 p99, of the requests whose first token came in the window and of those still waiting at its end, counted as having
-waited until then: censored), time per output token (p50, p99), errors, and, over the whole run of that C, expert bytes read per token (the nodes'
-counters) and disk bytes per token (the block device's own counter, ``/sys/dev/block``). Each start is timed from
+waited until then: censored), time per output token (p50, p99), errors, and, over the whole run of that C,
+expert bytes read per token (the nodes' counters) and disk bytes per token (the block device's own counter,
+``/sys/dev/block``). Each start is timed from
 the first process launched to the first answer. Peak memory per node comes from its cgroup (``max_usage``), or
 from the process's ``VmHWM`` without limits; OOM kills from ``/proc/vmstat``. The disk's sequential read rate is
 measured on the model file from a cold page cache. ``docs/scale.md`` (``scale_report``) states every target of
@@ -40,6 +41,7 @@ from cluster.bench import (
     routing_bench,  # noqa: F401  (sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray)
 )
 from cluster.bench.chat_users import RequestRecord, run_chat_users
+from cluster.bench.machine import block_device_stat, device_read_bytes, disk_read_rate, oom_kills, vm_hwm_bytes
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -88,60 +90,6 @@ def estimated_file_bytes(preset: str, dtype: str | None = None) -> int:
                  + 3 * c.n_embd * c.n_ff * max(1, c.n_experts) + c.n_embd * c.n_experts)
     params = c.n_layers * per_layer + 2 * (c.n_vocab or 0) * c.n_embd
     return int(params * BITS_PER_WEIGHT.get(dtype or c.dtype, 16.0) / 8 * 1.03)
-
-
-def block_device_stat(path: str) -> Path | None:
-    """The ``stat`` file of the block device holding ``path`` (its whole disk where it is a partition), or None."""
-    st = os.stat(path)
-    dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
-    if not dev.exists():
-        return None
-    return dev / "stat" if (dev / "stat").exists() else None
-
-
-def device_read_bytes(stat_file: Path | None) -> int | None:
-    """Bytes the device has read since boot (sectors read x 512), or None where it cannot be told."""
-    if stat_file is None:
-        return None
-    return int(stat_file.read_text().split()[2]) * 512
-
-
-def oom_kills() -> int:
-    for line in Path("/proc/vmstat").read_text().splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
-            return int(value)
-    return 0
-
-
-def vm_hwm_bytes(pid: int) -> int | None:
-    """A process's peak resident memory (VmHWM: anonymous and mapped file pages), or None once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def disk_read_rate(path: str, n_bytes: int = 2 * GIB) -> float:
-    """Bytes per second of a sequential read of ``path``'s first ``n_bytes`` from a cold page cache."""
-    from cluster.distributed.memory_limit import drop_page_cache
-
-    drop_page_cache(path)
-    n_bytes = min(n_bytes, os.path.getsize(path))
-    done = 0
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while done < n_bytes:
-            chunk = f.read(min(8 * MIB, n_bytes - done))
-            if not chunk:
-                break
-            done += len(chunk)
-    rate = done / (time.perf_counter() - t0)
-    drop_page_cache(path)
-    return rate
 
 
 # -- the systems --------------------------------------------------------------------------------

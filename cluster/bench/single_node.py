@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import requests
 
 from cluster.bench import log_progress
+from cluster.bench.machine import block_device_stat, device_read_bytes, vm_hwm_bytes
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -53,16 +54,9 @@ _OURS = textwrap.dedent("""
 """)
 
 
-def _vm_hwm(pid: int) -> int | None:
-    from cluster.bench.scale import vm_hwm_bytes
-
-    return vm_hwm_bytes(pid)
-
-
 def run_ours(model: str, prompt: str, *, max_tokens: int, n_threads: int, limit_bytes: int | None,
              budget: str = "auto", timeout_s: float = 1800) -> dict[str, Any]:
     """Our engine in a child process (in a cgroup of ``limit_bytes`` when given), from a cold page cache."""
-    from cluster.bench.scale import block_device_stat, device_read_bytes
     from cluster.distributed.memory_limit import MemoryLimit, drop_page_cache
 
     drop_page_cache(model)
@@ -78,7 +72,7 @@ def run_ours(model: str, prompt: str, *, max_tokens: int, n_threads: int, limit_
         child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         peak = 0
         while child.poll() is None:
-            peak = max(peak, _vm_hwm(child.pid) or 0)
+            peak = max(peak, vm_hwm_bytes(child.pid) or 0)
             time.sleep(0.5)
         out, err = child.communicate()
         proc = subprocess.CompletedProcess(argv, child.returncode, out, err)
@@ -102,7 +96,6 @@ def run_stock(binary: str, model: str, prompt: str, *, max_tokens: int, n_thread
               timeout_s: float) -> dict[str, Any]:
     """``llama-server`` on the same file in the same regime: start-up, then one streamed request."""
     from cluster.bench.llama_server import NO_REPACK, LlamaServer
-    from cluster.bench.scale import block_device_stat, device_read_bytes
     from cluster.distributed.memory_limit import MemoryLimit, drop_page_cache
 
     drop_page_cache(model)
@@ -127,7 +120,7 @@ def run_stock(binary: str, model: str, prompt: str, *, max_tokens: int, n_thread
             except requests.Timeout:
                 pass
             disk1 = device_read_bytes(device)
-            peak = limit.peak_bytes() if limit is not None else _vm_hwm(server.pid or 0)
+            peak = limit.peak_bytes() if limit is not None else vm_hwm_bytes(server.pid or 0)
     finally:
         if limit is not None:
             ooms = limit.oom_kills()

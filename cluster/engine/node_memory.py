@@ -7,7 +7,7 @@ the mapping itself needs (the model's non-expert pages, KV, libraries) and the n
 too small wastes hits. ``auto_budget`` is measured once the model is loaded and the context
 created, so the process's own memory (KV cache, compute buffers, Python) is already counted:
 
-    cgroup:     budget = limit - (usage - model pages in the page cache) - non-expert pages - reserve - margin
+    cgroup:     budget = limit - (usage - model pages charged to it) - non-expert pages - reserve - margin
     no cgroup:  budget = every expert, if available - non-expert pages - reserve - margin holds them all,
                 else     available * share - non-expert pages - reserve - margin
 
@@ -32,6 +32,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +90,39 @@ def cached_pages(path: str | os.PathLike[str]) -> np.ndarray:
     return out
 
 
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # Linux 6.5+, the same number on every architecture (the generic table)
+
+
+def _cachestat_pages(path: str | os.PathLike[str]) -> int | None:
+    """Pages of the file in the page cache by cachestat(2), which maps nothing; None where the kernel lacks it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stat = _Cachestat()
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_CachestatRange(0, 0)), ctypes.byref(stat), 0) != 0:
+            return None
+        return int(stat.nr_cache)
+    finally:
+        os.close(fd)
+
+
 def cached_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes of the file in the page cache (whole pages)."""
+    """Bytes of the file in the page cache (whole pages). By cachestat(2) where the kernel has it: a mapping made
+    to ask mincore, even for a moment, could take the address llama.cpp's own mapping of the file then gets, and
+    the cache would take that mapping for another engine's (a start-up progress bar asks while the model loads)."""
+    pages = _cachestat_pages(path)
+    if pages is not None:
+        return pages * mmap.PAGESIZE
     return int(cached_pages(path).sum()) * mmap.PAGESIZE
 
 
@@ -101,6 +133,7 @@ class CgroupMemory:
     path: str
     limit_bytes: int
     usage_bytes: int
+    file_bytes: int | None = None  # page cache charged to it (None: not told)
 
 
 def _read_int(path: Path) -> int | None:
@@ -139,8 +172,20 @@ def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/c
                 break
             limit, usage = _read_int(here / limit_file), _read_int(here / usage_file)
             if limit is not None and usage is not None and limit < _UNLIMITED and (best is None or limit < best.limit_bytes):
-                best = CgroupMemory(str(here), limit, usage)
+                best = CgroupMemory(str(here), limit, usage, _file_bytes(here))
     return best
+
+
+def _file_bytes(directory: Path) -> int | None:
+    """Page cache charged to the cgroup (memory.stat: ``total_cache`` on v1, ``file`` on v2), or None."""
+    try:
+        stats = dict(line.split() for line in (directory / "memory.stat").read_text().splitlines() if line.strip())
+    except (OSError, ValueError):
+        return None
+    for key in ("total_cache", "file", "cache"):
+        if key in stats:
+            return int(stats[key])
+    return None
 
 
 def mem_available_bytes(meminfo: str = "/proc/meminfo") -> int:
@@ -205,7 +250,12 @@ def auto_budget(model_path: str, *, non_expert_bytes: int, footprint_bytes: int,
     cgroup = cgroup_memory()
     if cgroup is not None:
         memory = cgroup.limit_bytes
-        other = max(0, cgroup.usage_bytes - cached_bytes(model_path))
+        # the model's pages count as the cache's own only where they are charged here: nodes on one machine share
+        # one file, and a page another node's cgroup read first is charged there
+        model_pages = cached_bytes(model_path)
+        if cgroup.file_bytes is not None:
+            model_pages = min(model_pages, cgroup.file_bytes)
+        other = max(0, cgroup.usage_bytes - model_pages)
         source = f"cgroup limit ({cgroup.path})"
     else:
         available = mem_available_bytes()
