@@ -94,37 +94,19 @@ def estimated_file_bytes(preset: str, dtype: str | None = None) -> int:
 
 # -- the systems --------------------------------------------------------------------------------
 
-class SniperSystem:
-    """A local Ray cluster serving the model through the gateway; each node in a cgroup of ``limit_bytes``."""
+class _System:
+    """One deployment a benchmark starts as a context manager: ``_start`` enters what it starts into ``_stack``,
+    which stops it all, in reverse, on exit or when starting fails."""
 
-    name = "sniper"
-
-    def __init__(self, model: str, params: ScaleParams, limit_bytes: int | None) -> None:
-        self.model, self.params, self.limit_bytes = model, params, limit_bytes
-        self.api_key = "bench-scale"
-        self.nodes: list[Any] = []
+    def __init__(self) -> None:
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> "SniperSystem":
-        from cluster.api.gateway import GatewayConfig, start_http
-        from cluster.bench import free_port
-        from cluster.distributed import connection, deploy
-        from cluster.distributed.client import Client
-        from cluster.distributed.protocol import NAMESPACE
+    def _start(self) -> None:
+        raise NotImplementedError
 
-        p = self.params
+    def __enter__(self):  # noqa: ANN204 (the subclass)
         try:
-            cluster = self._stack.enter_context(routing_bench.LocalRayCluster(p.n_nodes, cpus_per_node=p.n_threads))
-            connection.connect(cluster.address, NAMESPACE)
-            self._stack.callback(deploy.shutdown, NAMESPACE)
-            info = deploy.deploy(self.model, p.n_nodes, cache_bytes="auto", memory_limit_bytes=self.limit_bytes,
-                                 n_threads=p.n_threads, n_ctx=p.n_ctx, n_slots=p.n_slots,
-                                 max_queue=max(8, 2 * p.n_slots))
-            self.nodes = list(info.nodes)
-            if self.limit_bytes:
-                self._stack.callback(routing_bench._remove_node_cgroups, self.nodes)
-            self.url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=self.api_key), "127.0.0.1", free_port())
-            self.client = Client.connect(cluster.address, NAMESPACE)
+            self._start()
         except BaseException:
             self._stack.close()
             raise
@@ -132,6 +114,37 @@ class SniperSystem:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+
+
+class SniperSystem(_System):
+    """A local Ray cluster serving the model through the gateway; each node in a cgroup of ``limit_bytes``."""
+
+    name = "sniper"
+
+    def __init__(self, model: str, params: ScaleParams, limit_bytes: int | None) -> None:
+        super().__init__()
+        self.model, self.params, self.limit_bytes = model, params, limit_bytes
+        self.api_key = "bench-scale"
+        self.nodes: list[Any] = []
+
+    def _start(self) -> None:
+        from cluster.api.gateway import GatewayConfig, start_http
+        from cluster.bench import free_port
+        from cluster.distributed import connection, deploy
+        from cluster.distributed.client import Client
+        from cluster.distributed.protocol import NAMESPACE
+
+        p = self.params
+        cluster = self._stack.enter_context(routing_bench.LocalRayCluster(p.n_nodes, cpus_per_node=p.n_threads))
+        connection.connect(cluster.address, NAMESPACE)
+        self._stack.callback(deploy.shutdown, NAMESPACE)
+        info = deploy.deploy(self.model, p.n_nodes, cache_bytes="auto", memory_limit_bytes=self.limit_bytes,
+                             n_threads=p.n_threads, n_ctx=p.n_ctx, n_slots=p.n_slots, max_queue=max(8, 2 * p.n_slots))
+        self.nodes = list(info.nodes)
+        if self.limit_bytes:
+            self._stack.callback(routing_bench._remove_node_cgroups, self.nodes)
+        self.url = start_http(GatewayConfig(namespace=NAMESPACE, api_key=self.api_key), "127.0.0.1", free_port())
+        self.client = Client.connect(cluster.address, NAMESPACE)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -153,19 +166,19 @@ class SniperSystem:
         return [n.pid for n in self.nodes]
 
 
-class LlamaServerSystem:
+class LlamaServerSystem(_System):
     """One ``llama-server`` per node (each in a cgroup of ``limit_bytes``) behind a round-robin proxy."""
 
     name = "llama-server"
 
     def __init__(self, binary: str, model: str, params: ScaleParams, limit_bytes: int | None) -> None:
+        super().__init__()
         self.binary, self.model, self.params, self.limit_bytes = binary, model, params, limit_bytes
         self.headers: dict[str, str] = {}
         self._servers: list[Any] = []
         self._limits: list[Any] = []
-        self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> "LlamaServerSystem":
+    def _start(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from cluster.bench.llama_server import NO_REPACK, LlamaServer
@@ -173,24 +186,16 @@ class LlamaServerSystem:
         from cluster.distributed.memory_limit import MemoryLimit
 
         p = self.params
-        try:
-            for i in range(p.n_nodes):
-                limit = None
-                if self.limit_bytes:
-                    limit = self._stack.enter_context(MemoryLimit(f"sniper-scale-llama-{i}", self.limit_bytes))
-                    self._limits.append(limit)
-                self._servers.append(LlamaServer(self.binary, self.model, p.n_threads, n_slots=p.n_slots,
-                                                 n_ctx=p.n_ctx, limit=limit, extra_args=NO_REPACK))
-            with ThreadPoolExecutor(len(self._servers)) as pool:  # they start together, as machines would
-                started = list(pool.map(lambda s: self._stack.enter_context(s), self._servers))
-            self.url = self._stack.enter_context(RoundRobinProxy([s.url for s in started])).url
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        for i in range(p.n_nodes):
+            limit = None
+            if self.limit_bytes:
+                limit = self._stack.enter_context(MemoryLimit(f"sniper-scale-llama-{i}", self.limit_bytes))
+                self._limits.append(limit)
+            self._servers.append(LlamaServer(self.binary, self.model, p.n_threads, n_slots=p.n_slots,
+                                             n_ctx=p.n_ctx, limit=limit, extra_args=NO_REPACK))
+        with ThreadPoolExecutor(len(self._servers)) as pool:  # they start together, as machines would
+            started = list(pool.map(lambda s: self._stack.enter_context(s), self._servers))
+        self.url = self._stack.enter_context(RoundRobinProxy([s.url for s in started])).url
 
     def budgets(self) -> list[str]:
         return []
