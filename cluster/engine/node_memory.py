@@ -20,9 +20,9 @@ and dropping one nobody maps only makes the next node that needs it read it agai
 the process will allocate later (a node's saved conversation KV states). ``margin`` = 16 MiB +
 20 % of the memory considered, at most 4 GiB more: the kernel reclaims a file's pages before a
 cgroup reaches its limit or the machine runs out, and a page of a resident expert reclaimed behind
-the cache's back comes back by 4 KiB faults inside the matrix multiply (measured by ``bench scale
---dtype q8_0 --parts node``: the 32.5 GB file on a 23.5 GiB machine decoded 0.41 tok/s with a
-5 % / 1 GiB margin, its budget 88 % of available memory). The result is capped at what holds every
+the cache's back comes back by 4 KiB faults inside the matrix multiply (``bench scale --dtype q8_0
+--parts node``, the 32.5 GB file on a 23.5 GiB machine: with a 5 % / 1 GiB margin the budget was
+88 % of available memory and decoding fell below stock llama.cpp's). The result is capped at what holds every
 expert and must hold one decode step (``CacheBudgetError`` otherwise).
 """
 
