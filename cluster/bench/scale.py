@@ -42,6 +42,7 @@ from cluster.bench import (
 )
 from cluster.bench.chat_users import RequestRecord, run_chat_users
 from cluster.bench.machine import block_device_stat, device_read_bytes, disk_read_rate, oom_kills, vm_hwm_bytes
+from cluster.distributed.memory_limit import cgroup_peak_bytes, reset_cgroup_peak
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -226,19 +227,6 @@ def probe_default_llama_server(binary: str, model: str, limit_bytes: int, timeou
                     "error": str(exc).splitlines()[0][:200]}
 
 
-def _cgroup_peak(path: Path) -> int | None:
-    for name in ("memory.max_usage_in_bytes", "memory.peak"):
-        with contextlib.suppress(OSError, ValueError):
-            return int((path / name).read_text())
-    return None
-
-
-def _reset_cgroup_peak(path: Path) -> None:
-    for name in ("memory.max_usage_in_bytes", "memory.peak"):
-        with contextlib.suppress(OSError):
-            (path / name).write_text("0")
-
-
 # -- one system, measured --------------------------------------------------------------------------
 
 def _window_metrics(records: list[RequestRecord], w0: float, w1: float) -> dict[str, Any]:
@@ -293,7 +281,7 @@ def measure_system(make: Any, model: str, params: ScaleParams, topic_prompts: Se
                      + (f" ({result['start_disk_bytes'] / GIB:.1f} GiB read from disk)" if result["start_disk_bytes"] else ""))
         for c in params.concurrency:
             for path in system.cgroups():
-                _reset_cgroup_peak(path)
+                reset_cgroup_peak(path)
             expert0, disk0 = system.expert_bytes_read(), device_read_bytes(device)
             start = time.perf_counter()
             records = run_chat_users(system.url, c, topic_prompts, duration_s=params.warmup_s + params.window_s,
@@ -309,7 +297,7 @@ def measure_system(make: Any, model: str, params: ScaleParams, topic_prompts: Se
             window["expert_bytes_per_token"] = (expert1 - expert0) / generated if expert0 is not None and generated \
                 else None
             window["disk_bytes_per_token"] = (disk1 - disk0) / generated if disk0 is not None and generated else None
-            peaks = [_cgroup_peak(p) for p in system.cgroups()] or [vm_hwm_bytes(pid) for pid in system.pids()]
+            peaks = [cgroup_peak_bytes(p) for p in system.cgroups()] or [vm_hwm_bytes(pid) for pid in system.pids()]
             window["peak_bytes_per_node"] = peaks
             result["runs"][str(c)] = window
             log_progress(progress, f"  {label} C={c}: {window['tok_s']:.2f} tok/s, TTFT p50 "

@@ -42,6 +42,28 @@ def drop_page_cache(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+PEAK_FILES = ("memory.max_usage_in_bytes", "memory.peak")  # cgroup v1, v2
+
+
+def cgroup_peak_bytes(path: Path) -> int | None:
+    """The most a memory cgroup has been charged (since it was made or its peak was reset), or None."""
+    for name in PEAK_FILES:
+        try:
+            return int((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def reset_cgroup_peak(path: Path) -> None:
+    """Starts a new peak from the cgroup's usage now (where the kernel allows it)."""
+    for name in PEAK_FILES:
+        try:
+            (path / name).write_text("0")
+        except OSError:
+            continue
+
+
 class MemoryLimit:
     """A fresh memory cgroup with ``limit_bytes``; ``run`` starts a command inside it.
 
@@ -56,13 +78,12 @@ class MemoryLimit:
         if (V1_ROOT / "memory.limit_in_bytes").exists():
             self.path = V1_ROOT / f"{name}-{os.getpid()}"
             self.path.mkdir(exist_ok=True)
-            self._limit_file, self._usage_file, self._peak_file = \
-                "memory.limit_in_bytes", "memory.usage_in_bytes", "memory.max_usage_in_bytes"
+            self._limit_file, self._usage_file = "memory.limit_in_bytes", "memory.usage_in_bytes"
         else:
             self.path = V2_ROOT / f"{name}-{os.getpid()}"
             self.path.mkdir(exist_ok=True)
             (self.path / "memory.swap.max").write_text("0")
-            self._limit_file, self._usage_file, self._peak_file = "memory.max", "memory.current", "memory.peak"
+            self._limit_file, self._usage_file = "memory.max", "memory.current"
         self.set_limit(self.limit_bytes)
 
     def enter(self) -> None:
@@ -84,10 +105,8 @@ class MemoryLimit:
         return int((self.path / self._usage_file).read_text())
 
     def peak_bytes(self) -> int:
-        try:
-            return int((self.path / self._peak_file).read_text())
-        except (OSError, ValueError):
-            return -1
+        peak = cgroup_peak_bytes(self.path)
+        return -1 if peak is None else peak
 
     def oom_kills(self) -> int:
         """Processes of the cgroup the kernel's OOM killer has killed (``oom_kill`` of
