@@ -21,8 +21,19 @@ class CacheConfig:
     def __init__(self) -> None: ...
     def validate(self) -> None: ...
 
+class SelectionConfig:
+    mode: str
+    max_changed_weight: float
+    min_score_ratio: float
+    def __init__(self) -> None: ...
+    def validate(self) -> None: ...
+
+def cache_aware_select(config: SelectionConfig, gate: np.ndarray, ids: np.ndarray,
+                       available: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]: ...
+
 class ExpertCacheParams:
     cache: CacheConfig
+    selection: SelectionConfig
     n_io_threads: int
     predict: bool
     predict_max_rows: int
@@ -48,6 +59,7 @@ class ExpertLayout:
     expert_tensors: list[str]
     unit_bytes: npt.NDArray[np.uint64]
     predictor_off: str
+    selection_off: str
     @property
     def selection_rule(self) -> dict[str, object]: ...
     def unit_slices(self, layer: int, expert: int) -> list[tuple[int, int, int, int]]: ...

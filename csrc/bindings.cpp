@@ -71,8 +71,50 @@ PYBIND11_MODULE(_native, m) {
         .def_readwrite("prefetch_min_use", &cache_config::prefetch_min_use)
         .def("validate", &cache_config::validate, "Raises ValueError naming the first bad field.");
 
+    py::class_<selection_config>(m, "SelectionConfig", "Exact or cache-aware expert selection (see csrc/expert-selection.h).")
+        .def(py::init<>())
+        .def_property("mode",
+            [](const selection_config & c) { return std::string(c.mode == SELECTION_CACHE_AWARE ? "cache-aware" : "exact"); },
+            [](selection_config & c, const std::string & name) {
+                if (name != "exact" && name != "cache-aware") {
+                    throw std::invalid_argument("selection mode must be exact or cache-aware, got '" + name + "'");
+                }
+                c.mode = name == "exact" ? SELECTION_EXACT : SELECTION_CACHE_AWARE;
+            })
+        .def_readwrite("max_changed_weight", &selection_config::max_changed_weight)
+        .def_readwrite("min_score_ratio", &selection_config::min_score_ratio)
+        .def("validate", &selection_config::validate, "Raises ValueError naming the first bad field.");
+
+    m.def("cache_aware_select",
+        [](const selection_config & config, const py::array_t<float, py::array::c_style | py::array::forcecast> & gate,
+           const i32_in & ids, const u8_in & available) {
+            if (gate.ndim() != 2 || ids.ndim() != 2 || available.ndim() != 1 || gate.shape(0) != ids.shape(0) ||
+                gate.shape(1) != available.shape(0)) {
+                throw std::invalid_argument("expected gate [n_tokens, n_experts], ids [n_tokens, k], available [n_experts]");
+            }
+            const int n_tokens = int(ids.shape(0)), k = int(ids.shape(1)), n_experts = int(gate.shape(1));
+            std::vector<int32_t> out = from_array<int32_t>(ids);
+            std::vector<uint8_t> skipped(out.size(), 0);
+            expert_selector selector(n_experts);
+            selector.begin(available.data());
+            int replaced = 0, n_skipped = 0;
+            for (int i = 0; i < n_tokens; ++i) {
+                const selection_change c = selector.select(config, gate.data() + size_t(i) * size_t(n_experts),
+                                                           out.data() + size_t(i) * size_t(k), k,
+                                                           skipped.data() + size_t(i) * size_t(k));
+                replaced += c.replaced;
+                n_skipped += c.skipped;
+            }
+            return py::make_tuple(to_array(out, {py::ssize_t(n_tokens), py::ssize_t(k)}),
+                                  to_array(skipped, {py::ssize_t(n_tokens), py::ssize_t(k)}), replaced, n_skipped);
+        },
+        py::arg("config"), py::arg("gate"), py::arg("ids"), py::arg("available"),
+        "One access's rows through the cache-aware rule: (ids [n_tokens, k], skipped uint8 [n_tokens, k], "
+        "n_replaced, n_skipped); rows in order, experts kept by a row available to the rows after it.");
+
     py::class_<expert_cache_params>(m, "ExpertCacheParams", "Knobs of the attached cache (see csrc/llama-glue.h).")
         .def(py::init<>())
+        .def_readwrite("selection", &expert_cache_params::selection)
         .def_readwrite("cache", &expert_cache_params::cache)
         .def_readwrite("n_io_threads", &expert_cache_params::n_io_threads)
         .def_readwrite("predict", &expert_cache_params::predict)
@@ -98,6 +140,8 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("expert_tensors", &expert_layout::expert_tensors)
         .def_readonly("predictor_off", &expert_layout::predictor_off,
                       "Why the next-layer predictor is off for this file (a selection rule it does not implement), or ''.")
+        .def_readonly("selection_off", &expert_layout::selection_off,
+                      "Why cache-aware expert selection cannot run on this file, or ''.")
         .def_property_readonly("unit_bytes",
             [](const expert_layout & l) { return to_array(l.unit_bytes, {l.n_layers, l.n_experts}); },
             "Page-rounded footprint of every (layer, expert), shape [n_layers, n_experts].")

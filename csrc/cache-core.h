@@ -159,6 +159,11 @@ public:
     const cache_config &   config()   const { return config_; }
     const cache_counters & counters() const { return counters_; }
     void reset_counters();
+    // Selections that cache-aware selection changed (expert-selection.h), counted with the rest.
+    void count_selection_changes(uint64_t replaced, uint64_t skipped) {
+        counters_.n_selections_replaced += replaced;
+        counters_.n_selections_skipped += skipped;
+    }
 
     // Snapshot for the warmth report: resident flag and current heat of every unit.
     void warmth(std::vector<uint8_t> & resident, std::vector<float> & heat) const;

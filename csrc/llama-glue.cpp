@@ -92,6 +92,25 @@ const ggml_tensor * find_router_input(const ggml_tensor * topk) {
     return nullptr;
 }
 
+constexpr char PROBS_PREFIX[] = "ffn_moe_probs-";  // cb(probs, "ffn_moe_probs", il): what the weights are taken from
+
+// The scores the layer's weights are gathered from (`ffn_moe_probs-<il>`, an ancestor of the top-k node where the
+// top-k is taken on them, possibly biased or group-masked), or nullptr.
+ggml_tensor * find_probs(const ggml_tensor * topk) {
+    constexpr int MAX_NODES = 64;
+    const ggml_tensor * queue[MAX_NODES];
+    int head = 0, tail = 0;
+    queue[tail++] = topk;
+    while (head < tail) {
+        const ggml_tensor * t = queue[head++];
+        if (has_prefix(t->name, PROBS_PREFIX, sizeof(PROBS_PREFIX) - 1)) { return const_cast<ggml_tensor *>(t); }
+        for (int i = 0; i < GGML_MAX_SRC && t->src[i] != nullptr && tail < MAX_NODES; ++i) {
+            if (std::find(queue, queue + tail, t->src[i]) == queue + tail) { queue[tail++] = t->src[i]; }
+        }
+    }
+    return nullptr;
+}
+
 uint64_t now_ns() {
     return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
         std::chrono::steady_clock::now().time_since_epoch()).count());
@@ -437,8 +456,11 @@ expert_layout expert_layout_discover(const std::string & path) {
         throw std::runtime_error("dense model: '" + path + "' declares " + std::to_string(layout.n_experts) +
                                  " experts but has no blk.*.*_exps tensors");
     }
-    if (layout.predictor_off.empty() && !find_gating(ctx, arch, layout.n_layers, layout.selection.gating) &&
-        layout.selection.scores_needed()) {
+    const bool gating_known = find_gating(ctx, arch, layout.n_layers, layout.selection.gating);
+    if (arch == "llama4" || arch == "grovemoe") {  // build_moe_ffn: selection_probs is not made from probs
+        layout.selection_off = arch + " takes its top-k on other scores than the ones its weights come from";
+    }
+    if (layout.predictor_off.empty() && !gating_known && layout.selection.scores_needed()) {
         layout.predictor_off = "the gating function of " + arch + " (" + arch + ".expert_gating_func=" +
                                std::to_string(get_int_key(ctx, arch + ".expert_gating_func", 0)) +
                                ") is not known, and its selection bias or expert groups are added to its scores";
@@ -497,6 +519,7 @@ void expert_cache_params::validate() const {
     if (predict_max_rows < 1 || predict_max_rows > 4096) {
         throw std::invalid_argument("predict_max_rows must be in [1, 4096], got " + std::to_string(predict_max_rows));
     }
+    selection.validate();
 }
 
 static cache_config checked(const expert_cache_params & params) {
@@ -510,7 +533,12 @@ expert_cache::expert_cache(expert_layout layout, const expert_cache_params & par
     : layout_(std::move(layout)),
       params_(params),
       policy_(layout_.n_layers, layout_.n_experts, layout_.unit_bytes, checked(params), layout_.n_experts_used),
-      steps_(layout_.n_experts) {
+      steps_(layout_.n_experts),
+      selector_(layout_.n_experts) {
+    if (params_.selection.mode == SELECTION_CACHE_AWARE && !layout_.selection_off.empty()) {
+        throw std::invalid_argument("cache-aware expert selection cannot run on '" + layout_.path + "': " +
+                                    layout_.selection_off);
+    }
     if (params_.record_trace) { trace_.reserve(params_.trace_max_events, params_.trace_max_ids); }
     predict_rows_.reserve(size_t(params_.predict_max_rows));
     predict_logits_.resize(size_t(params_.predict_max_rows) * size_t(layout_.n_experts));
@@ -520,6 +548,8 @@ expert_cache::expert_cache(expert_layout layout, const expert_cache_params & par
     predicted_mask_.assign(size_t(layout_.n_experts), 0);
     predicted_.reserve(size_t(layout_.n_experts));
     in_flight_.reserve(size_t(layout_.n_experts) * 4);
+    available_.assign(size_t(layout_.n_experts), 0);
+    gate_.assign(size_t(layout_.n_experts), 0.0f);
 }
 
 expert_cache::~expert_cache() {
@@ -581,11 +611,14 @@ bool expert_cache::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     return true;
 }
 
-void expert_cache::on_topk(const ggml_tensor * t, int layer) {
+void expert_cache::on_topk(ggml_tensor * t, int layer) {
     const int k = int(t->ne[0]);         // [n_expert_used, n_tokens] I32 view
     const int n_tokens = int(t->ne[1]);
     if (k <= 0 || n_tokens <= 0) { return; }
     const uint64_t t0 = now_ns();
+    if (params_.selection.mode == SELECTION_CACHE_AWARE && !policy_.layer_all_resident(layer)) {
+        select_cache_aware(t, layer);
+    }
     if (ids_.size() < size_t(n_tokens) * size_t(k)) { ids_.resize(size_t(n_tokens) * size_t(k)); }
     const char * data = static_cast<const char *>(t->data);
     for (int i = 0; i < n_tokens; ++i) {
@@ -636,6 +669,52 @@ void expert_cache::on_topk(const ggml_tensor * t, int layer) {
     }
     if (row_decode != nullptr) { steps_.share(before, policy_.counters()); }
     callback_timing_.ns_callback += t2 - t0;
+}
+
+void expert_cache::select_cache_aware(ggml_tensor * t, int layer) {
+    ggml_tensor * probs = find_probs(t);
+    const int k = int(t->ne[0]);
+    const int n_tokens = int(t->ne[1]);
+    const int n_experts = layout_.n_experts;
+    if (probs == nullptr || probs->type != GGML_TYPE_F32 || !is_host(probs) || probs->ne[0] != n_experts ||
+        probs->ne[1] != n_tokens || probs->nb[0] != sizeof(float)) {
+        return;  // not the graph this was written for: the selection stays exact
+    }
+    // What the scores are, from the node that made them: probabilities (softmax, sigmoid, sqrt-softplus: >= 0, the
+    // weights are the selected ones' values) or logits (gpt-oss's SOFTMAX_WEIGHT: a softmax over the selected ones).
+    const bool logits = !(probs->op == GGML_OP_SOFT_MAX || probs->op == GGML_OP_UNARY || probs->op == GGML_OP_SQRT);
+    const float zero = logits ? -INFINITY : 0.0f;
+    const int32_t base = int32_t(layer) * n_experts;
+    for (int e = 0; e < n_experts; ++e) { available_[size_t(e)] = policy_.is_resident(base + e) ? 1 : 0; }
+    selector_.begin(available_.data());
+    if (row_ids_.size() < size_t(k)) { row_ids_.resize(size_t(k)); row_skipped_.resize(size_t(k)); }
+    if (row_changes_.size() < size_t(n_tokens)) { row_changes_.resize(size_t(n_tokens)); }
+    char * ids = static_cast<char *>(t->data);
+    uint64_t replaced = 0, skipped = 0;
+    for (int i = 0; i < n_tokens; ++i) {
+        float * row = reinterpret_cast<float *>(static_cast<char *>(probs->data) + size_t(i) * probs->nb[1]);
+        const float * gate = row;
+        if (logits) {
+            float max = -INFINITY;
+            for (int e = 0; e < n_experts; ++e) { max = std::max(max, row[e]); }
+            for (int e = 0; e < n_experts; ++e) { gate_[size_t(e)] = std::exp(row[e] - max); }
+            gate = gate_.data();
+        }
+        for (int j = 0; j < k; ++j) {
+            row_ids_[size_t(j)] = *reinterpret_cast<const int32_t *>(ids + size_t(i) * t->nb[1] + size_t(j) * t->nb[0]);
+        }
+        const selection_change change = selector_.select(params_.selection, gate, row_ids_.data(), k, row_skipped_.data());
+        row_changes_[size_t(i)] = {change.replaced, change.skipped};
+        if (change.replaced + change.skipped == 0) { continue; }
+        replaced += uint64_t(change.replaced);
+        skipped += uint64_t(change.skipped);
+        for (int j = 0; j < k; ++j) {
+            *reinterpret_cast<int32_t *>(ids + size_t(i) * t->nb[1] + size_t(j) * t->nb[0]) = row_ids_[size_t(j)];
+            if (row_skipped_[size_t(j)]) { row[row_ids_[size_t(j)]] = zero; }  // the stand-in slot weighs nothing
+        }
+    }
+    policy_.count_selection_changes(replaced, skipped);
+    if (steps_.row_decode(n_tokens) != nullptr) { steps_.record_selection_changes(row_changes_.data(), n_tokens); }
 }
 
 void expert_cache::begin_step(const int32_t * row_tags, const uint8_t * row_outputs, int n_rows) {

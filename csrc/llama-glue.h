@@ -27,6 +27,7 @@
 #pragma once
 
 #include "cache-core.h"
+#include "expert-selection.h"
 #include "io-pool.h"
 #include "lean-load.h"
 #include "residency.h"
@@ -105,6 +106,9 @@ struct expert_layout : expert_file_map {
     // rule is not known: a selection bias or groups with no {arch}.expert_gating_func and no default of
     // the architecture known, GroveMoE's groups of experts, a bias of a type ggml cannot convert.
     std::string predictor_off;
+    // Why cache-aware selection (expert-selection.h) cannot run on this file, or "" (it can): the top-k must be taken
+    // on the scores the weights are gathered from (build_moe_ffn's ffn_moe_probs, biased or masked or not).
+    std::string selection_off;
 };
 
 // One layer's router as floats: the matrix [n_experts x n_embd] and its biases (empty: none).
@@ -140,6 +144,7 @@ struct expert_cache_params {
     bool   record_trace     = true;     // keep a routing trace (see take_trace)
     size_t trace_max_events = 1 << 20;  // reservation of the trace (events)
     size_t trace_max_ids    = 1 << 24;  // reservation of the trace (ids)
+    selection_config selection;         // exact (default) or cache-aware selection of each token's experts
 
     // Throws std::invalid_argument naming the first bad field.
     void validate() const;
@@ -211,7 +216,10 @@ public:
     residency_counters io_counters() const;
 
 private:
-    void on_topk(const ggml_tensor * t, int layer);
+    void on_topk(ggml_tensor * t, int layer);
+    // Cache-aware selection (params_.selection): rewrites the top-k node's ids (and zeroes the scores of skipped
+    // slots) before the layer's weights are gathered and its experts computed.
+    void select_cache_aware(ggml_tensor * t, int layer);
     void predict_layer(const ggml_tensor * router_input, int layer, int target_layer);
     // Unpins the units read ahead whose reads ended.
     void reap_reads();
@@ -239,4 +247,10 @@ private:
     std::vector<float> predict_logits_;        // [rows x n_experts]
     std::vector<float> predict_scores_;        // [n_experts]
     std::vector<int32_t> predict_topk_;        // [k]
+    expert_selector selector_;                 // cache-aware selection
+    std::vector<uint8_t> available_;           // [n_experts] resident units of the layer
+    std::vector<float> gate_;                  // [n_experts] one row's gate values (logit families)
+    std::vector<int32_t> row_ids_;             // [k]
+    std::vector<uint8_t> row_skipped_;         // [k]
+    std::vector<selection_change> row_changes_;  // [n_tokens]
 };

@@ -116,6 +116,19 @@ void sequence_steps::record_prediction(int layer, const int32_t * experts, int n
     }
 }
 
+void sequence_steps::record_selection_changes(const selection_change * rows, int n_tokens) {
+    const bool rows_mode = n_tokens == n_rows_;
+    for (const step_group & g : groups_) {
+        if (g.record == nullptr) { continue; }
+        const int first = rows_mode ? g.first_row : g.first_out;
+        const int n = rows_mode ? g.n_rows : g.n_out;
+        for (int i = first; i < first + n; ++i) {
+            g.record->counters.n_selections_replaced += uint64_t(rows[i].replaced);
+            g.record->counters.n_selections_skipped += uint64_t(rows[i].skipped);
+        }
+    }
+}
+
 void sequence_steps::share(const cache_counters & before, const cache_counters & after) {
     const double n = double(groups_.size());
     const double prefetched = double(after.bytes_prefetched - before.bytes_prefetched) / n;

@@ -18,6 +18,7 @@
 #pragma once
 
 #include "cache-core.h"
+#include "expert-selection.h"
 #include "routing-trace.h"
 #include "telemetry.h"
 
@@ -60,6 +61,9 @@ public:
                        const cache_policy & policy);
     // Records a prediction for `layer` (n unique experts) in every sequence of the step.
     void record_prediction(int layer, const int32_t * experts, int n);
+    // Adds each row's changed selections (cache-aware selection, for an access of n_tokens rows that
+    // row_decode(n_tokens) attributes) to its sequence's counters.
+    void record_selection_changes(const selection_change * rows, int n_tokens);
     // Shares what happened between two snapshots of the policy's counters taken around an
     // attributed access (its predictions' reads ahead, scores, evictions, invalid ids).
     void share(const cache_counters & before, const cache_counters & after);

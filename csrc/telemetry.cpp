@@ -21,6 +21,8 @@ const std::vector<std::pair<std::string, uint64_t cache_counters::*>> & cache_co
         {"n_invalid_ids",        &cache_counters::n_invalid_ids},
         {"n_tokens_prefill",     &cache_counters::n_tokens_prefill},
         {"n_tokens_decode",      &cache_counters::n_tokens_decode},
+        {"n_selections_replaced", &cache_counters::n_selections_replaced},
+        {"n_selections_skipped",  &cache_counters::n_selections_skipped},
     };
     return fields;
 }

@@ -29,6 +29,8 @@ struct cache_counters {
     uint64_t n_invalid_ids        = 0;  // ids outside [0, n_experts): ignored
     uint64_t n_tokens_prefill     = 0;  // tokens evaluated in prefill ubatches (layer 0)
     uint64_t n_tokens_decode      = 0;  // tokens evaluated one at a time (layer 0)
+    uint64_t n_selections_replaced = 0;  // cache-aware selection: missing experts replaced by resident ones
+    uint64_t n_selections_skipped  = 0;  // ... and skipped (weight set to zero)
 };
 
 // (name, pointer-to-member) for every counter, in declaration order.

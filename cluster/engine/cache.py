@@ -17,6 +17,7 @@ import llama_cpp  # (also loads libggml-base before the extension that links it)
 import numpy as np
 
 from cluster import _native
+from cluster.engine.expert_selection import ExpertSelection
 from cluster.errors import CacheBudgetError, InvalidParameterError, ModelFileError
 from cluster.engine.model_file import check_model_file
 from cluster.engine.trace_summary import RoutingTraceSummary, expert_id_dtype
@@ -83,10 +84,17 @@ class ExpertCacheParams:
     record_trace: bool = True
     trace_max_events: int = 1 << 20
     trace_max_ids: int = 1 << 24
+    selection: ExpertSelection = field(default_factory=ExpertSelection)
 
     def to_native(self) -> _native.ExpertCacheParams:
         native = _native.ExpertCacheParams()
         native.cache = self.cache.to_native()
+        self.selection.validate()
+        selection = _native.SelectionConfig()
+        selection.mode = self.selection.mode
+        selection.max_changed_weight = float(self.selection.max_changed_weight)
+        selection.min_score_ratio = float(self.selection.min_score_ratio)
+        native.selection = selection
         for name in ("n_io_threads", "predict", "predict_max_rows", "predict_layers_ahead", "predict_resident_layers",
                      "record_trace",
                      "trace_max_events", "trace_max_ids"):
@@ -428,6 +436,9 @@ def open_expert_cache(layout: ExpertLayout, params: ExpertCacheParams) -> Expert
         CacheBudgetError: the budget cannot work for this model (it must hold each layer's top-k).
     """
     native_params = params.to_native()
+    if params.selection.cache_aware and layout.selection_off:
+        raise InvalidParameterError(f"cache-aware expert selection cannot run on '{layout.path}': {layout.selection_off}",
+                                    param="expert_selection")
     try:
         return _native.ExpertCache(layout, native_params)
     except ValueError as exc:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cluster.engine.cache import CacheConfig
+from cluster.engine.expert_selection import ExpertSelection
 from cluster.engine.node_memory import AUTO
 from cluster.errors import CacheBudgetError, InvalidParameterError
 
@@ -47,6 +48,8 @@ class EngineConfig:
             position (llama.cpp's C default: any held prefix can be reused); False: about a window
             per slot (less memory, llama-server's default), and a held prefix whose window the cache
             dropped is recomputed (``cluster.engine.kv_state``). No effect on other models.
+        expert_selection: exact (llama.cpp's choice, the default) or cache-aware selection of each
+            token's experts within bounds (``cluster.engine.expert_selection``); needs a cache.
         verbose: let llama.cpp log to stderr.
     """
 
@@ -65,6 +68,7 @@ class EngineConfig:
     memory_share: float = 1.0
     memory_reserve: int = 0
     swa_full: bool = True
+    expert_selection: ExpertSelection = field(default_factory=ExpertSelection)
     verbose: bool = False
 
     @property
@@ -103,4 +107,12 @@ class EngineConfig:
             raise InvalidParameterError(f"memory_share must be a number in (0, 1], got {self.memory_share!r}")
         if not isinstance(self.n_io_threads, int) or not 0 <= self.n_io_threads <= 64:
             raise InvalidParameterError(f"n_io_threads must be an integer in [0, 64], got {self.n_io_threads!r}")
+        if not isinstance(self.expert_selection, ExpertSelection):
+            raise InvalidParameterError(f"expert_selection must be an ExpertSelection, got {self.expert_selection!r}",
+                                        param="expert_selection")
+        self.expert_selection.validate()
+        if self.expert_selection.cache_aware and self.cache_bytes is None:
+            raise InvalidParameterError("cache-aware expert selection needs the expert cache (a cache budget, or "
+                                        "'auto'): it changes only experts the cache does not hold",
+                                        param="expert_selection")
 

@@ -70,7 +70,8 @@ class LlamaModelContext:
             budget = footprint if cfg.auto_budget else int(cfg.cache_bytes)  # auto: set once loaded
             params = expert_cache.ExpertCacheParams(
                 cache=replace(cfg.cache, budget_bytes=budget), n_io_threads=cfg.n_io_threads,
-                predict=bool(cfg.predict), predict_resident_layers=cfg.predict == "always", record_trace=False)
+                predict=bool(cfg.predict), predict_resident_layers=cfg.predict == "always", record_trace=False,
+                selection=cfg.expert_selection)
             try:
                 self.cache = expert_cache.open_expert_cache(self.layout, params)
             except CacheBudgetError as exc:
