@@ -116,6 +116,26 @@ class KvState:
         self._note_held()
         return slot, placement.n_reused
 
+    def borrow(self) -> Slot:
+        """An empty free slot for evaluation outside the requests (``cluster.engine.scoring``): the
+        one a request without a held prefix would take, its conversation saved first as for a
+        request, its KV state dropped, marked busy. Give it back with ``release(slot, keep=False)``.
+
+        Raises:
+            RuntimeError: every slot is busy.
+        """
+        self._read_min_reuse()
+        placement = self._slots.place((), None)
+        if placement is None:
+            raise RuntimeError("every sequence slot is busy")
+        slot = placement.slot
+        if placement.save is not None and slot.tokens:
+            self._slots.store(placement.save, self._save(slot))
+        llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.index, 0, -1)
+        self._slots.occupy(replace(placement, n_reused=0, restore=None, copy_from=None), (), None)
+        self._note_held()
+        return slot
+
     def _read_min_reuse(self) -> None:
         """Each slot's ``min_reuse`` as its memory stands now (windowed layers drop positions as slots decode)."""
         if self.rule.kind == "full":

@@ -8,6 +8,7 @@
 * ``sampler_chain``: llama.cpp's sampler chain for a ``SamplingParams`` and token log-probabilities;
 * ``kv_state``: slots, shared prefixes and saved conversations in the context's KV memory;
 * ``token_table``: each sampled token's bytes and end-of-generation flag, read once per token id;
+* ``scoring``: teacher-forced scoring of a token sequence (``score``: bits per token, argmax, cache reads);
 * ``engine_config`` (``EngineConfig``) and ``generation`` (``Generation``), re-exported here.
 
 Decoding follows a ``SamplingParams`` (``cluster.engine.sampling``) with llama.cpp's own sampler chain
@@ -25,6 +26,7 @@ from dataclasses import fields as dataclass_fields
 from typing import Any, Callable, Generator, Sequence
 
 from cluster.engine import node_memory
+from cluster.engine import scoring
 from cluster.engine import warmth_report
 from cluster.engine.cache import ExpertCache, ExpertLayout, cache_stats
 from cluster.engine.engine_config import EngineConfig
@@ -36,6 +38,7 @@ from cluster.engine.request_check import CheckedRequest, RequestChecker
 from cluster.engine.sampler_chain import SamplerChains
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.scheduler import Scheduler
+from cluster.engine.scoring import ScoredText
 from cluster.engine.sequence import Piece, Resume
 from cluster.engine.sequence import Sequence as SequenceHandle
 from cluster.engine.startup import Startup
@@ -320,6 +323,25 @@ class MoEEngine:
         finally:
             if not done:
                 seq.cancel()
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def score(self, tokens: Sequence[int]) -> ScoredText:
+        """Teacher-forced scoring of ``tokens`` (``cluster.engine.scoring``): one token per step as
+        a decoded token is evaluated, with the cache told of each step; per position the log2
+        probability of the next token and the argmax, the cache's counters over the scoring and
+        its wall time. Leaves no KV state behind.
+
+        Raises:
+            RuntimeError: requests are running or waiting.
+            PromptTooLongError: more tokens than a sequence slot (``n_ctx``) holds.
+            InvalidParameterError: fewer than two tokens, or ids outside the vocabulary.
+        """
+        with self._lock:
+            self._check_open()
+            ids = scoring.check_tokens(tokens, self.n_ctx, self.tokenizer.n_vocab)
+            return self._call(lambda: scoring.score(ids, self._scheduler, self._kv, self._llama.cache,
+                                                    self._llama.ctx.ctx, self.tokenizer.n_vocab))
 
     # -- KV state: slots, prefixes and saved conversations ---------------------------------------
 

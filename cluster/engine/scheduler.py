@@ -242,9 +242,7 @@ class Scheduler:
         t0 = time.perf_counter()
         rows, n_decoding = self._fill_batch()
         cache = self._model.cache
-        if cache is not None:
-            cache.begin_step(self._row_tags[:rows], self._row_outputs[:rows])
-        rc = llama_cpp.llama_decode(self._ctx, self._model.batch.batch)
+        rc = self._decode(rows)
         if rc != 0:
             error = RuntimeError(f"llama_decode failed with code {rc} ({len(self._running)} sequences in the step)")
             for seq in list(self._running):
@@ -259,6 +257,45 @@ class Scheduler:
         self._unsettled = True
         self._totals.note(rows, n_decoding, len(self._running) + len(self._finished), time.perf_counter() - t0)
         self._deliver()
+
+    def _decode(self, rows: int) -> int:
+        """Tells the cache which sequence each of the batch's first ``rows`` rows is and which give
+        logits, then evaluates them in one ``llama_decode``; returns its code."""
+        cache = self._model.cache
+        if cache is not None:
+            cache.begin_step(self._row_tags[:rows], self._row_outputs[:rows])
+        return llama_cpp.llama_decode(self._ctx, self._model.batch.batch)
+
+    def new_tag(self) -> int:
+        """A sequence tag no request has (the cache keeps a record per tag)."""
+        with self._cv:
+            self._next_tag += 1
+            return self._next_tag
+
+    def decode_alone(self, slot: int, tag: int, token: int, pos: int) -> None:
+        """One step of one token, outside the requests (``cluster.engine.scoring``): ``token`` at
+        ``pos`` of sequence ``slot`` (cache tag ``tag``), with logits (the batch's row 0). The
+        step goes the way ``_step`` goes (the batch, then the cache told of the step, then
+        ``llama_decode``). Runs on the loop's thread while no request runs (``call``).
+
+        Raises:
+            RuntimeError: llama_decode failed.
+        """
+        self._batch_tokens[0] = token
+        self._batch_pos[0] = pos
+        self._batch_logits[0] = 1
+        self._row_tags[0] = tag
+        self._row_outputs[0] = 1
+        self._step_slots[0] = slot
+        self._write_seq_ids(1)
+        rc = self._decode(1)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} (one token at position {pos})")
+        cache = self._model.cache
+        if self._width.pressured:  # the next request step's reads are its own
+            c = cache.counters()
+            self._bytes_read = c["bytes_read_prefill"] + c["bytes_read_decode"]
+        self._unsettled = True
 
     def _next_waiting(self) -> SequenceHandle | None:
         """The waiting sequence to start now: the oldest, or under memory pressure the one
@@ -317,11 +354,16 @@ class Scheduler:
                 outputs[end - 1] = 1
                 self._outputs.append((seq, end - 1))
             rows = end
+        self._write_seq_ids(rows)
+        return rows, n_decoding
+
+    def _write_seq_ids(self, rows: int) -> None:
+        """The batch holds ``rows`` rows, each of the sequence ``_step_slots`` names (written where it changed)."""
+        slots = self._step_slots
         for row in np.flatnonzero(self._row_slots[:rows] != slots[:rows]).tolist():  # rows whose sequence changed
             self._batch_seq_id[row][0] = int(slots[row])
         self._row_slots[:rows] = slots[:rows]
         self._model.batch.batch.n_tokens = rows
-        return rows, n_decoding
 
     def _after_decode(self) -> None:
         for seq, _ in self._outputs:  # what the step put in each slot's KV
