@@ -1,4 +1,5 @@
-"""Benchmarks: engine (overhead, bounded memory, cache policy), routing on a live cluster, simulation."""
+"""Benchmarks: engine (overhead, bounded memory, cache policy), routing on a live cluster, simulation, and the
+quality cost of cache-aware expert selection (``quality``)."""
 
 import socket
 import sys

@@ -17,7 +17,9 @@ from cluster.models.synth import default_model
 def run_bench(args: argparse.Namespace) -> int:
     only = {"routing": ("decision_cost", "kill_node_after"),
             "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
-            "batch": ("no_limit", "topics"), "scale": ("dtype", "warmup_s", "ctx", "work_dir", "keep_model", "no_unlimited", "parts")}
+            "batch": ("no_limit", "topics"),
+            "scale": ("dtype", "warmup_s", "ctx", "work_dir", "keep_model", "no_unlimited", "parts"),
+            "quality": ("budget_fraction", "windows", "window_tokens")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
@@ -83,6 +85,19 @@ def run_bench(args: argparse.Namespace) -> int:
                                  keep_model=args.keep_model, progress=not args.json)
         emit({"report": result.get("report"), "wall_s": result["wall_s"]}, args,
              lambda r: f"wrote {r['report']} in {r['wall_s'] / 60:.0f} min")
+        return 0
+    if args.suite == "quality":
+        foreign = given + (["prompts"] if args.prompts else [])
+        if foreign:
+            raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench quality' (it takes --model, "
+                             f"--budget-fraction, --windows, --window-tokens, --quick, --out)")
+        from cluster.bench import quality
+
+        result = quality.run_quality(args.model, Path(args.out), quick=args.quick,
+                                     budget_fraction=quality.DEFAULT_BUDGET_FRACTION if args.budget_fraction is None
+                                     else args.budget_fraction, n_windows=args.windows,
+                                     window_tokens=args.window_tokens, progress=not args.json)
+        emit({"report": result["report"], "settings": result["settings"]}, args, _quality_summary)
         return 0
     if args.suite == "router":
         foreign = [n for n in given if n != "requests"] + (["prompts"] if args.prompts else [])
@@ -195,6 +210,18 @@ def run_bench(args: argparse.Namespace) -> int:
         emit(jsonable(result), args, _routing_summary)
         return 0
     raise SystemExit(f"unknown bench suite {args.suite!r}")
+
+
+def _quality_summary(result: dict[str, Any]) -> str:
+    rows = [f"{'setting':26} {'bits/token':>10} {'increase':>9} {'agreement':>9} {'MiB/token':>9} {'tok/s':>7}"]
+    for r in result["settings"]:
+        if r.get("error"):
+            rows.append(f"{r['setting']:26} failed: {r['error']}")
+            continue
+        rows.append(f"{r['setting']:26} {r['bits_per_token']:10.4f} {r['bits_increase_pct']:+8.2f}% "
+                    f"{r['agreement']:9.4f} {r['mib_per_token']:9.3f} {r['tok_s'] or 0:7.0f}")
+    rows.append(f"wrote {result['report']}")
+    return "\n".join(rows)
 
 
 def _warmth_knobs(pairs: Sequence[str]) -> dict[str, float]:

@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (engine: docs/benchmarks.md; routing: docs/routing.md; "
                                       "simulate: docs/simulation.md; serving: docs/serving.md; regimes: docs/regimes.md; "
                                       "chaos: docs/chaos.md; batch: docs/batching.md; router: docs/router-latency.md; "
-                                      "scale: docs/scale.md)")
+                                      "scale: docs/scale.md; quality: docs/quality.md)")
     p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes", "chaos", "batch", "router",
-                                     "scale"))
+                                     "scale", "quality"))
     p.add_argument("--model", help="GGUF MoE model (default: the generated bench / demo / tiny model)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, plots and JSON")
     p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")
@@ -230,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--no-unlimited", action="store_true", help="scale: skip the cluster runs without memory limits")
     scale.add_argument("--parts", help="scale: node (one node against llama.cpp under 25 %%/50 %% limits and none), "
                                        "cluster (the service against the llama-server deployment); default both")
+    quality = p.add_argument_group("quality (cache-aware expert selection against exact: bits per token and greedy "
+                                   "agreement on held-out text, expert bytes per token; also takes --model (default: "
+                                   "trained/moe-5domains.gguf), --quick, --out)")
+    quality.add_argument("--budget-fraction", type=float, metavar="F",
+                         help="quality: the bounded cache budget, a fraction in (0, 1] of the expert bytes (default 1/3)")
+    quality.add_argument("--windows", type=_positive_int, help="quality: held-out windows per domain (default 2; --quick 1)")
+    quality.add_argument("--window-tokens", type=_positive_int,
+                         help="quality: tokens per window (default 128; --quick 64)")
     return parser
 
 
