@@ -36,9 +36,11 @@ from starlette.requests import ClientDisconnect
 
 from cluster.distributed.client import completion
 from cluster.distributed.deploy import HEAD_NODE_RESOURCE, app_name
+from cluster.distributed.node import EXACT_SELECTION
 from cluster.errors import InvalidParameterError, NoNodesError, RouterUnavailableError, SniperError
 from cluster.api.metrics import GatewayMetrics
 from cluster.engine.engine_config import MAX_SLOTS
+from cluster.engine.expert_selection import ExpertSelection
 from cluster.engine.node_memory import parse_cache_mb
 from cluster.api.openai_api import (
     APIError,
@@ -520,7 +522,34 @@ def check_route_free(namespace: str) -> None:
 
 
 BUILD_ARGS = ("model", "nodes", "cache_mb", "threads", "slots", "policy", "namespace", "api_key", "max_tokens_limit",
-              "max_prompt_tokens", "max_body_bytes", "chat_template")
+              "max_prompt_tokens", "max_body_bytes", "chat_template", "expert_selection", "selection_max_weight",
+              "selection_min_ratio")
+_SELECTION_ARGS = {"expert_selection": "mode", "selection_max_weight": "max_changed_weight",
+                   "selection_min_ratio": "min_score_ratio"}
+"""build_app's expert-selection arguments and the ``ExpertSelection`` field each sets."""
+
+
+def expert_selection_arg(args: dict[str, Any]) -> ExpertSelection:
+    """The deployment's ``ExpertSelection`` from build_app's arguments (a Serve config's values:
+    numbers or their text); the defaults where absent. Checked by ``ExpertSelection.validate``,
+    its error naming the argument. Raises InvalidParameterError."""
+    fields: dict[str, Any] = {}
+    for arg, name in _SELECTION_ARGS.items():
+        if arg in args:
+            value = args[arg]
+            if name != "mode" and isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass  # validate names it
+            fields[name] = value
+    selection = ExpertSelection(**fields)
+    try:
+        selection.validate()
+    except InvalidParameterError as exc:
+        arg = {name: a for a, name in _SELECTION_ARGS.items()}.get(exc.param or "", exc.param)  # the mode's: itself
+        raise InvalidParameterError(f"{arg}: {exc}" if arg else str(exc), param=arg) from None
+    return selection
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -528,7 +557,9 @@ def build_app(args: dict[str, Any]) -> Any:
 
     With ``model``, it first deploys the router and ``nodes`` node actors unless the namespace
     already has a router; without, it fronts an existing deployment. ``chat_template`` (a Jinja
-    file) overrides the model's template in the deployment it creates, so it needs ``model``.
+    file) overrides the model's template in the deployment it creates, so it needs ``model``; so
+    do ``expert_selection`` (``exact``, the default, or ``cache-aware``), ``selection_max_weight``
+    and ``selection_min_ratio`` (its bounds: ``cluster.engine.expert_selection``).
     """
     unknown = sorted(set(args) - set(BUILD_ARGS))
     if unknown:
@@ -537,9 +568,10 @@ def build_app(args: dict[str, Any]) -> Any:
     limits = Limits(**{name: int(args[key]) for key, name in (("max_tokens_limit", "max_tokens"),
                                                                ("max_prompt_tokens", "max_prompt_tokens"),
                                                                ("max_body_bytes", "max_body_bytes")) if key in args})
-    if "chat_template" in args and "model" not in args:
-        raise InvalidParameterError("chat_template is a setting of the deployment build_app creates: give model too",
-                                    param="chat_template")
+    for name in ("chat_template", *_SELECTION_ARGS):
+        if name in args and "model" not in args:
+            raise InvalidParameterError(f"{name} is a setting of the deployment build_app creates: give model too",
+                                        param=name)
     if "model" in args:
         cache_mb = parse_cache_mb(args["cache_mb"] if "cache_mb" in args
                                   else os.environ.get("SNIPER_CACHE_MB") or None)  # as `serve`
@@ -548,15 +580,17 @@ def build_app(args: dict[str, Any]) -> Any:
         slots = args.get("slots", 4)
         if not str(slots).isdigit() or not 1 <= int(slots) <= MAX_SLOTS:
             raise InvalidParameterError(f"slots must be an integer in [1, {MAX_SLOTS}], got {slots!r}", param="slots")
+        selection = expert_selection_arg(args)
         _ensure_deployment(str(args["model"]), int(args.get("nodes", 1)),
                            cache_mb,
                            args.get("threads"), str(args.get("policy", "warmth")), namespace,
-                           read_chat_template(args.get("chat_template")), int(slots))
+                           read_chat_template(args.get("chat_template")), int(slots), selection)
     return gateway_app(GatewayConfig(namespace=namespace, api_key=args.get("api_key"), limits=limits))
 
 
 def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threads: Any, policy: str, namespace: str,
-                       chat_template: str | None = None, slots: int = 4) -> None:
+                       chat_template: str | None = None, slots: int = 4,
+                       expert_selection: ExpertSelection = EXACT_SELECTION) -> None:
     """Deploys unless the namespace has a router; no ``cache_mb``: a budget that holds the whole model."""
     import ray
 
@@ -570,4 +604,5 @@ def _ensure_deployment(model: str, nodes: int, cache_mb: int | str | None, threa
     except ValueError:
         pass
     deploy.deploy(model, nodes, cache_bytes=deploy.cache_budget(model, cache_mb), policy=policy, namespace=namespace,
-                  n_threads=int(threads) if threads else None, chat_template=chat_template, n_slots=slots)
+                  n_threads=int(threads) if threads else None, chat_template=chat_template, n_slots=slots,
+                  expert_selection=expert_selection)

@@ -32,8 +32,16 @@ from cluster.engine.chat_format import format_named
 
 
 def usage_body(usage: Usage) -> dict[str, int]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+    """OpenAI's ``usage``; from a node running cache-aware expert selection, also
+    ``expert_selections_changed`` and ``expert_selections_skipped`` (``Usage``): an exact
+    deployment's keeps OpenAI's shape."""
+    body = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens}
+    if usage.selections_changed is not None:
+        body["expert_selections_changed"] = usage.selections_changed
+    if usage.selections_skipped is not None:
+        body["expert_selections_skipped"] = usage.selections_skipped
+    return body
 
 
 def _object_name(req: APIRequest, chunk: bool) -> str:

@@ -20,9 +20,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from cluster.cli.bench_command import run_bench  # noqa: E402
 from cluster.cli.output import emit  # noqa: E402
-from cluster.cli.parser import build_parser  # noqa: E402
+from cluster.cli.parser import build_parser, expert_selection_from_flags  # noqa: E402
 from cluster.cli.sampling_flags import logprob_json, params_from_flags  # noqa: E402
-from cluster.errors import SniperError  # noqa: E402
+from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
 from cluster.engine.model_file import check_model_file  # noqa: E402
 from cluster.engine.node_memory import MIB  # noqa: E402
 from cluster.cli.status_table import status_table  # noqa: E402
@@ -62,7 +62,8 @@ def _synth_summary(r: dict[str, Any]) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     from cluster.engine.chat import ChatMessage, ChatPrompt, ChatRenderer
     from cluster.distributed.deploy import read_chat_template
-    from cluster.engine.moe_engine import MoEEngine
+    from cluster.engine.generation import selection_counts
+    from cluster.engine.moe_engine import EngineConfig, MoEEngine
     from cluster.engine.startup import Startup, print_phases
 
     params = params_from_flags(args)
@@ -70,9 +71,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if override is not None and not args.chat:
         raise ValueError("--chat-template renders a conversation: add --chat")
     model = args.model or str(default_model("demo", progress=not args.json))
-    cache_bytes = _cache_budget(args, model)
+    selection = expert_selection_from_flags(args)
+    config = EngineConfig(model, _cache_budget(args, model), n_ctx=args.ctx, n_threads=args.threads,
+                          expert_selection=selection)
+    _checked(config.validate, _RUN_FLAGS)  # before the model loads
     startup = Startup(print_phases(), progress_bars=sys.stderr.isatty())  # a line per phase (an auto budget's says how)
-    with MoEEngine(model, cache_bytes, n_ctx=args.ctx, n_threads=args.threads, startup=startup) as engine:
+    with MoEEngine.from_config(config, startup) as engine:
         startup.ready()
         prompt, special, origin = args.prompt, False, None
         if args.chat:  # the prompt is one user turn, rendered as a deployment's edge renders chat requests
@@ -91,7 +95,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "decode_tok_s": gen.decode_tok_s,
             "cache": None,
             "expert_counts": None,
+            "expert_selection": asdict(selection),
+            "selections_changed": None,  # cache-aware: over every choice (as a node's usage counts them)
+            "selections_skipped": None,
         }
+        if selection.cache_aware:
+            result["selections_changed"], result["selections_skipped"] = selection_counts(gens)
         if args.chat:
             result["chat_template"] = origin
         if len(gens) > 1:
@@ -105,6 +114,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
             result["expert_counts"] = gen.expert_counts.tolist()
     emit(jsonable(result), args, _run_summary)
     return 0
+
+
+_RUN_FLAGS = {"n_ctx": "--ctx", "n_threads": "--threads", "expert_selection": "--expert-selection",
+              "max_changed_weight": "--selection-max-weight", "min_score_ratio": "--selection-min-ratio"}
+"""The run flag that sets each checked engine setting (``InvalidParameterError.param``), named in its error."""
+
+
+def _checked(check: Callable[[], Any], flags: dict[str, str]) -> Any:
+    """``check()``; an InvalidParameterError it raises names the flag that set the bad setting (``flags``)."""
+    try:
+        return check()
+    except InvalidParameterError as exc:
+        flag = flags.get(exc.param or "")
+        raise InvalidParameterError(f"{flag}: {exc}" if flag else str(exc), param=exc.param) from None
 
 
 def _cache_budget(args: argparse.Namespace, model: str) -> int | None:
@@ -126,6 +149,11 @@ def _run_summary(r: dict[str, Any]) -> str:
         lines.append(f"cache: {c['hits']} hits, {c['misses']} misses, {c['bytes_read'] / MIB:.1f} MiB read, "
                      f"resident {c['resident_bytes'] / MIB:.1f}/{c['budget_bytes'] / MIB:.1f} MiB, "
                      f"prefetch precision {c['prefetch_precision'] or 0:.2f} recall {c['prefetch_recall'] or 0:.2f}")
+    if r["selections_changed"] is not None:
+        s = r["expert_selection"]
+        lines.append(f"expert selection: cache-aware (max weight {s['max_changed_weight']:g}, min ratio "
+                     f"{s['min_score_ratio']:g}): {r['selections_changed']} selections changed, "
+                     f"{r['selections_skipped']} of them skipped")
     return "\n".join(lines)
 
 
@@ -146,26 +174,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from cluster.distributed import connection
     from cluster.distributed import deploy
     from cluster.distributed import local_cluster
-    from cluster.errors import InvalidParameterError
     from cluster.api.openai_api import Limits
 
     # the whole configuration is checked before a local cluster (or anything) starts for nothing
     model = args.model or str(default_model("demo").resolve())
     cache_bytes = _cache_budget(args, model)
     chat_template = deploy.read_chat_template(args.chat_template)
+    selection = expert_selection_from_flags(args)
     memory_limit_bytes = args.node_memory_mb * MIB if args.node_memory_mb else None
     n_nodes = args.nodes or args.local_nodes or 1
     if args.local_nodes and n_nodes > args.local_nodes:
         raise ValueError(f"--nodes {n_nodes}: a local cluster of --local-nodes {args.local_nodes} holds at most "
                          f"{args.local_nodes} node actors (one per Ray node)")
-    try:
-        deploy.check_deployment(model, cache_bytes=cache_bytes, policy=args.policy, n_slots=args.slots,
-                                max_queue=args.max_queue, memory_limit_bytes=memory_limit_bytes,
-                                n_threads=args.threads, chat_template=chat_template)
-        limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens) if args.http else None
-    except InvalidParameterError as exc:
-        flag = _SERVE_FLAGS.get(exc.param or "")
-        raise InvalidParameterError(f"{flag}: {exc}" if flag else str(exc), param=exc.param) from None
+    _checked(lambda: deploy.check_deployment(model, cache_bytes=cache_bytes, policy=args.policy, n_slots=args.slots,
+                                             max_queue=args.max_queue, memory_limit_bytes=memory_limit_bytes,
+                                             n_threads=args.threads, chat_template=chat_template,
+                                             expert_selection=selection), _SERVE_FLAGS)
+    limits = _checked(lambda: Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens),
+                      _SERVE_FLAGS) if args.http else None
     started: list[str] = []
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -180,7 +206,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             check_route_free(args.namespace)
         info = deploy.deploy(model, n_nodes, cache_bytes=cache_bytes, policy=args.policy, namespace=args.namespace,
                              n_slots=args.slots, max_queue=args.max_queue, n_threads=args.threads,
-                             chat_template=chat_template, memory_limit_bytes=memory_limit_bytes).as_json()
+                             chat_template=chat_template, memory_limit_bytes=memory_limit_bytes,
+                             expert_selection=selection).as_json()
         started.append("deployment")  # deploy removes what it started itself when it fails
         if limits is not None:
             from cluster.api.gateway import GatewayConfig, start_http
@@ -197,7 +224,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     emit(info, args, lambda r: f"serving {model} on {len(r['nodes'])} nodes ({_ready_times(r['nodes'])}), "
-                               f"policy {r['policy']}"
+                               f"policy {r['policy']}, expert selection {selection.describe()}"
                                + (f"; OpenAI-compatible API at {r['http']}/v1 (API key: {r['api_key']})"
                                   if "http" in r else ""))
     return 0
@@ -209,7 +236,8 @@ def _ready_times(nodes: list[dict[str, Any]]) -> str:
 
 
 _SERVE_FLAGS = {"policy": "--policy", "n_slots": "--slots", "max_queue": "--max-queue", "n_threads": "--threads",
-                "memory_limit_bytes": "--node-memory-mb"}
+                "memory_limit_bytes": "--node-memory-mb", "expert_selection": "--expert-selection",
+                "max_changed_weight": "--selection-max-weight", "min_score_ratio": "--selection-min-ratio"}
 """The serve flag that sets each checked setting (``InvalidParameterError.param``), named in its error."""
 
 

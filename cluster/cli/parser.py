@@ -10,6 +10,7 @@ from typing import Any, Callable, NoReturn
 
 from cluster.bench import DEFAULT_OUT
 from cluster.cli.sampling_flags import add_sampling_flags
+from cluster.engine.expert_selection import SELECTION_MODES, ExpertSelection
 from cluster.engine.node_memory import parse_cache_mb
 from cluster.errors import InvalidParameterError
 
@@ -60,6 +61,47 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0.0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
+
+
+def _selection_bound(name: str) -> Callable[[str], float]:
+    """The type of a flag setting ``ExpertSelection.<name>``: a number its ``validate`` accepts (the
+    rule of every surface)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+        try:
+            ExpertSelection(**{name: value}).validate()
+        except InvalidParameterError:
+            raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}") from None
+        return value
+
+    return parse
+
+
+def _add_expert_selection_flags(p: argparse.ArgumentParser) -> None:
+    """run's and serve's ``--expert-selection`` and its bounds (``cluster.engine.expert_selection``)."""
+    default = ExpertSelection()
+    group = p.add_argument_group("expert selection (cache-aware changes the model's output within its bounds: "
+                                 "docs/quality.md says what each setting costs)")
+    group.add_argument("--expert-selection", choices=SELECTION_MODES, default=default.mode,
+                       help="exact (default): llama.cpp's experts, output bit-identical to llama.cpp; cache-aware: "
+                            "an expert missing from the cache is replaced by a resident one with a close router score "
+                            "or skipped, within the two bounds below (needs the expert cache: not with --no-cache)")
+    group.add_argument("--selection-max-weight", type=_selection_bound("max_changed_weight"), metavar="X",
+                       default=default.max_changed_weight,
+                       help="cache-aware: share of a token's top-k router weight that may be changed, in [0, 1] "
+                            f"(default {default.max_changed_weight:g})")
+    group.add_argument("--selection-min-ratio", type=_selection_bound("min_score_ratio"), metavar="X",
+                       default=default.min_score_ratio,
+                       help="cache-aware: a resident stand-in's router score must be at least this fraction of the "
+                            f"missing expert's, else the expert is skipped, in [0, 1] (default {default.min_score_ratio:g})")
+
+
+def expert_selection_from_flags(args: argparse.Namespace) -> ExpertSelection:
+    """The ``ExpertSelection`` run's or serve's flags ask for."""
+    return ExpertSelection(args.expert_selection, args.selection_max_weight, args.selection_min_ratio)
 
 
 def synth_presets() -> list[str]:
@@ -118,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(p)
     p.add_argument("--threads", type=_positive_int)
     p.add_argument("--ctx", type=_positive_int, default=2048)
+    _add_expert_selection_flags(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="the quick-start job: a local Ray cluster serving the demo model")
@@ -144,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences each node decodes together (continuous batching; default 4)")
     p.add_argument("--max-queue", type=_positive_int, default=8, help="requests running or waiting per node")
     p.add_argument("--threads", type=_positive_int, help="compute threads per node (default: all cores)")
+    _add_expert_selection_flags(p)
     http = p.add_argument_group("HTTP gateway (OpenAI-compatible, Ray Serve)")
     http.add_argument("--http", action="store_true", help="also serve the HTTP API")
     http.add_argument("--http-host", default="127.0.0.1")

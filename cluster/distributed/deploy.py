@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cluster.errors import InvalidParameterError, SniperError
+from cluster.engine.expert_selection import ExpertSelection
 from cluster.engine.model_file import check_model_file
-from cluster.distributed.node import NodeActor, NodeConfig
+from cluster.distributed.node import EXACT_SELECTION, NodeActor, NodeConfig
 from cluster.engine.node_memory import AUTO
 from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, NodeReady, node_name
 from cluster.distributed.status import jsonable
@@ -59,10 +60,12 @@ def check_model(model_path: str, cache_bytes: int | str | None, chat_template: s
 
 def check_deployment(model_path: str, *, cache_bytes: int | str | None, policy: str = "warmth", n_ctx: int = 2048,
                      n_slots: int = 4, max_queue: int = 8, memory_limit_bytes: int | None = None,
-                     n_threads: int | None = None, chat_template: str | None = None) -> NodeConfig:
+                     n_threads: int | None = None, chat_template: str | None = None,
+                     expert_selection: ExpertSelection = EXACT_SELECTION) -> NodeConfig:
     """Everything ``deploy`` checks without Ray, before anything starts: the policy's name, the
-    nodes' settings (``NodeConfig.validate``: the node's bounds and its engine's) and the model
-    (``check_model``). Returns the nodes' config (its ``memory_share`` is set by ``deploy``).
+    nodes' settings (``NodeConfig.validate``: the node's bounds and its engine's, the expert
+    selection's among them) and the model (``check_model``). Returns the nodes' config (its
+    ``memory_share`` is set by ``deploy``).
 
     Raises:
         InvalidParameterError, ModelFileError, CacheBudgetError, ChatTemplateError: naming the bad input.
@@ -74,7 +77,8 @@ def check_deployment(model_path: str, *, cache_bytes: int | str | None, policy: 
                                     param="policy")
     check_model_file(model_path)
     config = NodeConfig.create(os.path.abspath(model_path), cache_bytes=cache_bytes, n_ctx=n_ctx, n_slots=n_slots,
-                               max_queue=max_queue, memory_limit_bytes=memory_limit_bytes, n_threads=n_threads)
+                               max_queue=max_queue, memory_limit_bytes=memory_limit_bytes, n_threads=n_threads,
+                               expert_selection=expert_selection)
     config.validate()
     check_model(model_path, cache_bytes, chat_template)
     return config
@@ -113,15 +117,17 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
            namespace: str = NAMESPACE, n_ctx: int = 2048, n_slots: int = 4, max_queue: int = 8,
            memory_limit_bytes: int | None = None, n_threads: int | None = None,
            node_model_paths: list[str] | None = None, chat_template: str | None = None,
+           expert_selection: ExpertSelection = EXACT_SELECTION,
            timeout_s: float = 300.0, ready_timeout_s: float = NODE_READY_TIMEOUT_S) -> Deployed:
     """Creates the router and ``n_nodes`` node actors (one per Ray node) and waits until they serve.
 
     ``node_model_paths`` gives each node its own copy of the model (identical bytes): simulated
     nodes on one machine then have separate page caches, as separate machines would.
     ``chat_template`` (Jinja text) replaces the model's own for chat requests (rendered where they
-    enter: ``cluster.distributed.edge``). ``timeout_s`` bounds the waits for the router and the
-    nodes' placement, ``ready_timeout_s`` the nodes' start-up (model load; a node that fails says
-    so at once, this only bounds one that is still loading).
+    enter: ``cluster.distributed.edge``). ``expert_selection``: every node's (exact, the default, or
+    cache-aware within bounds: ``cluster.engine.expert_selection``). ``timeout_s`` bounds the
+    waits for the router and the nodes' placement, ``ready_timeout_s`` the nodes' start-up (model
+    load; a node that fails says so at once, this only bounds one that is still loading).
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -131,7 +137,7 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
 
     config = check_deployment(model_path, cache_bytes=cache_bytes, policy=policy, n_ctx=n_ctx, n_slots=n_slots,
                               max_queue=max_queue, memory_limit_bytes=memory_limit_bytes, n_threads=n_threads,
-                              chat_template=chat_template)
+                              chat_template=chat_template, expert_selection=expert_selection)
     if node_model_paths is not None:
         if len(node_model_paths) != n_nodes:
             raise InvalidParameterError(f"node_model_paths must name {n_nodes} files, got {node_model_paths!r}")

@@ -33,6 +33,8 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
+from cluster.engine.expert_selection import ExpertSelection
+from cluster.engine.generation import selection_counts
 from cluster.engine.moe_engine import EngineConfig, Generation, MoEEngine
 from cluster.errors import InvalidParameterError, OverloadedError
 from cluster.distributed.protocol import (
@@ -55,6 +57,7 @@ from cluster.engine.sequence import Piece as SequencePiece
 from cluster.engine.startup import Startup, print_phases
 
 RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a node keeps for a restarted router
+EXACT_SELECTION = ExpertSelection()  # a node's default expert selection: llama.cpp's own (frozen: shared as a default)
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ class NodeConfig:
     """One node's settings: the engine it runs and the node's own.
 
     Attributes:
-        engine: the engine (model, cache budget, context, slots, threads, saved sessions); build
-            both with ``NodeConfig.create``, which applies a node's rules to its engine.
+        engine: the engine (model, cache budget, context, slots, threads, saved sessions, expert
+            selection); build both with ``NodeConfig.create``, which applies a node's rules to its engine.
         max_queue: requests running or waiting at once (at least the engine's ``n_slots`` is useful).
         heartbeat_s: seconds between reports when idle.
         memory_limit_bytes: if set, the node puts its own process under a cgroup memory limit
@@ -78,14 +81,18 @@ class NodeConfig:
     @classmethod
     def create(cls, model_path: str, *, cache_bytes: int | str | None = None, n_ctx: int = 2048, n_slots: int = 4,
                n_threads: int | None = None, session_bytes: int = 64 << 20, memory_share: float = 1.0,
-               max_queue: int = 8, heartbeat_s: float = 1.0, memory_limit_bytes: int | None = None) -> NodeConfig:
+               max_queue: int = 8, heartbeat_s: float = 1.0, memory_limit_bytes: int | None = None,
+               expert_selection: ExpertSelection = EXACT_SELECTION) -> NodeConfig:
         """A node's config. Its engine batches at least 512 tokens a step and room for every slot's,
         and an ``"auto"`` budget leaves room for the saved conversation states (``session_bytes``);
         ``memory_share``: with ``"auto"`` and no cgroup limit, the fraction of the machine's memory
-        this node plans for (node actors sharing a machine). Nothing is checked here: ``validate``."""
+        this node plans for (node actors sharing a machine); ``expert_selection``: how the engine
+        picks each token's experts (exact, or cache-aware within bounds: needs a cache). Nothing is
+        checked here: ``validate``."""
         engine = EngineConfig(model_path=model_path, cache_bytes=cache_bytes, n_ctx=n_ctx, n_threads=n_threads,
                               n_slots=n_slots, n_batch=max(512, n_slots) if isinstance(n_slots, int) else 512,
-                              session_bytes=session_bytes, memory_share=memory_share, memory_reserve=session_bytes)
+                              session_bytes=session_bytes, memory_share=memory_share, memory_reserve=session_bytes,
+                              expert_selection=expert_selection)
         return cls(engine, max_queue=max_queue, heartbeat_s=heartbeat_s, memory_limit_bytes=memory_limit_bytes)
 
     def with_engine(self, **changes: Any) -> NodeConfig:
@@ -327,11 +334,15 @@ class NodeServer:
                     later.n_prompt_tokens - later.n_reused_tokens, layout.n_layers, layout.n_experts)[1])
             self._remember_trace(summary)
         self._send_report(request.request_id, summary, reconcile=False)  # the next idle heartbeat reconciles
+        changed = skipped = None  # exact selection: nothing to count
+        if self.config.engine.expert_selection.cache_aware:
+            changed, skipped = selection_counts(gens)
         return Finished(
             node=self.node_id,
             choices=tuple(ChoiceEnd(i, g.finish_reason, g.n_generated) for i, g in enumerate(gens)),
             usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_generated,
-                        reused_prompt_tokens=min(first.n_reused_tokens, n_prompt)),
+                        reused_prompt_tokens=min(first.n_reused_tokens, n_prompt),
+                        selections_changed=changed, selections_skipped=skipped),
             timing=Timing(queued_s=first.queued_s, prefill_s=first.prefill_s, decode_s=max(g.decode_s for g in gens)),
             cache=_request_cache_stats(gens))
 

@@ -139,11 +139,17 @@ class ChoiceEnd:
 @dataclass(frozen=True)
 class Usage:
     """Tokens a request counted: its prompt (less a continued answer's tokens, which count as
-    generated), what all its choices generated, and how much of the prompt a held KV state served."""
+    generated), what all its choices generated, and how much of the prompt a held KV state served;
+    on a node running cache-aware expert selection (``cluster.engine.expert_selection``), how many
+    of the request's expert selections (one per token, layer and top-k slot, over all its choices)
+    that selection changed, replaced or skipped, and how many of those it skipped. Both are None
+    on a node running exact selection (llama.cpp's own: nothing is ever changed)."""
 
     prompt_tokens: int
     completion_tokens: int
     reused_prompt_tokens: int = 0
+    selections_changed: int | None = None
+    selections_skipped: int | None = None
 
     @property
     def total_tokens(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -62,3 +63,17 @@ class Generation:
         steps = max(0, self.n_generated - 1)
         return steps / self.decode_s if self.decode_s > 0 and steps else float("nan")
 
+
+
+SELECTIONS_REPLACED = "n_selections_replaced"  # Generation.cache counters of cache-aware expert selection
+SELECTIONS_SKIPPED = "n_selections_skipped"
+
+
+def selection_counts(gens: Sequence[Generation]) -> tuple[int, int]:
+    """``(changed, skipped)``: the expert selections (one per token, layer and top-k slot) that
+    cache-aware selection (``cluster.engine.expert_selection``) replaced or skipped, and of those
+    the skipped ones, over a request's choices; 0 where a generation's cache counts none (exact
+    selection, no cache)."""
+    replaced = sum(int(g.cache.get(SELECTIONS_REPLACED, 0)) for g in gens)
+    skipped = sum(int(g.cache.get(SELECTIONS_SKIPPED, 0)) for g in gens)
+    return replaced + skipped, skipped
