@@ -40,7 +40,7 @@ def full_budget() -> int:
 
 def _llama_bits(tokens: list[int]) -> tuple[float, np.ndarray]:
     """Mean bits per token and per-position argmax from llama-cpp-python's Llama(logits_all=True)."""
-    llm = llama_cpp.Llama(model_path=str(TRAINED), n_ctx=256, logits_all=True, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(TRAINED), n_ctx=256, logits_all=True, n_threads=1, verbose=False)
     try:
         llm.eval(tokens)
         logits = np.array(llm.scores[:len(tokens) - 1], dtype=np.float64)
@@ -52,7 +52,7 @@ def _llama_bits(tokens: list[int]) -> tuple[float, np.ndarray]:
 
 
 def test_score_matches_llama_cpp_python_on_held_out_text(snippet: list[int], full_budget: int) -> None:
-    with MoEEngine(TRAINED, cache_bytes=full_budget, n_ctx=256, n_threads=2) as engine:
+    with MoEEngine(TRAINED, cache_bytes=full_budget, n_ctx=256, n_threads=1) as engine:
         scored = engine.score(snippet)
     assert scored.n_scored == N_TOKENS - 1
     assert scored.log2_probs.dtype == np.float64 and np.all(scored.log2_probs <= 0)
@@ -66,9 +66,9 @@ def test_score_matches_llama_cpp_python_on_held_out_text(snippet: list[int], ful
 
 def test_exact_selection_is_unchanged_by_a_small_budget_that_reads_experts(snippet: list[int],
                                                                           full_budget: int) -> None:
-    with MoEEngine(TRAINED, cache_bytes=full_budget, n_ctx=256, n_threads=2) as engine:
+    with MoEEngine(TRAINED, cache_bytes=full_budget, n_ctx=256, n_threads=1) as engine:
         full = engine.score(snippet)
-    with MoEEngine(TRAINED, cache_bytes=full_budget // 3, n_ctx=256, n_threads=2) as engine:
+    with MoEEngine(TRAINED, cache_bytes=full_budget // 3, n_ctx=256, n_threads=1) as engine:
         small = engine.score(snippet)
     assert small.bytes_read > 0
     assert small.cache["n_misses_decode"] > 0
@@ -77,7 +77,7 @@ def test_exact_selection_is_unchanged_by_a_small_budget_that_reads_experts(snipp
 
 
 def test_score_leaves_no_kv_state_and_keeps_the_slots_conversations(snippet: list[int], full_budget: int) -> None:
-    with MoEEngine(TRAINED, cache_bytes=full_budget, n_ctx=256, n_slots=2, n_threads=2) as engine:
+    with MoEEngine(TRAINED, cache_bytes=full_budget, n_ctx=256, n_slots=2, n_threads=1) as engine:
         first = engine.generate("def main():\n", max_tokens=8, session="s")
         held = engine.held_tokens()
         once = engine.score(snippet)
@@ -92,7 +92,7 @@ def test_score_leaves_no_kv_state_and_keeps_the_slots_conversations(snippet: lis
 
 
 def test_score_refuses_what_it_cannot_measure(snippet: list[int], full_budget: int) -> None:
-    with MoEEngine(TRAINED, cache_bytes=full_budget, n_ctx=128, n_threads=2) as engine:
+    with MoEEngine(TRAINED, cache_bytes=full_budget, n_ctx=128, n_threads=1) as engine:
         with pytest.raises(PromptTooLongError, match="128"):
             engine.score(list(snippet) * 2)
         with pytest.raises(InvalidParameterError, match="two tokens"):
