@@ -132,8 +132,8 @@ def heldout_windows(model_path: str | Path, tokenize: Callable[[str], list[int]]
             log(f"held-out text: {name} skipped: {result.skipped[name]}")
             continue
         result.windows[name] = windows
-        result.sources[name] = (f"{source.description}; {_count(len(windows), 'window')} from the first "
-                                f"{_count(n_read, 'held-out document')}")
+        documents = "held-out document" if n_read == 1 else f"{n_read} held-out documents"
+        result.sources[name] = f"{source.description}; {_count(len(windows), 'window')} from the first {documents}"
         log(f"held-out text: {name}: {len(windows)} windows of {window_tokens} tokens ({n_read} documents read)")
     if not result.windows:
         raise ValueError(f"no held-out text to score '{model_path}' on: "

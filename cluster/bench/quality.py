@@ -78,6 +78,17 @@ def default_model() -> str:
     return str(synth_default("bench"))
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def check_args(model: str, budget_fraction: float, n_windows: int, window_tokens: int) -> None:
     """Raises a one-line error for input the bench cannot run with."""
     if not os.path.isfile(model):
@@ -219,7 +230,7 @@ def run_quality(model: str | None = None, out_dir: Path | None = None, *, quick:
                                             ("--out", out_flag(out_dir))]),
         "started": started,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine(),
+                    "processor": _cpu_model(),
                     "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "model": {"path": model_path, "arch": layout.arch, "n_layers": layout.n_layers, "n_experts": layout.n_experts,
                   "n_experts_used": layout.n_experts_used, "expert_bytes": footprint},
