@@ -8,7 +8,8 @@ Every figure in the report comes from this run:
     the cache under the same limit, and the engine with no limit; disk bytes read per token
     (prefill and decode separately) from /proc/self/io.
   * policy — routing traces recorded from the model, replayed through the policy core at
-    budgets of 10 %..100 % of the expert bytes: scan_resistant vs lru vs the best static set.
+    budgets of 10 %..100 % of the expert bytes: ours (the default LFU) vs scan_resistant vs lru vs
+    Belady's MIN vs the best static set.
 """
 
 from __future__ import annotations
@@ -360,11 +361,19 @@ def record_traces(model_path: str, workloads: dict[str, list[tuple[str, str]]], 
     return traces, live
 
 
+POLICIES: dict[str, dict[str, Any]] = {
+    "ours": {},  # the default CacheConfig (LFU with a half-life of 8 steps)
+    "scan_resistant": {"eviction": "scan_resistant", "heat_half_life_steps": 2.0},  # the previous default
+    "lru": {"eviction": "lru"},
+}
+"""The online policies the tables compare, by name: CacheConfig fields besides the budget."""
+
+
 def replay_policy(trace: RoutingTrace, unit_bytes: np.ndarray, n_experts_used: int, budget: int,
-                  eviction: str) -> dict[str, float]:
-    """The policy core (the code the eval callback drives) over a recorded trace."""
+                  policy_name: str = "ours") -> dict[str, float]:
+    """The policy core (the code the eval callback drives) over a recorded trace, under one of ``POLICIES``."""
     n_layers, n_experts = unit_bytes.shape
-    policy = CachePolicy(n_layers, n_experts, unit_bytes, CacheConfig(budget_bytes=budget, eviction=eviction),
+    policy = CachePolicy(n_layers, n_experts, unit_bytes, CacheConfig(budget_bytes=budget, **POLICIES[policy_name]),
                          n_experts_used)
     policy.replay(trace)
     c = policy.counters()
@@ -377,7 +386,7 @@ def replay_policy(trace: RoutingTrace, unit_bytes: np.ndarray, n_experts_used: i
 
 
 POLICY_BUDGETS = (0.1, 0.2, 1 / 3, 0.4, 0.5, 0.6, 0.8)
-ONLINE_POLICIES = ("scan_resistant", "lru", "lfu")
+ONLINE_POLICIES = tuple(POLICIES)
 
 
 def policy_table(trace: RoutingTrace, unit_bytes: np.ndarray, n_experts_used: int,
@@ -385,7 +394,7 @@ def policy_table(trace: RoutingTrace, unit_bytes: np.ndarray, n_experts_used: in
     """Every policy at every budget, in two views of the trace: ``decode`` (the decode ubatches
     alone, as if the prompts had been prefilled elsewhere) and ``request`` (prefill and decode as
     they came). Online policies replay without the predictor's events (eviction alone), and ours
-    once more with them (``scan_resistant+prefetch``: reads ahead count as bytes, used ones as hits);
+    once more with them (``ours+prefetch``: reads ahead count as bytes, used ones as hits);
     MIN and the best static set know the whole trace."""
     n_layers, n_experts = unit_bytes.shape
     footprint = int(unit_bytes.sum())
@@ -399,10 +408,9 @@ def policy_table(trace: RoutingTrace, unit_bytes: np.ndarray, n_experts_used: in
             budget = int(fraction * footprint)
             try:
                 row: dict[str, Any] = {"fraction": fraction}
-                for eviction in ONLINE_POLICIES:
-                    row[eviction] = replay_policy(bare, unit_bytes, n_experts_used, budget, eviction)
-                row["scan_resistant+prefetch"] = replay_policy(with_predictions, unit_bytes, n_experts_used, budget,
-                                                               "scan_resistant")
+                for name in ONLINE_POLICIES:
+                    row[name] = replay_policy(bare, unit_bytes, n_experts_used, budget, name)
+                row["ours+prefetch"] = replay_policy(with_predictions, unit_bytes, n_experts_used, budget, "ours")
             except InvalidParameterError as exc:  # budget below one decode step
                 rows.append({"fraction": fraction, "error": str(exc)})
                 continue

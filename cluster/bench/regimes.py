@@ -128,7 +128,7 @@ def measure(model_path: str, prompts: str | None, *, n_requests: int = 8, max_to
     decode = RoutingTrace.concat(traces).select(decode_only=True, predictions=False)
     budget = int(BUDGET_FRACTION * unit_bytes.sum())
     hits = {name: replay_policy(decode, unit_bytes, layout.n_experts_used, budget, mode)["decode_hit_rate"]
-            for name, mode in (("lru", "lru"), ("ours", "scan_resistant"))}
+            for name, mode in (("lru", "lru"), ("ours", "ours"))}
     hits["min"] = offline.belady_min(offline.accesses(decode, n_experts), unit_bytes, budget, n_layers)["decode_hit_rate"]
     published = published_statistics(traces, unit_bytes, layout.n_experts_used)
     return {"model": model_path, "prompts": prompts or "synthetic topic prompts", "n_layers": n_layers,

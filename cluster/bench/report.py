@@ -35,8 +35,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-POLICY_COLUMNS = (("scan_resistant", "ours"), ("scan_resistant+prefetch", "ours + prefetch"), ("lru", "LRU"),
-                  ("lfu", "LFU (decay)"), ("min", "Belady MIN"), ("static_best", "best static"))
+POLICY_COLUMNS = (("ours", "ours (LFU, decay)"), ("ours+prefetch", "ours + prefetch"), ("lru", "LRU"),
+                  ("scan_resistant", "scan-resistant"), ("min", "Belady MIN"), ("static_best", "best static"))
 
 
 def _plot_policy(policy: dict[str, Any], path: Path) -> None:
@@ -79,7 +79,7 @@ def policy_lines(policy: dict[str, Any]) -> list[str]:
                 if abs(r["fraction"] - 1 / 3) < 1e-6:
                     third = r
             if third is not None:
-                ours, lru, best = third["scan_resistant"], third["lru"], third["min"]
+                ours, lru, best = third["ours"], third["lru"], third["min"]
                 bytes_ratio = ours["decode_bytes_read_per_token"] / max(1, lru["decode_bytes_read_per_token"])
                 lines += ["", f"At a one-third budget: ours − LRU = "
                           f"{100 * (ours['decode_hit_rate'] - lru['decode_hit_rate']):+.1f} points of decode hit rate, "

@@ -23,7 +23,7 @@ from cluster.engine.model_file import check_model_file
 from cluster.engine.trace_summary import RoutingTraceSummary, expert_id_dtype
 
 PAGE_SIZE: int = _native.PAGE_SIZE
-EVICTION_POLICIES: tuple[str, ...] = ("scan_resistant", "lru", "lfu")
+EVICTION_POLICIES: tuple[str, ...] = ("lfu", "scan_resistant", "lru")
 ExpertLayout = _native.ExpertLayout
 CachePlan = _native.CachePlan  # after an access or prediction: drop ``evict``, then read ``load`` (unit ids, int32)
 
@@ -38,8 +38,8 @@ class CacheConfig:
         heat_half_life_steps: half-life of an expert's heat, in evaluated ubatches.
         prefill_weight: heat of a prefill access relative to a decode access.
         layer_floor_fraction: share of a layer's fair budget that other layers cannot take.
-        eviction: ``scan_resistant`` (default), ``lru`` (the baseline) or ``lfu`` (frequency with
-            ageing: heat alone, a reference point).
+        eviction: ``lfu`` (default: frequency with ageing, heat alone), ``scan_resistant`` (heat
+            behind a probation segment and per-layer floors) or ``lru`` (the baseline).
         prefetch: read predicted experts ahead (predictions are scored either way).
         prefetch_min_use: predictions made more than one layer ahead are read ahead only while
             at least this share of the reads made that far ahead were used (moving average).
@@ -47,10 +47,10 @@ class CacheConfig:
 
     budget_bytes: int
     probation_fraction: float = 0.1
-    heat_half_life_steps: float = 2.0
+    heat_half_life_steps: float = 8.0
     prefill_weight: float = 1.0
     layer_floor_fraction: float = 0.5
-    eviction: str = "scan_resistant"
+    eviction: str = "lfu"
     prefetch: bool = True
     prefetch_min_use: float = 0.5
 
