@@ -227,6 +227,7 @@ def run_quality(model: str | None = None, out_dir: Path | None = None, *, quick:
                                             ("--budget-fraction", None if defaults["budget"] else f"{budget_fraction:g}"),
                                             ("--windows", None if defaults["windows"] else n_windows),
                                             ("--window-tokens", None if defaults["tokens"] else window_tokens),
+                                            ("--threads", n_threads),
                                             ("--out", out_flag(out_dir))]),
         "started": started,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),

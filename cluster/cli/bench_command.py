@@ -19,7 +19,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
             "batch": ("no_limit", "topics"),
             "scale": ("dtype", "warmup_s", "ctx", "work_dir", "keep_model", "no_unlimited", "parts"),
-            "quality": ("budget_fraction", "windows", "window_tokens")}
+            "quality": ("budget_fraction", "windows", "window_tokens", "threads")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
@@ -90,13 +90,14 @@ def run_bench(args: argparse.Namespace) -> int:
         foreign = given + (["prompts"] if args.prompts else [])
         if foreign:
             raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench quality' (it takes --model, "
-                             f"--budget-fraction, --windows, --window-tokens, --quick, --out)")
+                             f"--budget-fraction, --windows, --window-tokens, --threads, --quick, --out)")
         from cluster.bench import quality
 
         result = quality.run_quality(args.model, Path(args.out), quick=args.quick,
                                      budget_fraction=quality.DEFAULT_BUDGET_FRACTION if args.budget_fraction is None
                                      else args.budget_fraction, n_windows=args.windows,
-                                     window_tokens=args.window_tokens, progress=not args.json)
+                                     window_tokens=args.window_tokens, n_threads=args.threads,
+                                     progress=not args.json)
         emit({"report": result["report"], "settings": result["settings"]}, args, _quality_summary)
         return 0
     if args.suite == "router":

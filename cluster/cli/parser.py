@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--windows", type=_positive_int, help="quality: held-out windows per domain (default 2; --quick 1)")
     quality.add_argument("--window-tokens", type=_positive_int,
                          help="quality: tokens per window (default 128; --quick 64)")
+    quality.add_argument("--threads", type=_positive_int,
+                         help="quality: compute threads of each engine (default: all cores; on a machine other work "
+                              "shares, 1 keeps ggml's spinning threads from stalling and tok/s comparable)")
     return parser
 
 
