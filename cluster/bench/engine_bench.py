@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from cluster.distributed import memory_limit as memlimit
 from cluster.models import synth
 from cluster.bench import command_line, log_progress, offline, out_flag, workload
 from cluster.engine.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
+from cluster.engine.expert_selection import CACHE_AWARE, ExpertSelection
 from cluster.errors import InvalidParameterError
 from cluster.engine.node_memory import MIB
 from cluster.models.synth import default_model
@@ -167,6 +168,9 @@ def bench_overhead(model_path: str, prompt: str, *, pairs: int, max_tokens: int,
 
 # -- bounded memory ------------------------------------------------------------------------
 
+CACHE_AWARE_SETTING = ExpertSelection(CACHE_AWARE)
+"""The cache-aware run of the bounded-memory benchmark: the default bounds (docs/quality.md gives their cost)."""
+
 def _run_worker(spec: dict[str, Any], limit: memlimit.MemoryLimit | None, timeout_s: float) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
@@ -257,7 +261,11 @@ def _limited_run(spec: dict[str, Any], limit_bytes: int, timeout_s: float) -> di
 
 
 def bench_bounded(model_path: str, prompts: list[str], *, max_tokens: int, progress: bool,
-                  limit_fraction: float = 0.5, timeout_s: float = 1500.0) -> dict[str, Any]:
+                  limit_fraction: float = 0.5, timeout_s: float = 1500.0,
+                  selection: ExpertSelection = CACHE_AWARE_SETTING) -> dict[str, Any]:
+    """Decode speed under a cgroup limit of ``limit_fraction`` of the file: plain llama.cpp, the cache
+    with exact selection, and with cache-aware ``selection``; against the cache with no limit, and the
+    disk's bound at the bytes each run read per decoded token."""
     file_size = os.path.getsize(model_path)
     reason = memlimit.unavailable_reason() or limit_too_small(file_size, limit_fraction)
     if reason:
@@ -274,9 +282,12 @@ def bench_bounded(model_path: str, prompts: list[str], *, max_tokens: int, progr
     if "error" in unlimited:
         return {"error": f"unlimited run failed: {unlimited['error']}"}
     runs = {"cache_unlimited": _summarise_run(unlimited)}
-    for name, cache_bytes in (("plain_limited", None), ("cache_limited", "auto")):
+    aware = asdict(selection)
+    for name, cache_bytes, chosen in (("plain_limited", None, None), ("cache_limited", "auto", None),
+                                      ("cache_aware_limited", "auto", aware)):
         log_progress(progress, f"  bounded memory: {name} (limit {limit_bytes / MIB:.0f} MiB)")
-        runs[name] = _limited_run({**base, "cache_bytes": cache_bytes}, limit_bytes, timeout_s)
+        runs[name] = _limited_run({**base, "cache_bytes": cache_bytes, "expert_selection": chosen}, limit_bytes,
+                                  timeout_s)
     ok = all("error" not in r for r in runs.values())
     result: dict[str, Any] = {
         "limit_bytes": limit_bytes,
@@ -296,6 +307,14 @@ def bench_bounded(model_path: str, prompts: list[str], *, max_tokens: int, progr
         per_token = limited["decode_read_bytes_per_token"]
         result["disk_bound_tok_s"] = bandwidth / per_token if per_token > 0 else float("inf")
         result["same_text"] = limited["texts"] == runs["plain_limited"]["texts"] == runs["cache_unlimited"]["texts"]
+        aware_run = runs["cache_aware_limited"]
+        aware_bytes = aware_run["decode_read_bytes_per_token"]
+        result["cache_aware"] = {
+            "selection": asdict(selection),
+            "fraction_of_unlimited": aware_run["decode_tok_s"] / runs["cache_unlimited"]["decode_tok_s"],
+            "disk_bound_tok_s": bandwidth / aware_bytes if aware_bytes > 0 else float("inf"),
+            "same_text_as_exact": aware_run["texts"] == limited["texts"],
+        }
     return result
 
 
@@ -435,8 +454,12 @@ def bench_policy(model_path: str, workloads: dict[str, list[tuple[str, str]]], *
 
 # -- report --------------------------------------------------------------------------------
 
+ENGINE_PARTS = ("overhead", "bounded", "auto", "policy")
+"""The parts of ``bench engine`` (``--parts``), in the order they run."""
+
+
 def run_engine_bench(model: str | None, out_dir: Path, *, prompts: str | None = None, quick: bool = False,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, parts: tuple[str, ...] = ENGINE_PARTS) -> dict[str, Any]:
     model_path = model or str(default_model("bench", progress=progress))
     layout = discover_layout(model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -444,7 +467,8 @@ def run_engine_bench(model: str | None, out_dir: Path, *, prompts: str | None = 
     wl = workloads(model_path, prompts, n_requests=4 if quick else 8)
     result: dict[str, Any] = {
         "command": command_line("engine", [("--model", model), ("--prompts", prompts), ("--out", out_flag(out_dir)),
-                                           ("--quick", quick)]),
+                                           ("--quick", quick),
+                                           ("--parts", ",".join(parts) if parts != ENGINE_PARTS else None)]),
         "started": started,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                     "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
@@ -453,17 +477,20 @@ def run_engine_bench(model: str | None, out_dir: Path, *, prompts: str | None = 
                   "expert_bytes": layout.expert_bytes, "non_expert_bytes": layout.non_expert_bytes},
         "workload": wl.source,
     }
-    log_progress(progress, "overhead (no memory pressure, alternated side by side)")
-    result["overhead"] = bench_overhead(model_path, wl.single[0], pairs=3 if quick else 15,
-                                        max_tokens=16 if quick else 64, progress=progress)
     bounded = wl.single[:2 if quick else 3]
-    log_progress(progress, "bounded memory (cgroup limit = 50 % of the model file, page cache dropped)")
-    result["bounded_memory"] = bench_bounded(model_path, bounded, max_tokens=16 if quick else 48, progress=progress)
-    if not quick:
+    if "overhead" in parts:
+        log_progress(progress, "overhead (no memory pressure, alternated side by side)")
+        result["overhead"] = bench_overhead(model_path, wl.single[0], pairs=3 if quick else 15,
+                                            max_tokens=16 if quick else 64, progress=progress)
+    if "bounded" in parts:
+        log_progress(progress, "bounded memory (cgroup limit = 50 % of the model file, page cache dropped)")
+        result["bounded_memory"] = bench_bounded(model_path, bounded, max_tokens=16 if quick else 48, progress=progress)
+    if "auto" in parts and not quick:
         log_progress(progress, "auto budget (cgroup limits of 30/50/70 % of the model, manual budgets swept)")
         result["auto_budget"] = bench_auto_budget(model_path, bounded[:2], max_tokens=48, progress=progress)
-    log_progress(progress, "policy (recorded traces replayed at budgets 10-80 %)")
-    result["policy"] = bench_policy(model_path, wl.policy, max_tokens=24 if quick else 64, progress=progress)
+    if "policy" in parts:
+        log_progress(progress, "policy (recorded traces replayed at budgets 10-80 %)")
+        result["policy"] = bench_policy(model_path, wl.policy, max_tokens=24 if quick else 64, progress=progress)
     from cluster.bench.report import write_engine_report
 
     result["report"] = str(write_engine_report(result, out_dir))

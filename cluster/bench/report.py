@@ -91,9 +91,10 @@ def policy_lines(policy: dict[str, Any]) -> list[str]:
 
 def _plot_bounded(bounded: dict[str, Any], path: Path) -> None:
     runs = bounded["runs"]
-    names = [n for n in ("plain_limited", "cache_limited", "cache_unlimited") if "error" not in runs.get(n, {"error": 1})]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].bar(names, [runs[n]["decode_tok_s"] for n in names], color=["#c44", "#4a4", "#48c"][: len(names)])
+    names = [n for n in ("plain_limited", "cache_limited", "cache_aware_limited", "cache_unlimited")
+             if "error" not in runs.get(n, {"error": 1})]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    axes[0].bar(names, [runs[n]["decode_tok_s"] for n in names], color=["#c44", "#4a4", "#a84", "#48c"][: len(names)])
     axes[0].set_ylabel("decode tok/s")
     axes[0].set_title(f"limit {bounded['limit_bytes'] / MIB:.0f} MiB = 50 % of the model")
     width = 0.38
@@ -127,11 +128,11 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
         f"(top-{model['n_experts_used']}), file {model['file_bytes'] / MIB:.0f} MiB, experts "
         f"{model['expert_bytes'] / MIB:.0f} MiB, non-expert pages {model['non_expert_bytes'] / MIB:.0f} MiB.",
         "",
+    ]
+    o = result.get("overhead")
+    lines += [] if o is None else [
         "## Engine overhead (no memory pressure)",
         "",
-    ]
-    o = result["overhead"]
-    lines += [
         f"Two engines on the same model in one process, generations alternated ({o['pairs']} pairs, "
         f"{o['max_tokens']} tokens each); the cache's budget covers the whole model.",
         "",
@@ -144,7 +145,7 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
         f"ratio of medians {_fmt(o['ratio_of_medians'], 3)}). Same text both ways: {o['same_text']}.",
         "",
     ]
-    if "callback_ms_per_step" in o:
+    if o is not None and "callback_ms_per_step" in o:
         c = o["callback_ms_per_step"]
         lines += [
             "Where the time goes, per decode step: plain llama.cpp "
@@ -155,9 +156,12 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
             "the nodes up to it, synchronises, then calls back).",
             "",
         ]
-    lines += ["## Bounded memory", ""]
-    b = result["bounded_memory"]
-    if "skipped" in b or "error" in b:
+    b = result.get("bounded_memory")
+    if b is not None:
+        lines += ["## Bounded memory", ""]
+    if b is None:
+        pass
+    elif "skipped" in b or "error" in b:
         lines += [f"Not measured: {b.get('skipped') or b.get('error')}.", ""]
     else:
         lines += [
@@ -184,9 +188,21 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
                 "",
                 f"**Cache under the limit vs plain mmap under the limit: {_fmt(b['speedup_vs_plain'], 2)}× decode tok/s.** "
                 f"**Cache under the limit vs the same engine with no limit: {_fmt(b['fraction_of_unlimited'], 2)}×.** "
-                f"Identical text in all three runs: {b['same_text']}. At the disk bytes it read per decoded token, the "
+                f"Identical text in the three exact runs: {b['same_text']}. At the disk bytes it read per decoded token, the "
                 f"disk alone allows {_fmt(b['disk_bound_tok_s'], 1)} tok/s (bandwidth ÷ bytes per token).",
             ]
+            aware = b.get("cache_aware")
+            if aware is not None:
+                sel = aware["selection"]
+                lines += [
+                    "",
+                    f"**Cache-aware selection under the limit** (`cache_aware_limited`: max changed weight "
+                    f"{sel['max_changed_weight']:g}, min score ratio {sel['min_score_ratio']:g}; its quality cost: "
+                    f"`python -m cluster bench quality`, docs/quality.md): **{_fmt(aware['fraction_of_unlimited'], 2)}× "
+                    f"the unlimited engine's decode tok/s**; the disk alone allows {_fmt(aware['disk_bound_tok_s'], 1)} "
+                    f"tok/s at its bytes per token. Same text as exact: {aware['same_text_as_exact']} (it changes the "
+                    f"model's output by design).",
+                ]
         _plot_bounded(b, out_dir / "bounded_memory.png")
         lines += ["", "![bounded memory](bounded_memory.png)", ""]
     a = result.get("auto_budget")
@@ -214,8 +230,8 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
                              f"{_fmt(entry.get('auto_vs_best'), 2)} |")
             lines += ["", "Auto's reasoning in each run: " + "; ".join(
                 f"{100 * e['limit_fraction']:.0f} %: {e['auto'].get('auto_budget', 'n/a')}" for e in a["limits"]), ""]
-    p = result["policy"]
-    lines += [
+    p = result.get("policy")
+    lines += [] if p is None else [
         "## Cache policy (trace replay)",
         "",
         "Routing traces recorded from the model, replayed through the policy core (the same code the "
@@ -235,9 +251,10 @@ def write_engine_report(result: dict[str, Any], out_dir: Path) -> Path:
         "ahead) and the best static set know the whole trace: MIN is the ceiling of any eviction policy.",
         "",
     ]
-    lines += policy_lines(p)
-    _plot_policy(p, out_dir / "policy_hit_rate.png")
-    lines += ["![policy hit rate](policy_hit_rate.png)", ""]
+    if p is not None:
+        lines += policy_lines(p)
+        _plot_policy(p, out_dir / "policy_hit_rate.png")
+        lines += ["![policy hit rate](policy_hit_rate.png)", ""]
     path = out_dir / "benchmarks.md"
     path.write_text("\n".join(lines))
     return path

@@ -1,7 +1,8 @@
 """Benchmark child: loads one engine, serves a workload, prints one JSON line of measurements.
 
 Run as ``python -m cluster.bench.worker SPEC.json``; the spec gives model, cache budget
-(bytes, "auto", or null: plain llama.cpp) and requests. Disk reads come from /proc/self/io (``read_bytes``:
+(bytes, "auto", or null: plain llama.cpp), optionally the expert selection (``ExpertSelection``'s
+fields) and requests. Disk reads come from /proc/self/io (``read_bytes``:
 bytes this process made the kernel fetch from storage, page faults of the mapping included).
 """
 
@@ -30,12 +31,14 @@ def _rss_anon() -> int:
 
 
 def main(spec_path: str) -> int:
+    from cluster.engine.expert_selection import ExpertSelection
     from cluster.engine.moe_engine import MoEEngine
 
     spec = json.loads(open(spec_path).read())
     t0 = time.perf_counter()
+    selection = ExpertSelection(**spec["expert_selection"]) if spec.get("expert_selection") else ExpertSelection()
     engine = MoEEngine(spec["model"], spec["cache_bytes"], n_ctx=spec.get("n_ctx", 1024),
-                       n_threads=spec.get("n_threads"))
+                       n_threads=spec.get("n_threads"), expert_selection=selection)
     load = {"load_s": time.perf_counter() - t0}
     requests = []
     for req in spec["requests"]:

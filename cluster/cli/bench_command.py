@@ -18,12 +18,14 @@ def run_bench(args: argparse.Namespace) -> int:
     only = {"routing": ("decision_cost", "kill_node_after"),
             "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
             "batch": ("no_limit", "topics"),
-            "scale": ("dtype", "warmup_s", "ctx", "work_dir", "keep_model", "no_unlimited", "parts"),
+            "scale": ("dtype", "warmup_s", "ctx", "work_dir", "keep_model", "no_unlimited"),
             "quality": ("budget_fraction", "windows", "window_tokens", "threads")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
+    if args.parts and args.suite not in ("engine", "scale"):
+        raise ValueError(f"--parts is a flag of 'bench engine' and 'bench scale', not 'bench {args.suite}'")
     if args.node_memory_mb is not None and args.suite not in ("routing", "scale"):
         raise ValueError(f"--node-memory-mb is a flag of 'bench routing' and 'bench scale', not 'bench {args.suite}'")
     if args.concurrency and args.suite not in ("routing", "batch", "serving", "scale"):
@@ -152,10 +154,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.suite == "engine":
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench routing' and 'bench simulate'")
-        from cluster.bench.engine_bench import run_engine_bench
+        from cluster.bench.engine_bench import ENGINE_PARTS, run_engine_bench
 
+        parts = tuple(args.parts.split(",")) if args.parts else ENGINE_PARTS
+        if not parts or not set(parts) <= set(ENGINE_PARTS):
+            raise ValueError(f"--parts of 'bench engine' must be comma-separated names of {', '.join(ENGINE_PARTS)}, "
+                             f"got {args.parts!r}")
         result = run_engine_bench(model=args.model, out_dir=Path(args.out), prompts=args.prompts, quick=args.quick,
-                                  progress=not args.json)
+                                  progress=not args.json, parts=parts)
         emit(result, args, lambda r: f"wrote {r['report']}")
         return 0
     if args.seed is not None and args.seed < 0:

@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--keep-model", action="store_true", help="scale: keep the generated model afterwards")
     scale.add_argument("--no-unlimited", action="store_true", help="scale: skip the cluster runs without memory limits")
     scale.add_argument("--parts", help="scale: node (one node against llama.cpp under 25 %%/50 %% limits and none), "
-                                       "cluster (the service against the llama-server deployment); default both")
+                                       "cluster (the service against the llama-server deployment); default both. "
+                                       "engine: overhead, bounded, auto, policy; default all")
     quality = p.add_argument_group("quality (cache-aware expert selection against exact: bits per token and greedy "
                                    "agreement on held-out text, expert bytes per token; also takes --model (default: "
                                    "trained/moe-5domains.gguf), --quick, --out)")
