@@ -35,7 +35,7 @@ def test_quality_writes_its_report(report: tuple[Path, dict]) -> None:
     out, result = report
     assert (out / "quality.png").stat().st_size > 0
     text = (out / "quality.md").read_text()
-    assert f"python -m cluster bench quality --model {TRAINED} --quick --out {out}" in text
+    assert f"python -m cluster bench quality --model {TRAINED} --quick --threads 1 --out {out}" in text
     assert result["command"] in text
     assert "Which setting for which loss" in text
     assert set(result["text"]["domains"]) | set(result["text"]["skipped"]) == \
