@@ -72,7 +72,8 @@ def settings() -> list[Setting]:
 def default_model() -> str:
     """The trained model of the repository if it is there, else the generated bench model."""
     if TRAINED_MODEL.is_file():
-        return str(TRAINED_MODEL)
+        relative = os.path.relpath(TRAINED_MODEL)
+        return relative if not relative.startswith("..") else str(TRAINED_MODEL)  # the report names it as typed
     from cluster.models.synth import default_model as synth_default
 
     return str(synth_default("bench"))
