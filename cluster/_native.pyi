@@ -18,6 +18,7 @@ class CacheConfig:
     eviction: Any
     prefetch: bool
     prefetch_min_use: float
+    prefetch_min_precision: float
     def __init__(self) -> None: ...
     def validate(self) -> None: ...
 

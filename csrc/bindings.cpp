@@ -69,6 +69,7 @@ PYBIND11_MODULE(_native, m) {
             [](cache_config & c, const std::string & name) { c.eviction = cache_eviction_from_name(name); })
         .def_readwrite("prefetch", &cache_config::prefetch)
         .def_readwrite("prefetch_min_use", &cache_config::prefetch_min_use)
+        .def_readwrite("prefetch_min_precision", &cache_config::prefetch_min_precision)
         .def("validate", &cache_config::validate, "Raises ValueError naming the first bad field.");
 
     py::class_<selection_config>(m, "SelectionConfig", "Exact or cache-aware expert selection (see csrc/expert-selection.h).")

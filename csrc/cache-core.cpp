@@ -37,6 +37,8 @@ void cache_config::validate() const {
             "prefill_weight must be in [0, 1], got " + std::to_string(prefill_weight));
     require(prefetch_min_use >= 0.0 && prefetch_min_use <= 1.0,
             "prefetch_min_use must be in [0, 1], got " + std::to_string(prefetch_min_use));
+    require(prefetch_min_precision >= 0.0 && prefetch_min_precision <= 1.0,
+            "prefetch_min_precision must be in [0, 1], got " + std::to_string(prefetch_min_precision));
     require(layer_floor_fraction >= 0.0 && layer_floor_fraction <= 1.0,
             "layer_floor_fraction must be in [0, 1], got " + std::to_string(layer_floor_fraction));
     require(eviction == CACHE_EVICTION_SCAN_RESISTANT || eviction == CACHE_EVICTION_LRU || eviction == CACHE_EVICTION_LFU,
@@ -251,6 +253,7 @@ void cache_policy::score_prediction(int layer) {
     for (int32_t e : predicted) { correct += selected_scratch_[size_t(e)]; }
     counters_.n_predicted += predicted.size();
     counters_.n_predicted_correct += correct;
+    precision_avg_ = 0.95 * precision_avg_ + 0.05 * double(correct) / double(predicted.size());
     counters_.n_selected_predicted += access_units_.size();
     predicted.clear();
 }
@@ -348,6 +351,7 @@ void cache_policy::predict(int layer, const int32_t * experts, int n, cache_plan
     }
     if (!config_.prefetch) { return; }
     if (distance > 1 && distance_use_[size_t(distance)] < config_.prefetch_min_use) { return; }
+    if (distance == 1 && precision_avg_ < config_.prefetch_min_precision) { return; }
     const int32_t base = int32_t(layer) * n_experts_;
     for (int32_t e : predicted) {
         const int32_t u = base + e;

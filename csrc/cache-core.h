@@ -49,6 +49,13 @@
 //                         layer's predictions are always acted on. On the trained model, reads 2-3
 //                         layers ahead were used 32 % / 22 % of the time and added almost no hits
 //                         for twice the bytes; on the synthetic models they are used far more.
+//   prefetch_min_precision  the next layer's predictions are read ahead only while this share of the  [0, 1], 0.8
+//                         experts predicted were then selected (a moving average of every scored
+//                         prediction, starting at 1; predictions are scored whether read or not, so
+//                         reading resumes when they improve). A read ahead that is not used costs its
+//                         bytes and evicts a unit: on the synthetic presets 96-97 % of predictions
+//                         were selected, on the trained models 63 %, where reading ahead read 1.6x the
+//                         bytes of reading on demand (docs/quality.md, docs/policies.md).
 //   prefetch              act on predictions (they are scored either way)      true
 #pragma once
 
@@ -76,6 +83,7 @@ struct cache_config {
     cache_eviction eviction             = CACHE_EVICTION_LFU;
     bool           prefetch             = true;
     double         prefetch_min_use     = 0.5;
+    double         prefetch_min_precision = 0.8;
 
     // Throws std::invalid_argument naming the first bad field.
     void validate() const;
@@ -223,6 +231,7 @@ private:
     // prediction scoring: predicted experts of each layer, waiting for its next access
     std::vector<std::vector<int32_t>> predicted_;   // [layers]
     std::vector<double> distance_use_;              // [distance] moving average: reads ahead used (1) or wasted (0)
+    double precision_avg_ = 1.0;                    // moving average of scored predictions' precision
     std::vector<uint8_t> selected_scratch_;         // [experts]
     std::vector<uint8_t> decode_scratch_;           // [experts] selected by a decoding token (row_decode)
     std::vector<uint8_t> load_decode_;              // [units] a unit of the plan's load was a decode miss

@@ -270,6 +270,28 @@ def test_predictions_far_ahead_stop_being_read_once_they_prove_wrong_and_the_nex
     assert sum(always[-20:]) > 0, "it is the use rule, not residency, that stops the reads"
 
 
+def _next_layer_reads(right: bool, min_precision: float) -> list[int]:
+    """Reads ahead for layer 1 predicted from layer 0, step after step; the prediction is the experts layer 1 then
+    selects (``right``) or two it never selects."""
+    policy = make_policy(n_layers=2, n_experts=32, budget_units=8, k=2, prefetch_min_precision=min_precision)
+    reads = []
+    for step in range(30):  # layer 1 walks through 28 experts: there is room to read each step's new one
+        chosen = [2 + step % 28, 3 + step % 28]
+        policy.access(0, [[0, 1]])
+        reads.append(len(policy.predict(1, chosen if right else [30, 31]).load))
+        policy.access(1, [chosen])
+    return reads
+
+
+def test_the_next_layer_is_read_ahead_only_while_its_predictions_are_selected() -> None:
+    """A wrong read ahead costs its bytes: below prefetch_min_precision the next layer's predictions are scored,
+    not read (a trained model's 63 % precision read 1.6x the bytes of reading on demand)."""
+    wrong = _next_layer_reads(right=False, min_precision=0.8)
+    assert wrong[0] > 0 and sum(wrong[10:]) == 0, wrong
+    assert min(_next_layer_reads(right=True, min_precision=0.8)[1:]) > 0  # right predictions keep being read
+    assert sum(_next_layer_reads(right=False, min_precision=0.0)[10:]) > 0  # the rule, not residency, stops them
+
+
 def test_prefetch_storm_only_evicts_probation_units() -> None:
     policy = make_policy(n_layers=2, n_experts=16, budget_units=6, k=2)
     for _ in range(3):

@@ -43,6 +43,8 @@ class CacheConfig:
         prefetch: read predicted experts ahead (predictions are scored either way).
         prefetch_min_use: predictions made more than one layer ahead are read ahead only while
             at least this share of the reads made that far ahead were used (moving average).
+        prefetch_min_precision: the next layer's predictions are read ahead only while at least this
+            share of predicted experts were then selected (moving average; a wasted read costs bytes).
     """
 
     budget_bytes: int
@@ -53,6 +55,7 @@ class CacheConfig:
     eviction: str = "lfu"
     prefetch: bool = True
     prefetch_min_use: float = 0.5
+    prefetch_min_precision: float = 0.8
 
     def to_native(self) -> _native.CacheConfig:
         if not isinstance(self.budget_bytes, (int, np.integer)) or isinstance(self.budget_bytes, bool):
