@@ -123,3 +123,72 @@ def test_every_family_runs_cache_aware_or_says_why_not(arch: str, tmp_path: Path
         gen = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0))
     assert len(gen.tokens) == 24
     assert gen.cache["n_selections_replaced"] + gen.cache["n_selections_skipped"] > 0, arch
+
+
+def _forced_logits(model, tokens: list[int], forced: list[dict[int, np.ndarray]]):
+    """The PyTorch twin of the trained model on ``tokens`` with layer l's experts at position p taken from
+    ``forced[l][p]`` where given (its own top-k elsewhere), each weighed as qwen3moe weighs its selection: its
+    softmax probability, renormalised over the k selected."""
+    import torch
+
+    with torch.no_grad():
+        x = model.embed(torch.tensor([tokens]))
+        for il, block in enumerate(model.blocks):
+            x = x + block.attn(block.attn_norm(x), model.rope_cos, model.rope_sin)
+            h = block.ffn_norm(x)[0]
+            moe = block.moe
+            probs = torch.softmax(moe.router(h), dim=-1)
+            top_i = torch.topk(probs, moe.cfg.n_expert_used, dim=-1).indices
+            for position, ids in forced[il].items():
+                top_i[position] = torch.from_numpy(ids.astype(np.int64))
+            weights = probs.gather(1, top_i)
+            weights = weights / weights.sum(-1, keepdim=True)
+            gate, up = moe.gate_up_views()
+            out = torch.zeros_like(h)
+            for j in range(top_i.shape[1]):
+                e = top_i[:, j]
+                a = torch.einsum("td,tfd->tf", h, gate[e])
+                b = torch.einsum("td,tfd->tf", h, up[e])
+                y = torch.einsum("tf,tdf->td", torch.nn.functional.silu(a) * b, moe.w_down[e])
+                out += weights[:, j:j + 1] * y
+            x = x + out[None]
+        return (model.norm(x) @ model.embed.weight.T)[0].numpy()
+
+
+def test_a_changed_selection_is_weighed_as_the_family_weighs_a_selection() -> None:
+    """llama.cpp with cache-aware selection (replacing only) generates what the PyTorch twin of the trained model
+    predicts when each position's experts are forced to the ones the cache's trace says were used, weighed by the
+    qwen3moe rule (softmax probability renormalised over the selection) — and not what the twin predicts with its
+    own selection: the graph computes the changed selection as the model would weigh it."""
+    pytest.importorskip("torch")
+    from cluster.train.verify import torch_model_from_gguf
+
+    layout = discover_layout(str(TRAINED))
+    with MoEEngine(TRAINED, int(layout.unit_bytes.sum() / 4), n_ctx=512, n_threads=2,
+                   expert_selection=ExpertSelection("cache-aware", 0.6, 0.0)) as engine:
+        prompt = engine.tokenize(PROMPT)
+        gen = engine.generate(prompt, GREEDY)
+    assert gen.cache["n_selections_replaced"] > 20 and gen.cache["n_selections_skipped"] == 0
+    prompt = list(prompt)
+    if prompt[0] != 0:
+        prompt = [0] + prompt  # the BOS the engine adds
+    assert gen.n_prompt_tokens == len(prompt)
+    forced: list[dict[int, np.ndarray]] = [{} for _ in range(layout.n_layers)]
+    for step, ubatch in enumerate(gen.trace.ubatches()):
+        for layer, ids in ubatch:
+            if step == 0:  # the prompt: every row (the last layer: the row with logits, the last)
+                first = len(prompt) - ids.shape[0]
+                for row in range(ids.shape[0]):
+                    forced[layer][first + row] = ids[row]
+            else:  # generated token step-1 fed back at its position
+                forced[layer][len(prompt) + step - 1] = ids[0]
+    tokens = prompt + list(gen.tokens[:-1])
+    model = torch_model_from_gguf(TRAINED)
+    start = len(prompt) - 1
+    generated = np.array(gen.tokens)
+    twin = _forced_logits(model, tokens, forced)[start:].argmax(-1)
+    own = _forced_logits(model, tokens, [{} for _ in range(layout.n_layers)])[start:].argmax(-1)
+    agree_forced = float((twin == generated).mean())
+    agree_own = float((own == generated).mean())
+    assert agree_forced >= 0.95, (agree_forced, agree_own)
+    assert agree_forced > agree_own, (agree_forced, agree_own)
