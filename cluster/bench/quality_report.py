@@ -92,16 +92,10 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
 
     rows = _ok(result["settings"])
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    offsets = ((8, 8), (8, -16), (-8, 22), (-8, -28), (8, 34))  # neighbouring points' labels apart
-    for i, r in enumerate(sorted(rows, key=lambda r: (r["mib_per_token"], r["bits_increase_pct"]))):
+    for r in rows:
         exact = r["mode"] == "exact"
         ax.scatter(r["mib_per_token"], r["bits_increase_pct"], marker="s" if exact else "o",
                    color="tab:gray" if exact else "tab:blue")
-        label = r["setting"].removeprefix("cache-aware ")
-        dx, dy = offsets[i % len(offsets)]
-        ax.annotate(label, (r["mib_per_token"], r["bits_increase_pct"]), textcoords="offset points", xytext=(dx, dy),
-                    fontsize=7, ha="left" if dx > 0 else "right",
-                    arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5})
     ax.margins(x=0.12, y=0.15)
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_xlabel("expert MiB read per token")
@@ -111,8 +105,30 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{Path(result['model']['path']).name}: budget {100 * result['budget_fraction']:.0f} % of the experts")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    _place_labels(fig, ax, [(r["setting"].removeprefix("cache-aware "), r["mib_per_token"], r["bits_increase_pct"])
+                            for r in rows])  # once the layout is set: where each label lands is known
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+_LABEL_OFFSETS = ((8, 8), (8, -16), (-8, 8), (-8, -16), (8, 24), (-8, 24), (8, -32), (-8, -32), (8, 40), (-8, 40))
+
+
+def _place_labels(fig: Any, ax: Any, labels: list[tuple[str, float, float]]) -> None:
+    """Annotates each point with its label at the first offset (points) where it overlaps no label placed
+    before it (the last offset tried if none is free), with a thin line to its point."""
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for text, x, y in labels:
+        for dx, dy in _LABEL_OFFSETS:
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
+                               ha="left" if dx > 0 else "right",
+                               arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5})
+            box = note.get_window_extent(renderer).expanded(1.05, 1.2)
+            if not any(box.overlaps(other) for other in placed) or (dx, dy) == _LABEL_OFFSETS[-1]:
+                placed.append(box)
+                break
+            note.remove()
 
 
 def write_quality_report(result: dict[str, Any], out_dir: Path) -> Path:
