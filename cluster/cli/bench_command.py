@@ -18,12 +18,17 @@ def run_bench(args: argparse.Namespace) -> int:
     only = {"routing": ("decision_cost", "kill_node_after"),
             "simulate": ("traces", "save_traces", "warmth_knob"), "chaos": ("duration",),
             "batch": ("no_limit", "topics"),
-            "scale": ("dtype", "warmup_s", "ctx", "work_dir", "keep_model", "no_unlimited"),
-            "quality": ("budget_fraction", "windows", "window_tokens", "threads")}
+            "scale": ("dtype", "warmup_s", "ctx", "keep_model", "no_unlimited"),
+            "quality": ("budget_fraction", "windows", "window_tokens"),
+            "policies": ("models", "prompts_5", "prompts_8", "keep_models")}
     for suite, names in only.items():
         given = [n for n in names if getattr(args, n) not in (None, False)]
         if given and args.suite != suite:
             raise ValueError(f"--{given[0].replace('_', '-')} is a flag of 'bench {suite}', not 'bench {args.suite}'")
+    if args.work_dir is not None and args.suite not in ("scale", "policies"):
+        raise ValueError(f"--work-dir is a flag of 'bench scale' and 'bench policies', not 'bench {args.suite}'")
+    if args.threads is not None and args.suite not in ("quality", "policies"):
+        raise ValueError(f"--threads is a flag of 'bench quality' and 'bench policies', not 'bench {args.suite}'")
     if args.parts and args.suite not in ("engine", "scale"):
         raise ValueError(f"--parts is a flag of 'bench engine' and 'bench scale', not 'bench {args.suite}'")
     if args.node_memory_mb is not None and args.suite not in ("routing", "scale"):
@@ -101,6 +106,22 @@ def run_bench(args: argparse.Namespace) -> int:
                                      window_tokens=args.window_tokens, n_threads=args.threads,
                                      progress=not args.json)
         emit({"report": result["report"], "settings": result["settings"]}, args, _quality_summary)
+        return 0
+    if args.suite == "policies":
+        foreign = [n for n in given if n != "max_tokens"] + (["model"] if args.model else []) + (
+            ["prompts"] if args.prompts else [])
+        if foreign:
+            raise ValueError(f"--{foreign[0].replace('_', '-')} is not a flag of 'bench policies' (it takes --models, "
+                             f"--prompts-5, --prompts-8, --work-dir, --keep-models, --max-tokens, --threads, --quick, "
+                             f"--out)")
+        from cluster.bench import policies
+
+        result = policies.run_policies(Path(args.out), models=args.models, prompts_5=args.prompts_5,
+                                       prompts_8=args.prompts_8, work_dir=args.work_dir, keep_models=args.keep_models,
+                                       quick=args.quick, max_tokens=args.max_tokens, n_threads=args.threads,
+                                       progress=not args.json)
+        emit({"report": result["report"], "target": result["target"], "wall_s": result["wall_s"]}, args,
+             lambda r: f"wrote {r['report']} in {r['wall_s'] / 60:.1f} min")
         return 0
     if args.suite == "router":
         foreign = [n for n in given if n != "requests"] + (["prompts"] if args.prompts else [])

@@ -219,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (engine: docs/benchmarks.md; routing: docs/routing.md; "
                                       "simulate: docs/simulation.md; serving: docs/serving.md; regimes: docs/regimes.md; "
                                       "chaos: docs/chaos.md; batch: docs/batching.md; router: docs/router-latency.md; "
-                                      "scale: docs/scale.md; quality: docs/quality.md)")
+                                      "scale: docs/scale.md; quality: docs/quality.md; policies: docs/policies.md)")
     p.add_argument("suite", choices=("engine", "routing", "simulate", "serving", "regimes", "chaos", "batch", "router",
-                                     "scale", "quality"))
+                                     "scale", "quality", "policies"))
     p.add_argument("--model", help="GGUF MoE model (default: the generated bench / demo / tiny model)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, plots and JSON")
     p.add_argument("--quick", action="store_true", help="smaller workloads (for a smoke test)")
@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scale: the generated preset's type (default q4_k_m, ~18.6 GB; q8_0 ~32 GB)")
     scale.add_argument("--warmup-s", type=_non_negative_float, help="scale: seconds before each window (default 20)")
     scale.add_argument("--ctx", type=_positive_int, help="scale: tokens per slot (default 1024)")
-    scale.add_argument("--work-dir", help="scale: where the generated model is written (default /var/tmp/sniper-scale)")
+    scale.add_argument("--work-dir", help="scale: where the generated model is written (default /var/tmp/sniper-scale); "
+                                          "policies: where the truncated qwen3-30b-a3b preset is written (in a "
+                                          "temporary folder under it; default /var/tmp)")
     scale.add_argument("--keep-model", action="store_true", help="scale: keep the generated model afterwards")
     scale.add_argument("--no-unlimited", action="store_true", help="scale: skip the cluster runs without memory limits")
     scale.add_argument("--parts", help="scale: node (one node against llama.cpp under 25 %%/50 %% limits and none), "
@@ -285,7 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="quality: tokens per window (default 128; --quick 64)")
     quality.add_argument("--threads", type=_positive_int,
                          help="quality: compute threads of each engine (default: all cores; on a machine other work "
-                              "shares, 1 keeps ggml's spinning threads from stalling and tok/s comparable)")
+                              "shares, 1 keeps ggml's spinning threads from stalling and tok/s comparable); policies: "
+                              "of the engine that records the traces")
+    policies = p.add_argument_group("policies (eviction policies replayed on recorded traces of every model: expert "
+                                    "bytes per decoded token against LRU and Belady's MIN; also takes --work-dir, "
+                                    "--max-tokens, --threads, --quick, --out)")
+    policies.add_argument("--models", help="policies: comma-separated models of tiny, demo, bench, large, "
+                                           "qwen3-30b-a3b-4L, moe-5domains, moe-8domains (default: all this machine has "
+                                           "or can generate, large only where already generated; --quick: tiny, "
+                                           "moe-5domains)")
+    policies.add_argument("--prompts-5", help="policies: JSONL workload of moe-5domains (default: conversations cut "
+                                              "from its held-out text)")
+    policies.add_argument("--prompts-8", help="policies: JSONL workload of moe-8domains (default: conversations cut "
+                                              "from its held-out text)")
+    policies.add_argument("--keep-models", action="store_true",
+                          help="policies: keep the truncated qwen3-30b-a3b preset written under --work-dir")
     return parser
 
 
