@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <stdexcept>
 
@@ -41,8 +42,9 @@ void cache_config::validate() const {
             "prefetch_min_precision must be in [0, 1], got " + std::to_string(prefetch_min_precision));
     require(layer_floor_fraction >= 0.0 && layer_floor_fraction <= 1.0,
             "layer_floor_fraction must be in [0, 1], got " + std::to_string(layer_floor_fraction));
-    require(eviction == CACHE_EVICTION_SCAN_RESISTANT || eviction == CACHE_EVICTION_LRU || eviction == CACHE_EVICTION_LFU,
-            "eviction must be scan_resistant, lru or lfu");
+    require(eviction == CACHE_EVICTION_SCAN_RESISTANT || eviction == CACHE_EVICTION_LRU || eviction == CACHE_EVICTION_LFU ||
+            eviction == CACHE_EVICTION_ADAPTIVE,
+            "eviction must be adaptive, lfu, scan_resistant or lru");
 }
 
 const char * cache_eviction_name(cache_eviction eviction) {
@@ -50,6 +52,7 @@ const char * cache_eviction_name(cache_eviction eviction) {
         case CACHE_EVICTION_SCAN_RESISTANT: return "scan_resistant";
         case CACHE_EVICTION_LRU:            return "lru";
         case CACHE_EVICTION_LFU:            return "lfu";
+        case CACHE_EVICTION_ADAPTIVE:       return "adaptive";
     }
     return "unknown";
 }
@@ -58,7 +61,8 @@ cache_eviction cache_eviction_from_name(const std::string & name) {
     if (name == "scan_resistant") { return CACHE_EVICTION_SCAN_RESISTANT; }
     if (name == "lru")            { return CACHE_EVICTION_LRU; }
     if (name == "lfu")            { return CACHE_EVICTION_LFU; }
-    throw std::invalid_argument("unknown eviction policy '" + name + "' (expected scan_resistant, lru or lfu)");
+    if (name == "adaptive")       { return CACHE_EVICTION_ADAPTIVE; }
+    throw std::invalid_argument("unknown eviction policy '" + name + "' (expected adaptive, lfu, scan_resistant or lru)");
 }
 
 cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> unit_bytes,
@@ -71,6 +75,24 @@ cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> un
             "unit_bytes has " + std::to_string(unit_bytes_.size()) + " entries, expected n_layers * n_experts = " +
             std::to_string(n_units));
     config_.validate();
+    eviction_ = config_.eviction;
+    half_life_ = config_.heat_half_life_steps;
+    if (config_.eviction == CACHE_EVICTION_ADAPTIVE) {
+        candidates_.assign(std::begin(ADAPTIVE_CANDIDATES), std::end(ADAPTIVE_CANDIDATES));
+        candidates_[0].half_life_steps = config_.heat_half_life_steps;  // the first: LFU at the configured half-life
+        eviction_ = candidates_[0].eviction;
+        half_life_ = candidates_[0].half_life_steps;
+        shadows_.reserve(candidates_.size());
+        for (const adaptive_candidate & c : candidates_) {
+            cache_config shadow = config_;
+            shadow.eviction = c.eviction;
+            shadow.heat_half_life_steps = c.half_life_steps;
+            shadow.prefetch = false;
+            shadows_.emplace_back(n_layers, n_experts, unit_bytes_, shadow, min_units_resident);
+        }
+        shadow_score_.assign(shadows_.size(), 0.0);
+        shadow_bytes_.assign(shadows_.size(), 0);
+    }
     prefill_weight_log2_ = config_.prefill_weight > 0.0 ? std::log2(config_.prefill_weight) : 0.0;
     require(min_units_resident >= 0 && min_units_resident <= n_experts,
             "min_units_resident must be in [0, n_experts], got " + std::to_string(min_units_resident));
@@ -130,10 +152,13 @@ void cache_policy::set_budget(uint64_t budget_bytes, cache_plan & plan) {
     check_budget(budget_bytes);
     config_.budget_bytes = budget_bytes;
     make_room(0, POS_INF, plan);
+    cache_plan ignored;
+    for (cache_policy & shadow : shadows_) { shadow.set_budget(budget_bytes, ignored); }
 }
 
 void cache_policy::reset_counters() {
     counters_ = cache_counters{};
+    for (size_t i = 0; i < shadows_.size(); ++i) { shadows_[i].reset_counters(); shadow_bytes_[i] = 0; }
     std::fill(expert_counts_.begin(), expert_counts_.end(), 0);
 }
 
@@ -175,12 +200,12 @@ void cache_policy::touch(int32_t unit, bool decode) {
     const bool was_protected = segment_[unit] == CACHE_SEGMENT_PROTECTED;
     heat_set::node_type node;  // a protected unit is re-filed under its new heat in the same set node
     if (was_protected) { node = protected_.extract({heat_log2_[unit], unit}); }
-    const bool lfu = config_.eviction == CACHE_EVICTION_LFU;
+    const bool lfu = eviction_ == CACHE_EVICTION_LFU;
     if (decode || lfu || config_.prefill_weight > 0.0) {
         const double weight_log2 = decode || lfu ? 0.0 : prefill_weight_log2_;
-        heat_log2_[unit] = log2_add(heat_log2_[unit], now_ / config_.heat_half_life_steps + weight_log2);
+        heat_log2_[unit] = log2_add(heat_log2_[unit], now_ / half_life_ + weight_log2);
     }
-    if (config_.eviction == CACHE_EVICTION_LRU) {
+    if (eviction_ == CACHE_EVICTION_LRU) {
         if (segment_[unit] == CACHE_SEGMENT_PROBATION) {
             probation_.splice(probation_.end(), probation_, probation_pos_[unit]);
         }
@@ -202,10 +227,10 @@ int32_t cache_policy::pick_victim(double max_heat_log2, bool respect_floor) cons
         }
         return -1;
     };
-    if (config_.eviction == CACHE_EVICTION_LRU) { return first_in_probation(); }
+    if (eviction_ == CACHE_EVICTION_LRU) { return first_in_probation(); }
 
     const double budget = double(config_.budget_bytes);
-    if (config_.eviction == CACHE_EVICTION_LFU) { respect_floor = false; }  // no per-layer floor
+    if (eviction_ == CACHE_EVICTION_LFU) { respect_floor = false; }  // no per-layer floor
     const double floor_bytes = config_.layer_floor_fraction * budget / n_layers_;
     auto coldest_protected = [&]() -> int32_t {
         for (const auto & entry : protected_) {
@@ -219,7 +244,7 @@ int32_t cache_policy::pick_victim(double max_heat_log2, bool respect_floor) cons
         }
         return -1;
     };
-    if (config_.eviction == CACHE_EVICTION_LFU) {  // PROBATION holds only units never accessed (heat 0)
+    if (eviction_ == CACHE_EVICTION_LFU) {  // PROBATION holds only units never accessed (heat 0)
         const int32_t u = first_in_probation();
         return u >= 0 ? u : coldest_protected();
     }
@@ -259,6 +284,7 @@ void cache_policy::score_prediction(int layer) {
 }
 
 void cache_policy::begin_step(int n_decode_rows, int n_prefill_rows) {
+    for (cache_policy & shadow : shadows_) { shadow.begin_step(n_decode_rows, n_prefill_rows); }
     explicit_steps_ = true;
     now_ += 1.0;
     counters_.n_steps++;
@@ -270,6 +296,13 @@ void cache_policy::begin_step(int n_decode_rows, int n_prefill_rows) {
 
 void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, cache_plan & plan,
                           const uint8_t * row_decode) {
+    if (!shadows_.empty()) {
+        for (cache_policy & shadow : shadows_) {
+            shadow.access(layer, ids, n_tokens, k, shadow_plan_, row_decode);
+            shadow.settle(shadow_plan_);  // no pins or reads in flight: trimmed at once
+        }
+        if (shadows_[0].counters().n_steps >= next_adapt_step_) { adapt(); }
+    }
     plan.clear();
     end_access();
     if (layer < 0 || layer >= n_layers_ || n_tokens <= 0 || k <= 0) {
@@ -328,12 +361,12 @@ void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, c
     // brings in may only displace PROBATION units (transiently exceeding the budget if all
     // of them are pinned), never the decode working set.
     const bool probation_over = double(bytes_probation_) >= config_.probation_fraction * double(config_.budget_bytes);
-    const bool scan = !any_decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT && probation_over;
+    const bool scan = !any_decode && eviction_ == CACHE_EVICTION_SCAN_RESISTANT && probation_over;
     make_room(need, scan ? NEG_INF : POS_INF, plan);
     for (int32_t u : plan.load) {
         const bool decode = row_decode != nullptr ? load_decode_[u] != 0 : step_decode_;
-        const bool protect = config_.eviction == CACHE_EVICTION_LFU ||
-                             (decode && config_.eviction == CACHE_EVICTION_SCAN_RESISTANT);
+        const bool protect = eviction_ == CACHE_EVICTION_LFU ||
+                             (decode && eviction_ == CACHE_EVICTION_SCAN_RESISTANT);
         insert(u, protect ? CACHE_SEGMENT_PROTECTED : CACHE_SEGMENT_PROBATION);
         touch(u, decode);
         load_decode_[u] = 0;
@@ -358,7 +391,7 @@ void cache_policy::predict(int layer, const int32_t * experts, int n, cache_plan
         if (is_resident(u)) { continue; }
         // a speculative read may displace PROBATION units and PROTECTED units gone cold (heat
         // below one access), never the working set
-        if (!make_room(unit_bytes_[u], now_ / config_.heat_half_life_steps, plan)) { break; }
+        if (!make_room(unit_bytes_[u], now_ / half_life_, plan)) { break; }
         insert(u, CACHE_SEGMENT_PROBATION);
         in_access_[u] = 1;  // not a victim for the rest of this prediction (it is in plan.load)
         prefetched_[u] = uint8_t(distance);
@@ -378,6 +411,7 @@ void cache_policy::settle(cache_plan & plan) {
 }
 
 bool cache_policy::admit_resident(int32_t unit) {
+    for (cache_policy & shadow : shadows_) { shadow.admit_resident(unit); }
     if (is_resident(unit)) { return true; }
     if (resident_bytes() + unit_bytes_[unit] > config_.budget_bytes) { return false; }
     insert(unit, CACHE_SEGMENT_PROBATION);
@@ -398,9 +432,66 @@ void cache_policy::warmth(std::vector<uint8_t> & resident, std::vector<float> & 
     const size_t n_units = segment_.size();
     resident.resize(n_units);
     heat.resize(n_units);
-    const double now_log2 = now_ / config_.heat_half_life_steps;
+    const double now_log2 = now_ / half_life_;
     for (size_t u = 0; u < n_units; ++u) {
         resident[u] = segment_[u] != CACHE_SEGMENT_ABSENT;
         heat[u] = heat_log2_[u] == NEG_INF ? 0.0f : float(std::exp2(heat_log2_[u] - now_log2));
+    }
+}
+
+// Adaptive eviction: every ADAPT_EVERY_STEPS steps, each candidate's bytes read since the last look (its shadow
+// replays this policy's own accesses, metadata only) join a decaying score; the live policy takes the leader's
+// rule when it read at least ADAPT_MARGIN fewer bytes than the rule in use.
+void cache_policy::adapt() {
+    next_adapt_step_ = shadows_[0].counters().n_steps + ADAPT_EVERY_STEPS;
+    size_t best = 0, current = 0;
+    for (size_t i = 0; i < shadows_.size(); ++i) {
+        const cache_counters & c = shadows_[i].counters();
+        const uint64_t bytes = c.bytes_read_decode + c.bytes_read_prefill;
+        shadow_score_[i] = ADAPT_DECAY * shadow_score_[i] + double(bytes - shadow_bytes_[i]);
+        shadow_bytes_[i] = bytes;
+        if (shadow_score_[i] < shadow_score_[best]) { best = i; }
+        if (candidates_[i].eviction == eviction_ && candidates_[i].half_life_steps == half_life_) {
+            current = i;
+        }
+    }
+    if (best != current && shadow_score_[best] < (1.0 - ADAPT_MARGIN) * shadow_score_[current]) {
+        switch_rule(candidates_[best].eviction, candidates_[best].half_life_steps);
+        counters_.n_policy_switches++;
+    }
+}
+
+// Re-files every resident unit under another rule: out under the old keys, heat re-based on the new half-life
+// (its value now kept), in again; LRU order follows heat, and under LFU a unit with heat is PROTECTED.
+void cache_policy::switch_rule(cache_eviction eviction, double half_life) {
+    std::vector<std::pair<double, int32_t>> units;  // (heat, unit) of the resident units
+    for (int32_t u = 0; u < int32_t(segment_.size()); ++u) {
+        if (segment_[u] != CACHE_SEGMENT_ABSENT) { units.push_back({heat_log2_[u], u}); }
+    }
+    std::sort(units.begin(), units.end());  // coldest first: the LRU list's front
+    std::vector<cache_segment> was;
+    std::vector<uint8_t> prefetched;
+    was.reserve(units.size());
+    prefetched.reserve(units.size());
+    for (const auto & entry : units) {
+        was.push_back(segment_[entry.second]);
+        prefetched.push_back(prefetched_[entry.second]);
+        remove(entry.second);
+    }
+    for (double & heat : heat_log2_) {
+        if (heat != NEG_INF) { heat += now_ / half_life - now_ / half_life_; }
+    }
+    eviction_ = eviction;
+    half_life_ = half_life;
+    for (size_t i = 0; i < units.size(); ++i) {
+        const int32_t u = units[i].second;
+        cache_segment segment = was[i];
+        if (eviction == CACHE_EVICTION_LRU) {
+            segment = CACHE_SEGMENT_PROBATION;
+        } else if (eviction == CACHE_EVICTION_LFU) {
+            segment = heat_log2_[u] == NEG_INF ? CACHE_SEGMENT_PROBATION : CACHE_SEGMENT_PROTECTED;
+        }
+        insert(u, segment);
+        prefetched_[u] = prefetched[i];
     }
 }

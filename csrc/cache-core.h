@@ -8,11 +8,15 @@
 // by id = layer * n_experts + expert. Each unit has a footprint in bytes (its byte ranges
 // rounded out to whole pages, so the resident footprint can never exceed the budget).
 //
-// CACHE_EVICTION_LFU (the default): frequency with ageing — every unit ordered by heat (below; each
-// access weighs 1, prefill or decode), no segments, no per-layer floor; the coldest goes. Units read
-// ahead and never selected (heat 0) go first. With a half-life of 8 steps it read the fewest expert
-// bytes of every rule here on recorded traces of both trained models at every budget of 10-80 %,
-// 0.74-0.96x LRU's, and was nowhere above LRU on the synthetic presets (docs/policies.md).
+// CACHE_EVICTION_ADAPTIVE (the default): each policy replays its own accesses through a shadow of each of
+// ADAPTIVE_CANDIDATES (metadata only: the same accesses, steps and budget, no reads ahead) and every
+// ADAPT_EVERY_STEPS steps takes the rule of the one that read the fewest bytes lately, if it read ADAPT_MARGIN
+// fewer than the rule in use (its resident units re-filed under the new rule, nothing read or dropped).
+// CACHE_EVICTION_LFU: frequency with ageing — every unit ordered by heat (below; each access weighs 1, prefill or
+// decode), no segments, no per-layer floor; the coldest goes. Units read ahead and never selected (heat 0) go
+// first. With a half-life of 8 steps it read the fewest expert bytes of every fixed rule here on both trained
+// models at every budget of 10-80 % (0.82-0.95x LRU's at a third), but up to 1.6x LRU's on the full-size
+// preset's sliding windows at small budgets, where recency wins: hence the adaptive choice (docs/policies.md).
 // CACHE_EVICTION_SCAN_RESISTANT — a 2Q/ARC-style split with frequency-aware ordering:
 //   * Every access is one layer's top-k selection for one evaluated ubatch. A ubatch of one
 //     token is a DECODE access; more than one token is PREFILL (DESIGN.md: a prompt of a few
@@ -42,7 +46,8 @@
 // The scan-resistant rule's segments and floor cost bytes on a trained model (its prompt experts are
 // the ones its answer uses: prefill is not a scan there); with it, a half-life of 2 is its best.
 //   layer_floor_fraction  protected share of a layer's fair share              [0, 1], 0.5
-//   eviction              CACHE_EVICTION_LFU (default) | CACHE_EVICTION_SCAN_RESISTANT | CACHE_EVICTION_LRU
+//   eviction              CACHE_EVICTION_ADAPTIVE (default) | CACHE_EVICTION_LFU | CACHE_EVICTION_SCAN_RESISTANT |
+//                         CACHE_EVICTION_LRU
 //   prefetch_min_use      predictions made d > 1 layers ahead are read ahead only while at least  [0, 1], 0.5
 //                         this share of the units read ahead at distance d were selected before
 //                         being evicted (a moving average per distance, starting at 1); the next
@@ -72,7 +77,25 @@ enum cache_eviction {
     CACHE_EVICTION_SCAN_RESISTANT = 0,
     CACHE_EVICTION_LRU            = 1,
     CACHE_EVICTION_LFU            = 2,
+    CACHE_EVICTION_ADAPTIVE       = 3,
 };
+
+// The rules CACHE_EVICTION_ADAPTIVE chooses among, per node, from its own accesses (shadow replays of each,
+// metadata only); the first is where it starts. LFU with a half-life of 8 steps read the fewest bytes on trained
+// routing; recency (LRU, or LFU forgetting in 2 steps) where a working set slides, as on the full-size preset's
+// sliding-window routing at small budgets (docs/policies.md).
+struct adaptive_candidate {
+    cache_eviction eviction;
+    double half_life_steps;
+};
+inline constexpr adaptive_candidate ADAPTIVE_CANDIDATES[] = {
+    {CACHE_EVICTION_LFU, 8.0},  // (at the configured heat_half_life_steps, 8 by default)
+    {CACHE_EVICTION_LFU, 2.0},
+    {CACHE_EVICTION_LRU, 8.0},
+};
+inline constexpr uint64_t ADAPT_EVERY_STEPS = 32;  // steps between looks at the candidates' bytes
+inline constexpr double ADAPT_DECAY = 0.9;         // weight of the older windows in a candidate's score
+inline constexpr double ADAPT_MARGIN = 0.10;       // a candidate must read this share fewer bytes to take over
 
 struct cache_config {
     uint64_t       budget_bytes         = 0;
@@ -80,7 +103,7 @@ struct cache_config {
     double         heat_half_life_steps = 8.0;
     double         prefill_weight       = 1.0;
     double         layer_floor_fraction = 0.5;
-    cache_eviction eviction             = CACHE_EVICTION_LFU;
+    cache_eviction eviction             = CACHE_EVICTION_ADAPTIVE;
     bool           prefetch             = true;
     double         prefetch_min_use     = 0.5;
     double         prefetch_min_precision = 0.8;
@@ -198,6 +221,8 @@ private:
     void score_prediction(int layer);
     void check_budget(uint64_t budget_bytes) const;
     void note_prefetch(int32_t unit, bool used);
+    void adapt();
+    void switch_rule(cache_eviction eviction, double half_life);
 
     int n_layers_;
     int n_experts_;
@@ -205,6 +230,14 @@ private:
     cache_config config_;
     cache_counters counters_;
 
+    cache_eviction eviction_ = CACHE_EVICTION_LFU;  // the rule in use (adaptive: the candidate chosen)
+    double half_life_ = 8.0;               // its heat half-life, in steps
+    std::vector<adaptive_candidate> candidates_;  // adaptive: ADAPTIVE_CANDIDATES, the first at the configured half-life
+    std::vector<cache_policy> shadows_;    // adaptive: one per candidate, fed the same accesses
+    std::vector<double> shadow_score_;     // [candidates] decaying bytes read
+    std::vector<uint64_t> shadow_bytes_;   // [candidates] bytes read at the last look
+    uint64_t next_adapt_step_ = ADAPT_EVERY_STEPS;
+    cache_plan shadow_plan_;
     double now_ = 0.0;                     // steps, advanced once per ubatch (at its first access)
     int last_layer_ = -1;
     bool step_decode_ = false;             // phase of the ubatch in progress

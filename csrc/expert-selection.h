@@ -29,7 +29,7 @@ enum selection_mode : int32_t {
 
 struct selection_config {
     selection_mode mode       = SELECTION_EXACT;
-    double max_changed_weight = 0.2;  // [0, 1]
+    double max_changed_weight = 0.3;  // [0, 1]
     double min_score_ratio    = 0.5;  // [0, 1]
 
     // Throws std::invalid_argument naming the first bad field.

@@ -23,6 +23,7 @@ const std::vector<std::pair<std::string, uint64_t cache_counters::*>> & cache_co
         {"n_tokens_decode",      &cache_counters::n_tokens_decode},
         {"n_selections_replaced", &cache_counters::n_selections_replaced},
         {"n_selections_skipped",  &cache_counters::n_selections_skipped},
+        {"n_policy_switches",     &cache_counters::n_policy_switches},
     };
     return fields;
 }

@@ -31,6 +31,7 @@ struct cache_counters {
     uint64_t n_tokens_decode      = 0;  // tokens evaluated one at a time (layer 0)
     uint64_t n_selections_replaced = 0;  // cache-aware selection: missing experts replaced by resident ones
     uint64_t n_selections_skipped  = 0;  // ... and skipped (weight set to zero)
+    uint64_t n_policy_switches     = 0;  // adaptive eviction: times the rule in use changed
 };
 
 // (name, pointer-to-member) for every counter, in declaration order.

@@ -190,7 +190,7 @@ def _hand_made_trace(n_layers: int, n_experts: int, k: int, seed: int) -> Routin
                         ids=np.array(ids, dtype=np.int32))
 
 
-@pytest.mark.parametrize("eviction", ["scan_resistant", "lru"])
+@pytest.mark.parametrize("eviction", ["adaptive", "lfu", "scan_resistant", "lru"])
 def test_replaying_a_trace_matches_feeding_its_events_one_by_one(eviction: str) -> None:
     n_layers, n_experts, k = 4, 16, 2
     trace = _hand_made_trace(n_layers, n_experts, k, seed=3)
@@ -370,3 +370,33 @@ def test_a_plan_names_the_units_to_drop_and_to_read_as_int32_arrays():
     assert first.load.dtype == np.int32 and sorted(first.load.tolist()) == [3, 4] and first.evict.size == 0
     second = policy.access(1, [[5, 6]])  # the next layer of the same step: layer 0's units are no longer pinned
     assert sorted(second.load.tolist()) == [16 + 5, 16 + 6] and sorted(second.evict.tolist()) == [3, 4]
+
+
+def _bytes_per_step(eviction: str, pattern: str, steps: int = 600) -> tuple[float, int]:
+    """Decode bytes per step of one layer of 64 experts, 16 resident, top-2: ``sliding`` walks a window of 8 experts
+    along the 64 (recency wins), ``hot`` mixes a hot set of 12 with one-off experts (frequency wins)."""
+    policy = make_policy(n_layers=1, n_experts=64, budget_units=16, k=2, eviction=eviction)
+    rng = np.random.default_rng(0)
+    for step in range(steps):
+        if pattern == "sliding":
+            start = step // 4
+            ids = [(start + int(rng.integers(8))) % 64, (start + 8 + int(rng.integers(8))) % 64]
+        else:
+            ids = [int(rng.integers(12)), 12 + int(rng.integers(52)) if step % 2 else int(rng.integers(12))]
+        if ids[0] == ids[1]:
+            ids[1] = (ids[1] + 1) % 64
+        policy.access(0, [ids])
+    c = policy.counters()
+    return c["bytes_read_decode"] / steps, c["n_policy_switches"]
+
+
+def test_adaptive_eviction_takes_the_rule_its_own_accesses_favour() -> None:
+    """Per node, from its own accesses: recency where the working set slides, frequency where a hot set recurs."""
+    lfu, _ = _bytes_per_step("lfu", "sliding")
+    lru, _ = _bytes_per_step("lru", "sliding")
+    adaptive, switches = _bytes_per_step("adaptive", "sliding")
+    assert lru < lfu and switches > 0 and adaptive < lfu, (lru, lfu, adaptive, switches)
+    lfu, _ = _bytes_per_step("lfu", "hot")
+    lru, _ = _bytes_per_step("lru", "hot")
+    adaptive, _ = _bytes_per_step("adaptive", "hot")
+    assert lfu < lru and adaptive <= 1.02 * lfu, (lru, lfu, adaptive)

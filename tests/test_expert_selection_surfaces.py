@@ -82,7 +82,8 @@ def test_run_json_says_the_selection_and_counts_its_changes(qwen_model: Path, ca
               "--cache-mb", "1", "--json"]
     assert main(common) == 0
     exact = json.loads(capsys.readouterr().out)
-    assert exact["expert_selection"] == {"mode": "exact", "max_changed_weight": 0.2, "min_score_ratio": 0.5}
+    assert exact["expert_selection"] == {"mode": "exact", "max_changed_weight": ExpertSelection().max_changed_weight,
+                                          "min_score_ratio": ExpertSelection().min_score_ratio}
     assert exact["selections_changed"] is None and exact["selections_skipped"] is None
     assert main(common + ["--expert-selection", "cache-aware", "--selection-max-weight", "0.3",
                           "--selection-min-ratio", "0.25", "--n", "2", "--temperature", "1", "--seed", "1"]) == 0

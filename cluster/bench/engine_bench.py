@@ -381,7 +381,7 @@ def record_traces(model_path: str, workloads: dict[str, list[tuple[str, str]]], 
 
 
 POLICIES: dict[str, dict[str, Any]] = {
-    "ours": {},  # the default CacheConfig (LFU with a half-life of 8 steps)
+    "ours": {},  # the default CacheConfig (adaptive: LFU with a half-life of 8 steps, or recency, per node)
     "scan_resistant": {"eviction": "scan_resistant", "heat_half_life_steps": 2.0},  # the previous default
     "lru": {"eviction": "lru"},
 }

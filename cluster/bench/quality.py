@@ -9,7 +9,8 @@ fresh engine:
 * ``exact`` at the bounded budget (``--budget-fraction`` of the expert bytes, a third by
   default): the same output, the reads a budget costs;
 * ``cache-aware`` at the bounded budget, ``max_changed_weight`` in ``MAX_CHANGED_WEIGHTS`` with
-  ``min_score_ratio`` 0.5, and one setting that always replaces (``min_score_ratio`` 0).
+  ``min_score_ratio`` 0.5, and with ``min_score_ratio`` 0 (always replace, never skip) at
+  ``ALWAYS_REPLACE_WEIGHTS``.
 
 Per setting: bits per token (mean over every position, and per domain), its increase over the
 reference in % of the reference's bits per token, greedy agreement (the share of positions whose
@@ -38,9 +39,9 @@ from cluster.engine.expert_selection import CACHE_AWARE, ExpertSelection
 from cluster.engine.node_memory import MIB
 from cluster.errors import InvalidParameterError, ModelFileError
 
-MAX_CHANGED_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.5)
+MAX_CHANGED_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 MIN_SCORE_RATIO = 0.5
-ALWAYS_REPLACE_WEIGHT = 0.2  # the always-replace setting's max_changed_weight (ExpertSelection's default)
+ALWAYS_REPLACE_WEIGHTS = (0.2, 0.3, 0.5)  # the always-replace settings' max_changed_weight (min_score_ratio 0)
 DEFAULT_BUDGET_FRACTION = 1 / 3
 DEFAULT_WINDOWS, DEFAULT_WINDOW_TOKENS = 2, 128
 QUICK_WINDOWS, QUICK_WINDOW_TOKENS = 1, 64
@@ -63,9 +64,8 @@ def settings() -> list[Setting]:
     rows += [Setting(f"cache-aware w={w:g} r={MIN_SCORE_RATIO:g}",
                      ExpertSelection(CACHE_AWARE, max_changed_weight=w, min_score_ratio=MIN_SCORE_RATIO), bounded=True)
              for w in MAX_CHANGED_WEIGHTS]
-    rows.append(Setting(f"cache-aware w={ALWAYS_REPLACE_WEIGHT:g} r=0",
-                        ExpertSelection(CACHE_AWARE, max_changed_weight=ALWAYS_REPLACE_WEIGHT, min_score_ratio=0.0),
-                        bounded=True))
+    rows += [Setting(f"cache-aware w={w:g} r=0", ExpertSelection(CACHE_AWARE, max_changed_weight=w, min_score_ratio=0.0),
+                     bounded=True) for w in ALWAYS_REPLACE_WEIGHTS]
     return rows
 
 

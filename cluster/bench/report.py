@@ -35,7 +35,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-POLICY_COLUMNS = (("ours", "ours (LFU, decay)"), ("ours+prefetch", "ours + prefetch"), ("lru", "LRU"),
+POLICY_COLUMNS = (("ours", "ours (adaptive)"), ("ours+prefetch", "ours + prefetch"), ("lru", "LRU"),
                   ("scan_resistant", "scan-resistant"), ("min", "Belady MIN"), ("static_best", "best static"))
 
 

@@ -23,7 +23,7 @@ from cluster.engine.model_file import check_model_file
 from cluster.engine.trace_summary import RoutingTraceSummary, expert_id_dtype
 
 PAGE_SIZE: int = _native.PAGE_SIZE
-EVICTION_POLICIES: tuple[str, ...] = ("lfu", "scan_resistant", "lru")
+EVICTION_POLICIES: tuple[str, ...] = ("adaptive", "lfu", "scan_resistant", "lru")
 ExpertLayout = _native.ExpertLayout
 CachePlan = _native.CachePlan  # after an access or prediction: drop ``evict``, then read ``load`` (unit ids, int32)
 
@@ -38,8 +38,10 @@ class CacheConfig:
         heat_half_life_steps: half-life of an expert's heat, in evaluated ubatches.
         prefill_weight: heat of a prefill access relative to a decode access.
         layer_floor_fraction: share of a layer's fair budget that other layers cannot take.
-        eviction: ``lfu`` (default: frequency with ageing, heat alone), ``scan_resistant`` (heat
-            behind a probation segment and per-layer floors) or ``lru`` (the baseline).
+        eviction: ``adaptive`` (default: each policy takes, from shadow replays of its own accesses,
+            whichever of LFU with this half-life, LFU with a half-life of 2, or LRU reads the fewest
+            bytes), ``lfu`` (frequency with ageing, heat alone), ``scan_resistant`` (heat behind a
+            probation segment and per-layer floors) or ``lru`` (the baseline).
         prefetch: read predicted experts ahead (predictions are scored either way).
         prefetch_min_use: predictions made more than one layer ahead are read ahead only while
             at least this share of the reads made that far ahead were used (moving average).
@@ -52,7 +54,7 @@ class CacheConfig:
     heat_half_life_steps: float = 8.0
     prefill_weight: float = 1.0
     layer_floor_fraction: float = 0.5
-    eviction: str = "lfu"
+    eviction: str = "adaptive"
     prefetch: bool = True
     prefetch_min_use: float = 0.5
     prefetch_min_precision: float = 0.8

@@ -31,14 +31,16 @@ class ExpertSelection:
     Attributes:
         mode: ``"exact"`` or ``"cache-aware"``.
         max_changed_weight: in [0, 1], the share of a token's top-k router weight whose experts
-            may be replaced or skipped (0: nothing changes).
+            may be replaced or skipped (0: nothing changes). The default, 0.3, cost 0.4 % more bits
+            per token on the trained model's held-out text for a third of exact's expert bytes at a
+            third of the experts (docs/quality.md).
         min_score_ratio: in [0, 1], a resident stand-in replaces a missing expert only if its router
             score is at least this fraction of the missing one's; below, the expert is skipped
             (0: always replace, never skip; 1: only an equal score replaces).
     """
 
     mode: str = EXACT
-    max_changed_weight: float = 0.2
+    max_changed_weight: float = 0.3
     min_score_ratio: float = 0.5
 
     @property
@@ -55,7 +57,7 @@ class ExpertSelection:
                 raise InvalidParameterError(f"{name} must be a number in [0, 1], got {value!r}", param=name)
 
     def describe(self) -> str:
-        """``exact``, or ``cache-aware (max weight 0.2, min ratio 0.5)``."""
+        """``exact``, or ``cache-aware (max weight 0.3, min ratio 0.5)``."""
         if not self.cache_aware:
             return EXACT
         return f"{CACHE_AWARE} (max weight {self.max_changed_weight:g}, min ratio {self.min_score_ratio:g})"
