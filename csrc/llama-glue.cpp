@@ -526,6 +526,9 @@ static cache_config checked(const expert_cache_params & params) {
     params.validate();
     cache_config config = params.cache;
     if (params.n_io_threads == 0) { config.prefetch = false; }  // nobody to read ahead
+    // A read ahead fetches the experts the model's own top-k would pick: the reads cache-aware selection is there
+    // to avoid by choosing resident ones (on bench at a 50 % limit, 17.9 MB per token with it, 4.0 without).
+    if (params.selection.mode == SELECTION_CACHE_AWARE) { config.prefetch = false; }
     return config;
 }
 
