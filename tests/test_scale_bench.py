@@ -112,6 +112,8 @@ def test_one_node_is_measured_beside_stock_llama_cpp_on_the_same_file(demo_model
     assert "failed" not in ours, ours
     assert ours["tokens"] > 0 and ours["decode_tok_s"] > 0 and ours["ttft_s"] > 0 and ours["prompt_tokens"] > 8
     assert ours["budget"].startswith("auto cache budget") and ours["peak_bytes"] > 0 and ours["oom_kills"] == 0
+    aware = out["no limit"]["ours_cache_aware"]  # every expert held without a limit: nothing to change
+    assert "failed" not in aware and aware["tokens"] > 0 and aware["selections_changed"] == 0, aware
     if binary:
         stock = out["no limit"]["stock"]
         assert stock["tokens"] == 6 and not stock["cut"] and stock["decode_tok_s"] > 0 and stock["start_s"] > 0

@@ -39,7 +39,8 @@ def node_lines(result: dict[str, Any]) -> list[str]:
         return []
     rate = result["machine"]["disk_read_bytes_per_s"]
     lines = [f"## One node on the whole file (`{result['commands'].get('node', result['command'])}`)", "",
-             "Ours: `MoEEngine(model, \"auto\")` in a child process; stock: `llama-server` (llama.cpp's own mmap load), "
+             "Ours: `MoEEngine(model, \"auto\")` in a child process, exact, then with cache-aware selection at its default "
+             "bounds (it changes the output: docs/quality.md); stock: `llama-server` (llama.cpp's own mmap load), "
              "the same prompt and length, from a cold page cache; all cores. Expert and disk MiB/token count the prompt's "
              "reads too; the disk bound is the disk's rate over the expert bytes read per token while decoding (or, where "
              "that was not recorded, over the disk bytes per token)."]
@@ -52,7 +53,9 @@ def node_lines(result: dict[str, Any]) -> list[str]:
     lines += ["", "| regime | system | start s | TTFT s | decode tok/s | expert MiB/token | disk MiB/token | disk bound tok/s | "
               "peak GiB | OOM kills |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in node.items():
-        for who, d in (("ours", r["ours"]), ("llama-server", r["stock"])):
+        for who, d in (("ours", r["ours"]), ("ours, cache-aware", r.get("ours_cache_aware")), ("llama-server", r["stock"])):
+            if d is None:
+                continue
             if "failed" in d or "skipped" in d:
                 why = (d.get("failed") or d.get("skipped") or "").strip().splitlines()[-1][:160].replace("|", "/")
                 lines.append(f"| {name} | {who} | {why} |")

@@ -3,7 +3,8 @@
 For each memory regime — a cgroup limit that is a fraction of the file, or none (the machine's own memory, for a
 file larger than the machine) — from a cold page cache, on the same file:
 
-* ours: ``MoEEngine(model, "auto")`` in a child process (in the cgroup): seconds to open, time to first token of a
+* ours: ``MoEEngine(model, "auto")`` in a child process (in the cgroup), with exact selection and then with
+  cache-aware selection at its default bounds (``cluster.engine.expert_selection``): seconds to open, time to first token of a
   chat-sized prompt, decode tok/s over ``max_tokens``, expert bytes read per decoded token (the cache's counters) and
   disk bytes per token (the block device's own counter), peak memory (the cgroup's, or the child's ``VmHWM``);
 * stock: ``llama-server`` (llama.cpp's own mmap load) in the same regime: seconds to ``/health``, then one streamed
@@ -32,16 +33,20 @@ import requests
 
 from cluster.bench import log_progress
 from cluster.bench.machine import block_device_stat, device_read_bytes, vm_hwm_bytes
+from cluster.engine.expert_selection import CACHE_AWARE, ExpertSelection
 
 MIB = 1 << 20
 GIB = 1 << 30
 
 _OURS = textwrap.dedent("""
     import json, sys, time
+    from cluster.engine.expert_selection import ExpertSelection
     from cluster.engine.moe_engine import MoEEngine
     model, prompt, max_tokens, threads, budget = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    selection = ExpertSelection(**json.loads(sys.argv[6]))
     t0 = time.perf_counter()
-    with MoEEngine(model, budget if budget == "auto" else int(budget), n_ctx=1024, n_threads=threads) as engine:
+    with MoEEngine(model, budget if budget == "auto" else int(budget), n_ctx=1024, n_threads=threads,
+                   expert_selection=selection) as engine:
         opened = time.perf_counter() - t0
         gen = engine.generate(prompt, max_tokens=max_tokens)
         stats = engine.cache_stats()
@@ -50,18 +55,21 @@ _OURS = textwrap.dedent("""
                           "bytes_read": stats.get("bytes_read"), "bytes_read_decode": stats.get("bytes_read_decode"),
                           "budget_bytes": stats.get("budget_bytes"),
                           "hit_rate": stats.get("hit_rate"),
-                          "budget": engine.auto_budget.explain() if engine.auto_budget else None}))
+                          "budget": engine.auto_budget.explain() if engine.auto_budget else None,
+                          "selections_changed": stats.get("n_selections_replaced", 0) + stats.get("n_selections_skipped", 0)}))
 """)
 
 
 def run_ours(model: str, prompt: str, *, max_tokens: int, n_threads: int, limit_bytes: int | None,
-             budget: str = "auto", timeout_s: float = 1800) -> dict[str, Any]:
-    """Our engine in a child process (in a cgroup of ``limit_bytes`` when given), from a cold page cache."""
+             budget: str = "auto", timeout_s: float = 1800, selection: ExpertSelection = ExpertSelection()) -> dict[str, Any]:
+    """Our engine in a child process (in a cgroup of ``limit_bytes`` when given), from a cold page cache, with
+    ``selection`` (exact by default)."""
     from cluster.distributed.memory_limit import MemoryLimit, drop_page_cache
 
     drop_page_cache(model)
     device = block_device_stat(model)
-    argv = [sys.executable, "-c", _OURS, model, prompt, str(max_tokens), str(n_threads), budget]
+    argv = [sys.executable, "-c", _OURS, model, prompt, str(max_tokens), str(n_threads), budget,
+            json.dumps(dataclasses.asdict(selection))]
     disk0 = device_read_bytes(device)
     t0 = time.perf_counter()
     if limit_bytes:
@@ -89,7 +97,8 @@ def run_ours(model: str, prompt: str, *, max_tokens: int, n_threads: int, limit_
             "decode_expert_bytes_per_token": r["bytes_read_decode"] / n if r.get("bytes_read_decode") is not None else None,
             "disk_bytes": None if disk0 is None or disk1 is None else disk1 - disk0,
             "disk_bytes_per_token": None if disk0 is None or disk1 is None else (disk1 - disk0) / max(1, r["tokens"]),
-            "budget": r["budget"], "hit_rate": r["hit_rate"], "peak_bytes": peak, "oom_kills": ooms, "wall_s": wall}
+            "budget": r["budget"], "hit_rate": r["hit_rate"], "peak_bytes": peak, "oom_kills": ooms, "wall_s": wall,
+            "selections_changed": r.get("selections_changed", 0)}
 
 
 def run_stock(binary: str, model: str, prompt: str, *, max_tokens: int, n_threads: int, limit_bytes: int | None,
@@ -171,6 +180,10 @@ def run_single_node(model: str, *, regimes: Sequence[tuple[str, int | None]], bi
         log_progress(progress, f"node/{name}: ours")
         ours = run_ours(model, prompt, max_tokens=max_tokens, n_threads=n_threads, limit_bytes=limit)
         log_progress(progress, f"  ours: {json.dumps({k: v for k, v in ours.items() if k != 'budget'}, default=str)[:300]}")
+        log_progress(progress, f"node/{name}: ours, cache-aware")
+        aware = run_ours(model, prompt, max_tokens=max_tokens, n_threads=n_threads, limit_bytes=limit,
+                         selection=ExpertSelection(CACHE_AWARE))
+        log_progress(progress, f"  ours, cache-aware: {json.dumps({k: v for k, v in aware.items() if k != 'budget'}, default=str)[:300]}")
         stock: dict[str, Any] = {"skipped": "no llama-server binary"}
         if binary:
             log_progress(progress, f"node/{name}: llama-server")
@@ -180,5 +193,5 @@ def run_single_node(model: str, *, regimes: Sequence[tuple[str, int | None]], bi
             except Exception as exc:  # a server that cannot start is a result
                 stock = {"failed": f"{type(exc).__name__}: {exc}"[:500]}
             log_progress(progress, f"  llama-server: {json.dumps(stock, default=str)[:300]}")
-        out[name] = {"limit_bytes": limit, "ours": ours, "stock": stock}
+        out[name] = {"limit_bytes": limit, "ours": ours, "ours_cache_aware": aware, "stock": stock}
     return out
