@@ -34,14 +34,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cluster.distributed.client import completion
-from cluster.distributed.deploy import HEAD_NODE_RESOURCE, app_name
-from cluster.distributed.node import EXACT_SELECTION
-from cluster.errors import InvalidParameterError, NoNodesError, RouterUnavailableError, SniperError
 from cluster.api.metrics import GatewayMetrics
-from cluster.engine.engine_config import MAX_SLOTS
-from cluster.engine.expert_selection import ExpertSelection
-from cluster.engine.node_memory import parse_cache_mb
 from cluster.api.openai_api import (
     APIError,
     APIRequest,
@@ -54,8 +47,15 @@ from cluster.api.openai_api import (
     parse_tokenize,
 )
 from cluster.api.openai_responses import StreamChunks, response
+from cluster.distributed.client import completion
+from cluster.distributed.deploy import HEAD_NODE_RESOURCE, app_name
+from cluster.distributed.node import EXACT_SELECTION
 from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Routed, StreamItem, Usage
 from cluster.distributed.status import RouterStatus
+from cluster.engine.engine_config import MAX_SLOTS
+from cluster.engine.expert_selection import ExpertSelection
+from cluster.engine.node_memory import parse_cache_mb
+from cluster.errors import InvalidParameterError, NoNodesError, RouterUnavailableError, SniperError
 
 API_KEY_ENV = "SNIPER_API_KEY"
 STATUS_TIMEOUT_S = 5.0

@@ -23,12 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from cluster.distributed.client import Choice
-from cluster.api.openai_api import APIRequest
-from cluster.distributed.protocol import Finished, Usage
-from cluster.engine.sampling import TokenLogprob
 from cluster.api.formats import AnswerStream, Event, ParsedCall, Reasoning, collect
+from cluster.api.openai_api import APIRequest
+from cluster.distributed.client import Choice
+from cluster.distributed.protocol import Finished, Usage
 from cluster.engine.chat_format import format_named
+from cluster.engine.sampling import TokenLogprob
 
 
 def usage_body(usage: Usage) -> dict[str, int]:

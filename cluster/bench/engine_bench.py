@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from cluster.distributed import memory_limit as memlimit
-from cluster.models import synth
 from cluster.bench import command_line, log_progress, offline, out_flag, workload
+from cluster.distributed import memory_limit as memlimit
 from cluster.engine.cache import CacheConfig, CachePolicy, RoutingTrace, discover_layout
 from cluster.engine.expert_selection import CACHE_AWARE, ExpertSelection
-from cluster.errors import InvalidParameterError
 from cluster.engine.node_memory import MIB
+from cluster.errors import InvalidParameterError
+from cluster.models import synth
 from cluster.models.synth import default_model
 
 LIBRARY_BYTES = 64 * MIB  # page cache of Python, numpy and llama.cpp's libraries in the limited process

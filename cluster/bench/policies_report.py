@@ -197,7 +197,9 @@ def write_report(result: dict[str, Any], out_dir: Path) -> Path:
              "(the predictor's events included), then replayed through the policy core (the code the eval callback "
              "drives) at budgets of "
              + ", ".join(f"{100 * f:.0f} %" for f in result["budget_fractions"])
-             + " of the expert bytes: `ours` (the default: adaptive, each node taking from its own accesses LFU with a half-life of 8 steps, LFU with one of 2, or LRU, whichever its shadow replays say reads the fewest bytes), `scan-resistant` (the "
+             + " of the expert bytes: `ours` (the default: adaptive, each node taking from its own accesses LFU "
+             "with a half-life of 8 steps, LFU with one of 2, or LRU, whichever its shadow replays say reads the "
+             "fewest bytes), `scan-resistant` (the "
              "previous default), LRU — all without the predictor (eviction alone) — and ours once more with it "
              "(`ours + prefetch`); Belady's MIN and the best static set know the whole trace. Bytes per decoded "
              "token: the expert bytes the decode steps read (demand reads, and for ours + prefetch every read "

@@ -37,6 +37,7 @@ from cluster.engine.expert_selection import CACHE_AWARE, ExpertSelection
 
 MIB = 1 << 20
 GIB = 1 << 30
+EXACT_SELECTION = ExpertSelection()
 
 _OURS = textwrap.dedent("""
     import json, sys, time
@@ -61,7 +62,7 @@ _OURS = textwrap.dedent("""
 
 
 def run_ours(model: str, prompt: str, *, max_tokens: int, n_threads: int, limit_bytes: int | None,
-             budget: str = "auto", timeout_s: float = 1800, selection: ExpertSelection = ExpertSelection()) -> dict[str, Any]:
+             budget: str = "auto", timeout_s: float = 1800, selection: ExpertSelection = EXACT_SELECTION) -> dict[str, Any]:
     """Our engine in a child process (in a cgroup of ``limit_bytes`` when given), from a cold page cache, with
     ``selection`` (exact by default)."""
     from cluster.distributed.memory_limit import MemoryLimit, drop_page_cache
@@ -183,7 +184,8 @@ def run_single_node(model: str, *, regimes: Sequence[tuple[str, int | None]], bi
         log_progress(progress, f"node/{name}: ours, cache-aware")
         aware = run_ours(model, prompt, max_tokens=max_tokens, n_threads=n_threads, limit_bytes=limit,
                          selection=ExpertSelection(CACHE_AWARE))
-        log_progress(progress, f"  ours, cache-aware: {json.dumps({k: v for k, v in aware.items() if k != 'budget'}, default=str)[:300]}")
+        shown = {k: v for k, v in aware.items() if k != "budget"}
+        log_progress(progress, f"  ours, cache-aware: {json.dumps(shown, default=str)[:300]}")
         stock: dict[str, Any] = {"skipped": "no llama-server binary"}
         if binary:
             log_progress(progress, f"node/{name}: llama-server")

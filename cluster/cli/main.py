@@ -22,11 +22,11 @@ from cluster.cli.bench_command import run_bench  # noqa: E402
 from cluster.cli.output import emit  # noqa: E402
 from cluster.cli.parser import build_parser, expert_selection_from_flags  # noqa: E402
 from cluster.cli.sampling_flags import logprob_json, params_from_flags  # noqa: E402
-from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
-from cluster.engine.model_file import check_model_file  # noqa: E402
-from cluster.engine.node_memory import MIB  # noqa: E402
 from cluster.cli.status_table import status_table  # noqa: E402
 from cluster.distributed.status import jsonable  # noqa: E402
+from cluster.engine.model_file import check_model_file  # noqa: E402
+from cluster.engine.node_memory import MIB  # noqa: E402
+from cluster.errors import InvalidParameterError, SniperError  # noqa: E402
 from cluster.models.synth import default_model  # noqa: E402
 
 # -- synth ---------------------------------------------------------------------------------
@@ -60,8 +60,8 @@ def _synth_summary(r: dict[str, Any]) -> str:
 # -- run -----------------------------------------------------------------------------------
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from cluster.engine.chat import ChatMessage, ChatPrompt, ChatRenderer
     from cluster.distributed.deploy import read_chat_template
+    from cluster.engine.chat import ChatMessage, ChatPrompt, ChatRenderer
     from cluster.engine.generation import selection_counts
     from cluster.engine.moe_engine import EngineConfig, MoEEngine
     from cluster.engine.startup import Startup, print_phases
@@ -171,10 +171,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Starts everything or nothing: whatever fails or is interrupted (SIGINT, SIGTERM) after the
     checks removes what this command had started (the gateway, the deployment, the local cluster)."""
-    from cluster.distributed import connection
-    from cluster.distributed import deploy
-    from cluster.distributed import local_cluster
     from cluster.api.openai_api import Limits
+    from cluster.distributed import connection, deploy, local_cluster
 
     # the whole configuration is checked before a local cluster (or anything) starts for nothing
     model = args.model or str(default_model("demo").resolve())
@@ -288,9 +286,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_shutdown(args: argparse.Namespace) -> int:
-    from cluster.distributed import connection
-    from cluster.distributed import deploy
-    from cluster.distributed import local_cluster
+    from cluster.distributed import connection, deploy, local_cluster
 
     try:
         connection.connect(args.address, args.namespace)

@@ -14,13 +14,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cluster.errors import InvalidParameterError, SniperError
-from cluster.engine.expert_selection import ExpertSelection
-from cluster.engine.model_file import check_model_file
 from cluster.distributed.node import EXACT_SELECTION, NodeActor, NodeConfig
-from cluster.engine.node_memory import AUTO
 from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, NodeReady, node_name
 from cluster.distributed.status import jsonable
+from cluster.engine.expert_selection import ExpertSelection
+from cluster.engine.model_file import check_model_file
+from cluster.engine.node_memory import AUTO
+from cluster.errors import InvalidParameterError, SniperError
 
 PLACEMENT_GROUP = "sniper-nodes"
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node alone
@@ -168,7 +168,8 @@ def deploy(model_path: str, n_nodes: int, *, cache_bytes: int | str | None, poli
         ray.get(pg.ready(), timeout=timeout_s)
         handles = []
         for i in range(n_nodes):
-            node_config = config if node_model_paths is None else config.with_engine(model_path=os.path.abspath(node_model_paths[i]))
+            node_config = (config if node_model_paths is None
+                           else config.with_engine(model_path=os.path.abspath(node_model_paths[i])))
             handles.append(ray.remote(NodeActor).options(
                 name=node_name(i), namespace=namespace, lifetime="detached", max_restarts=NODE_MAX_RESTARTS,
                 max_concurrency=max_queue + 4, num_cpus=1,

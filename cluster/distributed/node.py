@@ -33,17 +33,13 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
-from cluster.engine.expert_selection import ExpertSelection
-from cluster.engine.generation import selection_counts
-from cluster.engine.moe_engine import EngineConfig, Generation, MoEEngine
-from cluster.errors import InvalidParameterError, OverloadedError
 from cluster.distributed.protocol import (
     ROUTER_NAME,
     Cancelled,
     ChoiceEnd,
     Finished,
-    NodeReport,
     NodeReady,
+    NodeReport,
     NodeRequest,
     NodeStats,
     Piece,
@@ -52,9 +48,13 @@ from cluster.distributed.protocol import (
     Timing,
     Usage,
 )
+from cluster.engine.expert_selection import ExpertSelection
+from cluster.engine.generation import selection_counts
+from cluster.engine.moe_engine import EngineConfig, Generation, MoEEngine
 from cluster.engine.sequence import Cancelled as SequenceCancelled
 from cluster.engine.sequence import Piece as SequencePiece
 from cluster.engine.startup import Startup, print_phases
+from cluster.errors import InvalidParameterError, OverloadedError
 
 RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a node keeps for a restarted router
 EXACT_SELECTION = ExpertSelection()  # a node's default expert selection: llama.cpp's own (frozen: shared as a default)

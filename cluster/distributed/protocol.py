@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-
 from cluster.engine.sampling import SamplingParams, TokenLogprob
 from cluster.engine.sequence import Resume
 from cluster.engine.startup import StartupPhase

@@ -18,9 +18,9 @@ import numpy as np
 
 from cluster import _native
 from cluster.engine.expert_selection import ExpertSelection
-from cluster.errors import CacheBudgetError, InvalidParameterError, ModelFileError
 from cluster.engine.model_file import check_model_file
 from cluster.engine.trace_summary import RoutingTraceSummary, expert_id_dtype
+from cluster.errors import CacheBudgetError, InvalidParameterError, ModelFileError
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 EVICTION_POLICIES: tuple[str, ...] = ("adaptive", "lfu", "scan_resistant", "lru")

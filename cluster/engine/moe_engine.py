@@ -25,15 +25,13 @@ import threading
 from dataclasses import fields as dataclass_fields
 from typing import Any, Callable, Generator, Sequence
 
-from cluster.engine import node_memory
-from cluster.engine import scoring
-from cluster.engine import warmth_report
+from cluster.engine import node_memory, scoring, warmth_report
 from cluster.engine.cache import ExpertCache, ExpertLayout, cache_stats
 from cluster.engine.engine_config import EngineConfig
 from cluster.engine.generation import Generation
 from cluster.engine.kv_state import KvState
-from cluster.engine.prefix import servable_prefixes
 from cluster.engine.llama_context import LlamaModelContext
+from cluster.engine.prefix import servable_prefixes
 from cluster.engine.request_check import CheckedRequest, RequestChecker
 from cluster.engine.sampler_chain import SamplerChains
 from cluster.engine.sampling import SamplingParams
