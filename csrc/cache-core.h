@@ -59,8 +59,8 @@
 //                         prediction, starting at 1; predictions are scored whether read or not, so
 //                         reading resumes when they improve). A read ahead that is not used costs its
 //                         bytes and evicts a unit: on the synthetic presets 96-97 % of predictions
-//                         were selected, on the trained models 63 %, where reading ahead read 1.6x the
-//                         bytes of reading on demand (docs/quality.md, docs/policies.md).
+//                         were selected, on the trained models 63 % (the live precision bench engine's
+//                         policy tables print), where reading ahead read more bytes than reading on demand.
 //   prefetch              act on predictions (they are scored either way)      true
 #pragma once
 
