@@ -110,6 +110,7 @@ cache_policy::cache_policy(int n_layers, int n_experts, std::vector<uint64_t> un
     layer_bytes_.assign(size_t(n_layers), 0);
     layer_footprint_.assign(size_t(n_layers), 0);
     for (size_t u = 0; u < n_units; ++u) { layer_footprint_[u / size_t(n_experts)] += unit_bytes_[u]; }
+    for (uint64_t bytes : layer_footprint_) { footprint_bytes_ += bytes; }
     expert_counts_.assign(n_units, 0);
     predicted_.assign(size_t(n_layers), {});
     distance_use_.assign(size_t(n_layers) + 1, 1.0);  // optimistic until reads ahead are used or wasted
@@ -296,7 +297,7 @@ void cache_policy::begin_step(int n_decode_rows, int n_prefill_rows) {
 
 void cache_policy::access(int layer, const int32_t * ids, int n_tokens, int k, cache_plan & plan,
                           const uint8_t * row_decode) {
-    if (!shadows_.empty()) {
+    if (!shadows_.empty() && config_.budget_bytes < footprint_bytes_) {  // every rule reads alike when all fits
         for (cache_policy & shadow : shadows_) {
             shadow.access(layer, ids, n_tokens, k, shadow_plan_, row_decode);
             shadow.settle(shadow_plan_);  // no pins or reads in flight: trimmed at once

@@ -251,6 +251,7 @@ private:
     std::vector<int32_t> access_units_;    // units of the access in progress
     std::vector<uint64_t> layer_bytes_;    // [layers] resident bytes per layer
     std::vector<uint64_t> layer_footprint_;  // [layers] bytes of all the layer's units
+    uint64_t footprint_bytes_ = 0;           // bytes of every unit
     int min_units_resident_ = 0;
     std::vector<uint64_t> expert_counts_;  // [units]
 
