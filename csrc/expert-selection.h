@@ -6,7 +6,8 @@
 // One token's selection ids[k] (llama.cpp's top-k) and its gate values g[n_experts]: non-negative numbers
 // proportional to the weight each expert would get among the selected (softmax or sigmoid probabilities; for
 // families whose weights are a softmax over the selected logits, exp(logit - max)). A selected expert is
-// MISSING when it is not `available` (not resident and not read for an earlier token of this access).
+// MISSING when it is not `available` (not resident, not read for an earlier token of this access, and not readable
+// without an eviction: the caller counts an expert the cache has room for as available).
 // Rule, with share(e) = g[e] / sum of g over the original selection:
 //   * missing experts are taken smallest share first; each may be changed while the shares changed so far plus
 //     its own stay <= max_changed_weight (changing stops at the first that would exceed it);

@@ -689,6 +689,21 @@ void expert_cache::select_cache_aware(ggml_tensor * t, int layer) {
     const float zero = logits ? -INFINITY : 0.0f;
     const int32_t base = int32_t(layer) * n_experts;
     for (int e = 0; e < n_experts; ++e) { available_[size_t(e)] = policy_.is_resident(base + e) ? 1 : 0; }
+    // While the cache has room, a missing expert is read without evicting anything: it is kept, not changed (a cold
+    // cache with room to spare stays exact). Room is given out in the order the rows select.
+    const uint64_t budget = policy_.config().budget_bytes;
+    uint64_t resident = policy_.resident_bytes();
+    const char * first = static_cast<const char *>(t->data);
+    for (int i = 0; i < n_tokens && resident < budget; ++i) {
+        for (int j = 0; j < k; ++j) {
+            const int32_t e = *reinterpret_cast<const int32_t *>(first + size_t(i) * t->nb[1] + size_t(j) * t->nb[0]);
+            if (e < 0 || e >= n_experts || available_[size_t(e)]) { continue; }
+            const uint64_t bytes = policy_.unit_bytes(base + e);
+            if (resident + bytes > budget) { continue; }
+            available_[size_t(e)] = 1;
+            resident += bytes;
+        }
+    }
     selector_.begin(available_.data());
     if (row_ids_.size() < size_t(k)) { row_ids_.resize(size_t(k)); row_skipped_.resize(size_t(k)); }
     if (row_changes_.size() < size_t(n_tokens)) { row_changes_.resize(size_t(n_tokens)); }
