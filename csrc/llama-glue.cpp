@@ -72,19 +72,17 @@ bool is_host(const ggml_tensor * t) {
     return t->data != nullptr && (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer));
 }
 
-// The router input of the MoE block whose top-k node is `topk`: src[1] of the
-// `ffn_moe_logits-<il>` mat-mul among its ancestors (topk → argsort → probs → logits; with expert
-// groups also the group masking's reshapes, get_rows, set_rows and fill: some 20 nodes, a few reached twice).
-const ggml_tensor * find_router_input(const ggml_tensor * topk) {
+// The first of `start` and its ancestors, breadth first, that `accept` takes, or nullptr. The MoE block's nodes
+// above its top-k are some 20 (with expert groups: reshapes, get_rows, set_rows and fill, a few reached twice).
+template <typename Accept>
+const ggml_tensor * find_ancestor(const ggml_tensor * start, Accept && accept) {
     constexpr int MAX_NODES = 64;
     const ggml_tensor * queue[MAX_NODES];
     int head = 0, tail = 0;
-    queue[tail++] = topk;
+    queue[tail++] = start;
     while (head < tail) {
         const ggml_tensor * t = queue[head++];
-        if (t->op == GGML_OP_MUL_MAT && has_prefix(t->name, LOGITS_PREFIX, sizeof(LOGITS_PREFIX) - 1)) {
-            return t->src[1];
-        }
+        if (accept(t)) { return t; }
         for (int i = 0; i < GGML_MAX_SRC && t->src[i] != nullptr && tail < MAX_NODES; ++i) {
             if (std::find(queue, queue + tail, t->src[i]) == queue + tail) { queue[tail++] = t->src[i]; }
         }
@@ -92,23 +90,23 @@ const ggml_tensor * find_router_input(const ggml_tensor * topk) {
     return nullptr;
 }
 
+// The router input of the MoE block whose top-k node is `topk`: src[1] of the `ffn_moe_logits-<il>` mat-mul among
+// its ancestors (topk → argsort → probs → logits).
+const ggml_tensor * find_router_input(const ggml_tensor * topk) {
+    const ggml_tensor * logits = find_ancestor(topk, [](const ggml_tensor * t) {
+        return t->op == GGML_OP_MUL_MAT && has_prefix(t->name, LOGITS_PREFIX, sizeof(LOGITS_PREFIX) - 1);
+    });
+    return logits != nullptr ? logits->src[1] : nullptr;
+}
+
 constexpr char PROBS_PREFIX[] = "ffn_moe_probs-";  // cb(probs, "ffn_moe_probs", il): what the weights are taken from
 
 // The scores the layer's weights are gathered from (`ffn_moe_probs-<il>`, an ancestor of the top-k node where the
 // top-k is taken on them, possibly biased or group-masked), or nullptr.
 ggml_tensor * find_probs(const ggml_tensor * topk) {
-    constexpr int MAX_NODES = 64;
-    const ggml_tensor * queue[MAX_NODES];
-    int head = 0, tail = 0;
-    queue[tail++] = topk;
-    while (head < tail) {
-        const ggml_tensor * t = queue[head++];
-        if (has_prefix(t->name, PROBS_PREFIX, sizeof(PROBS_PREFIX) - 1)) { return const_cast<ggml_tensor *>(t); }
-        for (int i = 0; i < GGML_MAX_SRC && t->src[i] != nullptr && tail < MAX_NODES; ++i) {
-            if (std::find(queue, queue + tail, t->src[i]) == queue + tail) { queue[tail++] = t->src[i]; }
-        }
-    }
-    return nullptr;
+    return const_cast<ggml_tensor *>(find_ancestor(topk, [](const ggml_tensor * t) {
+        return has_prefix(t->name, PROBS_PREFIX, sizeof(PROBS_PREFIX) - 1);
+    }));
 }
 
 uint64_t now_ns() {
