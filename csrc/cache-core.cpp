@@ -445,18 +445,16 @@ void cache_policy::warmth(std::vector<uint8_t> & resident, std::vector<float> & 
 // rule when it read at least ADAPT_MARGIN fewer bytes than the rule in use.
 void cache_policy::adapt() {
     next_adapt_step_ = shadows_[0].counters().n_steps + ADAPT_EVERY_STEPS;
-    size_t best = 0, current = 0;
+    size_t best = 0;
     for (size_t i = 0; i < shadows_.size(); ++i) {
         const cache_counters & c = shadows_[i].counters();
         const uint64_t bytes = c.bytes_read_decode + c.bytes_read_prefill;
         shadow_score_[i] = ADAPT_DECAY * shadow_score_[i] + double(bytes - shadow_bytes_[i]);
         shadow_bytes_[i] = bytes;
         if (shadow_score_[i] < shadow_score_[best]) { best = i; }
-        if (candidates_[i].eviction == eviction_ && candidates_[i].half_life_steps == half_life_) {
-            current = i;
-        }
     }
-    if (best != current && shadow_score_[best] < (1.0 - ADAPT_MARGIN) * shadow_score_[current]) {
+    if (best != candidate_ && shadow_score_[best] < (1.0 - ADAPT_MARGIN) * shadow_score_[candidate_]) {
+        candidate_ = best;
         switch_rule(candidates_[best].eviction, candidates_[best].half_life_steps);
         counters_.n_policy_switches++;
     }
@@ -465,34 +463,28 @@ void cache_policy::adapt() {
 // Re-files every resident unit under another rule: out under the old keys, heat re-based on the new half-life
 // (its value now kept), in again; LRU order follows heat, and under LFU a unit with heat is PROTECTED.
 void cache_policy::switch_rule(cache_eviction eviction, double half_life) {
-    std::vector<std::pair<double, int32_t>> units;  // (heat, unit) of the resident units
+    struct filed { double heat; int32_t unit; cache_segment segment; uint8_t prefetched; };
+    std::vector<filed> units;  // the resident units, coldest first: the LRU list's front
     for (int32_t u = 0; u < int32_t(segment_.size()); ++u) {
-        if (segment_[u] != CACHE_SEGMENT_ABSENT) { units.push_back({heat_log2_[u], u}); }
+        if (segment_[u] != CACHE_SEGMENT_ABSENT) { units.push_back({heat_log2_[u], u, segment_[u], prefetched_[u]}); }
     }
-    std::sort(units.begin(), units.end());  // coldest first: the LRU list's front
-    std::vector<cache_segment> was;
-    std::vector<uint8_t> prefetched;
-    was.reserve(units.size());
-    prefetched.reserve(units.size());
-    for (const auto & entry : units) {
-        was.push_back(segment_[entry.second]);
-        prefetched.push_back(prefetched_[entry.second]);
-        remove(entry.second);
-    }
+    std::sort(units.begin(), units.end(), [](const filed & a, const filed & b) {
+        return a.heat != b.heat ? a.heat < b.heat : a.unit < b.unit;
+    });
+    for (const filed & f : units) { remove(f.unit); }  // out under the old keys
     for (double & heat : heat_log2_) {
         if (heat != NEG_INF) { heat += now_ / half_life - now_ / half_life_; }
     }
     eviction_ = eviction;
     half_life_ = half_life;
-    for (size_t i = 0; i < units.size(); ++i) {
-        const int32_t u = units[i].second;
-        cache_segment segment = was[i];
+    for (const filed & f : units) {
+        cache_segment segment = f.segment;
         if (eviction == CACHE_EVICTION_LRU) {
             segment = CACHE_SEGMENT_PROBATION;
         } else if (eviction == CACHE_EVICTION_LFU) {
-            segment = heat_log2_[u] == NEG_INF ? CACHE_SEGMENT_PROBATION : CACHE_SEGMENT_PROTECTED;
+            segment = heat_log2_[f.unit] == NEG_INF ? CACHE_SEGMENT_PROBATION : CACHE_SEGMENT_PROTECTED;
         }
-        insert(u, segment);
-        prefetched_[u] = prefetched[i];
+        insert(f.unit, segment);
+        prefetched_[f.unit] = f.prefetched;
     }
 }

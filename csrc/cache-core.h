@@ -233,6 +233,7 @@ private:
     cache_eviction eviction_ = CACHE_EVICTION_LFU;  // the rule in use (adaptive: the candidate chosen)
     double half_life_ = 8.0;               // its heat half-life, in steps
     std::vector<adaptive_candidate> candidates_;  // adaptive: ADAPTIVE_CANDIDATES, the first at the configured half-life
+    size_t candidate_ = 0;                 // adaptive: the one in use
     std::vector<cache_policy> shadows_;    // adaptive: one per candidate, fed the same accesses
     std::vector<double> shadow_score_;     // [candidates] decaying bytes read
     std::vector<uint64_t> shadow_bytes_;   // [candidates] bytes read at the last look

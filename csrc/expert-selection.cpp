@@ -46,7 +46,11 @@ selection_change expert_selector::select(const selection_config & config, const 
     std::sort(missing_.begin(), missing_.end(), [&](int32_t a, int32_t b) {
         return gate[ids[a]] != gate[ids[b]] ? gate[ids[a]] < gate[ids[b]] : a < b;
     });
-    for (int j = 0; j < k; ++j) { taken_[size_t(ids[j])] = 1; }
+    if (++stamp_ == 0) {  // the stamps wrapped round: no old mark may pass for this row's
+        std::fill(taken_.begin(), taken_.end(), 0u);
+        stamp_ = 1;
+    }
+    for (int j = 0; j < k; ++j) { taken_[size_t(ids[j])] = stamp_; }
     const double budget = config.max_changed_weight * total;
     double changed = 0.0;
     for (int32_t slot : missing_) {
@@ -55,14 +59,14 @@ selection_change expert_selector::select(const selection_config & config, const 
         if (changed + g > budget) { break; }
         int32_t best = -1;
         for (int32_t c = 0; c < n_experts_; ++c) {
-            if (available_[size_t(c)] && !taken_[size_t(c)] && std::isfinite(gate[c]) &&
+            if (available_[size_t(c)] && taken_[size_t(c)] != stamp_ && std::isfinite(gate[c]) &&
                 (best < 0 || gate[c] > gate[best])) {
                 best = c;
             }
         }
         if (best < 0) { break; }  // nothing resident outside the selection
         changed += g;
-        taken_[size_t(best)] = 1;
+        taken_[size_t(best)] = stamp_;
         ids[slot] = best;
         if (double(gate[best]) >= config.min_score_ratio * g) {
             change.replaced++;
@@ -72,6 +76,5 @@ selection_change expert_selector::select(const selection_config & config, const 
         }
     }
     for (int j = 0; j < k; ++j) { available_[size_t(ids[j])] = 1; }  // kept or stood in: there for the next rows
-    std::fill(taken_.begin(), taken_.end(), uint8_t(0));  // (a replaced expert's mark is not in ids any more)
     return change;
 }

@@ -58,6 +58,7 @@ public:
 private:
     int n_experts_;
     std::vector<uint8_t> available_;  // [n_experts]
-    std::vector<uint8_t> taken_;      // [n_experts] in the current token's selection
+    std::vector<uint32_t> taken_;     // [n_experts] == stamp_: in the current token's selection
+    uint32_t stamp_ = 0;              // one per token with a missing expert
     std::vector<int32_t> missing_;    // slots of the current token's missing experts
 };

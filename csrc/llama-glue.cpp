@@ -617,15 +617,15 @@ void expert_cache::on_topk(ggml_tensor * t, int layer) {
     const int n_tokens = int(t->ne[1]);
     if (k <= 0 || n_tokens <= 0) { return; }
     const uint64_t t0 = now_ns();
-    if (params_.selection.mode == SELECTION_CACHE_AWARE && !policy_.layer_all_resident(layer)) {
-        select_cache_aware(t, layer);
-    }
     if (ids_.size() < size_t(n_tokens) * size_t(k)) { ids_.resize(size_t(n_tokens) * size_t(k)); }
     const char * data = static_cast<const char *>(t->data);
     for (int i = 0; i < n_tokens; ++i) {
         for (int j = 0; j < k; ++j) {
             ids_[size_t(i) * size_t(k) + size_t(j)] = *reinterpret_cast<const int32_t *>(data + size_t(i) * t->nb[1] + size_t(j) * t->nb[0]);
         }
+    }
+    if (params_.selection.mode == SELECTION_CACHE_AWARE && !policy_.layer_all_resident(layer)) {
+        select_cache_aware(t, layer);
     }
     if (params_.record_trace) { trace_.append(TRACE_EVENT_ACCESS, layer, n_tokens, ids_.data(), n_tokens * k); }
 
@@ -691,21 +691,18 @@ void expert_cache::select_cache_aware(ggml_tensor * t, int layer) {
     // cache with room to spare stays exact). Room is given out in the order the rows select.
     const uint64_t budget = policy_.config().budget_bytes;
     uint64_t resident = policy_.resident_bytes();
-    const char * first = static_cast<const char *>(t->data);
-    for (int i = 0; i < n_tokens && resident < budget; ++i) {
-        for (int j = 0; j < k; ++j) {
-            const int32_t e = *reinterpret_cast<const int32_t *>(first + size_t(i) * t->nb[1] + size_t(j) * t->nb[0]);
-            if (e < 0 || e >= n_experts || available_[size_t(e)]) { continue; }
-            const uint64_t bytes = policy_.unit_bytes(base + e);
-            if (resident + bytes > budget) { continue; }
-            available_[size_t(e)] = 1;
-            resident += bytes;
-        }
+    for (size_t i = 0; i < size_t(n_tokens) * size_t(k) && resident < budget; ++i) {
+        const int32_t e = ids_[i];
+        if (e < 0 || e >= n_experts || available_[size_t(e)]) { continue; }
+        const uint64_t bytes = policy_.unit_bytes(base + e);
+        if (resident + bytes > budget) { continue; }
+        available_[size_t(e)] = 1;
+        resident += bytes;
     }
     selector_.begin(available_.data());
-    if (row_ids_.size() < size_t(k)) { row_ids_.resize(size_t(k)); row_skipped_.resize(size_t(k)); }
+    if (row_skipped_.size() < size_t(k)) { row_skipped_.resize(size_t(k)); }
     if (row_changes_.size() < size_t(n_tokens)) { row_changes_.resize(size_t(n_tokens)); }
-    char * ids = static_cast<char *>(t->data);
+    char * out = static_cast<char *>(t->data);
     uint64_t replaced = 0, skipped = 0;
     for (int i = 0; i < n_tokens; ++i) {
         float * row = reinterpret_cast<float *>(static_cast<char *>(probs->data) + size_t(i) * probs->nb[1]);
@@ -716,17 +713,15 @@ void expert_cache::select_cache_aware(ggml_tensor * t, int layer) {
             for (int e = 0; e < n_experts; ++e) { gate_[size_t(e)] = std::exp(row[e] - max); }
             gate = gate_.data();
         }
-        for (int j = 0; j < k; ++j) {
-            row_ids_[size_t(j)] = *reinterpret_cast<const int32_t *>(ids + size_t(i) * t->nb[1] + size_t(j) * t->nb[0]);
-        }
-        const selection_change change = selector_.select(params_.selection, gate, row_ids_.data(), k, row_skipped_.data());
-        row_changes_[size_t(i)] = {change.replaced, change.skipped};
+        int32_t * row_ids = ids_.data() + size_t(i) * size_t(k);
+        const selection_change change = selector_.select(params_.selection, gate, row_ids, k, row_skipped_.data());
+        row_changes_[size_t(i)] = change;
         if (change.replaced + change.skipped == 0) { continue; }
         replaced += uint64_t(change.replaced);
         skipped += uint64_t(change.skipped);
-        for (int j = 0; j < k; ++j) {
-            *reinterpret_cast<int32_t *>(ids + size_t(i) * t->nb[1] + size_t(j) * t->nb[0]) = row_ids_[size_t(j)];
-            if (row_skipped_[size_t(j)]) { row[row_ids_[size_t(j)]] = zero; }  // the stand-in slot weighs nothing
+        for (int j = 0; j < k; ++j) {  // the graph computes with the changed row
+            *reinterpret_cast<int32_t *>(out + size_t(i) * t->nb[1] + size_t(j) * t->nb[0]) = row_ids[j];
+            if (row_skipped_[size_t(j)]) { row[row_ids[j]] = zero; }  // the stand-in slot weighs nothing
         }
     }
     policy_.count_selection_changes(replaced, skipped);

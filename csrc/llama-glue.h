@@ -217,8 +217,9 @@ public:
 
 private:
     void on_topk(ggml_tensor * t, int layer);
-    // Cache-aware selection (params_.selection): rewrites the top-k node's ids (and zeroes the scores of skipped
-    // slots) before the layer's weights are gathered and its experts computed.
+    // Cache-aware selection (params_.selection): changes ids_ (the top-k node's ids, just read) and writes the changed
+    // rows back into the node (zeroing the scores of skipped slots) before the layer's weights are gathered and its
+    // experts computed.
     void select_cache_aware(ggml_tensor * t, int layer);
     void predict_layer(const ggml_tensor * router_input, int layer, int target_layer);
     // Unpins the units read ahead whose reads ended.
@@ -250,7 +251,6 @@ private:
     expert_selector selector_;                 // cache-aware selection
     std::vector<uint8_t> available_;           // [n_experts] resident units of the layer
     std::vector<float> gate_;                  // [n_experts] one row's gate values (logit families)
-    std::vector<int32_t> row_ids_;             // [k]
     std::vector<uint8_t> row_skipped_;         // [k]
     std::vector<selection_change> row_changes_;  // [n_tokens]
 };

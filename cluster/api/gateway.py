@@ -49,11 +49,10 @@ from cluster.api.openai_api import (
 from cluster.api.openai_responses import StreamChunks, response
 from cluster.distributed.client import completion
 from cluster.distributed.deploy import HEAD_NODE_RESOURCE, app_name
-from cluster.distributed.node import EXACT_SELECTION
 from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, Cancelled, Finished, Piece, Routed, StreamItem, Usage
 from cluster.distributed.status import RouterStatus
 from cluster.engine.engine_config import MAX_SLOTS
-from cluster.engine.expert_selection import ExpertSelection
+from cluster.engine.expert_selection import EXACT_SELECTION, ExpertSelection
 from cluster.engine.node_memory import parse_cache_mb
 from cluster.errors import InvalidParameterError, NoNodesError, RouterUnavailableError, SniperError
 

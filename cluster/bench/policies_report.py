@@ -17,9 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cluster.bench.report import POLICY_COLUMNS, policy_lines  # noqa: E402
+from cluster.bench.report import MIB, POLICY_COLUMNS, _fmt, policy_lines  # noqa: E402
 
-MIB = 1 << 20
 THIRD = 1 / 3
 TARGET_RATIO = 0.75  # ours' bytes per decoded token at a third of the experts, as a multiple of LRU's
 TARGET_MODELS = ("moe-5domains", "moe-8domains")
@@ -68,10 +67,6 @@ def target(result: dict[str, Any]) -> dict[str, Any]:
                 checks.append({"model": name, "view": view, "policy": policy, "ratio": value,
                                "met": bool(value <= TARGET_RATIO)})
     return {"ratio": TARGET_RATIO, "checks": checks}
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _model_label(name: str, entry: dict[str, Any]) -> str:

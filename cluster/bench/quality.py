@@ -36,6 +36,7 @@ from cluster.bench import command_line, log_progress, out_flag
 from cluster.bench.heldout_text import TextWindows, heldout_windows
 from cluster.engine.cache import check_budget, discover_layout
 from cluster.engine.expert_selection import CACHE_AWARE, ExpertSelection
+from cluster.engine.generation import SELECTIONS_REPLACED, SELECTIONS_SKIPPED
 from cluster.engine.node_memory import MIB
 from cluster.errors import InvalidParameterError, ModelFileError
 
@@ -141,7 +142,7 @@ def summarise(setting: Setting, budget: int, scored: dict[str, Any],
     selections = c.get("n_hits_prefill", 0) + c.get("n_hits_decode", 0) + c.get("n_misses_prefill", 0) + \
         c.get("n_misses_decode", 0)
     hits = c.get("n_hits_prefill", 0) + c.get("n_hits_decode", 0)
-    replaced, skipped = c.get("n_selections_replaced", 0), c.get("n_selections_skipped", 0)
+    replaced, skipped = c.get(SELECTIONS_REPLACED, 0), c.get(SELECTIONS_SKIPPED, 0)
     bytes_read = c.get("bytes_read_prefill", 0) + c.get("bytes_read_decode", 0)
     return {
         "setting": setting.name,

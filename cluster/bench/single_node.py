@@ -33,15 +33,15 @@ import requests
 
 from cluster.bench import log_progress
 from cluster.bench.machine import block_device_stat, device_read_bytes, vm_hwm_bytes
-from cluster.engine.expert_selection import CACHE_AWARE, ExpertSelection
+from cluster.engine.expert_selection import CACHE_AWARE, EXACT_SELECTION, ExpertSelection
 
 MIB = 1 << 20
 GIB = 1 << 30
-EXACT_SELECTION = ExpertSelection()
 
 _OURS = textwrap.dedent("""
     import json, sys, time
     from cluster.engine.expert_selection import ExpertSelection
+    from cluster.engine.generation import selection_counts
     from cluster.engine.moe_engine import MoEEngine
     model, prompt, max_tokens, threads, budget = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     selection = ExpertSelection(**json.loads(sys.argv[6]))
@@ -57,7 +57,7 @@ _OURS = textwrap.dedent("""
                           "budget_bytes": stats.get("budget_bytes"),
                           "hit_rate": stats.get("hit_rate"),
                           "budget": engine.auto_budget.explain() if engine.auto_budget else None,
-                          "selections_changed": stats.get("n_selections_replaced", 0) + stats.get("n_selections_skipped", 0)}))
+                          "selections_changed": selection_counts([gen])[0]}))
 """)
 
 

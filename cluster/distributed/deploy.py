@@ -14,10 +14,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cluster.distributed.node import EXACT_SELECTION, NodeActor, NodeConfig
+from cluster.distributed.node import NodeActor, NodeConfig
 from cluster.distributed.protocol import NAMESPACE, ROUTER_NAME, NodeReady, node_name
 from cluster.distributed.status import jsonable
-from cluster.engine.expert_selection import ExpertSelection
+from cluster.engine.expert_selection import EXACT_SELECTION, ExpertSelection
 from cluster.engine.model_file import check_model_file
 from cluster.engine.node_memory import AUTO
 from cluster.errors import InvalidParameterError, SniperError

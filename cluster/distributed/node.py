@@ -48,7 +48,7 @@ from cluster.distributed.protocol import (
     Timing,
     Usage,
 )
-from cluster.engine.expert_selection import ExpertSelection
+from cluster.engine.expert_selection import EXACT_SELECTION, ExpertSelection
 from cluster.engine.generation import selection_counts
 from cluster.engine.moe_engine import EngineConfig, Generation, MoEEngine
 from cluster.engine.sequence import Cancelled as SequenceCancelled
@@ -57,7 +57,6 @@ from cluster.engine.startup import Startup, print_phases
 from cluster.errors import InvalidParameterError, OverloadedError
 
 RECENT_TRACE_TOKENS = 4096  # prefilled tokens whose routing-trace summaries a node keeps for a restarted router
-EXACT_SELECTION = ExpertSelection()  # a node's default expert selection: llama.cpp's own (frozen: shared as a default)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class ExpertSelection:
     Attributes:
         mode: ``"exact"`` or ``"cache-aware"``.
         max_changed_weight: in [0, 1], the share of a token's top-k router weight whose experts
-            may be replaced or skipped (0: nothing changes). The default, 0.3, cost 0.4 % more bits
+            may be replaced or skipped (0: nothing changes). The default, 0.3, cost 0.5 % more bits
             per token on the trained model's held-out text for a third of exact's expert bytes at a
             third of the experts (docs/quality.md).
         min_score_ratio: in [0, 1], a resident stand-in replaces a missing expert only if its router
@@ -61,3 +61,7 @@ class ExpertSelection:
         if not self.cache_aware:
             return EXACT
         return f"{CACHE_AWARE} (max weight {self.max_changed_weight:g}, min ratio {self.min_score_ratio:g})"
+
+
+EXACT_SELECTION = ExpertSelection()
+"""llama.cpp's own selection, the default everywhere (frozen: one instance serves as every default argument)."""
