@@ -31,9 +31,9 @@ class ExpertSelection:
     Attributes:
         mode: ``"exact"`` or ``"cache-aware"``.
         max_changed_weight: in [0, 1], the share of a token's top-k router weight whose experts
-            may be replaced or skipped (0: nothing changes). The default, 0.3, cost 0.5 % more bits
-            per token on the trained model's held-out text for a third of exact's expert bytes at a
-            third of the experts (docs/quality.md).
+            may be replaced or skipped (0: nothing changes). The default, 0.3, cost 0.5 % and 1.7 %
+            more bits per token on the two trained models' held-out text for a third and a sixth of
+            exact's expert bytes at a third of the experts (docs/quality.md, docs/quality-8domains).
         min_score_ratio: in [0, 1], a resident stand-in replaces a missing expert only if its router
             score is at least this fraction of the missing one's; below, the expert is skipped
             (0: always replace, never skip; 1: only an equal score replaces).
